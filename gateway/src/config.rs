@@ -1,0 +1,536 @@
+//! kefu's configuration: one `Config` struct, read from TOML, then from
+//! `KEFU_<SECTION>_<FIELD>` environment variables, then from command-line
+//! flags, each layer overriding the one before.
+//!
+//! Every field has a default, so `kefu serve` with no file runs. A key the
+//! struct does not know is an error that names it (`server.lisen`), both in
+//! the file and in the environment: a typo must never silently leave a
+//! default in force. Environment variables whose section is not one of ours
+//! (`KEFU_VENV`, say) are left alone, since scripts use the prefix too.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of a gateway process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners, shards and the I/O driver.
+    pub server: ServerConfig,
+    /// Sizes and queue bounds that protect the gateway from its clients.
+    pub limits: LimitsConfig,
+    /// The per-shard slab of message buffers, allocated at start.
+    pub slab: SlabConfig,
+    /// Where durable data lives.
+    pub storage: StorageConfig,
+    /// Identity: JWT secret and anonymous visitors.
+    pub auth: AuthConfig,
+    /// Endpoints for conformance runs and transport benchmarks.
+    pub diagnostics: DiagnosticsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Which io driver the shards run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoDriver {
+    /// io_uring; start fails if the kernel refuses it.
+    Uring,
+    /// epoll, only when chosen explicitly (old kernels, sandboxes).
+    Epoll,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Client listener (WebSocket and, later, REST).
+    pub listen: String,
+    /// Operator listener: `/healthz` and `/metrics`.
+    pub admin_listen: String,
+    /// Number of shards; 0 means one per available core.
+    pub shards: usize,
+    /// `uring` (default) or `epoll`; there is no silent fallback.
+    pub io: IoDriver,
+    /// Pin shard N to core N (modulo the cores available).
+    pub pin_cores: bool,
+    /// Submission queue entries of each shard's io_uring.
+    pub uring_entries: u32,
+    /// Listen backlog of each shard's SO_REUSEPORT socket.
+    pub backlog: i32,
+    /// Connections one shard holds at most; past it new ones get 503.
+    pub max_connections_per_shard: usize,
+    /// Server ping interval; a peer silent for twice this is closed.
+    pub heartbeat_s: u64,
+    /// Time a client has to send a complete HTTP request head.
+    pub handshake_timeout_ms: u64,
+    /// Time a close handshake may take before the socket is cut.
+    pub close_timeout_ms: u64,
+    /// Time to drain connections on SIGTERM/SIGINT before exiting.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            shards: 0,
+            io: IoDriver::Uring,
+            pin_cores: true,
+            uring_entries: 4096,
+            backlog: 4096,
+            max_connections_per_shard: 50_000,
+            heartbeat_s: 25,
+            handshake_timeout_ms: 10_000,
+            close_timeout_ms: 3_000,
+            shutdown_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest HTTP request head (request line and headers).
+    pub max_head_bytes: usize,
+    /// Largest single WebSocket frame payload; larger closes with 1009.
+    pub max_frame_bytes: u64,
+    /// Largest reassembled WebSocket message; larger closes with 1009.
+    pub max_message_bytes: u64,
+    /// Frames queued for one connection before it counts as a slow reader.
+    pub outbound_queue_frames: usize,
+    /// Bytes queued for one connection before it counts as a slow reader (4001).
+    pub outbound_queue_bytes: usize,
+    /// Slab size class used to read from sockets.
+    pub read_buffer_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_head_bytes: 8 * 1024,
+            max_frame_bytes: 16 * 1024 * 1024,
+            max_message_bytes: 16 * 1024 * 1024,
+            outbound_queue_frames: 1024,
+            outbound_queue_bytes: 48 * 1024 * 1024,
+            read_buffer_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// One size class of the slab: `count` buffers of `bytes` each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlabClass {
+    /// Size of each buffer.
+    pub bytes: usize,
+    /// Buffers of this size per shard.
+    pub count: usize,
+}
+
+/// `[slab]`: memory is reserved (not touched) at start; pages become
+/// resident only when a buffer is first used.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlabConfig {
+    /// Size classes, ascending.
+    pub classes: Vec<SlabClass>,
+}
+
+impl Default for SlabConfig {
+    fn default() -> Self {
+        let class = |bytes, count| SlabClass { bytes, count };
+        Self {
+            classes: vec![
+                class(256, 8192),
+                class(4 * 1024, 8192),
+                class(16 * 1024, 4096),
+                class(256 * 1024, 256),
+                class(2 * 1024 * 1024, 32),
+                class(17 * 1024 * 1024, 4),
+            ],
+        }
+    }
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Data directory (log, generated secrets).
+    pub dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("./data") }
+    }
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret for client JWTs; empty means "generate one into the data dir".
+    pub jwt_secret: String,
+    /// Whether visitors may connect without a token.
+    pub allow_anonymous: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { jwt_secret: String::new(), allow_anonymous: true }
+    }
+}
+
+/// `[diagnostics]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiagnosticsConfig {
+    /// Serve `GET /ws/echo` (conformance and transport benchmarks).
+    pub echo: bool,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `kefu_gateway=debug`, …; `RUST_LOG` wins if set.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: "text".into() }
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers alone.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<String>,
+    /// `--data`.
+    pub data: Option<PathBuf>,
+    /// `--shards`.
+    pub shards: Option<usize>,
+    /// `--echo`.
+    pub echo: bool,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("config file {path} is not valid TOML: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: toml::de::Error,
+    },
+    /// A key (file or environment) that no field has.
+    #[error("unknown config key `{key}` (from {origin})")]
+    UnknownKey {
+        /// `section.field`.
+        key: String,
+        /// The file path or the environment variable.
+        origin: String,
+    },
+    /// A value of the wrong type or out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Builds the configuration from defaults, an optional file, the process
+    /// environment and flags, in that order, and validates it.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars(), overrides)
+    }
+
+    /// As [`Config::load`], with the environment given (so tests need not touch
+    /// the process's).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let defaults = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError::Invalid(format!("defaults do not serialize: {e}")))?;
+        let mut table = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            let from_file: toml::Table =
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+            check_known_keys(&defaults, &from_file, &path.display().to_string())?;
+            table = from_file;
+        }
+        apply_env(&defaults, &mut table, env)?;
+        apply_overrides(&mut table, overrides);
+        let config: Config =
+            table.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the cross-field rules serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let parse = |name: &str, v: &str| -> Result<(), ConfigError> {
+            v.parse::<SocketAddr>()
+                .map(|_| ())
+                .map_err(|e| ConfigError::Invalid(format!("server.{name} = {v:?}: {e}")))
+        };
+        parse("listen", &self.server.listen)?;
+        parse("admin_listen", &self.server.admin_listen)?;
+        if self.server.heartbeat_s == 0 {
+            return invalid("server.heartbeat_s must be at least 1".into());
+        }
+        if self.server.max_connections_per_shard == 0 {
+            return invalid("server.max_connections_per_shard must be at least 1".into());
+        }
+        let classes = &self.slab.classes;
+        if classes.is_empty() {
+            return invalid("slab.classes must name at least one size class".into());
+        }
+        if classes.windows(2).any(|w| w[0].bytes >= w[1].bytes) {
+            return invalid("slab.classes must be in strictly ascending order of bytes".into());
+        }
+        if let Some(c) = classes.iter().find(|c| c.count == 0 || c.bytes < 256) {
+            return invalid(format!("slab class {c:?}: bytes must be ≥ 256 and count ≥ 1"));
+        }
+        let largest = classes.last().map_or(0, |c| c.bytes) as u64;
+        // A reassembled message sits in one slab buffer behind room for its
+        // outbound header, so the largest class bounds the message size.
+        let needed = self.limits.max_message_bytes + crate::ws::frame::MAX_HEADER_BYTES as u64;
+        if needed > largest {
+            return invalid(format!(
+                "limits.max_message_bytes ({}) plus a frame header does not fit the largest slab class ({largest} bytes)",
+                self.limits.max_message_bytes
+            ));
+        }
+        if !classes.iter().any(|c| c.bytes == self.limits.read_buffer_bytes) {
+            return invalid(format!(
+                "limits.read_buffer_bytes ({}) must equal one of the slab class sizes",
+                self.limits.read_buffer_bytes
+            ));
+        }
+        if self.limits.read_buffer_bytes < 1024 {
+            return invalid("limits.read_buffer_bytes must be at least 1024".into());
+        }
+        if self.limits.max_head_bytes > self.limits.read_buffer_bytes {
+            return invalid("limits.max_head_bytes must fit in limits.read_buffer_bytes".into());
+        }
+        if self.limits.outbound_queue_frames == 0 {
+            return invalid("limits.outbound_queue_frames must be at least 1".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return invalid(format!("log.format = {:?}: expected \"text\" or \"json\"", self.log.format));
+        }
+        Ok(())
+    }
+
+    /// The number of shards to run: the configured one, or one per core.
+    pub fn shard_count(&self) -> usize {
+        match self.server.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+fn check_known_keys(defaults: &toml::Table, given: &toml::Table, origin: &str) -> Result<(), ConfigError> {
+    for (section, value) in given {
+        let unknown = |key: String| ConfigError::UnknownKey { key, origin: origin.to_string() };
+        let Some(known) = defaults.get(section).and_then(|v| v.as_table()) else {
+            return Err(unknown(section.clone()));
+        };
+        let Some(fields) = value.as_table() else {
+            return Err(ConfigError::Invalid(format!("`{section}` must be a table (from {origin})")));
+        };
+        if let Some(field) = fields.keys().find(|k| !known.contains_key(*k)) {
+            return Err(unknown(format!("{section}.{field}")));
+        }
+    }
+    Ok(())
+}
+
+/// Applies `KEFU_<SECTION>_<FIELD>` variables. The value is read as the type
+/// of the field's default (a string stays a string even if it looks like a
+/// number); arrays and tables are given in TOML syntax.
+fn apply_env(
+    defaults: &toml::Table,
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("KEFU_") else { continue };
+        let lower = rest.to_ascii_lowercase();
+        let Some((section, field)) = lower.split_once('_') else { continue };
+        let Some(known) = defaults.get(section).and_then(|v| v.as_table()) else { continue };
+        let Some(default) = known.get(field) else {
+            return Err(ConfigError::UnknownKey { key: format!("{section}.{field}"), origin: name });
+        };
+        let value =
+            env_value(default, &raw).map_err(|why| ConfigError::Invalid(format!("{name}={raw:?}: {why}")))?;
+        let entry =
+            table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(t) = entry.as_table_mut() {
+            t.insert(field.to_string(), value);
+        }
+    }
+    Ok(())
+}
+
+fn env_value(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    use toml::Value;
+    match default {
+        Value::String(_) => Ok(Value::String(raw.to_string())),
+        Value::Integer(_) => raw.trim().parse().map(Value::Integer).map_err(|e| e.to_string()),
+        Value::Float(_) => raw.trim().parse().map(Value::Float).map_err(|e| e.to_string()),
+        Value::Boolean(_) => match raw.trim() {
+            "1" | "true" | "yes" | "on" => Ok(Value::Boolean(true)),
+            "0" | "false" | "no" | "off" => Ok(Value::Boolean(false)),
+            other => Err(format!("expected a boolean, got {other:?}")),
+        },
+        _ => {
+            let t: toml::Table = toml::from_str(&format!("v = {raw}")).map_err(|e| e.to_string())?;
+            t.get("v").cloned().ok_or_else(|| "empty value".to_string())
+        }
+    }
+}
+
+fn apply_overrides(table: &mut toml::Table, o: &Overrides) {
+    let mut set = |section: &str, field: &str, value: toml::Value| {
+        let entry =
+            table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(t) = entry.as_table_mut() {
+            t.insert(field.to_string(), value);
+        }
+    };
+    if let Some(v) = &o.listen {
+        set("server", "listen", v.clone().into());
+    }
+    if let Some(v) = &o.admin_listen {
+        set("server", "admin_listen", v.clone().into());
+    }
+    if let Some(v) = &o.data {
+        set("storage", "dir", v.display().to_string().into());
+    }
+    if let Some(v) = o.shards {
+        set("server", "shards", toml::Value::Integer(v as i64));
+    }
+    if o.echo {
+        set("diagnostics", "echo", true.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)], o: &Overrides) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kefu.toml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).unwrap();
+        }
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load_from(file.map(|_| path.as_path()), env, o)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = load(None, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.server.admin_listen, "127.0.0.1:9090");
+        assert_eq!(c.storage.dir, PathBuf::from("./data"));
+        assert!(!c.diagnostics.echo);
+        assert_eq!(c.server.io, IoDriver::Uring);
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let file = "[server]\nlisten = \"127.0.0.1:1\"\nshards = 3\nheartbeat_s = 7\n";
+        let env = [("KEFU_SERVER_LISTEN", "127.0.0.1:2"), ("KEFU_SERVER_HEARTBEAT_S", "9")];
+        let o = Overrides { listen: Some("127.0.0.1:3".into()), echo: true, ..Default::default() };
+        let c = load(Some(file), &env, &o).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:3");
+        assert_eq!(c.server.heartbeat_s, 9);
+        assert_eq!(c.server.shards, 3);
+        assert!(c.diagnostics.echo);
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let err = load(Some("[server]\nlisen = \"x\"\n"), &[], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("server.lisen"), "{err}");
+        let err = load(Some("[sever]\nlisten = \"x\"\n"), &[], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("`sever`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_key_is_named_and_foreign_sections_ignored() {
+        let err = load(None, &[("KEFU_SERVER_LISNE", "x")], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("server.lisne"), "{err}");
+        assert!(err.to_string().contains("KEFU_SERVER_LISNE"), "{err}");
+        load(None, &[("KEFU_VENV", "/tmp/v")], &Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn env_values_take_the_fields_type() {
+        let env = [
+            ("KEFU_AUTH_JWT_SECRET", "12345"),
+            ("KEFU_AUTH_ALLOW_ANONYMOUS", "false"),
+            ("KEFU_SERVER_IO", "epoll"),
+            ("KEFU_SLAB_CLASSES", "[{bytes = 1024, count = 4}, {bytes = 16777216, count = 2}]"),
+            ("KEFU_LIMITS_READ_BUFFER_BYTES", "1024"),
+            ("KEFU_LIMITS_MAX_HEAD_BYTES", "1024"),
+            ("KEFU_LIMITS_MAX_MESSAGE_BYTES", "1000000"),
+            ("KEFU_LIMITS_MAX_FRAME_BYTES", "1000000"),
+        ];
+        let c = load(None, &env, &Overrides::default()).unwrap();
+        assert_eq!(c.auth.jwt_secret, "12345");
+        assert!(!c.auth.allow_anonymous);
+        assert_eq!(c.server.io, IoDriver::Epoll);
+        assert_eq!(c.slab.classes.len(), 2);
+        let err = load(None, &[("KEFU_SERVER_SHARDS", "many")], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("KEFU_SERVER_SHARDS"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let o = Overrides::default();
+        for file in [
+            "[server]\nlisten = \"nowhere\"\n",
+            "[server]\nheartbeat_s = 0\n",
+            "[server]\nio = \"kqueue\"\n",
+            "[limits]\nmax_message_bytes = 999999999\n",
+            "[limits]\nread_buffer_bytes = 5000\n",
+            "[slab]\nclasses = [{bytes = 4096, count = 1}, {bytes = 1024, count = 1}]\n",
+            "[log]\nformat = \"xml\"\n",
+            "server = 3\n",
+        ] {
+            assert!(load(Some(file), &[], &o).is_err(), "accepted: {file}");
+        }
+    }
+}

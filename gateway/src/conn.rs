@@ -1,0 +1,762 @@
+//! One client connection, from the first byte of its HTTP request to the
+//! last byte of its close handshake.
+//!
+//! A connection is one task on its shard. It owns its socket; the shard's
+//! sweep and (later) other connections reach it only through [`Conn`]: its
+//! outbound queue, its close request and its clock stamps.
+//!
+//! Memory is the design constraint here (≤ 2 KB per idle connection), so:
+//! - no read buffer is parked on an idle socket: the task waits for
+//!   readiness (a `PollAdd`, which owns no buffer), then takes a buffer from
+//!   the shard's slab, reads, decodes what arrived and gives it back;
+//! - bytes of an incomplete frame header (at most [`LEFTOVER_BYTES`]) are
+//!   kept inline until more arrive, since payload bytes are consumed as
+//!   they come;
+//! - a message being reassembled lives in a slab buffer with room in front
+//!   for its outbound header, so echoing it is one write, no copy;
+//! - the outbound queue holds shared frames and is bounded in frames and
+//!   bytes: a reader too slow for it is closed with 4001.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use std::future::Future;
+use tracing::debug;
+
+use crate::http::{self, HttpError};
+use crate::metrics::ShardStats;
+use crate::shard::Shard;
+use crate::slab::{Frame, SlabBuf};
+use crate::ws::close;
+use crate::ws::decoder::{DataKind, Decoded, Decoder, Limits, Role};
+use crate::ws::frame::{ControlFrame, MAX_CONTROL_PAYLOAD_BYTES, MAX_HEADER_BYTES, OpCode, encode_header};
+use crate::ws::handshake::{self, Subprotocol};
+
+/// Bytes of an unfinished frame kept between reads: a control frame
+/// (6-byte masked header + 125 bytes) is the longest thing the decoder
+/// waits for whole.
+pub const LEFTOVER_BYTES: usize = 136;
+
+// The decoder leaves fewer than MIN_BUFFER_BYTES unconsumed after NeedMore.
+const _: () = assert!(LEFTOVER_BYTES >= crate::ws::decoder::MIN_BUFFER_BYTES);
+
+/// Header lines a request head may have.
+pub const MAX_HEADERS: usize = 64;
+
+/// A server ping with no payload; shared by every heartbeat.
+static PING: [u8; 2] = [0x89, 0x00];
+
+/// Something queued for writing: a shared slab frame or a static one.
+pub enum Out {
+    /// Bytes in a slab buffer (possibly shared with other connections).
+    Frame(Frame),
+    /// Bytes that live for the whole program.
+    Static(&'static [u8]),
+}
+
+impl Out {
+    fn len(&self) -> usize {
+        match self {
+            Out::Frame(f) => f.len(),
+            Out::Static(s) => s.len(),
+        }
+    }
+
+    /// Drops the first `n` bytes (after a partial write).
+    fn advance(&mut self, n: usize) {
+        match self {
+            Out::Frame(f) => f.advance(n),
+            Out::Static(s) => *s = &s[n.min(s.len())..],
+        }
+    }
+}
+
+// SAFETY: both variants point at memory that stays valid and unchanged while
+// the value lives (a frozen slab buffer kept alive by the Frame's count, or
+// a 'static slice), and bytes_init is exactly its length.
+unsafe impl monoio::buf::IoBuf for Out {
+    fn read_ptr(&self) -> *const u8 {
+        match self {
+            Out::Frame(f) => f.as_slice().as_ptr(),
+            Out::Static(s) => s.as_ptr(),
+        }
+    }
+    fn bytes_init(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Which endpoint a WebSocket was opened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/ws`: the client protocol.
+    Client,
+    /// `/ws/echo`: every message comes back as it was sent.
+    Echo,
+}
+
+/// What the shard (and later other connections) may do to a connection.
+pub struct Conn {
+    fd: RawFd,
+    out: RefCell<VecDeque<Out>>,
+    out_bytes: Cell<usize>,
+    waker: Cell<Option<Waker>>,
+    last_rx_ms: Cell<u64>,
+    last_ping_ms: Cell<u64>,
+    upgraded: Cell<Option<Endpoint>>,
+    close_request: Cell<Option<(u16, &'static str)>>,
+    closing_since_ms: Cell<Option<u64>>,
+    queue_frames_max: usize,
+    queue_bytes_max: usize,
+}
+
+/// The outbound queue is full: the connection is being closed with 4001.
+#[derive(Debug)]
+pub struct SlowConsumer;
+
+impl Conn {
+    fn new(fd: RawFd, now_ms: u64, shard: &Shard) -> Self {
+        Self {
+            fd,
+            out: RefCell::new(VecDeque::new()),
+            out_bytes: Cell::new(0),
+            waker: Cell::new(None),
+            last_rx_ms: Cell::new(now_ms),
+            last_ping_ms: Cell::new(now_ms),
+            upgraded: Cell::new(None),
+            close_request: Cell::new(None),
+            closing_since_ms: Cell::new(None),
+            queue_frames_max: shard.limits.outbound_queue_frames,
+            queue_bytes_max: shard.limits.outbound_queue_bytes,
+        }
+    }
+
+    /// Shard-clock time of the last bytes received.
+    pub fn last_rx_ms(&self) -> u64 {
+        self.last_rx_ms.get()
+    }
+
+    /// Shard-clock time of the last heartbeat ping.
+    pub fn last_ping_ms(&self) -> u64 {
+        self.last_ping_ms.get()
+    }
+
+    /// When a server-initiated close began, if one did.
+    pub fn closing_since_ms(&self) -> Option<u64> {
+        self.closing_since_ms.get()
+    }
+
+    /// Whether the connection is a WebSocket yet (heartbeats start then).
+    pub fn is_upgraded(&self) -> bool {
+        self.upgraded.get().is_some()
+    }
+
+    /// Queues a frame, or, if the queue is over its bound, starts closing the
+    /// connection with 4001 and drops what was queued.
+    pub fn push(&self, out: Out) -> Result<(), SlowConsumer> {
+        if self.closing_since_ms.get().is_some() {
+            return Ok(());
+        }
+        let len = out.len();
+        let mut q = self.out.borrow_mut();
+        if q.len() >= self.queue_frames_max || self.out_bytes.get() + len > self.queue_bytes_max {
+            q.clear();
+            self.out_bytes.set(0);
+            drop(q);
+            self.close_request.set(Some((close::SLOW_CONSUMER, "slow consumer")));
+            self.closing_since_ms.set(Some(self.last_rx_ms.get().max(self.last_ping_ms.get())));
+            self.wake();
+            return Err(SlowConsumer);
+        }
+        q.push_back(out);
+        self.out_bytes.set(self.out_bytes.get() + len);
+        drop(q);
+        self.wake();
+        Ok(())
+    }
+
+    /// Asks the connection to close with `code`; the first request wins.
+    pub fn request_close(&self, code: u16, reason: &'static str, now_ms: u64) {
+        if self.closing_since_ms.get().is_none() {
+            self.close_request.set(Some((code, reason)));
+            self.closing_since_ms.set(Some(now_ms));
+            self.wake();
+        }
+    }
+
+    /// Queues a heartbeat ping (skipped if the queue has no room: a peer that
+    /// far behind is handled by the queue bound).
+    pub fn send_ping(&self, now_ms: u64) {
+        self.last_ping_ms.set(now_ms);
+        let q = self.out.borrow();
+        if q.len() < self.queue_frames_max {
+            drop(q);
+            let _ = self.push(Out::Static(&PING));
+        }
+    }
+
+    /// Cuts the socket both ways, so any pending read or write on it ends.
+    pub fn force_shutdown(&self) {
+        // SAFETY: shutdown(2) on a descriptor has no memory effects; the fd is
+        // open for as long as the Conn is registered (the task unregisters
+        // before dropping the socket).
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn pop(&self) -> Option<Out> {
+        let out = self.out.borrow_mut().pop_front()?;
+        self.out_bytes.set(self.out_bytes.get() - out.len());
+        Some(out)
+    }
+
+    /// Resolves when something is queued or a close was requested.
+    async fn outbound(&self) {
+        std::future::poll_fn(|cx| {
+            if !self.out.borrow().is_empty() || self.close_request_pending() {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn close_request_pending(&self) -> bool {
+        let r = self.close_request.get();
+        r.is_some()
+    }
+}
+
+/// Serves one accepted socket to the end.
+///
+/// Not an `async fn`: its arguments would be stored twice in the task (once
+/// as arguments, once as locals), and every byte of this future is paid by
+/// every idle connection. The block below captures them once.
+#[allow(clippy::manual_async_fn)] // deliberately not `async fn`: see above
+pub fn serve(shard: Rc<Shard>, mut stream: TcpStream) -> impl Future<Output = ()> {
+    async move {
+        let stream = &mut stream;
+        let conn = Rc::new(Conn::new(stream.as_raw_fd(), shard.now_ms(), &shard));
+        let Some(slot) = shard.register(conn.clone()) else {
+            ShardStats::inc(&shard.stats().refused_full);
+            let _ = Box::pin(respond(&shard, stream, 503, "Service Unavailable", b"shard full\n")).await;
+            return;
+        };
+        if let Err(e) = run(&shard, &conn, stream).await {
+            debug!(shard = shard.id, error = %e, "connection ended");
+        }
+        shard.unregister(slot);
+    }
+}
+
+async fn run(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::io::Result<()> {
+    let mut session = Session::new(shard);
+    let Some(flow) = Box::pin(upgrade(shard, conn, stream, &mut session)).await? else { return Ok(()) };
+    session.drive(shard, conn, stream, flow).await
+}
+
+/// Everything before the connection is a WebSocket. Boxed by the caller: its
+/// state (header array, parse buffers) is large and needed once, so on the
+/// heap it is freed when the upgrade is done instead of sizing every idle
+/// connection's task.
+async fn upgrade(
+    shard: &Shard,
+    conn: &Conn,
+    stream: &mut TcpStream,
+    session: &mut Session,
+) -> std::io::Result<Option<Flow>> {
+    let deadline = shard.limits.handshake_timeout;
+    let upgrade = match monoio::time::timeout(deadline, handshake(shard, stream)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            ShardStats::inc(&shard.stats().http_rejected);
+            respond(shard, stream, 408, "Request Timeout", b"request head timed out\n").await?;
+            return Ok(None);
+        }
+    };
+    let Some((endpoint, _protocol, head)) = upgrade else { return Ok(None) };
+    conn.upgraded.set(Some(endpoint));
+    conn.last_rx_ms.set(shard.now_ms());
+    ShardStats::inc(&shard.stats().upgrades);
+    session.endpoint = endpoint;
+    // Frames a client sent right behind its request head are input too.
+    let flow = match head {
+        Some((mut buf, start)) => {
+            let end = buf.len();
+            session.input(shard, conn, &mut buf.as_full_mut()[start..end]).await
+        }
+        None => Flow::Continue,
+    };
+    Ok(Some(flow))
+}
+
+/// Reads the request head and answers it: the 101 for a WebSocket, an error
+/// status for anything else. Returns the endpoint and any bytes that came
+/// after the head.
+async fn handshake(
+    shard: &Shard,
+    stream: &mut TcpStream,
+) -> std::io::Result<Option<(Endpoint, Subprotocol, Option<(SlabBuf, usize)>)>> {
+    let mut buf: Option<SlabBuf> = None;
+    loop {
+        stream.readable(true).await?;
+        let b = match buf.take() {
+            Some(b) => b,
+            None => acquire(shard, shard.limits.read_buffer_bytes).await?,
+        };
+        let filled = b.len();
+        let (res, slice) = stream.read(b.slice_mut(filled..)).await;
+        let b = slice.into_inner();
+        let n = res?;
+        if n == 0 {
+            return Ok(None);
+        }
+        add(&shard.stats().bytes_in, n);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let parsed = http::parse_head(b.filled(), &mut headers, shard.limits.max_head_bytes);
+        let head = match parsed {
+            Ok(None) => {
+                buf = Some(b);
+                continue;
+            }
+            Err(e) => {
+                ShardStats::inc(&shard.stats().http_rejected);
+                let (status, reason) = match e {
+                    HttpError::TooLarge => (431, "Request Header Fields Too Large"),
+                    _ => (400, "Bad Request"),
+                };
+                respond(shard, stream, status, reason, b"malformed request head\n").await?;
+                return Ok(None);
+            }
+            Ok(Some(head)) => head,
+        };
+        let endpoint = match head.path() {
+            "/ws" => Endpoint::Client,
+            "/ws/echo" if shard.limits.echo => Endpoint::Echo,
+            _ => {
+                ShardStats::inc(&shard.stats().http_rejected);
+                respond(shard, stream, 404, "Not Found", b"not found\n").await?;
+                return Ok(None);
+            }
+        };
+        let accepted = match handshake::accept(head.method(), head.version(), head.headers()) {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                ShardStats::inc(&shard.stats().http_rejected);
+                let (status, reason, extra) = (e.status(), e.reason_phrase(), e.extra_headers());
+                let body = e.message().as_bytes();
+                let mut out = acquire(shard, 4096).await?;
+                let len = http::write_simple_response(
+                    out.as_full_mut(),
+                    status,
+                    reason,
+                    "text/plain",
+                    body,
+                    extra,
+                    true,
+                )
+                .map_err(std::io::Error::other)?;
+                out.set_len(len);
+                let (res, _) = stream.write_all(out).await;
+                res?;
+                return Ok(None);
+            }
+        };
+        let head_len = head.len();
+        let protocol = accepted.subprotocol();
+        let mut out = acquire(shard, handshake::MAX_RESPONSE_BYTES).await?;
+        let len = accepted.write_response(out.as_full_mut()).map_err(std::io::Error::other)?;
+        out.set_len(len);
+        let (res, _) = stream.write_all(out).await;
+        res?;
+        let rest = (head_len < b.len()).then_some((b, head_len));
+        return Ok(Some((endpoint, protocol, rest)));
+    }
+}
+
+/// Writes a small `Connection: close` response.
+async fn respond(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    status: u16,
+    reason: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut out = acquire(shard, 1024).await?;
+    let len = http::write_simple_response(out.as_full_mut(), status, reason, "text/plain", body, &[], true)
+        .map_err(std::io::Error::other)?;
+    out.set_len(len);
+    let (res, _) = stream.write_all(out).await;
+    res.map(|_| ())
+}
+
+async fn acquire(shard: &Shard, bytes: usize) -> std::io::Result<SlabBuf> {
+    if let Some(b) = shard.slab.try_acquire(bytes) {
+        return Ok(b);
+    }
+    ShardStats::inc(&shard.stats().slab_waits);
+    shard.slab.acquire(bytes).await.ok_or_else(|| std::io::Error::other("no slab class is that large"))
+}
+
+fn add(counter: &std::sync::atomic::AtomicU64, n: usize) {
+    counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What the input handler decided.
+enum Flow {
+    /// Keep reading.
+    Continue,
+    /// The peer sent close; our reply is queued. Flush and hang up.
+    PeerClosed,
+    /// Close with this code (protocol error or server decision).
+    Close(u16, &'static str),
+}
+
+/// The WebSocket side of a connection.
+struct Session {
+    endpoint: Endpoint,
+    decoder: Decoder,
+    /// The message being reassembled, behind `MAX_HEADER_BYTES` of headroom.
+    message: Option<SlabBuf>,
+    kind: DataKind,
+    leftover: [u8; LEFTOVER_BYTES],
+    leftover_len: u8,
+}
+
+impl Session {
+    fn new(shard: &Shard) -> Self {
+        let limits = Limits {
+            max_frame_bytes: shard.limits.max_frame_bytes,
+            max_message_bytes: shard.limits.max_message_bytes,
+        };
+        Self {
+            endpoint: Endpoint::Client,
+            decoder: Decoder::new(Role::Server, limits),
+            message: None,
+            kind: DataKind::Binary,
+            leftover: [0; LEFTOVER_BYTES],
+            leftover_len: 0,
+        }
+    }
+
+    /// The read/write loop once the connection is a WebSocket.
+    async fn drive(
+        &mut self,
+        shard: &Shard,
+        conn: &Conn,
+        stream: &mut TcpStream,
+        mut flow: Flow,
+    ) -> std::io::Result<()> {
+        loop {
+            match flow {
+                Flow::Continue => {}
+                Flow::PeerClosed => return flush(shard, conn, stream).await,
+                Flow::Close(code, reason) => {
+                    if matches!(code, close::PROTOCOL_ERROR | close::INVALID_PAYLOAD | close::TOO_BIG) {
+                        ShardStats::inc(&shard.stats().protocol_closes);
+                    }
+                    conn.request_close(code, reason, shard.now_ms());
+                }
+            }
+            if let Some((code, reason)) = conn.close_request.take() {
+                if code == close::SLOW_CONSUMER {
+                    ShardStats::inc(&shard.stats().slow_consumer_closes);
+                }
+                let code = match (code, self.endpoint) {
+                    // The client protocol's own shutdown code; echo keeps RFC 6455's.
+                    (close::GOING_AWAY, Endpoint::Client) if shard.stopping() => close::SERVER_SHUTDOWN,
+                    _ => code,
+                };
+                // Boxed: closing happens once, so its state need not size the
+                // loop that runs for the connection's whole life.
+                return Box::pin(self.close_and_drain(shard, conn, stream, code, reason)).await;
+            }
+            flush(shard, conn, stream).await?;
+            let readable = monoio::select! {
+                biased;
+                r = stream.readable(true) => Some(r),
+                _ = conn.outbound() => None,
+            };
+            let Some(readable) = readable else {
+                flow = Flow::Continue;
+                continue;
+            };
+            readable?;
+            let mut buf = acquire(shard, shard.limits.read_buffer_bytes).await?;
+            let kept = self.leftover_len as usize;
+            buf.as_full_mut()[..kept].copy_from_slice(&self.leftover[..kept]);
+            buf.set_len(kept);
+            self.leftover_len = 0;
+            let (res, slice) = stream.read(buf.slice_mut(kept..)).await;
+            let mut buf = slice.into_inner();
+            let n = res?;
+            if n == 0 {
+                return Ok(());
+            }
+            add(&shard.stats().bytes_in, n);
+            conn.last_rx_ms.set(shard.now_ms());
+            let end = buf.len();
+            flow = self.input(shard, conn, &mut buf.as_full_mut()[..end]).await;
+        }
+    }
+
+    /// Decodes everything in `input`, acting on each frame.
+    async fn input(&mut self, shard: &Shard, conn: &Conn, input: &mut [u8]) -> Flow {
+        let mut pos = 0;
+        loop {
+            let (used, decoded) = self.decoder.decode(&mut input[pos..]);
+            let base = pos;
+            pos += used;
+            let decoded = match decoded {
+                Ok(d) => d,
+                Err(e) => return Flow::Close(e.code, e.reason),
+            };
+            match decoded {
+                Decoded::NeedMore => {
+                    let rest = &input[pos..];
+                    if rest.len() > LEFTOVER_BYTES {
+                        return Flow::Close(close::INTERNAL, "decoder kept too many bytes");
+                    }
+                    self.leftover[..rest.len()].copy_from_slice(rest);
+                    self.leftover_len = rest.len() as u8;
+                    return Flow::Continue;
+                }
+                Decoded::Data { payload, kind, message_start, message_end } => {
+                    let chunk = &input[base + payload.start..base + payload.end];
+                    if message_start {
+                        self.kind = kind;
+                    }
+                    if let Err(flow) = self.append(shard, chunk).await {
+                        return flow;
+                    }
+                    if message_end && let Some(message) = self.message.take() {
+                        ShardStats::inc(&shard.stats().messages_in);
+                        if let Err(flow) = self.deliver(shard, conn, message).await {
+                            return flow;
+                        }
+                    }
+                }
+                Decoded::Ping { payload } => {
+                    let buf = match control_buffer(shard).await {
+                        Ok(buf) => buf,
+                        Err(flow) => return flow,
+                    };
+                    // The decoder bounds control payloads at 125 bytes.
+                    if let Ok(pong) = ControlFrame::pong(&input[base + payload.start..base + payload.end])
+                        && let Err(flow) = push(shard, conn, control_out(buf, &pong))
+                    {
+                        return flow;
+                    }
+                }
+                Decoded::Pong { .. } => {}
+                Decoded::Close { code, reason } => {
+                    if conn.closing_since_ms().is_some() {
+                        // The reply to our own close: the handshake is done.
+                        return Flow::PeerClosed;
+                    }
+                    let buf = match control_buffer(shard).await {
+                        Ok(buf) => buf,
+                        Err(flow) => return flow,
+                    };
+                    let reply = match code {
+                        Some(code) => {
+                            let reason = std::str::from_utf8(&input[base + reason.start..base + reason.end])
+                                .unwrap_or("");
+                            ControlFrame::close(code, reason)
+                        }
+                        None => ControlFrame::close_empty(),
+                    };
+                    conn.closing_since_ms.set(Some(shard.now_ms()));
+                    queue_forced(conn, control_out(buf, &reply));
+                    return Flow::PeerClosed;
+                }
+            }
+        }
+    }
+
+    /// Appends a payload chunk to the message being reassembled, moving it to
+    /// a larger slab buffer when it outgrows its own.
+    async fn append(&mut self, shard: &Shard, chunk: &[u8]) -> Result<(), Flow> {
+        let need = match &self.message {
+            Some(m) => m.len() + chunk.len(),
+            None => MAX_HEADER_BYTES + chunk.len(),
+        };
+        let fits = self.message.as_ref().is_some_and(|m| need <= m.capacity());
+        if !fits {
+            let min = match &self.message {
+                Some(m) => need.max(m.capacity() + 1),
+                None => need,
+            };
+            let mut bigger =
+                acquire(shard, min).await.map_err(|_| Flow::Close(close::TOO_BIG, "message too big"))?;
+            match self.message.take() {
+                Some(old) => {
+                    bigger.extend(old.filled());
+                }
+                None => bigger.set_len(MAX_HEADER_BYTES),
+            }
+            self.message = Some(bigger);
+        }
+        if let Some(m) = self.message.as_mut() {
+            m.extend(chunk);
+        }
+        Ok(())
+    }
+
+    /// Hands a complete message to its endpoint.
+    async fn deliver(&mut self, shard: &Shard, conn: &Conn, mut message: SlabBuf) -> Result<(), Flow> {
+        match self.endpoint {
+            Endpoint::Echo => {
+                let opcode = match self.kind {
+                    DataKind::Text => OpCode::Text,
+                    DataKind::Binary => OpCode::Binary,
+                };
+                let len = message.len() - MAX_HEADER_BYTES;
+                let mut header = [0u8; MAX_HEADER_BYTES];
+                let h = encode_header(&mut header, true, opcode, len as u64, None);
+                let start = MAX_HEADER_BYTES - h;
+                message.as_full_mut()[start..MAX_HEADER_BYTES].copy_from_slice(&header[..h]);
+                let end = message.len();
+                push(shard, conn, Out::Frame(message.freeze(start..end)))
+            }
+            Endpoint::Client => Box::pin(self.deliver_client(shard, conn, message)).await,
+        }
+    }
+
+    /// The `/ws` placeholder until the chat core lands (boxed: it allocates a
+    /// reply anyway, and its state must not size the echo path).
+    async fn deliver_client(&mut self, shard: &Shard, conn: &Conn, message: SlabBuf) -> Result<(), Flow> {
+        {
+            {
+                let reply = crate::client::handle(&message.filled()[MAX_HEADER_BYTES..], self.kind);
+                drop(message);
+                let mut out = acquire(shard, MAX_HEADER_BYTES + reply.len())
+                    .await
+                    .map_err(|_| Flow::Close(close::INTERNAL, "reply too large"))?;
+                let mut header = [0u8; MAX_HEADER_BYTES];
+                let h = encode_header(&mut header, true, OpCode::Text, reply.len() as u64, None);
+                out.extend(&header[..h]);
+                out.extend(reply.as_bytes());
+                let end = out.len();
+                push(shard, conn, Out::Frame(out.freeze(0..end)))
+            }
+        }
+    }
+
+    /// Sends our close frame, half-closes, and reads until the peer hangs up
+    /// (the sweep cuts the socket after `close_timeout_ms`).
+    async fn close_and_drain(
+        &mut self,
+        shard: &Shard,
+        conn: &Conn,
+        stream: &mut TcpStream,
+        code: u16,
+        reason: &'static str,
+    ) -> std::io::Result<()> {
+        if let Ok(buf) = control_buffer(shard).await {
+            queue_forced(conn, control_out(buf, &ControlFrame::close(code, reason)));
+        }
+        flush(shard, conn, stream).await?;
+        stream.shutdown().await?;
+        loop {
+            stream.readable(true).await?;
+            let buf = acquire(shard, shard.limits.read_buffer_bytes).await?;
+            let (res, _buf) = stream.read(buf).await;
+            if res? == 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn push(shard: &Shard, conn: &Conn, out: Out) -> Result<(), Flow> {
+    ShardStats::inc(&shard.stats().frames_out);
+    conn.push(out).map_err(|SlowConsumer| Flow::Close(close::SLOW_CONSUMER, "slow consumer"))
+}
+
+/// A slab buffer for a control frame, taken before the frame is built so
+/// that no `ControlFrame` value lives across the wait (it would sit in every
+/// connection's task state).
+async fn control_buffer(shard: &Shard) -> Result<SlabBuf, Flow> {
+    acquire(shard, 2 + MAX_CONTROL_PAYLOAD_BYTES).await.map_err(|_| Flow::Close(close::INTERNAL, "no buffer"))
+}
+
+fn control_out(mut buf: SlabBuf, frame: &ControlFrame) -> Out {
+    let bytes = frame.as_bytes();
+    buf.extend(bytes);
+    Out::Frame(buf.freeze(0..bytes.len()))
+}
+
+/// Queues a close frame even though the connection is already closing.
+fn queue_forced(conn: &Conn, out: Out) {
+    conn.out_bytes.set(conn.out_bytes.get() + out.len());
+    conn.out.borrow_mut().push_back(out);
+}
+
+/// Writes everything queued. Plain `write` in a loop rather than
+/// `write_all`: the latter's state is several times larger and would sit in
+/// every connection's task.
+async fn flush(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::io::Result<()> {
+    while let Some(mut out) = conn.pop() {
+        while out.len() > 0 {
+            let (res, rest) = stream.write(out).await;
+            let n = res?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            add(&shard.stats().bytes_out, n);
+            out = rest;
+            out.advance(n);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every idle connection holds its task's future, so its size is the
+    /// per-connection memory floor; this prints it and bounds it.
+    #[test]
+    fn connection_future_stays_small() {
+        use crate::config::Config;
+        let config = Config::default();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap();
+        rt.block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let slab = crate::slab::Slab::new(&config.slab.classes).unwrap();
+            let stats: std::sync::Arc<[ShardStats]> = vec![ShardStats::new(config.slab.classes.len())].into();
+            let shard = Rc::new(Shard::new(0, &config, slab, stats));
+            let fut = serve(shard.clone(), stream);
+            let total = std::mem::size_of_val(&fut);
+            let session = std::mem::size_of::<Session>();
+            let conn = std::mem::size_of::<Conn>();
+            let drive = {
+                let mut session = Session::new(&shard);
+                let c = Conn::new(0, 0, &shard);
+                let mut stream = TcpStream::connect(addr).await.unwrap();
+                std::mem::size_of_val(&session.drive(&shard, &c, &mut stream, Flow::Continue))
+            };
+            println!("serve future {total} B, drive future {drive} B, Session {session} B, Conn {conn} B");
+            assert!(total <= 1024, "serve future is {total} B");
+        });
+    }
+}

@@ -1,0 +1,20 @@
+//! kefu's gateway: the process that holds every visitor's and agent's
+//! WebSocket.
+//!
+//! The binary (`kefu`) is a thin shell over this library so that tests and
+//! benchmarks reach the same code: [`config`] reads the configuration,
+//! [`server`] starts one [`shard`] per core, each shard serves its
+//! connections ([`conn`]) with the sans-IO [`ws`] codec and [`http`] parser,
+//! and keeps its message buffers in a [`slab`].
+
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod conn;
+pub mod http;
+pub mod metrics;
+pub mod secret;
+pub mod server;
+pub mod shard;
+pub mod slab;
+pub mod ws;

@@ -1,0 +1,110 @@
+//! `kefu`: the live customer-service gateway.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kefu_gateway::config::{Config, Overrides};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// kefu: an edge gateway for live customer service.
+///
+/// Visitors and agents hold WebSockets to it; it routes each conversation
+/// between them in real time.
+#[derive(Parser)]
+#[command(name = "kefu", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    ///
+    /// Configuration is read from defaults, then --config FILE (TOML), then
+    /// KEFU_<SECTION>_<FIELD> environment variables (e.g. KEFU_SERVER_LISTEN,
+    /// KEFU_LIMITS_MAX_MESSAGE_BYTES), then these flags. Sections and fields
+    /// are listed in docs/configuration.md and by `kefu config`.
+    Serve(ServeArgs),
+    /// Print the effective configuration (after file, environment and flags)
+    /// as TOML, then exit.
+    Config(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Client listener address [server.listen; default 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Admin listener (/healthz, /metrics) [server.admin_listen; default 127.0.0.1:9090].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// Data directory [storage.dir; default ./data].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Number of shards, 0 = one per core [server.shards; default 0].
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+    /// Serve the diagnostic echo endpoint /ws/echo [diagnostics.echo].
+    #[arg(long)]
+    echo: bool,
+}
+
+impl ServeArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let overrides = Overrides {
+            listen: self.listen.clone(),
+            admin_listen: self.admin_listen.clone(),
+            data: self.data.clone(),
+            shards: self.shards,
+            echo: self.echo,
+        };
+        Ok(Config::load(self.config.as_deref(), &overrides)?)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config(args) => {
+            let config = args.load()?;
+            print!("{}", toml::to_string_pretty(&config).context("rendering the configuration")?);
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let config = args.load()?;
+            init_logging(&config)?;
+            let running = kefu_gateway::server::start(config)?;
+            let stop = running.stop_flag();
+            for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                // A second signal while draining exits at once.
+                signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
+                    .context("installing signal handlers")?;
+                signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+            }
+            running.wait()
+        }
+    }
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => EnvFilter::try_new(f),
+        _ => EnvFilter::try_new(&config.log.level),
+    }
+    .context("log.level is not a valid filter")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Counters every shard keeps and the admin listener renders as Prometheus
+//! text at `/metrics`.
+//!
+//! Each shard writes only its own [`ShardStats`] (relaxed atomics, one cache
+//! line apart from the other shards'), so counting costs no contention; the
+//! admin endpoint reads all of them. Every limit that bites has a counter
+//! here, so an operator can see when one does.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::slab::ClassStats;
+
+/// Slab occupancy copied out of a shard at each sweep (the slab itself is
+/// thread-local).
+#[derive(Debug, Default)]
+pub struct ClassGauge {
+    /// Buffer size.
+    pub bytes: AtomicU64,
+    /// Buffers in the class.
+    pub count: AtomicU64,
+    /// Buffers in use at the last sweep.
+    pub in_use: AtomicU64,
+    /// Times the class (and all larger) was found empty.
+    pub exhausted: AtomicU64,
+}
+
+/// One shard's counters.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct ShardStats {
+    /// Open client connections (gauge).
+    pub connections: AtomicU64,
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections refused because the shard was full.
+    pub refused_full: AtomicU64,
+    /// Requests that did not become WebSockets (404, 400, 426, timeouts…).
+    pub http_rejected: AtomicU64,
+    /// WebSocket handshakes completed.
+    pub upgrades: AtomicU64,
+    /// WebSocket messages received.
+    pub messages_in: AtomicU64,
+    /// Frames queued for sending.
+    pub frames_out: AtomicU64,
+    /// Bytes read from sockets.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to sockets.
+    pub bytes_out: AtomicU64,
+    /// Connections closed for breaking RFC 6455 (1002, 1007, 1009).
+    pub protocol_closes: AtomicU64,
+    /// Connections closed as slow consumers (4001).
+    pub slow_consumer_closes: AtomicU64,
+    /// Connections closed for silence past 2 × heartbeat.
+    pub heartbeat_closes: AtomicU64,
+    /// Times a connection had to wait for a slab buffer.
+    pub slab_waits: AtomicU64,
+    /// Slab classes, refreshed each sweep.
+    pub slab: Vec<ClassGauge>,
+}
+
+impl ShardStats {
+    /// Counters for a shard whose slab has `classes` size classes.
+    pub fn new(classes: usize) -> Self {
+        Self { slab: (0..classes).map(|_| ClassGauge::default()).collect(), ..Default::default() }
+    }
+
+    /// Adds one to a counter.
+    #[inline]
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Copies the slab's occupancy into the gauges.
+    pub fn publish_slab(&self, stats: &[ClassStats]) {
+        for (gauge, s) in self.slab.iter().zip(stats) {
+            gauge.bytes.store(s.bytes as u64, Relaxed);
+            gauge.count.store(s.count as u64, Relaxed);
+            gauge.in_use.store(s.in_use as u64, Relaxed);
+            gauge.exhausted.store(s.exhausted, Relaxed);
+        }
+    }
+}
+
+/// Renders every shard's counters in the Prometheus text format.
+pub fn render(shards: &[ShardStats], driver: &str) -> String {
+    let mut out = String::with_capacity(4096);
+    let _ = writeln!(out, "# HELP kefu_info Build and runtime facts.\n# TYPE kefu_info gauge");
+    let _ = writeln!(
+        out,
+        "kefu_info{{version=\"{}\",driver=\"{driver}\",shards=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        shards.len()
+    );
+    type Field = fn(&ShardStats) -> &AtomicU64;
+    let series: [(&str, &str, &str, Field); 13] = [
+        ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),
+        ("kefu_accepted_total", "counter", "Connections accepted.", |s| &s.accepted),
+        ("kefu_refused_full_total", "counter", "Connections refused: shard full.", |s| &s.refused_full),
+        ("kefu_http_rejected_total", "counter", "Requests not upgraded.", |s| &s.http_rejected),
+        ("kefu_upgrades_total", "counter", "WebSocket handshakes completed.", |s| &s.upgrades),
+        ("kefu_messages_in_total", "counter", "WebSocket messages received.", |s| &s.messages_in),
+        ("kefu_frames_out_total", "counter", "Frames queued for sending.", |s| &s.frames_out),
+        ("kefu_bytes_in_total", "counter", "Bytes read from sockets.", |s| &s.bytes_in),
+        ("kefu_bytes_out_total", "counter", "Bytes written to sockets.", |s| &s.bytes_out),
+        ("kefu_protocol_closes_total", "counter", "Closes for RFC 6455 violations.", |s| &s.protocol_closes),
+        ("kefu_slow_consumer_closes_total", "counter", "Closes 4001.", |s| &s.slow_consumer_closes),
+        ("kefu_heartbeat_closes_total", "counter", "Closes for silence.", |s| &s.heartbeat_closes),
+        ("kefu_slab_waits_total", "counter", "Waits for a slab buffer.", |s| &s.slab_waits),
+    ];
+    for (name, kind, help, field) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, s) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", field(s).load(Relaxed));
+        }
+    }
+    let _ = writeln!(out, "# HELP kefu_slab_buffers Slab buffers per class.\n# TYPE kefu_slab_buffers gauge");
+    let _ = writeln!(out, "# HELP kefu_slab_in_use Slab buffers in use.\n# TYPE kefu_slab_in_use gauge");
+    let _ = writeln!(
+        out,
+        "# HELP kefu_slab_exhausted_total Slab class found empty.\n# TYPE kefu_slab_exhausted_total counter"
+    );
+    for (i, s) in shards.iter().enumerate() {
+        for g in &s.slab {
+            let labels = format!("shard=\"{i}\",bytes=\"{}\"", g.bytes.load(Relaxed));
+            let _ = writeln!(out, "kefu_slab_buffers{{{labels}}} {}", g.count.load(Relaxed));
+            let _ = writeln!(out, "kefu_slab_in_use{{{labels}}} {}", g.in_use.load(Relaxed));
+            let _ = writeln!(out, "kefu_slab_exhausted_total{{{labels}}} {}", g.exhausted.load(Relaxed));
+        }
+    }
+    out
+}

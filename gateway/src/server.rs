@@ -1,0 +1,129 @@
+//! Starting and stopping the gateway process: the data directory, the
+//! shards, signals and the drain.
+//!
+//! The main thread does no I/O of its own: it starts one thread per shard,
+//! waits until every shard listens (or one fails, which fails the start),
+//! then waits for SIGTERM/SIGINT. On a signal it raises the stop flag; each
+//! shard notices within one sweep, stops accepting, asks every connection
+//! to close (1001; 4000 on `/ws`) and returns once they are gone or
+//! `server.shutdown_timeout_ms` has passed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::metrics::ShardStats;
+use crate::shard::{self, ShardInit};
+
+/// A running gateway, as seen by the caller of [`start`].
+pub struct Running {
+    /// Where clients connect (the first shard's bound address).
+    pub addr: SocketAddr,
+    /// Where `/metrics` and `/healthz` are served.
+    pub admin_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    shutdown_timeout: Duration,
+}
+
+impl Running {
+    /// The flag that stops the gateway (what the signal handler sets).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Blocks until the stop flag is raised, then drains and joins the shards.
+    pub fn wait(self) -> anyhow::Result<()> {
+        while !self.stop.load(Ordering::Relaxed) {
+            if self.threads.iter().any(|t| t.is_finished()) {
+                self.stop.store(true, Ordering::Relaxed);
+                bail!("a shard stopped unexpectedly");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        info!("stop requested: draining connections");
+        let deadline = Instant::now() + self.shutdown_timeout + Duration::from_secs(1);
+        for t in self.threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                warn!("a shard did not stop in time");
+            }
+        }
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Prepares the data directory and starts every shard; returns once all
+/// listen.
+pub fn start(config: Config) -> anyhow::Result<Running> {
+    let (_secret, _source) = crate::secret::load_or_create(&config.auth.jwt_secret, &config.storage.dir)
+        .with_context(|| format!("preparing the data directory {}", config.storage.dir.display()))?;
+    shard::probe_driver(&config).map_err(anyhow::Error::msg)?;
+    let shards = config.shard_count();
+    let classes = config.slab.classes.len();
+    let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::new(classes)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let config = Arc::new(config);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut threads = Vec::with_capacity(shards);
+    let mut addr = None;
+    let mut admin_addr = None;
+    let mut config = config;
+    for id in 0..shards {
+        let init = ShardInit {
+            id,
+            config: config.clone(),
+            stop: stop.clone(),
+            stats: stats.clone(),
+            ready: ready_tx.clone(),
+        };
+        let t = std::thread::Builder::new()
+            .name(format!("kefu-shard-{id}"))
+            .spawn(move || shard::run(init))
+            .context("spawning a shard thread")?;
+        threads.push(t);
+        // Shards start one after another: the first one's bound address is
+        // what the others share, so `listen = "…:0"` gives one port to all.
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(r)) => {
+                if addr.is_none() {
+                    addr = Some(r.addr);
+                    let mut c = (*config).clone();
+                    c.server.listen = r.addr.to_string();
+                    config = Arc::new(c);
+                }
+                admin_addr = admin_addr.or(r.admin_addr);
+            }
+            Ok(Err(why)) => {
+                stop.store(true, Ordering::Relaxed);
+                bail!(why);
+            }
+            Err(_) => {
+                stop.store(true, Ordering::Relaxed);
+                bail!("shard {id} did not start within 10 s");
+            }
+        }
+    }
+    drop(ready_tx);
+    let (Some(addr), Some(admin_addr)) = (addr, admin_addr) else {
+        bail!("no shard reported its listener");
+    };
+    info!(%addr, admin = %admin_addr, shards, echo = config.diagnostics.echo, "kefu listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        stop,
+        threads,
+        shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
+    })
+}

@@ -1,0 +1,419 @@
+//! A shard: one thread, one monoio runtime, one core.
+//!
+//! Each shard accepts on its own `SO_REUSEPORT` listener, so the kernel
+//! spreads connections across shards and a connection lives and dies on the
+//! shard that accepted it. A shard owns its connections, its slab of message
+//! buffers and its registry; nothing here is shared with another thread but
+//! the stop flag and the metrics counters (atomics).
+//!
+//! Time is coarse on purpose: one sweep per shard ticks every
+//! [`SWEEP_INTERVAL`], refreshes the shard clock, sends heartbeat pings,
+//! closes silent peers and enforces close timeouts. No connection owns a
+//! timer while it is idle, so an idle connection costs its task and its
+//! entry here and nothing else.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use monoio::net::{ListenerOpts, TcpListener};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, IoDriver};
+use crate::conn::{self, Conn};
+use crate::metrics::ShardStats;
+use crate::slab::Slab;
+use crate::ws::close;
+
+/// How often the sweep runs: the resolution of heartbeats, idle timeouts and
+/// the reaction time to a stop signal.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What every shard thread is given at start.
+pub struct ShardInit {
+    /// Shard number, 0-based.
+    pub id: usize,
+    /// The whole configuration.
+    pub config: Arc<Config>,
+    /// Set by the signal handler; the shard drains and returns.
+    pub stop: Arc<AtomicBool>,
+    /// All shards' counters (this shard writes `stats[id]`).
+    pub stats: Arc<[ShardStats]>,
+    /// Where the shard reports that it is listening (or why it is not).
+    pub ready: std::sync::mpsc::Sender<Result<ShardReady, String>>,
+}
+
+/// What a shard reports once it listens.
+#[derive(Debug)]
+pub struct ShardReady {
+    /// Shard number.
+    pub id: usize,
+    /// The client listener's bound address.
+    pub addr: SocketAddr,
+    /// The admin listener's address, for the shard that serves it.
+    pub admin_addr: Option<SocketAddr>,
+}
+
+/// The numbers a connection needs, copied out of the config once.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// Largest request head.
+    pub max_head_bytes: usize,
+    /// Size of the buffers sockets are read into.
+    pub read_buffer_bytes: usize,
+    /// Frame and message size limits for the decoder.
+    pub max_frame_bytes: u64,
+    /// Largest reassembled message.
+    pub max_message_bytes: u64,
+    /// Outbound queue bound in frames.
+    pub outbound_queue_frames: usize,
+    /// Outbound queue bound in bytes.
+    pub outbound_queue_bytes: usize,
+    /// Handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Close handshake deadline.
+    pub close_timeout_ms: u64,
+    /// Ping interval.
+    pub heartbeat_ms: u64,
+    /// Whether `/ws/echo` is served.
+    pub echo: bool,
+}
+
+impl ConnLimits {
+    fn from_config(c: &Config) -> Self {
+        Self {
+            max_head_bytes: c.limits.max_head_bytes,
+            read_buffer_bytes: c.limits.read_buffer_bytes,
+            max_frame_bytes: c.limits.max_frame_bytes,
+            max_message_bytes: c.limits.max_message_bytes,
+            outbound_queue_frames: c.limits.outbound_queue_frames,
+            outbound_queue_bytes: c.limits.outbound_queue_bytes,
+            handshake_timeout: Duration::from_millis(c.server.handshake_timeout_ms),
+            close_timeout_ms: c.server.close_timeout_ms,
+            heartbeat_ms: c.server.heartbeat_s * 1000,
+            echo: c.diagnostics.echo,
+        }
+    }
+}
+
+/// The state one shard's tasks share (all on the shard's own thread).
+pub struct Shard {
+    /// Shard number.
+    pub id: usize,
+    /// The connection limits.
+    pub limits: ConnLimits,
+    /// The shard's message buffers.
+    pub slab: Slab,
+    /// Counters for `/metrics`.
+    pub stats: Arc<[ShardStats]>,
+    /// Milliseconds since the shard started, refreshed by the sweep.
+    now_ms: Cell<u64>,
+    /// Live connections, for the sweep and for draining.
+    registry: RefCell<Registry>,
+    /// Set once the shard is draining.
+    stopping: Cell<bool>,
+    max_connections: usize,
+}
+
+impl Shard {
+    /// A shard's state, before it accepts anything.
+    pub fn new(id: usize, config: &Config, slab: Slab, stats: Arc<[ShardStats]>) -> Self {
+        Self {
+            id,
+            limits: ConnLimits::from_config(config),
+            slab,
+            stats,
+            now_ms: Cell::new(0),
+            registry: RefCell::new(Registry::default()),
+            stopping: Cell::new(false),
+            max_connections: config.server.max_connections_per_shard,
+        }
+    }
+
+    /// This shard's counters.
+    pub fn stats(&self) -> &ShardStats {
+        &self.stats[self.id]
+    }
+
+    /// The coarse shard clock (ms since start), good to one sweep interval.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms.get()
+    }
+
+    /// Whether the shard is draining for shutdown.
+    pub fn stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
+    /// Registers a connection; `None` if the shard is full.
+    pub fn register(&self, conn: Rc<Conn>) -> Option<usize> {
+        let mut r = self.registry.borrow_mut();
+        if r.live >= self.max_connections {
+            return None;
+        }
+        r.live += 1;
+        let slot = match r.free.pop() {
+            Some(slot) => {
+                r.slots[slot] = Some(conn);
+                slot
+            }
+            None => {
+                r.slots.push(Some(conn));
+                r.slots.len() - 1
+            }
+        };
+        self.stats().connections.store(r.live as u64, Ordering::Relaxed);
+        Some(slot)
+    }
+
+    /// Forgets a connection registered at `slot`.
+    pub fn unregister(&self, slot: usize) {
+        let mut r = self.registry.borrow_mut();
+        if r.slots.get_mut(slot).and_then(Option::take).is_some() {
+            r.free.push(slot);
+            r.live -= 1;
+        }
+        self.stats().connections.store(r.live as u64, Ordering::Relaxed);
+    }
+
+    fn live(&self) -> usize {
+        self.registry.borrow().live
+    }
+
+    /// One pass over every connection: heartbeats, idle and close timeouts.
+    fn sweep(&self) {
+        let now = self.now_ms();
+        let hb = self.limits.heartbeat_ms;
+        let registry = self.registry.borrow();
+        for conn in registry.slots.iter().flatten() {
+            if let Some(since) = conn.closing_since_ms() {
+                if now.saturating_sub(since) >= self.limits.close_timeout_ms {
+                    conn.force_shutdown();
+                }
+                continue;
+            }
+            if self.stopping() {
+                conn.request_close(close::GOING_AWAY, "server shutting down", now);
+                continue;
+            }
+            let silent = now.saturating_sub(conn.last_rx_ms());
+            if silent >= 2 * hb {
+                ShardStats::inc(&self.stats().heartbeat_closes);
+                conn.request_close(close::GOING_AWAY, "heartbeat timeout", now);
+            } else if silent >= hb && now.saturating_sub(conn.last_ping_ms()) >= hb {
+                conn.send_ping(now);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    slots: Vec<Option<Rc<Conn>>>,
+    free: Vec<usize>,
+    live: usize,
+}
+
+/// Runs shard `init.id` on the calling thread until the stop flag is set and
+/// its connections are drained. Reports readiness (or the failure to start)
+/// on `init.ready` first.
+pub fn run(init: ShardInit) {
+    let config = init.config.clone();
+    let id = init.id;
+    let ready = init.ready.clone();
+    let core = pin(&config, id);
+    let entries = config.server.uring_entries;
+    let failed = match config.server.io {
+        IoDriver::Uring => {
+            match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(entries)
+                .enable_timer()
+                .build()
+            {
+                Ok(mut rt) => {
+                    info!(shard = id, driver = "io_uring", entries, core = ?core, "shard starting");
+                    rt.block_on(serve(init));
+                    None
+                }
+                Err(e) => Some(e),
+            }
+        }
+        IoDriver::Epoll => match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build()
+        {
+            Ok(mut rt) => {
+                warn!(shard = id, driver = "epoll", core = ?core, "shard starting on epoll (server.io = \"epoll\")");
+                rt.block_on(serve(init));
+                None
+            }
+            Err(e) => Some(e),
+        },
+    };
+    if let Some(e) = failed {
+        let _ = ready.send(Err(format!("shard {id}: cannot build the io runtime: {e}")));
+    }
+}
+
+/// Builds the runtime (or fails) before anything else, so a refused io_uring
+/// is reported as a start failure rather than a silent fallback.
+pub fn probe_driver(config: &Config) -> Result<(), String> {
+    match config.server.io {
+        IoDriver::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(config.server.uring_entries)
+            .build()
+            .map(|_| ())
+            .map_err(|e| {
+                format!(
+                    "io_uring is unavailable ({e}); set server.io = \"epoll\" (or KEFU_SERVER_IO=epoll) to run on epoll"
+                )
+            }),
+        IoDriver::Epoll => Ok(()),
+    }
+}
+
+fn pin(config: &Config, id: usize) -> Option<usize> {
+    if !config.server.pin_cores {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let core = id % cores;
+    match monoio::utils::bind_to_cpu_set([core]) {
+        Ok(()) => Some(core),
+        Err(e) => {
+            warn!(shard = id, core, error = ?e, "cannot pin shard to core");
+            None
+        }
+    }
+}
+
+async fn serve(init: ShardInit) {
+    let ShardInit { id, config, stop, stats, ready } = init;
+    let slab = match Slab::new(&config.slab.classes) {
+        Ok(slab) => slab,
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {id}: {e}")));
+            return;
+        }
+    };
+    let opts = ListenerOpts::new().reuse_port(true).reuse_addr(true).backlog(config.server.backlog);
+    let listener = match TcpListener::bind_with_config(config.server.listen.as_str(), &opts) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {id}: cannot listen on {}: {e}", config.server.listen)));
+            return;
+        }
+    };
+    let addr = listener.local_addr().ok();
+    let admin = if id == 0 {
+        match TcpListener::bind(config.server.admin_listen.as_str()) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ =
+                    ready.send(Err(format!("cannot listen (admin) on {}: {e}", config.server.admin_listen)));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let shard = Rc::new(Shard::new(id, &config, slab, stats.clone()));
+    if let Some(admin) = admin {
+        let stats = stats.clone();
+        let driver = match config.server.io {
+            IoDriver::Uring => "io_uring",
+            IoDriver::Epoll => "epoll",
+        };
+        monoio::spawn(crate::admin::serve(admin, stats, driver, shard.clone()));
+    }
+    let _ = ready.send(match addr {
+        Some(addr) => Ok(ShardReady { id, addr, admin_addr }),
+        None => Err(format!("shard {id}: listener has no local address")),
+    });
+    drop(ready);
+
+    let accept_stop = Rc::new(StopSignal::default());
+    let acceptor = monoio::spawn(accept_loop(shard.clone(), listener, accept_stop.clone()));
+
+    // The sweep doubles as the shard's clock and its watcher of the stop flag.
+    let started = Instant::now();
+    let mut drain_deadline: Option<u64> = None;
+    loop {
+        monoio::time::sleep(SWEEP_INTERVAL).await;
+        shard.now_ms.set(started.elapsed().as_millis() as u64);
+        if stop.load(Ordering::Relaxed) && !shard.stopping() {
+            info!(shard = id, connections = shard.live(), "draining");
+            shard.stopping.set(true);
+            accept_stop.fire();
+            drain_deadline = Some(shard.now_ms() + config.server.shutdown_timeout_ms);
+        }
+        shard.sweep();
+        shard.stats().publish_slab(&shard.slab.stats());
+        if let Some(deadline) = drain_deadline {
+            if shard.live() == 0 {
+                break;
+            }
+            if shard.now_ms() >= deadline {
+                warn!(shard = id, left = shard.live(), "drain timed out; cutting the rest");
+                break;
+            }
+        }
+    }
+    drop(acceptor);
+    debug!(shard = id, "stopped");
+}
+
+/// Accepts until the shard drains. Each connection gets its own task.
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Rc<StopSignal>) {
+    loop {
+        let accepted = monoio::select! {
+            biased;
+            _ = stop.wait() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                ShardStats::inc(&shard.stats().accepted);
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(conn::serve(shard.clone(), stream));
+            }
+            Err(e) => {
+                // EMFILE and friends: say so and back off rather than spin.
+                warn!(shard = shard.id, error = %e, "accept failed");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A one-shot, single-waiter signal within a shard.
+#[derive(Default)]
+pub struct StopSignal {
+    set: Cell<bool>,
+    waker: Cell<Option<std::task::Waker>>,
+}
+
+impl StopSignal {
+    /// Fires the signal, waking the waiter.
+    pub fn fire(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once the signal has fired.
+    pub async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.set.get() {
+                std::task::Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+}

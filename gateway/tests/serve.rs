@@ -1,0 +1,288 @@
+//! The real `kefu` binary on 127.0.0.1, spoken to by standard clients.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{Gateway, client_frame, raw_ws, read_frame, upgrade_request};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn echo_round_trips_text_and_binary_of_many_sizes() {
+    let gw = Gateway::start(&["--echo", "--shards", "2"], &[]);
+    rt().block_on(async {
+        let url = format!("ws://{}/ws/echo", gw.addr);
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        for size in [0usize, 1, 125, 126, 4000, 16 * 1024, 65_535, 65_536, 300_000, 3 << 20] {
+            let text: String = (0..size).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+            ws.send(Message::text(text.clone())).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text), "text of {size}");
+            let bin: Vec<u8> = (0..size).map(|i| (i * 7) as u8).collect();
+            ws.send(Message::binary(bin.clone())).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(bin), "binary of {size}");
+        }
+        ws.send(Message::text("héllo 世界")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("héllo 世界"));
+        ws.close(None).await.unwrap();
+        // The server answers our close and hangs up.
+        while let Some(Ok(m)) = ws.next().await {
+            assert!(m.is_close(), "{m:?}");
+        }
+    });
+}
+
+#[test]
+fn many_connections_on_several_shards_echo_concurrently() {
+    let gw = Gateway::start(&["--echo", "--shards", "2"], &[]);
+    rt().block_on(async {
+        let url = format!("ws://{}/ws/echo", gw.addr);
+        let mut tasks = Vec::new();
+        for c in 0..50 {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+                for i in 0..20 {
+                    let m = format!("conn {c} msg {i}");
+                    ws.send(Message::text(m.clone())).await.unwrap();
+                    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(m));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let metrics = gw.admin_get("/metrics");
+    let upgrades: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("kefu_upgrades_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(upgrades, 50, "{metrics}");
+}
+
+#[test]
+fn fragmented_messages_and_pings_between_fragments() {
+    let gw = Gateway::start(&["--echo"], &[]);
+    let mut s = raw_ws(gw.addr, "/ws/echo");
+    let mut bytes = client_frame(0x1, false, "héllo ".as_bytes());
+    bytes.extend(client_frame(0x9, true, b"are you there"));
+    bytes.extend(client_frame(0x0, false, &[0xe4, 0xb8]));
+    bytes.extend(client_frame(0x0, true, &[0x96, b'!']));
+    // Dribble the bytes so frames straddle reads.
+    for chunk in bytes.chunks(3) {
+        s.write_all(chunk).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(read_frame(&mut s).unwrap(), (true, 0xA, b"are you there".to_vec()));
+    assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, "héllo 世!".as_bytes().to_vec()));
+}
+
+#[test]
+fn protocol_violations_close_with_the_rfc_codes() {
+    let gw = Gateway::start(&["--echo"], &[("KEFU_LIMITS_MAX_MESSAGE_BYTES", "1000")]);
+    let close_code = |payload: Vec<u8>| -> u16 {
+        let mut s = raw_ws(gw.addr, "/ws/echo");
+        s.write_all(&payload).unwrap();
+        let (_, opcode, body) = read_frame(&mut s).unwrap();
+        assert_eq!(opcode, 0x8);
+        u16::from_be_bytes([body[0], body[1]])
+    };
+    // Unmasked client frame.
+    assert_eq!(close_code(vec![0x81, 0x02, b'h', b'i']), 1002);
+    // Reserved bit.
+    let mut f = client_frame(0x1, true, b"x");
+    f[0] |= 0x40;
+    assert_eq!(close_code(f), 1002);
+    // Invalid UTF-8 text.
+    assert_eq!(close_code(client_frame(0x1, true, &[0xff, 0xfe])), 1007);
+    // Over the configured message size, refused at the header.
+    assert_eq!(close_code(client_frame(0x2, true, &[0; 1001])), 1009);
+    // Continuation with no message started.
+    assert_eq!(close_code(client_frame(0x0, true, b"x")), 1002);
+    // Fragmented ping.
+    assert_eq!(close_code(client_frame(0x9, false, b"x")), 1002);
+}
+
+#[test]
+fn http_errors_are_clear_and_close() {
+    let gw = Gateway::start(&[], &[]);
+    let not_found = gw.raw(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(not_found.starts_with("HTTP/1.1 404"), "{not_found}");
+    let echo_off = gw.raw(upgrade_request("/ws/echo", "").as_bytes());
+    assert!(echo_off.starts_with("HTTP/1.1 404"), "echo is off by default: {echo_off}");
+    let malformed = gw.raw(b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n");
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
+    let big = format!("GET /ws HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(10_000));
+    let too_large = gw.raw(big.as_bytes());
+    assert!(too_large.starts_with("HTTP/1.1 431"), "{too_large}");
+    let old = upgrade_request("/ws", "").replace("Version: 13", "Version: 8");
+    let wrong_version = gw.raw(old.as_bytes());
+    assert!(wrong_version.starts_with("HTTP/1.1 426"), "{wrong_version}");
+    assert!(wrong_version.contains("Sec-WebSocket-Version: 13"), "{wrong_version}");
+    let proto = gw.raw(upgrade_request("/ws", "Sec-WebSocket-Protocol: chat\r\n").as_bytes());
+    assert!(proto.starts_with("HTTP/1.1 400"), "{proto}");
+}
+
+#[test]
+fn slow_request_heads_time_out() {
+    let gw = Gateway::start(&[], &[("KEFU_SERVER_HANDSHAKE_TIMEOUT_MS", "300")]);
+    let started = Instant::now();
+    let reply = gw.raw(b"GET /ws HTTP/1.1\r\nHost: x\r\n");
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn subprotocols_are_chosen_in_the_clients_order() {
+    let gw = Gateway::start(&[], &[]);
+    rt().block_on(async {
+        for (offer, chosen) in [
+            ("kefu.v1.fb, kefu.v1.json", Some("kefu.v1.fb")),
+            ("x, kefu.v1.json", Some("kefu.v1.json")),
+            ("", None),
+        ] {
+            let mut req = format!("ws://{}/ws", gw.addr).into_client_request().unwrap();
+            if !offer.is_empty() {
+                req.headers_mut().insert("Sec-WebSocket-Protocol", offer.parse().unwrap());
+            }
+            let (_ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+            let got = resp.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().unwrap().to_string());
+            assert_eq!(got.as_deref(), chosen, "offer {offer:?}");
+        }
+    });
+}
+
+#[test]
+fn client_endpoint_answers_ping_and_says_what_is_not_served() {
+    let gw = Gateway::start(&[], &[]);
+    rt().block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr)).await.unwrap();
+        ws.send(Message::text(r#"{"type":"ping","id":1}"#)).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(r#"{"type":"pong","id":1}"#));
+        ws.send(Message::text(r#"{"type":"send","id":2}"#)).await.unwrap();
+        let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
+        assert!(reply.contains(r#""code":"unavailable""#) && reply.contains(r#""id":2"#), "{reply}");
+    });
+}
+
+#[test]
+fn heartbeat_pings_then_closes_silent_peers() {
+    let gw = Gateway::start(&["--echo"], &[("KEFU_SERVER_HEARTBEAT_S", "1")]);
+    let mut s = raw_ws(gw.addr, "/ws/echo");
+    let started = Instant::now();
+    let (_, opcode, _) = read_frame(&mut s).unwrap();
+    assert_eq!(opcode, 0x9, "a ping comes first");
+    let (_, opcode, body) = read_frame(&mut s).unwrap();
+    assert_eq!(opcode, 0x8, "then the close");
+    assert_eq!(u16::from_be_bytes([body[0], body[1]]), 1001);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5), "{waited:?}");
+
+    // A peer that answers pings stays.
+    let mut s = raw_ws(gw.addr, "/ws/echo");
+    for _ in 0..3 {
+        let (_, opcode, payload) = read_frame(&mut s).unwrap();
+        assert_eq!(opcode, 0x9);
+        s.write_all(&client_frame(0xA, true, &payload)).unwrap();
+    }
+}
+
+#[test]
+fn sigterm_closes_connections_and_exits_zero() {
+    let mut gw = Gateway::start(&["--echo", "--shards", "2"], &[]);
+    let mut echo = raw_ws(gw.addr, "/ws/echo");
+    let mut client = raw_ws(gw.addr, "/ws");
+    std::thread::sleep(Duration::from_millis(100));
+    gw.terminate();
+    for (s, code) in [(&mut echo, 1001u16), (&mut client, 4000)] {
+        let (_, opcode, body) = read_frame(s).unwrap();
+        assert_eq!(opcode, 0x8);
+        assert_eq!(u16::from_be_bytes([body[0], body[1]]), code);
+        s.write_all(&client_frame(0x8, true, &body[..2])).unwrap();
+    }
+    let status = gw.wait_exit(Duration::from_secs(10)).expect("exits within the drain bound");
+    assert!(status.success(), "{status:?}");
+    // Nothing listens any more.
+    assert!(std::net::TcpStream::connect(gw.addr).is_err());
+}
+
+#[test]
+fn admin_serves_health_and_metrics() {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
+    let health = gw.admin_get("/healthz");
+    assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"), "{health}");
+    let metrics = gw.admin_get("/metrics");
+    assert!(metrics.contains("kefu_info{"), "{metrics}");
+    assert!(metrics.contains("driver=\"io_uring\""), "{metrics}");
+    assert!(metrics.contains("kefu_connections{shard=\"1\"}"), "{metrics}");
+    assert!(metrics.contains("kefu_slab_buffers{shard=\"0\""), "{metrics}");
+    assert!(gw.admin_get("/nope").starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn start_logs_the_driver_of_every_shard_and_the_generated_secret() {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
+    let log = gw.startup_log.join("\n");
+    let uring_shards = gw.startup_log.iter().filter(|l| l.contains("driver=\"io_uring\"")).count();
+    assert_eq!(uring_shards, 2, "{log}");
+    assert!(log.contains("generated a new one"), "{log}");
+    let secret = std::fs::read_to_string(gw.data.path().join("jwt_secret")).unwrap();
+    assert_eq!(secret.len(), 64);
+}
+
+#[test]
+fn epoll_runs_only_when_configured_and_says_so() {
+    let gw = Gateway::start(&["--echo", "--shards", "1"], &[("KEFU_SERVER_IO", "epoll")]);
+    let log = gw.startup_log.join("\n");
+    assert!(log.contains("driver=\"epoll\""), "{log}");
+    let mut s = raw_ws(gw.addr, "/ws/echo");
+    s.write_all(&client_frame(0x1, true, b"over epoll")).unwrap();
+    assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, b"over epoll".to_vec()));
+}
+
+#[test]
+fn bad_configuration_is_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kefu.toml");
+    std::fs::write(&path, "[server]\nlisen = \"127.0.0.1:1\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kefu"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.lisen"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kefu"))
+        .args(["serve", "--data"])
+        .arg(dir.path())
+        .env("KEFU_SERVER_SHARDZ", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEFU_SERVER_SHARDZ"));
+}
+
+#[test]
+fn close_frames_reach_tungstenite_with_codes() {
+    let gw = Gateway::start(&["--echo"], &[("KEFU_LIMITS_MAX_MESSAGE_BYTES", "100")]);
+    rt().block_on(async {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}/ws/echo", gw.addr)).await.unwrap();
+        ws.send(Message::binary(vec![0u8; 101])).await.unwrap();
+        match ws.next().await.unwrap().unwrap() {
+            Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Size),
+            other => panic!("expected a close, got {other:?}"),
+        }
+    });
+}

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Measures the baseline echo servers (benches/: echo-tungstenite,
+# echo-fastws) with kefu-bench, the way kefu itself is measured:
+#
+#   - throughput and latency: server pinned to one core, client to the other
+#     (taskset), 100 connections x 512 B and 500 connections x 16 KiB, closed
+#     loop (one message in flight per connection);
+#   - memory: a fresh server, 10,000 idle connections over three source
+#     addresses, server RSS before and after.
+#
+# The machine is shared (other people compile on it), so before each run the
+# script waits until no compiler is running, and kefu-bench itself reports
+# how busy each core was and how much CPU other processes took during the
+# window ("other_cpu_cores"); a contended run says so on stderr.
+#
+# Results: one JSON line per run in $OUT/echo.jsonl and $OUT/idle.jsonl, and
+# a table at the end.
+#
+# Usage: tools/bench-baselines.sh [--no-build] [--out DIR] [--servers "tungstenite fastws"]
+#                                 [--duration S] [--warmup S] [--idle-connections N]
+#                                 [--client-cpu N] [--server-cpu N] [--quiet-wait S]
+#                                 [--skip-echo] [--skip-idle]
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+BUILD=1
+OUT=$REPO/target-bench/baselines
+SERVERS="tungstenite fastws"
+DURATION=10
+WARMUP=2
+IDLE_CONNECTIONS=10000
+IDLE_HOLD=10
+CLIENT_CPU=0
+SERVER_CPU=1
+QUIET_WAIT=900
+PORT=9101
+SKIP_ECHO=0
+SKIP_IDLE=0
+# connections size pipeline
+SCENARIOS=("100 512 1" "500 16384 1")
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --no-build) BUILD=0 ;;
+        --out) OUT=$2; shift ;;
+        --servers) SERVERS=$2; shift ;;
+        --duration) DURATION=$2; shift ;;
+        --warmup) WARMUP=$2; shift ;;
+        --idle-connections) IDLE_CONNECTIONS=$2; shift ;;
+        --client-cpu) CLIENT_CPU=$2; shift ;;
+        --server-cpu) SERVER_CPU=$2; shift ;;
+        --quiet-wait) QUIET_WAIT=$2; shift ;;
+        --skip-echo) SKIP_ECHO=1 ;;
+        --skip-idle) SKIP_IDLE=1 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+BIN=$TARGET_DIR/release
+mkdir -p "$OUT"
+if [ "$BUILD" = 1 ]; then
+    (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -j2 -p kefu-benches -p kefu-bench)
+fi
+
+SERVER_PID=
+stop_server() {
+    if [ -n "$SERVER_PID" ]; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=
+    fi
+}
+trap stop_server EXIT
+
+start_server() {
+    local name=$1
+    taskset -c "$SERVER_CPU" "$BIN/echo-$name" --listen "127.0.0.1:$PORT" 2>>"$OUT/server-$name.log" &
+    SERVER_PID=$!
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "echo-$name did not start listening on 127.0.0.1:$PORT" >&2
+    exit 1
+}
+
+# Waits until no compiler or linker has run for 3 s in a row (bounded).
+wait_quiet() {
+    local deadline=$((SECONDS + QUIET_WAIT)) calm=0
+    while [ "$calm" -lt 3 ]; do
+        if ps -eo comm= | grep -qE '^(rustc|cargo|cc1|cc1plus|ld|ld.lld|lld|clang|opt cgu|coordinator)'; then
+            calm=0
+            if [ "$SECONDS" -ge "$deadline" ]; then
+                echo "WARNING: still not quiet after ${QUIET_WAIT}s; measuring anyway" >&2
+                return 0
+            fi
+        else
+            calm=$((calm + 1))
+        fi
+        sleep 1
+    done
+}
+
+for name in $SERVERS; do
+    if [ "$SKIP_ECHO" = 0 ]; then
+        start_server "$name"
+        for scenario in "${SCENARIOS[@]}"; do
+            read -r conns size pipeline <<<"$scenario"
+            wait_quiet
+            echo "== echo-$name: $conns x $size B, pipeline $pipeline" >&2
+            taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" echo --url "ws://127.0.0.1:$PORT/" \
+                --connections "$conns" --size "$size" --pipeline "$pipeline" \
+                --duration "$DURATION" --warmup "$WARMUP" --cpu "$CLIENT_CPU" \
+                --server-pid "$SERVER_PID" |
+                python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["server"]=sys.argv[1]; print(json.dumps(r))' "$name" \
+                    >>"$OUT/echo.jsonl"
+        done
+        stop_server
+    fi
+    if [ "$SKIP_IDLE" = 0 ]; then
+        # A fresh server, so its RSS before is a server that never held a
+        # connection.
+        start_server "$name"
+        sleep 1
+        wait_quiet
+        echo "== echo-$name: $IDLE_CONNECTIONS idle connections" >&2
+        "$BIN/kefu-bench" idle --url "ws://127.0.0.1:$PORT/" --connections "$IDLE_CONNECTIONS" \
+            --sources 127.0.0.1,127.0.0.2,127.0.0.3 --hold "$IDLE_HOLD" --server-pid "$SERVER_PID" |
+            python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["server"]=sys.argv[1]; print(json.dumps(r))' "$name" \
+                >>"$OUT/idle.jsonl" || echo "WARNING: idle run against echo-$name fell short (see above)" >&2
+        stop_server
+    fi
+done
+
+python3 - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+def rows(name):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return []
+    return [json.loads(l) for l in open(path) if l.strip()]
+echo = rows("echo.jsonl")
+if echo:
+    print(f"{'server':<12} {'conns':>5} {'size':>6} {'msg/s':>9} {'p50 µs':>8} {'p99 µs':>8} "
+          f"{'cli core':>8} {'srv core':>8} {'cli µs/m':>8} {'srv µs/m':>8} {'other':>6} {'err':>4}")
+    for r in echo:
+        pct = lambda v: "-" if v is None else f"{100*v:.0f}%"
+        num = lambda v: "-" if v is None else f"{v:.2f}"
+        print(f"{r.get('server','?'):<12} {r['connections']:>5} {r['size']:>6} {r['msgs_per_s']:>9.0f} "
+              f"{r['latency_us']['p50']:>8.0f} {r['latency_us']['p99']:>8.0f} "
+              f"{pct(r.get('client_cores_busy')):>8} {pct(r.get('server_cores_busy')):>8} "
+              f"{num(r.get('client_cpu_us_per_msg')):>8} {num(r.get('server_cpu_us_per_msg')):>8} "
+              f"{r.get('other_cpu_cores', 0):>6.2f} {r['errors']:>4}")
+idle = rows("idle.jsonl")
+if idle:
+    print(f"{'server':<12} {'held':>6} {'B/conn':>8} {'KiB/conn':>8} {'settled B/conn':>14}")
+    for r in idle:
+        print(f"{r.get('server','?'):<12} {r['connected']:>6} {r['bytes_per_conn'] or 0:>8.0f} "
+              f"{r['kb_per_conn'] or 0:>8.1f} {r['bytes_per_conn_settled'] or 0:>14.0f}")
+EOF

@@ -1,0 +1,65 @@
+//! `kefu-bench`: kefu's capacity tool.
+//!
+//! One binary, one subcommand per question a capacity tester asks:
+//!
+//! - `echo` (`echo.rs`): how many round trips per second does an echo
+//!   endpoint sustain, at what latency, for how much server CPU per message?
+//! - `idle` (`idle.rs`): how much server memory does one idle connection
+//!   cost, measured with tens of thousands of real connections?
+//!
+//! Chat scenarios (visitors and agents, a message mix, zero loss across
+//! `kill -9`) grow here as further subcommands over the same pieces: the
+//! minimal client WebSocket in `ws.rs` and the measurements in `stats.rs`.
+//!
+//! Every subcommand prints a human summary on stderr and exactly one JSON
+//! line on stdout, so scripts can `| jq` the result while people read the
+//! summary. Targets are refused unless they are loopback addresses
+//! (`--allow-non-loopback` overrides): this tool generates load, and a
+//! mistyped URL must not point it at someone else.
+
+mod echo;
+mod idle;
+mod stats;
+mod ws;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "kefu's capacity tool: WebSocket load, latency and memory per connection")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Round trips per second and latency against a WebSocket echo endpoint.
+    Echo(echo::EchoArgs),
+    /// Server memory per idle WebSocket connection, over many connections.
+    Idle(idle::IdleArgs),
+    /// One client process of `idle` (started by `idle` itself).
+    #[command(hide = true)]
+    IdleWorker(idle::WorkerArgs),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Echo(args) => echo::run(args),
+        Command::Idle(args) => idle::run(args),
+        Command::IdleWorker(args) => idle::run_worker(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of contexts is the message; a backtrace would only
+            // bury it.
+            eprintln!("kefu-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! What a run measures, and how: latency histograms and the CPU and memory
+//! that the client and the server spent.
+//!
+//! - Latency goes into an HdrHistogram in nanoseconds (3 significant
+//!   digits: 1 µs resolution up to ~1 ms, 0.1% relative above), one per
+//!   client thread, merged at the end. Recording is a few nanoseconds and
+//!   allocates nothing, so it can sit on the hot path.
+//! - The client's own CPU comes from `getrusage(RUSAGE_SELF)`, microsecond
+//!   resolution, all threads. A load generator that reports throughput must
+//!   also report whether it was the bottleneck: client CPU near 100% of its
+//!   cores means the number is the client's ceiling, not the server's.
+//! - The server's CPU comes from `/proc/PID/stat` (utime + stime in clock
+//!   ticks, 10 ms on Linux: over a 10 s window that is 0.1%), its memory from
+//!   `VmRSS` in `/proc/PID/status`, and its open descriptors from
+//!   `/proc/PID/fd`, so the reports can name a server-side limit too.
+
+use std::{fs, time::Duration};
+
+use anyhow::{Context as _, anyhow};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Highest latency the histogram can hold; slower round trips are clamped
+/// to it (and such a run has bigger problems than its p99).
+const LATENCY_NS_MAX: u64 = 60_000_000_000;
+
+/// A latency histogram in nanoseconds.
+pub struct Latency {
+    histogram: Histogram<u64>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Latency {
+    pub fn new() -> Self {
+        Self {
+            // Bounds are constants that satisfy the constructor's contract
+            // (low ≥ 1, high ≥ 2 × low, sigfig ≤ 5), so this cannot fail.
+            histogram: Histogram::new_with_bounds(1, LATENCY_NS_MAX, 3)
+                .expect("constant histogram bounds are valid"),
+        }
+    }
+
+    /// Records `count` round trips that each took `latency`.
+    pub fn record(&mut self, latency: Duration, count: u64) {
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.histogram.saturating_record_n(ns.clamp(1, LATENCY_NS_MAX), count);
+    }
+
+    pub fn merge(&mut self, other: &Latency) {
+        // Same bounds on both sides, so `add` cannot fail; if it ever did,
+        // saturating keeps the report honest about counts.
+        if self.histogram.add(&other.histogram).is_err() {
+            for value in other.histogram.iter_recorded() {
+                self.histogram.saturating_record_n(value.value_iterated_to(), value.count_at_value());
+            }
+        }
+    }
+
+    /// Percentiles in microseconds.
+    pub fn summary(&self) -> LatencySummary {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        if self.histogram.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            p50: us(self.histogram.value_at_quantile(0.50)),
+            p90: us(self.histogram.value_at_quantile(0.90)),
+            p99: us(self.histogram.value_at_quantile(0.99)),
+            p999: us(self.histogram.value_at_quantile(0.999)),
+            max: us(self.histogram.max()),
+            mean: self.histogram.mean() / 1000.0,
+        }
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct LatencySummary {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// CPU seconds (user + system) this process has used so far, all threads.
+pub fn self_cpu_seconds() -> anyhow::Result<f64> {
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct
+    // (integers and timevals only).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a live, writable rusage; RUSAGE_SELF is a valid
+    // `who`; the kernel writes only within the struct.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut usage) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrusage");
+    }
+    let seconds = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    Ok(seconds(usage.ru_utime) + seconds(usage.ru_stime))
+}
+
+/// Clock ticks per second, the unit of `/proc/PID/stat` times.
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory effects; _SC_CLK_TCK is a valid name.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    // Linux has reported 100 since forever; keep that if sysconf balks.
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// CPU seconds (utime + stime, all threads) that process `pid` has used.
+pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces;
+    // count fields from after its closing parenthesis. utime and stime are
+    // fields 14 and 15, that is the 12th and 13th after it.
+    let after_name =
+        stat.rfind(')').map(|i| &stat[i + 1..]).ok_or_else(|| anyhow!("{path}: no ')' in {stat:?}"))?;
+    let mut fields = after_name.split_whitespace().skip(11);
+    let mut next = |name: &str| -> anyhow::Result<u64> {
+        fields
+            .next()
+            .ok_or_else(|| anyhow!("{path}: no {name} field"))?
+            .parse::<u64>()
+            .with_context(|| format!("{path}: {name} is not a number"))
+    };
+    let utime = next("utime")?;
+    let stime = next("stime")?;
+    Ok((utime + stime) as f64 / clock_ticks_per_second())
+}
+
+/// Resident set size of process `pid` in bytes (`VmRSS`).
+pub fn process_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow!("{path}: no VmRSS line (is {pid} a kernel thread?)"))?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow!("{path}: empty VmRSS line"))?
+        .parse()
+        .with_context(|| format!("{path}: VmRSS is not a number: {line:?}"))?;
+    Ok(kib * 1024)
+}
+
+/// How many descriptors process `pid` holds, and its soft limit on them.
+pub fn process_fds(pid: u32) -> anyhow::Result<(u64, Option<u64>)> {
+    let dir = format!("/proc/{pid}/fd");
+    let open = fs::read_dir(&dir).with_context(|| format!("listing {dir}"))?.count() as u64;
+    let limit = fs::read_to_string(format!("/proc/{pid}/limits")).ok().and_then(|limits| {
+        limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|soft| soft.parse().ok())
+    });
+    Ok((open, limit))
+}
+
+/// Busy and total clock ticks of each CPU since boot, from `/proc/stat`
+/// (busy = everything but idle and iowait). Two snapshots give each core's
+/// utilisation over the interval between them, whoever used it: the check
+/// that catches a compiler running on the client's core mid-benchmark.
+pub fn cpu_ticks() -> anyhow::Result<Vec<(u64, u64)>> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let mut cpus = Vec::new();
+    for line in stat.lines() {
+        let Some(rest) = line.strip_prefix("cpu") else {
+            continue;
+        };
+        // "cpu " is the sum of all; "cpuN " are the cores, in order.
+        let Some((index, counters)) = rest.split_once(' ') else {
+            continue;
+        };
+        if index.is_empty() {
+            continue;
+        }
+        let values: Vec<u64> = counters.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+        // user nice system idle iowait irq softirq steal [guest guest_nice]:
+        // guest time is already inside user, so only the first 8 count.
+        let total: u64 = values.iter().take(8).sum();
+        let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+        cpus.push((total - idle.min(total), total));
+    }
+    Ok(cpus)
+}
+
+/// Mean utilisation (0..=1) of `cpus` between two [`cpu_ticks`] snapshots.
+pub fn cpus_busy(before: &[(u64, u64)], after: &[(u64, u64)], cpus: &[usize]) -> Option<f64> {
+    let mut busy = 0;
+    let mut total = 0;
+    for &cpu in cpus {
+        let (b0, t0) = before.get(cpu)?;
+        let (b1, t1) = after.get(cpu)?;
+        busy += b1.saturating_sub(*b0);
+        total += t1.saturating_sub(*t0);
+    }
+    (total > 0).then(|| busy as f64 / total as f64)
+}
+
+/// The CPUs process `pid` may run on (`Cpus_allowed_list`, e.g. "1" or
+/// "0-3,6"): where a server pinned with `taskset` is.
+pub fn process_cpus(pid: u32) -> anyhow::Result<Vec<usize>> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .ok_or_else(|| anyhow!("{path}: no Cpus_allowed_list"))?;
+    parse_cpu_list(list.trim())
+}
+
+fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse()?),
+        }
+    }
+    Ok(cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_cpu_and_memory_are_readable() {
+        let pid = std::process::id();
+        let start = self_cpu_seconds().expect("getrusage");
+        // Burn a little CPU so that the counters move.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(self_cpu_seconds().expect("getrusage") > start);
+        assert!(process_cpu_seconds(pid).expect("stat") >= 0.0);
+        assert!(process_rss_bytes(pid).expect("status") > 0);
+        let (open, limit) = process_fds(pid).expect("fds");
+        assert!(open >= 3);
+        assert!(limit.is_some_and(|l| l >= open));
+        assert!(clock_ticks_per_second() >= 1.0);
+    }
+
+    #[test]
+    fn cpu_lists_and_ticks_parse() {
+        assert_eq!(parse_cpu_list("1").expect("list"), vec![1]);
+        assert_eq!(parse_cpu_list("0-2,5").expect("list"), vec![0, 1, 2, 5]);
+        let cpus = process_cpus(std::process::id()).expect("own cpus");
+        assert!(!cpus.is_empty());
+        let before = cpu_ticks().expect("/proc/stat");
+        assert!(before.len() >= cpus.len());
+        let after = cpu_ticks().expect("/proc/stat");
+        let busy = cpus_busy(&before, &after, &[0]).unwrap_or(0.0);
+        assert!((0.0..=1.0).contains(&busy));
+    }
+
+    #[test]
+    fn percentiles_come_out_in_microseconds() {
+        let mut a = Latency::new();
+        a.record(Duration::from_micros(100), 99);
+        let mut b = Latency::new();
+        b.record(Duration::from_millis(10), 1);
+        a.merge(&b);
+        let s = a.summary();
+        assert!((s.p50 - 100.0).abs() < 1.0, "{s:?}");
+        assert!((s.max - 10_000.0).abs() < 20.0, "{s:?}");
+    }
+}
