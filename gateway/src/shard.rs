@@ -277,8 +277,10 @@ fn pin(config: &Config, id: usize) -> Option<usize> {
     if !config.server.pin_cores {
         return None;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let core = id % cores;
+    // Shard N takes the N-th CPU the process may run on, so that `taskset`
+    // or a cgroup cpuset given to kefu is respected rather than overridden.
+    let allowed = allowed_cpus();
+    let core = *allowed.get(id % allowed.len().max(1))?;
     match monoio::utils::bind_to_cpu_set([core]) {
         Ok(()) => Some(core),
         Err(e) => {
@@ -286,6 +288,20 @@ fn pin(config: &Config, id: usize) -> Option<usize> {
             None
         }
     }
+}
+
+/// The CPUs this process may run on, ascending.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data for which all-zero is a valid (empty)
+    // set; sched_getaffinity writes at most size_of::<cpu_set_t>() bytes.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this thread; the pointer and size describe `set`.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    }
+    // SAFETY: CPU_ISSET reads within the set for every index below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect()
 }
 
 async fn serve(init: ShardInit) {
