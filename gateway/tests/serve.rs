@@ -209,10 +209,12 @@ fn sigterm_closes_connections_and_exits_zero() {
         assert_eq!(u16::from_be_bytes([body[0], body[1]]), code);
         s.write_all(&client_frame(0x8, true, &body[..2])).unwrap();
     }
+    drop((echo, client));
+    let started = Instant::now();
     let status = gw.wait_exit(Duration::from_secs(10)).expect("exits within the drain bound");
     assert!(status.success(), "{status:?}");
-    // Nothing listens any more.
-    assert!(std::net::TcpStream::connect(gw.addr).is_err());
+    // The drain ends when the last connection does, not at its time bound.
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 }
 
 #[test]
