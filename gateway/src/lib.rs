@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod conn;
 pub mod http;
+pub mod mailbox;
 pub mod metrics;
 pub mod secret;
 pub mod server;
