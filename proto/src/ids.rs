@@ -94,6 +94,54 @@ pub enum PresenceStatus {
     Offline,
 }
 
+/// Wire spellings of the small enums above, shared by every encoding that
+/// spells them as text (JSON, logs, config) so none keeps its own table.
+macro_rules! wire_names {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The wire spelling.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+
+            /// The value a wire spelling names, if any (exact, case-sensitive).
+            pub fn parse(name: &str) -> Option<Self> {
+                match name {
+                    $($name => Some($ty::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+wire_names!(Role { Visitor => "visitor", Agent => "agent", Bot => "bot" });
+wire_names!(ConvStatus { Queued => "queued", Assigned => "assigned", Closed => "closed" });
+wire_names!(PresenceStatus { Online => "online", Away => "away", Offline => "offline" });
+wire_names!(ErrorCode {
+    BadFrame => "bad_frame",
+    BadCommand => "bad_command",
+    Unauthorized => "unauthorized",
+    Forbidden => "forbidden",
+    NotFound => "not_found",
+    TooLarge => "too_large",
+    RateLimited => "rate_limited",
+    Conflict => "conflict",
+    Unavailable => "unavailable",
+    Internal => "internal",
+});
+
 /// The `code` of an `error` frame (PROTOCOL.md, "Errors").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -129,22 +177,6 @@ impl ErrorCode {
     /// Whether the connection is closed after this error.
     pub fn fatal(self) -> bool {
         matches!(self, ErrorCode::Unauthorized)
-    }
-
-    /// The wire spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadFrame => "bad_frame",
-            ErrorCode::BadCommand => "bad_command",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::Conflict => "conflict",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Internal => "internal",
-        }
     }
 }
 
@@ -182,5 +214,27 @@ mod tests {
         }
         assert!(ErrorCode::RateLimited.retryable() && !ErrorCode::Forbidden.retryable());
         assert!(ErrorCode::Unauthorized.fatal());
+    }
+
+    #[test]
+    fn wire_names_agree_with_serde_and_parse_back() {
+        fn check<T>(all: &[T], as_str: fn(T) -> &'static str, parse: fn(&str) -> Option<T>)
+        where
+            T: Copy + PartialEq + std::fmt::Debug + Serialize,
+        {
+            for &v in all {
+                let name = as_str(v);
+                assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{name}\""));
+                assert_eq!(parse(name), Some(v));
+                assert_eq!(parse(&name.to_uppercase()), None);
+            }
+            assert_eq!(parse(""), None);
+        }
+        check(Role::ALL, Role::as_str, Role::parse);
+        check(ConvStatus::ALL, ConvStatus::as_str, ConvStatus::parse);
+        check(PresenceStatus::ALL, PresenceStatus::as_str, PresenceStatus::parse);
+        check(ErrorCode::ALL, ErrorCode::as_str, ErrorCode::parse);
+        assert_eq!(ErrorCode::ALL.len(), 10);
+        assert_eq!(ErrorCode::TooLarge.to_string(), "too_large");
     }
 }

@@ -1,10 +1,17 @@
 //! Wire formats shared by every part of kefu: the client protocol (JSON and
 //! FlatBuffers), the gRPC contract, and the ids and error codes they share.
 //!
-//! The client protocol types arrive with the durable chat core; this crate
-//! is the place every other crate imports them from, so dependencies keep
-//! pointing one way (`gateway -> core, storage -> proto`).
+//! - [`ids`]: the nouns (conversation ids, roles, statuses, error codes);
+//! - [`client`]: what clients and the gateway say to each other, as
+//!   [`ClientFrame`] / [`ServerFrame`], and the two encodings (`kefu.v1.json`,
+//!   `kefu.v1.fb`) behind one [`Codec`].
+//!
+//! This crate is the place every other crate imports them from, so
+//! dependencies keep pointing one way (`gateway -> core, storage -> proto`).
 
+pub mod client;
+mod generated;
 pub mod ids;
 
+pub use client::{ClientFrame, Codec, Command, DecodeError, Encoder, Event, ServerFrame};
 pub use ids::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
