@@ -1,0 +1,83 @@
+//! The client message id: what makes a resent `send` harmless.
+//!
+//! A client names each message it sends with a `cid` of its choosing and,
+//! when it is unsure whether a `send` arrived (a dropped connection, a
+//! `rate_limited`), sends it again with the same `cid`. The conversation
+//! remembers recent `(sender, cid)` pairs and answers a repeat with the
+//! first `ack` instead of storing a second message (PROTOCOL.md,
+//! "Guarantees").
+//!
+//! A [`Cid`] is stored inline, [`CID_BYTES_MAX`] bytes and a length, so
+//! remembering one costs no allocation and the window is a flat ring.
+
+use crate::config::CID_BYTES_MAX;
+
+/// A client message id, at most [`CID_BYTES_MAX`] bytes of UTF-8, never empty.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cid {
+    len: u8,
+    bytes: [u8; CID_BYTES_MAX],
+}
+
+/// Why a string is not a [`Cid`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CidError {
+    /// `""`.
+    #[error("cid is empty")]
+    Empty,
+    /// Longer than the ceiling.
+    #[error("cid is {0} bytes, more than {CID_BYTES_MAX}")]
+    TooLong(usize),
+}
+
+impl Cid {
+    /// Copies `s` into a cid.
+    pub fn new(s: &str) -> Result<Cid, CidError> {
+        if s.is_empty() {
+            return Err(CidError::Empty);
+        }
+        if s.len() > CID_BYTES_MAX {
+            return Err(CidError::TooLong(s.len()));
+        }
+        let mut bytes = [0u8; CID_BYTES_MAX];
+        bytes[..s.len()].copy_from_slice(s.as_bytes());
+        // CID_BYTES_MAX fits a u8 (checked at compile time below).
+        Ok(Cid { len: s.len() as u8, bytes })
+    }
+
+    /// The cid as the client sent it.
+    pub fn as_str(&self) -> &str {
+        // The bytes were copied from a `&str` whole, so they are UTF-8.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+const _: () = assert!(CID_BYTES_MAX <= u8::MAX as usize);
+
+impl std::fmt::Debug for Cid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cid({:?})", self.as_str())
+    }
+}
+
+impl std::fmt::Display for Cid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cids_round_trip_and_are_bounded() {
+        let c = Cid::new("m-1 ✓").unwrap();
+        assert_eq!(c.as_str(), "m-1 ✓");
+        assert_eq!(c, Cid::new("m-1 ✓").unwrap());
+        assert_ne!(c, Cid::new("m-1").unwrap());
+        assert_eq!(Cid::new(""), Err(CidError::Empty));
+        assert!(Cid::new(&"x".repeat(CID_BYTES_MAX)).is_ok());
+        assert_eq!(Cid::new(&"x".repeat(CID_BYTES_MAX + 1)), Err(CidError::TooLong(CID_BYTES_MAX + 1)));
+    }
+}

@@ -1,0 +1,1011 @@
+//! The router: which agent gets which conversation, and who waits where.
+//!
+//! There is one router (on shard 0), because every decision needs the whole
+//! picture: every agent's status, groups, capacity and load, and every
+//! waiting visitor. Decisions are rare next to messages (an open, a close,
+//! a transfer, a presence change), so one owner costs nothing and needs no
+//! locks. The router owns only *open* conversations; a closed one is
+//! forgotten (its home shard still answers for it).
+//!
+//! ## The rules
+//!
+//! - **Queues.** Each group has a queue. Higher `meta.vip_level` first,
+//!   then first come, first served. "First come" is the conversation id
+//!   (ids are handed out in opening order), so a conversation that comes
+//!   back to a queue (transfer to a group, agent offline) keeps its place
+//!   in line instead of starting over. Positions are 1..n per group, and
+//!   whenever one changes the router says so ([`Action::QueuePosition`]) so
+//!   the gateway can tell that visitor.
+//! - **Who serves what.** An agent serves the groups of its token; an agent
+//!   with no groups serves every group ([`crate::identity::serves`]).
+//! - **Auto-assign** (`routing.auto_assign`, default on): whenever a
+//!   conversation waits and an agent is `online` with free capacity in its
+//!   group, it is assigned, highest priority first, to the least-loaded
+//!   such agent (fewest conversations; ties go to the agent idle longest,
+//!   then the smaller id). Off: conversations wait for `accept`.
+//! - **Capacity.** An agent holds at most `capacity` conversations
+//!   (`routing.default_capacity`, or the agent's `presence.capacity`). The
+//!   router never assigns past it, by any path. Lowering capacity below the
+//!   current load keeps the conversations and takes no new ones.
+//! - **Accept** needs the conversation queued in a group the agent serves
+//!   (else `not_found`: the agent cannot see it), the agent `online`, with
+//!   free capacity (else `conflict`). Accepting one's own conversation
+//!   again is fine. One already taken by another agent is `conflict`.
+//! - **Transfer** (by the assigned agent, or by an agent serving the group
+//!   of a queued conversation) to an agent: the target must exist (else
+//!   `not_found`) and be `online` with free capacity (else `conflict`). To
+//!   `group:NAME`: the conversation is queued in that group, and the agent
+//!   who gave it away is skipped when auto-assign picks an agent for it.
+//! - **Close** (by the visitor, the assigned agent, an agent serving the
+//!   group of a queued conversation, or a bot) frees capacity, which
+//!   assigns the next waiting conversation.
+//! - **Offline.** Presence is aggregated per agent ([`crate::presence`]).
+//!   With `routing.offline_policy = "keep"` an offline agent keeps its
+//!   conversations. With `"requeue"`, still offline `offline_grace_s` after
+//!   going offline, its conversations go back to their queues. Coming back
+//!   online (or away) within the grace period cancels that. Time only moves
+//!   through [`Router::tick`]; [`Router::next_deadline`] says when to call it.
+//!
+//! ## Outputs
+//!
+//! Every operation changes state at once and queues [`Action`]s, which the
+//! gateway drains with [`Router::poll_action`]: first make each decision
+//! durable, then announce it (PROTOCOL.md, "Guarantees"). A conversation
+//! that enters a queue and is assigned within the same operation is only
+//! announced as assigned.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use kefu_proto::ids::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
+
+use crate::config::{OfflinePolicy, RoutingConfig};
+use crate::identity::{Actor, AgentRef, GroupName, UserId, serves};
+use crate::presence::{DeviceId, Presence};
+use crate::session::TransferTarget;
+
+/// Why a conversation was assigned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssignReason {
+    /// Auto-assign picked the agent.
+    Auto,
+    /// The agent accepted it.
+    Accepted,
+    /// It was transferred to the agent.
+    Transferred,
+}
+
+/// Why a conversation entered a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueReason {
+    /// The visitor opened it.
+    Opened,
+    /// Transferred to the group.
+    Transferred,
+    /// Its agent stayed offline past the grace period (`requeue` policy).
+    AgentOffline,
+}
+
+/// A decision for the gateway to persist, then announce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `conv` is now assigned to `agent`.
+    Assign {
+        /// The conversation.
+        conv: ConvId,
+        /// Its new agent.
+        agent: AgentRef,
+        /// Its group.
+        group: GroupName,
+        /// The agent who had it before (a transfer), to be told.
+        previous: Option<UserId>,
+        /// Why.
+        reason: AssignReason,
+    },
+    /// `conv` now waits in `group` at `position`.
+    Queue {
+        /// The conversation.
+        conv: ConvId,
+        /// Its group.
+        group: GroupName,
+        /// 1-based position in that group's queue.
+        position: u32,
+        /// The agent who had it before, to be told.
+        previous: Option<UserId>,
+        /// Why.
+        reason: QueueReason,
+    },
+    /// A waiting conversation moved in its queue.
+    QueuePosition {
+        /// The conversation.
+        conv: ConvId,
+        /// Its group.
+        group: GroupName,
+        /// Its new 1-based position.
+        position: u32,
+    },
+    /// `conv` is closed.
+    Close {
+        /// The conversation.
+        conv: ConvId,
+        /// The agent who had it, to be told.
+        agent: Option<UserId>,
+        /// Who closed it.
+        by: Role,
+    },
+    /// An agent's aggregate status changed: tell the agents.
+    PresenceChanged {
+        /// The agent.
+        agent: UserId,
+        /// The new status.
+        status: PresenceStatus,
+    },
+    /// An agent connected one device too many: close this one with 4002.
+    ReplaceDevice {
+        /// The agent.
+        agent: UserId,
+        /// The connection to close.
+        device: DeviceId,
+    },
+}
+
+/// Why the router refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No such open conversation, or not one the actor may touch.
+    #[error("no such conversation")]
+    NotFound,
+    /// No such agent (transfer target).
+    #[error("no such agent")]
+    NoSuchAgent,
+    /// The state does not allow it now.
+    #[error("{0}")]
+    Conflict(&'static str),
+    /// The actor's role may not do this.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// Invalid argument.
+    #[error("{0}")]
+    BadCommand(&'static str),
+    /// All queues are full (`routing.max_queued`).
+    #[error("too many visitors are waiting; try again later")]
+    QueueFull,
+}
+
+impl RouteError {
+    /// The wire code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RouteError::NotFound | RouteError::NoSuchAgent => ErrorCode::NotFound,
+            RouteError::Conflict(_) => ErrorCode::Conflict,
+            RouteError::Forbidden(_) => ErrorCode::Forbidden,
+            RouteError::BadCommand(_) => ErrorCode::BadCommand,
+            RouteError::QueueFull => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// A visitor's `open`, resolved by the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenRequest {
+    /// The visitor.
+    pub visitor: UserId,
+    /// The group to queue in.
+    pub group: GroupName,
+    /// Queue priority (higher first).
+    pub vip_level: i64,
+}
+
+/// The answer to `open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// The visitor's open conversation.
+    pub conv: ConvId,
+    /// Whether it was created now (else it was already open: no actions).
+    pub created: bool,
+}
+
+/// The answer to `accept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Assigned now (an [`Action::Assign`] follows).
+    Assigned,
+    /// It already was this agent's.
+    AlreadyYours,
+}
+
+/// An agent as its token describes it, at connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// User id.
+    pub id: UserId,
+    /// Display name.
+    pub name: Arc<str>,
+    /// Groups served (empty: all).
+    pub groups: Arc<[GroupName]>,
+}
+
+/// An open conversation as the durable record has it, to rebuild the
+/// router at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredRoute {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Its visitor.
+    pub visitor: UserId,
+    /// Its group.
+    pub group: GroupName,
+    /// Queue priority.
+    pub vip_level: i64,
+    /// The agent it is assigned to, or `None` if queued.
+    pub agent: Option<AgentRef>,
+}
+
+/// An open conversation as the router sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteView {
+    /// Its visitor.
+    pub visitor: UserId,
+    /// Its group.
+    pub group: GroupName,
+    /// Queue priority.
+    pub vip_level: i64,
+    /// Queued or assigned.
+    pub status: ConvStatus,
+    /// The agent, if assigned.
+    pub agent: Option<UserId>,
+    /// 1-based queue position, if queued.
+    pub position: Option<u32>,
+}
+
+/// An agent as the router sees it (for the console's agent list).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentView {
+    /// User id.
+    pub id: UserId,
+    /// Display name.
+    pub name: Arc<str>,
+    /// Groups served.
+    pub groups: Arc<[GroupName]>,
+    /// Aggregate status.
+    pub status: PresenceStatus,
+    /// Conversations it may hold.
+    pub capacity: u32,
+    /// Conversations it holds.
+    pub load: u32,
+    /// Connected devices.
+    pub devices: usize,
+}
+
+#[derive(Debug)]
+struct Agent {
+    name: Arc<str>,
+    groups: Arc<[GroupName]>,
+    presence: Presence,
+    capacity: u32,
+    convs: BTreeSet<ConvId>,
+    /// Value of the router's assignment clock at its last assignment.
+    last_assigned: u64,
+    /// While offline: when the grace period ends.
+    offline_deadline: Option<u64>,
+}
+
+impl Agent {
+    fn load(&self) -> u32 {
+        u32::try_from(self.convs.len()).unwrap_or(u32::MAX)
+    }
+
+    fn has_room(&self) -> bool {
+        self.load() < self.capacity
+    }
+
+    fn available(&self) -> bool {
+        self.presence.status() == PresenceStatus::Online && self.has_room()
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Queued {
+        /// The position last announced (0: not yet).
+        announced: u32,
+        /// Not yet announced: why it entered the queue, and who had it.
+        entered: Option<(QueueReason, Option<UserId>)>,
+        /// Skipped by auto-assign (the agent who transferred it here).
+        avoid: Option<UserId>,
+    },
+    Assigned {
+        agent: UserId,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    visitor: UserId,
+    group: GroupName,
+    vip: i64,
+    state: State,
+}
+
+/// Queue order: higher VIP level first, then lower conversation id.
+type QueueKey = (Reverse<i64>, ConvId);
+
+fn key(vip: i64, conv: ConvId) -> QueueKey {
+    (Reverse(vip), conv)
+}
+
+/// The router. See the module doc for its rules.
+#[derive(Debug)]
+pub struct Router {
+    config: RoutingConfig,
+    agents: BTreeMap<UserId, Agent>,
+    convs: BTreeMap<ConvId, Entry>,
+    /// Per group, waiting conversations in queue order.
+    queues: BTreeMap<GroupName, Vec<QueueKey>>,
+    by_visitor: BTreeMap<UserId, ConvId>,
+    queued: usize,
+    next_conv: u64,
+    assign_clock: u64,
+    /// Groups whose positions may have changed in the current operation.
+    touched: Vec<GroupName>,
+    actions: VecDeque<Action>,
+}
+
+impl Router {
+    /// An empty router that numbers new conversations from `next_conv_id`
+    /// (one more than the largest id in storage).
+    pub fn new(config: RoutingConfig, next_conv_id: u64) -> Router {
+        Router {
+            config,
+            agents: BTreeMap::new(),
+            convs: BTreeMap::new(),
+            queues: BTreeMap::new(),
+            by_visitor: BTreeMap::new(),
+            queued: 0,
+            next_conv: next_conv_id.max(1),
+            assign_clock: 0,
+            touched: Vec::new(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next decision to persist and announce.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Rebuilds the open conversations at start, silently (no actions;
+    /// nobody is connected yet). Queues are sorted once at the end, so a
+    /// large backlog restores in O(n log n). An agent named here who has not
+    /// connected is offline, and under `requeue` its conversations go back
+    /// to the queue once the grace period from `now_ms` ends. Call it before
+    /// any agent connects.
+    ///
+    /// Returns the conversations it refused: a second open conversation of
+    /// the same visitor (a visitor has one at most), which the gateway
+    /// should close. Repeated ids are ignored.
+    pub fn restore(&mut self, routes: impl IntoIterator<Item = RestoredRoute>, now_ms: u64) -> Vec<ConvId> {
+        let grace_ms = self.grace_ms();
+        let mut refused = Vec::new();
+        for r in routes {
+            if self.convs.contains_key(&r.conv) {
+                continue;
+            }
+            if self.by_visitor.contains_key(&r.visitor) {
+                refused.push(r.conv);
+                continue;
+            }
+            self.next_conv = self.next_conv.max(r.conv.0 + 1);
+            self.by_visitor.insert(r.visitor.clone(), r.conv);
+            let state = match &r.agent {
+                None => {
+                    self.queues.entry(r.group.clone()).or_default().push(key(r.vip_level, r.conv));
+                    self.queued += 1;
+                    State::Queued { announced: 0, entered: None, avoid: None }
+                }
+                Some(a) => {
+                    let agent = self.agents.entry(a.id.clone()).or_insert_with(|| Agent {
+                        name: a.name.clone(),
+                        groups: Arc::from([]),
+                        presence: Presence::new(self.config.max_devices_per_agent),
+                        capacity: self.config.default_capacity,
+                        convs: BTreeSet::new(),
+                        last_assigned: 0,
+                        offline_deadline: Some(now_ms.saturating_add(grace_ms)),
+                    });
+                    agent.convs.insert(r.conv);
+                    State::Assigned { agent: a.id.clone() }
+                }
+            };
+            self.convs.insert(r.conv, Entry { visitor: r.visitor, group: r.group, vip: r.vip_level, state });
+        }
+        for q in self.queues.values_mut() {
+            q.sort_unstable();
+            q.dedup();
+            for (i, (_, c)) in q.iter().enumerate() {
+                if let Some(Entry { state: State::Queued { announced, .. }, .. }) = self.convs.get_mut(c) {
+                    *announced = position(i);
+                }
+            }
+        }
+        refused
+    }
+
+    /// A visitor opens a conversation (or gets the one already open).
+    pub fn open(&mut self, req: OpenRequest) -> Result<Opened, RouteError> {
+        if let Some(&conv) = self.by_visitor.get(&req.visitor) {
+            return Ok(Opened { conv, created: false });
+        }
+        if self.queued >= self.config.max_queued {
+            return Err(RouteError::QueueFull);
+        }
+        let conv = ConvId(self.next_conv);
+        self.next_conv += 1;
+        self.by_visitor.insert(req.visitor.clone(), conv);
+        let state = State::Queued { announced: 0, entered: Some((QueueReason::Opened, None)), avoid: None };
+        self.convs.insert(conv, Entry { visitor: req.visitor, group: req.group, vip: req.vip_level, state });
+        self.insert_queued(conv);
+        self.finish();
+        Ok(Opened { conv, created: true })
+    }
+
+    /// An agent takes a queued conversation.
+    pub fn accept(&mut self, agent_id: &str, conv: ConvId) -> Result<Accepted, RouteError> {
+        let entry = self.convs.get(&conv).ok_or(RouteError::NotFound)?;
+        let agent = self.agents.get(agent_id).ok_or(RouteError::Conflict("agent is not connected"))?;
+        let visible = serves(&agent.groups, &entry.group);
+        match &entry.state {
+            State::Assigned { agent: a } if **a == *agent_id => return Ok(Accepted::AlreadyYours),
+            State::Assigned { .. } if visible => {
+                return Err(RouteError::Conflict("already taken by another agent"));
+            }
+            State::Assigned { .. } => return Err(RouteError::NotFound),
+            State::Queued { .. } if !visible => return Err(RouteError::NotFound),
+            State::Queued { .. } => {}
+        }
+        if agent.presence.status() != PresenceStatus::Online {
+            return Err(RouteError::Conflict("set presence online to accept conversations"));
+        }
+        if !agent.has_room() {
+            return Err(RouteError::Conflict("at capacity"));
+        }
+        let id = UserId::from(agent_id);
+        self.remove_queued(conv);
+        self.assign(conv, &id, AssignReason::Accepted, None);
+        self.finish();
+        Ok(Accepted::Assigned)
+    }
+
+    /// Whether `by` may transfer or close `entry` (visitors: close only).
+    fn may_manage(&self, by: &Actor, entry: &Entry) -> bool {
+        match by.role {
+            Role::Bot => true,
+            Role::Visitor => entry.visitor == by.id,
+            Role::Agent => match &entry.state {
+                State::Assigned { agent } => *agent == by.id,
+                State::Queued { .. } => serves(&by.groups, &entry.group),
+            },
+        }
+    }
+
+    /// Hands a conversation to an agent or back to a group's queue.
+    pub fn transfer(&mut self, by: &Actor, conv: ConvId, to: TransferTarget) -> Result<(), RouteError> {
+        if by.role == Role::Visitor {
+            return Err(RouteError::Forbidden("visitors may not transfer"));
+        }
+        let entry = self.convs.get(&conv).ok_or(RouteError::NotFound)?;
+        if !self.may_manage(by, entry) {
+            return Err(RouteError::NotFound);
+        }
+        let previous = match &entry.state {
+            State::Assigned { agent } => Some(agent.clone()),
+            State::Queued { .. } => None,
+        };
+        match to {
+            TransferTarget::Agent(target) => {
+                if previous.as_ref() == Some(&target) {
+                    return Err(RouteError::Conflict("already assigned to that agent"));
+                }
+                let t = self.agents.get(&target).ok_or(RouteError::NoSuchAgent)?;
+                if t.presence.status() != PresenceStatus::Online {
+                    return Err(RouteError::Conflict("that agent is not online"));
+                }
+                if !t.has_room() {
+                    return Err(RouteError::Conflict("that agent is at capacity"));
+                }
+                self.unassign_or_dequeue(conv);
+                self.assign(conv, &target, AssignReason::Transferred, previous);
+            }
+            TransferTarget::Group(group) => {
+                if previous.is_none() && entry.group == group {
+                    return Err(RouteError::Conflict("already queued in that group"));
+                }
+                self.unassign_or_dequeue(conv);
+                let avoid = previous.clone().or_else(|| (by.role == Role::Agent).then(|| by.id.clone()));
+                if let Some(e) = self.convs.get_mut(&conv) {
+                    e.group = group;
+                    e.state = State::Queued {
+                        announced: 0,
+                        entered: Some((QueueReason::Transferred, previous)),
+                        avoid,
+                    };
+                }
+                self.insert_queued(conv);
+            }
+        }
+        self.finish();
+        Ok(())
+    }
+
+    /// Closes a conversation. Returns the agent who had it.
+    pub fn close(&mut self, by: &Actor, conv: ConvId) -> Result<Option<UserId>, RouteError> {
+        let entry = self.convs.get(&conv).ok_or(RouteError::NotFound)?;
+        if !self.may_manage(by, entry) {
+            return Err(RouteError::NotFound);
+        }
+        let agent = match &entry.state {
+            State::Assigned { agent } => Some(agent.clone()),
+            State::Queued { .. } => None,
+        };
+        self.unassign_or_dequeue(conv);
+        if let Some(e) = self.convs.remove(&conv) {
+            self.by_visitor.remove(&e.visitor);
+        }
+        self.actions.push_back(Action::Close { conv, agent: agent.clone(), by: by.role });
+        self.finish();
+        Ok(agent)
+    }
+
+    /// A profile change (`SyncUser`) moved a visitor's priority: its
+    /// waiting conversation moves in line.
+    pub fn update_vip_level(&mut self, visitor: &str, vip_level: i64) {
+        let Some(&conv) = self.by_visitor.get(visitor) else { return };
+        let Some(entry) = self.convs.get(&conv) else { return };
+        if entry.vip == vip_level {
+            return;
+        }
+        let queued = matches!(entry.state, State::Queued { .. });
+        if queued {
+            self.remove_queued(conv);
+        }
+        if let Some(e) = self.convs.get_mut(&conv) {
+            e.vip = vip_level;
+        }
+        if queued {
+            self.insert_queued(conv);
+        }
+        self.finish();
+    }
+
+    /// An agent's device connected at `now_ms`. Name and groups follow the
+    /// newest token.
+    pub fn agent_connected(&mut self, info: AgentInfo, device: DeviceId, now_ms: u64) {
+        let max_devices = self.config.max_devices_per_agent;
+        let capacity = self.config.default_capacity;
+        let agent = self.agents.entry(info.id.clone()).or_insert_with(|| Agent {
+            name: info.name.clone(),
+            groups: info.groups.clone(),
+            presence: Presence::new(max_devices),
+            capacity,
+            convs: BTreeSet::new(),
+            last_assigned: 0,
+            offline_deadline: None,
+        });
+        agent.name = info.name;
+        agent.groups = info.groups;
+        let out = agent.presence.connect(device, now_ms);
+        if let Some(device) = out.replaced {
+            self.actions.push_back(Action::ReplaceDevice { agent: info.id.clone(), device });
+        }
+        if let Some(status) = out.changed {
+            self.status_changed(&info.id, status, now_ms);
+        }
+        self.finish();
+    }
+
+    /// An agent's device disconnected at `now_ms`.
+    pub fn agent_disconnected(&mut self, agent_id: &str, device: DeviceId, now_ms: u64) {
+        let grace_ms = self.grace_ms();
+        let Some(id) = self.agents.get_key_value(agent_id).map(|(id, _)| id.clone()) else { return };
+        let Some(agent) = self.agents.get_mut(&id) else { return };
+        if let Some(status) = agent.presence.disconnect(device, now_ms, grace_ms) {
+            self.status_changed(&id, status, now_ms);
+        }
+        self.forget_if_idle(&id);
+        self.finish();
+    }
+
+    /// `presence {status, capacity}` from one of the agent's devices.
+    /// Returns the agent's status after it.
+    pub fn presence(
+        &mut self,
+        agent_id: &str,
+        device: DeviceId,
+        status: PresenceStatus,
+        capacity: Option<u32>,
+        now_ms: u64,
+    ) -> Result<PresenceStatus, RouteError> {
+        if capacity.is_some_and(|c| c > self.config.max_capacity) {
+            return Err(RouteError::BadCommand("presence.capacity is above routing.max_capacity"));
+        }
+        let Some(id) = self.agents.get_key_value(agent_id).map(|(id, _)| id.clone()) else {
+            return Err(RouteError::Conflict("agent is not connected"));
+        };
+        let Some(agent) = self.agents.get_mut(&id) else {
+            return Err(RouteError::Conflict("agent is not connected"));
+        };
+        let changed = agent
+            .presence
+            .set(device, status)
+            .map_err(|_| RouteError::Conflict("device is not connected"))?;
+        if let Some(c) = capacity {
+            agent.capacity = c;
+        }
+        if let Some(status) = changed {
+            self.status_changed(&id, status, now_ms);
+        }
+        self.finish();
+        Ok(status)
+    }
+
+    /// Lets time pass: applies the offline policy to agents whose grace
+    /// period ended by `now_ms`.
+    pub fn tick(&mut self, now_ms: u64) {
+        let due: Vec<UserId> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.offline_deadline.is_some_and(|d| d <= now_ms))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let Some(agent) = self.agents.get_mut(&id) else { continue };
+            agent.offline_deadline = None;
+            if agent.presence.status() != PresenceStatus::Offline {
+                continue;
+            }
+            if self.config.offline_policy == OfflinePolicy::Requeue {
+                let convs = std::mem::take(&mut agent.convs);
+                for conv in convs {
+                    if let Some(e) = self.convs.get_mut(&conv) {
+                        e.state = State::Queued {
+                            announced: 0,
+                            entered: Some((QueueReason::AgentOffline, Some(id.clone()))),
+                            avoid: None,
+                        };
+                        self.insert_queued(conv);
+                    }
+                }
+            }
+            self.forget_if_idle(&id);
+        }
+        self.finish();
+    }
+
+    /// When [`Router::tick`] next has something to do.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.agents.values().filter_map(|a| a.offline_deadline).min()
+    }
+
+    /// The open conversation `conv`, if the router has it.
+    pub fn route(&self, conv: ConvId) -> Option<RouteView> {
+        let e = self.convs.get(&conv)?;
+        let (status, agent, position) = match &e.state {
+            State::Assigned { agent } => (ConvStatus::Assigned, Some(agent.clone()), None),
+            State::Queued { .. } => (ConvStatus::Queued, None, self.position_of(conv)),
+        };
+        Some(RouteView {
+            visitor: e.visitor.clone(),
+            group: e.group.clone(),
+            vip_level: e.vip,
+            status,
+            agent,
+            position,
+        })
+    }
+
+    /// The open conversation of a visitor.
+    pub fn open_conversation_of(&self, visitor: &str) -> Option<ConvId> {
+        self.by_visitor.get(visitor).copied()
+    }
+
+    /// One agent.
+    pub fn agent(&self, id: &str) -> Option<AgentView> {
+        self.agents.get_key_value(id).map(|(id, a)| view(id, a))
+    }
+
+    /// Every agent the router knows, by id.
+    pub fn agents(&self) -> impl Iterator<Item = AgentView> + '_ {
+        self.agents.iter().map(|(id, a)| view(id, a))
+    }
+
+    /// The conversations assigned to an agent.
+    pub fn conversations_of(&self, agent: &str) -> impl Iterator<Item = ConvId> + '_ {
+        self.agents.get(agent).into_iter().flat_map(|a| a.convs.iter().copied())
+    }
+
+    /// A group's queue, first in line first.
+    pub fn queue(&self, group: &str) -> impl Iterator<Item = ConvId> + '_ {
+        self.queues.get(group).into_iter().flat_map(|q| q.iter().map(|(_, c)| *c))
+    }
+
+    /// Groups with someone waiting.
+    pub fn groups(&self) -> impl Iterator<Item = &GroupName> + '_ {
+        self.queues.keys()
+    }
+
+    /// Conversations waiting, all groups together.
+    pub fn queued_len(&self) -> usize {
+        self.queued
+    }
+
+    /// Checks every internal invariant; `Err` names the first one broken.
+    /// Cheap enough for tests and debug builds, O(conversations + agents).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut queued = 0;
+        for (group, q) in &self.queues {
+            if q.is_empty() {
+                return Err(format!("empty queue {group} kept"));
+            }
+            if q.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(format!("queue {group} out of order"));
+            }
+            for (i, k) in q.iter().enumerate() {
+                let c = &k.1;
+                let e = self.convs.get(c).ok_or_else(|| format!("{c} queued but unknown"))?;
+                match &e.state {
+                    State::Queued { announced, entered, .. } => {
+                        if *announced != position(i) || entered.is_some() {
+                            return Err(format!("{c} position {} announced as {announced}", i + 1));
+                        }
+                    }
+                    State::Assigned { .. } => return Err(format!("{c} queued and assigned")),
+                }
+                if e.group != *group || *k != key(e.vip, *c) {
+                    return Err(format!("{c} in the wrong queue or with a stale key"));
+                }
+            }
+            queued += q.len();
+        }
+        if queued != self.queued {
+            return Err(format!("queued count {} but {queued} in queues", self.queued));
+        }
+        let mut assigned = 0;
+        for (id, a) in &self.agents {
+            for c in &a.convs {
+                match self.convs.get(c).map(|e| &e.state) {
+                    Some(State::Assigned { agent }) if agent == id => {}
+                    _ => return Err(format!("{c} listed by agent {id} but not assigned to it")),
+                }
+            }
+            assigned += a.convs.len();
+        }
+        if queued + assigned != self.convs.len() {
+            return Err(format!(
+                "{} open conversations, {queued} queued + {assigned} assigned",
+                self.convs.len()
+            ));
+        }
+        if self.by_visitor.len() != self.convs.len()
+            || self.by_visitor.iter().any(|(v, c)| self.convs.get(c).is_none_or(|e| e.visitor != *v))
+        {
+            return Err("visitor index out of step".into());
+        }
+        if self.config.auto_assign {
+            for (group, q) in &self.queues {
+                for (_, c) in q {
+                    let avoid = match &self.convs[c].state {
+                        State::Queued { avoid, .. } => avoid.as_ref(),
+                        State::Assigned { .. } => None,
+                    };
+                    if let Some(a) = self.pick_agent(group, avoid) {
+                        return Err(format!("{c} waits in {group} while {a} is free"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- internals ----
+
+    fn grace_ms(&self) -> u64 {
+        self.config.offline_grace_s.saturating_mul(1000)
+    }
+
+    fn touch(&mut self, group: &GroupName) {
+        if !self.touched.contains(group) {
+            self.touched.push(group.clone());
+        }
+    }
+
+    fn position_of(&self, conv: ConvId) -> Option<u32> {
+        let e = self.convs.get(&conv)?;
+        let q = self.queues.get(&e.group)?;
+        q.binary_search(&key(e.vip, conv)).ok().map(position)
+    }
+
+    /// Puts a conversation (already in `convs`, state `Queued`) in its queue.
+    fn insert_queued(&mut self, conv: ConvId) {
+        let Some(e) = self.convs.get(&conv) else { return };
+        let k = key(e.vip, conv);
+        let group = e.group.clone();
+        let q = self.queues.entry(group.clone()).or_default();
+        if let Err(i) = q.binary_search(&k) {
+            q.insert(i, k);
+            self.queued += 1;
+        }
+        self.touch(&group);
+    }
+
+    /// Takes a conversation out of its queue (its state is left to the caller).
+    fn remove_queued(&mut self, conv: ConvId) {
+        let Some(e) = self.convs.get(&conv) else { return };
+        let group = e.group.clone();
+        let k = key(e.vip, conv);
+        if let Some(q) = self.queues.get_mut(&group)
+            && let Ok(i) = q.binary_search(&k)
+        {
+            q.remove(i);
+            self.queued -= 1;
+            if q.is_empty() {
+                self.queues.remove(&group);
+            }
+        }
+        self.touch(&group);
+    }
+
+    /// Takes a conversation off its agent or out of its queue.
+    fn unassign_or_dequeue(&mut self, conv: ConvId) {
+        let Some(e) = self.convs.get(&conv) else { return };
+        match &e.state {
+            State::Queued { .. } => self.remove_queued(conv),
+            State::Assigned { agent } => {
+                if let Some(a) = self.agents.get_mut(agent) {
+                    a.convs.remove(&conv);
+                }
+            }
+        }
+    }
+
+    /// Assigns `conv` (out of any queue already) to `agent` and says so.
+    /// `previous` is the agent who had it; if `None`, the one recorded when
+    /// it entered the queue in this same operation, if any.
+    fn assign(&mut self, conv: ConvId, agent_id: &UserId, reason: AssignReason, previous: Option<UserId>) {
+        let (Some(e), Some(agent)) = (self.convs.get_mut(&conv), self.agents.get_mut(agent_id)) else {
+            return;
+        };
+        debug_assert!(agent.has_room(), "assigning past capacity");
+        let from_queue = match &mut e.state {
+            State::Queued { entered, .. } => entered.take().and_then(|(_, p)| p),
+            State::Assigned { .. } => None,
+        };
+        let previous = previous.or(from_queue);
+        e.state = State::Assigned { agent: agent_id.clone() };
+        agent.convs.insert(conv);
+        self.assign_clock += 1;
+        agent.last_assigned = self.assign_clock;
+        self.actions.push_back(Action::Assign {
+            conv,
+            agent: AgentRef { id: agent_id.clone(), name: agent.name.clone() },
+            group: e.group.clone(),
+            previous,
+            reason,
+        });
+    }
+
+    /// The least-loaded available agent serving `group`, other than `avoid`.
+    fn pick_agent(&self, group: &str, avoid: Option<&UserId>) -> Option<&UserId> {
+        self.agents
+            .iter()
+            .filter(|(id, a)| a.available() && serves(&a.groups, group) && Some(*id) != avoid)
+            .min_by(|(ia, a), (ib, b)| (a.load(), a.last_assigned, ia).cmp(&(b.load(), b.last_assigned, ib)))
+            .map(|(id, _)| id)
+    }
+
+    /// Auto-assign until no waiting conversation has an agent for it.
+    fn drain(&mut self) {
+        if !self.config.auto_assign {
+            return;
+        }
+        loop {
+            let mut best: Option<(QueueKey, UserId)> = None;
+            for (group, q) in &self.queues {
+                for k in q {
+                    if best.as_ref().is_some_and(|(b, _)| b < k) {
+                        break; // the rest of this queue comes after the best so far
+                    }
+                    let avoid = match &self.convs[&k.1].state {
+                        State::Queued { avoid, .. } => avoid.as_ref(),
+                        State::Assigned { .. } => None,
+                    };
+                    if let Some(agent) = self.pick_agent(group, avoid) {
+                        best = Some((*k, agent.clone()));
+                        break;
+                    }
+                    if avoid.is_none() {
+                        break; // nobody serves this group now
+                    }
+                }
+            }
+            let Some(((_, conv), agent)) = best else { break };
+            self.remove_queued(conv);
+            self.assign(conv, &agent, AssignReason::Auto, None);
+        }
+    }
+
+    /// Ends every operation: auto-assign, then announce what entered a
+    /// queue and every position that moved.
+    fn finish(&mut self) {
+        self.drain();
+        for group in std::mem::take(&mut self.touched) {
+            let Some(q) = self.queues.get(&group) else { continue };
+            for (i, (_, conv)) in q.iter().enumerate() {
+                let pos = position(i);
+                let Some(Entry { state: State::Queued { announced, entered, .. }, .. }) =
+                    self.convs.get_mut(conv)
+                else {
+                    continue;
+                };
+                if let Some((reason, previous)) = entered.take() {
+                    self.actions.push_back(Action::Queue {
+                        conv: *conv,
+                        group: group.clone(),
+                        position: pos,
+                        previous,
+                        reason,
+                    });
+                } else if *announced != pos {
+                    self.actions.push_back(Action::QueuePosition {
+                        conv: *conv,
+                        group: group.clone(),
+                        position: pos,
+                    });
+                }
+                *announced = pos;
+            }
+        }
+        #[cfg(test)]
+        assert_eq!(self.check_invariants(), Ok(()));
+    }
+
+    fn status_changed(&mut self, id: &UserId, status: PresenceStatus, now_ms: u64) {
+        let grace_ms = self.grace_ms();
+        if let Some(agent) = self.agents.get_mut(id) {
+            agent.offline_deadline =
+                (status == PresenceStatus::Offline).then(|| now_ms.saturating_add(grace_ms));
+        }
+        self.actions.push_back(Action::PresenceChanged { agent: id.clone(), status });
+    }
+
+    /// Drops an agent nobody needs to remember: no devices, no
+    /// conversations, no grace period running.
+    fn forget_if_idle(&mut self, id: &UserId) {
+        if self
+            .agents
+            .get(id)
+            .is_some_and(|a| a.presence.devices() == 0 && a.convs.is_empty() && a.offline_deadline.is_none())
+        {
+            self.agents.remove(id);
+        }
+    }
+}
+
+fn position(index: usize) -> u32 {
+    u32::try_from(index + 1).unwrap_or(u32::MAX)
+}
+
+fn view(id: &UserId, a: &Agent) -> AgentView {
+    AgentView {
+        id: id.clone(),
+        name: a.name.clone(),
+        groups: a.groups.clone(),
+        status: a.presence.status(),
+        capacity: a.capacity,
+        load: a.load(),
+        devices: a.presence.devices(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
