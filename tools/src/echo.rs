@@ -31,16 +31,39 @@
 //! The report states the client's CPU over the window next to the server's
 //! (`--server-pid`), so a saturated client is visible, not silent.
 //!
-//! # What we measured (2 cores, kernel 6.18, client and server each pinned)
+//! # What we found about the client's ceiling (2 vCPUs, kernel 6.18, each side pinned)
 //!
-//! See the repository's report for the numbers; the shape of them: with one
-//! closed-loop message per connection the per-message cost is dominated by
-//! the kernel's loopback TCP path on both sides (a send on loopback runs the
-//! receiver's TCP stack in the sender's context), and the client's user-space
-//! work is a small fraction of its CPU. The client uses less CPU per message
-//! than either baseline server, so it saturates after them; where the client
-//! shows ~100% of its core and the server does not, raise `--pipeline` (it
-//! batches both sides equally) or give the client a second thread.
+//! - The client's user space is ~3% of its CPU. The rest is the kernel's
+//!   loopback TCP path: its own send, the *server socket's* receive
+//!   processing (on loopback the sender's core runs the receiver's TCP
+//!   input in softirq), and its own receive. Per echo there are exactly two
+//!   segments and no pure ACKs (checked with `nstat`), so there is nothing
+//!   left to batch at `--pipeline 1`: the client's cost per message is the
+//!   same kernel work as the server's, mirrored.
+//! - The io_uring task-work mode mattered most: the kernel default
+//!   (completions delivered by interrupting the thread) cost ~8.5 µs of
+//!   client CPU per 512 B round trip; `DEFER_TASKRUN` cost ~5.0-5.8 µs,
+//!   hence `--taskrun defer` by default (`coop` sits in between).
+//! - Against the baselines and kefu at `--pipeline 1` the client's core and
+//!   the server's both show ~98% busy, with equal CPU per message (about
+//!   5 µs against kefu, 6-7 µs against fastwebsockets; tokio-tungstenite's
+//!   server is dearer, so the client there has ~10% to spare). On a
+//!   two-core host the client therefore cannot prove a *lean* server's
+//!   ceiling at one message in flight: the number is a lower bound, and the
+//!   report's `client_cores_busy`, `server_cores_busy` and the two µs/msg
+//!   figures say which side ran out. The highest rate seen from one client
+//!   core was ~196k round trips/s (512 B, closed loop, against kefu) and
+//!   ~234k with `--pipeline 16`.
+//! - Pipelining helps less than hoped (kefu: 196k at K=1, 210k at K=2, 234k
+//!   at K=16) against servers that write each echo separately: every echo
+//!   still arrives as its own segment and is answered on its own, so both
+//!   sides stay symmetric. A server that coalesces its writes would change
+//!   that, for both sides.
+//!
+//! Every run also reports `other_cpu_cores`: CPU that neither side used
+//! during the window. On a shared host a figure above ~0.1 means someone
+//! else's build or benchmark ran; `tools/bench-baselines.sh` waits for an
+//! idle host before each run for that reason.
 
 use std::{
     cell::{Cell, RefCell},
@@ -131,6 +154,10 @@ pub struct EchoArgs {
     /// io_uring submission queue entries per thread.
     #[arg(long, default_value_t = 4096)]
     pub ring_entries: u32,
+
+    /// io_uring task-work mode of the client threads.
+    #[arg(long, value_enum, default_value_t = TaskRun::Defer)]
+    pub taskrun: TaskRun,
 
     /// Seconds after the window for close handshakes before the client
     /// gives up on a connection.
@@ -250,11 +277,11 @@ fn measure(args: &EchoArgs) -> anyhow::Result<EchoReport> {
         let indices: Vec<u32> = (0..args.connections).filter(|i| *i as usize % threads == thread).collect();
         let cpu = (!args.cpu.is_empty()).then(|| args.cpu[thread % args.cpu.len()]);
         let (plan, connected, go, schedule) = (plan.clone(), connected.clone(), go.clone(), schedule.clone());
-        let ring_entries = args.ring_entries;
+        let (ring_entries, taskrun) = (args.ring_entries, args.taskrun);
         let handle = std::thread::Builder::new()
             .name(format!("echo-{thread}"))
             .spawn(move || -> anyhow::Result<ThreadTally> {
-                let runtime = build_runtime(cpu, ring_entries);
+                let runtime = build_runtime(cpu, ring_entries, taskrun);
                 // Whatever happened, meet the others at both barriers, or
                 // the main thread would wait forever.
                 let mut runtime = match runtime {
@@ -373,19 +400,46 @@ fn make_plan(args: &EchoArgs, url: WsUrl) -> Plan {
     }
 }
 
+/// How the client's io_uring runs completion work ("task work": the recv
+/// that runs when data arrives on a socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TaskRun {
+    /// Kernel default: task work may interrupt the thread with an IPI.
+    Default,
+    /// COOP_TASKRUN: no interrupts; task work waits for the next syscall.
+    Coop,
+    /// DEFER_TASKRUN (+ SINGLE_ISSUER, Linux 6.1): task work runs only when
+    /// the thread waits for completions, all of it in one batch.
+    Defer,
+}
+
 /// A pinned io_uring runtime with timers.
 pub fn build_runtime(
     cpu: Option<usize>,
     ring_entries: u32,
+    taskrun: TaskRun,
 ) -> anyhow::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>> {
     if let Some(cpu) = cpu {
         monoio::utils::bind_to_cpu_set([cpu]).with_context(|| format!("pinning to cpu {cpu}"))?;
     }
+    let mut ring = io_uring::IoUring::builder();
+    match taskrun {
+        TaskRun::Default => {}
+        TaskRun::Coop => {
+            ring.setup_coop_taskrun().setup_taskrun_flag();
+        }
+        TaskRun::Defer => {
+            ring.setup_single_issuer().setup_defer_taskrun();
+        }
+    }
     monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .uring_builder(ring)
         .enable_timer()
         .with_entries(ring_entries)
         .build()
-        .context("building the io_uring runtime (is io_uring disabled on this kernel?)")
+        .with_context(|| {
+            format!("building the io_uring runtime (taskrun {taskrun:?}; is io_uring disabled, or the kernel too old?)")
+        })
 }
 
 /// Per-thread state shared by the connection tasks (single-threaded, so
@@ -642,6 +696,9 @@ fn print_report(report: &EchoReport) -> anyhow::Result<()> {
     }
     if let (Some(cores), Some(per_msg)) = (report.server_cpu_cores, report.server_cpu_us_per_msg) {
         line.push_str(&format!("; server CPU {cores:.2} cores, {per_msg:.2} µs/msg"));
+        if let Some(busy) = report.server_cores_busy {
+            line.push_str(&format!(" (its cores {:.0}% busy)", busy * 100.0));
+        }
     }
     eprintln!("{line}");
     for (kind, n) in &report.error_kinds {

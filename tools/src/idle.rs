@@ -52,7 +52,7 @@ use monoio::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    echo::build_runtime,
+    echo::{TaskRun, build_runtime},
     stats,
     ws::{self, Event, FrameReader, WsUrl},
 };
@@ -526,7 +526,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         });
     }
 
-    let mut runtime = build_runtime(None, args.ramp.ring_entries)?;
+    let mut runtime = build_runtime(None, args.ramp.ring_entries, TaskRun::Defer)?;
     runtime.block_on(worker_main(args, url, close_now))
 }
 
