@@ -71,6 +71,9 @@ pub struct ServerConfig {
     pub close_timeout_ms: u64,
     /// Time to drain connections on SIGTERM/SIGINT before exiting.
     pub shutdown_timeout_ms: u64,
+    /// Messages a shard's inbox holds (frames for its connections, work for
+    /// the chat shard); a full inbox refuses with `unavailable`.
+    pub mailbox_capacity: usize,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +91,7 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 10_000,
             close_timeout_ms: 3_000,
             shutdown_timeout_ms: 5_000,
+            mailbox_capacity: 65_536,
         }
     }
 }
@@ -339,6 +343,9 @@ impl Config {
         }
         if self.limits.max_head_bytes > self.limits.read_buffer_bytes {
             return invalid("limits.max_head_bytes must fit in limits.read_buffer_bytes".into());
+        }
+        if self.server.mailbox_capacity == 0 {
+            return invalid("server.mailbox_capacity must be at least 1".into());
         }
         if self.limits.outbound_queue_frames == 0 {
             return invalid("limits.outbound_queue_frames must be at least 1".into());

@@ -21,6 +21,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use monoio::buf::IoBufMut;
@@ -29,6 +30,10 @@ use monoio::net::TcpStream;
 use std::future::Future;
 use tracing::debug;
 
+use kefu_proto::ErrorCode;
+use kefu_proto::client::{Codec, Command, DecodeError, Event, ServerFrame};
+
+use crate::chat::{CHAT_SHARD, SessionAddr, ShardMsg};
 use crate::http::{self, HttpError};
 use crate::metrics::ShardStats;
 use crate::shard::Shard;
@@ -58,6 +63,8 @@ pub enum Out {
     Frame(Frame),
     /// Bytes that live for the whole program.
     Static(&'static [u8]),
+    /// Bytes made on another shard (the chat shard's frames), from an offset.
+    Shared(Arc<[u8]>, usize),
 }
 
 impl Out {
@@ -65,6 +72,7 @@ impl Out {
         match self {
             Out::Frame(f) => f.len(),
             Out::Static(s) => s.len(),
+            Out::Shared(b, at) => b.len() - at,
         }
     }
 
@@ -73,18 +81,21 @@ impl Out {
         match self {
             Out::Frame(f) => f.advance(n),
             Out::Static(s) => *s = &s[n.min(s.len())..],
+            Out::Shared(b, at) => *at = (*at + n).min(b.len()),
         }
     }
 }
 
-// SAFETY: both variants point at memory that stays valid and unchanged while
-// the value lives (a frozen slab buffer kept alive by the Frame's count, or
-// a 'static slice), and bytes_init is exactly its length.
+// SAFETY: every variant points at memory that stays valid and unchanged while
+// the value lives (a frozen slab buffer kept alive by the Frame's count, a
+// 'static slice, or an Arc'd slice this value holds a count of), and
+// bytes_init is exactly the length from that pointer.
 unsafe impl monoio::buf::IoBuf for Out {
     fn read_ptr(&self) -> *const u8 {
         match self {
             Out::Frame(f) => f.as_slice().as_ptr(),
             Out::Static(s) => s.as_ptr(),
+            Out::Shared(b, at) => b[*at..].as_ptr(),
         }
     }
     fn bytes_init(&self) -> usize {
@@ -110,6 +121,7 @@ pub struct Conn {
     last_rx_ms: Cell<u64>,
     last_ping_ms: Cell<u64>,
     upgraded: Cell<Option<Endpoint>>,
+    addr: Cell<Option<SessionAddr>>,
     close_request: Cell<Option<(u16, &'static str)>>,
     closing_since_ms: Cell<Option<u64>>,
     queue_frames_max: usize,
@@ -130,6 +142,7 @@ impl Conn {
             last_rx_ms: Cell::new(now_ms),
             last_ping_ms: Cell::new(now_ms),
             upgraded: Cell::new(None),
+            addr: Cell::new(None),
             close_request: Cell::new(None),
             closing_since_ms: Cell::new(None),
             queue_frames_max: shard.limits.outbound_queue_frames,
@@ -252,15 +265,19 @@ pub fn serve(shard: Rc<Shard>, mut stream: TcpStream) -> impl Future<Output = ()
     async move {
         let stream = &mut stream;
         let conn = Rc::new(Conn::new(stream.as_raw_fd(), shard.now_ms(), &shard));
-        let Some(slot) = shard.register(conn.clone()) else {
+        let Some(addr) = shard.register(conn.clone()) else {
             ShardStats::inc(&shard.stats().refused_full);
             let _ = Box::pin(respond(&shard, stream, 503, "Service Unavailable", b"shard full\n")).await;
             return;
         };
+        conn.addr.set(Some(addr));
         if let Err(e) = run(&shard, &conn, stream).await {
             debug!(shard = shard.id, error = %e, "connection ended");
         }
-        shard.unregister(slot);
+        shard.unregister(addr);
+        if conn.upgraded.get() == Some(Endpoint::Client) {
+            gone(&shard, addr);
+        }
     }
 }
 
@@ -289,8 +306,12 @@ async fn upgrade(
             return Ok(None);
         }
     };
-    let Some((endpoint, _protocol, head)) = upgrade else { return Ok(None) };
+    let Some((endpoint, protocol, head)) = upgrade else { return Ok(None) };
     conn.upgraded.set(Some(endpoint));
+    session.codec = match protocol {
+        Subprotocol::Json => Codec::Json,
+        Subprotocol::FlatBuffers => Codec::FlatBuffers,
+    };
     conn.last_rx_ms.set(shard.now_ms());
     ShardStats::inc(&shard.stats().upgrades);
     session.endpoint = endpoint;
@@ -434,6 +455,7 @@ struct Session {
     /// The message being reassembled, behind `MAX_HEADER_BYTES` of headroom.
     message: Option<SlabBuf>,
     kind: DataKind,
+    codec: Codec,
     leftover: [u8; LEFTOVER_BYTES],
     leftover_len: u8,
 }
@@ -449,6 +471,7 @@ impl Session {
             decoder: Decoder::new(Role::Server, limits),
             message: None,
             kind: DataKind::Binary,
+            codec: Codec::Json,
             leftover: [0; LEFTOVER_BYTES],
             leftover_len: 0,
         }
@@ -634,28 +657,42 @@ impl Session {
                 let end = message.len();
                 push(shard, conn, Out::Frame(message.freeze(start..end)))
             }
-            Endpoint::Client => Box::pin(self.deliver_client(shard, conn, message)).await,
+            Endpoint::Client => self.deliver_client(shard, conn, message),
         }
     }
 
-    /// The `/ws` placeholder until the chat core lands (boxed: it allocates a
-    /// reply anyway, and its state must not size the echo path).
-    async fn deliver_client(&mut self, shard: &Shard, conn: &Conn, message: SlabBuf) -> Result<(), Flow> {
-        {
-            {
-                let reply = crate::client::handle(&message.filled()[MAX_HEADER_BYTES..], self.kind);
-                drop(message);
-                let mut out = acquire(shard, MAX_HEADER_BYTES + reply.len())
-                    .await
-                    .map_err(|_| Flow::Close(close::INTERNAL, "reply too large"))?;
-                let mut header = [0u8; MAX_HEADER_BYTES];
-                let h = encode_header(&mut header, true, OpCode::Text, reply.len() as u64, None);
-                out.extend(&header[..h]);
-                out.extend(reply.as_bytes());
-                let end = out.len();
-                push(shard, conn, Out::Frame(out.freeze(0..end)))
+    /// A `/ws` message: decoded here, answered here if it is a `ping` or
+    /// malformed, otherwise handed to the chat shard.
+    fn deliver_client(&mut self, shard: &Shard, conn: &Conn, message: SlabBuf) -> Result<(), Flow> {
+        let payload = &message.filled()[MAX_HEADER_BYTES..];
+        let expected = if self.codec.is_binary() { DataKind::Binary } else { DataKind::Text };
+        let decoded = if self.kind == expected {
+            self.codec.decode_client(payload)
+        } else {
+            Err(DecodeError {
+                code: ErrorCode::BadFrame,
+                message: format!("{} takes {} frames", self.codec.subprotocol(), kind_name(expected)),
+                id: None,
+            })
+        };
+        drop(message);
+        let reply = match decoded {
+            Err(e) => e.reply(),
+            Ok(frame) if matches!(frame.body, Command::Ping) => ServerFrame::reply(frame.id, Event::Pong),
+            Ok(frame) => {
+                let Some(from) = conn.addr.get() else { return Ok(()) };
+                let id = frame.id;
+                let msg = ShardMsg::Frame { from, codec: self.codec, frame };
+                match shard.mailboxes[CHAT_SHARD].send(msg) {
+                    Ok(()) => return Ok(()),
+                    Err(_) => {
+                        ServerFrame::error(id, ErrorCode::Unavailable, "the chat service is busy; retry")
+                    }
+                }
             }
-        }
+        };
+        let bytes = shard.encode(self.codec, &reply);
+        push(shard, conn, Out::Shared(bytes, 0))
     }
 
     /// Sends our close frame, half-closes, and reads until the peer hangs up
@@ -681,6 +718,31 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+}
+
+fn kind_name(kind: DataKind) -> &'static str {
+    match kind {
+        DataKind::Text => "text",
+        DataKind::Binary => "binary",
+    }
+}
+
+/// Tells the chat shard a connection has gone. This must arrive (the chat
+/// shard would otherwise keep an agent online), so a full inbox is retried.
+fn gone(shard: &Rc<Shard>, from: SessionAddr) {
+    if let Err(msg) = shard.mailboxes[CHAT_SHARD].send(ShardMsg::Gone { from }) {
+        let shard = shard.clone();
+        monoio::spawn(async move {
+            let mut msg = msg;
+            loop {
+                monoio::time::sleep(std::time::Duration::from_millis(5)).await;
+                match shard.mailboxes[CHAT_SHARD].send(msg) {
+                    Ok(()) => return,
+                    Err(back) => msg = back,
+                }
+            }
+        });
     }
 }
 
@@ -744,7 +806,9 @@ mod tests {
             let stream = TcpStream::connect(addr).await.unwrap();
             let slab = crate::slab::Slab::new(&config.slab.classes).unwrap();
             let stats: std::sync::Arc<[ShardStats]> = vec![ShardStats::new(config.slab.classes.len())].into();
-            let shard = Rc::new(Shard::new(0, &config, slab, stats));
+            let mailboxes: Arc<[crate::mailbox::Mailbox<ShardMsg>]> =
+                vec![crate::mailbox::Mailbox::new(4).unwrap()].into();
+            let shard = Rc::new(Shard::new(0, &config, slab, stats, mailboxes));
             let fut = serve(shard.clone(), stream);
             let total = std::mem::size_of_val(&fut);
             let session = std::mem::size_of::<Session>();

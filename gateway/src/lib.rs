@@ -8,7 +8,7 @@
 //! and keeps its message buffers in a [`slab`].
 
 pub mod admin;
-pub mod client;
+pub mod chat;
 pub mod config;
 pub mod conn;
 pub mod http;

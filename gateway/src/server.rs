@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tracing::{info, warn};
 
+use crate::chat::ShardMsg;
 use crate::config::Config;
+use crate::mailbox::Mailbox;
 use crate::metrics::ShardStats;
 use crate::shard::{self, ShardInit};
 
@@ -74,6 +76,11 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::new(classes)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let config = Arc::new(config);
+    let mailboxes: Arc<[Mailbox<ShardMsg>]> = (0..shards)
+        .map(|_| Mailbox::new(config.server.mailbox_capacity))
+        .collect::<Result<Vec<_>, _>>()
+        .context("creating shard mailboxes")?
+        .into();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
     let mut addr = None;
@@ -86,6 +93,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             stop: stop.clone(),
             stats: stats.clone(),
             ready: ready_tx.clone(),
+            mailboxes: mailboxes.clone(),
         };
         let t = std::thread::Builder::new()
             .name(format!("kefu-shard-{id}"))

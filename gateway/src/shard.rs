@@ -22,8 +22,13 @@ use std::time::{Duration, Instant};
 use monoio::net::{ListenerOpts, TcpListener};
 use tracing::{debug, info, warn};
 
+use kefu_proto::client::{Codec, Encoder, ServerFrame};
+
+use crate::chat::service::{ChatService, ws_frame};
+use crate::chat::{CHAT_SHARD, SessionAddr, ShardMsg};
 use crate::config::{Config, IoDriver};
 use crate::conn::{self, Conn};
+use crate::mailbox::{Mailbox, Waiter};
 use crate::metrics::ShardStats;
 use crate::slab::Slab;
 use crate::ws::close;
@@ -44,6 +49,8 @@ pub struct ShardInit {
     pub stats: Arc<[ShardStats]>,
     /// Where the shard reports that it is listening (or why it is not).
     pub ready: std::sync::mpsc::Sender<Result<ShardReady, String>>,
+    /// Every shard's inbox (this shard reads `mailboxes[id]`).
+    pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
 }
 
 /// What a shard reports once it listens.
@@ -116,11 +123,21 @@ pub struct Shard {
     /// Set once the shard is draining.
     stopping: Cell<bool>,
     max_connections: usize,
+    /// Every shard's inbox.
+    pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
+    /// Reusable encoder for frames this shard answers itself.
+    encoder: RefCell<Encoder>,
 }
 
 impl Shard {
     /// A shard's state, before it accepts anything.
-    pub fn new(id: usize, config: &Config, slab: Slab, stats: Arc<[ShardStats]>) -> Self {
+    pub fn new(
+        id: usize,
+        config: &Config,
+        slab: Slab,
+        stats: Arc<[ShardStats]>,
+        mailboxes: Arc<[Mailbox<ShardMsg>]>,
+    ) -> Self {
         Self {
             id,
             limits: ConnLimits::from_config(config),
@@ -130,7 +147,14 @@ impl Shard {
             registry: RefCell::new(Registry::default()),
             stopping: Cell::new(false),
             max_connections: config.server.max_connections_per_shard,
+            mailboxes,
+            encoder: RefCell::new(Encoder::new()),
         }
+    }
+
+    /// Encodes a frame this shard answers itself (pong, decode errors).
+    pub fn encode(&self, codec: Codec, frame: &ServerFrame) -> Arc<[u8]> {
+        ws_frame(codec, frame, &mut self.encoder.borrow_mut())
     }
 
     /// This shard's counters.
@@ -149,7 +173,7 @@ impl Shard {
     }
 
     /// Registers a connection; `None` if the shard is full.
-    pub fn register(&self, conn: Rc<Conn>) -> Option<usize> {
+    pub fn register(&self, conn: Rc<Conn>) -> Option<SessionAddr> {
         let mut r = self.registry.borrow_mut();
         if r.live >= self.max_connections {
             return None;
@@ -162,15 +186,29 @@ impl Shard {
             }
             None => {
                 r.slots.push(Some(conn));
+                r.generations.push(0);
                 r.slots.len() - 1
             }
         };
+        r.generations[slot] = r.generations[slot].wrapping_add(1);
+        let addr = SessionAddr { shard: self.id as u16, slot: slot as u32, generation: r.generations[slot] };
         self.stats().connections.store(r.live as u64, Ordering::Relaxed);
-        Some(slot)
+        Some(addr)
     }
 
-    /// Forgets a connection registered at `slot`.
-    pub fn unregister(&self, slot: usize) {
+    /// The live connection at `addr`, if it is still the one addressed.
+    pub fn lookup(&self, addr: SessionAddr) -> Option<Rc<Conn>> {
+        let r = self.registry.borrow();
+        let slot = addr.slot as usize;
+        if r.generations.get(slot) != Some(&addr.generation) {
+            return None;
+        }
+        r.slots.get(slot)?.clone()
+    }
+
+    /// Forgets a connection registered at `addr`.
+    pub fn unregister(&self, addr: SessionAddr) {
+        let slot = addr.slot as usize;
         let mut r = self.registry.borrow_mut();
         if r.slots.get_mut(slot).and_then(Option::take).is_some() {
             r.free.push(slot);
@@ -213,6 +251,7 @@ impl Shard {
 #[derive(Default)]
 struct Registry {
     slots: Vec<Option<Rc<Conn>>>,
+    generations: Vec<u32>,
     free: Vec<usize>,
     live: usize,
 }
@@ -305,7 +344,7 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 async fn serve(init: ShardInit) {
-    let ShardInit { id, config, stop, stats, ready } = init;
+    let ShardInit { id, config, stop, stats, ready, mailboxes } = init;
     let slab = match Slab::new(&config.slab.classes) {
         Ok(slab) => slab,
         Err(e) => {
@@ -335,7 +374,14 @@ async fn serve(init: ShardInit) {
         None
     };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    let shard = Rc::new(Shard::new(id, &config, slab, stats.clone()));
+    let shard = Rc::new(Shard::new(id, &config, slab, stats.clone(), mailboxes));
+    let waiter = match Waiter::new(&shard.mailboxes[id]) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {id}: cannot watch its mailbox: {e}")));
+            return;
+        }
+    };
     if let Some(admin) = admin {
         let stats = stats.clone();
         let driver = match config.server.io {
@@ -350,6 +396,8 @@ async fn serve(init: ShardInit) {
     });
     drop(ready);
 
+    let service = (id == CHAT_SHARD).then(|| ChatService::new(shard.mailboxes.clone()));
+    monoio::spawn(inbox_loop(shard.clone(), waiter, service));
     let accept_stop = Rc::new(StopSignal::default());
     let acceptor = monoio::spawn(accept_loop(shard.clone(), listener, accept_stop.clone()));
 
@@ -379,6 +427,37 @@ async fn serve(init: ShardInit) {
     }
     drop(acceptor);
     debug!(shard = id, "stopped");
+}
+
+/// Drains the shard's inbox for as long as the shard runs, sleeping on the
+/// mailbox's eventfd when it is empty.
+async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: Option<ChatService>) {
+    let inbox = &shard.mailboxes[shard.id];
+    loop {
+        while let Some(msg) = inbox.try_recv() {
+            match msg {
+                ShardMsg::Deliver { to, bytes } => {
+                    if let Some(conn) = shard.lookup(to) {
+                        ShardStats::inc(&shard.stats().frames_out);
+                        let _ = conn.push(conn::Out::Shared(bytes, 0));
+                    }
+                }
+                ShardMsg::Close { to, code, reason } => {
+                    if let Some(conn) = shard.lookup(to) {
+                        conn.request_close(code, reason, shard.now_ms());
+                    }
+                }
+                other => match service.as_mut() {
+                    Some(service) => service.handle(other),
+                    None => debug!(shard = shard.id, "chat message on a shard without the chat service"),
+                },
+            }
+        }
+        if inbox.prepare_park() && waiter.sleep().await.is_err() {
+            warn!(shard = shard.id, "mailbox wait failed");
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Accepts until the shard drains. Each connection gets its own task.

@@ -162,15 +162,25 @@ fn subprotocols_are_chosen_in_the_clients_order() {
 }
 
 #[test]
-fn client_endpoint_answers_ping_and_says_what_is_not_served() {
-    let gw = Gateway::start(&[], &[]);
+fn client_endpoint_decodes_at_the_edge_and_reaches_the_chat_shard() {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
     rt().block_on(async {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr)).await.unwrap();
-        ws.send(Message::text(r#"{"type":"ping","id":1}"#)).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(r#"{"type":"pong","id":1}"#));
-        ws.send(Message::text(r#"{"type":"send","id":2}"#)).await.unwrap();
-        let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
-        assert!(reply.contains(r#""code":"unavailable""#) && reply.contains(r#""id":2"#), "{reply}");
+        // Several connections, so some land on the shard without the chat service.
+        for _ in 0..4 {
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr)).await.unwrap();
+            ws.send(Message::text(r#"{"type":"ping","id":1}"#)).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(r#"{"type":"pong","id":1}"#));
+            ws.send(Message::text(r#"{"type":"send","id":2}"#)).await.unwrap();
+            let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
+            assert!(reply.contains(r#""code":"bad_command""#) && reply.contains("conv"), "{reply}");
+            ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+            let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
+            assert!(reply.contains(r#""code":"bad_frame""#), "{reply}");
+            // A well-formed command crosses to the chat shard and back.
+            ws.send(Message::text(r#"{"type":"typing","id":3,"conv":"c1"}"#)).await.unwrap();
+            let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
+            assert!(reply.contains(r#""id":3"#) && reply.contains(r#""type":"error""#), "{reply}");
+        }
     });
 }
 
