@@ -1,0 +1,592 @@
+//! Storage benchmarks (a plain binary, not criterion: each measurement is
+//! seconds long and some need a child process to kill).
+//!
+//! ```text
+//! cargo bench -p kefu-storage --bench storage -- throughput [--messages N] [--repeats R]
+//!     [--sources S] [--in-flight F] [--convs C] [--batch B] [--window-us W] [--quick-repair BOOL]
+//! cargo bench -p kefu-storage --bench storage -- reopen [--records N] [--repeats R] [--quick-repair BOOL]
+//! cargo bench -p kefu-storage --bench storage -- latency [--rate MSG_PER_S] [--seconds N] [--sources S]
+//!     [--window-us W] [--quick-repair BOOL]
+//! cargo bench -p kefu-storage --bench storage -- dedupe
+//! ```
+//!
+//! `dedupe` times `Reader::dedupe` (a miss: the common case, a new cid, and
+//! a hit on the newest message) in conversations of 10 to 10,000 messages,
+//! averaged over 2000 lookups each (the first one per conversation reads
+//! its whole index into the readers' cache; the rest read what is new).
+//!
+//! `throughput` measures durable appends of ~200-byte chat messages through
+//! group commit (S submitter threads, like shards, each with F appends in
+//! flight, woken by `notify`) and, in the same run and alternating with it,
+//! the raw redb ceiling: the same records written by one thread in
+//! transactions of B records with the same durability. Medians of R runs.
+//!
+//! `latency` submits at a fixed rate (open loop, from S threads) and
+//! measures each append from its *scheduled* submit time to the moment its
+//! shard popped the completion (woken by `notify`): the storage part of an
+//! ack's latency.
+//!
+//! `reopen` fills a store with N messages from a child process, kills it
+//! with SIGKILL while it is still writing, and times `Store::open` (redb
+//! recovery + counters + loading the open conversations): R times, then a
+//! clean reopen for comparison.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use kefu_proto::ids::{ConvStatus, Role};
+use kefu_storage::ceiling::Raw;
+use kefu_storage::{
+    AgentRef, ConversationRecord, NewMessage, Sender, Store, StoreConfig, SubmitError, WriteOp,
+};
+
+struct Args(HashMap<String, String>);
+
+impl Args {
+    fn parse(args: &[String]) -> Args {
+        let mut map = HashMap::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some(k) = a.strip_prefix("--") {
+                let v = it.next().unwrap_or_else(|| panic!("--{k} needs a value"));
+                map.insert(k.to_string(), v.clone());
+            }
+        }
+        Args(map)
+    }
+
+    fn get<T: std::str::FromStr>(&self, key: &str, default: T) -> T {
+        match self.0.get(key) {
+            Some(v) => v.parse().unwrap_or_else(|_| panic!("bad --{key} {v}")),
+            None => default,
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let Some(cmd) = args.first() else {
+        eprintln!("usage: storage <throughput|reopen> [--option value]…  (see the file's doc comment)");
+        return;
+    };
+    let opts = Args::parse(&args[1..]);
+    match cmd.as_str() {
+        "throughput" => throughput(&opts),
+        "reopen" => reopen(&opts),
+        "latency" => latency(&opts),
+        "dedupe" => dedupe_lookup(&opts),
+        "child-fill" => child_fill(&opts),
+        other => panic!("unknown command {other}"),
+    }
+}
+
+fn bench_dir(name: &str) -> PathBuf {
+    // Next to the build, on the same disk as a real deployment would be:
+    // not a tmpfs, where fsync is free.
+    let base = std::env::var_os("KEFU_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("kefu-storage-bench-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A ~200-byte chat message (text 160 bytes, ids, cid).
+fn message(i: u64, convs: u64) -> NewMessage {
+    let conv = 1 + (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % convs;
+    let mut text = format!("message {i}: ");
+    while text.len() < 160 {
+        text.push_str("the quick brown fox jumps over the lazy dog ");
+    }
+    text.truncate(160);
+    NewMessage {
+        conv,
+        seq: None,
+        cid: format!("cid-{i:012}"),
+        from: Sender { role: Role::Visitor, id: format!("visitor-{conv}"), name: "Visitor".into() },
+        ts_ms: 1_700_000_000_000 + i,
+        text: Some(text),
+        attachment: None,
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+// ---------------------------------------------------------------------------
+
+struct StoreRun {
+    rate: f64,
+    commits: u64,
+    fsyncs: u64,
+    batch_max: u64,
+}
+
+/// Group commit: `sources` shard threads, each with `in_flight` appends
+/// outstanding, parked when idle and woken by `notify`.
+fn run_store(dir: &Path, cfg: StoreConfig, per_source: Vec<Vec<NewMessage>>, in_flight: usize) -> StoreRun {
+    let sources = per_source.len();
+    let threads: Arc<Vec<OnceLock<Thread>>> = Arc::new((0..sources).map(|_| OnceLock::new()).collect());
+    let notify = {
+        let threads = threads.clone();
+        Arc::new(move |s: usize| {
+            if let Some(t) = threads[s].get() {
+                t.unpark();
+            }
+        })
+    };
+    let cfg = StoreConfig { dir: dir.to_path_buf(), sources, ..cfg };
+    let (store, _) = Store::open(cfg, notify).unwrap();
+    let total: usize = per_source.iter().map(Vec::len).sum();
+    let go = AtomicBool::new(false);
+    let started = std::sync::Barrier::new(sources + 1);
+    let elapsed = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (source, msgs) in per_source.into_iter().enumerate() {
+            let (writer, completions, threads, go, started) =
+                (store.writer(), store.completions(source), &threads, &go, &started);
+            handles.push(s.spawn(move || {
+                let _ = threads[source].set(std::thread::current());
+                let n = msgs.len();
+                let mut msgs = msgs.into_iter();
+                let mut pending: Option<WriteOp> = None;
+                let (mut done, mut token) = (0usize, 0u64);
+                started.wait();
+                while !go.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                while done < n {
+                    let mut progress = false;
+                    while writer.in_flight(source) < in_flight {
+                        let Some(op) = pending.take().or_else(|| msgs.next().map(WriteOp::AppendMessage))
+                        else {
+                            break;
+                        };
+                        match writer.submit(source, token, op) {
+                            Ok(()) => token += 1,
+                            Err(SubmitError::Full(op)) => {
+                                pending = Some(op);
+                                break;
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                        progress = true;
+                    }
+                    while let Some(c) = completions.pop() {
+                        c.result.expect("append failed");
+                        done += 1;
+                        progress = true;
+                    }
+                    if !progress {
+                        std::thread::park_timeout(Duration::from_millis(1));
+                    }
+                }
+                Instant::now()
+            }));
+        }
+        started.wait();
+        let t0 = Instant::now();
+        go.store(true, Ordering::Release);
+        let end = handles.into_iter().map(|h| h.join().unwrap()).max().unwrap();
+        end - t0
+    });
+    let stats = store.stats();
+    drop(store);
+    StoreRun {
+        rate: total as f64 / elapsed.as_secs_f64(),
+        commits: stats.commits,
+        fsyncs: stats.fsyncs,
+        batch_max: stats.batch_records_max,
+    }
+}
+
+/// The ceiling: one thread, one transaction per `batch` records.
+fn run_ceiling(dir: &Path, quick_repair: bool, mut msgs: Vec<NewMessage>, batch: usize) -> f64 {
+    let mut raw = Raw::create(dir, quick_repair, StoreConfig::default().cache_bytes).unwrap();
+    let n = msgs.len();
+    let t0 = Instant::now();
+    for chunk in msgs.chunks_mut(batch) {
+        raw.append_batch(chunk).unwrap();
+    }
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn throughput(o: &Args) {
+    let messages: u64 = o.get("messages", 600_000);
+    let repeats: usize = o.get("repeats", 5);
+    let sources: usize = o.get("sources", 4);
+    let in_flight: usize = o.get("in-flight", StoreConfig::default().submit_queue_capacity);
+    let convs: u64 = o.get("convs", 10_000);
+    let batch: usize = o.get("batch", StoreConfig::default().batch_max_records);
+    let window_us: u64 = o.get("window-us", 0);
+    let quick_repair: bool = o.get("quick-repair", true);
+    println!(
+        "throughput: {messages} messages of ~200 B over {convs} conversations; group commit: {sources} sources × \
+         {in_flight} in flight, batch ≤ {batch}, window {window_us} µs; ceiling: 1 thread, {batch} per \
+         transaction; quick_repair={quick_repair}; {repeats} repeats, alternating"
+    );
+    let cfg = StoreConfig {
+        batch_max_records: batch,
+        batch_window_us: window_us,
+        quick_repair,
+        submit_queue_capacity: in_flight.max(1),
+        ..StoreConfig::default()
+    };
+    let (mut store_rates, mut ceiling_rates) = (Vec::new(), Vec::new());
+    for r in 0..repeats {
+        let all: Vec<NewMessage> = (0..messages).map(|i| message(i, convs)).collect();
+        let mut per_source: Vec<Vec<NewMessage>> = (0..sources).map(|_| Vec::new()).collect();
+        for (i, m) in all.iter().enumerate() {
+            per_source[i % sources].push(m.clone());
+        }
+        // ABBA: alternate which goes first, so drift in the machine's load
+        // does not favour one side.
+        let ceiling_run = |all: Vec<NewMessage>| {
+            let dir = bench_dir("ceiling");
+            let rate = run_ceiling(&dir, quick_repair, all, batch);
+            let _ = std::fs::remove_dir_all(&dir);
+            rate
+        };
+        let store_run = |per_source: Vec<Vec<NewMessage>>| {
+            let dir = bench_dir("store");
+            let run = run_store(&dir, cfg.clone(), per_source, in_flight);
+            let _ = std::fs::remove_dir_all(&dir);
+            run
+        };
+        let (ceiling, run) = if r % 2 == 0 {
+            let c = ceiling_run(all);
+            (c, store_run(per_source))
+        } else {
+            let run = store_run(per_source);
+            (ceiling_run(all), run)
+        };
+        println!(
+            "  run {r}: group commit {:>9.0} msg/s ({} commits, {:.0} msg/commit avg, max {}, {} fsyncs) | \
+             ceiling {:>9.0} msg/s | ratio {:.2}",
+            run.rate,
+            run.commits,
+            messages as f64 / run.commits as f64,
+            run.batch_max,
+            run.fsyncs,
+            ceiling,
+            run.rate / ceiling
+        );
+        store_rates.push(run.rate);
+        ceiling_rates.push(ceiling);
+    }
+    let ratios: Vec<f64> = store_rates.iter().zip(&ceiling_rates).map(|(s, c)| s / c).collect();
+    let (s, c, r) = (median(&mut store_rates), median(&mut ceiling_rates), median(&mut ratios.clone()));
+    println!(
+        "median: group commit {s:.0} msg/s, ceiling {c:.0} msg/s, ratio of medians {:.2}, median ratio {r:.2}",
+        s / c
+    );
+}
+
+// ---------------------------------------------------------------------------
+
+/// The child of `reopen`: fills the store to `records`, prints FILLED, then
+/// keeps appending until it is killed.
+fn child_fill(o: &Args) {
+    let dir: PathBuf = o.get("dir", String::new()).into();
+    let records: u64 = o.get("records", 1_000_000);
+    let quick_repair: bool = o.get("quick-repair", true);
+    let sources = 2;
+    let convs = 10_000u64;
+    let cfg = StoreConfig { dir, sources, quick_repair, ..StoreConfig::default() };
+    let (store, recovery) = Store::open(cfg, Arc::new(|_| {})).unwrap();
+    let w = store.writer();
+    if recovery.next_offset == 0 {
+        // 10k conversations, one in five still open: what a restart loads.
+        let c = store.completions(0);
+        for id in 1..=convs {
+            let status = match id % 5 {
+                0 => ConvStatus::Queued,
+                _ => ConvStatus::Closed,
+            };
+            let rec = ConversationRecord {
+                id,
+                visitor_id: format!("visitor-{id}"),
+                status,
+                agent: Some(AgentRef { id: "agent-1".into(), name: "Agent".into() }),
+                group: Some("support".into()),
+                created_ms: 1,
+                updated_ms: 2,
+                last_seq: 0,
+            };
+            let mut op = WriteOp::PutConversation(rec);
+            loop {
+                match w.submit(0, id, op) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        op = e.into_op();
+                        while c.pop().is_some() {}
+                    }
+                }
+            }
+        }
+        while w.in_flight(0) > 0 {
+            while let Some(done) = c.pop() {
+                done.result.unwrap();
+            }
+        }
+    }
+    let start = store.reader().next_offset().unwrap();
+    let printed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for source in 0..sources {
+            let (w, c, printed) = (store.writer(), store.completions(source), &printed);
+            s.spawn(move || {
+                let mut i = start * 2 + source as u64;
+                let mut pending = None;
+                loop {
+                    while w.in_flight(source) < 4096 {
+                        let op = pending.take().unwrap_or_else(|| {
+                            i += sources as u64;
+                            WriteOp::AppendMessage(message(i, convs))
+                        });
+                        if let Err(e) = w.submit(source, i, op) {
+                            pending = Some(e.into_op());
+                            break;
+                        }
+                    }
+                    let mut last = None;
+                    while let Some(done) = c.pop() {
+                        last = Some(done.result.unwrap().offset);
+                    }
+                    match last {
+                        Some(off) if off + 1 >= records && !printed.swap(true, Ordering::Relaxed) => {
+                            println!("FILLED {}", off + 1);
+                        }
+                        Some(_) => {}
+                        None => std::thread::sleep(Duration::from_micros(200)),
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Runs the filler until it has logged `records`, lets it write on for a
+/// moment, and kills it with SIGKILL.
+fn fill_and_kill(dir: &Path, records: u64, quick_repair: bool) -> Duration {
+    let t0 = Instant::now();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["child-fill", "--dir", dir.to_str().unwrap(), "--records", &records.to_string()])
+        .args(["--quick-repair", &quick_repair.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "filler exited");
+        if line.starts_with("FILLED") {
+            break;
+        }
+    }
+    let filled = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(300)); // mid-write
+    child.kill().unwrap();
+    child.wait().unwrap();
+    filled
+}
+
+fn drop_page_cache() -> bool {
+    // Needs root and a writable /proc/sys; a container may refuse.
+    let _ = Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+fn reopen(o: &Args) {
+    let records: u64 = o.get("records", 1_000_000);
+    let repeats: usize = o.get("repeats", 3);
+    let quick_repair: bool = o.get("quick-repair", true);
+    let dir = bench_dir("reopen");
+    let cfg = StoreConfig { dir: dir.clone(), sources: 2, quick_repair, ..StoreConfig::default() };
+    println!(
+        "reopen after kill -9: {records} messages (+10k conversations, 2k open), quick_repair={quick_repair}"
+    );
+    let mut warm = Vec::new();
+    for r in 0..repeats {
+        let filled = fill_and_kill(&dir, records, quick_repair);
+        let t0 = Instant::now();
+        let (store, rec) = Store::open(cfg.clone(), Arc::new(|_| {})).unwrap();
+        let open = t0.elapsed();
+        let size = std::fs::metadata(store.path()).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "  run {r}: filler ran {:.1} s; reopen {:>7.1} ms (records {}, open conversations {}, unclean {}, \
+             full repair {}, file {} MiB)",
+            filled.as_secs_f64(),
+            open.as_secs_f64() * 1e3,
+            rec.next_offset,
+            rec.open_conversations.len(),
+            rec.unclean_shutdown,
+            rec.repaired,
+            size >> 20
+        );
+        assert!(rec.next_offset >= records && rec.unclean_shutdown);
+        // Drop without closing cleanly? No: the next filler run kills again.
+        drop(store);
+        warm.push(open.as_secs_f64() * 1e3);
+    }
+    // Cold: kill again, then empty the page cache before reopening.
+    fill_and_kill(&dir, records, quick_repair);
+    if drop_page_cache() {
+        let t0 = Instant::now();
+        let (store, rec) = Store::open(cfg.clone(), Arc::new(|_| {})).unwrap();
+        println!(
+            "  cold page cache: reopen {:.1} ms (full repair {})",
+            t0.elapsed().as_secs_f64() * 1e3,
+            rec.repaired
+        );
+        drop(store);
+    } else {
+        println!("  cold page cache: not measured (cannot write /proc/sys/vm/drop_caches here)");
+        drop(Store::open(cfg.clone(), Arc::new(|_| {})).unwrap());
+    }
+    let t0 = Instant::now();
+    let (store, rec) = Store::open(cfg, Arc::new(|_| {})).unwrap();
+    println!("  clean reopen: {:.1} ms (unclean {})", t0.elapsed().as_secs_f64() * 1e3, rec.unclean_shutdown);
+    drop(store);
+    println!("median reopen after kill -9 (warm page cache): {:.1} ms", median(&mut warm));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
+
+fn latency(o: &Args) {
+    let rate: f64 = o.get("rate", 5000.0);
+    let seconds: f64 = o.get("seconds", 5.0);
+    let sources: usize = o.get("sources", 2);
+    let window_us: u64 = o.get("window-us", 0);
+    let quick_repair: bool = o.get("quick-repair", true);
+    let convs: u64 = o.get("convs", 2000);
+    let dir = bench_dir("latency");
+    let threads: Arc<Vec<OnceLock<Thread>>> = Arc::new((0..sources).map(|_| OnceLock::new()).collect());
+    let notify = {
+        let threads = threads.clone();
+        Arc::new(move |s: usize| {
+            if let Some(t) = threads[s].get() {
+                t.unpark();
+            }
+        })
+    };
+    let cfg = StoreConfig {
+        dir: dir.clone(),
+        sources,
+        quick_repair,
+        batch_window_us: window_us,
+        ..StoreConfig::default()
+    };
+    let (store, _) = Store::open(cfg, notify).unwrap();
+    let per_thread = (rate * seconds / sources as f64) as u64;
+    let interval = Duration::from_secs_f64(sources as f64 / rate);
+    let t0 = Instant::now() + Duration::from_millis(50);
+    let mut all: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..sources)
+            .map(|source| {
+                let (w, c, threads) = (store.writer(), store.completions(source), &threads);
+                s.spawn(move || {
+                    let _ = threads[source].set(std::thread::current());
+                    // Offset the threads' schedules so they do not submit in lockstep.
+                    let start = t0 + interval.mul_f64(source as f64 / sources as f64);
+                    let mut lat = Vec::with_capacity(per_thread as usize);
+                    let mut sent = 0u64;
+                    while (lat.len() as u64) < per_thread {
+                        let now = Instant::now();
+                        while sent < per_thread && start + interval * sent as u32 <= now {
+                            let i = sent * sources as u64 + source as u64;
+                            w.submit(source, sent, WriteOp::AppendMessage(message(i, convs))).unwrap();
+                            sent += 1;
+                        }
+                        while let Some(done) = c.pop() {
+                            done.result.unwrap();
+                            let scheduled = start + interval * done.token as u32;
+                            lat.push(Instant::now().duration_since(scheduled).as_micros() as u64);
+                        }
+                        let next = start + interval * sent as u32;
+                        let now = Instant::now();
+                        if sent < per_thread && next > now {
+                            std::thread::park_timeout(next - now);
+                        } else if sent == per_thread {
+                            std::thread::park_timeout(Duration::from_millis(1));
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let stats = store.stats();
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    all.sort_unstable();
+    let q = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0;
+    println!(
+        "latency at {rate:.0} msg/s for {seconds} s from {sources} sources (window {window_us} µs, \
+         quick_repair={quick_repair}): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; \
+         {} commits ({:.1} msg/commit), {} fsyncs",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        *all.last().unwrap() as f64 / 1000.0,
+        stats.commits,
+        all.len() as f64 / stats.commits as f64,
+        stats.fsyncs
+    );
+}
+
+// ---------------------------------------------------------------------------
+
+fn dedupe_lookup(_o: &Args) {
+    let dir = bench_dir("dedupe");
+    let cfg = StoreConfig { dir: dir.clone(), ..StoreConfig::default() };
+    let (store, _) = Store::open(cfg, Arc::new(|_| {})).unwrap();
+    let (w, c, r) = (store.writer(), store.completions(0), store.reader());
+    let sizes = [10u64, 100, 1000, 10_000];
+    for (conv, &n) in sizes.iter().enumerate() {
+        let conv = conv as u64 + 1;
+        let mut sent = 0;
+        let mut done = 0;
+        while done < n {
+            while sent < n && w.in_flight(0) < 4096 {
+                let mut m = message(sent, 1);
+                m.conv = conv;
+                w.submit(0, sent, WriteOp::AppendMessage(m)).unwrap();
+                sent += 1;
+            }
+            while let Some(x) = c.pop() {
+                x.result.unwrap();
+                done += 1;
+            }
+        }
+        let sender = format!("visitor-{}", message(0, 1).conv);
+        let reps = 2000;
+        let t0 = Instant::now();
+        for i in 0..reps {
+            assert!(r.dedupe(&sender, conv, &format!("new-{i}")).unwrap().is_none());
+        }
+        let miss = t0.elapsed() / reps;
+        let newest = format!("cid-{:012}", n - 1);
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            assert!(r.dedupe(&sender, conv, &newest).unwrap().is_some());
+        }
+        let hit = t0.elapsed() / reps;
+        println!(
+            "Reader::dedupe in a conversation of {n:>6} messages: miss {miss:>10.1?}, hit on the newest {hit:>10.1?}"
+        );
+    }
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}

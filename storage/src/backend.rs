@@ -1,0 +1,124 @@
+//! The file under redb, wrapped so that fsyncs can be counted and watched.
+//!
+//! [`ProbeBackend`] forwards every call to redb's own `FileBackend` (or, in
+//! tests, to any backend) and counts the `sync_data` calls that have
+//! *returned*. That count is how the store reports fsyncs in its stats, and
+//! the hook ([`BackendObserver`]) is how the tests prove, from below redb,
+//! that no completion is released before the fsync of its commit returned.
+
+use std::fmt;
+use std::ops::Bound;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redb::{BackendError, StorageBackend};
+
+/// The error type of `StorageBackend`'s I/O methods (without redb's
+/// `experimental-api-5` feature).
+type BackendIoError = std::io::Error;
+
+/// Sees every write and sync that reaches the storage backend. Test-only
+/// instrumentation; production stores have none.
+pub(crate) trait BackendObserver: Send + Sync + 'static {
+    /// `data` is about to be written at `offset`.
+    fn write(&self, _offset: u64, _data: &[u8]) {}
+    /// An fsync is about to start. May block (tests hold commits here).
+    fn sync_start(&self) {}
+    /// The fsync numbered `n` (1-based, per backend) has returned.
+    fn sync_returned(&self, _n: u64) {}
+}
+
+/// Counters shared between the backend and the store's stats.
+#[derive(Debug, Default)]
+pub(crate) struct SyncCounter {
+    returned: AtomicU64,
+}
+
+impl SyncCounter {
+    pub(crate) fn returned(&self) -> u64 {
+        self.returned.load(Ordering::Acquire)
+    }
+}
+
+pub(crate) struct ProbeBackend {
+    inner: Box<dyn StorageBackend>,
+    syncs: Arc<SyncCounter>,
+    observer: Option<Arc<dyn BackendObserver>>,
+}
+
+impl ProbeBackend {
+    pub(crate) fn new(
+        inner: Box<dyn StorageBackend>,
+        syncs: Arc<SyncCounter>,
+        observer: Option<Arc<dyn BackendObserver>>,
+    ) -> Self {
+        ProbeBackend { inner, syncs, observer }
+    }
+}
+
+impl fmt::Debug for ProbeBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProbeBackend").field("inner", &self.inner).field("syncs", &self.syncs).finish()
+    }
+}
+
+impl StorageBackend for ProbeBackend {
+    fn len(&self) -> Result<u64, BackendIoError> {
+        self.inner.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendIoError> {
+        self.inner.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), BackendIoError> {
+        self.inner.set_len(len)
+    }
+
+    fn sync_data(&self) -> Result<(), BackendIoError> {
+        if let Some(o) = &self.observer {
+            o.sync_start();
+        }
+        self.inner.sync_data()?;
+        let n = self.syncs.returned.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(o) = &self.observer {
+            o.sync_returned(n);
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendIoError> {
+        if let Some(o) = &self.observer {
+            o.write(offset, data);
+        }
+        self.inner.write(offset, data)
+    }
+
+    fn close(&self) -> Result<(), BackendIoError> {
+        self.inner.close()
+    }
+
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.try_lock_range(start, end)
+    }
+
+    fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.lock_range(start, end)
+    }
+
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.unlock_range(start, end)
+    }
+
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.query_lock_range(start, end)
+    }
+}

@@ -1,0 +1,143 @@
+//! `[storage]`: where the log lives and how group commit batches.
+//!
+//! Every field has a default (below, and in [`StoreConfig::default`]), so an
+//! empty `[storage]` table is a working configuration.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StorageError;
+
+/// The storage configuration, embeddable as the gateway's `[storage]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Directory of the database file `kefu.redb`; created if missing.
+    /// Default `data`.
+    pub dir: PathBuf,
+    /// Most writes in one group commit. Default 16384 (see BENCHMARKS.md:
+    /// bigger batches amortize the index pages each commit rewrites).
+    pub batch_max_records: usize,
+    /// Most bytes (records' approximate encoded size) in one group commit;
+    /// a single larger write still commits, alone. Default 16 MiB.
+    pub batch_max_bytes: usize,
+    /// How long a batch stays open for more writes after its first one, in
+    /// microseconds, unless a limit above closes it first. 0 commits as soon
+    /// as the submit queues are empty: under load batches still grow by
+    /// themselves, because writes queue up while the previous commit's fsync
+    /// runs. Default 0 (see BENCHMARKS.md, "Storage").
+    pub batch_window_us: u64,
+    /// Writes a source may have in flight (submitted, completion not yet
+    /// popped); `submit` says `Full` beyond it. This bounds both the submit
+    /// queue and the completion queue of each source. Default 8192.
+    pub submit_queue_capacity: usize,
+    /// Number of sources: one per shard, plus one per other submitting
+    /// thread (the gRPC bridge). Each has its own submit and completion
+    /// queue. Default 1.
+    pub sources: usize,
+    /// redb's page cache, in bytes. Default 256 MiB.
+    pub cache_bytes: usize,
+    /// redb quick-repair: every commit also saves the allocator state (with
+    /// a two-phase commit), so that opening after a crash needs no walk of
+    /// the whole file (1M messages: ~17 ms instead of ~0.5 s, and the walk
+    /// grows with the file). Costs a second fsync per commit (~0.2 ms of
+    /// ack latency here); see the crate docs and BENCHMARKS.md. Default
+    /// true.
+    pub quick_repair: bool,
+    /// Messages whose dedupe slot the writer keeps in memory (with their
+    /// conversation's last seq), so that appends to a known conversation
+    /// check the cid and the seq without reading the index. A conversation
+    /// is loaded with one scan of its index on first touch; when the cache
+    /// is full it is cleared and refills that way. About 24 bytes each.
+    /// Default 1048576 (~25 MiB).
+    pub conv_cache_entries: usize,
+    /// How long the idle writer sleeps before looking at the queues again,
+    /// in milliseconds. A submit wakes it at once; this is only a safety
+    /// net. Default 100.
+    pub idle_park_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            dir: PathBuf::from("data"),
+            batch_max_records: 16384,
+            batch_max_bytes: 16 << 20,
+            batch_window_us: 0,
+            submit_queue_capacity: 8192,
+            sources: 1,
+            cache_bytes: 256 << 20,
+            quick_repair: true,
+            conv_cache_entries: 1 << 20,
+            idle_park_ms: 100,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The database file inside `dir`.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("kefu.redb")
+    }
+
+    /// Checks the limits are usable.
+    pub fn validate(&self) -> Result<(), StorageError> {
+        let positive = [
+            ("batch_max_records", self.batch_max_records),
+            ("batch_max_bytes", self.batch_max_bytes),
+            ("submit_queue_capacity", self.submit_queue_capacity),
+            ("sources", self.sources),
+            ("conv_cache_entries", self.conv_cache_entries),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(StorageError::Config(format!("{name} must be at least 1")));
+            }
+        }
+        if self.sources > 1024 {
+            return Err(StorageError::Config(format!("sources = {} (at most 1024)", self.sources)));
+        }
+        if self.batch_window_us > 1_000_000 {
+            return Err(StorageError::Config(format!(
+                "batch_window_us = {} (at most 1 s: it is added to every ack's latency)",
+                self.batch_window_us
+            )));
+        }
+        if self.idle_park_ms == 0 {
+            return Err(StorageError::Config("idle_park_ms must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_table_is_the_default_and_fields_override() {
+        let empty: StoreConfig = toml::from_str("").unwrap();
+        assert_eq!(empty, StoreConfig::default());
+        let c: StoreConfig =
+            toml::from_str("dir = \"/var/lib/kefu\"\nbatch_window_us = 200\nsources = 4").unwrap();
+        assert_eq!(c.dir, PathBuf::from("/var/lib/kefu"));
+        assert_eq!(c.batch_window_us, 200);
+        assert_eq!(c.sources, 4);
+        assert_eq!(c.batch_max_records, 16384);
+        assert!(toml::from_str::<StoreConfig>("batch_windw_us = 1").is_err(), "typos are refused");
+    }
+
+    #[test]
+    fn unusable_limits_are_refused() {
+        assert!(StoreConfig::default().validate().is_ok());
+        for bad in [
+            StoreConfig { sources: 0, ..Default::default() },
+            StoreConfig { batch_max_records: 0, ..Default::default() },
+            StoreConfig { submit_queue_capacity: 0, ..Default::default() },
+            StoreConfig { batch_window_us: 5_000_000, ..Default::default() },
+        ] {
+            assert!(matches!(bad.validate(), Err(StorageError::Config(_))), "{bad:?}");
+        }
+    }
+}

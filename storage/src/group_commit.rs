@@ -1,0 +1,489 @@
+//! Group commit: the one thread that writes.
+//!
+//! It loops: gather a batch from every source's submit queue (round robin,
+//! so no shard starves another), apply the whole batch in one redb write
+//! transaction, commit it with `Durability::Immediate`, and only after the
+//! commit — and so its fsync — has returned, push one completion per write
+//! and notify each source that got some.
+//!
+//! A batch closes at whichever comes first:
+//! - `batch_max_records` writes,
+//! - `batch_max_bytes` (approximate, [`WriteOp::size_hint`]),
+//! - `batch_window_us` after its first write was taken, or at once when the
+//!   queues are empty and the window is 0.
+//!
+//! Under load batches grow by themselves: while one commit's fsync runs,
+//! the next batch queues up. A write that fails on its own (a seq conflict)
+//! is answered with its error and does not disturb the rest of the batch;
+//! a failed transaction or commit fails every write in the batch, and none
+//! of them is stored.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+
+use crate::dedupe::{self, DedupeKey, U64Map};
+use crate::error::{IoContext, StorageError};
+use crate::record::{LogRecord, encode_into};
+use crate::tables;
+use crate::write::{Committed, Completion, NewMessage, Shared, Submission, WriteOp};
+
+/// The knobs of group commit, from [`StoreConfig`](crate::StoreConfig).
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub(crate) max_records: usize,
+    pub(crate) max_bytes: usize,
+    pub(crate) window: Duration,
+    pub(crate) idle_park: Duration,
+    pub(crate) quick_repair: bool,
+    pub(crate) conv_cache_entries: usize,
+}
+
+/// A conversation as the writer needs it.
+struct ConvState {
+    last_seq: u64,
+    /// Dedupe slot → offset of the first message with that slot.
+    slots: U64Map<u64>,
+}
+
+/// The writer thread's state.
+pub(crate) struct GroupCommit {
+    db: Arc<Database>,
+    shared: Arc<Shared>,
+    limits: Limits,
+    /// The batch being gathered: (source, submission).
+    batch: Vec<(usize, Submission)>,
+    batch_bytes: usize,
+    results: Vec<Result<Committed, StorageError>>,
+    /// Sources that got completions from the current batch.
+    touched: Vec<bool>,
+    /// Where the next round robin starts.
+    next_source: usize,
+    /// The next log offset (committed state plus the open batch).
+    next_offset: u64,
+    /// One more than the highest conversation id stored.
+    next_conv_id: u64,
+    /// What the writer knows of the conversations it has seen: their last
+    /// seq and dedupe slots, as of the committed state plus the open batch
+    /// (cleared when a commit fails).
+    convs: U64Map<ConvState>,
+    /// Dedupe slots held in `convs`, bounded by `conv_cache_entries`.
+    conv_entries: usize,
+    /// Commits done since open.
+    commits: u64,
+    dedupe_key: DedupeKey,
+    /// Reused encoding buffers.
+    buf: Vec<u8>,
+    buf2: Vec<u8>,
+}
+
+/// The tables a batch writes to, opened once per transaction.
+struct Tables<'t> {
+    log: Table<'t, u64, &'static [u8]>,
+    conv_index: Table<'t, (u64, u64), (u64, u64)>,
+    conversations: Table<'t, u64, &'static [u8]>,
+    users: Table<'t, &'static str, &'static [u8]>,
+    consumer_offsets: Table<'t, &'static str, u64>,
+    meta: Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Tables<'t>, StorageError> {
+        Ok(Tables {
+            log: txn.open_table(tables::LOG).ctx("open table log")?,
+            conv_index: txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?,
+            conversations: txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?,
+            users: txn.open_table(tables::USERS).ctx("open table users")?,
+            consumer_offsets: txn.open_table(tables::CONSUMER_OFFSETS).ctx("open table consumer_offsets")?,
+            meta: txn.open_table(tables::META).ctx("open table meta")?,
+        })
+    }
+}
+
+/// A write's own outcome (`Ok(Err)`: refused, nothing written), or a
+/// failure of the transaction (`Err`) that fails the whole batch.
+type Applied = Result<Result<Committed, StorageError>, StorageError>;
+
+impl GroupCommit {
+    pub(crate) fn new(
+        db: Arc<Database>,
+        shared: Arc<Shared>,
+        limits: Limits,
+        next_offset: u64,
+        next_conv_id: u64,
+        dedupe_key: DedupeKey,
+    ) -> GroupCommit {
+        let sources = shared.sources.len();
+        GroupCommit {
+            db,
+            shared,
+            batch: Vec::with_capacity(limits.max_records),
+            batch_bytes: 0,
+            results: Vec::with_capacity(limits.max_records),
+            touched: vec![false; sources],
+            next_source: 0,
+            next_offset,
+            next_conv_id,
+            convs: U64Map::default(),
+            conv_entries: 0,
+            commits: 0,
+            dedupe_key,
+            buf: Vec::with_capacity(1024),
+            buf2: Vec::with_capacity(1024),
+            limits,
+        }
+    }
+
+    /// The thread's body: returns once the store is closed and every write
+    /// submitted before that has been completed.
+    pub(crate) fn run(mut self) {
+        while self.gather() {
+            self.commit_batch();
+        }
+        tracing::debug!(commits = self.commits, "storage writer stopped");
+    }
+
+    fn full(&self) -> bool {
+        self.batch.len() >= self.limits.max_records || self.batch_bytes >= self.limits.max_bytes
+    }
+
+    /// Moves submissions into the batch, round robin over the sources,
+    /// until the queues are empty or the batch is full. Returns how many.
+    fn take(&mut self) -> usize {
+        const PER_SOURCE_TURN: usize = 64;
+        let n = self.shared.sources.len();
+        let mut taken = 0;
+        loop {
+            let mut progress = false;
+            for i in 0..n {
+                let s = (self.next_source + i) % n;
+                for _ in 0..PER_SOURCE_TURN {
+                    if self.full() {
+                        self.next_source = (s + 1) % n;
+                        return taken;
+                    }
+                    let Some(sub) = self.shared.sources[s].submit.pop() else { break };
+                    self.batch_bytes += sub.op.size_hint();
+                    self.batch.push((s, sub));
+                    taken += 1;
+                    progress = true;
+                }
+            }
+            self.next_source = (self.next_source + 1) % n;
+            if !progress {
+                return taken;
+            }
+        }
+    }
+
+    /// Gathers the next batch. Returns false when the store is closed and
+    /// nothing is left to do.
+    fn gather(&mut self) -> bool {
+        debug_assert!(self.batch.is_empty());
+        self.batch_bytes = 0;
+        loop {
+            if self.take() > 0 {
+                break;
+            }
+            if self.shared.closed.load(Ordering::SeqCst) {
+                if self.shared.quiescent() {
+                    return false;
+                }
+                // A submitter is mid-push; it will be done in a moment.
+                thread::yield_now();
+                continue;
+            }
+            thread::park_timeout(self.limits.idle_park);
+        }
+        let deadline = Instant::now() + self.limits.window;
+        while !self.full() {
+            if self.take() > 0 {
+                continue;
+            }
+            if self.limits.window.is_zero() || self.shared.closed.load(Ordering::SeqCst) {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // A submit unparks us early.
+            thread::park_timeout(deadline - now);
+        }
+        true
+    }
+
+    /// Applies, commits and completes the gathered batch.
+    fn commit_batch(&mut self) {
+        let n = self.batch.len();
+        debug_assert!(n > 0);
+        let start_offset = self.next_offset;
+        let start_conv_id = self.next_conv_id;
+        match self.apply_and_commit() {
+            Ok(()) => {
+                self.commits += 1;
+                let stats = &self.shared.stats;
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats.batch_records_max.fetch_max(n as u64, Ordering::Relaxed);
+                for r in &self.results {
+                    match r {
+                        Ok(c) if c.duplicate => stats.duplicates.fetch_add(1, Ordering::Relaxed),
+                        Ok(_) => stats.writes.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => stats.rejected.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = n, "storage group commit failed; failing its writes");
+                self.shared.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+                // Nothing of the batch is stored: forget what it assumed.
+                self.next_offset = start_offset;
+                self.next_conv_id = start_conv_id;
+                self.convs.clear();
+                self.conv_entries = 0;
+                self.results.clear();
+                self.results.resize(n, Err(e));
+            }
+        }
+        self.publish();
+    }
+
+    /// Pushes the completions and wakes the sources. Runs only after the
+    /// commit returned.
+    fn publish(&mut self) {
+        debug_assert_eq!(self.batch.len(), self.results.len());
+        for ((source, sub), result) in self.batch.drain(..).zip(self.results.drain(..)) {
+            let mut completion = Completion { token: sub.token, result, op: sub.op };
+            // Cannot be full: a source has at most `capacity` writes in
+            // flight and the queue holds `capacity`. Spin rather than drop
+            // a completion if that ever breaks.
+            loop {
+                match self.shared.sources[source].done.push(completion) {
+                    Ok(()) => break,
+                    Err(back) => {
+                        debug_assert!(false, "completion queue {source} overflowed");
+                        completion = back;
+                        thread::yield_now();
+                    }
+                }
+            }
+            self.touched[source] = true;
+        }
+        for (source, touched) in self.touched.iter_mut().enumerate() {
+            if std::mem::take(touched) {
+                (self.shared.notify)(source);
+            }
+        }
+    }
+
+    fn apply_and_commit(&mut self) -> Result<(), StorageError> {
+        let mut txn = self.db.begin_write().ctx("begin write")?;
+        txn.set_durability(Durability::Immediate).ctx("set durability")?;
+        txn.set_quick_repair(self.limits.quick_repair);
+        {
+            let mut t = Tables::open(&txn)?;
+            let conv_id_before = self.next_conv_id;
+            let mut batch = std::mem::take(&mut self.batch);
+            self.results.clear();
+            let mut failed = None;
+            for (_, sub) in batch.iter_mut() {
+                match self.apply(&mut t, &mut sub.op) {
+                    Ok(r) => self.results.push(r),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            self.batch = batch;
+            if let Some(e) = failed {
+                // Dropping `txn` uncommitted aborts it.
+                return Err(e);
+            }
+            t.meta.insert(tables::META_NEXT_OFFSET, self.next_offset).ctx("write meta")?;
+            if self.next_conv_id != conv_id_before {
+                t.meta.insert(tables::META_NEXT_CONV_ID, self.next_conv_id).ctx("write meta")?;
+            }
+        }
+        txn.commit().ctx("commit")?;
+        Ok(())
+    }
+
+    fn apply(&mut self, t: &mut Tables<'_>, op: &mut WriteOp) -> Applied {
+        let commit = self.commits + 1;
+        let done = |offset| Ok(Ok(Committed { offset, seq: 0, ts_ms: 0, duplicate: false, commit }));
+        // Everything is encoded before anything is inserted, so a write that
+        // cannot be encoded leaves no trace.
+        match op {
+            WriteOp::AppendMessage(m) => self.append(t, m, commit),
+            WriteOp::PutConversation(c) => {
+                c.last_seq = 0;
+                let id = c.id;
+                if let Err(e) = encode_into(&*c, &mut self.buf).and_then(|()| self.encode_logged(op)) {
+                    return Ok(Err(e));
+                }
+                t.conversations.insert(id, self.buf.as_slice()).ctx("insert conversation")?;
+                let offset = self.insert_logged(t)?;
+                self.next_conv_id = self.next_conv_id.max(id.saturating_add(1));
+                done(offset)
+            }
+            WriteOp::PutUser(u) => {
+                sort_meta(&mut u.meta);
+                if let Err(e) = encode_into(&*u, &mut self.buf).and_then(|()| self.encode_logged(op)) {
+                    return Ok(Err(e));
+                }
+                let WriteOp::PutUser(u) = op else {
+                    unreachable!("encode_logged hands the op back as it was")
+                };
+                t.users.insert(u.id.as_str(), self.buf.as_slice()).ctx("insert user")?;
+                done(self.insert_logged(t)?)
+            }
+            WriteOp::MarkRead(_) => {
+                if let Err(e) = self.encode_logged(op) {
+                    return Ok(Err(e));
+                }
+                done(self.insert_logged(t)?)
+            }
+            WriteOp::CommitOffset { consumer, offset } => {
+                t.consumer_offsets.insert(consumer.as_str(), *offset).ctx("insert consumer offset")?;
+                Ok(Ok(Committed { offset: *offset, seq: 0, ts_ms: 0, duplicate: false, commit }))
+            }
+        }
+    }
+
+    /// Encodes a conversation, user or read mark as a [`LogRecord`] into
+    /// `buf2`. The op is moved into the record and back: no copy.
+    fn encode_logged(&mut self, op: &mut WriteOp) -> Result<(), StorageError> {
+        let placeholder = WriteOp::CommitOffset { consumer: String::new(), offset: 0 };
+        let record = match std::mem::replace(op, placeholder) {
+            WriteOp::PutConversation(c) => LogRecord::Conversation(c),
+            WriteOp::PutUser(u) => LogRecord::User(u),
+            WriteOp::MarkRead(r) => LogRecord::Read(r),
+            other => {
+                *op = other;
+                return Err(StorageError::Encode("not a logged record".into()));
+            }
+        };
+        let encoded = encode_into(&record, &mut self.buf2);
+        *op = match record {
+            LogRecord::Conversation(c) => WriteOp::PutConversation(c),
+            LogRecord::User(u) => WriteOp::PutUser(u),
+            LogRecord::Read(r) => WriteOp::MarkRead(r),
+            LogRecord::Message(m) => WriteOp::AppendMessage(NewMessage::from_record(m, None)),
+        };
+        encoded
+    }
+
+    /// Inserts what [`Self::encode_logged`] encoded at the next offset.
+    fn insert_logged(&mut self, t: &mut Tables<'_>) -> Result<u64, StorageError> {
+        let offset = self.next_offset;
+        t.log.insert(offset, self.buf2.as_slice()).ctx("insert log")?;
+        self.next_offset += 1;
+        Ok(offset)
+    }
+
+    /// The last seq of `conv` and the offset its dedupe `slot` points at,
+    /// if any: from memory, or loaded with one scan of the conversation's
+    /// index (in this transaction, so the open batch's appends are seen).
+    fn lookup(&mut self, t: &Tables<'_>, conv: u64, slot: u64) -> Result<(u64, Option<u64>), StorageError> {
+        if let Some(c) = self.convs.get(&conv) {
+            return Ok((c.last_seq, c.slots.get(&slot).copied()));
+        }
+        if self.conv_entries >= self.limits.conv_cache_entries {
+            // Crude but bounded; what is dropped reloads from the index.
+            self.convs.clear();
+            self.conv_entries = 0;
+        }
+        let mut c = ConvState { last_seq: 0, slots: U64Map::default() };
+        for entry in t.conv_index.range((conv, 0)..=(conv, u64::MAX)).ctx("read conv_index")? {
+            let (key, value) = entry.ctx("read conv_index")?;
+            let (offset, s) = value.value();
+            c.last_seq = key.value().1;
+            c.slots.entry(s).or_insert(offset);
+        }
+        let found = (c.last_seq, c.slots.get(&slot).copied());
+        self.conv_entries += c.slots.len();
+        self.convs.insert(conv, c);
+        Ok(found)
+    }
+
+    fn append(&mut self, t: &mut Tables<'_>, m: &mut NewMessage, commit: u64) -> Applied {
+        let conv = m.conv;
+        let ts_ms = m.ts_ms;
+        let slot = self.dedupe_key.slot(&m.from.id, &m.cid);
+        let (last, prior) = self.lookup(t, conv, slot)?;
+        if let Some(prior) = prior {
+            // The log record decides; if another (sender, cid) owns the
+            // slot, look at every entry of the conversation (2⁻⁶⁴ rare).
+            let original = match dedupe::check(&t.log, prior, conv, &m.from.id, &m.cid)? {
+                Some(o) => Some(o),
+                None => {
+                    dedupe::find_by_scan(&self.dedupe_key, &t.conv_index, &t.log, conv, &m.from.id, &m.cid)?
+                }
+            };
+            if let Some(o) = original {
+                return Ok(Ok(Committed {
+                    offset: o.offset,
+                    seq: o.seq,
+                    ts_ms: o.ts_ms,
+                    duplicate: true,
+                    commit,
+                }));
+            }
+        }
+        let seq = m.seq.unwrap_or(last + 1);
+        if seq != last + 1 {
+            return Ok(Err(StorageError::SeqConflict { conv, expected: last + 1, got: seq }));
+        }
+        // Encode first (moving the message into a record and back), so that
+        // nothing is written for a write that cannot be encoded.
+        let submitted_seq = m.seq;
+        let record = LogRecord::Message(std::mem::replace(m, m.clone_header()).into_record(seq));
+        let encoded = encode_into(&record, &mut self.buf);
+        let LogRecord::Message(back) = record else { unreachable!("built as a message just above") };
+        *m = NewMessage::from_record(back, submitted_seq);
+        if let Err(e) = encoded {
+            return Ok(Err(e));
+        }
+        let offset = self.next_offset;
+        t.log.insert(offset, self.buf.as_slice()).ctx("insert log")?;
+        t.conv_index.insert((conv, seq), (offset, slot)).ctx("insert conv_index")?;
+        self.next_offset += 1;
+        if let Some(c) = self.convs.get_mut(&conv) {
+            c.last_seq = seq;
+            if let std::collections::hash_map::Entry::Vacant(v) = c.slots.entry(slot) {
+                v.insert(offset);
+                self.conv_entries += 1;
+            }
+        }
+        Ok(Ok(Committed { offset, seq, ts_ms, duplicate: false, commit }))
+    }
+}
+
+/// Sorts profile fields by key; of a repeated key the last value wins.
+pub(crate) fn sort_meta(meta: &mut Vec<(String, String)>) {
+    meta.reverse();
+    // Stable: of equal keys, the originally last now comes first and is
+    // the one `dedup_by` keeps.
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    meta.dedup_by(|later, kept| later.0 == kept.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sort_meta;
+
+    #[test]
+    fn meta_is_sorted_and_the_last_value_of_a_key_wins() {
+        let mut meta = vec![
+            ("vip_level".to_string(), "1".to_string()),
+            ("plan".to_string(), "free".to_string()),
+            ("vip_level".to_string(), "3".to_string()),
+        ];
+        sort_meta(&mut meta);
+        assert_eq!(meta, vec![("plan".into(), "free".into()), ("vip_level".into(), "3".into())]);
+    }
+}

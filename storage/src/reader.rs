@@ -1,0 +1,353 @@
+//! Reads, from any thread, without blocking the writer.
+//!
+//! Each call opens a redb read transaction (MVCC): it sees the last commit
+//! that had finished when it began, and never anything half-committed.
+//! Every value is validated (rkyv bytecheck) as it is read, and the index
+//! and the log are checked against each other (the record an index entry
+//! points at must be that conversation's message with that seq), so a
+//! damaged file surfaces as [`StorageError::Corrupt`] at the record that
+//! is damaged.
+//!
+//! The `visit_*` methods hand out archived records in place (zero-copy,
+//! straight from redb's page); the others return owned copies built from
+//! them.
+
+use std::ops::{Bound, ControlFlow, RangeBounds};
+use std::sync::{Arc, Mutex};
+
+use kefu_proto::ids::ConvStatus;
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+use crate::dedupe::SlotCache;
+use crate::error::{IoContext, StorageError};
+use crate::record::{
+    ArchivedConversationRecord, ArchivedLogRecord, ArchivedMessageRecord, ArchivedUserRecord,
+    ConversationRecord, LogRecord, MessageRecord, UserRecord, access, to_owned,
+};
+use crate::tables;
+
+/// One entry of a `conv_index` range.
+type IndexEntry<'a> =
+    Result<(redb::AccessGuard<'a, (u64, u64)>, redb::AccessGuard<'a, (u64, u64)>), redb::StorageError>;
+
+/// A record and where it sits in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged<T> {
+    /// The log offset.
+    pub offset: u64,
+    /// The record.
+    pub record: T,
+}
+
+/// What the dedupe index remembers of the first append of a
+/// (sender, conversation, cid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupeHit {
+    /// Its seq.
+    pub seq: u64,
+    /// Its log offset.
+    pub offset: u64,
+    /// Its ts_ms.
+    pub ts_ms: u64,
+}
+
+/// Read access to the store. Cheap to clone; `Send` and `Sync`.
+#[derive(Clone)]
+pub struct Reader {
+    pub(crate) db: Arc<Database>,
+    pub(crate) slots: Arc<Mutex<SlotCache>>,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+/// `seqs` of one conversation as an inclusive key range of `conv_index`,
+/// or `None` if empty.
+fn index_range(conv: u64, seqs: impl RangeBounds<u64>) -> Option<((u64, u64), (u64, u64))> {
+    let lo = match seqs.start_bound() {
+        Bound::Included(&a) => a,
+        Bound::Excluded(&a) => a.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let hi = match seqs.end_bound() {
+        Bound::Included(&b) => b,
+        Bound::Excluded(&b) => b.checked_sub(1)?,
+        Bound::Unbounded => u64::MAX,
+    };
+    (lo <= hi).then_some(((conv, lo), (conv, hi)))
+}
+
+impl Reader {
+    fn txn(&self) -> Result<ReadTransaction, StorageError> {
+        self.db.begin_read().ctx("begin read")
+    }
+
+    /// Visits up to `limit` messages of `conv` with seq in `seqs`, in
+    /// ascending seq order (descending if `newest_first`), zero-copy.
+    /// `f` gets each message's offset and archived record and may stop
+    /// the visit early.
+    pub fn visit_messages(
+        &self,
+        conv: u64,
+        seqs: impl RangeBounds<u64>,
+        newest_first: bool,
+        limit: usize,
+        mut f: impl FnMut(u64, &ArchivedMessageRecord) -> ControlFlow<()>,
+    ) -> Result<(), StorageError> {
+        let Some((lo, hi)) = index_range(conv, seqs) else { return Ok(()) };
+        if limit == 0 {
+            return Ok(());
+        }
+        let txn = self.txn()?;
+        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let log = txn.open_table(tables::LOG).ctx("open table log")?;
+        let range = index.range(lo..=hi).ctx("read conv_index")?;
+        let mut visit = |entry: IndexEntry<'_>| {
+            let (key, value) = entry.ctx("read conv_index")?;
+            let (_, seq) = key.value();
+            let (offset, _slot) = value.value();
+            let guard = log.get(offset).ctx("read log")?.ok_or_else(|| StorageError::Corrupt {
+                table: "conv_index",
+                key: format!("({conv}, {seq})"),
+                message: format!("points at offset {offset}, which is not in the log"),
+            })?;
+            let archived: &ArchivedLogRecord = access(guard.value(), "log", &offset)?;
+            match archived {
+                ArchivedLogRecord::Message(m) if m.conv.to_native() == conv && m.seq.to_native() == seq => {
+                    Ok(f(offset, m))
+                }
+                _ => Err(StorageError::Corrupt {
+                    table: "log",
+                    key: offset.to_string(),
+                    message: format!("is not message ({conv}, {seq}) that conv_index says it is"),
+                }),
+            }
+        };
+        let mut n = 0;
+        if newest_first {
+            for entry in range.rev() {
+                n += 1;
+                if visit(entry)?.is_break() || n >= limit {
+                    break;
+                }
+            }
+        } else {
+            for entry in range {
+                n += 1;
+                if visit(entry)?.is_break() || n >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn collect_messages(
+        &self,
+        conv: u64,
+        seqs: impl RangeBounds<u64>,
+        newest_first: bool,
+        limit: usize,
+    ) -> Result<Vec<Logged<MessageRecord>>, StorageError> {
+        let mut out = Vec::with_capacity(limit.min(256));
+        let mut failed = None;
+        self.visit_messages(conv, seqs, newest_first, limit, |offset, m| match to_owned(m) {
+            Ok(record) => {
+                out.push(Logged { offset, record });
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// A page of history: up to `limit` messages of `conv` with
+    /// `seq < before` (without `before`: the newest), ascending.
+    pub fn history(
+        &self,
+        conv: u64,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Logged<MessageRecord>>, StorageError> {
+        let mut page = match before {
+            Some(b) => self.collect_messages(conv, ..b, true, limit)?,
+            None => self.collect_messages(conv, .., true, limit)?,
+        };
+        page.reverse();
+        Ok(page)
+    }
+
+    /// What a resuming client missed: up to `limit` messages of `conv` with
+    /// `seq > after_seq`, ascending.
+    pub fn after(
+        &self,
+        conv: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Logged<MessageRecord>>, StorageError> {
+        match after_seq.checked_add(1) {
+            Some(from) => self.collect_messages(conv, from.., false, limit),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// One message by its seq.
+    pub fn message(&self, conv: u64, seq: u64) -> Result<Option<Logged<MessageRecord>>, StorageError> {
+        Ok(self.collect_messages(conv, seq..=seq, false, 1)?.pop())
+    }
+
+    /// The last seq of `conv` (0: no messages).
+    pub fn last_seq(&self, conv: u64) -> Result<u64, StorageError> {
+        let txn = self.txn()?;
+        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        last_seq_in(&index, conv)
+    }
+
+    /// A conversation, with `last_seq` from the index.
+    pub fn conversation(&self, conv: u64) -> Result<Option<ConversationRecord>, StorageError> {
+        let txn = self.txn()?;
+        let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
+        let Some(guard) = table.get(conv).ctx("read conversations")? else { return Ok(None) };
+        let archived: &ArchivedConversationRecord = access(guard.value(), "conversations", &conv)?;
+        let mut record: ConversationRecord = to_owned(archived)?;
+        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        record.last_seq = last_seq_in(&index, conv)?;
+        Ok(Some(record))
+    }
+
+    /// Every conversation that is not closed, by id, with `last_seq`: what
+    /// the gateway routes and serves after a restart.
+    pub fn open_conversations(&self) -> Result<Vec<ConversationRecord>, StorageError> {
+        let txn = self.txn()?;
+        let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
+        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let mut out = Vec::new();
+        for entry in table.iter().ctx("read conversations")? {
+            let (key, value) = entry.ctx("read conversations")?;
+            let id = key.value();
+            let archived: &ArchivedConversationRecord = access(value.value(), "conversations", &id)?;
+            if archived.status.get() == ConvStatus::Closed {
+                continue;
+            }
+            let mut record: ConversationRecord = to_owned(archived)?;
+            record.last_seq = last_seq_in(&index, id)?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// How many conversations were ever stored.
+    pub fn conversation_count(&self) -> Result<u64, StorageError> {
+        let txn = self.txn()?;
+        let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
+        table.len().ctx("read conversations")
+    }
+
+    /// A user's profile.
+    pub fn user(&self, id: &str) -> Result<Option<UserRecord>, StorageError> {
+        let txn = self.txn()?;
+        let table = txn.open_table(tables::USERS).ctx("open table users")?;
+        let Some(guard) = table.get(id).ctx("read users")? else { return Ok(None) };
+        let archived: &ArchivedUserRecord = access(guard.value(), "users", &id)?;
+        Ok(Some(to_owned(archived)?))
+    }
+
+    /// The first append of (sender, conversation, cid), if there was one.
+    /// Costs about one short index read (the readers share a cache of the
+    /// conversation's dedupe slots, extended with what was appended since).
+    pub fn dedupe(&self, sender: &str, conv: u64, cid: &str) -> Result<Option<DedupeHit>, StorageError> {
+        // Held across the read transaction: see `SlotCache::find`.
+        let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let txn = self.txn()?;
+        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let log = txn.open_table(tables::LOG).ctx("open table log")?;
+        let hit = slots.find(&index, &log, conv, sender, cid)?;
+        Ok(hit.map(|o| DedupeHit { seq: o.seq, offset: o.offset, ts_ms: o.ts_ms }))
+    }
+
+    /// Visits up to `limit` log records from `from_offset` on, in offset
+    /// order, zero-copy.
+    pub fn visit_log(
+        &self,
+        from_offset: u64,
+        limit: usize,
+        mut f: impl FnMut(u64, &ArchivedLogRecord) -> ControlFlow<()>,
+    ) -> Result<(), StorageError> {
+        if limit == 0 {
+            return Ok(());
+        }
+        let txn = self.txn()?;
+        let log = txn.open_table(tables::LOG).ctx("open table log")?;
+        for (n, entry) in log.range(from_offset..).ctx("read log")?.enumerate() {
+            let (key, value) = entry.ctx("read log")?;
+            let offset = key.value();
+            let archived: &ArchivedLogRecord = access(value.value(), "log", &offset)?;
+            if f(offset, archived).is_break() || n + 1 >= limit {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` log records from `from_offset` on, in offset order:
+    /// the event stream a business system consumes.
+    pub fn scan(&self, from_offset: u64, limit: usize) -> Result<Vec<Logged<LogRecord>>, StorageError> {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        let mut failed = None;
+        self.visit_log(from_offset, limit, |offset, r| match to_owned(r) {
+            Ok(record) => {
+                out.push(Logged { offset, record });
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// A consumer's committed offset.
+    pub fn consumer_offset(&self, consumer: &str) -> Result<Option<u64>, StorageError> {
+        let txn = self.txn()?;
+        let table = txn.open_table(tables::CONSUMER_OFFSETS).ctx("open table consumer_offsets")?;
+        Ok(table.get(consumer).ctx("read consumer_offsets")?.map(|g| g.value()))
+    }
+
+    /// The offset the next log record will get (= records logged).
+    pub fn next_offset(&self) -> Result<u64, StorageError> {
+        let txn = self.txn()?;
+        let log = txn.open_table(tables::LOG).ctx("open table log")?;
+        Ok(log.last().ctx("read log")?.map_or(0, |(k, _)| k.value() + 1))
+    }
+
+    /// One more than the highest conversation id stored: where the gateway
+    /// starts allocating ids after a restart.
+    pub fn next_conv_id(&self) -> Result<u64, StorageError> {
+        let txn = self.txn()?;
+        let meta = txn.open_table(tables::META).ctx("open table meta")?;
+        Ok(meta.get(tables::META_NEXT_CONV_ID).ctx("read meta")?.map_or(1, |g| g.value()))
+    }
+}
+
+pub(crate) fn last_seq_in(
+    index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+    conv: u64,
+) -> Result<u64, StorageError> {
+    match index.range((conv, 0)..=(conv, u64::MAX)).ctx("read conv_index")?.next_back() {
+        Some(entry) => Ok(entry.ctx("read conv_index")?.0.value().1),
+        None => Ok(0),
+    }
+}

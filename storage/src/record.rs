@@ -1,0 +1,377 @@
+//! What is stored: the records of the log and of the state tables, as rkyv
+//! archives.
+//!
+//! Every value kefu writes to redb is one byte of format version followed by
+//! an rkyv archive. rkyv is built with its `unaligned` feature, so archived
+//! types have alignment 1 and can be read in place from the byte slice redb
+//! hands out, whatever its address. Reads always go through
+//! [`rkyv::access`], which validates the archive (bytecheck) first: a
+//! corrupted page yields [`StorageError::Corrupt`], never undefined
+//! behaviour or a panic.
+//!
+//! The log is what a consumer streams and what the gateway rebuilds from:
+//! each [`LogRecord`] is a fact that happened (a message, a conversation's
+//! new state, a user's profile, a read mark), in commit order.
+
+use kefu_proto::ids::{ConvStatus, Role};
+use rkyv::rancor;
+use rkyv::with::Skip;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::error::StorageError;
+
+/// The first byte of every stored value. Bump it (and keep a reader for the
+/// old one) when an archived layout changes.
+pub(crate) const FORMAT_V1: u8 = 1;
+
+/// Who wrote a message.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Sender {
+    /// Visitor, agent or bot.
+    #[rkyv(with = RoleDef)]
+    pub role: Role,
+    /// The user id (JWT `sub`, or the server-issued visitor id).
+    pub id: String,
+    /// Display name at the time of writing.
+    pub name: String,
+}
+
+/// A file sent with a message, stored inline with it.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Its MIME type, as the sender declared it.
+    pub mime: String,
+    /// The raw bytes (base64 is a wire concern, not a storage one).
+    pub bytes: Vec<u8>,
+}
+
+/// One chat message, as logged.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct MessageRecord {
+    /// The conversation.
+    pub conv: u64,
+    /// Position in the conversation: from 1, no gaps.
+    pub seq: u64,
+    /// The client's message id (idempotency key, with sender and conversation).
+    pub cid: String,
+    /// The author.
+    pub from: Sender,
+    /// Milliseconds since the epoch, set by the gateway.
+    pub ts_ms: u64,
+    /// The text, if any.
+    pub text: Option<String>,
+    /// The attachment, if any.
+    pub attachment: Option<Attachment>,
+}
+
+/// The agent a conversation is assigned to.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct AgentRef {
+    /// The agent's user id.
+    pub id: String,
+    /// Display name at the time of assignment.
+    pub name: String,
+}
+
+/// A conversation's state, as stored in `conversations` and logged on every
+/// change.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct ConversationRecord {
+    /// The conversation id (`ConvId.0`).
+    pub id: u64,
+    /// The visitor who opened it.
+    pub visitor_id: String,
+    /// Queued, assigned or closed.
+    #[rkyv(with = ConvStatusDef)]
+    pub status: ConvStatus,
+    /// The assigned agent, when `status` is assigned (or was, when closed).
+    pub agent: Option<AgentRef>,
+    /// The skill group it is queued in or was routed through.
+    pub group: Option<String>,
+    /// When it was opened, ms since the epoch.
+    pub created_ms: u64,
+    /// When this state was set, ms since the epoch.
+    pub updated_ms: u64,
+    /// The last message's `seq` (0: none yet). Not stored: the index is
+    /// its only source of truth, so it cannot disagree with the log. The
+    /// [`Reader`](crate::Reader) fills it in; a write ignores it.
+    #[rkyv(with = Skip)]
+    pub last_seq: u64,
+}
+
+/// A user's profile (agents, visitors, bots), upserted by the gateway or the
+/// business system.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// The user id.
+    pub id: String,
+    /// Visitor, agent or bot.
+    #[rkyv(with = RoleDef)]
+    pub role: Role,
+    /// Display name.
+    pub name: String,
+    /// Profile fields (`vip_level`, `plan`, …), sorted by key, keys unique.
+    /// A write sorts them and keeps the last value of a repeated key.
+    pub meta: Vec<(String, String)>,
+    /// SHA-256 of an anonymous visitor's key. The key itself is never
+    /// stored: a stolen database file does not let anyone impersonate a
+    /// visitor.
+    pub visitor_key_hash: Option<[u8; 32]>,
+    /// When the user was first seen, ms since the epoch.
+    pub created_ms: u64,
+}
+
+/// "Everything up to `seq` is read" by one participant.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct ReadMark {
+    /// The conversation.
+    pub conv: u64,
+    /// Who read.
+    pub user_id: String,
+    /// Up to which message.
+    pub seq: u64,
+    /// When, ms since the epoch.
+    pub ts_ms: u64,
+}
+
+/// One entry of the global log, in commit order.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum LogRecord {
+    /// A chat message.
+    Message(MessageRecord),
+    /// A conversation's new state (opened, assigned, transferred, closed).
+    Conversation(ConversationRecord),
+    /// A user's profile was created or changed.
+    User(UserRecord),
+    /// A participant read a conversation up to a seq.
+    Read(ReadMark),
+}
+
+/// rkyv's stand-in for [`Role`], which lives in `kefu-proto` and knows
+/// nothing of rkyv. Its archive is [`ArchivedRole`].
+#[derive(Debug, Archive, Serialize, Deserialize)]
+#[rkyv(remote = Role)]
+#[rkyv(archived = ArchivedRole)]
+#[rkyv(derive(Debug, PartialEq, Eq))]
+#[allow(missing_docs)]
+pub enum RoleDef {
+    Visitor,
+    Agent,
+    Bot,
+}
+
+impl From<RoleDef> for Role {
+    fn from(r: RoleDef) -> Role {
+        match r {
+            RoleDef::Visitor => Role::Visitor,
+            RoleDef::Agent => Role::Agent,
+            RoleDef::Bot => Role::Bot,
+        }
+    }
+}
+
+impl ArchivedRole {
+    /// The role this archived value stands for.
+    pub fn get(&self) -> Role {
+        match self {
+            ArchivedRole::Visitor => Role::Visitor,
+            ArchivedRole::Agent => Role::Agent,
+            ArchivedRole::Bot => Role::Bot,
+        }
+    }
+}
+
+/// rkyv's stand-in for [`ConvStatus`]. Its archive is
+/// [`ArchivedConvStatus`].
+#[derive(Debug, Archive, Serialize, Deserialize)]
+#[rkyv(remote = ConvStatus)]
+#[rkyv(archived = ArchivedConvStatus)]
+#[rkyv(derive(Debug, PartialEq, Eq))]
+#[allow(missing_docs)]
+pub enum ConvStatusDef {
+    Queued,
+    Assigned,
+    Closed,
+}
+
+impl From<ConvStatusDef> for ConvStatus {
+    fn from(s: ConvStatusDef) -> ConvStatus {
+        match s {
+            ConvStatusDef::Queued => ConvStatus::Queued,
+            ConvStatusDef::Assigned => ConvStatus::Assigned,
+            ConvStatusDef::Closed => ConvStatus::Closed,
+        }
+    }
+}
+
+impl ArchivedConvStatus {
+    /// The status this archived value stands for.
+    pub fn get(&self) -> ConvStatus {
+        match self {
+            ArchivedConvStatus::Queued => ConvStatus::Queued,
+            ArchivedConvStatus::Assigned => ConvStatus::Assigned,
+            ArchivedConvStatus::Closed => ConvStatus::Closed,
+        }
+    }
+}
+
+/// Appends the version byte and the archive of `value` to `out` (cleared
+/// first), reusing its capacity.
+pub(crate) fn encode_into<T>(value: &T, out: &mut Vec<u8>) -> Result<(), StorageError>
+where
+    T: for<'a> Serialize<
+        rkyv::api::high::HighSerializer<Vec<u8>, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
+    >,
+{
+    let mut buf = std::mem::take(out);
+    buf.clear();
+    buf.push(FORMAT_V1);
+    match rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, buf) {
+        Ok(buf) => {
+            *out = buf;
+            Ok(())
+        }
+        Err(e) => Err(StorageError::Encode(e.to_string())),
+    }
+}
+
+/// Encodes `value` into a fresh buffer.
+#[cfg(test)]
+pub(crate) fn encode<T>(value: &T) -> Result<Vec<u8>, StorageError>
+where
+    T: for<'a> Serialize<
+        rkyv::api::high::HighSerializer<Vec<u8>, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
+    >,
+{
+    let mut out = Vec::new();
+    encode_into(value, &mut out)?;
+    Ok(out)
+}
+
+/// A validated, zero-copy view of a stored value. `table` and `key` only
+/// name the place in the error.
+pub(crate) fn access<'b, T>(
+    bytes: &'b [u8],
+    table: &'static str,
+    key: &dyn std::fmt::Display,
+) -> Result<&'b T, StorageError>
+where
+    T: rkyv::Portable
+        + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>,
+{
+    let corrupt = |message: String| StorageError::Corrupt { table, key: key.to_string(), message };
+    match bytes.split_first() {
+        Some((&FORMAT_V1, archive)) => {
+            rkyv::access::<T, rancor::Error>(archive).map_err(|e| corrupt(e.to_string()))
+        }
+        Some((v, _)) => Err(corrupt(format!("unknown format version {v}"))),
+        None => Err(corrupt("empty value".to_string())),
+    }
+}
+
+/// Turns a validated archive into an owned value.
+pub(crate) fn to_owned<A, T>(archived: &A) -> Result<T, StorageError>
+where
+    A: rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| StorageError::Corrupt {
+        table: "?",
+        key: "?".into(),
+        message: format!("validated archive failed to deserialize: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> MessageRecord {
+        MessageRecord {
+            conv: 7,
+            seq: 3,
+            cid: "cid-1".into(),
+            from: Sender { role: Role::Agent, id: "a1".into(), name: "Alice".into() },
+            ts_ms: 1_700_000_000_000,
+            text: Some("你好, how can I help?".into()),
+            attachment: Some(Attachment { mime: "image/png".into(), bytes: vec![0x89, b'P', b'N', b'G'] }),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_at_any_alignment() {
+        let records = [
+            LogRecord::Message(message()),
+            LogRecord::Conversation(ConversationRecord {
+                id: 9,
+                visitor_id: "v1".into(),
+                status: ConvStatus::Assigned,
+                agent: Some(AgentRef { id: "a1".into(), name: "Alice".into() }),
+                group: Some("sales".into()),
+                created_ms: 1,
+                updated_ms: 2,
+                last_seq: 0,
+            }),
+            LogRecord::User(UserRecord {
+                id: "v1".into(),
+                role: Role::Visitor,
+                name: "Bob".into(),
+                meta: vec![("plan".into(), "gold".into()), ("vip_level".into(), "3".into())],
+                visitor_key_hash: Some([7; 32]),
+                created_ms: 5,
+            }),
+            LogRecord::Read(ReadMark { conv: 9, user_id: "a1".into(), seq: 4, ts_ms: 6 }),
+        ];
+        for record in records {
+            let bytes = encode(&record).unwrap();
+            // Copy to every offset of an over-aligned buffer: the archive must
+            // validate and read the same wherever redb's slice happens to start.
+            for shift in 0..8 {
+                let mut buf = vec![0u8; shift];
+                buf.extend_from_slice(&bytes);
+                let archived: &ArchivedLogRecord = access(&buf[shift..], "log", &0).unwrap();
+                let back: LogRecord = to_owned(archived).unwrap();
+                assert_eq!(back, record);
+            }
+        }
+    }
+
+    #[test]
+    fn archived_fields_read_in_place() {
+        let bytes = encode(&LogRecord::Message(message())).unwrap();
+        let archived: &ArchivedLogRecord = access(&bytes, "log", &0).unwrap();
+        let ArchivedLogRecord::Message(m) = archived else { panic!("not a message") };
+        assert_eq!(m.seq.to_native(), 3);
+        assert_eq!(m.from.role.get(), Role::Agent);
+        assert_eq!(m.text.as_ref().map(|t| t.as_str()), Some("你好, how can I help?"));
+    }
+
+    #[test]
+    fn corrupt_bytes_are_an_error_not_a_panic() {
+        let bytes = encode(&LogRecord::Message(message())).unwrap();
+        assert!(matches!(access::<ArchivedLogRecord>(&[], "log", &1), Err(StorageError::Corrupt { .. })));
+        assert!(matches!(
+            access::<ArchivedLogRecord>(&[9, 1, 2], "log", &1),
+            Err(StorageError::Corrupt { .. })
+        ));
+        // Every truncation and many single-byte flips: each either fails
+        // validation or still reads as a well-formed record.
+        for len in 1..bytes.len() {
+            let _ = access::<ArchivedLogRecord>(&bytes[..len], "log", &1).map(to_owned::<_, LogRecord>);
+        }
+        let mut rng_state = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..2000 {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            let mut b = bytes.clone();
+            let i = 1 + (rng_state as usize) % (b.len() - 1);
+            b[i] ^= 1 << (rng_state >> 59 & 7);
+            let _ = access::<ArchivedLogRecord>(&b, "log", &1).map(to_owned::<_, LogRecord>);
+        }
+        // A flipped enum tag is caught.
+        let mut b = bytes.clone();
+        let tag_at = b.len() - std::mem::size_of::<ArchivedLogRecord>();
+        b[tag_at] = 200;
+        assert!(access::<ArchivedLogRecord>(&b, "log", &1).is_err());
+    }
+}

@@ -1,0 +1,338 @@
+//! Opening the store: the file, recovery, and the writer thread.
+//!
+//! [`Store::open`] opens (or creates) `dir/kefu.redb`, lets redb recover it
+//! if the last process did not close it (a crash), checks the counters
+//! against the log they count, reports what the gateway needs to resume
+//! ([`Recovery`]), and starts the group-commit thread. Dropping the store
+//! (or [`Store::close`]) completes every write already submitted, then
+//! stops the thread.
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, StorageBackend};
+
+use crate::backend::{BackendObserver, ProbeBackend, SyncCounter};
+use crate::config::StoreConfig;
+use crate::dedupe::{DedupeKey, SlotCache};
+use crate::error::{IoContext, StorageError};
+use crate::group_commit::{GroupCommit, Limits};
+use crate::reader::Reader;
+use crate::record::ConversationRecord;
+use crate::tables;
+use crate::write::{Completions, Notify, Shared, Writer};
+
+/// What the store found when it opened: where to resume.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// The offset the next log record gets (= records logged).
+    pub next_offset: u64,
+    /// Where conversation ids continue (1 for a new store).
+    pub next_conv_id: u64,
+    /// Every conversation not closed, with its `last_seq`: the home shards'
+    /// `next_seq` is `last_seq + 1`, and the router's queue is rebuilt from
+    /// the queued ones.
+    pub open_conversations: Vec<ConversationRecord>,
+    /// The last process to open the store did not close it (it crashed or
+    /// was killed); writes it never acknowledged may be missing, and that
+    /// is all.
+    pub unclean_shutdown: bool,
+    /// redb had to rebuild its allocator state by walking the whole file
+    /// (a crash without quick-repair's saved state): the slow path of open.
+    pub repaired: bool,
+    /// How long `open` took, repair included.
+    pub open_time: Duration,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Group commits done.
+    pub commits: u64,
+    /// Group commits that failed (their writes got errors).
+    pub failed_commits: u64,
+    /// Writes stored.
+    pub writes: u64,
+    /// Appends answered as duplicates.
+    pub duplicates: u64,
+    /// Writes refused on their own (seq conflicts).
+    pub rejected: u64,
+    /// Submits refused because the source was full.
+    pub submit_full: u64,
+    /// fsyncs returned (redb does one per commit, two with quick-repair).
+    pub fsyncs: u64,
+    /// The largest batch so far.
+    pub batch_records_max: u64,
+}
+
+/// The open store: owns the writer thread.
+pub struct Store {
+    shared: Arc<Shared>,
+    db: Arc<Database>,
+    syncs: Arc<SyncCounter>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+    /// The prototype of every reader handed out (they share its caches).
+    reader: Reader,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens or creates the store in `config.dir`, recovering it after a
+    /// crash, and starts the writer thread. `notify(source)` is called
+    /// from the writer thread after completions for `source` were pushed.
+    pub fn open(config: StoreConfig, notify: Notify) -> Result<(Store, Recovery), StorageError> {
+        Store::open_with(config, notify, None, None)
+    }
+
+    /// [`Store::open`] on a given backend (tests: a simulated disk) and
+    /// with an observer of the backend (tests: fsync ordering).
+    pub(crate) fn open_with(
+        config: StoreConfig,
+        notify: Notify,
+        backend: Option<Box<dyn StorageBackend>>,
+        observer: Option<Arc<dyn BackendObserver>>,
+    ) -> Result<(Store, Recovery), StorageError> {
+        let started = Instant::now();
+        config.validate()?;
+        let path = config.db_path();
+        let open_err = |message: String| StorageError::Open { path: path.clone(), message };
+        let inner: Box<dyn StorageBackend> = match backend {
+            Some(b) => b,
+            None => {
+                std::fs::create_dir_all(&config.dir)
+                    .map_err(|e| open_err(format!("create directory: {e}")))?;
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(|e| open_err(e.to_string()))?;
+                Box::new(redb::backends::FileBackend::new(file).map_err(|e| open_err(e.to_string()))?)
+            }
+        };
+        let syncs = Arc::new(SyncCounter::default());
+        let repaired = Arc::new(AtomicBool::new(false));
+        let db = {
+            let repaired = repaired.clone();
+            let mut builder = Database::builder();
+            builder.set_cache_size(config.cache_bytes).set_repair_callback(move |session| {
+                if !repaired.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("storage was not closed cleanly; redb is repairing it");
+                }
+                tracing::debug!(progress = session.progress(), "storage repair");
+            });
+            builder
+                .create_with_backend(ProbeBackend::new(inner, syncs.clone(), observer))
+                .map_err(|e| open_err(e.to_string()))?
+        };
+        let Counters { next_offset, next_conv_id, unclean_shutdown, dedupe_key } = init_tables(&db, &config)?;
+        let db = Arc::new(db);
+        let slots = Arc::new(Mutex::new(SlotCache::new(dedupe_key, config.conv_cache_entries)));
+        let reader = Reader { db: db.clone(), slots };
+        let open_conversations = reader.open_conversations()?;
+
+        let shared = Arc::new(Shared::new(config.sources, config.submit_queue_capacity, notify));
+        let limits = Limits {
+            max_records: config.batch_max_records,
+            max_bytes: config.batch_max_bytes,
+            window: Duration::from_micros(config.batch_window_us),
+            idle_park: Duration::from_millis(config.idle_park_ms),
+            quick_repair: config.quick_repair,
+            conv_cache_entries: config.conv_cache_entries,
+        };
+        let group_commit =
+            GroupCommit::new(db.clone(), shared.clone(), limits, next_offset, next_conv_id, dedupe_key);
+        let thread = std::thread::Builder::new()
+            .name("kefu-storage".into())
+            .spawn(move || group_commit.run())
+            .map_err(|e| open_err(format!("spawn writer thread: {e}")))?;
+        // Set before `open` returns, so every submit can wake the writer.
+        let _ = shared.writer_thread.set(thread.thread().clone());
+
+        let recovery = Recovery {
+            next_offset,
+            next_conv_id,
+            open_conversations,
+            unclean_shutdown,
+            repaired: repaired.load(Ordering::Relaxed),
+            open_time: started.elapsed(),
+        };
+        tracing::info!(
+            path = %path.display(),
+            records = next_offset,
+            open_conversations = recovery.open_conversations.len(),
+            unclean_shutdown = recovery.unclean_shutdown,
+            repaired = recovery.repaired,
+            open_ms = recovery.open_time.as_millis() as u64,
+            "storage opened"
+        );
+        Ok((Store { shared, db, syncs, thread: Some(thread), path, reader }, recovery))
+    }
+
+    /// A handle to submit writes.
+    pub fn writer(&self) -> Writer {
+        Writer { shared: self.shared.clone() }
+    }
+
+    /// A handle to read.
+    pub fn reader(&self) -> Reader {
+        self.reader.clone()
+    }
+
+    /// `source`'s completion queue.
+    ///
+    /// # Panics
+    /// If `source >= sources`.
+    pub fn completions(&self, source: usize) -> Completions {
+        assert!(source < self.shared.sources.len(), "storage source {source} out of range");
+        Completions { shared: self.shared.clone(), source }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Counters for `/metrics`.
+    pub fn stats(&self) -> StoreStats {
+        let s = &self.shared.stats;
+        StoreStats {
+            commits: s.commits.load(Ordering::Relaxed),
+            failed_commits: s.failed_commits.load(Ordering::Relaxed),
+            writes: s.writes.load(Ordering::Relaxed),
+            duplicates: s.duplicates.load(Ordering::Relaxed),
+            rejected: s.rejected.load(Ordering::Relaxed),
+            submit_full: s.full.load(Ordering::Relaxed),
+            fsyncs: self.syncs.returned(),
+            batch_records_max: s.batch_records_max.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops taking writes, completes every write already submitted (their
+    /// completions are pushed and notified as usual), and stops the writer
+    /// thread. Dropping the store does the same.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
+        self.shared.closed.store(true, Ordering::SeqCst);
+        thread.thread().unpark();
+        if thread.join().is_err() {
+            tracing::error!("storage writer thread panicked");
+            return;
+        }
+        // The writer is gone, so this thread may write: record the clean
+        // shutdown that the next open looks for.
+        if let Err(e) = set_open_flag(&self.db, 0) {
+            tracing::warn!(error = %e, "storage could not record its clean shutdown");
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn set_open_flag(db: &Database, value: u64) -> Result<(), StorageError> {
+    let mut txn = db.begin_write().ctx("begin write")?;
+    txn.set_durability(Durability::Immediate).ctx("set durability")?;
+    txn.open_table(tables::META)
+        .ctx("open table meta")?
+        .insert(tables::META_OPEN, value)
+        .ctx("write meta")?;
+    txn.commit().ctx("commit")
+}
+
+struct Counters {
+    next_offset: u64,
+    next_conv_id: u64,
+    unclean_shutdown: bool,
+    dedupe_key: DedupeKey,
+}
+
+/// Creates the tables of a new store, or checks an existing one: schema
+/// version, and the counters in `meta` against the tables they count. Marks
+/// the store open until [`Store::close`] marks it closed again.
+fn init_tables(db: &Database, config: &StoreConfig) -> Result<Counters, StorageError> {
+    let corrupt =
+        |key: &str, message: String| StorageError::Corrupt { table: "meta", key: key.into(), message };
+    let mut txn = db.begin_write().ctx("begin write")?;
+    txn.set_durability(Durability::Immediate).ctx("set durability")?;
+    txn.set_quick_repair(config.quick_repair);
+    let counters;
+    {
+        let log = txn.open_table(tables::LOG).ctx("open table log")?;
+        txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let conversations = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
+        txn.open_table(tables::USERS).ctx("open table users")?;
+        txn.open_table(tables::CONSUMER_OFFSETS).ctx("open table consumer_offsets")?;
+        let mut meta = txn.open_table(tables::META).ctx("open table meta")?;
+
+        let schema = meta.get(tables::META_SCHEMA).ctx("read meta")?.map(|g| g.value());
+        match schema {
+            None => {
+                if !log.is_empty().ctx("read log")? {
+                    return Err(corrupt(tables::META_SCHEMA, "missing, but the log is not empty".into()));
+                }
+                meta.insert(tables::META_SCHEMA, tables::SCHEMA_VERSION).ctx("write meta")?;
+                let key = DedupeKey::random();
+                meta.insert(tables::META_DEDUPE_K0, key.k0).ctx("write meta")?;
+                meta.insert(tables::META_DEDUPE_K1, key.k1).ctx("write meta")?;
+            }
+            Some(tables::SCHEMA_VERSION) => {}
+            Some(v) => {
+                return Err(StorageError::Open {
+                    path: config.db_path(),
+                    message: format!("schema version {v}; this build reads {}", tables::SCHEMA_VERSION),
+                });
+            }
+        }
+
+        let from_log = log.last().ctx("read log")?.map_or(0, |(k, _)| k.value() + 1);
+        let from_meta = meta.get(tables::META_NEXT_OFFSET).ctx("read meta")?.map_or(0, |g| g.value());
+        if from_log != from_meta {
+            return Err(corrupt(
+                tables::META_NEXT_OFFSET,
+                format!("says {from_meta}, but the log's next offset is {from_log}"),
+            ));
+        }
+        let max_conv = conversations.last().ctx("read conversations")?.map_or(0, |(k, _)| k.value());
+        let next_conv_id = meta.get(tables::META_NEXT_CONV_ID).ctx("read meta")?.map_or(1, |g| g.value());
+        if next_conv_id <= max_conv || next_conv_id == 0 {
+            return Err(corrupt(
+                tables::META_NEXT_CONV_ID,
+                format!("says {next_conv_id}, but conversation {max_conv} exists"),
+            ));
+        }
+        let k0 = meta.get(tables::META_DEDUPE_K0).ctx("read meta")?.map(|g| g.value());
+        let k1 = meta.get(tables::META_DEDUPE_K1).ctx("read meta")?.map(|g| g.value());
+        let (Some(k0), Some(k1)) = (k0, k1) else {
+            return Err(corrupt(tables::META_DEDUPE_K0, "the dedupe key is missing".into()));
+        };
+        let unclean_shutdown = meta.get(tables::META_OPEN).ctx("read meta")?.is_some_and(|g| g.value() != 0);
+        meta.insert(tables::META_OPEN, 1).ctx("write meta")?;
+        counters = Counters {
+            next_offset: from_log,
+            next_conv_id,
+            unclean_shutdown,
+            dedupe_key: DedupeKey { k0, k1 },
+        };
+    }
+    txn.commit().ctx("commit")?;
+    Ok(counters)
+}

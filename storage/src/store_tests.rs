@@ -1,0 +1,528 @@
+//! The store's behaviour through its public API: appends, seqs, dedupe,
+//! reads, conversations, users, offsets, batching limits, back-pressure,
+//! shutdown and corruption.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use kefu_proto::ids::{ConvStatus, Role};
+
+use crate::testkit::{NotifyCount, config, message, open, wait_for, write};
+use crate::{
+    AgentRef, Attachment, ConversationRecord, LogRecord, ReadMark, StorageError, Store, SubmitError,
+    UserRecord, WriteOp,
+};
+
+fn conversation(id: u64, status: ConvStatus) -> ConversationRecord {
+    ConversationRecord {
+        id,
+        visitor_id: format!("v{id}"),
+        status,
+        agent: (status == ConvStatus::Assigned).then(|| AgentRef { id: "a1".into(), name: "Alice".into() }),
+        group: Some("sales".into()),
+        created_ms: 10,
+        updated_ms: 20,
+        last_seq: 999, // ignored on write
+    }
+}
+
+#[test]
+fn appends_get_seqs_and_offsets_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, recovery) = open(config(dir.path()));
+    assert_eq!((recovery.next_offset, recovery.next_conv_id), (0, 1));
+    assert!(!recovery.repaired && !recovery.unclean_shutdown);
+
+    let mut m = message(5, "v1", "a", "hello");
+    m.attachment = Some(Attachment { mime: "image/png".into(), bytes: vec![1, 2, 3] });
+    let c1 = write(&store, 1, WriteOp::AppendMessage(m.clone()));
+    let c2 = write(&store, 2, WriteOp::AppendMessage(message(5, "a1", "b", "hi there")));
+    let c3 = write(&store, 3, WriteOp::AppendMessage(message(6, "v2", "a", "other conversation")));
+    let r: Vec<_> = [&c1, &c2, &c3].iter().map(|c| c.result.clone().unwrap()).collect();
+    assert_eq!(
+        r.iter().map(|c| (c.seq, c.offset, c.duplicate)).collect::<Vec<_>>(),
+        [(1, 0, false), (2, 1, false), (1, 2, false)]
+    );
+    assert!(r[0].commit < r[2].commit, "one write at a time: one commit each");
+    // The op comes back unchanged, for fan-out.
+    assert_eq!(c1.op, WriteOp::AppendMessage(m.clone()));
+
+    let reader = store.reader();
+    let got = reader.message(5, 1).unwrap().unwrap();
+    assert_eq!(got.offset, 0);
+    assert_eq!(got.record, m.clone().into_record(1));
+    assert_eq!(reader.last_seq(5).unwrap(), 2);
+    assert_eq!(reader.last_seq(6).unwrap(), 1);
+    assert_eq!(reader.last_seq(7).unwrap(), 0);
+    assert_eq!(reader.next_offset().unwrap(), 3);
+    let log = reader.scan(0, 10).unwrap();
+    assert_eq!(log.iter().map(|l| l.offset).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(matches!(&log[2].record, LogRecord::Message(m) if m.conv == 6 && m.seq == 1));
+    assert_eq!(reader.scan(1, 1).unwrap().len(), 1);
+    assert_eq!(reader.scan(3, 10).unwrap().len(), 0);
+
+    let stats = store.stats();
+    assert_eq!(stats.writes, 3);
+    assert!(stats.commits >= 3 && stats.fsyncs >= stats.commits, "{stats:?}");
+}
+
+#[test]
+fn explicit_seqs_must_be_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let with_seq = |cid: &str, seq| {
+        let mut m = message(1, "v1", cid, "x");
+        m.seq = Some(seq);
+        WriteOp::AppendMessage(m)
+    };
+    assert_eq!(write(&store, 1, with_seq("a", 1)).result.unwrap().seq, 1);
+    let err = write(&store, 2, with_seq("b", 3)).result.unwrap_err();
+    assert_eq!(err, StorageError::SeqConflict { conv: 1, expected: 2, got: 3 });
+    assert_eq!(err.code(), kefu_proto::ids::ErrorCode::Conflict);
+    let err = write(&store, 3, with_seq("c", 1)).result.unwrap_err();
+    assert!(matches!(err, StorageError::SeqConflict { expected: 2, got: 1, .. }));
+    // The refused cid was not remembered: it can be appended properly.
+    assert_eq!(write(&store, 4, with_seq("b", 2)).result.unwrap().seq, 2);
+    assert_eq!(store.reader().next_offset().unwrap(), 2, "refused writes took no offset");
+    assert_eq!(store.stats().rejected, 2);
+}
+
+#[test]
+fn resent_cid_returns_the_original_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = {
+        let (store, _) = open(config(dir.path()));
+        let first =
+            write(&store, 1, WriteOp::AppendMessage(message(3, "v1", "cid-1", "hello"))).result.unwrap();
+        let mut resend = message(3, "v1", "cid-1", "hello again?");
+        resend.ts_ms += 5000;
+        let dup = write(&store, 2, WriteOp::AppendMessage(resend)).result.unwrap();
+        assert!(dup.duplicate);
+        assert_eq!((dup.seq, dup.offset, dup.ts_ms), (first.seq, first.offset, first.ts_ms));
+        // Same cid from another sender, or in another conversation: new.
+        assert!(
+            !write(&store, 3, WriteOp::AppendMessage(message(3, "a1", "cid-1", "x")))
+                .result
+                .unwrap()
+                .duplicate
+        );
+        assert!(
+            !write(&store, 4, WriteOp::AppendMessage(message(4, "v1", "cid-1", "x")))
+                .result
+                .unwrap()
+                .duplicate
+        );
+        assert_eq!(store.stats().duplicates, 1);
+        first
+    };
+    // Across a restart, and for an explicit seq too.
+    let (store, _) = open(config(dir.path()));
+    let mut resend = message(3, "v1", "cid-1", "hello");
+    resend.seq = Some(3);
+    let dup = write(&store, 5, WriteOp::AppendMessage(resend)).result.unwrap();
+    assert!(dup.duplicate);
+    assert_eq!((dup.seq, dup.offset), (first.seq, first.offset));
+    let reader = store.reader();
+    assert_eq!(reader.last_seq(3).unwrap(), 2, "stored once");
+    assert_eq!(reader.next_offset().unwrap(), 3);
+    let hit = reader.dedupe("v1", 3, "cid-1").unwrap().unwrap();
+    assert_eq!((hit.seq, hit.offset, hit.ts_ms), (first.seq, first.offset, first.ts_ms));
+    assert_eq!(reader.dedupe("v1", 3, "nope").unwrap(), None);
+}
+
+#[test]
+fn duplicates_within_one_batch_are_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long window so that both land in one batch.
+    let (store, _) = open(crate::StoreConfig { batch_window_us: 200_000, ..config(dir.path()) });
+    let w = store.writer();
+    w.submit(0, 1, WriteOp::AppendMessage(message(1, "v1", "same", "a"))).unwrap();
+    w.submit(0, 2, WriteOp::AppendMessage(message(1, "v1", "same", "b"))).unwrap();
+    let done = wait_for(&store.completions(0), 2);
+    let (a, b) = (done[0].result.clone().unwrap(), done[1].result.clone().unwrap());
+    assert_eq!(a.commit, b.commit);
+    assert!(!a.duplicate && b.duplicate);
+    assert_eq!((a.seq, a.offset), (b.seq, b.offset));
+    assert_eq!(store.reader().next_offset().unwrap(), 1);
+}
+
+#[test]
+fn history_and_resume_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let w = store.writer();
+    for i in 1..=10u64 {
+        w.submit(0, i, WriteOp::AppendMessage(message(1, "v1", &format!("c{i}"), &format!("m{i}")))).unwrap();
+        w.submit(0, 100 + i, WriteOp::AppendMessage(message(2, "v2", &format!("c{i}"), "noise"))).unwrap();
+    }
+    wait_for(&store.completions(0), 20);
+    let r = store.reader();
+    let seqs =
+        |v: Vec<crate::Logged<crate::MessageRecord>>| v.iter().map(|l| l.record.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(r.history(1, None, 3).unwrap()), [8, 9, 10]);
+    assert_eq!(seqs(r.history(1, Some(8), 3).unwrap()), [5, 6, 7]);
+    assert_eq!(seqs(r.history(1, Some(3), 50).unwrap()), [1, 2]);
+    assert_eq!(seqs(r.history(1, Some(1), 50).unwrap()), Vec::<u64>::new());
+    assert_eq!(seqs(r.history(1, Some(0), 50).unwrap()), Vec::<u64>::new());
+    assert_eq!(seqs(r.history(1, None, 0).unwrap()), Vec::<u64>::new());
+    assert_eq!(seqs(r.after(1, 7, 100).unwrap()), [8, 9, 10]);
+    assert_eq!(seqs(r.after(1, 0, 2).unwrap()), [1, 2]);
+    assert_eq!(seqs(r.after(1, 10, 100).unwrap()), Vec::<u64>::new());
+    assert_eq!(seqs(r.after(1, u64::MAX, 100).unwrap()), Vec::<u64>::new());
+    assert_eq!(seqs(r.history(3, None, 10).unwrap()), Vec::<u64>::new());
+    let h = r.history(1, Some(3), 50).unwrap();
+    assert_eq!(h[1].record.text.as_deref(), Some("m2"));
+    // Zero-copy visit, newest first, stopped early.
+    let mut seen = Vec::new();
+    r.visit_messages(1, 2..=9, true, 100, |_, m| {
+        seen.push(m.seq.to_native());
+        if seen.len() == 3 { std::ops::ControlFlow::Break(()) } else { std::ops::ControlFlow::Continue(()) }
+    })
+    .unwrap();
+    assert_eq!(seen, [9, 8, 7]);
+}
+
+#[test]
+fn conversations_users_reads_and_offsets_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(config(dir.path()));
+        let c =
+            write(&store, 1, WriteOp::PutConversation(conversation(7, ConvStatus::Queued))).result.unwrap();
+        assert_eq!(c.offset, 0);
+        write(&store, 2, WriteOp::PutConversation(conversation(3, ConvStatus::Closed))).result.unwrap();
+        write(&store, 3, WriteOp::PutConversation(conversation(4, ConvStatus::Queued))).result.unwrap();
+        write(&store, 4, WriteOp::PutConversation(conversation(4, ConvStatus::Assigned))).result.unwrap();
+        write(&store, 5, WriteOp::AppendMessage(message(4, "v4", "x", "hi"))).result.unwrap();
+        let user = UserRecord {
+            id: "v4".into(),
+            role: Role::Visitor,
+            name: "Bob".into(),
+            meta: vec![
+                ("vip_level".into(), "1".into()),
+                ("plan".into(), "gold".into()),
+                ("vip_level".into(), "3".into()),
+            ],
+            visitor_key_hash: Some([0xab; 32]),
+            created_ms: 99,
+        };
+        let done = write(&store, 6, WriteOp::PutUser(user));
+        let WriteOp::PutUser(back) = &done.op else { panic!("op not handed back") };
+        assert_eq!(back.meta[0].0, "plan", "meta sorted");
+        write(&store, 7, WriteOp::MarkRead(ReadMark { conv: 4, user_id: "a1".into(), seq: 1, ts_ms: 5 }))
+            .result
+            .unwrap();
+        let off =
+            write(&store, 8, WriteOp::CommitOffset { consumer: "crm".into(), offset: 5 }).result.unwrap();
+        assert_eq!(off.offset, 5);
+        assert_eq!(store.reader().next_conv_id().unwrap(), 8);
+    }
+    let (store, recovery) = open(config(dir.path()));
+    assert!(!recovery.repaired && !recovery.unclean_shutdown, "closed cleanly");
+    assert_eq!(recovery.next_conv_id, 8, "one more than the highest id stored");
+    assert_eq!(recovery.next_offset, 7);
+    let open_ids: Vec<_> = recovery.open_conversations.iter().map(|c| (c.id, c.status, c.last_seq)).collect();
+    assert_eq!(open_ids, [(4, ConvStatus::Assigned, 1), (7, ConvStatus::Queued, 0)]);
+    let r = store.reader();
+    let c4 = r.conversation(4).unwrap().unwrap();
+    assert_eq!(c4.agent, Some(AgentRef { id: "a1".into(), name: "Alice".into() }));
+    assert_eq!(c4.last_seq, 1, "from the index, not the 999 written");
+    assert_eq!(r.conversation(3).unwrap().unwrap().status, ConvStatus::Closed);
+    assert_eq!(r.conversation(5).unwrap(), None);
+    assert_eq!(r.conversation_count().unwrap(), 3);
+    let u = r.user("v4").unwrap().unwrap();
+    assert_eq!(u.meta, vec![("plan".into(), "gold".into()), ("vip_level".into(), "3".into())]);
+    assert_eq!(u.visitor_key_hash, Some([0xab; 32]));
+    assert_eq!(r.user("nobody").unwrap(), None);
+    assert_eq!(r.consumer_offset("crm").unwrap(), Some(5));
+    assert_eq!(r.consumer_offset("other").unwrap(), None);
+    // The log tells the story in order, for a consumer.
+    let kinds: Vec<_> = r
+        .scan(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|l| match l.record {
+            LogRecord::Message(m) => format!("msg {}:{}", m.conv, m.seq),
+            LogRecord::Conversation(c) => format!("conv {} {:?}", c.id, c.status),
+            LogRecord::User(u) => format!("user {}", u.id),
+            LogRecord::Read(r) => format!("read {}:{}", r.conv, r.seq),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "conv 7 Queued",
+            "conv 3 Closed",
+            "conv 4 Queued",
+            "conv 4 Assigned",
+            "msg 4:1",
+            "user v4",
+            "read 4:1"
+        ]
+    );
+}
+
+#[test]
+fn batches_respect_the_record_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    // The window keeps a batch open, so only the record limit closes it.
+    let cfg = crate::StoreConfig { batch_max_records: 3, batch_window_us: 300_000, ..config(dir.path()) };
+    let (store, _) = open(cfg);
+    let w = store.writer();
+    for i in 0..10 {
+        w.submit(0, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), "x"))).unwrap();
+    }
+    let done = wait_for(&store.completions(0), 10);
+    let mut per_commit: HashMap<u64, usize> = HashMap::new();
+    for c in &done {
+        *per_commit.entry(c.result.as_ref().unwrap().commit).or_default() += 1;
+    }
+    let mut sizes: Vec<_> = per_commit.values().copied().collect();
+    sizes.sort();
+    assert_eq!(sizes, [1, 3, 3, 3], "{per_commit:?}");
+    assert_eq!(store.stats().batch_records_max, 3);
+    // Completions keep submission order within a source.
+    assert_eq!(done.iter().map(|c| c.token).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+}
+
+#[test]
+fn batches_respect_the_byte_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "x".repeat(1000);
+    let size = WriteOp::AppendMessage(message(1, "v", "0", &text)).size_hint();
+    // Closes once two messages are in.
+    let cfg =
+        crate::StoreConfig { batch_max_bytes: 2 * size - 1, batch_window_us: 300_000, ..config(dir.path()) };
+    let (store, _) = open(cfg);
+    let w = store.writer();
+    for i in 0..10 {
+        w.submit(0, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), &text))).unwrap();
+    }
+    let done = wait_for(&store.completions(0), 10);
+    let mut per_commit: HashMap<u64, usize> = HashMap::new();
+    for c in &done {
+        *per_commit.entry(c.result.as_ref().unwrap().commit).or_default() += 1;
+    }
+    assert_eq!(per_commit.len(), 5, "{per_commit:?}");
+    assert!(per_commit.values().all(|&n| n == 2), "{per_commit:?}");
+    // A write bigger than the limit still commits, alone.
+    let big = "y".repeat(10 * size);
+    let c = write(&store, 99, WriteOp::AppendMessage(message(1, "v", "big", &big)));
+    assert_eq!(c.result.unwrap().seq, 11);
+}
+
+#[test]
+fn the_window_holds_a_batch_open_and_zero_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = Duration::from_millis(250);
+    {
+        let cfg = crate::StoreConfig { batch_window_us: window.as_micros() as u64, ..config(dir.path()) };
+        let (store, _) = open(cfg);
+        let w = store.writer();
+        let t0 = Instant::now();
+        w.submit(0, 1, WriteOp::AppendMessage(message(1, "v", "a", "x"))).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        w.submit(0, 2, WriteOp::AppendMessage(message(1, "v", "b", "x"))).unwrap();
+        let done = wait_for(&store.completions(0), 2);
+        let elapsed = t0.elapsed();
+        let commits: Vec<_> = done.iter().map(|c| c.result.as_ref().unwrap().commit).collect();
+        assert_eq!(commits[0], commits[1], "the second write joined the open batch");
+        assert!(elapsed >= window, "a lone batch waits out its window ({elapsed:?})");
+    }
+    {
+        let cfg = crate::StoreConfig { batch_window_us: 0, ..config(dir.path()) };
+        let (store, _) = open(cfg);
+        let t0 = Instant::now();
+        let c = write(&store, 3, WriteOp::AppendMessage(message(1, "v", "c", "x")));
+        assert_eq!(c.result.unwrap().seq, 3);
+        // Not a timing assertion on the fast side (that belongs in
+        // benchmarks): only that it did not wait for a window it has not got.
+        assert!(t0.elapsed() < window, "{:?}", t0.elapsed());
+    }
+}
+
+#[test]
+fn a_full_source_refuses_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::StoreConfig { submit_queue_capacity: 4, batch_window_us: 100_000, ..config(dir.path()) };
+    let (store, _) = open(cfg);
+    let w = store.writer();
+    for i in 0..4 {
+        w.submit(0, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), "x"))).unwrap();
+    }
+    let refused = w.submit(0, 4, WriteOp::AppendMessage(message(1, "v", "4", "x")));
+    let Err(SubmitError::Full(op)) = refused else { panic!("expected Full, got {refused:?}") };
+    assert_eq!(w.in_flight(0), 4);
+    // Completed but not popped still counts as in flight.
+    let completions = store.completions(0);
+    let deadline = Instant::now() + crate::testkit::PATIENCE;
+    while completions.len() < 4 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(matches!(w.submit(0, 4, op.clone()), Err(SubmitError::Full(_))));
+    wait_for(&completions, 1);
+    w.submit(0, 4, op).unwrap();
+    assert_eq!(wait_for(&completions, 4).last().unwrap().token, 4);
+    assert_eq!(w.in_flight(0), 0);
+    assert_eq!(store.stats().submit_full, 2);
+}
+
+#[test]
+fn each_source_gets_its_own_completions_and_notify() {
+    let dir = tempfile::tempdir().unwrap();
+    let counts = Arc::new(NotifyCount::default());
+    let cfg = crate::StoreConfig { sources: 3, ..config(dir.path()) };
+    let (store, _) = Store::open(cfg, counts.notify()).unwrap();
+    let w = store.writer();
+    w.submit(2, 20, WriteOp::AppendMessage(message(1, "v", "a", "x"))).unwrap();
+    w.submit(0, 10, WriteOp::AppendMessage(message(2, "v", "a", "x"))).unwrap();
+    assert_eq!(wait_for(&store.completions(2), 1)[0].token, 20);
+    assert_eq!(wait_for(&store.completions(0), 1)[0].token, 10);
+    assert!(store.completions(1).is_empty());
+    assert!(counts.0[0].load(Ordering::Relaxed) >= 1);
+    assert_eq!(counts.0[1].load(Ordering::Relaxed), 0);
+    assert!(counts.0[2].load(Ordering::Relaxed) >= 1);
+}
+
+#[test]
+fn close_completes_what_was_submitted_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::StoreConfig { batch_window_us: 50_000, ..config(dir.path()) };
+    let (store, _) = open(cfg);
+    let w = store.writer();
+    let completions = store.completions(0);
+    for i in 0..100 {
+        w.submit(0, i, WriteOp::AppendMessage(message(i % 7, "v", &format!("{i}"), "x"))).unwrap();
+    }
+    store.close();
+    let done = wait_for(&completions, 100);
+    assert!(done.iter().all(|c| c.result.is_ok()));
+    assert!(matches!(
+        w.submit(0, 1000, WriteOp::MarkRead(ReadMark { conv: 1, user_id: "v".into(), seq: 1, ts_ms: 1 })),
+        Err(SubmitError::Closed(_))
+    ));
+    let (store, recovery) = open(config(dir.path()));
+    assert_eq!(recovery.next_offset, 100);
+    assert!(!recovery.repaired && !recovery.unclean_shutdown);
+    drop(store);
+}
+
+#[test]
+fn a_second_open_of_the_same_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, _) = open(config(dir.path()));
+    let second = Store::open(config(dir.path()), Arc::new(|_| {}));
+    assert!(matches!(second, Err(StorageError::Open { .. })), "{second:?}");
+}
+
+#[test]
+fn corrupt_record_is_reported_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(config(dir.path()));
+        for i in 0..3 {
+            write(&store, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), "hello")));
+        }
+    }
+    {
+        // Damage the log behind the store's back, with redb itself: record
+        // 1 becomes garbage with a valid format byte, record 2 becomes a
+        // valid record of the wrong message.
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut log = txn.open_table(crate::tables::LOG).unwrap();
+            let garbage: Vec<u8> = std::iter::once(1u8).chain(std::iter::repeat_n(0xff, 60)).collect();
+            log.insert(1, garbage.as_slice()).unwrap();
+            let other =
+                crate::record::encode(&LogRecord::Message(message(9, "x", "y", "z").into_record(4))).unwrap();
+            log.insert(2, other.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(config(dir.path()));
+    let r = store.reader();
+    assert!(r.message(1, 1).unwrap().is_some(), "undamaged record still reads");
+    assert!(
+        matches!(r.message(1, 2), Err(StorageError::Corrupt { table: "log", .. })),
+        "{:?}",
+        r.message(1, 2)
+    );
+    assert!(matches!(r.message(1, 3), Err(StorageError::Corrupt { .. })));
+    assert!(matches!(r.history(1, None, 10), Err(StorageError::Corrupt { .. })));
+    assert!(matches!(r.scan(0, 10), Err(StorageError::Corrupt { .. })));
+    assert_eq!(r.scan(0, 1).unwrap().len(), 1);
+}
+
+#[test]
+fn dedupe_slot_collisions_are_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(config(dir.path())));
+    {
+        // A test-only key that puts every (sender, cid) in the same slot.
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(crate::tables::META).unwrap();
+            meta.insert(crate::tables::META_DEDUPE_K0, 0).unwrap();
+            meta.insert(crate::tables::META_DEDUPE_K1, 0).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(config(dir.path()));
+    let test_key = crate::dedupe::DedupeKey { k0: 0, k1: 0 };
+    assert_eq!(test_key.slot("v1", "a"), test_key.slot("v2", "b"));
+    let mut seqs = Vec::new();
+    for (i, (sender, cid)) in [("v1", "a"), ("v1", "b"), ("v2", "a"), ("v1", "c")].into_iter().enumerate() {
+        let c = write(&store, i as u64, WriteOp::AppendMessage(message(1, sender, cid, "x"))).result.unwrap();
+        assert!(!c.duplicate, "{sender}/{cid} shares a slot, not an identity");
+        seqs.push(c.seq);
+    }
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    // Resends find their own original, in memory and after a restart.
+    let again = write(&store, 9, WriteOp::AppendMessage(message(1, "v2", "a", "x"))).result.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.seq, 3);
+    drop(store);
+    let (store, _) = open(config(dir.path()));
+    let again = write(&store, 10, WriteOp::AppendMessage(message(1, "v1", "c", "x"))).result.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.seq, 4);
+    let r = store.reader();
+    assert_eq!(r.dedupe("v1", 1, "b").unwrap().map(|h| h.seq), Some(2));
+    assert_eq!(r.dedupe("v2", 1, "a").unwrap().map(|h| h.seq), Some(3));
+    assert_eq!(r.dedupe("v2", 1, "z").unwrap(), None);
+    assert_eq!(r.last_seq(1).unwrap(), 4);
+}
+
+#[test]
+fn a_small_conversation_cache_still_dedupes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(crate::StoreConfig { conv_cache_entries: 3, ..config(dir.path()) });
+    for round in 0..2 {
+        for i in 0..20u64 {
+            let c = write(&store, i, WriteOp::AppendMessage(message(i % 5, "v", &format!("m{i}"), "x")));
+            let c = c.result.unwrap();
+            assert_eq!(c.duplicate, round == 1, "round {round} message {i}");
+            assert_eq!(c.seq, i / 5 + 1);
+        }
+    }
+}
+
+#[test]
+fn reader_dedupe_sees_appends_made_after_its_first_look() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let r = store.reader();
+    assert_eq!(r.dedupe("v1", 1, "a").unwrap(), None);
+    write(&store, 1, WriteOp::AppendMessage(message(1, "v1", "a", "x"))).result.unwrap();
+    write(&store, 2, WriteOp::AppendMessage(message(1, "v1", "b", "x"))).result.unwrap();
+    // Another handle shares the same cache.
+    let r2 = store.reader();
+    assert_eq!(r2.dedupe("v1", 1, "b").unwrap().map(|h| (h.seq, h.offset)), Some((2, 1)));
+    assert_eq!(r.dedupe("v1", 1, "a").unwrap().map(|h| (h.seq, h.offset)), Some((1, 0)));
+    assert_eq!(r.dedupe("v2", 1, "a").unwrap(), None);
+}

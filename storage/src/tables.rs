@@ -1,0 +1,45 @@
+//! The redb tables and what their keys and values mean.
+//!
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | `log` | global offset, from 0, no gaps | [`LogRecord`](crate::LogRecord) archive |
+//! | `conv_index` | (conversation, seq) | (offset in `log`, dedupe slot of the message's sender and cid) |
+//! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) archive |
+//! | `users` | user id | [`UserRecord`](crate::UserRecord) archive |
+//! | `consumer_offsets` | consumer name | committed offset |
+//! | `meta` | counter name | counter |
+//!
+//! Archives are prefixed with a format byte (see `record.rs`).
+//!
+//! An append inserts into two B-trees: `log`, whose keys only grow (cheap:
+//! it fills pages in order), and `conv_index`, whose keys are spread over
+//! every active conversation, so each commit rewrites about one index page
+//! per conversation it touched. Those rewrites are what limits throughput
+//! (see BENCHMARKS.md), which is why the cid dedupe index is not a third
+//! tree but a column of `conv_index` (see `dedupe.rs`).
+
+use redb::TableDefinition;
+
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+pub(crate) const CONV_INDEX: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("conv_index");
+pub(crate) const CONVERSATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("conversations");
+pub(crate) const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+pub(crate) const CONSUMER_OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("consumer_offsets");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// `meta` key: the layout version of the tables (1).
+pub(crate) const META_SCHEMA: &str = "schema_version";
+/// `meta` key: the next offset of `log` (equals the last key + 1; kept as a
+/// pair assertion against the log itself).
+pub(crate) const META_NEXT_OFFSET: &str = "next_offset";
+/// `meta` key: one more than the highest conversation id ever stored.
+pub(crate) const META_NEXT_CONV_ID: &str = "next_conv_id";
+
+/// `meta` keys: the secret SipHash key of the dedupe slots, made at
+/// creation.
+pub(crate) const META_DEDUPE_K0: &str = "dedupe_k0";
+pub(crate) const META_DEDUPE_K1: &str = "dedupe_k1";
+/// `meta` key: 1 while a process has the store open, 0 after a clean close.
+pub(crate) const META_OPEN: &str = "open";
+
+pub(crate) const SCHEMA_VERSION: u64 = 1;

@@ -1,0 +1,370 @@
+//! The write path as its users see it: [`WriteOp`]s go in through a
+//! [`Writer`], [`Completion`]s come out of each source's [`Completions`].
+//!
+//! A *source* is one submitting thread (a shard, the bridge). Each has a
+//! bounded submit queue and a bounded completion queue, both lock-free
+//! `ArrayQueue`s; the writer thread drains the first and fills the second,
+//! then calls `notify(source)` so the source's owner wakes up and pops.
+//! Nothing else is shared, so shards never contend with each other here.
+//!
+//! Both queues are bounded by one number, `submit_queue_capacity`: a source
+//! may have that many writes *in flight* (submitted and not yet popped as a
+//! completion). Beyond it `submit` hands the write back as
+//! [`SubmitError::Full`]; the completion queue can therefore never
+//! overflow, and the writer never waits on a slow shard.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::error::{StorageError, SubmitError};
+use crate::record::{Attachment, ConversationRecord, MessageRecord, ReadMark, Sender, UserRecord};
+
+/// Called by the writer thread with a source index after it pushed
+/// completions for that source. Must be cheap and must not block (write an
+/// eventfd, unpark a thread).
+pub type Notify = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// A message to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// The conversation.
+    pub conv: u64,
+    /// `Some(seq)`: the home shard assigned it, and it must be the
+    /// conversation's next one (else [`StorageError::SeqConflict`], nothing
+    /// written). `None`: the writer assigns the next one and reports it in
+    /// [`Committed::seq`]. A duplicate (see [`WriteOp::AppendMessage`])
+    /// consumes no seq in either case, so a shard that pre-assigns seqs
+    /// must not pipeline a second append to the conversation behind one
+    /// that may turn out a duplicate; `None` has no such caveat.
+    pub seq: Option<u64>,
+    /// The client's message id.
+    pub cid: String,
+    /// The author.
+    pub from: Sender,
+    /// Milliseconds since the epoch.
+    pub ts_ms: u64,
+    /// The text, if any.
+    pub text: Option<String>,
+    /// The attachment, if any.
+    pub attachment: Option<Attachment>,
+}
+
+impl NewMessage {
+    pub(crate) fn into_record(self, seq: u64) -> MessageRecord {
+        MessageRecord {
+            conv: self.conv,
+            seq,
+            cid: self.cid,
+            from: self.from,
+            ts_ms: self.ts_ms,
+            text: self.text,
+            attachment: self.attachment,
+        }
+    }
+
+    /// A copy without the strings that are moved out when encoding (cid,
+    /// text, attachment): what stays behind while the record is encoded.
+    pub(crate) fn clone_header(&self) -> NewMessage {
+        NewMessage {
+            conv: self.conv,
+            seq: self.seq,
+            cid: String::new(),
+            from: Sender { role: self.from.role, id: String::new(), name: String::new() },
+            ts_ms: self.ts_ms,
+            text: None,
+            attachment: None,
+        }
+    }
+
+    pub(crate) fn from_record(r: MessageRecord, seq: Option<u64>) -> NewMessage {
+        NewMessage {
+            conv: r.conv,
+            seq,
+            cid: r.cid,
+            from: r.from,
+            ts_ms: r.ts_ms,
+            text: r.text,
+            attachment: r.attachment,
+        }
+    }
+}
+
+/// One durable write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Append a message to the log and the conversation's index.
+    /// Idempotent on (sender id, conversation, cid): if that key was ever
+    /// appended (this batch, or years ago), nothing is written and the
+    /// completion carries the original seq, offset and ts with
+    /// `duplicate: true`.
+    AppendMessage(NewMessage),
+    /// Store a conversation's state and log the change. Its `last_seq` is
+    /// ignored (it is derived from the index).
+    PutConversation(ConversationRecord),
+    /// Store a user's profile and log the change.
+    PutUser(UserRecord),
+    /// Log a read mark.
+    MarkRead(ReadMark),
+    /// Remember how far a named consumer of the log has got. Not logged.
+    CommitOffset {
+        /// The consumer's name.
+        consumer: String,
+        /// Its committed offset (by convention: the next one it will read).
+        offset: u64,
+    },
+}
+
+impl WriteOp {
+    /// About how many bytes this adds to a batch (its strings and blobs
+    /// plus a fixed overhead); what `batch_max_bytes` counts.
+    pub fn size_hint(&self) -> usize {
+        const OVERHEAD: usize = 64;
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        OVERHEAD
+            + match self {
+                WriteOp::AppendMessage(m) => {
+                    m.cid.len()
+                        + m.from.id.len() * 2
+                        + m.from.name.len()
+                        + opt(&m.text)
+                        + m.attachment.as_ref().map_or(0, |a| a.mime.len() + a.bytes.len())
+                }
+                WriteOp::PutConversation(c) => {
+                    2 * (c.visitor_id.len()
+                        + c.agent.as_ref().map_or(0, |a| a.id.len() + a.name.len())
+                        + opt(&c.group))
+                }
+                WriteOp::PutUser(u) => {
+                    2 * (u.id.len()
+                        + u.name.len()
+                        + u.meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
+                }
+                WriteOp::MarkRead(r) => r.user_id.len(),
+                WriteOp::CommitOffset { consumer, .. } => consumer.len(),
+            }
+    }
+}
+
+/// A write that is durable: its commit's fsync has returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// The log offset of the record (for a duplicate: of the original; for
+    /// `CommitOffset`: the offset committed).
+    pub offset: u64,
+    /// For messages, the seq (for a duplicate: the original's); else 0.
+    pub seq: u64,
+    /// For messages, the ts_ms stored (for a duplicate: the original's);
+    /// else 0.
+    pub ts_ms: u64,
+    /// The append matched an earlier one by (sender, conversation, cid) and
+    /// wrote nothing.
+    pub duplicate: bool,
+    /// The number of the group commit that made it durable (1, 2, … since
+    /// this store was opened); writes with equal numbers shared an fsync.
+    pub commit: u64,
+}
+
+/// The outcome of one submitted write, in the source's completion queue.
+#[derive(Debug)]
+pub struct Completion {
+    /// The caller's token from `submit`.
+    pub token: u64,
+    /// Durable, or why not. An `Err` means nothing of this write is stored.
+    pub result: Result<Committed, StorageError>,
+    /// The write itself, handed back so the caller can fan a message out
+    /// or reuse its buffers without having kept a copy. (`PutUser` comes
+    /// back with its meta sorted; a message keeps the `seq` it was
+    /// submitted with, see `result` for the assigned one.)
+    pub op: WriteOp,
+}
+
+pub(crate) struct Submission {
+    pub(crate) token: u64,
+    pub(crate) op: WriteOp,
+}
+
+/// One source's queues and counters, padded so that two shards' counters
+/// never share a cache line.
+#[repr(align(128))]
+pub(crate) struct SourceQueues {
+    pub(crate) submit: ArrayQueue<Submission>,
+    pub(crate) done: ArrayQueue<Completion>,
+    /// Submitted and not yet popped as a completion. At most `capacity`.
+    pub(crate) in_flight: AtomicUsize,
+    /// Submitters between their check of `closed` and their push; the
+    /// writer does not exit while this is non-zero.
+    pub(crate) entering: AtomicUsize,
+}
+
+/// Counters of the write path (see [`StoreStats`](crate::StoreStats)).
+#[derive(Debug, Default)]
+pub(crate) struct WriteStats {
+    pub(crate) commits: AtomicU64,
+    pub(crate) failed_commits: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) full: AtomicU64,
+    pub(crate) batch_records_max: AtomicU64,
+}
+
+/// Everything the submitters, the writer thread and the completion poppers
+/// share.
+pub(crate) struct Shared {
+    pub(crate) sources: Box<[SourceQueues]>,
+    pub(crate) capacity: usize,
+    pub(crate) closed: AtomicBool,
+    pub(crate) writer_thread: OnceLock<Thread>,
+    pub(crate) notify: Notify,
+    pub(crate) stats: WriteStats,
+}
+
+impl Shared {
+    pub(crate) fn new(sources: usize, capacity: usize, notify: Notify) -> Shared {
+        assert!(sources > 0 && capacity > 0);
+        let sources = (0..sources)
+            .map(|_| SourceQueues {
+                submit: ArrayQueue::new(capacity),
+                done: ArrayQueue::new(capacity),
+                in_flight: AtomicUsize::new(0),
+                entering: AtomicUsize::new(0),
+            })
+            .collect();
+        Shared {
+            sources,
+            capacity,
+            closed: AtomicBool::new(false),
+            writer_thread: OnceLock::new(),
+            notify,
+            stats: WriteStats::default(),
+        }
+    }
+
+    fn source(&self, source: usize) -> &SourceQueues {
+        match self.sources.get(source) {
+            Some(s) => s,
+            None => panic!("storage source {source} out of range (sources = {})", self.sources.len()),
+        }
+    }
+
+    /// No submitter is mid-submit and every submit queue is empty: after
+    /// `closed` is set, nothing more can arrive.
+    pub(crate) fn quiescent(&self) -> bool {
+        self.sources.iter().all(|s| s.entering.load(Ordering::SeqCst) == 0 && s.submit.is_empty())
+    }
+}
+
+/// Submits writes to the group commit. Cheap to clone; `Send` and `Sync`,
+/// so every shard can hold one.
+#[derive(Clone)]
+pub struct Writer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("sources", &self.shared.sources.len()).finish()
+    }
+}
+
+impl Writer {
+    /// Queues `op` for the next group commit. Its [`Completion`], carrying
+    /// `token`, will appear in `source`'s completion queue once the commit
+    /// holding it is durable (or failed), and then `notify(source)` is
+    /// called. Never blocks.
+    ///
+    /// # Panics
+    /// If `source >= sources`: that is a wiring bug, not a runtime condition.
+    // The refused op comes back by value: no allocation and no clone on the
+    // back-pressure path, which is the point of returning it.
+    #[allow(clippy::result_large_err)]
+    pub fn submit(&self, source: usize, token: u64, op: WriteOp) -> Result<(), SubmitError> {
+        let shared = &*self.shared;
+        let q = shared.source(source);
+        q.entering.fetch_add(1, Ordering::SeqCst);
+        let result = if shared.closed.load(Ordering::SeqCst) {
+            Err(SubmitError::Closed(op))
+        } else if q.in_flight.fetch_add(1, Ordering::AcqRel) >= shared.capacity {
+            q.in_flight.fetch_sub(1, Ordering::AcqRel);
+            shared.stats.full.fetch_add(1, Ordering::Relaxed);
+            Err(SubmitError::Full(op))
+        } else {
+            match q.submit.push(Submission { token, op }) {
+                Ok(()) => Ok(()),
+                Err(s) => {
+                    // Unreachable while in_flight bounds the queue; refuse
+                    // rather than trust it.
+                    q.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    Err(SubmitError::Full(s.op))
+                }
+            }
+        };
+        q.entering.fetch_sub(1, Ordering::SeqCst);
+        if result.is_ok()
+            && let Some(t) = shared.writer_thread.get()
+        {
+            // An atomic swap when the writer is awake; a futex wake when it
+            // is parked.
+            t.unpark();
+        }
+        result
+    }
+
+    /// The number of sources.
+    pub fn sources(&self) -> usize {
+        self.shared.sources.len()
+    }
+
+    /// Writes of `source` in flight: submitted, completion not yet popped.
+    pub fn in_flight(&self, source: usize) -> usize {
+        self.shared.source(source).in_flight.load(Ordering::Acquire)
+    }
+
+    /// The per-source in-flight limit (`submit_queue_capacity`).
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+}
+
+/// One source's completion queue. Cheap to clone and `Send`, so the shard
+/// that owns the source can keep it.
+#[derive(Clone)]
+pub struct Completions {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) source: usize,
+}
+
+impl std::fmt::Debug for Completions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completions").field("source", &self.source).field("len", &self.len()).finish()
+    }
+}
+
+impl Completions {
+    /// The next completion, if any. Popping frees one in-flight slot.
+    pub fn pop(&self) -> Option<Completion> {
+        let q = self.shared.source(self.source);
+        let c = q.done.pop()?;
+        let before = q.in_flight.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "in_flight underflow on source {}", self.source);
+        Some(c)
+    }
+
+    /// Completions waiting to be popped.
+    pub fn len(&self) -> usize {
+        self.shared.source(self.source).done.len()
+    }
+
+    /// Whether none are waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Which source this is.
+    pub fn source(&self) -> usize {
+        self.source
+    }
+}
