@@ -23,14 +23,39 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The per-shard slab of message buffers, allocated at start.
     pub slab: SlabConfig,
-    /// Where durable data lives.
-    pub storage: StorageConfig,
+    /// Where durable data lives, and how the group commit batches.
+    pub storage: kefu_storage::StoreConfig,
     /// Identity: JWT secret and anonymous visitors.
     pub auth: AuthConfig,
     /// Endpoints for conformance runs and transport benchmarks.
     pub diagnostics: DiagnosticsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Who gets which conversation.
+    pub routing: kefu_core::config::RoutingConfig,
+    /// Canned replies and keyword auto-replies.
+    pub rules: kefu_core::config::RulesConfig,
+    /// Sizes and counts of chat content (text, attachments, cids, history).
+    pub messages: kefu_core::config::LimitsConfig,
+}
+
+impl Config {
+    /// The product rules' configuration, as `kefu-core` takes it.
+    pub fn core(&self) -> kefu_core::CoreConfig {
+        kefu_core::CoreConfig {
+            auth: kefu_core::config::AuthPolicy {
+                exp_leeway_s: self.auth.exp_leeway_s,
+                ..kefu_core::config::AuthPolicy::default()
+            },
+            limits: self.messages.clone(),
+            rate: kefu_core::config::RateLimitConfig {
+                messages_per_s: self.limits.messages_per_s,
+                burst: self.limits.burst,
+            },
+            routing: self.routing.clone(),
+            rules: self.rules.clone(),
+        }
+    }
 }
 
 /// Which io driver the shards run.
@@ -112,6 +137,10 @@ pub struct LimitsConfig {
     pub outbound_queue_bytes: usize,
     /// Slab size class used to read from sockets.
     pub read_buffer_bytes: usize,
+    /// Commands per second one connection may send, sustained (token bucket).
+    pub messages_per_s: u32,
+    /// Commands one connection may send at once after a quiet spell.
+    pub burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -123,6 +152,8 @@ impl Default for LimitsConfig {
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 48 * 1024 * 1024,
             read_buffer_bytes: 16 * 1024,
+            messages_per_s: 20,
+            burst: 40,
         }
     }
 }
@@ -162,20 +193,6 @@ impl Default for SlabConfig {
     }
 }
 
-/// `[storage]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    /// Data directory (log, generated secrets).
-    pub dir: PathBuf,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        Self { dir: PathBuf::from("./data") }
-    }
-}
-
 /// `[auth]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -184,11 +201,13 @@ pub struct AuthConfig {
     pub jwt_secret: String,
     /// Whether visitors may connect without a token.
     pub allow_anonymous: bool,
+    /// Seconds a token is still accepted past its `exp` (at most 60).
+    pub exp_leeway_s: u64,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { jwt_secret: String::new(), allow_anonymous: true }
+        Self { jwt_secret: String::new(), allow_anonymous: true, exp_leeway_s: 60 }
     }
 }
 
@@ -350,6 +369,8 @@ impl Config {
         if self.limits.outbound_queue_frames == 0 {
             return invalid("limits.outbound_queue_frames must be at least 1".into());
         }
+        self.core().validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.storage.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid(format!("log.format = {:?}: expected \"text\" or \"json\"", self.log.format));
         }
@@ -470,7 +491,7 @@ mod tests {
         let c = load(None, &[], &Overrides::default()).unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:8080");
         assert_eq!(c.server.admin_listen, "127.0.0.1:9090");
-        assert_eq!(c.storage.dir, PathBuf::from("./data"));
+        assert_eq!(c.storage.dir, PathBuf::from("data"));
         assert!(!c.diagnostics.echo);
         assert_eq!(c.server.io, IoDriver::Uring);
     }

@@ -8,6 +8,7 @@
 //! and keeps its message buffers in a [`slab`].
 
 pub mod admin;
+pub mod alloc;
 pub mod chat;
 pub mod config;
 pub mod conn;

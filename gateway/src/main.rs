@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 use kefu_gateway::config::{Config, Overrides};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: kefu_gateway::alloc::Counting<mimalloc::MiMalloc> =
+    kefu_gateway::alloc::Counting(mimalloc::MiMalloc);
 
 /// kefu: an edge gateway for live customer service.
 ///
@@ -32,6 +33,33 @@ enum Command {
     /// Print the effective configuration (after file, environment and flags)
     /// as TOML, then exit.
     Config(ServeArgs),
+    /// Print a client JWT signed with the configured secret (auth.jwt_secret,
+    /// or the one generated in the data directory).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// `agent` or `visitor`.
+    #[arg(long)]
+    role: String,
+    /// User id (the `sub` claim).
+    #[arg(long)]
+    sub: String,
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Skill groups (agent) or the group asked for (visitor); repeatable.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Profile entries shown to agents, `key=value`; repeatable.
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    meta: Vec<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    ttl_s: u64,
+    #[command(flatten)]
+    config: ServeArgs,
 }
 
 #[derive(clap::Args)]
@@ -75,6 +103,35 @@ fn main() -> anyhow::Result<()> {
         Command::Config(args) => {
             let config = args.load()?;
             print!("{}", toml::to_string_pretty(&config).context("rendering the configuration")?);
+            Ok(())
+        }
+        Command::Token(args) => {
+            let config = args.config.load()?;
+            let (secret, _) =
+                kefu_gateway::secret::load_or_create(&config.auth.jwt_secret, &config.storage.dir)?;
+            let role = kefu_proto::Role::parse(&args.role)
+                .filter(|r| *r != kefu_proto::Role::Bot)
+                .ok_or_else(|| anyhow::anyhow!("--role must be agent or visitor, not {:?}", args.role))?;
+            let mut meta = std::collections::BTreeMap::new();
+            for entry in &args.meta {
+                let (k, v) = entry
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--meta {entry:?}: expected key=value"))?;
+                meta.insert(k.to_string(), v.to_string());
+            }
+            let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let claims = kefu_core::auth::Claims {
+                sub: args.sub,
+                role,
+                name: args.name,
+                groups: args.groups,
+                meta,
+                exp: now_s + args.ttl_s,
+                nbf: None,
+            };
+            let key = kefu_core::auth::JwtKey::new(secret.as_bytes(), config.core().auth)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{}", key.sign(&claims));
             Ok(())
         }
         Command::Serve(args) => {

@@ -92,6 +92,11 @@ pub fn render(shards: &[ShardStats], driver: &str) -> String {
         env!("CARGO_PKG_VERSION"),
         shards.len()
     );
+    let _ = writeln!(
+        out,
+        "# HELP kefu_allocations_total Heap allocations by every thread.\n# TYPE kefu_allocations_total counter\nkefu_allocations_total {}",
+        crate::alloc::allocations()
+    );
     type Field = fn(&ShardStats) -> &AtomicU64;
     let series: [(&str, &str, &str, Field); 13] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tracing::{info, warn};
 
-use crate::chat::ShardMsg;
+use crate::chat::service::ChatInit;
+use crate::chat::{CHAT_SHARD, ShardMsg};
 use crate::config::Config;
 use crate::mailbox::Mailbox;
 use crate::metrics::ShardStats;
@@ -68,8 +69,6 @@ impl Running {
 /// Prepares the data directory and starts every shard; returns once all
 /// listen.
 pub fn start(config: Config) -> anyhow::Result<Running> {
-    let (_secret, _source) = crate::secret::load_or_create(&config.auth.jwt_secret, &config.storage.dir)
-        .with_context(|| format!("preparing the data directory {}", config.storage.dir.display()))?;
     shard::probe_driver(&config).map_err(anyhow::Error::msg)?;
     let shards = config.shard_count();
     let classes = config.slab.classes.len();
@@ -81,6 +80,23 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         .collect::<Result<Vec<_>, _>>()
         .context("creating shard mailboxes")?
         .into();
+    let (secret, _) = crate::secret::load_or_create(&config.auth.jwt_secret, &config.storage.dir)
+        .with_context(|| format!("preparing the data directory {}", config.storage.dir.display()))?;
+    let chat_mailboxes = mailboxes.clone();
+    let notify: kefu_storage::Notify = Arc::new(move |_source| chat_mailboxes[CHAT_SHARD].wake());
+    let mut store_config = config.storage.clone();
+    store_config.sources = 1;
+    let opened = Instant::now();
+    let (store, recovery) = kefu_storage::Store::open(store_config, notify).context("opening the store")?;
+    info!(elapsed_ms = opened.elapsed().as_millis() as u64, recovery = ?recovery, "store open");
+    let mut chat = Some(ChatInit {
+        mailboxes: mailboxes.clone(),
+        core: Arc::new(config.core()),
+        jwt_secret: secret,
+        allow_anonymous: config.auth.allow_anonymous,
+        heartbeat_s: config.server.heartbeat_s as u32,
+        store,
+    });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
     let mut addr = None;
@@ -94,6 +110,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             stats: stats.clone(),
             ready: ready_tx.clone(),
             mailboxes: mailboxes.clone(),
+            chat: if id == CHAT_SHARD { chat.take() } else { None },
         };
         let t = std::thread::Builder::new()
             .name(format!("kefu-shard-{id}"))

@@ -24,8 +24,8 @@ use tracing::{debug, info, warn};
 
 use kefu_proto::client::{Codec, Encoder, ServerFrame};
 
-use crate::chat::service::{ChatService, ws_frame};
-use crate::chat::{CHAT_SHARD, SessionAddr, ShardMsg};
+use crate::chat::service::{ChatInit, ChatService, ws_frame};
+use crate::chat::{SessionAddr, ShardMsg};
 use crate::config::{Config, IoDriver};
 use crate::conn::{self, Conn};
 use crate::mailbox::{Mailbox, Waiter};
@@ -51,6 +51,8 @@ pub struct ShardInit {
     pub ready: std::sync::mpsc::Sender<Result<ShardReady, String>>,
     /// Every shard's inbox (this shard reads `mailboxes[id]`).
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
+    /// For the chat shard: what its chat service starts from.
+    pub chat: Option<ChatInit>,
 }
 
 /// What a shard reports once it listens.
@@ -344,7 +346,7 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 async fn serve(init: ShardInit) {
-    let ShardInit { id, config, stop, stats, ready, mailboxes } = init;
+    let ShardInit { id, config, stop, stats, ready, mailboxes, chat } = init;
     let slab = match Slab::new(&config.slab.classes) {
         Ok(slab) => slab,
         Err(e) => {
@@ -390,13 +392,19 @@ async fn serve(init: ShardInit) {
         };
         monoio::spawn(crate::admin::serve(admin, stats, driver, shard.clone()));
     }
+    let service = match chat.map(ChatService::new).transpose() {
+        Ok(service) => service,
+        Err(e) => {
+            let _ = ready.send(Err(format!("chat service: {e:#}")));
+            return;
+        }
+    };
     let _ = ready.send(match addr {
         Some(addr) => Ok(ShardReady { id, addr, admin_addr }),
         None => Err(format!("shard {id}: listener has no local address")),
     });
     drop(ready);
 
-    let service = (id == CHAT_SHARD).then(|| ChatService::new(shard.mailboxes.clone()));
     monoio::spawn(inbox_loop(shard.clone(), waiter, service));
     let accept_stop = Rc::new(StopSignal::default());
     let acceptor = monoio::spawn(accept_loop(shard.clone(), listener, accept_stop.clone()));
@@ -429,10 +437,14 @@ async fn serve(init: ShardInit) {
     debug!(shard = id, "stopped");
 }
 
+/// How often the chat service's router is told the time.
+const CHAT_TICK_MS: u64 = 500;
+
 /// Drains the shard's inbox for as long as the shard runs, sleeping on the
 /// mailbox's eventfd when it is empty.
 async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: Option<ChatService>) {
     let inbox = &shard.mailboxes[shard.id];
+    let mut next_tick = 0;
     loop {
         while let Some(msg) = inbox.try_recv() {
             match msg {
@@ -453,8 +465,29 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: Option<ChatSe
                 },
             }
         }
-        if inbox.prepare_park() && waiter.sleep().await.is_err() {
-            warn!(shard = shard.id, "mailbox wait failed");
+        if let Some(service) = service.as_mut() {
+            service.poll_completions();
+            if shard.now_ms() >= next_tick {
+                next_tick = shard.now_ms() + CHAT_TICK_MS;
+                service.tick();
+            }
+        }
+        if !inbox.prepare_park() {
+            continue;
+        }
+        // Storage completions signal through the same eventfd; one may have
+        // landed between the drain above and the park.
+        if service.as_ref().is_some_and(ChatService::has_completions) {
+            inbox.wake();
+            continue;
+        }
+        let slept = match service {
+            // The chat shard also wakes for router deadlines (offline grace).
+            Some(_) => monoio::time::timeout(Duration::from_millis(CHAT_TICK_MS), waiter.sleep()).await.ok(),
+            None => Some(waiter.sleep().await),
+        };
+        if let Some(Err(e)) = slept {
+            warn!(shard = shard.id, error = %e, "mailbox wait failed");
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
     }

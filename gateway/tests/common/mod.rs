@@ -23,9 +23,36 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `kefu serve` on ephemeral ports with `args` and `env` added.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Gateway {
-        let data = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), args, env)
+    }
+
+    /// Kills the process with SIGKILL and starts a new one on the same data.
+    pub fn kill9_and_restart(mut self, args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tempdir"));
+        Self::start_in(data, args, env)
+    }
+
+    /// A client token signed with this gateway's secret.
+    pub fn token(&self, role: &str, sub: &str, extra: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_kefu"))
+            .args(["token", "--role", role, "--sub", sub, "--data"])
+            .arg(self.data.path())
+            .args(extra)
+            .output()
+            .expect("kefu token");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn start_in(data: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kefu"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data"])
+        cmd.arg("serve");
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--admin-listen", "127.0.0.1:0", "--data"])
             .arg(data.path())
             .args(args)
             .env("RUST_LOG", "info")
