@@ -7,9 +7,13 @@
 //! - `idle` (`idle.rs`): how much server memory does one idle connection
 //!   cost, measured with tens of thousands of real connections?
 //!
-//! Chat scenarios (visitors and agents, a message mix, zero loss across
-//! `kill -9`) grow here as further subcommands over the same pieces: the
-//! minimal client WebSocket in `ws.rs` and the measurements in `stats.rs`.
+//! - `chat` (`chat.rs`): with thousands of visitors sending at a fixed
+//!   aggregate rate (open loop), how long until the agent has each message,
+//!   and until the visitor holds its durable `ack`?
+//!
+//! Further chat scenarios (a message mix, zero loss across `kill -9`) grow
+//! here over the same pieces: the minimal client WebSocket in `ws.rs` and
+//! the measurements in `stats.rs`.
 //!
 //! Every subcommand prints a human summary on stderr and exactly one JSON
 //! line on stdout, so scripts can `| jq` the result while people read the
@@ -17,6 +21,7 @@
 //! (`--allow-non-loopback` overrides): this tool generates load, and a
 //! mistyped URL must not point it at someone else.
 
+mod chat;
 mod echo;
 mod idle;
 mod stats;
@@ -42,6 +47,9 @@ enum Command {
     Echo(echo::EchoArgs),
     /// Server memory per idle WebSocket connection, over many connections.
     Idle(idle::IdleArgs),
+    /// Visitor → agent delivery and ack latency at a fixed message rate
+    /// (open loop) against kefu's /ws.
+    Chat(chat::ChatArgs),
     /// One client process of `idle` (started by `idle` itself).
     #[command(hide = true)]
     IdleWorker(idle::WorkerArgs),
@@ -51,6 +59,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Echo(args) => echo::run(args),
         Command::Idle(args) => idle::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::IdleWorker(args) => idle::run_worker(args),
     };
     match result {

@@ -14,7 +14,7 @@
 //!   `VmRSS` in `/proc/PID/status`, and its open descriptors from
 //!   `/proc/PID/fd`, so the reports can name a server-side limit too.
 
-use std::{fs, time::Duration};
+use std::{collections::BTreeMap, fs, time::Duration};
 
 use anyhow::{Context as _, anyhow};
 use hdrhistogram::Histogram;
@@ -68,6 +68,7 @@ impl Latency {
             return LatencySummary::default();
         }
         LatencySummary {
+            min: us(self.histogram.min()),
             p50: us(self.histogram.value_at_quantile(0.50)),
             p90: us(self.histogram.value_at_quantile(0.90)),
             p99: us(self.histogram.value_at_quantile(0.99)),
@@ -81,6 +82,7 @@ impl Latency {
 /// Latency percentiles in microseconds.
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct LatencySummary {
+    pub min: f64,
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -114,8 +116,58 @@ fn clock_ticks_per_second() -> f64 {
 
 /// CPU seconds (utime + stime, all threads) that process `pid` has used.
 pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat")).map(|(user, system)| user + system)
+}
+
+/// User and system CPU of one thread (or a sum of threads).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct CpuSplit {
+    pub user: f64,
+    pub system: f64,
+}
+
+/// CPU seconds each thread of process `pid` has used, with the thread's
+/// name (`comm`), by thread id: which of a server's threads (a shard, a
+/// storage writer) a cost belongs to. Threads that exit while this reads
+/// are skipped.
+pub fn process_threads_cpu(pid: u32) -> anyhow::Result<BTreeMap<u32, (String, CpuSplit)>> {
+    let dir = format!("/proc/{pid}/task");
+    let mut threads = BTreeMap::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let Ok(entry) = entry else { continue };
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        let (Ok(name), Ok(cpu)) =
+            (fs::read_to_string(entry.path().join("comm")), stat_cpu_seconds(&format!("{dir}/{tid}/stat")))
+        else {
+            continue;
+        };
+        threads.insert(tid, (name.trim().to_owned(), CpuSplit { user: cpu.0, system: cpu.1 }));
+    }
+    Ok(threads)
+}
+
+/// Per-thread-name CPU cores between two [`process_threads_cpu`] readings
+/// `seconds` apart (threads of the same name are added up).
+pub fn threads_cores(
+    before: &BTreeMap<u32, (String, CpuSplit)>,
+    after: &BTreeMap<u32, (String, CpuSplit)>,
+    seconds: f64,
+) -> BTreeMap<String, CpuSplit> {
+    let mut cores: BTreeMap<String, CpuSplit> = BTreeMap::new();
+    for (tid, (name, cpu)) in after {
+        let start = before.get(tid).map(|(_, c)| *c).unwrap_or_default();
+        let entry = cores.entry(name.clone()).or_default();
+        entry.user += (cpu.user - start.user).max(0.0) / seconds;
+        entry.system += (cpu.system - start.system).max(0.0) / seconds;
+    }
+    cores
+}
+
+/// (utime, stime) of a `/proc/.../stat` file, in seconds.
+fn stat_cpu_seconds(path: &str) -> anyhow::Result<(f64, f64)> {
+    let stat = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     // The command name (field 2) is in parentheses and may hold spaces;
     // count fields from after its closing parenthesis. utime and stime are
     // fields 14 and 15, that is the 12th and 13th after it.
@@ -131,7 +183,8 @@ pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     };
     let utime = next("utime")?;
     let stime = next("stime")?;
-    Ok((utime + stime) as f64 / clock_ticks_per_second())
+    let ticks = clock_ticks_per_second();
+    Ok((utime as f64 / ticks, stime as f64 / ticks))
 }
 
 /// Resident set size of process `pid` in bytes (`VmRSS`).
@@ -248,6 +301,10 @@ mod tests {
         std::hint::black_box(x);
         assert!(self_cpu_seconds().expect("getrusage") > start);
         assert!(process_cpu_seconds(pid).expect("stat") >= 0.0);
+        let threads = process_threads_cpu(pid).expect("task stats");
+        assert!(threads.contains_key(&pid), "{threads:?}");
+        let cores = threads_cores(&BTreeMap::new(), &threads, 1.0);
+        assert!(!cores.is_empty() && cores.values().all(|c| c.user >= 0.0 && c.system >= 0.0), "{cores:?}");
         assert!(process_rss_bytes(pid).expect("status") > 0);
         let (open, limit) = process_fds(pid).expect("fds");
         assert!(open >= 3);

@@ -1,0 +1,1955 @@
+//! `kefu-bench chat`: visitor → agent delivery latency at a fixed rate.
+//!
+//! The question: with thousands of visitors talking to a few dozen agents at
+//! an aggregate rate R, how long after a visitor *should have* sent a
+//! message does the agent have it, and how long until the visitor holds the
+//! `ack` that says it is durable?
+//!
+//! # The run
+//!
+//! 1. **Agents.** `--agents` connections `connect` with a JWT this tool
+//!    signs (HS256, with the gateway's secret from `--data DIR/jwt_secret`
+//!    or `--jwt-secret-file`) and go `presence online` with capacity
+//!    ceil(visitors / agents), which must fit under `--max-capacity` (the
+//!    gateway's `routing.max_capacity`, 100 by default). Agent ids carry a
+//!    random run id, so a second run against the same gateway does not
+//!    inherit the first run's conversations.
+//! 2. **Visitors.** `--visitors` anonymous connections `connect {}`, `open
+//!    {}`, and wait until their conversation is `assigned`; at most
+//!    `--setup-concurrency` per thread are in this phase at once.
+//! 3. **Load, open loop.** Send times are fixed in advance: each client
+//!    thread owns a share of R proportional to its visitors, its messages
+//!    are spaced 1/R_t apart, round-robin over its visitors, and the threads
+//!    are phase-shifted so that the aggregate is evenly spaced too. A message
+//!    leaves when its time comes whatever happened to earlier ones (nothing
+//!    waits for an ack), and every latency is measured from the *scheduled*
+//!    time, not from the write: a stalled server (or client) shows up in the
+//!    percentiles instead of silently slowing the load down (no coordinated
+//!    omission).
+//! 4. **Drain.** After `--warmup` + `--duration` nothing more is sent; the
+//!    run waits up to `--grace` for the last deliveries and acks, then
+//!    stops. What is still missing is reported as undelivered / unacked.
+//!
+//! Only messages *scheduled* inside the measured window (after the warmup)
+//! count. A message's scheduled time travels in its `cid`
+//! (`thread-number-nanoseconds`), so the agent that receives the `msg` and
+//! the visitor that receives the `ack` match it to its schedule by cid alone,
+//! on whichever client thread they live.
+//!
+//! # Keeping the client honest
+//!
+//! - Send times are kept with a `timerfd` (absolute CLOCK_MONOTONIC
+//!   deadlines, nanosecond resolution) read through io_uring, not monoio's
+//!   millisecond timer wheel, which would add up to 1 ms of the client's own
+//!   lateness to every message. The lateness that remains is measured and
+//!   reported (`send_lag_us`): if its p99 is not small next to the
+//!   latencies, the client was in the way.
+//! - Receive times are taken once per read completion, as in `echo`.
+//! - The client's CPU over the window is reported next to the server's.
+//!
+//! # Seeing into the server from outside
+//!
+//! In kefu a `msg` is fanned out only once the message is durable, so the
+//! delivery latency contains a group commit. Two figures help say how much:
+//!
+//! - acks of one commit leave the gateway together, so the client sees them
+//!   in bursts; `ack_bursts_per_s` counts bursts (gaps over 150 µs) during
+//!   the window and `acks_per_burst` their size. Under load commits run back
+//!   to back, so 1 / bursts per second is about one commit's duration, and
+//!   the fastest ack is about one commit plus the trips through the shard;
+//! - `--fsync-probe` times fdatasyncs in the gateway's data directory before
+//!   the load (redb makes one or two per commit).
+//!
+//! With `--server-pid`, the server's CPU is also broken down by thread
+//! (shards, storage writer), user and system.
+//!
+//! # Rate limits
+//!
+//! The gateway limits commands per connection (`limits.messages_per_s`,
+//! default 20/s, `limits.burst`, default 40). Each visitor sends rate /
+//! visitors messages per second; the gateway must allow that, e.g. with
+//! `KEFU_LIMITS_MESSAGES_PER_S` and `KEFU_LIMITS_BURST` in its environment.
+//! `rate_limited` errors are counted, reported loudly, and make the run
+//! exit non-zero: those numbers measure the limiter, not the gateway.
+
+use std::{
+    cell::{Cell, OnceCell, RefCell},
+    collections::{BTreeMap, HashMap, VecDeque},
+    fs,
+    io::{self, Write as _},
+    net::IpAddr,
+    os::fd::{FromRawFd as _, RawFd},
+    path::PathBuf,
+    rc::Rc,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use kefu_core::{
+    auth::{Claims, JwtKey},
+    config::AuthPolicy,
+};
+use kefu_proto::{
+    ClientFrame, Codec, Command, ConvId, ConvStatus, Encoder, ErrorCode, Event, PresenceStatus, Role,
+    ServerFrame,
+};
+use monoio::{
+    io::{AsyncReadRent as _, AsyncWriteRentExt as _, OwnedReadHalf, OwnedWriteHalf, Splitable as _},
+    net::TcpStream,
+};
+use serde::Serialize;
+
+use crate::{
+    echo::{TaskRun, build_runtime},
+    stats::{self, Latency, LatencySummary},
+    ws::{self, Event as WsEvent, FrameReader, WsUrl},
+};
+
+/// Acks read further apart than this belong to different group commits
+/// (acks of one commit leave the gateway within microseconds of each other;
+/// a commit takes at least a couple of fsyncs).
+const ACK_BURST_GAP_NS: u64 = 150_000;
+
+/// Largest server message this client reassembles; anything bigger is a
+/// bug for this scenario (its frames are a few hundred bytes).
+const MESSAGE_BYTES_MAX: usize = 1 << 20;
+
+/// Arguments of `kefu-bench chat`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+The gateway rate-limits commands per connection (limits.messages_per_s, default 20/s; \
+limits.burst, default 40). Every visitor sends RATE / VISITORS messages per second, so \
+start the gateway with a limit above that, e.g.
+    KEFU_LIMITS_MESSAGES_PER_S=1000 KEFU_LIMITS_BURST=1000 kefu serve ...
+rate_limited errors are reported loudly and make the run fail.
+
+Example (tools/bench-chat.sh does all of it):
+    kefu-bench chat --url ws://127.0.0.1:8080/ws --data DIR --visitors 2000 --agents 20 \\
+        --rate 5000 --duration 10 --warmup 2 --sources 127.0.0.1,127.0.0.2 --cpu 0 --server-pid PID")]
+pub struct ChatArgs {
+    /// The gateway's client WebSocket endpoint (ws:// only).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+
+    /// The gateway's data directory: its `jwt_secret` signs the agents'
+    /// tokens, and fsync is probed there (see --fsync-probe).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+
+    /// A file holding the gateway's JWT secret (auth.jwt_secret), instead
+    /// of --data.
+    #[arg(long, value_name = "FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// Visitors, each with its own connection and conversation.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub visitors: u32,
+
+    /// Agents; each takes ceil(visitors / agents) conversations.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub agents: u32,
+
+    /// Most conversations the gateway lets one agent hold
+    /// (routing.max_capacity).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_capacity: u32,
+
+    /// Skill group: the agents' token serves it and visitors open in it.
+    /// Unset: generalist agents, visitors in the default group.
+    #[arg(long)]
+    pub group: Option<String>,
+
+    /// Aggregate visitor messages per second, open loop.
+    #[arg(long, default_value_t = 5000.0)]
+    pub rate: f64,
+
+    /// Measured window in seconds (by scheduled send time).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Seconds of load before the window.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+
+    /// Seconds after the last send to wait for deliveries and acks.
+    #[arg(long, default_value_t = 2.0)]
+    pub grace: f64,
+
+    /// Text bytes per message.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub size: u32,
+
+    /// Encoding: json (kefu.v1.json) or fb (kefu.v1.fb).
+    #[arg(long, value_enum, default_value_t = Subprotocol::Json)]
+    pub subprotocol: Subprotocol,
+
+    /// Source addresses to connect from, round-robin (e.g.
+    /// 127.0.0.1,127.0.0.2). Unset lets the kernel choose.
+    #[arg(long, value_delimiter = ',')]
+    pub sources: Vec<IpAddr>,
+
+    /// Client threads, each with its own io_uring runtime; agents and
+    /// visitors are spread round-robin over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+
+    /// CPUs to pin the client threads to (comma list; thread i gets
+    /// cpu[i % len]).
+    #[arg(long, value_delimiter = ',')]
+    pub cpu: Vec<usize>,
+
+    /// Report the CPU and memory of this server process over the window.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// Bound on one connection's TCP connect plus handshake, milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    pub connect_timeout_ms: u64,
+
+    /// Bound on each setup reply (connected, presence, conversation
+    /// assigned), milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub reply_timeout_ms: u64,
+
+    /// Bound on the whole ramp (agents, then visitors), seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub setup_timeout: f64,
+
+    /// Visitors being set up at once, per thread.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub setup_concurrency: u32,
+
+    /// fsyncs to time in --data before the run (0: none), to compare the
+    /// latencies with what the disk costs.
+    #[arg(long, default_value_t = 200)]
+    pub fsync_probe: u32,
+
+    /// io_uring submission queue entries per thread.
+    #[arg(long, default_value_t = 8192)]
+    pub ring_entries: u32,
+
+    /// io_uring task-work mode of the client threads.
+    #[arg(long, value_enum, default_value_t = TaskRun::Defer)]
+    pub taskrun: TaskRun,
+
+    /// Allow a URL outside 127.0.0.0/8 and ::1.
+    #[arg(long)]
+    pub allow_non_loopback: bool,
+}
+
+/// The two encodings of the client protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Subprotocol {
+    Json,
+    Fb,
+}
+
+impl Subprotocol {
+    fn codec(self) -> Codec {
+        match self {
+            Subprotocol::Json => Codec::Json,
+            Subprotocol::Fb => Codec::FlatBuffers,
+        }
+    }
+}
+
+/// The result of a run: printed as one JSON line.
+#[derive(Debug, Serialize)]
+pub struct ChatReport {
+    pub url: String,
+    pub subprotocol: Subprotocol,
+    pub visitors: u32,
+    /// Visitors whose conversation was assigned before the load started.
+    pub visitors_ready: u64,
+    pub agents: u32,
+    pub agents_online: u64,
+    /// Conversations per agent (presence capacity).
+    pub capacity: u32,
+    pub size: u32,
+    pub threads: u16,
+    /// Seconds from the first connect to the last visitor assigned.
+    pub setup_s: f64,
+    pub warmup_s: f64,
+    pub window_s: f64,
+    pub grace_s: f64,
+    /// The rate asked for, messages per second.
+    pub target_rate: f64,
+    /// Messages scheduled inside the window (all of them were written,
+    /// unless a connection had failed).
+    pub sent: u64,
+    /// Messages actually written during the window, per second.
+    pub send_rate: f64,
+    /// `msg` frames agents received during the window, per second.
+    pub delivered_per_s: f64,
+    /// Window messages an agent received, and that a visitor got an `ack`
+    /// for, before the run ended (window + grace).
+    pub delivered: u64,
+    pub acked: u64,
+    pub undelivered: u64,
+    pub unacked: u64,
+    /// `msg` frames an agent saw twice (or out of `seq` order), and acks
+    /// marked `duplicate`.
+    pub duplicates: u64,
+    /// Agent receives `msg` − scheduled send time, µs.
+    pub delivery_latency_us: LatencySummary,
+    /// Visitor receives `ack` − scheduled send time, µs.
+    pub ack_latency_us: LatencySummary,
+    /// The client's own lateness: write − scheduled send time, µs.
+    pub send_lag_us: LatencySummary,
+    /// Acks arrive in bursts, one per group commit (a gap of more than
+    /// 150 µs starts a new one): bursts per second during the window, as
+    /// seen by the client thread that saw most.
+    pub ack_bursts_per_s: f64,
+    /// Window acks per burst: about the messages per commit.
+    pub acks_per_burst: Option<f64>,
+    /// `error` frames by code (all phases).
+    pub error_codes: BTreeMap<String, u64>,
+    /// The first message of each error code, as the gateway wrote it.
+    pub error_messages: BTreeMap<String, String>,
+    pub rate_limited: u64,
+    /// Connections that failed (setup or run), by kind.
+    pub connection_errors: BTreeMap<String, u64>,
+    pub client_cpu_s: f64,
+    pub client_cpu_cores: f64,
+    pub client_cpu_us_per_msg: Option<f64>,
+    pub client_cores_busy: Option<f64>,
+    pub server_pid: Option<u32>,
+    pub server_cpu_s: Option<f64>,
+    pub server_cpu_cores: Option<f64>,
+    /// Server CPU per message sent in the window, µs (a message costs a
+    /// send, a durable append, an ack and a fan-out).
+    pub server_cpu_us_per_msg: Option<f64>,
+    pub server_cores_busy: Option<f64>,
+    pub server_rss_bytes: Option<u64>,
+    /// Server CPU over the window by thread name (shards, storage writer, …),
+    /// in cores.
+    pub server_threads_cores: Option<BTreeMap<String, stats::CpuSplit>>,
+    /// Busy cores on the host that were neither client nor server.
+    pub other_cpu_cores: f64,
+    /// fdatasync of a small append in --data, µs, timed before the load.
+    pub fsync_probe_us: Option<LatencySummary>,
+}
+
+/// What every thread needs; built once, shared read-only.
+struct Plan {
+    url: WsUrl,
+    codec: Codec,
+    sources: Vec<IpAddr>,
+    connect_timeout: Duration,
+    reply_timeout: Duration,
+    setup_concurrency: usize,
+    group: Option<String>,
+    capacity: u32,
+    /// Agent tokens, by agent index.
+    tokens: Vec<String>,
+    text: String,
+    rate: f64,
+    threads: usize,
+    /// Visitors planned per thread (their share of the rate).
+    visitors_planned: Vec<usize>,
+    visitors_total: usize,
+}
+
+/// The window, in CLOCK_MONOTONIC nanoseconds; fixed once everyone is set up.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    /// First scheduled send.
+    t0: u64,
+    /// Sends scheduled from here on are measured ...
+    window_start: u64,
+    /// ... up to here, where sending stops.
+    send_end: u64,
+}
+
+impl Schedule {
+    fn measured(&self, scheduled: u64) -> bool {
+        scheduled >= self.window_start && scheduled < self.send_end
+    }
+
+    fn in_window(&self, t: u64) -> bool {
+        t >= self.window_start && t < self.send_end
+    }
+}
+
+/// Cross-thread rendezvous and the counters the drain waits on.
+#[derive(Default)]
+struct Global {
+    agents_done: AtomicUsize,
+    agents_online: AtomicU64,
+    visitors_go: AtomicBool,
+    visitors_done: AtomicUsize,
+    visitors_ready: AtomicU64,
+    sending_done: AtomicUsize,
+    schedule: OnceLock<Schedule>,
+    stop: AtomicBool,
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    acked: AtomicU64,
+}
+
+/// One thread's share of the report.
+#[derive(Default)]
+struct Tally {
+    sent_in_window: u64,
+    delivered_in_window: u64,
+    delivered: u64,
+    acked: u64,
+    sent: u64,
+    duplicates: u64,
+    acks_in_window: u64,
+    ack_bursts: u64,
+    delivery: Latency,
+    ack: Latency,
+    send_lag: Latency,
+    error_codes: BTreeMap<String, u64>,
+    /// The first message seen of each error code.
+    error_messages: BTreeMap<String, String>,
+    connection_errors: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.sent_in_window += other.sent_in_window;
+        self.delivered_in_window += other.delivered_in_window;
+        self.delivered += other.delivered;
+        self.acked += other.acked;
+        self.sent += other.sent;
+        self.duplicates += other.duplicates;
+        self.acks_in_window += other.acks_in_window;
+        // Every thread sees (nearly) every commit: the most any one saw is
+        // the estimate, not the sum.
+        self.ack_bursts = self.ack_bursts.max(other.ack_bursts);
+        self.delivery.merge(&other.delivery);
+        self.ack.merge(&other.ack);
+        self.send_lag.merge(&other.send_lag);
+        for (k, v) in other.error_codes {
+            *self.error_codes.entry(k).or_default() += v;
+        }
+        for (k, v) in other.error_messages {
+            self.error_messages.entry(k).or_insert(v);
+        }
+        for (k, v) in other.connection_errors {
+            *self.connection_errors.entry(k).or_default() += v;
+        }
+    }
+}
+
+pub fn run(args: ChatArgs) -> anyhow::Result<()> {
+    let report = measure(&args)?;
+    print_report(&report)?;
+    if report.rate_limited > 0 {
+        bail!(
+            "{} sends were refused with rate_limited: the gateway's per-connection limit is below {:.1} msg/s \
+             per visitor; restart it with KEFU_LIMITS_MESSAGES_PER_S and KEFU_LIMITS_BURST above that",
+            report.rate_limited,
+            args.rate / f64::from(args.visitors)
+        );
+    }
+    if report.visitors_ready == 0 || report.agents_online == 0 {
+        bail!(
+            "no load was generated: {} agents online, {} visitors ready",
+            report.agents_online,
+            report.visitors_ready
+        );
+    }
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of every timestamp here and of
+/// the timerfd deadlines (std's `Instant` reads the same clock).
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always
+    // exists on Linux, so this cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn secs_ns(s: f64) -> u64 {
+    (s * 1e9) as u64
+}
+
+/// The `cid` of message `number` of client thread `thread`, scheduled at
+/// `scheduled` (monotonic ns): all a receiver needs to time it.
+pub fn make_cid(thread: usize, number: u64, scheduled: u64) -> String {
+    format!("{thread}-{number}-{scheduled}")
+}
+
+/// The scheduled time a [`make_cid`] cid carries.
+pub fn cid_scheduled(cid: &str) -> Option<u64> {
+    let mut parts = cid.split('-');
+    let (_, _, scheduled, None) = (parts.next()?, parts.next()?, parts.next()?, parts.next()) else {
+        return None;
+    };
+    scheduled.parse().ok()
+}
+
+/// When a thread's message `number` is due: its messages are 1/`rate` s
+/// apart from `t0`, shifted by `phase` (0..1) of that spacing so that the
+/// threads' streams interleave evenly.
+pub fn scheduled_at(t0: u64, rate: f64, phase: f64, number: u64) -> u64 {
+    t0 + ((number as f64 + phase) * 1e9 / rate) as u64
+}
+
+/// The agent capacity that fits `visitors` on `agents`, if one does.
+pub fn capacity_for(visitors: u32, agents: u32, max_capacity: u32) -> Option<u32> {
+    let capacity = visitors.div_ceil(agents);
+    (capacity <= max_capacity).then_some(capacity)
+}
+
+fn read_secret(args: &ChatArgs) -> anyhow::Result<String> {
+    let path = match (&args.jwt_secret_file, &args.data) {
+        (Some(file), _) => file.clone(),
+        (None, Some(dir)) => dir.join("jwt_secret"),
+        (None, None) => {
+            bail!("agents need tokens: pass --data DIR (the gateway's) or --jwt-secret-file FILE")
+        }
+    };
+    let secret = fs::read_to_string(&path).with_context(|| {
+        format!("reading the JWT secret from {} (is the gateway started?)", path.display())
+    })?;
+    let secret = secret.trim();
+    if secret.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(secret.to_owned())
+}
+
+fn agent_tokens(secret: &str, agents: u32, group: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let key = JwtKey::new(secret.as_bytes(), AuthPolicy::default()).map_err(|e| anyhow!("JWT key: {e}"))?;
+    let now_s = SystemTime::now().duration_since(UNIX_EPOCH).context("clock before 1970")?.as_secs();
+    // A fresh prefix per run: agents of an earlier run (with their
+    // conversations still assigned) must not take this run's capacity.
+    let run: u32 = rand::random();
+    Ok((0..agents)
+        .map(|i| {
+            key.sign(&Claims {
+                sub: format!("bench-{run:08x}-a{i}"),
+                role: Role::Agent,
+                name: Some(format!("Bench agent {i}")),
+                groups: group.map(|g| vec![g.to_owned()]).unwrap_or_default(),
+                meta: BTreeMap::new(),
+                exp: now_s + 24 * 3600,
+                nbf: None,
+            })
+        })
+        .collect())
+}
+
+/// Times `count` fdatasyncs of a small append in `dir`.
+fn fsync_probe(dir: &std::path::Path, count: u32, size: usize) -> anyhow::Result<LatencySummary> {
+    let path = dir.join(format!(".kefu-bench-fsync-probe-{}", std::process::id()));
+    let result = (|| -> anyhow::Result<LatencySummary> {
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let block = vec![b'x'; size.max(1)];
+        let mut latency = Latency::new();
+        for _ in 0..count {
+            file.write_all(&block)?;
+            let start = mono_ns();
+            file.sync_data().context("fdatasync")?;
+            latency.record(Duration::from_nanos(mono_ns() - start), 1);
+        }
+        Ok(latency.summary())
+    })();
+    let _ = fs::remove_file(&path);
+    result
+}
+
+fn measure(args: &ChatArgs) -> anyhow::Result<ChatReport> {
+    if !(args.rate > 0.0 && args.duration > 0.0 && args.warmup >= 0.0 && args.grace >= 0.0) {
+        bail!("--rate and --duration must be > 0, --warmup and --grace ≥ 0");
+    }
+    if args.setup_timeout.is_nan() || args.setup_timeout <= 0.0 {
+        bail!("--setup-timeout must be > 0");
+    }
+    let url = WsUrl::parse(&args.url, args.allow_non_loopback)?;
+    for source in &args.sources {
+        if !args.allow_non_loopback && !source.is_loopback() {
+            bail!("source {source} is not a loopback address");
+        }
+    }
+    let capacity = capacity_for(args.visitors, args.agents, args.max_capacity).ok_or_else(|| {
+        anyhow!(
+            "{} visitors do not fit on {} agents of at most {} conversations each: use at least {} agents",
+            args.visitors,
+            args.agents,
+            args.max_capacity,
+            args.visitors.div_ceil(args.max_capacity)
+        )
+    })?;
+    let secret = read_secret(args)?;
+    let tokens = agent_tokens(&secret, args.agents, args.group.as_deref())?;
+    let per_visitor = args.rate / f64::from(args.visitors);
+    eprintln!(
+        "chat: {} agents × capacity {capacity}, {} visitors, {:.0} msg/s ({per_visitor:.2} msg/s per visitor: \
+         the gateway's limits.messages_per_s must allow it), {} B {:?}",
+        args.agents, args.visitors, args.rate, args.size, args.subprotocol
+    );
+
+    let fsync_probe_us = match (&args.data, args.fsync_probe) {
+        (Some(dir), n) if n > 0 => match fsync_probe(dir, n, args.size as usize + 64) {
+            Ok(summary) => Some(summary),
+            Err(e) => {
+                eprintln!("fsync probe in {} failed: {e:#}", dir.display());
+                None
+            }
+        },
+        _ => None,
+    };
+
+    let threads = usize::from(args.threads);
+    let visitors_planned: Vec<usize> =
+        (0..threads).map(|t| (0..args.visitors as usize).filter(|i| i % threads == t).count()).collect();
+    let plan = Arc::new(Plan {
+        url,
+        codec: args.subprotocol.codec(),
+        sources: args.sources.clone(),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        reply_timeout: Duration::from_millis(args.reply_timeout_ms),
+        setup_concurrency: args.setup_concurrency as usize,
+        group: args.group.clone(),
+        capacity,
+        tokens,
+        // Printable ASCII, which is UTF-8 and looks like a chat message;
+        // no keyword an auto-reply rule would answer.
+        text: (0..args.size).map(|i| (b'a' + (i % 26) as u8) as char).collect(),
+        rate: args.rate,
+        threads,
+        visitors_total: args.visitors as usize,
+        visitors_planned,
+    });
+    let global = Arc::new(Global::default());
+
+    let setup_start = mono_ns();
+    let setup_deadline = setup_start + secs_ns(args.setup_timeout);
+    let mut handles = Vec::with_capacity(threads);
+    for thread in 0..threads {
+        let agents: Vec<usize> = (0..args.agents as usize).filter(|i| i % threads == thread).collect();
+        let visitors: Vec<usize> = (0..args.visitors as usize).filter(|i| i % threads == thread).collect();
+        let cpu = (!args.cpu.is_empty()).then(|| args.cpu[thread % args.cpu.len()]);
+        let (plan, global) = (plan.clone(), global.clone());
+        let (ring_entries, taskrun) = (args.ring_entries, args.taskrun);
+        let handle = std::thread::Builder::new()
+            .name(format!("chat-{thread}"))
+            .spawn(move || -> anyhow::Result<Tally> {
+                let mut runtime = build_runtime(cpu, ring_entries, taskrun)?;
+                runtime.block_on(thread_main(plan, global, thread, agents, visitors))
+            })
+            .context("spawning a client thread")?;
+        handles.push(handle);
+    }
+
+    // Waits for `done` to reach `threads`; false (after stopping everyone)
+    // if the setup deadline passed or a thread died.
+    let wait_phase = |done: &AtomicUsize, what: &str| -> bool {
+        loop {
+            if done.load(Ordering::Acquire) >= threads {
+                return true;
+            }
+            if handles.iter().any(|h| h.is_finished()) || mono_ns() >= setup_deadline {
+                eprintln!(
+                    "WARNING: {what} did not finish within --setup-timeout (or a client thread failed)"
+                );
+                global.stop.store(true, Ordering::Release);
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let mut ok = wait_phase(&global.agents_done, "agent setup");
+    let agents_online = global.agents_online.load(Ordering::Acquire);
+    if ok && agents_online * u64::from(capacity) < u64::from(args.visitors) {
+        eprintln!(
+            "WARNING: only {agents_online} of {} agents online: {} conversations cannot all be assigned",
+            args.agents, args.visitors
+        );
+    }
+    if ok {
+        global.visitors_go.store(true, Ordering::Release);
+        ok = wait_phase(&global.visitors_done, "visitor setup");
+    }
+    let setup_s = (mono_ns() - setup_start) as f64 / 1e9;
+    let visitors_ready = global.visitors_ready.load(Ordering::Acquire);
+    if ok {
+        eprintln!(
+            "chat: {agents_online} agents online, {visitors_ready}/{} visitors assigned in {setup_s:.1} s; load starts",
+            args.visitors
+        );
+    }
+
+    let mut window = None;
+    if ok {
+        let t0 = mono_ns() + 20_000_000;
+        let schedule = Schedule {
+            t0,
+            window_start: t0 + secs_ns(args.warmup),
+            send_end: t0 + secs_ns(args.warmup) + secs_ns(args.duration),
+        };
+        let _ = global.schedule.set(schedule);
+        sleep_until_ns(schedule.window_start);
+        let start = sample(args.server_pid)?;
+        sleep_until_ns(schedule.send_end);
+        let end = sample(args.server_pid)?;
+        let rss = args.server_pid.and_then(|pid| stats::process_rss_bytes(pid).ok());
+        window = Some((start, end, rss));
+        // Drain: until every window message is delivered and acked, or the
+        // grace runs out.
+        let give_up = schedule.send_end + secs_ns(args.grace);
+        loop {
+            let sent = global.sent.load(Ordering::Acquire);
+            let complete = global.sending_done.load(Ordering::Acquire) >= threads
+                && global.delivered.load(Ordering::Acquire) >= sent
+                && global.acked.load(Ordering::Acquire) >= sent;
+            if complete || mono_ns() >= give_up || handles.iter().all(|h| h.is_finished()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        global.stop.store(true, Ordering::Release);
+    }
+
+    let mut total = Tally::default();
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(tally)) => total.merge(tally),
+            Ok(Err(e)) => return Err(e.context("client thread")),
+            Err(_) => bail!("a client thread panicked"),
+        }
+    }
+    if !ok {
+        let mut kinds = String::new();
+        for (kind, n) in total.connection_errors.iter().chain(&total.error_codes) {
+            kinds.push_str(&format!("\n  ×{n}: {kind}"));
+        }
+        bail!(
+            "setup incomplete after {setup_s:.1} s: {agents_online}/{} agents online, {visitors_ready}/{} visitors assigned{kinds}",
+            args.agents,
+            args.visitors
+        );
+    }
+    let Some((start, end, server_rss_bytes)) = window else {
+        bail!("no measurement window");
+    };
+
+    let window_s = args.duration;
+    let client_cpu_s = end.client_cpu - start.client_cpu;
+    let server_cpu_s = match (start.server_cpu, end.server_cpu) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let all_cpus: Vec<usize> = (0..start.ticks.len()).collect();
+    let host_busy_cores =
+        stats::cpus_busy(&start.ticks, &end.ticks, &all_cpus).unwrap_or(0.0) * all_cpus.len() as f64;
+    let client_cores_busy =
+        (!args.cpu.is_empty()).then(|| stats::cpus_busy(&start.ticks, &end.ticks, &args.cpu)).flatten();
+    let server_cores_busy = args
+        .server_pid
+        .and_then(|pid| stats::process_cpus(pid).ok())
+        .filter(|cpus| cpus.len() < all_cpus.len() && !cpus.iter().any(|c| args.cpu.contains(c)))
+        .and_then(|cpus| stats::cpus_busy(&start.ticks, &end.ticks, &cpus));
+    let server_threads_cores = match (&start.server_threads, &end.server_threads) {
+        (Some(a), Some(b)) => Some(stats::threads_cores(a, b, window_s)),
+        _ => None,
+    };
+    let per_msg = |cpu_s: f64| (total.sent_in_window > 0).then(|| cpu_s * 1e6 / total.sent_in_window as f64);
+    let rate_limited = total.error_codes.get(ErrorCode::RateLimited.as_str()).copied().unwrap_or(0);
+    Ok(ChatReport {
+        url: args.url.clone(),
+        subprotocol: args.subprotocol,
+        visitors: args.visitors,
+        visitors_ready,
+        agents: args.agents,
+        agents_online,
+        capacity,
+        size: args.size,
+        threads: args.threads,
+        setup_s,
+        warmup_s: args.warmup,
+        window_s,
+        grace_s: args.grace,
+        target_rate: args.rate,
+        sent: total.sent,
+        send_rate: total.sent_in_window as f64 / window_s,
+        delivered_per_s: total.delivered_in_window as f64 / window_s,
+        delivered: total.delivered,
+        acked: total.acked,
+        undelivered: total.sent.saturating_sub(total.delivered),
+        unacked: total.sent.saturating_sub(total.acked),
+        duplicates: total.duplicates,
+        delivery_latency_us: total.delivery.summary(),
+        ack_latency_us: total.ack.summary(),
+        send_lag_us: total.send_lag.summary(),
+        ack_bursts_per_s: total.ack_bursts as f64 / window_s,
+        acks_per_burst: (total.ack_bursts > 0).then(|| total.acks_in_window as f64 / total.ack_bursts as f64),
+        error_codes: total.error_codes,
+        error_messages: total.error_messages,
+        rate_limited,
+        connection_errors: total.connection_errors,
+        client_cpu_s,
+        client_cpu_cores: client_cpu_s / window_s,
+        client_cpu_us_per_msg: per_msg(client_cpu_s),
+        client_cores_busy,
+        server_pid: args.server_pid,
+        server_cpu_s,
+        server_cpu_cores: server_cpu_s.map(|s| s / window_s),
+        server_cpu_us_per_msg: server_cpu_s.and_then(per_msg),
+        server_cores_busy,
+        server_rss_bytes,
+        server_threads_cores,
+        other_cpu_cores: (host_busy_cores - client_cpu_s / window_s - server_cpu_s.unwrap_or(0.0) / window_s)
+            .max(0.0),
+        fsync_probe_us,
+    })
+}
+
+/// CPU counters at one instant.
+struct Sample {
+    client_cpu: f64,
+    server_cpu: Option<f64>,
+    server_threads: Option<BTreeMap<u32, (String, stats::CpuSplit)>>,
+    ticks: Vec<(u64, u64)>,
+}
+
+fn sample(server_pid: Option<u32>) -> anyhow::Result<Sample> {
+    Ok(Sample {
+        client_cpu: stats::self_cpu_seconds()?,
+        server_cpu: server_pid.map(stats::process_cpu_seconds).transpose()?,
+        server_threads: server_pid.and_then(|pid| stats::process_threads_cpu(pid).ok()),
+        ticks: stats::cpu_ticks()?,
+    })
+}
+
+fn sleep_until_ns(deadline: u64) {
+    let now = mono_ns();
+    if deadline > now {
+        std::thread::sleep(Duration::from_nanos(deadline - now));
+    }
+}
+
+/// Sleeps on the runtime's (millisecond) timer until `ready()`.
+async fn wait_until(mut ready: impl FnMut() -> bool) {
+    while !ready() {
+        monoio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A deadline timer with nanosecond resolution: a timerfd armed with an
+/// absolute CLOCK_MONOTONIC time and read through io_uring, so waiting for
+/// it is one more completion in the same ring as the sockets.
+pub struct PreciseTimer {
+    file: monoio::fs::File,
+    fd: RawFd,
+}
+
+impl PreciseTimer {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall with constant, valid arguments.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else; the
+        // File takes ownership and closes it.
+        let std_file = unsafe { fs::File::from_raw_fd(fd) };
+        Ok(Self { file: monoio::fs::File::from_std(std_file)?, fd })
+    }
+
+    /// Returns at `deadline` (monotonic ns) or right after; at once if it
+    /// has passed.
+    pub async fn sleep_until(&self, deadline: u64) -> io::Result<()> {
+        if mono_ns() >= deadline {
+            return Ok(());
+        }
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: (deadline / 1_000_000_000) as libc::time_t,
+                tv_nsec: (deadline % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: `self.fd` is the live timerfd this struct owns; `spec` is
+        // a valid itimerspec; a null old-value pointer is allowed.
+        let rc = unsafe {
+            libc::timerfd_settime(self.fd, libc::TFD_TIMER_ABSTIME, &raw const spec, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The read completes once the timer has expired (8 bytes: the count
+        // of expirations). A timerfd has no file position; 0 is ignored.
+        let (result, _) = self.file.read_at(vec![0u8; 8], 0).await;
+        result.map(|_| ())
+    }
+}
+
+/// The sending side of one connection: frames are appended to `pending`
+/// and one flush task at a time writes them, so the scheduler never waits
+/// for a socket and frames from several tasks (a message, a pong) never
+/// interleave.
+struct Out {
+    half: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
+    pending: RefCell<Vec<u8>>,
+    failed: RefCell<Option<String>>,
+    mask: [u8; 4],
+}
+
+impl Out {
+    fn new(half: OwnedWriteHalf<TcpStream>) -> Rc<Self> {
+        Rc::new(Self {
+            half: RefCell::new(Some(half)),
+            pending: RefCell::new(Vec::new()),
+            failed: RefCell::new(None),
+            mask: rand::random(),
+        })
+    }
+
+    /// Queues one frame; starts a flush unless one is running.
+    fn send(self: &Rc<Self>, opcode: u8, payload: &[u8]) {
+        if self.failed.borrow().is_some() {
+            return;
+        }
+        ws::encode_frame(&mut self.pending.borrow_mut(), true, opcode, payload, self.mask);
+        let half = self.half.borrow_mut().take();
+        if let Some(half) = half {
+            monoio::spawn(flush(self.clone(), half));
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
+    }
+}
+
+async fn flush(out: Rc<Out>, mut half: OwnedWriteHalf<TcpStream>) {
+    let mut spare = Vec::new();
+    loop {
+        {
+            let mut pending = out.pending.borrow_mut();
+            if pending.is_empty() {
+                break;
+            }
+            std::mem::swap(&mut *pending, &mut spare);
+        }
+        let (result, mut buf) = half.write_all(spare).await;
+        buf.clear();
+        spare = buf;
+        if let Err(e) = result {
+            *out.failed.borrow_mut() = Some(format!("write: {}", ws::errno_name(&e)));
+            out.pending.borrow_mut().clear();
+            return;
+        }
+    }
+    // No await between the emptiness check and this: a frame queued by
+    // anyone else finds the half back and starts the next flush.
+    *out.half.borrow_mut() = Some(half);
+}
+
+/// The receiving side of one connection, decoding whole messages.
+struct Conn {
+    read: OwnedReadHalf<TcpStream>,
+    out: Rc<Out>,
+    codec: Codec,
+    reader: FrameReader,
+    buf: Vec<u8>,
+    leftover: Vec<u8>,
+    /// The data message being reassembled.
+    message: Vec<u8>,
+    control: Vec<u8>,
+    opcode: u8,
+    /// Decoded frames not handed out yet, with their read's timestamp.
+    queue: VecDeque<(u64, ServerFrame)>,
+    /// The server's close, reported once the frames before it are out.
+    closed: Option<String>,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, leftover: Vec<u8>, codec: Codec) -> Self {
+        let (read, write) = stream.into_split();
+        Self {
+            read,
+            out: Out::new(write),
+            codec,
+            reader: FrameReader::new(),
+            buf: Vec::with_capacity(16 * 1024),
+            leftover,
+            message: Vec::new(),
+            control: Vec::new(),
+            opcode: 0,
+            queue: VecDeque::new(),
+            closed: None,
+        }
+    }
+
+    /// Sends one command.
+    fn command(&self, frame: &ClientFrame, encoder: &RefCell<Encoder>) {
+        let mut encoder = encoder.borrow_mut();
+        let bytes = self.codec.encode_client(frame, &mut encoder);
+        let opcode = if self.codec.is_binary() { ws::OP_BINARY } else { ws::OP_TEXT };
+        self.out.send(opcode, bytes);
+    }
+
+    /// The next frame from the server and when its read completed
+    /// (monotonic ns). Pings are answered here.
+    async fn next(&mut self) -> Result<(u64, ServerFrame), String> {
+        loop {
+            if let Some(next) = self.queue.pop_front() {
+                return Ok(next);
+            }
+            self.read_more().await?;
+        }
+    }
+
+    async fn read_more(&mut self) -> Result<(), String> {
+        if let Some(closed) = &self.closed {
+            return Err(closed.clone());
+        }
+        let (n, now) = if self.leftover.is_empty() {
+            let buf = std::mem::take(&mut self.buf);
+            let (result, buf) = self.read.read(buf).await;
+            self.buf = buf;
+            let now = mono_ns();
+            match result {
+                Ok(0) => return Err("server closed the TCP connection".into()),
+                Ok(n) => (n, now),
+                Err(e) => return Err(format!("read: {}", ws::errno_name(&e))),
+            }
+        } else {
+            self.buf.clear();
+            self.buf.extend_from_slice(&self.leftover);
+            self.leftover.clear();
+            (self.buf.len(), mono_ns())
+        };
+        let Self { reader, buf, message, control, opcode, queue, codec, .. } = self;
+        let mut pongs: Vec<Vec<u8>> = Vec::new();
+        let mut closed: Option<String> = None;
+        let mut failed: Option<String> = None;
+        let parsed = reader.feed(&buf[..n], |event| match event {
+            WsEvent::Start(header) => {
+                *opcode = header.opcode;
+                if header.opcode >= ws::OP_CLOSE {
+                    control.clear();
+                } else if header.opcode != ws::OP_CONTINUATION {
+                    message.clear();
+                }
+            }
+            WsEvent::Payload(bytes) => {
+                if *opcode >= ws::OP_CLOSE {
+                    control.extend_from_slice(bytes);
+                } else if message.len() + bytes.len() <= MESSAGE_BYTES_MAX {
+                    message.extend_from_slice(bytes);
+                } else {
+                    failed.get_or_insert_with(|| format!("server message over {MESSAGE_BYTES_MAX} bytes"));
+                }
+            }
+            WsEvent::End(header) => match header.opcode {
+                ws::OP_PING => pongs.push(control.clone()),
+                ws::OP_PONG => {}
+                ws::OP_CLOSE => {
+                    let code = (control.len() >= 2).then(|| u16::from_be_bytes([control[0], control[1]]));
+                    closed = Some(match code {
+                        Some(code) => format!("server closed: {code}"),
+                        None => "server closed".into(),
+                    });
+                }
+                _ if header.fin => match codec.decode_server(message) {
+                    Ok(frame) => queue.push_back((now, frame)),
+                    Err(e) => {
+                        failed.get_or_insert_with(|| format!("undecodable server frame: {}", e.code));
+                    }
+                },
+                _ => {}
+            },
+        });
+        for payload in pongs {
+            self.out.send(ws::OP_PONG, &payload);
+        }
+        if let Err(e) = parsed {
+            return Err(format!("protocol: {e}"));
+        }
+        if let Some(failed) = failed {
+            return Err(failed);
+        }
+        // Frames before a close are still handed out; the next read
+        // reports it.
+        self.closed = closed;
+        Ok(())
+    }
+
+    /// Reads until `pick` accepts a frame (Some(Ok)), refuses one
+    /// (Some(Err)), or `limit` passes.
+    async fn expect<T>(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        mut pick: impl FnMut(ServerFrame) -> Option<Result<T, String>>,
+    ) -> Result<T, String> {
+        let deadline = monoio::time::Instant::now() + limit;
+        loop {
+            let (_, frame) = match monoio::time::timeout_at(deadline, self.next()).await {
+                Ok(next) => next?,
+                Err(_) => return Err(format!("timeout: no {what} within {} ms", limit.as_millis())),
+            };
+            if let Some(result) = pick(frame) {
+                return result;
+            }
+        }
+    }
+}
+
+/// A visitor ready to send: its conversation and its connection's writer.
+struct Visitor {
+    conv: ConvId,
+    out: Rc<Out>,
+}
+
+/// One client thread's state, shared by its tasks.
+struct ThreadState {
+    plan: Arc<Plan>,
+    global: Arc<Global>,
+    thread: usize,
+    encoder: RefCell<Encoder>,
+    schedule: OnceCell<Schedule>,
+    tally: RefCell<Tally>,
+    /// When the last window ack was read (for [`ACK_BURST_GAP_NS`]).
+    last_ack: Cell<u64>,
+}
+
+impl ThreadState {
+    fn stopping(&self) -> bool {
+        self.global.stop.load(Ordering::Acquire)
+    }
+
+    fn connection_error(&self, kind: String) {
+        *self.tally.borrow_mut().connection_errors.entry(kind).or_default() += 1;
+    }
+
+    fn error_frame(&self, code: ErrorCode, message: &str) {
+        let mut tally = self.tally.borrow_mut();
+        *tally.error_codes.entry(code.as_str().to_owned()).or_default() += 1;
+        tally.error_messages.entry(code.as_str().to_owned()).or_insert_with(|| message.to_owned());
+    }
+
+    fn source(&self, index: usize) -> Option<IpAddr> {
+        let sources = &self.plan.sources;
+        (!sources.is_empty()).then(|| sources[index % sources.len()])
+    }
+
+    async fn open(&self, index: usize) -> Result<Conn, String> {
+        let plan = &self.plan;
+        let (stream, leftover) =
+            ws::open(&plan.url, self.source(index), Some(plan.codec.subprotocol()), plan.connect_timeout)
+                .await?;
+        Ok(Conn::new(stream, leftover, plan.codec))
+    }
+
+    /// `frame` as the reply `id` to a setup command: Some(Ok) if `want`
+    /// accepts it, Some(Err) if it is an error.
+    fn reply<T>(
+        &self,
+        frame: ServerFrame,
+        id: i64,
+        what: &str,
+        want: impl FnOnce(Event) -> Option<T>,
+    ) -> Option<Result<T, String>> {
+        if frame.id != Some(id) {
+            return None;
+        }
+        match frame.body {
+            Event::Error { code, message } => {
+                self.error_frame(code, &message);
+                Some(Err(format!("{what}: {code}")))
+            }
+            body => Some(want(body).ok_or_else(|| format!("{what}: unexpected reply"))),
+        }
+    }
+}
+
+async fn thread_main(
+    plan: Arc<Plan>,
+    global: Arc<Global>,
+    thread: usize,
+    agents: Vec<usize>,
+    visitors: Vec<usize>,
+) -> anyhow::Result<Tally> {
+    let state = Rc::new(ThreadState {
+        plan,
+        global: global.clone(),
+        thread,
+        encoder: RefCell::new(Encoder::new()),
+        schedule: OnceCell::new(),
+        tally: RefCell::new(Tally::default()),
+        last_ack: Cell::new(0),
+    });
+
+    // Agents, all at once (they are few).
+    let mut setups = Vec::with_capacity(agents.len());
+    for index in agents {
+        let state = state.clone();
+        setups.push(monoio::spawn(async move { setup_agent(&state, index).await }));
+    }
+    for setup in setups {
+        match setup.await {
+            Ok(conn) => {
+                global.agents_online.fetch_add(1, Ordering::AcqRel);
+                monoio::spawn(agent_loop(conn, state.clone()));
+            }
+            Err(kind) => state.connection_error(format!("agent {kind}")),
+        }
+    }
+    global.agents_done.fetch_add(1, Ordering::AcqRel);
+    wait_until(|| global.visitors_go.load(Ordering::Acquire) || global.stop.load(Ordering::Acquire)).await;
+
+    // Visitors, --setup-concurrency at a time.
+    let ready: Rc<RefCell<Vec<Visitor>>> = Rc::new(RefCell::new(Vec::with_capacity(visitors.len())));
+    if !state.stopping() {
+        let visitors = Rc::new(visitors);
+        let next = Rc::new(Cell::new(0usize));
+        let workers = state.plan.setup_concurrency.min(visitors.len());
+        let mut running = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (state, visitors, next, ready) =
+                (state.clone(), visitors.clone(), next.clone(), ready.clone());
+            running.push(monoio::spawn(async move {
+                loop {
+                    let i = next.get();
+                    if i >= visitors.len() || state.stopping() {
+                        break;
+                    }
+                    next.set(i + 1);
+                    match setup_visitor(&state, visitors[i]).await {
+                        Ok((conn, conv)) => {
+                            ready.borrow_mut().push(Visitor { conv, out: conn.out.clone() });
+                            monoio::spawn(visitor_loop(conn, state.clone()));
+                        }
+                        Err(kind) => state.connection_error(format!("visitor {kind}")),
+                    }
+                }
+            }));
+        }
+        for worker in running {
+            worker.await;
+        }
+    }
+    let ready = ready.take();
+    global.visitors_ready.fetch_add(ready.len() as u64, Ordering::AcqRel);
+    global.visitors_done.fetch_add(1, Ordering::AcqRel);
+
+    wait_until(|| global.schedule.get().is_some() || global.stop.load(Ordering::Acquire)).await;
+    let result = match global.schedule.get() {
+        Some(schedule) if !state.stopping() => {
+            let _ = state.schedule.set(*schedule);
+            send_loop(&state, &ready, *schedule).await
+        }
+        _ => Ok(()),
+    };
+    global.sending_done.fetch_add(1, Ordering::AcqRel);
+    result?;
+    wait_until(|| global.stop.load(Ordering::Acquire)).await;
+
+    Ok(state.tally.take())
+}
+
+async fn setup_agent(state: &ThreadState, index: usize) -> Result<Conn, String> {
+    let plan = &state.plan;
+    let mut conn = state.open(index).await?;
+    let connect = Command::Connect {
+        token: Some(plan.tokens[index].clone()),
+        visitor_id: None,
+        visitor_key: None,
+        resume: BTreeMap::new(),
+    };
+    conn.command(&ClientFrame { id: Some(1), body: connect }, &state.encoder);
+    conn.expect(plan.reply_timeout, "connected", |frame| {
+        state.reply(frame, 1, "connect", |body| matches!(body, Event::Connected { .. }).then_some(()))
+    })
+    .await?;
+    let presence = Command::Presence { status: PresenceStatus::Online, capacity: Some(plan.capacity) };
+    conn.command(&ClientFrame { id: Some(2), body: presence }, &state.encoder);
+    conn.expect(plan.reply_timeout, "presence reply", |frame| {
+        state.reply(frame, 2, "presence", |body| matches!(body, Event::Presence { .. }).then_some(()))
+    })
+    .await?;
+    Ok(conn)
+}
+
+async fn setup_visitor(state: &ThreadState, index: usize) -> Result<(Conn, ConvId), String> {
+    let plan = &state.plan;
+    let mut conn = state.open(index).await?;
+    let connect =
+        Command::Connect { token: None, visitor_id: None, visitor_key: None, resume: BTreeMap::new() };
+    conn.command(&ClientFrame { id: Some(1), body: connect }, &state.encoder);
+    conn.expect(plan.reply_timeout, "connected", |frame| {
+        state.reply(frame, 1, "connect", |body| matches!(body, Event::Connected { .. }).then_some(()))
+    })
+    .await?;
+    let open = Command::Open { group: plan.group.clone(), meta: BTreeMap::new() };
+    conn.command(&ClientFrame { id: Some(2), body: open }, &state.encoder);
+    let (conv, status) = conn
+        .expect(plan.reply_timeout, "conversation", |frame| {
+            state.reply(frame, 2, "open", |body| match body {
+                Event::Conversation { conv, status, .. } => Some((conv, status)),
+                _ => None,
+            })
+        })
+        .await?;
+    match status {
+        ConvStatus::Assigned => {}
+        ConvStatus::Queued => {
+            conn.expect(plan.reply_timeout, "assignment", |frame| match frame.body {
+                Event::Conversation { conv: c, status: ConvStatus::Assigned, .. } if c == conv => {
+                    Some(Ok(()))
+                }
+                Event::Conversation { conv: c, status: ConvStatus::Closed, .. } if c == conv => {
+                    Some(Err("open: closed while queued".into()))
+                }
+                _ => None,
+            })
+            .await?;
+        }
+        ConvStatus::Closed => return Err("open: conversation closed".into()),
+    }
+    Ok((conn, conv))
+}
+
+/// Receives an agent's frames for the rest of the run: `msg`s are timed.
+async fn agent_loop(mut conn: Conn, state: Rc<ThreadState>) {
+    let mut last_seq: HashMap<ConvId, u64> = HashMap::new();
+    loop {
+        let (now, frame) = match conn.next().await {
+            Ok(next) => next,
+            Err(e) => {
+                if !state.stopping() {
+                    state.connection_error(format!("agent: {e}"));
+                }
+                return;
+            }
+        };
+        match frame.body {
+            Event::Msg(msg) if msg.from.role == Role::Visitor => {
+                let last = last_seq.entry(msg.conv).or_insert(0);
+                if msg.seq <= *last {
+                    state.tally.borrow_mut().duplicates += 1;
+                    continue;
+                }
+                *last = msg.seq;
+                let (Some(scheduled), Some(schedule)) = (cid_scheduled(&msg.cid), state.schedule.get())
+                else {
+                    continue;
+                };
+                let mut tally = state.tally.borrow_mut();
+                if schedule.in_window(now) {
+                    tally.delivered_in_window += 1;
+                }
+                if schedule.measured(scheduled) {
+                    tally.delivered += 1;
+                    tally.delivery.record(Duration::from_nanos(now.saturating_sub(scheduled)), 1);
+                    state.global.delivered.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            Event::Error { code, message } => state.error_frame(code, &message),
+            _ => {}
+        }
+    }
+}
+
+/// Receives a visitor's frames for the rest of the run: `ack`s are timed.
+async fn visitor_loop(mut conn: Conn, state: Rc<ThreadState>) {
+    loop {
+        let (now, frame) = match conn.next().await {
+            Ok(next) => next,
+            Err(e) => {
+                if !state.stopping() {
+                    state.connection_error(format!("visitor: {e}"));
+                }
+                return;
+            }
+        };
+        match frame.body {
+            Event::Ack { cid, duplicate, .. } => {
+                let mut tally = state.tally.borrow_mut();
+                if duplicate {
+                    tally.duplicates += 1;
+                    continue;
+                }
+                let (Some(scheduled), Some(schedule)) = (cid_scheduled(&cid), state.schedule.get()) else {
+                    continue;
+                };
+                if schedule.in_window(now) {
+                    tally.acks_in_window += 1;
+                    if now.saturating_sub(state.last_ack.get()) > ACK_BURST_GAP_NS {
+                        tally.ack_bursts += 1;
+                    }
+                    state.last_ack.set(now);
+                }
+                if schedule.measured(scheduled) {
+                    tally.acked += 1;
+                    tally.ack.record(Duration::from_nanos(now.saturating_sub(scheduled)), 1);
+                    state.global.acked.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            Event::Error { code, message } => state.error_frame(code, &message),
+            Event::Conversation { status: ConvStatus::Closed, .. } => {
+                state.connection_error("visitor: conversation closed by the server".into());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The open loop: this thread's messages leave at their scheduled times,
+/// whatever became of the earlier ones.
+async fn send_loop(state: &ThreadState, visitors: &[Visitor], schedule: Schedule) -> anyhow::Result<()> {
+    if visitors.is_empty() {
+        return Ok(());
+    }
+    let plan = &state.plan;
+    // This thread's share of the rate is fixed by the visitors it was
+    // *given*, so that a visitor that failed to set up does not lower the
+    // aggregate rate (the others send a little more each).
+    let rate = plan.rate * plan.visitors_planned[state.thread] as f64 / plan.visitors_total as f64;
+    let phase = state.thread as f64 / plan.threads as f64;
+    let opcode = if plan.codec.is_binary() { ws::OP_BINARY } else { ws::OP_TEXT };
+    let timer = PreciseTimer::new().context("creating a timerfd")?;
+    let mut number = 0u64;
+    loop {
+        let due = scheduled_at(schedule.t0, rate, phase, number);
+        if due >= schedule.send_end || state.stopping() {
+            return Ok(());
+        }
+        timer.sleep_until(due).await.context("waiting on the timerfd")?;
+        let now = mono_ns();
+        // Everything due by now leaves now (more than one only if the
+        // client fell behind); lateness is recorded, not hidden.
+        loop {
+            let due = scheduled_at(schedule.t0, rate, phase, number);
+            if due > now || due >= schedule.send_end {
+                break;
+            }
+            let visitor = &visitors[(number % visitors.len() as u64) as usize];
+            let send = Command::Send {
+                conv: visitor.conv,
+                cid: make_cid(state.thread, number, due),
+                text: Some(plan.text.clone()),
+                attachment: None,
+            };
+            {
+                let mut encoder = state.encoder.borrow_mut();
+                let bytes = plan.codec.encode_client(&ClientFrame { id: None, body: send }, &mut encoder);
+                visitor.out.send(opcode, bytes);
+            }
+            let mut tally = state.tally.borrow_mut();
+            if schedule.in_window(now) {
+                tally.sent_in_window += 1;
+            }
+            if schedule.measured(due) {
+                tally.sent += 1;
+                tally.send_lag.record(Duration::from_nanos(now - due), 1);
+                state.global.sent.fetch_add(1, Ordering::AcqRel);
+            }
+            if let Some(failure) = visitor.out.failure() {
+                // Counted as sent (it was due) and so as undelivered; the
+                // failure is counted once per message it swallowed.
+                *tally.connection_errors.entry(format!("visitor {failure}")).or_default() += 1;
+            }
+            number += 1;
+        }
+    }
+}
+
+fn print_report(report: &ChatReport) -> anyhow::Result<()> {
+    let d = &report.delivery_latency_us;
+    let a = &report.ack_latency_us;
+    let mut line = format!(
+        "chat: {}/{} visitors, {}/{} agents, {} B {:?}: sent {:.0}/s (target {:.0}), delivered {:.0}/s; \
+         delivery µs p50 {:.0} p90 {:.0} p99 {:.0} p99.9 {:.0} max {:.0}; \
+         ack µs p50 {:.0} p90 {:.0} p99 {:.0} p99.9 {:.0} max {:.0}; \
+         undelivered {} unacked {} duplicates {}; send lag µs p50 {:.0} p99 {:.0}; client CPU {:.2} cores",
+        report.visitors_ready,
+        report.visitors,
+        report.agents_online,
+        report.agents,
+        report.size,
+        report.subprotocol,
+        report.send_rate,
+        report.target_rate,
+        report.delivered_per_s,
+        d.p50,
+        d.p90,
+        d.p99,
+        d.p999,
+        d.max,
+        a.p50,
+        a.p90,
+        a.p99,
+        a.p999,
+        a.max,
+        report.undelivered,
+        report.unacked,
+        report.duplicates,
+        report.send_lag_us.p50,
+        report.send_lag_us.p99,
+        report.client_cpu_cores,
+    );
+    if let Some(per_msg) = report.client_cpu_us_per_msg {
+        line.push_str(&format!(" ({per_msg:.1} µs/msg)"));
+    }
+    if let (Some(cores), Some(per_msg)) = (report.server_cpu_cores, report.server_cpu_us_per_msg) {
+        line.push_str(&format!("; server CPU {cores:.2} cores, {per_msg:.1} µs/msg"));
+        if let Some(busy) = report.server_cores_busy {
+            line.push_str(&format!(" (its cores {:.0}% busy)", busy * 100.0));
+        }
+    }
+    if let Some(rss) = report.server_rss_bytes {
+        line.push_str(&format!(", RSS {:.1} MiB", rss as f64 / (1 << 20) as f64));
+    }
+    eprintln!("{line}");
+    if let Some(per_burst) = report.acks_per_burst {
+        eprintln!(
+            "  acks came in {:.0} bursts/s of {per_burst:.1} (one per group commit: back to back under load, \
+             so ~{:.0} µs per commit); fastest ack {:.0} µs",
+            report.ack_bursts_per_s,
+            1e6 / report.ack_bursts_per_s,
+            report.ack_latency_us.min
+        );
+    }
+    if let Some(f) = &report.fsync_probe_us {
+        eprintln!(
+            "  fsync probe in the data dir: µs p50 {:.0} p90 {:.0} p99 {:.0} max {:.0} \
+             (a durable commit costs one or two of these)",
+            f.p50, f.p90, f.p99, f.max
+        );
+    }
+    if let Some(threads) = &report.server_threads_cores {
+        let busy: Vec<String> = threads
+            .iter()
+            .filter(|(_, cores)| cores.user + cores.system >= 0.005)
+            .map(|(name, cores)| format!("{name} {:.2} ({:.2} user)", cores.user + cores.system, cores.user))
+            .collect();
+        eprintln!("  server CPU by thread (cores): {}", busy.join(", "));
+    }
+    for (code, n) in &report.error_codes {
+        let message = report.error_messages.get(code).map(String::as_str).unwrap_or("");
+        eprintln!("  error frames ×{n}: {code} (first: {message:?})");
+    }
+    for (kind, n) in &report.connection_errors {
+        eprintln!("  connection error ×{n}: {kind}");
+    }
+    if report.rate_limited > 0 {
+        eprintln!(
+            "WARNING: {} sends were REFUSED WITH rate_limited: the gateway limits each connection below {:.2} msg/s. \
+             These numbers measure the limiter. Restart the gateway with KEFU_LIMITS_MESSAGES_PER_S and \
+             KEFU_LIMITS_BURST above the per-visitor rate.",
+            report.rate_limited,
+            report.target_rate / f64::from(report.visitors.max(1))
+        );
+    }
+    if report.undelivered > 0 || report.unacked > 0 {
+        eprintln!(
+            "WARNING: {} of {} window messages were not delivered and {} not acked within the window + {} s grace",
+            report.undelivered, report.sent, report.unacked, report.grace_s
+        );
+    }
+    if report.visitors_ready < u64::from(report.visitors) {
+        eprintln!("WARNING: only {} of {} visitors were set up", report.visitors_ready, report.visitors);
+    }
+    if report.other_cpu_cores > 0.1 {
+        eprintln!(
+            "WARNING: other processes used {:.2} cores during the window: numbers are contended",
+            report.other_cpu_cores
+        );
+    }
+    let client_busy = report.client_cores_busy.unwrap_or(report.client_cpu_cores / f64::from(report.threads));
+    if client_busy > 0.7 || report.send_lag_us.p99 > 1000.0 {
+        eprintln!(
+            "WARNING: the client may be in the way (its cores {:.0}% busy, send lag p99 {:.0} µs): \
+             try more --threads on other cores",
+            100.0 * client_busy,
+            report.send_lag_us.p99
+        );
+    }
+    println!("{}", serde_json::to_string(report)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        io::{Read as _, Write as _},
+        net::{SocketAddr, TcpListener, TcpStream as StdStream},
+        sync::Mutex,
+    };
+
+    use clap::Parser as _;
+    use kefu_proto::client::{AgentRef, Msg, Sender, User};
+
+    use super::*;
+
+    #[test]
+    fn cids_carry_their_schedule() {
+        let cid = make_cid(3, 123_456_789, u64::MAX);
+        assert!(cid.len() <= kefu_proto::client::CID_BYTES_MAX, "{cid}");
+        assert_eq!(cid_scheduled(&cid), Some(u64::MAX));
+        assert_eq!(cid_scheduled(&make_cid(0, 0, 42)), Some(42));
+        assert_eq!(cid_scheduled("m-1"), None);
+        assert_eq!(cid_scheduled("1-2-x"), None);
+        assert_eq!(cid_scheduled("1-2-3-4"), None);
+    }
+
+    #[test]
+    fn threads_interleave_into_an_even_schedule() {
+        // 3 threads at a third of 3000/s each: together one message every
+        // 333 µs, alternating threads.
+        let (t0, threads, rate) = (1_000_000_000u64, 3usize, 3000.0);
+        let mut all: Vec<u64> = (0..threads)
+            .flat_map(|t| {
+                (0..100).map(move |n| scheduled_at(t0, rate / threads as f64, t as f64 / threads as f64, n))
+            })
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all[0], t0);
+        for pair in all.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!((333_000..=334_000).contains(&gap), "gap {gap} ns");
+        }
+    }
+
+    #[test]
+    fn capacity_must_fit() {
+        assert_eq!(capacity_for(2000, 20, 100), Some(100));
+        assert_eq!(capacity_for(2001, 20, 100), None);
+        assert_eq!(capacity_for(10, 3, 100), Some(4));
+    }
+
+    #[test]
+    fn the_timer_is_finer_than_a_millisecond() {
+        let mut runtime = build_runtime(None, 64, TaskRun::Defer).expect("runtime");
+        let mut late: Vec<u64> = runtime.block_on(async {
+            let timer = PreciseTimer::new().expect("timerfd");
+            let mut late = Vec::new();
+            for _ in 0..50 {
+                let deadline = mono_ns() + 300_000;
+                timer.sleep_until(deadline).await.expect("sleep");
+                let now = mono_ns();
+                assert!(now >= deadline, "woke {} ns early", deadline - now);
+                late.push(now - deadline);
+            }
+            // A deadline in the past returns at once.
+            timer.sleep_until(1).await.expect("past deadline");
+            late
+        });
+        late.sort_unstable();
+        // monoio's own timer rounds up to the next millisecond tick, which
+        // would make the median ~0.5-1 ms late.
+        assert!(late[late.len() / 2] < 400_000, "median lateness {} ns", late[late.len() / 2]);
+    }
+
+    /// A stand-in gateway, one thread per connection, speaking just enough
+    /// of the protocol for the bench: connect, presence, open (every other
+    /// conversation queued first), send (ack + msg to the agent).
+    struct Fake {
+        secret: String,
+        /// Refuse every n-th send with rate_limited.
+        rate_limit_every: Option<u64>,
+        agents: Mutex<Vec<FakeAgent>>,
+        convs: Mutex<HashMap<u64, (usize, u64)>>,
+        sends: AtomicU64,
+    }
+
+    /// An online agent: id, writer, encoding.
+    type FakeAgent = (String, Arc<Mutex<StdStream>>, Codec);
+
+    fn fake_gateway(rate_limit_every: Option<u64>) -> (SocketAddr, Arc<Fake>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fake = Arc::new(Fake {
+            secret: format!("{:032x}", rand::random::<u128>()),
+            rate_limit_every,
+            agents: Mutex::new(Vec::new()),
+            convs: Mutex::new(HashMap::new()),
+            sends: AtomicU64::new(0),
+        });
+        let shared = fake.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let fake = shared.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &fake);
+                });
+            }
+        });
+        (addr, fake)
+    }
+
+    fn write_frame(out: &Mutex<StdStream>, codec: Codec, frame: &ServerFrame) -> io::Result<()> {
+        let mut encoder = Encoder::new();
+        let bytes = codec.encode_server(frame, &mut encoder);
+        let mut wire = vec![if codec.is_binary() { 0x82 } else { 0x81 }];
+        match bytes.len() {
+            n @ 0..=125 => wire.push(n as u8),
+            n @ 126..=0xFFFF => {
+                wire.push(126);
+                wire.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                wire.push(127);
+                wire.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        wire.extend_from_slice(bytes);
+        out.lock().expect("lock").write_all(&wire)
+    }
+
+    fn read_frame(stream: &mut StdStream) -> io::Result<(u8, Vec<u8>)> {
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head)?;
+        let len = match head[1] & 0x7F {
+            126 => {
+                let mut b = [0u8; 2];
+                stream.read_exact(&mut b)?;
+                u64::from(u16::from_be_bytes(b))
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                stream.read_exact(&mut b)?;
+                u64::from_be_bytes(b)
+            }
+            n => u64::from(n),
+        };
+        let mut mask = [0u8; 4];
+        stream.read_exact(&mut mask)?;
+        let mut payload = vec![0u8; len as usize];
+        stream.read_exact(&mut payload)?;
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        Ok((head[0] & 0x0F, payload))
+    }
+
+    fn serve(mut stream: StdStream, fake: &Fake) -> io::Result<()> {
+        // The upgrade, read byte by byte so nothing after the head is taken.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte)?;
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| {
+                    l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim())
+                })
+                .unwrap_or("")
+                .to_owned()
+        };
+        let codec = Codec::from_subprotocol(&header("sec-websocket-protocol")).unwrap_or(Codec::Json);
+        write!(
+            stream,
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+            ws::accept_for(&header("sec-websocket-key")),
+            codec.subprotocol()
+        )?;
+        let out = Arc::new(Mutex::new(stream.try_clone()?));
+        let key = JwtKey::new(fake.secret.as_bytes(), AuthPolicy::default()).expect("key");
+        let mut me = String::new();
+        loop {
+            let (opcode, payload) = read_frame(&mut stream)?;
+            if opcode == ws::OP_CLOSE {
+                return Ok(());
+            }
+            let frame = codec.decode_client(&payload).expect("the bench sends valid frames");
+            let id = frame.id;
+            let reply = match frame.body {
+                Command::Connect { token, .. } => {
+                    let role = match token {
+                        Some(token) => {
+                            let claims =
+                                key.verify(&token, mono_ns() / 1_000_000).expect("valid agent token");
+                            me = claims.sub;
+                            claims.role
+                        }
+                        None => {
+                            me = format!("anon-{}", rand::random::<u32>());
+                            Role::Visitor
+                        }
+                    };
+                    Event::Connected {
+                        session: "s".into(),
+                        role,
+                        user: User { id: me.clone(), ..User::default() },
+                        visitor_key: (role == Role::Visitor).then(|| "0".repeat(32)),
+                        conversations: Vec::new(),
+                        heartbeat_s: 25,
+                    }
+                }
+                Command::Presence { status, capacity } => {
+                    assert!(capacity.is_some_and(|c| c > 0));
+                    fake.agents.lock().expect("lock").push((me.clone(), out.clone(), codec));
+                    Event::Presence { agent: me.clone(), status }
+                }
+                Command::Open { .. } => {
+                    let mut convs = fake.convs.lock().expect("lock");
+                    let conv = convs.len() as u64 + 1;
+                    let agents = fake.agents.lock().expect("lock").len();
+                    convs.insert(conv, (conv as usize % agents, 0));
+                    let conversation = |status| Event::Conversation {
+                        conv: ConvId(conv),
+                        status,
+                        agent: Some(AgentRef::default()),
+                        group: None,
+                        visitor: User::default(),
+                        queue_position: None,
+                    };
+                    if conv % 2 == 1 {
+                        write_frame(&out, codec, &ServerFrame::reply(id, conversation(ConvStatus::Queued)))?;
+                        ServerFrame::push(conversation(ConvStatus::Assigned)).body
+                    } else {
+                        conversation(ConvStatus::Assigned)
+                    }
+                }
+                Command::Send { conv, cid, text, .. } => {
+                    let n = fake.sends.fetch_add(1, Ordering::AcqRel) + 1;
+                    if fake.rate_limit_every.is_some_and(|every| n.is_multiple_of(every)) {
+                        Event::Error { code: ErrorCode::RateLimited, message: "slow down".into() }
+                    } else {
+                        let (agent, seq) = {
+                            let mut convs = fake.convs.lock().expect("lock");
+                            let entry = convs.get_mut(&conv.0).expect("known conversation");
+                            entry.1 += 1;
+                            (entry.0, entry.1)
+                        };
+                        let (_, agent_out, agent_codec) = fake.agents.lock().expect("lock")[agent].clone();
+                        let msg = Msg {
+                            conv,
+                            seq,
+                            cid: cid.clone(),
+                            from: Sender { role: Role::Visitor, id: me.clone(), name: String::new() },
+                            text,
+                            attachment: None,
+                            ts: 0,
+                        };
+                        write_frame(&agent_out, agent_codec, &ServerFrame::push(Event::Msg(msg)))?;
+                        Event::Ack { cid, conv, seq, ts: 0, duplicate: false }
+                    }
+                }
+                other => panic!("unexpected command {other:?}"),
+            };
+            // Replies to open are pushes when the conversation was queued.
+            let frame = match (&reply, id) {
+                (Event::Conversation { conv, .. }, _) if conv.0 % 2 == 1 => ServerFrame::push(reply),
+                _ => ServerFrame::reply(id, reply),
+            };
+            write_frame(&out, codec, &frame)?;
+        }
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ChatArgs,
+    }
+
+    fn args(addr: SocketAddr, secret_file: &std::path::Path, extra: &[&str]) -> ChatArgs {
+        let url = format!("ws://{addr}/ws");
+        let mut argv = vec![
+            "chat",
+            "--url",
+            &url,
+            "--jwt-secret-file",
+            secret_file.to_str().expect("utf-8 path"),
+            "--visitors",
+            "20",
+            "--agents",
+            "3",
+            "--rate",
+            "400",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--grace",
+            "1",
+            "--setup-timeout",
+            "20",
+        ];
+        // Options in `extra` replace the defaults above.
+        for pair in extra.chunks(2) {
+            if let Some(i) = argv.iter().position(|a| *a == pair[0]) {
+                argv.drain(i..i + 2);
+            }
+        }
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).args
+    }
+
+    fn secret_file(fake: &Fake) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("kefu-bench-chat-test-{}", rand::random::<u64>()));
+        fs::write(&path, format!("{}\n", fake.secret)).expect("secret file");
+        path
+    }
+
+    #[test]
+    fn every_message_is_timed_end_to_end() {
+        for (subprotocol, threads) in [("json", "1"), ("fb", "2")] {
+            let (addr, fake) = fake_gateway(None);
+            let secret = secret_file(&fake);
+            let report = measure(&args(addr, &secret, &["--subprotocol", subprotocol, "--threads", threads]))
+                .expect("run against the fake gateway");
+            let _ = fs::remove_file(&secret);
+            assert_eq!(report.visitors_ready, 20, "{report:?}");
+            assert_eq!(report.agents_online, 3, "{report:?}");
+            assert_eq!(report.capacity, 7);
+            // 400/s × 0.5 s, by scheduled time.
+            assert!((199..=201).contains(&report.sent), "{report:?}");
+            assert_eq!(report.delivered, report.sent, "{report:?}");
+            assert_eq!(report.acked, report.sent, "{report:?}");
+            assert_eq!(
+                (report.undelivered, report.unacked, report.duplicates, report.rate_limited),
+                (0, 0, 0, 0)
+            );
+            assert!(report.delivery_latency_us.p50 > 0.0 && report.ack_latency_us.p50 > 0.0, "{report:?}");
+            assert!(report.connection_errors.is_empty(), "{report:?}");
+            // Warmup and window: 0.7 s at 400/s, plus setup.
+            let total = fake.sends.load(Ordering::Acquire);
+            assert!((279..=281).contains(&total), "{total} sends");
+        }
+    }
+
+    #[test]
+    fn rate_limited_sends_are_counted_and_fail_the_run() {
+        let (addr, fake) = fake_gateway(Some(10));
+        let secret = secret_file(&fake);
+        let args = args(addr, &secret, &["--grace", "0.5"]);
+        let report = measure(&args).expect("run against the fake gateway");
+        let _ = fs::remove_file(&secret);
+        assert!(report.rate_limited >= 15, "{report:?}");
+        assert_eq!(report.error_codes.get("rate_limited"), Some(&report.rate_limited));
+        assert_eq!(report.error_messages.get("rate_limited").map(String::as_str), Some("slow down"));
+        assert!(report.undelivered >= 15 && report.unacked >= 15, "{report:?}");
+    }
+
+    #[test]
+    fn refuses_what_cannot_fit_or_sign() {
+        let (addr, fake) = fake_gateway(None);
+        let secret = secret_file(&fake);
+        let error =
+            measure(&args(addr, &secret, &["--visitors", "500", "--agents", "2"])).expect_err("too many");
+        assert!(format!("{error:#}").contains("at least 5 agents"), "{error:#}");
+        let missing = std::env::temp_dir().join("kefu-bench-no-such-secret");
+        let error = measure(&args(addr, &missing, &[])).expect_err("no secret");
+        assert!(format!("{error:#}").contains("JWT secret"), "{error:#}");
+        let _ = fs::remove_file(&secret);
+    }
+}
