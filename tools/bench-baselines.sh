@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Measures the baseline echo servers (benches/: echo-tungstenite,
-# echo-fastws) with kefu-bench, the way kefu itself is measured:
+# Measures kefu's /ws/echo and the baseline echo servers (benches/:
+# echo-tungstenite, echo-fastws) side by side in one run, with the same
+# client (kefu-bench) and the same pinning:
 #
 #   - throughput and latency: server pinned to one core, client to the other
 #     (taskset), 100 connections x 512 B and 500 connections x 16 KiB, closed
 #     loop (one message in flight per connection);
-#   - memory: a fresh server, 10,000 idle connections over three source
+#   - memory: a fresh server, N idle connections (--idle-connections) over three source
 #     addresses, server RSS before and after.
 #
 # The machine is shared (other people compile on it), so before each run the
@@ -29,7 +30,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 BUILD=1
 OUT=$REPO/target-bench/baselines
-SERVERS="tungstenite fastws"
+SERVERS="kefu fastws tungstenite"
 DURATION=10
 WARMUP=2
 IDLE_CONNECTIONS=10000
@@ -67,7 +68,7 @@ done
 BIN=$TARGET_DIR/release
 mkdir -p "$OUT"
 if [ "$BUILD" = 1 ]; then
-    (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -j2 -p kefu-benches -p kefu-bench)
+    (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -j2 -p kefu-benches -p kefu-bench -p kefu-gateway)
 fi
 
 SERVER_PID=
@@ -80,9 +81,25 @@ stop_server() {
 }
 trap stop_server EXIT
 
+# kefu is measured exactly like the baselines: one shard on the server core,
+# its diagnostic echo endpoint, a fresh data directory.
+url_of() {
+    case "$1" in
+        kefu) echo "ws://127.0.0.1:$PORT/ws/echo" ;;
+        *) echo "ws://127.0.0.1:$PORT/" ;;
+    esac
+}
+
 start_server() {
     local name=$1
-    taskset -c "$SERVER_CPU" "$BIN/echo-$name" --listen "127.0.0.1:$PORT" 2>>"$OUT/server-$name.log" &
+    if [ "$name" = kefu ]; then
+        local data
+        data=$(mktemp -d)
+        taskset -c "$SERVER_CPU" "$BIN/kefu" serve --echo --shards 1 --listen "127.0.0.1:$PORT" \
+            --admin-listen "127.0.0.1:$((PORT + 1))" --data "$data" 2>>"$OUT/server-$name.log" &
+    else
+        taskset -c "$SERVER_CPU" "$BIN/echo-$name" --listen "127.0.0.1:$PORT" 2>>"$OUT/server-$name.log" &
+    fi
     SERVER_PID=$!
     for _ in $(seq 100); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
@@ -125,7 +142,7 @@ for name in $SERVERS; do
             for run in $(seq "$REPEAT"); do
                 wait_quiet
                 echo "== echo-$name: $conns x $size B, pipeline $pipeline (run $run/$REPEAT)" >&2
-                taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" echo --url "ws://127.0.0.1:$PORT/" \
+                taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" echo --url "$(url_of "$name")" \
                     --connections "$conns" --size "$size" --pipeline "$pipeline" \
                     --duration "$DURATION" --warmup "$WARMUP" --cpu "$CLIENT_CPU" \
                     --server-pid "$SERVER_PID" |
@@ -142,7 +159,7 @@ for name in $SERVERS; do
         sleep 1
         wait_quiet
         echo "== echo-$name: $IDLE_CONNECTIONS idle connections" >&2
-        "$BIN/kefu-bench" idle --url "ws://127.0.0.1:$PORT/" --connections "$IDLE_CONNECTIONS" \
+        "$BIN/kefu-bench" idle --url "$(url_of "$name")" --connections "$IDLE_CONNECTIONS" \
             --sources 127.0.0.1,127.0.0.2,127.0.0.3 --hold "$IDLE_HOLD" --server-pid "$SERVER_PID" |
             python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["server"]=sys.argv[1]; print(json.dumps(r))' "$name" \
                 >>"$OUT/idle.jsonl" || echo "WARNING: idle run against echo-$name fell short (see above)" >&2

@@ -151,7 +151,7 @@ impl Default for LimitsConfig {
             max_message_bytes: 16 * 1024 * 1024,
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 48 * 1024 * 1024,
-            read_buffer_bytes: 16 * 1024,
+            read_buffer_bytes: 64 * 1024,
             messages_per_s: 20,
             burst: 40,
         }
@@ -185,6 +185,8 @@ impl Default for SlabConfig {
                 class(256, 8192),
                 class(4 * 1024, 8192),
                 class(16 * 1024, 4096),
+                class(32 * 1024, 2048),
+                class(64 * 1024, 1024),
                 class(256 * 1024, 256),
                 class(2 * 1024 * 1024, 32),
                 class(17 * 1024 * 1024, 4),

@@ -255,6 +255,13 @@ impl Decoder {
         if self.frame_remaining > 0 { self.data_piece(input, 0) } else { self.frame_header(input) }
     }
 
+    /// Payload bytes of the current data frame not yet handed out: after a
+    /// [`Decoded::Data`] chunk, how much more of that frame is coming. Lets
+    /// a caller size a message buffer once instead of growing it.
+    pub fn frame_remaining(&self) -> u64 {
+        self.frame_remaining
+    }
+
     /// Whether a data message has started and not yet ended.
     pub fn message_in_progress(&self) -> bool {
         self.message.is_some()
@@ -1133,6 +1140,19 @@ mod tests {
     }
 
     // ---- poisoning ------------------------------------------------------------
+
+    #[test]
+    fn frame_remaining_counts_down_over_chunks() {
+        let mut wire = cframe(true, OpCode::Binary, &[7u8; 300]);
+        let mut d = Decoder::new(Role::Server, UNLIMITED);
+        // Header plus the first 100 payload bytes.
+        let (used, r) = d.decode(&mut wire[..108]);
+        assert!(matches!(r, Ok(Decoded::Data { ref payload, .. }) if payload.len() == 100), "{r:?}");
+        assert_eq!(d.frame_remaining(), 200);
+        let (_, r) = d.decode(&mut wire[used..]);
+        assert!(matches!(r, Ok(Decoded::Data { message_end: true, .. })), "{r:?}");
+        assert_eq!(d.frame_remaining(), 0);
+    }
 
     #[test]
     fn after_an_error_the_decoder_stays_failed() {
