@@ -88,7 +88,13 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     store_config.sources = 1;
     let opened = Instant::now();
     let (store, recovery) = kefu_storage::Store::open(store_config, notify).context("opening the store")?;
-    info!(elapsed_ms = opened.elapsed().as_millis() as u64, recovery = ?recovery, "store open");
+    info!(
+        elapsed_ms = opened.elapsed().as_millis() as u64,
+        records = recovery.next_offset,
+        open_conversations = recovery.open_conversations.len(),
+        unclean_shutdown = recovery.unclean_shutdown,
+        "store open"
+    );
     let mut chat = Some(ChatInit {
         mailboxes: mailboxes.clone(),
         core: Arc::new(config.core()),
