@@ -178,6 +178,10 @@ fn visitor_and_agent_chat_end_to_end() {
         let c = back.reply(id).await;
         assert_eq!(c["type"], "connected", "{c}");
         assert!(c.get("visitor_key").is_none(), "the key is given once: {c}");
+        let mut tab = Client::open(&gw).await;
+        let id = tab.send(json!({"type": "connect", "visitor_id": visitor_id, "visitor_key": visitor_key})).await;
+        let t = tab.reply(id).await;
+        assert_ne!(t["session"], c["session"], "each connection is its own session");
         assert_eq!(c["conversations"][0]["last_seq"], 4, "{c}");
         for seq in 2..=4 {
             assert_eq!(back.expect("msg").await["seq"], seq);

@@ -296,8 +296,8 @@ impl ChatService {
             Command::Accept { conv } => CoreCommand::Accept { conv: *conv },
             Command::Transfer { conv, .. } => CoreCommand::Transfer { conv: *conv, to: &transfer_to },
             Command::Close { conv } => CoreCommand::Close { conv: *conv },
-            Command::Ping => CoreCommand::Ping,
-            Command::Connect { .. } => unreachable_connect(),
+            // Handled above; a second connect never reaches here.
+            Command::Ping | Command::Connect { .. } => CoreCommand::Ping,
         };
         let request = match sess.session.check(cmd, now) {
             Ok(r) => r.into_owned_parts(),
@@ -423,7 +423,7 @@ impl ChatService {
             };
             self.router.agent_connected(info, device_of(from), now);
         }
-        let frame = self.connected_frame(id, &identity, new_key.as_ref().map(VisitorKey::to_hex));
+        let frame = self.connected_frame(from, id, &identity, new_key.as_ref().map(VisitorKey::to_hex));
         match new_key {
             Some(key) => {
                 // The key must survive any crash before the visitor sees it.
@@ -453,6 +453,7 @@ impl ChatService {
 
     fn connected_frame(
         &self,
+        from: SessionAddr,
         id: Option<i64>,
         identity: &Identity,
         visitor_key: Option<String>,
@@ -469,7 +470,9 @@ impl ChatService {
         ServerFrame::reply(
             id,
             Event::Connected {
-                session: format!("s{:x}", device_of_identity(identity)),
+                // One id per connection (shard, slot, generation): tabs of
+                // one user are different sessions.
+                session: format!("s{:x}", device_of(from)),
                 role: identity.role,
                 user: User {
                     id: identity.id.to_string(),
@@ -1098,17 +1101,6 @@ impl ChatService {
 }
 
 type Reply = (SessionAddr, Codec, Option<i64>);
-
-fn unreachable_connect() -> CoreCommand<'static> {
-    CoreCommand::Ping
-}
-
-fn device_of_identity(identity: &Identity) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    identity.id.hash(&mut h);
-    h.finish()
-}
 
 /// A checked request with its borrowed parts made owned (the frame it
 /// borrowed from is still needed for the message body).
