@@ -146,43 +146,15 @@ impl ChatService {
         let mut routes = Vec::new();
         let now = now_ms();
         for rec in reader.open_conversations()? {
-            let visitor = match reader.user(&rec.visitor_id)? {
-                Some(u) => Visitor {
-                    id: Arc::from(u.id.as_str()),
-                    name: Arc::from(u.name.as_str()),
-                    meta: u.meta.into_iter().collect(),
-                },
-                None => Visitor {
-                    id: Arc::from(rec.visitor_id.as_str()),
-                    name: Arc::from(rec.visitor_id.as_str()),
-                    meta: Default::default(),
-                },
-            };
-            let group: Arc<str> = Arc::from(rec.group.as_deref().unwrap_or(&core.routing.default_group));
-            let agent = rec
-                .agent
-                .map(|a| AgentRef { id: Arc::from(a.id.as_str()), name: Arc::from(a.name.as_str()) });
-            let last_ts = match rec.last_seq {
-                0 => rec.updated_ms,
-                seq => reader.message(rec.id, seq)?.map_or(rec.updated_ms, |m| m.record.ts_ms),
-            };
+            let restored = restored_conversation(&reader, rec, &core.routing.default_group)?;
             routes.push(RestoredRoute {
-                conv: ConvId(rec.id),
-                visitor: visitor.id.clone(),
-                group: group.clone(),
-                vip_level: vip_level(&visitor.meta),
-                agent: agent.clone(),
+                conv: restored.id,
+                visitor: restored.visitor.id.clone(),
+                group: restored.group.clone(),
+                vip_level: vip_level(&restored.visitor.meta),
+                agent: restored.agent.clone(),
             });
-            let restored = RestoredConversation {
-                id: ConvId(rec.id),
-                visitor,
-                status: rec.status,
-                group,
-                agent,
-                last_seq: rec.last_seq,
-                last_ts,
-            };
-            convs.insert(ConvId(rec.id), Conversation::restore(restored, &core.limits));
+            convs.insert(restored.id, Conversation::restore(restored, &core.limits));
         }
         let refused = router.restore(routes, now);
         if !refused.is_empty() {
@@ -567,12 +539,8 @@ impl ChatService {
         now: u64,
     ) {
         let (from, codec, id) = reply;
-        if !self.load(conv) {
-            return self.send(
-                from,
-                codec,
-                &ServerFrame::error(id, ErrorCode::NotFound, format!("{conv}: not found")),
-            );
+        if !self.found(reply, conv) {
+            return;
         }
         // Older resends than the conversation's window remembers: the
         // durable dedupe index has the original.
@@ -652,12 +620,8 @@ impl ChatService {
 
     fn on_read(&mut self, reply: Reply, actor: &Actor, conv: ConvId, seq: u64, now: u64) {
         let (from, codec, id) = reply;
-        if !self.load(conv) {
-            return self.send(
-                from,
-                codec,
-                &ServerFrame::error(id, ErrorCode::NotFound, format!("{conv}: not found")),
-            );
+        if !self.found(reply, conv) {
+            return;
         }
         let Some(c) = self.convs.get_mut(&conv) else { return };
         match c.read(actor, seq) {
@@ -675,12 +639,8 @@ impl ChatService {
 
     fn on_typing(&mut self, reply: Reply, actor: &Actor, conv: ConvId, now: u64) {
         let (from, codec, id) = reply;
-        if !self.load(conv) {
-            return self.send(
-                from,
-                codec,
-                &ServerFrame::error(id, ErrorCode::NotFound, format!("{conv}: not found")),
-            );
+        if !self.found(reply, conv) {
+            return;
         }
         let Some(c) = self.convs.get_mut(&conv) else { return };
         match c.typing(actor, now) {
@@ -696,12 +656,8 @@ impl ChatService {
 
     fn on_history(&mut self, reply: Reply, actor: &Actor, conv: ConvId, before: Option<u64>, limit: u32) {
         let (from, codec, id) = reply;
-        if !self.load(conv) {
-            return self.send(
-                from,
-                codec,
-                &ServerFrame::error(id, ErrorCode::NotFound, format!("{conv}: not found")),
-            );
+        if !self.found(reply, conv) {
+            return;
         }
         let Some(c) = self.convs.get(&conv) else { return };
         let range = match c.history(actor, before, limit) {
@@ -720,12 +676,8 @@ impl ChatService {
 
     fn on_close(&mut self, reply: Reply, actor: &Actor, conv: ConvId) {
         let (from, codec, id) = reply;
-        if !self.load(conv) {
-            return self.send(
-                from,
-                codec,
-                &ServerFrame::error(id, ErrorCode::NotFound, format!("{conv}: not found")),
-            );
+        if !self.found(reply, conv) {
+            return;
         }
         let closed = self.convs.get(&conv).map(|c| (c.status(), c.check_access(actor, Access::Read)));
         match closed {
@@ -972,6 +924,16 @@ impl ChatService {
         self.append(msg, None);
     }
 
+    /// As [`Self::load`], answering the command `not_found` if it does not exist.
+    fn found(&mut self, reply: Reply, conv: ConvId) -> bool {
+        let (to, codec, id) = reply;
+        let ok = self.load(conv);
+        if !ok {
+            self.send(to, codec, &ServerFrame::error(id, ErrorCode::NotFound, format!("{conv}: not found")));
+        }
+        ok
+    }
+
     /// Makes sure `conv` is in memory (closed conversations are loaded on
     /// demand for history, reads and resume). False if it does not exist.
     fn load(&mut self, conv: ConvId) -> bool {
@@ -985,40 +947,23 @@ impl ChatService {
     /// Rebuilds a conversation from storage (after a failed or duplicate
     /// append, its in-memory seq may be ahead of the log).
     fn reload(&mut self, conv: ConvId) {
-        let Ok(Some(rec)) = self.reader.conversation(conv.0) else {
-            self.convs.remove(&conv);
-            return;
+        let restored = match self.reader.conversation(conv.0) {
+            Ok(Some(rec)) => restored_conversation(&self.reader, rec, &self.core.routing.default_group),
+            Ok(None) => {
+                self.convs.remove(&conv);
+                return;
+            }
+            Err(e) => Err(e),
         };
-        let visitor = match self.reader.user(&rec.visitor_id) {
-            Ok(Some(u)) => Visitor {
-                id: Arc::from(u.id.as_str()),
-                name: Arc::from(u.name.as_str()),
-                meta: u.meta.into_iter().collect(),
-            },
-            _ => Visitor {
-                id: Arc::from(rec.visitor_id.as_str()),
-                name: Arc::from(rec.visitor_id.as_str()),
-                meta: Default::default(),
-            },
-        };
-        let last_ts = self
-            .reader
-            .message(conv.0, rec.last_seq)
-            .ok()
-            .flatten()
-            .map_or(rec.updated_ms, |m| m.record.ts_ms);
-        let restored = RestoredConversation {
-            id: conv,
-            visitor,
-            status: rec.status,
-            group: Arc::from(rec.group.as_deref().unwrap_or(&self.core.routing.default_group)),
-            agent: rec
-                .agent
-                .map(|a| AgentRef { id: Arc::from(a.id.as_str()), name: Arc::from(a.name.as_str()) }),
-            last_seq: rec.last_seq,
-            last_ts,
-        };
-        self.convs.insert(conv, Conversation::restore(restored, &self.core.limits));
+        match restored {
+            Ok(r) => {
+                self.convs.insert(conv, Conversation::restore(r, &self.core.limits));
+            }
+            Err(e) => {
+                warn!(%conv, error = %e, "cannot reload a conversation from storage");
+                self.convs.remove(&conv);
+            }
+        }
     }
 
     // ---- audiences and output ----------------------------------------
@@ -1101,6 +1046,41 @@ impl ChatService {
 }
 
 type Reply = (SessionAddr, Codec, Option<i64>);
+
+/// A stored conversation as `kefu-core` restores it: the visitor's profile
+/// from the users table (or just the id, if it was never stored) and the
+/// last message's time, so `ts` never goes backwards.
+fn restored_conversation(
+    reader: &Reader,
+    rec: ConversationRecord,
+    default_group: &str,
+) -> Result<RestoredConversation, kefu_storage::StorageError> {
+    let visitor = match reader.user(&rec.visitor_id)? {
+        Some(u) => Visitor {
+            id: Arc::from(u.id.as_str()),
+            name: Arc::from(u.name.as_str()),
+            meta: u.meta.into_iter().collect(),
+        },
+        None => Visitor {
+            id: Arc::from(rec.visitor_id.as_str()),
+            name: Arc::from(rec.visitor_id.as_str()),
+            meta: Default::default(),
+        },
+    };
+    let last_ts = match rec.last_seq {
+        0 => rec.updated_ms,
+        seq => reader.message(rec.id, seq)?.map_or(rec.updated_ms, |m| m.record.ts_ms),
+    };
+    Ok(RestoredConversation {
+        id: ConvId(rec.id),
+        visitor,
+        status: rec.status,
+        group: Arc::from(rec.group.as_deref().unwrap_or(default_group)),
+        agent: rec.agent.map(|a| AgentRef { id: Arc::from(a.id.as_str()), name: Arc::from(a.name.as_str()) }),
+        last_seq: rec.last_seq,
+        last_ts,
+    })
+}
 
 /// A checked request with its borrowed parts made owned (the frame it
 /// borrowed from is still needed for the message body).
