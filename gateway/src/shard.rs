@@ -239,6 +239,11 @@ impl Shard {
                 conn.request_close(close::GOING_AWAY, "server shutting down", now);
                 continue;
             }
+            // Before the upgrade there is no WebSocket to ping; the handshake
+            // has its own deadline (server.handshake_timeout_ms).
+            if !conn.is_upgraded() {
+                continue;
+            }
             let silent = now.saturating_sub(conn.last_rx_ms());
             if silent >= 2 * hb {
                 ShardStats::inc(&self.stats().heartbeat_closes);
