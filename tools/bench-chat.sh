@@ -111,27 +111,8 @@ start_server() {
     exit 1
 }
 
-# Waits until the whole host has been idle (under 8% of one core busy, from
-# /proc/stat) for 3 s in a row, bounded by --quiet-wait.
-host_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
-wait_quiet() {
-    local deadline=$((SECONDS + QUIET_WAIT)) calm=0 b0 t0 b1 t1 cores
-    cores=$(nproc)
-    while [ "$calm" -lt 3 ]; do
-        read -r b0 t0 < <(host_ticks)
-        sleep 1
-        read -r b1 t1 < <(host_ticks)
-        if [ $(((b1 - b0) * 100 * cores / (t1 - t0 + 1))) -lt 8 ]; then
-            calm=$((calm + 1))
-        else
-            calm=0
-        fi
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            echo "WARNING: host still busy after ${QUIET_WAIT}s; measuring anyway" >&2
-            return 0
-        fi
-    done
-}
+# shellcheck source=tools/bench-lib.sh
+source "$REPO/tools/bench-lib.sh"
 
 : >"$OUT/chat.jsonl"
 clean=0
