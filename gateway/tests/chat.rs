@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::Gateway;
 use futures_util::{SinkExt, StreamExt};
-use kefu_proto::client::{ClientFrame, Codec, Command, Encoder, Event, ServerFrame};
+use kefu_proto::client::{Codec, Encoder};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -18,24 +18,114 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-/// A JSON client.
+/// Which subprotocol each side of a scenario speaks.
+#[derive(Clone, Copy, Debug)]
+struct Wire {
+    agents: Codec,
+    visitors: Codec,
+}
+
+const JSON: Wire = Wire { agents: Codec::Json, visitors: Codec::Json };
+const FB: Wire = Wire { agents: Codec::FlatBuffers, visitors: Codec::FlatBuffers };
+/// Agents on FlatBuffers, visitors on JSON: one event fanned out to both
+/// encodings at once.
+const MIXED: Wire = Wire { agents: Codec::FlatBuffers, visitors: Codec::Json };
+
+/// Runs a scenario once per subprotocol (and once per extra `name =
+/// WIRE`), each as its own test.
+macro_rules! over_both_subprotocols {
+    ($scenario:ident $(, $extra:ident = $wire:ident)*) => {
+        mod $scenario {
+            #[test]
+            fn json() {
+                super::$scenario(super::JSON)
+            }
+            #[test]
+            fn flatbuffers() {
+                super::$scenario(super::FB)
+            }
+            $(
+                #[test]
+                fn $extra() {
+                    super::$scenario(super::$wire)
+                }
+            )*
+        }
+    };
+}
+
+/// A client of either subprotocol. Scenarios are written once, in the JSON
+/// shape of PROTOCOL.md; on `kefu.v1.fb` each command goes through the JSON
+/// decoder and out as a FlatBuffers frame, and each FlatBuffers frame that
+/// arrives is decoded and shown to the scenario as the same JSON. So every
+/// byte on a FlatBuffers connection is FlatBuffers, and a field the
+/// FlatBuffers side loses or mangles fails the same assertion it would on
+/// JSON.
 struct Client {
     ws: Ws,
     next_id: i64,
+    codec: Codec,
+    enc: Encoder,
 }
 
 impl Client {
-    async fn open(gw: &Gateway) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr)).await.unwrap();
-        Client { ws, next_id: 1 }
+    async fn open(gw: &Gateway, codec: Codec) -> Client {
+        Client::dial(gw.addr, codec).await.expect("WebSocket upgrade")
+    }
+
+    /// Connects to `/ws`; JSON clients send no subprotocol (it is the
+    /// default), FlatBuffers clients ask for `kefu.v1.fb`.
+    async fn dial(addr: std::net::SocketAddr, codec: Codec) -> Result<Client, String> {
+        let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+        if codec == Codec::FlatBuffers {
+            req.headers_mut().insert("Sec-WebSocket-Protocol", codec.subprotocol().parse().unwrap());
+        }
+        let (ws, resp) = tokio_tungstenite::connect_async(req).await.map_err(|e| e.to_string())?;
+        if codec == Codec::FlatBuffers {
+            let chosen = resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
+            assert_eq!(chosen, Some(codec.subprotocol()));
+        }
+        Ok(Client { ws, next_id: 1, codec, enc: Encoder::new() })
     }
 
     async fn send(&mut self, mut v: Value) -> i64 {
         let id = self.next_id;
         self.next_id += 1;
         v["id"] = json!(id);
-        self.ws.send(Message::text(v.to_string())).await.unwrap();
+        let text = v.to_string();
+        let message = match self.codec {
+            Codec::Json => Message::text(text),
+            Codec::FlatBuffers => {
+                let frame =
+                    Codec::Json.decode_client(text.as_bytes()).expect("the scenario's command is valid");
+                Message::binary(Codec::FlatBuffers.encode_client(&frame, &mut self.enc).to_vec())
+            }
+        };
+        self.ws.send(message).await.unwrap();
         id
+    }
+
+    /// Sends a frame as is, bypassing the codec (for garbage).
+    async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.unwrap();
+    }
+
+    /// What a received message says, as PROTOCOL.md's JSON; None for
+    /// pings and pongs. A close shows as `{"type": "_close", "code": N}`.
+    fn parse(&mut self, m: Message) -> Option<Value> {
+        match m {
+            Message::Text(t) => {
+                assert_eq!(self.codec, Codec::Json, "a text frame on kefu.v1.fb: {t}");
+                Some(serde_json::from_str(&t).unwrap())
+            }
+            Message::Binary(b) => {
+                assert_eq!(self.codec, Codec::FlatBuffers, "a binary frame on kefu.v1.json");
+                let frame = Codec::FlatBuffers.decode_server(&b).expect("a valid FlatBuffers frame");
+                Some(serde_json::from_slice(Codec::Json.encode_server(&frame, &mut self.enc)).unwrap())
+            }
+            Message::Close(c) => Some(json!({"type": "_close", "code": c.map(|c| u16::from(c.code))})),
+            _ => None,
+        }
     }
 
     async fn recv(&mut self) -> Value {
@@ -45,10 +135,8 @@ impl Client {
                 .expect("a frame within 10 s")
                 .expect("stream open")
                 .expect("no error");
-            match m {
-                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-                Message::Close(c) => return json!({"type": "_close", "code": c.map(|c| u16::from(c.code))}),
-                _ => continue,
+            if let Some(v) = self.parse(m) {
+                return v;
             }
         }
     }
@@ -88,20 +176,20 @@ impl Client {
     async fn none_of(&mut self, kind: &str, wait: Duration) {
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, self.ws.next()).await {
-            if let Message::Text(t) = m {
-                let v: Value = serde_json::from_str(&t).unwrap();
+            if let Some(v) = self.parse(m) {
                 assert_ne!(v["type"], kind, "unexpected {v}");
             }
         }
     }
 }
 
-#[test]
-fn visitor_and_agent_chat_end_to_end() {
+over_both_subprotocols!(visitor_and_agent_chat_end_to_end, mixed = MIXED);
+
+fn visitor_and_agent_chat_end_to_end(w: Wire) {
     let gw = Gateway::start(&["--shards", "2"], &[]);
     let token = gw.token("agent", "a1", &["--name", "Alice"]);
     rt().block_on(async {
-        let mut agent = Client::open(&gw).await;
+        let mut agent = Client::open(&gw, w.agents).await;
         let id = agent.send(json!({"type": "connect", "token": token})).await;
         let c = agent.reply(id).await;
         assert_eq!(c["type"], "connected", "{c}");
@@ -112,7 +200,7 @@ fn visitor_and_agent_chat_end_to_end() {
         assert_eq!((p["type"].as_str(), p["status"].as_str()), (Some("presence"), Some("online")), "{p}");
 
         // An anonymous visitor gets an id and a key.
-        let mut visitor = Client::open(&gw).await;
+        let mut visitor = Client::open(&gw, w.visitors).await;
         let id = visitor.send(json!({"type": "connect"})).await;
         let c = visitor.reply(id).await;
         assert_eq!(c["type"], "connected", "{c}");
@@ -171,14 +259,14 @@ fn visitor_and_agent_chat_end_to_end() {
 
         // A visitor coming back with its key resumes what it missed.
         drop(visitor);
-        let mut back = Client::open(&gw).await;
+        let mut back = Client::open(&gw, w.visitors).await;
         let id = back
             .send(json!({"type": "connect", "visitor_id": visitor_id, "visitor_key": visitor_key, "resume": {conv.as_str(): 1}}))
             .await;
         let c = back.reply(id).await;
         assert_eq!(c["type"], "connected", "{c}");
         assert!(c.get("visitor_key").is_none(), "the key is given once: {c}");
-        let mut tab = Client::open(&gw).await;
+        let mut tab = Client::open(&gw, w.visitors).await;
         let id = tab.send(json!({"type": "connect", "visitor_id": visitor_id, "visitor_key": visitor_key})).await;
         let t = tab.reply(id).await;
         assert_ne!(t["session"], c["session"], "each connection is its own session");
@@ -190,12 +278,12 @@ fn visitor_and_agent_chat_end_to_end() {
         assert_eq!((resumed["from"].as_u64(), resumed["to"].as_u64()), (Some(2), Some(4)), "{resumed}");
 
         // Someone else's conversation is not found; a wrong key is refused.
-        let mut other = Client::open(&gw).await;
+        let mut other = Client::open(&gw, w.visitors).await;
         let id = other.send(json!({"type": "connect"})).await;
         other.reply(id).await;
         let id = other.send(json!({"type": "send", "conv": conv, "cid": "x", "text": "hi"})).await;
         assert_eq!(other.reply(id).await["code"], "not_found");
-        let mut thief = Client::open(&gw).await;
+        let mut thief = Client::open(&gw, w.visitors).await;
         let key = "0".repeat(32);
         let id = thief.send(json!({"type": "connect", "visitor_id": visitor_id, "visitor_key": key})).await;
         assert_eq!(thief.reply(id).await["code"], "unauthorized");
@@ -208,23 +296,24 @@ fn visitor_and_agent_chat_end_to_end() {
     });
 }
 
-#[test]
-fn commands_before_connect_are_refused_and_queue_positions_are_pushed() {
+over_both_subprotocols!(commands_before_connect_are_refused_and_queue_positions_are_pushed);
+
+fn commands_before_connect_are_refused_and_queue_positions_are_pushed(w: Wire) {
     let gw = Gateway::start(&[], &[]);
     rt().block_on(async {
-        let mut c = Client::open(&gw).await;
+        let mut c = Client::open(&gw, w.visitors).await;
         let id = c.send(json!({"type": "open"})).await;
         assert_eq!(c.reply(id).await["code"], "unauthorized");
         assert_eq!(c.recv().await["code"], 4500);
 
         // No agent online: visitors queue, in order, with positions.
-        let mut first = Client::open(&gw).await;
+        let mut first = Client::open(&gw, w.visitors).await;
         let id = first.send(json!({"type": "connect"})).await;
         first.reply(id).await;
         let id = first.send(json!({"type": "open"})).await;
         let q = first.reply(id).await;
         assert_eq!((q["status"].as_str(), q["queue_position"].as_u64()), (Some("queued"), Some(1)), "{q}");
-        let mut second = Client::open(&gw).await;
+        let mut second = Client::open(&gw, w.visitors).await;
         let id = second.send(json!({"type": "connect"})).await;
         second.reply(id).await;
         let id = second.send(json!({"type": "open"})).await;
@@ -237,7 +326,7 @@ fn commands_before_connect_are_refused_and_queue_positions_are_pushed() {
         // An agent takes the first one with accept (auto-assign is on, so
         // going online assigns it); the second moves up.
         let token = gw.token("agent", "a9", &["--name", "Bob"]);
-        let mut agent = Client::open(&gw).await;
+        let mut agent = Client::open(&gw, w.agents).await;
         let id = agent.send(json!({"type": "connect", "token": token})).await;
         agent.reply(id).await;
         agent.send(json!({"type": "presence", "status": "online", "capacity": 1})).await;
@@ -248,76 +337,12 @@ fn commands_before_connect_are_refused_and_queue_positions_are_pushed() {
     });
 }
 
-#[test]
-fn flatbuffers_clients_speak_the_same_protocol() {
-    let gw = Gateway::start(&[], &[]);
-    rt().block_on(async {
-        let mut req = format!("ws://{}/ws", gw.addr).into_client_request().unwrap();
-        req.headers_mut().insert("Sec-WebSocket-Protocol", "kefu.v1.fb".parse().unwrap());
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let mut enc = Encoder::new();
-        let mut send = async |ws: &mut Ws, id: i64, body: Command| {
-            let bytes =
-                Codec::FlatBuffers.encode_client(&ClientFrame { id: Some(id), body }, &mut enc).to_vec();
-            ws.send(Message::binary(bytes)).await.unwrap();
-        };
-        // The reply to command `id`, skipping pushes.
-        let recv = async |ws: &mut Ws, id: i64| -> ServerFrame {
-            loop {
-                match tokio::time::timeout(Duration::from_secs(10), ws.next())
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .unwrap()
-                {
-                    Message::Binary(b) => {
-                        let frame = Codec::FlatBuffers.decode_server(&b).unwrap();
-                        if frame.id == Some(id) {
-                            return frame;
-                        }
-                    }
-                    Message::Text(t) => panic!("a text frame on kefu.v1.fb: {t}"),
-                    _ => continue,
-                }
-            }
-        };
-        send(
-            &mut ws,
-            1,
-            Command::Connect { token: None, visitor_id: None, visitor_key: None, resume: Default::default() },
-        )
-        .await;
-        let c = recv(&mut ws, 1).await;
-        assert!(matches!(c.body, Event::Connected { .. }), "{c:?}");
-        send(&mut ws, 2, Command::Open { group: None, meta: Default::default() }).await;
-        let Event::Conversation { conv, .. } = recv(&mut ws, 2).await.body else {
-            panic!("expected conversation")
-        };
-        let attachment = kefu_proto::client::Attachment {
-            mime: "image/png".into(),
-            data: vec![0x89, b'P', b'N', b'G', 0, 1, 2],
-        };
-        send(
-            &mut ws,
-            3,
-            Command::Send { conv, cid: "f1".into(), text: None, attachment: Some(attachment.clone()) },
-        )
-        .await;
-        let ack = recv(&mut ws, 3).await;
-        assert_eq!(ack.id, Some(3));
-        assert!(matches!(ack.body, Event::Ack { seq: 1, .. }), "{ack:?}");
-        send(&mut ws, 4, Command::History { conv, before: None, limit: None }).await;
-        let Event::History { messages, .. } = recv(&mut ws, 4).await.body else { panic!("expected history") };
-        assert_eq!(messages.len(), 1);
-        assert_eq!(messages[0].attachment.as_ref(), Some(&attachment), "raw bytes survive storage");
-    });
-}
+over_both_subprotocols!(acked_messages_survive_kill_9);
 
-#[test]
-fn acked_messages_survive_kill_9() {
+fn acked_messages_survive_kill_9(w: Wire) {
     let gw = Gateway::start(&[], &[]);
     let (conv, visitor_id, visitor_key) = rt().block_on(async {
-        let mut v = Client::open(&gw).await;
+        let mut v = Client::open(&gw, w.visitors).await;
         let id = v.send(json!({"type": "connect"})).await;
         let c = v.reply(id).await;
         let id = v.send(json!({"type": "open"})).await;
@@ -332,7 +357,7 @@ fn acked_messages_survive_kill_9() {
     });
     let gw = gw.kill9_and_restart(&[], &[]);
     rt().block_on(async {
-        let mut v = Client::open(&gw).await;
+        let mut v = Client::open(&gw, w.visitors).await;
         let id =
             v.send(json!({"type": "connect", "visitor_id": visitor_id, "visitor_key": visitor_key})).await;
         let c = v.reply(id).await;
@@ -374,8 +399,8 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
     let mut gw = Gateway::start(&args, &env);
     let addr = gw.addr;
     let stop = Arc::new(AtomicBool::new(false));
-    // Per visitor: (conv, cid → acked seq).
-    type Acked = Vec<(String, BTreeMap<String, u64>)>;
+    // Per visitor: (visitor, conv, cid → acked seq).
+    type Acked = Vec<(usize, String, BTreeMap<String, u64>)>;
     let acked: Arc<Mutex<Acked>> = Arc::new(Mutex::new(Vec::new()));
     let creds: Arc<Mutex<Vec<(String, String)>>> = Arc::new(Mutex::new(Vec::new()));
 
@@ -387,22 +412,19 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
                 for v in 0..VISITORS {
                     let (stop, acked, creds) = (stop.clone(), acked.clone(), creds.clone());
                     tasks.push(tokio::spawn(async move {
-                        let url = format!("ws://{addr}/ws");
+                        // Half the visitors speak each subprotocol.
+                        let codec = Codec::ALL[v % 2];
                         let mut ident: Option<(String, String)> = None;
                         let mut conv: Option<String> = None;
                         let mut mine = BTreeMap::new();
                         let mut i = 0u64;
                         'outer: while !stop.load(Ordering::Relaxed) {
-                            let Ok(Ok((ws, _))) = tokio::time::timeout(
-                                Duration::from_secs(2),
-                                tokio_tungstenite::connect_async(&url),
-                            )
-                            .await
+                            let Ok(Ok(mut c)) =
+                                tokio::time::timeout(Duration::from_secs(2), Client::dial(addr, codec)).await
                             else {
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                                 continue;
                             };
-                            let mut c = Client { ws, next_id: 1 };
                             let connect = match &ident {
                                 Some((id, key)) => {
                                     json!({"type": "connect", "visitor_id": id, "visitor_key": key})
@@ -450,7 +472,7 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
                             }
                         }
                         if let (Some(conv), Some(ident)) = (conv, ident) {
-                            acked.lock().unwrap().push((conv, mine));
+                            acked.lock().unwrap().push((v, conv, mine));
                             creds.lock().unwrap().push(ident);
                         }
                     }));
@@ -473,11 +495,11 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
     let acked = acked.lock().unwrap().clone();
     let creds = creds.lock().unwrap().clone();
     assert_eq!(acked.len(), VISITORS);
-    let total: usize = acked.iter().map(|(_, m)| m.len()).sum();
+    let total: usize = acked.iter().map(|(_, _, m)| m.len()).sum();
     assert!(total > VISITORS * 10, "too little load to mean anything: {total} acks");
     rt().block_on(async {
-        for ((conv, mine), (vid, key)) in acked.iter().zip(&creds) {
-            let mut c = Client::open(&gw).await;
+        for ((v, conv, mine), (vid, key)) in acked.iter().zip(&creds) {
+            let mut c = Client::open(&gw, Codec::ALL[v % 2]).await;
             let id = c.send(json!({"type": "connect", "visitor_id": vid, "visitor_key": key})).await;
             assert_eq!(c.reply(id).await["type"], "connected");
             let mut seen: Vec<(u64, String)> = Vec::new();
@@ -526,22 +548,17 @@ async fn try_reply(c: &mut Client, id: i64) -> Option<Value> {
             Ok(Some(Ok(m))) => m,
             _ => return None,
         };
-        match m {
-            Message::Text(t) => {
-                let v: Value = serde_json::from_str(&t).unwrap();
-                if v["id"] == json!(id) {
-                    return Some(v);
-                }
-            }
-            Message::Close(_) => return None,
+        match c.parse(m) {
+            Some(v) if v["type"] == "_close" => return None,
+            Some(v) if v["id"] == json!(id) => return Some(v),
             _ => {}
         }
     }
 }
 
-async fn agent(gw: &Gateway, sub: &str, extra: &[&str], capacity: u32) -> Client {
+async fn agent(gw: &Gateway, w: Wire, sub: &str, extra: &[&str], capacity: u32) -> Client {
     let token = gw.token("agent", sub, extra);
-    let mut a = Client::open(gw).await;
+    let mut a = Client::open(gw, w.agents).await;
     let id = a.send(json!({"type": "connect", "token": token})).await;
     assert_eq!(a.reply(id).await["type"], "connected");
     let id = a.send(json!({"type": "presence", "status": "online", "capacity": capacity})).await;
@@ -549,8 +566,8 @@ async fn agent(gw: &Gateway, sub: &str, extra: &[&str], capacity: u32) -> Client
     a
 }
 
-async fn visitor(gw: &Gateway) -> (Client, String) {
-    let mut v = Client::open(gw).await;
+async fn visitor(gw: &Gateway, w: Wire) -> (Client, String) {
+    let mut v = Client::open(gw, w.visitors).await;
     let id = v.send(json!({"type": "connect"})).await;
     assert_eq!(v.reply(id).await["type"], "connected");
     let id = v.send(json!({"type": "open"})).await;
@@ -558,18 +575,24 @@ async fn visitor(gw: &Gateway) -> (Client, String) {
     (v, conv)
 }
 
-#[test]
-fn transfers_move_conversations_between_agents_and_groups() {
+over_both_subprotocols!(transfers_move_conversations_between_agents_and_groups);
+
+fn transfers_move_conversations_between_agents_and_groups(w: Wire) {
     let gw = Gateway::start(&[], &[]);
     rt().block_on(async {
-        let mut alice = agent(&gw, "alice", &["--group", "sales"], 5).await;
-        let (mut v, conv) = visitor(&gw).await;
+        let mut alice = agent(&gw, w, "alice", &["--group", "sales"], 5).await;
+        let (mut v, conv) = visitor(&gw, w).await;
         // "default" group: alice has groups, so she does not serve it; nobody does.
         let q = v.expect_where("conversation", |c| c["conv"] == conv.as_str()).await;
         assert_eq!(q["status"], "queued", "{q}");
-        let mut bob = agent(&gw, "bob", &[], 5).await;
+        let mut bob = agent(&gw, w, "bob", &[], 5).await;
         let got = bob.expect_where("conversation", |c| c["status"] == "assigned").await;
         assert_eq!(got["agent"]["id"], "bob");
+        // Bob's second console tab.
+        let token = gw.token("agent", "bob", &[]);
+        let mut bob_tab = Client::open(&gw, w.agents).await;
+        let id = bob_tab.send(json!({"type": "connect", "token": token})).await;
+        assert_eq!(bob_tab.reply(id).await["conversations"][0]["conv"], conv.as_str());
         // Bob hands it to alice by name.
         let id = bob.send(json!({"type": "transfer", "conv": conv, "to": "alice"})).await;
         let r = bob.reply(id).await;
@@ -583,7 +606,9 @@ fn transfers_move_conversations_between_agents_and_groups() {
             v.expect_where("conversation", |c| c["agent"]["id"] == "alice").await["status"],
             "assigned"
         );
-        // Bob lost it.
+        // Bob lost it, and his other tab is told where it went.
+        let gone = bob_tab.expect_where("conversation", |c| c["conv"] == conv.as_str()).await;
+        assert_eq!(gone["agent"]["id"], "alice", "{gone}");
         let id = bob.send(json!({"type": "send", "conv": conv, "cid": "b", "text": "still here?"})).await;
         assert_eq!(bob.reply(id).await["code"], "not_found");
         // Alice sends it to a group queue; with bob away nobody takes it.
@@ -602,11 +627,12 @@ fn transfers_move_conversations_between_agents_and_groups() {
     });
 }
 
-#[test]
-fn rate_limits_are_retryable_and_attachments_travel_as_base64() {
+over_both_subprotocols!(rate_limits_are_retryable_and_attachments_are_stored);
+
+fn rate_limits_are_retryable_and_attachments_are_stored(w: Wire) {
     let gw = Gateway::start(&[], &[("KEFU_LIMITS_MESSAGES_PER_S", "5"), ("KEFU_LIMITS_BURST", "5")]);
     rt().block_on(async {
-        let (mut v, conv) = visitor(&gw).await;
+        let (mut v, conv) = visitor(&gw, w).await;
         let png = [0x89u8, b'P', b'N', b'G', 0, 0xff];
         use base64::Engine;
         let data = base64::engine::general_purpose::STANDARD.encode(png);
@@ -635,17 +661,18 @@ fn rate_limits_are_retryable_and_attachments_travel_as_base64() {
     });
 }
 
-#[test]
-fn several_agents_share_many_visitors_least_loaded_first() {
+over_both_subprotocols!(several_agents_share_many_visitors_least_loaded_first);
+
+fn several_agents_share_many_visitors_least_loaded_first(w: Wire) {
     let gw = Gateway::start(&["--shards", "2"], &[]);
     rt().block_on(async {
         let mut agents = Vec::new();
         for name in ["a1", "a2", "a3"] {
-            agents.push(agent(&gw, name, &[], 10).await);
+            agents.push(agent(&gw, w, name, &[], 10).await);
         }
         let mut visitors = Vec::new();
         for _ in 0..24 {
-            let (mut v, conv) = visitor(&gw).await;
+            let (mut v, conv) = visitor(&gw, w).await;
             let assigned = v.expect_where("conversation", |c| c["status"] == "assigned").await;
             visitors.push((v, conv, assigned["agent"]["id"].as_str().unwrap().to_string()));
         }
@@ -676,16 +703,155 @@ fn several_agents_share_many_visitors_least_loaded_first() {
     });
 }
 
-#[test]
-fn offline_agents_conversations_requeue_after_the_grace_period() {
+over_both_subprotocols!(offline_agents_conversations_requeue_after_the_grace_period);
+
+fn offline_agents_conversations_requeue_after_the_grace_period(w: Wire) {
     let env = [("KEFU_ROUTING_OFFLINE_POLICY", "requeue"), ("KEFU_ROUTING_OFFLINE_GRACE_S", "1")];
     let gw = Gateway::start(&[], &env);
     rt().block_on(async {
-        let a = agent(&gw, "gone", &[], 5).await;
-        let (mut v, _conv) = visitor(&gw).await;
+        let a = agent(&gw, w, "gone", &[], 5).await;
+        let (mut v, _conv) = visitor(&gw, w).await;
         v.expect_where("conversation", |c| c["status"] == "assigned").await;
         drop(a);
         let back = v.expect_where("conversation", |c| c["status"] == "queued").await;
         assert_eq!(back["queue_position"], 1, "{back}");
+    });
+}
+
+over_both_subprotocols!(queue_accept_presence_tabs_resume_and_errors, mixed = MIXED);
+
+/// Without auto-assign: VIP queue order, queued conversations pushed to the
+/// agents who serve them, `accept` and its conflict, presence pushed to the
+/// other agents, a visitor's second tab seeing its own messages, an agent's
+/// resume, `ping`, every client-caused error code, and a visitor's close.
+fn queue_accept_presence_tabs_resume_and_errors(w: Wire) {
+    let gw = Gateway::start(&["--shards", "2"], &[("KEFU_ROUTING_AUTO_ASSIGN", "false")]);
+    rt().block_on(async {
+        let mut ann = agent(&gw, w, "ann", &["--name", "Ann"], 5).await;
+        let mut ben = agent(&gw, w, "ben", &[], 5).await;
+        let p = ann.expect_where("presence", |p| p["agent"] == "ben").await;
+        assert_eq!(p["status"], "online", "{p}");
+
+        // An anonymous visitor queues first, a VIP (by token meta) second
+        // and goes ahead of it.
+        let (mut anon, anon_conv) = visitor(&gw, w).await;
+        let q = ann.expect_where("conversation", |c| c["conv"] == anon_conv.as_str()).await;
+        assert_eq!((q["status"].as_str(), q["queue_position"].as_u64()), (Some("queued"), Some(1)), "{q}");
+        let vip_token =
+            gw.token("visitor", "vip-7", &["--name", "Vera", "--meta", "vip_level=3", "--meta", "plan=gold"]);
+        let mut vip = Client::open(&gw, w.visitors).await;
+        let id = vip.send(json!({"type": "connect", "token": vip_token})).await;
+        let c = vip.reply(id).await;
+        assert_eq!(
+            (c["user"]["id"].as_str(), c["user"]["meta"]["plan"].as_str()),
+            (Some("vip-7"), Some("gold")),
+            "{c}"
+        );
+        let id = vip.send(json!({"type": "open", "meta": {"page": "/pricing"}})).await;
+        let opened = vip.reply(id).await;
+        assert_eq!(opened["queue_position"], 1, "VIP first: {opened}");
+        let conv = opened["conv"].as_str().unwrap().to_string();
+        assert_eq!(opened["visitor"]["meta"]["page"], "/pricing", "{opened}");
+        anon.expect_where("conversation", |c| c["queue_position"] == 2).await;
+        let seen = ben.expect_where("conversation", |c| c["conv"] == conv.as_str()).await;
+        assert_eq!(
+            (seen["status"].as_str(), seen["visitor"]["name"].as_str()),
+            (Some("queued"), Some("Vera")),
+            "{seen}"
+        );
+
+        // ping needs no connect and costs nothing.
+        let id = vip.send(json!({"type": "ping"})).await;
+        assert_eq!(vip.reply(id).await["type"], "pong");
+
+        // Ann accepts; Ben is too late.
+        let id = ann.send(json!({"type": "accept", "conv": conv})).await;
+        let r = ann.reply(id).await;
+        assert_eq!((r["status"].as_str(), r["agent"]["id"].as_str()), (Some("assigned"), Some("ann")), "{r}");
+        assert_eq!(vip.expect("conversation").await["agent"]["name"], "Ann");
+        let id = ben.send(json!({"type": "accept", "conv": conv})).await;
+        assert_eq!(ben.reply(id).await["code"], "conflict");
+        anon.expect_where("conversation", |c| c["queue_position"] == 1).await;
+
+        // The VIP's second tab sees what the first sends, and so does Ann.
+        let mut tab = Client::open(&gw, w.visitors).await;
+        let id = tab.send(json!({"type": "connect", "token": vip_token})).await;
+        assert_eq!(tab.reply(id).await["conversations"][0]["conv"], conv.as_str());
+        let id = vip.send(json!({"type": "send", "conv": conv, "cid": "t1", "text": "two tabs"})).await;
+        assert_eq!(vip.reply(id).await["seq"], 1);
+        assert_eq!(tab.expect("msg").await["text"], "two tabs");
+        assert_eq!(ann.expect("msg").await["cid"], "t1");
+
+        // Client-caused errors, each answered with the command's id, and the
+        // connection stays open.
+        let garbage = match w.visitors {
+            Codec::Json => Message::text("{not json"),
+            Codec::FlatBuffers => Message::binary(vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3]),
+        };
+        vip.send_raw(garbage).await;
+        assert_eq!(vip.expect_where("error", |_| true).await["code"], "bad_frame");
+        // A command the decoder refuses (an empty cid), which the JSON
+        // path of `send` cannot carry, so it is built here.
+        let empty_cid = kefu_proto::client::ClientFrame {
+            id: Some(99),
+            body: kefu_proto::client::Command::Send {
+                conv: conv.parse().unwrap(),
+                cid: String::new(),
+                text: Some("x".into()),
+                attachment: None,
+            },
+        };
+        let mut enc = Encoder::new();
+        let bytes = w.visitors.encode_client(&empty_cid, &mut enc).to_vec();
+        vip.send_raw(match w.visitors {
+            Codec::Json => Message::text(String::from_utf8(bytes).unwrap()),
+            Codec::FlatBuffers => Message::binary(bytes),
+        })
+        .await;
+        let e = vip.reply(99).await;
+        assert_eq!(e["code"], "bad_command", "{e}");
+        let errors = [
+            (
+                json!({"type": "send", "conv": conv, "cid": "big", "text": "x".repeat(16 * 1024 + 1)}),
+                "too_large",
+            ),
+            (json!({"type": "read", "conv": conv, "seq": 9}), "bad_command"),
+            (json!({"type": "typing", "conv": anon_conv}), "not_found"),
+            (json!({"type": "accept", "conv": conv}), "forbidden"),
+        ];
+        for (cmd, code) in errors {
+            let id = vip.send(cmd.clone()).await;
+            let e = vip.reply(id).await;
+            assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some(code)), "{cmd}: {e}");
+        }
+        let id = vip.send(json!({"type": "ping"})).await;
+        assert_eq!(vip.reply(id).await["type"], "pong", "still open after errors");
+
+        // Ann's console reconnects and resumes from nothing.
+        let token = gw.token("agent", "ann", &["--name", "Ann"]);
+        let mut console = Client::open(&gw, w.agents).await;
+        let id = console.send(json!({"type": "connect", "token": token, "resume": {conv.as_str(): 0}})).await;
+        let c = console.reply(id).await;
+        assert_eq!(c["conversations"][0]["conv"], conv.as_str(), "{c}");
+        assert_eq!(console.expect("msg").await["text"], "two tabs");
+        let r = console.expect("resumed").await;
+        assert_eq!((r["from"].as_u64(), r["to"].as_u64()), (Some(1), Some(1)), "{r}");
+
+        // Ben going away is pushed to Ann.
+        let id = ben.send(json!({"type": "presence", "status": "away"})).await;
+        assert_eq!(ben.reply(id).await["status"], "away");
+        assert_eq!(ann.expect_where("presence", |p| p["agent"] == "ben").await["status"], "away");
+
+        // The visitor closes; sending afterwards is a conflict, history stays.
+        let id = vip.send(json!({"type": "close", "conv": conv})).await;
+        assert_eq!(vip.reply(id).await["status"], "closed");
+        assert_eq!(
+            ann.expect_where("conversation", |c| c["conv"] == conv.as_str()).await["status"],
+            "closed"
+        );
+        let id = vip.send(json!({"type": "send", "conv": conv, "cid": "late", "text": "x"})).await;
+        assert_eq!(vip.reply(id).await["code"], "conflict");
+        let id = vip.send(json!({"type": "history", "conv": conv, "limit": 500})).await;
+        assert_eq!(vip.reply(id).await["messages"].as_array().map(Vec::len), Some(1));
     });
 }

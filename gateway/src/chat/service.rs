@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use kefu_core::auth::{Credentials, JwtKey, VisitorKey, anonymous_id, anonymous_identity};
 use kefu_core::conversation::{Access, RestoredConversation, SendOutcome, TypingOutcome};
-use kefu_core::identity::{Actor, AgentRef, Identity, Visitor, vip_level};
+use kefu_core::identity::{Actor, AgentRef, Identity, UserId, Visitor, vip_level};
 use kefu_core::routing::{Action, AgentInfo, OpenRequest, RestoredRoute};
 use kefu_core::rules::Rules;
 use kefu_core::session::{AttachmentInfo, Command as CoreCommand, Request, Session};
@@ -77,8 +77,10 @@ enum Pending {
     /// A message is stored: ack it and fan it out.
     Message { conv: ConvId, seq: u64, sender: Option<(SessionAddr, Codec, Option<i64>)>, msg: Msg },
     /// A conversation's change is stored: announce its state, and answer
-    /// the command that caused it, if one did.
-    ConvChanged { conv: ConvId, reply: Option<(SessionAddr, Codec, Option<i64>)> },
+    /// the command that caused it, if one did. `previous` is the agent who
+    /// had it before a transfer or requeue: no longer a participant, but
+    /// told that it went.
+    ConvChanged { conv: ConvId, reply: Option<Reply>, previous: Option<UserId> },
     /// Nothing to announce (read marks, profiles).
     Nothing,
 }
@@ -524,7 +526,7 @@ impl ChatService {
             created_ms: now_ms(),
         };
         let _ = self.submit(WriteOp::PutUser(user), Pending::Nothing);
-        self.persist_conv(opened.conv, Some(reply));
+        self.persist_conv(opened.conv, Some(reply), None);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -724,7 +726,7 @@ impl ChatService {
     fn drain_router(&mut self) {
         while let Some(action) = self.router.poll_action() {
             match action {
-                Action::Assign { conv, agent, group, .. } => {
+                Action::Assign { conv, agent, group, previous, .. } => {
                     // A transfer to a group that is taken at once arrives as
                     // one Assign carrying the new group.
                     let moved = |c: &mut Conversation| {
@@ -735,13 +737,13 @@ impl ChatService {
                     };
                     if self.convs.get_mut(&conv).is_some_and(moved) {
                         let reply = self.take_reply(conv);
-                        self.persist_conv(conv, reply);
+                        self.persist_conv(conv, reply, previous);
                     }
                 }
-                Action::Queue { conv, group, .. } => {
+                Action::Queue { conv, group, previous, .. } => {
                     if self.convs.get_mut(&conv).is_some_and(|c| c.queue(group).is_ok()) {
                         let reply = self.take_reply(conv);
-                        self.persist_conv(conv, reply);
+                        self.persist_conv(conv, reply, previous);
                     }
                 }
                 Action::QueuePosition { conv, .. } => {
@@ -753,7 +755,7 @@ impl ChatService {
                 Action::Close { conv, .. } => {
                     if self.convs.get_mut(&conv).is_some_and(|c| c.close()) {
                         let reply = self.take_reply(conv);
-                        self.persist_conv(conv, reply);
+                        self.persist_conv(conv, reply, None);
                     }
                 }
                 Action::PresenceChanged { agent, status } => {
@@ -781,7 +783,7 @@ impl ChatService {
         Some(self.reply_on_change.remove(i).1)
     }
 
-    fn persist_conv(&mut self, conv: ConvId, reply: Option<Reply>) {
+    fn persist_conv(&mut self, conv: ConvId, reply: Option<Reply>, previous: Option<UserId>) {
         let Some(c) = self.convs.get(&conv) else { return };
         let now = now_ms();
         let record = ConversationRecord {
@@ -796,7 +798,7 @@ impl ChatService {
             updated_ms: now,
             last_seq: c.last_seq(),
         };
-        if !self.submit(WriteOp::PutConversation(record), Pending::ConvChanged { conv, reply }) {
+        if !self.submit(WriteOp::PutConversation(record), Pending::ConvChanged { conv, reply, previous }) {
             warn!(%conv, "storage queue full: conversation change not persisted");
             if let Some((to, codec, id)) = reply {
                 self.send(to, codec, &ServerFrame::error(id, ErrorCode::Unavailable, "storage busy; retry"));
@@ -857,9 +859,12 @@ impl ChatService {
                     self.bot_message(conv, text);
                 }
             }
-            Pending::ConvChanged { conv, reply } => {
+            Pending::ConvChanged { conv, reply, previous } => {
                 if let Some(frame) = self.conversation_frame(conv, None) {
                     let mut audience = self.participants(conv);
+                    if let Some(previous) = previous {
+                        audience.extend(self.users.get(&previous).into_iter().flatten().copied());
+                    }
                     if self.convs.get(&conv).is_some_and(|c| c.status() == ConvStatus::Queued) {
                         audience.extend(self.group_agent_sessions(conv));
                     }
@@ -985,12 +990,14 @@ impl ChatService {
         ))
     }
 
-    /// The visitor's and the assigned agent's sessions.
+    /// The visitor's and the assigned (or, once closed, the last) agent's
+    /// sessions. A queued conversation's `agent` is whoever gave it away,
+    /// who no longer takes part.
     fn participants(&self, conv: ConvId) -> Vec<SessionAddr> {
         let Some(c) = self.convs.get(&conv) else { return Vec::new() };
         let mut out = self.users.get(&c.visitor().id).cloned().unwrap_or_default();
         if let Some(agent) = c.agent()
-            && c.status() == ConvStatus::Assigned
+            && c.status() != ConvStatus::Queued
         {
             out.extend(self.users.get(&agent.id).into_iter().flatten().copied());
         }
