@@ -55,6 +55,11 @@ pub struct ShardStats {
     pub heartbeat_closes: AtomicU64,
     /// Times a connection had to wait for a slab buffer.
     pub slab_waits: AtomicU64,
+    /// Thread CPU nanoseconds spent draining the inbox: deliveries from
+    /// other shards and, on the chat shard, the whole chat service
+    /// (commands, storage completions, router ticks). It says how far one
+    /// chat shard carries.
+    pub inbox_cpu_ns: AtomicU64,
     /// Slab classes, refreshed each sweep.
     pub slab: Vec<ClassGauge>,
 }
@@ -98,7 +103,7 @@ pub fn render(shards: &[ShardStats], driver: &str) -> String {
         crate::alloc::allocations()
     );
     type Field = fn(&ShardStats) -> &AtomicU64;
-    let series: [(&str, &str, &str, Field); 13] = [
+    let series: [(&str, &str, &str, Field); 14] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),
         ("kefu_accepted_total", "counter", "Connections accepted.", |s| &s.accepted),
         ("kefu_refused_full_total", "counter", "Connections refused: shard full.", |s| &s.refused_full),
@@ -112,6 +117,7 @@ pub fn render(shards: &[ShardStats], driver: &str) -> String {
         ("kefu_slow_consumer_closes_total", "counter", "Closes 4001.", |s| &s.slow_consumer_closes),
         ("kefu_heartbeat_closes_total", "counter", "Closes for silence.", |s| &s.heartbeat_closes),
         ("kefu_slab_waits_total", "counter", "Waits for a slab buffer.", |s| &s.slab_waits),
+        ("kefu_inbox_cpu_nanoseconds_total", "counter", "CPU time draining the inbox.", |s| &s.inbox_cpu_ns),
     ];
     for (name, kind, help, field) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

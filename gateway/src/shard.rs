@@ -451,6 +451,9 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: Option<ChatSe
     let inbox = &shard.mailboxes[shard.id];
     let mut next_tick = 0;
     loop {
+        // CPU time, not wall time: the storage writer may share this core
+        // and preempt the shard mid-batch.
+        let started = thread_cpu_ns();
         while let Some(msg) = inbox.try_recv() {
             match msg {
                 ShardMsg::Deliver { to, bytes } => {
@@ -477,6 +480,8 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: Option<ChatSe
                 service.tick();
             }
         }
+        let cpu = thread_cpu_ns().saturating_sub(started);
+        shard.stats().inbox_cpu_ns.fetch_add(cpu, std::sync::atomic::Ordering::Relaxed);
         if !inbox.prepare_park() {
             continue;
         }
@@ -496,6 +501,18 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: Option<ChatSe
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// This thread's CPU time in nanoseconds. `CLOCK_THREAD_CPUTIME_ID` is a
+/// real syscall (no vDSO), so it is read per inbox batch, not per message.
+fn thread_cpu_ns() -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec to a live local.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    if rc != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 /// Accepts until the shard drains. Each connection gets its own task.

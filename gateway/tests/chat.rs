@@ -294,6 +294,14 @@ fn visitor_and_agent_chat_end_to_end(w: Wire) {
         assert_eq!(agent.reply(id).await["status"], "closed");
         assert_eq!(back.expect("conversation").await["status"], "closed");
     });
+    // The chat shard's work is counted, in CPU time.
+    let metrics = gw.admin_get("/metrics");
+    let chat_cpu: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kefu_inbox_cpu_nanoseconds_total{shard=\"0\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no inbox CPU for shard 0: {metrics}"));
+    assert!(chat_cpu > 0, "{metrics}");
 }
 
 over_both_subprotocols!(commands_before_connect_are_refused_and_queue_positions_are_pushed);
