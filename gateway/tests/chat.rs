@@ -863,3 +863,157 @@ fn queue_accept_presence_tabs_resume_and_errors(w: Wire) {
         assert_eq!(vip.reply(id).await["messages"].as_array().map(Vec::len), Some(1));
     });
 }
+
+over_both_subprotocols!(random_commands_are_all_answered_and_break_nothing);
+
+/// Codes a client may be told; anything else (or no answer) fails.
+const ERROR_CODES: [&str; 10] = [
+    "bad_frame",
+    "bad_command",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "too_large",
+    "rate_limited",
+    "conflict",
+    "unavailable",
+    "internal",
+];
+
+/// Agents and visitors send a seeded storm of random commands, mostly
+/// wrong (unknown and others' conversations, bad seqs, odd targets, huge
+/// texts, garbage frames). Every command that must be answered is answered
+/// with its own `id` and either its event or a known error code; commands
+/// answered only on error (`read`, `typing`) are followed by a `ping` whose
+/// `pong` bounds the wait. Afterwards the gateway still serves a normal
+/// conversation and logged no panic. `KEFU_CHAOS_SEED` replays a run.
+fn random_commands_are_all_answered_and_break_nothing(w: Wire) {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    let seed: u64 =
+        std::env::var("KEFU_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("chaos seed {seed} (set KEFU_CHAOS_SEED={seed} to replay)");
+    let env = [("KEFU_LIMITS_MESSAGES_PER_S", "1000000"), ("KEFU_LIMITS_BURST", "1000000")];
+    let gw = Gateway::start(&["--shards", "2"], &env);
+    rt().block_on(async {
+        let mut clients = Vec::new();
+        for i in 0..3 {
+            // ag0 serves g1 only; the others serve every group.
+            let groups: &[&str] = if i == 0 { &["--group", "g1"] } else { &[] };
+            clients.push(agent(&gw, w, &format!("ag{i}"), groups, 3).await);
+        }
+        let mut convs = Vec::new();
+        for _ in 0..6 {
+            let (v, conv) = visitor(&gw, w).await;
+            clients.push(v);
+            convs.push(conv);
+        }
+        let mut targets = convs.clone();
+        targets.extend(["c0", "c999999", "c18446744073709551615"].map(String::from));
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut answered = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..600 {
+            let who = rng.random_range(0..clients.len());
+            let c = &mut clients[who];
+            if rng.random_ratio(1, 25) {
+                // A frame that is no command at all, in the connection's own
+                // frame kind or the other one.
+                let bytes: Vec<u8> =
+                    (0..rng.random_range(0..64)).map(|_| rng.random_range(b' '..=b'~')).collect();
+                let text = String::from_utf8(bytes.clone()).unwrap();
+                c.send_raw(if rng.random() { Message::text(text) } else { Message::binary(bytes) }).await;
+                let e = c.expect_where("error", |_| true).await;
+                assert!(ERROR_CODES.contains(&e["code"].as_str().unwrap()), "{e}");
+                continue;
+            }
+            let cmd = random_command(&mut rng, &targets);
+            let kind = cmd["type"].as_str().unwrap().to_string();
+            let id = c.send(cmd.clone()).await;
+            let quiet_on_success = kind == "read" || kind == "typing";
+            let ping = if quiet_on_success { Some(c.send(json!({"type": "ping"})).await) } else { None };
+            let outcome = loop {
+                let v = c.recv().await;
+                assert_ne!(v["type"], "_close", "{cmd} closed the connection: {v}");
+                if v["id"] == json!(id) {
+                    break v;
+                }
+                if ping.is_some() && v["id"] == json!(ping) {
+                    break json!({"type": "(no reply)"});
+                }
+            };
+            // Conversations opened along the way become targets too.
+            if outcome["type"] == "conversation"
+                && let Some(conv) = outcome["conv"].as_str()
+                && !targets.iter().any(|t| t == conv)
+            {
+                targets.push(conv.to_string());
+            }
+            if outcome["type"] == "error" {
+                let code = outcome["code"].as_str().unwrap_or_default();
+                assert!(ERROR_CODES.contains(&code), "{cmd}: {outcome}");
+                assert_ne!(code, "internal", "{cmd}: {outcome}");
+                *answered.entry(format!("{kind} → {code}")).or_default() += 1;
+            } else {
+                *answered.entry(format!("{kind} → {}", outcome["type"].as_str().unwrap())).or_default() += 1;
+            }
+            if let Some(ping) = ping
+                && outcome["type"] != "(no reply)"
+            {
+                c.reply(ping).await;
+            }
+        }
+        eprintln!("outcomes: {answered:#?}");
+        assert!(answered.keys().any(|k| k.ends_with("→ ack")), "some sends succeeded: {answered:?}");
+
+        // Still a working gateway: new users connect, route, store and answer.
+        let mut a = agent(&gw, w, "after", &[], 5).await;
+        let (mut v, conv) = visitor(&gw, w).await;
+        let id = v.send(json!({"type": "send", "conv": conv, "cid": "ok", "text": "still here"})).await;
+        assert_eq!(v.reply(id).await["type"], "ack");
+        let id = a.send(json!({"type": "presence", "status": "away"})).await;
+        assert_eq!(a.reply(id).await["status"], "away");
+    });
+    let log: Vec<String> = gw.log.try_iter().collect();
+    assert!(!log.iter().any(|l| l.contains("panicked")), "{log:#?}");
+}
+
+/// One random command in PROTOCOL.md's JSON shape: a known type with
+/// plausible, edge-case or wrong field values.
+fn random_command(rng: &mut impl rand::Rng, targets: &[String]) -> Value {
+    let conv = targets[rng.random_range(0..targets.len())].clone();
+    let seq = [0u64, 1, 2, 5, 1 << 40][rng.random_range(0..5)];
+    let text = match rng.random_range(0..6) {
+        0 => "bug report: 客服 🐛".to_string(),
+        1 => "x".repeat(16 * 1024 + 1),
+        _ => format!("hello {}", rng.random::<u16>()),
+    };
+    let cid = format!("r{}", rng.random_range(0..40));
+    let mut pick = |options: &[&str]| options[rng.random_range(0..options.len())].to_string();
+    let mime = pick(&["image/png", "x/y", "text/plain"]);
+    let status = pick(&["online", "away", "offline"]);
+    let to = pick(&["ag0", "ag1", "ag2", "nobody", "group:g1", "group:vip"]);
+    let group = pick(&["g1", "default", "vip"]);
+    match rng.random_range(0..24) {
+        0 => json!({"type": "send", "conv": conv, "cid": cid, "text": text}),
+        1 => {
+            json!({"type": "send", "conv": conv, "cid": cid, "attachment": {"mime": mime, "data": "AAECAw=="}})
+        }
+        2 => json!({"type": "read", "conv": conv, "seq": seq}),
+        3 => json!({"type": "typing", "conv": conv}),
+        4 => json!({"type": "history", "conv": conv, "before": seq, "limit": rng.random_range(1..300)}),
+        5 => {
+            json!({"type": "presence", "status": status, "capacity": rng.random_range(0..120)})
+        }
+        6 => json!({"type": "accept", "conv": conv}),
+        7 => {
+            json!({"type": "transfer", "conv": conv, "to": to})
+        }
+        8 if rng.random_ratio(1, 3) => json!({"type": "close", "conv": conv}),
+        9 => json!({"type": "open", "group": group}),
+        10 => json!({"type": "connect"}),
+        // Mostly messages and reads, as in a real conversation.
+        12..=17 => json!({"type": "send", "conv": conv, "cid": cid, "text": text}),
+        _ => json!({"type": "read", "conv": conv, "seq": seq}),
+    }
+}
