@@ -206,6 +206,26 @@ pub enum Request<'a> {
     Ping,
 }
 
+impl<'a> Request<'a> {
+    /// The same request without borrows, to hand to another shard. Only
+    /// `Send` borrows (its text and attachment point into the frame), so it
+    /// comes back as `Err` for the caller to move its owned parts.
+    pub fn detach(self) -> Result<Request<'static>, Request<'a>> {
+        Ok(match self {
+            Request::Send { .. } => return Err(self),
+            Request::Open { visitor, group, vip_level } => Request::Open { visitor, group, vip_level },
+            Request::Read { conv, seq } => Request::Read { conv, seq },
+            Request::Typing { conv } => Request::Typing { conv },
+            Request::History { conv, before, limit } => Request::History { conv, before, limit },
+            Request::Presence { status, capacity } => Request::Presence { status, capacity },
+            Request::Accept { conv } => Request::Accept { conv },
+            Request::Transfer { conv, to } => Request::Transfer { conv, to },
+            Request::Close { conv } => Request::Close { conv },
+            Request::Ping => Request::Ping,
+        })
+    }
+}
+
 /// Why the session refused a command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SessionError {
@@ -484,6 +504,15 @@ mod tests {
 
     fn send<'a>(cid: &'a str, text: Option<&'a str>, attachment: Option<AttachmentInfo<'a>>) -> Command<'a> {
         Command::Send { conv: ConvId(1), cid, text, attachment }
+    }
+
+    #[test]
+    fn only_send_keeps_its_borrows_when_detached() {
+        let mut s = session(Role::Visitor);
+        let sent = s.check(send("c-1", Some("hi"), None), 0).unwrap();
+        assert!(matches!(sent.detach(), Err(Request::Send { text: Some("hi"), .. })));
+        let read = s.check(Command::Read { conv: ConvId(3), seq: 2 }, 0).unwrap();
+        assert_eq!(read.detach(), Ok(Request::Read { conv: ConvId(3), seq: 2 }));
     }
 
     #[test]
