@@ -96,8 +96,9 @@ pub struct ServerConfig {
     pub close_timeout_ms: u64,
     /// Time to drain connections on SIGTERM/SIGINT before exiting.
     pub shutdown_timeout_ms: u64,
-    /// Messages a shard's inbox holds (frames for its connections, work for
-    /// the chat shard); a full inbox refuses with `unavailable`.
+    /// Messages a shard's inbox holds (frames for its connections, commands
+    /// for the conversations homed there, the router's work on shard 0); a
+    /// full inbox refuses with `unavailable`.
     pub mailbox_capacity: usize,
 }
 

@@ -33,7 +33,7 @@ use tracing::debug;
 use kefu_proto::ErrorCode;
 use kefu_proto::client::{Codec, Command, DecodeError, Event, ServerFrame};
 
-use crate::chat::{CHAT_SHARD, SessionAddr, ShardMsg};
+use crate::chat::{SessionAddr, ShardMsg};
 use crate::http::{self, HttpError};
 use crate::metrics::ShardStats;
 use crate::shard::Shard;
@@ -63,7 +63,8 @@ pub enum Out {
     Frame(Frame),
     /// Bytes that live for the whole program.
     Static(&'static [u8]),
-    /// Bytes made on another shard (the chat shard's frames), from an offset.
+    /// Bytes made by the chat service (possibly on another shard, shared by
+    /// every recipient), from an offset.
     Shared(Arc<[u8]>, usize),
 }
 
@@ -675,7 +676,7 @@ impl Session {
     }
 
     /// A `/ws` message: decoded here, answered here if it is a `ping` or
-    /// malformed, otherwise handed to the chat shard.
+    /// malformed, otherwise handed to this shard's chat service.
     fn deliver_client(&mut self, shard: &Shard, conn: &Conn, message: SlabBuf) -> Result<(), Flow> {
         let payload = &message.filled()[self.payload_at as usize..];
         let expected = if self.codec.is_binary() { DataKind::Binary } else { DataKind::Text };
@@ -696,7 +697,7 @@ impl Session {
                 let Some(from) = conn.addr.get() else { return Ok(()) };
                 let id = frame.id;
                 let msg = ShardMsg::Frame { from, codec: self.codec, frame };
-                match shard.mailboxes[CHAT_SHARD].send(msg) {
+                match shard.mailboxes[shard.id].send(msg) {
                     Ok(()) => return Ok(()),
                     Err(_) => {
                         ServerFrame::error(id, ErrorCode::Unavailable, "the chat service is busy; retry")
@@ -750,16 +751,17 @@ fn kind_name(kind: DataKind) -> &'static str {
     }
 }
 
-/// Tells the chat shard a connection has gone. This must arrive (the chat
-/// shard would otherwise keep an agent online), so a full inbox is retried.
+/// Tells this shard's chat service a connection has gone. This must arrive
+/// (every shard's directory and the router would otherwise keep it), so a
+/// full inbox is retried.
 fn gone(shard: &Rc<Shard>, from: SessionAddr) {
-    if let Err(msg) = shard.mailboxes[CHAT_SHARD].send(ShardMsg::Gone { from }) {
+    if let Err(msg) = shard.mailboxes[shard.id].send(ShardMsg::Gone { from }) {
         let shard = shard.clone();
         monoio::spawn(async move {
             let mut msg = msg;
             loop {
                 monoio::time::sleep(std::time::Duration::from_millis(5)).await;
-                match shard.mailboxes[CHAT_SHARD].send(msg) {
+                match shard.mailboxes[shard.id].send(msg) {
                     Ok(()) => return,
                     Err(back) => msg = back,
                 }

@@ -56,9 +56,9 @@ pub struct ShardStats {
     /// Times a connection had to wait for a slab buffer.
     pub slab_waits: AtomicU64,
     /// Thread CPU nanoseconds spent draining the inbox: deliveries from
-    /// other shards and, on the chat shard, the whole chat service
-    /// (commands, storage completions, router ticks). It says how far one
-    /// chat shard carries.
+    /// other shards and this shard's chat service (its sessions, the
+    /// conversations homed here, on shard 0 the router; storage
+    /// completions). It says how far a shard's chat work carries.
     pub inbox_cpu_ns: AtomicU64,
     /// Slab classes, refreshed each sweep.
     pub slab: Vec<ClassGauge>,

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tracing::{info, warn};
 
+use crate::chat::ShardMsg;
 use crate::chat::service::ChatInit;
-use crate::chat::{CHAT_SHARD, ShardMsg};
 use crate::config::Config;
 use crate::mailbox::Mailbox;
 use crate::metrics::ShardStats;
@@ -82,10 +82,12 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         .into();
     let (secret, _) = crate::secret::load_or_create(&config.auth.jwt_secret, &config.storage.dir)
         .with_context(|| format!("preparing the data directory {}", config.storage.dir.display()))?;
+    // Each shard submits as its own storage source and is woken for its
+    // own completions.
     let chat_mailboxes = mailboxes.clone();
-    let notify: kefu_storage::Notify = Arc::new(move |_source| chat_mailboxes[CHAT_SHARD].wake());
+    let notify: kefu_storage::Notify = Arc::new(move |source| chat_mailboxes[source].wake());
     let mut store_config = config.storage.clone();
-    store_config.sources = 1;
+    store_config.sources = shards;
     let opened = Instant::now();
     let (store, recovery) = kefu_storage::Store::open(store_config, notify).context("opening the store")?;
     info!(
@@ -95,14 +97,18 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         unclean_shutdown = recovery.unclean_shutdown,
         "store open"
     );
-    let mut chat = Some(ChatInit {
+    let store = Arc::new(store);
+    let core = Arc::new(config.core());
+    let (allow_anonymous, heartbeat_s) = (config.auth.allow_anonymous, config.server.heartbeat_s as u32);
+    let chat = |shard: usize| ChatInit {
+        shard,
         mailboxes: mailboxes.clone(),
-        core: Arc::new(config.core()),
-        jwt_secret: secret,
-        allow_anonymous: config.auth.allow_anonymous,
-        heartbeat_s: config.server.heartbeat_s as u32,
-        store,
-    });
+        core: core.clone(),
+        jwt_secret: secret.clone(),
+        allow_anonymous,
+        heartbeat_s,
+        store: store.clone(),
+    };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
     let mut addr = None;
@@ -116,7 +122,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             stats: stats.clone(),
             ready: ready_tx.clone(),
             mailboxes: mailboxes.clone(),
-            chat: if id == CHAT_SHARD { chat.take() } else { None },
+            chat: chat(id),
         };
         let t = std::thread::Builder::new()
             .name(format!("kefu-shard-{id}"))

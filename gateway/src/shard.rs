@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use kefu_proto::client::{Codec, Encoder, ServerFrame};
 
-use crate::chat::service::{ChatInit, ChatService, ws_frame};
+use crate::chat::service::{ChatInit, ChatService, Local, ws_frame};
 use crate::chat::{SessionAddr, ShardMsg};
 use crate::config::{Config, IoDriver};
 use crate::conn::{self, Conn};
@@ -51,8 +51,8 @@ pub struct ShardInit {
     pub ready: std::sync::mpsc::Sender<Result<ShardReady, String>>,
     /// Every shard's inbox (this shard reads `mailboxes[id]`).
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
-    /// For the chat shard: what its chat service starts from.
-    pub chat: Option<ChatInit>,
+    /// What this shard's chat service starts from.
+    pub chat: ChatInit,
 }
 
 /// What a shard reports once it listens.
@@ -397,7 +397,7 @@ async fn serve(init: ShardInit) {
         };
         monoio::spawn(crate::admin::serve(admin, stats, driver, shard.clone()));
     }
-    let service = match chat.map(ChatService::new).transpose() {
+    let service = match ChatService::new(chat) {
         Ok(service) => service,
         Err(e) => {
             let _ = ready.send(Err(format!("chat service: {e:#}")));
@@ -447,7 +447,7 @@ const CHAT_TICK_MS: u64 = 500;
 
 /// Drains the shard's inbox for as long as the shard runs, sleeping on the
 /// mailbox's eventfd when it is empty.
-async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: Option<ChatService>) {
+async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: ChatService) {
     let inbox = &shard.mailboxes[shard.id];
     let mut next_tick = 0;
     loop {
@@ -457,29 +457,22 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: Option<ChatSe
         while let Some(msg) = inbox.try_recv() {
             match msg {
                 ShardMsg::Deliver { to, bytes } => {
-                    if let Some(conn) = shard.lookup(to) {
-                        ShardStats::inc(&shard.stats().frames_out);
-                        let _ = conn.push(conn::Out::Shared(bytes, 0));
+                    // Held if its session is still waiting for `connected`.
+                    if let Some(bytes) = service.pass(to, bytes) {
+                        deliver(&shard, to, bytes);
                     }
                 }
-                ShardMsg::Close { to, code, reason } => {
-                    if let Some(conn) = shard.lookup(to) {
-                        conn.request_close(code, reason, shard.now_ms());
-                    }
-                }
-                other => match service.as_mut() {
-                    Some(service) => service.handle(other),
-                    None => debug!(shard = shard.id, "chat message on a shard without the chat service"),
-                },
+                ShardMsg::Close { to, code, reason } => close(&shard, to, code, reason),
+                other => service.handle(other),
             }
+            flush_local(&shard, &mut service);
         }
-        if let Some(service) = service.as_mut() {
-            service.poll_completions();
-            if shard.now_ms() >= next_tick {
-                next_tick = shard.now_ms() + CHAT_TICK_MS;
-                service.tick();
-            }
+        service.poll_completions();
+        if service.is_router() && shard.now_ms() >= next_tick {
+            next_tick = shard.now_ms() + CHAT_TICK_MS;
+            service.tick();
         }
+        flush_local(&shard, &mut service);
         let cpu = thread_cpu_ns().saturating_sub(started);
         shard.stats().inbox_cpu_ns.fetch_add(cpu, std::sync::atomic::Ordering::Relaxed);
         if !inbox.prepare_park() {
@@ -487,19 +480,43 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: Option<ChatSe
         }
         // Storage completions signal through the same eventfd; one may have
         // landed between the drain above and the park.
-        if service.as_ref().is_some_and(ChatService::has_completions) {
+        if service.has_completions() {
             inbox.wake();
             continue;
         }
-        let slept = match service {
-            // The chat shard also wakes for router deadlines (offline grace).
-            Some(_) => monoio::time::timeout(Duration::from_millis(CHAT_TICK_MS), waiter.sleep()).await.ok(),
-            None => Some(waiter.sleep().await),
+        let slept = if service.is_router() {
+            // The router also wakes for its deadlines (offline grace).
+            monoio::time::timeout(Duration::from_millis(CHAT_TICK_MS), waiter.sleep()).await.ok()
+        } else {
+            Some(waiter.sleep().await)
         };
         if let Some(Err(e)) = slept {
             warn!(shard = shard.id, error = %e, "mailbox wait failed");
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// Writes what the chat service produced for this shard's own connections.
+fn flush_local(shard: &Shard, service: &mut ChatService) {
+    for out in service.take_local() {
+        match out {
+            Local::Deliver(to, bytes) => deliver(shard, to, bytes),
+            Local::Close(to, code, reason) => close(shard, to, code, reason),
+        }
+    }
+}
+
+fn deliver(shard: &Shard, to: SessionAddr, bytes: std::sync::Arc<[u8]>) {
+    if let Some(conn) = shard.lookup(to) {
+        ShardStats::inc(&shard.stats().frames_out);
+        let _ = conn.push(conn::Out::Shared(bytes, 0));
+    }
+}
+
+fn close(shard: &Shard, to: SessionAddr, code: u16, reason: &'static str) {
+    if let Some(conn) = shard.lookup(to) {
+        conn.request_close(code, reason, shard.now_ms());
     }
 }
 

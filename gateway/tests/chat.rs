@@ -294,7 +294,7 @@ fn visitor_and_agent_chat_end_to_end(w: Wire) {
         assert_eq!(agent.reply(id).await["status"], "closed");
         assert_eq!(back.expect("conversation").await["status"], "closed");
     });
-    // The chat shard's work is counted, in CPU time.
+    // The chat work is counted, in CPU time (shard 0 runs the router).
     let metrics = gw.admin_get("/metrics");
     let chat_cpu: u64 = metrics
         .lines()
@@ -589,9 +589,13 @@ fn transfers_move_conversations_between_agents_and_groups(w: Wire) {
     let gw = Gateway::start(&[], &[]);
     rt().block_on(async {
         let mut alice = agent(&gw, w, "alice", &["--group", "sales"], 5).await;
-        let (mut v, conv) = visitor(&gw, w).await;
+        let mut v = Client::open(&gw, w.visitors).await;
+        let id = v.send(json!({"type": "connect"})).await;
+        v.reply(id).await;
+        let id = v.send(json!({"type": "open"})).await;
+        let q = v.reply(id).await;
+        let conv = q["conv"].as_str().unwrap().to_string();
         // "default" group: alice has groups, so she does not serve it; nobody does.
-        let q = v.expect_where("conversation", |c| c["conv"] == conv.as_str()).await;
         assert_eq!(q["status"], "queued", "{q}");
         let mut bob = agent(&gw, w, "bob", &[], 5).await;
         let got = bob.expect_where("conversation", |c| c["status"] == "assigned").await;
@@ -1016,4 +1020,111 @@ fn random_command(rng: &mut impl rand::Rng, targets: &[String]) -> Value {
         12..=17 => json!({"type": "send", "conv": conv, "cid": cid, "text": text}),
         _ => json!({"type": "read", "conv": conv, "seq": seq}),
     }
+}
+
+over_both_subprotocols!(resume_under_live_traffic_is_gap_free_and_in_order);
+
+/// A visitor reconnects again and again with `resume` while its agent keeps
+/// sending: every session sees `connected` first, then exactly the missed
+/// messages, `resumed`, and the live ones, with `seq` contiguous throughout
+/// and nothing twice.
+fn resume_under_live_traffic_is_gap_free_and_in_order(w: Wire) {
+    let env = [("KEFU_LIMITS_MESSAGES_PER_S", "1000000"), ("KEFU_LIMITS_BURST", "1000000")];
+    let gw = Gateway::start(&["--shards", "2"], &env);
+    rt().block_on(async {
+        let mut a = agent(&gw, w, "busy", &[], 5).await;
+        let mut v = Client::open(&gw, w.visitors).await;
+        let id = v.send(json!({"type": "connect"})).await;
+        let c = v.reply(id).await;
+        let (vid, key) = (c["user"]["id"].clone(), c["visitor_key"].clone());
+        let id = v.send(json!({"type": "open"})).await;
+        let conv = v.reply(id).await["conv"].as_str().unwrap().to_string();
+        a.expect_where("conversation", |c| c["status"] == "assigned").await;
+        drop(v);
+
+        const MESSAGES: u64 = 300;
+        let sender = {
+            let conv = conv.clone();
+            async move {
+                for i in 1..=MESSAGES {
+                    let id = a.send(json!({"type": "send", "conv": conv, "cid": format!("a{i}"), "text": "live"})).await;
+                    assert_eq!(a.reply(id).await["seq"], i);
+                }
+                a
+            }
+        };
+        let reader = async {
+            let mut last_seen = 0u64;
+            let mut sessions = 0;
+            while last_seen < MESSAGES {
+                sessions += 1;
+                let mut v = Client::open(&gw, w.visitors).await;
+                let connect = json!({"type": "connect", "visitor_id": vid, "visitor_key": key, "resume": {conv.as_str(): last_seen}});
+                let id = v.send(connect).await;
+                let first = v.recv().await;
+                assert_eq!((first["type"].as_str(), first["id"].as_i64()), (Some("connected"), Some(id)), "{first}");
+                let mut resumed_to = None;
+                // Read a few, then drop the connection mid-stream.
+                for _ in 0..25 {
+                    if last_seen == MESSAGES && resumed_to.is_some() {
+                        break;
+                    }
+                    let f = v.recv().await;
+                    match f["type"].as_str() {
+                        Some("msg") => {
+                            let seq = f["seq"].as_u64().unwrap();
+                            assert_eq!(seq, last_seen + 1, "session {sessions}: gap or repeat: {f}");
+                            if let Some(to) = resumed_to {
+                                assert!(seq > to, "a replayed seq after resumed: {f}");
+                            }
+                            last_seen = seq;
+                        }
+                        Some("resumed") => {
+                            let to = f["to"].as_u64().unwrap();
+                            assert_eq!(to, last_seen, "resumed right after the replay: {f}");
+                            resumed_to = Some(to);
+                        }
+                        _ => {}
+                    }
+                }
+                assert!(resumed_to.is_some() || last_seen == MESSAGES, "session {sessions} saw no resumed");
+            }
+            sessions
+        };
+        let (_a, sessions) = tokio::join!(sender, reader);
+        assert!(sessions > 3, "the visitor reconnected mid-stream: {sessions} sessions");
+    });
+}
+
+over_both_subprotocols!(commands_pipelined_behind_connect_are_answered_after_connected);
+
+/// A client with a token may send commands right behind `connect` without
+/// waiting: `connected` still comes first, then the answers (each by its
+/// `id`; answers to different commands may come in any order).
+fn commands_pipelined_behind_connect_are_answered_after_connected(w: Wire) {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
+    let token = gw.token("visitor", "eager", &["--name", "Eager"]);
+    rt().block_on(async {
+        let mut v = Client::open(&gw, w.visitors).await;
+        let connect = v.send(json!({"type": "connect", "token": token})).await;
+        let open = v.send(json!({"type": "open"})).await;
+        let read = v.send(json!({"type": "read", "conv": "c999", "seq": 1})).await;
+        let first = v.recv().await;
+        assert_eq!(
+            (first["type"].as_str(), first["id"].as_i64()),
+            (Some("connected"), Some(connect)),
+            "{first}"
+        );
+        let mut answers = std::collections::BTreeMap::new();
+        while answers.len() < 2 {
+            let f = v.recv().await;
+            if let Some(id) = f["id"].as_i64() {
+                answers.insert(id, f);
+            }
+        }
+        assert_eq!(answers[&open]["type"], "conversation", "{answers:?}");
+        assert_eq!(answers[&read]["code"], "not_found", "{answers:?}");
+        // One announcement of the new conversation: the reply.
+        v.none_of("conversation", Duration::from_millis(200)).await;
+    });
 }

@@ -162,7 +162,7 @@ fn subprotocols_are_chosen_in_the_clients_order() {
 }
 
 #[test]
-fn client_endpoint_decodes_at_the_edge_and_reaches_the_chat_shard() {
+fn client_endpoint_decodes_at_the_edge_and_reaches_the_chat_service() {
     let gw = Gateway::start(&["--shards", "2"], &[]);
     rt().block_on(async {
         // Several connections, so some land on the shard without the chat service.
@@ -176,7 +176,7 @@ fn client_endpoint_decodes_at_the_edge_and_reaches_the_chat_shard() {
             ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
             let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
             assert!(reply.contains(r#""code":"bad_frame""#), "{reply}");
-            // A well-formed command crosses to the chat shard and back.
+            // A well-formed command reaches the chat service and is answered.
             ws.send(Message::text(r#"{"type":"typing","id":3,"conv":"c1"}"#)).await.unwrap();
             let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
             assert!(reply.contains(r#""id":3"#) && reply.contains(r#""type":"error""#), "{reply}");

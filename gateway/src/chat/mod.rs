@@ -1,25 +1,53 @@
-//! The chat service: what `/ws` speaks, end to end.
+//! The chat service: what `/ws` speaks, end to end, spread over the shards
+//! as DESIGN.md lays out.
 //!
-//! Connections live on whichever shard accepted them (the *edge*); the edge
-//! does transport and codec work only: it decodes each client frame, answers
-//! `ping` itself, and forwards everything else to the *chat shard*. The chat
-//! shard owns every piece of chat state — sessions' identities and rate
-//! limits, conversations, the router — and talks to storage. What it has to
-//! say goes back to the edges as complete, already-encoded WebSocket frames,
-//! one encoding per subprotocol, shared by every recipient.
+//! Every shard runs a [`service::ChatService`] with up to three parts:
 //!
-//! This departs from DESIGN.md, which homes each conversation on
-//! `hash(conv) % shards`: one chat shard first, because a single owner makes
-//! ordering and durability easy to get right and to test, and the chat
-//! shard's work per message is small next to the edges' (syscalls, framing,
-//! decoding) and storage's (fsync). Conversations can move to their home
-//! shards later behind the same messages.
+//! - **edge** ([`edge`]): the sessions of the connections this shard
+//!   accepted — identity, rate limits, the `connect` handshake — so a
+//!   command is checked where it arrived and costs no other shard anything
+//!   if it is refused;
+//! - **home** ([`home`]): the conversations whose home this shard is
+//!   (`ConvId::home(shards)`): it assigns `seq`, submits to storage from its
+//!   own completion queue, acks, and fans one encoded frame out to every
+//!   participant;
+//! - **router** ([`router`], shard 0 only): who serves what — online agents,
+//!   their load, the queues — because assignment needs every agent and
+//!   every waiting visitor at once. Its decisions (rare next to messages)
+//!   go to each conversation's home, which makes them durable and
+//!   announces them.
+//!
+//! Every shard also keeps a replica of the user directory (user → sessions
+//! with their subprotocol), fed by `SessionUp` / `SessionDown` broadcasts
+//! from the edges, so a home reaches any participant without asking.
+//!
+//! Ordering rests on one property of the mailboxes: a shard's inbox is one
+//! FIFO queue, so two messages one sender puts into it arrive in that order,
+//! and a message put in after another shard *handled* something arrives
+//! after everything that was in the inbox before. Hence:
+//! - an edge broadcasts `SessionUp` before it forwards any command of that
+//!   session and before it asks the router for the session's
+//!   conversations, so no home hears about a session's conversation, and
+//!   no announcement decided after that snapshot misses it;
+//! - between `SessionUp` and `connected` the edge holds the session's
+//!   frames, then writes `connected` and the held frames in order, so a
+//!   client never sees traffic before `connected`;
+//! - a resuming session's missed messages are replayed by each home while
+//!   it registers the session, so they come before any live message of
+//!   that conversation.
 
+pub mod edge;
+pub mod home;
+pub mod router;
 pub mod service;
 
 use std::sync::Arc;
 
-use kefu_proto::client::{ClientFrame, Codec};
+use kefu_core::Cid;
+use kefu_core::identity::{Actor, AgentRef, GroupName, Identity, UserId, Visitor};
+use kefu_core::session::Request;
+use kefu_proto::client::{Attachment, ClientFrame, Codec};
+use kefu_proto::{ConvId, ConvStatus};
 
 /// Where a connection lives: its shard, its registry slot there, and the
 /// slot's generation (so a message for a connection that has gone never
@@ -34,10 +62,14 @@ pub struct SessionAddr {
     pub generation: u32,
 }
 
+/// Who a command's answer goes to: the connection, its subprotocol, and
+/// the command's `id`.
+pub type Reply = (SessionAddr, Codec, Option<i64>);
+
 /// What shards send each other through their mailboxes.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// Edge → chat shard: a decoded client frame.
+    /// Connection → its own shard's chat service: a decoded client frame.
     Frame {
         /// The connection it came from.
         from: SessionAddr,
@@ -46,19 +78,19 @@ pub enum ShardMsg {
         /// The frame.
         frame: ClientFrame,
     },
-    /// Edge → chat shard: a connection ended.
+    /// Connection → its own shard's chat service: the connection ended.
     Gone {
         /// The connection.
         from: SessionAddr,
     },
-    /// Chat shard → edge: write this complete WebSocket frame.
+    /// Any shard → a connection's shard: write this complete WebSocket frame.
     Deliver {
         /// The connection.
         to: SessionAddr,
         /// Header and payload, shared by every recipient.
         bytes: Arc<[u8]>,
     },
-    /// Chat shard → edge: close the connection (after what is queued).
+    /// Any shard → a connection's shard: close it (after what is queued).
     Close {
         /// The connection.
         to: SessionAddr,
@@ -67,7 +99,178 @@ pub enum ShardMsg {
         /// Close reason.
         reason: &'static str,
     },
+    /// Edge → a conversation's home: a checked command about it. Not boxed:
+    /// this is the message path, and it must not allocate.
+    Home {
+        /// Who gets the answer.
+        reply: Reply,
+        /// Who sent it.
+        actor: Actor,
+        /// What they asked.
+        request: HomeRequest,
+    },
+    /// Everything else between chat services (connects, routing): rare,
+    /// so boxed to keep every mailbox slot small.
+    Chat(Box<ChatMsg>),
 }
 
-/// The shard that runs the chat service.
-pub const CHAT_SHARD: usize = 0;
+/// A command a conversation's home answers.
+#[derive(Debug)]
+pub enum HomeRequest {
+    /// `send`, with the message's owned parts.
+    Send {
+        /// The conversation.
+        conv: ConvId,
+        /// The client's message id.
+        cid: Cid,
+        /// The text, if any.
+        text: Option<String>,
+        /// The attachment, if any.
+        attachment: Option<Attachment>,
+    },
+    /// `read`, `typing` or `history`, as the edge's session checked it.
+    Checked(Request<'static>),
+}
+
+/// A conversation's change, decided by the router, applied by its home.
+#[derive(Debug)]
+pub enum Change {
+    /// Newly opened: create it.
+    Create {
+        /// The visitor.
+        visitor: Visitor,
+        /// Its group.
+        group: GroupName,
+    },
+    /// Assigned to `agent`, in `group` (a transfer may change both).
+    Assign {
+        /// The new agent.
+        agent: AgentRef,
+        /// The group.
+        group: GroupName,
+        /// Who had it before (a transfer), to be told it went.
+        previous: Option<UserId>,
+    },
+    /// Back in a queue.
+    Queue {
+        /// The group.
+        group: GroupName,
+        /// Who had it before, to be told it went.
+        previous: Option<UserId>,
+    },
+    /// Closed.
+    Close,
+    /// Moved in its queue: tell the visitor.
+    Position,
+    /// Nothing changed: answer the command with the current state.
+    Describe,
+    /// The router knows no open conversation by that id for a `close`:
+    /// answer with the closed state if it is closed and `actor` may read
+    /// it, else `not_found`.
+    CloseClosed {
+        /// Who asked.
+        actor: Actor,
+    },
+}
+
+/// What the router knows of a conversation that its home needs to announce
+/// a change.
+#[derive(Debug, Default)]
+pub struct RouteInfo {
+    /// 1-based queue position, if queued.
+    pub position: Option<u32>,
+    /// If queued: the agents (online or away) who serve its group.
+    pub notify: Vec<UserId>,
+}
+
+/// Messages between chat services.
+#[derive(Debug)]
+pub enum ChatMsg {
+    /// Edge → every shard: a session is connected (before `connected` is
+    /// written; see the module notes). Each home replays `resume`, which
+    /// holds only the conversations homed there.
+    SessionUp {
+        /// The connection.
+        addr: SessionAddr,
+        /// Its subprotocol.
+        codec: Codec,
+        /// Who it is.
+        actor: Actor,
+        /// Conversations to replay: (conversation, last seen seq).
+        resume: Vec<(ConvId, u64)>,
+    },
+    /// Edge → every shard: the session has gone.
+    SessionDown {
+        /// The connection.
+        addr: SessionAddr,
+        /// Its user.
+        user: UserId,
+    },
+    /// Edge → router: a session connected; which conversations does its
+    /// user have? An agent's device also counts for presence.
+    Hello {
+        /// The connection and its `connect` id.
+        reply: Reply,
+        /// Who it is.
+        identity: Identity,
+    },
+    /// Router → edge: the user's open conversations, for `connected`.
+    Welcome {
+        /// The connection and its `connect` id.
+        reply: Reply,
+        /// (conversation, status).
+        conversations: Vec<(ConvId, ConvStatus)>,
+    },
+    /// Edge → router: an agent's device has gone.
+    AgentGone {
+        /// The agent.
+        agent: UserId,
+        /// The device (connection).
+        device: u64,
+    },
+    /// Edge → router: a checked routing command.
+    Route {
+        /// Who gets the answer.
+        reply: Reply,
+        /// Who sent it.
+        actor: Actor,
+        /// What they asked: `open`, `presence`, `accept`, `transfer` or
+        /// `close`, as the edge's session checked it.
+        request: Request<'static>,
+    },
+    /// Router → a conversation's home.
+    Change {
+        /// The conversation.
+        conv: ConvId,
+        /// What happened.
+        change: Change,
+        /// The command it answers, if one caused it.
+        reply: Option<Reply>,
+        /// The router's view of it.
+        route: RouteInfo,
+    },
+}
+
+/// The shard that runs the router.
+pub const ROUTER_SHARD: usize = 0;
+
+/// A connection's device id, as the router counts an agent's devices: its
+/// address packed into 64 bits (shard, slot, low generation bits).
+pub fn device_of(addr: SessionAddr) -> u64 {
+    ((addr.shard as u64) << 56) | ((addr.slot as u64) << 24) | (addr.generation as u64 & 0xFF_FFFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every inbox slot is as big as the largest message (65,536 slots per
+    /// shard by default), so the message path's variant is kept lean and
+    /// the rare ones are boxed.
+    #[test]
+    fn shard_messages_stay_small() {
+        let size = std::mem::size_of::<ShardMsg>();
+        eprintln!("ShardMsg: {size} B; HomeRequest: {} B", std::mem::size_of::<HomeRequest>());
+        assert!(size <= 256, "ShardMsg grew to {size} B");
+    }
+}

@@ -1,6 +1,5 @@
-//! The chat shard's side of the chat service (see the module above): it
-//! turns decoded client commands into `kefu-core` decisions, makes them
-//! durable through `kefu-storage`, and only then tells anyone.
+//! One shard's chat service: its state, its inputs and its outputs (see the
+//! module above for how the shards share the work).
 //!
 //! Everything that must be durable before it is announced (a new anonymous
 //! visitor, a message, a conversation's change) goes through
@@ -11,27 +10,22 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kefu_core::auth::{Credentials, JwtKey, VisitorKey, anonymous_id, anonymous_identity};
-use kefu_core::conversation::{Access, RestoredConversation, SendOutcome, TypingOutcome};
-use kefu_core::identity::{Actor, AgentRef, Identity, UserId, Visitor, vip_level};
-use kefu_core::routing::{Action, AgentInfo, OpenRequest, RestoredRoute};
+use kefu_core::auth::JwtKey;
+use kefu_core::conversation::RestoredConversation;
+use kefu_core::identity::{AgentRef, UserId, Visitor, vip_level};
+use kefu_core::routing::RestoredRoute;
 use kefu_core::rules::Rules;
-use kefu_core::session::{AttachmentInfo, Command as CoreCommand, Request, Session};
+use kefu_core::session::Session;
 use kefu_core::{Conversation, CoreConfig, Router};
-use kefu_proto::client::{
-    self, AgentRef as WireAgent, ClientFrame, Codec, Command, ConvSummary, Encoder, Event, Msg, ServerFrame,
-    User,
-};
-use kefu_proto::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
+use kefu_proto::client::{self, Codec, Encoder, Msg, ServerFrame};
+use kefu_proto::{ConvId, Role};
 use kefu_storage::{
-    Completion, Completions, ConversationRecord, MessageRecord, NewMessage, ReadMark, Reader, Store,
-    UserRecord, WriteOp, Writer,
+    Completion, Completions, ConversationRecord, MessageRecord, Reader, Store, WriteOp, Writer,
 };
 use tracing::{info, warn};
 
-use super::{SessionAddr, ShardMsg};
+use super::{ChatMsg, ROUTER_SHARD, Reply, RouteInfo, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
-use crate::ws::close;
 use crate::ws::frame::{MAX_HEADER_BYTES, OpCode, encode_header};
 
 /// Encodes `frame` for `codec` as one complete server WebSocket frame.
@@ -46,8 +40,10 @@ pub fn ws_frame(codec: Codec, frame: &ServerFrame, encoder: &mut Encoder) -> Arc
     bytes.into()
 }
 
-/// What the chat service needs at start.
+/// What a shard's chat service needs at start.
 pub struct ChatInit {
+    /// This shard's number.
+    pub shard: usize,
     /// Every shard's inbox.
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
     /// The product rules' configuration.
@@ -58,72 +54,115 @@ pub struct ChatInit {
     pub allow_anonymous: bool,
     /// `server.heartbeat_s`, told to clients in `connected`.
     pub heartbeat_s: u32,
-    /// The open store.
-    pub store: Store,
+    /// The open store, shared by every shard (each submits as its own source).
+    pub store: Arc<Store>,
 }
 
-/// One connection, as the chat shard knows it.
-struct Sess {
-    codec: Codec,
-    session: Session,
-    /// Set while a new anonymous visitor's profile is being made durable.
-    connecting: bool,
+/// Where a connection is in its `connect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// A new anonymous visitor's profile is being made durable.
+    Storing,
+    /// Announced to every shard; waiting for the router's `Welcome`. Frames
+    /// for it are held until `connected` is written; commands are served
+    /// (a client may pipeline them behind `connect`).
+    Welcoming,
+    /// `connected` is written.
+    Ready,
+}
+
+/// One connection of this shard, as its edge knows it.
+pub(super) struct Sess {
+    pub(super) codec: Codec,
+    pub(super) session: Session,
+    pub(super) stage: Stage,
+    /// The `connect`'s id and resume map, kept until `connected`.
+    pub(super) connect_id: Option<i64>,
+    pub(super) resume: Vec<(ConvId, u64)>,
+    /// A new anonymous visitor's key, shown once in `connected`.
+    pub(super) visitor_key: Option<String>,
+}
+
+/// A session somewhere, as the user directory knows it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Member {
+    pub(super) addr: SessionAddr,
+    pub(super) codec: Codec,
+    pub(super) role: Role,
 }
 
 /// What to do when a write becomes durable.
-enum Pending {
-    /// A new anonymous visitor is stored: answer `connected`.
-    Connected { to: SessionAddr, frame: ServerFrame },
+pub(super) enum Pending {
+    /// A new anonymous visitor is stored: announce the session.
+    Connected { to: SessionAddr },
     /// A message is stored: ack it and fan it out.
-    Message { conv: ConvId, seq: u64, sender: Option<(SessionAddr, Codec, Option<i64>)>, msg: Msg },
+    Message { conv: ConvId, seq: u64, sender: Option<Reply>, msg: Msg },
     /// A conversation's change is stored: announce its state, and answer
     /// the command that caused it, if one did. `previous` is the agent who
     /// had it before a transfer or requeue: no longer a participant, but
     /// told that it went.
-    ConvChanged { conv: ConvId, reply: Option<Reply>, previous: Option<UserId> },
+    ConvChanged { conv: ConvId, reply: Option<Reply>, previous: Option<UserId>, route: RouteInfo },
     /// Nothing to announce (read marks, profiles).
     Nothing,
 }
 
-/// The chat service on the chat shard.
+/// Something for a connection on this very shard, written right after the
+/// message that caused it is handled: in order with the inbox, without a
+/// round trip through it.
+pub enum Local {
+    /// Write this frame.
+    Deliver(SessionAddr, Arc<[u8]>),
+    /// Close the connection.
+    Close(SessionAddr, u16, &'static str),
+}
+
+/// Frames held for one session until its `connected` is written; past this
+/// the session is cut as a slow consumer (the router answers in
+/// microseconds, so only a storm reaches it).
+const HELD_FRAMES_MAX: usize = 4096;
+
+/// One shard's chat service.
 pub struct ChatService {
-    mailboxes: Arc<[Mailbox<ShardMsg>]>,
-    encoder: Encoder,
-    core: Arc<CoreConfig>,
-    jwt: JwtKey,
-    allow_anonymous: bool,
-    heartbeat_s: u32,
-    /// Kept so the writer thread lives as long as the service.
-    _store: Store,
-    writer: Writer,
-    reader: Reader,
+    pub(super) me: usize,
+    pub(super) shards: usize,
+    pub(super) mailboxes: Arc<[Mailbox<ShardMsg>]>,
+    pub(super) encoder: Encoder,
+    pub(super) core: Arc<CoreConfig>,
+    pub(super) jwt: JwtKey,
+    pub(super) allow_anonymous: bool,
+    pub(super) heartbeat_s: u32,
+    /// Kept so the writer thread lives as long as any shard.
+    _store: Arc<Store>,
+    pub(super) writer: Writer,
+    pub(super) reader: Reader,
     completions: Completions,
-    sessions: HashMap<SessionAddr, Sess>,
-    users: HashMap<Arc<str>, Vec<SessionAddr>>,
-    convs: HashMap<ConvId, Conversation>,
-    router: Router,
-    rules: Rules,
-    pending: HashMap<u64, Pending>,
-    /// Duplicate sends waiting for their original's commit: (conv, seq) → waiters.
-    dup_waiters: HashMap<(ConvId, u64), Vec<Reply>>,
-    /// Commands (accept, transfer, close) answered by the router's next
-    /// change to their conversation.
-    reply_on_change: Vec<(ConvId, Reply)>,
+    /// Edge: this shard's connections.
+    pub(super) sessions: HashMap<SessionAddr, Sess>,
+    /// Edge: frames waiting for their session's `connected`.
+    pub(super) held: HashMap<SessionAddr, Vec<Arc<[u8]>>>,
+    /// Every shard: user → sessions, replicated.
+    pub(super) users: HashMap<UserId, Vec<Member>>,
+    /// Home: the conversations homed here that are in memory.
+    pub(super) convs: HashMap<ConvId, Conversation>,
+    pub(super) rules: Rules,
+    pub(super) pending: HashMap<u64, Pending>,
+    /// Home: duplicate sends waiting for their original's commit.
+    pub(super) dup_waiters: HashMap<(ConvId, u64), Vec<Reply>>,
+    /// Router (shard 0 only).
+    pub(super) router: Option<Router>,
+    /// Router: commands (accept, transfer, close) answered by the router's
+    /// next change to their conversation.
+    pub(super) reply_on_change: Vec<(ConvId, Reply)>,
+    /// Output for this shard's own connections.
+    local: Vec<Local>,
     next_token: u64,
 }
 
-/// The storage source (completion queue) of the chat shard.
-pub const CHAT_SOURCE: usize = 0;
-
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn device_of(addr: SessionAddr) -> u64 {
-    ((addr.shard as u64) << 56) | ((addr.slot as u64) << 24) | (addr.generation as u64 & 0xFF_FFFF)
-}
-
-fn wire_msg(r: MessageRecord) -> Msg {
+pub(super) fn wire_msg(r: MessageRecord) -> Msg {
     Msg {
         conv: ConvId(r.conv),
         seq: r.seq,
@@ -136,18 +175,25 @@ fn wire_msg(r: MessageRecord) -> Msg {
 }
 
 impl ChatService {
-    /// Builds the service and restores every open conversation from storage.
+    /// Builds a shard's service: it restores the open conversations homed
+    /// here, and on the router's shard every open conversation's route.
     pub fn new(init: ChatInit) -> anyhow::Result<Self> {
-        let ChatInit { mailboxes, core, jwt_secret, allow_anonymous, heartbeat_s, store } = init;
+        let ChatInit { shard, mailboxes, core, jwt_secret, allow_anonymous, heartbeat_s, store } = init;
+        let shards = mailboxes.len();
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
             .map_err(|e| anyhow::anyhow!("auth.jwt_secret: {e}"))?;
         let reader = store.reader();
-        let next_conv = reader.next_conv_id()?;
-        let mut router = Router::new(core.routing.clone(), next_conv);
+        let mut router = (shard == ROUTER_SHARD)
+            .then(|| reader.next_conv_id().map(|next| Router::new(core.routing.clone(), next)))
+            .transpose()?;
         let mut convs = HashMap::new();
         let mut routes = Vec::new();
         let now = now_ms();
         for rec in reader.open_conversations()? {
+            let home = ConvId(rec.id).home(shards) == shard;
+            if !home && router.is_none() {
+                continue;
+            }
             let restored = restored_conversation(&reader, rec, &core.routing.default_group)?;
             routes.push(RestoredRoute {
                 conv: restored.id,
@@ -156,15 +202,21 @@ impl ChatService {
                 vip_level: vip_level(&restored.visitor.meta),
                 agent: restored.agent.clone(),
             });
-            convs.insert(restored.id, Conversation::restore(restored, &core.limits));
+            if home {
+                convs.insert(restored.id, Conversation::restore(restored, &core.limits));
+            }
         }
-        let refused = router.restore(routes, now);
-        if !refused.is_empty() {
-            warn!(count = refused.len(), "router refused restored conversations");
+        if let Some(router) = router.as_mut() {
+            let refused = router.restore(routes, now);
+            if !refused.is_empty() {
+                warn!(count = refused.len(), "router refused restored conversations");
+            }
         }
-        info!(open = convs.len(), next_conv, "chat state restored");
+        info!(shard, open = convs.len(), router = router.is_some(), "chat state restored");
         let rules = Rules::new(&core.rules);
-        let service = Self {
+        Ok(Self {
+            me: shard,
+            shards,
             mailboxes,
             encoder: Encoder::new(),
             jwt,
@@ -172,20 +224,21 @@ impl ChatService {
             heartbeat_s,
             writer: store.writer(),
             reader,
-            completions: store.completions(CHAT_SOURCE),
+            completions: store.completions(shard),
             _store: store,
             sessions: HashMap::new(),
+            held: HashMap::new(),
             users: HashMap::new(),
             convs,
-            router,
             rules,
             core,
             pending: HashMap::new(),
             dup_waiters: HashMap::new(),
+            router,
             reply_on_change: Vec::new(),
+            local: Vec::new(),
             next_token: 1,
-        };
-        Ok(service)
+        })
     }
 
     /// Whether storage completions are waiting (checked before sleeping).
@@ -193,13 +246,30 @@ impl ChatService {
         !self.completions.is_empty()
     }
 
+    /// Whether this shard runs the router (which wants a periodic tick).
+    pub fn is_router(&self) -> bool {
+        self.router.is_some()
+    }
+
     /// Handles one message addressed to the chat service.
     pub fn handle(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Frame { from, codec, frame } => self.on_frame(from, codec, frame),
             ShardMsg::Gone { from } => self.on_gone(from),
+            ShardMsg::Home { reply, actor, request } => self.on_home(reply, &actor, request),
+            ShardMsg::Chat(msg) => match *msg {
+                ChatMsg::SessionUp { addr, codec, actor, resume } => {
+                    self.on_session_up(addr, codec, &actor, &resume)
+                }
+                ChatMsg::SessionDown { addr, user } => self.on_session_down(addr, &user),
+                ChatMsg::Hello { reply, identity } => self.on_hello(reply, identity),
+                ChatMsg::Welcome { reply, conversations } => self.on_welcome(reply, conversations),
+                ChatMsg::AgentGone { agent, device } => self.on_agent_gone(&agent, device),
+                ChatMsg::Route { reply, actor, request } => self.on_route(reply, actor, request),
+                ChatMsg::Change { conv, change, reply, route } => self.on_change(conv, change, reply, route),
+            },
             ShardMsg::Deliver { .. } | ShardMsg::Close { .. } => {
-                debug_assert!(false, "edge message routed to the chat service");
+                debug_assert!(false, "a connection's message routed to the chat service");
             }
         }
         self.drain_router();
@@ -219,600 +289,102 @@ impl ChatService {
 
     /// Time passes: offline grace periods end.
     pub fn tick(&mut self) {
-        self.router.tick(now_ms());
+        if let Some(router) = self.router.as_mut() {
+            router.tick(now_ms());
+        }
         self.drain_router();
     }
 
-    // ---- inputs -------------------------------------------------------
+    /// What to write to this shard's own connections, in order.
+    pub fn take_local(&mut self) -> std::vec::Drain<'_, Local> {
+        self.local.drain(..)
+    }
 
-    fn on_frame(&mut self, from: SessionAddr, codec: Codec, frame: ClientFrame) {
-        let id = frame.id;
-        if let Command::Connect { token, visitor_id, visitor_key, resume } = frame.body {
-            return self.on_connect(from, codec, id, token, visitor_id, visitor_key, resume);
+    /// A frame for one of this shard's connections, from another shard:
+    /// handed back unless its session is still waiting for `connected`,
+    /// in which case it is held.
+    pub fn pass(&mut self, to: SessionAddr, bytes: Arc<[u8]>) -> Option<Arc<[u8]>> {
+        if self.held.is_empty() {
+            return Some(bytes);
         }
-        let now = now_ms();
-        let Some(sess) = self.sessions.get_mut(&from) else {
-            self.send(from, codec, &ServerFrame::error(id, ErrorCode::Unauthorized, "send connect first"));
-            self.close(from, close::UNAUTHORIZED, "connect first");
-            return;
-        };
-        if sess.connecting {
-            self.send(
-                from,
-                codec,
-                &ServerFrame::error(id, ErrorCode::BadCommand, "connect is still in progress"),
-            );
-            return;
+        let Some(held) = self.held.get_mut(&to) else { return Some(bytes) };
+        if held.len() >= HELD_FRAMES_MAX {
+            self.held.remove(&to);
+            self.local.push(Local::Close(to, crate::ws::close::SLOW_CONSUMER, "too much before connected"));
+        } else {
+            held.push(bytes);
         }
-        // The wire's parsed target, spelled back as core reads it ("group:NAME").
-        let transfer_to = match &frame.body {
-            Command::Transfer { to, .. } => to.to_string(),
-            _ => String::new(),
-        };
-        let cmd = match &frame.body {
-            Command::Open { group, meta } => CoreCommand::Open { group: group.as_deref(), meta: Some(meta) },
-            Command::Send { conv, cid, text, attachment } => CoreCommand::Send {
-                conv: *conv,
-                cid,
-                text: text.as_deref(),
-                attachment: attachment
-                    .as_ref()
-                    .map(|a| AttachmentInfo { mime: &a.mime, bytes: a.data.len() }),
-            },
-            Command::Read { conv, seq } => CoreCommand::Read { conv: *conv, seq: *seq },
-            Command::Typing { conv } => CoreCommand::Typing { conv: *conv },
-            Command::History { conv, before, limit } => {
-                CoreCommand::History { conv: *conv, before: *before, limit: *limit }
+        None
+    }
+
+    // ---- output -------------------------------------------------------
+
+    /// Puts a message in shard `to`'s inbox. A full inbox drops it: for a
+    /// frame, that connection's own outbound bound would cut it anyway.
+    pub(super) fn post(&self, to: usize, msg: ShardMsg) -> bool {
+        let ok = self.mailboxes[to].send(msg).is_ok();
+        if !ok {
+            warn!(from = self.me, to, "shard inbox full: message dropped");
+        }
+        ok
+    }
+
+    /// Posts a chat message to shard `to`.
+    pub(super) fn post_chat(&self, to: usize, msg: ChatMsg) -> bool {
+        self.post(to, ShardMsg::Chat(Box::new(msg)))
+    }
+
+    /// Writes an already encoded frame to a connection, wherever it is.
+    pub(super) fn write(&mut self, to: SessionAddr, bytes: Arc<[u8]>) {
+        if to.shard as usize == self.me {
+            if let Some(bytes) = self.pass(to, bytes) {
+                self.local.push(Local::Deliver(to, bytes));
             }
-            Command::Presence { status, capacity } => {
-                CoreCommand::Presence { status: *status, capacity: *capacity }
-            }
-            Command::Accept { conv } => CoreCommand::Accept { conv: *conv },
-            Command::Transfer { conv, .. } => CoreCommand::Transfer { conv: *conv, to: &transfer_to },
-            Command::Close { conv } => CoreCommand::Close { conv: *conv },
-            // Handled above; a second connect never reaches here.
-            Command::Ping | Command::Connect { .. } => CoreCommand::Ping,
-        };
-        let request = match sess.session.check(cmd, now) {
-            Ok(r) => r.into_owned_parts(),
-            Err(e) => {
-                let code = e.code();
-                let message = e.to_string();
-                self.send(from, codec, &ServerFrame::error(id, code, message));
-                return;
-            }
-        };
-        let Some(actor) = self.sessions.get(&from).and_then(|s| s.session.actor()) else { return };
-        let reply = (from, codec, id);
-        match request {
-            Owned::Ping => self.send(from, codec, &ServerFrame::reply(id, Event::Pong)),
-            Owned::Open { visitor, group, vip_level } => self.on_open(reply, visitor, group, vip_level),
-            Owned::Send { conv, cid } => {
-                let (text, attachment) = match frame.body {
-                    Command::Send { text, attachment, .. } => (text, attachment),
-                    _ => (None, None),
-                };
-                self.on_send(reply, &actor, conv, cid, text, attachment, now);
-            }
-            Owned::Read { conv, seq } => self.on_read(reply, &actor, conv, seq, now),
-            Owned::Typing { conv } => self.on_typing(reply, &actor, conv, now),
-            Owned::History { conv, before, limit } => self.on_history(reply, &actor, conv, before, limit),
-            Owned::Presence { status, capacity } => {
-                match self.router.presence(&actor.id, device_of(from), status, capacity, now) {
-                    Ok(status) => {
-                        let frame =
-                            ServerFrame::reply(id, Event::Presence { agent: actor.id.to_string(), status });
-                        self.send(from, codec, &frame);
-                    }
-                    Err(e) => self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-                }
-            }
-            Owned::Accept { conv } => match self.router.accept(&actor.id, conv) {
-                Ok(_) => self.pending_reply_on_change(conv, reply),
-                Err(e) => self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-            },
-            Owned::Transfer { conv, to } => match self.router.transfer(&actor, conv, to) {
-                Ok(()) => self.pending_reply_on_change(conv, reply),
-                Err(e) => self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-            },
-            Owned::Close { conv } => self.on_close(reply, &actor, conv),
+        } else {
+            self.post(to.shard as usize, ShardMsg::Deliver { to, bytes });
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_connect(
-        &mut self,
-        from: SessionAddr,
-        codec: Codec,
-        id: Option<i64>,
-        token: Option<String>,
-        visitor_id: Option<String>,
-        visitor_key: Option<String>,
-        resume: std::collections::BTreeMap<ConvId, u64>,
-    ) {
-        if self.sessions.contains_key(&from) {
-            self.send(from, codec, &ServerFrame::error(id, ErrorCode::BadCommand, "already connected"));
-            return;
-        }
-        let now = now_ms();
-        let refuse = |this: &mut Self, why: String| {
-            this.send(from, codec, &ServerFrame::error(id, ErrorCode::Unauthorized, why));
-            this.close(from, close::UNAUTHORIZED, "unauthorized");
-        };
-        let creds = match Credentials::classify(
-            token.as_deref(),
-            visitor_id.as_deref(),
-            visitor_key.as_deref(),
-            self.allow_anonymous,
-        ) {
-            Ok(c) => c,
-            Err(e) => return refuse(self, e.to_string()),
-        };
-        let (identity, new_key) = match creds {
-            Credentials::Token(t) => match self.jwt.verify(t, now) {
-                Ok(claims) => (claims.into_identity(), None),
-                Err(e) => return refuse(self, e.to_string()),
-            },
-            Credentials::Returning { visitor_id, key } => {
-                let stored = match self.reader.user(visitor_id) {
-                    Ok(u) => u,
-                    Err(e) => {
-                        self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string()));
-                        return;
-                    }
-                };
-                let ok = stored
-                    .as_ref()
-                    .and_then(|u| u.visitor_key_hash)
-                    .is_some_and(|h| kefu_core::auth::VisitorKeyHash(h).verify(&key));
-                match (ok, stored) {
-                    (true, Some(u)) => {
-                        (anonymous_identity(Arc::from(u.id.as_str()), u.meta.into_iter().collect()), None)
-                    }
-                    _ => return refuse(self, "unknown visitor or wrong visitor_key".into()),
-                }
-            }
-            Credentials::NewAnonymous => {
-                let vid = anonymous_id(rand::random());
-                let key = VisitorKey::from_random(rand::random());
-                (anonymous_identity(vid, Default::default()), Some(key))
-            }
-        };
-        let mut session = Session::new(self.core.clone(), now);
-        if let Err(e) = session.connect(identity.clone()) {
-            return refuse(self, e.to_string());
-        }
-        if let Err(e) = session.check_resume(resume.len()) {
-            self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string()));
-            return;
-        }
-        let connecting = new_key.is_some();
-        self.sessions.insert(from, Sess { codec, session, connecting });
-        self.users.entry(identity.id.clone()).or_default().push(from);
-        if identity.role == Role::Agent {
-            let info = AgentInfo {
-                id: identity.id.clone(),
-                name: identity.name.clone(),
-                groups: identity.groups.clone(),
-            };
-            self.router.agent_connected(info, device_of(from), now);
-        }
-        let frame = self.connected_frame(from, id, &identity, new_key.as_ref().map(VisitorKey::to_hex));
-        match new_key {
-            Some(key) => {
-                // The key must survive any crash before the visitor sees it.
-                let record = UserRecord {
-                    id: identity.id.to_string(),
-                    role: Role::Visitor,
-                    name: identity.name.to_string(),
-                    meta: Vec::new(),
-                    visitor_key_hash: Some(key.hash().0),
-                    created_ms: now,
-                };
-                if !self.submit(WriteOp::PutUser(record), Pending::Connected { to: from, frame }) {
-                    self.sessions.remove(&from);
-                    self.send(
-                        from,
-                        codec,
-                        &ServerFrame::error(id, ErrorCode::Unavailable, "storage busy; retry"),
-                    );
-                }
-            }
-            None => {
-                self.send(from, codec, &frame);
-                self.replay(from, codec, &identity.actor(), &resume);
-            }
+    /// Encodes and writes one frame to one connection.
+    pub(super) fn send(&mut self, to: SessionAddr, codec: Codec, frame: &ServerFrame) {
+        let bytes = ws_frame(codec, frame, &mut self.encoder);
+        self.write(to, bytes);
+    }
+
+    /// Sends one event to many sessions: encoded once per subprotocol.
+    pub(super) fn deliver(&mut self, to: impl IntoIterator<Item = Member>, frame: &ServerFrame) {
+        let mut encoded: [Option<Arc<[u8]>>; 2] = [None, None];
+        for m in to {
+            let slot = usize::from(m.codec.is_binary());
+            let bytes =
+                encoded[slot].get_or_insert_with(|| ws_frame(m.codec, frame, &mut self.encoder)).clone();
+            self.write(m.addr, bytes);
         }
     }
 
-    fn connected_frame(
-        &self,
-        from: SessionAddr,
-        id: Option<i64>,
-        identity: &Identity,
-        visitor_key: Option<String>,
-    ) -> ServerFrame {
-        let convs: Vec<ConvId> = match identity.role {
-            Role::Agent => self.router.conversations_of(&identity.id).collect(),
-            _ => self.router.open_conversation_of(&identity.id).into_iter().collect(),
-        };
-        let conversations = convs
-            .into_iter()
-            .filter_map(|c| self.convs.get(&c))
-            .map(|c| ConvSummary { conv: c.id(), status: c.status(), last_seq: c.durable_seq() })
-            .collect();
-        ServerFrame::reply(
-            id,
-            Event::Connected {
-                // One id per connection (shard, slot, generation): tabs of
-                // one user are different sessions.
-                session: format!("s{:x}", device_of(from)),
-                role: identity.role,
-                user: User {
-                    id: identity.id.to_string(),
-                    name: identity.name.to_string(),
-                    meta: identity.meta.clone(),
-                },
-                visitor_key,
-                conversations,
-                heartbeat_s: self.heartbeat_s,
-            },
-        )
-    }
-
-    /// Sends what a reconnecting client missed, then `resumed`, per
-    /// conversation, before anything else for it can be queued behind.
-    fn replay(
-        &mut self,
-        to: SessionAddr,
-        codec: Codec,
-        actor: &Actor,
-        resume: &std::collections::BTreeMap<ConvId, u64>,
-    ) {
-        for (&conv, &last_seen) in resume {
-            if !self.load(conv) {
-                self.send(
-                    to,
-                    codec,
-                    &ServerFrame::error(None, ErrorCode::NotFound, format!("{conv}: not found")),
-                );
-                continue;
-            }
-            let Some(c) = self.convs.get(&conv) else { continue };
-            let range = match c.resume(actor, last_seen) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.send(to, codec, &ServerFrame::error(None, e.code(), format!("{conv}: {e}")));
-                    continue;
-                }
-            };
-            let missed = range.to.saturating_sub(last_seen) as usize;
-            match self.reader.after(conv.0, last_seen, missed) {
-                Ok(messages) => {
-                    for m in messages.into_iter().filter(|m| m.record.seq <= range.to) {
-                        self.send(to, codec, &ServerFrame::push(Event::Msg(wire_msg(m.record))));
-                    }
-                    let done = Event::Resumed { conv, from: range.from, to: range.to };
-                    self.send(to, codec, &ServerFrame::push(done));
-                }
-                Err(e) => self.send(to, codec, &ServerFrame::error(None, e.code(), e.to_string())),
-            }
+    /// Closes a connection, wherever it is.
+    pub(super) fn close(&mut self, to: SessionAddr, code: u16, reason: &'static str) {
+        if to.shard as usize == self.me {
+            self.held.remove(&to);
+            self.local.push(Local::Close(to, code, reason));
+        } else {
+            self.post(to.shard as usize, ShardMsg::Close { to, code, reason });
         }
     }
 
-    fn on_open(&mut self, reply: Reply, visitor: Visitor, group: Arc<str>, vip: i64) {
-        let (from, codec, id) = reply;
-        let req = OpenRequest { visitor: visitor.id.clone(), group: group.clone(), vip_level: vip };
-        let opened = match self.router.open(req) {
-            Ok(o) => o,
-            Err(e) => return self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-        };
-        if !opened.created {
-            if let Some(frame) = self.conversation_frame(opened.conv, id) {
-                self.send(from, codec, &frame);
-            }
-            return;
-        }
-        let conv = Conversation::new(opened.conv, visitor.clone(), group, &self.core.limits);
-        self.convs.insert(opened.conv, conv);
-        // The visitor's profile (token meta merged with the widget's) is what
-        // agents see, so it is stored too.
-        let user = UserRecord {
-            id: visitor.id.to_string(),
-            role: Role::Visitor,
-            name: visitor.name.to_string(),
-            meta: visitor.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            visitor_key_hash: self.reader.user(&visitor.id).ok().flatten().and_then(|u| u.visitor_key_hash),
-            created_ms: now_ms(),
-        };
-        let _ = self.submit(WriteOp::PutUser(user), Pending::Nothing);
-        self.persist_conv(opened.conv, Some(reply), None);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn on_send(
-        &mut self,
-        reply: Reply,
-        actor: &Actor,
-        conv: ConvId,
-        cid: kefu_core::Cid,
-        text: Option<String>,
-        attachment: Option<client::Attachment>,
-        now: u64,
-    ) {
-        let (from, codec, id) = reply;
-        if !self.found(reply, conv) {
-            return;
-        }
-        // Older resends than the conversation's window remembers: the
-        // durable dedupe index has the original.
-        match self.reader.dedupe(&actor.id, conv.0, cid.as_str()) {
-            Ok(Some(hit)) => {
-                let ack = Event::Ack {
-                    cid: cid.as_str().into(),
-                    conv,
-                    seq: hit.seq,
-                    ts: hit.ts_ms,
-                    duplicate: true,
-                };
-                return self.send(from, codec, &ServerFrame::reply(id, ack));
-            }
-            Ok(None) => {}
-            Err(e) => return self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-        }
-        let Some(c) = self.convs.get_mut(&conv) else { return };
-        let outcome = match c.send(actor, Some(cid), now) {
-            Ok(o) => o,
-            Err(e) => return self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-        };
-        match outcome {
-            SendOutcome::Duplicate { seq, ts } => {
-                let ack = Event::Ack { cid: cid.as_str().into(), conv, seq, ts, duplicate: true };
-                self.send(from, codec, &ServerFrame::reply(id, ack));
-            }
-            SendOutcome::InFlight { seq, .. } => {
-                self.dup_waiters.entry((conv, seq)).or_default().push((from, codec, id));
-            }
-            SendOutcome::Append { seq, ts } => {
-                let msg = Msg {
-                    conv,
-                    seq,
-                    cid: cid.as_str().into(),
-                    from: client::Sender {
-                        role: actor.role,
-                        id: actor.id.to_string(),
-                        name: actor.name.to_string(),
-                    },
-                    text,
-                    attachment,
-                    ts,
-                };
-                self.append(msg, Some((from, codec, id)));
-            }
-        }
-    }
-
-    fn append(&mut self, msg: Msg, sender: Option<Reply>) {
-        let op = WriteOp::AppendMessage(NewMessage {
-            conv: msg.conv.0,
-            seq: Some(msg.seq),
-            cid: msg.cid.clone(),
-            from: kefu_storage::Sender {
-                role: msg.from.role,
-                id: msg.from.id.clone(),
-                name: msg.from.name.clone(),
-            },
-            ts_ms: msg.ts,
-            text: msg.text.clone(),
-            attachment: msg
-                .attachment
-                .as_ref()
-                .map(|a| kefu_storage::Attachment { mime: a.mime.clone(), bytes: a.data.clone() }),
-        });
-        let (conv, seq) = (msg.conv, msg.seq);
-        if !self.submit(op, Pending::Message { conv, seq, sender, msg }) {
-            // Nothing was written: the seq must be taken back, which only a
-            // rebuild from storage does safely.
-            self.reload(conv);
-            if let Some((to, codec, id)) = sender {
-                self.send(to, codec, &ServerFrame::error(id, ErrorCode::Unavailable, "storage busy; retry"));
-            }
-        }
-    }
-
-    fn on_read(&mut self, reply: Reply, actor: &Actor, conv: ConvId, seq: u64, now: u64) {
-        let (from, codec, id) = reply;
-        if !self.found(reply, conv) {
-            return;
-        }
-        let Some(c) = self.convs.get_mut(&conv) else { return };
-        match c.read(actor, seq) {
-            Ok(kefu_core::conversation::ReadOutcome::Advanced { seq }) => {
-                let mark = ReadMark { conv: conv.0, user_id: actor.id.to_string(), seq, ts_ms: now };
-                let _ = self.submit(WriteOp::MarkRead(mark), Pending::Nothing);
-                let event = ServerFrame::push(Event::Read { conv, seq, by: actor.id.to_string() });
-                let audience = self.participants(conv);
-                self.deliver(audience.iter().copied().filter(|a| *a != from), &event);
-            }
-            Ok(kefu_core::conversation::ReadOutcome::Unchanged) => {}
-            Err(e) => self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-        }
-    }
-
-    fn on_typing(&mut self, reply: Reply, actor: &Actor, conv: ConvId, now: u64) {
-        let (from, codec, id) = reply;
-        if !self.found(reply, conv) {
-            return;
-        }
-        let Some(c) = self.convs.get_mut(&conv) else { return };
-        match c.typing(actor, now) {
-            Ok(TypingOutcome::Broadcast) => {
-                let event = ServerFrame::push(Event::Typing { conv, by: actor.id.to_string() });
-                let audience = self.participants(conv);
-                self.deliver(audience.iter().copied().filter(|a| *a != from), &event);
-            }
-            Ok(TypingOutcome::Suppressed) => {}
-            Err(e) => self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-        }
-    }
-
-    fn on_history(&mut self, reply: Reply, actor: &Actor, conv: ConvId, before: Option<u64>, limit: u32) {
-        let (from, codec, id) = reply;
-        if !self.found(reply, conv) {
-            return;
-        }
-        let Some(c) = self.convs.get(&conv) else { return };
-        let range = match c.history(actor, before, limit) {
-            Ok(r) => r,
-            Err(e) => return self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-        };
-        let frame = match self.reader.history(conv.0, Some(range.end), (range.end - range.start) as usize) {
-            Ok(page) => {
-                let messages = page.into_iter().map(|m| wire_msg(m.record)).collect();
-                ServerFrame::reply(id, Event::History { conv, messages })
-            }
-            Err(e) => ServerFrame::error(id, e.code(), e.to_string()),
-        };
-        self.send(from, codec, &frame);
-    }
-
-    fn on_close(&mut self, reply: Reply, actor: &Actor, conv: ConvId) {
-        let (from, codec, id) = reply;
-        if !self.found(reply, conv) {
-            return;
-        }
-        let closed = self.convs.get(&conv).map(|c| (c.status(), c.check_access(actor, Access::Read)));
-        match closed {
-            Some((_, Err(e))) => self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-            // Closing again answers with the closed state (the router has
-            // already forgotten the conversation).
-            Some((ConvStatus::Closed, Ok(()))) => {
-                if let Some(frame) = self.conversation_frame(conv, id) {
-                    self.send(from, codec, &frame);
-                }
-            }
-            _ => match self.router.close(actor, conv) {
-                Ok(_) => self.pending_reply_on_change(conv, reply),
-                Err(e) => self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
-            },
-        }
-    }
-
-    fn on_gone(&mut self, from: SessionAddr) {
-        let Some(sess) = self.sessions.remove(&from) else { return };
-        let Some(identity) = sess.session.identity() else { return };
-        if let Some(list) = self.users.get_mut(&identity.id) {
-            list.retain(|a| *a != from);
-            if list.is_empty() {
-                self.users.remove(&identity.id);
-            }
-        }
-        if identity.role == Role::Agent {
-            self.router.agent_disconnected(&identity.id, device_of(from), now_ms());
-        }
-        for waiters in self.dup_waiters.values_mut() {
-            waiters.retain(|(a, _, _)| *a != from);
-        }
-    }
-
-    // ---- routing ------------------------------------------------------
-
-    /// The next router decision that changes a conversation answers this
-    /// command (accept, transfer, close) once it is durable.
-    fn pending_reply_on_change(&mut self, conv: ConvId, reply: Reply) {
-        self.reply_on_change.push((conv, reply));
-    }
-
-    fn drain_router(&mut self) {
-        while let Some(action) = self.router.poll_action() {
-            match action {
-                Action::Assign { conv, agent, group, previous, .. } => {
-                    // A transfer to a group that is taken at once arrives as
-                    // one Assign carrying the new group.
-                    let moved = |c: &mut Conversation| {
-                        if *c.group() != group {
-                            let _ = c.queue(group.clone());
-                        }
-                        c.assign(agent).is_ok()
-                    };
-                    if self.convs.get_mut(&conv).is_some_and(moved) {
-                        let reply = self.take_reply(conv);
-                        self.persist_conv(conv, reply, previous);
-                    }
-                }
-                Action::Queue { conv, group, previous, .. } => {
-                    if self.convs.get_mut(&conv).is_some_and(|c| c.queue(group).is_ok()) {
-                        let reply = self.take_reply(conv);
-                        self.persist_conv(conv, reply, previous);
-                    }
-                }
-                Action::QueuePosition { conv, .. } => {
-                    if let Some(frame) = self.conversation_frame(conv, None) {
-                        let audience = self.visitor_sessions(conv);
-                        self.deliver(audience.into_iter(), &frame);
-                    }
-                }
-                Action::Close { conv, .. } => {
-                    if self.convs.get_mut(&conv).is_some_and(|c| c.close()) {
-                        let reply = self.take_reply(conv);
-                        self.persist_conv(conv, reply, None);
-                    }
-                }
-                Action::PresenceChanged { agent, status } => {
-                    let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status });
-                    let agents = self.agent_sessions();
-                    self.deliver(agents.into_iter(), &frame);
-                }
-                Action::ReplaceDevice { device, .. } => {
-                    if let Some(addr) = self.sessions.keys().copied().find(|a| device_of(*a) == device) {
-                        self.close(addr, close::REPLACED, "replaced by a newer device");
-                    }
-                }
-            }
-        }
-        // Commands whose router call changed nothing still get an answer.
-        for (conv, (to, codec, id)) in std::mem::take(&mut self.reply_on_change) {
-            if let Some(frame) = self.conversation_frame(conv, id) {
-                self.send(to, codec, &frame);
-            }
-        }
-    }
-
-    fn take_reply(&mut self, conv: ConvId) -> Option<Reply> {
-        let i = self.reply_on_change.iter().position(|(c, _)| *c == conv)?;
-        Some(self.reply_on_change.remove(i).1)
-    }
-
-    fn persist_conv(&mut self, conv: ConvId, reply: Option<Reply>, previous: Option<UserId>) {
-        let Some(c) = self.convs.get(&conv) else { return };
-        let now = now_ms();
-        let record = ConversationRecord {
-            id: conv.0,
-            visitor_id: c.visitor().id.to_string(),
-            status: c.status(),
-            agent: c
-                .agent()
-                .map(|a| kefu_storage::AgentRef { id: a.id.to_string(), name: a.name.to_string() }),
-            group: Some(c.group().to_string()),
-            created_ms: now,
-            updated_ms: now,
-            last_seq: c.last_seq(),
-        };
-        if !self.submit(WriteOp::PutConversation(record), Pending::ConvChanged { conv, reply, previous }) {
-            warn!(%conv, "storage queue full: conversation change not persisted");
-            if let Some((to, codec, id)) = reply {
-                self.send(to, codec, &ServerFrame::error(id, ErrorCode::Unavailable, "storage busy; retry"));
-            }
-        }
+    /// Every session of `user`.
+    pub(super) fn members(&self, user: &str) -> impl Iterator<Item = Member> + '_ {
+        self.users.get(user).into_iter().flatten().copied()
     }
 
     // ---- durability ---------------------------------------------------
 
-    /// Queues a write; `false` if storage's queue is full (nothing written).
-    fn submit(&mut self, op: WriteOp, then: Pending) -> bool {
+    /// Queues a write from this shard; `false` if storage's queue is full
+    /// (nothing written).
+    pub(super) fn submit(&mut self, op: WriteOp, then: Pending) -> bool {
         let token = self.next_token;
         self.next_token += 1;
-        match self.writer.submit(CHAT_SOURCE, token, op) {
+        match self.writer.submit(self.me, token, op) {
             Ok(()) => {
                 self.pending.insert(token, then);
                 true
@@ -823,64 +395,12 @@ impl ChatService {
 
     fn committed(&mut self, pending: Pending, duplicate: bool, seq: u64, ts: u64) {
         match pending {
-            Pending::Connected { to, frame } => {
-                if let Some(sess) = self.sessions.get_mut(&to) {
-                    sess.connecting = false;
-                    let codec = sess.codec;
-                    self.send(to, codec, &frame);
-                }
-            }
+            Pending::Connected { to } => self.announce(to),
             Pending::Message { conv, seq: ours, sender, msg } => {
-                if let Some(c) = self.convs.get_mut(&conv) {
-                    c.committed(ours);
-                }
-                let ack = |dup: bool| Event::Ack { cid: msg.cid.clone(), conv, seq, ts, duplicate: dup };
-                if let Some((to, codec, id)) = sender {
-                    self.send(to, codec, &ServerFrame::reply(id, ack(duplicate)));
-                }
-                for (to, codec, id) in self.dup_waiters.remove(&(conv, ours)).unwrap_or_default() {
-                    self.send(to, codec, &ServerFrame::reply(id, ack(true)));
-                }
-                if duplicate {
-                    // Storage had it already (a resend older than the
-                    // window): the seq we took is unused, so rebuild.
-                    self.reload(conv);
-                    return;
-                }
-                let audience = self.participants(conv);
-                let except = sender.map(|(a, _, _)| a);
-                let auto = (msg.from.role == Role::Visitor)
-                    .then(|| msg.text.as_deref().and_then(|t| self.rules.auto_reply(Role::Visitor, t)))
-                    .flatten()
-                    .map(str::to_string);
-                let frame = ServerFrame::push(Event::Msg(msg));
-                self.deliver(audience.iter().copied().filter(|a| Some(*a) != except), &frame);
-                if let Some(text) = auto {
-                    self.bot_message(conv, text);
-                }
+                self.message_committed(conv, ours, sender, msg, duplicate, seq, ts)
             }
-            Pending::ConvChanged { conv, reply, previous } => {
-                if let Some(frame) = self.conversation_frame(conv, None) {
-                    let mut audience = self.participants(conv);
-                    if let Some(previous) = previous {
-                        audience.extend(self.users.get(&previous).into_iter().flatten().copied());
-                    }
-                    if self.convs.get(&conv).is_some_and(|c| c.status() == ConvStatus::Queued) {
-                        audience.extend(self.group_agent_sessions(conv));
-                    }
-                    audience.sort();
-                    audience.dedup();
-                    let replying = reply.map(|(a, _, _)| a);
-                    self.deliver(audience.into_iter().filter(|a| Some(*a) != replying), &frame);
-                }
-                if let Some((to, codec, id)) = reply
-                    && let Some(frame) = self.conversation_frame(conv, id)
-                {
-                    self.send(to, codec, &frame);
-                }
-                if self.convs.get(&conv).is_some_and(|c| c.status() == ConvStatus::Closed) {
-                    self.convs.remove(&conv);
-                }
+            Pending::ConvChanged { conv, reply, previous, route } => {
+                self.change_committed(conv, reply, previous, &route)
             }
             Pending::Nothing => {}
         }
@@ -889,17 +409,7 @@ impl ChatService {
     fn failed(&mut self, pending: Pending, error: kefu_storage::StorageError) {
         warn!(%error, "write failed");
         match pending {
-            Pending::Connected { to, .. } => {
-                if let Some(sess) = self.sessions.remove(&to) {
-                    let frame = ServerFrame::error(
-                        None,
-                        ErrorCode::Unavailable,
-                        "could not store the visitor; retry",
-                    );
-                    self.send(to, sess.codec, &frame);
-                    self.close(to, close::SERVER_SHUTDOWN, "storage error");
-                }
-            }
+            Pending::Connected { to } => self.connect_failed(to),
             Pending::Message { conv, sender, .. } => {
                 self.reload(conv);
                 if let Some((to, codec, id)) = sender {
@@ -912,152 +422,12 @@ impl ChatService {
             Pending::ConvChanged { reply: None, .. } | Pending::Nothing => {}
         }
     }
-
-    fn bot_message(&mut self, conv: ConvId, text: String) {
-        let bot = self.rules.bot().clone();
-        let Some(c) = self.convs.get_mut(&conv) else { return };
-        let Ok(SendOutcome::Append { seq, ts }) = c.send(&bot, None, now_ms()) else { return };
-        let msg = Msg {
-            conv,
-            seq,
-            cid: format!("auto-{seq}"),
-            from: client::Sender { role: Role::Bot, id: bot.id.to_string(), name: bot.name.to_string() },
-            text: Some(text),
-            attachment: None,
-            ts,
-        };
-        self.append(msg, None);
-    }
-
-    /// As [`Self::load`], answering the command `not_found` if it does not exist.
-    fn found(&mut self, reply: Reply, conv: ConvId) -> bool {
-        let (to, codec, id) = reply;
-        let ok = self.load(conv);
-        if !ok {
-            self.send(to, codec, &ServerFrame::error(id, ErrorCode::NotFound, format!("{conv}: not found")));
-        }
-        ok
-    }
-
-    /// Makes sure `conv` is in memory (closed conversations are loaded on
-    /// demand for history, reads and resume). False if it does not exist.
-    fn load(&mut self, conv: ConvId) -> bool {
-        if self.convs.contains_key(&conv) {
-            return true;
-        }
-        self.reload(conv);
-        self.convs.contains_key(&conv)
-    }
-
-    /// Rebuilds a conversation from storage (after a failed or duplicate
-    /// append, its in-memory seq may be ahead of the log).
-    fn reload(&mut self, conv: ConvId) {
-        let restored = match self.reader.conversation(conv.0) {
-            Ok(Some(rec)) => restored_conversation(&self.reader, rec, &self.core.routing.default_group),
-            Ok(None) => {
-                self.convs.remove(&conv);
-                return;
-            }
-            Err(e) => Err(e),
-        };
-        match restored {
-            Ok(r) => {
-                self.convs.insert(conv, Conversation::restore(r, &self.core.limits));
-            }
-            Err(e) => {
-                warn!(%conv, error = %e, "cannot reload a conversation from storage");
-                self.convs.remove(&conv);
-            }
-        }
-    }
-
-    // ---- audiences and output ----------------------------------------
-
-    fn conversation_frame(&self, conv: ConvId, id: Option<i64>) -> Option<ServerFrame> {
-        let c = self.convs.get(&conv)?;
-        let v = c.visitor();
-        let position = self.router.route(conv).and_then(|r| r.position);
-        Some(ServerFrame::reply(
-            id,
-            Event::Conversation {
-                conv,
-                status: c.status(),
-                agent: c.agent().map(|a| WireAgent { id: a.id.to_string(), name: a.name.to_string() }),
-                group: Some(c.group().to_string()),
-                visitor: User { id: v.id.to_string(), name: v.name.to_string(), meta: v.meta.clone() },
-                queue_position: (c.status() == ConvStatus::Queued).then_some(position).flatten(),
-            },
-        ))
-    }
-
-    /// The visitor's and the assigned (or, once closed, the last) agent's
-    /// sessions. A queued conversation's `agent` is whoever gave it away,
-    /// who no longer takes part.
-    fn participants(&self, conv: ConvId) -> Vec<SessionAddr> {
-        let Some(c) = self.convs.get(&conv) else { return Vec::new() };
-        let mut out = self.users.get(&c.visitor().id).cloned().unwrap_or_default();
-        if let Some(agent) = c.agent()
-            && c.status() != ConvStatus::Queued
-        {
-            out.extend(self.users.get(&agent.id).into_iter().flatten().copied());
-        }
-        out
-    }
-
-    fn visitor_sessions(&self, conv: ConvId) -> Vec<SessionAddr> {
-        self.convs.get(&conv).and_then(|c| self.users.get(&c.visitor().id)).cloned().unwrap_or_default()
-    }
-
-    /// Sessions of agents who serve a queued conversation's group.
-    fn group_agent_sessions(&self, conv: ConvId) -> Vec<SessionAddr> {
-        let Some(c) = self.convs.get(&conv) else { return Vec::new() };
-        self.router
-            .agents()
-            .filter(|a| {
-                a.status != PresenceStatus::Offline && kefu_core::identity::serves(&a.groups, c.group())
-            })
-            .flat_map(|a| self.users.get(&a.id).cloned().unwrap_or_default())
-            .collect()
-    }
-
-    fn agent_sessions(&self) -> Vec<SessionAddr> {
-        self.sessions
-            .iter()
-            .filter(|(_, s)| s.session.identity().is_some_and(|i| i.role == Role::Agent))
-            .map(|(a, _)| *a)
-            .collect()
-    }
-
-    /// Sends one event to many sessions: encoded once per subprotocol.
-    fn deliver(&mut self, to: impl Iterator<Item = SessionAddr>, frame: &ServerFrame) {
-        let mut encoded: [Option<Arc<[u8]>>; 2] = [None, None];
-        for addr in to {
-            let Some(codec) = self.sessions.get(&addr).map(|s| s.codec) else { continue };
-            let slot = usize::from(codec.is_binary());
-            let bytes =
-                encoded[slot].get_or_insert_with(|| ws_frame(codec, frame, &mut self.encoder)).clone();
-            let _ = self.mailboxes[addr.shard as usize].send(ShardMsg::Deliver { to: addr, bytes });
-        }
-    }
-
-    fn send(&mut self, to: SessionAddr, codec: Codec, frame: &ServerFrame) {
-        let bytes = ws_frame(codec, frame, &mut self.encoder);
-        // A full edge inbox drops the frame for that one connection; the
-        // edge's own outbound bound would cut it anyway (slow consumer).
-        let _ = self.mailboxes[to.shard as usize].send(ShardMsg::Deliver { to, bytes });
-    }
-
-    fn close(&mut self, to: SessionAddr, code: u16, reason: &'static str) {
-        let _ = self.mailboxes[to.shard as usize].send(ShardMsg::Close { to, code, reason });
-    }
 }
-
-type Reply = (SessionAddr, Codec, Option<i64>);
 
 /// A stored conversation as `kefu-core` restores it: the visitor's profile
 /// from the users table (or just the id, if it was never stored) and the
 /// last message's time, so `ts` never goes backwards.
-fn restored_conversation(
+pub(super) fn restored_conversation(
     reader: &Reader,
     rec: ConversationRecord,
     default_group: &str,
@@ -1087,40 +457,4 @@ fn restored_conversation(
         last_seq: rec.last_seq,
         last_ts,
     })
-}
-
-/// A checked request with its borrowed parts made owned (the frame it
-/// borrowed from is still needed for the message body).
-enum Owned {
-    Ping,
-    Open { visitor: Visitor, group: Arc<str>, vip_level: i64 },
-    Send { conv: ConvId, cid: kefu_core::Cid },
-    Read { conv: ConvId, seq: u64 },
-    Typing { conv: ConvId },
-    History { conv: ConvId, before: Option<u64>, limit: u32 },
-    Presence { status: PresenceStatus, capacity: Option<u32> },
-    Accept { conv: ConvId },
-    Transfer { conv: ConvId, to: kefu_core::session::TransferTarget },
-    Close { conv: ConvId },
-}
-
-trait IntoOwnedParts {
-    fn into_owned_parts(self) -> Owned;
-}
-
-impl IntoOwnedParts for Request<'_> {
-    fn into_owned_parts(self) -> Owned {
-        match self {
-            Request::Ping => Owned::Ping,
-            Request::Open { visitor, group, vip_level } => Owned::Open { visitor, group, vip_level },
-            Request::Send { conv, cid, .. } => Owned::Send { conv, cid },
-            Request::Read { conv, seq } => Owned::Read { conv, seq },
-            Request::Typing { conv } => Owned::Typing { conv },
-            Request::History { conv, before, limit } => Owned::History { conv, before, limit },
-            Request::Presence { status, capacity } => Owned::Presence { status, capacity },
-            Request::Accept { conv } => Owned::Accept { conv },
-            Request::Transfer { conv, to } => Owned::Transfer { conv, to },
-            Request::Close { conv } => Owned::Close { conv },
-        }
-    }
 }

@@ -1,0 +1,544 @@
+//! The home part of a shard's chat service: the conversations homed on this
+//! shard. It assigns `seq`, makes messages and changes durable, then acks
+//! and announces them to every participant, wherever they are connected.
+
+use kefu_core::Conversation;
+use kefu_core::conversation::{Access, ReadOutcome, SendOutcome, TypingOutcome};
+use kefu_core::identity::{Actor, UserId};
+use kefu_core::session::Request;
+use kefu_proto::client::{self, AgentRef as WireAgent, Codec, Event, Msg, ServerFrame, User};
+use kefu_proto::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
+use kefu_storage::{ConversationRecord, NewMessage, ReadMark, UserRecord, WriteOp};
+use tracing::warn;
+
+use super::service::{ChatService, Member, Pending, now_ms, restored_conversation, wire_msg};
+use super::{Change, HomeRequest, Reply, RouteInfo, SessionAddr};
+
+impl ChatService {
+    pub(super) fn on_home(&mut self, reply: Reply, actor: &Actor, request: HomeRequest) {
+        let now = now_ms();
+        match request {
+            HomeRequest::Send { conv, cid, text, attachment } => {
+                self.on_send(reply, actor, conv, cid, text, attachment, now)
+            }
+            HomeRequest::Checked(Request::Read { conv, seq }) => self.on_read(reply, actor, conv, seq, now),
+            HomeRequest::Checked(Request::Typing { conv }) => self.on_typing(reply, actor, conv, now),
+            HomeRequest::Checked(Request::History { conv, before, limit }) => {
+                self.on_history(reply, actor, conv, before, limit)
+            }
+            HomeRequest::Checked(other) => debug_assert!(false, "not a home's request: {other:?}"),
+        }
+    }
+
+    /// A session is connected somewhere: remember how to reach it, and
+    /// replay what it missed of the conversations homed here, before any
+    /// live message of theirs can reach it.
+    pub(super) fn on_session_up(
+        &mut self,
+        addr: SessionAddr,
+        codec: Codec,
+        actor: &Actor,
+        resume: &[(ConvId, u64)],
+    ) {
+        let member = Member { addr, codec, role: actor.role };
+        self.users.entry(actor.id.clone()).or_default().push(member);
+        for &(conv, last_seen) in resume {
+            self.replay(addr, codec, actor, conv, last_seen);
+        }
+    }
+
+    pub(super) fn on_session_down(&mut self, addr: SessionAddr, user: &str) {
+        if let Some(list) = self.users.get_mut(user) {
+            list.retain(|m| m.addr != addr);
+            if list.is_empty() {
+                self.users.remove(user);
+            }
+        }
+        for waiters in self.dup_waiters.values_mut() {
+            waiters.retain(|(a, _, _)| *a != addr);
+        }
+    }
+
+    /// Sends what a reconnecting client missed of `conv`, then `resumed`.
+    fn replay(&mut self, to: SessionAddr, codec: Codec, actor: &Actor, conv: ConvId, last_seen: u64) {
+        if !self.load(conv) {
+            let e = ServerFrame::error(None, ErrorCode::NotFound, format!("{conv}: not found"));
+            return self.send(to, codec, &e);
+        }
+        let Some(c) = self.convs.get(&conv) else { return };
+        let range = match c.resume(actor, last_seen) {
+            Ok(r) => r,
+            Err(e) => {
+                return self.send(to, codec, &ServerFrame::error(None, e.code(), format!("{conv}: {e}")));
+            }
+        };
+        let missed = range.to.saturating_sub(last_seen) as usize;
+        match self.reader.after(conv.0, last_seen, missed) {
+            Ok(messages) => {
+                for m in messages.into_iter().filter(|m| m.record.seq <= range.to) {
+                    self.send(to, codec, &ServerFrame::push(Event::Msg(wire_msg(m.record))));
+                }
+                let done = Event::Resumed { conv, from: range.from, to: range.to };
+                self.send(to, codec, &ServerFrame::push(done));
+            }
+            Err(e) => self.send(to, codec, &ServerFrame::error(None, e.code(), e.to_string())),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_send(
+        &mut self,
+        reply: Reply,
+        actor: &Actor,
+        conv: ConvId,
+        cid: kefu_core::Cid,
+        text: Option<String>,
+        attachment: Option<client::Attachment>,
+        now: u64,
+    ) {
+        let (from, codec, id) = reply;
+        if !self.found(reply, conv) {
+            return;
+        }
+        // Older resends than the conversation's window remembers: the
+        // durable dedupe index has the original.
+        match self.reader.dedupe(&actor.id, conv.0, cid.as_str()) {
+            Ok(Some(hit)) => {
+                let ack = Event::Ack {
+                    cid: cid.as_str().into(),
+                    conv,
+                    seq: hit.seq,
+                    ts: hit.ts_ms,
+                    duplicate: true,
+                };
+                return self.send(from, codec, &ServerFrame::reply(id, ack));
+            }
+            Ok(None) => {}
+            Err(e) => return self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
+        }
+        let Some(c) = self.convs.get_mut(&conv) else { return };
+        let outcome = match c.send(actor, Some(cid), now) {
+            Ok(o) => o,
+            Err(e) => return self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
+        };
+        match outcome {
+            SendOutcome::Duplicate { seq, ts } => {
+                let ack = Event::Ack { cid: cid.as_str().into(), conv, seq, ts, duplicate: true };
+                self.send(from, codec, &ServerFrame::reply(id, ack));
+            }
+            SendOutcome::InFlight { seq, .. } => {
+                self.dup_waiters.entry((conv, seq)).or_default().push((from, codec, id));
+            }
+            SendOutcome::Append { seq, ts } => {
+                let msg = Msg {
+                    conv,
+                    seq,
+                    cid: cid.as_str().into(),
+                    from: client::Sender {
+                        role: actor.role,
+                        id: actor.id.to_string(),
+                        name: actor.name.to_string(),
+                    },
+                    text,
+                    attachment,
+                    ts,
+                };
+                self.append(msg, Some((from, codec, id)));
+            }
+        }
+    }
+
+    fn append(&mut self, msg: Msg, sender: Option<Reply>) {
+        let op = WriteOp::AppendMessage(NewMessage {
+            conv: msg.conv.0,
+            seq: Some(msg.seq),
+            cid: msg.cid.clone(),
+            from: kefu_storage::Sender {
+                role: msg.from.role,
+                id: msg.from.id.clone(),
+                name: msg.from.name.clone(),
+            },
+            ts_ms: msg.ts,
+            text: msg.text.clone(),
+            attachment: msg
+                .attachment
+                .as_ref()
+                .map(|a| kefu_storage::Attachment { mime: a.mime.clone(), bytes: a.data.clone() }),
+        });
+        let (conv, seq) = (msg.conv, msg.seq);
+        if !self.submit(op, Pending::Message { conv, seq, sender, msg }) {
+            // Nothing was written: the seq must be taken back, which only a
+            // rebuild from storage does safely.
+            self.reload(conv);
+            if let Some((to, codec, id)) = sender {
+                self.send(to, codec, &ServerFrame::error(id, ErrorCode::Unavailable, "storage busy; retry"));
+            }
+        }
+    }
+
+    /// A message is durable: ack it, answer duplicates that waited for it,
+    /// fan it out, and let the keyword rules answer.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn message_committed(
+        &mut self,
+        conv: ConvId,
+        ours: u64,
+        sender: Option<Reply>,
+        msg: Msg,
+        duplicate: bool,
+        seq: u64,
+        ts: u64,
+    ) {
+        if let Some(c) = self.convs.get_mut(&conv) {
+            c.committed(ours);
+        }
+        let ack = |dup: bool| Event::Ack { cid: msg.cid.clone(), conv, seq, ts, duplicate: dup };
+        if let Some((to, codec, id)) = sender {
+            self.send(to, codec, &ServerFrame::reply(id, ack(duplicate)));
+        }
+        for (to, codec, id) in self.dup_waiters.remove(&(conv, ours)).unwrap_or_default() {
+            self.send(to, codec, &ServerFrame::reply(id, ack(true)));
+        }
+        if duplicate {
+            // Storage had it already (a resend older than the window): the
+            // seq we took is unused, so rebuild.
+            self.reload(conv);
+            return;
+        }
+        let except = sender.map(|(a, _, _)| a);
+        let audience: Vec<Member> = self.participants(conv).filter(|m| Some(m.addr) != except).collect();
+        let auto = (msg.from.role == Role::Visitor)
+            .then(|| msg.text.as_deref().and_then(|t| self.rules.auto_reply(Role::Visitor, t)))
+            .flatten()
+            .map(str::to_string);
+        self.deliver(audience, &ServerFrame::push(Event::Msg(msg)));
+        if let Some(text) = auto {
+            self.bot_message(conv, text);
+        }
+    }
+
+    fn bot_message(&mut self, conv: ConvId, text: String) {
+        let bot = self.rules.bot().clone();
+        let Some(c) = self.convs.get_mut(&conv) else { return };
+        let Ok(SendOutcome::Append { seq, ts }) = c.send(&bot, None, now_ms()) else { return };
+        let msg = Msg {
+            conv,
+            seq,
+            cid: format!("auto-{seq}"),
+            from: client::Sender { role: Role::Bot, id: bot.id.to_string(), name: bot.name.to_string() },
+            text: Some(text),
+            attachment: None,
+            ts,
+        };
+        self.append(msg, None);
+    }
+
+    fn on_read(&mut self, reply: Reply, actor: &Actor, conv: ConvId, seq: u64, now: u64) {
+        let (from, codec, id) = reply;
+        if !self.found(reply, conv) {
+            return;
+        }
+        let Some(c) = self.convs.get_mut(&conv) else { return };
+        match c.read(actor, seq) {
+            Ok(ReadOutcome::Advanced { seq }) => {
+                let mark = ReadMark { conv: conv.0, user_id: actor.id.to_string(), seq, ts_ms: now };
+                let _ = self.submit(WriteOp::MarkRead(mark), Pending::Nothing);
+                let event = ServerFrame::push(Event::Read { conv, seq, by: actor.id.to_string() });
+                let audience: Vec<Member> = self.participants(conv).filter(|m| m.addr != from).collect();
+                self.deliver(audience, &event);
+            }
+            Ok(ReadOutcome::Unchanged) => {}
+            Err(e) => self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
+        }
+    }
+
+    fn on_typing(&mut self, reply: Reply, actor: &Actor, conv: ConvId, now: u64) {
+        let (from, codec, id) = reply;
+        if !self.found(reply, conv) {
+            return;
+        }
+        let Some(c) = self.convs.get_mut(&conv) else { return };
+        match c.typing(actor, now) {
+            Ok(TypingOutcome::Broadcast) => {
+                let event = ServerFrame::push(Event::Typing { conv, by: actor.id.to_string() });
+                let audience: Vec<Member> = self.participants(conv).filter(|m| m.addr != from).collect();
+                self.deliver(audience, &event);
+            }
+            Ok(TypingOutcome::Suppressed) => {}
+            Err(e) => self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
+        }
+    }
+
+    fn on_history(&mut self, reply: Reply, actor: &Actor, conv: ConvId, before: Option<u64>, limit: u32) {
+        let (from, codec, id) = reply;
+        if !self.found(reply, conv) {
+            return;
+        }
+        let Some(c) = self.convs.get(&conv) else { return };
+        let range = match c.history(actor, before, limit) {
+            Ok(r) => r,
+            Err(e) => return self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
+        };
+        let frame = match self.reader.history(conv.0, Some(range.end), (range.end - range.start) as usize) {
+            Ok(page) => {
+                let messages = page.into_iter().map(|m| wire_msg(m.record)).collect();
+                ServerFrame::reply(id, Event::History { conv, messages })
+            }
+            Err(e) => ServerFrame::error(id, e.code(), e.to_string()),
+        };
+        self.send(from, codec, &frame);
+    }
+
+    // ---- changes the router decided -----------------------------------
+
+    pub(super) fn on_change(&mut self, conv: ConvId, change: Change, reply: Option<Reply>, route: RouteInfo) {
+        match change {
+            Change::Create { visitor, group } => {
+                let c = Conversation::new(conv, visitor.clone(), group, &self.core.limits);
+                self.convs.insert(conv, c);
+                // The visitor's profile (token meta merged with the widget's)
+                // is what agents see, so it is stored too.
+                let user = UserRecord {
+                    id: visitor.id.to_string(),
+                    role: Role::Visitor,
+                    name: visitor.name.to_string(),
+                    meta: visitor.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    visitor_key_hash: self
+                        .reader
+                        .user(&visitor.id)
+                        .ok()
+                        .flatten()
+                        .and_then(|u| u.visitor_key_hash),
+                    created_ms: now_ms(),
+                };
+                let _ = self.submit(WriteOp::PutUser(user), Pending::Nothing);
+                self.persist_conv(conv, reply, None, route);
+            }
+            Change::Assign { agent, group, previous } => {
+                // A transfer to a group that is taken at once arrives as one
+                // Assign carrying the new group.
+                let moved = |c: &mut Conversation| {
+                    if *c.group() != group {
+                        let _ = c.queue(group.clone());
+                    }
+                    c.assign(agent).is_ok()
+                };
+                if self.load(conv) && self.convs.get_mut(&conv).is_some_and(moved) {
+                    self.persist_conv(conv, reply, previous, route);
+                } else {
+                    self.describe(conv, reply, &route);
+                }
+            }
+            Change::Queue { group, previous } => {
+                if self.load(conv) && self.convs.get_mut(&conv).is_some_and(|c| c.queue(group).is_ok()) {
+                    self.persist_conv(conv, reply, previous, route);
+                } else {
+                    self.describe(conv, reply, &route);
+                }
+            }
+            Change::Close => {
+                if self.load(conv) && self.convs.get_mut(&conv).is_some_and(|c| c.close()) {
+                    self.persist_conv(conv, reply, None, route);
+                } else {
+                    self.describe(conv, reply, &route);
+                }
+            }
+            Change::Position => {
+                if let Some(frame) = self.conversation_frame(conv, None, route.position) {
+                    let audience: Vec<Member> = self.visitor_members(conv).collect();
+                    self.deliver(audience, &frame);
+                }
+            }
+            Change::Describe => self.describe(conv, reply, &route),
+            Change::CloseClosed { actor } => {
+                let Some(reply) = reply else { return };
+                if !self.found(reply, conv) {
+                    return;
+                }
+                let (to, codec, id) = reply;
+                let state = self.convs.get(&conv).map(|c| (c.status(), c.check_access(&actor, Access::Read)));
+                match state {
+                    Some((_, Err(e))) => {
+                        self.send(to, codec, &ServerFrame::error(id, e.code(), e.to_string()))
+                    }
+                    // Closing again answers with the closed state.
+                    Some((ConvStatus::Closed, Ok(()))) => self.describe(conv, Some(reply), &route),
+                    _ => {
+                        let e = ServerFrame::error(id, ErrorCode::NotFound, format!("{conv}: not found"));
+                        self.send(to, codec, &e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers a command with the conversation's current state.
+    fn describe(&mut self, conv: ConvId, reply: Option<Reply>, route: &RouteInfo) {
+        let Some(reply) = reply else { return };
+        if !self.found(reply, conv) {
+            return;
+        }
+        let (to, codec, id) = reply;
+        if let Some(frame) = self.conversation_frame(conv, id, route.position) {
+            self.send(to, codec, &frame);
+        }
+    }
+
+    fn persist_conv(
+        &mut self,
+        conv: ConvId,
+        reply: Option<Reply>,
+        previous: Option<UserId>,
+        route: RouteInfo,
+    ) {
+        let Some(c) = self.convs.get(&conv) else { return };
+        let now = now_ms();
+        let record = ConversationRecord {
+            id: conv.0,
+            visitor_id: c.visitor().id.to_string(),
+            status: c.status(),
+            agent: c
+                .agent()
+                .map(|a| kefu_storage::AgentRef { id: a.id.to_string(), name: a.name.to_string() }),
+            group: Some(c.group().to_string()),
+            created_ms: now,
+            updated_ms: now,
+            last_seq: c.last_seq(),
+        };
+        let pending = Pending::ConvChanged { conv, reply, previous, route };
+        if !self.submit(WriteOp::PutConversation(record), pending) {
+            warn!(%conv, "storage queue full: conversation change not persisted");
+            if let Some((to, codec, id)) = reply {
+                self.send(to, codec, &ServerFrame::error(id, ErrorCode::Unavailable, "storage busy; retry"));
+            }
+        }
+    }
+
+    /// A conversation's change is durable: tell everyone concerned, and
+    /// answer the command that caused it.
+    pub(super) fn change_committed(
+        &mut self,
+        conv: ConvId,
+        reply: Option<Reply>,
+        previous: Option<UserId>,
+        route: &RouteInfo,
+    ) {
+        if let Some(frame) = self.conversation_frame(conv, None, route.position) {
+            let queued = self.convs.get(&conv).is_some_and(|c| c.status() == ConvStatus::Queued);
+            let mut audience: Vec<Member> = self.participants(conv).collect();
+            audience.extend(previous.iter().flat_map(|p| self.members(p)));
+            if queued {
+                audience.extend(route.notify.iter().flat_map(|a| self.members(a)));
+            }
+            audience.sort_by_key(|m| m.addr);
+            audience.dedup_by_key(|m| m.addr);
+            let replying = reply.map(|(a, _, _)| a);
+            audience.retain(|m| Some(m.addr) != replying);
+            self.deliver(audience, &frame);
+        }
+        if let Some((to, codec, id)) = reply
+            && let Some(frame) = self.conversation_frame(conv, id, route.position)
+        {
+            self.send(to, codec, &frame);
+        }
+        if self.convs.get(&conv).is_some_and(|c| c.status() == ConvStatus::Closed) {
+            self.convs.remove(&conv);
+        }
+    }
+
+    // ---- conversations in memory --------------------------------------
+
+    /// As [`Self::load`], answering the command `not_found` if it does not exist.
+    fn found(&mut self, reply: Reply, conv: ConvId) -> bool {
+        let (to, codec, id) = reply;
+        let ok = self.load(conv);
+        if !ok {
+            self.send(to, codec, &ServerFrame::error(id, ErrorCode::NotFound, format!("{conv}: not found")));
+        }
+        ok
+    }
+
+    /// Makes sure `conv` is in memory (closed conversations are loaded on
+    /// demand for history, reads and resume). False if it does not exist.
+    fn load(&mut self, conv: ConvId) -> bool {
+        if self.convs.contains_key(&conv) {
+            return true;
+        }
+        self.reload(conv);
+        self.convs.contains_key(&conv)
+    }
+
+    /// Rebuilds a conversation from storage (after a failed or duplicate
+    /// append, its in-memory seq may be ahead of the log).
+    pub(super) fn reload(&mut self, conv: ConvId) {
+        debug_assert_eq!(conv.home(self.shards), self.me, "{conv} is not homed here");
+        let restored = match self.reader.conversation(conv.0) {
+            Ok(Some(rec)) => restored_conversation(&self.reader, rec, &self.core.routing.default_group),
+            Ok(None) => {
+                self.convs.remove(&conv);
+                return;
+            }
+            Err(e) => Err(e),
+        };
+        match restored {
+            Ok(r) => {
+                self.convs.insert(conv, Conversation::restore(r, &self.core.limits));
+            }
+            Err(e) => {
+                warn!(%conv, error = %e, "cannot reload a conversation from storage");
+                self.convs.remove(&conv);
+            }
+        }
+    }
+
+    fn conversation_frame(
+        &self,
+        conv: ConvId,
+        id: Option<i64>,
+        position: Option<u32>,
+    ) -> Option<ServerFrame> {
+        let c = self.convs.get(&conv)?;
+        let v = c.visitor();
+        Some(ServerFrame::reply(
+            id,
+            Event::Conversation {
+                conv,
+                status: c.status(),
+                agent: c.agent().map(|a| WireAgent { id: a.id.to_string(), name: a.name.to_string() }),
+                group: Some(c.group().to_string()),
+                visitor: User { id: v.id.to_string(), name: v.name.to_string(), meta: v.meta.clone() },
+                queue_position: (c.status() == ConvStatus::Queued).then_some(position).flatten(),
+            },
+        ))
+    }
+
+    /// The visitor's and the assigned (or, once closed, the last) agent's
+    /// sessions. A queued conversation's `agent` is whoever gave it away,
+    /// who no longer takes part.
+    fn participants(&self, conv: ConvId) -> impl Iterator<Item = Member> + '_ {
+        let c = self.convs.get(&conv);
+        let visitor = c.map(|c| &*c.visitor().id);
+        let agent = c.filter(|c| c.status() != ConvStatus::Queued).and_then(|c| c.agent()).map(|a| &*a.id);
+        [visitor, agent].into_iter().flatten().flat_map(|u| self.members(u))
+    }
+
+    fn visitor_members(&self, conv: ConvId) -> impl Iterator<Item = Member> + '_ {
+        self.convs.get(&conv).into_iter().flat_map(|c| self.members(&c.visitor().id))
+    }
+
+    /// Every agent session (for presence pushes).
+    pub(super) fn agent_members(&self) -> Vec<Member> {
+        self.users.values().flatten().filter(|m| m.role == Role::Agent).copied().collect()
+    }
+}
+
+/// Agents who are not offline and serve `group`, by the router's view.
+pub(super) fn serving(
+    agents: impl Iterator<Item = kefu_core::routing::AgentView>,
+    group: &str,
+) -> Vec<UserId> {
+    agents
+        .filter(|a| a.status != PresenceStatus::Offline && kefu_core::identity::serves(&a.groups, group))
+        .map(|a| a.id)
+        .collect()
+}
