@@ -175,6 +175,11 @@ impl SlotCache {
         SlotCache { key, max_entries, convs: U64Map::default(), entries: 0 }
     }
 
+    /// An empty cache with the same key and bound.
+    pub(crate) fn empty_like(&self) -> SlotCache {
+        SlotCache::new(self.key, self.max_entries)
+    }
+
     /// Like [`find_by_scan`], reading only what this cache has not seen.
     /// The caller holds the cache's lock across `index` and `log`'s read
     /// transaction, so transactions come in snapshot order and the cache

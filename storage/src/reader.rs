@@ -81,6 +81,15 @@ fn index_range(conv: u64, seqs: impl RangeBounds<u64>) -> Option<((u64, u64), (u
 }
 
 impl Reader {
+    /// A reader with a dedupe cache of its own, for a thread that looks up
+    /// only its own conversations (a shard, for those homed on it): its
+    /// lookups never wait on another thread's, and the cache holds only
+    /// what that thread asks about.
+    pub fn with_own_dedupe_cache(&self) -> Reader {
+        let cache = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).empty_like();
+        Reader { db: self.db.clone(), slots: Arc::new(Mutex::new(cache)) }
+    }
+
     fn txn(&self) -> Result<ReadTransaction, StorageError> {
         self.db.begin_read().ctx("begin read")
     }

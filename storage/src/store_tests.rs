@@ -526,3 +526,17 @@ fn reader_dedupe_sees_appends_made_after_its_first_look() {
     assert_eq!(r.dedupe("v1", 1, "a").unwrap().map(|h| (h.seq, h.offset)), Some((1, 0)));
     assert_eq!(r.dedupe("v2", 1, "a").unwrap(), None);
 }
+
+#[test]
+fn a_reader_with_its_own_dedupe_cache_finds_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let shared = store.reader();
+    let own = shared.with_own_dedupe_cache();
+    assert_eq!(own.dedupe("v1", 1, "a").unwrap(), None);
+    write(&store, 1, WriteOp::AppendMessage(message(1, "v1", "a", "x"))).result.unwrap();
+    assert_eq!(shared.dedupe("v1", 1, "a").unwrap().map(|h| h.seq), Some(1));
+    // Its cache saw conversation 1 empty; it extends it rather than trust it.
+    assert_eq!(own.dedupe("v1", 1, "a").unwrap().map(|h| h.seq), Some(1));
+    assert!(!Arc::ptr_eq(&shared.slots, &own.slots), "not the shared cache");
+}

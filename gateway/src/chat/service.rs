@@ -182,7 +182,8 @@ impl ChatService {
         let shards = mailboxes.len();
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
             .map_err(|e| anyhow::anyhow!("auth.jwt_secret: {e}"))?;
-        let reader = store.reader();
+        // Dedupe lookups are for conversations homed here only.
+        let reader = store.reader().with_own_dedupe_cache();
         let mut router = (shard == ROUTER_SHARD)
             .then(|| reader.next_conv_id().map(|next| Router::new(core.routing.clone(), next)))
             .transpose()?;
