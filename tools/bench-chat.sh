@@ -4,8 +4,9 @@
 #
 #   - release builds of kefu and kefu-bench;
 #   - per repetition, a fresh data directory and a fresh gateway pinned to
-#     one core (taskset, --shards 1; its storage writer thread shares that
-#     core) with the per-connection rate limit lifted;
+#     one core (taskset, --shards 1 unless --shards says otherwise: more
+#     shards share that core; the storage writer thread shares it too) with
+#     the per-connection rate limit lifted;
 #   - kefu-bench chat pinned to the other core: 20 agents, 2000 visitors
 #     over two source addresses, 5000 msg/s open loop, 2 s warmup, 10 s
 #     measured, latency from each message's scheduled send time;
@@ -24,7 +25,7 @@
 #                            [--visitors N] [--agents N] [--rate R] [--size B]
 #                            [--duration S] [--warmup S] [--subprotocol json|fb]
 #                            [--client-cpu N] [--server-cpu N] [--quiet-wait S]
-#                            [--max-other CORES]
+#                            [--max-other CORES] [--shards N]
 #
 # Results: one JSON line per run in $OUT/chat.jsonl, gateway logs in
 # $OUT/gateway-N.log, and a summary at the end.
@@ -47,6 +48,7 @@ CLIENT_CPU=0
 SERVER_CPU=1
 QUIET_WAIT=900
 MAX_OTHER=0.15
+SHARDS=1
 PORT=9201
 ADMIN_PORT=9202
 
@@ -66,7 +68,8 @@ while [ $# -gt 0 ]; do
         --server-cpu) SERVER_CPU=$2; shift ;;
         --quiet-wait) QUIET_WAIT=$2; shift ;;
         --max-other) MAX_OTHER=$2; shift ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        --shards) SHARDS=$2; shift ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -95,7 +98,7 @@ start_server() {
     # The limit is per connection; each visitor sends RATE / VISITORS msg/s.
     KEFU_LIMITS_MESSAGES_PER_S=100000 KEFU_LIMITS_BURST=100000 \
         taskset -c "$SERVER_CPU" "$BIN/kefu" serve --listen "127.0.0.1:$PORT" \
-        --admin-listen "127.0.0.1:$ADMIN_PORT" --data "$data" --shards 1 2>"$log" &
+        --admin-listen "127.0.0.1:$ADMIN_PORT" --data "$data" --shards "$SHARDS" 2>"$log" &
     SERVER_PID=$!
     for _ in $(seq 200); do
         if [ -s "$data/jwt_secret" ] && (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
@@ -120,7 +123,7 @@ for run in $(seq $((2 * REPEAT))); do
     [ "$clean" -lt "$REPEAT" ] || break
     wait_quiet
     start_server "$OUT/data-$run" "$OUT/gateway-$run.log"
-    echo "== chat run $run ($clean/$REPEAT clean so far): $VISITORS visitors, $AGENTS agents, $RATE msg/s, $SIZE B $SUBPROTOCOL" >&2
+    echo "== chat run $run ($clean/$REPEAT clean so far): $VISITORS visitors, $AGENTS agents, $RATE msg/s, $SIZE B $SUBPROTOCOL, $SHARDS shard(s)" >&2
     status=0
     line=$(taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" chat --url "ws://127.0.0.1:$PORT/ws" --data "$OUT/data-$run" \
         --visitors "$VISITORS" --agents "$AGENTS" --rate "$RATE" --size "$SIZE" \
