@@ -95,6 +95,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         unclean_shutdown = recovery.unclean_shutdown,
         "store open"
     );
+    let store_stats = store.stats_source();
     let mut chat = Some(ChatInit {
         mailboxes: mailboxes.clone(),
         core: Arc::new(config.core()),
@@ -117,6 +118,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             ready: ready_tx.clone(),
             mailboxes: mailboxes.clone(),
             chat: if id == CHAT_SHARD { chat.take() } else { None },
+            store_stats: store_stats.clone(),
         };
         let t = std::thread::Builder::new()
             .name(format!("kefu-shard-{id}"))

@@ -53,6 +53,8 @@ pub struct ShardInit {
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
     /// For the chat shard: what its chat service starts from.
     pub chat: Option<ChatInit>,
+    /// The store's counters, for the admin listener's `/metrics`.
+    pub store_stats: kefu_storage::StatsSource,
 }
 
 /// What a shard reports once it listens.
@@ -351,7 +353,7 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 async fn serve(init: ShardInit) {
-    let ShardInit { id, config, stop, stats, ready, mailboxes, chat } = init;
+    let ShardInit { id, config, stop, stats, ready, mailboxes, chat, store_stats } = init;
     let slab = match Slab::new(&config.slab.classes) {
         Ok(slab) => slab,
         Err(e) => {
@@ -395,7 +397,7 @@ async fn serve(init: ShardInit) {
             IoDriver::Uring => "io_uring",
             IoDriver::Epoll => "epoll",
         };
-        monoio::spawn(crate::admin::serve(admin, stats, driver, shard.clone()));
+        monoio::spawn(crate::admin::serve(admin, stats, store_stats, driver, shard.clone()));
     }
     let service = match chat.map(ChatService::new).transpose() {
         Ok(service) => service,
