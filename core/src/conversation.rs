@@ -220,6 +220,9 @@ pub struct Conversation {
     /// Recent `(sender, cid)` pairs, oldest first, at most `recent_cap`.
     recent: VecDeque<RecentSend>,
     recent_cap: usize,
+    /// Some stored `(sender, cid)` may be missing from `recent`: it was
+    /// pushed out, or the conversation was restored with messages.
+    forgot_cids: bool,
     reads: Vec<Mark>,
     typing: Vec<Mark>,
     typing_interval_ms: u64,
@@ -239,6 +242,7 @@ impl Conversation {
             last_ts: 0,
             recent: VecDeque::new(),
             recent_cap: limits.recent_cids.max(1),
+            forgot_cids: false,
             reads: Vec::new(),
             typing: Vec::new(),
             typing_interval_ms: limits.typing_interval_ms,
@@ -255,6 +259,9 @@ impl Conversation {
         c.next_seq = r.last_seq + 1;
         c.durable_seq = r.last_seq;
         c.last_ts = r.last_ts;
+        // Seeding the window from the log's newest messages still leaves
+        // the older ones out.
+        c.forgot_cids = r.last_seq > 0;
         c
     }
 
@@ -262,8 +269,16 @@ impl Conversation {
     pub fn remember(&mut self, role: Role, sender: UserId, cid: Cid, seq: u64, ts: u64) {
         if self.recent.len() >= self.recent_cap {
             self.recent.pop_front();
+            self.forgot_cids = true;
         }
         self.recent.push_back(RecentSend { role, sender, cid, seq, ts });
+    }
+
+    /// Whether the cid window holds every `(sender, cid)` this conversation
+    /// ever stored, so that a cid [`Conversation::send`] does not find is
+    /// new for certain and storage's dedupe index need not be asked.
+    pub fn remembers_every_cid(&self) -> bool {
+        !self.forgot_cids
     }
 
     /// Its id.
@@ -543,9 +558,12 @@ mod tests {
         let v = Visitor { id: UserId::from("v1"), name: Arc::from("Vee"), meta: Meta::new() };
         let mut c = Conversation::new(ConvId(1), v, GroupName::from("g"), &limits);
         let who = visitor();
-        for i in 0..5 {
+        for i in 0..4 {
             append(&mut c, &who, &format!("m{i}"), 1);
         }
+        assert!(c.remembers_every_cid(), "four cids fit a window of four");
+        append(&mut c, &who, "m4", 1);
+        assert!(!c.remembers_every_cid());
         c.committed(5);
         // m0 fell out of the window: only storage's dedupe index can catch it.
         assert!(matches!(c.send(&who, cid("m0"), 2), Ok(SendOutcome::Append { seq: 6, .. })));
@@ -566,6 +584,8 @@ mod tests {
         };
         let mut c = Conversation::restore(r, &LimitsConfig::default());
         c.remember(Role::Visitor, UserId::from("v1"), Cid::new("m41").unwrap(), 41, 9000);
+        // Seeded with the newest only: m1..m40 may still be resent.
+        assert!(!c.remembers_every_cid());
         let who = visitor();
         assert_eq!(c.send(&who, cid("m41"), 9999), Ok(SendOutcome::Duplicate { seq: 41, ts: 9000 }));
         assert_eq!(c.send(&who, cid("m42"), 100), Ok(SendOutcome::Append { seq: 42, ts: 9000 }));
