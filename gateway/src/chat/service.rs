@@ -74,8 +74,9 @@ struct Sess {
 enum Pending {
     /// A new anonymous visitor is stored: answer `connected`.
     Connected { to: SessionAddr, frame: ServerFrame },
-    /// A message is stored: ack it and fan it out.
-    Message { conv: ConvId, seq: u64, sender: Option<(SessionAddr, Codec, Option<i64>)>, msg: Msg },
+    /// A message is stored: ack it and fan it out. The message itself comes
+    /// back with the completion, so nothing of it is copied to wait here.
+    Message { conv: ConvId, seq: u64, sender: Option<(SessionAddr, Codec, Option<i64>)> },
     /// A conversation's change is stored: announce its state, and answer
     /// the command that caused it, if one did.
     ConvChanged { conv: ConvId, reply: Option<(SessionAddr, Codec, Option<i64>)> },
@@ -108,6 +109,53 @@ pub struct ChatService {
     /// change to their conversation.
     reply_on_change: Vec<(ConvId, Reply)>,
     next_token: u64,
+    /// Reused for each message's audience.
+    audience: Vec<SessionAddr>,
+    /// Buffers of delivered messages' strings, for the next ones.
+    strings: SpareStrings,
+}
+
+/// `String`s of messages already delivered, reused for the owned fields of
+/// the next ones, so that relaying a message allocates no string on the
+/// chat shard once a few have gone through.
+#[derive(Default)]
+struct SpareStrings(Vec<String>);
+
+/// Spare strings kept at most; past it they are freed.
+const SPARE_STRINGS_MAX: usize = 64;
+/// Larger buffers are freed rather than kept (a long text or a name is rare).
+const SPARE_STRING_BYTES_MAX: usize = 4096;
+
+impl SpareStrings {
+    /// `s` in a spare buffer big enough for it, or in a new one.
+    fn copy(&mut self, s: &str) -> String {
+        match self.0.iter().rposition(|b| b.capacity() >= s.len()) {
+            Some(i) => {
+                let mut b = self.0.swap_remove(i);
+                b.clear();
+                b.push_str(s);
+                b
+            }
+            None => s.to_string(),
+        }
+    }
+
+    fn give(&mut self, s: String) {
+        if self.0.len() < SPARE_STRINGS_MAX && (1..=SPARE_STRING_BYTES_MAX).contains(&s.capacity()) {
+            self.0.push(s);
+        }
+    }
+
+    /// Keeps the strings of a message that has been delivered.
+    fn give_msg(&mut self, msg: Msg) {
+        let Msg { cid, from, text, .. } = msg;
+        self.give(cid);
+        self.give(from.id);
+        self.give(from.name);
+        if let Some(text) = text {
+            self.give(text);
+        }
+    }
 }
 
 /// The storage source (completion queue) of the chat shard.
@@ -130,6 +178,32 @@ fn wire_msg(r: MessageRecord) -> Msg {
         text: r.text,
         attachment: r.attachment.map(|a| client::Attachment { mime: a.mime, data: a.bytes }),
         ts: r.ts_ms,
+    }
+}
+
+/// The storage write for `msg`; its strings move, they are not copied.
+fn new_message(msg: Msg) -> NewMessage {
+    NewMessage {
+        conv: msg.conv.0,
+        seq: Some(msg.seq),
+        cid: msg.cid,
+        from: kefu_storage::Sender { role: msg.from.role, id: msg.from.id, name: msg.from.name },
+        ts_ms: msg.ts,
+        text: msg.text,
+        attachment: msg.attachment.map(|a| kefu_storage::Attachment { mime: a.mime, bytes: a.data }),
+    }
+}
+
+/// The message [`new_message`] made `m` from, back from storage with seq `seq`.
+fn wire_msg_of(m: NewMessage, seq: u64) -> Msg {
+    Msg {
+        conv: ConvId(m.conv),
+        seq,
+        cid: m.cid,
+        from: client::Sender { role: m.from.role, id: m.from.id, name: m.from.name },
+        text: m.text,
+        attachment: m.attachment.map(|a| client::Attachment { mime: a.mime, data: a.bytes }),
+        ts: m.ts_ms,
     }
 }
 
@@ -182,6 +256,8 @@ impl ChatService {
             dup_waiters: HashMap::new(),
             reply_on_change: Vec::new(),
             next_token: 1,
+            audience: Vec::new(),
+            strings: SpareStrings::default(),
         };
         Ok(service)
     }
@@ -205,10 +281,12 @@ impl ChatService {
 
     /// Applies every storage completion that has arrived.
     pub fn poll_completions(&mut self) {
-        while let Some(Completion { token, result, .. }) = self.completions.pop() {
+        while let Some(Completion { token, result, op }) = self.completions.pop() {
             let Some(pending) = self.pending.remove(&token) else { continue };
             match result {
-                Ok(committed) => self.committed(pending, committed.duplicate, committed.seq, committed.ts_ms),
+                Ok(committed) => {
+                    self.committed(pending, op, committed.duplicate, committed.seq, committed.ts_ms)
+                }
                 Err(e) => self.failed(pending, e),
             }
         }
@@ -286,11 +364,12 @@ impl ChatService {
             Owned::Ping => self.send(from, codec, &ServerFrame::reply(id, Event::Pong)),
             Owned::Open { visitor, group, vip_level } => self.on_open(reply, visitor, group, vip_level),
             Owned::Send { conv, cid } => {
-                let (text, attachment) = match frame.body {
-                    Command::Send { text, attachment, .. } => (text, attachment),
-                    _ => (None, None),
+                // The frame's strings become the message's: no copies.
+                let (wire_cid, text, attachment) = match frame.body {
+                    Command::Send { cid, text, attachment, .. } => (cid, text, attachment),
+                    _ => (cid.as_str().into(), None, None),
                 };
-                self.on_send(reply, &actor, conv, cid, text, attachment, now);
+                self.on_send(reply, &actor, conv, (cid, wire_cid), text, attachment, now);
             }
             Owned::Read { conv, seq } => self.on_read(reply, &actor, conv, seq, now),
             Owned::Typing { conv } => self.on_typing(reply, &actor, conv, now),
@@ -533,7 +612,7 @@ impl ChatService {
         reply: Reply,
         actor: &Actor,
         conv: ConvId,
-        cid: kefu_core::Cid,
+        (cid, wire_cid): (kefu_core::Cid, String),
         text: Option<String>,
         attachment: Option<client::Attachment>,
         now: u64,
@@ -543,8 +622,11 @@ impl ChatService {
             return;
         }
         // Older resends than the conversation's window remembers: the
-        // durable dedupe index has the original.
-        match self.reader.dedupe(&actor.id, conv.0, cid.as_str()) {
+        // durable dedupe index has the original. A window that never lost
+        // a cid answers alone (and spares a read transaction per message).
+        let remembers = self.convs.get(&conv).is_some_and(Conversation::remembers_every_cid);
+        let durable = if remembers { Ok(None) } else { self.reader.dedupe(&actor.id, conv.0, cid.as_str()) };
+        match durable {
             Ok(Some(hit)) => {
                 let ack = Event::Ack {
                     cid: cid.as_str().into(),
@@ -575,11 +657,11 @@ impl ChatService {
                 let msg = Msg {
                     conv,
                     seq,
-                    cid: cid.as_str().into(),
+                    cid: wire_cid,
                     from: client::Sender {
                         role: actor.role,
-                        id: actor.id.to_string(),
-                        name: actor.name.to_string(),
+                        id: self.strings.copy(&actor.id),
+                        name: self.strings.copy(&actor.name),
                     },
                     text,
                     attachment,
@@ -591,24 +673,8 @@ impl ChatService {
     }
 
     fn append(&mut self, msg: Msg, sender: Option<Reply>) {
-        let op = WriteOp::AppendMessage(NewMessage {
-            conv: msg.conv.0,
-            seq: Some(msg.seq),
-            cid: msg.cid.clone(),
-            from: kefu_storage::Sender {
-                role: msg.from.role,
-                id: msg.from.id.clone(),
-                name: msg.from.name.clone(),
-            },
-            ts_ms: msg.ts,
-            text: msg.text.clone(),
-            attachment: msg
-                .attachment
-                .as_ref()
-                .map(|a| kefu_storage::Attachment { mime: a.mime.clone(), bytes: a.data.clone() }),
-        });
         let (conv, seq) = (msg.conv, msg.seq);
-        if !self.submit(op, Pending::Message { conv, seq, sender, msg }) {
+        if !self.submit(WriteOp::AppendMessage(new_message(msg)), Pending::Message { conv, seq, sender }) {
             // Nothing was written: the seq must be taken back, which only a
             // rebuild from storage does safely.
             self.reload(conv);
@@ -819,7 +885,7 @@ impl ChatService {
         }
     }
 
-    fn committed(&mut self, pending: Pending, duplicate: bool, seq: u64, ts: u64) {
+    fn committed(&mut self, pending: Pending, op: WriteOp, duplicate: bool, seq: u64, ts: u64) {
         match pending {
             Pending::Connected { to, frame } => {
                 if let Some(sess) = self.sessions.get_mut(&to) {
@@ -828,16 +894,35 @@ impl ChatService {
                     self.send(to, codec, &frame);
                 }
             }
-            Pending::Message { conv, seq: ours, sender, msg } => {
+            Pending::Message { conv, seq: ours, sender } => {
+                let WriteOp::AppendMessage(m) = op else {
+                    debug_assert!(false, "a message's completion carries another write");
+                    return;
+                };
+                let mut msg = wire_msg_of(m, ours);
                 if let Some(c) = self.convs.get_mut(&conv) {
                     c.committed(ours);
                 }
-                let ack = |dup: bool| Event::Ack { cid: msg.cid.clone(), conv, seq, ts, duplicate: dup };
+                // The ack borrows the message's cid and hands it back.
+                let mut ack = ServerFrame::reply(
+                    None,
+                    Event::Ack { cid: std::mem::take(&mut msg.cid), conv, seq, ts, duplicate },
+                );
                 if let Some((to, codec, id)) = sender {
-                    self.send(to, codec, &ServerFrame::reply(id, ack(duplicate)));
+                    ack.id = id;
+                    self.send(to, codec, &ack);
                 }
-                for (to, codec, id) in self.dup_waiters.remove(&(conv, ours)).unwrap_or_default() {
-                    self.send(to, codec, &ServerFrame::reply(id, ack(true)));
+                if let Some(waiters) = self.dup_waiters.remove(&(conv, ours)) {
+                    if let Event::Ack { duplicate, .. } = &mut ack.body {
+                        *duplicate = true;
+                    }
+                    for (to, codec, id) in waiters {
+                        ack.id = id;
+                        self.send(to, codec, &ack);
+                    }
+                }
+                if let Event::Ack { cid, .. } = ack.body {
+                    msg.cid = cid;
                 }
                 if duplicate {
                     // Storage had it already (a resend older than the
@@ -845,7 +930,9 @@ impl ChatService {
                     self.reload(conv);
                     return;
                 }
-                let audience = self.participants(conv);
+                let mut audience = std::mem::take(&mut self.audience);
+                audience.clear();
+                self.participants_into(conv, &mut audience);
                 let except = sender.map(|(a, _, _)| a);
                 let auto = (msg.from.role == Role::Visitor)
                     .then(|| msg.text.as_deref().and_then(|t| self.rules.auto_reply(Role::Visitor, t)))
@@ -853,6 +940,10 @@ impl ChatService {
                     .map(str::to_string);
                 let frame = ServerFrame::push(Event::Msg(msg));
                 self.deliver(audience.iter().copied().filter(|a| Some(*a) != except), &frame);
+                self.audience = audience;
+                if let Event::Msg(msg) = frame.body {
+                    self.strings.give_msg(msg);
+                }
                 if let Some(text) = auto {
                     self.bot_message(conv, text);
                 }
@@ -987,14 +1078,20 @@ impl ChatService {
 
     /// The visitor's and the assigned agent's sessions.
     fn participants(&self, conv: ConvId) -> Vec<SessionAddr> {
-        let Some(c) = self.convs.get(&conv) else { return Vec::new() };
-        let mut out = self.users.get(&c.visitor().id).cloned().unwrap_or_default();
+        let mut out = Vec::new();
+        self.participants_into(conv, &mut out);
+        out
+    }
+
+    /// [`Self::participants`], appended to `out`.
+    fn participants_into(&self, conv: ConvId, out: &mut Vec<SessionAddr>) {
+        let Some(c) = self.convs.get(&conv) else { return };
+        out.extend(self.users.get(&c.visitor().id).into_iter().flatten().copied());
         if let Some(agent) = c.agent()
             && c.status() == ConvStatus::Assigned
         {
             out.extend(self.users.get(&agent.id).into_iter().flatten().copied());
         }
-        out
     }
 
     fn visitor_sessions(&self, conv: ConvId) -> Vec<SessionAddr> {
