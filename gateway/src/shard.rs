@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use monoio::net::{ListenerOpts, TcpListener};
 use tracing::{debug, info, warn};
 
-use kefu_proto::client::{Codec, Encoder, ServerFrame};
+use kefu_proto::client::{Codec, ServerFrame};
 
-use crate::chat::service::{ChatInit, ChatService, ws_frame};
+use crate::chat::frames::{FrameEncoder, SharedFrame};
+use crate::chat::service::{ChatInit, ChatService};
 use crate::chat::{SessionAddr, ShardMsg};
 use crate::config::{Config, IoDriver};
 use crate::conn::{self, Conn};
@@ -129,8 +130,8 @@ pub struct Shard {
     max_connections: usize,
     /// Every shard's inbox.
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
-    /// Reusable encoder for frames this shard answers itself.
-    encoder: RefCell<Encoder>,
+    /// Encoder (and frame buffers) for frames this shard answers itself.
+    encoder: RefCell<FrameEncoder>,
 }
 
 impl Shard {
@@ -152,13 +153,13 @@ impl Shard {
             stopping: Cell::new(false),
             max_connections: config.server.max_connections_per_shard,
             mailboxes,
-            encoder: RefCell::new(Encoder::new()),
+            encoder: RefCell::new(FrameEncoder::new()),
         }
     }
 
     /// Encodes a frame this shard answers itself (pong, decode errors).
-    pub fn encode(&self, codec: Codec, frame: &ServerFrame) -> Arc<[u8]> {
-        ws_frame(codec, frame, &mut self.encoder.borrow_mut())
+    pub fn encode(&self, codec: Codec, frame: &ServerFrame) -> SharedFrame {
+        self.encoder.borrow_mut().encode(codec, frame)
     }
 
     /// This shard's counters.

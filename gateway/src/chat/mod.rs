@@ -15,11 +15,12 @@
 //! decoding) and storage's (fsync). Conversations can move to their home
 //! shards later behind the same messages.
 
+pub mod frames;
 pub mod service;
 
-use std::sync::Arc;
-
 use kefu_proto::client::{ClientFrame, Codec};
+
+use frames::SharedFrame;
 
 /// Where a connection lives: its shard, its registry slot there, and the
 /// slot's generation (so a message for a connection that has gone never
@@ -56,7 +57,7 @@ pub enum ShardMsg {
         /// The connection.
         to: SessionAddr,
         /// Header and payload, shared by every recipient.
-        bytes: Arc<[u8]>,
+        bytes: SharedFrame,
     },
     /// Chat shard → edge: close the connection (after what is queued).
     Close {

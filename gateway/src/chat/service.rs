@@ -19,8 +19,7 @@ use kefu_core::rules::Rules;
 use kefu_core::session::{AttachmentInfo, Command as CoreCommand, Request, Session};
 use kefu_core::{Conversation, CoreConfig, Router};
 use kefu_proto::client::{
-    self, AgentRef as WireAgent, ClientFrame, Codec, Command, ConvSummary, Encoder, Event, Msg, ServerFrame,
-    User,
+    self, AgentRef as WireAgent, ClientFrame, Codec, Command, ConvSummary, Event, Msg, ServerFrame, User,
 };
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
 use kefu_storage::{
@@ -29,22 +28,10 @@ use kefu_storage::{
 };
 use tracing::{info, warn};
 
+use super::frames::{FrameEncoder, SharedFrame};
 use super::{SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
 use crate::ws::close;
-use crate::ws::frame::{MAX_HEADER_BYTES, OpCode, encode_header};
-
-/// Encodes `frame` for `codec` as one complete server WebSocket frame.
-pub fn ws_frame(codec: Codec, frame: &ServerFrame, encoder: &mut Encoder) -> Arc<[u8]> {
-    let payload = codec.encode_server(frame, encoder);
-    let opcode = if codec.is_binary() { OpCode::Binary } else { OpCode::Text };
-    let mut header = [0u8; MAX_HEADER_BYTES];
-    let h = encode_header(&mut header, true, opcode, payload.len() as u64, None);
-    let mut bytes = Vec::with_capacity(h + payload.len());
-    bytes.extend_from_slice(&header[..h]);
-    bytes.extend_from_slice(payload);
-    bytes.into()
-}
 
 /// What the chat service needs at start.
 pub struct ChatInit {
@@ -87,7 +74,7 @@ enum Pending {
 /// The chat service on the chat shard.
 pub struct ChatService {
     mailboxes: Arc<[Mailbox<ShardMsg>]>,
-    encoder: Encoder,
+    frames: FrameEncoder,
     core: Arc<CoreConfig>,
     jwt: JwtKey,
     allow_anonymous: bool,
@@ -238,7 +225,7 @@ impl ChatService {
         let rules = Rules::new(&core.rules);
         let service = Self {
             mailboxes,
-            encoder: Encoder::new(),
+            frames: FrameEncoder::new(),
             jwt,
             allow_anonymous,
             heartbeat_s,
@@ -1120,18 +1107,17 @@ impl ChatService {
 
     /// Sends one event to many sessions: encoded once per subprotocol.
     fn deliver(&mut self, to: impl Iterator<Item = SessionAddr>, frame: &ServerFrame) {
-        let mut encoded: [Option<Arc<[u8]>>; 2] = [None, None];
+        let mut encoded: [Option<SharedFrame>; 2] = [None, None];
         for addr in to {
             let Some(codec) = self.sessions.get(&addr).map(|s| s.codec) else { continue };
             let slot = usize::from(codec.is_binary());
-            let bytes =
-                encoded[slot].get_or_insert_with(|| ws_frame(codec, frame, &mut self.encoder)).clone();
+            let bytes = encoded[slot].get_or_insert_with(|| self.frames.encode(codec, frame)).clone();
             let _ = self.mailboxes[addr.shard as usize].send(ShardMsg::Deliver { to: addr, bytes });
         }
     }
 
     fn send(&mut self, to: SessionAddr, codec: Codec, frame: &ServerFrame) {
-        let bytes = ws_frame(codec, frame, &mut self.encoder);
+        let bytes = self.frames.encode(codec, frame);
         // A full edge inbox drops the frame for that one connection; the
         // edge's own outbound bound would cut it anyway (slow consumer).
         let _ = self.mailboxes[to.shard as usize].send(ShardMsg::Deliver { to, bytes });
