@@ -682,7 +682,7 @@ impl Session {
         let payload = &message.filled()[self.payload_at as usize..];
         let expected = if self.codec.is_binary() { DataKind::Binary } else { DataKind::Text };
         let decoded = if self.kind == expected {
-            self.codec.decode_client(payload)
+            self.codec.decode_client_reusing(payload, &mut shard.strings.borrow_mut())
         } else {
             Err(DecodeError {
                 code: ErrorCode::BadFrame,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use monoio::net::{ListenerOpts, TcpListener};
 use tracing::{debug, info, warn};
 
-use kefu_proto::client::{Codec, ServerFrame};
+use kefu_proto::client::{Codec, ServerFrame, SpareStrings};
 
 use crate::chat::frames::{FrameEncoder, SharedFrame};
 use crate::chat::service::{ChatInit, ChatService};
@@ -132,6 +132,8 @@ pub struct Shard {
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
     /// Encoder (and frame buffers) for frames this shard answers itself.
     encoder: RefCell<FrameEncoder>,
+    /// String buffers for decoding `send`s, handed back by the chat shard.
+    pub strings: RefCell<SpareStrings>,
 }
 
 impl Shard {
@@ -154,6 +156,7 @@ impl Shard {
             max_connections: config.server.max_connections_per_shard,
             mailboxes,
             encoder: RefCell::new(FrameEncoder::new()),
+            strings: RefCell::new(SpareStrings::new()),
         }
     }
 
@@ -456,11 +459,13 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: Option<ChatSe
     loop {
         while let Some(msg) = inbox.try_recv() {
             match msg {
-                ShardMsg::Deliver { to, bytes } => {
+                ShardMsg::Deliver { to, bytes, spare } => {
                     if let Some(conn) = shard.lookup(to) {
                         ShardStats::inc(&shard.stats().frames_out);
                         let _ = conn.push(conn::Out::Shared(bytes, 0));
                     }
+                    let mut strings = shard.strings.borrow_mut();
+                    spare.into_iter().flatten().for_each(|s| strings.give(s));
                 }
                 ShardMsg::Close { to, code, reason } => {
                     if let Some(conn) = shard.lookup(to) {

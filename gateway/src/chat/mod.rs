@@ -58,6 +58,9 @@ pub enum ShardMsg {
         to: SessionAddr,
         /// Header and payload, shared by every recipient.
         bytes: SharedFrame,
+        /// String buffers for the edge's decoder: those of the message
+        /// this frame acks, which that decoder filled.
+        spare: [Option<String>; 2],
     },
     /// Chat shard → edge: close the connection (after what is queued).
     Close {

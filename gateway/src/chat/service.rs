@@ -19,7 +19,8 @@ use kefu_core::rules::Rules;
 use kefu_core::session::{AttachmentInfo, Command as CoreCommand, Request, Session};
 use kefu_core::{Conversation, CoreConfig, Router};
 use kefu_proto::client::{
-    self, AgentRef as WireAgent, ClientFrame, Codec, Command, ConvSummary, Event, Msg, ServerFrame, User,
+    self, AgentRef as WireAgent, ClientFrame, Codec, Command, ConvSummary, Event, Msg, ServerFrame,
+    SpareStrings, User,
 };
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
 use kefu_storage::{
@@ -98,51 +99,9 @@ pub struct ChatService {
     next_token: u64,
     /// Reused for each message's audience.
     audience: Vec<SessionAddr>,
-    /// Buffers of delivered messages' strings, for the next ones.
+    /// Buffers of delivered messages' strings, for the sender id and name
+    /// of the next ones (the cid and text go back to the edges).
     strings: SpareStrings,
-}
-
-/// `String`s of messages already delivered, reused for the owned fields of
-/// the next ones, so that relaying a message allocates no string on the
-/// chat shard once a few have gone through.
-#[derive(Default)]
-struct SpareStrings(Vec<String>);
-
-/// Spare strings kept at most; past it they are freed.
-const SPARE_STRINGS_MAX: usize = 64;
-/// Larger buffers are freed rather than kept (a long text or a name is rare).
-const SPARE_STRING_BYTES_MAX: usize = 4096;
-
-impl SpareStrings {
-    /// `s` in a spare buffer big enough for it, or in a new one.
-    fn copy(&mut self, s: &str) -> String {
-        match self.0.iter().rposition(|b| b.capacity() >= s.len()) {
-            Some(i) => {
-                let mut b = self.0.swap_remove(i);
-                b.clear();
-                b.push_str(s);
-                b
-            }
-            None => s.to_string(),
-        }
-    }
-
-    fn give(&mut self, s: String) {
-        if self.0.len() < SPARE_STRINGS_MAX && (1..=SPARE_STRING_BYTES_MAX).contains(&s.capacity()) {
-            self.0.push(s);
-        }
-    }
-
-    /// Keeps the strings of a message that has been delivered.
-    fn give_msg(&mut self, msg: Msg) {
-        let Msg { cid, from, text, .. } = msg;
-        self.give(cid);
-        self.give(from.id);
-        self.give(from.name);
-        if let Some(text) = text {
-            self.give(text);
-        }
-    }
 }
 
 /// The storage source (completion queue) of the chat shard.
@@ -244,7 +203,7 @@ impl ChatService {
             reply_on_change: Vec::new(),
             next_token: 1,
             audience: Vec::new(),
-            strings: SpareStrings::default(),
+            strings: SpareStrings::new(),
         };
         Ok(service)
     }
@@ -895,10 +854,12 @@ impl ChatService {
                     None,
                     Event::Ack { cid: std::mem::take(&mut msg.cid), conv, seq, ts, duplicate },
                 );
-                if let Some((to, codec, id)) = sender {
+                // Encoded now, sent last: it takes the frame's strings back
+                // to the sender's edge, and the msg frame needs them first.
+                let sender_ack = sender.map(|(to, codec, id)| {
                     ack.id = id;
-                    self.send(to, codec, &ack);
-                }
+                    (to, self.frames.encode(codec, &ack))
+                });
                 if let Some(waiters) = self.dup_waiters.remove(&(conv, ours)) {
                     if let Event::Ack { duplicate, .. } = &mut ack.body {
                         *duplicate = true;
@@ -912,6 +873,9 @@ impl ChatService {
                     msg.cid = cid;
                 }
                 if duplicate {
+                    if let Some((to, bytes)) = sender_ack {
+                        self.post(to, bytes, Default::default());
+                    }
                     // Storage had it already (a resend older than the
                     // window): the seq we took is unused, so rebuild.
                     self.reload(conv);
@@ -928,8 +892,18 @@ impl ChatService {
                 let frame = ServerFrame::push(Event::Msg(msg));
                 self.deliver(audience.iter().copied().filter(|a| Some(*a) != except), &frame);
                 self.audience = audience;
-                if let Event::Msg(msg) = frame.body {
-                    self.strings.give_msg(msg);
+                if let Event::Msg(Msg { cid, from, text, .. }) = frame.body {
+                    self.strings.give(from.id);
+                    self.strings.give(from.name);
+                    match sender_ack {
+                        // The cid and text came from the sender's edge's
+                        // decoder: its spare buffers.
+                        Some((to, bytes)) => self.post(to, bytes, [Some(cid), text]),
+                        None => {
+                            self.strings.give(cid);
+                            text.into_iter().for_each(|t| self.strings.give(t));
+                        }
+                    }
                 }
                 if let Some(text) = auto {
                     self.bot_message(conv, text);
@@ -1112,15 +1086,20 @@ impl ChatService {
             let Some(codec) = self.sessions.get(&addr).map(|s| s.codec) else { continue };
             let slot = usize::from(codec.is_binary());
             let bytes = encoded[slot].get_or_insert_with(|| self.frames.encode(codec, frame)).clone();
-            let _ = self.mailboxes[addr.shard as usize].send(ShardMsg::Deliver { to: addr, bytes });
+            self.post(addr, bytes, Default::default());
         }
     }
 
     fn send(&mut self, to: SessionAddr, codec: Codec, frame: &ServerFrame) {
         let bytes = self.frames.encode(codec, frame);
+        self.post(to, bytes, Default::default());
+    }
+
+    /// Hands an encoded frame (and spare string buffers) to `to`'s edge.
+    fn post(&mut self, to: SessionAddr, bytes: SharedFrame, spare: [Option<String>; 2]) {
         // A full edge inbox drops the frame for that one connection; the
         // edge's own outbound bound would cut it anyway (slow consumer).
-        let _ = self.mailboxes[to.shard as usize].send(ShardMsg::Deliver { to, bytes });
+        let _ = self.mailboxes[to.shard as usize].send(ShardMsg::Deliver { to, bytes, spare });
     }
 
     fn close(&mut self, to: SessionAddr, code: u16, reason: &'static str) {
