@@ -6,11 +6,18 @@
 //! ([`Codec::decode_client_reusing`](super::Codec::decode_client_reusing))
 //! fills them, so relaying a message allocates no string in steady state.
 
-/// Spare buffers a pool keeps at most; past it they are freed.
-pub const SPARE_STRINGS_MAX: usize = 64;
+/// Spare buffers a pool keeps at most; past it they are freed. A pool must
+/// cover the strings in flight (decoded and not yet handed back: at 10k
+/// messages/s and a few milliseconds each, a few hundred).
+pub const SPARE_STRINGS_MAX: usize = 1024;
 /// Larger buffers are freed rather than kept, so a rare long text does not
 /// pin its size in the pool.
 pub const SPARE_STRING_BYTES_MAX: usize = 4096;
+/// A new buffer's capacity at least: enough for typical ids, cids and chat
+/// lines, so that any spare buffer fits the next string.
+const SPARE_STRING_BYTES_MIN: usize = 128;
+/// Buffers looked at (from the newest) for one that fits.
+const PROBES: usize = 8;
 
 /// A bounded pool of empty `String` buffers.
 #[derive(Debug, Default)]
@@ -34,14 +41,19 @@ impl SpareStrings {
 
     /// `s` in a spare buffer big enough for it, or in a new one.
     pub fn copy(&mut self, s: &str) -> String {
-        match self.0.iter().rposition(|b| b.capacity() >= s.len()) {
+        let newest = self.0.len().saturating_sub(PROBES);
+        match self.0[newest..].iter().rposition(|b| b.capacity() >= s.len()) {
             Some(i) => {
-                let mut b = self.0.swap_remove(i);
+                let mut b = self.0.swap_remove(newest + i);
                 b.clear();
                 b.push_str(s);
                 b
             }
-            None => s.to_string(),
+            None => {
+                let mut b = String::with_capacity(s.len().max(SPARE_STRING_BYTES_MIN));
+                b.push_str(s);
+                b
+            }
         }
     }
 
@@ -51,11 +63,6 @@ impl SpareStrings {
         if self.0.len() < SPARE_STRINGS_MAX && (1..=SPARE_STRING_BYTES_MAX).contains(&s.capacity()) {
             self.0.push(s);
         }
-    }
-
-    /// Takes a buffer out of the pool (to hand it to another owner).
-    pub fn take(&mut self) -> Option<String> {
-        self.0.pop()
     }
 }
 
@@ -68,12 +75,14 @@ mod tests {
         let mut spare = SpareStrings::new();
         assert_eq!(spare.copy("fresh"), "fresh");
         let small = String::with_capacity(4);
+        assert!(spare.copy("x").capacity() >= SPARE_STRING_BYTES_MIN);
         let big = String::with_capacity(64);
         let big_ptr = big.as_ptr();
         spare.give(small);
         spare.give(big);
         let s = spare.copy("longer than four bytes");
         assert_eq!(s, "longer than four bytes");
+        assert!(s.capacity() >= 64);
         assert_eq!(s.as_ptr(), big_ptr);
         assert_eq!(spare.len(), 1);
     }
