@@ -568,11 +568,12 @@ impl ChatService {
             return;
         }
         // Older resends than the conversation's window remembers: the
-        // durable dedupe index has the original. A window that never lost
-        // a cid answers alone (and spares a read transaction per message).
-        let remembers = self.convs.get(&conv).is_some_and(Conversation::remembers_every_cid);
-        let durable = if remembers { Ok(None) } else { self.reader.dedupe(&actor.id, conv.0, cid.as_str()) };
-        match durable {
+        // durable dedupe index has the original. Only the seqs below the
+        // window are asked about, which the reader's cache mostly answers
+        // without a read transaction (none at all while the window has
+        // never lost a cid).
+        let below = self.convs.get(&conv).map_or(u64::MAX, Conversation::cids_remembered_from);
+        match self.reader.dedupe_before(&actor.id, conv.0, cid.as_str(), below) {
             Ok(Some(hit)) => {
                 let ack = Event::Ack {
                     cid: cid.as_str().into(),
