@@ -220,6 +220,10 @@ pub struct Conversation {
     /// Recent `(sender, cid)` pairs, oldest first, at most `recent_cap`.
     recent: VecDeque<RecentSend>,
     recent_cap: usize,
+    /// Every message from this seq on has its `(sender, cid)` in `recent`
+    /// (1: all of them); below it some were pushed out, or were stored
+    /// before the conversation was restored.
+    cids_from: u64,
     reads: Vec<Mark>,
     typing: Vec<Mark>,
     typing_interval_ms: u64,
@@ -239,6 +243,7 @@ impl Conversation {
             last_ts: 0,
             recent: VecDeque::new(),
             recent_cap: limits.recent_cids.max(1),
+            cids_from: 1,
             reads: Vec::new(),
             typing: Vec::new(),
             typing_interval_ms: limits.typing_interval_ms,
@@ -255,15 +260,35 @@ impl Conversation {
         c.next_seq = r.last_seq + 1;
         c.durable_seq = r.last_seq;
         c.last_ts = r.last_ts;
+        // Seeding the window from the log's newest messages does not
+        // lower this: it may leave some out.
+        c.cids_from = r.last_seq + 1;
         c
     }
 
     /// Records a durable `(sender, cid) -> (seq, ts)` from the log.
     pub fn remember(&mut self, role: Role, sender: UserId, cid: Cid, seq: u64, ts: u64) {
-        if self.recent.len() >= self.recent_cap {
-            self.recent.pop_front();
+        if self.recent.len() >= self.recent_cap
+            && let Some(gone) = self.recent.pop_front()
+        {
+            self.cids_from = self.cids_from.max(gone.seq + 1);
         }
         self.recent.push_back(RecentSend { role, sender, cid, seq, ts });
+    }
+
+    /// The seq from which on the cid window holds every stored message's
+    /// `(sender, cid)`: a cid [`Conversation::send`] does not find can only
+    /// repeat a message below it, which storage's dedupe index must be
+    /// asked about. 1 when the window has never lost one.
+    pub fn cids_remembered_from(&self) -> u64 {
+        self.cids_from
+    }
+
+    /// Whether the cid window holds every `(sender, cid)` this conversation
+    /// ever stored, so that a cid [`Conversation::send`] does not find is
+    /// new for certain and storage's dedupe index need not be asked.
+    pub fn remembers_every_cid(&self) -> bool {
+        self.cids_from <= 1
     }
 
     /// Its id.
@@ -543,9 +568,15 @@ mod tests {
         let v = Visitor { id: UserId::from("v1"), name: Arc::from("Vee"), meta: Meta::new() };
         let mut c = Conversation::new(ConvId(1), v, GroupName::from("g"), &limits);
         let who = visitor();
-        for i in 0..5 {
+        for i in 0..4 {
             append(&mut c, &who, &format!("m{i}"), 1);
         }
+        assert!(c.remembers_every_cid(), "four cids fit a window of four");
+        assert_eq!(c.cids_remembered_from(), 1);
+        append(&mut c, &who, "m4", 1);
+        assert!(!c.remembers_every_cid());
+        // m0 (seq 1) is gone; m1.. are still known.
+        assert_eq!(c.cids_remembered_from(), 2);
         c.committed(5);
         // m0 fell out of the window: only storage's dedupe index can catch it.
         assert!(matches!(c.send(&who, cid("m0"), 2), Ok(SendOutcome::Append { seq: 6, .. })));
@@ -566,6 +597,9 @@ mod tests {
         };
         let mut c = Conversation::restore(r, &LimitsConfig::default());
         c.remember(Role::Visitor, UserId::from("v1"), Cid::new("m41").unwrap(), 41, 9000);
+        // Seeded with the newest only: m1..m40 may still be resent.
+        assert!(!c.remembers_every_cid());
+        assert_eq!(c.cids_remembered_from(), 42);
         let who = visitor();
         assert_eq!(c.send(&who, cid("m41"), 9999), Ok(SendOutcome::Duplicate { seq: 41, ts: 9000 }));
         assert_eq!(c.send(&who, cid("m42"), 100), Ok(SendOutcome::Append { seq: 42, ts: 9000 }));

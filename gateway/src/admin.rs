@@ -7,6 +7,7 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
+use kefu_storage::StatsSource;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::{TcpListener, TcpStream};
 use tracing::warn;
@@ -19,11 +20,17 @@ use crate::shard::Shard;
 const MAX_HEAD_BYTES: usize = 8 * 1024;
 
 /// Serves the admin listener until the shard's runtime ends.
-pub async fn serve(listener: TcpListener, stats: Arc<[ShardStats]>, driver: &'static str, shard: Rc<Shard>) {
+pub async fn serve(
+    listener: TcpListener,
+    stats: Arc<[ShardStats]>,
+    store: StatsSource,
+    driver: &'static str,
+    shard: Rc<Shard>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                monoio::spawn(handle(stream, stats.clone(), driver, shard.clone()));
+                monoio::spawn(handle(stream, stats.clone(), store.clone(), driver, shard.clone()));
             }
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
@@ -33,14 +40,21 @@ pub async fn serve(listener: TcpListener, stats: Arc<[ShardStats]>, driver: &'st
     }
 }
 
-async fn handle(mut stream: TcpStream, stats: Arc<[ShardStats]>, driver: &'static str, shard: Rc<Shard>) {
+async fn handle(
+    mut stream: TcpStream,
+    stats: Arc<[ShardStats]>,
+    store: StatsSource,
+    driver: &'static str,
+    shard: Rc<Shard>,
+) {
     let deadline = shard.limits.handshake_timeout;
-    let _ = monoio::time::timeout(deadline, answer(&mut stream, &stats, driver, &shard)).await;
+    let _ = monoio::time::timeout(deadline, answer(&mut stream, &stats, &store, driver, &shard)).await;
 }
 
 async fn answer(
     stream: &mut TcpStream,
     stats: &[ShardStats],
+    store: &StatsSource,
     driver: &str,
     shard: &Shard,
 ) -> std::io::Result<()> {
@@ -63,9 +77,12 @@ async fn answer(
                         (503, "Service Unavailable", "text/plain", b"draining\n".to_vec())
                     }
                     ("GET", "/healthz") => (200, "OK", "text/plain", b"ok\n".to_vec()),
-                    ("GET", "/metrics") => {
-                        (200, "OK", "text/plain; version=0.0.4", metrics::render(stats, driver).into_bytes())
-                    }
+                    ("GET", "/metrics") => (
+                        200,
+                        "OK",
+                        "text/plain; version=0.0.4",
+                        metrics::render(stats, &store.stats(), driver).into_bytes(),
+                    ),
                     (_, "/healthz" | "/metrics") => {
                         (405, "Method Not Allowed", "text/plain", b"method not allowed\n".to_vec())
                     }

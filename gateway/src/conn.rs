@@ -21,7 +21,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use monoio::buf::IoBufMut;
@@ -33,6 +32,7 @@ use tracing::debug;
 use kefu_proto::ErrorCode;
 use kefu_proto::client::{Codec, Command, DecodeError, Event, ServerFrame};
 
+use crate::chat::frames::SharedFrame;
 use crate::chat::{SessionAddr, ShardMsg};
 use crate::http::{self, HttpError};
 use crate::metrics::ShardStats;
@@ -63,9 +63,9 @@ pub enum Out {
     Frame(Frame),
     /// Bytes that live for the whole program.
     Static(&'static [u8]),
-    /// Bytes made by the chat service (possibly on another shard, shared by
-    /// every recipient), from an offset.
-    Shared(Arc<[u8]>, usize),
+    /// A frame made by a chat service (possibly on another shard) for many
+    /// connections, from an offset.
+    Shared(SharedFrame, usize),
 }
 
 impl Out {
@@ -89,8 +89,9 @@ impl Out {
 
 // SAFETY: every variant points at memory that stays valid and unchanged while
 // the value lives (a frozen slab buffer kept alive by the Frame's count, a
-// 'static slice, or an Arc'd slice this value holds a count of), and
-// bytes_init is exactly the length from that pointer.
+// 'static slice, or a SharedFrame this value holds a count of: its pool
+// refills it only through Arc::get_mut, i.e. once no such count is left),
+// and bytes_init is exactly the length from that pointer.
 unsafe impl monoio::buf::IoBuf for Out {
     fn read_ptr(&self) -> *const u8 {
         match self {
@@ -681,7 +682,7 @@ impl Session {
         let payload = &message.filled()[self.payload_at as usize..];
         let expected = if self.codec.is_binary() { DataKind::Binary } else { DataKind::Text };
         let decoded = if self.kind == expected {
-            self.codec.decode_client(payload)
+            self.codec.decode_client_reusing(payload, &mut shard.strings.borrow_mut())
         } else {
             Err(DecodeError {
                 code: ErrorCode::BadFrame,
@@ -839,7 +840,7 @@ mod tests {
             let stream = TcpStream::connect(addr).await.unwrap();
             let slab = crate::slab::Slab::new(&config.slab.classes).unwrap();
             let stats: std::sync::Arc<[ShardStats]> = vec![ShardStats::new(config.slab.classes.len())].into();
-            let mailboxes: Arc<[crate::mailbox::Mailbox<ShardMsg>]> =
+            let mailboxes: std::sync::Arc<[crate::mailbox::Mailbox<ShardMsg>]> =
                 vec![crate::mailbox::Mailbox::new(4).unwrap()].into();
             let shard = Rc::new(Shard::new(0, &config, slab, stats, mailboxes));
             let fut = serve(shard.clone(), stream);

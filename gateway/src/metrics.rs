@@ -9,6 +9,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use kefu_storage::StoreStats;
+
 use crate::slab::ClassStats;
 
 /// Slab occupancy copied out of a shard at each sweep (the slab itself is
@@ -88,7 +90,7 @@ impl ShardStats {
 }
 
 /// Renders every shard's counters in the Prometheus text format.
-pub fn render(shards: &[ShardStats], driver: &str) -> String {
+pub fn render(shards: &[ShardStats], store: &StoreStats, driver: &str) -> String {
     let mut out = String::with_capacity(4096);
     let _ = writeln!(out, "# HELP kefu_info Build and runtime facts.\n# TYPE kefu_info gauge");
     let _ = writeln!(
@@ -102,6 +104,26 @@ pub fn render(shards: &[ShardStats], driver: &str) -> String {
         "# HELP kefu_allocations_total Heap allocations by every thread.\n# TYPE kefu_allocations_total counter\nkefu_allocations_total {}",
         crate::alloc::allocations()
     );
+    // A family of its own rather than labels on the total: summing
+    // kefu_allocations_total must not count every allocation twice.
+    let _ = writeln!(
+        out,
+        "# HELP kefu_thread_allocations_total Heap allocations by thread name.\n# TYPE kefu_thread_allocations_total counter"
+    );
+    for (thread, n) in crate::alloc::allocations_by_thread() {
+        let _ = writeln!(out, "kefu_thread_allocations_total{{thread=\"{thread}\"}} {n}");
+    }
+    let storage: [(&str, &str, &str, u64); 6] = [
+        ("kefu_storage_commits_total", "counter", "Group commits done.", store.commits),
+        ("kefu_storage_failed_commits_total", "counter", "Group commits that failed.", store.failed_commits),
+        ("kefu_storage_writes_total", "counter", "Writes stored.", store.writes),
+        ("kefu_storage_fsyncs_total", "counter", "fsyncs returned.", store.fsyncs),
+        ("kefu_storage_submit_full_total", "counter", "Writes refused: queue full.", store.submit_full),
+        ("kefu_storage_batch_records_max", "gauge", "Largest group commit so far.", store.batch_records_max),
+    ];
+    for (name, kind, help, value) in storage {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
     type Field = fn(&ShardStats) -> &AtomicU64;
     let series: [(&str, &str, &str, Field); 14] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),

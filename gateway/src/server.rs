@@ -97,6 +97,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         unclean_shutdown = recovery.unclean_shutdown,
         "store open"
     );
+    let store_stats = store.stats_source();
     let store = Arc::new(store);
     let core = Arc::new(config.core());
     let (allow_anonymous, heartbeat_s) = (config.auth.allow_anonymous, config.server.heartbeat_s as u32);
@@ -123,6 +124,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             ready: ready_tx.clone(),
             mailboxes: mailboxes.clone(),
             chat: chat(id),
+            store_stats: store_stats.clone(),
         };
         let t = std::thread::Builder::new()
             .name(format!("kefu-shard-{id}"))

@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use monoio::net::{ListenerOpts, TcpListener};
 use tracing::{debug, info, warn};
 
-use kefu_proto::client::{Codec, Encoder, ServerFrame};
+use kefu_proto::client::{Codec, ServerFrame, SpareStrings};
 
-use crate::chat::service::{ChatInit, ChatService, Local, ws_frame};
+use crate::chat::frames::{FrameEncoder, SharedFrame};
+use crate::chat::service::{ChatInit, ChatService, Local};
 use crate::chat::{SessionAddr, ShardMsg};
 use crate::config::{Config, IoDriver};
 use crate::conn::{self, Conn};
@@ -53,6 +54,8 @@ pub struct ShardInit {
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
     /// What this shard's chat service starts from.
     pub chat: ChatInit,
+    /// The store's counters, for the admin listener's `/metrics`.
+    pub store_stats: kefu_storage::StatsSource,
 }
 
 /// What a shard reports once it listens.
@@ -127,8 +130,10 @@ pub struct Shard {
     max_connections: usize,
     /// Every shard's inbox.
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
-    /// Reusable encoder for frames this shard answers itself.
-    encoder: RefCell<Encoder>,
+    /// Encoder (and frame buffers) for frames this shard answers itself.
+    encoder: RefCell<FrameEncoder>,
+    /// String buffers for decoding `send`s, handed back by the chat shard.
+    pub strings: RefCell<SpareStrings>,
 }
 
 impl Shard {
@@ -150,13 +155,14 @@ impl Shard {
             stopping: Cell::new(false),
             max_connections: config.server.max_connections_per_shard,
             mailboxes,
-            encoder: RefCell::new(Encoder::new()),
+            encoder: RefCell::new(FrameEncoder::new()),
+            strings: RefCell::new(SpareStrings::new()),
         }
     }
 
     /// Encodes a frame this shard answers itself (pong, decode errors).
-    pub fn encode(&self, codec: Codec, frame: &ServerFrame) -> Arc<[u8]> {
-        ws_frame(codec, frame, &mut self.encoder.borrow_mut())
+    pub fn encode(&self, codec: Codec, frame: &ServerFrame) -> SharedFrame {
+        self.encoder.borrow_mut().encode(codec, frame)
     }
 
     /// This shard's counters.
@@ -351,7 +357,7 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 async fn serve(init: ShardInit) {
-    let ShardInit { id, config, stop, stats, ready, mailboxes, chat } = init;
+    let ShardInit { id, config, stop, stats, ready, mailboxes, chat, store_stats } = init;
     let slab = match Slab::new(&config.slab.classes) {
         Ok(slab) => slab,
         Err(e) => {
@@ -395,7 +401,7 @@ async fn serve(init: ShardInit) {
             IoDriver::Uring => "io_uring",
             IoDriver::Epoll => "epoll",
         };
-        monoio::spawn(crate::admin::serve(admin, stats, driver, shard.clone()));
+        monoio::spawn(crate::admin::serve(admin, stats, store_stats, driver, shard.clone()));
     }
     let service = match ChatService::new(chat) {
         Ok(service) => service,
@@ -456,11 +462,12 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: ChatService) 
         let started = thread_cpu_ns();
         while let Some(msg) = inbox.try_recv() {
             match msg {
-                ShardMsg::Deliver { to, bytes } => {
+                ShardMsg::Deliver { to, bytes, spare } => {
                     // Held if its session is still waiting for `connected`.
                     if let Some(bytes) = service.pass(to, bytes) {
                         deliver(&shard, to, bytes);
                     }
+                    give_back(&shard, spare);
                 }
                 ShardMsg::Close { to, code, reason } => close(&shard, to, code, reason),
                 other => service.handle(other),
@@ -501,13 +508,24 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: ChatService) 
 fn flush_local(shard: &Shard, service: &mut ChatService) {
     for out in service.take_local() {
         match out {
-            Local::Deliver(to, bytes) => deliver(shard, to, bytes),
+            Local::Deliver(to, bytes, spare) => {
+                deliver(shard, to, bytes);
+                give_back(shard, spare);
+            }
             Local::Close(to, code, reason) => close(shard, to, code, reason),
         }
     }
 }
 
-fn deliver(shard: &Shard, to: SessionAddr, bytes: std::sync::Arc<[u8]>) {
+/// String buffers this shard's decoder filled, back from the message's home.
+fn give_back(shard: &Shard, spare: [Option<String>; 2]) {
+    if spare.iter().any(Option::is_some) {
+        let mut strings = shard.strings.borrow_mut();
+        spare.into_iter().flatten().for_each(|s| strings.give(s));
+    }
+}
+
+fn deliver(shard: &Shard, to: SessionAddr, bytes: SharedFrame) {
     if let Some(conn) = shard.lookup(to) {
         ShardStats::inc(&shard.stats().frames_out);
         let _ = conn.push(conn::Out::Shared(bytes, 0));

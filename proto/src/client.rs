@@ -60,7 +60,9 @@
 //! reuses a `FlatBufferBuilder` ([`fb::encode_server`]); once those have grown
 //! to the size of the largest frame, encoding the per-message events (`msg`,
 //! `ack`, `read`, `typing`, `presence`, `resumed`, `error`, `pong`) allocates
-//! nothing. Decoding allocates the strings and bytes the frame owns.
+//! nothing. Decoding allocates the strings and bytes the frame owns, except
+//! a `send`'s cid and text when it is given spare buffers for them
+//! ([`Codec::decode_client_reusing`], [`SpareStrings`]).
 
 use std::collections::BTreeMap;
 
@@ -68,8 +70,11 @@ use crate::ids::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
 
 pub mod fb;
 pub mod json;
+mod spare;
 #[cfg(test)]
 mod tests;
+
+pub use spare::{SPARE_STRING_BYTES_MAX, SPARE_STRINGS_MAX, SpareStrings};
 
 pub use fb::{
     decode_client as decode_fb, decode_server as decode_server_fb, encode_client as encode_client_fb,
@@ -633,13 +638,14 @@ pub(crate) mod check {
         Ok(())
     }
 
-    /// `send` with neither text nor attachment says nothing.
-    pub(crate) fn send_content(text: Option<&str>, has_attachment: bool) -> R<Option<String>> {
+    /// `send` with neither text nor attachment says nothing. Returns the
+    /// text to keep (none if empty).
+    pub(crate) fn send_content(text: Option<&str>, has_attachment: bool) -> R<Option<&str>> {
         let text = text.filter(|t| !t.is_empty());
         if text.is_none() && !has_attachment {
             return Err(invalid("text", "a send needs a non-empty `text` or an `attachment`"));
         }
-        Ok(text.map(str::to_string))
+        Ok(text)
     }
 }
 
@@ -682,9 +688,19 @@ impl Codec {
 
     /// Decodes a client's message.
     pub fn decode_client(self, bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+        self.decode_client_reusing(bytes, &mut SpareStrings::new())
+    }
+
+    /// [`Self::decode_client`], copying a `send`'s cid and text into
+    /// `spare`'s buffers rather than allocating.
+    pub fn decode_client_reusing(
+        self,
+        bytes: &[u8],
+        spare: &mut SpareStrings,
+    ) -> Result<ClientFrame, DecodeError> {
         match self {
-            Codec::Json => json::decode_client(bytes),
-            Codec::FlatBuffers => fb::decode_client(bytes),
+            Codec::Json => json::decode_client_reusing(bytes, spare),
+            Codec::FlatBuffers => fb::decode_client_reusing(bytes, spare),
         }
     }
 

@@ -180,6 +180,14 @@ impl SlotCache {
         SlotCache::new(self.key, self.max_entries)
     }
 
+    /// Whether this cache has read `conv`'s index below `before_seq` and
+    /// holds no slot of (sender, cid): no append of it below `before_seq`.
+    pub(crate) fn knows_absent(&self, conv: u64, sender: &str, cid: &str, before_seq: u64) -> bool {
+        self.convs
+            .get(&conv)
+            .is_some_and(|c| c.next_seq >= before_seq && !c.slots.contains_key(&self.key.slot(sender, cid)))
+    }
+
     /// Like [`find_by_scan`], reading only what this cache has not seen.
     /// The caller holds the cache's lock across `index` and `log`'s read
     /// transaction, so transactions come in snapshot order and the cache

@@ -80,26 +80,55 @@ pub(crate) struct GroupCommit {
     buf2: Vec<u8>,
 }
 
-/// The tables a batch writes to, opened once per transaction.
+/// The tables a batch writes to, opened once per transaction. Those only
+/// some writes touch are opened on first use: opening a table costs redb
+/// about nine allocations, and most batches hold only messages.
 struct Tables<'t> {
+    txn: &'t WriteTransaction,
     log: Table<'t, u64, &'static [u8]>,
     conv_index: Table<'t, (u64, u64), (u64, u64)>,
-    conversations: Table<'t, u64, &'static [u8]>,
-    users: Table<'t, &'static str, &'static [u8]>,
-    consumer_offsets: Table<'t, &'static str, u64>,
     meta: Table<'t, &'static str, u64>,
+    conversations: Option<Table<'t, u64, &'static [u8]>>,
+    users: Option<Table<'t, &'static str, &'static [u8]>>,
+    consumer_offsets: Option<Table<'t, &'static str, u64>>,
 }
 
 impl<'t> Tables<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Tables<'t>, StorageError> {
         Ok(Tables {
+            txn,
             log: txn.open_table(tables::LOG).ctx("open table log")?,
             conv_index: txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?,
-            conversations: txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?,
-            users: txn.open_table(tables::USERS).ctx("open table users")?,
-            consumer_offsets: txn.open_table(tables::CONSUMER_OFFSETS).ctx("open table consumer_offsets")?,
             meta: txn.open_table(tables::META).ctx("open table meta")?,
+            conversations: None,
+            users: None,
+            consumer_offsets: None,
         })
+    }
+
+    fn conversations(&mut self) -> Result<&mut Table<'t, u64, &'static [u8]>, StorageError> {
+        lazily(&mut self.conversations, self.txn, tables::CONVERSATIONS, "open table conversations")
+    }
+
+    fn users(&mut self) -> Result<&mut Table<'t, &'static str, &'static [u8]>, StorageError> {
+        lazily(&mut self.users, self.txn, tables::USERS, "open table users")
+    }
+
+    fn consumer_offsets(&mut self) -> Result<&mut Table<'t, &'static str, u64>, StorageError> {
+        lazily(&mut self.consumer_offsets, self.txn, tables::CONSUMER_OFFSETS, "open table consumer_offsets")
+    }
+}
+
+/// The table in `slot`, opened in `txn` first if it is not yet.
+fn lazily<'s, 't, K: redb::Key + 'static, V: redb::Value + 'static>(
+    slot: &'s mut Option<Table<'t, K, V>>,
+    txn: &'t WriteTransaction,
+    definition: redb::TableDefinition<'_, K, V>,
+    context: &'static str,
+) -> Result<&'s mut Table<'t, K, V>, StorageError> {
+    match slot {
+        Some(table) => Ok(table),
+        None => Ok(slot.insert(txn.open_table(definition).ctx(context)?)),
     }
 }
 
@@ -325,7 +354,7 @@ impl GroupCommit {
                 if let Err(e) = encode_into(&*c, &mut self.buf).and_then(|()| self.encode_logged(op)) {
                     return Ok(Err(e));
                 }
-                t.conversations.insert(id, self.buf.as_slice()).ctx("insert conversation")?;
+                t.conversations()?.insert(id, self.buf.as_slice()).ctx("insert conversation")?;
                 let offset = self.insert_logged(t)?;
                 self.next_conv_id = self.next_conv_id.max(id.saturating_add(1));
                 done(offset)
@@ -338,7 +367,7 @@ impl GroupCommit {
                 let WriteOp::PutUser(u) = op else {
                     unreachable!("encode_logged hands the op back as it was")
                 };
-                t.users.insert(u.id.as_str(), self.buf.as_slice()).ctx("insert user")?;
+                t.users()?.insert(u.id.as_str(), self.buf.as_slice()).ctx("insert user")?;
                 done(self.insert_logged(t)?)
             }
             WriteOp::MarkRead(_) => {
@@ -348,7 +377,7 @@ impl GroupCommit {
                 done(self.insert_logged(t)?)
             }
             WriteOp::CommitOffset { consumer, offset } => {
-                t.consumer_offsets.insert(consumer.as_str(), *offset).ctx("insert consumer offset")?;
+                t.consumer_offsets()?.insert(consumer.as_str(), *offset).ctx("insert consumer offset")?;
                 Ok(Ok(Committed { offset: *offset, seq: 0, ts_ms: 0, duplicate: false, commit }))
             }
         }

@@ -87,5 +87,5 @@ pub use record::{
     ArchivedUserRecord, Attachment, ConvStatusDef, ConversationRecord, LogRecord, MessageRecord, ReadMark,
     RoleDef, Sender, UserRecord,
 };
-pub use store::{Recovery, Store, StoreStats};
+pub use store::{Recovery, StatsSource, Store, StoreStats};
 pub use write::{Committed, Completion, Completions, NewMessage, Notify, WriteOp, Writer};

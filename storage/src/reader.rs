@@ -283,6 +283,30 @@ impl Reader {
         Ok(hit.map(|o| DedupeHit { seq: o.seq, offset: o.offset, ts_ms: o.ts_ms }))
     }
 
+    /// As [`Self::dedupe`], for a caller that knows every append of the
+    /// conversation from `before_seq` on (its own window of recent cids):
+    /// when the shared cache has already read the conversation's index
+    /// below `before_seq` and holds no slot of (sender, cid), the answer is
+    /// `None` without a read transaction. `before_seq` 1 is always `None`.
+    pub fn dedupe_before(
+        &self,
+        sender: &str,
+        conv: u64,
+        cid: &str,
+        before_seq: u64,
+    ) -> Result<Option<DedupeHit>, StorageError> {
+        if before_seq <= 1 {
+            return Ok(None);
+        }
+        {
+            let slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if slots.knows_absent(conv, sender, cid, before_seq) {
+                return Ok(None);
+            }
+        }
+        self.dedupe(sender, conv, cid)
+    }
+
     /// Visits up to `limit` log records from `from_offset` on, in offset
     /// order, zero-copy.
     pub fn visit_log(

@@ -80,6 +80,36 @@ pub struct Store {
     reader: Reader,
 }
 
+/// Reads the store's counters; see [`Store::stats_source`].
+#[derive(Clone)]
+pub struct StatsSource {
+    shared: Arc<Shared>,
+    syncs: Arc<SyncCounter>,
+}
+
+impl std::fmt::Debug for StatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsSource").finish_non_exhaustive()
+    }
+}
+
+impl StatsSource {
+    /// The counters now.
+    pub fn stats(&self) -> StoreStats {
+        let s = &self.shared.stats;
+        StoreStats {
+            commits: s.commits.load(Ordering::Relaxed),
+            failed_commits: s.failed_commits.load(Ordering::Relaxed),
+            writes: s.writes.load(Ordering::Relaxed),
+            duplicates: s.duplicates.load(Ordering::Relaxed),
+            rejected: s.rejected.load(Ordering::Relaxed),
+            submit_full: s.full.load(Ordering::Relaxed),
+            fsyncs: self.syncs.returned(),
+            batch_records_max: s.batch_records_max.load(Ordering::Relaxed),
+        }
+    }
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
@@ -206,17 +236,13 @@ impl Store {
 
     /// Counters for `/metrics`.
     pub fn stats(&self) -> StoreStats {
-        let s = &self.shared.stats;
-        StoreStats {
-            commits: s.commits.load(Ordering::Relaxed),
-            failed_commits: s.failed_commits.load(Ordering::Relaxed),
-            writes: s.writes.load(Ordering::Relaxed),
-            duplicates: s.duplicates.load(Ordering::Relaxed),
-            rejected: s.rejected.load(Ordering::Relaxed),
-            submit_full: s.full.load(Ordering::Relaxed),
-            fsyncs: self.syncs.returned(),
-            batch_records_max: s.batch_records_max.load(Ordering::Relaxed),
-        }
+        self.stats_source().stats()
+    }
+
+    /// A handle that reads [`Self::stats`] from another owner (the metrics
+    /// endpoint), without holding the store open.
+    pub fn stats_source(&self) -> StatsSource {
+        StatsSource { shared: self.shared.clone(), syncs: self.syncs.clone() }
     }
 
     /// Stops taking writes, completes every write already submitted (their

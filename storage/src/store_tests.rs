@@ -540,3 +540,22 @@ fn a_reader_with_its_own_dedupe_cache_finds_the_same() {
     assert_eq!(own.dedupe("v1", 1, "a").unwrap().map(|h| h.seq), Some(1));
     assert!(!Arc::ptr_eq(&shared.slots, &own.slots), "not the shared cache");
 }
+
+#[test]
+fn dedupe_before_answers_from_the_cache_what_it_has_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let r = store.reader();
+    assert_eq!(r.dedupe_before("v1", 1, "a", 1).unwrap(), None);
+    for (i, cid) in ["a", "b", "c"].into_iter().enumerate() {
+        write(&store, i as u64, WriteOp::AppendMessage(message(1, "v1", cid, "x"))).result.unwrap();
+    }
+    // Nothing read yet: the index is asked.
+    assert_eq!(r.dedupe_before("v1", 1, "a", 3).unwrap().map(|h| h.seq), Some(1));
+    // Read up to seq 3 now; appends the cache has not seen are still found.
+    write(&store, 3, WriteOp::AppendMessage(message(1, "v1", "d", "x"))).result.unwrap();
+    assert_eq!(r.dedupe_before("v1", 1, "zz", 3).unwrap(), None);
+    assert_eq!(r.dedupe_before("v1", 1, "d", 5).unwrap().map(|h| h.seq), Some(4));
+    assert_eq!(r.dedupe_before("v1", 1, "b", 5).unwrap().map(|h| h.seq), Some(2));
+    assert_eq!(r.dedupe_before("v2", 1, "b", 5).unwrap(), None);
+}

@@ -81,11 +81,9 @@ impl ChatService {
                 self.post_chat(ROUTER_SHARD, ChatMsg::Route { reply, actor, request });
                 return;
             }
-            Forward::Send { conv, cid } => {
-                let (text, attachment) = match frame.body {
-                    Command::Send { text, attachment, .. } => (text, attachment),
-                    _ => (None, None),
-                };
+            Forward::Send { conv } => {
+                // The frame's strings travel on and become the message's.
+                let Command::Send { cid, text, attachment, .. } = frame.body else { return };
                 (conv, HomeRequest::Send { conv, cid, text, attachment })
             }
             Forward::Home(conv, request) => (conv, HomeRequest::Checked(request)),
@@ -293,7 +291,7 @@ impl ChatService {
 /// A checked command, sorted by who answers it.
 enum Forward {
     Pong,
-    Send { conv: ConvId, cid: kefu_core::Cid },
+    Send { conv: ConvId },
     Home(ConvId, Request<'static>),
     Route(Request<'static>),
 }
@@ -301,7 +299,7 @@ enum Forward {
 impl From<Request<'_>> for Forward {
     fn from(r: Request<'_>) -> Self {
         match r.detach() {
-            Err(Request::Send { conv, cid, .. }) => Forward::Send { conv, cid },
+            Err(Request::Send { conv, .. }) => Forward::Send { conv },
             Err(_) => unreachable!("only send borrows"),
             Ok(Request::Ping) => Forward::Pong,
             Ok(

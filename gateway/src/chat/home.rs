@@ -8,10 +8,10 @@ use kefu_core::identity::{Actor, UserId};
 use kefu_core::session::Request;
 use kefu_proto::client::{self, AgentRef as WireAgent, Codec, Event, Msg, ServerFrame, User};
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
-use kefu_storage::{ConversationRecord, NewMessage, ReadMark, UserRecord, WriteOp};
+use kefu_storage::{ConversationRecord, ReadMark, UserRecord, WriteOp};
 use tracing::warn;
 
-use super::service::{ChatService, Member, Pending, now_ms, restored_conversation, wire_msg};
+use super::service::{ChatService, Member, Pending, new_message, now_ms, restored_conversation, wire_msg};
 use super::{Change, HomeRequest, Reply, RouteInfo, SessionAddr};
 
 impl ChatService {
@@ -19,7 +19,16 @@ impl ChatService {
         let now = now_ms();
         match request {
             HomeRequest::Send { conv, cid, text, attachment } => {
-                self.on_send(reply, actor, conv, cid, text, attachment, now)
+                // The edge checked the cid; it is read again here because the
+                // hop carries the frame's own String (which the message then
+                // keeps: no copy), not the parsed form.
+                match kefu_core::Cid::new(&cid) {
+                    Ok(parsed) => self.on_send(reply, actor, conv, (parsed, cid), text, attachment, now),
+                    Err(e) => {
+                        let (to, codec, id) = reply;
+                        self.send(to, codec, &ServerFrame::error(id, ErrorCode::BadCommand, e.to_string()));
+                    }
+                }
             }
             HomeRequest::Checked(Request::Read { conv, seq }) => self.on_read(reply, actor, conv, seq, now),
             HomeRequest::Checked(Request::Typing { conv }) => self.on_typing(reply, actor, conv, now),
@@ -91,7 +100,7 @@ impl ChatService {
         reply: Reply,
         actor: &Actor,
         conv: ConvId,
-        cid: kefu_core::Cid,
+        (cid, wire_cid): (kefu_core::Cid, String),
         text: Option<String>,
         attachment: Option<client::Attachment>,
         now: u64,
@@ -101,8 +110,12 @@ impl ChatService {
             return;
         }
         // Older resends than the conversation's window remembers: the
-        // durable dedupe index has the original.
-        match self.reader.dedupe(&actor.id, conv.0, cid.as_str()) {
+        // durable dedupe index has the original. Only the seqs below the
+        // window are asked about, which the reader's cache mostly answers
+        // without a read transaction (none at all while the window has
+        // never lost a cid).
+        let below = self.convs.get(&conv).map_or(u64::MAX, Conversation::cids_remembered_from);
+        match self.reader.dedupe_before(&actor.id, conv.0, cid.as_str(), below) {
             Ok(Some(hit)) => {
                 let ack = Event::Ack {
                     cid: cid.as_str().into(),
@@ -133,11 +146,11 @@ impl ChatService {
                 let msg = Msg {
                     conv,
                     seq,
-                    cid: cid.as_str().into(),
+                    cid: wire_cid,
                     from: client::Sender {
                         role: actor.role,
-                        id: actor.id.to_string(),
-                        name: actor.name.to_string(),
+                        id: self.strings.copy(&actor.id),
+                        name: self.strings.copy(&actor.name),
                     },
                     text,
                     attachment,
@@ -149,24 +162,8 @@ impl ChatService {
     }
 
     fn append(&mut self, msg: Msg, sender: Option<Reply>) {
-        let op = WriteOp::AppendMessage(NewMessage {
-            conv: msg.conv.0,
-            seq: Some(msg.seq),
-            cid: msg.cid.clone(),
-            from: kefu_storage::Sender {
-                role: msg.from.role,
-                id: msg.from.id.clone(),
-                name: msg.from.name.clone(),
-            },
-            ts_ms: msg.ts,
-            text: msg.text.clone(),
-            attachment: msg
-                .attachment
-                .as_ref()
-                .map(|a| kefu_storage::Attachment { mime: a.mime.clone(), bytes: a.data.clone() }),
-        });
         let (conv, seq) = (msg.conv, msg.seq);
-        if !self.submit(op, Pending::Message { conv, seq, sender, msg }) {
+        if !self.submit(WriteOp::AppendMessage(new_message(msg)), Pending::Message { conv, seq, sender }) {
             // Nothing was written: the seq must be taken back, which only a
             // rebuild from storage does safely.
             self.reload(conv);
@@ -176,15 +173,17 @@ impl ChatService {
         }
     }
 
-    /// A message is durable: ack it, answer duplicates that waited for it,
-    /// fan it out, and let the keyword rules answer.
+    /// A message is durable: answer duplicates that waited for it, fan it
+    /// out, let the keyword rules answer, and ack it last: the ack takes the
+    /// cid and text buffers back to the sender's shard, whose decoder
+    /// filled them, once the fan-out no longer needs them.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn message_committed(
         &mut self,
         conv: ConvId,
         ours: u64,
         sender: Option<Reply>,
-        msg: Msg,
+        mut msg: Msg,
         duplicate: bool,
         seq: u64,
         ts: u64,
@@ -192,26 +191,58 @@ impl ChatService {
         if let Some(c) = self.convs.get_mut(&conv) {
             c.committed(ours);
         }
-        let ack = |dup: bool| Event::Ack { cid: msg.cid.clone(), conv, seq, ts, duplicate: dup };
-        if let Some((to, codec, id)) = sender {
-            self.send(to, codec, &ServerFrame::reply(id, ack(duplicate)));
+        // The ack borrows the message's cid and hands it back.
+        let mut ack = ServerFrame::reply(
+            None,
+            Event::Ack { cid: std::mem::take(&mut msg.cid), conv, seq, ts, duplicate },
+        );
+        let sender_ack = sender.map(|(to, codec, id)| {
+            ack.id = id;
+            (to, self.frames.encode(codec, &ack))
+        });
+        if let Some(waiters) = self.dup_waiters.remove(&(conv, ours)) {
+            if let Event::Ack { duplicate, .. } = &mut ack.body {
+                *duplicate = true;
+            }
+            for (to, codec, id) in waiters {
+                ack.id = id;
+                self.send(to, codec, &ack);
+            }
         }
-        for (to, codec, id) in self.dup_waiters.remove(&(conv, ours)).unwrap_or_default() {
-            self.send(to, codec, &ServerFrame::reply(id, ack(true)));
+        if let Event::Ack { cid, .. } = ack.body {
+            msg.cid = cid;
         }
         if duplicate {
+            if let Some((to, bytes)) = sender_ack {
+                self.write(to, bytes);
+            }
             // Storage had it already (a resend older than the window): the
             // seq we took is unused, so rebuild.
             self.reload(conv);
             return;
         }
         let except = sender.map(|(a, _, _)| a);
-        let audience: Vec<Member> = self.participants(conv).filter(|m| Some(m.addr) != except).collect();
+        let mut audience = std::mem::take(&mut self.audience);
+        audience.clear();
+        audience.extend(self.participants(conv).filter(|m| Some(m.addr) != except));
         let auto = (msg.from.role == Role::Visitor)
             .then(|| msg.text.as_deref().and_then(|t| self.rules.auto_reply(Role::Visitor, t)))
             .flatten()
             .map(str::to_string);
-        self.deliver(audience, &ServerFrame::push(Event::Msg(msg)));
+        let frame = ServerFrame::push(Event::Msg(msg));
+        self.deliver(audience.iter().copied(), &frame);
+        self.audience = audience;
+        if let Event::Msg(Msg { cid, from, text, .. }) = frame.body {
+            self.strings.give(from.id);
+            self.strings.give(from.name);
+            match sender_ack {
+                Some((to, bytes)) => self.write_with(to, bytes, [Some(cid), text]),
+                None => {
+                    self.strings.give(cid);
+                    text.into_iter().for_each(|t| self.strings.give(t));
+                }
+            }
+        }
         if let Some(text) = auto {
             self.bot_message(conv, text);
         }

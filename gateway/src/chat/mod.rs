@@ -37,17 +37,17 @@
 //!   that conversation.
 
 pub mod edge;
+pub mod frames;
 pub mod home;
 pub mod router;
 pub mod service;
 
-use std::sync::Arc;
-
-use kefu_core::Cid;
 use kefu_core::identity::{Actor, AgentRef, GroupName, Identity, UserId, Visitor};
 use kefu_core::session::Request;
 use kefu_proto::client::{Attachment, ClientFrame, Codec};
 use kefu_proto::{ConvId, ConvStatus};
+
+use frames::SharedFrame;
 
 /// Where a connection lives: its shard, its registry slot there, and the
 /// slot's generation (so a message for a connection that has gone never
@@ -88,7 +88,10 @@ pub enum ShardMsg {
         /// The connection.
         to: SessionAddr,
         /// Header and payload, shared by every recipient.
-        bytes: Arc<[u8]>,
+        bytes: SharedFrame,
+        /// String buffers for the shard's decoder: those of the message
+        /// this frame acks, which that decoder filled.
+        spare: [Option<String>; 2],
     },
     /// Any shard → a connection's shard: close it (after what is queued).
     Close {
@@ -117,12 +120,12 @@ pub enum ShardMsg {
 /// A command a conversation's home answers.
 #[derive(Debug)]
 pub enum HomeRequest {
-    /// `send`, with the message's owned parts.
+    /// `send`, with the message's owned parts (the decoded frame's).
     Send {
         /// The conversation.
         conv: ConvId,
-        /// The client's message id.
-        cid: Cid,
+        /// The client's message id, checked by the edge.
+        cid: String,
         /// The text, if any.
         text: Option<String>,
         /// The attachment, if any.

@@ -17,28 +17,16 @@ use kefu_core::routing::RestoredRoute;
 use kefu_core::rules::Rules;
 use kefu_core::session::Session;
 use kefu_core::{Conversation, CoreConfig, Router};
-use kefu_proto::client::{self, Codec, Encoder, Msg, ServerFrame};
+use kefu_proto::client::{self, Codec, Msg, ServerFrame, SpareStrings};
 use kefu_proto::{ConvId, Role};
 use kefu_storage::{
-    Completion, Completions, ConversationRecord, MessageRecord, Reader, Store, WriteOp, Writer,
+    Completion, Completions, ConversationRecord, MessageRecord, NewMessage, Reader, Store, WriteOp, Writer,
 };
 use tracing::{info, warn};
 
+use super::frames::{FrameEncoder, SharedFrame};
 use super::{ChatMsg, ROUTER_SHARD, Reply, RouteInfo, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
-use crate::ws::frame::{MAX_HEADER_BYTES, OpCode, encode_header};
-
-/// Encodes `frame` for `codec` as one complete server WebSocket frame.
-pub fn ws_frame(codec: Codec, frame: &ServerFrame, encoder: &mut Encoder) -> Arc<[u8]> {
-    let payload = codec.encode_server(frame, encoder);
-    let opcode = if codec.is_binary() { OpCode::Binary } else { OpCode::Text };
-    let mut header = [0u8; MAX_HEADER_BYTES];
-    let h = encode_header(&mut header, true, opcode, payload.len() as u64, None);
-    let mut bytes = Vec::with_capacity(h + payload.len());
-    bytes.extend_from_slice(&header[..h]);
-    bytes.extend_from_slice(payload);
-    bytes.into()
-}
 
 /// What a shard's chat service needs at start.
 pub struct ChatInit {
@@ -95,8 +83,9 @@ pub(super) struct Member {
 pub(super) enum Pending {
     /// A new anonymous visitor is stored: announce the session.
     Connected { to: SessionAddr },
-    /// A message is stored: ack it and fan it out.
-    Message { conv: ConvId, seq: u64, sender: Option<Reply>, msg: Msg },
+    /// A message is stored: ack it and fan it out. The message itself comes
+    /// back with the completion, so nothing of it is copied to wait here.
+    Message { conv: ConvId, seq: u64, sender: Option<Reply> },
     /// A conversation's change is stored: announce its state, and answer
     /// the command that caused it, if one did. `previous` is the agent who
     /// had it before a transfer or requeue: no longer a participant, but
@@ -110,8 +99,8 @@ pub(super) enum Pending {
 /// message that caused it is handled: in order with the inbox, without a
 /// round trip through it.
 pub enum Local {
-    /// Write this frame.
-    Deliver(SessionAddr, Arc<[u8]>),
+    /// Write this frame; give the strings to this shard's decoder.
+    Deliver(SessionAddr, SharedFrame, [Option<String>; 2]),
     /// Close the connection.
     Close(SessionAddr, u16, &'static str),
 }
@@ -126,7 +115,7 @@ pub struct ChatService {
     pub(super) me: usize,
     pub(super) shards: usize,
     pub(super) mailboxes: Arc<[Mailbox<ShardMsg>]>,
-    pub(super) encoder: Encoder,
+    pub(super) frames: FrameEncoder,
     pub(super) core: Arc<CoreConfig>,
     pub(super) jwt: JwtKey,
     pub(super) allow_anonymous: bool,
@@ -139,7 +128,7 @@ pub struct ChatService {
     /// Edge: this shard's connections.
     pub(super) sessions: HashMap<SessionAddr, Sess>,
     /// Edge: frames waiting for their session's `connected`.
-    pub(super) held: HashMap<SessionAddr, Vec<Arc<[u8]>>>,
+    pub(super) held: HashMap<SessionAddr, Vec<SharedFrame>>,
     /// Every shard: user → sessions, replicated.
     pub(super) users: HashMap<UserId, Vec<Member>>,
     /// Home: the conversations homed here that are in memory.
@@ -156,10 +145,41 @@ pub struct ChatService {
     /// Output for this shard's own connections.
     local: Vec<Local>,
     next_token: u64,
+    /// Reused for each message's audience.
+    pub(super) audience: Vec<Member>,
+    /// Buffers of delivered messages' strings, for the sender id and name
+    /// of the next ones (the cid and text go back to the edges).
+    pub(super) strings: SpareStrings,
 }
 
 pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The storage write for `msg`; its strings move, they are not copied.
+pub(super) fn new_message(msg: Msg) -> NewMessage {
+    NewMessage {
+        conv: msg.conv.0,
+        seq: Some(msg.seq),
+        cid: msg.cid,
+        from: kefu_storage::Sender { role: msg.from.role, id: msg.from.id, name: msg.from.name },
+        ts_ms: msg.ts,
+        text: msg.text,
+        attachment: msg.attachment.map(|a| kefu_storage::Attachment { mime: a.mime, bytes: a.data }),
+    }
+}
+
+/// The message [`new_message`] made `m` from, back from storage with seq `seq`.
+pub(super) fn wire_msg_of(m: NewMessage, seq: u64) -> Msg {
+    Msg {
+        conv: ConvId(m.conv),
+        seq,
+        cid: m.cid,
+        from: client::Sender { role: m.from.role, id: m.from.id, name: m.from.name },
+        text: m.text,
+        attachment: m.attachment.map(|a| client::Attachment { mime: a.mime, data: a.bytes }),
+        ts: m.ts_ms,
+    }
 }
 
 pub(super) fn wire_msg(r: MessageRecord) -> Msg {
@@ -219,7 +239,7 @@ impl ChatService {
             me: shard,
             shards,
             mailboxes,
-            encoder: Encoder::new(),
+            frames: FrameEncoder::new(),
             jwt,
             allow_anonymous,
             heartbeat_s,
@@ -239,6 +259,8 @@ impl ChatService {
             reply_on_change: Vec::new(),
             local: Vec::new(),
             next_token: 1,
+            audience: Vec::new(),
+            strings: SpareStrings::new(),
         })
     }
 
@@ -278,10 +300,12 @@ impl ChatService {
 
     /// Applies every storage completion that has arrived.
     pub fn poll_completions(&mut self) {
-        while let Some(Completion { token, result, .. }) = self.completions.pop() {
+        while let Some(Completion { token, result, op }) = self.completions.pop() {
             let Some(pending) = self.pending.remove(&token) else { continue };
             match result {
-                Ok(committed) => self.committed(pending, committed.duplicate, committed.seq, committed.ts_ms),
+                Ok(committed) => {
+                    self.committed(pending, op, committed.duplicate, committed.seq, committed.ts_ms)
+                }
                 Err(e) => self.failed(pending, e),
             }
         }
@@ -304,7 +328,7 @@ impl ChatService {
     /// A frame for one of this shard's connections, from another shard:
     /// handed back unless its session is still waiting for `connected`,
     /// in which case it is held.
-    pub fn pass(&mut self, to: SessionAddr, bytes: Arc<[u8]>) -> Option<Arc<[u8]>> {
+    pub fn pass(&mut self, to: SessionAddr, bytes: SharedFrame) -> Option<SharedFrame> {
         if self.held.is_empty() {
             return Some(bytes);
         }
@@ -336,29 +360,34 @@ impl ChatService {
     }
 
     /// Writes an already encoded frame to a connection, wherever it is.
-    pub(super) fn write(&mut self, to: SessionAddr, bytes: Arc<[u8]>) {
+    pub(super) fn write(&mut self, to: SessionAddr, bytes: SharedFrame) {
+        self.write_with(to, bytes, Default::default());
+    }
+
+    /// [`Self::write`], handing `spare` (strings its shard's decoder
+    /// filled) back to that shard along with the frame.
+    pub(super) fn write_with(&mut self, to: SessionAddr, bytes: SharedFrame, spare: [Option<String>; 2]) {
         if to.shard as usize == self.me {
             if let Some(bytes) = self.pass(to, bytes) {
-                self.local.push(Local::Deliver(to, bytes));
+                self.local.push(Local::Deliver(to, bytes, spare));
             }
         } else {
-            self.post(to.shard as usize, ShardMsg::Deliver { to, bytes });
+            self.post(to.shard as usize, ShardMsg::Deliver { to, bytes, spare });
         }
     }
 
     /// Encodes and writes one frame to one connection.
     pub(super) fn send(&mut self, to: SessionAddr, codec: Codec, frame: &ServerFrame) {
-        let bytes = ws_frame(codec, frame, &mut self.encoder);
+        let bytes = self.frames.encode(codec, frame);
         self.write(to, bytes);
     }
 
     /// Sends one event to many sessions: encoded once per subprotocol.
     pub(super) fn deliver(&mut self, to: impl IntoIterator<Item = Member>, frame: &ServerFrame) {
-        let mut encoded: [Option<Arc<[u8]>>; 2] = [None, None];
+        let mut encoded: [Option<SharedFrame>; 2] = [None, None];
         for m in to {
             let slot = usize::from(m.codec.is_binary());
-            let bytes =
-                encoded[slot].get_or_insert_with(|| ws_frame(m.codec, frame, &mut self.encoder)).clone();
+            let bytes = encoded[slot].get_or_insert_with(|| self.frames.encode(m.codec, frame)).clone();
             self.write(m.addr, bytes);
         }
     }
@@ -394,11 +423,15 @@ impl ChatService {
         }
     }
 
-    fn committed(&mut self, pending: Pending, duplicate: bool, seq: u64, ts: u64) {
+    fn committed(&mut self, pending: Pending, op: WriteOp, duplicate: bool, seq: u64, ts: u64) {
         match pending {
             Pending::Connected { to } => self.announce(to),
-            Pending::Message { conv, seq: ours, sender, msg } => {
-                self.message_committed(conv, ours, sender, msg, duplicate, seq, ts)
+            Pending::Message { conv, seq: ours, sender } => {
+                let WriteOp::AppendMessage(m) = op else {
+                    debug_assert!(false, "a message's completion carries another write");
+                    return;
+                };
+                self.message_committed(conv, ours, sender, wire_msg_of(m, ours), duplicate, seq, ts)
             }
             Pending::ConvChanged { conv, reply, previous, route } => {
                 self.change_committed(conv, reply, previous, &route)

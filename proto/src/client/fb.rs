@@ -58,9 +58,14 @@ const SERVER_FRAME_VERIFY: VerifierOptions = VerifierOptions {
 
 /// Decodes a client's binary frame (gateway side).
 pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+    decode_client_reusing(bytes, &mut SpareStrings::new())
+}
+
+/// [`decode_client`], copying a `send`'s cid and text into `spare`'s buffers.
+pub fn decode_client_reusing(bytes: &[u8], spare: &mut SpareStrings) -> Result<ClientFrame, DecodeError> {
     let env = verify(bytes, &CLIENT_FRAME_VERIFY)?;
     let id = env.id();
-    let body = command(&env).map_err(|e| e.with_id(id))?;
+    let body = command(&env, spare).map_err(|e| e.with_id(id))?;
     Ok(ClientFrame { id, body })
 }
 
@@ -91,7 +96,7 @@ fn body<T>(table: Option<T>, t: g::Body) -> R<T> {
     table.ok_or_else(|| FieldError::frame(format!("{} without its table", body_name(t))))
 }
 
-fn command(env: &g::Envelope<'_>) -> R<Command> {
+fn command(env: &g::Envelope<'_>, spare: &mut SpareStrings) -> R<Command> {
     use g::Body as B;
     let t = env.body_type();
     match t {
@@ -104,7 +109,7 @@ fn command(env: &g::Envelope<'_>) -> R<Command> {
                 meta: meta("meta", o.meta(), true)?,
             })
         }
-        B::SendCmd => send(body(env.body_as_send_cmd(), t)?),
+        B::SendCmd => send(body(env.body_as_send_cmd(), t)?, spare),
         B::ReadCmd => {
             let o = body(env.body_as_read_cmd(), t)?;
             Ok(Command::Read { conv: conv("conv", o.conv())?, seq: o.seq().ok_or_else(|| missing("seq"))? })
@@ -163,7 +168,7 @@ fn connect(o: g::ConnectCmd<'_>) -> R<Command> {
     })
 }
 
-fn send(o: g::SendCmd<'_>) -> R<Command> {
+fn send(o: g::SendCmd<'_>, spare: &mut SpareStrings) -> R<Command> {
     let conv = conv("conv", o.conv())?;
     let cid = o.cid().ok_or_else(|| missing("cid"))?;
     check::cid(cid)?;
@@ -176,8 +181,8 @@ fn send(o: g::SendCmd<'_>) -> R<Command> {
             Some(Attachment { mime: mime.to_string(), data: data.bytes().to_vec() })
         }
     };
-    let text = check::send_content(o.text(), attachment.is_some())?;
-    Ok(Command::Send { conv, cid: cid.to_string(), text, attachment })
+    let text = check::send_content(o.text(), attachment.is_some())?.map(|t| spare.copy(t));
+    Ok(Command::Send { conv, cid: spare.copy(cid), text, attachment })
 }
 
 fn event(env: &g::Envelope<'_>) -> R<Event> {

@@ -47,27 +47,32 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
 
 /// Decodes a client's text frame (gateway side).
 pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+    decode_client_reusing(bytes, &mut SpareStrings::new())
+}
+
+/// [`decode_client`], copying a `send`'s cid and text into `spare`'s buffers.
+pub fn decode_client_reusing(bytes: &[u8], spare: &mut SpareStrings) -> Result<ClientFrame, DecodeError> {
     let (obj, id) = frame(bytes)?;
     let ty = obj.frame_type().map_err(|e| e.with_id(id.as_ref().ok().copied().flatten()))?;
-    let parse: fn(&Obj<'_>) -> R<Command> = match ty.as_ref() {
-        "connect" => connect,
-        "open" => open,
+    let parse: fn(&Obj<'_>, &mut SpareStrings) -> R<Command> = match ty.as_ref() {
+        "connect" => |o, _| connect(o),
+        "open" => |o, _| open(o),
         "send" => send,
-        "read" => read_cmd,
-        "typing" => |o: &Obj<'_>| Ok(Command::Typing { conv: o.conv(F::Conv)? }),
-        "history" => history_cmd,
-        "presence" => presence_cmd,
-        "accept" => |o: &Obj<'_>| Ok(Command::Accept { conv: o.conv(F::Conv)? }),
-        "transfer" => transfer,
-        "close" => |o: &Obj<'_>| Ok(Command::Close { conv: o.conv(F::Conv)? }),
-        "ping" => |_: &Obj<'_>| Ok(Command::Ping),
+        "read" => |o, _| read_cmd(o),
+        "typing" => |o, _| Ok(Command::Typing { conv: o.conv(F::Conv)? }),
+        "history" => |o, _| history_cmd(o),
+        "presence" => |o, _| presence_cmd(o),
+        "accept" => |o, _| Ok(Command::Accept { conv: o.conv(F::Conv)? }),
+        "transfer" => |o, _| transfer(o),
+        "close" => |o, _| Ok(Command::Close { conv: o.conv(F::Conv)? }),
+        "ping" => |_, _| Ok(Command::Ping),
         other => {
             let id = id.as_ref().ok().copied().flatten();
             return Err(FieldError::frame(format!("unknown command type {other:?}")).with_id(id));
         }
     };
     let id = id.map_err(|e| e.with_id(None))?;
-    let body = parse(&obj).map_err(|e| e.with_id(id))?;
+    let body = parse(&obj, spare).map_err(|e| e.with_id(id))?;
     Ok(ClientFrame { id, body })
 }
 
@@ -151,7 +156,7 @@ fn open(o: &Obj<'_>) -> R<Command> {
     })
 }
 
-fn send(o: &Obj<'_>) -> R<Command> {
+fn send(o: &Obj<'_>, spare: &mut SpareStrings) -> R<Command> {
     let conv = o.conv(F::Conv)?;
     let cid = o.req(F::Cid, STR)?;
     check::cid(&cid)?;
@@ -168,8 +173,18 @@ fn send(o: &Obj<'_>) -> R<Command> {
             Some(Attachment { mime: mime.into_owned(), data })
         }
     };
-    let text = check::send_content(text.as_deref(), attachment.is_some())?;
-    Ok(Command::Send { conv, cid: cid.into_owned(), text, attachment })
+    let keep_text = check::send_content(text.as_deref(), attachment.is_some())?.is_some();
+    let text = text.filter(|_| keep_text).map(|t| owned(t, spare));
+    Ok(Command::Send { conv, cid: owned(cid, spare), text, attachment })
+}
+
+/// A string as the frame owns it: one with escapes was unescaped into its
+/// own `String` already; a plain one is copied into a spare buffer.
+fn owned(s: Cow<'_, str>, spare: &mut SpareStrings) -> String {
+    match s {
+        Cow::Borrowed(b) => spare.copy(b),
+        Cow::Owned(o) => o,
+    }
 }
 
 fn read_cmd(o: &Obj<'_>) -> R<Command> {

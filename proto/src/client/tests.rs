@@ -1319,3 +1319,39 @@ fn encoding_allocates_nothing_once_buffers_have_grown() {
         }
     }
 }
+
+#[test]
+fn decoding_a_send_with_spare_strings_allocates_nothing() {
+    let send = ClientFrame {
+        id: Some(3),
+        body: Command::Send {
+            conv: ConvId(7),
+            cid: "c-0001".into(),
+            text: Some("hello, is anyone there?".into()),
+            attachment: None,
+        },
+    };
+    for codec in Codec::ALL {
+        let bytes = match codec {
+            Codec::Json => {
+                let mut out = Vec::new();
+                encode_client_json(&send, &mut out);
+                out
+            }
+            Codec::FlatBuffers => encode_client_fb(&send, &mut FlatBufferBuilder::new()).to_vec(),
+        };
+        let mut spare = SpareStrings::new();
+        // Without spares the frame's strings are allocated.
+        let first = codec.decode_client_reusing(&bytes, &mut spare).unwrap();
+        assert_eq!(first, send);
+        // Given back (as the gateway does once the message is delivered),
+        // they carry the next frame.
+        let Command::Send { cid, text, .. } = first.body else { unreachable!() };
+        spare.give(cid);
+        spare.give(text.unwrap());
+        let mut decoded = None;
+        let n = allocations_during(|| decoded = Some(codec.decode_client_reusing(&bytes, &mut spare)));
+        assert_eq!(decoded.unwrap().unwrap(), send);
+        assert_eq!(n, 0, "{codec:?}");
+    }
+}
