@@ -2,7 +2,8 @@
 # Heap allocations per relayed chat message, per thread (issue target: 0).
 #
 #   - release builds of kefu and kefu-bench;
-#   - a fresh gateway pinned to one core (--shards 1, rate limit lifted),
+#   - a fresh gateway pinned to one core (--shards 1 unless --shards says
+#     otherwise: more shards share the core; rate limit lifted),
 #     kefu-bench chat pinned to the other at a fixed rate;
 #   - once messages flow, 3 s more, then /metrics is read twice WINDOW
 #     seconds apart; each thread's kefu_thread_allocations_total delta is
@@ -16,7 +17,7 @@
 # per message moves with it; per commit it is stable.
 #
 # Usage: tools/bench-alloc.sh [--no-build] [--out DIR] [--rate R] [--visitors N]
-#                             [--agents N] [--window S]
+#                             [--agents N] [--window S] [--shards N]
 # Extra gateway settings go through the environment, e.g.
 #   KEFU_STORAGE_QUICK_REPAIR=false tools/bench-alloc.sh
 set -euo pipefail
@@ -26,6 +27,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 BUILD=1
 OUT=$REPO/target-bench/alloc
 RATE=2000
+SHARDS=1
 VISITORS=500
 AGENTS=5
 WINDOW=4
@@ -39,10 +41,11 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --out) OUT=$2; shift ;;
         --rate) RATE=$2; shift ;;
+        --shards) SHARDS=$2; shift ;;
         --visitors) VISITORS=$2; shift ;;
         --agents) AGENTS=$2; shift ;;
         --window) WINDOW=$2; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -58,7 +61,7 @@ mkdir -p "$RUN"
 metrics() { curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics"; }
 
 KEFU_LIMITS_MESSAGES_PER_S=1000000 KEFU_LIMITS_BURST=1000000 \
-    taskset -c "$SERVER_CPU" "$BIN/kefu" serve --shards 1 --listen "127.0.0.1:$PORT" \
+    taskset -c "$SERVER_CPU" "$BIN/kefu" serve --shards "$SHARDS" --listen "127.0.0.1:$PORT" \
     --admin-listen "127.0.0.1:$ADMIN_PORT" --data "$RUN/data" 2>"$RUN/gateway.log" &
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true; wait $SERVER_PID 2>/dev/null || true' EXIT
