@@ -9,18 +9,20 @@
 # again, R times with a warm page cache, then once after dropping the page
 # cache (needs root). Prints one line per start and the median.
 #
-# Usage: tools/bench-restart.sh [--records N] [--repeat R] [--no-build]
+# Usage: tools/bench-restart.sh [--records N] [--repeat R] [--shards N] [--no-build]
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 RECORDS=1000000
 REPEAT=3
+SHARDS=1
 BUILD=1
 PORT=9401
 while [ $# -gt 0 ]; do
     case "$1" in
         --records) RECORDS=$2; shift ;;
         --repeat) REPEAT=$2; shift ;;
+        --shards) SHARDS=$2; shift ;;
         --no-build) BUILD=0 ;;
         -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
@@ -54,7 +56,7 @@ now_ns() { date +%s%N; }
 start_and_time() {
     local t0 t1
     t0=$(now_ns)
-    "$TARGET_DIR/release/kefu" serve --data "$DATA" --shards 1 --listen "127.0.0.1:$PORT" \
+    "$TARGET_DIR/release/kefu" serve --data "$DATA" --shards "$SHARDS" --listen "127.0.0.1:$PORT" \
         --admin-listen "127.0.0.1:$((PORT + 1))" >/dev/null 2>>"$DATA/kefu.log" &
     KEFU=$!
     until (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do
@@ -63,10 +65,12 @@ start_and_time() {
     done
     # The gateway's own "kefu listening" line (logged once every shard
     # listens) is the moment of record; the connect above only waits for it.
-    local line
-    until line=$(grep -a "kefu listening" "$DATA/kefu.log" | tail -1) && [ -n "$line" ] &&
-        [ "$(grep -ac "kefu listening" "$DATA/kefu.log")" -gt "$STARTS" ]; do
-        sleep 0.002
+    # This start's line is the (STARTS+1)-th: reading "the last one" and
+    # then counting raced with the line being written.
+    local line=
+    until [ -n "$line" ]; do
+        line=$(grep -a "kefu listening" "$DATA/kefu.log" | sed -n "$((STARTS + 1))p" || true)
+        [ -n "$line" ] || sleep 0.002
     done
     STARTS=$((STARTS + 1))
     t1=$(date -d "$(echo "$line" | cut -d' ' -f1)" +%s%N)
