@@ -88,7 +88,22 @@ impl Client {
         Ok(Client { ws, next_id: 1, codec, enc: Encoder::new() })
     }
 
-    async fn send(&mut self, mut v: Value) -> i64 {
+    async fn send(&mut self, v: Value) -> i64 {
+        let (id, message) = self.command(v);
+        self.ws.send(message).await.unwrap();
+        id
+    }
+
+    /// Like [`Self::send`], without flushing: frames fed back to back leave
+    /// in one write when the socket is flushed.
+    async fn feed(&mut self, v: Value) -> i64 {
+        let (id, message) = self.command(v);
+        self.ws.feed(message).await.unwrap();
+        id
+    }
+
+    /// `v` with the next `id`, in this client's subprotocol.
+    fn command(&mut self, mut v: Value) -> (i64, Message) {
         let id = self.next_id;
         self.next_id += 1;
         v["id"] = json!(id);
@@ -101,8 +116,7 @@ impl Client {
                 Message::binary(Codec::FlatBuffers.encode_client(&frame, &mut self.enc).to_vec())
             }
         };
-        self.ws.send(message).await.unwrap();
-        id
+        (id, message)
     }
 
     /// Sends a frame as is, bypassing the codec (for garbage).
@@ -1098,33 +1112,56 @@ fn resume_under_live_traffic_is_gap_free_and_in_order(w: Wire) {
 
 over_both_subprotocols!(commands_pipelined_behind_connect_are_answered_after_connected);
 
-/// A client with a token may send commands right behind `connect` without
-/// waiting: `connected` still comes first, then the answers (each by its
+/// A client may send commands right behind `connect` without waiting, with
+/// a token or as a new anonymous visitor (whose commands wait until it is
+/// durable): `connected` still comes first, then the answers (each by its
 /// `id`; answers to different commands may come in any order).
 fn commands_pipelined_behind_connect_are_answered_after_connected(w: Wire) {
     let gw = Gateway::start(&["--shards", "2"], &[]);
     let token = gw.token("visitor", "eager", &["--name", "Eager"]);
     rt().block_on(async {
+        for connect in [json!({"type": "connect", "token": token}), json!({"type": "connect"})] {
+            let mut v = Client::open(&gw, w.visitors).await;
+            let connect = v.send(connect).await;
+            let open = v.send(json!({"type": "open"})).await;
+            let read = v.send(json!({"type": "read", "conv": "c999", "seq": 1})).await;
+            let first = v.recv().await;
+            assert_eq!(
+                (first["type"].as_str(), first["id"].as_i64()),
+                (Some("connected"), Some(connect)),
+                "{first}"
+            );
+            let mut answers = std::collections::BTreeMap::new();
+            while answers.len() < 2 {
+                let f = v.recv().await;
+                if let Some(id) = f["id"].as_i64() {
+                    answers.insert(id, f);
+                }
+            }
+            assert_eq!(answers[&open]["type"], "conversation", "{answers:?}");
+            assert_eq!(answers[&read]["code"], "not_found", "{answers:?}");
+            // One announcement of the new conversation: the reply.
+            v.none_of("conversation", Duration::from_millis(200)).await;
+        }
+
+        // A new visitor's backlog is bounded while it is being stored: 40
+        // commands in one write behind connect all arrive before the
+        // visitor is durable; 16 wait and are served, the rest are refused.
         let mut v = Client::open(&gw, w.visitors).await;
-        let connect = v.send(json!({"type": "connect", "token": token})).await;
-        let open = v.send(json!({"type": "open"})).await;
-        let read = v.send(json!({"type": "read", "conv": "c999", "seq": 1})).await;
-        let first = v.recv().await;
-        assert_eq!(
-            (first["type"].as_str(), first["id"].as_i64()),
-            (Some("connected"), Some(connect)),
-            "{first}"
-        );
-        let mut answers = std::collections::BTreeMap::new();
-        while answers.len() < 2 {
+        v.feed(json!({"type": "connect"})).await;
+        let mut sent = Vec::new();
+        for _ in 0..40 {
+            sent.push(v.feed(json!({"type": "read", "conv": "c999", "seq": 1})).await);
+        }
+        v.ws.flush().await.unwrap();
+        let mut codes = std::collections::BTreeMap::<String, usize>::new();
+        while codes.values().sum::<usize>() < sent.len() {
             let f = v.recv().await;
-            if let Some(id) = f["id"].as_i64() {
-                answers.insert(id, f);
+            if f["id"].as_i64().is_some_and(|id| sent.contains(&id)) {
+                *codes.entry(f["code"].as_str().unwrap_or("?").to_string()).or_default() += 1;
             }
         }
-        assert_eq!(answers[&open]["type"], "conversation", "{answers:?}");
-        assert_eq!(answers[&read]["code"], "not_found", "{answers:?}");
-        // One announcement of the new conversation: the reply.
-        v.none_of("conversation", Duration::from_millis(200)).await;
+        let expected = [("bad_command".to_string(), 24), ("not_found".to_string(), 16)].into();
+        assert_eq!(codes, expected, "every command answered; 16 kept while storing");
     });
 }

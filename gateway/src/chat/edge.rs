@@ -11,7 +11,7 @@ use kefu_proto::client::{ClientFrame, Codec, Command, ConvSummary, Event, Server
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 use kefu_storage::{UserRecord, WriteOp};
 
-use super::service::{ChatService, Pending, Sess, Stage, now_ms};
+use super::service::{ChatService, PIPELINED_WHILE_STORING_MAX, Pending, Sess, Stage, now_ms};
 use super::{ChatMsg, HomeRequest, ROUTER_SHARD, Reply, SessionAddr, ShardMsg, device_of};
 use crate::ws::close;
 
@@ -30,10 +30,15 @@ impl ChatService {
         };
         // A session waiting for its `Welcome` may already send: every shard
         // knows it (SessionUp went first), and answers are held until
-        // `connected`. Only a visitor not yet durable must wait.
+        // `connected`. A visitor not yet durable is known nowhere else yet,
+        // so its commands wait here until it is.
         if sess.stage == Stage::Storing {
-            let e = ServerFrame::error(id, ErrorCode::BadCommand, "connect is still in progress");
-            self.send(from, codec, &e);
+            if sess.pipelined.len() < PIPELINED_WHILE_STORING_MAX {
+                sess.pipelined.push(frame);
+            } else {
+                let e = ServerFrame::error(id, ErrorCode::BadCommand, "connect is still in progress");
+                self.send(from, codec, &e);
+            }
             return;
         }
         // The wire's parsed target, spelled back as core reads it ("group:NAME").
@@ -170,6 +175,7 @@ impl ChatService {
             connect_id: id,
             resume,
             visitor_key: new_key.as_ref().map(VisitorKey::to_hex),
+            pipelined: Vec::new(),
         };
         self.sessions.insert(from, sess);
         match new_key {
@@ -214,7 +220,12 @@ impl ChatService {
         }
         let id = self.sessions.get(&addr).and_then(|s| s.connect_id);
         if !self.post_chat(ROUTER_SHARD, ChatMsg::Hello { reply: (addr, codec, id), identity }) {
-            self.close(addr, close::SERVER_SHUTDOWN, "server busy; reconnect");
+            return self.close(addr, close::SERVER_SHUTDOWN, "server busy; reconnect");
+        }
+        // Commands a new visitor sent while it was being stored, in order.
+        let pipelined = self.sessions.get_mut(&addr).map(|s| std::mem::take(&mut s.pipelined));
+        for frame in pipelined.unwrap_or_default() {
+            self.on_frame(addr, codec, frame);
         }
     }
 

@@ -17,7 +17,7 @@ use kefu_core::routing::RestoredRoute;
 use kefu_core::rules::Rules;
 use kefu_core::session::Session;
 use kefu_core::{Conversation, CoreConfig, Router};
-use kefu_proto::client::{self, Codec, Msg, ServerFrame, SpareStrings};
+use kefu_proto::client::{self, ClientFrame, Codec, Msg, ServerFrame, SpareStrings};
 use kefu_proto::{ConvId, Role};
 use kefu_storage::{
     Completion, Completions, ConversationRecord, MessageRecord, NewMessage, Reader, Store, WriteOp, Writer,
@@ -69,7 +69,17 @@ pub(super) struct Sess {
     pub(super) resume: Vec<(ConvId, u64)>,
     /// A new anonymous visitor's key, shown once in `connected`.
     pub(super) visitor_key: Option<String>,
+    /// Commands a new anonymous visitor pipelined behind `connect` while
+    /// it was being stored, served once it is (at most
+    /// [`PIPELINED_WHILE_STORING_MAX`]).
+    pub(super) pipelined: Vec<ClientFrame>,
 }
+
+/// Commands kept for a new anonymous visitor until it is durable; past
+/// this they are refused with `bad_command` (a client that pipelines more
+/// than this behind `connect` is misbehaving, and storing takes about one
+/// group commit).
+pub(super) const PIPELINED_WHILE_STORING_MAX: usize = 16;
 
 /// A session somewhere, as the user directory knows it.
 #[derive(Debug, Clone, Copy)]
