@@ -255,6 +255,9 @@ pub struct RoutingConfig {
     /// Conversations waiting in all queues together; an `open` beyond it is
     /// `unavailable`. Default 100000.
     pub max_queued: usize,
+    /// Queued conversations an agent's `connected` lists (besides its own),
+    /// first in line first, over the groups it serves. Default 100.
+    pub connected_queued_max: usize,
 }
 
 impl Default for RoutingConfig {
@@ -268,6 +271,7 @@ impl Default for RoutingConfig {
             default_group: "default".into(),
             max_devices_per_agent: 8,
             max_queued: 100_000,
+            connected_queued_max: 100,
         }
     }
 }

@@ -859,6 +859,9 @@ fn queue_accept_presence_tabs_resume_and_errors(w: Wire) {
         let id = console.send(json!({"type": "connect", "token": token, "resume": {conv.as_str(): 0}})).await;
         let c = console.reply(id).await;
         assert_eq!(c["conversations"][0]["conv"], conv.as_str(), "{c}");
+        // The queue comes along, so the console shows what waits.
+        assert_eq!(c["conversations"][1]["conv"], anon_conv.as_str(), "{c}");
+        assert_eq!(c["conversations"][1]["status"], "queued", "{c}");
         assert_eq!(console.expect("msg").await["text"], "two tabs");
         let r = console.expect("resumed").await;
         assert_eq!((r["from"].as_u64(), r["to"].as_u64()), (Some(1), Some(1)), "{r}");

@@ -28,10 +28,20 @@ impl ChatService {
             };
             router.agent_connected(info, device_of(addr), now_ms());
         }
-        let convs: Vec<ConvId> = match identity.role {
+        let mut convs: Vec<ConvId> = match identity.role {
             Role::Agent => router.conversations_of(&identity.id).collect(),
             _ => router.open_conversation_of(&identity.id).into_iter().collect(),
         };
+        if identity.role == Role::Agent {
+            // What waits for this agent, so a console that reconnects shows
+            // the queue without waiting for the next change.
+            let waiting = router
+                .groups()
+                .filter(|g| kefu_core::identity::serves(&identity.groups, g))
+                .flat_map(|g| router.queue(g))
+                .take(self.core.routing.connected_queued_max);
+            convs.extend(waiting);
+        }
         let conversations = convs
             .into_iter()
             .filter_map(|c| router.route(c).map(|r| (c, r.status)))
