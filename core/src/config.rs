@@ -258,6 +258,10 @@ pub struct RoutingConfig {
     /// Queued conversations an agent's `connected` lists (besides its own),
     /// first in line first, over the groups it serves. Default 100.
     pub connected_queued_max: usize,
+    /// Closed conversations a visitor's `connected` lists after its open
+    /// one, newest first, so a returning visitor can page their history.
+    /// Default 10.
+    pub connected_closed_max: usize,
 }
 
 impl Default for RoutingConfig {
@@ -272,6 +276,7 @@ impl Default for RoutingConfig {
             max_devices_per_agent: 8,
             max_queued: 100_000,
             connected_queued_max: 100,
+            connected_closed_max: 10,
         }
     }
 }

@@ -1168,3 +1168,53 @@ fn commands_pipelined_behind_connect_are_answered_after_connected(w: Wire) {
         assert_eq!(codes, expected, "every command answered; 16 kept while storing");
     });
 }
+
+over_both_subprotocols!(a_returning_visitor_sees_its_past_conversations);
+
+/// `connected` lists a visitor's open conversation first, then its closed
+/// ones newest first, each with its last seq, and their history stays
+/// readable; across a restart too.
+fn a_returning_visitor_sees_its_past_conversations(w: Wire) {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
+    let (vid, key, first) = rt().block_on(async {
+        let mut v = Client::open(&gw, w.visitors).await;
+        let id = v.send(json!({"type": "connect"})).await;
+        let c = v.reply(id).await;
+        assert_eq!(c["conversations"], json!([]), "{c}");
+        let id = v.send(json!({"type": "open"})).await;
+        let first = v.reply(id).await["conv"].as_str().unwrap().to_string();
+        for i in 1..=2 {
+            let id =
+                v.send(json!({"type": "send", "conv": first, "cid": format!("f{i}"), "text": "x"})).await;
+            assert_eq!(v.reply(id).await["seq"], i);
+        }
+        let id = v.send(json!({"type": "close", "conv": first})).await;
+        assert_eq!(v.reply(id).await["status"], "closed");
+        (c["user"]["id"].as_str().unwrap().to_string(), c["visitor_key"].as_str().unwrap().to_string(), first)
+    });
+    let gw = gw.kill9_and_restart(&["--shards", "2"], &[]);
+    rt().block_on(async {
+        let connect = json!({"type": "connect", "visitor_id": vid, "visitor_key": key});
+        let mut v = Client::open(&gw, w.visitors).await;
+        let id = v.send(connect.clone()).await;
+        let c = v.reply(id).await;
+        assert_eq!(c["conversations"], json!([{"conv": first, "status": "closed", "last_seq": 2}]), "{c}");
+        let id = v.send(json!({"type": "open"})).await;
+        let second = v.reply(id).await["conv"].as_str().unwrap().to_string();
+        assert_ne!(second, first, "a new conversation after close");
+        drop(v);
+
+        let mut v = Client::open(&gw, w.visitors).await;
+        let id = v.send(connect).await;
+        let c = v.reply(id).await;
+        let listed: Vec<(&str, &str)> = c["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["conv"].as_str().unwrap(), c["status"].as_str().unwrap()))
+            .collect();
+        assert_eq!(listed, [(second.as_str(), "queued"), (first.as_str(), "closed")], "{c}");
+        let id = v.send(json!({"type": "history", "conv": first})).await;
+        assert_eq!(v.reply(id).await["messages"].as_array().map(Vec::len), Some(2));
+    });
+}

@@ -90,6 +90,7 @@ struct Tables<'t> {
     meta: Table<'t, &'static str, u64>,
     conversations: Option<Table<'t, u64, &'static [u8]>>,
     users: Option<Table<'t, &'static str, &'static [u8]>>,
+    user_conversations: Option<Table<'t, (&'static str, u64), ()>>,
     consumer_offsets: Option<Table<'t, &'static str, u64>>,
 }
 
@@ -102,6 +103,7 @@ impl<'t> Tables<'t> {
             meta: txn.open_table(tables::META).ctx("open table meta")?,
             conversations: None,
             users: None,
+            user_conversations: None,
             consumer_offsets: None,
         })
     }
@@ -112,6 +114,15 @@ impl<'t> Tables<'t> {
 
     fn users(&mut self) -> Result<&mut Table<'t, &'static str, &'static [u8]>, StorageError> {
         lazily(&mut self.users, self.txn, tables::USERS, "open table users")
+    }
+
+    fn user_conversations(&mut self) -> Result<&mut Table<'t, (&'static str, u64), ()>, StorageError> {
+        lazily(
+            &mut self.user_conversations,
+            self.txn,
+            tables::USER_CONVERSATIONS,
+            "open table user_conversations",
+        )
     }
 
     fn consumer_offsets(&mut self) -> Result<&mut Table<'t, &'static str, u64>, StorageError> {
@@ -355,6 +366,12 @@ impl GroupCommit {
                     return Ok(Err(e));
                 }
                 t.conversations()?.insert(id, self.buf.as_slice()).ctx("insert conversation")?;
+                let WriteOp::PutConversation(c) = op else {
+                    unreachable!("encode_logged hands the op back as it was")
+                };
+                t.user_conversations()?
+                    .insert((c.visitor_id.as_str(), id), ())
+                    .ctx("insert user_conversations")?;
                 let offset = self.insert_logged(t)?;
                 self.next_conv_id = self.next_conv_id.max(id.saturating_add(1));
                 done(offset)

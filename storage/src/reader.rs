@@ -233,6 +233,36 @@ impl Reader {
         Ok(Some(record))
     }
 
+    /// A visitor's conversations, newest first, at most `limit`, each with
+    /// `last_seq` (what a returning visitor is shown).
+    pub fn conversations_of(
+        &self,
+        visitor: &str,
+        limit: usize,
+    ) -> Result<Vec<ConversationRecord>, StorageError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let txn = self.txn()?;
+        let mine = txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;
+        let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
+        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let mut out = Vec::new();
+        for entry in mine.range((visitor, 0)..=(visitor, u64::MAX)).ctx("read user_conversations")?.rev() {
+            let (key, _) = entry.ctx("read user_conversations")?;
+            let (_, conv) = key.value();
+            let Some(guard) = table.get(conv).ctx("read conversations")? else { continue };
+            let archived: &ArchivedConversationRecord = access(guard.value(), "conversations", &conv)?;
+            let mut record: ConversationRecord = to_owned(archived)?;
+            record.last_seq = last_seq_in(&index, conv)?;
+            out.push(record);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Every conversation that is not closed, by id, with `last_seq`: what
     /// the gateway routes and serves after a restart.
     pub fn open_conversations(&self) -> Result<Vec<ConversationRecord>, StorageError> {

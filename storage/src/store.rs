@@ -22,7 +22,7 @@ use crate::dedupe::{DedupeKey, SlotCache};
 use crate::error::{IoContext, StorageError};
 use crate::group_commit::{GroupCommit, Limits};
 use crate::reader::Reader;
-use crate::record::ConversationRecord;
+use crate::record::{ArchivedConversationRecord, ConversationRecord, access};
 use crate::tables;
 use crate::write::{Completions, Notify, Shared, Writer};
 
@@ -306,6 +306,8 @@ fn init_tables(db: &Database, config: &StoreConfig) -> Result<Counters, StorageE
         txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
         let conversations = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         txn.open_table(tables::USERS).ctx("open table users")?;
+        let mut user_conversations =
+            txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;
         txn.open_table(tables::CONSUMER_OFFSETS).ctx("open table consumer_offsets")?;
         let mut meta = txn.open_table(tables::META).ctx("open table meta")?;
 
@@ -321,6 +323,18 @@ fn init_tables(db: &Database, config: &StoreConfig) -> Result<Counters, StorageE
                 meta.insert(tables::META_DEDUPE_K1, key.k1).ctx("write meta")?;
             }
             Some(tables::SCHEMA_VERSION) => {}
+            Some(1) => {
+                // Version 1 had no index of a visitor's conversations.
+                for entry in conversations.iter().ctx("read conversations")? {
+                    let (key, value) = entry.ctx("read conversations")?;
+                    let id = key.value();
+                    let archived: &ArchivedConversationRecord = access(value.value(), "conversations", &id)?;
+                    user_conversations
+                        .insert((archived.visitor_id.as_str(), id), ())
+                        .ctx("write user_conversations")?;
+                }
+                meta.insert(tables::META_SCHEMA, tables::SCHEMA_VERSION).ctx("write meta")?;
+            }
             Some(v) => {
                 return Err(StorageError::Open {
                     path: config.db_path(),

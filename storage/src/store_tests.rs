@@ -559,3 +559,58 @@ fn dedupe_before_answers_from_the_cache_what_it_has_read() {
     assert_eq!(r.dedupe_before("v1", 1, "b", 5).unwrap().map(|h| h.seq), Some(2));
     assert_eq!(r.dedupe_before("v2", 1, "b", 5).unwrap(), None);
 }
+
+#[test]
+fn a_visitors_conversations_list_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let mut token = 0;
+    let mut put = |id: u64, visitor: &str, status| {
+        token += 1;
+        let c = ConversationRecord { visitor_id: visitor.into(), ..conversation(id, status) };
+        write(&store, token, WriteOp::PutConversation(c)).result.unwrap();
+    };
+    put(1, "v", ConvStatus::Closed);
+    put(2, "w", ConvStatus::Queued);
+    put(3, "v", ConvStatus::Queued);
+    // A change of an existing conversation does not list it twice.
+    put(3, "v", ConvStatus::Closed);
+    put(5, "v", ConvStatus::Assigned);
+    write(&store, 99, WriteOp::AppendMessage(message(3, "v", "c", "hi"))).result.unwrap();
+    let r = store.reader();
+    let listed = |limit| -> Vec<(u64, ConvStatus, u64)> {
+        r.conversations_of("v", limit).unwrap().iter().map(|c| (c.id, c.status, c.last_seq)).collect()
+    };
+    assert_eq!(
+        listed(10),
+        [(5, ConvStatus::Assigned, 0), (3, ConvStatus::Closed, 1), (1, ConvStatus::Closed, 0)]
+    );
+    assert_eq!(listed(2).len(), 2);
+    assert!(listed(0).is_empty());
+    assert!(r.conversations_of("nobody", 5).unwrap().is_empty());
+    // "v" is a prefix of no other id here, but ids that share a prefix
+    // stay apart (the key is the whole id).
+    assert_eq!(r.conversations_of("w", 5).unwrap().len(), 1);
+}
+
+#[test]
+fn a_version_1_store_gets_its_visitor_index_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(config(dir.path()));
+        write(&store, 1, WriteOp::PutConversation(conversation(1, ConvStatus::Closed))).result.unwrap();
+        write(&store, 2, WriteOp::PutConversation(conversation(2, ConvStatus::Queued))).result.unwrap();
+    }
+    {
+        // Back to version 1, as redb itself sees it: no index, version 1.
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(crate::tables::USER_CONVERSATIONS).unwrap();
+        txn.open_table(crate::tables::META).unwrap().insert(crate::tables::META_SCHEMA, 1).unwrap();
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(config(dir.path()));
+    let r = store.reader();
+    assert_eq!(r.conversations_of("v1", 5).unwrap().iter().map(|c| c.id).collect::<Vec<_>>(), [1]);
+    assert_eq!(r.conversations_of("v2", 5).unwrap().iter().map(|c| c.id).collect::<Vec<_>>(), [2]);
+}

@@ -6,6 +6,7 @@
 //! | `conv_index` | (conversation, seq) | (offset in `log`, dedupe slot of the message's sender and cid) |
 //! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) archive |
 //! | `users` | user id | [`UserRecord`](crate::UserRecord) archive |
+//! | `user_conversations` | (visitor id, conversation id) | nothing: the key is the index |
 //! | `consumer_offsets` | consumer name | committed offset |
 //! | `meta` | counter name | counter |
 //!
@@ -24,6 +25,8 @@ pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const CONV_INDEX: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("conv_index");
 pub(crate) const CONVERSATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("conversations");
 pub(crate) const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+pub(crate) const USER_CONVERSATIONS: TableDefinition<(&str, u64), ()> =
+    TableDefinition::new("user_conversations");
 pub(crate) const CONSUMER_OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("consumer_offsets");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -42,4 +45,6 @@ pub(crate) const META_DEDUPE_K1: &str = "dedupe_k1";
 /// `meta` key: 1 while a process has the store open, 0 after a clean close.
 pub(crate) const META_OPEN: &str = "open";
 
-pub(crate) const SCHEMA_VERSION: u64 = 1;
+/// 2 added `user_conversations`; a version-1 store is upgraded at open by
+/// filling it from `conversations`.
+pub(crate) const SCHEMA_VERSION: u64 = 2;

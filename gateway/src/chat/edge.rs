@@ -14,6 +14,7 @@ use kefu_storage::{UserRecord, WriteOp};
 use super::service::{ChatService, PIPELINED_WHILE_STORING_MAX, Pending, Sess, Stage, now_ms};
 use super::{ChatMsg, HomeRequest, ROUTER_SHARD, Reply, SessionAddr, ShardMsg, device_of};
 use crate::ws::close;
+use tracing::warn;
 
 impl ChatService {
     pub(super) fn on_frame(&mut self, from: SessionAddr, codec: Codec, frame: ClientFrame) {
@@ -236,7 +237,7 @@ impl ChatService {
         sess.stage = Stage::Ready;
         let visitor_key = sess.visitor_key.take();
         let Some(identity) = sess.session.identity().cloned() else { return };
-        let conversations = conversations
+        let mut conversations: Vec<ConvSummary> = conversations
             .into_iter()
             .map(|(conv, status)| ConvSummary {
                 conv,
@@ -244,6 +245,19 @@ impl ChatService {
                 last_seq: self.reader.last_seq(conv.0).unwrap_or(0),
             })
             .collect();
+        if identity.role == Role::Visitor {
+            // Then its past conversations, for a returning visitor's history.
+            let max = self.core.routing.connected_closed_max;
+            match self.reader.conversations_of(&identity.id, max + conversations.len()) {
+                Ok(past) => conversations.extend(
+                    past.into_iter()
+                        .filter(|c| c.status == ConvStatus::Closed)
+                        .take(max)
+                        .map(|c| ConvSummary { conv: ConvId(c.id), status: c.status, last_seq: c.last_seq }),
+                ),
+                Err(e) => warn!(error = %e, "cannot list a visitor's past conversations"),
+            }
+        }
         let frame = ServerFrame::reply(
             id,
             Event::Connected {
