@@ -105,6 +105,30 @@ impl Client {
         id
     }
 
+    /// Sends several commands in one write, so the gateway reads them
+    /// together; returns their ids.
+    async fn send_batch(&mut self, cmds: Vec<Value>) -> Vec<i64> {
+        let mut ids = Vec::new();
+        for mut v in cmds {
+            let id = self.next_id;
+            self.next_id += 1;
+            v["id"] = json!(id);
+            let text = v.to_string();
+            let message = match self.codec {
+                Codec::Json => Message::text(text),
+                Codec::FlatBuffers => {
+                    let frame =
+                        Codec::Json.decode_client(text.as_bytes()).expect("the scenario's command is valid");
+                    Message::binary(Codec::FlatBuffers.encode_client(&frame, &mut self.enc).to_vec())
+                }
+            };
+            self.ws.feed(message).await.unwrap();
+            ids.push(id);
+        }
+        self.ws.flush().await.unwrap();
+        ids
+    }
+
     /// Sends a frame as is, bypassing the codec (for garbage).
     async fn send_raw(&mut self, m: Message) {
         self.ws.send(m).await.unwrap();
@@ -1126,5 +1150,28 @@ fn commands_pipelined_behind_connect_are_answered_after_connected(w: Wire) {
         assert_eq!(answers[&read]["code"], "not_found", "{answers:?}");
         // One announcement of the new conversation: the reply.
         v.none_of("conversation", Duration::from_millis(200)).await;
+    });
+}
+
+over_both_subprotocols!(commands_pipelined_behind_an_anonymous_connect_come_after_connected);
+
+/// A new anonymous visitor's `connected` waits for its profile to be
+/// durable; a command sent right behind `connect` must not be answered
+/// before it (`connected` is the first frame a session gets).
+fn commands_pipelined_behind_an_anonymous_connect_come_after_connected(w: Wire) {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
+    rt().block_on(async {
+        let mut v = Client::open(&gw, w.visitors).await;
+        let ids =
+            v.send_batch(vec![json!({"type": "connect"}), json!({"type": "typing", "conv": "c999"})]).await;
+        let (connect, typing) = (ids[0], ids[1]);
+        let first = v.recv().await;
+        assert_eq!(
+            (first["type"].as_str(), first["id"].as_i64()),
+            (Some("connected"), Some(connect)),
+            "{first}"
+        );
+        let answer = v.reply(typing).await;
+        assert_eq!(answer["type"], "error", "{answer}");
     });
 }

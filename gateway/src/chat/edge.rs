@@ -172,6 +172,9 @@ impl ChatService {
             visitor_key: new_key.as_ref().map(VisitorKey::to_hex),
         };
         self.sessions.insert(from, sess);
+        // `connected` is the first frame the session gets: whatever is
+        // written to it before (answers to pipelined commands) waits.
+        self.held.insert(from, Vec::new());
         match new_key {
             Some(key) => {
                 // The key must survive any crash before the visitor sees it.
@@ -185,6 +188,7 @@ impl ChatService {
                 };
                 if !self.submit(WriteOp::PutUser(record), Pending::Connected { to: from }) {
                     self.sessions.remove(&from);
+                    self.held.remove(&from);
                     let e = ServerFrame::error(id, ErrorCode::Unavailable, "storage busy; retry");
                     self.send(from, codec, &e);
                 }
@@ -195,13 +199,12 @@ impl ChatService {
 
     /// Tells every shard the session exists (each home replays its share of
     /// `resume`), then asks the router for `connected`'s conversations.
-    /// Frames for the session are held from here until `connected`.
+    /// Frames for the session stay held (since its `connect`) until `connected`.
     pub(super) fn announce(&mut self, addr: SessionAddr) {
         let Some(sess) = self.sessions.get_mut(&addr) else { return };
         sess.stage = Stage::Welcoming;
         let (codec, resume) = (sess.codec, std::mem::take(&mut sess.resume));
         let Some(identity) = sess.session.identity().cloned() else { return };
-        self.held.insert(addr, Vec::new());
         let actor = identity.actor();
         for shard in 0..self.shards {
             let mine = resume.iter().copied().filter(|(c, _)| c.home(self.shards) == shard).collect();
@@ -260,6 +263,8 @@ impl ChatService {
     /// A new anonymous visitor could not be stored.
     pub(super) fn connect_failed(&mut self, to: SessionAddr) {
         if let Some(sess) = self.sessions.remove(&to) {
+            // Never connected: what was held goes with it.
+            self.held.remove(&to);
             let frame =
                 ServerFrame::error(None, ErrorCode::Unavailable, "could not store the visitor; retry");
             self.send(to, sess.codec, &frame);

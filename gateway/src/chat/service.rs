@@ -49,7 +49,8 @@ pub struct ChatInit {
 /// Where a connection is in its `connect`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Stage {
-    /// A new anonymous visitor's profile is being made durable.
+    /// A new anonymous visitor's profile is being made durable. Commands
+    /// are refused, and the refusals held until `connected`.
     Storing,
     /// Announced to every shard; waiting for the router's `Welcome`. Frames
     /// for it are held until `connected` is written; commands are served
