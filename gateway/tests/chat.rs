@@ -1175,3 +1175,25 @@ fn commands_pipelined_behind_an_anonymous_connect_come_after_connected(w: Wire) 
         assert_eq!(answer["type"], "error", "{answer}");
     });
 }
+
+over_both_subprotocols!(a_ping_pipelined_behind_connect_is_answered_after_connected);
+
+/// `ping` right behind a token `connect`: `pong` may not overtake
+/// `connected`.
+fn a_ping_pipelined_behind_connect_is_answered_after_connected(w: Wire) {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
+    let token = gw.token("visitor", "pinger", &[]);
+    rt().block_on(async {
+        let mut v = Client::open(&gw, w.visitors).await;
+        let ids =
+            v.send_batch(vec![json!({"type": "connect", "token": token}), json!({"type": "ping"})]).await;
+        let (connect, ping) = (ids[0], ids[1]);
+        let first = v.recv().await;
+        assert_eq!(
+            (first["type"].as_str(), first["id"].as_i64()),
+            (Some("connected"), Some(connect)),
+            "{first}"
+        );
+        assert_eq!(v.reply(ping).await["type"], "pong");
+    });
+}

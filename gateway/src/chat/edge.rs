@@ -24,14 +24,19 @@ impl ChatService {
         }
         let now = now_ms();
         let Some(sess) = self.sessions.get_mut(&from) else {
+            if matches!(frame.body, Command::Ping) {
+                // No session (its connect was refused without a close):
+                // `ping` needs none.
+                return self.send(from, codec, &ServerFrame::reply(id, Event::Pong));
+            }
             self.send(from, codec, &ServerFrame::error(id, ErrorCode::Unauthorized, "send connect first"));
             self.close(from, close::UNAUTHORIZED, "connect first");
             return;
         };
         // A session waiting for its `Welcome` may already send: every shard
         // knows it (SessionUp went first), and answers are held until
-        // `connected`. Only a visitor not yet durable must wait.
-        if sess.stage == Stage::Storing {
+        // `connected`. Only a visitor not yet durable must wait (`ping` aside).
+        if sess.stage == Stage::Storing && !matches!(frame.body, Command::Ping) {
             let e = ServerFrame::error(id, ErrorCode::BadCommand, "connect is still in progress");
             self.send(from, codec, &e);
             return;
