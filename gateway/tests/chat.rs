@@ -1197,3 +1197,33 @@ fn a_ping_pipelined_behind_connect_is_answered_after_connected(w: Wire) {
         assert_eq!(v.reply(ping).await["type"], "pong");
     });
 }
+
+over_both_subprotocols!(a_send_pipelined_behind_close_is_a_conflict);
+
+/// A client's commands take effect in the order it sent them: a `send`
+/// right behind `close` finds the conversation closed.
+fn a_send_pipelined_behind_close_is_a_conflict(w: Wire) {
+    let gw = Gateway::start(&[], &[]);
+    rt().block_on(async {
+        let (mut v, conv) = visitor(&gw, w).await;
+        let ids = v
+            .send_batch(vec![
+                json!({"type": "close", "conv": conv}),
+                json!({"type": "send", "conv": conv, "cid": "late", "text": "after close"}),
+            ])
+            .await;
+        let (close, send) = (ids[0], ids[1]);
+        let mut answers = std::collections::BTreeMap::new();
+        while answers.len() < 2 {
+            let f = v.recv().await;
+            if let Some(id) = f["id"].as_i64() {
+                answers.insert(id, f);
+            }
+        }
+        assert_eq!(answers[&close]["status"], "closed", "{answers:?}");
+        let s = &answers[&send];
+        assert_eq!((s["type"].as_str(), s["code"].as_str()), (Some("error"), Some("conflict")), "{s}");
+        let id = v.send(json!({"type": "history", "conv": conv})).await;
+        assert_eq!(v.reply(id).await["messages"], json!([]), "nothing stored after the close");
+    });
+}

@@ -79,11 +79,16 @@ impl ChatService {
             }
         };
         let Some(actor) = sess.session.actor() else { return };
+        let routing = sess.routing;
         let reply = (from, codec, id);
         let (home, request) = match request {
             Forward::Pong => return self.send(from, codec, &ServerFrame::reply(id, Event::Pong)),
             Forward::Route(request) => {
-                self.post_chat(ROUTER_SHARD, ChatMsg::Route { reply, actor, request });
+                if self.post_chat(ROUTER_SHARD, ChatMsg::Route { reply, actor, request }) {
+                    self.routing_sent(from);
+                } else {
+                    self.send(from, codec, &ServerFrame::error(id, ErrorCode::Unavailable, BUSY));
+                }
                 return;
             }
             Forward::Send { conv } => {
@@ -93,12 +98,31 @@ impl ChatService {
             }
             Forward::Home(conv, request) => (conv, HomeRequest::Checked(request)),
         };
-        if !self.post(home.home(self.shards), ShardMsg::Home { reply, actor, request }) {
-            self.send(
-                from,
-                codec,
-                &ServerFrame::error(id, ErrorCode::Unavailable, "the chat service is busy; retry"),
-            );
+        // Behind a routing command of this session, through the router.
+        let posted = if routing > 0 {
+            let relayed = self.post_chat(ROUTER_SHARD, ChatMsg::Relay { reply, actor, request });
+            if relayed {
+                self.routing_sent(from);
+            }
+            relayed
+        } else {
+            self.post(home.home(self.shards), ShardMsg::Home { reply, actor, request })
+        };
+        if !posted {
+            self.send(from, codec, &ServerFrame::error(id, ErrorCode::Unavailable, BUSY));
+        }
+    }
+
+    fn routing_sent(&mut self, addr: SessionAddr) {
+        if let Some(sess) = self.sessions.get_mut(&addr) {
+            sess.routing += 1;
+        }
+    }
+
+    /// The router has handled one of this session's `Route`s or `Relay`s.
+    pub(super) fn on_routed(&mut self, addr: SessionAddr) {
+        if let Some(sess) = self.sessions.get_mut(&addr) {
+            sess.routing = sess.routing.saturating_sub(1);
         }
     }
 
@@ -175,6 +199,7 @@ impl ChatService {
             connect_id: id,
             resume,
             visitor_key: new_key.as_ref().map(VisitorKey::to_hex),
+            routing: 0,
         };
         self.sessions.insert(from, sess);
         // `connected` is the first frame the session gets: whatever is
@@ -297,6 +322,8 @@ impl ChatService {
         }
     }
 }
+
+const BUSY: &str = "the chat service is busy; retry";
 
 /// A checked command, sorted by who answers it.
 enum Forward {

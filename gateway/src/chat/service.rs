@@ -70,6 +70,9 @@ pub(super) struct Sess {
     pub(super) resume: Vec<(ConvId, u64)>,
     /// A new anonymous visitor's key, shown once in `connected`.
     pub(super) visitor_key: Option<String>,
+    /// `Route`s and `Relay`s sent to the router and not yet `Routed`: while
+    /// any are, commands for homes are relayed too.
+    pub(super) routing: u32,
 }
 
 /// A session somewhere, as the user directory knows it.
@@ -277,6 +280,13 @@ impl ChatService {
 
     /// Handles one message addressed to the chat service.
     pub fn handle(&mut self, msg: ShardMsg) {
+        let routed = match &msg {
+            ShardMsg::Chat(m) => match &**m {
+                ChatMsg::Route { reply, .. } | ChatMsg::Relay { reply, .. } => Some(reply.0),
+                _ => None,
+            },
+            _ => None,
+        };
         match msg {
             ShardMsg::Frame { from, codec, frame } => self.on_frame(from, codec, frame),
             ShardMsg::Gone { from } => self.on_gone(from),
@@ -290,6 +300,8 @@ impl ChatService {
                 ChatMsg::Welcome { reply, conversations } => self.on_welcome(reply, conversations),
                 ChatMsg::AgentGone { agent, device } => self.on_agent_gone(&agent, device),
                 ChatMsg::Route { reply, actor, request } => self.on_route(reply, actor, request),
+                ChatMsg::Relay { reply, actor, request } => self.on_relay(reply, actor, request),
+                ChatMsg::Routed { addr } => self.on_routed(addr),
                 ChatMsg::Change { conv, change, reply, route } => self.on_change(conv, change, reply, route),
             },
             ShardMsg::Deliver { .. } | ShardMsg::Close { .. } => {
@@ -297,6 +309,12 @@ impl ChatService {
             }
         }
         self.drain_router();
+        // After the decisions: the edge may go straight to homes again once
+        // they are ahead of it. (Lost in a full inbox, the edge just keeps
+        // relaying that session's commands, in order.)
+        if let Some(addr) = routed {
+            self.post_chat(addr.shard as usize, ChatMsg::Routed { addr });
+        }
     }
 
     /// Applies every storage completion that has arrived.
