@@ -463,6 +463,9 @@ struct Session {
     codec: Codec,
     leftover: [u8; LEFTOVER_BYTES],
     leftover_len: u8,
+    /// A `connect` has gone to the chat service: from then on `ping` goes
+    /// there too, so its `pong` cannot overtake `connected`.
+    connect_sent: bool,
 }
 
 impl Session {
@@ -480,6 +483,7 @@ impl Session {
             codec: Codec::Json,
             leftover: [0; LEFTOVER_BYTES],
             leftover_len: 0,
+            connect_sent: false,
         }
     }
 
@@ -676,8 +680,8 @@ impl Session {
         }
     }
 
-    /// A `/ws` message: decoded here, answered here if it is a `ping` or
-    /// malformed, otherwise handed to this shard's chat service.
+    /// A `/ws` message: decoded here, answered here if it is malformed or a
+    /// `ping` before `connect`, otherwise handed to this shard's chat service.
     fn deliver_client(&mut self, shard: &Shard, conn: &Conn, message: SlabBuf) -> Result<(), Flow> {
         let payload = &message.filled()[self.payload_at as usize..];
         let expected = if self.codec.is_binary() { DataKind::Binary } else { DataKind::Text };
@@ -693,13 +697,19 @@ impl Session {
         drop(message);
         let reply = match decoded {
             Err(e) => e.reply(),
-            Ok(frame) if matches!(frame.body, Command::Ping) => ServerFrame::reply(frame.id, Event::Pong),
+            Ok(frame) if matches!(frame.body, Command::Ping) && !self.connect_sent => {
+                ServerFrame::reply(frame.id, Event::Pong)
+            }
             Ok(frame) => {
                 let Some(from) = conn.addr.get() else { return Ok(()) };
                 let id = frame.id;
+                let connect = matches!(frame.body, Command::Connect { .. });
                 let msg = ShardMsg::Frame { from, codec: self.codec, frame };
                 match shard.mailboxes[shard.id].send(msg) {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        self.connect_sent |= connect;
+                        return Ok(());
+                    }
                     Err(_) => {
                         ServerFrame::error(id, ErrorCode::Unavailable, "the chat service is busy; retry")
                     }

@@ -94,14 +94,6 @@ impl Client {
         id
     }
 
-    /// Like [`Self::send`], without flushing: frames fed back to back leave
-    /// in one write when the socket is flushed.
-    async fn feed(&mut self, v: Value) -> i64 {
-        let (id, message) = self.command(v);
-        self.ws.feed(message).await.unwrap();
-        id
-    }
-
     /// `v` with the next `id`, in this client's subprotocol.
     fn command(&mut self, mut v: Value) -> (i64, Message) {
         let id = self.next_id;
@@ -117,6 +109,19 @@ impl Client {
             }
         };
         (id, message)
+    }
+
+    /// Sends several commands in one write, so the gateway reads them
+    /// together; returns their ids.
+    async fn send_batch(&mut self, cmds: Vec<Value>) -> Vec<i64> {
+        let mut ids = Vec::new();
+        for v in cmds {
+            let (id, message) = self.command(v);
+            self.ws.feed(message).await.unwrap();
+            ids.push(id);
+        }
+        self.ws.flush().await.unwrap();
+        ids
     }
 
     /// Sends a frame as is, bypassing the codec (for garbage).
@@ -1151,12 +1156,9 @@ fn commands_pipelined_behind_connect_are_answered_after_connected(w: Wire) {
         // commands in one write behind connect all arrive before the
         // visitor is durable; 16 wait and are served, the rest are refused.
         let mut v = Client::open(&gw, w.visitors).await;
-        v.feed(json!({"type": "connect"})).await;
-        let mut sent = Vec::new();
-        for _ in 0..40 {
-            sent.push(v.feed(json!({"type": "read", "conv": "c999", "seq": 1})).await);
-        }
-        v.ws.flush().await.unwrap();
+        let mut batch = vec![json!({"type": "connect"})];
+        batch.extend((0..40).map(|_| json!({"type": "read", "conv": "c999", "seq": 1})));
+        let sent = v.send_batch(batch).await.split_off(1);
         let mut codes = std::collections::BTreeMap::<String, usize>::new();
         while codes.values().sum::<usize>() < sent.len() {
             let f = v.recv().await;
@@ -1216,5 +1218,80 @@ fn a_returning_visitor_sees_its_past_conversations(w: Wire) {
         assert_eq!(listed, [(second.as_str(), "queued"), (first.as_str(), "closed")], "{c}");
         let id = v.send(json!({"type": "history", "conv": first})).await;
         assert_eq!(v.reply(id).await["messages"].as_array().map(Vec::len), Some(2));
+    });
+}
+
+over_both_subprotocols!(commands_pipelined_behind_an_anonymous_connect_come_after_connected);
+
+/// A new anonymous visitor's `connected` waits for its profile to be
+/// durable; a command sent right behind `connect` must not be answered
+/// before it (`connected` is the first frame a session gets).
+fn commands_pipelined_behind_an_anonymous_connect_come_after_connected(w: Wire) {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
+    rt().block_on(async {
+        let mut v = Client::open(&gw, w.visitors).await;
+        let ids =
+            v.send_batch(vec![json!({"type": "connect"}), json!({"type": "typing", "conv": "c999"})]).await;
+        let (connect, typing) = (ids[0], ids[1]);
+        let first = v.recv().await;
+        assert_eq!(
+            (first["type"].as_str(), first["id"].as_i64()),
+            (Some("connected"), Some(connect)),
+            "{first}"
+        );
+        let answer = v.reply(typing).await;
+        assert_eq!(answer["type"], "error", "{answer}");
+    });
+}
+
+over_both_subprotocols!(a_ping_pipelined_behind_connect_is_answered_after_connected);
+
+/// `ping` right behind a token `connect`: `pong` may not overtake
+/// `connected`.
+fn a_ping_pipelined_behind_connect_is_answered_after_connected(w: Wire) {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
+    let token = gw.token("visitor", "pinger", &[]);
+    rt().block_on(async {
+        let mut v = Client::open(&gw, w.visitors).await;
+        let ids =
+            v.send_batch(vec![json!({"type": "connect", "token": token}), json!({"type": "ping"})]).await;
+        let (connect, ping) = (ids[0], ids[1]);
+        let first = v.recv().await;
+        assert_eq!(
+            (first["type"].as_str(), first["id"].as_i64()),
+            (Some("connected"), Some(connect)),
+            "{first}"
+        );
+        assert_eq!(v.reply(ping).await["type"], "pong");
+    });
+}
+
+over_both_subprotocols!(a_send_pipelined_behind_close_is_a_conflict);
+
+/// A client's commands take effect in the order it sent them: a `send`
+/// right behind `close` finds the conversation closed.
+fn a_send_pipelined_behind_close_is_a_conflict(w: Wire) {
+    let gw = Gateway::start(&[], &[]);
+    rt().block_on(async {
+        let (mut v, conv) = visitor(&gw, w).await;
+        let ids = v
+            .send_batch(vec![
+                json!({"type": "close", "conv": conv}),
+                json!({"type": "send", "conv": conv, "cid": "late", "text": "after close"}),
+            ])
+            .await;
+        let (close, send) = (ids[0], ids[1]);
+        let mut answers = std::collections::BTreeMap::new();
+        while answers.len() < 2 {
+            let f = v.recv().await;
+            if let Some(id) = f["id"].as_i64() {
+                answers.insert(id, f);
+            }
+        }
+        assert_eq!(answers[&close]["status"], "closed", "{answers:?}");
+        let s = &answers[&send];
+        assert_eq!((s["type"].as_str(), s["code"].as_str()), (Some("error"), Some("conflict")), "{s}");
+        let id = v.send(json!({"type": "history", "conv": conv})).await;
+        assert_eq!(v.reply(id).await["messages"], json!([]), "nothing stored after the close");
     });
 }

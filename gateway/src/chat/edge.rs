@@ -25,6 +25,11 @@ impl ChatService {
         }
         let now = now_ms();
         let Some(sess) = self.sessions.get_mut(&from) else {
+            if matches!(frame.body, Command::Ping) {
+                // No session (its connect was refused without a close):
+                // `ping` needs none.
+                return self.send(from, codec, &ServerFrame::reply(id, Event::Pong));
+            }
             self.send(from, codec, &ServerFrame::error(id, ErrorCode::Unauthorized, "send connect first"));
             self.close(from, close::UNAUTHORIZED, "connect first");
             return;
@@ -32,7 +37,7 @@ impl ChatService {
         // A session waiting for its `Welcome` may already send: every shard
         // knows it (SessionUp went first), and answers are held until
         // `connected`. A visitor not yet durable is known nowhere else yet,
-        // so its commands wait here until it is.
+        // so its commands (a `ping` too) wait here until it is.
         if sess.stage == Stage::Storing {
             if sess.pipelined.len() < PIPELINED_WHILE_STORING_MAX {
                 sess.pipelined.push(frame);
@@ -80,11 +85,16 @@ impl ChatService {
             }
         };
         let Some(actor) = sess.session.actor() else { return };
+        let routing = sess.routing;
         let reply = (from, codec, id);
         let (home, request) = match request {
             Forward::Pong => return self.send(from, codec, &ServerFrame::reply(id, Event::Pong)),
             Forward::Route(request) => {
-                self.post_chat(ROUTER_SHARD, ChatMsg::Route { reply, actor, request });
+                if self.post_chat(ROUTER_SHARD, ChatMsg::Route { reply, actor, request }) {
+                    self.routing_sent(from);
+                } else {
+                    self.send(from, codec, &ServerFrame::error(id, ErrorCode::Unavailable, BUSY));
+                }
                 return;
             }
             Forward::Send { conv } => {
@@ -94,12 +104,31 @@ impl ChatService {
             }
             Forward::Home(conv, request) => (conv, HomeRequest::Checked(request)),
         };
-        if !self.post(home.home(self.shards), ShardMsg::Home { reply, actor, request }) {
-            self.send(
-                from,
-                codec,
-                &ServerFrame::error(id, ErrorCode::Unavailable, "the chat service is busy; retry"),
-            );
+        // Behind a routing command of this session, through the router.
+        let posted = if routing > 0 {
+            let relayed = self.post_chat(ROUTER_SHARD, ChatMsg::Relay { reply, actor, request });
+            if relayed {
+                self.routing_sent(from);
+            }
+            relayed
+        } else {
+            self.post(home.home(self.shards), ShardMsg::Home { reply, actor, request })
+        };
+        if !posted {
+            self.send(from, codec, &ServerFrame::error(id, ErrorCode::Unavailable, BUSY));
+        }
+    }
+
+    fn routing_sent(&mut self, addr: SessionAddr) {
+        if let Some(sess) = self.sessions.get_mut(&addr) {
+            sess.routing += 1;
+        }
+    }
+
+    /// The router has handled one of this session's `Route`s or `Relay`s.
+    pub(super) fn on_routed(&mut self, addr: SessionAddr) {
+        if let Some(sess) = self.sessions.get_mut(&addr) {
+            sess.routing = sess.routing.saturating_sub(1);
         }
     }
 
@@ -177,8 +206,12 @@ impl ChatService {
             resume,
             visitor_key: new_key.as_ref().map(VisitorKey::to_hex),
             pipelined: Vec::new(),
+            routing: 0,
         };
         self.sessions.insert(from, sess);
+        // `connected` is the first frame the session gets: whatever is
+        // written to it before (answers to pipelined commands) waits.
+        self.held.insert(from, Vec::new());
         match new_key {
             Some(key) => {
                 // The key must survive any crash before the visitor sees it.
@@ -192,6 +225,7 @@ impl ChatService {
                 };
                 if !self.submit(WriteOp::PutUser(record), Pending::Connected { to: from }) {
                     self.sessions.remove(&from);
+                    self.held.remove(&from);
                     let e = ServerFrame::error(id, ErrorCode::Unavailable, "storage busy; retry");
                     self.send(from, codec, &e);
                 }
@@ -202,13 +236,12 @@ impl ChatService {
 
     /// Tells every shard the session exists (each home replays its share of
     /// `resume`), then asks the router for `connected`'s conversations.
-    /// Frames for the session are held from here until `connected`.
+    /// Frames for the session stay held (since its `connect`) until `connected`.
     pub(super) fn announce(&mut self, addr: SessionAddr) {
         let Some(sess) = self.sessions.get_mut(&addr) else { return };
         sess.stage = Stage::Welcoming;
         let (codec, resume) = (sess.codec, std::mem::take(&mut sess.resume));
         let Some(identity) = sess.session.identity().cloned() else { return };
-        self.held.insert(addr, Vec::new());
         let actor = identity.actor();
         for shard in 0..self.shards {
             let mine = resume.iter().copied().filter(|(c, _)| c.home(self.shards) == shard).collect();
@@ -285,6 +318,8 @@ impl ChatService {
     /// A new anonymous visitor could not be stored.
     pub(super) fn connect_failed(&mut self, to: SessionAddr) {
         if let Some(sess) = self.sessions.remove(&to) {
+            // Never connected: what was held goes with it.
+            self.held.remove(&to);
             let frame =
                 ServerFrame::error(None, ErrorCode::Unavailable, "could not store the visitor; retry");
             self.send(to, sess.codec, &frame);
@@ -312,6 +347,8 @@ impl ChatService {
         }
     }
 }
+
+const BUSY: &str = "the chat service is busy; retry";
 
 /// A checked command, sorted by who answers it.
 enum Forward {

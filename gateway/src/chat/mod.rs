@@ -34,7 +34,10 @@
 //!   client never sees traffic before `connected`;
 //! - a resuming session's missed messages are replayed by each home while
 //!   it registers the session, so they come before any live message of
-//!   that conversation.
+//!   that conversation;
+//! - while a session's routing command is with the router, its commands
+//!   for homes go through the router too (`Relay`), so they reach the home
+//!   after the router's decision, as the client sent them.
 
 pub mod edge;
 pub mod frames;
@@ -240,6 +243,24 @@ pub enum ChatMsg {
         /// What they asked: `open`, `presence`, `accept`, `transfer` or
         /// `close`, as the edge's session checked it.
         request: Request<'static>,
+    },
+    /// Edge → router → a conversation's home: a command for a home, sent
+    /// while a routing command of the same session is with the router, so
+    /// that it reaches the home after the router's decision (a `send`
+    /// behind a `close` finds the conversation closed).
+    Relay {
+        /// Who gets the answer.
+        reply: Reply,
+        /// Who sent it.
+        actor: Actor,
+        /// What they asked.
+        request: HomeRequest,
+    },
+    /// Router → edge: a `Route` or `Relay` of this session is handled, and
+    /// what it decided is on its way to the homes.
+    Routed {
+        /// The connection.
+        addr: SessionAddr,
     },
     /// Router → a conversation's home.
     Change {

@@ -11,7 +11,7 @@ use kefu_proto::{ConvId, ConvStatus, PresenceStatus, Role};
 
 use super::home::serving;
 use super::service::{ChatService, now_ms};
-use super::{Change, ChatMsg, Reply, RouteInfo, device_of};
+use super::{Change, ChatMsg, HomeRequest, Reply, RouteInfo, ShardMsg, device_of};
 use crate::ws::close;
 
 impl ChatService {
@@ -97,6 +97,28 @@ impl ChatService {
                 self.send(from, codec, &frame);
             }
             Err(e) => self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string())),
+        }
+    }
+
+    /// A command for a home, sent behind a routing command: on to the home,
+    /// after what that routing command decided.
+    pub(super) fn on_relay(&mut self, reply: Reply, actor: Actor, request: HomeRequest) {
+        let home = match &request {
+            HomeRequest::Send { conv, .. } => *conv,
+            HomeRequest::Checked(
+                Request::Read { conv, .. } | Request::Typing { conv } | Request::History { conv, .. },
+            ) => *conv,
+            HomeRequest::Checked(other) => {
+                debug_assert!(false, "not a home's request: {other:?}");
+                return;
+            }
+        }
+        .home(self.shards);
+        if !self.post(home, ShardMsg::Home { reply, actor, request }) {
+            let (to, codec, id) = reply;
+            let e =
+                ServerFrame::error(id, kefu_proto::ErrorCode::Unavailable, "the chat service is busy; retry");
+            self.send(to, codec, &e);
         }
     }
 

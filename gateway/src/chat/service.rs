@@ -49,7 +49,8 @@ pub struct ChatInit {
 /// Where a connection is in its `connect`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Stage {
-    /// A new anonymous visitor's profile is being made durable.
+    /// A new anonymous visitor's profile is being made durable. Commands
+    /// wait (a few; more are refused, the refusals held until `connected`).
     Storing,
     /// Announced to every shard; waiting for the router's `Welcome`. Frames
     /// for it are held until `connected` is written; commands are served
@@ -73,6 +74,9 @@ pub(super) struct Sess {
     /// it was being stored, served once it is (at most
     /// [`PIPELINED_WHILE_STORING_MAX`]).
     pub(super) pipelined: Vec<ClientFrame>,
+    /// `Route`s and `Relay`s sent to the router and not yet `Routed`: while
+    /// any are, commands for homes are relayed too.
+    pub(super) routing: u32,
 }
 
 /// Commands kept for a new anonymous visitor until it is durable; past
@@ -286,6 +290,13 @@ impl ChatService {
 
     /// Handles one message addressed to the chat service.
     pub fn handle(&mut self, msg: ShardMsg) {
+        let routed = match &msg {
+            ShardMsg::Chat(m) => match &**m {
+                ChatMsg::Route { reply, .. } | ChatMsg::Relay { reply, .. } => Some(reply.0),
+                _ => None,
+            },
+            _ => None,
+        };
         match msg {
             ShardMsg::Frame { from, codec, frame } => self.on_frame(from, codec, frame),
             ShardMsg::Gone { from } => self.on_gone(from),
@@ -299,6 +310,8 @@ impl ChatService {
                 ChatMsg::Welcome { reply, conversations } => self.on_welcome(reply, conversations),
                 ChatMsg::AgentGone { agent, device } => self.on_agent_gone(&agent, device),
                 ChatMsg::Route { reply, actor, request } => self.on_route(reply, actor, request),
+                ChatMsg::Relay { reply, actor, request } => self.on_relay(reply, actor, request),
+                ChatMsg::Routed { addr } => self.on_routed(addr),
                 ChatMsg::Change { conv, change, reply, route } => self.on_change(conv, change, reply, route),
             },
             ShardMsg::Deliver { .. } | ShardMsg::Close { .. } => {
@@ -306,6 +319,12 @@ impl ChatService {
             }
         }
         self.drain_router();
+        // After the decisions: the edge may go straight to homes again once
+        // they are ahead of it. (Lost in a full inbox, the edge just keeps
+        // relaying that session's commands, in order.)
+        if let Some(addr) = routed {
+            self.post_chat(addr.shard as usize, ChatMsg::Routed { addr });
+        }
     }
 
     /// Applies every storage completion that has arrived.
