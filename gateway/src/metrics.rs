@@ -132,7 +132,9 @@ pub fn render(shards: &[ShardStats], store: &StoreStats, driver: &str) -> String
         ("kefu_http_rejected_total", "counter", "Requests not upgraded.", |s| &s.http_rejected),
         ("kefu_upgrades_total", "counter", "WebSocket handshakes completed.", |s| &s.upgrades),
         ("kefu_messages_in_total", "counter", "WebSocket messages received.", |s| &s.messages_in),
-        ("kefu_frames_out_total", "counter", "Frames queued for sending.", |s| &s.frames_out),
+        ("kefu_frames_out_total", "counter", "Writes queued (a replay packs many frames).", |s| {
+            &s.frames_out
+        }),
         ("kefu_bytes_in_total", "counter", "Bytes read from sockets.", |s| &s.bytes_in),
         ("kefu_bytes_out_total", "counter", "Bytes written to sockets.", |s| &s.bytes_out),
         ("kefu_protocol_closes_total", "counter", "Closes for RFC 6455 violations.", |s| &s.protocol_closes),

@@ -101,6 +101,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let store = Arc::new(store);
     let core = Arc::new(config.core());
     let (allow_anonymous, heartbeat_s) = (config.auth.allow_anonymous, config.server.heartbeat_s as u32);
+    let held_frames_max = (config.limits.outbound_queue_frames / 2).max(1);
     let chat = |shard: usize| ChatInit {
         shard,
         mailboxes: mailboxes.clone(),
@@ -109,6 +110,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         allow_anonymous,
         heartbeat_s,
         store: store.clone(),
+        held_frames_max,
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);

@@ -1295,3 +1295,42 @@ fn a_send_pipelined_behind_close_is_a_conflict(w: Wire) {
         assert_eq!(v.reply(id).await["messages"], json!([]), "nothing stored after the close");
     });
 }
+
+over_both_subprotocols!(a_resume_with_a_long_backlog_is_replayed_in_full);
+
+/// A visitor that missed more messages than a connection's outbound queue
+/// holds (`limits.outbound_queue_frames`, 1024) still gets them all, then
+/// `resumed`, instead of being cut as a slow consumer.
+fn a_resume_with_a_long_backlog_is_replayed_in_full(w: Wire) {
+    let env = [("KEFU_LIMITS_MESSAGES_PER_S", "1000000"), ("KEFU_LIMITS_BURST", "1000000")];
+    let gw = Gateway::start(&["--shards", "2"], &env);
+    rt().block_on(async {
+        let mut a = agent(&gw, w, "chatty", &[], 5).await;
+        let mut v = Client::open(&gw, w.visitors).await;
+        let id = v.send(json!({"type": "connect"})).await;
+        let c = v.reply(id).await;
+        let (vid, key) = (c["user"]["id"].clone(), c["visitor_key"].clone());
+        let id = v.send(json!({"type": "open"})).await;
+        let conv = v.reply(id).await["conv"].as_str().unwrap().to_string();
+        a.expect_where("conversation", |c| c["status"] == "assigned").await;
+        drop(v);
+        const MESSAGES: u64 = 1500;
+        for chunk in (1..=MESSAGES).collect::<Vec<_>>().chunks(100) {
+            let cmds = chunk
+                .iter()
+                .map(|i| json!({"type": "send", "conv": conv, "cid": format!("m{i}"), "text": "backlog"}))
+                .collect();
+            let ids = a.send_batch(cmds).await;
+            a.reply(*ids.last().unwrap()).await;
+        }
+        let mut v = Client::open(&gw, w.visitors).await;
+        let id = v.send(json!({"type": "connect", "visitor_id": vid, "visitor_key": key, "resume": {conv.as_str(): 0}})).await;
+        assert_eq!(v.reply(id).await["type"], "connected");
+        for seq in 1..=MESSAGES {
+            let m = v.recv().await;
+            assert_eq!((m["type"].as_str(), m["seq"].as_u64()), (Some("msg"), Some(seq)), "{m}");
+        }
+        let r = v.expect("resumed").await;
+        assert_eq!(r["to"], MESSAGES, "{r}");
+    });
+}

@@ -14,6 +14,12 @@ use tracing::warn;
 use super::service::{ChatService, Member, Pending, new_message, now_ms, restored_conversation, wire_msg};
 use super::{Change, HomeRequest, Reply, RouteInfo, SessionAddr};
 
+/// Messages read from storage at a time while replaying a resume.
+const REPLAY_PAGE: usize = 256;
+/// Bytes of replayed frames written together: one outbound entry of the
+/// connection for many messages.
+const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
+
 impl ChatService {
     pub(super) fn on_home(&mut self, reply: Reply, actor: &Actor, request: HomeRequest) {
         let now = now_ms();
@@ -81,16 +87,43 @@ impl ChatService {
                 return self.send(to, codec, &ServerFrame::error(None, e.code(), format!("{conv}: {e}")));
             }
         };
-        let missed = range.to.saturating_sub(last_seen) as usize;
-        match self.reader.after(conv.0, last_seen, missed) {
-            Ok(messages) => {
-                for m in messages.into_iter().filter(|m| m.record.seq <= range.to) {
-                    self.send(to, codec, &ServerFrame::push(Event::Msg(wire_msg(m.record))));
+        // Read a page at a time, and write the frames packed into chunks:
+        // a connection's outbound queue bounds frames as well as bytes
+        // (`limits.outbound_queue_*`), and a long backlog must not look
+        // like a slow consumer, nor sit in memory whole.
+        let mut chunk = Vec::new();
+        let mut cursor = last_seen;
+        while cursor < range.to {
+            let want = REPLAY_PAGE.min((range.to - cursor) as usize);
+            let page = match self.reader.after(conv.0, cursor, want) {
+                Ok(page) => page,
+                Err(e) => {
+                    self.write_chunk(to, &mut chunk);
+                    return self.send(to, codec, &ServerFrame::error(None, e.code(), e.to_string()));
                 }
-                let done = Event::Resumed { conv, from: range.from, to: range.to };
-                self.send(to, codec, &ServerFrame::push(done));
+            };
+            let before = cursor;
+            for m in page.into_iter().take_while(|m| m.record.seq <= range.to) {
+                cursor = m.record.seq;
+                let frame = self.frames.encode(codec, &ServerFrame::push(Event::Msg(wire_msg(m.record))));
+                chunk.extend_from_slice(&frame);
+                if chunk.len() >= REPLAY_CHUNK_BYTES {
+                    self.write_chunk(to, &mut chunk);
+                }
             }
-            Err(e) => self.send(to, codec, &ServerFrame::error(None, e.code(), e.to_string())),
+            if cursor == before {
+                break;
+            }
+        }
+        let done = Event::Resumed { conv, from: range.from, to: range.to };
+        chunk.extend_from_slice(&self.frames.encode(codec, &ServerFrame::push(done)));
+        self.write_chunk(to, &mut chunk);
+    }
+
+    /// Writes the packed WebSocket frames in `chunk` as one outbound write.
+    fn write_chunk(&mut self, to: SessionAddr, chunk: &mut Vec<u8>) {
+        if !chunk.is_empty() {
+            self.write(to, std::sync::Arc::new(std::mem::take(chunk)));
         }
     }
 

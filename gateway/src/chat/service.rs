@@ -44,6 +44,12 @@ pub struct ChatInit {
     pub heartbeat_s: u32,
     /// The open store, shared by every shard (each submits as its own source).
     pub store: Arc<Store>,
+    /// Frames held for a session until its `connected` is written; past
+    /// this it is cut as a slow consumer. Half of
+    /// `limits.outbound_queue_frames`, so the flush at `connected` always
+    /// fits the connection's queue (the router answers in microseconds, so
+    /// only a storm reaches it).
+    pub held_frames_max: usize,
 }
 
 /// Where a connection is in its `connect`.
@@ -119,11 +125,6 @@ pub enum Local {
     Close(SessionAddr, u16, &'static str),
 }
 
-/// Frames held for one session until its `connected` is written; past this
-/// the session is cut as a slow consumer (the router answers in
-/// microseconds, so only a storm reaches it).
-const HELD_FRAMES_MAX: usize = 4096;
-
 /// One shard's chat service.
 pub struct ChatService {
     pub(super) me: usize,
@@ -134,6 +135,7 @@ pub struct ChatService {
     pub(super) jwt: JwtKey,
     pub(super) allow_anonymous: bool,
     pub(super) heartbeat_s: u32,
+    held_frames_max: usize,
     /// Kept so the writer thread lives as long as any shard.
     _store: Arc<Store>,
     pub(super) writer: Writer,
@@ -212,7 +214,16 @@ impl ChatService {
     /// Builds a shard's service: it restores the open conversations homed
     /// here, and on the router's shard every open conversation's route.
     pub fn new(init: ChatInit) -> anyhow::Result<Self> {
-        let ChatInit { shard, mailboxes, core, jwt_secret, allow_anonymous, heartbeat_s, store } = init;
+        let ChatInit {
+            shard,
+            mailboxes,
+            core,
+            jwt_secret,
+            allow_anonymous,
+            heartbeat_s,
+            store,
+            held_frames_max,
+        } = init;
         let shards = mailboxes.len();
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
             .map_err(|e| anyhow::anyhow!("auth.jwt_secret: {e}"))?;
@@ -257,6 +268,7 @@ impl ChatService {
             jwt,
             allow_anonymous,
             heartbeat_s,
+            held_frames_max,
             writer: store.writer(),
             reader,
             completions: store.completions(shard),
@@ -362,7 +374,7 @@ impl ChatService {
             return Some(bytes);
         }
         let Some(held) = self.held.get_mut(&to) else { return Some(bytes) };
-        if held.len() >= HELD_FRAMES_MAX {
+        if held.len() >= self.held_frames_max {
             self.held.remove(&to);
             self.local.push(Local::Close(to, crate::ws::close::SLOW_CONSUMER, "too much before connected"));
         } else {
