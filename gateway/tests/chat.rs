@@ -1044,6 +1044,20 @@ fn random_command(rng: &mut impl rand::Rng, targets: &[String]) -> Value {
     }
 }
 
+/// An agent, and an anonymous visitor whose conversation it was assigned
+/// and who has gone: the agent, the visitor's (id, key), the conversation.
+async fn visitor_away_from_agent(gw: &Gateway, w: Wire, agent_id: &str) -> (Client, (Value, Value), String) {
+    let mut a = agent(gw, w, agent_id, &[], 5).await;
+    let mut v = Client::open(gw, w.visitors).await;
+    let id = v.send(json!({"type": "connect"})).await;
+    let c = v.reply(id).await;
+    let (vid, key) = (c["user"]["id"].clone(), c["visitor_key"].clone());
+    let id = v.send(json!({"type": "open"})).await;
+    let conv = v.reply(id).await["conv"].as_str().unwrap().to_string();
+    a.expect_where("conversation", |c| c["status"] == "assigned").await;
+    (a, (vid, key), conv)
+}
+
 over_both_subprotocols!(resume_under_live_traffic_is_gap_free_and_in_order);
 
 /// A visitor reconnects again and again with `resume` while its agent keeps
@@ -1054,15 +1068,7 @@ fn resume_under_live_traffic_is_gap_free_and_in_order(w: Wire) {
     let env = [("KEFU_LIMITS_MESSAGES_PER_S", "1000000"), ("KEFU_LIMITS_BURST", "1000000")];
     let gw = Gateway::start(&["--shards", "2"], &env);
     rt().block_on(async {
-        let mut a = agent(&gw, w, "busy", &[], 5).await;
-        let mut v = Client::open(&gw, w.visitors).await;
-        let id = v.send(json!({"type": "connect"})).await;
-        let c = v.reply(id).await;
-        let (vid, key) = (c["user"]["id"].clone(), c["visitor_key"].clone());
-        let id = v.send(json!({"type": "open"})).await;
-        let conv = v.reply(id).await["conv"].as_str().unwrap().to_string();
-        a.expect_where("conversation", |c| c["status"] == "assigned").await;
-        drop(v);
+        let (mut a, (vid, key), conv) = visitor_away_from_agent(&gw, w, "busy").await;
 
         const MESSAGES: u64 = 300;
         let sender = {
@@ -1305,15 +1311,7 @@ fn a_resume_with_a_long_backlog_is_replayed_in_full(w: Wire) {
     let env = [("KEFU_LIMITS_MESSAGES_PER_S", "1000000"), ("KEFU_LIMITS_BURST", "1000000")];
     let gw = Gateway::start(&["--shards", "2"], &env);
     rt().block_on(async {
-        let mut a = agent(&gw, w, "chatty", &[], 5).await;
-        let mut v = Client::open(&gw, w.visitors).await;
-        let id = v.send(json!({"type": "connect"})).await;
-        let c = v.reply(id).await;
-        let (vid, key) = (c["user"]["id"].clone(), c["visitor_key"].clone());
-        let id = v.send(json!({"type": "open"})).await;
-        let conv = v.reply(id).await["conv"].as_str().unwrap().to_string();
-        a.expect_where("conversation", |c| c["status"] == "assigned").await;
-        drop(v);
+        let (mut a, (vid, key), conv) = visitor_away_from_agent(&gw, w, "chatty").await;
         const MESSAGES: u64 = 1500;
         for chunk in (1..=MESSAGES).collect::<Vec<_>>().chunks(100) {
             let cmds = chunk
