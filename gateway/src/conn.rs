@@ -33,7 +33,7 @@ use kefu_proto::ErrorCode;
 use kefu_proto::client::{Codec, Command, DecodeError, Event, ServerFrame};
 
 use crate::chat::frames::SharedFrame;
-use crate::chat::{SessionAddr, ShardMsg};
+use crate::chat::{ChatMsg, SessionAddr, ShardMsg};
 use crate::http::{self, HttpError};
 use crate::metrics::ShardStats;
 use crate::shard::Shard;
@@ -696,7 +696,22 @@ impl Session {
         };
         drop(message);
         let reply = match decoded {
-            Err(e) => e.reply(),
+            Err(e) => {
+                let reply = e.reply();
+                // After `connect`, even a refusal goes through the chat
+                // service, which holds it until `connected` is written
+                // (unless its inbox is full: then it is written now).
+                match conn.addr.get().filter(|_| self.connect_sent) {
+                    Some(to) => {
+                        let answer = ChatMsg::Answer { to, codec: self.codec, frame: reply.clone() };
+                        if shard.mailboxes[shard.id].send(ShardMsg::Chat(Box::new(answer))).is_ok() {
+                            return Ok(());
+                        }
+                        reply
+                    }
+                    None => reply,
+                }
+            }
             Ok(frame) if matches!(frame.body, Command::Ping) && !self.connect_sent => {
                 ServerFrame::reply(frame.id, Event::Pong)
             }

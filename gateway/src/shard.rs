@@ -450,6 +450,8 @@ async fn serve(init: ShardInit) {
 
 /// How often the chat service's router is told the time.
 const CHAT_TICK_MS: u64 = 500;
+/// How soon messages held back by another shard's full inbox are retried.
+const BACKLOG_RETRY_MS: u64 = 1;
 
 /// Drains the shard's inbox for as long as the shard runs, sleeping on the
 /// mailbox's eventfd when it is empty.
@@ -480,6 +482,7 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: ChatService) 
             service.tick();
         }
         flush_local(&shard, &mut service);
+        let backlog = service.retry_backlog();
         let cpu = thread_cpu_ns().saturating_sub(started);
         shard.stats().inbox_cpu_ns.fetch_add(cpu, std::sync::atomic::Ordering::Relaxed);
         if !inbox.prepare_park() {
@@ -491,7 +494,10 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: ChatService) 
             inbox.wake();
             continue;
         }
-        let slept = if service.is_router() {
+        let slept = if backlog {
+            // Another shard's full inbox holds messages back: try again soon.
+            monoio::time::timeout(Duration::from_millis(BACKLOG_RETRY_MS), waiter.sleep()).await.ok()
+        } else if service.is_router() {
             // The router also wakes for its deadlines (offline grace).
             monoio::time::timeout(Duration::from_millis(CHAT_TICK_MS), waiter.sleep()).await.ok()
         } else {

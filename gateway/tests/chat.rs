@@ -1269,6 +1269,21 @@ fn a_ping_pipelined_behind_connect_is_answered_after_connected(w: Wire) {
             "{first}"
         );
         assert_eq!(v.reply(ping).await["type"], "pong");
+
+        // Nor may the refusal of a frame that is no command at all.
+        let mut v = Client::open(&gw, w.visitors).await;
+        let (connect, message) = v.command(json!({"type": "connect", "token": token}));
+        v.ws.feed(message).await.unwrap();
+        v.ws.feed(match w.visitors {
+            Codec::Json => Message::text("{not json"),
+            Codec::FlatBuffers => Message::binary(vec![0xde, 0xad, 0xbe, 0xef]),
+        })
+        .await
+        .unwrap();
+        v.ws.flush().await.unwrap();
+        let first = v.recv().await;
+        assert_eq!(first["id"].as_i64(), Some(connect), "connected first: {first}");
+        assert_eq!(v.recv().await["code"], "bad_frame");
     });
 }
 
@@ -1330,5 +1345,70 @@ fn a_resume_with_a_long_backlog_is_replayed_in_full(w: Wire) {
         }
         let r = v.expect("resumed").await;
         assert_eq!(r["to"], MESSAGES, "{r}");
+    });
+}
+
+over_both_subprotocols!(full_inboxes_hold_messages_back_instead_of_dropping_them);
+
+/// With inboxes of 4 messages, bursts from many visitors overflow them all
+/// the time. A connection's own command may be refused with a retryable
+/// `unavailable` (its shard's inbox is full), and the visitor retries it
+/// with the same cid; but nothing the gateway has taken on is lost: every
+/// send is acked once with seq gap-free, and every message reaches the
+/// agent once and in order per conversation.
+fn full_inboxes_hold_messages_back_instead_of_dropping_them(w: Wire) {
+    let env = [
+        ("KEFU_SERVER_MAILBOX_CAPACITY", "4"),
+        ("KEFU_LIMITS_MESSAGES_PER_S", "1000000"),
+        ("KEFU_LIMITS_BURST", "1000000"),
+    ];
+    let gw = Gateway::start(&["--shards", "2"], &env);
+    rt().block_on(async {
+        let mut a = agent(&gw, w, "steady", &[], 100).await;
+        const VISITORS: usize = 8;
+        const EACH: usize = 40;
+        let mut visitors = Vec::new();
+        for _ in 0..VISITORS {
+            visitors.push(visitor(&gw, w).await);
+        }
+        // Per visitor: command id -> cid of what is in flight.
+        let mut flights: Vec<std::collections::BTreeMap<i64, String>> = Vec::new();
+        for (v, conv) in visitors.iter_mut() {
+            let cids: Vec<String> = (1..=EACH).map(|i| format!("b{i}")).collect();
+            let cmds = cids.iter().map(|c| json!({"type": "send", "conv": conv, "cid": c, "text": c}));
+            let ids = v.send_batch(cmds.collect()).await;
+            flights.push(ids.into_iter().zip(cids).collect());
+        }
+        let mut retries = 0;
+        for ((v, conv), flight) in visitors.iter_mut().zip(&mut flights) {
+            let mut acked = std::collections::BTreeMap::new();
+            while acked.len() < EACH {
+                let f = v.recv().await;
+                let Some(cid) = f["id"].as_i64().and_then(|id| flight.remove(&id)) else { continue };
+                match (f["type"].as_str(), f["code"].as_str()) {
+                    (Some("ack"), _) => {
+                        assert!(acked.insert(cid, f["seq"].as_u64().unwrap()).is_none(), "acked twice: {f}");
+                    }
+                    (Some("error"), Some("unavailable")) => {
+                        retries += 1;
+                        let id = v.send(json!({"type": "send", "conv": conv, "cid": cid, "text": cid})).await;
+                        flight.insert(id, cid);
+                    }
+                    _ => panic!("{f}"),
+                }
+            }
+            let mut seqs: Vec<u64> = acked.values().copied().collect();
+            seqs.sort();
+            assert_eq!(seqs, (1..=EACH as u64).collect::<Vec<_>>(), "gap-free, each once");
+        }
+        let mut last: std::collections::BTreeMap<String, u64> = Default::default();
+        for _ in 0..VISITORS * EACH {
+            let m = a.expect("msg").await;
+            let seq = last.entry(m["conv"].as_str().unwrap().to_string()).or_default();
+            assert_eq!(m["seq"].as_u64(), Some(*seq + 1), "in order per conversation: {m}");
+            *seq += 1;
+        }
+        a.none_of("msg", Duration::from_millis(200)).await;
+        eprintln!("{retries} sends were refused as unavailable and retried");
     });
 }

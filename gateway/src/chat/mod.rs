@@ -47,7 +47,7 @@ pub mod service;
 
 use kefu_core::identity::{Actor, AgentRef, GroupName, Identity, UserId, Visitor};
 use kefu_core::session::Request;
-use kefu_proto::client::{Attachment, ClientFrame, Codec};
+use kefu_proto::client::{Attachment, ClientFrame, Codec, ServerFrame};
 use kefu_proto::{ConvId, ConvStatus};
 
 use frames::SharedFrame;
@@ -261,6 +261,16 @@ pub enum ChatMsg {
     Routed {
         /// The connection.
         addr: SessionAddr,
+    },
+    /// A connection → its shard's chat service: answer this (a frame that
+    /// could not be decoded, after `connect`), in order with the rest.
+    Answer {
+        /// The connection.
+        to: SessionAddr,
+        /// Its subprotocol.
+        codec: Codec,
+        /// The answer.
+        frame: ServerFrame,
     },
     /// Router → a conversation's home.
     Change {

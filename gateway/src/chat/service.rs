@@ -125,6 +125,10 @@ pub enum Local {
     Close(SessionAddr, u16, &'static str),
 }
 
+/// Messages kept per shard while its inbox is full; past this they are
+/// dropped (that shard is stuck, not just busy).
+const BACKLOG_MAX: usize = 65_536;
+
 /// One shard's chat service.
 pub struct ChatService {
     pub(super) me: usize,
@@ -160,6 +164,8 @@ pub struct ChatService {
     pub(super) reply_on_change: Vec<(ConvId, Reply)>,
     /// Output for this shard's own connections.
     local: Vec<Local>,
+    /// Per shard: messages its full inbox could not take yet, in order.
+    backlog: Vec<std::collections::VecDeque<ShardMsg>>,
     next_token: u64,
     /// Reused for each message's audience.
     pub(super) audience: Vec<Member>,
@@ -284,6 +290,7 @@ impl ChatService {
             router,
             reply_on_change: Vec::new(),
             local: Vec::new(),
+            backlog: (0..shards).map(|_| Default::default()).collect(),
             next_token: 1,
             audience: Vec::new(),
             strings: SpareStrings::new(),
@@ -324,6 +331,7 @@ impl ChatService {
                 ChatMsg::Route { reply, actor, request } => self.on_route(reply, actor, request),
                 ChatMsg::Relay { reply, actor, request } => self.on_relay(reply, actor, request),
                 ChatMsg::Routed { addr } => self.on_routed(addr),
+                ChatMsg::Answer { to, codec, frame } => self.send(to, codec, &frame),
                 ChatMsg::Change { conv, change, reply, route } => self.on_change(conv, change, reply, route),
             },
             ShardMsg::Deliver { .. } | ShardMsg::Close { .. } => {
@@ -385,19 +393,51 @@ impl ChatService {
 
     // ---- output -------------------------------------------------------
 
-    /// Puts a message in shard `to`'s inbox. A full inbox drops it: for a
-    /// frame, that connection's own outbound bound would cut it anyway.
-    pub(super) fn post(&self, to: usize, msg: ShardMsg) -> bool {
-        let ok = self.mailboxes[to].send(msg).is_ok();
-        if !ok {
-            warn!(from = self.me, to, "shard inbox full: message dropped");
+    /// Puts a message in shard `to`'s inbox. If that inbox is full the
+    /// message waits in this service's backlog for `to`, and so does
+    /// everything after it for `to`, until [`Self::retry_backlog`] gets them
+    /// in, in order: a decision, a directory change or a frame is never
+    /// silently lost or reordered. `false` only when that backlog is full
+    /// too (then the caller answers `unavailable` where it can).
+    pub(super) fn post(&mut self, to: usize, msg: ShardMsg) -> bool {
+        let backlog = &mut self.backlog[to];
+        if backlog.is_empty() {
+            match self.mailboxes[to].send(msg) {
+                Ok(()) => return true,
+                Err(msg) => {
+                    warn!(from = self.me, to, "shard inbox full: holding messages for it");
+                    backlog.push_back(msg);
+                    return true;
+                }
+            }
         }
-        ok
+        if backlog.len() >= BACKLOG_MAX {
+            warn!(from = self.me, to, "shard inbox and backlog full: message dropped");
+            return false;
+        }
+        backlog.push_back(msg);
+        true
     }
 
     /// Posts a chat message to shard `to`.
-    pub(super) fn post_chat(&self, to: usize, msg: ChatMsg) -> bool {
+    pub(super) fn post_chat(&mut self, to: usize, msg: ChatMsg) -> bool {
         self.post(to, ShardMsg::Chat(Box::new(msg)))
+    }
+
+    /// Moves what waits in the backlog into the inboxes that have room, in
+    /// order. True if something still waits.
+    pub fn retry_backlog(&mut self) -> bool {
+        let mut waiting = false;
+        for (to, backlog) in self.backlog.iter_mut().enumerate() {
+            while let Some(msg) = backlog.pop_front() {
+                if let Err(msg) = self.mailboxes[to].send(msg) {
+                    backlog.push_front(msg);
+                    waiting = true;
+                    break;
+                }
+            }
+        }
+        waiting
     }
 
     /// Writes an already encoded frame to a connection, wherever it is.
@@ -485,9 +525,12 @@ impl ChatService {
         warn!(%error, "write failed");
         match pending {
             Pending::Connected { to } => self.connect_failed(to),
-            Pending::Message { conv, sender, .. } => {
+            Pending::Message { conv, seq, sender } => {
                 self.reload(conv);
-                if let Some((to, codec, id)) = sender {
+                // Resends that waited for this write fail with it: the seq
+                // is free again, and a later message must not answer them.
+                let waiters = self.dup_waiters.remove(&(conv, seq)).unwrap_or_default();
+                for (to, codec, id) in sender.into_iter().chain(waiters) {
                     self.send(to, codec, &ServerFrame::error(id, error.code(), error.to_string()));
                 }
             }
