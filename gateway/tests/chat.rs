@@ -235,6 +235,12 @@ fn visitor_and_agent_chat_end_to_end(w: Wire) {
         assert_eq!(assigned["conv"], conv.as_str());
         assert_eq!(assigned["status"], "assigned", "{assigned}");
         assert_eq!(assigned["agent"]["id"], "a1");
+        // Each state is announced once it is durable, and once: the opened
+        // state answers the open, the assignment follows as a push.
+        assert_eq!(conv_frame["status"], "queued", "{conv_frame}");
+        let pushed = visitor.expect("conversation").await;
+        assert_eq!((pushed["status"].as_str(), pushed["agent"]["id"].as_str()), (Some("assigned"), Some("a1")));
+        agent.none_of("conversation", Duration::from_millis(150)).await;
 
         // Messages both ways: ack to the sender, msg to the other side.
         let id = visitor.send(json!({"type": "send", "conv": conv, "cid": "v1", "text": "hello"})).await;

@@ -469,7 +469,7 @@ impl ChatService {
             updated_ms: now,
             last_seq: c.last_seq(),
         };
-        let pending = Pending::ConvChanged { conv, reply, previous, route };
+        let pending = Pending::ConvChanged { reply, previous, route };
         if !self.submit(WriteOp::PutConversation(record), pending) {
             warn!(%conv, "storage queue full: conversation change not persisted");
             if let Some((to, codec, id)) = reply {
@@ -480,34 +480,65 @@ impl ChatService {
 
     /// A conversation's change is durable: tell everyone concerned, and
     /// answer the command that caused it.
+    ///
+    /// What is announced is `stored`, the state this write made durable, not
+    /// the conversation in memory, which may already be a decision further
+    /// on (an `open` assigned at once is stored queued, then assigned): each
+    /// commit announces its own state, so nothing is told before it is
+    /// durable.
     pub(super) fn change_committed(
         &mut self,
-        conv: ConvId,
+        stored: ConversationRecord,
         reply: Option<Reply>,
         previous: Option<UserId>,
         route: &RouteInfo,
     ) {
-        if let Some(frame) = self.conversation_frame(conv, None, route.position) {
-            let queued = self.convs.get(&conv).is_some_and(|c| c.status() == ConvStatus::Queued);
-            let mut audience: Vec<Member> = self.participants(conv).collect();
-            audience.extend(previous.iter().flat_map(|p| self.members(p)));
-            if queued {
-                audience.extend(route.notify.iter().flat_map(|a| self.members(a)));
-            }
-            audience.sort_by_key(|m| m.addr);
-            audience.dedup_by_key(|m| m.addr);
-            let replying = reply.map(|(a, _, _)| a);
-            audience.retain(|m| Some(m.addr) != replying);
-            self.deliver(audience, &frame);
+        let conv = ConvId(stored.id);
+        let queued = stored.status == ConvStatus::Queued;
+        let mut audience: Vec<Member> = self.members(&stored.visitor_id).collect();
+        if let Some(agent) = stored.agent.as_ref().filter(|_| !queued) {
+            audience.extend(self.members(&agent.id));
         }
-        if let Some((to, codec, id)) = reply
-            && let Some(frame) = self.conversation_frame(conv, id, route.position)
-        {
+        audience.extend(previous.iter().flat_map(|p| self.members(p)));
+        if queued {
+            audience.extend(route.notify.iter().flat_map(|a| self.members(a)));
+        }
+        audience.sort_by_key(|m| m.addr);
+        audience.dedup_by_key(|m| m.addr);
+        let replying = reply.map(|(a, _, _)| a);
+        audience.retain(|m| Some(m.addr) != replying);
+        let mut frame = self.stored_frame(&stored, route.position);
+        self.deliver(audience, &frame);
+        if let Some((to, codec, id)) = reply {
+            frame.id = id;
             self.send(to, codec, &frame);
         }
-        if self.convs.get(&conv).is_some_and(|c| c.status() == ConvStatus::Closed) {
+        if stored.status == ConvStatus::Closed
+            && self.convs.get(&conv).is_some_and(|c| c.status() == ConvStatus::Closed)
+        {
             self.convs.remove(&conv);
         }
+    }
+
+    /// The `conversation` event for a stored state of a conversation, with
+    /// the visitor's profile as this home knows it.
+    fn stored_frame(&self, stored: &ConversationRecord, position: Option<u32>) -> ServerFrame {
+        let visitor = match self.convs.get(&ConvId(stored.id)).map(|c| c.visitor()) {
+            Some(v) => User { id: v.id.to_string(), name: v.name.to_string(), meta: v.meta.clone() },
+            None => User {
+                id: stored.visitor_id.clone(),
+                name: stored.visitor_id.clone(),
+                meta: Default::default(),
+            },
+        };
+        ServerFrame::push(Event::Conversation {
+            conv: ConvId(stored.id),
+            status: stored.status,
+            agent: stored.agent.as_ref().map(|a| WireAgent { id: a.id.clone(), name: a.name.clone() }),
+            group: stored.group.clone(),
+            visitor,
+            queue_position: (stored.status == ConvStatus::Queued).then_some(position).flatten(),
+        })
     }
 
     // ---- conversations in memory --------------------------------------

@@ -110,7 +110,7 @@ pub(super) enum Pending {
     /// the command that caused it, if one did. `previous` is the agent who
     /// had it before a transfer or requeue: no longer a participant, but
     /// told that it went.
-    ConvChanged { conv: ConvId, reply: Option<Reply>, previous: Option<UserId>, route: RouteInfo },
+    ConvChanged { reply: Option<Reply>, previous: Option<UserId>, route: RouteInfo },
     /// Nothing to announce (read marks, profiles).
     Nothing,
 }
@@ -514,8 +514,12 @@ impl ChatService {
                 };
                 self.message_committed(conv, ours, sender, wire_msg_of(m, ours), duplicate, seq, ts)
             }
-            Pending::ConvChanged { conv, reply, previous, route } => {
-                self.change_committed(conv, reply, previous, &route)
+            Pending::ConvChanged { reply, previous, route } => {
+                let WriteOp::PutConversation(stored) = op else {
+                    debug_assert!(false, "a conversation's completion carries another write");
+                    return;
+                };
+                self.change_committed(stored, reply, previous, &route)
             }
             Pending::Nothing => {}
         }
