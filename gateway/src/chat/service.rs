@@ -405,6 +405,11 @@ impl ChatService {
     /// message's inbox first. `false` only when the backlog is full too
     /// (then the caller answers `unavailable` where it can).
     pub(super) fn post(&mut self, to: usize, msg: ShardMsg) -> bool {
+        // The inbox loop retries only between batches, and a batch lasts as
+        // long as other shards keep this inbox fed: try here too.
+        if !self.backlog.is_empty() {
+            self.retry_backlog();
+        }
         if self.backlog.is_empty() {
             match self.mailboxes[to].send(msg) {
                 Ok(()) => return true,
