@@ -177,9 +177,16 @@ impl Cluster {
     /// A visitor connected on shard `edge` with an open conversation homed
     /// on shard `home`.
     fn visitor(&mut self, edge: u16, home: usize) -> (SessionAddr, ConvId) {
+        let (addr, conv, _) = self.visitor_named(edge, home);
+        (addr, conv)
+    }
+
+    /// [`Self::visitor`], with its token's `sub`.
+    fn visitor_named(&mut self, edge: u16, home: usize) -> (SessionAddr, ConvId, String) {
         for n in 0.. {
             let addr = self.conn(edge);
-            let token = self.token(Role::Visitor, &format!("v{n}"));
+            let sub = format!("v{n}");
+            let token = self.token(Role::Visitor, &sub);
             self.command(addr, json!({"type": "connect", "id": 1, "token": token}));
             self.settle();
             assert_eq!(self.reply(addr, 1)["type"], "connected");
@@ -188,7 +195,7 @@ impl Cluster {
             let conv = self.reply(addr, 2)["conv"].as_str().unwrap().to_string();
             let conv = ConvId(conv[1..].parse().unwrap());
             if conv.home(SHARDS) == home {
-                return (addr, conv);
+                return (addr, conv, sub);
             }
         }
         unreachable!()
@@ -246,4 +253,30 @@ fn a_direct_send_is_not_overtaken_by_a_later_close() {
     let (send, close) = (c.reply(v, 11).clone(), c.reply(v, 12).clone());
     assert_eq!(close["status"], "closed", "{close}");
     assert_eq!(send["type"], "ack", "sent before the close: {send}");
+}
+
+/// A conversation closed between the router's answer to a `connect` (it
+/// was open) and `connected` (storage says closed) is listed once.
+#[test]
+fn connected_lists_a_conversation_closed_meanwhile_once() {
+    let mut c = Cluster::new();
+    // First tab on shard 0, with the home; the second tab on shard 1.
+    let (tab1, conv, sub) = c.visitor_named(0, 0);
+    let tab2 = c.conn(1);
+    let token = c.token(Role::Visitor, &sub);
+    c.command(tab2, json!({"type": "connect", "id": 1, "token": token}));
+    assert!(c.step(0), "SessionUp");
+    assert!(c.step(0), "Hello");
+    assert!(c.step(1), "SessionUp");
+    // The router's Welcome waits in shard 1's inbox while the first tab
+    // closes the conversation.
+    let welcome = c.mailboxes[1].try_recv().unwrap();
+    c.command(tab1, json!({"type": "close", "id": 3, "conv": conv.to_string()}));
+    c.settle();
+    assert_eq!(c.reply(tab1, 3)["status"], "closed");
+    c.shards[1].handle(welcome);
+    c.flush(1);
+    let listed = c.reply(tab2, 1)["conversations"].as_array().unwrap().clone();
+    let mine: Vec<&Value> = listed.iter().filter(|s| s["conv"] == json!(conv.to_string())).collect();
+    assert_eq!(mine.len(), 1, "{listed:?}");
 }
