@@ -280,14 +280,22 @@ impl ChatService {
             .collect();
         if identity.role == Role::Visitor {
             // Then its past conversations, for a returning visitor's history.
+            // One the router still had open may be closed in storage by now:
+            // it is listed as the router saw it (its close is pushed after
+            // `connected`), not twice.
             let max = self.core.routing.connected_closed_max;
-            match self.reader.conversations_of(&identity.id, max + conversations.len()) {
-                Ok(past) => conversations.extend(
-                    past.into_iter()
+            let open = conversations.len();
+            match self.reader.conversations_of(&identity.id, max + open) {
+                Ok(past) => {
+                    let closed: Vec<ConvSummary> = past
+                        .into_iter()
                         .filter(|c| c.status == ConvStatus::Closed)
+                        .filter(|c| !conversations[..open].iter().any(|s| s.conv.0 == c.id))
                         .take(max)
-                        .map(|c| ConvSummary { conv: ConvId(c.id), status: c.status, last_seq: c.last_seq }),
-                ),
+                        .map(|c| ConvSummary { conv: ConvId(c.id), status: c.status, last_seq: c.last_seq })
+                        .collect();
+                    conversations.extend(closed);
+                }
                 Err(e) => warn!(error = %e, "cannot list a visitor's past conversations"),
             }
         }

@@ -24,7 +24,9 @@
 //! Ordering rests on one property of the mailboxes: a shard's inbox is one
 //! FIFO queue, so two messages one sender puts into it arrive in that order,
 //! and a message put in after another shard *handled* something arrives
-//! after everything that was in the inbox before. Hence:
+//! after everything that was in the inbox before. A shard that finds an
+//! inbox full holds back everything it posts after that, to every shard
+//! (`ChatService::post`), so backlogs keep this causal order too. Hence:
 //! - an edge broadcasts `SessionUp` before it forwards any command of that
 //!   session and before it asks the router for the session's
 //!   conversations, so no home hears about a session's conversation, and
@@ -50,6 +52,8 @@ pub mod frames;
 pub mod home;
 pub mod router;
 pub mod service;
+#[cfg(test)]
+mod shards_tests;
 
 use kefu_core::identity::{Actor, AgentRef, GroupName, Identity, UserId, Visitor};
 use kefu_core::session::Request;

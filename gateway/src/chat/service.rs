@@ -125,8 +125,8 @@ pub enum Local {
     Close(SessionAddr, u16, &'static str),
 }
 
-/// Messages kept per shard while its inbox is full; past this they are
-/// dropped (that shard is stuck, not just busy).
+/// Messages kept while an inbox is full; past this they are dropped (a
+/// shard is stuck, not just busy).
 const BACKLOG_MAX: usize = 65_536;
 
 /// One shard's chat service.
@@ -164,8 +164,9 @@ pub struct ChatService {
     pub(super) reply_on_change: Vec<(ConvId, Reply)>,
     /// Output for this shard's own connections.
     local: Vec<Local>,
-    /// Per shard: messages its full inbox could not take yet, in order.
-    backlog: Vec<std::collections::VecDeque<ShardMsg>>,
+    /// Messages a full inbox could not take yet, with their shard, in the
+    /// order they were posted: one queue for every shard, see [`Self::post`].
+    backlog: std::collections::VecDeque<(usize, ShardMsg)>,
     next_token: u64,
     /// Reused for each message's audience.
     pub(super) audience: Vec<Member>,
@@ -290,7 +291,7 @@ impl ChatService {
             router,
             reply_on_change: Vec::new(),
             local: Vec::new(),
-            backlog: (0..shards).map(|_| Default::default()).collect(),
+            backlog: Default::default(),
             next_token: 1,
             audience: Vec::new(),
             strings: SpareStrings::new(),
@@ -394,28 +395,36 @@ impl ChatService {
     // ---- output -------------------------------------------------------
 
     /// Puts a message in shard `to`'s inbox. If that inbox is full the
-    /// message waits in this service's backlog for `to`, and so does
-    /// everything after it for `to`, until [`Self::retry_backlog`] gets them
-    /// in, in order: a decision, a directory change or a frame is never
-    /// silently lost or reordered. `false` only when that backlog is full
-    /// too (then the caller answers `unavailable` where it can).
+    /// message waits in this service's backlog, and so does everything this
+    /// service posts after it, to any shard, until [`Self::retry_backlog`]
+    /// gets them in, in order: a decision, a directory change or a frame is
+    /// never silently lost or reordered. One queue for all shards, because
+    /// order is causal: a message to another shard (a `Route`, a `Routed`)
+    /// must not go out while one posted before it waits, or what that shard
+    /// does about it (a `Change`, a direct `Home`) could reach the waiting
+    /// message's inbox first. `false` only when the backlog is full too
+    /// (then the caller answers `unavailable` where it can).
     pub(super) fn post(&mut self, to: usize, msg: ShardMsg) -> bool {
-        let backlog = &mut self.backlog[to];
-        if backlog.is_empty() {
+        // The inbox loop retries only between batches, and a batch lasts as
+        // long as other shards keep this inbox fed: try here too.
+        if !self.backlog.is_empty() {
+            self.retry_backlog();
+        }
+        if self.backlog.is_empty() {
             match self.mailboxes[to].send(msg) {
                 Ok(()) => return true,
                 Err(msg) => {
-                    warn!(from = self.me, to, "shard inbox full: holding messages for it");
-                    backlog.push_back(msg);
+                    warn!(from = self.me, to, "shard inbox full: holding messages back");
+                    self.backlog.push_back((to, msg));
                     return true;
                 }
             }
         }
-        if backlog.len() >= BACKLOG_MAX {
+        if self.backlog.len() >= BACKLOG_MAX {
             warn!(from = self.me, to, "shard inbox and backlog full: message dropped");
             return false;
         }
-        backlog.push_back(msg);
+        self.backlog.push_back((to, msg));
         true
     }
 
@@ -424,20 +433,16 @@ impl ChatService {
         self.post(to, ShardMsg::Chat(Box::new(msg)))
     }
 
-    /// Moves what waits in the backlog into the inboxes that have room, in
-    /// order. True if something still waits.
+    /// Moves what waits in the backlog into the inboxes, in order, up to
+    /// the first that is still full. True if something still waits.
     pub fn retry_backlog(&mut self) -> bool {
-        let mut waiting = false;
-        for (to, backlog) in self.backlog.iter_mut().enumerate() {
-            while let Some(msg) = backlog.pop_front() {
-                if let Err(msg) = self.mailboxes[to].send(msg) {
-                    backlog.push_front(msg);
-                    waiting = true;
-                    break;
-                }
+        while let Some((to, msg)) = self.backlog.pop_front() {
+            if let Err(msg) = self.mailboxes[to].send(msg) {
+                self.backlog.push_front((to, msg));
+                return true;
             }
         }
-        waiting
+        false
     }
 
     /// Writes an already encoded frame to a connection, wherever it is.
