@@ -41,11 +41,10 @@
 //!   for homes go through the router too (`Relay`), so they reach the home
 //!   after the router's decision, as the client sent them.
 //!
-//! That FIFO property must survive a full inbox, so a chat service never
-//! drops what it posts to another shard: a message an inbox refuses waits
-//! in the sender's backlog for that shard, with everything after it, and
-//! is retried in order (`ChatService::post`). Only a connection's own
-//! command can be refused at the door, with a retryable `unavailable`.
+//! Nor does a chat service drop what it posts: a message an inbox refuses
+//! waits in the sender's one backlog, with everything the sender posts
+//! after it (to any shard), and is retried in order. Only a connection's
+//! own command can be refused at the door, with a retryable `unavailable`.
 
 pub mod edge;
 pub mod frames;
