@@ -65,19 +65,25 @@ impl CoreConfig {
         }
         let l = &self.limits;
         if l.max_cid_bytes == 0 || l.max_cid_bytes > CID_BYTES_MAX {
-            return refuse("limits.max_cid_bytes", format!("between 1 and {CID_BYTES_MAX}"));
+            return refuse("messages.max_cid_bytes", format!("between 1 and {CID_BYTES_MAX}"));
         }
         if l.max_text_bytes == 0 {
-            return refuse("limits.max_text_bytes", "at least 1");
+            return refuse("messages.max_text_bytes", "at least 1");
+        }
+        if l.max_resume_messages == 0 {
+            return refuse("messages.max_resume_messages", "at least 1");
         }
         if l.history_limit_default == 0 || l.history_limit_default > l.history_limit_max {
-            return refuse("limits.history_limit_default", "between 1 and limits.history_limit_max");
+            return refuse("messages.history_limit_default", "between 1 and messages.history_limit_max");
         }
         if l.recent_cids == 0 || l.recent_cids > 65_536 {
-            return refuse("limits.recent_cids", "between 1 and 65536");
+            return refuse("messages.recent_cids", "between 1 and 65536");
         }
         if l.max_group_bytes == 0 || l.max_mime_bytes == 0 || l.max_meta_bytes == 0 {
-            return refuse("limits", "max_group_bytes, max_mime_bytes and max_meta_bytes must be at least 1");
+            return refuse(
+                "messages",
+                "max_group_bytes, max_mime_bytes and max_meta_bytes must be at least 1",
+            );
         }
         if self.rate.messages_per_s == 0 {
             return refuse("limits.messages_per_s", "at least 1");
@@ -96,7 +102,7 @@ impl CoreConfig {
             return refuse("routing.max_queued", "at least 1");
         }
         if r.default_group.is_empty() || r.default_group.len() > l.max_group_bytes {
-            return refuse("routing.default_group", "non-empty and at most limits.max_group_bytes");
+            return refuse("routing.default_group", "non-empty and at most messages.max_group_bytes");
         }
         if r.offline_grace_s > 7 * 24 * 3600 {
             return refuse("routing.offline_grace_s", "at most a week");
@@ -169,6 +175,10 @@ pub struct LimitsConfig {
     /// Conversations one `connect.resume` may name; more is `too_large`.
     /// Default 256.
     pub max_resume_conversations: usize,
+    /// Messages a resume replays per conversation at most: a client that
+    /// missed more gets the newest this many, and `resumed.from` tells
+    /// where they start (it pages the rest with `history`). Default 10000.
+    pub max_resume_messages: u64,
     /// How many recent `(sender, cid)` pairs each conversation remembers to
     /// answer a resent `send` with its first `ack`. Older ones must be
     /// found in storage's dedupe index. Default 128.
@@ -191,6 +201,7 @@ impl Default for LimitsConfig {
             history_limit_default: 50,
             history_limit_max: 200,
             max_resume_conversations: 256,
+            max_resume_messages: 10_000,
             recent_cids: 128,
             typing_interval_ms: 1000,
         }
@@ -379,7 +390,7 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().key, "auth.exp_leeway_s");
         let mut c = CoreConfig::default();
         c.limits.max_cid_bytes = CID_BYTES_MAX + 1;
-        assert_eq!(c.validate().unwrap_err().key, "limits.max_cid_bytes");
+        assert_eq!(c.validate().unwrap_err().key, "messages.max_cid_bytes");
         let mut c = CoreConfig::default();
         c.rate.messages_per_s = 0;
         assert!(c.validate().is_err());

@@ -175,7 +175,7 @@ pub enum Request<'a> {
         conv: ConvId,
         /// Only seqs below this.
         before: Option<u64>,
-        /// Page size, 1 to `limits.history_limit_max`.
+        /// Page size, 1 to `messages.history_limit_max`.
         limit: u32,
     },
     /// Presence: to the router.

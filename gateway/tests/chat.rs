@@ -1418,3 +1418,40 @@ fn full_inboxes_hold_messages_back_instead_of_dropping_them(w: Wire) {
         eprintln!("{retries} sends were refused as unavailable and retried");
     });
 }
+
+over_both_subprotocols!(a_resume_past_its_cap_replays_the_newest_and_says_where_they_start);
+
+/// With `messages.max_resume_messages` = 100, a visitor that missed 250
+/// gets the newest 100 and `resumed {from: 151, to: 250}`; the rest is
+/// there for `history`.
+fn a_resume_past_its_cap_replays_the_newest_and_says_where_they_start(w: Wire) {
+    let env = [
+        ("KEFU_MESSAGES_MAX_RESUME_MESSAGES", "100"),
+        ("KEFU_LIMITS_MESSAGES_PER_S", "1000000"),
+        ("KEFU_LIMITS_BURST", "1000000"),
+    ];
+    let gw = Gateway::start(&["--shards", "2"], &env);
+    rt().block_on(async {
+        let (mut a, (vid, key), conv) = visitor_away_from_agent(&gw, w, "talker").await;
+        let cmds =
+            (1..=250).map(|i| json!({"type": "send", "conv": conv, "cid": format!("m{i}"), "text": "x"}));
+        let ids = a.send_batch(cmds.collect()).await;
+        a.reply(*ids.last().unwrap()).await;
+        let mut v = Client::open(&gw, w.visitors).await;
+        let resume =
+            json!({"type": "connect", "visitor_id": vid, "visitor_key": key, "resume": {conv.as_str(): 0}});
+        let id = v.send(resume).await;
+        assert_eq!(v.reply(id).await["type"], "connected");
+        for seq in 151..=250 {
+            let m = v.recv().await;
+            assert_eq!((m["type"].as_str(), m["seq"].as_u64()), (Some("msg"), Some(seq)), "{m}");
+        }
+        let r = v.recv().await;
+        assert_eq!(
+            (r["type"].as_str(), r["from"].as_u64(), r["to"].as_u64()),
+            (Some("resumed"), Some(151), Some(250))
+        );
+        let id = v.send(json!({"type": "history", "conv": conv, "before": 151, "limit": 200})).await;
+        assert_eq!(v.reply(id).await["messages"].as_array().map(Vec::len), Some(150), "the rest, by history");
+    });
+}

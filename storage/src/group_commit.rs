@@ -27,7 +27,7 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use crate::dedupe::{self, DedupeKey, U64Map};
 use crate::error::{IoContext, StorageError};
-use crate::record::{LogRecord, encode_into};
+use crate::record::{ArchivedConversationRecord, LogRecord, access, encode_into};
 use crate::tables;
 use crate::write::{Committed, Completion, NewMessage, Shared, Submission, WriteOp};
 
@@ -362,6 +362,14 @@ impl GroupCommit {
             WriteOp::PutConversation(c) => {
                 c.last_seq = 0;
                 let id = c.id;
+                // A conversation was created when it was first stored; later
+                // changes keep that time, whatever they carry.
+                if let Some(old) = t.conversations()?.get(id).ctx("read conversations")? {
+                    match access::<ArchivedConversationRecord>(old.value(), "conversations", &id) {
+                        Ok(archived) => c.created_ms = archived.created_ms.to_native(),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
                 if let Err(e) = encode_into(&*c, &mut self.buf).and_then(|()| self.encode_logged(op)) {
                     return Ok(Err(e));
                 }

@@ -614,3 +614,15 @@ fn a_version_1_store_gets_its_visitor_index_at_open() {
     assert_eq!(r.conversations_of("v1", 5).unwrap().iter().map(|c| c.id).collect::<Vec<_>>(), [1]);
     assert_eq!(r.conversations_of("v2", 5).unwrap().iter().map(|c| c.id).collect::<Vec<_>>(), [2]);
 }
+
+#[test]
+fn a_conversation_keeps_the_time_it_was_first_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    write(&store, 1, WriteOp::PutConversation(conversation(4, ConvStatus::Queued))).result.unwrap();
+    let later =
+        ConversationRecord { created_ms: 5_000, updated_ms: 5_000, ..conversation(4, ConvStatus::Assigned) };
+    write(&store, 2, WriteOp::PutConversation(later)).result.unwrap();
+    let stored = store.reader().conversation(4).unwrap().unwrap();
+    assert_eq!((stored.status, stored.created_ms, stored.updated_ms), (ConvStatus::Assigned, 10, 5_000));
+}

@@ -23,6 +23,7 @@ const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
 impl ChatService {
     pub(super) fn on_home(&mut self, reply: Reply, actor: &Actor, request: HomeRequest) {
         let now = now_ms();
+        let conv = request.conv();
         match request {
             HomeRequest::Send { conv, cid, text, attachment } => {
                 // The edge checked the cid; it is read again here because the
@@ -43,6 +44,9 @@ impl ChatService {
             }
             HomeRequest::Checked(other) => debug_assert!(false, "not a home's request: {other:?}"),
         }
+        if let Some(conv) = conv {
+            self.give_back(conv);
+        }
     }
 
     /// A session is connected somewhere: remember how to reach it, and
@@ -59,6 +63,7 @@ impl ChatService {
         self.users.entry(actor.id.clone()).or_default().push(member);
         for &(conv, last_seen) in resume {
             self.replay(addr, codec, actor, conv, last_seen);
+            self.give_back(conv);
         }
     }
 
@@ -91,8 +96,12 @@ impl ChatService {
         // a connection's outbound queue bounds frames as well as bytes
         // (`limits.outbound_queue_*`), and a long backlog must not look
         // like a slow consumer, nor sit in memory whole.
+        // More missed than one resume replays: the newest of them, and
+        // `resumed.from` says where they start.
+        let cursor_from = range.to.saturating_sub(self.core.limits.max_resume_messages).max(last_seen);
+        let from = if cursor_from > last_seen { cursor_from + 1 } else { range.from };
         let mut chunk = Vec::new();
-        let mut cursor = last_seen;
+        let mut cursor = cursor_from;
         while cursor < range.to {
             let want = REPLAY_PAGE.min((range.to - cursor) as usize);
             let page = match self.reader.after(conv.0, cursor, want) {
@@ -115,7 +124,7 @@ impl ChatService {
                 break;
             }
         }
-        let done = Event::Resumed { conv, from: range.from, to: range.to };
+        let done = Event::Resumed { conv, from, to: range.to };
         chunk.extend_from_slice(&self.frames.encode(codec, &ServerFrame::push(done)));
         self.write_chunk(to, &mut chunk);
     }
@@ -434,6 +443,7 @@ impl ChatService {
                 }
             }
         }
+        self.give_back(conv);
     }
 
     /// Answers a command with the conversation's current state.
@@ -553,14 +563,27 @@ impl ChatService {
         ok
     }
 
-    /// Makes sure `conv` is in memory (closed conversations are loaded on
-    /// demand for history, reads and resume). False if it does not exist.
+    /// Makes sure `conv` is in memory. A closed conversation is loaded on
+    /// demand (history, reads, resume) and only borrowed: [`Self::give_back`]
+    /// drops it once the command is answered, so paging through old
+    /// conversations does not grow memory. False if it does not exist.
     fn load(&mut self, conv: ConvId) -> bool {
         if self.convs.contains_key(&conv) {
             return true;
         }
         self.reload(conv);
-        self.convs.contains_key(&conv)
+        let closed = self.convs.get(&conv).map(|c| c.status() == ConvStatus::Closed);
+        if closed == Some(true) {
+            self.borrowed.insert(conv);
+        }
+        closed.is_some()
+    }
+
+    /// Drops `conv` from memory if it was only loaded to answer a command.
+    pub(super) fn give_back(&mut self, conv: ConvId) {
+        if self.borrowed.remove(&conv) {
+            self.convs.remove(&conv);
+        }
     }
 
     /// Rebuilds a conversation from storage (after a failed or duplicate

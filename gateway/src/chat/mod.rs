@@ -147,6 +147,20 @@ pub enum HomeRequest {
     Checked(Request<'static>),
 }
 
+impl HomeRequest {
+    /// The conversation it is about (`None` only for a request that is
+    /// not a home's, which the edge never sends).
+    pub fn conv(&self) -> Option<ConvId> {
+        match self {
+            HomeRequest::Send { conv, .. }
+            | HomeRequest::Checked(
+                Request::Read { conv, .. } | Request::Typing { conv } | Request::History { conv, .. },
+            ) => Some(*conv),
+            HomeRequest::Checked(_) => None,
+        }
+    }
+}
+
 /// A conversation's change, decided by the router, applied by its home.
 #[derive(Debug)]
 pub enum Change {

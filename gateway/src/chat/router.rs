@@ -103,17 +103,11 @@ impl ChatService {
     /// A command for a home, sent behind a routing command: on to the home,
     /// after what that routing command decided.
     pub(super) fn on_relay(&mut self, reply: Reply, actor: Actor, request: HomeRequest) {
-        let home = match &request {
-            HomeRequest::Send { conv, .. } => *conv,
-            HomeRequest::Checked(
-                Request::Read { conv, .. } | Request::Typing { conv } | Request::History { conv, .. },
-            ) => *conv,
-            HomeRequest::Checked(other) => {
-                debug_assert!(false, "not a home's request: {other:?}");
-                return;
-            }
-        }
-        .home(self.shards);
+        let Some(conv) = request.conv() else {
+            debug_assert!(false, "not a home's request: {request:?}");
+            return;
+        };
+        let home = conv.home(self.shards);
         if !self.post(home, ShardMsg::Home { reply, actor, request }) {
             let (to, codec, id) = reply;
             let e =

@@ -153,6 +153,8 @@ pub struct ChatService {
     pub(super) users: HashMap<UserId, Vec<Member>>,
     /// Home: the conversations homed here that are in memory.
     pub(super) convs: HashMap<ConvId, Conversation>,
+    /// Home: closed conversations in `convs` only to answer one command.
+    pub(super) borrowed: std::collections::HashSet<ConvId>,
     pub(super) rules: Rules,
     pub(super) pending: HashMap<u64, Pending>,
     /// Home: duplicate sends waiting for their original's commit.
@@ -284,6 +286,7 @@ impl ChatService {
             held: HashMap::new(),
             users: HashMap::new(),
             convs,
+            borrowed: Default::default(),
             rules,
             core,
             pending: HashMap::new(),
