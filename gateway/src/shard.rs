@@ -132,7 +132,8 @@ pub struct Shard {
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
     /// Encoder (and frame buffers) for frames this shard answers itself.
     encoder: RefCell<FrameEncoder>,
-    /// String buffers for decoding `send`s, handed back by the chat shard.
+    /// String buffers for decoding `send`s, handed back by the homes of the
+    /// conversations they were sent to.
     pub strings: RefCell<SpareStrings>,
 }
 

@@ -1,8 +1,8 @@
 //! Spare `String` buffers that decoding copies into instead of allocating.
 //!
 //! A decoded `send` owns its `cid` and `text`. The gateway hands them from
-//! the connection's shard to the chat shard and, once the message is
-//! delivered, back again; a decoder given the returned buffers
+//! the connection's shard to the conversation's home shard and, once the
+//! message is delivered, back again; a decoder given the returned buffers
 //! ([`Codec::decode_client_reusing`](super::Codec::decode_client_reusing))
 //! fills them, so relaying a message allocates no string in steady state.
 
