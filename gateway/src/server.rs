@@ -102,6 +102,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let core = Arc::new(config.core());
     let (allow_anonymous, heartbeat_s) = (config.auth.allow_anonymous, config.server.heartbeat_s as u32);
     let held_frames_max = (config.limits.outbound_queue_frames / 2).max(1);
+    let replay_bytes_max = (config.limits.outbound_queue_bytes / 2).max(1);
     let chat = |shard: usize| ChatInit {
         shard,
         mailboxes: mailboxes.clone(),
@@ -111,6 +112,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         heartbeat_s,
         store: store.clone(),
         held_frames_max,
+        replay_bytes_max,
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);

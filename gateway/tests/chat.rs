@@ -1455,3 +1455,46 @@ fn a_resume_past_its_cap_replays_the_newest_and_says_where_they_start(w: Wire) {
         assert_eq!(v.reply(id).await["messages"].as_array().map(Vec::len), Some(150), "the rest, by history");
     });
 }
+
+over_both_subprotocols!(a_resume_of_big_attachments_stays_within_the_outbound_bound);
+
+/// With a 1 MiB outbound bound, a backlog of 30 attachments of 64 KiB
+/// (about 2.6 MB on the wire in JSON) is not replayed whole: the newest
+/// that fit half the bound come, `resumed.from` says where they start, and
+/// the connection stays open.
+fn a_resume_of_big_attachments_stays_within_the_outbound_bound(w: Wire) {
+    let env = [
+        ("KEFU_LIMITS_OUTBOUND_QUEUE_BYTES", "1048576"),
+        ("KEFU_LIMITS_MESSAGES_PER_S", "1000000"),
+        ("KEFU_LIMITS_BURST", "1000000"),
+    ];
+    let gw = Gateway::start(&["--shards", "2"], &env);
+    rt().block_on(async {
+        use base64::Engine;
+        let (mut a, (vid, key), conv) = visitor_away_from_agent(&gw, w, "sender").await;
+        let data = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 64 * 1024]);
+        for i in 1..=30 {
+            let cmd = json!({"type": "send", "conv": conv, "cid": format!("f{i}"), "attachment": {"mime": "application/octet-stream", "data": data}});
+            let id = a.send(cmd).await;
+            assert_eq!(a.reply(id).await["seq"], i);
+        }
+        let mut v = Client::open(&gw, w.visitors).await;
+        let resume = json!({"type": "connect", "visitor_id": vid, "visitor_key": key, "resume": {conv.as_str(): 0}});
+        let id = v.send(resume).await;
+        assert_eq!(v.reply(id).await["type"], "connected");
+        let mut seqs = Vec::new();
+        let resumed = loop {
+            let f = v.recv().await;
+            match f["type"].as_str() {
+                Some("msg") => seqs.push(f["seq"].as_u64().unwrap()),
+                Some("resumed") => break f,
+                _ => panic!("{}", f["type"]),
+            }
+        };
+        let from = resumed["from"].as_u64().unwrap();
+        assert!(from > 1 && from < 30, "some, not all: {resumed}");
+        assert_eq!(seqs, (from..=30).collect::<Vec<_>>(), "the newest, in order");
+        let id = v.send(json!({"type": "ping"})).await;
+        assert_eq!(v.reply(id).await["type"], "pong", "still connected");
+    });
+}

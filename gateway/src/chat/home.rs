@@ -19,6 +19,9 @@ const REPLAY_PAGE: usize = 256;
 /// Bytes of replayed frames written together: one outbound entry of the
 /// connection for many messages.
 const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
+/// A replayed frame's weight besides its text and attachment (ids, names,
+/// JSON or FlatBuffers framing), for the replay's byte budget.
+const REPLAY_FRAME_OVERHEAD: usize = 512;
 
 impl ChatService {
     pub(super) fn on_home(&mut self, reply: Reply, actor: &Actor, request: HomeRequest) {
@@ -92,14 +95,17 @@ impl ChatService {
                 return self.send(to, codec, &ServerFrame::error(None, e.code(), format!("{conv}: {e}")));
             }
         };
+        // More missed than one resume replays (in count or in bytes): the
+        // newest of them, and `resumed.from` says where they start.
+        let cursor_from = match self.replay_start(conv, last_seen, range.to) {
+            Ok(start) => start,
+            Err(e) => return self.send(to, codec, &ServerFrame::error(None, e.code(), e.to_string())),
+        };
+        let from = if cursor_from > last_seen { cursor_from + 1 } else { range.from };
         // Read a page at a time, and write the frames packed into chunks:
         // a connection's outbound queue bounds frames as well as bytes
         // (`limits.outbound_queue_*`), and a long backlog must not look
         // like a slow consumer, nor sit in memory whole.
-        // More missed than one resume replays: the newest of them, and
-        // `resumed.from` says where they start.
-        let cursor_from = range.to.saturating_sub(self.core.limits.max_resume_messages).max(last_seen);
-        let from = if cursor_from > last_seen { cursor_from + 1 } else { range.from };
         let mut chunk = Vec::new();
         let mut cursor = cursor_from;
         while cursor < range.to {
@@ -127,6 +133,36 @@ impl ChatService {
         let done = Event::Resumed { conv, from, to: range.to };
         chunk.extend_from_slice(&self.frames.encode(codec, &ServerFrame::push(done)));
         self.write_chunk(to, &mut chunk);
+    }
+
+    /// Where a replay of `(last_seen, to]` starts: after `last_seen`, unless
+    /// that is more than `messages.max_resume_messages` messages or more
+    /// than the replay's byte budget (half the connection's outbound bound,
+    /// so a backlog of big attachments cannot get the client cut at every
+    /// reconnect); then after the oldest of the newest messages that fit.
+    /// At least the newest message is always replayed.
+    fn replay_start(&self, conv: ConvId, last_seen: u64, to: u64) -> Result<u64, kefu_storage::StorageError> {
+        let floor = to.saturating_sub(self.core.limits.max_resume_messages).max(last_seen);
+        let budget = self.replay_bytes_max;
+        let (mut start, mut bytes) = (floor, 0usize);
+        if floor >= to {
+            return Ok(floor);
+        }
+        self.reader.visit_messages(conv.0, floor + 1..=to, true, usize::MAX, |_, m| {
+            // What the frame will weigh, near enough: base64 grows an
+            // attachment by a third in JSON; ids, names and framing are
+            // the rest.
+            let text = m.text.as_ref().map_or(0, |t| t.len());
+            let attachment = m.attachment.as_ref().map_or(0, |a| a.bytes.len() / 3 * 4 + 4);
+            let size = text + attachment + REPLAY_FRAME_OVERHEAD;
+            if bytes > 0 && bytes + size > budget {
+                return std::ops::ControlFlow::Break(());
+            }
+            bytes += size;
+            start = m.seq.to_native() - 1;
+            std::ops::ControlFlow::Continue(())
+        })?;
+        Ok(start)
     }
 
     /// Writes the packed WebSocket frames in `chunk` as one outbound write.

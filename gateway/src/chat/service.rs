@@ -50,6 +50,10 @@ pub struct ChatInit {
     /// fits the connection's queue (the router answers in microseconds, so
     /// only a storm reaches it).
     pub held_frames_max: usize,
+    /// Bytes one conversation's resume replay may queue on a connection:
+    /// half of `limits.outbound_queue_bytes`, so replaying never gets a
+    /// reading client cut as a slow consumer.
+    pub replay_bytes_max: usize,
 }
 
 /// Where a connection is in its `connect`.
@@ -140,6 +144,7 @@ pub struct ChatService {
     pub(super) allow_anonymous: bool,
     pub(super) heartbeat_s: u32,
     held_frames_max: usize,
+    pub(super) replay_bytes_max: usize,
     /// Kept so the writer thread lives as long as any shard.
     _store: Arc<Store>,
     pub(super) writer: Writer,
@@ -232,6 +237,7 @@ impl ChatService {
             heartbeat_s,
             store,
             held_frames_max,
+            replay_bytes_max,
         } = init;
         let shards = mailboxes.len();
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
@@ -278,6 +284,7 @@ impl ChatService {
             allow_anonymous,
             heartbeat_s,
             held_frames_max,
+            replay_bytes_max,
             writer: store.writer(),
             reader,
             completions: store.completions(shard),

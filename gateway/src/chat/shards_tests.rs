@@ -51,6 +51,7 @@ impl Cluster {
                     heartbeat_s: 30,
                     store: store.clone(),
                     held_frames_max: 512,
+                    replay_bytes_max: 24 << 20,
                 })
                 .unwrap()
             })
