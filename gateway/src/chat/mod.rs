@@ -286,7 +286,10 @@ pub enum ChatMsg {
         addr: SessionAddr,
     },
     /// A connection → its shard's chat service: answer this (a frame that
-    /// could not be decoded, after `connect`), in order with the rest.
+    /// could not be decoded, after `connect`), so it is held until
+    /// `connected` like everything else for the session. (A new visitor's
+    /// pipelined commands are answered once it is stored, so this refusal
+    /// can come before their answers; each carries its own `id`.)
     Answer {
         /// The connection.
         to: SessionAddr,
