@@ -161,22 +161,7 @@ impl Reader {
         newest_first: bool,
         limit: usize,
     ) -> Result<Vec<Logged<MessageRecord>>, StorageError> {
-        let mut out = Vec::with_capacity(limit.min(256));
-        let mut failed = None;
-        self.visit_messages(conv, seqs, newest_first, limit, |offset, m| match to_owned(m) {
-            Ok(record) => {
-                out.push(Logged { offset, record });
-                ControlFlow::Continue(())
-            }
-            Err(e) => {
-                failed = Some(e);
-                ControlFlow::Break(())
-            }
-        })?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        collect(limit.min(256), |keep| self.visit_messages(conv, seqs, newest_first, limit, keep))
     }
 
     /// A page of history: up to `limit` messages of `conv` with
@@ -226,11 +211,8 @@ impl Reader {
         let txn = self.txn()?;
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         let Some(guard) = table.get(conv).ctx("read conversations")? else { return Ok(None) };
-        let archived: &ArchivedConversationRecord = access(guard.value(), "conversations", &conv)?;
-        let mut record: ConversationRecord = to_owned(archived)?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
-        record.last_seq = last_seq_in(&index, conv)?;
-        Ok(Some(record))
+        Ok(Some(conversation_record(guard.value(), conv, &index)?))
     }
 
     /// A visitor's conversations, newest first, at most `limit`, each with
@@ -252,10 +234,7 @@ impl Reader {
             let (key, _) = entry.ctx("read user_conversations")?;
             let (_, conv) = key.value();
             let Some(guard) = table.get(conv).ctx("read conversations")? else { continue };
-            let archived: &ArchivedConversationRecord = access(guard.value(), "conversations", &conv)?;
-            let mut record: ConversationRecord = to_owned(archived)?;
-            record.last_seq = last_seq_in(&index, conv)?;
-            out.push(record);
+            out.push(conversation_record(guard.value(), conv, &index)?);
             if out.len() >= limit {
                 break;
             }
@@ -277,9 +256,7 @@ impl Reader {
             if archived.status.get() == ConvStatus::Closed {
                 continue;
             }
-            let mut record: ConversationRecord = to_owned(archived)?;
-            record.last_seq = last_seq_in(&index, id)?;
-            out.push(record);
+            out.push(conversation_record(value.value(), id, &index)?);
         }
         Ok(out)
     }
@@ -364,22 +341,7 @@ impl Reader {
     /// Up to `limit` log records from `from_offset` on, in offset order:
     /// the event stream a business system consumes.
     pub fn scan(&self, from_offset: u64, limit: usize) -> Result<Vec<Logged<LogRecord>>, StorageError> {
-        let mut out = Vec::with_capacity(limit.min(1024));
-        let mut failed = None;
-        self.visit_log(from_offset, limit, |offset, r| match to_owned(r) {
-            Ok(record) => {
-                out.push(Logged { offset, record });
-                ControlFlow::Continue(())
-            }
-            Err(e) => {
-                failed = Some(e);
-                ControlFlow::Break(())
-            }
-        })?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        collect(limit.min(1024), |keep| self.visit_log(from_offset, limit, keep))
     }
 
     /// A consumer's committed offset.
@@ -403,6 +365,45 @@ impl Reader {
         let meta = txn.open_table(tables::META).ctx("open table meta")?;
         Ok(meta.get(tables::META_NEXT_CONV_ID).ctx("read meta")?.map_or(1, |g| g.value()))
     }
+}
+
+/// Visits with a callback that keeps an owned copy of each archived record,
+/// stopping at the first that will not deserialize (its error is returned).
+fn collect<A, T>(
+    capacity: usize,
+    visit: impl FnOnce(&mut dyn FnMut(u64, &A) -> ControlFlow<()>) -> Result<(), StorageError>,
+) -> Result<Vec<Logged<T>>, StorageError>
+where
+    A: rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
+    let mut out = Vec::with_capacity(capacity);
+    let mut failed = None;
+    visit(&mut |offset, archived| match to_owned(archived) {
+        Ok(record) => {
+            out.push(Logged { offset, record });
+            ControlFlow::Continue(())
+        }
+        Err(e) => {
+            failed = Some(e);
+            ControlFlow::Break(())
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// A stored conversation, owned, with `last_seq` from the index.
+fn conversation_record(
+    bytes: &[u8],
+    id: u64,
+    index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+) -> Result<ConversationRecord, StorageError> {
+    let archived: &ArchivedConversationRecord = access(bytes, "conversations", &id)?;
+    let mut record: ConversationRecord = to_owned(archived)?;
+    record.last_seq = last_seq_in(index, id)?;
+    Ok(record)
 }
 
 pub(crate) fn last_seq_in(
