@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use tracing::{info, warn};
 
 use crate::chat::ShardMsg;
-use crate::chat::service::ChatInit;
+use crate::chat::service::{ChatInit, restore_open};
 use crate::config::Config;
 use crate::mailbox::Mailbox;
 use crate::metrics::ShardStats;
@@ -103,7 +103,10 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let (allow_anonymous, heartbeat_s) = (config.auth.allow_anonymous, config.server.heartbeat_s as u32);
     let held_frames_max = (config.limits.outbound_queue_frames / 2).max(1);
     let replay_bytes_max = (config.limits.outbound_queue_bytes / 2).max(1);
-    let chat = |shard: usize| ChatInit {
+    let mut restores =
+        restore_open(&store.reader(), recovery.open_conversations, recovery.next_conv_id, &core, shards)
+            .context("restoring the open conversations")?;
+    let mut chat = |shard: usize| ChatInit {
         shard,
         mailboxes: mailboxes.clone(),
         core: core.clone(),
@@ -113,6 +116,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         store: store.clone(),
         held_frames_max,
         replay_bytes_max,
+        restore: std::mem::take(&mut restores[shard]),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);

@@ -54,6 +54,46 @@ pub struct ChatInit {
     /// half of `limits.outbound_queue_bytes`, so replaying never gets a
     /// reading client cut as a slow consumer.
     pub replay_bytes_max: usize,
+    /// This shard's share of the open conversations, from [`restore_open`].
+    pub restore: ShardRestore,
+}
+
+/// What one shard starts from after a restart.
+#[derive(Debug, Default)]
+pub struct ShardRestore {
+    /// The open conversations homed on this shard.
+    pub conversations: Vec<RestoredConversation>,
+    /// On the router's shard: the next conversation id and every open
+    /// conversation's route.
+    pub router: Option<(u64, Vec<RestoredRoute>)>,
+}
+
+/// Rebuilds every open conversation once, from what the store's recovery
+/// found, and deals them out: each to its home shard, every route to the
+/// router's. (Each shard reading them again would repeat the scan and the
+/// profile reads per shard.)
+pub fn restore_open(
+    reader: &Reader,
+    open: Vec<ConversationRecord>,
+    next_conv_id: u64,
+    core: &CoreConfig,
+    shards: usize,
+) -> Result<Vec<ShardRestore>, kefu_storage::StorageError> {
+    let mut out: Vec<ShardRestore> = (0..shards).map(|_| ShardRestore::default()).collect();
+    let mut routes = Vec::with_capacity(open.len());
+    for rec in open {
+        let restored = restored_conversation(reader, rec, &core.routing.default_group)?;
+        routes.push(RestoredRoute {
+            conv: restored.id,
+            visitor: restored.visitor.id.clone(),
+            group: restored.group.clone(),
+            vip_level: vip_level(&restored.visitor.meta),
+            agent: restored.agent.clone(),
+        });
+        out[restored.id.home(shards)].conversations.push(restored);
+    }
+    out[ROUTER_SHARD].router = Some((next_conv_id, routes));
+    Ok(out)
 }
 
 /// Where a connection is in its `connect`.
@@ -225,8 +265,9 @@ pub(super) fn wire_msg(r: MessageRecord) -> Msg {
 }
 
 impl ChatService {
-    /// Builds a shard's service: it restores the open conversations homed
-    /// here, and on the router's shard every open conversation's route.
+    /// Builds a shard's service from its share of [`restore_open`]: the
+    /// open conversations homed here and, on the router's shard, the
+    /// router with every open conversation's route.
     pub fn new(init: ChatInit) -> anyhow::Result<Self> {
         let ChatInit {
             shard,
@@ -238,41 +279,25 @@ impl ChatService {
             store,
             held_frames_max,
             replay_bytes_max,
+            restore,
         } = init;
         let shards = mailboxes.len();
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
             .map_err(|e| anyhow::anyhow!("auth.jwt_secret: {e}"))?;
         // Dedupe lookups are for conversations homed here only.
         let reader = store.reader().with_own_dedupe_cache();
-        let mut router = (shard == ROUTER_SHARD)
-            .then(|| reader.next_conv_id().map(|next| Router::new(core.routing.clone(), next)))
-            .transpose()?;
-        let mut convs = HashMap::new();
-        let mut routes = Vec::new();
+        let ShardRestore { conversations, router: routing } = restore;
         let now = now_ms();
-        for rec in reader.open_conversations()? {
-            let home = ConvId(rec.id).home(shards) == shard;
-            if !home && router.is_none() {
-                continue;
-            }
-            let restored = restored_conversation(&reader, rec, &core.routing.default_group)?;
-            routes.push(RestoredRoute {
-                conv: restored.id,
-                visitor: restored.visitor.id.clone(),
-                group: restored.group.clone(),
-                vip_level: vip_level(&restored.visitor.meta),
-                agent: restored.agent.clone(),
-            });
-            if home {
-                convs.insert(restored.id, Conversation::restore(restored, &core.limits));
-            }
-        }
-        if let Some(router) = router.as_mut() {
+        let router = routing.map(|(next_conv, routes)| {
+            let mut router = Router::new(core.routing.clone(), next_conv);
             let refused = router.restore(routes, now);
             if !refused.is_empty() {
                 warn!(count = refused.len(), "router refused restored conversations");
             }
-        }
+            router
+        });
+        let convs: HashMap<ConvId, Conversation> =
+            conversations.into_iter().map(|r| (r.id, Conversation::restore(r, &core.limits))).collect();
         info!(shard, open = convs.len(), router = router.is_some(), "chat state restored");
         let rules = Rules::new(&core.rules);
         Ok(Self {

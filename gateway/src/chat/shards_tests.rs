@@ -35,11 +35,19 @@ impl Cluster {
     fn new() -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let config = StoreConfig { dir: dir.path().to_path_buf(), sources: SHARDS, ..StoreConfig::default() };
-        let (store, _) = Store::open(config, Arc::new(|_| {})).unwrap();
+        let (store, recovery) = Store::open(config, Arc::new(|_| {})).unwrap();
         let store = Arc::new(store);
         let mailboxes: Arc<[Mailbox<ShardMsg>]> =
             (0..SHARDS).map(|_| Mailbox::new(INBOX).unwrap()).collect::<Vec<_>>().into();
         let core = Arc::new(CoreConfig::default());
+        let mut restores = crate::chat::service::restore_open(
+            &store.reader(),
+            recovery.open_conversations,
+            recovery.next_conv_id,
+            &core,
+            SHARDS,
+        )
+        .unwrap();
         let shards = (0..SHARDS)
             .map(|shard| {
                 ChatService::new(ChatInit {
@@ -52,6 +60,7 @@ impl Cluster {
                     store: store.clone(),
                     held_frames_max: 512,
                     replay_bytes_max: 24 << 20,
+                    restore: std::mem::take(&mut restores[shard]),
                 })
                 .unwrap()
             })
