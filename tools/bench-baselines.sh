@@ -71,14 +71,8 @@ if [ "$BUILD" = 1 ]; then
     (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -j2 -p kefu-benches -p kefu-bench -p kefu-gateway)
 fi
 
-SERVER_PID=
-stop_server() {
-    if [ -n "$SERVER_PID" ]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=
-    fi
-}
+# shellcheck source=tools/bench-lib.sh
+source "$REPO/tools/bench-lib.sh"
 trap stop_server EXIT
 
 # kefu is measured exactly like the baselines: one shard on the server core,
@@ -111,8 +105,6 @@ start_server() {
     exit 1
 }
 
-# shellcheck source=tools/bench-lib.sh
-source "$REPO/tools/bench-lib.sh"
 
 for name in $SERVERS; do
     if [ "$SKIP_ECHO" = 0 ]; then

@@ -81,14 +81,8 @@ if [ "$BUILD" = 1 ]; then
     (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -j2 -p kefu-gateway -p kefu-bench)
 fi
 
-SERVER_PID=
-stop_server() {
-    if [ -n "$SERVER_PID" ]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=
-    fi
-}
+# shellcheck source=tools/bench-lib.sh
+source "$REPO/tools/bench-lib.sh"
 trap stop_server EXIT
 
 start_server() {
@@ -114,8 +108,6 @@ start_server() {
     exit 1
 }
 
-# shellcheck source=tools/bench-lib.sh
-source "$REPO/tools/bench-lib.sh"
 
 : >"$OUT/chat.jsonl"
 clean=0

@@ -1,4 +1,5 @@
-# Shared by the benchmark scripts: wait for an idle host before a run.
+# Shared by the benchmark scripts: wait for an idle host before a run, and
+# stop the server under test (SERVER_PID) between runs and at exit.
 #
 # wait_quiet waits until the whole host has been idle (under 8% of one core
 # busy, from /proc/stat) for 3 s in a row, bounded by $QUIET_WAIT seconds;
@@ -23,4 +24,13 @@ wait_quiet() {
             return 0
         fi
     done
+}
+
+SERVER_PID=
+stop_server() {
+    if [ -n "$SERVER_PID" ]; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=
+    fi
 }
