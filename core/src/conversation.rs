@@ -17,9 +17,14 @@
 //! and to the agent who had it last; writing to it is `conflict`.
 //!
 //! **Routing state is mirrored, not decided, here.** Status, group and
-//! agent are decided by the [`crate::routing::Router`]; the gateway makes
-//! each decision durable and then applies it with [`Conversation::assign`],
-//! [`Conversation::queue`] or [`Conversation::close`].
+//! agent are decided by the [`crate::routing::Router`]; the home applies
+//! each decision in memory at once with [`Conversation::assign`],
+//! [`Conversation::queue`] or [`Conversation::close`] (so the next command
+//! is judged against it), submits the new state, and announces it only
+//! once that write is durable, announcing the state the write stored. A
+//! client therefore never hears of a change a crash could take back, though
+//! a command handled meanwhile may already be judged by it (a `send` behind
+//! a `close` is `conflict` even before the close is durable).
 //!
 //! **Durability ordering** (PROTOCOL.md, "Guarantees") is the gateway's, and
 //! the outcomes are shaped for it: [`Conversation::send`] returns the `seq`
@@ -266,8 +271,10 @@ impl Conversation {
         c
     }
 
-    /// Records a durable `(sender, cid) -> (seq, ts)` from the log.
-    pub fn remember(&mut self, role: Role, sender: UserId, cid: Cid, seq: u64, ts: u64) {
+    /// Puts `(sender, cid) -> (seq, ts)` in the cid window. Called at send,
+    /// before the append is durable: a resend meanwhile is
+    /// [`SendOutcome::InFlight`] until [`Conversation::committed`] says so.
+    fn remember(&mut self, role: Role, sender: UserId, cid: Cid, seq: u64, ts: u64) {
         if self.recent.len() >= self.recent_cap
             && let Some(gone) = self.recent.pop_front()
         {

@@ -350,6 +350,10 @@ pub struct Router {
     /// Groups whose positions may have changed in the current operation.
     touched: Vec<GroupName>,
     actions: VecDeque<Action>,
+    /// The first offline grace period's end, kept as deadlines are set and
+    /// cleared, so [`Router::next_deadline`] costs nothing: the gateway asks
+    /// after every command.
+    deadline_hint: Option<u64>,
 }
 
 impl Router {
@@ -367,6 +371,7 @@ impl Router {
             assign_clock: 0,
             touched: Vec::new(),
             actions: VecDeque::new(),
+            deadline_hint: None,
         }
     }
 
@@ -415,6 +420,8 @@ impl Router {
                         offline_deadline: Some(now_ms.saturating_add(grace_ms)),
                     });
                     agent.convs.insert(r.conv);
+                    let d = now_ms.saturating_add(grace_ms);
+                    self.deadline_hint = Some(self.deadline_hint.map_or(d, |h| h.min(d)));
                     State::Assigned { agent: a.id.clone() }
                 }
             };
@@ -679,12 +686,14 @@ impl Router {
             }
             self.forget_if_idle(&id);
         }
+        self.deadline_hint = self.agents.values().filter_map(|a| a.offline_deadline).min();
         self.finish();
     }
 
-    /// When [`Router::tick`] next has something to do.
+    /// When [`Router::tick`] next has something to do: when the first
+    /// offline grace period ends.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.agents.values().filter_map(|a| a.offline_deadline).min()
+        self.deadline_hint
     }
 
     /// The open conversation `conv`, if the router has it.
@@ -742,6 +751,10 @@ impl Router {
     /// Checks every internal invariant; `Err` names the first one broken.
     /// Cheap enough for tests and debug builds, O(conversations + agents).
     pub fn check_invariants(&self) -> Result<(), String> {
+        let first_deadline = self.agents.values().filter_map(|a| a.offline_deadline).min();
+        if self.deadline_hint != first_deadline {
+            return Err(format!("next deadline {:?}, but the first is {first_deadline:?}", self.deadline_hint));
+        }
         let mut queued = 0;
         for (group, q) in &self.queues {
             if q.is_empty() {
@@ -972,8 +985,18 @@ impl Router {
     fn status_changed(&mut self, id: &UserId, status: PresenceStatus, now_ms: u64) {
         let grace_ms = self.grace_ms();
         if let Some(agent) = self.agents.get_mut(id) {
+            let before = agent.offline_deadline;
             agent.offline_deadline =
                 (status == PresenceStatus::Offline).then(|| now_ms.saturating_add(grace_ms));
+            match agent.offline_deadline {
+                Some(d) => self.deadline_hint = Some(self.deadline_hint.map_or(d, |h| h.min(d))),
+                // Presence changes are rare next to commands: recount here,
+                // so asking stays free.
+                None if before.is_some() && before == self.deadline_hint => {
+                    self.deadline_hint = self.agents.values().filter_map(|a| a.offline_deadline).min();
+                }
+                None => {}
+            }
         }
         self.actions.push_back(Action::PresenceChanged { agent: id.clone(), status });
     }

@@ -81,7 +81,7 @@ async fn answer(
                         200,
                         "OK",
                         "text/plain; version=0.0.4",
-                        metrics::render(stats, &store.stats(), driver).into_bytes(),
+                        metrics::render(stats, &shard.mailboxes, &store.stats(), driver).into_bytes(),
                     ),
                     (_, "/healthz" | "/metrics") => {
                         (405, "Method Not Allowed", "text/plain", b"method not allowed\n".to_vec())

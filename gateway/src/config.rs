@@ -97,9 +97,14 @@ pub struct ServerConfig {
     /// Time to drain connections on SIGTERM/SIGINT before exiting.
     pub shutdown_timeout_ms: u64,
     /// Messages a shard's inbox holds (frames for its connections, commands
-    /// for the conversations homed there, the router's work on shard 0); a
-    /// full inbox refuses with `unavailable`.
+    /// for the conversations homed there, the router's work on shard 0). A
+    /// sender that finds it full holds what it posts in its backlog.
     pub mailbox_capacity: usize,
+    /// Messages a shard holds back for other shards' full inboxes. Past
+    /// this, a command is answered `unavailable`, a frame closes its
+    /// connection with 4001 (the client resumes), a queue position is
+    /// skipped, and session and routing state are still kept.
+    pub backlog_messages_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -118,6 +123,7 @@ impl Default for ServerConfig {
             close_timeout_ms: 3_000,
             shutdown_timeout_ms: 5_000,
             mailbox_capacity: 65_536,
+            backlog_messages_max: 65_536,
         }
     }
 }
@@ -365,6 +371,9 @@ impl Config {
         }
         if self.limits.max_head_bytes > self.limits.read_buffer_bytes {
             return invalid("limits.max_head_bytes must fit in limits.read_buffer_bytes".into());
+        }
+        if self.server.backlog_messages_max == 0 {
+            return invalid("server.backlog_messages_max must be at least 1".into());
         }
         if self.server.mailbox_capacity == 0 {
             return invalid("server.mailbox_capacity must be at least 1".into());

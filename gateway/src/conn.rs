@@ -33,7 +33,7 @@ use kefu_proto::ErrorCode;
 use kefu_proto::client::{Codec, Command, DecodeError, Event, ServerFrame};
 
 use crate::chat::frames::SharedFrame;
-use crate::chat::{ChatMsg, SessionAddr, ShardMsg};
+use crate::chat::SessionAddr;
 use crate::http::{self, HttpError};
 use crate::metrics::ShardStats;
 use crate::shard::Shard;
@@ -699,12 +699,11 @@ impl Session {
             Err(e) => {
                 let reply = e.reply();
                 // After `connect`, even a refusal goes through the chat
-                // service, which holds it until `connected` is written
-                // (unless its inbox is full: then it is written now).
+                // service, which holds it until `connected` is written.
                 match conn.addr.get().filter(|_| self.connect_sent) {
                     Some(to) => {
-                        let answer = ChatMsg::Answer { to, codec: self.codec, frame: reply.clone() };
-                        if shard.mailboxes[shard.id].send(ShardMsg::Chat(Box::new(answer))).is_ok() {
+                        let codec = self.codec;
+                        if shard.chat(|chat| chat.answer(to, codec, &reply)).is_some() {
                             return Ok(());
                         }
                         reply
@@ -717,18 +716,10 @@ impl Session {
             }
             Ok(frame) => {
                 let Some(from) = conn.addr.get() else { return Ok(()) };
-                let id = frame.id;
-                let connect = matches!(frame.body, Command::Connect { .. });
-                let msg = ShardMsg::Frame { from, codec: self.codec, frame };
-                match shard.mailboxes[shard.id].send(msg) {
-                    Ok(()) => {
-                        self.connect_sent |= connect;
-                        return Ok(());
-                    }
-                    Err(_) => {
-                        ServerFrame::error(id, ErrorCode::Unavailable, "the chat service is busy; retry")
-                    }
-                }
+                self.connect_sent |= matches!(frame.body, Command::Connect { .. });
+                let codec = self.codec;
+                shard.chat(|chat| chat.frame(from, codec, frame));
+                return Ok(());
             }
         };
         let bytes = shard.encode(self.codec, &reply);
@@ -777,23 +768,10 @@ fn kind_name(kind: DataKind) -> &'static str {
     }
 }
 
-/// Tells this shard's chat service a connection has gone. This must arrive
-/// (every shard's directory and the router would otherwise keep it), so a
-/// full inbox is retried.
+/// Tells this shard's chat service a connection has gone (a direct call:
+/// it cannot be refused, so every shard's directory and the router hear of it).
 fn gone(shard: &Rc<Shard>, from: SessionAddr) {
-    if let Err(msg) = shard.mailboxes[shard.id].send(ShardMsg::Gone { from }) {
-        let shard = shard.clone();
-        monoio::spawn(async move {
-            let mut msg = msg;
-            loop {
-                monoio::time::sleep(std::time::Duration::from_millis(5)).await;
-                match shard.mailboxes[shard.id].send(msg) {
-                    Ok(()) => return,
-                    Err(back) => msg = back,
-                }
-            }
-        });
-    }
+    shard.chat(|chat| chat.gone(from));
 }
 
 fn push(shard: &Shard, conn: &Conn, out: Out) -> Result<(), Flow> {
@@ -865,8 +843,8 @@ mod tests {
             let stream = TcpStream::connect(addr).await.unwrap();
             let slab = crate::slab::Slab::new(&config.slab.classes).unwrap();
             let stats: std::sync::Arc<[ShardStats]> = vec![ShardStats::new(config.slab.classes.len())].into();
-            let mailboxes: std::sync::Arc<[crate::mailbox::Mailbox<ShardMsg>]> =
-                vec![crate::mailbox::Mailbox::new(4).unwrap()].into();
+            let mailboxes: std::sync::Arc<[crate::mailbox::Mailbox<crate::chat::ShardMsg>]> =
+                vec![crate::mailbox::Mailbox::new(4, 1).unwrap()].into();
             let shard = Rc::new(Shard::new(0, &config, slab, stats, mailboxes));
             let fut = serve(shard.clone(), stream);
             let total = std::mem::size_of_val(&fut);

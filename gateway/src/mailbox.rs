@@ -29,6 +29,10 @@ pub struct Mailbox<T> {
     eventfd: OwnedFd,
     /// Messages refused because the queue was full.
     pub full: AtomicU64,
+    /// Messages queued, by sender (a shard's number). A shard never posts to
+    /// its own inbox (it calls its own chat service directly), so the
+    /// receiver's own entry stays 0; `/metrics` shows it to prove that.
+    posts: Box<[AtomicU64]>,
 }
 
 impl<T> std::fmt::Debug for Mailbox<T> {
@@ -41,8 +45,9 @@ impl<T> std::fmt::Debug for Mailbox<T> {
 }
 
 impl<T: Send> Mailbox<T> {
-    /// An inbox holding at most `capacity` messages.
-    pub fn new(capacity: usize) -> std::io::Result<Self> {
+    /// An inbox holding at most `capacity` messages, posted to by senders
+    /// numbered `0..senders`.
+    pub fn new(capacity: usize, senders: usize) -> std::io::Result<Self> {
         // SAFETY: eventfd(2) takes no pointers; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -55,19 +60,33 @@ impl<T: Send> Mailbox<T> {
             parked: AtomicBool::new(false),
             eventfd,
             full: AtomicU64::new(0),
+            posts: (0..senders).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
     /// Queues `msg` and wakes the receiver if it sleeps. A full inbox hands
     /// the message back: the sender decides (retry later, or refuse the
     /// client's command with `unavailable`), nothing grows without bound.
-    pub fn send(&self, msg: T) -> Result<(), T> {
+    pub fn send(&self, from: usize, msg: T) -> Result<(), T> {
         if let Err(msg) = self.queue.push(msg) {
             self.full.fetch_add(1, Ordering::Relaxed);
             return Err(msg);
         }
+        if let Some(n) = self.posts.get(from) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
         self.wake();
         Ok(())
+    }
+
+    /// Messages queued so far by sender `from`.
+    pub fn posts_from(&self, from: usize) -> u64 {
+        self.posts.get(from).map_or(0, |n| n.load(Ordering::Relaxed))
+    }
+
+    /// How many senders are counted.
+    pub fn senders(&self) -> usize {
+        self.posts.len()
     }
 
     /// Wakes the receiver if it sleeps (for work signalled elsewhere, such
@@ -147,18 +166,19 @@ mod tests {
 
     #[test]
     fn full_inbox_hands_the_message_back() {
-        let m = Mailbox::new(2).unwrap();
-        m.send(1).unwrap();
-        m.send(2).unwrap();
-        assert_eq!(m.send(3), Err(3));
+        let m = Mailbox::new(2, 1).unwrap();
+        m.send(0, 1).unwrap();
+        m.send(0, 2).unwrap();
+        assert_eq!(m.send(0, 3), Err(3));
         assert_eq!(m.full.load(Ordering::Relaxed), 1);
+        assert_eq!(m.posts_from(0), 2);
         assert_eq!((m.try_recv(), m.try_recv(), m.try_recv()), (Some(1), Some(2), None));
     }
 
     #[test]
     fn prepare_park_refuses_when_something_landed() {
-        let m = Mailbox::new(4).unwrap();
-        m.send(1).unwrap();
+        let m = Mailbox::new(4, 1).unwrap();
+        m.send(0, 1).unwrap();
         assert!(!m.prepare_park());
         m.try_recv();
         assert!(m.prepare_park());
@@ -170,14 +190,14 @@ mod tests {
     fn no_lost_wakeups_across_threads() {
         const SENDERS: u64 = 4;
         const EACH: u64 = 20_000;
-        let m = Arc::new(Mailbox::new(64).unwrap());
+        let m = Arc::new(Mailbox::new(64, SENDERS as usize).unwrap());
         let senders: Vec<_> = (0..SENDERS)
             .map(|s| {
                 let m = m.clone();
                 std::thread::spawn(move || {
                     for i in 0..EACH {
                         let mut msg = s * EACH + i;
-                        while let Err(back) = m.send(msg) {
+                        while let Err(back) = m.send(s as usize, msg) {
                             msg = back;
                             std::thread::yield_now();
                         }

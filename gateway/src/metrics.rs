@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use kefu_storage::StoreStats;
 
+use crate::mailbox::Mailbox;
 use crate::slab::ClassStats;
 
 /// Slab occupancy copied out of a shard at each sweep (the slab itself is
@@ -62,6 +63,15 @@ pub struct ShardStats {
     /// conversations homed here, on shard 0 the router; storage
     /// completions). It says how far a shard's chat work carries.
     pub inbox_cpu_ns: AtomicU64,
+    /// Messages waiting in this shard's backlog for other shards' full inboxes.
+    pub backlog: AtomicU64,
+    /// Posts refused (answered `unavailable`) because the backlog was full.
+    pub posts_refused: AtomicU64,
+    /// Frames not written because the backlog was full (their connections
+    /// are closed and resume).
+    pub frames_cut: AtomicU64,
+    /// Queue-position updates skipped because the backlog was full.
+    pub posts_skipped: AtomicU64,
     /// Slab classes, refreshed each sweep.
     pub slab: Vec<ClassGauge>,
 }
@@ -90,7 +100,12 @@ impl ShardStats {
 }
 
 /// Renders every shard's counters in the Prometheus text format.
-pub fn render(shards: &[ShardStats], store: &StoreStats, driver: &str) -> String {
+pub fn render<T: Send>(
+    shards: &[ShardStats],
+    mailboxes: &[Mailbox<T>],
+    store: &StoreStats,
+    driver: &str,
+) -> String {
     let mut out = String::with_capacity(4096);
     let _ = writeln!(out, "# HELP kefu_info Build and runtime facts.\n# TYPE kefu_info gauge");
     let _ = writeln!(
@@ -125,7 +140,7 @@ pub fn render(shards: &[ShardStats], store: &StoreStats, driver: &str) -> String
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     type Field = fn(&ShardStats) -> &AtomicU64;
-    let series: [(&str, &str, &str, Field); 14] = [
+    let series: [(&str, &str, &str, Field); 18] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),
         ("kefu_accepted_total", "counter", "Connections accepted.", |s| &s.accepted),
         ("kefu_refused_full_total", "counter", "Connections refused: shard full.", |s| &s.refused_full),
@@ -142,12 +157,45 @@ pub fn render(shards: &[ShardStats], store: &StoreStats, driver: &str) -> String
         ("kefu_heartbeat_closes_total", "counter", "Closes for silence.", |s| &s.heartbeat_closes),
         ("kefu_slab_waits_total", "counter", "Waits for a slab buffer.", |s| &s.slab_waits),
         ("kefu_inbox_cpu_nanoseconds_total", "counter", "CPU time draining the inbox.", |s| &s.inbox_cpu_ns),
+        ("kefu_backlog_messages", "gauge", "Posts waiting for another shard's full inbox.", |s| &s.backlog),
+        ("kefu_posts_refused_total", "counter", "Posts refused (unavailable): backlog full.", |s| {
+            &s.posts_refused
+        }),
+        ("kefu_frames_cut_total", "counter", "Frames not written (connection closed): backlog full.", |s| {
+            &s.frames_cut
+        }),
+        ("kefu_posts_skipped_total", "counter", "Queue positions not sent: backlog full.", |s| {
+            &s.posts_skipped
+        }),
     ];
     for (name, kind, help, field) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (i, s) in shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", field(s).load(Relaxed));
         }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kefu_mailbox_posts_total Messages posted to a shard's inbox, by sender shard.\n# TYPE kefu_mailbox_posts_total counter"
+    );
+    for (to, m) in mailboxes.iter().enumerate() {
+        for from in 0..m.senders() {
+            let _ = writeln!(out, "kefu_mailbox_posts_total{{from=\"{from}\",to=\"{to}\"}} {}", m.posts_from(from));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kefu_mailbox_depth Messages waiting in a shard's inbox.\n# TYPE kefu_mailbox_depth gauge"
+    );
+    for (to, m) in mailboxes.iter().enumerate() {
+        let _ = writeln!(out, "kefu_mailbox_depth{{shard=\"{to}\"}} {}", m.len());
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kefu_mailbox_full_total Posts a full inbox handed back.\n# TYPE kefu_mailbox_full_total counter"
+    );
+    for (to, m) in mailboxes.iter().enumerate() {
+        let _ = writeln!(out, "kefu_mailbox_full_total{{shard=\"{to}\"}} {}", m.full.load(Relaxed));
     }
     let _ = writeln!(out, "# HELP kefu_slab_buffers Slab buffers per class.\n# TYPE kefu_slab_buffers gauge");
     let _ = writeln!(out, "# HELP kefu_slab_in_use Slab buffers in use.\n# TYPE kefu_slab_in_use gauge");

@@ -76,7 +76,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let stop = Arc::new(AtomicBool::new(false));
     let config = Arc::new(config);
     let mailboxes: Arc<[Mailbox<ShardMsg>]> = (0..shards)
-        .map(|_| Mailbox::new(config.server.mailbox_capacity))
+        .map(|_| Mailbox::new(config.server.mailbox_capacity, shards))
         .collect::<Result<Vec<_>, _>>()
         .context("creating shard mailboxes")?
         .into();
@@ -102,6 +102,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let core = Arc::new(config.core());
     let (allow_anonymous, heartbeat_s) = (config.auth.allow_anonymous, config.server.heartbeat_s as u32);
     let held_frames_max = (config.limits.outbound_queue_frames / 2).max(1);
+    let backlog_max = config.server.backlog_messages_max;
     let replay_bytes_max = (config.limits.outbound_queue_bytes / 2).max(1);
     let mut restores =
         restore_open(&store.reader(), recovery.open_conversations, recovery.next_conv_id, &core, shards)
@@ -117,6 +118,8 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         held_frames_max,
         replay_bytes_max,
         restore: std::mem::take(&mut restores[shard]),
+        stats: stats.clone(),
+        backlog_max,
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);

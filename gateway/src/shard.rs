@@ -135,6 +135,14 @@ pub struct Shard {
     /// String buffers for decoding `send`s, handed back by the homes of the
     /// conversations they were sent to.
     pub strings: RefCell<SpareStrings>,
+    /// This shard's chat service, set once at start. Its connections and
+    /// its inbox loop call it directly ([`Shard::chat`]); nothing the shard
+    /// does for itself goes through its own inbox.
+    chat: RefCell<Option<ChatService>>,
+    /// Until when (wall-clock ms) the inbox loop sleeps if nothing wakes
+    /// it; `u64::MAX` for no timer. A direct call that leaves the service
+    /// wanting time sooner (a deadline, a backlog to retry) wakes it.
+    inbox_sleeps_until_ms: Cell<u64>,
 }
 
 impl Shard {
@@ -158,7 +166,23 @@ impl Shard {
             mailboxes,
             encoder: RefCell::new(FrameEncoder::new()),
             strings: RefCell::new(SpareStrings::new()),
+            chat: RefCell::new(None),
+            inbox_sleeps_until_ms: Cell::new(u64::MAX),
         }
+    }
+
+    /// Runs `f` on this shard's chat service, then writes what it produced
+    /// for this shard's own connections. (Single-threaded, and nothing here
+    /// awaits or calls back into the service, so the borrow never collides.)
+    pub fn chat<R>(&self, f: impl FnOnce(&mut ChatService) -> R) -> Option<R> {
+        let mut chat = self.chat.borrow_mut();
+        let service = chat.as_mut()?;
+        let out = f(service);
+        flush_local(self, service);
+        if service.wants_time_ms().is_some_and(|t| t < self.inbox_sleeps_until_ms.get()) {
+            self.mailboxes[self.id].wake();
+        }
+        Some(out)
     }
 
     /// Encodes a frame this shard answers itself (pong, decode errors).
@@ -417,7 +441,8 @@ async fn serve(init: ShardInit) {
     });
     drop(ready);
 
-    monoio::spawn(inbox_loop(shard.clone(), waiter, service));
+    *shard.chat.borrow_mut() = Some(service);
+    monoio::spawn(inbox_loop(shard.clone(), waiter));
     let accept_stop = Rc::new(StopSignal::default());
     let acceptor = monoio::spawn(accept_loop(shard.clone(), listener, accept_stop.clone()));
 
@@ -449,41 +474,35 @@ async fn serve(init: ShardInit) {
     debug!(shard = id, "stopped");
 }
 
-/// How often the chat service's router is told the time.
-const CHAT_TICK_MS: u64 = 500;
-/// How soon messages held back by another shard's full inbox are retried.
+/// How soon messages held back by another shard's full inbox are retried
+/// (and the shortest timed sleep).
 const BACKLOG_RETRY_MS: u64 = 1;
 
 /// Drains the shard's inbox for as long as the shard runs, sleeping on the
-/// mailbox's eventfd when it is empty.
-async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: ChatService) {
+/// mailbox's eventfd when it is empty, or until the chat service's next
+/// deadline (the router's offline grace periods): time is fed to it when
+/// it asked, not on a period.
+async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter) {
     let inbox = &shard.mailboxes[shard.id];
-    let mut next_tick = 0;
     loop {
         // CPU time, not wall time: the storage writer may share this core
         // and preempt the shard mid-batch.
         let started = thread_cpu_ns();
         while let Some(msg) = inbox.try_recv() {
-            match msg {
-                ShardMsg::Deliver { to, bytes, spare } => {
-                    // Held if its session is still waiting for `connected`.
-                    if let Some(bytes) = service.pass(to, bytes) {
-                        deliver(&shard, to, bytes);
-                    }
-                    give_back(&shard, spare);
-                }
-                ShardMsg::Close { to, code, reason } => close(&shard, to, code, reason),
-                other => service.handle(other),
+            shard.chat(|chat| chat.handle(msg));
+        }
+        // Awake from here on: direct calls need not wake the loop.
+        shard.inbox_sleeps_until_ms.set(0);
+        let waits = shard.chat(|chat| {
+            chat.poll_completions();
+            let deadline = chat.next_deadline_ms();
+            if deadline.is_some_and(|d| d <= crate::chat::service::now_ms()) {
+                chat.tick();
             }
-            flush_local(&shard, &mut service);
-        }
-        service.poll_completions();
-        if service.is_router() && shard.now_ms() >= next_tick {
-            next_tick = shard.now_ms() + CHAT_TICK_MS;
-            service.tick();
-        }
-        flush_local(&shard, &mut service);
-        let backlog = service.retry_backlog();
+            chat.retry_backlog();
+            (chat.wants_time_ms(), chat.has_completions())
+        });
+        let Some((wants_time, completions)) = waits else { return };
         let cpu = thread_cpu_ns().saturating_sub(started);
         shard.stats().inbox_cpu_ns.fetch_add(cpu, std::sync::atomic::Ordering::Relaxed);
         if !inbox.prepare_park() {
@@ -491,18 +510,16 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter, mut service: ChatService) 
         }
         // Storage completions signal through the same eventfd; one may have
         // landed between the drain above and the park.
-        if service.has_completions() {
+        if completions {
             inbox.wake();
             continue;
         }
-        let slept = if backlog {
-            // Another shard's full inbox holds messages back: try again soon.
-            monoio::time::timeout(Duration::from_millis(BACKLOG_RETRY_MS), waiter.sleep()).await.ok()
-        } else if service.is_router() {
-            // The router also wakes for its deadlines (offline grace).
-            monoio::time::timeout(Duration::from_millis(CHAT_TICK_MS), waiter.sleep()).await.ok()
-        } else {
-            Some(waiter.sleep().await)
+        let now = crate::chat::service::now_ms();
+        let wait_ms = wants_time.map(|t| t.saturating_sub(now).max(BACKLOG_RETRY_MS));
+        shard.inbox_sleeps_until_ms.set(wait_ms.map_or(u64::MAX, |ms| now + ms));
+        let slept = match wait_ms {
+            Some(ms) => monoio::time::timeout(Duration::from_millis(ms), waiter.sleep()).await.ok(),
+            None => Some(waiter.sleep().await),
         };
         if let Some(Err(e)) = slept {
             warn!(shard = shard.id, error = %e, "mailbox wait failed");
@@ -520,6 +537,7 @@ fn flush_local(shard: &Shard, service: &mut ChatService) {
                 give_back(shard, spare);
             }
             Local::Close(to, code, reason) => close(shard, to, code, reason),
+            Local::Spare(spare) => give_back(shard, spare),
         }
     }
 }

@@ -327,6 +327,20 @@ fn visitor_and_agent_chat_end_to_end(w: Wire) {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no inbox CPU for shard 0: {metrics}"));
     assert!(chat_cpu > 0, "{metrics}");
+    // Shards talk through their inboxes, and never to themselves: what a
+    // shard does for itself is a direct call.
+    let mut cross = 0;
+    for line in metrics.lines().filter(|l| l.starts_with("kefu_mailbox_posts_total{")) {
+        let (labels, value) = line.rsplit_once(' ').unwrap();
+        let value: u64 = value.parse().unwrap();
+        let (from, to) = labels.split_once(",to=").unwrap();
+        if from.trim_start_matches("kefu_mailbox_posts_total{from=") == to.trim_end_matches('}') {
+            assert_eq!(value, 0, "a shard posted to itself: {line}");
+        } else {
+            cross += value;
+        }
+    }
+    assert!(cross > 0, "no posts between the two shards counted: {metrics}");
 }
 
 over_both_subprotocols!(commands_before_connect_are_refused_and_queue_positions_are_pushed);

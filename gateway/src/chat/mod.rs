@@ -21,6 +21,14 @@
 //! with their subprotocol), fed by `SessionUp` / `SessionDown` broadcasts
 //! from the edges, so a home reaches any participant without asking.
 //!
+//! A shard never posts to its own inbox. Its connections call its service
+//! directly ([`service::ChatService::frame`]), and a message the service
+//! addresses to its own shard is queued in memory and handled as soon as
+//! the current input is done (`settle`), before anything else: the same
+//! order as its own FIFO inbox would give, without the round trip.
+//! `kefu_mailbox_posts_total{from,to}` counts posts, and `from == to`
+//! stays 0.
+//!
 //! Ordering rests on one property of the mailboxes: a shard's inbox is one
 //! FIFO queue, so two messages one sender puts into it arrive in that order,
 //! and a message put in after another shard *handled* something arrives
@@ -41,10 +49,16 @@
 //!   for homes go through the router too (`Relay`), so they reach the home
 //!   after the router's decision, as the client sent them.
 //!
-//! Nor does a chat service drop what it posts: a message an inbox refuses
-//! waits in the sender's one backlog, with everything the sender posts
-//! after it (to any shard), and is retried in order. Only a connection's
-//! own command can be refused at the door, with a retryable `unavailable`.
+//! What a full inbox refuses waits in the sender's one backlog, with
+//! everything the sender posts after it (to any shard), and is retried in
+//! order. The backlog is bounded (`server.backlog_messages_max`); past it
+//! nothing disappears unaccounted: a command is answered `unavailable`, a
+//! frame closes its connection with 4001 after the frames before it (the
+//! client resumes from its last seq), a queue-position update is skipped
+//! (the next change carries the position again), and the messages that keep
+//! the shards' state in step (sessions, decisions, closes: a few per
+//! connection or routing command, not per message) are kept. Each case is
+//! counted in `/metrics`.
 
 pub mod edge;
 pub mod frames;
@@ -56,7 +70,7 @@ mod shards_tests;
 
 use kefu_core::identity::{Actor, AgentRef, GroupName, Identity, UserId, Visitor};
 use kefu_core::session::Request;
-use kefu_proto::client::{Attachment, ClientFrame, Codec, ServerFrame};
+use kefu_proto::client::{Attachment, Codec};
 use kefu_proto::{ConvId, ConvStatus};
 
 use frames::SharedFrame;
@@ -78,23 +92,11 @@ pub struct SessionAddr {
 /// the command's `id`.
 pub type Reply = (SessionAddr, Codec, Option<i64>);
 
-/// What shards send each other through their mailboxes.
+/// What shards send each other through their mailboxes (and what a shard's
+/// chat service queues for itself, handled right after the current input:
+/// never through its own inbox).
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// Connection → its own shard's chat service: a decoded client frame.
-    Frame {
-        /// The connection it came from.
-        from: SessionAddr,
-        /// Its subprotocol, for the replies.
-        codec: Codec,
-        /// The frame.
-        frame: ClientFrame,
-    },
-    /// Connection → its own shard's chat service: the connection ended.
-    Gone {
-        /// The connection.
-        from: SessionAddr,
-    },
     /// Any shard → a connection's shard: write this complete WebSocket frame.
     Deliver {
         /// The connection.
@@ -284,19 +286,6 @@ pub enum ChatMsg {
     Routed {
         /// The connection.
         addr: SessionAddr,
-    },
-    /// A connection → its shard's chat service: answer this (a frame that
-    /// could not be decoded, after `connect`), so it is held until
-    /// `connected` like everything else for the session. (A new visitor's
-    /// pipelined commands are answered once it is stored, so this refusal
-    /// can come before their answers; each carries its own `id`.)
-    Answer {
-        /// The connection.
-        to: SessionAddr,
-        /// Its subprotocol.
-        codec: Codec,
-        /// The answer.
-        frame: ServerFrame,
     },
     /// Router → a conversation's home.
     Change {

@@ -27,6 +27,7 @@ use tracing::{info, warn};
 use super::frames::{FrameEncoder, SharedFrame};
 use super::{ChatMsg, ROUTER_SHARD, Reply, RouteInfo, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
+use crate::metrics::ShardStats;
 
 /// What a shard's chat service needs at start.
 pub struct ChatInit {
@@ -56,6 +57,10 @@ pub struct ChatInit {
     pub replay_bytes_max: usize,
     /// This shard's share of the open conversations, from [`restore_open`].
     pub restore: ShardRestore,
+    /// Every shard's counters, for `/metrics`.
+    pub stats: Arc<[ShardStats]>,
+    /// `server.backlog_messages_max`.
+    pub backlog_max: usize,
 }
 
 /// What one shard starts from after a restart.
@@ -160,18 +165,58 @@ pub(super) enum Pending {
 }
 
 /// Something for a connection on this very shard, written right after the
-/// message that caused it is handled: in order with the inbox, without a
-/// round trip through it.
+/// input that caused it is handled: in order, without a round trip through
+/// any inbox.
 pub enum Local {
     /// Write this frame; give the strings to this shard's decoder.
     Deliver(SessionAddr, SharedFrame, [Option<String>; 2]),
     /// Close the connection.
     Close(SessionAddr, u16, &'static str),
+    /// Give these strings to this shard's decoder (their frame was held).
+    Spare([Option<String>; 2]),
 }
 
-/// Messages kept while an inbox is full; past this they are dropped (a
-/// shard is stuck, not just busy).
-const BACKLOG_MAX: usize = 65_536;
+/// The close reason of a connection that missed a frame.
+const MISSED: &str = "server busy: frames were lost; resume";
+
+/// What a post does when the backlog holds `server.backlog_messages_max`
+/// messages: a command with a waiter is answered `unavailable`, a frame
+/// cuts its connection (which resumes), a queue-position update is skipped
+/// (the next change carries it again), and what keeps the shards' state in
+/// step (sessions, decisions, closes) is kept anyway: there are a few of
+/// those per connection or routing command, not per message.
+enum Overflow {
+    /// Refused: the caller answers whoever waits with `unavailable`.
+    Refuse,
+    /// A frame for this connection: not written; the connection is closed
+    /// once its shard takes messages again, and the client resumes.
+    Cut(SessionAddr),
+    /// Not needed for correctness (a queue position): skipped, counted.
+    Skip,
+    /// State the shards must agree on: kept past the bound.
+    Keep,
+}
+
+impl ShardMsg {
+    fn overflow(&self) -> Overflow {
+        match self {
+            ShardMsg::Deliver { to, .. } => Overflow::Cut(*to),
+            ShardMsg::Home { .. } => Overflow::Refuse,
+            ShardMsg::Close { .. } => Overflow::Keep,
+            ShardMsg::Chat(m) => match &**m {
+                ChatMsg::Route { .. } | ChatMsg::Relay { .. } | ChatMsg::Hello { .. } => Overflow::Refuse,
+                ChatMsg::Change { reply: Some(_), .. } => Overflow::Refuse,
+                ChatMsg::Change { change: super::Change::Position, .. } => Overflow::Skip,
+                ChatMsg::Change { .. }
+                | ChatMsg::SessionUp { .. }
+                | ChatMsg::SessionDown { .. }
+                | ChatMsg::Welcome { .. }
+                | ChatMsg::AgentGone { .. }
+                | ChatMsg::Routed { .. } => Overflow::Keep,
+            },
+        }
+    }
+}
 
 /// One shard's chat service.
 pub struct ChatService {
@@ -211,9 +256,19 @@ pub struct ChatService {
     pub(super) reply_on_change: Vec<(ConvId, Reply)>,
     /// Output for this shard's own connections.
     local: Vec<Local>,
+    /// Messages for this shard itself, handled right after the input that
+    /// posted them (see [`Self::post`]): never through its own inbox.
+    own: std::collections::VecDeque<ShardMsg>,
     /// Messages a full inbox could not take yet, with their shard, in the
     /// order they were posted: one queue for every shard, see [`Self::post`].
     backlog: std::collections::VecDeque<(usize, ShardMsg)>,
+    /// Connections elsewhere that missed a frame because the backlog was
+    /// full: closed (so they resume) once the backlog has room.
+    cut: std::collections::BTreeSet<SessionAddr>,
+    /// Every shard's counters (this one writes its own: backlog and overflow).
+    stats: Arc<[ShardStats]>,
+    /// `server.backlog_messages_max`.
+    backlog_max: usize,
     next_token: u64,
     /// Reused for each message's audience.
     pub(super) audience: Vec<Member>,
@@ -222,7 +277,8 @@ pub struct ChatService {
     pub(super) strings: SpareStrings,
 }
 
-pub(super) fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch: the time the chat rules are fed.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -280,6 +336,8 @@ impl ChatService {
             held_frames_max,
             replay_bytes_max,
             restore,
+            stats,
+            backlog_max,
         } = init;
         let shards = mailboxes.len();
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
@@ -326,7 +384,11 @@ impl ChatService {
             router,
             reply_on_change: Vec::new(),
             local: Vec::new(),
+            own: Default::default(),
             backlog: Default::default(),
+            cut: Default::default(),
+            stats,
+            backlog_max,
             next_token: 1,
             audience: Vec::new(),
             strings: SpareStrings::new(),
@@ -343,8 +405,36 @@ impl ChatService {
         self.router.is_some()
     }
 
-    /// Handles one message addressed to the chat service.
+    /// Handles one message from this shard's inbox (another shard posted it).
     pub fn handle(&mut self, msg: ShardMsg) {
+        self.dispatch(msg);
+        self.settle();
+    }
+
+    /// A decoded client frame from one of this shard's connections: a
+    /// direct call from the connection's task, not a post.
+    pub fn frame(&mut self, from: SessionAddr, codec: Codec, frame: ClientFrame) {
+        self.on_frame(from, codec, frame);
+        self.settle();
+    }
+
+    /// One of this shard's connections has ended.
+    pub fn gone(&mut self, from: SessionAddr) {
+        self.on_gone(from);
+        self.settle();
+    }
+
+    /// Answers a frame of this shard's connection that could not be
+    /// decoded, after its `connect`: held until `connected` like every
+    /// other frame for the session. (A new visitor's pipelined commands are
+    /// answered once it is stored, so this refusal can come before their
+    /// answers; each carries its own `id`.)
+    pub fn answer(&mut self, to: SessionAddr, codec: Codec, frame: &ServerFrame) {
+        self.send(to, codec, frame);
+        self.settle();
+    }
+
+    fn dispatch(&mut self, msg: ShardMsg) {
         let routed = match &msg {
             ShardMsg::Chat(m) => match &**m {
                 ChatMsg::Route { reply, .. } | ChatMsg::Relay { reply, .. } => Some(reply.0),
@@ -353,8 +443,11 @@ impl ChatService {
             _ => None,
         };
         match msg {
-            ShardMsg::Frame { from, codec, frame } => self.on_frame(from, codec, frame),
-            ShardMsg::Gone { from } => self.on_gone(from),
+            ShardMsg::Deliver { to, bytes, spare } => match self.pass(to, bytes) {
+                Some(bytes) => self.local.push(Local::Deliver(to, bytes, spare)),
+                None => self.local.push(Local::Spare(spare)),
+            },
+            ShardMsg::Close { to, code, reason } => self.close(to, code, reason),
             ShardMsg::Home { reply, actor, request } => self.on_home(reply, &actor, request),
             ShardMsg::Chat(msg) => match *msg {
                 ChatMsg::SessionUp { addr, codec, actor, resume } => {
@@ -367,19 +460,23 @@ impl ChatService {
                 ChatMsg::Route { reply, actor, request } => self.on_route(reply, actor, request),
                 ChatMsg::Relay { reply, actor, request } => self.on_relay(reply, actor, request),
                 ChatMsg::Routed { addr } => self.on_routed(addr),
-                ChatMsg::Answer { to, codec, frame } => self.send(to, codec, &frame),
                 ChatMsg::Change { conv, change, reply, route } => self.on_change(conv, change, reply, route),
             },
-            ShardMsg::Deliver { .. } | ShardMsg::Close { .. } => {
-                debug_assert!(false, "a connection's message routed to the chat service");
-            }
         }
         self.drain_router();
         // After the decisions: the edge may go straight to homes again once
-        // they are ahead of it. (Lost in a full inbox, the edge just keeps
-        // relaying that session's commands, in order.)
+        // they are ahead of it.
         if let Some(addr) = routed {
             self.post_chat(addr.shard as usize, ChatMsg::Routed { addr });
+        }
+    }
+
+    /// Runs what this shard posted to itself while handling an input, in
+    /// the order posted, until nothing is left: a direct call, after the
+    /// input (calling at once would re-enter the handler half-way).
+    fn settle(&mut self) {
+        while let Some(msg) = self.own.pop_front() {
+            self.dispatch(msg);
         }
     }
 
@@ -395,14 +492,28 @@ impl ChatService {
             }
         }
         self.drain_router();
+        self.settle();
     }
 
-    /// Time passes: offline grace periods end.
+    /// When [`Self::tick`] next has something to do (wall-clock ms), if ever.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.router.as_ref().and_then(Router::next_deadline)
+    }
+
+    /// When the shard loop should next call in, if nothing arrives before:
+    /// now, if messages wait for another shard's full inbox (the loop
+    /// retries them shortly); else at the next deadline.
+    pub fn wants_time_ms(&self) -> Option<u64> {
+        if self.backlog.is_empty() { self.next_deadline_ms() } else { Some(0) }
+    }
+
+    /// Time passes: offline grace periods that ended by now take effect.
     pub fn tick(&mut self) {
         if let Some(router) = self.router.as_mut() {
             router.tick(now_ms());
         }
         self.drain_router();
+        self.settle();
     }
 
     /// What to write to this shard's own connections, in order.
@@ -410,10 +521,9 @@ impl ChatService {
         self.local.drain(..)
     }
 
-    /// A frame for one of this shard's connections, from another shard:
-    /// handed back unless its session is still waiting for `connected`,
-    /// in which case it is held.
-    pub fn pass(&mut self, to: SessionAddr, bytes: SharedFrame) -> Option<SharedFrame> {
+    /// A frame for one of this shard's connections: handed back unless its
+    /// session is still waiting for `connected`, in which case it is held.
+    pub(super) fn pass(&mut self, to: SessionAddr, bytes: SharedFrame) -> Option<SharedFrame> {
         if self.held.is_empty() {
             return Some(bytes);
         }
@@ -429,38 +539,81 @@ impl ChatService {
 
     // ---- output -------------------------------------------------------
 
-    /// Puts a message in shard `to`'s inbox. If that inbox is full the
-    /// message waits in this service's backlog, and so does everything this
-    /// service posts after it, to any shard, until [`Self::retry_backlog`]
-    /// gets them in, in order: a decision, a directory change or a frame is
-    /// never silently lost or reordered. One queue for all shards, because
-    /// order is causal: a message to another shard (a `Route`, a `Routed`)
-    /// must not go out while one posted before it waits, or what that shard
-    /// does about it (a `Change`, a direct `Home`) could reach the waiting
-    /// message's inbox first. `false` only when the backlog is full too
-    /// (then the caller answers `unavailable` where it can).
+    /// Puts a message in shard `to`'s inbox, or, for this shard itself, in
+    /// the queue [`Self::settle`] runs once the current input is handled.
+    ///
+    /// If another shard's inbox is full the message waits in this service's
+    /// backlog, and so does everything this service posts after it, to any
+    /// shard, until [`Self::retry_backlog`] gets them in, in order. One
+    /// queue for all shards, because order is causal: a message to another
+    /// shard (a `Route`, a `Routed`) must not go out while one posted before
+    /// it waits, or what that shard does about it (a `Change`, a direct
+    /// `Home`) could reach the waiting message's inbox first. (A message to
+    /// this shard itself may go ahead of the backlog: whatever it causes for
+    /// other shards is posted behind what waits.)
+    ///
+    /// Past `server.backlog_messages_max` waiting, what happens depends on the message
+    /// ([`Overflow`]); `false` means it was refused, and the caller answers
+    /// whoever waits for it with `unavailable`.
     pub(super) fn post(&mut self, to: usize, msg: ShardMsg) -> bool {
+        if to == self.me {
+            self.own.push_back(msg);
+            return true;
+        }
         // The inbox loop retries only between batches, and a batch lasts as
         // long as other shards keep this inbox fed: try here too.
         if !self.backlog.is_empty() {
             self.retry_backlog();
         }
         if self.backlog.is_empty() {
-            match self.mailboxes[to].send(msg) {
+            match self.mailboxes[to].send(self.me, msg) {
                 Ok(()) => return true,
                 Err(msg) => {
                     warn!(from = self.me, to, "shard inbox full: holding messages back");
-                    self.backlog.push_back((to, msg));
+                    self.hold(to, msg);
                     return true;
                 }
             }
         }
-        if self.backlog.len() >= BACKLOG_MAX {
-            warn!(from = self.me, to, "shard inbox and backlog full: message dropped");
-            return false;
+        if self.backlog.len() < self.backlog_max {
+            self.hold(to, msg);
+            return true;
+        }
+        let stats = &self.stats[self.me];
+        match msg.overflow() {
+            Overflow::Refuse => {
+                ShardStats::inc(&stats.posts_refused);
+                false
+            }
+            Overflow::Cut(addr) => {
+                ShardStats::inc(&stats.frames_cut);
+                if self.cut.insert(addr) {
+                    warn!(from = self.me, to, "shard stuck: a connection missed a frame and will be closed");
+                }
+                true
+            }
+            Overflow::Skip => {
+                ShardStats::inc(&stats.posts_skipped);
+                true
+            }
+            Overflow::Keep => {
+                self.hold(to, msg);
+                true
+            }
+        }
+    }
+
+    fn hold(&mut self, to: usize, msg: ShardMsg) {
+        // Frames after one a connection missed are not written either: it
+        // is closed after the ones before, and resumes from there.
+        if let ShardMsg::Deliver { to: addr, .. } = &msg
+            && self.cut.contains(addr)
+        {
+            ShardStats::inc(&self.stats[self.me].frames_cut);
+            return;
         }
         self.backlog.push_back((to, msg));
-        true
+        self.stats[self.me].backlog.store(self.backlog.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Posts a chat message to shard `to`.
@@ -469,15 +622,28 @@ impl ChatService {
     }
 
     /// Moves what waits in the backlog into the inboxes, in order, up to
-    /// the first that is still full. True if something still waits.
+    /// the first that is still full; then, once there is room, the closes
+    /// of connections that missed a frame. True if something still waits.
     pub fn retry_backlog(&mut self) -> bool {
         while let Some((to, msg)) = self.backlog.pop_front() {
-            if let Err(msg) = self.mailboxes[to].send(msg) {
+            if let Err(msg) = self.mailboxes[to].send(self.me, msg) {
                 self.backlog.push_front((to, msg));
-                return true;
+                break;
             }
         }
-        false
+        while self.backlog.len() < self.backlog_max
+            && let Some(addr) = self.cut.pop_first()
+        {
+            let close = ShardMsg::Close { to: addr, code: crate::ws::close::SLOW_CONSUMER, reason: MISSED };
+            self.backlog.push_back((addr.shard as usize, close));
+        }
+        self.stats[self.me].backlog.store(self.backlog.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if self.backlog.is_empty() {
+            return false;
+        }
+        // Anything the loop above queued behind a still-full inbox is tried
+        // on the next call.
+        true
     }
 
     /// Writes an already encoded frame to a connection, wherever it is.

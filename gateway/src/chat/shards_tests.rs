@@ -14,12 +14,15 @@ use kefu_storage::{Store, StoreConfig};
 use serde_json::{Value, json};
 
 use super::service::{ChatInit, ChatService, Local};
-use super::{SessionAddr, ShardMsg};
+use super::{ChatMsg, SessionAddr, ShardMsg};
+use crate::metrics::ShardStats;
 use crate::mailbox::Mailbox;
 
 const SECRET: &str = "chat-tests-secret";
 const SHARDS: usize = 2;
 const INBOX: usize = 4;
+/// Large enough that only the overflow test reaches it.
+const BACKLOG: usize = 1024;
 
 struct Cluster {
     _dir: tempfile::TempDir,
@@ -27,19 +30,27 @@ struct Cluster {
     shards: Vec<ChatService>,
     core: Arc<CoreConfig>,
     /// What each connection got, as JSON.
+    stats: Arc<[ShardStats]>,
     out: HashMap<SessionAddr, Vec<Value>>,
+    /// Connections closed, with the code.
+    closed: Vec<(SessionAddr, u16)>,
     next_slot: u32,
 }
 
 impl Cluster {
     fn new() -> Cluster {
+        Cluster::with_backlog(BACKLOG)
+    }
+
+    fn with_backlog(backlog_max: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let config = StoreConfig { dir: dir.path().to_path_buf(), sources: SHARDS, ..StoreConfig::default() };
         let (store, recovery) = Store::open(config, Arc::new(|_| {})).unwrap();
         let store = Arc::new(store);
         let mailboxes: Arc<[Mailbox<ShardMsg>]> =
-            (0..SHARDS).map(|_| Mailbox::new(INBOX).unwrap()).collect::<Vec<_>>().into();
+            (0..SHARDS).map(|_| Mailbox::new(INBOX, SHARDS).unwrap()).collect::<Vec<_>>().into();
         let core = Arc::new(CoreConfig::default());
+        let stats: Arc<[ShardStats]> = (0..SHARDS).map(|_| ShardStats::new(0)).collect();
         let mut restores = crate::chat::service::restore_open(
             &store.reader(),
             recovery.open_conversations,
@@ -61,11 +72,13 @@ impl Cluster {
                     held_frames_max: 512,
                     replay_bytes_max: 24 << 20,
                     restore: std::mem::take(&mut restores[shard]),
+                    stats: stats.clone(),
+                    backlog_max,
                 })
                 .unwrap()
             })
             .collect();
-        Cluster { _dir: dir, mailboxes, shards, core, out: HashMap::new(), next_slot: 1 }
+        Cluster { _dir: dir, mailboxes, shards, core, stats, out: HashMap::new(), closed: Vec::new(), next_slot: 1 }
     }
 
     fn token(&self, role: Role, sub: &str) -> String {
@@ -88,11 +101,11 @@ impl Cluster {
         SessionAddr { shard, slot: self.next_slot, generation: 1 }
     }
 
-    /// The connection's command `v` (with `id`), as its shard's chat service
-    /// takes it from the inbox.
+    /// The connection's command `v` (with `id`), as its task hands it to
+    /// its shard's chat service.
     fn command(&mut self, from: SessionAddr, v: Value) {
         let frame = Codec::Json.decode_client(v.to_string().as_bytes()).unwrap();
-        self.shards[from.shard as usize].handle(ShardMsg::Frame { from, codec: Codec::Json, frame });
+        self.shards[from.shard as usize].frame(from, Codec::Json, frame);
         self.flush(from.shard as usize);
     }
 
@@ -100,8 +113,10 @@ impl Cluster {
     fn flush(&mut self, i: usize) {
         let local: Vec<Local> = self.shards[i].take_local().collect();
         for l in local {
-            if let Local::Deliver(to, bytes, _) = l {
-                self.record(to, &bytes);
+            match l {
+                Local::Deliver(to, bytes, _) => self.record(to, &bytes),
+                Local::Close(to, code, _) => self.closed.push((to, code)),
+                Local::Spare(_) => {}
             }
         }
     }
@@ -124,15 +139,7 @@ impl Cluster {
     /// False if the inbox was empty.
     fn step(&mut self, i: usize) -> bool {
         let Some(msg) = self.mailboxes[i].try_recv() else { return false };
-        match msg {
-            ShardMsg::Deliver { to, bytes, .. } => {
-                if let Some(bytes) = self.shards[i].pass(to, bytes) {
-                    self.record(to, &bytes);
-                }
-            }
-            ShardMsg::Close { .. } => {}
-            other => self.shards[i].handle(other),
-        }
+        self.shards[i].handle(msg);
         self.flush(i);
         true
     }
@@ -166,16 +173,44 @@ impl Cluster {
         panic!("the shards never settled");
     }
 
-    /// A message that changes nothing, to fill an inbox with.
+    /// A message that changes nothing, to fill an inbox with (from the
+    /// other shard: a shard never posts to itself).
     fn filler(&mut self, i: usize) {
         let nobody = SessionAddr { shard: i as u16, slot: u32::MAX, generation: 0 };
-        self.mailboxes[i].send(ShardMsg::Gone { from: nobody }).unwrap();
+        let msg = ShardMsg::Chat(Box::new(ChatMsg::Routed { addr: nobody }));
+        self.mailboxes[i].send(1 - i, msg).unwrap();
     }
 
     fn fill(&mut self, i: usize) {
         while self.mailboxes[i].len() < INBOX {
             self.filler(i);
         }
+    }
+
+    /// An agent connected on shard `edge`, online with room for many.
+    fn agent(&mut self, edge: u16, sub: &str) -> SessionAddr {
+        let addr = self.conn(edge);
+        let token = self.token(Role::Agent, sub);
+        self.command(addr, json!({"type": "connect", "id": 1, "token": token}));
+        self.command(addr, json!({"type": "presence", "id": 2, "status": "online", "capacity": 100}));
+        self.settle();
+        assert_eq!(self.reply(addr, 2)["status"], "online");
+        addr
+    }
+
+    /// Runs shard `i`'s end of batch until `addr` has the reply to `id`
+    /// (storage answers from its own thread).
+    fn await_reply(&mut self, i: usize, addr: SessionAddr, id: i64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            self.end_of_batch(i);
+            let got = self.out.get(&addr).and_then(|g| g.iter().find(|v| v["id"] == json!(id)));
+            if let Some(v) = got {
+                return v.clone();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("no reply to {id}");
     }
 
     /// The reply to command `id` on `addr`.
@@ -195,7 +230,7 @@ impl Cluster {
     fn visitor_named(&mut self, edge: u16, home: usize) -> (SessionAddr, ConvId, String) {
         for n in 0.. {
             let addr = self.conn(edge);
-            let sub = format!("v{n}");
+            let sub = format!("v{n}-{}", self.next_slot);
             let token = self.token(Role::Visitor, &sub);
             self.command(addr, json!({"type": "connect", "id": 1, "token": token}));
             self.settle();
@@ -214,55 +249,105 @@ impl Cluster {
 
 /// A send relayed through the router (it came right behind a routing
 /// command) waits in the router's backlog when the home's inbox is full;
-/// the edge, told `Routed`, sends the next one straight to the home, which
-/// must still store them in the order the client sent them.
+/// the `Routed` that lets the edge go straight to the home again waits
+/// behind it, so a later send cannot overtake it.
 #[test]
 fn a_relayed_send_is_not_overtaken_by_a_later_direct_one() {
     let mut c = Cluster::new();
-    // Edge on shard 1; router and home on shard 0.
-    let (v, conv) = c.visitor(1, 0);
+    // Edge and home on shard 1; the router on shard 0.
+    let (v, conv) = c.visitor(1, 1);
     let conv = conv.to_string();
     c.command(v, json!({"type": "open", "id": 10}));
     c.command(v, json!({"type": "send", "id": 11, "conv": conv, "cid": "a", "text": "first"}));
-    // Shard 0 handles the open (its answer goes to its own inbox) ...
+    // The router handles the open, then the relayed send while the home's
+    // inbox is full: the send and its `Routed` wait in its backlog.
     assert!(c.step(0));
-    // ... then the relayed send, while shard 1 has filled its inbox again.
-    let relay = c.mailboxes[0].try_recv().unwrap();
-    c.fill(0);
-    c.shards[0].handle(relay);
-    c.flush(0);
-    // Shard 1 hears `Routed` (twice) and the client's next send goes out.
-    while c.step(1) {}
-    // Shard 0's loop goes on draining its inbox, so there is room.
+    c.fill(1);
     assert!(c.step(0));
+    // The edge's next send, before shard 1 drained anything.
     c.command(v, json!({"type": "send", "id": 12, "conv": conv, "cid": "b", "text": "second"}));
-    c.end_of_batch(1);
     c.settle();
     let (a, b) = (c.reply(v, 11).clone(), c.reply(v, 12).clone());
     assert_eq!((a["type"].as_str(), b["type"].as_str()), (Some("ack"), Some("ack")), "{a} {b}");
     assert!(a["seq"].as_u64() < b["seq"].as_u64(), "sent a then b, stored b first: {a} {b}");
 }
 
-/// A send that waits in the edge's backlog (its own inbox, the home's, was
-/// full) must not be overtaken by a `close` sent after it: the router's
-/// decision reaches the home directly.
+/// A send that waits in the edge's backlog (the home's inbox was full)
+/// must not be overtaken by a `close` sent after it, which the router on
+/// the edge's own shard decides at once: its decision waits behind the send.
 #[test]
 fn a_direct_send_is_not_overtaken_by_a_later_close() {
     let mut c = Cluster::new();
-    // Edge and home on shard 1, router on shard 0.
-    let (v, conv) = c.visitor(1, 1);
+    // Edge and router on shard 0, home on shard 1.
+    let (v, conv) = c.visitor(0, 1);
     let conv = conv.to_string();
     c.fill(1);
     c.command(v, json!({"type": "send", "id": 11, "conv": conv, "cid": "a", "text": "before close"}));
     c.command(v, json!({"type": "close", "id": 12, "conv": conv}));
-    // The router decides (shard 1's inbox has room again, as shard 1 drains it).
-    while c.step(1) {}
-    while c.step(0) {}
-    c.end_of_batch(0);
     c.settle();
     let (send, close) = (c.reply(v, 11).clone(), c.reply(v, 12).clone());
     assert_eq!(close["status"], "closed", "{close}");
     assert_eq!(send["type"], "ack", "sent before the close: {send}");
+}
+
+/// Nothing a shard does for itself goes through its own inbox: a whole
+/// conversation (connect, open, assign, send, read, typing, close) with
+/// every part on one shard posts nothing, and across shards each inbox is
+/// fed by the other shard only.
+#[test]
+fn a_shard_never_posts_to_itself() {
+    let mut c = Cluster::new();
+    let agent = c.agent(0, "a1");
+    for (edge, home) in [(0, 0), (1, 1), (0, 1), (1, 0)] {
+        let (v, conv) = c.visitor(edge, home);
+        let conv = conv.to_string();
+        c.command(v, json!({"type": "send", "id": 5, "conv": conv, "cid": "x", "text": "hi"}));
+        c.command(agent, json!({"type": "send", "id": 6, "conv": conv, "cid": "y", "text": "hello"}));
+        c.settle();
+        c.command(v, json!({"type": "read", "id": 7, "conv": conv, "seq": 2}));
+        c.command(v, json!({"type": "typing", "id": 8, "conv": conv}));
+        // Commands of different clients have no order between them: the
+        // close waits until the rest is answered.
+        c.settle();
+        c.command(agent, json!({"type": "close", "id": 9, "conv": conv}));
+        c.settle();
+        assert_eq!(c.reply(v, 5)["type"], "ack", "{edge}->{home} {conv}: {:?}", c.out.get(&v));
+        assert_eq!(c.reply(agent, 6)["type"], "ack", "{}", c.reply(agent, 6));
+        assert_eq!(c.reply(agent, 9)["status"], "closed", "{}", c.reply(agent, 9));
+    }
+    for i in 0..SHARDS {
+        assert_eq!(c.mailboxes[i].posts_from(i), 0, "shard {i} posted to itself");
+        assert!(c.mailboxes[i].posts_from(1 - i) > 0, "shard {i} heard nothing from the other");
+    }
+}
+
+/// With the backlog full, nothing is dropped unaccounted: a command is
+/// answered `unavailable`, a frame closes its connection with 4001 after
+/// the frames before it (the client resumes), and both are counted.
+#[test]
+fn a_full_backlog_refuses_commands_and_cuts_frames() {
+    let mut c = Cluster::with_backlog(2);
+    // Visitor and home on shard 1; the agent on shard 0, where the router is.
+    let agent = c.agent(0, "a1");
+    let (v, conv) = c.visitor(1, 1);
+    let conv = conv.to_string();
+    // Shard 0's inbox fills up, and so does shard 1's backlog: its messages
+    // for the agent wait, then its frames are cut.
+    c.fill(0);
+    for n in 0..4 {
+        let cid = format!("m{n}");
+        c.command(v, json!({"type": "send", "id": 10 + n, "conv": conv, "cid": cid, "text": "hi"}));
+        let ack = c.await_reply(1, v, 10 + n);
+        assert_eq!(ack["type"], "ack", "the visitor's own sends are stored: {ack}");
+    }
+    assert!(c.stats[1].frames_cut.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    // A command for the router on shard 0 is refused while it is full.
+    c.command(v, json!({"type": "close", "id": 20, "conv": conv}));
+    assert_eq!(c.reply(v, 20)["code"], "unavailable", "{}", c.reply(v, 20));
+    assert!(c.stats[1].posts_refused.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    // Once shard 0 drains, the agent gets what was kept, then is closed to resume.
+    c.settle();
+    assert!(c.closed.contains(&(agent, crate::ws::close::SLOW_CONSUMER)), "{:?}", c.closed);
 }
 
 /// A conversation closed between the router's answer to a `connect` (it
@@ -277,7 +362,6 @@ fn connected_lists_a_conversation_closed_meanwhile_once() {
     c.command(tab2, json!({"type": "connect", "id": 1, "token": token}));
     assert!(c.step(0), "SessionUp");
     assert!(c.step(0), "Hello");
-    assert!(c.step(1), "SessionUp");
     // The router's Welcome waits in shard 1's inbox while the first tab
     // closes the conversation.
     let welcome = c.mailboxes[1].try_recv().unwrap();
