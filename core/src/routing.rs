@@ -753,7 +753,10 @@ impl Router {
     pub fn check_invariants(&self) -> Result<(), String> {
         let first_deadline = self.agents.values().filter_map(|a| a.offline_deadline).min();
         if self.deadline_hint != first_deadline {
-            return Err(format!("next deadline {:?}, but the first is {first_deadline:?}", self.deadline_hint));
+            return Err(format!(
+                "next deadline {:?}, but the first is {first_deadline:?}",
+                self.deadline_hint
+            ));
         }
         let mut queued = 0;
         for (group, q) in &self.queues {

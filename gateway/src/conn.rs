@@ -32,8 +32,8 @@ use tracing::debug;
 use kefu_proto::ErrorCode;
 use kefu_proto::client::{Codec, Command, DecodeError, Event, ServerFrame};
 
-use crate::chat::frames::SharedFrame;
 use crate::chat::SessionAddr;
+use crate::chat::frames::SharedFrame;
 use crate::http::{self, HttpError};
 use crate::metrics::ShardStats;
 use crate::shard::Shard;

@@ -180,7 +180,11 @@ pub fn render<T: Send>(
     );
     for (to, m) in mailboxes.iter().enumerate() {
         for from in 0..m.senders() {
-            let _ = writeln!(out, "kefu_mailbox_posts_total{{from=\"{from}\",to=\"{to}\"}} {}", m.posts_from(from));
+            let _ = writeln!(
+                out,
+                "kefu_mailbox_posts_total{{from=\"{from}\",to=\"{to}\"}} {}",
+                m.posts_from(from)
+            );
         }
     }
     let _ = writeln!(

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use super::service::{ChatInit, ChatService, Local};
 use super::{ChatMsg, SessionAddr, ShardMsg};
-use crate::metrics::ShardStats;
 use crate::mailbox::Mailbox;
+use crate::metrics::ShardStats;
 
 const SECRET: &str = "chat-tests-secret";
 const SHARDS: usize = 2;
@@ -78,7 +78,16 @@ impl Cluster {
                 .unwrap()
             })
             .collect();
-        Cluster { _dir: dir, mailboxes, shards, core, stats, out: HashMap::new(), closed: Vec::new(), next_slot: 1 }
+        Cluster {
+            _dir: dir,
+            mailboxes,
+            shards,
+            core,
+            stats,
+            out: HashMap::new(),
+            closed: Vec::new(),
+            next_slot: 1,
+        }
     }
 
     fn token(&self, role: Role, sub: &str) -> String {
