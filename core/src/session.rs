@@ -23,103 +23,27 @@
 //!    anything (`send` with neither text nor attachment, `history` with
 //!    `limit: 0`, …: `bad_command`).
 //!
-//! What passes comes out as a [`Request`], normalized (history limit
-//! defaulted and capped, transfer target parsed, the visitor's group and
-//! profile resolved for `open`), ready for the conversation's home shard or
-//! the router. Membership and conversation state are theirs to check.
+//! It takes the decoded wire [`Command`] itself, and what passes comes out
+//! as [`Checked`]: a [`RouteRequest`] for the router or a [`HomeRequest`]
+//! for the conversation's home shard, normalized (history limit defaulted
+//! and capped, the transfer target's names shared, the visitor's group and
+//! profile resolved for `open`). A `send` keeps the frame's own strings, so
+//! the message's cid and text travel on to storage without a copy.
+//! Membership and conversation state are the router's and the home's to
+//! check.
 
 use std::sync::Arc;
 
 use kefu_proto::ids::{ConvId, ErrorCode, PresenceStatus, Role};
 
+use kefu_proto::client::{Attachment, Command, TransferTarget as WireTarget};
+
 use crate::auth::SUB_BYTES_MAX;
-use crate::cid::{Cid, CidError};
-use crate::config::CoreConfig;
+use crate::config::{CID_BYTES_MAX, CoreConfig};
 use crate::identity::{
     Actor, GroupName, Identity, Meta, UserId, VIP_LEVEL_KEY, Visitor, merge_meta, vip_level,
 };
 use crate::ratelimit::{RetryAfterMs, TokenBucket};
-
-/// An attachment as the session sees it: its type and decoded size (the
-/// gateway decodes base64 and keeps the bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttachmentInfo<'a> {
-    /// MIME type, e.g. `image/png`.
-    pub mime: &'a str,
-    /// Decoded size in bytes.
-    pub bytes: usize,
-}
-
-/// A client command after `connect`, in domain terms (the gateway maps
-/// wire frames to these).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command<'a> {
-    /// Visitor: open a conversation, or get the open one.
-    Open {
-        /// Group asked for.
-        group: Option<&'a str>,
-        /// Profile additions from the widget.
-        meta: Option<&'a Meta>,
-    },
-    /// Post a message.
-    Send {
-        /// Where.
-        conv: ConvId,
-        /// Client message id.
-        cid: &'a str,
-        /// Text, if any.
-        text: Option<&'a str>,
-        /// Attachment, if any.
-        attachment: Option<AttachmentInfo<'a>>,
-    },
-    /// Everything up to `seq` is read.
-    Read {
-        /// Where.
-        conv: ConvId,
-        /// Last seq read.
-        seq: u64,
-    },
-    /// The user is typing.
-    Typing {
-        /// Where.
-        conv: ConvId,
-    },
-    /// A page of past messages.
-    History {
-        /// Where.
-        conv: ConvId,
-        /// Only seqs below this; none: the newest.
-        before: Option<u64>,
-        /// Page size.
-        limit: Option<u32>,
-    },
-    /// Agent: set availability and optionally capacity.
-    Presence {
-        /// New status.
-        status: PresenceStatus,
-        /// New capacity.
-        capacity: Option<u32>,
-    },
-    /// Agent: take a queued conversation.
-    Accept {
-        /// Which.
-        conv: ConvId,
-    },
-    /// Agent: hand a conversation to an agent id or `group:NAME`.
-    Transfer {
-        /// Which.
-        conv: ConvId,
-        /// Target as written.
-        to: &'a str,
-    },
-    /// End a conversation.
-    Close {
-        /// Which.
-        conv: ConvId,
-    },
-    /// Keep-alive.
-    Ping,
-}
 
 /// Where a `transfer` sends a conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,13 +54,21 @@ pub enum TransferTarget {
     Group(GroupName),
 }
 
-/// The prefix that makes a transfer target a group.
-pub const GROUP_TARGET_PREFIX: &str = "group:";
-
-/// A command that passed the session's checks, normalized.
+/// A command that passed the session's checks, sorted by who answers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request<'a> {
-    /// Open (or return) the visitor's conversation: hand to the router.
+pub enum Checked {
+    /// `ping`: the connection's own shard answers `pong`.
+    Pong,
+    /// For the router: who serves what.
+    Route(RouteRequest),
+    /// For the conversation's home shard.
+    Home(HomeRequest),
+}
+
+/// A command the router answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteRequest {
+    /// Open (or return) the visitor's conversation.
     Open {
         /// The visitor, with the widget's profile merged under the token's.
         visitor: Visitor,
@@ -146,30 +78,59 @@ pub enum Request<'a> {
         /// Queue priority from the token's (or `SyncUser`'s) `vip_level`.
         vip_level: i64,
     },
-    /// Post a message: to the home shard.
+    /// An agent's availability.
+    Presence {
+        /// New status.
+        status: PresenceStatus,
+        /// New capacity (at most `routing.max_capacity`).
+        capacity: Option<u32>,
+    },
+    /// An agent takes a queued conversation.
+    Accept {
+        /// Which.
+        conv: ConvId,
+    },
+    /// An agent hands a conversation on.
+    Transfer {
+        /// Which.
+        conv: ConvId,
+        /// Where to.
+        to: TransferTarget,
+    },
+    /// End a conversation.
+    Close {
+        /// Which.
+        conv: ConvId,
+    },
+}
+
+/// A command a conversation's home answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HomeRequest {
+    /// Post a message. The strings are the decoded frame's.
     Send {
         /// Where.
         conv: ConvId,
-        /// Client message id.
-        cid: Cid,
+        /// Client message id, checked (1 to `messages.max_cid_bytes` bytes).
+        cid: String,
         /// Text, if any (non-empty).
-        text: Option<&'a str>,
-        /// Attachment, if any.
-        attachment: Option<AttachmentInfo<'a>>,
+        text: Option<String>,
+        /// Attachment, if any (a MIME type, within size).
+        attachment: Option<Attachment>,
     },
-    /// Read mark: to the home shard.
+    /// Read mark.
     Read {
         /// Where.
         conv: ConvId,
         /// Last seq read (at least 1).
         seq: u64,
     },
-    /// Typing: to the home shard.
+    /// Typing.
     Typing {
         /// Where.
         conv: ConvId,
     },
-    /// History page: the home shard checks membership, storage reads.
+    /// History page: the home checks membership, storage reads.
     History {
         /// Where.
         conv: ConvId,
@@ -178,51 +139,17 @@ pub enum Request<'a> {
         /// Page size, 1 to `messages.history_limit_max`.
         limit: u32,
     },
-    /// Presence: to the router.
-    Presence {
-        /// New status.
-        status: PresenceStatus,
-        /// New capacity (at most `routing.max_capacity`).
-        capacity: Option<u32>,
-    },
-    /// Accept: to the router.
-    Accept {
-        /// Which.
-        conv: ConvId,
-    },
-    /// Transfer: to the router.
-    Transfer {
-        /// Which.
-        conv: ConvId,
-        /// Where to.
-        to: TransferTarget,
-    },
-    /// Close: to the router.
-    Close {
-        /// Which.
-        conv: ConvId,
-    },
-    /// Answer `pong`.
-    Ping,
 }
 
-impl<'a> Request<'a> {
-    /// The same request without borrows, to hand to another shard. Only
-    /// `Send` borrows (its text and attachment point into the frame), so it
-    /// comes back as `Err` for the caller to move its owned parts.
-    pub fn detach(self) -> Result<Request<'static>, Request<'a>> {
-        Ok(match self {
-            Request::Send { .. } => return Err(self),
-            Request::Open { visitor, group, vip_level } => Request::Open { visitor, group, vip_level },
-            Request::Read { conv, seq } => Request::Read { conv, seq },
-            Request::Typing { conv } => Request::Typing { conv },
-            Request::History { conv, before, limit } => Request::History { conv, before, limit },
-            Request::Presence { status, capacity } => Request::Presence { status, capacity },
-            Request::Accept { conv } => Request::Accept { conv },
-            Request::Transfer { conv, to } => Request::Transfer { conv, to },
-            Request::Close { conv } => Request::Close { conv },
-            Request::Ping => Request::Ping,
-        })
+impl HomeRequest {
+    /// The conversation it is about.
+    pub fn conv(&self) -> ConvId {
+        match self {
+            HomeRequest::Send { conv, .. }
+            | HomeRequest::Read { conv, .. }
+            | HomeRequest::Typing { conv }
+            | HomeRequest::History { conv, .. } => *conv,
+        }
     }
 }
 
@@ -334,9 +261,9 @@ impl Session {
     }
 
     /// Checks one command at `now_ms` (see the module doc for the order).
-    pub fn check<'a>(&mut self, cmd: Command<'a>, now_ms: u64) -> Result<Request<'a>, SessionError> {
+    pub fn check(&mut self, cmd: Command, now_ms: u64) -> Result<Checked, SessionError> {
         if cmd == Command::Ping {
-            return Ok(Request::Ping);
+            return Ok(Checked::Pong);
         }
         let Some(identity) = &self.identity else {
             return Err(SessionError::NotConnected);
@@ -349,12 +276,13 @@ impl Session {
             if len > max { Err(SessionError::TooLarge { what, len, max }) } else { Ok(()) }
         };
         Ok(match cmd {
-            Command::Ping => Request::Ping,
+            Command::Ping => Checked::Pong,
+            Command::Connect { .. } => return Err(SessionError::AlreadyConnected),
             Command::Open { group, meta } => {
                 if role != Role::Visitor {
                     return forbid("open a conversation");
                 }
-                let group = match group {
+                let group = match group.as_deref() {
                     Some("") => return Err(SessionError::BadCommand("open.group is empty")),
                     Some(g) => {
                         too_large("group", g.len(), limits.max_group_bytes)?;
@@ -367,68 +295,61 @@ impl Session {
                 };
                 // The widget may add to the profile but not override what the
                 // token (or SyncUser) says, and never sets its own priority.
-                let mut merged = Meta::new();
-                if let Some(extra) = meta {
-                    let size: usize = extra.iter().map(|(k, v)| k.len() + v.len()).sum();
-                    too_large("open.meta", size, limits.max_meta_bytes)?;
-                    merged.extend(
-                        extra
-                            .iter()
-                            .filter(|(k, _)| k.as_str() != VIP_LEVEL_KEY)
-                            .map(|(k, v)| (k.clone(), v.clone())),
-                    );
-                }
+                let size: usize = meta.iter().map(|(k, v)| k.len() + v.len()).sum();
+                too_large("open.meta", size, limits.max_meta_bytes)?;
+                let mut merged: Meta =
+                    meta.into_iter().filter(|(k, _)| k.as_str() != VIP_LEVEL_KEY).collect();
                 merge_meta(&mut merged, &identity.meta);
                 let vip_level = vip_level(&identity.meta);
                 let visitor = Visitor { id: identity.id.clone(), name: identity.name.clone(), meta: merged };
-                Request::Open { visitor, group, vip_level }
+                Checked::Route(RouteRequest::Open { visitor, group, vip_level })
             }
             Command::Send { conv, cid, text, attachment } => {
-                let cid = match Cid::new(cid) {
-                    Ok(c) if c.as_str().len() <= limits.max_cid_bytes => c,
-                    Ok(_) | Err(CidError::TooLong(_)) => {
-                        return Err(SessionError::TooLarge {
-                            what: "cid",
-                            len: cid.len(),
-                            max: limits.max_cid_bytes,
-                        });
-                    }
-                    Err(CidError::Empty) => return Err(SessionError::BadCommand("cid is empty")),
-                };
+                if cid.is_empty() {
+                    return Err(SessionError::BadCommand("cid is empty"));
+                }
+                // The cid window keeps cids inline, at most CID_BYTES_MAX.
+                if cid.len() > limits.max_cid_bytes.min(CID_BYTES_MAX) {
+                    return Err(SessionError::TooLarge {
+                        what: "cid",
+                        len: cid.len(),
+                        max: limits.max_cid_bytes,
+                    });
+                }
                 let text = text.filter(|t| !t.is_empty());
-                if let Some(t) = text {
+                if let Some(t) = &text {
                     too_large("text", t.len(), limits.max_text_bytes)?;
                 }
-                if let Some(a) = attachment {
-                    if !valid_mime(a.mime, limits.max_mime_bytes) {
+                if let Some(a) = &attachment {
+                    if !valid_mime(&a.mime, limits.max_mime_bytes) {
                         return Err(SessionError::BadCommand(
                             "attachment.mime must be a MIME type like image/png",
                         ));
                     }
-                    if a.bytes == 0 {
+                    if a.data.is_empty() {
                         return Err(SessionError::BadCommand("attachment is empty"));
                     }
-                    too_large("attachment", a.bytes, limits.max_attachment_bytes)?;
+                    too_large("attachment", a.data.len(), limits.max_attachment_bytes)?;
                 }
                 if text.is_none() && attachment.is_none() {
                     return Err(SessionError::BadCommand("send needs a text or an attachment"));
                 }
-                Request::Send { conv, cid, text, attachment }
+                Checked::Home(HomeRequest::Send { conv, cid, text, attachment })
             }
             Command::Read { conv, seq } => {
                 if seq == 0 {
                     return Err(SessionError::BadCommand("read.seq starts at 1"));
                 }
-                Request::Read { conv, seq }
+                Checked::Home(HomeRequest::Read { conv, seq })
             }
-            Command::Typing { conv } => Request::Typing { conv },
+            Command::Typing { conv } => Checked::Home(HomeRequest::Typing { conv }),
             Command::History { conv, before, limit } => {
                 let limit = match limit {
                     Some(0) => return Err(SessionError::BadCommand("history.limit must be at least 1")),
                     Some(n) => n.min(limits.history_limit_max),
                     None => limits.history_limit_default,
                 };
-                Request::History { conv, before, limit }
+                Checked::Home(HomeRequest::History { conv, before, limit })
             }
             Command::Presence { status, capacity } => {
                 if role != Role::Agent {
@@ -437,33 +358,37 @@ impl Session {
                 if capacity.is_some_and(|c| c > self.config.routing.max_capacity) {
                     return Err(SessionError::BadCommand("presence.capacity is above routing.max_capacity"));
                 }
-                Request::Presence { status, capacity }
+                Checked::Route(RouteRequest::Presence { status, capacity })
             }
             Command::Accept { conv } => {
                 if role != Role::Agent {
                     return forbid("accept a conversation");
                 }
-                Request::Accept { conv }
+                Checked::Route(RouteRequest::Accept { conv })
             }
             Command::Transfer { conv, to } => {
                 if role != Role::Agent {
                     return forbid("transfer a conversation");
                 }
-                let to = match to.strip_prefix(GROUP_TARGET_PREFIX) {
-                    Some("") => return Err(SessionError::BadCommand("transfer.to names an empty group")),
-                    Some(g) => {
+                let to = match to {
+                    WireTarget::Group(g) if g.is_empty() => {
+                        return Err(SessionError::BadCommand("transfer.to names an empty group"));
+                    }
+                    WireTarget::Group(g) => {
                         too_large("group", g.len(), limits.max_group_bytes)?;
                         TransferTarget::Group(GroupName::from(g))
                     }
-                    None if to.is_empty() => return Err(SessionError::BadCommand("transfer.to is empty")),
-                    None => {
-                        too_large("transfer.to", to.len(), SUB_BYTES_MAX)?;
-                        TransferTarget::Agent(UserId::from(to))
+                    WireTarget::Agent(a) if a.is_empty() => {
+                        return Err(SessionError::BadCommand("transfer.to is empty"));
+                    }
+                    WireTarget::Agent(a) => {
+                        too_large("transfer.to", a.len(), SUB_BYTES_MAX)?;
+                        TransferTarget::Agent(UserId::from(a))
                     }
                 };
-                Request::Transfer { conv, to }
+                Checked::Route(RouteRequest::Transfer { conv, to })
             }
-            Command::Close { conv } => Request::Close { conv },
+            Command::Close { conv } => Checked::Route(RouteRequest::Close { conv }),
         })
     }
 }
@@ -498,27 +423,40 @@ mod tests {
         s
     }
 
-    fn code(r: Result<Request<'_>, SessionError>) -> ErrorCode {
+    fn code(r: Result<Checked, SessionError>) -> ErrorCode {
         r.unwrap_err().code()
     }
 
-    fn send<'a>(cid: &'a str, text: Option<&'a str>, attachment: Option<AttachmentInfo<'a>>) -> Command<'a> {
-        Command::Send { conv: ConvId(1), cid, text, attachment }
+    fn send(cid: &str, text: Option<&str>, attachment: Option<Attachment>) -> Command {
+        Command::Send { conv: ConvId(1), cid: cid.into(), text: text.map(Into::into), attachment }
+    }
+
+    fn attachment(mime: &str, bytes: usize) -> Option<Attachment> {
+        Some(Attachment { mime: mime.into(), data: vec![0; bytes] })
     }
 
     #[test]
-    fn only_send_keeps_its_borrows_when_detached() {
+    fn commands_are_sorted_by_who_answers_them() {
         let mut s = session(Role::Visitor);
         let sent = s.check(send("c-1", Some("hi"), None), 0).unwrap();
-        assert!(matches!(sent.detach(), Err(Request::Send { text: Some("hi"), .. })));
+        let home = HomeRequest::Send {
+            conv: ConvId(1),
+            cid: "c-1".into(),
+            text: Some("hi".into()),
+            attachment: None,
+        };
+        assert_eq!(sent, Checked::Home(home));
         let read = s.check(Command::Read { conv: ConvId(3), seq: 2 }, 0).unwrap();
-        assert_eq!(read.detach(), Ok(Request::Read { conv: ConvId(3), seq: 2 }));
+        assert_eq!(read, Checked::Home(HomeRequest::Read { conv: ConvId(3), seq: 2 }));
+        let close = s.check(Command::Close { conv: ConvId(3) }, 0).unwrap();
+        assert_eq!(close, Checked::Route(RouteRequest::Close { conv: ConvId(3) }));
+        assert_eq!(s.check(Command::Ping, 0), Ok(Checked::Pong));
     }
 
     #[test]
     fn nothing_but_ping_before_connect() {
         let mut s = Session::new(Arc::new(CoreConfig::default()), T0);
-        assert_eq!(s.check(Command::Ping, T0), Ok(Request::Ping));
+        assert_eq!(s.check(Command::Ping, T0), Ok(Checked::Pong));
         let err = s.check(send("c1", Some("hi"), None), T0).unwrap_err();
         assert_eq!(err, SessionError::NotConnected);
         assert_eq!(err.code(), ErrorCode::Unauthorized);
@@ -536,19 +474,19 @@ mod tests {
         let mut s = session(Role::Visitor);
         for cmd in [
             Command::Accept { conv: ConvId(1) },
-            Command::Transfer { conv: ConvId(1), to: "a2" },
+            Command::Transfer { conv: ConvId(1), to: WireTarget::Agent("a2".into()) },
             Command::Presence { status: PresenceStatus::Online, capacity: None },
         ] {
             assert_eq!(code(s.check(cmd, T0)), ErrorCode::Forbidden);
         }
         assert!(s.check(Command::Close { conv: ConvId(1) }, T0).is_ok(), "visitors may close");
-        assert!(s.check(Command::Open { group: None, meta: None }, T0).is_ok());
+        assert!(s.check(Command::Open { group: None, meta: Meta::new() }, T0).is_ok());
     }
 
     #[test]
     fn agents_may_not_open() {
         let mut s = session(Role::Agent);
-        assert_eq!(code(s.check(Command::Open { group: None, meta: None }, T0)), ErrorCode::Forbidden);
+        assert_eq!(code(s.check(Command::Open { group: None, meta: Meta::new() }, T0)), ErrorCode::Forbidden);
         assert!(s.check(Command::Accept { conv: ConvId(1) }, T0).is_ok());
         assert!(s.check(Command::Presence { status: PresenceStatus::Away, capacity: Some(3) }, T0).is_ok());
         assert_eq!(
@@ -568,12 +506,12 @@ mod tests {
         let long_cid = "c".repeat(65);
         assert_eq!(code(s.check(send(&long_cid, Some("hi"), None), T0)), ErrorCode::TooLarge);
         assert_eq!(code(s.check(send("", Some("hi"), None), T0)), ErrorCode::BadCommand);
-        let png = |bytes| Some(AttachmentInfo { mime: "image/png", bytes });
+        let png = |bytes| attachment("image/png", bytes);
         assert_eq!(code(s.check(send("c", None, png(limits.max_attachment + 1)), T0)), ErrorCode::TooLarge);
         assert!(s.check(send("c", None, png(limits.max_attachment)), T0).is_ok());
         assert_eq!(code(s.check(send("c", None, png(0)), T0)), ErrorCode::BadCommand);
         for mime in ["", "image", "/png", "image/", "image/ png", &format!("a/{}", "b".repeat(200))] {
-            let a = Some(AttachmentInfo { mime, bytes: 10 });
+            let a = attachment(mime, 10);
             assert_eq!(code(s.check(send("c", None, a), T0)), ErrorCode::BadCommand, "{mime}");
         }
         assert_eq!(code(s.check(send("c", None, None), T0)), ErrorCode::BadCommand);
@@ -603,31 +541,29 @@ mod tests {
     fn history_limit_defaults_to_50_and_caps_at_200() {
         let mut s = session(Role::Agent);
         let h = |limit| Command::History { conv: ConvId(1), before: None, limit };
-        assert_eq!(s.check(h(None), T0), Ok(Request::History { conv: ConvId(1), before: None, limit: 50 }));
-        assert_eq!(s.check(h(Some(7)), T0), Ok(Request::History { conv: ConvId(1), before: None, limit: 7 }));
-        assert_eq!(
-            s.check(h(Some(5000)), T0),
-            Ok(Request::History { conv: ConvId(1), before: None, limit: 200 })
-        );
+        let page = |limit| Ok(Checked::Home(HomeRequest::History { conv: ConvId(1), before: None, limit }));
+        assert_eq!(s.check(h(None), T0), page(50));
+        assert_eq!(s.check(h(Some(7)), T0), page(7));
+        assert_eq!(s.check(h(Some(5000)), T0), page(200));
         assert_eq!(code(s.check(h(Some(0)), T0)), ErrorCode::BadCommand);
     }
 
     #[test]
     fn transfer_targets_parse() {
         let mut s = session(Role::Agent);
-        let t = |to| Command::Transfer { conv: ConvId(1), to };
+        let t = |to: WireTarget| Command::Transfer { conv: ConvId(1), to };
+        let routed = |to| Ok(Checked::Route(RouteRequest::Transfer { conv: ConvId(1), to }));
         assert_eq!(
-            s.check(t("a2"), T0),
-            Ok(Request::Transfer { conv: ConvId(1), to: TransferTarget::Agent(UserId::from("a2")) })
+            s.check(t(WireTarget::Agent("a2".into())), T0),
+            routed(TransferTarget::Agent(UserId::from("a2")))
         );
         assert_eq!(
-            s.check(t("group:billing"), T0),
-            Ok(Request::Transfer { conv: ConvId(1), to: TransferTarget::Group(GroupName::from("billing")) })
+            s.check(t(WireTarget::Group("billing".into())), T0),
+            routed(TransferTarget::Group(GroupName::from("billing")))
         );
-        assert_eq!(code(s.check(t("group:"), T0)), ErrorCode::BadCommand);
-        assert_eq!(code(s.check(t(""), T0)), ErrorCode::BadCommand);
-        let long = format!("group:{}", "g".repeat(65));
-        assert_eq!(code(s.check(t(&long), T0)), ErrorCode::TooLarge);
+        assert_eq!(code(s.check(t(WireTarget::Group(String::new())), T0)), ErrorCode::BadCommand);
+        assert_eq!(code(s.check(t(WireTarget::Agent(String::new())), T0)), ErrorCode::BadCommand);
+        assert_eq!(code(s.check(t(WireTarget::Group("g".repeat(65))), T0)), ErrorCode::TooLarge);
     }
 
     #[test]
@@ -643,8 +579,8 @@ mod tests {
             ("plan".into(), "free".into()),
         ]
         .into();
-        let Ok(Request::Open { visitor, group, vip_level }) =
-            s.check(Command::Open { group: None, meta: Some(&widget) }, T0)
+        let Ok(Checked::Route(RouteRequest::Open { visitor, group, vip_level })) =
+            s.check(Command::Open { group: None, meta: widget }, T0)
         else {
             panic!("open refused");
         };
@@ -653,21 +589,22 @@ mod tests {
         assert_eq!(visitor.meta["vip_level"], "2");
         assert_eq!(visitor.meta["plan"], "pro", "the token wins over the widget");
         assert_eq!(visitor.meta["page"], "/pricing");
-        let Ok(Request::Open { group, .. }) = s.check(Command::Open { group: Some("sales"), meta: None }, T0)
+        let Ok(Checked::Route(RouteRequest::Open { group, .. })) =
+            s.check(Command::Open { group: Some("sales".into()), meta: Meta::new() }, T0)
         else {
             panic!("open refused");
         };
         assert_eq!(&*group, "sales");
         // No group anywhere: the default group.
         let mut s = session(Role::Visitor);
-        let Ok(Request::Open { group, vip_level, .. }) =
-            s.check(Command::Open { group: None, meta: None }, T0)
+        let Ok(Checked::Route(RouteRequest::Open { group, vip_level, .. })) =
+            s.check(Command::Open { group: None, meta: Meta::new() }, T0)
         else {
             panic!("open refused");
         };
         assert_eq!((&*group, vip_level), ("default", 0));
         let huge: Meta = [("k".to_string(), "v".repeat(5000))].into();
-        assert_eq!(code(s.check(Command::Open { group: None, meta: Some(&huge) }, T0)), ErrorCode::TooLarge);
+        assert_eq!(code(s.check(Command::Open { group: None, meta: huge }, T0)), ErrorCode::TooLarge);
     }
 
     #[test]
@@ -693,7 +630,7 @@ mod tests {
         // Even a command that would be refused for its shape costs a token
         // (floods of junk are limited too), and pings never do.
         for _ in 0..10 {
-            assert_eq!(s.check(Command::Ping, T0), Ok(Request::Ping));
+            assert_eq!(s.check(Command::Ping, T0), Ok(Checked::Pong));
         }
         assert!(s.check(send("c2", Some("b"), None), T0 + 1000).is_ok(), "the same cid, after the back-off");
     }

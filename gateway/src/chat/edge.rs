@@ -6,13 +6,13 @@
 use std::sync::Arc;
 
 use kefu_core::auth::{Credentials, VisitorKey, anonymous_id, anonymous_identity};
-use kefu_core::session::{AttachmentInfo, Command as CoreCommand, Request, Session};
+use kefu_core::session::{Checked, Session};
 use kefu_proto::client::{ClientFrame, Codec, Command, ConvSummary, Event, ServerFrame, User};
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 use kefu_storage::{UserRecord, WriteOp};
 
 use super::service::{ChatService, PIPELINED_WHILE_STORING_MAX, Pending, Sess, Stage, now_ms};
-use super::{ChatMsg, HomeRequest, ROUTER_SHARD, Reply, SessionAddr, ShardMsg, device_of};
+use super::{ChatMsg, ROUTER_SHARD, Reply, SessionAddr, ShardMsg, device_of};
 use crate::ws::close;
 use tracing::warn;
 
@@ -47,37 +47,8 @@ impl ChatService {
             }
             return;
         }
-        // The wire's parsed target, spelled back as core reads it ("group:NAME").
-        let transfer_to = match &frame.body {
-            Command::Transfer { to, .. } => to.to_string(),
-            _ => String::new(),
-        };
-        let cmd = match &frame.body {
-            Command::Open { group, meta } => CoreCommand::Open { group: group.as_deref(), meta: Some(meta) },
-            Command::Send { conv, cid, text, attachment } => CoreCommand::Send {
-                conv: *conv,
-                cid,
-                text: text.as_deref(),
-                attachment: attachment
-                    .as_ref()
-                    .map(|a| AttachmentInfo { mime: &a.mime, bytes: a.data.len() }),
-            },
-            Command::Read { conv, seq } => CoreCommand::Read { conv: *conv, seq: *seq },
-            Command::Typing { conv } => CoreCommand::Typing { conv: *conv },
-            Command::History { conv, before, limit } => {
-                CoreCommand::History { conv: *conv, before: *before, limit: *limit }
-            }
-            Command::Presence { status, capacity } => {
-                CoreCommand::Presence { status: *status, capacity: *capacity }
-            }
-            Command::Accept { conv } => CoreCommand::Accept { conv: *conv },
-            Command::Transfer { conv, .. } => CoreCommand::Transfer { conv: *conv, to: &transfer_to },
-            Command::Close { conv } => CoreCommand::Close { conv: *conv },
-            // Handled above; a second connect never reaches here.
-            Command::Ping | Command::Connect { .. } => CoreCommand::Ping,
-        };
-        let request = match sess.session.check(cmd, now) {
-            Ok(r) => Forward::from(r),
+        let request = match sess.session.check(frame.body, now) {
+            Ok(r) => r,
             Err(e) => {
                 let code = e.code();
                 self.send(from, codec, &ServerFrame::error(id, code, e.to_string()));
@@ -87,9 +58,9 @@ impl ChatService {
         let Some(actor) = sess.session.actor() else { return };
         let routing = sess.routing;
         let reply = (from, codec, id);
-        let (home, request) = match request {
-            Forward::Pong => return self.send(from, codec, &ServerFrame::reply(id, Event::Pong)),
-            Forward::Route(request) => {
+        let request = match request {
+            Checked::Pong => return self.send(from, codec, &ServerFrame::reply(id, Event::Pong)),
+            Checked::Route(request) => {
                 if self.post_chat(ROUTER_SHARD, ChatMsg::Route { reply, actor, request }) {
                     self.routing_sent(from);
                 } else {
@@ -97,12 +68,7 @@ impl ChatService {
                 }
                 return;
             }
-            Forward::Send { conv } => {
-                // The frame's strings travel on and become the message's.
-                let Command::Send { cid, text, attachment, .. } = frame.body else { return };
-                (conv, HomeRequest::Send { conv, cid, text, attachment })
-            }
-            Forward::Home(conv, request) => (conv, HomeRequest::Checked(request)),
+            Checked::Home(request) => request,
         };
         // Behind a routing command of this session, through the router.
         let posted = if routing > 0 {
@@ -112,7 +78,8 @@ impl ChatService {
             }
             relayed
         } else {
-            self.post(home.home(self.shards), ShardMsg::Home { reply, actor, request })
+            let home = request.conv().home(self.shards);
+            self.post(home, ShardMsg::Home { reply, actor, request })
         };
         if !posted {
             self.send(from, codec, &ServerFrame::error(id, ErrorCode::Unavailable, BUSY));
@@ -357,25 +324,3 @@ impl ChatService {
 }
 
 const BUSY: &str = "the chat service is busy; retry";
-
-/// A checked command, sorted by who answers it.
-enum Forward {
-    Pong,
-    Send { conv: ConvId },
-    Home(ConvId, Request<'static>),
-    Route(Request<'static>),
-}
-
-impl From<Request<'_>> for Forward {
-    fn from(r: Request<'_>) -> Self {
-        match r.detach() {
-            Err(Request::Send { conv, .. }) => Forward::Send { conv },
-            Err(_) => unreachable!("only send borrows"),
-            Ok(Request::Ping) => Forward::Pong,
-            Ok(
-                r @ (Request::Read { conv, .. } | Request::Typing { conv } | Request::History { conv, .. }),
-            ) => Forward::Home(conv, r),
-            Ok(r) => Forward::Route(r),
-        }
-    }
-}

@@ -5,14 +5,14 @@
 use kefu_core::Conversation;
 use kefu_core::conversation::{Access, ReadOutcome, SendOutcome, TypingOutcome};
 use kefu_core::identity::{Actor, UserId};
-use kefu_core::session::Request;
+use kefu_core::session::HomeRequest;
 use kefu_proto::client::{self, AgentRef as WireAgent, Codec, Event, Msg, ServerFrame, User};
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
 use kefu_storage::{ConversationRecord, ReadMark, UserRecord, WriteOp};
 use tracing::warn;
 
 use super::service::{ChatService, Member, Pending, new_message, now_ms, restored_conversation, wire_msg};
-use super::{Change, HomeRequest, Reply, RouteInfo, SessionAddr};
+use super::{Change, Reply, RouteInfo, SessionAddr};
 
 /// Messages read from storage at a time while replaying a resume.
 const REPLAY_PAGE: usize = 256;
@@ -29,9 +29,7 @@ impl ChatService {
         let conv = request.conv();
         match request {
             HomeRequest::Send { conv, cid, text, attachment } => {
-                // The edge checked the cid; it is read again here because the
-                // hop carries the frame's own String (which the message then
-                // keeps: no copy), not the parsed form.
+                // The edge checked the cid's size; the window keeps it inline.
                 match kefu_core::Cid::new(&cid) {
                     Ok(parsed) => self.on_send(reply, actor, conv, (parsed, cid), text, attachment, now),
                     Err(e) => {
@@ -40,16 +38,13 @@ impl ChatService {
                     }
                 }
             }
-            HomeRequest::Checked(Request::Read { conv, seq }) => self.on_read(reply, actor, conv, seq, now),
-            HomeRequest::Checked(Request::Typing { conv }) => self.on_typing(reply, actor, conv, now),
-            HomeRequest::Checked(Request::History { conv, before, limit }) => {
+            HomeRequest::Read { conv, seq } => self.on_read(reply, actor, conv, seq, now),
+            HomeRequest::Typing { conv } => self.on_typing(reply, actor, conv, now),
+            HomeRequest::History { conv, before, limit } => {
                 self.on_history(reply, actor, conv, before, limit)
             }
-            HomeRequest::Checked(other) => debug_assert!(false, "not a home's request: {other:?}"),
         }
-        if let Some(conv) = conv {
-            self.give_back(conv);
-        }
+        self.give_back(conv);
     }
 
     /// A session is connected somewhere: remember how to reach it, and

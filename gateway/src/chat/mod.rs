@@ -69,8 +69,8 @@ pub mod service;
 mod shards_tests;
 
 use kefu_core::identity::{Actor, AgentRef, GroupName, Identity, UserId, Visitor};
-use kefu_core::session::Request;
-use kefu_proto::client::{Attachment, Codec};
+use kefu_core::session::{HomeRequest, RouteRequest};
+use kefu_proto::client::Codec;
 use kefu_proto::{ConvId, ConvStatus};
 
 use frames::SharedFrame;
@@ -129,38 +129,6 @@ pub enum ShardMsg {
     /// Everything else between chat services (connects, routing): rare,
     /// so boxed to keep every mailbox slot small.
     Chat(Box<ChatMsg>),
-}
-
-/// A command a conversation's home answers.
-#[derive(Debug)]
-pub enum HomeRequest {
-    /// `send`, with the message's owned parts (the decoded frame's).
-    Send {
-        /// The conversation.
-        conv: ConvId,
-        /// The client's message id, checked by the edge.
-        cid: String,
-        /// The text, if any.
-        text: Option<String>,
-        /// The attachment, if any.
-        attachment: Option<Attachment>,
-    },
-    /// `read`, `typing` or `history`, as the edge's session checked it.
-    Checked(Request<'static>),
-}
-
-impl HomeRequest {
-    /// The conversation it is about (`None` only for a request that is
-    /// not a home's, which the edge never sends).
-    pub fn conv(&self) -> Option<ConvId> {
-        match self {
-            HomeRequest::Send { conv, .. }
-            | HomeRequest::Checked(
-                Request::Read { conv, .. } | Request::Typing { conv } | Request::History { conv, .. },
-            ) => Some(*conv),
-            HomeRequest::Checked(_) => None,
-        }
-    }
 }
 
 /// A conversation's change, decided by the router, applied by its home.
@@ -265,9 +233,8 @@ pub enum ChatMsg {
         reply: Reply,
         /// Who sent it.
         actor: Actor,
-        /// What they asked: `open`, `presence`, `accept`, `transfer` or
-        /// `close`, as the edge's session checked it.
-        request: Request<'static>,
+        /// What they asked, as the edge's session checked it.
+        request: RouteRequest,
     },
     /// Edge → router → a conversation's home: a command for a home, sent
     /// while a routing command of the same session is with the router, so

@@ -5,13 +5,13 @@
 
 use kefu_core::identity::{Actor, Identity};
 use kefu_core::routing::{Action, AgentInfo, OpenRequest, QueueReason, RouteError};
-use kefu_core::session::Request;
+use kefu_core::session::{HomeRequest, RouteRequest};
 use kefu_proto::client::{Event, ServerFrame};
 use kefu_proto::{ConvId, ConvStatus, PresenceStatus, Role};
 
 use super::home::serving;
 use super::service::{ChatService, now_ms};
-use super::{Change, ChatMsg, HomeRequest, Reply, RouteInfo, ShardMsg, device_of};
+use super::{Change, ChatMsg, Reply, RouteInfo, ShardMsg, device_of};
 use crate::ws::close;
 
 impl ChatService {
@@ -55,11 +55,11 @@ impl ChatService {
         }
     }
 
-    pub(super) fn on_route(&mut self, reply: Reply, actor: Actor, request: Request<'static>) {
+    pub(super) fn on_route(&mut self, reply: Reply, actor: Actor, request: RouteRequest) {
         let (from, codec, id) = reply;
         let Some(router) = self.router.as_mut() else { return };
         let outcome = match request {
-            Request::Open { visitor, group, vip_level } => {
+            RouteRequest::Open { visitor, group, vip_level } => {
                 let req = OpenRequest { visitor: visitor.id.clone(), group: group.clone(), vip_level };
                 router.open(req).map(|opened| {
                     let change =
@@ -67,14 +67,14 @@ impl ChatService {
                     Routed::Change(opened.conv, change)
                 })
             }
-            Request::Presence { status, capacity } => {
+            RouteRequest::Presence { status, capacity } => {
                 router.presence(&actor.id, device_of(from), status, capacity, now_ms()).map(Routed::Presence)
             }
-            Request::Accept { conv } => router.accept(&actor.id, conv).map(|_| Routed::OnChange(conv)),
-            Request::Transfer { conv, to } => {
+            RouteRequest::Accept { conv } => router.accept(&actor.id, conv).map(|_| Routed::OnChange(conv)),
+            RouteRequest::Transfer { conv, to } => {
                 router.transfer(&actor, conv, to).map(|()| Routed::OnChange(conv))
             }
-            Request::Close { conv } => match router.close(&actor, conv) {
+            RouteRequest::Close { conv } => match router.close(&actor, conv) {
                 Ok(_) => Ok(Routed::OnChange(conv)),
                 // Not open, or not this actor's to close: the home knows
                 // whether it is closed and readable (closing again answers
@@ -84,10 +84,6 @@ impl ChatService {
                 }
                 Err(e) => Err(e),
             },
-            other => {
-                debug_assert!(false, "not a routing request: {other:?}");
-                return;
-            }
         };
         match outcome {
             Ok(Routed::Change(conv, change)) => self.change(conv, change, Some(reply)),
@@ -103,11 +99,7 @@ impl ChatService {
     /// A command for a home, sent behind a routing command: on to the home,
     /// after what that routing command decided.
     pub(super) fn on_relay(&mut self, reply: Reply, actor: Actor, request: HomeRequest) {
-        let Some(conv) = request.conv() else {
-            debug_assert!(false, "not a home's request: {request:?}");
-            return;
-        };
-        let home = conv.home(self.shards);
+        let home = request.conv().home(self.shards);
         if !self.post(home, ShardMsg::Home { reply, actor, request }) {
             let (to, codec, id) = reply;
             let e =

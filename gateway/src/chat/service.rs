@@ -395,6 +395,12 @@ impl ChatService {
         })
     }
 
+    /// Whether writes this shard submitted are still to complete.
+    #[cfg(test)]
+    pub(super) fn has_writes_in_flight(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Whether storage completions are waiting (checked before sleeping).
     pub fn has_completions(&self) -> bool {
         !self.completions.is_empty()
@@ -711,23 +717,20 @@ impl ChatService {
     }
 
     fn committed(&mut self, pending: Pending, op: WriteOp, duplicate: bool, seq: u64, ts: u64) {
-        match pending {
-            Pending::Connected { to } => self.announce(to),
-            Pending::Message { conv, seq: ours, sender } => {
-                let WriteOp::AppendMessage(m) = op else {
-                    debug_assert!(false, "a message's completion carries another write");
-                    return;
-                };
+        match (pending, op) {
+            (Pending::Connected { to }, _) => self.announce(to),
+            (Pending::Message { conv, seq: ours, sender }, WriteOp::AppendMessage(m)) => {
                 self.message_committed(conv, ours, sender, wire_msg_of(m, ours), duplicate, seq, ts)
             }
-            Pending::ConvChanged { reply, previous, route } => {
-                let WriteOp::PutConversation(stored) = op else {
-                    debug_assert!(false, "a conversation's completion carries another write");
-                    return;
-                };
+            (Pending::ConvChanged { reply, previous, route }, WriteOp::PutConversation(stored)) => {
                 self.change_committed(stored, reply, previous, &route)
             }
-            Pending::Nothing => {}
+            (Pending::Nothing, _) => {}
+            // Storage hands back the very write submitted under the token:
+            // an invariant of the boundary between the two, asserted.
+            (Pending::Message { .. } | Pending::ConvChanged { .. }, op) => {
+                unreachable!("storage completed a token with another write: {op:?}")
+            }
         }
     }
 

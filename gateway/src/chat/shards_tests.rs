@@ -172,7 +172,7 @@ impl Cluster {
                 }
                 self.end_of_batch(i);
             }
-            if moved || self.shards.iter().any(|s| s.has_completions()) {
+            if moved || self.shards.iter().any(|s| s.has_completions() || s.has_writes_in_flight()) {
                 idle_since = Instant::now();
             } else if idle_since.elapsed() > Duration::from_millis(200) {
                 return;
