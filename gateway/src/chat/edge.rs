@@ -165,7 +165,7 @@ impl ChatService {
                 Err(e) => return refuse(self, e.to_string()),
             },
             Credentials::Returning { visitor_id, key } => {
-                let stored = match self.reader.user(visitor_id) {
+                let stored = match self.reader.user(Role::Visitor, visitor_id) {
                     Ok(u) => u,
                     Err(e) => {
                         self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string()));

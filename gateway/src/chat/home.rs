@@ -193,7 +193,7 @@ impl ChatService {
         // without a read transaction (none at all while the window has
         // never lost a cid).
         let below = self.convs.get(&conv).map_or(u64::MAX, Conversation::cids_remembered_from);
-        match self.reader.dedupe_before(&actor.id, conv.0, cid.as_str(), below) {
+        match self.reader.dedupe_before(actor.role, &actor.id, conv.0, cid.as_str(), below) {
             Ok(Some(hit)) => {
                 let ack = Event::Ack {
                     cid: cid.as_str().into(),
@@ -414,7 +414,7 @@ impl ChatService {
                     meta: visitor.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     visitor_key_hash: self
                         .reader
-                        .user(&visitor.id)
+                        .user(Role::Visitor, &visitor.id)
                         .ok()
                         .flatten()
                         .and_then(|u| u.visitor_key_hash),

@@ -594,7 +594,7 @@ pub(super) fn restored_conversation(
     rec: ConversationRecord,
     default_group: &str,
 ) -> Result<RestoredConversation, kefu_storage::StorageError> {
-    let visitor = match reader.user(&rec.visitor_id)? {
+    let visitor = match reader.user(Role::Visitor, &rec.visitor_id)? {
         Some(u) => Visitor {
             id: Arc::from(u.id.as_str()),
             name: Arc::from(u.name.as_str()),
