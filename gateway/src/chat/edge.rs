@@ -344,7 +344,7 @@ impl ChatService {
             return;
         }
         for shard in 0..self.shards {
-            let down = ChatMsg::SessionDown { addr: from, user: identity.id.clone() };
+            let down = ChatMsg::SessionDown { addr: from, user: identity.key() };
             self.post_chat(shard, down);
         }
         if identity.role == Role::Agent {

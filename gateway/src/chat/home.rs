@@ -4,14 +4,15 @@
 
 use kefu_core::Conversation;
 use kefu_core::conversation::{Access, ReadOutcome, SendOutcome, TypingOutcome};
-use kefu_core::identity::{Actor, UserId};
+use kefu_core::identity::{Actor, UserKey};
 use kefu_core::session::Request;
 use kefu_proto::client::{self, AgentRef as WireAgent, Codec, Event, Msg, ServerFrame, User};
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
 use kefu_storage::{ConversationRecord, ReadMark, UserRecord, WriteOp};
 use tracing::warn;
 
-use super::service::{ChatService, Member, Pending, new_message, now_ms, restored_conversation, wire_msg};
+use super::directory::Member;
+use super::service::{ChatService, Pending, new_message, now_ms, restored_conversation, wire_msg};
 use super::{Change, HomeRequest, Reply, RouteInfo, SessionAddr};
 
 /// Messages read from storage at a time while replaying a resume.
@@ -62,21 +63,15 @@ impl ChatService {
         actor: &Actor,
         resume: &[(ConvId, u64)],
     ) {
-        let member = Member { addr, codec, role: actor.role };
-        self.users.entry(actor.id.clone()).or_default().push(member);
+        self.directory.add(actor.key(), Member { addr, codec });
         for &(conv, last_seen) in resume {
             self.replay(addr, codec, actor, conv, last_seen);
             self.give_back(conv);
         }
     }
 
-    pub(super) fn on_session_down(&mut self, addr: SessionAddr, user: &str) {
-        if let Some(list) = self.users.get_mut(user) {
-            list.retain(|m| m.addr != addr);
-            if list.is_empty() {
-                self.users.remove(user);
-            }
-        }
+    pub(super) fn on_session_down(&mut self, addr: SessionAddr, user: &UserKey) {
+        self.directory.remove(user, addr);
         for waiters in self.dup_waiters.values_mut() {
             waiters.retain(|(a, _, _)| *a != addr);
         }
@@ -498,7 +493,7 @@ impl ChatService {
         &mut self,
         conv: ConvId,
         reply: Option<Reply>,
-        previous: Option<UserId>,
+        previous: Option<UserKey>,
         route: RouteInfo,
     ) {
         let Some(c) = self.convs.get(&conv) else { return };
@@ -536,18 +531,19 @@ impl ChatService {
         &mut self,
         stored: ConversationRecord,
         reply: Option<Reply>,
-        previous: Option<UserId>,
+        previous: Option<UserKey>,
         route: &RouteInfo,
     ) {
         let conv = ConvId(stored.id);
         let queued = stored.status == ConvStatus::Queued;
-        let mut audience: Vec<Member> = self.members(&stored.visitor_id).collect();
+        let d = &self.directory;
+        let mut audience: Vec<Member> = d.sessions(Role::Visitor, &stored.visitor_id).collect();
         if let Some(agent) = stored.agent.as_ref().filter(|_| !queued) {
-            audience.extend(self.members(&agent.id));
+            audience.extend(d.sessions(Role::Agent, &agent.id));
         }
-        audience.extend(previous.iter().flat_map(|p| self.members(p)));
+        audience.extend(previous.iter().flat_map(|p| d.sessions_of(p)));
         if queued {
-            audience.extend(route.notify.iter().flat_map(|a| self.members(a)));
+            audience.extend(route.notify.iter().flat_map(|a| d.sessions_of(a)));
         }
         audience.sort_by_key(|m| m.addr);
         audience.dedup_by_key(|m| m.addr);
@@ -671,18 +667,19 @@ impl ChatService {
     /// who no longer takes part.
     fn participants(&self, conv: ConvId) -> impl Iterator<Item = Member> + '_ {
         let c = self.convs.get(&conv);
-        let visitor = c.map(|c| &*c.visitor().id);
-        let agent = c.filter(|c| c.status() != ConvStatus::Queued).and_then(|c| c.agent()).map(|a| &*a.id);
-        [visitor, agent].into_iter().flatten().flat_map(|u| self.members(u))
+        let visitor = c.map(|c| (Role::Visitor, &*c.visitor().id));
+        let agent = c
+            .filter(|c| c.status() != ConvStatus::Queued)
+            .and_then(|c| c.agent())
+            .map(|a| (Role::Agent, &*a.id));
+        [visitor, agent].into_iter().flatten().flat_map(|(role, id)| self.directory.sessions(role, id))
     }
 
     fn visitor_members(&self, conv: ConvId) -> impl Iterator<Item = Member> + '_ {
-        self.convs.get(&conv).into_iter().flat_map(|c| self.members(&c.visitor().id))
-    }
-
-    /// Every agent session (for presence pushes).
-    pub(super) fn agent_members(&self) -> Vec<Member> {
-        self.users.values().flatten().filter(|m| m.role == Role::Agent).copied().collect()
+        self.convs
+            .get(&conv)
+            .into_iter()
+            .flat_map(|c| self.directory.sessions(Role::Visitor, &c.visitor().id))
     }
 }
 
@@ -690,9 +687,9 @@ impl ChatService {
 pub(super) fn serving(
     agents: impl Iterator<Item = kefu_core::routing::AgentView>,
     group: &str,
-) -> Vec<UserId> {
+) -> Vec<UserKey> {
     agents
         .filter(|a| a.status != PresenceStatus::Offline && kefu_core::identity::serves(&a.groups, group))
-        .map(|a| a.id)
+        .map(|a| UserKey::agent(a.id))
         .collect()
 }

@@ -17,9 +17,10 @@
 //!   go to each conversation's home, which makes them durable and
 //!   announces them.
 //!
-//! Every shard also keeps a replica of the user directory (user → sessions
-//! with their subprotocol), fed by `SessionUp` / `SessionDown` broadcasts
-//! from the edges, so a home reaches any participant without asking.
+//! Every shard also keeps a replica of the user directory (`directory.rs`:
+//! (role, id) → sessions with their subprotocol), fed by `SessionUp` /
+//! `SessionDown` broadcasts from the edges, so a home reaches any
+//! participant without asking.
 //!
 //! Ordering rests on one property of the mailboxes: a shard's inbox is one
 //! FIFO queue, so two messages one sender puts into it arrive in that order,
@@ -46,6 +47,7 @@
 //! after it (to any shard), and is retried in order. Only a connection's
 //! own command can be refused at the door, with a retryable `unavailable`.
 
+mod directory;
 pub mod edge;
 pub mod frames;
 pub mod home;
@@ -54,7 +56,7 @@ pub mod service;
 #[cfg(test)]
 mod shards_tests;
 
-use kefu_core::identity::{Actor, AgentRef, GroupName, Identity, UserId, Visitor};
+use kefu_core::identity::{Actor, AgentRef, GroupName, Identity, UserId, UserKey, Visitor};
 use kefu_core::session::Request;
 use kefu_proto::client::{Attachment, ClientFrame, Codec, ServerFrame};
 use kefu_proto::{ConvId, ConvStatus};
@@ -177,15 +179,15 @@ pub enum Change {
         agent: AgentRef,
         /// The group.
         group: GroupName,
-        /// Who had it before (a transfer), to be told it went.
-        previous: Option<UserId>,
+        /// The agent who had it before (a transfer), to be told it went.
+        previous: Option<UserKey>,
     },
     /// Back in a queue.
     Queue {
         /// The group.
         group: GroupName,
-        /// Who had it before, to be told it went.
-        previous: Option<UserId>,
+        /// The agent who had it before, to be told it went.
+        previous: Option<UserKey>,
     },
     /// Closed.
     Close,
@@ -209,7 +211,7 @@ pub struct RouteInfo {
     /// 1-based queue position, if queued.
     pub position: Option<u32>,
     /// If queued: the agents (online or away) who serve its group.
-    pub notify: Vec<UserId>,
+    pub notify: Vec<UserKey>,
 }
 
 /// Messages between chat services.
@@ -233,7 +235,7 @@ pub enum ChatMsg {
         /// The connection.
         addr: SessionAddr,
         /// Its user.
-        user: UserId,
+        user: UserKey,
     },
     /// Edge → router: a session connected; which conversations does its
     /// user have? An agent's device also counts for presence.
