@@ -20,6 +20,31 @@ use kefu_proto::ids::Role;
 /// visitor `a1` are two people (every check compares the role too).
 pub type UserId = Arc<str>;
 
+/// A user as the gateway keys one: in the directory of sessions and among
+/// the recipients of an event (storage's cid dedupe index takes the same
+/// pair). The role is part of the key because ids are only unique within a
+/// role: a visitor whose JWT `sub` is `42` is not agent `42`, and a lookup
+/// by id alone would hand one the other's conversations.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UserKey {
+    /// Visitor or agent (bots have no sessions, but a key may name one).
+    pub role: Role,
+    /// The id within that role.
+    pub id: UserId,
+}
+
+impl UserKey {
+    /// Agent `id`.
+    pub fn agent(id: UserId) -> UserKey {
+        UserKey { role: Role::Agent, id }
+    }
+
+    /// Visitor `id`.
+    pub fn visitor(id: UserId) -> UserKey {
+        UserKey { role: Role::Visitor, id }
+    }
+}
+
 /// A skill group (`groups` claim, `open.group`, `transfer` to `group:NAME`).
 pub type GroupName = Arc<str>;
 
@@ -72,6 +97,11 @@ impl Identity {
     pub fn actor(&self) -> Actor {
         Actor { role: self.role, id: self.id.clone(), name: self.name.clone(), groups: self.groups.clone() }
     }
+
+    /// Who this is, as a key.
+    pub fn key(&self) -> UserKey {
+        UserKey { role: self.role, id: self.id.clone() }
+    }
 }
 
 /// Who is doing something, as the home shard and the router see it.
@@ -91,6 +121,11 @@ impl Actor {
     /// A bot actor (an auto-reply, a hook or the business system).
     pub fn bot(id: impl Into<UserId>, name: impl Into<Arc<str>>) -> Actor {
         Actor { role: Role::Bot, id: id.into(), name: name.into(), groups: Arc::from([]) }
+    }
+
+    /// Who this is, as a key.
+    pub fn key(&self) -> UserKey {
+        UserKey { role: self.role, id: self.id.clone() }
     }
 
     /// Whether this actor is the user `id` acting as `role`.

@@ -1512,3 +1512,148 @@ fn a_resume_of_big_attachments_stays_within_the_outbound_bound(w: Wire) {
         assert_eq!(v.reply(id).await["type"], "pong", "still connected");
     });
 }
+
+impl Client {
+    /// The next frame of `kind` about `conv`, asserting on the way that no
+    /// frame is about `foreign` (a conversation this client has no part in).
+    async fn expect_about(&mut self, kind: &str, conv: &str, foreign: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            assert_ne!(v["conv"], foreign, "a frame of someone else's conversation: {v}");
+            assert_ne!(v["type"], "error", "unexpected error while waiting for {kind}: {v}");
+            if v["type"] == kind && v["conv"] == conv {
+                return v;
+            }
+        }
+    }
+
+    /// Asserts that nothing about `foreign` arrives within `wait`.
+    async fn nothing_about(&mut self, foreign: &str, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            if let Some(v) = self.parse(m) {
+                assert_ne!(v["conv"], foreign, "a frame of someone else's conversation: {v}");
+            }
+        }
+    }
+}
+
+over_both_subprotocols!(an_agent_and_a_visitor_with_the_same_id_are_two_people, mixed = MIXED);
+
+/// Agent `42` and visitor `42` (a token's `sub`) are two people: neither
+/// sees any frame of the other's conversations, and in a conversation of
+/// them both, the same cid from each is two messages (a user is (role, id)
+/// in the directory, among recipients and in the durable dedupe index).
+fn an_agent_and_a_visitor_with_the_same_id_are_two_people(w: Wire) {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
+    rt().block_on(async {
+        // Groups keep each agent away from the other's queue, so any frame
+        // agent 42 gets of visitor 42's conversation is a leak.
+        let mut agent42 = agent(&gw, w, "42", &["--group", "sales"], 5).await;
+        let mut bob = agent(&gw, w, "bob", &["--group", "support"], 5).await;
+
+        let token = gw.token("visitor", "42", &[]);
+        let mut visitor42 = Client::open(&gw, w.visitors).await;
+        let id = visitor42.send(json!({"type": "connect", "token": token})).await;
+        let c = visitor42.reply(id).await;
+        assert_eq!((c["role"].as_str(), c["user"]["id"].as_str()), (Some("visitor"), Some("42")), "{c}");
+        assert_eq!(c["conversations"], json!([]), "agent 42's conversations are not visitor 42's: {c}");
+        let id = visitor42.send(json!({"type": "open", "group": "support"})).await;
+        let own = visitor42.reply(id).await["conv"].as_str().unwrap().to_string();
+        let got = bob.expect_where("conversation", |c| c["status"] == "assigned").await;
+        assert_eq!(got["conv"], own.as_str());
+
+        // Another visitor's conversation goes to agent 42.
+        let mut anon = Client::open(&gw, w.visitors).await;
+        let id = anon.send(json!({"type": "connect"})).await;
+        anon.reply(id).await;
+        let id = anon.send(json!({"type": "open", "group": "sales"})).await;
+        let theirs = anon.reply(id).await["conv"].as_str().unwrap().to_string();
+        let got = agent42.expect_about("conversation", &theirs, &own).await;
+        assert_eq!(
+            (got["status"].as_str(), got["agent"]["id"].as_str()),
+            (Some("assigned"), Some("42")),
+            "{got}"
+        );
+
+        // Traffic of both conversations: msg, typing and read, each way.
+        let id = anon.send(json!({"type": "send", "conv": theirs, "cid": "x", "text": "to agent 42"})).await;
+        assert_eq!(anon.reply(id).await["type"], "ack");
+        agent42.expect_about("msg", &theirs, &own).await;
+        anon.send(json!({"type": "typing", "conv": theirs})).await;
+        agent42.expect_about("typing", &theirs, &own).await;
+        let id = agent42.send(json!({"type": "send", "conv": theirs, "cid": "x", "text": "hello"})).await;
+        assert_eq!(agent42.reply(id).await["type"], "ack");
+        agent42.send(json!({"type": "read", "conv": theirs, "seq": 1})).await;
+        agent42.send(json!({"type": "typing", "conv": theirs})).await;
+        // In causal order: the ack came after the fan-out.
+        assert_eq!(anon.expect("msg").await["from"]["id"], "42");
+        anon.expect("read").await;
+        anon.expect("typing").await;
+
+        let id = visitor42.send(json!({"type": "send", "conv": own, "cid": "y", "text": "to bob"})).await;
+        assert_eq!(visitor42.reply(id).await["type"], "ack");
+        visitor42.send(json!({"type": "typing", "conv": own})).await;
+        bob.expect("msg").await;
+        bob.expect("typing").await;
+        let id = bob.send(json!({"type": "send", "conv": own, "cid": "y", "text": "hi"})).await;
+        assert_eq!(bob.reply(id).await["type"], "ack");
+        bob.send(json!({"type": "read", "conv": own, "seq": 1})).await;
+        bob.send(json!({"type": "typing", "conv": own})).await;
+        visitor42.expect_about("msg", &own, &theirs).await;
+        visitor42.expect_about("read", &own, &theirs).await;
+        visitor42.expect_about("typing", &own, &theirs).await;
+
+        // A last message of each: once it has arrived, so has anything the
+        // other conversation's traffic could have leaked before it.
+        let id = anon.send(json!({"type": "send", "conv": theirs, "cid": "z", "text": "last"})).await;
+        anon.reply(id).await;
+        agent42.expect_about("msg", &theirs, &own).await;
+        let id = bob.send(json!({"type": "send", "conv": own, "cid": "z", "text": "last"})).await;
+        bob.reply(id).await;
+        visitor42.expect_about("msg", &own, &theirs).await;
+        agent42.nothing_about(&own, Duration::from_millis(200)).await;
+        visitor42.nothing_about(&theirs, Duration::from_millis(200)).await;
+
+        // Bob hands visitor 42's conversation to agent 42: now one
+        // conversation has both, and each sends the same cid.
+        let id = bob.send(json!({"type": "transfer", "conv": own, "to": "42"})).await;
+        assert_eq!(bob.reply(id).await["agent"]["id"], "42");
+        agent42.expect_where("conversation", |c| c["conv"] == own.as_str()).await;
+        visitor42.expect_where("conversation", |c| c["agent"]["id"] == "42").await;
+        // Each waits for the other's message before sending (a reply
+        // skips the pushes before it). `duplicate` is left out when false.
+        let id = visitor42
+            .send(json!({"type": "send", "conv": own, "cid": "same", "text": "from visitor 42"}))
+            .await;
+        let first = visitor42.reply(id).await;
+        assert_eq!((first["type"].as_str(), first["duplicate"].as_bool()), (Some("ack"), None), "{first}");
+        let m = agent42.expect_where("msg", |m| m["conv"] == own.as_str()).await;
+        assert_eq!((&m["seq"], m["from"]["role"].as_str()), (&first["seq"], Some("visitor")), "{m}");
+        let id =
+            agent42.send(json!({"type": "send", "conv": own, "cid": "same", "text": "from agent 42"})).await;
+        let second = agent42.reply(id).await;
+        assert_eq!((second["type"].as_str(), second["duplicate"].as_bool()), (Some("ack"), None), "{second}");
+        assert_ne!(first["seq"], second["seq"], "two messages, not one: {first} {second}");
+        let m = visitor42.expect("msg").await;
+        assert_eq!((&m["seq"], m["from"]["role"].as_str()), (&second["seq"], Some("agent")), "{m}");
+        // Each one's resend is answered with its own original.
+        let id = visitor42.send(json!({"type": "send", "conv": own, "cid": "same", "text": "again"})).await;
+        let again = visitor42.reply(id).await;
+        assert_eq!(
+            (again["seq"].clone(), again["duplicate"].as_bool()),
+            (first["seq"].clone(), Some(true)),
+            "{again}"
+        );
+        let id = agent42.send(json!({"type": "send", "conv": own, "cid": "same", "text": "again"})).await;
+        let again = agent42.reply(id).await;
+        assert_eq!(
+            (again["seq"].clone(), again["duplicate"].as_bool()),
+            (second["seq"].clone(), Some(true)),
+            "{again}"
+        );
+        // Neither sees its own message twice.
+        visitor42.none_of("msg", Duration::from_millis(150)).await;
+        agent42.none_of("msg", Duration::from_millis(150)).await;
+    });
+}

@@ -574,13 +574,13 @@ fn dedupe_lookup(_o: &Args) {
         let reps = 2000;
         let t0 = Instant::now();
         for i in 0..reps {
-            assert!(r.dedupe(&sender, conv, &format!("new-{i}")).unwrap().is_none());
+            assert!(r.dedupe(Role::Visitor, &sender, conv, &format!("new-{i}")).unwrap().is_none());
         }
         let miss = t0.elapsed() / reps;
         let newest = format!("cid-{:012}", n - 1);
         let t0 = Instant::now();
         for _ in 0..reps {
-            assert!(r.dedupe(&sender, conv, &newest).unwrap().is_some());
+            assert!(r.dedupe(Role::Visitor, &sender, conv, &newest).unwrap().is_some());
         }
         let hit = t0.elapsed() / reps;
         println!(

@@ -61,7 +61,7 @@ impl Raw {
                 let seq = self.seqs.entry(m.conv).or_default();
                 *seq += 1;
                 let (seq, conv, offset) = (*seq, m.conv, self.next_offset);
-                let slot = self.key.slot(&m.from.id, &m.cid);
+                let slot = self.key.slot(m.from.role, &m.from.id, &m.cid);
                 let placeholder = m.clone_header();
                 let record = LogRecord::Message(std::mem::replace(m, placeholder).into_record(seq));
                 let encoded = encode_into(&record, &mut self.buf);

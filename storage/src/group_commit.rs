@@ -89,7 +89,7 @@ struct Tables<'t> {
     conv_index: Table<'t, (u64, u64), (u64, u64)>,
     meta: Table<'t, &'static str, u64>,
     conversations: Option<Table<'t, u64, &'static [u8]>>,
-    users: Option<Table<'t, &'static str, &'static [u8]>>,
+    users: Option<Table<'t, (&'static str, &'static str), &'static [u8]>>,
     user_conversations: Option<Table<'t, (&'static str, u64), ()>>,
     consumer_offsets: Option<Table<'t, &'static str, u64>>,
 }
@@ -112,7 +112,7 @@ impl<'t> Tables<'t> {
         lazily(&mut self.conversations, self.txn, tables::CONVERSATIONS, "open table conversations")
     }
 
-    fn users(&mut self) -> Result<&mut Table<'t, &'static str, &'static [u8]>, StorageError> {
+    fn users(&mut self) -> Result<&mut Table<'t, (&'static str, &'static str), &'static [u8]>, StorageError> {
         lazily(&mut self.users, self.txn, tables::USERS, "open table users")
     }
 
@@ -392,7 +392,9 @@ impl GroupCommit {
                 let WriteOp::PutUser(u) = op else {
                     unreachable!("encode_logged hands the op back as it was")
                 };
-                t.users()?.insert(u.id.as_str(), self.buf.as_slice()).ctx("insert user")?;
+                t.users()?
+                    .insert((u.role.as_str(), u.id.as_str()), self.buf.as_slice())
+                    .ctx("insert user")?;
                 done(self.insert_logged(t)?)
             }
             WriteOp::MarkRead(_) => {
@@ -467,16 +469,15 @@ impl GroupCommit {
     fn append(&mut self, t: &mut Tables<'_>, m: &mut NewMessage, commit: u64) -> Applied {
         let conv = m.conv;
         let ts_ms = m.ts_ms;
-        let slot = self.dedupe_key.slot(&m.from.id, &m.cid);
+        let sender = (m.from.role, m.from.id.as_str());
+        let slot = self.dedupe_key.slot(sender.0, sender.1, &m.cid);
         let (last, prior) = self.lookup(t, conv, slot)?;
         if let Some(prior) = prior {
             // The log record decides; if another (sender, cid) owns the
             // slot, look at every entry of the conversation (2⁻⁶⁴ rare).
-            let original = match dedupe::check(&t.log, prior, conv, &m.from.id, &m.cid)? {
+            let original = match dedupe::check(&t.log, prior, conv, sender, &m.cid)? {
                 Some(o) => Some(o),
-                None => {
-                    dedupe::find_by_scan(&self.dedupe_key, &t.conv_index, &t.log, conv, &m.from.id, &m.cid)?
-                }
+                None => dedupe::find_by_scan(&self.dedupe_key, &t.conv_index, &t.log, conv, sender, &m.cid)?,
             };
             if let Some(o) = original {
                 return Ok(Ok(Committed {

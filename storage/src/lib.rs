@@ -22,7 +22,12 @@
 //! (`durability::torn_writes_roll_back_whole_commits`). A resent append
 //! (same sender, conversation and cid) gets the original result, across
 //! restarts and crashes, and is never stored twice
-//! (`store_tests::resent_cid_returns_the_original_ack`, `tests/crash.rs`).
+//! (`store_tests::resent_cid_returns_the_original_ack`, `tests/crash.rs`);
+//! the sender is its role and id, so agent `42` and visitor `42` sending the
+//! same cid are two messages
+//! (`store_tests::the_same_cid_from_an_agent_and_a_visitor_with_the_same_id_is_two_messages`).
+//! A store an older build wrote is upgraded when opened, in one transaction
+//! (`store_tests::a_version_2_store_gets_dedupe_slots_and_users_keyed_by_role_at_open`).
 //! Bytes damaged on disk later are caught when read, since every record is
 //! validated before use, and reported as [`StorageError::Corrupt`], never
 //! trusted (`store_tests::corrupt_record_is_reported_not_trusted`). Not
@@ -69,6 +74,7 @@ mod reader;
 mod record;
 mod store;
 mod tables;
+mod upgrade;
 mod write;
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 use std::ops::{Bound, ControlFlow, RangeBounds};
 use std::sync::{Arc, Mutex};
 
-use kefu_proto::ids::ConvStatus;
+use kefu_proto::ids::{ConvStatus, Role};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::dedupe::SlotCache;
@@ -268,25 +268,34 @@ impl Reader {
         table.len().ctx("read conversations")
     }
 
-    /// A user's profile.
-    pub fn user(&self, id: &str) -> Result<Option<UserRecord>, StorageError> {
+    /// The profile of the user `id` acting as `role` (an agent and a
+    /// visitor with the same id are two users).
+    pub fn user(&self, role: Role, id: &str) -> Result<Option<UserRecord>, StorageError> {
         let txn = self.txn()?;
         let table = txn.open_table(tables::USERS).ctx("open table users")?;
-        let Some(guard) = table.get(id).ctx("read users")? else { return Ok(None) };
-        let archived: &ArchivedUserRecord = access(guard.value(), "users", &id)?;
+        let Some(guard) = table.get((role.as_str(), id)).ctx("read users")? else { return Ok(None) };
+        let archived: &ArchivedUserRecord =
+            access(guard.value(), "users", &format_args!("{} {id}", role.as_str()))?;
         Ok(Some(to_owned(archived)?))
     }
 
-    /// The first append of (sender, conversation, cid), if there was one.
-    /// Costs about one short index read (the readers share a cache of the
-    /// conversation's dedupe slots, extended with what was appended since).
-    pub fn dedupe(&self, sender: &str, conv: u64, cid: &str) -> Result<Option<DedupeHit>, StorageError> {
+    /// The first append of (sender, conversation, cid), if there was one;
+    /// the sender is `role` and `sender` (its id). Costs about one short
+    /// index read (the readers share a cache of the conversation's dedupe
+    /// slots, extended with what was appended since).
+    pub fn dedupe(
+        &self,
+        role: Role,
+        sender: &str,
+        conv: u64,
+        cid: &str,
+    ) -> Result<Option<DedupeHit>, StorageError> {
         // Held across the read transaction: see `SlotCache::find`.
         let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let txn = self.txn()?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
-        let hit = slots.find(&index, &log, conv, sender, cid)?;
+        let hit = slots.find(&index, &log, conv, (role, sender), cid)?;
         Ok(hit.map(|o| DedupeHit { seq: o.seq, offset: o.offset, ts_ms: o.ts_ms }))
     }
 
@@ -297,6 +306,7 @@ impl Reader {
     /// `None` without a read transaction. `before_seq` 1 is always `None`.
     pub fn dedupe_before(
         &self,
+        role: Role,
         sender: &str,
         conv: u64,
         cid: &str,
@@ -307,11 +317,11 @@ impl Reader {
         }
         {
             let slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if slots.knows_absent(conv, sender, cid, before_seq) {
+            if slots.knows_absent(conv, (role, sender), cid, before_seq) {
                 return Ok(None);
             }
         }
-        self.dedupe(sender, conv, cid)
+        self.dedupe(role, sender, conv, cid)
     }
 
     /// Visits up to `limit` log records from `from_offset` on, in offset

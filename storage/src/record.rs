@@ -126,7 +126,9 @@ pub struct UserRecord {
 pub struct ReadMark {
     /// The conversation.
     pub conv: u64,
-    /// Who read.
+    /// Who read. Not yet their role: a log consumer cannot tell agent
+    /// `42`'s mark from visitor `42`'s in the rare conversation that has
+    /// both (adding it changes this archive's layout, a new format byte).
     pub user_id: String,
     /// Up to which message.
     pub seq: u64,

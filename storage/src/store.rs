@@ -22,8 +22,9 @@ use crate::dedupe::{DedupeKey, SlotCache};
 use crate::error::{IoContext, StorageError};
 use crate::group_commit::{GroupCommit, Limits};
 use crate::reader::Reader;
-use crate::record::{ArchivedConversationRecord, ConversationRecord, access};
+use crate::record::ConversationRecord;
 use crate::tables;
+use crate::upgrade;
 use crate::write::{Completions, Notify, Shared, Writer};
 
 /// What the store found when it opened: where to resume.
@@ -292,55 +293,51 @@ struct Counters {
 }
 
 /// Creates the tables of a new store, or checks an existing one: schema
-/// version, and the counters in `meta` against the tables they count. Marks
-/// the store open until [`Store::close`] marks it closed again.
+/// version (upgrading an older store first, see `upgrade.rs`), and the
+/// counters in `meta` against the tables they count. Marks the store open
+/// until [`Store::close`] marks it closed again.
 fn init_tables(db: &Database, config: &StoreConfig) -> Result<Counters, StorageError> {
     let corrupt =
         |key: &str, message: String| StorageError::Corrupt { table: "meta", key: key.into(), message };
     let mut txn = db.begin_write().ctx("begin write")?;
     txn.set_durability(Durability::Immediate).ctx("set durability")?;
     txn.set_quick_repair(config.quick_repair);
+    // Before any table is opened as this version lays it out: an upgrade
+    // may change a table's key type, which opening it first would refuse.
+    let schema = txn
+        .open_table(tables::META)
+        .ctx("open table meta")?
+        .get(tables::META_SCHEMA)
+        .ctx("read meta")?
+        .map(|g| g.value());
+    match schema {
+        None | Some(tables::SCHEMA_VERSION) => {}
+        Some(v) if (1..tables::SCHEMA_VERSION).contains(&v) => upgrade::upgrade(&txn, v)?,
+        Some(v) => {
+            return Err(StorageError::Open {
+                path: config.db_path(),
+                message: format!("schema version {v}; this build reads {}", tables::SCHEMA_VERSION),
+            });
+        }
+    }
     let counters;
     {
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
         txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
         let conversations = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         txn.open_table(tables::USERS).ctx("open table users")?;
-        let mut user_conversations =
-            txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;
+        txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;
         txn.open_table(tables::CONSUMER_OFFSETS).ctx("open table consumer_offsets")?;
         let mut meta = txn.open_table(tables::META).ctx("open table meta")?;
 
-        let schema = meta.get(tables::META_SCHEMA).ctx("read meta")?.map(|g| g.value());
-        match schema {
-            None => {
-                if !log.is_empty().ctx("read log")? {
-                    return Err(corrupt(tables::META_SCHEMA, "missing, but the log is not empty".into()));
-                }
-                meta.insert(tables::META_SCHEMA, tables::SCHEMA_VERSION).ctx("write meta")?;
-                let key = DedupeKey::random();
-                meta.insert(tables::META_DEDUPE_K0, key.k0).ctx("write meta")?;
-                meta.insert(tables::META_DEDUPE_K1, key.k1).ctx("write meta")?;
+        if schema.is_none() {
+            if !log.is_empty().ctx("read log")? {
+                return Err(corrupt(tables::META_SCHEMA, "missing, but the log is not empty".into()));
             }
-            Some(tables::SCHEMA_VERSION) => {}
-            Some(1) => {
-                // Version 1 had no index of a visitor's conversations.
-                for entry in conversations.iter().ctx("read conversations")? {
-                    let (key, value) = entry.ctx("read conversations")?;
-                    let id = key.value();
-                    let archived: &ArchivedConversationRecord = access(value.value(), "conversations", &id)?;
-                    user_conversations
-                        .insert((archived.visitor_id.as_str(), id), ())
-                        .ctx("write user_conversations")?;
-                }
-                meta.insert(tables::META_SCHEMA, tables::SCHEMA_VERSION).ctx("write meta")?;
-            }
-            Some(v) => {
-                return Err(StorageError::Open {
-                    path: config.db_path(),
-                    message: format!("schema version {v}; this build reads {}", tables::SCHEMA_VERSION),
-                });
-            }
+            meta.insert(tables::META_SCHEMA, tables::SCHEMA_VERSION).ctx("write meta")?;
+            let key = DedupeKey::random();
+            meta.insert(tables::META_DEDUPE_K0, key.k0).ctx("write meta")?;
+            meta.insert(tables::META_DEDUPE_K1, key.k1).ctx("write meta")?;
         }
 
         let from_log = log.last().ctx("read log")?.map_or(0, |(k, _)| k.value() + 1);

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use kefu_proto::ids::{ConvStatus, Role};
 
+use crate::tables;
 use crate::testkit::{NotifyCount, config, message, open, wait_for, write};
 use crate::{
     AgentRef, Attachment, ConversationRecord, LogRecord, ReadMark, StorageError, Store, SubmitError,
@@ -127,9 +128,45 @@ fn resent_cid_returns_the_original_ack() {
     let reader = store.reader();
     assert_eq!(reader.last_seq(3).unwrap(), 2, "stored once");
     assert_eq!(reader.next_offset().unwrap(), 3);
-    let hit = reader.dedupe("v1", 3, "cid-1").unwrap().unwrap();
+    let hit = reader.dedupe(Role::Visitor, "v1", 3, "cid-1").unwrap().unwrap();
     assert_eq!((hit.seq, hit.offset, hit.ts_ms), (first.seq, first.offset, first.ts_ms));
-    assert_eq!(reader.dedupe("v1", 3, "nope").unwrap(), None);
+    assert_eq!(reader.dedupe(Role::Visitor, "v1", 3, "nope").unwrap(), None);
+}
+
+#[test]
+fn the_same_cid_from_an_agent_and_a_visitor_with_the_same_id_is_two_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let as_agent = |mut m: crate::NewMessage| {
+        m.from.role = Role::Agent;
+        m
+    };
+    {
+        let (store, _) = open(config(dir.path()));
+        let visitor = write(&store, 1, WriteOp::AppendMessage(message(1, "42", "same", "v"))).result.unwrap();
+        let agent =
+            write(&store, 2, WriteOp::AppendMessage(as_agent(message(1, "42", "same", "a")))).result.unwrap();
+        assert!(!visitor.duplicate && !agent.duplicate, "{visitor:?} {agent:?}");
+        assert_eq!((visitor.seq, agent.seq), (1, 2));
+        let again = write(&store, 3, WriteOp::AppendMessage(as_agent(message(1, "42", "same", "a"))));
+        assert_eq!(again.result.unwrap().seq, 2);
+    }
+    // After a restart (the writer's cache is cold) each resend still finds
+    // its own original.
+    let (store, _) = open(config(dir.path()));
+    let again =
+        write(&store, 4, WriteOp::AppendMessage(as_agent(message(1, "42", "same", "a")))).result.unwrap();
+    assert_eq!((again.seq, again.duplicate), (2, true));
+    let again = write(&store, 5, WriteOp::AppendMessage(message(1, "42", "same", "v"))).result.unwrap();
+    assert_eq!((again.seq, again.duplicate), (1, true));
+    let r = store.reader();
+    assert_eq!(r.last_seq(1).unwrap(), 2);
+    assert_eq!(r.dedupe(Role::Visitor, "42", 1, "same").unwrap().map(|h| h.seq), Some(1));
+    assert_eq!(r.dedupe(Role::Agent, "42", 1, "same").unwrap().map(|h| h.seq), Some(2));
+    assert_eq!(r.dedupe(Role::Bot, "42", 1, "same").unwrap(), None);
+    // The shortcut for a caller's window answers the same (its cache has
+    // read the whole conversation by now).
+    assert_eq!(r.dedupe_before(Role::Agent, "42", 1, "same", 3).unwrap().map(|h| h.seq), Some(2));
+    assert_eq!(r.dedupe_before(Role::Visitor, "42", 1, "same", 3).unwrap().map(|h| h.seq), Some(1));
 }
 
 #[test]
@@ -232,10 +269,11 @@ fn conversations_users_reads_and_offsets_persist() {
     assert_eq!(r.conversation(3).unwrap().unwrap().status, ConvStatus::Closed);
     assert_eq!(r.conversation(5).unwrap(), None);
     assert_eq!(r.conversation_count().unwrap(), 3);
-    let u = r.user("v4").unwrap().unwrap();
+    let u = r.user(Role::Visitor, "v4").unwrap().unwrap();
     assert_eq!(u.meta, vec![("plan".into(), "gold".into()), ("vip_level".into(), "3".into())]);
     assert_eq!(u.visitor_key_hash, Some([0xab; 32]));
-    assert_eq!(r.user("nobody").unwrap(), None);
+    assert_eq!(r.user(Role::Visitor, "nobody").unwrap(), None);
+    assert_eq!(r.user(Role::Agent, "v4").unwrap(), None, "an agent v4 is someone else");
     assert_eq!(r.consumer_offset("crm").unwrap(), Some(5));
     assert_eq!(r.consumer_offset("other").unwrap(), None);
     // The log tells the story in order, for a consumer.
@@ -474,7 +512,7 @@ fn dedupe_slot_collisions_are_told_apart() {
     }
     let (store, _) = open(config(dir.path()));
     let test_key = crate::dedupe::DedupeKey { k0: 0, k1: 0 };
-    assert_eq!(test_key.slot("v1", "a"), test_key.slot("v2", "b"));
+    assert_eq!(test_key.slot(Role::Visitor, "v1", "a"), test_key.slot(Role::Agent, "v2", "b"));
     let mut seqs = Vec::new();
     for (i, (sender, cid)) in [("v1", "a"), ("v1", "b"), ("v2", "a"), ("v1", "c")].into_iter().enumerate() {
         let c = write(&store, i as u64, WriteOp::AppendMessage(message(1, sender, cid, "x"))).result.unwrap();
@@ -492,9 +530,9 @@ fn dedupe_slot_collisions_are_told_apart() {
     assert!(again.duplicate);
     assert_eq!(again.seq, 4);
     let r = store.reader();
-    assert_eq!(r.dedupe("v1", 1, "b").unwrap().map(|h| h.seq), Some(2));
-    assert_eq!(r.dedupe("v2", 1, "a").unwrap().map(|h| h.seq), Some(3));
-    assert_eq!(r.dedupe("v2", 1, "z").unwrap(), None);
+    assert_eq!(r.dedupe(Role::Visitor, "v1", 1, "b").unwrap().map(|h| h.seq), Some(2));
+    assert_eq!(r.dedupe(Role::Visitor, "v2", 1, "a").unwrap().map(|h| h.seq), Some(3));
+    assert_eq!(r.dedupe(Role::Visitor, "v2", 1, "z").unwrap(), None);
     assert_eq!(r.last_seq(1).unwrap(), 4);
 }
 
@@ -517,14 +555,14 @@ fn reader_dedupe_sees_appends_made_after_its_first_look() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(config(dir.path()));
     let r = store.reader();
-    assert_eq!(r.dedupe("v1", 1, "a").unwrap(), None);
+    assert_eq!(r.dedupe(Role::Visitor, "v1", 1, "a").unwrap(), None);
     write(&store, 1, WriteOp::AppendMessage(message(1, "v1", "a", "x"))).result.unwrap();
     write(&store, 2, WriteOp::AppendMessage(message(1, "v1", "b", "x"))).result.unwrap();
     // Another handle shares the same cache.
     let r2 = store.reader();
-    assert_eq!(r2.dedupe("v1", 1, "b").unwrap().map(|h| (h.seq, h.offset)), Some((2, 1)));
-    assert_eq!(r.dedupe("v1", 1, "a").unwrap().map(|h| (h.seq, h.offset)), Some((1, 0)));
-    assert_eq!(r.dedupe("v2", 1, "a").unwrap(), None);
+    assert_eq!(r2.dedupe(Role::Visitor, "v1", 1, "b").unwrap().map(|h| (h.seq, h.offset)), Some((2, 1)));
+    assert_eq!(r.dedupe(Role::Visitor, "v1", 1, "a").unwrap().map(|h| (h.seq, h.offset)), Some((1, 0)));
+    assert_eq!(r.dedupe(Role::Visitor, "v2", 1, "a").unwrap(), None);
 }
 
 #[test]
@@ -533,11 +571,11 @@ fn a_reader_with_its_own_dedupe_cache_finds_the_same() {
     let (store, _) = open(config(dir.path()));
     let shared = store.reader();
     let own = shared.with_own_dedupe_cache();
-    assert_eq!(own.dedupe("v1", 1, "a").unwrap(), None);
+    assert_eq!(own.dedupe(Role::Visitor, "v1", 1, "a").unwrap(), None);
     write(&store, 1, WriteOp::AppendMessage(message(1, "v1", "a", "x"))).result.unwrap();
-    assert_eq!(shared.dedupe("v1", 1, "a").unwrap().map(|h| h.seq), Some(1));
+    assert_eq!(shared.dedupe(Role::Visitor, "v1", 1, "a").unwrap().map(|h| h.seq), Some(1));
     // Its cache saw conversation 1 empty; it extends it rather than trust it.
-    assert_eq!(own.dedupe("v1", 1, "a").unwrap().map(|h| h.seq), Some(1));
+    assert_eq!(own.dedupe(Role::Visitor, "v1", 1, "a").unwrap().map(|h| h.seq), Some(1));
     assert!(!Arc::ptr_eq(&shared.slots, &own.slots), "not the shared cache");
 }
 
@@ -546,18 +584,18 @@ fn dedupe_before_answers_from_the_cache_what_it_has_read() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(config(dir.path()));
     let r = store.reader();
-    assert_eq!(r.dedupe_before("v1", 1, "a", 1).unwrap(), None);
+    assert_eq!(r.dedupe_before(Role::Visitor, "v1", 1, "a", 1).unwrap(), None);
     for (i, cid) in ["a", "b", "c"].into_iter().enumerate() {
         write(&store, i as u64, WriteOp::AppendMessage(message(1, "v1", cid, "x"))).result.unwrap();
     }
     // Nothing read yet: the index is asked.
-    assert_eq!(r.dedupe_before("v1", 1, "a", 3).unwrap().map(|h| h.seq), Some(1));
+    assert_eq!(r.dedupe_before(Role::Visitor, "v1", 1, "a", 3).unwrap().map(|h| h.seq), Some(1));
     // Read up to seq 3 now; appends the cache has not seen are still found.
     write(&store, 3, WriteOp::AppendMessage(message(1, "v1", "d", "x"))).result.unwrap();
-    assert_eq!(r.dedupe_before("v1", 1, "zz", 3).unwrap(), None);
-    assert_eq!(r.dedupe_before("v1", 1, "d", 5).unwrap().map(|h| h.seq), Some(4));
-    assert_eq!(r.dedupe_before("v1", 1, "b", 5).unwrap().map(|h| h.seq), Some(2));
-    assert_eq!(r.dedupe_before("v2", 1, "b", 5).unwrap(), None);
+    assert_eq!(r.dedupe_before(Role::Visitor, "v1", 1, "zz", 3).unwrap(), None);
+    assert_eq!(r.dedupe_before(Role::Visitor, "v1", 1, "d", 5).unwrap().map(|h| h.seq), Some(4));
+    assert_eq!(r.dedupe_before(Role::Visitor, "v1", 1, "b", 5).unwrap().map(|h| h.seq), Some(2));
+    assert_eq!(r.dedupe_before(Role::Visitor, "v2", 1, "b", 5).unwrap(), None);
 }
 
 #[test]
@@ -601,6 +639,7 @@ fn a_version_1_store_gets_its_visitor_index_at_open() {
         write(&store, 1, WriteOp::PutConversation(conversation(1, ConvStatus::Closed))).result.unwrap();
         write(&store, 2, WriteOp::PutConversation(conversation(2, ConvStatus::Queued))).result.unwrap();
     }
+    downgrade_to_v2(dir.path());
     {
         // Back to version 1, as redb itself sees it: no index, version 1.
         let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
@@ -613,6 +652,109 @@ fn a_version_1_store_gets_its_visitor_index_at_open() {
     let r = store.reader();
     assert_eq!(r.conversations_of("v1", 5).unwrap().iter().map(|c| c.id).collect::<Vec<_>>(), [1]);
     assert_eq!(r.conversations_of("v2", 5).unwrap().iter().map(|c| c.id).collect::<Vec<_>>(), [2]);
+}
+
+/// Turns a closed store this build wrote back into what version 2 wrote:
+/// dedupe slots of the sender's id and the cid (no role), `users` keyed by
+/// id alone.
+fn downgrade_to_v2(dir: &std::path::Path) {
+    use redb::ReadableTable as _;
+    let db = redb::Database::create(config(dir).db_path()).unwrap();
+    let txn = db.begin_write().unwrap();
+    let users: Vec<(String, Vec<u8>)> = {
+        let mut meta = txn.open_table(tables::META).unwrap();
+        let key = crate::dedupe::DedupeKey {
+            k0: meta.get(tables::META_DEDUPE_K0).unwrap().unwrap().value(),
+            k1: meta.get(tables::META_DEDUPE_K1).unwrap().unwrap().value(),
+        };
+        meta.insert(tables::META_SCHEMA, 2).unwrap();
+        let log = txn.open_table(tables::LOG).unwrap();
+        let mut index = txn.open_table(tables::CONV_INDEX).unwrap();
+        let entries: Vec<((u64, u64), u64)> =
+            index.iter().unwrap().map(|e| e.unwrap()).map(|(k, v)| (k.value(), v.value().0)).collect();
+        for (at, offset) in entries {
+            let guard = log.get(offset).unwrap().unwrap();
+            let record: &crate::ArchivedLogRecord =
+                crate::record::access(guard.value(), "log", &offset).unwrap();
+            let crate::ArchivedLogRecord::Message(m) = record else { panic!("not a message at {offset}") };
+            index.insert(at, (offset, key.slot_v2(m.from.id.as_str(), m.cid.as_str()))).unwrap();
+        }
+        let users = txn.open_table(tables::USERS).unwrap();
+        users
+            .iter()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|(k, v)| (k.value().1.to_string(), v.value().to_vec()))
+            .collect()
+    };
+    txn.delete_table(tables::USERS).unwrap();
+    {
+        let mut old = txn.open_table(crate::upgrade::USERS_V2).unwrap();
+        for (id, bytes) in &users {
+            old.insert(id.as_str(), bytes.as_slice()).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+    assert_eq!(schema_version(&db), 2);
+}
+
+fn schema_version(db: &redb::Database) -> u64 {
+    use redb::ReadableDatabase as _;
+    let txn = db.begin_read().unwrap();
+    txn.open_table(tables::META).unwrap().get(tables::META_SCHEMA).unwrap().unwrap().value()
+}
+
+#[test]
+fn a_version_2_store_gets_dedupe_slots_and_users_keyed_by_role_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_hash = [0x5a; 32];
+    {
+        let (store, _) = open(config(dir.path()));
+        write(&store, 1, WriteOp::AppendMessage(message(1, "42", "same", "from visitor 42"))).result.unwrap();
+        write(&store, 2, WriteOp::AppendMessage(message(1, "v7", "x", "hi"))).result.unwrap();
+        write(&store, 3, WriteOp::AppendMessage(message(2, "42", "same", "elsewhere"))).result.unwrap();
+        let user = UserRecord {
+            id: "42".into(),
+            role: Role::Visitor,
+            name: "Forty-two".into(),
+            meta: vec![("plan".into(), "pro".into())],
+            visitor_key_hash: Some(key_hash),
+            created_ms: 1,
+        };
+        write(&store, 4, WriteOp::PutUser(user)).result.unwrap();
+        write(&store, 5, WriteOp::PutConversation(conversation(1, ConvStatus::Assigned))).result.unwrap();
+    }
+    downgrade_to_v2(dir.path());
+    let (store, recovery) = open(config(dir.path()));
+    assert_eq!(recovery.next_offset, 5);
+    let r = store.reader();
+    // Old messages are found under their sender's role, and only there.
+    assert_eq!(r.dedupe(Role::Visitor, "42", 1, "same").unwrap().map(|h| (h.seq, h.offset)), Some((1, 0)));
+    assert_eq!(r.dedupe(Role::Visitor, "v7", 1, "x").unwrap().map(|h| h.seq), Some(2));
+    assert_eq!(r.dedupe(Role::Visitor, "42", 2, "same").unwrap().map(|h| h.seq), Some(1));
+    assert_eq!(r.dedupe(Role::Agent, "42", 1, "same").unwrap(), None);
+    let again = write(&store, 6, WriteOp::AppendMessage(message(1, "42", "same", "again"))).result.unwrap();
+    assert_eq!((again.seq, again.duplicate), (1, true), "a resend from before the upgrade");
+    let mut agent = message(1, "42", "same", "from agent 42");
+    agent.from.role = Role::Agent;
+    let agent = write(&store, 7, WriteOp::AppendMessage(agent)).result.unwrap();
+    assert_eq!((agent.seq, agent.duplicate), (3, false));
+    let u = r.user(Role::Visitor, "42").unwrap().expect("the visitor's profile, under its role");
+    assert_eq!((u.name.as_str(), u.visitor_key_hash), ("Forty-two", Some(key_hash)));
+    assert_eq!(r.user(Role::Agent, "42").unwrap(), None);
+    drop((r, store));
+    let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+    assert_eq!(schema_version(&db), tables::SCHEMA_VERSION);
+    {
+        use redb::TableHandle as _;
+        let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let names: Vec<String> = txn.list_tables().unwrap().map(|t| t.name().to_string()).collect();
+        assert!(!names.iter().any(|n| n == "users_v2"), "the old users table is gone: {names:?}");
+    }
+    drop(db);
+    // Opening again does not upgrade again.
+    let (store, _) = open(config(dir.path()));
+    assert_eq!(store.reader().dedupe(Role::Agent, "42", 1, "same").unwrap().map(|h| h.seq), Some(3));
 }
 
 #[test]

@@ -3,14 +3,20 @@
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | `log` | global offset, from 0, no gaps | [`LogRecord`](crate::LogRecord) archive |
-//! | `conv_index` | (conversation, seq) | (offset in `log`, dedupe slot of the message's sender and cid) |
+//! | `conv_index` | (conversation, seq) | (offset in `log`, dedupe slot of the message's sender role, sender id and cid) |
 //! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) archive |
-//! | `users` | user id | [`UserRecord`](crate::UserRecord) archive |
+//! | `users` | (role, user id) | [`UserRecord`](crate::UserRecord) archive |
 //! | `user_conversations` | (visitor id, conversation id) | nothing: the key is the index |
 //! | `consumer_offsets` | consumer name | committed offset |
 //! | `meta` | counter name | counter |
 //!
 //! Archives are prefixed with a format byte (see `record.rs`).
+//!
+//! A user is (role, id): an agent and a visitor may share an id and are
+//! still two people, so `users` is keyed by the role's wire name (`visitor`,
+//! `agent`) and the id, and a dedupe slot hashes the role too. Only
+//! visitors open conversations, so `user_conversations` holds visitor ids
+//! alone.
 //!
 //! An append inserts into two B-trees: `log`, whose keys only grow (cheap:
 //! it fills pages in order), and `conv_index`, whose keys are spread over
@@ -24,13 +30,13 @@ use redb::TableDefinition;
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const CONV_INDEX: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("conv_index");
 pub(crate) const CONVERSATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("conversations");
-pub(crate) const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+pub(crate) const USERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("users");
 pub(crate) const USER_CONVERSATIONS: TableDefinition<(&str, u64), ()> =
     TableDefinition::new("user_conversations");
 pub(crate) const CONSUMER_OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("consumer_offsets");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// `meta` key: the layout version of the tables (1).
+/// `meta` key: the layout version of the tables ([`SCHEMA_VERSION`]).
 pub(crate) const META_SCHEMA: &str = "schema_version";
 /// `meta` key: the next offset of `log` (equals the last key + 1; kept as a
 /// pair assertion against the log itself).
@@ -45,6 +51,7 @@ pub(crate) const META_DEDUPE_K1: &str = "dedupe_k1";
 /// `meta` key: 1 while a process has the store open, 0 after a clean close.
 pub(crate) const META_OPEN: &str = "open";
 
-/// 2 added `user_conversations`; a version-1 store is upgraded at open by
-/// filling it from `conversations`.
-pub(crate) const SCHEMA_VERSION: u64 = 2;
+/// 2 added `user_conversations`; 3 put the sender's role into the dedupe
+/// slots and keyed `users` by (role, id). An older store is upgraded at
+/// open (`upgrade.rs`).
+pub(crate) const SCHEMA_VERSION: u64 = 3;

@@ -873,3 +873,25 @@ fn random_events_keep_every_invariant() {
         run_random(seed, 1500, config);
     }
 }
+
+#[test]
+fn an_agent_and_a_visitor_with_the_same_id_are_kept_apart() {
+    let mut r = Router::new(config(true), 1);
+    online(&mut r, "42", &["sales"], 1, 5);
+    online(&mut r, "bob", &["support"], 2, 5);
+    // Visitor 42's conversation goes to bob; another visitor's to agent 42.
+    let own = open(&mut r, "42", "support", 0);
+    let theirs = open(&mut r, "v1", "sales", 0);
+    assert_eq!(assigned_to(&r, own).as_deref(), Some("bob"));
+    assert_eq!(assigned_to(&r, theirs).as_deref(), Some("42"));
+    assert_eq!(r.open_conversation_of("42"), Some(own), "the visitor's, not the agent's");
+    assert_eq!(r.conversations_of("42").collect::<Vec<_>>(), [theirs], "the agent's, not the visitor's");
+    // Visitor 42 may not close agent 42's conversation, nor agent 42 visitor 42's.
+    assert_eq!(r.close(&visitor_actor("42"), theirs), Err(RouteError::NotFound));
+    assert_eq!(r.close(&agent_actor("42", &["sales"]), own), Err(RouteError::NotFound));
+    assert_eq!(
+        r.transfer(&agent_actor("42", &["sales"]), own, TransferTarget::Group("sales".into())),
+        Err(RouteError::NotFound)
+    );
+    r.check_invariants().unwrap();
+}

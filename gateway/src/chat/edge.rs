@@ -132,7 +132,7 @@ impl ChatService {
                 Err(e) => return refuse(self, e.to_string()),
             },
             Credentials::Returning { visitor_id, key } => {
-                let stored = match self.reader.user(visitor_id) {
+                let stored = match self.reader.user(Role::Visitor, visitor_id) {
                     Ok(u) => u,
                     Err(e) => {
                         self.send(from, codec, &ServerFrame::error(id, e.code(), e.to_string()));
@@ -311,7 +311,7 @@ impl ChatService {
             return;
         }
         for shard in 0..self.shards {
-            let down = ChatMsg::SessionDown { addr: from, user: identity.id.clone() };
+            let down = ChatMsg::SessionDown { addr: from, user: identity.key() };
             self.post_chat(shard, down);
         }
         if identity.role == Role::Agent {

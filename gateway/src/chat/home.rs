@@ -4,14 +4,15 @@
 
 use kefu_core::Conversation;
 use kefu_core::conversation::{Access, ReadOutcome, SendOutcome, TypingOutcome};
-use kefu_core::identity::{Actor, UserId};
+use kefu_core::identity::{Actor, UserKey};
 use kefu_core::session::HomeRequest;
 use kefu_proto::client::{self, AgentRef as WireAgent, Codec, Event, Msg, ServerFrame, User};
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
 use kefu_storage::{ConversationRecord, ReadMark, UserRecord, WriteOp};
 use tracing::warn;
 
-use super::service::{ChatService, Member, Pending, new_message, now_ms, restored_conversation, wire_msg};
+use super::directory::Member;
+use super::service::{ChatService, Pending, new_message, now_ms, restored_conversation, wire_msg};
 use super::{Change, Reply, RouteInfo, SessionAddr};
 
 /// Messages read from storage at a time while replaying a resume.
@@ -57,21 +58,15 @@ impl ChatService {
         actor: &Actor,
         resume: &[(ConvId, u64)],
     ) {
-        let member = Member { addr, codec, role: actor.role };
-        self.users.entry(actor.id.clone()).or_default().push(member);
+        self.directory.add(actor.key(), Member { addr, codec });
         for &(conv, last_seen) in resume {
             self.replay(addr, codec, actor, conv, last_seen);
             self.give_back(conv);
         }
     }
 
-    pub(super) fn on_session_down(&mut self, addr: SessionAddr, user: &str) {
-        if let Some(list) = self.users.get_mut(user) {
-            list.retain(|m| m.addr != addr);
-            if list.is_empty() {
-                self.users.remove(user);
-            }
-        }
+    pub(super) fn on_session_down(&mut self, addr: SessionAddr, user: &UserKey) {
+        self.directory.remove(user, addr);
         for waiters in self.dup_waiters.values_mut() {
             waiters.retain(|(a, _, _)| *a != addr);
         }
@@ -188,7 +183,7 @@ impl ChatService {
         // without a read transaction (none at all while the window has
         // never lost a cid).
         let below = self.convs.get(&conv).map_or(u64::MAX, Conversation::cids_remembered_from);
-        match self.reader.dedupe_before(&actor.id, conv.0, cid.as_str(), below) {
+        match self.reader.dedupe_before(actor.role, &actor.id, conv.0, cid.as_str(), below) {
             Ok(Some(hit)) => {
                 let ack = Event::Ack {
                     cid: cid.as_str().into(),
@@ -409,7 +404,7 @@ impl ChatService {
                     meta: visitor.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     visitor_key_hash: self
                         .reader
-                        .user(&visitor.id)
+                        .user(Role::Visitor, &visitor.id)
                         .ok()
                         .flatten()
                         .and_then(|u| u.visitor_key_hash),
@@ -493,7 +488,7 @@ impl ChatService {
         &mut self,
         conv: ConvId,
         reply: Option<Reply>,
-        previous: Option<UserId>,
+        previous: Option<UserKey>,
         route: RouteInfo,
     ) {
         let Some(c) = self.convs.get(&conv) else { return };
@@ -531,18 +526,19 @@ impl ChatService {
         &mut self,
         stored: ConversationRecord,
         reply: Option<Reply>,
-        previous: Option<UserId>,
+        previous: Option<UserKey>,
         route: &RouteInfo,
     ) {
         let conv = ConvId(stored.id);
         let queued = stored.status == ConvStatus::Queued;
-        let mut audience: Vec<Member> = self.members(&stored.visitor_id).collect();
+        let d = &self.directory;
+        let mut audience: Vec<Member> = d.sessions(Role::Visitor, &stored.visitor_id).collect();
         if let Some(agent) = stored.agent.as_ref().filter(|_| !queued) {
-            audience.extend(self.members(&agent.id));
+            audience.extend(d.sessions(Role::Agent, &agent.id));
         }
-        audience.extend(previous.iter().flat_map(|p| self.members(p)));
+        audience.extend(previous.iter().flat_map(|p| d.sessions_of(p)));
         if queued {
-            audience.extend(route.notify.iter().flat_map(|a| self.members(a)));
+            audience.extend(route.notify.iter().flat_map(|a| d.sessions_of(a)));
         }
         audience.sort_by_key(|m| m.addr);
         audience.dedup_by_key(|m| m.addr);
@@ -666,18 +662,19 @@ impl ChatService {
     /// who no longer takes part.
     fn participants(&self, conv: ConvId) -> impl Iterator<Item = Member> + '_ {
         let c = self.convs.get(&conv);
-        let visitor = c.map(|c| &*c.visitor().id);
-        let agent = c.filter(|c| c.status() != ConvStatus::Queued).and_then(|c| c.agent()).map(|a| &*a.id);
-        [visitor, agent].into_iter().flatten().flat_map(|u| self.members(u))
+        let visitor = c.map(|c| (Role::Visitor, &*c.visitor().id));
+        let agent = c
+            .filter(|c| c.status() != ConvStatus::Queued)
+            .and_then(|c| c.agent())
+            .map(|a| (Role::Agent, &*a.id));
+        [visitor, agent].into_iter().flatten().flat_map(|(role, id)| self.directory.sessions(role, id))
     }
 
     fn visitor_members(&self, conv: ConvId) -> impl Iterator<Item = Member> + '_ {
-        self.convs.get(&conv).into_iter().flat_map(|c| self.members(&c.visitor().id))
-    }
-
-    /// Every agent session (for presence pushes).
-    pub(super) fn agent_members(&self) -> Vec<Member> {
-        self.users.values().flatten().filter(|m| m.role == Role::Agent).copied().collect()
+        self.convs
+            .get(&conv)
+            .into_iter()
+            .flat_map(|c| self.directory.sessions(Role::Visitor, &c.visitor().id))
     }
 }
 
@@ -685,9 +682,9 @@ impl ChatService {
 pub(super) fn serving(
     agents: impl Iterator<Item = kefu_core::routing::AgentView>,
     group: &str,
-) -> Vec<UserId> {
+) -> Vec<UserKey> {
     agents
         .filter(|a| a.status != PresenceStatus::Offline && kefu_core::identity::serves(&a.groups, group))
-        .map(|a| a.id)
+        .map(|a| UserKey::agent(a.id))
         .collect()
 }

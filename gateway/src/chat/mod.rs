@@ -17,9 +17,10 @@
 //!   go to each conversation's home, which makes them durable and
 //!   announces them.
 //!
-//! Every shard also keeps a replica of the user directory (user → sessions
-//! with their subprotocol), fed by `SessionUp` / `SessionDown` broadcasts
-//! from the edges, so a home reaches any participant without asking.
+//! Every shard also keeps a replica of the user directory (`directory.rs`:
+//! (role, id) → sessions with their subprotocol), fed by `SessionUp` /
+//! `SessionDown` broadcasts from the edges, so a home reaches any
+//! participant without asking.
 //!
 //! A shard never posts to its own inbox. Its connections call its service
 //! directly ([`service::ChatService::frame`]), and a message the service
@@ -60,6 +61,7 @@
 //! connection or routing command, not per message) are kept. Each case is
 //! counted in `/metrics`.
 
+mod directory;
 pub mod edge;
 pub mod frames;
 pub mod home;
@@ -68,7 +70,7 @@ pub mod service;
 #[cfg(test)]
 mod shards_tests;
 
-use kefu_core::identity::{Actor, AgentRef, GroupName, Identity, UserId, Visitor};
+use kefu_core::identity::{Actor, AgentRef, GroupName, Identity, UserId, UserKey, Visitor};
 use kefu_core::session::{HomeRequest, RouteRequest};
 use kefu_proto::client::Codec;
 use kefu_proto::{ConvId, ConvStatus};
@@ -147,15 +149,15 @@ pub enum Change {
         agent: AgentRef,
         /// The group.
         group: GroupName,
-        /// Who had it before (a transfer), to be told it went.
-        previous: Option<UserId>,
+        /// The agent who had it before (a transfer), to be told it went.
+        previous: Option<UserKey>,
     },
     /// Back in a queue.
     Queue {
         /// The group.
         group: GroupName,
-        /// Who had it before, to be told it went.
-        previous: Option<UserId>,
+        /// The agent who had it before, to be told it went.
+        previous: Option<UserKey>,
     },
     /// Closed.
     Close,
@@ -179,7 +181,7 @@ pub struct RouteInfo {
     /// 1-based queue position, if queued.
     pub position: Option<u32>,
     /// If queued: the agents (online or away) who serve its group.
-    pub notify: Vec<UserId>,
+    pub notify: Vec<UserKey>,
 }
 
 /// Messages between chat services.
@@ -203,7 +205,7 @@ pub enum ChatMsg {
         /// The connection.
         addr: SessionAddr,
         /// Its user.
-        user: UserId,
+        user: UserKey,
     },
     /// Edge → router: a session connected; which conversations does its
     /// user have? An agent's device also counts for presence.

@@ -3,7 +3,7 @@
 //! decisions go to each conversation's home as [`Change`]s; the home makes
 //! them durable and announces them.
 
-use kefu_core::identity::{Actor, Identity};
+use kefu_core::identity::{Actor, Identity, UserKey};
 use kefu_core::routing::{Action, AgentInfo, OpenRequest, QueueReason, RouteError};
 use kefu_core::session::{HomeRequest, RouteRequest};
 use kefu_proto::client::{Event, ServerFrame};
@@ -112,8 +112,11 @@ impl ChatService {
     pub(super) fn drain_router(&mut self) {
         while let Some(action) = self.router.as_mut().and_then(|r| r.poll_action()) {
             match action {
+                // The router's `previous` is always an agent (it keeps
+                // agents and visitors apart); the key says so from here on.
                 Action::Assign { conv, agent, group, previous, .. } => {
                     let reply = self.take_reply(conv);
+                    let previous = previous.map(UserKey::agent);
                     self.change(conv, Change::Assign { agent, group, previous }, reply);
                 }
                 // A new conversation's first queueing is its Create, which
@@ -121,6 +124,7 @@ impl ChatService {
                 Action::Queue { reason: QueueReason::Opened, .. } => {}
                 Action::Queue { conv, group, previous, .. } => {
                     let reply = self.take_reply(conv);
+                    let previous = previous.map(UserKey::agent);
                     self.change(conv, Change::Queue { group, previous }, reply);
                 }
                 Action::QueuePosition { conv, .. } => self.change(conv, Change::Position, None),
@@ -130,11 +134,12 @@ impl ChatService {
                 }
                 Action::PresenceChanged { agent, status } => {
                     let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status });
-                    let agents = self.agent_members();
+                    let agents: Vec<_> = self.directory.agents().collect();
                     self.deliver(agents, &frame);
                 }
                 Action::ReplaceDevice { agent, device } => {
-                    let old = self.members(&agent).find(|m| device_of(m.addr) == device);
+                    let old =
+                        self.directory.sessions(Role::Agent, &agent).find(|m| device_of(m.addr) == device);
                     if let Some(m) = old {
                         self.close(m.addr, close::REPLACED, "replaced by a newer device");
                     }

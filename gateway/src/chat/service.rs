@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use kefu_core::auth::JwtKey;
 use kefu_core::conversation::RestoredConversation;
-use kefu_core::identity::{AgentRef, UserId, Visitor, vip_level};
+use kefu_core::identity::{AgentRef, UserKey, Visitor, vip_level};
 use kefu_core::routing::RestoredRoute;
 use kefu_core::rules::Rules;
 use kefu_core::session::Session;
@@ -24,6 +24,7 @@ use kefu_storage::{
 };
 use tracing::{info, warn};
 
+use super::directory::{Directory, Member};
 use super::frames::{FrameEncoder, SharedFrame};
 use super::{ChatMsg, ROUTER_SHARD, Reply, RouteInfo, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
@@ -140,14 +141,6 @@ pub(super) struct Sess {
 /// group commit).
 pub(super) const PIPELINED_WHILE_STORING_MAX: usize = 16;
 
-/// A session somewhere, as the user directory knows it.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Member {
-    pub(super) addr: SessionAddr,
-    pub(super) codec: Codec,
-    pub(super) role: Role,
-}
-
 /// What to do when a write becomes durable.
 pub(super) enum Pending {
     /// A new anonymous visitor is stored: announce the session.
@@ -159,7 +152,7 @@ pub(super) enum Pending {
     /// the command that caused it, if one did. `previous` is the agent who
     /// had it before a transfer or requeue: no longer a participant, but
     /// told that it went.
-    ConvChanged { reply: Option<Reply>, previous: Option<UserId>, route: RouteInfo },
+    ConvChanged { reply: Option<Reply>, previous: Option<UserKey>, route: RouteInfo },
     /// Nothing to announce (read marks, profiles).
     Nothing,
 }
@@ -239,8 +232,8 @@ pub struct ChatService {
     pub(super) sessions: HashMap<SessionAddr, Sess>,
     /// Edge: frames waiting for their session's `connected`.
     pub(super) held: HashMap<SessionAddr, Vec<SharedFrame>>,
-    /// Every shard: user → sessions, replicated.
-    pub(super) users: HashMap<UserId, Vec<Member>>,
+    /// Every shard: (role, id) → sessions, replicated.
+    pub(super) directory: Directory,
     /// Home: the conversations homed here that are in memory.
     pub(super) convs: HashMap<ConvId, Conversation>,
     /// Home: closed conversations in `convs` only to answer one command.
@@ -374,7 +367,7 @@ impl ChatService {
             _store: store,
             sessions: HashMap::new(),
             held: HashMap::new(),
-            users: HashMap::new(),
+            directory: Directory::default(),
             convs,
             borrowed: Default::default(),
             rules,
@@ -695,11 +688,6 @@ impl ChatService {
         }
     }
 
-    /// Every session of `user`.
-    pub(super) fn members(&self, user: &str) -> impl Iterator<Item = Member> + '_ {
-        self.users.get(user).into_iter().flatten().copied()
-    }
-
     // ---- durability ---------------------------------------------------
 
     /// Queues a write from this shard; `false` if storage's queue is full
@@ -763,7 +751,7 @@ pub(super) fn restored_conversation(
     rec: ConversationRecord,
     default_group: &str,
 ) -> Result<RestoredConversation, kefu_storage::StorageError> {
-    let visitor = match reader.user(&rec.visitor_id)? {
+    let visitor = match reader.user(Role::Visitor, &rec.visitor_id)? {
         Some(u) => Visitor {
             id: Arc::from(u.id.as_str()),
             name: Arc::from(u.name.as_str()),

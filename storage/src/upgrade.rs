@@ -1,0 +1,143 @@
+//! Upgrading an older store when it is opened.
+//!
+//! Each step rewrites what its schema version changed, in the one write
+//! transaction of [`Store::open`](crate::Store::open)'s table check: a crash
+//! in the middle leaves the store at its old version, and the next open
+//! starts the upgrade over. An older build refuses the upgraded store (its
+//! version is newer than it reads), so an operator who may roll back keeps
+//! a copy of the data directory first (README, "Data directory versions").
+//!
+//! - 1 → 2: `user_conversations` (a visitor's conversations) did not exist;
+//!   it is filled from `conversations`.
+//! - 2 → 3: a user is (role, id). Dedupe slots hashed the sender's id and
+//!   the cid, so agent `42` and visitor `42` sending the same cid in one
+//!   conversation shared a slot and the second message was answered as a
+//!   duplicate of the first; every slot is computed again from the log
+//!   record it points at, now with the role. `users` was keyed by id
+//!   alone; it is keyed by (role, id) from each record's own role.
+
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+
+use crate::dedupe::DedupeKey;
+use crate::error::{IoContext, StorageError};
+use crate::record::{ArchivedConversationRecord, ArchivedLogRecord, ArchivedUserRecord, access};
+use crate::tables;
+
+/// `users` up to version 2: keyed by user id alone.
+pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+/// Where version 2's `users` waits while it is copied into the new `users`.
+const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
+
+/// Upgrades a store at version `from` (1 or 2) to
+/// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
+pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
+    if from <= 1 {
+        v1_to_v2(txn)?;
+    }
+    if from <= 2 {
+        v2_to_v3(txn)?;
+    }
+    txn.open_table(tables::META)
+        .ctx("open table meta")?
+        .insert(tables::META_SCHEMA, tables::SCHEMA_VERSION)
+        .ctx("write meta")?;
+    tracing::info!(from, to = tables::SCHEMA_VERSION, "storage upgraded");
+    Ok(())
+}
+
+fn v1_to_v2(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let conversations = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
+    let mut user_conversations =
+        txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;
+    for entry in conversations.iter().ctx("read conversations")? {
+        let (key, value) = entry.ctx("read conversations")?;
+        let id = key.value();
+        let archived: &ArchivedConversationRecord = access(value.value(), "conversations", &id)?;
+        user_conversations.insert((archived.visitor_id.as_str(), id), ()).ctx("write user_conversations")?;
+    }
+    Ok(())
+}
+
+fn v2_to_v3(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let key = dedupe_key(txn)?;
+    reslot_conv_index(txn, &key)?;
+    rekey_users(txn)
+}
+
+/// The database's dedupe key, which every version since 1 has.
+fn dedupe_key(txn: &WriteTransaction) -> Result<DedupeKey, StorageError> {
+    let meta = txn.open_table(tables::META).ctx("open table meta")?;
+    let k0 = meta.get(tables::META_DEDUPE_K0).ctx("read meta")?.map(|g| g.value());
+    let k1 = meta.get(tables::META_DEDUPE_K1).ctx("read meta")?.map(|g| g.value());
+    match (k0, k1) {
+        (Some(k0), Some(k1)) => Ok(DedupeKey { k0, k1 }),
+        _ => Err(StorageError::Corrupt {
+            table: "meta",
+            key: tables::META_DEDUPE_K0.into(),
+            message: "the dedupe key is missing".into(),
+        }),
+    }
+}
+
+/// Sets every `conv_index` slot from the message it points at, walking the
+/// log once (in offset order, so the index pages are touched as they come).
+/// Each message must already be indexed at its offset, and nothing else.
+fn reslot_conv_index(txn: &WriteTransaction, key: &DedupeKey) -> Result<(), StorageError> {
+    let log = txn.open_table(tables::LOG).ctx("open table log")?;
+    let mut index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+    let mut messages = 0u64;
+    for entry in log.iter().ctx("read log")? {
+        let (k, v) = entry.ctx("read log")?;
+        let offset = k.value();
+        let ArchivedLogRecord::Message(m) = access::<ArchivedLogRecord>(v.value(), "log", &offset)? else {
+            continue;
+        };
+        let (conv, seq) = (m.conv.to_native(), m.seq.to_native());
+        let slot = key.slot(m.from.role.get(), m.from.id.as_str(), m.cid.as_str());
+        let was = index.insert((conv, seq), (offset, slot)).ctx("write conv_index")?.map(|g| g.value().0);
+        if was != Some(offset) {
+            return Err(StorageError::Corrupt {
+                table: "conv_index",
+                key: format!("conversation {conv} seq {seq}"),
+                message: format!("points at offset {was:?}, but the log has that message at {offset}"),
+            });
+        }
+        messages += 1;
+    }
+    let indexed = index.len().ctx("read conv_index")?;
+    if indexed != messages {
+        return Err(StorageError::Corrupt {
+            table: "conv_index",
+            key: "*".into(),
+            message: format!("{indexed} entries, but the log holds {messages} messages"),
+        });
+    }
+    Ok(())
+}
+
+/// Moves `users` from id keys to (role, id) keys. The old table is renamed
+/// out of the way first, so the new one keeps the name `users`.
+fn rekey_users(txn: &WriteTransaction) -> Result<(), StorageError> {
+    // A store without users still gets the empty table to rename.
+    drop(txn.open_table(USERS_V2).ctx("open table users")?);
+    txn.rename_table(USERS_V2, USERS_V2_MOVED).ctx("rename table users")?;
+    {
+        let old = txn.open_table(USERS_V2_MOVED).ctx("open table users_v2")?;
+        let mut new = txn.open_table(tables::USERS).ctx("open table users")?;
+        for entry in old.iter().ctx("read users")? {
+            let (k, v) = entry.ctx("read users")?;
+            let id = k.value();
+            let archived: &ArchivedUserRecord = access(v.value(), "users", &id)?;
+            if archived.id.as_str() != id {
+                return Err(StorageError::Corrupt {
+                    table: "users",
+                    key: id.into(),
+                    message: format!("holds the profile of {:?}", archived.id.as_str()),
+                });
+            }
+            new.insert((archived.role.get().as_str(), id), v.value()).ctx("write users")?;
+        }
+    }
+    txn.delete_table(USERS_V2_MOVED).ctx("delete table users_v2")?;
+    Ok(())
+}
