@@ -12,6 +12,8 @@
 //! | [`conversation`] | one conversation: `seq`, recent cids, read marks, typing | its home shard |
 //! | [`routing`] | agents, queues, assignments | the single router (shard 0) |
 //! | [`presence`] | one agent's devices and status | inside the router |
+//! | [`chat::directory`] | (role, id) → sessions | a replica on every shard |
+//! | [`chat::router`] | the router's inputs and outputs around [`routing`] | shard 0 |
 //!
 //! The rest are values: [`auth`] checks credentials, [`identity`] is what
 //! they prove, [`cid`] names a message for idempotency, [`ratelimit`] is the
@@ -23,6 +25,7 @@
 //! drew), so a test can replay any sequence of events exactly.
 
 pub mod auth;
+pub mod chat;
 pub mod cid;
 pub mod config;
 pub mod conversation;

@@ -11,7 +11,7 @@ use kefu_proto::client::{ClientFrame, Codec, Command, ConvSummary, Event, Server
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 use kefu_storage::{UserRecord, WriteOp};
 
-use super::service::{ChatService, PIPELINED_WHILE_STORING_MAX, Pending, Sess, Stage, now_ms};
+use super::service::{BUSY, ChatService, PIPELINED_WHILE_STORING_MAX, Pending, Sess, Stage, now_ms};
 use super::{ChatMsg, ROUTER_SHARD, Reply, SessionAddr, ShardMsg, device_of};
 use crate::ws::close;
 use tracing::warn;
@@ -322,5 +322,3 @@ impl ChatService {
         }
     }
 }
-
-const BUSY: &str = "the chat service is busy; retry";

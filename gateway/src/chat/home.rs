@@ -7,7 +7,7 @@ use kefu_core::conversation::{Access, ReadOutcome, SendOutcome, TypingOutcome};
 use kefu_core::identity::{Actor, UserKey};
 use kefu_core::session::HomeRequest;
 use kefu_proto::client::{self, AgentRef as WireAgent, Codec, Event, Msg, ServerFrame, User};
-use kefu_proto::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
+use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 use kefu_storage::{ConversationRecord, ReadMark, UserRecord, WriteOp};
 use tracing::warn;
 
@@ -676,15 +676,4 @@ impl ChatService {
             .into_iter()
             .flat_map(|c| self.directory.sessions(Role::Visitor, &c.visitor().id))
     }
-}
-
-/// Agents who are not offline and serve `group`, by the router's view.
-pub(super) fn serving(
-    agents: impl Iterator<Item = kefu_core::routing::AgentView>,
-    group: &str,
-) -> Vec<UserKey> {
-    agents
-        .filter(|a| a.status != PresenceStatus::Offline && kefu_core::identity::serves(&a.groups, group))
-        .map(|a| UserKey::agent(a.id))
-        .collect()
 }

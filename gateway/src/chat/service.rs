@@ -11,12 +11,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use kefu_core::auth::JwtKey;
+use kefu_core::chat::router::Router;
 use kefu_core::conversation::RestoredConversation;
 use kefu_core::identity::{AgentRef, UserKey, Visitor, vip_level};
 use kefu_core::routing::RestoredRoute;
 use kefu_core::rules::Rules;
 use kefu_core::session::Session;
-use kefu_core::{Conversation, CoreConfig, Router};
+use kefu_core::{Conversation, CoreConfig};
 use kefu_proto::client::{self, ClientFrame, Codec, Msg, ServerFrame, SpareStrings};
 use kefu_proto::{ConvId, Role};
 use kefu_storage::{
@@ -169,6 +170,10 @@ pub enum Local {
     Spare([Option<String>; 2]),
 }
 
+/// The answer to a command the chat service could not pass on (a backlog
+/// full to its bound, a storage queue full).
+pub(super) const BUSY: &str = "the chat service is busy; retry";
+
 /// The close reason of a connection that missed a frame.
 const MISSED: &str = "server busy: frames were lost; resume";
 
@@ -244,9 +249,6 @@ pub struct ChatService {
     pub(super) dup_waiters: HashMap<(ConvId, u64), Vec<Reply>>,
     /// Router (shard 0 only).
     pub(super) router: Option<Router>,
-    /// Router: commands (accept, transfer, close) answered by the router's
-    /// next change to their conversation.
-    pub(super) reply_on_change: Vec<(ConvId, Reply)>,
     /// Output for this shard's own connections.
     local: Vec<Local>,
     /// Messages for this shard itself, handled right after the input that
@@ -340,10 +342,9 @@ impl ChatService {
         let ShardRestore { conversations, router: routing } = restore;
         let now = now_ms();
         let router = routing.map(|(next_conv, routes)| {
-            let mut router = Router::new(core.routing.clone(), next_conv);
-            let refused = router.restore(routes, now);
-            if !refused.is_empty() {
-                warn!(count = refused.len(), "router refused restored conversations");
+            let (router, refused) = Router::new(core.clone(), shards, next_conv, routes, now);
+            if refused > 0 {
+                warn!(count = refused, "router refused restored conversations");
             }
             router
         });
@@ -375,7 +376,6 @@ impl ChatService {
             pending: HashMap::new(),
             dup_waiters: HashMap::new(),
             router,
-            reply_on_change: Vec::new(),
             local: Vec::new(),
             own: Default::default(),
             backlog: Default::default(),
@@ -434,13 +434,6 @@ impl ChatService {
     }
 
     fn dispatch(&mut self, msg: ShardMsg) {
-        let routed = match &msg {
-            ShardMsg::Chat(m) => match &**m {
-                ChatMsg::Route { reply, .. } | ChatMsg::Relay { reply, .. } => Some(reply.0),
-                _ => None,
-            },
-            _ => None,
-        };
         match msg {
             ShardMsg::Deliver { to, bytes, spare } => match self.pass(to, bytes) {
                 Some(bytes) => self.local.push(Local::Deliver(to, bytes, spare)),
@@ -461,12 +454,6 @@ impl ChatService {
                 ChatMsg::Routed { addr } => self.on_routed(addr),
                 ChatMsg::Change { conv, change, reply, route } => self.on_change(conv, change, reply, route),
             },
-        }
-        self.drain_router();
-        // After the decisions: the edge may go straight to homes again once
-        // they are ahead of it.
-        if let Some(addr) = routed {
-            self.post_chat(addr.shard as usize, ChatMsg::Routed { addr });
         }
     }
 
@@ -490,7 +477,6 @@ impl ChatService {
                 Err(e) => self.failed(pending, e),
             }
         }
-        self.drain_router();
         self.settle();
     }
 
@@ -508,10 +494,7 @@ impl ChatService {
 
     /// Time passes: offline grace periods that ended by now take effect.
     pub fn tick(&mut self) {
-        if let Some(router) = self.router.as_mut() {
-            router.tick(now_ms());
-        }
-        self.drain_router();
+        self.tick_router();
         self.settle();
     }
 

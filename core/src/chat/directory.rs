@@ -1,6 +1,6 @@
 //! The user directory: where each user's sessions are, so a frame reaches
 //! every tab of every participant. Every shard keeps a replica, fed by the
-//! edges' `SessionUp` / `SessionDown` broadcasts (see the module above).
+//! edges' `SessionUp` / `SessionDown` broadcasts (see the gateway's `chat` module).
 //!
 //! A user is (role, id): visitors and agents are looked up in separate
 //! maps, so a visitor whose token `sub` equals an agent's id never receives
@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use kefu_core::identity::{UserId, UserKey};
+use crate::identity::{UserId, UserKey};
 use kefu_proto::Role;
 use kefu_proto::client::Codec;
 
@@ -17,14 +17,16 @@ use super::SessionAddr;
 
 /// A session somewhere, as the directory knows it.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Member {
-    pub(super) addr: SessionAddr,
-    pub(super) codec: Codec,
+pub struct Member {
+    /// Where the session's connection is.
+    pub addr: SessionAddr,
+    /// Its subprotocol, to encode frames for it.
+    pub codec: Codec,
 }
 
 /// User → sessions, one map per role that connects.
 #[derive(Debug, Default)]
-pub(super) struct Directory {
+pub struct Directory {
     visitors: HashMap<UserId, Vec<Member>>,
     agents: HashMap<UserId, Vec<Member>>,
 }
@@ -48,14 +50,14 @@ impl Directory {
     }
 
     /// A session of `user` is connected.
-    pub(super) fn add(&mut self, user: UserKey, member: Member) {
+    pub fn add(&mut self, user: UserKey, member: Member) {
         if let Some(map) = self.of_mut(user.role) {
             map.entry(user.id).or_default().push(member);
         }
     }
 
     /// The session at `addr` of `user` has gone.
-    pub(super) fn remove(&mut self, user: &UserKey, addr: SessionAddr) {
+    pub fn remove(&mut self, user: &UserKey, addr: SessionAddr) {
         let Some(map) = self.of_mut(user.role) else { return };
         if let Some(list) = map.get_mut(&user.id) {
             list.retain(|m| m.addr != addr);
@@ -66,17 +68,17 @@ impl Directory {
     }
 
     /// Every session of the user `id` acting as `role`.
-    pub(super) fn sessions(&self, role: Role, id: &str) -> impl Iterator<Item = Member> + '_ {
+    pub fn sessions(&self, role: Role, id: &str) -> impl Iterator<Item = Member> + '_ {
         self.of(role).and_then(|map| map.get(id)).into_iter().flatten().copied()
     }
 
     /// Every session of `user`.
-    pub(super) fn sessions_of<'a>(&'a self, user: &UserKey) -> impl Iterator<Item = Member> + 'a {
+    pub fn sessions_of<'a>(&'a self, user: &UserKey) -> impl Iterator<Item = Member> + 'a {
         self.sessions(user.role, &user.id)
     }
 
     /// Every agent session (for presence pushes).
-    pub(super) fn agents(&self) -> impl Iterator<Item = Member> + '_ {
+    pub fn agents(&self) -> impl Iterator<Item = Member> + '_ {
         self.agents.values().flatten().copied()
     }
 }

@@ -1,0 +1,203 @@
+//! The chat service's state machines and the messages between them.
+//!
+//! A shard of the gateway runs one of each of these per shard (the router
+//! on shard 0 only), feeds them inputs with the time, and carries out what
+//! they ask for; nothing here touches a socket, a mailbox, storage or a
+//! clock (DESIGN.md, "The chat service"):
+//!
+//! - [`directory::Directory`]: where each user's sessions are, (role, id)
+//!   to sessions, replicated on every shard;
+//! - [`router::Router`]: the queue, assignment and presence, on one shard.
+//!
+//! The messages below are what shards post each other. A shard's inbox is
+//! one FIFO queue, and the ordering arguments of the gateway
+//! (`gateway/src/chat/mod.rs`) rest on it.
+
+pub mod directory;
+pub mod router;
+
+use kefu_proto::client::Codec;
+use kefu_proto::{ConvId, ConvStatus};
+
+use crate::identity::{Actor, AgentRef, GroupName, Identity, UserId, UserKey, Visitor};
+use crate::session::{HomeRequest, RouteRequest};
+
+/// Where a connection lives: its shard, its registry slot there, and the
+/// slot's generation (so a message for a connection that has gone never
+/// reaches the next connection in the same slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionAddr {
+    /// Shard number.
+    pub shard: u16,
+    /// Registry slot on that shard.
+    pub slot: u32,
+    /// Generation of the slot.
+    pub generation: u32,
+}
+
+/// Who a command's answer goes to: the connection, its subprotocol, and
+/// the command's `id`.
+pub type Reply = (SessionAddr, Codec, Option<i64>);
+
+/// A conversation's change, decided by the router, applied by its home.
+#[derive(Debug)]
+pub enum Change {
+    /// Newly opened: create it.
+    Create {
+        /// The visitor.
+        visitor: Visitor,
+        /// Its group.
+        group: GroupName,
+    },
+    /// Assigned to `agent`, in `group` (a transfer may change both).
+    Assign {
+        /// The new agent.
+        agent: AgentRef,
+        /// The group.
+        group: GroupName,
+        /// The agent who had it before (a transfer), to be told it went.
+        previous: Option<UserKey>,
+    },
+    /// Back in a queue.
+    Queue {
+        /// The group.
+        group: GroupName,
+        /// The agent who had it before, to be told it went.
+        previous: Option<UserKey>,
+    },
+    /// Closed.
+    Close,
+    /// Moved in its queue: tell the visitor.
+    Position,
+    /// Nothing changed: answer the command with the current state.
+    Describe,
+    /// The router knows no open conversation by that id for a `close`:
+    /// answer with the closed state if it is closed and `actor` may read
+    /// it, else `not_found`.
+    CloseClosed {
+        /// Who asked.
+        actor: Actor,
+    },
+}
+
+/// What the router knows of a conversation that its home needs to announce
+/// a change.
+#[derive(Debug, Default)]
+pub struct RouteInfo {
+    /// 1-based queue position, if queued.
+    pub position: Option<u32>,
+    /// If queued: the agents (online or away) who serve its group.
+    pub notify: Vec<UserKey>,
+}
+
+/// Messages between chat services.
+#[derive(Debug)]
+pub enum ChatMsg {
+    /// Edge → every shard: a session is connected (before `connected` is
+    /// written; see the module notes). Each home replays `resume`, which
+    /// holds only the conversations homed there.
+    SessionUp {
+        /// The connection.
+        addr: SessionAddr,
+        /// Its subprotocol.
+        codec: Codec,
+        /// Who it is.
+        actor: Actor,
+        /// Conversations to replay: (conversation, last seen seq).
+        resume: Vec<(ConvId, u64)>,
+    },
+    /// Edge → every shard: the session has gone.
+    SessionDown {
+        /// The connection.
+        addr: SessionAddr,
+        /// Its user.
+        user: UserKey,
+    },
+    /// Edge → router: a session connected; which conversations does its
+    /// user have? An agent's device also counts for presence.
+    Hello {
+        /// The connection and its `connect` id.
+        reply: Reply,
+        /// Who it is.
+        identity: Identity,
+    },
+    /// Router → edge: the user's open conversations, for `connected`.
+    Welcome {
+        /// The connection and its `connect` id.
+        reply: Reply,
+        /// (conversation, status).
+        conversations: Vec<(ConvId, ConvStatus)>,
+    },
+    /// Edge → router: an agent's device has gone.
+    AgentGone {
+        /// The agent.
+        agent: UserId,
+        /// The device (connection).
+        device: u64,
+    },
+    /// Edge → router: a checked routing command.
+    Route {
+        /// Who gets the answer.
+        reply: Reply,
+        /// Who sent it.
+        actor: Actor,
+        /// What they asked, as the edge's session checked it.
+        request: RouteRequest,
+    },
+    /// Edge → router → a conversation's home: a command for a home, sent
+    /// while a routing command of the same session is with the router, so
+    /// that it reaches the home after the router's decision (a `send`
+    /// behind a `close` finds the conversation closed).
+    Relay {
+        /// Who gets the answer.
+        reply: Reply,
+        /// Who sent it.
+        actor: Actor,
+        /// What they asked.
+        request: HomeRequest,
+    },
+    /// Router → edge: a `Route` or `Relay` of this session is handled, and
+    /// what it decided is on its way to the homes.
+    Routed {
+        /// The connection.
+        addr: SessionAddr,
+    },
+    /// Router → a conversation's home.
+    Change {
+        /// The conversation.
+        conv: ConvId,
+        /// What happened.
+        change: Change,
+        /// The command it answers, if one caused it.
+        reply: Option<Reply>,
+        /// The router's view of it.
+        route: RouteInfo,
+    },
+}
+
+/// The shard that runs the router.
+pub const ROUTER_SHARD: usize = 0;
+
+/// A connection's device id, as the router counts an agent's devices: its
+/// address packed into 64 bits (shard, slot, low generation bits).
+pub fn device_of(addr: SessionAddr) -> u64 {
+    ((addr.shard as u64) << 56) | ((addr.slot as u64) << 24) | (addr.generation as u64 & 0xFF_FFFF)
+}
+
+impl ChatMsg {
+    /// The command this message answers or carries, if any: whoever waits
+    /// for it is answered `unavailable` if the message cannot be posted.
+    pub fn reply(&self) -> Option<Reply> {
+        match self {
+            ChatMsg::Hello { reply, .. }
+            | ChatMsg::Welcome { reply, .. }
+            | ChatMsg::Route { reply, .. }
+            | ChatMsg::Relay { reply, .. } => Some(*reply),
+            ChatMsg::Change { reply, .. } => *reply,
+            ChatMsg::SessionUp { .. }
+            | ChatMsg::SessionDown { .. }
+            | ChatMsg::AgentGone { .. }
+            | ChatMsg::Routed { .. } => None,
+        }
+    }
+}

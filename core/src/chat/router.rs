@@ -1,0 +1,316 @@
+//! The router machine: the one place that sees every agent and every
+//! waiting visitor, on one shard ([`super::ROUTER_SHARD`]).
+//!
+//! [`crate::routing::Router`] decides (queues, assignment, presence, the
+//! offline policy); this machine is what feeds it the edges' commands and
+//! turns its decisions into work for the shard loop, in the sans-IO shape
+//! of the others: inputs through `handle_*(…, now_ms)`, work out through
+//! [`Router::poll_output`], in order.
+//!
+//! - `connect` ([`Router::handle_hello`]): an agent's device counts for
+//!   presence, and the edge gets the user's conversations for `connected`.
+//! - A routing command ([`Router::handle_route`]): the decision goes to
+//!   the conversation's home as a [`Change`], which makes it durable and
+//!   answers the command; an agent's `presence` is answered here.
+//! - A home command sent behind a routing command ([`Router::handle_relay`])
+//!   goes on to its home after what that command decided.
+//! - After either, the edge is told [`ChatMsg::Routed`], so it may go
+//!   straight to homes again: it comes after every change it must not
+//!   overtake.
+//!
+//! Every command gets exactly one answer: an error here, or the home's
+//! answer to the [`Change`] that carries its reply (a command whose router
+//! call changed nothing carries a [`Change::Describe`]).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use kefu_proto::client::{Event, ServerFrame};
+use kefu_proto::{ConvId, ConvStatus, PresenceStatus, Role};
+
+use super::{Change, ChatMsg, Reply, RouteInfo, device_of};
+use crate::config::CoreConfig;
+use crate::identity::{Actor, Identity, UserId, UserKey, serves};
+use crate::routing::{
+    self, Action, AgentInfo, AgentView, OpenRequest, QueueReason, RestoredRoute, RouteError,
+};
+use crate::session::{HomeRequest, RouteRequest};
+
+/// Work the router machine asks of its shard loop.
+#[derive(Debug)]
+pub enum Output {
+    /// Post a message to shard `shard` (its own shard included: the loop
+    /// runs that directly).
+    Post {
+        /// Where.
+        shard: usize,
+        /// What.
+        msg: ChatMsg,
+    },
+    /// Hand a relayed command on to the conversation's home.
+    PostHome {
+        /// The home shard.
+        shard: usize,
+        /// Who gets the answer.
+        reply: Reply,
+        /// Who sent it.
+        actor: Actor,
+        /// What they asked.
+        request: HomeRequest,
+    },
+    /// Answer a command (`frame.id` is the command's).
+    Write {
+        /// The connection and its subprotocol.
+        reply: Reply,
+        /// The answer.
+        frame: ServerFrame,
+    },
+    /// Tell every agent session (a presence change).
+    ToAgents {
+        /// The event.
+        frame: ServerFrame,
+    },
+    /// Close an agent's device that a newer one replaced (4002).
+    ReplaceDevice {
+        /// The agent.
+        agent: UserId,
+        /// The device, as [`device_of`] numbers it.
+        device: u64,
+    },
+}
+
+/// The router machine (see the module doc).
+#[derive(Debug)]
+pub struct Router {
+    routing: routing::Router,
+    config: Arc<CoreConfig>,
+    shards: usize,
+    /// Commands (accept, transfer, close) answered by the router's next
+    /// change to their conversation, within the same input.
+    reply_on_change: Vec<(ConvId, Reply)>,
+    out: VecDeque<Output>,
+}
+
+impl Router {
+    /// A router for `shards` shards, numbering new conversations from
+    /// `next_conv_id`, with every open conversation's route restored.
+    /// Returns the routes it refused (they name no known state).
+    pub fn new(
+        config: Arc<CoreConfig>,
+        shards: usize,
+        next_conv_id: u64,
+        routes: Vec<RestoredRoute>,
+        now_ms: u64,
+    ) -> (Router, usize) {
+        let mut routing = routing::Router::new(config.routing.clone(), next_conv_id);
+        let refused = routing.restore(routes, now_ms).len();
+        let router = Router { routing, config, shards, reply_on_change: Vec::new(), out: VecDeque::new() };
+        (router, refused)
+    }
+
+    /// The next piece of work, in the order it was decided.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Router::handle_tick`] next has something to do.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.routing.next_deadline()
+    }
+
+    /// The routing state, to read.
+    pub fn routing(&self) -> &routing::Router {
+        &self.routing
+    }
+
+    /// A session connected: count an agent's device, and tell its edge the
+    /// user's open conversations (and, for an agent, what waits in the
+    /// queues it serves) for `connected`.
+    pub fn handle_hello(&mut self, reply: Reply, identity: Identity, now_ms: u64) {
+        let (addr, _, _) = reply;
+        let routing = &mut self.routing;
+        let mut convs: Vec<ConvId> = match identity.role {
+            Role::Agent => {
+                let info = AgentInfo {
+                    id: identity.id.clone(),
+                    name: identity.name.clone(),
+                    groups: identity.groups.clone(),
+                };
+                routing.agent_connected(info, device_of(addr), now_ms);
+                routing.conversations_of(&identity.id).collect()
+            }
+            _ => routing.open_conversation_of(&identity.id).into_iter().collect(),
+        };
+        if identity.role == Role::Agent {
+            // What waits for this agent, so a console that reconnects shows
+            // the queue without waiting for the next change.
+            let waiting = routing
+                .groups()
+                .filter(|g| serves(&identity.groups, g))
+                .flat_map(|g| routing.queue(g))
+                .take(self.config.routing.connected_queued_max);
+            convs.extend(waiting);
+        }
+        let conversations: Vec<(ConvId, ConvStatus)> =
+            convs.into_iter().filter_map(|c| routing.route(c).map(|r| (c, r.status))).collect();
+        self.drain();
+        let shard = addr.shard as usize;
+        self.out.push_back(Output::Post { shard, msg: ChatMsg::Welcome { reply, conversations } });
+    }
+
+    /// An agent's device has gone.
+    pub fn handle_agent_gone(&mut self, agent: &str, device: u64, now_ms: u64) {
+        self.routing.agent_disconnected(agent, device, now_ms);
+        self.drain();
+    }
+
+    /// Time passes: offline grace periods that ended take effect.
+    pub fn handle_tick(&mut self, now_ms: u64) {
+        self.routing.tick(now_ms);
+        self.drain();
+    }
+
+    /// A routing command, checked by the sender's session.
+    pub fn handle_route(&mut self, reply: Reply, actor: Actor, request: RouteRequest, now_ms: u64) {
+        let (from, _, id) = reply;
+        let routing = &mut self.routing;
+        let outcome = match request {
+            RouteRequest::Open { visitor, group, vip_level } => {
+                let req = OpenRequest { visitor: visitor.id.clone(), group: group.clone(), vip_level };
+                routing.open(req).map(|opened| {
+                    let change =
+                        if opened.created { Change::Create { visitor, group } } else { Change::Describe };
+                    Decided::Change(opened.conv, change)
+                })
+            }
+            RouteRequest::Presence { status, capacity } => {
+                routing.presence(&actor.id, device_of(from), status, capacity, now_ms).map(Decided::Presence)
+            }
+            RouteRequest::Accept { conv } => routing.accept(&actor.id, conv).map(|_| Decided::OnChange(conv)),
+            RouteRequest::Transfer { conv, to } => {
+                routing.transfer(&actor, conv, to).map(|()| Decided::OnChange(conv))
+            }
+            RouteRequest::Close { conv } => match routing.close(&actor, conv) {
+                Ok(_) => Ok(Decided::OnChange(conv)),
+                // Not open, or not this actor's to close: the home knows
+                // whether it is closed and readable (closing again answers
+                // with the closed state).
+                Err(RouteError::NotFound) => {
+                    Ok(Decided::Change(conv, Change::CloseClosed { actor: actor.clone() }))
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match outcome {
+            Ok(Decided::Change(conv, change)) => self.change(conv, change, Some(reply)),
+            Ok(Decided::OnChange(conv)) => self.reply_on_change.push((conv, reply)),
+            Ok(Decided::Presence(status)) => {
+                let frame = ServerFrame::reply(id, Event::Presence { agent: actor.id.to_string(), status });
+                self.out.push_back(Output::Write { reply, frame });
+            }
+            Err(e) => {
+                let frame = ServerFrame::error(id, e.code(), e.to_string());
+                self.out.push_back(Output::Write { reply, frame });
+            }
+        }
+        self.drain();
+        self.routed(reply);
+    }
+
+    /// A command for a home, sent behind a routing command of the same
+    /// session: on to the home, after what that routing command decided.
+    pub fn handle_relay(&mut self, reply: Reply, actor: Actor, request: HomeRequest) {
+        let shard = request.conv().home(self.shards);
+        self.out.push_back(Output::PostHome { shard, reply, actor, request });
+        self.routed(reply);
+    }
+
+    /// Tells the edge one more of its session's routing commands or relays
+    /// is handled: after everything it decided, so a home hears of those
+    /// first.
+    fn routed(&mut self, reply: Reply) {
+        let (addr, _, _) = reply;
+        self.out.push_back(Output::Post { shard: addr.shard as usize, msg: ChatMsg::Routed { addr } });
+    }
+
+    /// Turns the routing decisions into work, in order.
+    fn drain(&mut self) {
+        while let Some(action) = self.routing.poll_action() {
+            match action {
+                // The router's `previous` is always an agent (it keeps
+                // agents and visitors apart); the key says so from here on.
+                Action::Assign { conv, agent, group, previous, .. } => {
+                    let reply = self.take_reply(conv);
+                    let previous = previous.map(UserKey::agent);
+                    self.change(conv, Change::Assign { agent, group, previous }, reply);
+                }
+                // A new conversation's first queueing is its Create, which
+                // is already on its way to the home.
+                Action::Queue { reason: QueueReason::Opened, .. } => {}
+                Action::Queue { conv, group, previous, .. } => {
+                    let reply = self.take_reply(conv);
+                    let previous = previous.map(UserKey::agent);
+                    self.change(conv, Change::Queue { group, previous }, reply);
+                }
+                Action::QueuePosition { conv, .. } => self.change(conv, Change::Position, None),
+                Action::Close { conv, .. } => {
+                    let reply = self.take_reply(conv);
+                    self.change(conv, Change::Close, reply);
+                }
+                Action::PresenceChanged { agent, status } => {
+                    let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status });
+                    self.out.push_back(Output::ToAgents { frame });
+                }
+                Action::ReplaceDevice { agent, device } => {
+                    self.out.push_back(Output::ReplaceDevice { agent, device });
+                }
+            }
+        }
+        // Commands whose router call changed nothing still get an answer.
+        for (conv, reply) in std::mem::take(&mut self.reply_on_change) {
+            self.change(conv, Change::Describe, Some(reply));
+        }
+    }
+
+    fn take_reply(&mut self, conv: ConvId) -> Option<Reply> {
+        let i = self.reply_on_change.iter().position(|(c, _)| *c == conv)?;
+        Some(self.reply_on_change.remove(i).1)
+    }
+
+    /// Sends a change to `conv`'s home, with the router's view of it.
+    fn change(&mut self, conv: ConvId, change: Change, reply: Option<Reply>) {
+        let route = self.route_info(conv);
+        let shard = conv.home(self.shards);
+        self.out.push_back(Output::Post { shard, msg: ChatMsg::Change { conv, change, reply, route } });
+    }
+
+    fn route_info(&self, conv: ConvId) -> RouteInfo {
+        match self.routing.route(conv) {
+            Some(r) if r.status == ConvStatus::Queued => {
+                RouteInfo { position: r.position, notify: serving(self.routing.agents(), &r.group) }
+            }
+            _ => RouteInfo::default(),
+        }
+    }
+}
+
+/// Agents who are not offline and serve `group`, by the router's view.
+fn serving(agents: impl Iterator<Item = AgentView>, group: &str) -> Vec<UserKey> {
+    agents
+        .filter(|a| a.status != PresenceStatus::Offline && serves(&a.groups, group))
+        .map(|a| UserKey::agent(a.id))
+        .collect()
+}
+
+/// What a routing command came to, once the router has decided.
+enum Decided {
+    /// Tell the conversation's home (and answer from there).
+    Change(ConvId, Change),
+    /// Answered by the router's next change to it (or its state, if none).
+    OnChange(ConvId),
+    /// The agent's new aggregate status.
+    Presence(PresenceStatus),
+}
+
+#[cfg(test)]
+mod tests;

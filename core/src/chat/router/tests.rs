@@ -1,0 +1,271 @@
+//! The router machine's rules, driven with fed inputs and time: what each
+//! command comes to, where it goes, and in what order.
+
+use std::sync::Arc;
+
+use kefu_proto::client::Codec;
+use kefu_proto::{ConvId, ErrorCode, PresenceStatus, Role};
+
+use super::*;
+use crate::chat::SessionAddr;
+use crate::config::{CoreConfig, OfflinePolicy};
+use crate::identity::{GroupName, Meta, Visitor};
+use crate::session::TransferTarget;
+
+const T0: u64 = 1_000_000;
+const SHARDS: usize = 2;
+
+fn machine(configure: impl FnOnce(&mut CoreConfig)) -> Router {
+    let mut config = CoreConfig::default();
+    configure(&mut config);
+    Router::new(Arc::new(config), SHARDS, 1, Vec::new(), T0).0
+}
+
+fn addr(shard: u16, slot: u32) -> SessionAddr {
+    SessionAddr { shard, slot, generation: 1 }
+}
+
+fn reply(shard: u16, slot: u32, id: i64) -> Reply {
+    (addr(shard, slot), Codec::Json, Some(id))
+}
+
+fn identity(role: Role, id: &str) -> Identity {
+    Identity {
+        role,
+        id: Arc::from(id),
+        name: Arc::from(id),
+        groups: Arc::from([]),
+        meta: Meta::new(),
+        anonymous: false,
+    }
+}
+
+fn outputs(r: &mut Router) -> Vec<Output> {
+    std::iter::from_fn(|| r.poll_output()).collect()
+}
+
+/// An agent connected at `slot` of shard 1, online with `capacity`.
+fn agent(r: &mut Router, id: &str, slot: u32, capacity: u32) -> Reply {
+    let rep = reply(1, slot, 1);
+    r.handle_hello(rep, identity(Role::Agent, id), T0);
+    let presence = RouteRequest::Presence { status: PresenceStatus::Online, capacity: Some(capacity) };
+    r.handle_route(rep, identity(Role::Agent, id).actor(), presence, T0);
+    outputs(r);
+    rep
+}
+
+/// A visitor opens a conversation from `slot` of shard 0; its id.
+fn open(r: &mut Router, visitor: &str, slot: u32) -> ConvId {
+    let v = identity(Role::Visitor, visitor);
+    let visitor = Visitor { id: v.id.clone(), name: v.name.clone(), meta: Meta::new() };
+    let request = RouteRequest::Open { visitor, group: GroupName::from("default"), vip_level: 0 };
+    r.handle_route(reply(0, slot, 2), v.actor(), request, T0);
+    let out = outputs(r);
+    out.iter()
+        .find_map(|o| match o {
+            Output::Post { msg: ChatMsg::Change { conv, change: Change::Create { .. }, .. }, .. } => {
+                Some(*conv)
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no Create in {out:?}"))
+}
+
+fn changes(out: &[Output]) -> Vec<(usize, ConvId, &Change, Option<Reply>)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Post { shard, msg: ChatMsg::Change { conv, change, reply, .. } } => {
+                Some((*shard, *conv, change, *reply))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_open_goes_to_the_home_with_its_reply_then_the_edge_hears_routed() {
+    let mut r = machine(|_| {});
+    let v = identity(Role::Visitor, "v1");
+    let visitor = Visitor { id: v.id.clone(), name: v.name.clone(), meta: Meta::new() };
+    let request = RouteRequest::Open { visitor, group: GroupName::from("sales"), vip_level: 0 };
+    r.handle_route(reply(0, 7, 3), v.actor(), request, T0);
+    let out = outputs(&mut r);
+    let [
+        Output::Post {
+            shard,
+            msg: ChatMsg::Change { conv, change: Change::Create { group, .. }, reply: rep, route },
+        },
+        Output::Post { shard: edge, msg: ChatMsg::Routed { addr: routed } },
+    ] = &out[..]
+    else {
+        panic!("{out:?}");
+    };
+    assert_eq!(*shard, conv.home(SHARDS), "decisions go to the conversation's home");
+    assert_eq!(&**group, "sales");
+    assert_eq!(*rep, Some(reply(0, 7, 3)), "the home answers the open");
+    assert_eq!(route.position, Some(1), "queued first");
+    assert!(route.notify.is_empty(), "nobody serves it yet");
+    assert_eq!((*edge, *routed), (0, addr(0, 7)), "Routed comes last, to the edge");
+    // Opening again describes the same conversation.
+    let v = identity(Role::Visitor, "v1");
+    let visitor = Visitor { id: v.id.clone(), name: v.name.clone(), meta: Meta::new() };
+    let request = RouteRequest::Open { visitor, group: GroupName::from("sales"), vip_level: 0 };
+    r.handle_route(reply(0, 7, 4), v.actor(), request, T0);
+    let out = outputs(&mut r);
+    assert!(matches!(changes(&out)[..], [(_, c, Change::Describe, Some(_))] if c == *conv), "{out:?}");
+}
+
+#[test]
+fn a_queued_conversation_names_the_agents_who_serve_it_and_auto_assign_takes_it() {
+    let mut r = machine(|c| c.routing.auto_assign = false);
+    let rep = agent(&mut r, "a1", 1, 5);
+    let conv = open(&mut r, "v1", 1);
+    assert_eq!(r.routing().route(conv).map(|v| v.status), Some(ConvStatus::Queued));
+    // With auto-assign off, the agent accepts; the home answers the accept.
+    r.handle_route(rep, identity(Role::Agent, "a1").actor(), RouteRequest::Accept { conv }, T0);
+    let out = outputs(&mut r);
+    let got = changes(&out);
+    assert!(
+        matches!(&got[..], [(_, c, Change::Assign { agent, previous: None, .. }, Some(answer))]
+            if *c == conv && &*agent.id == "a1" && *answer == rep),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn queued_changes_notify_the_agents_serving_the_group_by_role() {
+    let mut r = machine(|c| c.routing.auto_assign = false);
+    agent(&mut r, "42", 1, 5);
+    let v = identity(Role::Visitor, "42");
+    let visitor = Visitor { id: v.id.clone(), name: v.name.clone(), meta: Meta::new() };
+    let request = RouteRequest::Open { visitor, group: GroupName::from("default"), vip_level: 0 };
+    r.handle_route(reply(0, 9, 2), v.actor(), request, T0);
+    let out = outputs(&mut r);
+    let Some(Output::Post { msg: ChatMsg::Change { route, .. }, .. }) = out.first() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(route.notify, [UserKey::agent(Arc::from("42"))], "the agent 42, not the visitor 42");
+}
+
+#[test]
+fn a_transfer_names_who_had_it_and_answers_the_agent() {
+    let mut r = machine(|_| {});
+    let a1 = agent(&mut r, "a1", 1, 5);
+    agent(&mut r, "a2", 2, 5);
+    let conv = open(&mut r, "v1", 1);
+    let had = r.routing().route(conv).and_then(|v| v.agent).unwrap();
+    let (from, other) = if &*had == "a1" { (a1, "a2") } else { (reply(1, 2, 1), "a1") };
+    let transfer = RouteRequest::Transfer { conv, to: TransferTarget::Agent(Arc::from(other)) };
+    r.handle_route(from, identity(Role::Agent, &had).actor(), transfer, T0);
+    let out = outputs(&mut r);
+    let got = changes(&out);
+    assert!(
+        matches!(&got[..], [(_, c, Change::Assign { agent, previous: Some(p), .. }, Some(answer))]
+            if *c == conv && &*agent.id == other && *p == UserKey::agent(had.clone()) && *answer == from),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn refusals_are_answered_here_and_still_release_the_edge() {
+    let mut r = machine(|_| {});
+    let rep = agent(&mut r, "a1", 1, 5);
+    r.handle_route(rep, identity(Role::Agent, "a1").actor(), RouteRequest::Accept { conv: ConvId(99) }, T0);
+    let out = outputs(&mut r);
+    let [Output::Write { reply: to, frame }, Output::Post { msg: ChatMsg::Routed { .. }, .. }] = &out[..]
+    else {
+        panic!("{out:?}");
+    };
+    assert_eq!(*to, rep);
+    let kefu_proto::client::Event::Error { code, .. } = &frame.body else { panic!("{frame:?}") };
+    assert_eq!(*code, ErrorCode::NotFound);
+    // Closing an unknown or closed conversation asks its home, which knows.
+    let close = RouteRequest::Close { conv: ConvId(99) };
+    r.handle_route(rep, identity(Role::Agent, "a1").actor(), close, T0);
+    let out = outputs(&mut r);
+    assert!(matches!(changes(&out)[..], [(_, ConvId(99), Change::CloseClosed { .. }, Some(_))]), "{out:?}");
+}
+
+#[test]
+fn a_relayed_command_goes_on_to_its_home_before_routed() {
+    let mut r = machine(|_| {});
+    let v = identity(Role::Visitor, "v1");
+    let conv = ConvId(5);
+    r.handle_relay(reply(1, 3, 8), v.actor(), HomeRequest::Typing { conv });
+    let out = outputs(&mut r);
+    let [
+        Output::PostHome { shard, request: HomeRequest::Typing { .. }, .. },
+        Output::Post { shard: 1, msg: ChatMsg::Routed { .. } },
+    ] = &out[..]
+    else {
+        panic!("{out:?}");
+    };
+    assert_eq!(*shard, conv.home(SHARDS));
+}
+
+#[test]
+fn hello_lists_an_agents_conversations_and_the_queue_it_serves() {
+    let mut r = machine(|c| {
+        c.routing.auto_assign = false;
+        c.routing.connected_queued_max = 2;
+    });
+    for n in 0..3 {
+        open(&mut r, &format!("v{n}"), n);
+    }
+    r.handle_hello(reply(1, 1, 1), identity(Role::Agent, "a1"), T0);
+    let out = outputs(&mut r);
+    let welcome = out.iter().find_map(|o| match o {
+        Output::Post { shard: 1, msg: ChatMsg::Welcome { conversations, .. } } => Some(conversations),
+        _ => None,
+    });
+    let listed = welcome.unwrap_or_else(|| panic!("{out:?}"));
+    assert_eq!(listed.len(), 2, "routing.connected_queued_max bounds the queue listed");
+    assert!(listed.iter().all(|(_, s)| *s == ConvStatus::Queued));
+    // A visitor's hello lists its open conversation only.
+    r.handle_hello(reply(0, 0, 1), identity(Role::Visitor, "v0"), T0);
+    let out = outputs(&mut r);
+    let Some(Output::Post { msg: ChatMsg::Welcome { conversations, .. }, .. }) = out.last() else { panic!() };
+    assert_eq!(conversations.len(), 1);
+}
+
+#[test]
+fn an_offline_agents_conversations_requeue_when_the_grace_period_ends() {
+    let mut r = machine(|c| {
+        c.routing.offline_policy = OfflinePolicy::Requeue;
+        c.routing.offline_grace_s = 60;
+    });
+    agent(&mut r, "a1", 1, 5);
+    let conv = open(&mut r, "v1", 1);
+    assert_eq!(r.routing().route(conv).and_then(|v| v.agent).as_deref(), Some("a1"));
+    r.handle_agent_gone("a1", device_of(addr(1, 1)), T0);
+    let out = outputs(&mut r);
+    assert!(matches!(out[..], [Output::ToAgents { .. }]), "presence goes to every agent: {out:?}");
+    assert_eq!(r.next_deadline(), Some(T0 + 60_000), "the loop is asked to come back then");
+    r.handle_tick(T0 + 59_999);
+    assert!(outputs(&mut r).is_empty(), "not before");
+    r.handle_tick(T0 + 60_000);
+    let out = outputs(&mut r);
+    assert!(
+        matches!(changes(&out)[..], [(_, c, Change::Queue { previous: Some(p), .. }, None)]
+            if c == conv && *p == UserKey::agent(Arc::from("a1"))),
+        "{out:?}"
+    );
+    assert_eq!(r.next_deadline(), None);
+}
+
+#[test]
+fn a_device_past_the_limit_replaces_the_oldest() {
+    let mut r = machine(|c| c.routing.max_devices_per_agent = 2);
+    for slot in 1..=3 {
+        r.handle_hello(reply(1, slot, 1), identity(Role::Agent, "a1"), T0);
+    }
+    let out = outputs(&mut r);
+    let replaced: Vec<u64> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::ReplaceDevice { device, .. } => Some(*device),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replaced, [device_of(addr(1, 1))], "{out:?}");
+}
