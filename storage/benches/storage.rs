@@ -40,11 +40,11 @@ use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
+use kefu_proto::ConvId;
+use kefu_proto::client::{Msg, Sender};
 use kefu_proto::ids::{ConvStatus, Role};
 use kefu_storage::ceiling::Raw;
-use kefu_storage::{
-    AgentRef, ConversationRecord, NewMessage, Sender, Store, StoreConfig, SubmitError, WriteOp,
-};
+use kefu_storage::{AgentRef, ConversationRecord, Store, StoreConfig, SubmitError, WriteOp};
 
 struct Args(HashMap<String, String>);
 
@@ -96,19 +96,19 @@ fn bench_dir(name: &str) -> PathBuf {
 }
 
 /// A ~200-byte chat message (text 160 bytes, ids, cid).
-fn message(i: u64, convs: u64) -> NewMessage {
+fn message(i: u64, convs: u64) -> Msg {
     let conv = 1 + (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % convs;
     let mut text = format!("message {i}: ");
     while text.len() < 160 {
         text.push_str("the quick brown fox jumps over the lazy dog ");
     }
     text.truncate(160);
-    NewMessage {
-        conv,
-        seq: None,
+    Msg {
+        conv: ConvId(conv),
+        seq: 0,
         cid: format!("cid-{i:012}"),
         from: Sender { role: Role::Visitor, id: format!("visitor-{conv}"), name: "Visitor".into() },
-        ts_ms: 1_700_000_000_000 + i,
+        ts: 1_700_000_000_000 + i,
         text: Some(text),
         attachment: None,
     }
@@ -131,7 +131,7 @@ struct StoreRun {
 
 /// Group commit: `sources` shard threads, each with `in_flight` appends
 /// outstanding, parked when idle and woken by `notify`.
-fn run_store(dir: &Path, cfg: StoreConfig, per_source: Vec<Vec<NewMessage>>, in_flight: usize) -> StoreRun {
+fn run_store(dir: &Path, cfg: StoreConfig, per_source: Vec<Vec<Msg>>, in_flight: usize) -> StoreRun {
     let sources = per_source.len();
     let threads: Arc<Vec<OnceLock<Thread>>> = Arc::new((0..sources).map(|_| OnceLock::new()).collect());
     let notify = {
@@ -208,7 +208,7 @@ fn run_store(dir: &Path, cfg: StoreConfig, per_source: Vec<Vec<NewMessage>>, in_
 }
 
 /// The ceiling: one thread, one transaction per `batch` records.
-fn run_ceiling(dir: &Path, quick_repair: bool, mut msgs: Vec<NewMessage>, batch: usize) -> f64 {
+fn run_ceiling(dir: &Path, quick_repair: bool, mut msgs: Vec<Msg>, batch: usize) -> f64 {
     let mut raw = Raw::create(dir, quick_repair, StoreConfig::default().cache_bytes).unwrap();
     let n = msgs.len();
     let t0 = Instant::now();
@@ -241,20 +241,20 @@ fn throughput(o: &Args) {
     };
     let (mut store_rates, mut ceiling_rates) = (Vec::new(), Vec::new());
     for r in 0..repeats {
-        let all: Vec<NewMessage> = (0..messages).map(|i| message(i, convs)).collect();
-        let mut per_source: Vec<Vec<NewMessage>> = (0..sources).map(|_| Vec::new()).collect();
+        let all: Vec<Msg> = (0..messages).map(|i| message(i, convs)).collect();
+        let mut per_source: Vec<Vec<Msg>> = (0..sources).map(|_| Vec::new()).collect();
         for (i, m) in all.iter().enumerate() {
             per_source[i % sources].push(m.clone());
         }
         // ABBA: alternate which goes first, so drift in the machine's load
         // does not favour one side.
-        let ceiling_run = |all: Vec<NewMessage>| {
+        let ceiling_run = |all: Vec<Msg>| {
             let dir = bench_dir("ceiling");
             let rate = run_ceiling(&dir, quick_repair, all, batch);
             let _ = std::fs::remove_dir_all(&dir);
             rate
         };
-        let store_run = |per_source: Vec<Vec<NewMessage>>| {
+        let store_run = |per_source: Vec<Vec<Msg>>| {
             let dir = bench_dir("store");
             let run = run_store(&dir, cfg.clone(), per_source, in_flight);
             let _ = std::fs::remove_dir_all(&dir);
@@ -561,7 +561,7 @@ fn dedupe_lookup(_o: &Args) {
         while done < n {
             while sent < n && w.in_flight(0) < 4096 {
                 let mut m = message(sent, 1);
-                m.conv = conv;
+                m.conv = ConvId(conv);
                 w.submit(0, sent, WriteOp::AppendMessage(m)).unwrap();
                 sent += 1;
             }
@@ -570,7 +570,7 @@ fn dedupe_lookup(_o: &Args) {
                 done += 1;
             }
         }
-        let sender = format!("visitor-{}", message(0, 1).conv);
+        let sender = format!("visitor-{}", message(0, 1).conv.0);
         let reps = 2000;
         let t0 = Instant::now();
         for i in 0..reps {

@@ -15,9 +15,9 @@ use redb::{Database, Durability};
 
 use crate::dedupe::DedupeKey;
 use crate::error::{IoContext, StorageError};
-use crate::record::{LogRecord, encode_into};
+use crate::record::encode_into;
 use crate::tables;
-use crate::write::NewMessage;
+use kefu_proto::client::Msg;
 
 /// A raw database and the counters the store would keep.
 #[derive(Debug)]
@@ -49,7 +49,7 @@ impl Raw {
     }
 
     /// Appends `batch` in one durable transaction.
-    pub fn append_batch(&mut self, batch: &mut [NewMessage]) -> Result<(), StorageError> {
+    pub fn append_batch(&mut self, batch: &mut [Msg]) -> Result<(), StorageError> {
         let mut txn = self.db.begin_write().ctx("begin write")?;
         txn.set_durability(Durability::Immediate).ctx("set durability")?;
         txn.set_quick_repair(self.quick_repair);
@@ -58,16 +58,11 @@ impl Raw {
             let mut index = txn.open_table(tables::CONV_INDEX).ctx("open table")?;
             let mut meta = txn.open_table(tables::META).ctx("open table")?;
             for m in batch.iter_mut() {
-                let seq = self.seqs.entry(m.conv).or_default();
+                let seq = self.seqs.entry(m.conv.0).or_default();
                 *seq += 1;
-                let (seq, conv, offset) = (*seq, m.conv, self.next_offset);
+                let (seq, conv, offset) = (*seq, m.conv.0, self.next_offset);
                 let slot = self.key.slot(m.from.role, &m.from.id, &m.cid);
-                let placeholder = m.clone_header();
-                let record = LogRecord::Message(std::mem::replace(m, placeholder).into_record(seq));
-                let encoded = encode_into(&record, &mut self.buf);
-                let LogRecord::Message(back) = record else { unreachable!("built as a message") };
-                *m = NewMessage::from_record(back, None);
-                encoded?;
+                crate::record::with_record(m, seq, |record| encode_into(record, &mut self.buf))?;
                 log.insert(offset, self.buf.as_slice()).ctx("insert")?;
                 index.insert((conv, seq), (offset, slot)).ctx("insert")?;
                 self.next_offset += 1;

@@ -549,7 +549,7 @@ fn run_until_power_cut(
                     while let Some(c) = completions.pop() {
                         if let (Ok(ok), WriteOp::AppendMessage(m)) = (&c.result, &c.op) {
                             acks.lock().unwrap().push(Ack {
-                                conv: m.conv,
+                                conv: m.conv.0,
                                 seq: ok.seq,
                                 offset: ok.offset,
                                 cid: m.cid.clone(),

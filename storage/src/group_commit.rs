@@ -29,7 +29,8 @@ use crate::dedupe::{self, DedupeKey, U64Map};
 use crate::error::{IoContext, StorageError};
 use crate::record::{ArchivedConversationRecord, LogRecord, access, encode_into};
 use crate::tables;
-use crate::write::{Committed, Completion, NewMessage, Shared, Submission, WriteOp};
+use crate::write::{Committed, Completion, Shared, Submission, WriteOp};
+use kefu_proto::client::Msg;
 
 /// The knobs of group commit, from [`StoreConfig`](crate::StoreConfig).
 #[derive(Debug, Clone)]
@@ -428,7 +429,7 @@ impl GroupCommit {
             LogRecord::Conversation(c) => WriteOp::PutConversation(c),
             LogRecord::User(u) => WriteOp::PutUser(u),
             LogRecord::Read(r) => WriteOp::MarkRead(r),
-            LogRecord::Message(m) => WriteOp::AppendMessage(NewMessage::from_record(m, None)),
+            LogRecord::Message(m) => WriteOp::AppendMessage(m.into_msg()),
         };
         encoded
     }
@@ -466,9 +467,9 @@ impl GroupCommit {
         Ok(found)
     }
 
-    fn append(&mut self, t: &mut Tables<'_>, m: &mut NewMessage, commit: u64) -> Applied {
-        let conv = m.conv;
-        let ts_ms = m.ts_ms;
+    fn append(&mut self, t: &mut Tables<'_>, m: &mut Msg, commit: u64) -> Applied {
+        let conv = m.conv.0;
+        let ts_ms = m.ts;
         let sender = (m.from.role, m.from.id.as_str());
         let slot = self.dedupe_key.slot(sender.0, sender.1, &m.cid);
         let (last, prior) = self.lookup(t, conv, slot)?;
@@ -489,17 +490,14 @@ impl GroupCommit {
                 }));
             }
         }
-        let seq = m.seq.unwrap_or(last + 1);
+        // Seq 0 asks the writer to assign the next one.
+        let seq = if m.seq == 0 { last + 1 } else { m.seq };
         if seq != last + 1 {
             return Ok(Err(StorageError::SeqConflict { conv, expected: last + 1, got: seq }));
         }
         // Encode first (moving the message into a record and back), so that
         // nothing is written for a write that cannot be encoded.
-        let submitted_seq = m.seq;
-        let record = LogRecord::Message(std::mem::replace(m, m.clone_header()).into_record(seq));
-        let encoded = encode_into(&record, &mut self.buf);
-        let LogRecord::Message(back) = record else { unreachable!("built as a message just above") };
-        *m = NewMessage::from_record(back, submitted_seq);
+        let encoded = crate::record::with_record(m, seq, |record| encode_into(record, &mut self.buf));
         if let Err(e) = encoded {
             return Ok(Err(e));
         }

@@ -94,4 +94,4 @@ pub use record::{
     RoleDef, Sender, UserRecord,
 };
 pub use store::{Recovery, StatsSource, Store, StoreStats};
-pub use write::{Committed, Completion, Completions, NewMessage, Notify, WriteOp, Writer};
+pub use write::{Committed, Completion, Completions, Notify, WriteOp, Writer};

@@ -13,7 +13,8 @@
 //! each [`LogRecord`] is a fact that happened (a message, a conversation's
 //! new state, a user's profile, a read mark), in commit order.
 
-use kefu_proto::ids::{ConvStatus, Role};
+use kefu_proto::client::{self, Msg};
+use kefu_proto::ids::{ConvId, ConvStatus, Role};
 use rkyv::rancor;
 use rkyv::with::Skip;
 use rkyv::{Archive, Deserialize, Serialize};
@@ -62,6 +63,57 @@ pub struct MessageRecord {
     pub text: Option<String>,
     /// The attachment, if any.
     pub attachment: Option<Attachment>,
+}
+
+impl MessageRecord {
+    /// The record of `msg` stored at `seq`; the strings move.
+    pub(crate) fn from_msg(msg: Msg, seq: u64) -> MessageRecord {
+        MessageRecord {
+            conv: msg.conv.0,
+            seq,
+            cid: msg.cid,
+            from: Sender { role: msg.from.role, id: msg.from.id, name: msg.from.name },
+            ts_ms: msg.ts,
+            text: msg.text,
+            attachment: msg.attachment.map(|a| Attachment { mime: a.mime, bytes: a.data }),
+        }
+    }
+
+    /// The message as clients see it (`msg`); the strings move. The one
+    /// place a stored message becomes a wire one.
+    pub fn into_msg(self) -> Msg {
+        Msg {
+            conv: ConvId(self.conv),
+            seq: self.seq,
+            cid: self.cid,
+            from: client::Sender { role: self.from.role, id: self.from.id, name: self.from.name },
+            text: self.text,
+            attachment: self.attachment.map(|a| client::Attachment { mime: a.mime, data: a.bytes }),
+            ts: self.ts_ms,
+        }
+    }
+}
+
+/// Moves `msg` into its record at `seq`, runs `f` on it, and moves it back
+/// with its submitted seq: encoding needs the record, and the message must
+/// return whole in the completion.
+pub(crate) fn with_record<T>(msg: &mut Msg, seq: u64, f: impl FnOnce(&LogRecord) -> T) -> T {
+    let submitted = msg.seq;
+    let placeholder = Msg {
+        conv: msg.conv,
+        seq: msg.seq,
+        cid: String::new(),
+        from: client::Sender { role: msg.from.role, id: String::new(), name: String::new() },
+        text: None,
+        attachment: None,
+        ts: msg.ts,
+    };
+    let record = LogRecord::Message(MessageRecord::from_msg(std::mem::replace(msg, placeholder), seq));
+    let out = f(&record);
+    let LogRecord::Message(back) = record else { unreachable!("built as a message just above") };
+    *msg = back.into_msg();
+    msg.seq = submitted;
+    out
 }
 
 /// The agent a conversation is assigned to.

@@ -12,8 +12,7 @@ use kefu_proto::ids::{ConvStatus, Role};
 use crate::tables;
 use crate::testkit::{NotifyCount, config, message, open, wait_for, write};
 use crate::{
-    AgentRef, Attachment, ConversationRecord, LogRecord, ReadMark, StorageError, Store, SubmitError,
-    UserRecord, WriteOp,
+    AgentRef, ConversationRecord, LogRecord, ReadMark, StorageError, Store, SubmitError, UserRecord, WriteOp,
 };
 
 fn conversation(id: u64, status: ConvStatus) -> ConversationRecord {
@@ -37,7 +36,7 @@ fn appends_get_seqs_and_offsets_and_read_back() {
     assert!(!recovery.repaired && !recovery.unclean_shutdown);
 
     let mut m = message(5, "v1", "a", "hello");
-    m.attachment = Some(Attachment { mime: "image/png".into(), bytes: vec![1, 2, 3] });
+    m.attachment = Some(kefu_proto::client::Attachment { mime: "image/png".into(), data: vec![1, 2, 3] });
     let c1 = write(&store, 1, WriteOp::AppendMessage(m.clone()));
     let c2 = write(&store, 2, WriteOp::AppendMessage(message(5, "a1", "b", "hi there")));
     let c3 = write(&store, 3, WriteOp::AppendMessage(message(6, "v2", "a", "other conversation")));
@@ -53,7 +52,7 @@ fn appends_get_seqs_and_offsets_and_read_back() {
     let reader = store.reader();
     let got = reader.message(5, 1).unwrap().unwrap();
     assert_eq!(got.offset, 0);
-    assert_eq!(got.record, m.clone().into_record(1));
+    assert_eq!(got.record, crate::MessageRecord::from_msg(m.clone(), 1));
     assert_eq!(reader.last_seq(5).unwrap(), 2);
     assert_eq!(reader.last_seq(6).unwrap(), 1);
     assert_eq!(reader.last_seq(7).unwrap(), 0);
@@ -75,7 +74,7 @@ fn explicit_seqs_must_be_the_next_one() {
     let (store, _) = open(config(dir.path()));
     let with_seq = |cid: &str, seq| {
         let mut m = message(1, "v1", cid, "x");
-        m.seq = Some(seq);
+        m.seq = seq;
         WriteOp::AppendMessage(m)
     };
     assert_eq!(write(&store, 1, with_seq("a", 1)).result.unwrap().seq, 1);
@@ -98,7 +97,7 @@ fn resent_cid_returns_the_original_ack() {
         let first =
             write(&store, 1, WriteOp::AppendMessage(message(3, "v1", "cid-1", "hello"))).result.unwrap();
         let mut resend = message(3, "v1", "cid-1", "hello again?");
-        resend.ts_ms += 5000;
+        resend.ts += 5000;
         let dup = write(&store, 2, WriteOp::AppendMessage(resend)).result.unwrap();
         assert!(dup.duplicate);
         assert_eq!((dup.seq, dup.offset, dup.ts_ms), (first.seq, first.offset, first.ts_ms));
@@ -121,7 +120,7 @@ fn resent_cid_returns_the_original_ack() {
     // Across a restart, and for an explicit seq too.
     let (store, _) = open(config(dir.path()));
     let mut resend = message(3, "v1", "cid-1", "hello");
-    resend.seq = Some(3);
+    resend.seq = 3;
     let dup = write(&store, 5, WriteOp::AppendMessage(resend)).result.unwrap();
     assert!(dup.duplicate);
     assert_eq!((dup.seq, dup.offset), (first.seq, first.offset));
@@ -136,7 +135,7 @@ fn resent_cid_returns_the_original_ack() {
 #[test]
 fn the_same_cid_from_an_agent_and_a_visitor_with_the_same_id_is_two_messages() {
     let dir = tempfile::tempdir().unwrap();
-    let as_agent = |mut m: crate::NewMessage| {
+    let as_agent = |mut m: kefu_proto::client::Msg| {
         m.from.role = Role::Agent;
         m
     };
@@ -475,8 +474,11 @@ fn corrupt_record_is_reported_not_trusted() {
             let mut log = txn.open_table(crate::tables::LOG).unwrap();
             let garbage: Vec<u8> = std::iter::once(1u8).chain(std::iter::repeat_n(0xff, 60)).collect();
             log.insert(1, garbage.as_slice()).unwrap();
-            let other =
-                crate::record::encode(&LogRecord::Message(message(9, "x", "y", "z").into_record(4))).unwrap();
+            let other = crate::record::encode(&LogRecord::Message(crate::MessageRecord::from_msg(
+                message(9, "x", "y", "z"),
+                4,
+            )))
+            .unwrap();
             log.insert(2, other.as_slice()).unwrap();
         }
         txn.commit().unwrap();

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use kefu_proto::ids::Role;
 
-use crate::{Completion, Completions, NewMessage, Notify, Recovery, Sender, Store, StoreConfig, WriteOp};
+use kefu_proto::ConvId;
+use kefu_proto::client::{Msg, Sender};
+
+use crate::{Completion, Completions, Notify, Recovery, Store, StoreConfig, WriteOp};
 
 /// How long a test waits for something that should take milliseconds.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(20);
@@ -33,13 +36,13 @@ pub(crate) fn open(config: StoreConfig) -> (Store, Recovery) {
     Store::open(config, Arc::new(|_| {})).expect("open store")
 }
 
-pub(crate) fn message(conv: u64, sender: &str, cid: &str, text: &str) -> NewMessage {
-    NewMessage {
-        conv,
-        seq: None,
+pub(crate) fn message(conv: u64, sender: &str, cid: &str, text: &str) -> Msg {
+    Msg {
+        conv: ConvId(conv),
+        seq: 0,
         cid: cid.to_string(),
         from: Sender { role: Role::Visitor, id: sender.to_string(), name: format!("{sender}'s name") },
-        ts_ms: 1_700_000_000_000,
+        ts: 1_700_000_000_000,
         text: Some(text.to_string()),
         attachment: None,
     }

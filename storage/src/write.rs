@@ -20,87 +20,33 @@ use std::thread::Thread;
 use crossbeam_queue::ArrayQueue;
 
 use crate::error::{StorageError, SubmitError};
-use crate::record::{Attachment, ConversationRecord, MessageRecord, ReadMark, Sender, UserRecord};
+use kefu_proto::client::Msg;
+
+use crate::record::{ConversationRecord, ReadMark, UserRecord};
 
 /// Called by the writer thread with a source index after it pushed
 /// completions for that source. Must be cheap and must not block (write an
 /// eventfd, unpark a thread).
 pub type Notify = Arc<dyn Fn(usize) + Send + Sync>;
 
-/// A message to append.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewMessage {
-    /// The conversation.
-    pub conv: u64,
-    /// `Some(seq)`: the home shard assigned it, and it must be the
-    /// conversation's next one (else [`StorageError::SeqConflict`], nothing
-    /// written). `None`: the writer assigns the next one and reports it in
-    /// [`Committed::seq`]. A duplicate (see [`WriteOp::AppendMessage`])
-    /// consumes no seq in either case, so a shard that pre-assigns seqs
-    /// must not pipeline a second append to the conversation behind one
-    /// that may turn out a duplicate; `None` has no such caveat.
-    pub seq: Option<u64>,
-    /// The client's message id.
-    pub cid: String,
-    /// The author.
-    pub from: Sender,
-    /// Milliseconds since the epoch.
-    pub ts_ms: u64,
-    /// The text, if any.
-    pub text: Option<String>,
-    /// The attachment, if any.
-    pub attachment: Option<Attachment>,
-}
-
-impl NewMessage {
-    pub(crate) fn into_record(self, seq: u64) -> MessageRecord {
-        MessageRecord {
-            conv: self.conv,
-            seq,
-            cid: self.cid,
-            from: self.from,
-            ts_ms: self.ts_ms,
-            text: self.text,
-            attachment: self.attachment,
-        }
-    }
-
-    /// A copy without the strings that are moved out when encoding (cid,
-    /// text, attachment): what stays behind while the record is encoded.
-    pub(crate) fn clone_header(&self) -> NewMessage {
-        NewMessage {
-            conv: self.conv,
-            seq: self.seq,
-            cid: String::new(),
-            from: Sender { role: self.from.role, id: String::new(), name: String::new() },
-            ts_ms: self.ts_ms,
-            text: None,
-            attachment: None,
-        }
-    }
-
-    pub(crate) fn from_record(r: MessageRecord, seq: Option<u64>) -> NewMessage {
-        NewMessage {
-            conv: r.conv,
-            seq,
-            cid: r.cid,
-            from: r.from,
-            ts_ms: r.ts_ms,
-            text: r.text,
-            attachment: r.attachment,
-        }
-    }
-}
-
 /// One durable write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
-    /// Append a message to the log and the conversation's index.
-    /// Idempotent on (sender id, conversation, cid): if that key was ever
-    /// appended (this batch, or years ago), nothing is written and the
-    /// completion carries the original seq, offset and ts with
-    /// `duplicate: true`.
-    AppendMessage(NewMessage),
+    /// Append a message to the log and the conversation's index: the wire
+    /// message itself, as the gateway decoded and stamped it (no copy of
+    /// its strings), and it comes back in the [`Completion`].
+    ///
+    /// `msg.seq` non-zero: the home shard assigned it, and it must be the
+    /// conversation's next one (else [`StorageError::SeqConflict`], nothing
+    /// written). `msg.seq` 0 (seqs start at 1): the writer assigns the next
+    /// one and reports it in [`Committed::seq`]. Idempotent on (sender role
+    /// and id, conversation, cid): if that key was ever appended (this batch,
+    /// or years ago), nothing is written and the completion carries the
+    /// original seq, offset and ts with `duplicate: true`. A duplicate
+    /// consumes no seq, so a shard that assigns seqs must not pipeline a
+    /// second append to the conversation behind one that may turn out a
+    /// duplicate; seq 0 has no such caveat.
+    AppendMessage(Msg),
     /// Store a conversation's state and log the change. Its `last_seq` is
     /// ignored (it is derived from the index).
     PutConversation(ConversationRecord),
@@ -130,7 +76,7 @@ impl WriteOp {
                         + m.from.id.len() * 2
                         + m.from.name.len()
                         + opt(&m.text)
-                        + m.attachment.as_ref().map_or(0, |a| a.mime.len() + a.bytes.len())
+                        + m.attachment.as_ref().map_or(0, |a| a.mime.len() + a.data.len())
                 }
                 WriteOp::PutConversation(c) => {
                     2 * (c.visitor_id.len()

@@ -14,8 +14,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kefu_proto::ConvId;
+use kefu_proto::client::{Msg, Sender};
 use kefu_proto::ids::Role;
-use kefu_storage::{LogRecord, NewMessage, Sender, Store, StoreConfig, WriteOp};
+use kefu_storage::{LogRecord, Store, StoreConfig, WriteOp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -63,17 +65,17 @@ fn child_writer() {
                         let (seq, cid) = match next_seq.get_mut(&conv) {
                             Some(s) => {
                                 *s += 1;
-                                (Some(*s - 1), format!("r{run}-{conv}-{n}"))
+                                (*s - 1, format!("r{run}-{conv}-{n}"))
                             }
-                            None => (None, format!("c{conv}-{n}")),
+                            None => (0, format!("c{conv}-{n}")),
                         };
                         let text = format!("{cid} {}", "lorem ipsum dolor sit amet ".repeat(6));
-                        let m = NewMessage {
-                            conv,
+                        let m = Msg {
+                            conv: ConvId(conv),
                             seq,
                             cid,
                             from: Sender { role: Role::Visitor, id: format!("v{conv}"), name: "Vee".into() },
-                            ts_ms: 1_700_000_000_000 + n,
+                            ts: 1_700_000_000_000 + n,
                             text: Some(text),
                             attachment: None,
                         };
@@ -86,7 +88,7 @@ fn child_writer() {
                         let WriteOp::AppendMessage(m) = c.op else { unreachable!() };
                         lines.push_str(&format!(
                             "ACK {} {} {} {} {}\n",
-                            m.conv, ok.seq, ok.offset, ok.duplicate as u8, m.cid
+                            m.conv.0, ok.seq, ok.offset, ok.duplicate as u8, m.cid
                         ));
                     }
                     if lines.is_empty() {

@@ -312,13 +312,11 @@ impl ChatService {
         }
         for shard in 0..self.shards {
             let down = ChatMsg::SessionDown { addr: from, user: identity.key() };
-            self.post_chat(shard, down);
+            self.post_kept(shard, ShardMsg::Chat(Box::new(down)));
         }
         if identity.role == Role::Agent {
-            self.post_chat(
-                ROUTER_SHARD,
-                ChatMsg::AgentGone { agent: identity.id.clone(), device: device_of(from) },
-            );
+            let gone = ChatMsg::AgentGone { agent: identity.id.clone(), device: device_of(from) };
+            self.post_kept(ROUTER_SHARD, ShardMsg::Chat(Box::new(gone)));
         }
     }
 }

@@ -12,7 +12,7 @@ use kefu_storage::{ConversationRecord, ReadMark, UserRecord, WriteOp};
 use tracing::warn;
 
 use super::directory::Member;
-use super::service::{ChatService, Pending, new_message, now_ms, restored_conversation, wire_msg};
+use super::service::{ChatService, Pending, now_ms, restored_conversation};
 use super::{Change, Reply, RouteInfo, SessionAddr};
 
 /// Messages read from storage at a time while replaying a resume.
@@ -110,7 +110,7 @@ impl ChatService {
             let before = cursor;
             for m in page.into_iter().take_while(|m| m.record.seq <= range.to) {
                 cursor = m.record.seq;
-                let frame = self.frames.encode(codec, &ServerFrame::push(Event::Msg(wire_msg(m.record))));
+                let frame = self.frames.encode(codec, &ServerFrame::push(Event::Msg(m.record.into_msg())));
                 chunk.extend_from_slice(&frame);
                 if chunk.len() >= REPLAY_CHUNK_BYTES {
                     self.write_chunk(to, &mut chunk);
@@ -231,7 +231,7 @@ impl ChatService {
 
     fn append(&mut self, msg: Msg, sender: Option<Reply>) {
         let (conv, seq) = (msg.conv, msg.seq);
-        if !self.submit(WriteOp::AppendMessage(new_message(msg)), Pending::Message { conv, seq, sender }) {
+        if !self.submit(WriteOp::AppendMessage(msg), Pending::Message { conv, seq, sender }) {
             // Nothing was written: the seq must be taken back, which only a
             // rebuild from storage does safely.
             self.reload(conv);
@@ -380,7 +380,7 @@ impl ChatService {
         };
         let frame = match self.reader.history(conv.0, Some(range.end), (range.end - range.start) as usize) {
             Ok(page) => {
-                let messages = page.into_iter().map(|m| wire_msg(m.record)).collect();
+                let messages = page.into_iter().map(|m| m.record.into_msg()).collect();
                 ServerFrame::reply(id, Event::History { conv, messages })
             }
             Err(e) => ServerFrame::error(id, e.code(), e.to_string()),

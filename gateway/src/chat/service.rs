@@ -18,16 +18,14 @@ use kefu_core::routing::RestoredRoute;
 use kefu_core::rules::Rules;
 use kefu_core::session::Session;
 use kefu_core::{Conversation, CoreConfig};
-use kefu_proto::client::{self, ClientFrame, Codec, Msg, ServerFrame, SpareStrings};
+use kefu_proto::client::{ClientFrame, Codec, ServerFrame, SpareStrings};
 use kefu_proto::{ConvId, Role};
-use kefu_storage::{
-    Completion, Completions, ConversationRecord, MessageRecord, NewMessage, Reader, Store, WriteOp, Writer,
-};
+use kefu_storage::{Completion, Completions, ConversationRecord, Reader, Store, WriteOp, Writer};
 use tracing::{info, warn};
 
 use super::directory::{Directory, Member};
 use super::frames::{FrameEncoder, SharedFrame};
-use super::{ChatMsg, ROUTER_SHARD, Reply, RouteInfo, SessionAddr, ShardMsg};
+use super::{Change, ChatMsg, ROUTER_SHARD, Reply, RouteInfo, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
 use crate::metrics::ShardStats;
 
@@ -203,8 +201,15 @@ impl ShardMsg {
             ShardMsg::Close { .. } => Overflow::Keep,
             ShardMsg::Chat(m) => match &**m {
                 ChatMsg::Route { .. } | ChatMsg::Relay { .. } | ChatMsg::Hello { .. } => Overflow::Refuse,
-                ChatMsg::Change { reply: Some(_), .. } => Overflow::Refuse,
-                ChatMsg::Change { change: super::Change::Position, .. } => Overflow::Skip,
+                // Answering with the state changes nothing: refusable. Any
+                // other change is a decision the router has applied: its
+                // home must hear of it, or the two disagree for good.
+                ChatMsg::Change {
+                    change: Change::Describe | Change::CloseClosed { .. },
+                    reply: Some(_),
+                    ..
+                } => Overflow::Refuse,
+                ChatMsg::Change { change: Change::Position, .. } => Overflow::Skip,
                 ChatMsg::Change { .. }
                 | ChatMsg::SessionUp { .. }
                 | ChatMsg::SessionDown { .. }
@@ -275,44 +280,6 @@ pub struct ChatService {
 /// Wall-clock milliseconds since the Unix epoch: the time the chat rules are fed.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The storage write for `msg`; its strings move, they are not copied.
-pub(super) fn new_message(msg: Msg) -> NewMessage {
-    NewMessage {
-        conv: msg.conv.0,
-        seq: Some(msg.seq),
-        cid: msg.cid,
-        from: kefu_storage::Sender { role: msg.from.role, id: msg.from.id, name: msg.from.name },
-        ts_ms: msg.ts,
-        text: msg.text,
-        attachment: msg.attachment.map(|a| kefu_storage::Attachment { mime: a.mime, bytes: a.data }),
-    }
-}
-
-/// The message [`new_message`] made `m` from, back from storage with seq `seq`.
-pub(super) fn wire_msg_of(m: NewMessage, seq: u64) -> Msg {
-    Msg {
-        conv: ConvId(m.conv),
-        seq,
-        cid: m.cid,
-        from: client::Sender { role: m.from.role, id: m.from.id, name: m.from.name },
-        text: m.text,
-        attachment: m.attachment.map(|a| client::Attachment { mime: a.mime, data: a.bytes }),
-        ts: m.ts_ms,
-    }
-}
-
-pub(super) fn wire_msg(r: MessageRecord) -> Msg {
-    Msg {
-        conv: ConvId(r.conv),
-        seq: r.seq,
-        cid: r.cid,
-        from: client::Sender { role: r.from.role, id: r.from.id, name: r.from.name },
-        text: r.text,
-        attachment: r.attachment.map(|a| client::Attachment { mime: a.mime, data: a.bytes }),
-        ts: r.ts_ms,
-    }
 }
 
 impl ChatService {
@@ -530,24 +497,26 @@ impl ChatService {
     /// queue for all shards, because order is causal: a message to another
     /// shard (a `Route`, a `Routed`) must not go out while one posted before
     /// it waits, or what that shard does about it (a `Change`, a direct
-    /// `Home`) could reach the waiting message's inbox first. (A message to
-    /// this shard itself may go ahead of the backlog: whatever it causes for
-    /// other shards is posted behind what waits.)
+    /// `Home`) could reach the waiting message's inbox first. A message to
+    /// this shard itself waits behind them too (else the router could
+    /// answer a `connect` before the `SessionUp` it posted to a full shard
+    /// got there), and goes to the own queue, not the inbox, when its turn
+    /// comes.
     ///
     /// Past `server.backlog_messages_max` waiting, what happens depends on the message
     /// ([`Overflow`]); `false` means it was refused, and the caller answers
     /// whoever waits for it with `unavailable`.
     pub(super) fn post(&mut self, to: usize, msg: ShardMsg) -> bool {
-        if to == self.me {
-            self.own.push_back(msg);
-            return true;
-        }
         // The inbox loop retries only between batches, and a batch lasts as
         // long as other shards keep this inbox fed: try here too.
         if !self.backlog.is_empty() {
-            self.retry_backlog();
+            self.retry_held();
         }
         if self.backlog.is_empty() {
+            if to == self.me {
+                self.own.push_back(msg);
+                return true;
+            }
             match self.mailboxes[to].send(self.me, msg) {
                 Ok(()) => return true,
                 Err(msg) => {
@@ -598,6 +567,15 @@ impl ChatService {
         self.stats[self.me].backlog.store(self.backlog.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Posts a message that a full backlog keeps or cuts, never refuses
+    /// (a session's coming or going, a frame, a close): there is nobody to
+    /// answer, and it needs nobody.
+    pub(super) fn post_kept(&mut self, to: usize, msg: ShardMsg) {
+        debug_assert!(matches!(msg.overflow(), Overflow::Keep | Overflow::Cut(_)), "{msg:?} can be refused");
+        let posted = self.post(to, msg);
+        debug_assert!(posted, "a kept message was refused");
+    }
+
     /// Posts a chat message to shard `to`.
     pub(super) fn post_chat(&mut self, to: usize, msg: ChatMsg) -> bool {
         self.post(to, ShardMsg::Chat(Box::new(msg)))
@@ -607,7 +585,18 @@ impl ChatService {
     /// the first that is still full; then, once there is room, the closes
     /// of connections that missed a frame. True if something still waits.
     pub fn retry_backlog(&mut self) -> bool {
+        self.retry_held();
+        // What reached this shard's own queue runs now; it may hold more back.
+        self.settle();
+        !self.backlog.is_empty()
+    }
+
+    fn retry_held(&mut self) {
         while let Some((to, msg)) = self.backlog.pop_front() {
+            if to == self.me {
+                self.own.push_back(msg);
+                continue;
+            }
             if let Err(msg) = self.mailboxes[to].send(self.me, msg) {
                 self.backlog.push_front((to, msg));
                 break;
@@ -620,12 +609,6 @@ impl ChatService {
             self.backlog.push_back((addr.shard as usize, close));
         }
         self.stats[self.me].backlog.store(self.backlog.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if self.backlog.is_empty() {
-            return false;
-        }
-        // Anything the loop above queued behind a still-full inbox is tried
-        // on the next call.
-        true
     }
 
     /// Writes an already encoded frame to a connection, wherever it is.
@@ -641,7 +624,7 @@ impl ChatService {
                 self.local.push(Local::Deliver(to, bytes, spare));
             }
         } else {
-            self.post(to.shard as usize, ShardMsg::Deliver { to, bytes, spare });
+            self.post_kept(to.shard as usize, ShardMsg::Deliver { to, bytes, spare });
         }
     }
 
@@ -667,7 +650,7 @@ impl ChatService {
             self.held.remove(&to);
             self.local.push(Local::Close(to, code, reason));
         } else {
-            self.post(to.shard as usize, ShardMsg::Close { to, code, reason });
+            self.post_kept(to.shard as usize, ShardMsg::Close { to, code, reason });
         }
     }
 
@@ -691,7 +674,7 @@ impl ChatService {
         match (pending, op) {
             (Pending::Connected { to }, _) => self.announce(to),
             (Pending::Message { conv, seq: ours, sender }, WriteOp::AppendMessage(m)) => {
-                self.message_committed(conv, ours, sender, wire_msg_of(m, ours), duplicate, seq, ts)
+                self.message_committed(conv, ours, sender, m, duplicate, seq, ts)
             }
             (Pending::ConvChanged { reply, previous, route }, WriteOp::PutConversation(stored)) => {
                 self.change_committed(stored, reply, previous, &route)

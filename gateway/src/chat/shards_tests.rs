@@ -207,21 +207,6 @@ impl Cluster {
         addr
     }
 
-    /// Runs shard `i`'s end of batch until `addr` has the reply to `id`
-    /// (storage answers from its own thread).
-    fn await_reply(&mut self, i: usize, addr: SessionAddr, id: i64) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            self.end_of_batch(i);
-            let got = self.out.get(&addr).and_then(|g| g.iter().find(|v| v["id"] == json!(id)));
-            if let Some(v) = got {
-                return v.clone();
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        panic!("no reply to {id}");
-    }
-
     /// The reply to command `id` on `addr`.
     fn reply(&self, addr: SessionAddr, id: i64) -> &Value {
         let got = self.out.get(&addr).map(Vec::as_slice).unwrap_or_default();
@@ -336,27 +321,36 @@ fn a_shard_never_posts_to_itself() {
 #[test]
 fn a_full_backlog_refuses_commands_and_cuts_frames() {
     let mut c = Cluster::with_backlog(2);
-    // Visitor and home on shard 1; the agent on shard 0, where the router is.
+    // The agent and the visitor's edge on shard 0, the home on shard 1;
+    // another visitor on shard 1.
     let agent = c.agent(0, "a1");
-    let (v, conv) = c.visitor(1, 1);
+    let (v, conv) = c.visitor(0, 1);
+    let (w, _) = c.visitor(1, 1);
     let conv = conv.to_string();
-    // Shard 0's inbox fills up, and so does shard 1's backlog: its messages
-    // for the agent wait, then its frames are cut.
+    // Shard 0's inbox is full: the home's acks and fan-out for it wait in
+    // shard 1's backlog, then are cut.
     c.fill(0);
-    for n in 0..4 {
+    for n in 0..3 {
         let cid = format!("m{n}");
         c.command(v, json!({"type": "send", "id": 10 + n, "conv": conv, "cid": cid, "text": "hi"}));
-        let ack = c.await_reply(1, v, 10 + n);
-        assert_eq!(ack["type"], "ack", "the visitor's own sends are stored: {ack}");
+        while c.step(1) {}
+        c.end_of_batch(1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.shards[1].has_writes_in_flight() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+            c.end_of_batch(1);
+        }
     }
     assert!(c.stats[1].frames_cut.load(std::sync::atomic::Ordering::Relaxed) > 0);
-    // A command for the router on shard 0 is refused while it is full.
-    c.command(v, json!({"type": "close", "id": 20, "conv": conv}));
-    assert_eq!(c.reply(v, 20)["code"], "unavailable", "{}", c.reply(v, 20));
+    // A command for the router on shard 0 is refused while the backlog is full.
+    c.command(w, json!({"type": "open", "id": 20}));
+    assert_eq!(c.reply(w, 20)["code"], "unavailable", "{}", c.reply(w, 20));
     assert!(c.stats[1].posts_refused.load(std::sync::atomic::Ordering::Relaxed) > 0);
-    // Once shard 0 drains, the agent gets what was kept, then is closed to resume.
+    // Once shard 0 drains, what was kept arrives, then both are closed to resume.
     c.settle();
-    assert!(c.closed.contains(&(agent, crate::ws::close::SLOW_CONSUMER)), "{:?}", c.closed);
+    for addr in [agent, v] {
+        assert!(c.closed.contains(&(addr, crate::ws::close::SLOW_CONSUMER)), "{addr:?} {:?}", c.closed);
+    }
 }
 
 /// A conversation closed between the router's answer to a `connect` (it
@@ -382,4 +376,33 @@ fn connected_lists_a_conversation_closed_meanwhile_once() {
     let listed = c.reply(tab2, 1)["conversations"].as_array().unwrap().clone();
     let mine: Vec<&Value> = listed.iter().filter(|s| s["conv"] == json!(conv.to_string())).collect();
     assert_eq!(mine.len(), 1, "{listed:?}");
+}
+
+/// With the backlog full, a decision the router has already applied (a
+/// close here) still reaches the conversation's home, which answers it:
+/// refusing it would leave the router and the home disagreeing for good.
+#[test]
+fn a_full_backlog_keeps_the_routers_decisions() {
+    let mut c = Cluster::with_backlog(2);
+    // The router on shard 0; the agent's edge and the home on shard 1; the
+    // visitor's edge on shard 0.
+    let agent = c.agent(1, "a1");
+    let (v, conv) = c.visitor(0, 1);
+    let conv = conv.to_string();
+    // Shard 1's inbox is full, and shard 0's backlog fills up to its bound
+    // with the visitor's commands for the home.
+    c.fill(1);
+    for n in 0..3 {
+        c.command(v, json!({"type": "typing", "id": 30 + n, "conv": conv}));
+    }
+    assert_eq!(c.reply(v, 32)["code"], "unavailable", "the third waits past the bound");
+    // The agent closes: its edge reaches the router, whose decision must
+    // not be refused on its way to the home.
+    c.command(agent, json!({"type": "close", "id": 40, "conv": conv}));
+    assert!(c.step(0), "the close reaches the router");
+    c.settle();
+    assert_eq!(c.reply(agent, 40)["status"], "closed", "{}", c.reply(agent, 40));
+    c.command(v, json!({"type": "send", "id": 41, "conv": conv, "cid": "late", "text": "hi"}));
+    c.settle();
+    assert_eq!(c.reply(v, 41)["code"], "conflict", "the home closed it too: {}", c.reply(v, 41));
 }
