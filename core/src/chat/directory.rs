@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 
 use crate::identity::{UserId, UserKey};
-use kefu_proto::Role;
 use kefu_proto::client::Codec;
+use kefu_proto::{ConvStatus, Role};
 
 use super::SessionAddr;
 
@@ -81,6 +81,46 @@ impl Directory {
     pub fn agents(&self) -> impl Iterator<Item = Member> + '_ {
         self.agents.values().flatten().copied()
     }
+
+    /// Who takes part in a conversation, by its state: the visitor's
+    /// sessions, and the agent's unless it is queued (then `agent` is
+    /// whoever gave it away, who no longer takes part). A closed
+    /// conversation's last agent still reads it.
+    pub fn participants<'a>(
+        &'a self,
+        visitor: &'a str,
+        agent: Option<&'a str>,
+        status: ConvStatus,
+    ) -> impl Iterator<Item = Member> + 'a {
+        let agent = agent.filter(|_| status != ConvStatus::Queued);
+        self.sessions(Role::Visitor, visitor)
+            .chain(agent.into_iter().flat_map(|a| self.sessions(Role::Agent, a)))
+    }
+
+    /// Who is told of a conversation's new state (a `conversation` event):
+    /// its participants in that state, the agent who just lost it
+    /// (`previous`), and, while it waits in a queue, the agents who serve
+    /// that queue (`notify`); each session once, and not `except` (the
+    /// session whose command caused it, which gets the answer instead).
+    pub fn change_audience(
+        &self,
+        visitor: &str,
+        agent: Option<&str>,
+        status: ConvStatus,
+        previous: Option<&UserKey>,
+        notify: &[UserKey],
+        except: Option<SessionAddr>,
+    ) -> Vec<Member> {
+        let mut audience: Vec<Member> = self.participants(visitor, agent, status).collect();
+        audience.extend(previous.into_iter().flat_map(|p| self.sessions_of(p)));
+        if status == ConvStatus::Queued {
+            audience.extend(notify.iter().flat_map(|a| self.sessions_of(a)));
+        }
+        audience.sort_by_key(|m| m.addr);
+        audience.dedup_by_key(|m| m.addr);
+        audience.retain(|m| Some(m.addr) != except);
+        audience
+    }
 }
 
 #[cfg(test)]
@@ -114,5 +154,50 @@ mod tests {
         d.remove(&UserKey::visitor(id.clone()), member(3).addr);
         assert_eq!(slots(d.sessions_of(&UserKey::visitor(id))), Vec::<u32>::new());
         assert_eq!(slots(d.sessions(Role::Agent, "42")), [1]);
+    }
+
+    fn directory() -> Directory {
+        // Visitor v1 (slots 1, 2), agents a1 (3), a2 (4), a3 (5), and a
+        // visitor whose id is an agent's: a2 (6).
+        let mut d = Directory::default();
+        d.add(UserKey::visitor(Arc::from("v1")), member(1));
+        d.add(UserKey::visitor(Arc::from("v1")), member(2));
+        d.add(UserKey::agent(Arc::from("a1")), member(3));
+        d.add(UserKey::agent(Arc::from("a2")), member(4));
+        d.add(UserKey::agent(Arc::from("a3")), member(5));
+        d.add(UserKey::visitor(Arc::from("a2")), member(6));
+        d
+    }
+
+    #[test]
+    fn participants_follow_the_conversations_state() {
+        let d = directory();
+        let of = |agent, status| slots(d.participants("v1", agent, status));
+        assert_eq!(of(Some("a1"), ConvStatus::Assigned), [1, 2, 3], "every tab of both");
+        assert_eq!(of(Some("a1"), ConvStatus::Queued), [1, 2], "who gave it away takes no part");
+        assert_eq!(of(Some("a1"), ConvStatus::Closed), [1, 2, 3], "the last agent still reads it");
+        assert_eq!(of(None, ConvStatus::Queued), [1, 2]);
+        assert_eq!(slots(d.participants("a2", None, ConvStatus::Queued)), [6], "visitor a2, not agent a2");
+    }
+
+    #[test]
+    fn a_change_reaches_the_participants_who_lost_it_and_the_queue_s_agents_once() {
+        let d = directory();
+        let a = |id: &str| UserKey::agent(Arc::from(id));
+        // A transfer from a1 to a2: both agents and the visitor hear it.
+        let got = d.change_audience("v1", Some("a2"), ConvStatus::Assigned, Some(&a("a1")), &[a("a3")], None);
+        assert_eq!(slots(got.into_iter()), [1, 2, 3, 4], "notify only counts while queued");
+        // Back in a queue: the visitor, a1 who gave it away, and who serves
+        // the queue (a1 named twice is told once); the replying tab not at all.
+        let notify = [a("a1"), a("a3")];
+        let got = d.change_audience(
+            "v1",
+            Some("a1"),
+            ConvStatus::Queued,
+            Some(&a("a1")),
+            &notify,
+            Some(member(2).addr),
+        );
+        assert_eq!(slots(got.into_iter()), [1, 3, 5]);
     }
 }

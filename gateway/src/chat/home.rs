@@ -530,20 +530,14 @@ impl ChatService {
         route: &RouteInfo,
     ) {
         let conv = ConvId(stored.id);
-        let queued = stored.status == ConvStatus::Queued;
-        let d = &self.directory;
-        let mut audience: Vec<Member> = d.sessions(Role::Visitor, &stored.visitor_id).collect();
-        if let Some(agent) = stored.agent.as_ref().filter(|_| !queued) {
-            audience.extend(d.sessions(Role::Agent, &agent.id));
-        }
-        audience.extend(previous.iter().flat_map(|p| d.sessions_of(p)));
-        if queued {
-            audience.extend(route.notify.iter().flat_map(|a| d.sessions_of(a)));
-        }
-        audience.sort_by_key(|m| m.addr);
-        audience.dedup_by_key(|m| m.addr);
-        let replying = reply.map(|(a, _, _)| a);
-        audience.retain(|m| Some(m.addr) != replying);
+        let audience = self.directory.change_audience(
+            &stored.visitor_id,
+            stored.agent.as_ref().map(|a| a.id.as_str()),
+            stored.status,
+            previous.as_ref(),
+            &route.notify,
+            reply.map(|(a, _, _)| a),
+        );
         let mut frame = self.stored_frame(&stored, route.position);
         self.deliver(audience, &frame);
         if let Some((to, codec, id)) = reply {
@@ -661,13 +655,10 @@ impl ChatService {
     /// sessions. A queued conversation's `agent` is whoever gave it away,
     /// who no longer takes part.
     fn participants(&self, conv: ConvId) -> impl Iterator<Item = Member> + '_ {
-        let c = self.convs.get(&conv);
-        let visitor = c.map(|c| (Role::Visitor, &*c.visitor().id));
-        let agent = c
-            .filter(|c| c.status() != ConvStatus::Queued)
-            .and_then(|c| c.agent())
-            .map(|a| (Role::Agent, &*a.id));
-        [visitor, agent].into_iter().flatten().flat_map(|(role, id)| self.directory.sessions(role, id))
+        self.convs
+            .get(&conv)
+            .into_iter()
+            .flat_map(|c| self.directory.participants(&c.visitor().id, c.agent().map(|a| &*a.id), c.status()))
     }
 
     fn visitor_members(&self, conv: ConvId) -> impl Iterator<Item = Member> + '_ {
