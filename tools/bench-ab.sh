@@ -71,7 +71,7 @@ for r in $(seq 1 "$REPEAT"); do
                 --duration "$CHAT_DURATION" --quiet-wait 120 --out "$OUT/$side/chat-$r"
         fi
         if [ "$SKIP_ALLOC" = 0 ]; then
-            run_side "$side" "$target" "$REPO/tools/bench-alloc.sh" --no-build --rate 5000 \
+            run_side "$side" "$target" "$REPO/tools/bench-alloc.sh" --no-build --rate 5000 --window 60 \
                 --out "$OUT/$side/alloc-$r" | tee "$OUT/$side/alloc-$r.txt"
         fi
         if [ "$SKIP_IDLE" = 0 ]; then
