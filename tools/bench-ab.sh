@@ -76,7 +76,7 @@ for r in $(seq 1 "$REPEAT"); do
         fi
         if [ "$SKIP_IDLE" = 0 ]; then
             run_side "$side" "$target" "$REPO/tools/bench-baselines.sh" --no-build --skip-echo \
-                --servers "" --idle-connections 15000 --out "$OUT/$side/idle-$r" | tee "$OUT/$side/idle-$r.txt"
+                --servers kefu --idle-connections 15000 --out "$OUT/$side/idle-$r" | tee "$OUT/$side/idle-$r.txt"
         fi
     done
 done
