@@ -366,11 +366,6 @@ impl ChatService {
         !self.completions.is_empty()
     }
 
-    /// Whether this shard runs the router (which wants a periodic tick).
-    pub fn is_router(&self) -> bool {
-        self.router.is_some()
-    }
-
     /// Handles one message from this shard's inbox (another shard posted it).
     pub fn handle(&mut self, msg: ShardMsg) {
         self.dispatch(msg);
