@@ -17,7 +17,7 @@
 //!
 //! The rest are values: [`auth`] checks credentials, [`identity`] is what
 //! they prove, [`cid`] names a message for idempotency, [`ratelimit`] is the
-//! token bucket, [`rules`] holds canned and automatic replies, and
+//! token bucket, [`resume`] sizes a replay, [`rules`] holds canned and automatic replies, and
 //! [`config`] every knob with its default.
 //!
 //! Time is always an argument (`now_ms`, milliseconds since the epoch) and
@@ -32,6 +32,7 @@ pub mod conversation;
 pub mod identity;
 pub mod presence;
 pub mod ratelimit;
+pub mod resume;
 pub mod routing;
 pub mod rules;
 pub mod session;

@@ -5,6 +5,7 @@
 use kefu_core::Conversation;
 use kefu_core::conversation::{Access, ReadOutcome, SendOutcome, TypingOutcome};
 use kefu_core::identity::{Actor, UserKey};
+use kefu_core::resume::{ReplayWindow, frame_weight};
 use kefu_core::session::HomeRequest;
 use kefu_proto::client::{self, AgentRef as WireAgent, Codec, Event, Msg, ServerFrame, User};
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
@@ -20,9 +21,6 @@ const REPLAY_PAGE: usize = 256;
 /// Bytes of replayed frames written together: one outbound entry of the
 /// connection for many messages.
 const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
-/// A replayed frame's weight besides its text and attachment (ids, names,
-/// JSON or FlatBuffers framing), for the replay's byte budget.
-const REPLAY_FRAME_OVERHEAD: usize = 512;
 
 impl ChatService {
     pub(super) fn on_home(&mut self, reply: Reply, actor: &Actor, request: HomeRequest) {
@@ -132,27 +130,18 @@ impl ChatService {
     /// reconnect); then after the oldest of the newest messages that fit.
     /// At least the newest message is always replayed.
     fn replay_start(&self, conv: ConvId, last_seen: u64, to: u64) -> Result<u64, kefu_storage::StorageError> {
-        let floor = to.saturating_sub(self.core.limits.max_resume_messages).max(last_seen);
-        let budget = self.replay_bytes_max;
-        let (mut start, mut bytes) = (floor, 0usize);
-        if floor >= to {
-            return Ok(floor);
-        }
-        self.reader.visit_messages(conv.0, floor + 1..=to, true, usize::MAX, |_, m| {
-            // What the frame will weigh, near enough: base64 grows an
-            // attachment by a third in JSON; ids, names and framing are
-            // the rest.
+        let limits = &self.core.limits;
+        let mut window = ReplayWindow::new(last_seen, to, limits.max_resume_messages, self.replay_bytes_max);
+        let Some(range) = window.to_weigh(to) else { return Ok(window.start()) };
+        self.reader.visit_messages(conv.0, range, true, usize::MAX, |_, m| {
             let text = m.text.as_ref().map_or(0, |t| t.len());
-            let attachment = m.attachment.as_ref().map_or(0, |a| a.bytes.len() / 3 * 4 + 4);
-            let size = text + attachment + REPLAY_FRAME_OVERHEAD;
-            if bytes > 0 && bytes + size > budget {
-                return std::ops::ControlFlow::Break(());
+            let weight = frame_weight(text, m.attachment.as_ref().map(|a| a.bytes.len()));
+            match window.admit(m.seq.to_native(), weight) {
+                true => std::ops::ControlFlow::Continue(()),
+                false => std::ops::ControlFlow::Break(()),
             }
-            bytes += size;
-            start = m.seq.to_native() - 1;
-            std::ops::ControlFlow::Continue(())
         })?;
-        Ok(start)
+        Ok(window.start())
     }
 
     /// Writes the packed WebSocket frames in `chunk` as one outbound write.
