@@ -193,10 +193,15 @@ impl Client {
 
     /// Asserts nothing of `kind` arrives within `wait`.
     async fn none_of(&mut self, kind: &str, wait: Duration) {
+        self.each_for(wait, |v| assert_ne!(v["type"], kind, "unexpected {v}")).await;
+    }
+
+    /// Runs `check` on every frame that arrives within `wait`.
+    async fn each_for(&mut self, wait: Duration, check: impl Fn(&Value)) {
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, self.ws.next()).await {
             if let Some(v) = self.parse(m) {
-                assert_ne!(v["type"], kind, "unexpected {v}");
+                check(&v);
             }
         }
     }
@@ -1529,12 +1534,10 @@ impl Client {
 
     /// Asserts that nothing about `foreign` arrives within `wait`.
     async fn nothing_about(&mut self, foreign: &str, wait: Duration) {
-        let deadline = tokio::time::Instant::now() + wait;
-        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, self.ws.next()).await {
-            if let Some(v) = self.parse(m) {
-                assert_ne!(v["conv"], foreign, "a frame of someone else's conversation: {v}");
-            }
-        }
+        self.each_for(wait, |v| {
+            assert_ne!(v["conv"], foreign, "a frame of someone else's conversation: {v}")
+        })
+        .await;
     }
 }
 

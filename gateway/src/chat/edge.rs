@@ -11,7 +11,7 @@ use kefu_proto::client::{ClientFrame, Codec, Command, ConvSummary, Event, Server
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 use kefu_storage::{UserRecord, WriteOp};
 
-use super::service::{BUSY, ChatService, PIPELINED_WHILE_STORING_MAX, Pending, Sess, Stage, now_ms};
+use super::service::{ChatService, PIPELINED_WHILE_STORING_MAX, Pending, Sess, Stage, now_ms};
 use super::{ChatMsg, ROUTER_SHARD, Reply, SessionAddr, ShardMsg, device_of};
 use crate::ws::close;
 use tracing::warn;
@@ -58,31 +58,24 @@ impl ChatService {
         let Some(actor) = sess.session.actor() else { return };
         let routing = sess.routing;
         let reply = (from, codec, id);
-        let request = match request {
+        // A command for a home behind a routing command of this session
+        // goes through the router, after that command's decision.
+        let (to, msg, via_router) = match request {
             Checked::Pong => return self.send(from, codec, &ServerFrame::reply(id, Event::Pong)),
             Checked::Route(request) => {
-                if self.post_chat(ROUTER_SHARD, ChatMsg::Route { reply, actor, request }) {
-                    self.routing_sent(from);
-                } else {
-                    self.send(from, codec, &ServerFrame::error(id, ErrorCode::Unavailable, BUSY));
-                }
-                return;
+                (ROUTER_SHARD, ShardMsg::Chat(Box::new(ChatMsg::Route { reply, actor, request })), true)
             }
-            Checked::Home(request) => request,
-        };
-        // Behind a routing command of this session, through the router.
-        let posted = if routing > 0 {
-            let relayed = self.post_chat(ROUTER_SHARD, ChatMsg::Relay { reply, actor, request });
-            if relayed {
-                self.routing_sent(from);
+            Checked::Home(request) if routing > 0 => {
+                (ROUTER_SHARD, ShardMsg::Chat(Box::new(ChatMsg::Relay { reply, actor, request })), true)
             }
-            relayed
-        } else {
-            let home = request.conv().home(self.shards);
-            self.post(home, ShardMsg::Home { reply, actor, request })
+            Checked::Home(request) => {
+                (request.conv().home(self.shards), ShardMsg::Home { reply, actor, request }, false)
+            }
         };
-        if !posted {
-            self.send(from, codec, &ServerFrame::error(id, ErrorCode::Unavailable, BUSY));
+        if !self.post(to, msg) {
+            self.busy(reply);
+        } else if via_router {
+            self.routing_sent(from);
         }
     }
 

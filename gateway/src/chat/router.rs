@@ -6,10 +6,9 @@
 use kefu_core::chat::router::{Output, Router};
 use kefu_core::identity::{Actor, Identity};
 use kefu_core::session::{HomeRequest, RouteRequest};
-use kefu_proto::client::ServerFrame;
-use kefu_proto::{ErrorCode, Role};
+use kefu_proto::Role;
 
-use super::service::{BUSY, ChatService, now_ms};
+use super::service::{ChatService, now_ms};
 use super::{Reply, ShardMsg, device_of};
 use crate::ws::close;
 
@@ -84,8 +83,8 @@ impl ChatService {
                     None
                 }
             };
-            if let Some((to, codec, id)) = refused {
-                self.send(to, codec, &ServerFrame::error(id, ErrorCode::Unavailable, BUSY));
+            if let Some(reply) = refused {
+                self.busy(reply);
             }
         }
     }

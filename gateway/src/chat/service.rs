@@ -168,9 +168,9 @@ pub enum Local {
     Spare([Option<String>; 2]),
 }
 
-/// The answer to a command the chat service could not pass on (a backlog
-/// full to its bound, a storage queue full).
-pub(super) const BUSY: &str = "the chat service is busy; retry";
+/// The answer to a command the chat service could not pass on: the
+/// backlog for another shard's full inbox is at its bound.
+const BUSY: &str = "the chat service is busy; retry";
 
 /// The close reason of a connection that missed a frame.
 const MISSED: &str = "server busy: frames were lost; resume";
@@ -560,6 +560,11 @@ impl ChatService {
         }
         self.backlog.push_back((to, msg));
         self.stats[self.me].backlog.store(self.backlog.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Answers a command whose post was refused: `unavailable`, retryable.
+    pub(super) fn busy(&mut self, (to, codec, id): Reply) {
+        self.send(to, codec, &ServerFrame::error(id, kefu_proto::ErrorCode::Unavailable, BUSY));
     }
 
     /// Posts a message that a full backlog keeps or cuts, never refuses
