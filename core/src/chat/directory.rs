@@ -1,6 +1,6 @@
 //! The user directory: where each user's sessions are, so a frame reaches
 //! every tab of every participant. Every shard keeps a replica, fed by the
-//! edges' `SessionUp` / `SessionDown` broadcasts (see the gateway's `chat` module).
+//! edges' `SessionUp` / `SessionDown` broadcasts (see [`super`]).
 //!
 //! A user is (role, id): visitors and agents are looked up in separate
 //! maps, so a visitor whose token `sub` equals an agent's id never receives

@@ -1,26 +1,62 @@
 //! The chat service's state machines and the messages between them.
 //!
-//! A shard of the gateway runs one of each of these per shard (the router
-//! on shard 0 only), feeds them inputs with the time, and carries out what
-//! they ask for; nothing here touches a socket, a mailbox, storage or a
-//! clock (DESIGN.md, "The chat service"):
+//! A shard of the gateway runs one of each of these (the router on shard 0
+//! only), feeds them inputs with the time, and carries out what they ask
+//! for; nothing here touches a socket, a mailbox, storage or a clock
+//! (DESIGN.md, "The chat service"):
 //!
+//! - [`edge::Edge`]: the sessions of the connections a shard accepted:
+//!   `connect`, and every command checked where it arrived (identity,
+//!   role, rate limit, sizes), so a refused command costs no other shard
+//!   anything;
+//! - [`home::Home`]: the conversations homed on a shard
+//!   (`ConvId::home(shards)`): `seq`, the cid window, durable-then-ack,
+//!   fan-out of one encoded frame to every participant, resume and history;
+//! - [`router::Router`]: the queue, assignment and presence, on one shard,
+//!   because assignment needs every agent and every waiting visitor at
+//!   once. Its decisions go to each conversation's home, which makes them
+//!   durable and announces them;
 //! - [`directory::Directory`]: where each user's sessions are, (role, id)
-//!   to sessions, replicated on every shard;
-//! - [`router::Router`]: the queue, assignment and presence, on one shard.
+//!   to sessions, replicated on every shard from the edges' `SessionUp` /
+//!   `SessionDown`, so a home reaches any participant without asking.
 //!
-//! The messages below are what shards post each other. A shard's inbox is
-//! one FIFO queue, and the ordering arguments of the gateway
-//! (`gateway/src/chat/mod.rs`) rest on it.
+//! Edge and home queue their work in an [`outbox::Outbox`]; what they read
+//! from storage they read through [`stored::Stored`].
+//!
+//! Ordering rests on one property of the shards' inboxes: each is one FIFO
+//! queue, so two messages one sender puts into it arrive in that order, and
+//! a message put in after another shard *handled* something arrives after
+//! everything that was in the inbox before. (The loop keeps it for what it
+//! must hold back from a full inbox, and for what a shard addresses to
+//! itself, which it runs right after the current input.) Hence:
+//! - an edge broadcasts `SessionUp` before it forwards any command of that
+//!   session and before it asks the router for the session's
+//!   conversations, so no home hears about a session's conversation, and
+//!   no announcement decided after that snapshot misses it;
+//! - between `SessionUp` and `connected` the edge holds the session's
+//!   frames, then writes `connected` and the held frames in order, so a
+//!   client never sees traffic before `connected`;
+//! - a resuming session's missed messages are replayed by each home while
+//!   it registers the session, so they come before any live message of
+//!   that conversation;
+//! - while a session's routing command is with the router, its commands
+//!   for homes go through the router too (`Relay`), so they reach the home
+//!   after the router's decision, as the client sent them.
 
 pub mod directory;
+pub mod edge;
+pub mod frames;
+pub mod home;
+pub mod outbox;
 pub mod router;
+pub mod stored;
 
 use kefu_proto::client::Codec;
 use kefu_proto::{ConvId, ConvStatus};
 
 use crate::identity::{Actor, AgentRef, GroupName, Identity, UserId, UserKey, Visitor};
 use crate::session::{HomeRequest, RouteRequest};
+use frames::SharedFrame;
 
 /// Where a connection lives: its shard, its registry slot there, and the
 /// slot's generation (so a message for a connection that has gone never
@@ -199,5 +235,59 @@ impl ChatMsg {
             | ChatMsg::AgentGone { .. }
             | ChatMsg::Routed { .. } => None,
         }
+    }
+}
+
+/// What shards send each other through their mailboxes (and what a shard
+/// queues for itself, handled right after the current input: never
+/// through its own inbox).
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Any shard → a connection's shard: write this complete WebSocket frame.
+    Deliver {
+        /// The connection.
+        to: SessionAddr,
+        /// Header and payload, shared by every recipient.
+        bytes: SharedFrame,
+        /// String buffers for the shard's decoder: those of the message
+        /// this frame acks, which that decoder filled.
+        spare: [Option<String>; 2],
+    },
+    /// Any shard → a connection's shard: close it (after what is queued).
+    Close {
+        /// The connection.
+        to: SessionAddr,
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: &'static str,
+    },
+    /// Edge → a conversation's home: a checked command about it. Not boxed:
+    /// this is the message path, and it must not allocate.
+    Home {
+        /// Who gets the answer.
+        reply: Reply,
+        /// Who sent it.
+        actor: Actor,
+        /// What they asked.
+        request: HomeRequest,
+    },
+    /// Everything else between chat services (connects, routing): rare,
+    /// so boxed to keep every mailbox slot small.
+    Chat(Box<ChatMsg>),
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// Every inbox slot is as big as the largest message (65,536 slots per
+    /// shard by default), so the message path's variant is kept lean and
+    /// the rare ones are boxed.
+    #[test]
+    fn shard_messages_stay_small() {
+        let size = std::mem::size_of::<ShardMsg>();
+        eprintln!("ShardMsg: {size} B; HomeRequest: {} B", std::mem::size_of::<HomeRequest>());
+        assert!(size <= 256, "ShardMsg grew to {size} B");
     }
 }

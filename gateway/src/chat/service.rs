@@ -1,31 +1,39 @@
 //! One shard's chat service: its state, its inputs and its outputs (see the
 //! module above for how the shards share the work).
 //!
-//! Everything that must be durable before it is announced (a new anonymous
-//! visitor, a message, a conversation's change) goes through
-//! [`ChatService::submit`] with a [`Pending`] that says what to announce
-//! once the group commit holding it has returned. Nothing is announced from
-//! anywhere else.
+//! The machines (`kefu_core::chat`) decide; this loop carries out what
+//! they ask for. Everything that must be durable before it is announced (a
+//! new anonymous visitor, a message, a conversation's change) is a
+//! `Submit` with a [`Pending`] that goes back to the machine that asked
+//! once the group commit holding it has returned.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use kefu_core::CoreConfig;
 use kefu_core::auth::JwtKey;
+use kefu_core::chat::Change;
+use kefu_core::chat::directory::{Directory, Member};
+use kefu_core::chat::edge::{Edge, EdgeConfig};
+use kefu_core::chat::frames::SharedFrame;
+use kefu_core::chat::home::{Durable, Home};
+use kefu_core::chat::outbox::{ConvState, Outbox, Output, Pending, Write};
 use kefu_core::chat::router::Router;
+use kefu_core::chat::stored::ReadError;
 use kefu_core::conversation::RestoredConversation;
-use kefu_core::identity::{AgentRef, UserKey, Visitor, vip_level};
+use kefu_core::identity::{AgentRef, Visitor, vip_level};
 use kefu_core::routing::RestoredRoute;
-use kefu_core::rules::Rules;
-use kefu_core::session::Session;
-use kefu_core::{Conversation, CoreConfig};
-use kefu_proto::client::{ClientFrame, Codec, ServerFrame, SpareStrings};
+use kefu_proto::client::{ClientFrame, Codec, ServerFrame};
+use kefu_proto::ws::close;
 use kefu_proto::{ConvId, Role};
-use kefu_storage::{Completion, Completions, ConversationRecord, Reader, Store, WriteOp, Writer};
+use kefu_storage::{
+    Completion, Completions, ConversationRecord, ReadMark, Reader, Store, UserRecord, WriteOp, Writer,
+};
 use tracing::{info, warn};
 
-use super::directory::{Directory, Member};
-use super::frames::{FrameEncoder, SharedFrame};
-use super::{Change, ChatMsg, ROUTER_SHARD, Reply, RouteInfo, SessionAddr, ShardMsg};
+use super::reads::Reads;
+use super::{ChatMsg, ROUTER_SHARD, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
 use crate::metrics::ShardStats;
 
@@ -101,61 +109,6 @@ pub fn restore_open(
     Ok(out)
 }
 
-/// Where a connection is in its `connect`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Stage {
-    /// A new anonymous visitor's profile is being made durable. Commands
-    /// wait (a few; more are refused, the refusals held until `connected`).
-    Storing,
-    /// Announced to every shard; waiting for the router's `Welcome`. Frames
-    /// for it are held until `connected` is written; commands are served
-    /// (a client may pipeline them behind `connect`).
-    Welcoming,
-    /// `connected` is written.
-    Ready,
-}
-
-/// One connection of this shard, as its edge knows it.
-pub(super) struct Sess {
-    pub(super) codec: Codec,
-    pub(super) session: Session,
-    pub(super) stage: Stage,
-    /// The `connect`'s id and resume map, kept until `connected`.
-    pub(super) connect_id: Option<i64>,
-    pub(super) resume: Vec<(ConvId, u64)>,
-    /// A new anonymous visitor's key, shown once in `connected`.
-    pub(super) visitor_key: Option<String>,
-    /// Commands a new anonymous visitor pipelined behind `connect` while
-    /// it was being stored, served once it is (at most
-    /// [`PIPELINED_WHILE_STORING_MAX`]).
-    pub(super) pipelined: Vec<ClientFrame>,
-    /// `Route`s and `Relay`s sent to the router and not yet `Routed`: while
-    /// any are, commands for homes are relayed too.
-    pub(super) routing: u32,
-}
-
-/// Commands kept for a new anonymous visitor until it is durable; past
-/// this they are refused with `bad_command` (a client that pipelines more
-/// than this behind `connect` is misbehaving, and storing takes about one
-/// group commit).
-pub(super) const PIPELINED_WHILE_STORING_MAX: usize = 16;
-
-/// What to do when a write becomes durable.
-pub(super) enum Pending {
-    /// A new anonymous visitor is stored: announce the session.
-    Connected { to: SessionAddr },
-    /// A message is stored: ack it and fan it out. The message itself comes
-    /// back with the completion, so nothing of it is copied to wait here.
-    Message { conv: ConvId, seq: u64, sender: Option<Reply> },
-    /// A conversation's change is stored: announce its state, and answer
-    /// the command that caused it, if one did. `previous` is the agent who
-    /// had it before a transfer or requeue: no longer a participant, but
-    /// told that it went.
-    ConvChanged { reply: Option<Reply>, previous: Option<UserKey>, route: RouteInfo },
-    /// Nothing to announce (read marks, profiles).
-    Nothing,
-}
-
 /// Something for a connection on this very shard, written right after the
 /// input that caused it is handled: in order, without a round trip through
 /// any inbox.
@@ -182,7 +135,7 @@ const MISSED: &str = "server busy: frames were lost; resume";
 /// step (sessions, decisions, closes) is kept anyway: there are a few of
 /// those per connection or routing command, not per message.
 enum Overflow {
-    /// Refused: the caller answers whoever waits with `unavailable`.
+    /// Refused: whoever waits is answered `unavailable` ([`ChatService::refused`]).
     Refuse,
     /// A frame for this connection: not written; the connection is closed
     /// once its shard takes messages again, and the client resumes.
@@ -193,93 +146,77 @@ enum Overflow {
     Keep,
 }
 
-impl ShardMsg {
-    fn overflow(&self) -> Overflow {
-        match self {
-            ShardMsg::Deliver { to, .. } => Overflow::Cut(*to),
-            ShardMsg::Home { .. } => Overflow::Refuse,
-            ShardMsg::Close { .. } => Overflow::Keep,
-            ShardMsg::Chat(m) => match &**m {
-                ChatMsg::Route { .. } | ChatMsg::Relay { .. } | ChatMsg::Hello { .. } => Overflow::Refuse,
-                // Answering with the state changes nothing: refusable. Any
-                // other change is a decision the router has applied: its
-                // home must hear of it, or the two disagree for good.
-                ChatMsg::Change {
-                    change: Change::Describe | Change::CloseClosed { .. },
-                    reply: Some(_),
-                    ..
-                } => Overflow::Refuse,
-                ChatMsg::Change { change: Change::Position, .. } => Overflow::Skip,
-                ChatMsg::Change { .. }
-                | ChatMsg::SessionUp { .. }
-                | ChatMsg::SessionDown { .. }
-                | ChatMsg::Welcome { .. }
-                | ChatMsg::AgentGone { .. }
-                | ChatMsg::Routed { .. } => Overflow::Keep,
-            },
-        }
+fn overflow(msg: &ShardMsg) -> Overflow {
+    match msg {
+        ShardMsg::Deliver { to, .. } => Overflow::Cut(*to),
+        ShardMsg::Home { .. } => Overflow::Refuse,
+        ShardMsg::Close { .. } => Overflow::Keep,
+        ShardMsg::Chat(m) => match &**m {
+            ChatMsg::Route { .. } | ChatMsg::Relay { .. } | ChatMsg::Hello { .. } => Overflow::Refuse,
+            // Answering with the state changes nothing: refusable. Any
+            // other change is a decision the router has applied: its
+            // home must hear of it, or the two disagree for good.
+            ChatMsg::Change {
+                change: Change::Describe | Change::CloseClosed { .. }, reply: Some(_), ..
+            } => Overflow::Refuse,
+            ChatMsg::Change { change: Change::Position, .. } => Overflow::Skip,
+            ChatMsg::Change { .. }
+            | ChatMsg::SessionUp { .. }
+            | ChatMsg::SessionDown { .. }
+            | ChatMsg::Welcome { .. }
+            | ChatMsg::AgentGone { .. }
+            | ChatMsg::Routed { .. } => Overflow::Keep,
+        },
     }
 }
 
-/// One shard's chat service.
+/// One shard's chat service: the loop around its machines. It feeds them
+/// their inputs with the time and carries out their outputs: posts through
+/// the mailboxes (or, for itself, straight to its own connections and
+/// queue), writes through the store.
 pub struct ChatService {
-    pub(super) me: usize,
-    pub(super) shards: usize,
-    pub(super) mailboxes: Arc<[Mailbox<ShardMsg>]>,
-    pub(super) frames: FrameEncoder,
-    pub(super) core: Arc<CoreConfig>,
-    pub(super) jwt: JwtKey,
-    pub(super) allow_anonymous: bool,
-    pub(super) heartbeat_s: u32,
-    held_frames_max: usize,
-    pub(super) replay_bytes_max: usize,
+    me: usize,
+    mailboxes: Arc<[Mailbox<ShardMsg>]>,
     /// Kept so the writer thread lives as long as any shard.
     _store: Arc<Store>,
-    pub(super) writer: Writer,
-    pub(super) reader: Reader,
+    writer: Writer,
+    reads: Reads,
     completions: Completions,
-    /// Edge: this shard's connections.
-    pub(super) sessions: HashMap<SessionAddr, Sess>,
-    /// Edge: frames waiting for their session's `connected`.
-    pub(super) held: HashMap<SessionAddr, Vec<SharedFrame>>,
-    /// Every shard: (role, id) → sessions, replicated.
-    pub(super) directory: Directory,
-    /// Home: the conversations homed here that are in memory.
-    pub(super) convs: HashMap<ConvId, Conversation>,
-    /// Home: closed conversations in `convs` only to answer one command.
-    pub(super) borrowed: std::collections::HashSet<ConvId>,
-    pub(super) rules: Rules,
-    pub(super) pending: HashMap<u64, Pending>,
-    /// Home: duplicate sends waiting for their original's commit.
-    pub(super) dup_waiters: HashMap<(ConvId, u64), Vec<Reply>>,
+    /// Writes submitted and not yet completed: what to do with each outcome.
+    pending: HashMap<u64, Pending>,
+    next_token: u64,
+    edge: Edge,
+    home: Home,
     /// Router (shard 0 only).
     pub(super) router: Option<Router>,
+    pub(super) directory: Directory,
+    /// The loop's own answers (the router's frames, refusals).
+    pub(super) out: Outbox,
     /// Output for this shard's own connections.
     local: Vec<Local>,
     /// Messages for this shard itself, handled right after the input that
     /// posted them (see [`Self::post`]): never through its own inbox.
-    own: std::collections::VecDeque<ShardMsg>,
+    own: VecDeque<ShardMsg>,
     /// Messages a full inbox could not take yet, with their shard, in the
     /// order they were posted: one queue for every shard, see [`Self::post`].
-    backlog: std::collections::VecDeque<(usize, ShardMsg)>,
+    backlog: VecDeque<(usize, ShardMsg)>,
     /// Connections elsewhere that missed a frame because the backlog was
     /// full: closed (so they resume) once the backlog has room.
-    cut: std::collections::BTreeSet<SessionAddr>,
+    cut: BTreeSet<SessionAddr>,
     /// Every shard's counters (this one writes its own: backlog and overflow).
     stats: Arc<[ShardStats]>,
     /// `server.backlog_messages_max`.
     backlog_max: usize,
-    next_token: u64,
-    /// Reused for each message's audience.
-    pub(super) audience: Vec<Member>,
-    /// Buffers of delivered messages' strings, for the sender id and name
-    /// of the next ones (the cid and text go back to the edges).
-    pub(super) strings: SpareStrings,
 }
 
 /// Wall-clock milliseconds since the Unix epoch: the time the chat rules are fed.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Randomness for new anonymous visitors' ids and keys.
+fn random() -> [u8; 16] {
+    rand::random()
 }
 
 impl ChatService {
@@ -305,53 +242,42 @@ impl ChatService {
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
             .map_err(|e| anyhow::anyhow!("auth.jwt_secret: {e}"))?;
         // Dedupe lookups are for conversations homed here only.
-        let reader = store.reader().with_own_dedupe_cache();
+        let reads = Reads {
+            reader: store.reader().with_own_dedupe_cache(),
+            default_group: core.routing.default_group.clone(),
+        };
         let ShardRestore { conversations, router: routing } = restore;
-        let now = now_ms();
         let router = routing.map(|(next_conv, routes)| {
-            let (router, refused) = Router::new(core.clone(), shards, next_conv, routes, now);
+            let (router, refused) = Router::new(core.clone(), shards, next_conv, routes, now_ms());
             if refused > 0 {
                 warn!(count = refused, "router refused restored conversations");
             }
             router
         });
-        let convs: HashMap<ConvId, Conversation> =
-            conversations.into_iter().map(|r| (r.id, Conversation::restore(r, &core.limits))).collect();
-        info!(shard, open = convs.len(), router = router.is_some(), "chat state restored");
-        let rules = Rules::new(&core.rules);
+        info!(shard, open = conversations.len(), router = router.is_some(), "chat state restored");
+        let home = Home::new(shard, shards, core.clone(), replay_bytes_max, conversations);
+        let edge =
+            Edge::new(shard, shards, EdgeConfig { core, jwt, allow_anonymous, heartbeat_s, held_frames_max });
         Ok(Self {
             me: shard,
-            shards,
             mailboxes,
-            frames: FrameEncoder::new(),
-            jwt,
-            allow_anonymous,
-            heartbeat_s,
-            held_frames_max,
-            replay_bytes_max,
             writer: store.writer(),
-            reader,
+            reads,
             completions: store.completions(shard),
             _store: store,
-            sessions: HashMap::new(),
-            held: HashMap::new(),
-            directory: Directory::default(),
-            convs,
-            borrowed: Default::default(),
-            rules,
-            core,
             pending: HashMap::new(),
-            dup_waiters: HashMap::new(),
+            next_token: 1,
+            edge,
+            home,
             router,
+            directory: Directory::default(),
+            out: Outbox::new(),
             local: Vec::new(),
-            own: Default::default(),
-            backlog: Default::default(),
-            cut: Default::default(),
+            own: VecDeque::new(),
+            backlog: VecDeque::new(),
+            cut: BTreeSet::new(),
             stats,
             backlog_max,
-            next_token: 1,
-            audience: Vec::new(),
-            strings: SpareStrings::new(),
         })
     }
 
@@ -375,13 +301,13 @@ impl ChatService {
     /// A decoded client frame from one of this shard's connections: a
     /// direct call from the connection's task, not a post.
     pub fn frame(&mut self, from: SessionAddr, codec: Codec, frame: ClientFrame) {
-        self.on_frame(from, codec, frame);
+        self.edge.handle_frame(from, codec, frame, now_ms(), &self.reads, &mut random);
         self.settle();
     }
 
     /// One of this shard's connections has ended.
     pub fn gone(&mut self, from: SessionAddr) {
-        self.on_gone(from);
+        self.edge.handle_gone(from);
         self.settle();
     }
 
@@ -391,41 +317,109 @@ impl ChatService {
     /// answered once it is stored, so this refusal can come before their
     /// answers; each carries its own `id`.)
     pub fn answer(&mut self, to: SessionAddr, codec: Codec, frame: &ServerFrame) {
-        self.send(to, codec, frame);
+        self.edge.answer(to, codec, frame);
         self.settle();
     }
 
     fn dispatch(&mut self, msg: ShardMsg) {
+        let now = now_ms();
         match msg {
-            ShardMsg::Deliver { to, bytes, spare } => match self.pass(to, bytes) {
-                Some(bytes) => self.local.push(Local::Deliver(to, bytes, spare)),
-                None => self.local.push(Local::Spare(spare)),
-            },
-            ShardMsg::Close { to, code, reason } => self.close(to, code, reason),
-            ShardMsg::Home { reply, actor, request } => self.on_home(reply, &actor, request),
+            ShardMsg::Deliver { to, bytes, spare } => self.local_write(to, bytes, spare),
+            ShardMsg::Close { to, code, reason } => self.local_close(to, code, reason),
+            ShardMsg::Home { reply, actor, request } => {
+                self.home.handle_request(reply, &actor, request, now, &self.directory, &self.reads)
+            }
             ShardMsg::Chat(msg) => match *msg {
                 ChatMsg::SessionUp { addr, codec, actor, resume } => {
-                    self.on_session_up(addr, codec, &actor, &resume)
+                    self.directory.add(actor.key(), Member { addr, codec });
+                    self.home.handle_session_up(addr, codec, &actor, &resume, &self.reads);
                 }
-                ChatMsg::SessionDown { addr, user } => self.on_session_down(addr, &user),
-                ChatMsg::Hello { reply, identity } => self.on_hello(reply, identity),
-                ChatMsg::Welcome { reply, conversations } => self.on_welcome(reply, conversations),
-                ChatMsg::AgentGone { agent, device } => self.on_agent_gone(&agent, device),
-                ChatMsg::Route { reply, actor, request } => self.on_route(reply, actor, request),
-                ChatMsg::Relay { reply, actor, request } => self.on_relay(reply, actor, request),
-                ChatMsg::Routed { addr } => self.on_routed(addr),
-                ChatMsg::Change { conv, change, reply, route } => self.on_change(conv, change, reply, route),
+                ChatMsg::SessionDown { addr, user } => {
+                    self.directory.remove(&user, addr);
+                    self.home.handle_session_down(addr);
+                }
+                ChatMsg::Welcome { reply, conversations } => {
+                    self.edge.handle_welcome(reply, conversations, &self.reads)
+                }
+                ChatMsg::Routed { addr } => self.edge.handle_routed(addr),
+                ChatMsg::Change { conv, change, reply, route } => {
+                    self.home.handle_change(conv, change, reply, route, now, &self.directory, &self.reads)
+                }
+                ChatMsg::Hello { reply, identity } => self.route(|r| r.handle_hello(reply, identity, now)),
+                ChatMsg::AgentGone { agent, device } => {
+                    self.route(|r| r.handle_agent_gone(&agent, device, now))
+                }
+                ChatMsg::Route { reply, actor, request } => {
+                    self.route(|r| r.handle_route(reply, actor, request, now))
+                }
+                ChatMsg::Relay { reply, actor, request } => {
+                    self.route(|r| r.handle_relay(reply, actor, request))
+                }
             },
         }
     }
 
-    /// Runs what this shard posted to itself while handling an input, in
-    /// the order posted, until nothing is left: a direct call, after the
-    /// input (calling at once would re-enter the handler half-way).
+    /// Carries out every machine's outputs, then runs what this shard
+    /// posted to itself, in the order posted, until nothing is left: a
+    /// direct call, after the input (calling at once would re-enter a
+    /// machine half-way through its handler).
     fn settle(&mut self) {
-        while let Some(msg) = self.own.pop_front() {
+        loop {
+            self.carry();
+            let Some(msg) = self.own.pop_front() else { return };
             self.dispatch(msg);
         }
+    }
+
+    /// Carries out the machines' outputs until none has any.
+    fn carry(&mut self) {
+        loop {
+            if let Some(out) = self.edge.poll_output() {
+                self.output(out);
+            } else if let Some(out) = self.home.poll_output() {
+                self.output(out);
+            } else if let Some(out) = self.out.pop() {
+                self.output(out);
+            } else if self.router.is_some() && self.carry_router() {
+                continue;
+            } else {
+                return;
+            }
+        }
+    }
+
+    fn output(&mut self, out: Output) {
+        match out {
+            Output::Post { to, msg } => self.post(to, msg),
+            Output::Submit { write, then } => self.submit(write, then),
+        }
+    }
+
+    /// Answers for a post a full backlog refused: whoever waits for it is
+    /// told `unavailable`; a session that could not be announced is closed
+    /// (it reconnects).
+    fn refused(&mut self, msg: ShardMsg) {
+        let reply = match msg {
+            ShardMsg::Home { reply, .. } => reply,
+            ShardMsg::Chat(chat) => match *chat {
+                ChatMsg::Hello { reply: (addr, _, _), .. } => {
+                    return self.out.close(addr, close::SERVER_SHUTDOWN, "server busy; reconnect");
+                }
+                ChatMsg::Route { reply, .. } | ChatMsg::Relay { reply, .. } => {
+                    // Never reached the router: the edge stops waiting for it.
+                    self.edge.handle_routed(reply.0);
+                    reply
+                }
+                other => match other.reply() {
+                    Some(reply) => reply,
+                    None => unreachable!("a kept message was refused: {other:?}"),
+                },
+            },
+            other @ (ShardMsg::Deliver { .. } | ShardMsg::Close { .. }) => {
+                unreachable!("a frame or close was refused: {other:?}")
+            }
+        };
+        self.out.error(reply, kefu_proto::ErrorCode::Unavailable, BUSY);
     }
 
     /// Applies every storage completion that has arrived.
@@ -433,10 +427,15 @@ impl ChatService {
         while let Some(Completion { token, result, op }) = self.completions.pop() {
             let Some(pending) = self.pending.remove(&token) else { continue };
             match result {
-                Ok(committed) => {
-                    self.committed(pending, op, committed.duplicate, committed.seq, committed.ts_ms)
+                Ok(c) => self.committed(
+                    pending,
+                    op,
+                    Durable { seq: c.seq, ts_ms: c.ts_ms, duplicate: c.duplicate },
+                ),
+                Err(e) => {
+                    warn!(error = %e, "write failed");
+                    self.failed(pending, &ReadError { code: e.code(), message: e.to_string() });
                 }
-                Err(e) => self.failed(pending, e),
             }
         }
         self.settle();
@@ -456,7 +455,8 @@ impl ChatService {
 
     /// Time passes: offline grace periods that ended by now take effect.
     pub fn tick(&mut self) {
-        self.tick_router();
+        let now = now_ms();
+        self.route(|r| r.handle_tick(now));
         self.settle();
     }
 
@@ -465,26 +465,24 @@ impl ChatService {
         self.local.drain(..)
     }
 
-    /// A frame for one of this shard's connections: handed back unless its
-    /// session is still waiting for `connected`, in which case it is held.
-    pub(super) fn pass(&mut self, to: SessionAddr, bytes: SharedFrame) -> Option<SharedFrame> {
-        if self.held.is_empty() {
-            return Some(bytes);
-        }
-        let Some(held) = self.held.get_mut(&to) else { return Some(bytes) };
-        if held.len() >= self.held_frames_max {
-            self.held.remove(&to);
-            self.local.push(Local::Close(to, crate::ws::close::SLOW_CONSUMER, "too much before connected"));
-        } else {
-            held.push(bytes);
-        }
-        None
-    }
-
     // ---- output -------------------------------------------------------
 
-    /// Puts a message in shard `to`'s inbox, or, for this shard itself, in
-    /// the queue [`Self::settle`] runs once the current input is handled.
+    fn local_write(&mut self, to: SessionAddr, bytes: SharedFrame, spare: [Option<String>; 2]) {
+        match self.edge.pass(to, bytes) {
+            Some(bytes) => self.local.push(Local::Deliver(to, bytes, spare)),
+            None => self.local.push(Local::Spare(spare)),
+        }
+    }
+
+    fn local_close(&mut self, to: SessionAddr, code: u16, reason: &'static str) {
+        self.edge.closing(to);
+        self.local.push(Local::Close(to, code, reason));
+    }
+
+    /// Puts a message in shard `to`'s inbox. For this shard itself: a
+    /// frame or a close for one of its connections is written at once;
+    /// anything else goes to the queue [`Self::settle`] runs once the
+    /// current input is handled.
     ///
     /// If another shard's inbox is full the message waits in this service's
     /// backlog, and so does everything this service posts after it, to any
@@ -498,10 +496,17 @@ impl ChatService {
     /// got there), and goes to the own queue, not the inbox, when its turn
     /// comes.
     ///
-    /// Past `server.backlog_messages_max` waiting, what happens depends on the message
-    /// ([`Overflow`]); `false` means it was refused, and the caller answers
-    /// whoever waits for it with `unavailable`.
-    pub(super) fn post(&mut self, to: usize, msg: ShardMsg) -> bool {
+    /// Past `server.backlog_messages_max` waiting, what happens depends on
+    /// the message ([`Overflow`]); one that is refused is answered at once
+    /// ([`Self::refused`]).
+    pub(super) fn post(&mut self, to: usize, msg: ShardMsg) {
+        if to == self.me {
+            match msg {
+                ShardMsg::Deliver { to, bytes, spare } => return self.local_write(to, bytes, spare),
+                ShardMsg::Close { to, code, reason } => return self.local_close(to, code, reason),
+                _ => {}
+            }
+        }
         // The inbox loop retries only between batches, and a batch lasts as
         // long as other shards keep this inbox fed: try here too.
         if !self.backlog.is_empty() {
@@ -510,42 +515,31 @@ impl ChatService {
         if self.backlog.is_empty() {
             if to == self.me {
                 self.own.push_back(msg);
-                return true;
+                return;
             }
-            match self.mailboxes[to].send(self.me, msg) {
-                Ok(()) => return true,
-                Err(msg) => {
-                    warn!(from = self.me, to, "shard inbox full: holding messages back");
-                    self.hold(to, msg);
-                    return true;
-                }
+            if let Err(msg) = self.mailboxes[to].send(self.me, msg) {
+                warn!(from = self.me, to, "shard inbox full: holding messages back");
+                self.hold(to, msg);
             }
+            return;
         }
         if self.backlog.len() < self.backlog_max {
-            self.hold(to, msg);
-            return true;
+            return self.hold(to, msg);
         }
         let stats = &self.stats[self.me];
-        match msg.overflow() {
+        match overflow(&msg) {
             Overflow::Refuse => {
                 ShardStats::inc(&stats.posts_refused);
-                false
+                self.refused(msg);
             }
             Overflow::Cut(addr) => {
                 ShardStats::inc(&stats.frames_cut);
                 if self.cut.insert(addr) {
                     warn!(from = self.me, to, "shard stuck: a connection missed a frame and will be closed");
                 }
-                true
             }
-            Overflow::Skip => {
-                ShardStats::inc(&stats.posts_skipped);
-                true
-            }
-            Overflow::Keep => {
-                self.hold(to, msg);
-                true
-            }
+            Overflow::Skip => ShardStats::inc(&stats.posts_skipped),
+            Overflow::Keep => self.hold(to, msg),
         }
     }
 
@@ -559,26 +553,7 @@ impl ChatService {
             return;
         }
         self.backlog.push_back((to, msg));
-        self.stats[self.me].backlog.store(self.backlog.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Answers a command whose post was refused: `unavailable`, retryable.
-    pub(super) fn busy(&mut self, (to, codec, id): Reply) {
-        self.send(to, codec, &ServerFrame::error(id, kefu_proto::ErrorCode::Unavailable, BUSY));
-    }
-
-    /// Posts a message that a full backlog keeps or cuts, never refuses
-    /// (a session's coming or going, a frame, a close): there is nobody to
-    /// answer, and it needs nobody.
-    pub(super) fn post_kept(&mut self, to: usize, msg: ShardMsg) {
-        debug_assert!(matches!(msg.overflow(), Overflow::Keep | Overflow::Cut(_)), "{msg:?} can be refused");
-        let posted = self.post(to, msg);
-        debug_assert!(posted, "a kept message was refused");
-    }
-
-    /// Posts a chat message to shard `to`.
-    pub(super) fn post_chat(&mut self, to: usize, msg: ChatMsg) -> bool {
-        self.post(to, ShardMsg::Chat(Box::new(msg)))
+        self.stats[self.me].backlog.store(self.backlog.len() as u64, Ordering::Relaxed);
     }
 
     /// Moves what waits in the backlog into the inboxes, in order, up to
@@ -605,107 +580,102 @@ impl ChatService {
         while self.backlog.len() < self.backlog_max
             && let Some(addr) = self.cut.pop_first()
         {
-            let close = ShardMsg::Close { to: addr, code: crate::ws::close::SLOW_CONSUMER, reason: MISSED };
+            let close = ShardMsg::Close { to: addr, code: close::SLOW_CONSUMER, reason: MISSED };
             self.backlog.push_back((addr.shard as usize, close));
         }
-        self.stats[self.me].backlog.store(self.backlog.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Writes an already encoded frame to a connection, wherever it is.
-    pub(super) fn write(&mut self, to: SessionAddr, bytes: SharedFrame) {
-        self.write_with(to, bytes, Default::default());
-    }
-
-    /// [`Self::write`], handing `spare` (strings its shard's decoder
-    /// filled) back to that shard along with the frame.
-    pub(super) fn write_with(&mut self, to: SessionAddr, bytes: SharedFrame, spare: [Option<String>; 2]) {
-        if to.shard as usize == self.me {
-            if let Some(bytes) = self.pass(to, bytes) {
-                self.local.push(Local::Deliver(to, bytes, spare));
-            }
-        } else {
-            self.post_kept(to.shard as usize, ShardMsg::Deliver { to, bytes, spare });
-        }
-    }
-
-    /// Encodes and writes one frame to one connection.
-    pub(super) fn send(&mut self, to: SessionAddr, codec: Codec, frame: &ServerFrame) {
-        let bytes = self.frames.encode(codec, frame);
-        self.write(to, bytes);
-    }
-
-    /// Sends one event to many sessions: encoded once per subprotocol.
-    pub(super) fn deliver(&mut self, to: impl IntoIterator<Item = Member>, frame: &ServerFrame) {
-        let mut encoded: [Option<SharedFrame>; 2] = [None, None];
-        for m in to {
-            let slot = usize::from(m.codec.is_binary());
-            let bytes = encoded[slot].get_or_insert_with(|| self.frames.encode(m.codec, frame)).clone();
-            self.write(m.addr, bytes);
-        }
-    }
-
-    /// Closes a connection, wherever it is.
-    pub(super) fn close(&mut self, to: SessionAddr, code: u16, reason: &'static str) {
-        if to.shard as usize == self.me {
-            self.held.remove(&to);
-            self.local.push(Local::Close(to, code, reason));
-        } else {
-            self.post_kept(to.shard as usize, ShardMsg::Close { to, code, reason });
-        }
+        self.stats[self.me].backlog.store(self.backlog.len() as u64, Ordering::Relaxed);
     }
 
     // ---- durability ---------------------------------------------------
 
-    /// Queues a write from this shard; `false` if storage's queue is full
-    /// (nothing written).
-    pub(super) fn submit(&mut self, op: WriteOp, then: Pending) -> bool {
+    /// Queues a write from this shard; if storage's queue is full, nothing
+    /// is written and the machine that asked hears so at once.
+    fn submit(&mut self, write: Write, then: Pending) {
         let token = self.next_token;
         self.next_token += 1;
-        match self.writer.submit(self.me, token, op) {
+        match self.writer.submit(self.me, token, write_op(write)) {
             Ok(()) => {
                 self.pending.insert(token, then);
-                true
             }
-            Err(_) => false,
-        }
-    }
-
-    fn committed(&mut self, pending: Pending, op: WriteOp, duplicate: bool, seq: u64, ts: u64) {
-        match (pending, op) {
-            (Pending::Connected { to }, _) => self.announce(to),
-            (Pending::Message { conv, seq: ours, sender }, WriteOp::AppendMessage(m)) => {
-                self.message_committed(conv, ours, sender, m, duplicate, seq, ts)
-            }
-            (Pending::ConvChanged { reply, previous, route }, WriteOp::PutConversation(stored)) => {
-                self.change_committed(stored, reply, previous, &route)
-            }
-            (Pending::Nothing, _) => {}
-            // Storage hands back the very write submitted under the token:
-            // an invariant of the boundary between the two, asserted.
-            (Pending::Message { .. } | Pending::ConvChanged { .. }, op) => {
-                unreachable!("storage completed a token with another write: {op:?}")
+            Err(e) => {
+                warn!(error = %e, "storage queue full: write refused");
+                self.failed(
+                    then,
+                    &ReadError {
+                        code: kefu_proto::ErrorCode::Unavailable,
+                        message: "storage busy; retry".into(),
+                    },
+                );
             }
         }
     }
 
-    fn failed(&mut self, pending: Pending, error: kefu_storage::StorageError) {
-        warn!(%error, "write failed");
+    fn committed(&mut self, pending: Pending, op: WriteOp, durable: Durable) {
+        let now = now_ms();
         match pending {
-            Pending::Connected { to } => self.connect_failed(to),
-            Pending::Message { conv, seq, sender } => {
-                self.reload(conv);
-                // Resends that waited for this write fail with it: the seq
-                // is free again, and a later message must not answer them.
-                let waiters = self.dup_waiters.remove(&(conv, seq)).unwrap_or_default();
-                for (to, codec, id) in sender.into_iter().chain(waiters) {
-                    self.send(to, codec, &ServerFrame::error(id, error.code(), error.to_string()));
+            Pending::Nothing => {}
+            Pending::Connected { .. } => self.edge.handle_committed(pending, now, &self.reads, &mut random),
+            pending => match handed_back(op) {
+                Some(write) => {
+                    self.home.handle_committed(pending, write, durable, now, &self.directory, &self.reads)
                 }
-            }
-            Pending::ConvChanged { reply: Some((to, codec, id)), .. } => {
-                self.send(to, codec, &ServerFrame::error(id, error.code(), error.to_string()));
-            }
-            Pending::ConvChanged { reply: None, .. } | Pending::Nothing => {}
+                // Storage hands back the very write submitted under the
+                // token: an invariant of the boundary, asserted.
+                None => unreachable!("storage completed a home's token with another write"),
+            },
         }
+    }
+
+    fn failed(&mut self, pending: Pending, error: &ReadError) {
+        match pending {
+            Pending::Connected { .. } => self.edge.handle_failed(pending, error),
+            pending => self.home.handle_failed(pending, error, &self.reads),
+        }
+    }
+}
+
+/// The store's write for a machine's.
+fn write_op(write: Write) -> WriteOp {
+    match write {
+        Write::Message(msg) => WriteOp::AppendMessage(msg),
+        Write::Conversation(c) => WriteOp::PutConversation(ConversationRecord {
+            id: c.conv.0,
+            visitor_id: c.visitor_id,
+            status: c.status,
+            agent: c.agent.map(|a| kefu_storage::AgentRef { id: a.id, name: a.name }),
+            group: c.group,
+            created_ms: c.at_ms,
+            updated_ms: c.at_ms,
+            last_seq: 0,
+        }),
+        Write::User(p) => WriteOp::PutUser(UserRecord {
+            id: p.id,
+            role: p.role,
+            name: p.name,
+            meta: p.meta,
+            visitor_key_hash: p.visitor_key_hash,
+            created_ms: p.created_ms,
+        }),
+        Write::Read { conv, user, seq, ts_ms } => {
+            WriteOp::MarkRead(ReadMark { conv: conv.0, user_id: user.id.to_string(), seq, ts_ms })
+        }
+    }
+}
+
+/// The machine's write back from a completion, for the writes whose
+/// commit a machine acts on (messages and conversation changes).
+fn handed_back(op: WriteOp) -> Option<Write> {
+    match op {
+        WriteOp::AppendMessage(msg) => Some(Write::Message(msg)),
+        WriteOp::PutConversation(c) => Some(Write::Conversation(ConvState {
+            conv: ConvId(c.id),
+            visitor_id: c.visitor_id,
+            status: c.status,
+            agent: c.agent.map(|a| kefu_proto::client::AgentRef { id: a.id, name: a.name }),
+            group: c.group,
+            at_ms: c.updated_ms,
+        })),
+        _ => None,
     }
 }
 

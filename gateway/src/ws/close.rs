@@ -41,18 +41,9 @@ pub const MANDATORY_EXT: u16 = 1010;
 /// The server hit an unexpected condition.
 pub const INTERNAL: u16 = 1011;
 
-/// kefu: the gateway is draining for a restart or shutdown; reconnect
-/// (possibly elsewhere) after a back-off.
-pub const SERVER_SHUTDOWN: u16 = 4000;
-/// kefu: the client did not read fast enough and its outbound queue hit its
-/// bound; it is cut off rather than allowed to grow memory.
-pub const SLOW_CONSUMER: u16 = 4001;
-/// kefu: a newer connection for the same session took this one's place.
-pub const REPLACED: u16 = 4002;
-/// kefu: missing, invalid or expired credentials. Do not retry as is.
-pub const UNAUTHORIZED: u16 = 4500;
-/// kefu: the identity is blocked. Do not retry.
-pub const BLOCKED: u16 = 4501;
+/// kefu's own codes (4000-4999): part of the client protocol, so they live
+/// with it.
+pub use kefu_proto::ws::close::{BLOCKED, REPLACED, SERVER_SHUTDOWN, SLOW_CONSUMER, UNAUTHORIZED};
 
 /// Whether `code` may appear in a close frame received from a peer
 /// (RFC 6455 §7.4, the IANA registry, and the Autobahn TestSuite 7.7.x and

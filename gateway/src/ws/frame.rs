@@ -28,9 +28,7 @@
 
 use std::fmt;
 
-/// The longest possible frame header: 2 fixed bytes, an 8-byte extended
-/// length and a 4-byte masking key.
-pub const MAX_HEADER_BYTES: usize = 14;
+pub use kefu_proto::ws::{MAX_HEADER_BYTES, OpCode, encode_header};
 
 /// The largest payload a control frame (close, ping, pong) may carry
 /// (RFC 6455 §5.5). Control frames must fit in the 7-bit length field so that
@@ -40,91 +38,6 @@ pub const MAX_CONTROL_PAYLOAD_BYTES: usize = 125;
 /// The longest close reason that fits in a control frame: 125 bytes minus the
 /// 2-byte status code.
 pub const MAX_CLOSE_REASON_BYTES: usize = MAX_CONTROL_PAYLOAD_BYTES - 2;
-
-/// The frame types RFC 6455 defines. The other ten opcode values are reserved
-/// and a peer that sends one fails the connection (see the decoder).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum OpCode {
-    /// A further fragment of the message started by a Text or Binary frame.
-    Continuation = 0,
-    /// The first frame of a UTF-8 text message.
-    Text = 1,
-    /// The first frame of a binary message.
-    Binary = 2,
-    /// Start (or answer) the closing handshake.
-    Close = 8,
-    /// A keep-alive probe; the receiver answers with a Pong.
-    Ping = 9,
-    /// The answer to a Ping (or an unsolicited heartbeat).
-    Pong = 10,
-}
-
-impl OpCode {
-    /// The opcode for the low four bits of a frame's first byte, or `None` if
-    /// the value is reserved. Bits above the low four are ignored by design:
-    /// callers mask them off first, so a stray high bit cannot alias a valid
-    /// opcode here.
-    pub fn from_u8(value: u8) -> Option<OpCode> {
-        match value {
-            0 => Some(OpCode::Continuation),
-            1 => Some(OpCode::Text),
-            2 => Some(OpCode::Binary),
-            8 => Some(OpCode::Close),
-            9 => Some(OpCode::Ping),
-            10 => Some(OpCode::Pong),
-            _ => None,
-        }
-    }
-
-    /// Control frames (opcodes with the high bit set) may not be fragmented
-    /// and carry at most [`MAX_CONTROL_PAYLOAD_BYTES`].
-    pub fn is_control(self) -> bool {
-        (self as u8) & 0x8 != 0
-    }
-}
-
-/// Writes a frame header into `out` and returns how many bytes of it are
-/// used. The length is encoded in the fewest bytes RFC 6455 §5.2 allows
-/// (the "minimal encoding" a sender must use): 7 bits below 126, 16 bits up
-/// to 65535, 64 bits beyond.
-///
-/// `mask` is `None` for frames the gateway sends as a server (RFC 6455 §5.1:
-/// a server must not mask) and `Some(key)` for client frames (tests and the
-/// bench tool). The payload itself is not touched; mask it with
-/// [`apply_mask`].
-///
-/// `payload_len` must be below 2^63 (the most significant bit of the 64-bit
-/// length is reserved); no real payload comes near that.
-pub fn encode_header(
-    out: &mut [u8; MAX_HEADER_BYTES],
-    fin: bool,
-    opcode: OpCode,
-    payload_len: u64,
-    mask: Option<[u8; 4]>,
-) -> usize {
-    debug_assert!(payload_len >> 63 == 0, "frame length {payload_len} not encodable");
-    out[0] = (u8::from(fin) << 7) | opcode as u8;
-    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
-    let mut len = if payload_len < 126 {
-        // Lossless: payload_len < 126 fits in 7 bits.
-        out[1] = mask_bit | payload_len as u8;
-        2
-    } else if let Ok(short) = u16::try_from(payload_len) {
-        out[1] = mask_bit | 126;
-        out[2..4].copy_from_slice(&short.to_be_bytes());
-        4
-    } else {
-        out[1] = mask_bit | 127;
-        out[2..10].copy_from_slice(&payload_len.to_be_bytes());
-        10
-    };
-    if let Some(key) = mask {
-        out[len..len + 4].copy_from_slice(&key);
-        len += 4;
-    }
-    len
-}
 
 /// XORs `buf` with the masking key in place (RFC 6455 §5.3). Masking is its
 /// own inverse, so this both masks and unmasks.

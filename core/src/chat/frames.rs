@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use kefu_proto::client::{Codec, Encoder, ServerFrame};
 
-use crate::ws::frame::{MAX_HEADER_BYTES, OpCode, encode_header};
+use kefu_proto::ws::{MAX_HEADER_BYTES, OpCode, encode_header};
 
 /// A complete WebSocket frame (header and payload), shared by every
 /// connection it is queued on.

@@ -1,0 +1,433 @@
+//! The edge: the sessions of the connections one shard accepted. It runs
+//! `connect` (credentials, a new anonymous visitor made durable first),
+//! checks every later command where it arrived (identity, role, rate
+//! limit, sizes: a refused command costs no other shard anything) and
+//! posts it to the conversation's home or to the router. It holds the
+//! frames for a session until its `connected` is written, so a client
+//! never sees traffic before `connected`.
+//!
+//! Sans-IO, like the other machines: `handle_*` in with the time, outputs
+//! through [`Edge::poll_output`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kefu_proto::client::{ClientFrame, Codec, Command, ConvSummary, Event, ServerFrame, User};
+use kefu_proto::ws::close;
+use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
+
+use super::frames::SharedFrame;
+use super::outbox::{Outbox, Output, Pending, Profile, Write};
+use super::stored::{ReadError, Stored};
+use super::{ChatMsg, ROUTER_SHARD, Reply, SessionAddr, ShardMsg, device_of};
+use crate::CoreConfig;
+use crate::auth::{Credentials, JwtKey, VisitorKey, VisitorKeyHash, anonymous_id, anonymous_identity};
+use crate::session::{Checked, Session};
+
+/// Commands kept for a new anonymous visitor until it is durable; past
+/// this they are refused with `bad_command` (a client that pipelines more
+/// than this behind `connect` is misbehaving, and storing takes about one
+/// group commit).
+pub const PIPELINED_WHILE_STORING_MAX: usize = 16;
+
+/// What the edge is configured with.
+pub struct EdgeConfig {
+    /// The product rules' configuration.
+    pub core: Arc<CoreConfig>,
+    /// The key tokens are checked with.
+    pub jwt: JwtKey,
+    /// `auth.allow_anonymous`.
+    pub allow_anonymous: bool,
+    /// `server.heartbeat_s`, told to clients in `connected`.
+    pub heartbeat_s: u32,
+    /// Frames held for a session until its `connected` is written; past
+    /// this it is cut as a slow consumer.
+    pub held_frames_max: usize,
+}
+
+/// Where a connection is in its `connect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// A new anonymous visitor's profile is being made durable. Commands
+    /// wait (a few; more are refused, the refusals held until `connected`).
+    Storing,
+    /// Announced to every shard; waiting for the router's `Welcome`. Frames
+    /// for it are held until `connected` is written; commands are served
+    /// (a client may pipeline them behind `connect`).
+    Welcoming,
+    /// `connected` is written.
+    Ready,
+}
+
+/// One connection of this shard, as its edge knows it.
+struct Sess {
+    codec: Codec,
+    session: Session,
+    stage: Stage,
+    /// The `connect`'s id and resume map, kept until `connected`.
+    connect_id: Option<i64>,
+    resume: Vec<(ConvId, u64)>,
+    /// A new anonymous visitor's key, shown once in `connected`.
+    visitor_key: Option<String>,
+    /// Commands a new anonymous visitor pipelined behind `connect` while
+    /// it was being stored, served once it is.
+    pipelined: Vec<ClientFrame>,
+    /// `Route`s and `Relay`s sent to the router and not yet `Routed`: while
+    /// any are, commands for homes are relayed too.
+    routing: u32,
+}
+
+/// The sessions of one shard's connections.
+pub struct Edge {
+    me: usize,
+    shards: usize,
+    config: EdgeConfig,
+    sessions: HashMap<SessionAddr, Sess>,
+    /// Frames waiting for their session's `connected`.
+    held: HashMap<SessionAddr, Vec<SharedFrame>>,
+    out: Outbox,
+}
+
+impl Edge {
+    /// Shard `me`'s edge, of `shards`.
+    pub fn new(me: usize, shards: usize, config: EdgeConfig) -> Edge {
+        Edge { me, shards, config, sessions: HashMap::new(), held: HashMap::new(), out: Outbox::new() }
+    }
+
+    /// The next thing to carry out.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop()
+    }
+
+    /// Sessions on this shard (connected or connecting).
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A frame for one of this shard's connections: handed back to be
+    /// written, unless its session is still waiting for `connected`, in
+    /// which case it is held (and past `held_frames_max`, the connection is
+    /// closed as a slow consumer).
+    pub fn pass(&mut self, to: SessionAddr, bytes: SharedFrame) -> Option<SharedFrame> {
+        if self.held.is_empty() {
+            return Some(bytes);
+        }
+        let Some(held) = self.held.get_mut(&to) else { return Some(bytes) };
+        if held.len() >= self.config.held_frames_max {
+            self.held.remove(&to);
+            self.out.close(to, close::SLOW_CONSUMER, "too much before connected");
+        } else {
+            held.push(bytes);
+        }
+        None
+    }
+
+    /// One of this shard's connections is being closed: nothing more is
+    /// held for it.
+    pub fn closing(&mut self, to: SessionAddr) {
+        self.held.remove(&to);
+    }
+
+    /// Answers a frame of this shard's connection directly (one that could
+    /// not be decoded, or a refused post): held until `connected` like
+    /// every other frame for the session.
+    pub fn answer(&mut self, to: SessionAddr, codec: Codec, frame: &ServerFrame) {
+        self.out.send(to, codec, frame);
+    }
+
+    /// A decoded frame from one of this shard's connections.
+    pub fn handle_frame(
+        &mut self,
+        from: SessionAddr,
+        codec: Codec,
+        frame: ClientFrame,
+        now_ms: u64,
+        store: &dyn Stored,
+        random: &mut dyn FnMut() -> [u8; 16],
+    ) {
+        let id = frame.id;
+        let reply = (from, codec, id);
+        if let Command::Connect { token, visitor_id, visitor_key, resume } = frame.body {
+            let resume = resume.into_iter().collect();
+            let creds = (token, visitor_id, visitor_key);
+            return self.on_connect(reply, creds, resume, now_ms, store, random);
+        }
+        let Some(sess) = self.sessions.get_mut(&from) else {
+            if matches!(frame.body, Command::Ping) {
+                // No session (its connect was refused without a close):
+                // `ping` needs none.
+                return self.out.send(from, codec, &ServerFrame::reply(id, Event::Pong));
+            }
+            self.out.error(reply, ErrorCode::Unauthorized, "send connect first");
+            self.out.close(from, close::UNAUTHORIZED, "connect first");
+            return;
+        };
+        // A session waiting for its `Welcome` may already send: every shard
+        // knows it (SessionUp went first), and answers are held until
+        // `connected`. A visitor not yet durable is known nowhere else yet,
+        // so its commands (a `ping` too) wait here until it is.
+        if sess.stage == Stage::Storing {
+            if sess.pipelined.len() < PIPELINED_WHILE_STORING_MAX {
+                sess.pipelined.push(frame);
+            } else {
+                self.out.error(reply, ErrorCode::BadCommand, "connect is still in progress");
+            }
+            return;
+        }
+        let request = match sess.session.check(frame.body, now_ms) {
+            Ok(r) => r,
+            Err(e) => return self.out.error(reply, e.code(), e.to_string()),
+        };
+        let Some(actor) = sess.session.actor() else { return };
+        // A command for a home behind a routing command of this session
+        // goes through the router, after that command's decision.
+        match request {
+            Checked::Pong => self.out.send(from, codec, &ServerFrame::reply(id, Event::Pong)),
+            Checked::Route(request) => {
+                sess.routing += 1;
+                self.out.post_chat(ROUTER_SHARD, ChatMsg::Route { reply, actor, request });
+            }
+            Checked::Home(request) if sess.routing > 0 => {
+                sess.routing += 1;
+                self.out.post_chat(ROUTER_SHARD, ChatMsg::Relay { reply, actor, request });
+            }
+            Checked::Home(request) => {
+                let home = request.conv().home(self.shards);
+                self.out.post(home, ShardMsg::Home { reply, actor, request });
+            }
+        }
+    }
+
+    /// The router has handled one of this session's `Route`s or `Relay`s
+    /// (or one was never posted: a full backlog refused it).
+    pub fn handle_routed(&mut self, addr: SessionAddr) {
+        if let Some(sess) = self.sessions.get_mut(&addr) {
+            sess.routing = sess.routing.saturating_sub(1);
+        }
+    }
+
+    fn on_connect(
+        &mut self,
+        reply: Reply,
+        (token, visitor_id, visitor_key): (Option<String>, Option<String>, Option<String>),
+        resume: Vec<(ConvId, u64)>,
+        now_ms: u64,
+        store: &dyn Stored,
+        random: &mut dyn FnMut() -> [u8; 16],
+    ) {
+        let (from, codec, id) = reply;
+        if self.sessions.contains_key(&from) {
+            return self.out.error(reply, ErrorCode::BadCommand, "already connected");
+        }
+        let refuse = |out: &mut Outbox, why: String| {
+            out.error(reply, ErrorCode::Unauthorized, why);
+            out.close(from, close::UNAUTHORIZED, "unauthorized");
+        };
+        let creds = match Credentials::classify(
+            token.as_deref(),
+            visitor_id.as_deref(),
+            visitor_key.as_deref(),
+            self.config.allow_anonymous,
+        ) {
+            Ok(c) => c,
+            Err(e) => return refuse(&mut self.out, e.to_string()),
+        };
+        let (identity, new_key) = match creds {
+            Credentials::Token(t) => match self.config.jwt.verify(t, now_ms) {
+                Ok(claims) => (claims.into_identity(), None),
+                Err(e) => return refuse(&mut self.out, e.to_string()),
+            },
+            Credentials::Returning { visitor_id, key } => {
+                let stored = match store.user(Role::Visitor, visitor_id) {
+                    Ok(u) => u,
+                    Err(e) => return self.out.error(reply, e.code, e.message),
+                };
+                let ok = stored
+                    .as_ref()
+                    .and_then(|u| u.visitor_key_hash)
+                    .is_some_and(|h| VisitorKeyHash(h).verify(&key));
+                match (ok, stored) {
+                    (true, Some(u)) => {
+                        (anonymous_identity(Arc::from(u.id.as_str()), u.meta.into_iter().collect()), None)
+                    }
+                    _ => return refuse(&mut self.out, "unknown visitor or wrong visitor_key".into()),
+                }
+            }
+            Credentials::NewAnonymous => {
+                let vid = anonymous_id(random());
+                let key = VisitorKey::from_random(random());
+                (anonymous_identity(vid, Default::default()), Some(key))
+            }
+        };
+        let mut session = Session::new(self.config.core.clone(), now_ms);
+        if let Err(e) = session.connect(identity.clone()) {
+            return refuse(&mut self.out, e.to_string());
+        }
+        if let Err(e) = session.check_resume(resume.len()) {
+            return self.out.error(reply, e.code(), e.to_string());
+        }
+        let stage = if new_key.is_some() { Stage::Storing } else { Stage::Welcoming };
+        let sess = Sess {
+            codec,
+            session,
+            stage,
+            connect_id: id,
+            resume,
+            visitor_key: new_key.as_ref().map(VisitorKey::to_hex),
+            pipelined: Vec::new(),
+            routing: 0,
+        };
+        self.sessions.insert(from, sess);
+        // `connected` is the first frame the session gets: whatever is
+        // written to it before (answers to pipelined commands) waits.
+        self.held.insert(from, Vec::new());
+        match new_key {
+            // The key must survive any crash before the visitor sees it.
+            Some(key) => self.out.submit(
+                Write::User(Profile {
+                    role: Role::Visitor,
+                    id: identity.id.to_string(),
+                    name: identity.name.to_string(),
+                    meta: Vec::new(),
+                    visitor_key_hash: Some(key.hash().0),
+                    created_ms: now_ms,
+                }),
+                Pending::Connected { to: from },
+            ),
+            None => self.announce(from, now_ms, store, random),
+        }
+    }
+
+    /// A new anonymous visitor is durable: announce the session.
+    pub fn handle_committed(
+        &mut self,
+        pending: Pending,
+        now_ms: u64,
+        store: &dyn Stored,
+        random: &mut dyn FnMut() -> [u8; 16],
+    ) {
+        if let Pending::Connected { to } = pending {
+            self.announce(to, now_ms, store, random);
+        }
+    }
+
+    /// A new anonymous visitor could not be stored: refused, and closed.
+    pub fn handle_failed(&mut self, pending: Pending, error: &ReadError) {
+        let Pending::Connected { to } = pending else { return };
+        if let Some(sess) = self.sessions.remove(&to) {
+            // Never connected: what was held goes with it.
+            self.held.remove(&to);
+            let message = format!("could not store the visitor; retry ({})", error.message);
+            self.out.send(to, sess.codec, &ServerFrame::error(None, ErrorCode::Unavailable, message));
+            self.out.close(to, close::SERVER_SHUTDOWN, "storage error");
+        }
+    }
+
+    /// Tells every shard the session exists (each home replays its share of
+    /// `resume`), then asks the router for `connected`'s conversations.
+    /// Frames for the session stay held (since its `connect`) until `connected`.
+    fn announce(
+        &mut self,
+        addr: SessionAddr,
+        now_ms: u64,
+        store: &dyn Stored,
+        random: &mut dyn FnMut() -> [u8; 16],
+    ) {
+        let Some(sess) = self.sessions.get_mut(&addr) else { return };
+        sess.stage = Stage::Welcoming;
+        let (codec, resume) = (sess.codec, std::mem::take(&mut sess.resume));
+        let Some(identity) = sess.session.identity().cloned() else { return };
+        let actor = identity.actor();
+        for shard in 0..self.shards {
+            let mine = resume.iter().copied().filter(|(c, _)| c.home(self.shards) == shard).collect();
+            self.out.post_chat(shard, ChatMsg::SessionUp { addr, codec, actor: actor.clone(), resume: mine });
+        }
+        let id = sess.connect_id;
+        self.out.post_chat(ROUTER_SHARD, ChatMsg::Hello { reply: (addr, codec, id), identity });
+        // Commands a new visitor sent while it was being stored, in order.
+        for frame in std::mem::take(&mut sess.pipelined) {
+            self.handle_frame(addr, codec, frame, now_ms, store, random);
+        }
+    }
+
+    /// The router's answer to `Hello`: write `connected`, then what was held.
+    pub fn handle_welcome(
+        &mut self,
+        reply: Reply,
+        conversations: Vec<(ConvId, ConvStatus)>,
+        store: &dyn Stored,
+    ) {
+        let (to, codec, id) = reply;
+        let Some(sess) = self.sessions.get_mut(&to) else { return };
+        sess.stage = Stage::Ready;
+        let visitor_key = sess.visitor_key.take();
+        let Some(identity) = sess.session.identity().cloned() else { return };
+        let mut conversations: Vec<ConvSummary> = conversations
+            .into_iter()
+            .map(|(conv, status)| ConvSummary { conv, status, last_seq: store.last_seq(conv).unwrap_or(0) })
+            .collect();
+        if identity.role == Role::Visitor {
+            // Then its past conversations, for a returning visitor's history.
+            // One the router still had open may be closed in storage by now:
+            // it is listed as the router saw it (its close is pushed after
+            // `connected`), not twice. A failed read lists none of them.
+            let max = self.config.core.routing.connected_closed_max;
+            let open = conversations.len();
+            if let Ok(past) = store.conversations_of(&identity.id, max + open) {
+                let closed: Vec<ConvSummary> = past
+                    .into_iter()
+                    .filter(|c| c.status == ConvStatus::Closed)
+                    .filter(|c| !conversations[..open].iter().any(|s| s.conv == c.conv))
+                    .take(max)
+                    .collect();
+                conversations.extend(closed);
+            }
+        }
+        let frame = ServerFrame::reply(
+            id,
+            Event::Connected {
+                // One id per connection (shard, slot, generation): tabs of
+                // one user are different sessions.
+                session: format!("s{:x}", device_of(to)),
+                role: identity.role,
+                user: User {
+                    id: identity.id.to_string(),
+                    name: identity.name.to_string(),
+                    meta: identity.meta.clone(),
+                },
+                visitor_key,
+                conversations,
+                heartbeat_s: self.config.heartbeat_s,
+            },
+        );
+        let held = self.held.remove(&to).unwrap_or_default();
+        self.out.send(to, codec, &frame);
+        for bytes in held {
+            self.out.write(to, bytes);
+        }
+    }
+
+    /// One of this shard's connections has ended: every shard forgets the
+    /// session, and the router an agent's device.
+    pub fn handle_gone(&mut self, from: SessionAddr) {
+        self.held.remove(&from);
+        let Some(sess) = self.sessions.remove(&from) else { return };
+        let Some(identity) = sess.session.identity() else { return };
+        if sess.stage == Stage::Storing {
+            // Never announced.
+            return;
+        }
+        for shard in 0..self.shards {
+            self.out.post_chat(shard, ChatMsg::SessionDown { addr: from, user: identity.key() });
+        }
+        if identity.role == Role::Agent {
+            let gone = ChatMsg::AgentGone { agent: identity.id.clone(), device: device_of(from) };
+            self.out.post_chat(ROUTER_SHARD, gone);
+        }
+    }
+
+    /// This shard's number.
+    pub fn shard(&self) -> usize {
+        self.me
+    }
+}
