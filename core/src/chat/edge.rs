@@ -431,3 +431,6 @@ impl Edge {
         self.me
     }
 }
+
+#[cfg(test)]
+mod tests;

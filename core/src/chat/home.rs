@@ -314,22 +314,24 @@ impl Home {
         let (from, codec, id) = reply;
         // Older resends than the conversation's window remembers: the
         // durable dedupe index has the original. Only the seqs below the
-        // window are asked about, which the store's cache mostly answers
-        // without a read transaction.
+        // window are asked about (none while the window has never lost a
+        // cid), which the store's cache mostly answers without a read.
         let below = self.convs.get(&conv).map_or(u64::MAX, Conversation::cids_remembered_from);
-        match store.earlier(actor.role, &actor.id, conv, cid.as_str(), below) {
-            Ok(Some(hit)) => {
-                let ack = Event::Ack {
-                    cid: cid.as_str().into(),
-                    conv,
-                    seq: hit.seq,
-                    ts: hit.ts_ms,
-                    duplicate: true,
-                };
-                return self.out.send(from, codec, &ServerFrame::reply(id, ack));
+        if below > 1 {
+            match store.earlier(actor.role, &actor.id, conv, cid.as_str(), below) {
+                Ok(Some(hit)) => {
+                    let ack = Event::Ack {
+                        cid: cid.as_str().into(),
+                        conv,
+                        seq: hit.seq,
+                        ts: hit.ts_ms,
+                        duplicate: true,
+                    };
+                    return self.out.send(from, codec, &ServerFrame::reply(id, ack));
+                }
+                Ok(None) => {}
+                Err(e) => return self.out.error(reply, e.code, e.message),
             }
-            Ok(None) => {}
-            Err(e) => return self.out.error(reply, e.code, e.message),
         }
         let Some(c) = self.convs.get_mut(&conv) else { return };
         let outcome = match c.send(actor, Some(cid), now_ms) {

@@ -50,6 +50,8 @@ pub mod home;
 pub mod outbox;
 pub mod router;
 pub mod stored;
+#[cfg(test)]
+mod testing;
 
 use kefu_proto::client::Codec;
 use kefu_proto::{ConvId, ConvStatus};

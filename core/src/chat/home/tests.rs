@@ -1,1 +1,437 @@
+//! The home's rules, driven with fed inputs, time and a store in memory:
+//! what is acked when, who hears of what, dedupe, read marks, typing,
+//! changes, history and resume paging, and what a failed write undoes.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use kefu_proto::client::{Codec, Event, Msg, ServerFrame};
+use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
+
+use super::*;
+use crate::chat::testing::{MemStore, addr, decode_frames};
+use crate::chat::{RouteInfo, ShardMsg};
+use crate::config::CoreConfig;
+use crate::identity::{AgentRef, Meta, Visitor};
+
+const T0: u64 = 1_000_000;
+const CONV: ConvId = ConvId(7);
+
+/// One home (shard 0 of 1) with its directory and a store in memory.
+struct World {
+    home: Home,
+    dir: Directory,
+    store: MemStore,
+    /// Writes asked for and not yet committed, in order.
+    writes: VecDeque<(Pending, Write)>,
+    /// Frames written to each connection, decoded.
+    frames: HashMap<SessionAddr, Vec<ServerFrame>>,
+    now: u64,
+}
+
+/// A connected session.
+#[derive(Clone)]
+struct Who {
+    addr: SessionAddr,
+    actor: Actor,
+}
+
+impl World {
+    fn new(configure: impl FnOnce(&mut CoreConfig)) -> World {
+        let mut config = CoreConfig::default();
+        configure(&mut config);
+        World {
+            home: Home::new(0, 1, Arc::new(config), usize::MAX, Vec::new()),
+            dir: Directory::default(),
+            store: MemStore::default(),
+            writes: VecDeque::new(),
+            frames: HashMap::new(),
+            now: T0,
+        }
+    }
+
+    /// A session of `(role, id)` at registry slot `slot`.
+    fn connect(&mut self, role: Role, id: &str, slot: u32) -> Who {
+        let actor = Actor { role, id: Arc::from(id), name: Arc::from(id), groups: Arc::from([]) };
+        let a = addr(0, slot);
+        self.dir.add(actor.key(), Member { addr: a, codec: Codec::Json });
+        Who { addr: a, actor }
+    }
+
+    /// Carries out the home's outputs: frames are decoded per connection,
+    /// writes wait for [`Self::commit`].
+    fn drain(&mut self) {
+        while let Some(out) = self.home.poll_output() {
+            match out {
+                Output::Post { msg: ShardMsg::Deliver { to, bytes, .. }, .. } => {
+                    self.frames.entry(to).or_default().extend(decode_frames(Codec::Json, &bytes));
+                }
+                Output::Submit { write, then } => self.writes.push_back((then, write)),
+                other => panic!("a home with one shard posted {other:?}"),
+            }
+        }
+    }
+
+    /// Makes every write asked for durable, in order, and hands each back.
+    fn commit(&mut self) {
+        self.drain();
+        while let Some((then, write)) = self.writes.pop_front() {
+            let durable = self.store.apply(&write);
+            self.home.handle_committed(then, write, durable, self.now, &self.dir, &self.store);
+            self.drain();
+        }
+    }
+
+    /// What `who` has received since last asked.
+    fn take(&mut self, who: &Who) -> Vec<ServerFrame> {
+        self.frames.remove(&who.addr).unwrap_or_default()
+    }
+
+    fn request(&mut self, who: &Who, id: i64, request: HomeRequest) {
+        let reply = (who.addr, Codec::Json, Some(id));
+        self.home.handle_request(reply, &who.actor, request, self.now, &self.dir, &self.store);
+        self.drain();
+    }
+
+    fn send(&mut self, who: &Who, id: i64, cid: &str, text: &str) {
+        let request =
+            HomeRequest::Send { conv: CONV, cid: cid.into(), text: Some(text.into()), attachment: None };
+        self.request(who, id, request);
+    }
+
+    fn change(&mut self, change: Change, reply: Option<&Who>) {
+        let reply = reply.map(|w| (w.addr, Codec::Json, Some(99)));
+        self.home.handle_change(CONV, change, reply, RouteInfo::default(), self.now, &self.dir, &self.store);
+        self.drain();
+    }
+
+    /// `CONV`, opened by visitor `v` and assigned to agent `a`, durable.
+    fn open_assigned(&mut self, v: &Who, a: &Who) {
+        let visitor = Visitor { id: v.actor.id.clone(), name: v.actor.name.clone(), meta: Meta::new() };
+        self.change(Change::Create { visitor, group: "default".into() }, None);
+        let agent = AgentRef { id: a.actor.id.clone(), name: a.actor.name.clone() };
+        self.change(Change::Assign { agent, group: "default".into(), previous: None }, None);
+        self.commit();
+        self.frames.clear();
+    }
+}
+
+fn acks(frames: &[ServerFrame]) -> Vec<(Option<i64>, u64, bool)> {
+    frames
+        .iter()
+        .filter_map(|f| match &f.body {
+            Event::Ack { seq, duplicate, .. } => Some((f.id, *seq, *duplicate)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn msgs(frames: &[ServerFrame]) -> Vec<(u64, String)> {
+    frames
+        .iter()
+        .filter_map(|f| match &f.body {
+            Event::Msg(Msg { seq, text, .. }) => Some((*seq, text.clone().unwrap_or_default())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn errors(frames: &[ServerFrame]) -> Vec<(Option<i64>, ErrorCode)> {
+    frames
+        .iter()
+        .filter_map(|f| match &f.body {
+            Event::Error { code, .. } => Some((f.id, *code)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn statuses(frames: &[ServerFrame]) -> Vec<ConvStatus> {
+    frames
+        .iter()
+        .filter_map(|f| match &f.body {
+            Event::Conversation { status, .. } => Some(*status),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A visitor, a second tab of the visitor, and the agent, with `CONV`
+/// assigned.
+fn three() -> (World, Who, Who, Who) {
+    let mut w = World::new(|_| {});
+    let v = w.connect(Role::Visitor, "v1", 1);
+    let tab = w.connect(Role::Visitor, "v1", 2);
+    let a = w.connect(Role::Agent, "a1", 3);
+    w.open_assigned(&v, &a);
+    (w, v, tab, a)
+}
+
+#[test]
+fn a_message_is_acked_and_delivered_only_once_durable() {
+    let (mut w, v, tab, a) = three();
+    w.send(&v, 1, "c1", "hello");
+    assert!(w.frames.is_empty(), "nothing before the write is durable");
+    assert_eq!(w.writes.len(), 1);
+    w.commit();
+    assert_eq!(acks(&w.take(&v)), [(Some(1), 1, false)], "the sender's session gets the ack only");
+    assert_eq!(msgs(&w.take(&tab)), [(1, "hello".into())], "the sender's other tab gets the message");
+    assert_eq!(msgs(&w.take(&a)), [(1, "hello".into())]);
+    w.send(&a, 2, "c1", "hi");
+    w.commit();
+    assert_eq!(
+        acks(&w.take(&a)),
+        [(Some(2), 2, false)],
+        "the same cid from another sender is another message"
+    );
+    assert_eq!(msgs(&w.take(&v)), [(2, "hi".into())]);
+}
+
+#[test]
+fn a_resend_is_answered_with_the_first_ack_whether_in_flight_committed_or_old() {
+    let (mut w, v, _tab, a) = three();
+    w.send(&v, 1, "c1", "hello");
+    w.send(&v, 2, "c1", "hello");
+    assert_eq!(w.writes.len(), 1, "a resend in flight writes nothing");
+    w.commit();
+    let mut got = acks(&w.take(&v));
+    // The sender's ack goes last (it carries the decoder's buffers back);
+    // each answer names its command.
+    got.sort();
+    assert_eq!(got, [(Some(1), 1, false), (Some(2), 1, true)], "the waiter is answered at the commit");
+    assert_eq!(msgs(&w.take(&a)).len(), 1, "delivered once");
+    w.send(&v, 3, "c1", "hello");
+    assert_eq!(acks(&w.take(&v)), [(Some(3), 1, true)], "the window answers a committed resend");
+    assert!(w.writes.is_empty());
+    assert_eq!(w.store.dedupe_reads.get(), 0, "the window knew every cid: no read");
+}
+
+#[test]
+fn a_resend_older_than_the_window_is_found_in_storage() {
+    let mut w = World::new(|c| c.limits.recent_cids = 2);
+    let v = w.connect(Role::Visitor, "v1", 1);
+    let a = w.connect(Role::Agent, "a1", 2);
+    w.open_assigned(&v, &a);
+    for i in 1..=4 {
+        w.send(&v, i, &format!("c{i}"), "x");
+        w.commit();
+    }
+    w.frames.clear();
+    w.send(&v, 9, "c1", "x");
+    assert_eq!(acks(&w.take(&v)), [(Some(9), 1, true)]);
+    assert!(w.writes.is_empty(), "nothing written for an old resend");
+    assert!(w.take(&a).is_empty(), "nor delivered again");
+    w.send(&v, 10, "c5", "new");
+    w.commit();
+    assert_eq!(acks(&w.take(&v)), [(Some(10), 5, false)], "the seq was not consumed by the resend");
+}
+
+#[test]
+fn a_failed_write_answers_every_waiter_and_gives_the_seq_back() {
+    let (mut w, v, _tab, a) = three();
+    w.send(&v, 1, "c1", "lost");
+    w.send(&v, 2, "c1", "lost");
+    let (then, _) = w.writes.pop_front().expect("a write");
+    let error = ReadError { code: ErrorCode::Unavailable, message: "disk full".into() };
+    w.home.handle_failed(then, &error, &w.store);
+    w.drain();
+    assert_eq!(errors(&w.take(&v)), [(Some(1), ErrorCode::Unavailable), (Some(2), ErrorCode::Unavailable)]);
+    assert!(w.take(&a).is_empty(), "nothing delivered");
+    w.send(&v, 3, "c1", "again");
+    w.commit();
+    assert_eq!(acks(&w.take(&v)), [(Some(3), 1, false)], "the retry gets the seq the failed write had");
+    assert_eq!(w.store.messages_of(CONV).len(), 1);
+}
+
+#[test]
+fn reads_are_stored_and_told_to_the_others_once_per_advance() {
+    let (mut w, v, tab, a) = three();
+    w.send(&v, 1, "c1", "hello");
+    w.commit();
+    w.frames.clear();
+    w.request(&a, 2, HomeRequest::Read { conv: CONV, seq: 1 });
+    assert!(matches!(w.writes.front(), Some((Pending::Nothing, Write::Read { seq: 1, .. }))));
+    let told = |frames: Vec<ServerFrame>| frames.iter().any(|f| matches!(f.body, Event::Read { seq: 1, .. }));
+    assert!(told(w.take(&v)) && told(w.take(&tab)));
+    assert!(w.take(&a).is_empty(), "not echoed to the reader");
+    w.request(&a, 3, HomeRequest::Read { conv: CONV, seq: 1 });
+    assert!(w.frames.is_empty(), "the same mark again tells nobody");
+    w.request(&a, 4, HomeRequest::Read { conv: CONV, seq: 5 });
+    assert_eq!(errors(&w.take(&a)).len(), 1, "a mark past the last message is refused");
+}
+
+#[test]
+fn typing_is_told_at_most_once_per_interval() {
+    let (mut w, v, _tab, a) = three();
+    let typing = |w: &mut World| w.request(&v, 1, HomeRequest::Typing { conv: CONV });
+    typing(&mut w);
+    assert_eq!(w.take(&a).len(), 1);
+    w.now += 10;
+    typing(&mut w);
+    assert!(w.take(&a).is_empty(), "suppressed within typing_interval_ms");
+    w.now += 1_000;
+    typing(&mut w);
+    assert_eq!(w.take(&a).len(), 1);
+    assert!(w.take(&v).is_empty());
+}
+
+#[test]
+fn a_stranger_cannot_tell_a_conversation_from_one_that_does_not_exist() {
+    let (mut w, _v, _tab, _a) = three();
+    let other = w.connect(Role::Agent, "a2", 9);
+    w.send(&other, 1, "c1", "let me in");
+    assert_eq!(errors(&w.take(&other)), [(Some(1), ErrorCode::NotFound)]);
+    let request = HomeRequest::History { conv: ConvId(8), before: None, limit: 10 };
+    w.request(&other, 2, request);
+    assert_eq!(errors(&w.take(&other)), [(Some(2), ErrorCode::NotFound)]);
+}
+
+#[test]
+fn a_change_is_announced_only_once_durable_and_a_transfer_tells_the_previous_agent() {
+    let (mut w, v, _tab, a) = three();
+    let b = w.connect(Role::Agent, "a2", 4);
+    let agent = AgentRef { id: "a2".into(), name: "a2".into() };
+    w.change(Change::Assign { agent, group: "default".into(), previous: Some(a.actor.key()) }, Some(&a));
+    assert!(w.frames.is_empty(), "nothing before the change is durable");
+    w.commit();
+    assert_eq!(statuses(&w.take(&a)), [ConvStatus::Assigned], "the previous agent is told (and answered)");
+    assert_eq!(statuses(&w.take(&b)), [ConvStatus::Assigned]);
+    assert_eq!(statuses(&w.take(&v)), [ConvStatus::Assigned]);
+    w.send(&a, 5, "c1", "still here?");
+    assert_eq!(errors(&w.take(&a)), [(Some(5), ErrorCode::NotFound)], "the previous agent takes no part");
+}
+
+#[test]
+fn a_closed_conversation_is_dropped_from_memory_and_only_borrowed_for_history() {
+    let (mut w, v, _tab, a) = three();
+    w.send(&v, 1, "c1", "bye");
+    w.commit();
+    w.frames.clear();
+    w.change(Change::Close, Some(&v));
+    w.commit();
+    assert_eq!(statuses(&w.take(&a)), [ConvStatus::Closed]);
+    assert_eq!(w.home.conversations(), 0, "closed and durable: out of memory");
+    w.request(&a, 2, HomeRequest::History { conv: CONV, before: None, limit: 10 });
+    let got = w.take(&a);
+    assert!(
+        matches!(&got[..], [ServerFrame { body: Event::History { messages, .. }, .. }] if messages.len() == 1)
+    );
+    assert_eq!(w.home.conversations(), 0, "given back once answered");
+    w.send(&v, 3, "c2", "hello?");
+    assert_eq!(
+        errors(&w.take(&v)),
+        [(Some(3), ErrorCode::Conflict)],
+        "no sending into a closed conversation"
+    );
+}
+
+#[test]
+fn history_pages_backwards() {
+    let (mut w, v, _tab, _a) = three();
+    for i in 1..=5 {
+        w.send(&v, i, &format!("c{i}"), &format!("m{i}"));
+    }
+    w.commit();
+    w.frames.clear();
+    w.request(&v, 9, HomeRequest::History { conv: CONV, before: Some(5), limit: 2 });
+    let got = w.take(&v);
+    let Event::History { messages, .. } = &got[0].body else { panic!("{got:?}") };
+    assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4]);
+}
+
+/// A visitor resumes `CONV` having seen `last_seen`: the replayed seqs and
+/// `resumed`'s range.
+fn resume(w: &mut World, v: &Who, last_seen: u64) -> (Vec<u64>, Option<(u64, u64)>) {
+    w.home.handle_session_up(v.addr, Codec::Json, &v.actor, &[(CONV, last_seen)], &w.store);
+    w.drain();
+    let got = w.take(v);
+    let seqs = msgs(&got).into_iter().map(|(s, _)| s).collect();
+    let resumed = got.iter().find_map(|f| match f.body {
+        Event::Resumed { from, to, .. } => Some((from, to)),
+        _ => None,
+    });
+    (seqs, resumed)
+}
+
+#[test]
+fn a_resume_replays_every_missed_message_in_pages_then_resumed() {
+    let (mut w, v, _tab, a) = three();
+    for i in 1..=600 {
+        w.send(&a, i, &format!("c{i}"), "x");
+    }
+    w.commit();
+    w.frames.clear();
+    let (seqs, resumed) = resume(&mut w, &v, 0);
+    assert_eq!(seqs, (1..=600).collect::<Vec<_>>(), "past several pages, in order");
+    assert_eq!(resumed, Some((1, 600)));
+    let (seqs, resumed) = resume(&mut w, &v, 598);
+    assert_eq!(seqs, [599, 600]);
+    assert_eq!(resumed, Some((599, 600)));
+}
+
+#[test]
+fn a_resume_past_its_bounds_replays_the_newest_that_fit() {
+    let mut w = World::new(|c| c.limits.max_resume_messages = 100);
+    let v = w.connect(Role::Visitor, "v1", 1);
+    let a = w.connect(Role::Agent, "a1", 2);
+    w.open_assigned(&v, &a);
+    for i in 1..=300 {
+        w.send(&a, i, &format!("c{i}"), "x");
+    }
+    w.commit();
+    w.frames.clear();
+    let (seqs, resumed) = resume(&mut w, &v, 0);
+    assert_eq!(seqs, (201..=300).collect::<Vec<_>>());
+    assert_eq!(resumed, Some((201, 300)), "`from` says where the replay starts");
+}
+
+#[test]
+fn a_resume_of_an_unknown_conversation_or_a_failed_read_is_an_error_not_silence() {
+    let (mut w, v, _tab, a) = three();
+    w.send(&a, 1, "c1", "missed");
+    w.commit();
+    w.frames.clear();
+    w.home.handle_session_up(v.addr, Codec::Json, &v.actor, &[(ConvId(8), 0)], &w.store);
+    w.drain();
+    assert_eq!(errors(&w.take(&v)), [(None, ErrorCode::NotFound)]);
+    w.store.fail_reads.set(true);
+    w.home.handle_session_up(v.addr, Codec::Json, &v.actor, &[(CONV, 0)], &w.store);
+    w.drain();
+    assert_eq!(
+        errors(&w.take(&v)),
+        [(None, ErrorCode::Unavailable)],
+        "no `resumed` claims a replay that failed"
+    );
+    w.store.fail_reads.set(false);
+    w.home.handle_session_up(v.addr, Codec::Json, &v.actor, &[(CONV, 0)], &w.store);
+    w.drain();
+    assert!(w.take(&v).iter().any(|f| matches!(f.body, Event::Resumed { .. })));
+}
+
+#[test]
+fn a_keyword_gets_the_bot_reply_after_the_visitors_message() {
+    let mut w = World::new(|c| {
+        c.rules.auto_replies =
+            vec![crate::config::AutoReply { keyword: "price".into(), reply: "see /pricing".into() }]
+    });
+    let v = w.connect(Role::Visitor, "v1", 1);
+    let a = w.connect(Role::Agent, "a1", 2);
+    w.open_assigned(&v, &a);
+    w.send(&v, 1, "c1", "what is the price?");
+    w.commit();
+    let got = msgs(&w.take(&a));
+    assert_eq!(got, [(1, "what is the price?".into()), (2, "see /pricing".into())]);
+    assert_eq!(msgs(&w.take(&v)), [(2, "see /pricing".into())], "the visitor sees the bot's answer");
+    assert_eq!(w.store.messages_of(CONV)[1].from.role, Role::Bot);
+}
+
+#[test]
+fn a_message_reaches_a_session_only_while_it_is_connected() {
+    let (mut w, v, tab, a) = three();
+    w.dir.remove(&tab.actor.key(), tab.addr);
+    w.home.handle_session_down(tab.addr);
+    w.send(&v, 1, "c1", "hello");
+    w.commit();
+    assert!(w.take(&tab).is_empty());
+    assert_eq!(msgs(&w.take(&a)).len(), 1);
+}

@@ -1,0 +1,289 @@
+//! The edge's rules, driven with fed inputs and a store in memory:
+//! `connect` in its three forms, what waits for `connected`, pipelining,
+//! and where each checked command goes.
+
+use std::collections::BTreeMap;
+
+use kefu_proto::client::{ClientFrame, Codec, Command, Event, ServerFrame};
+use kefu_proto::ws::close;
+use kefu_proto::{ConvId, ErrorCode, Role};
+
+use super::*;
+use crate::auth::Claims;
+use crate::chat::testing::{MemStore, addr, decode_frames};
+use crate::identity::Meta;
+
+const T0: u64 = 1_800_000_000_000;
+const SHARDS: usize = 2;
+const SECRET: &[u8] = b"edge-tests";
+
+fn edge(configure: impl FnOnce(&mut EdgeConfig)) -> Edge {
+    let core = Arc::new(CoreConfig::default());
+    let jwt = JwtKey::new(SECRET, core.auth.clone()).expect("a key");
+    let mut config = EdgeConfig { core, jwt, allow_anonymous: true, heartbeat_s: 25, held_frames_max: 4 };
+    configure(&mut config);
+    Edge::new(0, SHARDS, config)
+}
+
+fn token(role: Role, sub: &str) -> String {
+    let key = JwtKey::new(SECRET, CoreConfig::default().auth).expect("a key");
+    key.sign(&Claims {
+        sub: sub.into(),
+        role,
+        name: None,
+        groups: Vec::new(),
+        meta: Meta::new(),
+        exp: T0 / 1000 + 3600,
+        nbf: None,
+    })
+}
+
+fn connect(token: Option<String>, visitor: Option<(&str, &str)>) -> ClientFrame {
+    ClientFrame {
+        id: Some(1),
+        body: Command::Connect {
+            token,
+            visitor_id: visitor.map(|(id, _)| id.into()),
+            visitor_key: visitor.map(|(_, key)| key.into()),
+            resume: BTreeMap::new(),
+        },
+    }
+}
+
+fn command(id: i64, body: Command) -> ClientFrame {
+    ClientFrame { id: Some(id), body }
+}
+
+fn send(id: i64, conv: u64) -> ClientFrame {
+    command(
+        id,
+        Command::Send {
+            conv: ConvId(conv),
+            cid: format!("c{id}"),
+            text: Some("hi".into()),
+            attachment: None,
+        },
+    )
+}
+
+/// What the edge asked for, in a form a test can read.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// Frames for a connection (a packed write may hold several).
+    Frames(SessionAddr, Vec<ServerFrame>),
+    Close(SessionAddr, u16),
+    /// A chat message to a shard, by kind.
+    Chat(usize, &'static str),
+    /// A home command to a shard.
+    Home(usize),
+    StoreUser,
+}
+
+fn seen(e: &mut Edge) -> Vec<Seen> {
+    std::iter::from_fn(|| e.poll_output())
+        .map(|out| match out {
+            Output::Post { msg: ShardMsg::Deliver { to, bytes, .. }, .. } => {
+                Seen::Frames(to, decode_frames(Codec::Json, &bytes))
+            }
+            Output::Post { msg: ShardMsg::Close { to, code, .. }, .. } => Seen::Close(to, code),
+            Output::Post { to, msg: ShardMsg::Home { .. } } => Seen::Home(to),
+            Output::Post { to, msg: ShardMsg::Chat(m) } => Seen::Chat(
+                to,
+                match *m {
+                    ChatMsg::SessionUp { .. } => "SessionUp",
+                    ChatMsg::SessionDown { .. } => "SessionDown",
+                    ChatMsg::Hello { .. } => "Hello",
+                    ChatMsg::AgentGone { .. } => "AgentGone",
+                    ChatMsg::Route { .. } => "Route",
+                    ChatMsg::Relay { .. } => "Relay",
+                    other => panic!("an edge does not send {other:?}"),
+                },
+            ),
+            Output::Submit { write: Write::User(_), then: Pending::Connected { .. } } => Seen::StoreUser,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect()
+}
+
+fn frame_events(seen: &[Seen]) -> Vec<&Event> {
+    seen.iter()
+        .flat_map(|s| match s {
+            Seen::Frames(_, frames) => frames.iter().map(|f| &f.body).collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+fn no_random() -> [u8; 16] {
+    panic!("no randomness needed here")
+}
+
+fn counter() -> impl FnMut() -> [u8; 16] {
+    let mut n = 0u8;
+    move || {
+        n += 1;
+        [n; 16]
+    }
+}
+
+/// Connects an agent at `a` with a token and lets the router welcome it.
+fn connected_agent(e: &mut Edge, store: &MemStore, a: SessionAddr) {
+    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, store, &mut no_random);
+    e.handle_welcome((a, Codec::Json, Some(1)), Vec::new(), store);
+    seen(e);
+}
+
+#[test]
+fn a_token_connect_announces_the_session_everywhere_then_asks_the_router() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, &store, &mut no_random);
+    assert_eq!(
+        seen(&mut e),
+        [Seen::Chat(0, "SessionUp"), Seen::Chat(1, "SessionUp"), Seen::Chat(0, "Hello")]
+    );
+}
+
+#[test]
+fn frames_wait_for_connected_which_comes_first() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, &store, &mut no_random);
+    seen(&mut e);
+    let early = e.out.encode(Codec::Json, &ServerFrame::push(Event::Pong));
+    assert!(e.pass(a, early).is_none(), "held until connected");
+    e.handle_welcome((a, Codec::Json, Some(1)), Vec::new(), &store);
+    let out = seen(&mut e);
+    let events = frame_events(&out);
+    assert!(matches!(events[..], [Event::Connected { .. }, Event::Pong]), "{events:?}");
+    let later = e.out.encode(Codec::Json, &ServerFrame::push(Event::Pong));
+    assert!(e.pass(a, later).is_some(), "written at once after connected");
+}
+
+#[test]
+fn too_much_before_connected_cuts_the_connection() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, &store, &mut no_random);
+    seen(&mut e);
+    for _ in 0..5 {
+        let f = e.out.encode(Codec::Json, &ServerFrame::push(Event::Pong));
+        assert!(e.pass(a, f).is_none());
+    }
+    assert_eq!(seen(&mut e), [Seen::Close(a, close::SLOW_CONSUMER)], "past held_frames_max (4)");
+}
+
+#[test]
+fn commands_before_connect_and_bad_tokens_are_refused_and_closed() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    e.handle_frame(a, Codec::Json, send(5, 1), T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert!(matches!(frame_events(&out)[..], [Event::Error { code: ErrorCode::Unauthorized, .. }]));
+    assert_eq!(out.last(), Some(&Seen::Close(a, close::UNAUTHORIZED)));
+    e.handle_frame(a, Codec::Json, command(6, Command::Ping), T0, &store, &mut no_random);
+    assert!(matches!(frame_events(&seen(&mut e))[..], [Event::Pong]), "ping needs no session");
+    let forged = connect(Some(token(Role::Agent, "a1") + "x"), None);
+    e.handle_frame(a, Codec::Json, forged, T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert_eq!(out.last(), Some(&Seen::Close(a, close::UNAUTHORIZED)));
+    assert_eq!(e.sessions(), 0);
+}
+
+#[test]
+fn a_new_anonymous_visitor_is_durable_before_anything_else_happens() {
+    let (mut e, store, v) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    e.handle_frame(v, Codec::Json, connect(None, None), T0, &store, &mut counter());
+    let out = seen(&mut e);
+    assert_eq!(out, [Seen::StoreUser], "the visitor's key is stored before the session exists anywhere");
+    for id in 0..17 {
+        e.handle_frame(v, Codec::Json, command(10 + id, Command::Ping), T0, &store, &mut no_random);
+    }
+    let refused = seen(&mut e);
+    assert!(
+        matches!(frame_events(&refused)[..], [Event::Error { code: ErrorCode::BadCommand, .. }]),
+        "the 17th"
+    );
+    e.handle_committed(Pending::Connected { to: v }, T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert_eq!(out[..3], [Seen::Chat(0, "SessionUp"), Seen::Chat(1, "SessionUp"), Seen::Chat(0, "Hello")]);
+    assert_eq!(frame_events(&out).len(), 16, "the 16 pipelined pings are answered once announced");
+}
+
+#[test]
+fn a_new_visitor_that_cannot_be_stored_is_refused_and_closed() {
+    let (mut e, store, v) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    e.handle_frame(v, Codec::Json, connect(None, None), T0, &store, &mut counter());
+    seen(&mut e);
+    let error = ReadError { code: ErrorCode::Unavailable, message: "disk full".into() };
+    e.handle_failed(Pending::Connected { to: v }, &error);
+    let out = seen(&mut e);
+    assert!(matches!(frame_events(&out)[..], [Event::Error { code: ErrorCode::Unavailable, .. }]));
+    assert_eq!(out.last(), Some(&Seen::Close(v, close::SERVER_SHUTDOWN)));
+    assert_eq!(e.sessions(), 0);
+}
+
+#[test]
+fn a_returning_visitor_needs_its_key() {
+    let (mut e, store, v) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    e.handle_frame(v, Codec::Json, connect(None, None), T0, &store, &mut counter());
+    let Some(Output::Submit { write, .. }) = e.poll_output() else { panic!("no write") };
+    let Write::User(profile) = &write else { panic!("{write:?}") };
+    store.apply(&write);
+    e.handle_committed(Pending::Connected { to: v }, T0, &store, &mut no_random);
+    e.handle_welcome((v, Codec::Json, Some(1)), Vec::new(), &store);
+    let out = seen(&mut e);
+    let key = frame_events(&out)
+        .into_iter()
+        .find_map(|ev| match ev {
+            Event::Connected { visitor_key, .. } => visitor_key.clone(),
+            _ => None,
+        })
+        .expect("a new visitor is shown its key once");
+    let again = addr(0, 2);
+    e.handle_frame(again, Codec::Json, connect(None, Some((&profile.id, &key))), T0, &store, &mut no_random);
+    assert_eq!(seen(&mut e)[0], Seen::Chat(0, "SessionUp"), "the right key reconnects");
+    let wrong = addr(0, 3);
+    e.handle_frame(
+        wrong,
+        Codec::Json,
+        connect(None, Some((&profile.id, &"0".repeat(32)))),
+        T0,
+        &store,
+        &mut no_random,
+    );
+    assert_eq!(seen(&mut e).last(), Some(&Seen::Close(wrong, close::UNAUTHORIZED)));
+}
+
+#[test]
+fn home_commands_behind_a_routing_command_go_through_the_router_until_it_is_routed() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    connected_agent(&mut e, &store, a);
+    let conv = 3;
+    let home = ConvId(conv).home(SHARDS);
+    e.handle_frame(a, Codec::Json, send(2, conv), T0, &store, &mut no_random);
+    assert_eq!(seen(&mut e), [Seen::Home(home)], "straight to the home");
+    e.handle_frame(
+        a,
+        Codec::Json,
+        command(3, Command::Close { conv: ConvId(conv) }),
+        T0,
+        &store,
+        &mut no_random,
+    );
+    e.handle_frame(a, Codec::Json, send(4, conv), T0, &store, &mut no_random);
+    assert_eq!(seen(&mut e), [Seen::Chat(0, "Route"), Seen::Chat(0, "Relay")], "after the close's decision");
+    e.handle_routed(a);
+    e.handle_frame(a, Codec::Json, send(5, conv), T0, &store, &mut no_random);
+    assert_eq!(seen(&mut e), [Seen::Chat(0, "Relay")], "the first relay is still with the router");
+    e.handle_routed(a);
+    e.handle_routed(a);
+    e.handle_frame(a, Codec::Json, send(6, conv), T0, &store, &mut no_random);
+    assert_eq!(seen(&mut e), [Seen::Home(home)]);
+}
+
+#[test]
+fn a_session_that_goes_is_forgotten_everywhere_and_an_agents_device_by_the_router() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    connected_agent(&mut e, &store, a);
+    e.handle_gone(a);
+    let out = seen(&mut e);
+    assert_eq!(out, [Seen::Chat(0, "SessionDown"), Seen::Chat(1, "SessionDown"), Seen::Chat(0, "AgentGone")]);
+    assert_eq!(e.sessions(), 0);
+}
