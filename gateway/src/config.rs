@@ -105,6 +105,9 @@ pub struct ServerConfig {
     /// connection with 4001 (the client resumes), a queue position is
     /// skipped, and session and routing state are still kept.
     pub backlog_messages_max: usize,
+    /// Business systems' calls (gRPC / REST) waiting for the chat service's
+    /// answer at once; past it a call is refused `unavailable`.
+    pub api_calls_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -124,6 +127,7 @@ impl Default for ServerConfig {
             shutdown_timeout_ms: 5_000,
             mailbox_capacity: 65_536,
             backlog_messages_max: 65_536,
+            api_calls_max: 4096,
         }
     }
 }
@@ -374,6 +378,9 @@ impl Config {
         }
         if self.server.backlog_messages_max == 0 {
             return invalid("server.backlog_messages_max must be at least 1".into());
+        }
+        if self.server.api_calls_max == 0 {
+            return invalid("server.api_calls_max must be at least 1".into());
         }
         if self.server.mailbox_capacity == 0 {
             return invalid("server.mailbox_capacity must be at least 1".into());

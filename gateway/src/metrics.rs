@@ -176,13 +176,15 @@ pub fn render<T: Send>(
     }
     let _ = writeln!(
         out,
-        "# HELP kefu_mailbox_posts_total Messages posted to a shard's inbox, by sender shard.\n# TYPE kefu_mailbox_posts_total counter"
+        "# HELP kefu_mailbox_posts_total Messages posted to a shard's inbox, by sender (a shard, or the bridge).\n# TYPE kefu_mailbox_posts_total counter"
     );
     for (to, m) in mailboxes.iter().enumerate() {
         for from in 0..m.senders() {
+            // The sender after the shards is the bridge (business systems' calls).
+            let sender = if from < mailboxes.len() { from.to_string() } else { "bridge".to_string() };
             let _ = writeln!(
                 out,
-                "kefu_mailbox_posts_total{{from=\"{from}\",to=\"{to}\"}} {}",
+                "kefu_mailbox_posts_total{{from=\"{sender}\",to=\"{to}\"}} {}",
                 m.posts_from(from)
             );
         }

@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 use tracing::{info, warn};
 
 use crate::chat::ShardMsg;
+use crate::chat::api::{Calls, ChatApi};
 use crate::chat::service::{ChatInit, restore_open};
 use crate::config::Config;
 use crate::mailbox::Mailbox;
@@ -29,6 +30,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where `/metrics` and `/healthz` are served.
     pub admin_addr: SocketAddr,
+    /// The chat service as business systems call it.
+    pub api: ChatApi,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
     shutdown_timeout: Duration,
@@ -76,7 +79,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let stop = Arc::new(AtomicBool::new(false));
     let config = Arc::new(config);
     let mailboxes: Arc<[Mailbox<ShardMsg>]> = (0..shards)
-        .map(|_| Mailbox::new(config.server.mailbox_capacity, shards))
+        .map(|_| Mailbox::new(config.server.mailbox_capacity, shards + 1))
         .collect::<Result<Vec<_>, _>>()
         .context("creating shard mailboxes")?
         .into();
@@ -103,6 +106,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let (allow_anonymous, heartbeat_s) = (config.auth.allow_anonymous, config.server.heartbeat_s as u32);
     let held_frames_max = (config.limits.outbound_queue_frames / 2).max(1);
     let backlog_max = config.server.backlog_messages_max;
+    let calls = Arc::new(Calls::new(config.server.api_calls_max));
     let replay_bytes_max = (config.limits.outbound_queue_bytes / 2).max(1);
     let mut restores =
         restore_open(&store.reader(), recovery.open_conversations, recovery.next_conv_id, &core, shards)
@@ -120,6 +124,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         restore: std::mem::take(&mut restores[shard]),
         stats: stats.clone(),
         backlog_max,
+        calls: calls.clone(),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
@@ -172,6 +177,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running {
         addr,
         admin_addr,
+        api: ChatApi::new(core, mailboxes, calls),
         stop,
         threads,
         shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),

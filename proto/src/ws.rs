@@ -110,3 +110,39 @@ pub fn encode_header(
     }
     len
 }
+
+/// The payloads of the complete, unmasked frames packed one after another
+/// in `bytes` (what the gateway writes: a replay packs many); stops at a
+/// frame cut short.
+pub fn payloads(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let len7 = *bytes.get(1)? & 0x7F;
+        let (header, len): (usize, usize) = match len7 {
+            126 => (4, u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?) as usize),
+            127 => (10, usize::try_from(u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)).ok()?),
+            n => (2, usize::from(n)),
+        };
+        let payload = bytes.get(header..header.checked_add(len)?)?;
+        bytes = &bytes[header + len..];
+        Some(payload)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_frames_come_apart_and_a_cut_one_ends_the_walk() {
+        let mut packed = Vec::new();
+        for payload in [&b"a"[..], &[7u8; 300][..], &[1u8; 70_000][..]] {
+            let mut h = [0u8; MAX_HEADER_BYTES];
+            let n = encode_header(&mut h, true, OpCode::Binary, payload.len() as u64, None);
+            packed.extend_from_slice(&h[..n]);
+            packed.extend_from_slice(payload);
+        }
+        let lens: Vec<usize> = payloads(&packed).map(<[u8]>::len).collect();
+        assert_eq!(lens, [1, 300, 70_000]);
+        assert_eq!(payloads(&packed[..packed.len() - 1]).count(), 2);
+    }
+}

@@ -216,6 +216,12 @@ pub enum ChatMsg {
 /// The shard that runs the router.
 pub const ROUTER_SHARD: usize = 0;
 
+/// The `shard` of the answer addresses the business systems' calls use
+/// (the gRPC bridge): a call is a command like a connection's, and the one
+/// frame that answers it is posted to this "shard", which the shard loops
+/// hand to the bridge instead of a connection. No real shard has it.
+pub const BRIDGE_SHARD: u16 = u16::MAX;
+
 /// A connection's device id, as the router counts an agent's devices: its
 /// address packed into 64 bits (shard, slot, low generation bits).
 pub fn device_of(addr: SessionAddr) -> u64 {

@@ -169,21 +169,11 @@ impl Stored for MemStore {
     }
 }
 
-/// The server frames packed in `bytes` (one or more complete, unmasked
-/// WebSocket frames), decoded with `codec`.
-pub fn decode_frames(codec: Codec, mut bytes: &[u8]) -> Vec<ServerFrame> {
-    let mut frames = Vec::new();
-    while !bytes.is_empty() {
-        let (header, len) = match bytes[1] & 0x7F {
-            126 => (4, u16::from_be_bytes([bytes[2], bytes[3]]) as usize),
-            127 => (10, u64::from_be_bytes(bytes[2..10].try_into().expect("8 bytes")) as usize),
-            n => (2, n as usize),
-        };
-        let payload = &bytes[header..header + len];
-        frames.push(codec.decode_server(payload).expect("a frame the machine encoded decodes"));
-        bytes = &bytes[header + len..];
-    }
-    frames
+/// The server frames packed in `bytes`, decoded with `codec`.
+pub fn decode_frames(codec: Codec, bytes: &[u8]) -> Vec<ServerFrame> {
+    kefu_proto::ws::payloads(bytes)
+        .map(|p| codec.decode_server(p).expect("a frame the machine encoded decodes"))
+        .collect()
 }
 
 /// A connection on shard `shard`, registry slot `slot`.

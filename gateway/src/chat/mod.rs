@@ -28,6 +28,7 @@
 pub use kefu_core::chat::frames;
 pub use kefu_core::chat::{ChatMsg, ROUTER_SHARD, SessionAddr, ShardMsg};
 
+pub mod api;
 mod reads;
 mod router;
 pub mod service;

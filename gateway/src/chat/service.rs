@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 
 use kefu_core::CoreConfig;
 use kefu_core::auth::JwtKey;
-use kefu_core::chat::Change;
 use kefu_core::chat::directory::{Directory, Member};
 use kefu_core::chat::edge::{Edge, EdgeConfig};
 use kefu_core::chat::frames::SharedFrame;
@@ -21,6 +20,7 @@ use kefu_core::chat::home::{Durable, Home};
 use kefu_core::chat::outbox::{ConvState, Outbox, Output, Pending, Write};
 use kefu_core::chat::router::Router;
 use kefu_core::chat::stored::ReadError;
+use kefu_core::chat::{BRIDGE_SHARD, Change};
 use kefu_core::conversation::RestoredConversation;
 use kefu_core::identity::{AgentRef, Visitor, vip_level};
 use kefu_core::routing::RestoredRoute;
@@ -32,6 +32,7 @@ use kefu_storage::{
 };
 use tracing::{info, warn};
 
+use super::api::Calls;
 use super::reads::Reads;
 use super::{ChatMsg, ROUTER_SHARD, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
@@ -69,6 +70,8 @@ pub struct ChatInit {
     pub stats: Arc<[ShardStats]>,
     /// `server.backlog_messages_max`.
     pub backlog_max: usize,
+    /// The business systems' calls waiting for their answers.
+    pub calls: Arc<Calls>,
 }
 
 /// What one shard starts from after a restart.
@@ -207,6 +210,8 @@ pub struct ChatService {
     stats: Arc<[ShardStats]>,
     /// `server.backlog_messages_max`.
     backlog_max: usize,
+    /// Where answers to the business systems' calls go.
+    calls: Arc<Calls>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch: the time the chat rules are fed.
@@ -237,6 +242,7 @@ impl ChatService {
             restore,
             stats,
             backlog_max,
+            calls,
         } = init;
         let shards = mailboxes.len();
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
@@ -278,6 +284,7 @@ impl ChatService {
             cut: BTreeSet::new(),
             stats,
             backlog_max,
+            calls,
         })
     }
 
@@ -500,6 +507,15 @@ impl ChatService {
     /// the message ([`Overflow`]); one that is refused is answered at once
     /// ([`Self::refused`]).
     pub(super) fn post(&mut self, to: usize, msg: ShardMsg) {
+        if to == usize::from(BRIDGE_SHARD) {
+            // A call's answer: straight to its caller, from any shard. The
+            // rest (`Routed` for a call's routing command) is the edge's
+            // bookkeeping, which the bridge does not need.
+            if let ShardMsg::Deliver { to, bytes, .. } = msg {
+                self.calls.answer(to, &bytes);
+            }
+            return;
+        }
         if to == self.me {
             match msg {
                 ShardMsg::Deliver { to, bytes, spare } => return self.local_write(to, bytes, spare),

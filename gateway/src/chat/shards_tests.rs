@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use kefu_core::CoreConfig;
 use kefu_core::auth::{Claims, JwtKey};
-use kefu_proto::client::Codec;
+use kefu_proto::client::{Codec, Command};
 use kefu_proto::{ConvId, Role};
 use kefu_storage::{Store, StoreConfig};
 use serde_json::{Value, json};
 
+use super::api::{Calls, ChatApi};
 use super::service::{ChatInit, ChatService, Local};
 use super::{ChatMsg, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
@@ -26,6 +27,8 @@ const BACKLOG: usize = 1024;
 
 struct Cluster {
     _dir: tempfile::TempDir,
+    /// The chat service as the bridge calls it.
+    api: ChatApi,
     mailboxes: Arc<[Mailbox<ShardMsg>]>,
     shards: Vec<ChatService>,
     core: Arc<CoreConfig>,
@@ -48,9 +51,10 @@ impl Cluster {
         let (store, recovery) = Store::open(config, Arc::new(|_| {})).unwrap();
         let store = Arc::new(store);
         let mailboxes: Arc<[Mailbox<ShardMsg>]> =
-            (0..SHARDS).map(|_| Mailbox::new(INBOX, SHARDS).unwrap()).collect::<Vec<_>>().into();
+            (0..SHARDS).map(|_| Mailbox::new(INBOX, SHARDS + 1).unwrap()).collect::<Vec<_>>().into();
         let core = Arc::new(CoreConfig::default());
         let stats: Arc<[ShardStats]> = (0..SHARDS).map(|_| ShardStats::new(0)).collect();
+        let calls = Arc::new(Calls::new(8));
         let mut restores = crate::chat::service::restore_open(
             &store.reader(),
             recovery.open_conversations,
@@ -74,12 +78,14 @@ impl Cluster {
                     restore: std::mem::take(&mut restores[shard]),
                     stats: stats.clone(),
                     backlog_max,
+                    calls: calls.clone(),
                 })
                 .unwrap()
             })
             .collect();
         Cluster {
             _dir: dir,
+            api: ChatApi::new(core.clone(), mailboxes.clone(), calls),
             mailboxes,
             shards,
             core,
@@ -132,16 +138,7 @@ impl Cluster {
 
     fn record(&mut self, to: SessionAddr, bytes: &[u8]) {
         let got = self.out.entry(to).or_default();
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let (len, at) = match rest[1] & 0x7F {
-                126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
-                127 => (u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize, 10),
-                n => (n as usize, 2),
-            };
-            got.push(serde_json::from_slice(&rest[at..at + len]).unwrap());
-            rest = &rest[at + len..];
-        }
+        got.extend(kefu_proto::ws::payloads(bytes).map(|p| serde_json::from_slice::<Value>(p).unwrap()));
     }
 
     /// One step of shard `i`'s inbox loop: the next message in its inbox.
@@ -405,4 +402,58 @@ fn a_full_backlog_keeps_the_routers_decisions() {
     c.command(v, json!({"type": "send", "id": 41, "conv": conv, "cid": "late", "text": "hi"}));
     c.settle();
     assert_eq!(c.reply(v, 41)["code"], "conflict", "the home closed it too: {}", c.reply(v, 41));
+}
+
+/// A business system's call is a command from its bot, answered with the
+/// one frame a connection would get, after the same rules: a message is
+/// acked once durable, delivered to the participants as `bot`, idempotent
+/// by cid; a close reaches the participants; a full inbox refuses the call
+/// at once.
+#[test]
+fn the_business_system_calls_the_chat_service_like_a_client() {
+    let mut c = Cluster::new();
+    let agent = c.agent(0, "a1");
+    let (v, conv) = c.visitor(0, 1);
+    c.settle();
+    let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let call = |c: &mut Cluster, command: Value| {
+        let sink = answers.clone();
+        let command = Codec::Json.decode_client(command.to_string().as_bytes()).unwrap().body;
+        c.api.call("Shop", command, move |frame| sink.lock().unwrap().push(frame)).unwrap();
+        c.settle();
+        let answer = answers.lock().unwrap().pop().expect("an answer");
+        serde_json::from_slice::<Value>(Codec::Json.encode_server(&answer, &mut Default::default())).unwrap()
+    };
+    let send = json!({"type": "send", "conv": conv.to_string(), "cid": "order-1", "text": "shipped"});
+    let ack = call(&mut c, send.clone());
+    // `duplicate` is left out of the JSON when false.
+    assert_eq!((ack["type"].as_str(), ack["duplicate"].as_bool()), (Some("ack"), None), "{ack}");
+    let delivered = |c: &Cluster, to| {
+        c.out[&to].iter().filter(|m| m["type"] == "msg" && m["cid"] == "order-1").cloned().collect::<Vec<_>>()
+    };
+    for to in [v, agent] {
+        let got = delivered(&c, to);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            (got[0]["from"]["role"].as_str(), got[0]["from"]["name"].as_str()),
+            (Some("bot"), Some("Shop"))
+        );
+    }
+    let again = call(&mut c, send);
+    assert_eq!((again["seq"].clone(), again["duplicate"].as_bool()), (ack["seq"].clone(), Some(true)));
+    assert_eq!(delivered(&c, v).len(), 1, "a resend is not delivered again");
+    let history = call(&mut c, json!({"type": "history", "conv": conv.to_string()}));
+    assert_eq!(history["messages"].as_array().map(Vec::len), Some(1), "{history}");
+    let closed = call(&mut c, json!({"type": "close", "conv": conv.to_string()}));
+    assert_eq!(closed["status"], "closed", "{closed}");
+    assert!(c.out[&v].iter().any(|m| m["type"] == "conversation" && m["status"] == "closed"));
+    let missing = call(&mut c, json!({"type": "send", "conv": "c999", "cid": "x", "text": "?"}));
+    assert_eq!(missing["code"], "not_found", "{missing}");
+    c.fill(ConvId(conv.0).home(SHARDS));
+    let refused = c.api.call("Shop", Command::Typing { conv }, |_| {});
+    assert_eq!(
+        refused.map_err(|e| e.code),
+        Err(kefu_proto::ErrorCode::Unavailable),
+        "a full inbox refuses at once"
+    );
 }
