@@ -37,6 +37,32 @@ pub struct CoreConfig {
     pub routing: RoutingConfig,
     /// Canned replies and keyword auto-replies.
     pub rules: RulesConfig,
+    /// Which business-system hooks the chat core waits for.
+    pub hooks: HookPolicy,
+}
+
+/// Which hooks run, and what a failed one means. (Where they are called,
+/// and how long a call may take, is the gateway's `[hooks]`.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HookPolicy {
+    /// Call `OnMessage` before a visitor's or agent's message is stored.
+    pub on_message: bool,
+    /// Call `OnConnect` before a session is let in.
+    pub on_connect: bool,
+    /// What a hook that failed or timed out means.
+    pub failure: HookFailure,
+}
+
+/// What a hook that failed or timed out means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookFailure {
+    /// As if it allowed (the business system is down; chat goes on).
+    #[default]
+    Open,
+    /// Refused: the sender gets `unavailable`.
+    Closed,
 }
 
 /// Why a configuration was refused by [`CoreConfig::validate`].

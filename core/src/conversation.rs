@@ -368,19 +368,8 @@ impl Conversation {
     /// A message from `actor` at `now_ms`. `cid` is `None` only for bot
     /// messages that carry no idempotency key (auto-replies).
     pub fn send(&mut self, actor: &Actor, cid: Option<Cid>, now_ms: u64) -> Result<SendOutcome, ConvError> {
-        self.check_access(actor, Access::Write)?;
-        if let Some(cid) = cid
-            && let Some(prev) = self
-                .recent
-                .iter()
-                .rev()
-                .find(|r| r.cid == cid && r.role == actor.role && r.sender == actor.id)
-        {
-            return Ok(if prev.seq <= self.durable_seq {
-                SendOutcome::Duplicate { seq: prev.seq, ts: prev.ts }
-            } else {
-                SendOutcome::InFlight { seq: prev.seq, ts: prev.ts }
-            });
+        if let Some(known) = self.recall(actor, cid.as_ref())? {
+            return Ok(known);
         }
         let seq = self.next_seq;
         let ts = now_ms.max(self.last_ts);
@@ -390,6 +379,21 @@ impl Conversation {
             self.remember(actor.role, actor.id.clone(), cid, seq, ts);
         }
         Ok(SendOutcome::Append { seq, ts })
+    }
+
+    /// Whether `actor` may send here and, if `cid` is a resend the window
+    /// remembers, what it is answered ([`SendOutcome::Duplicate`] or
+    /// [`SendOutcome::InFlight`]), without taking a seq: what a message
+    /// waiting for a hook's verdict is checked with first.
+    pub fn recall(&self, actor: &Actor, cid: Option<&Cid>) -> Result<Option<SendOutcome>, ConvError> {
+        self.check_access(actor, Access::Write)?;
+        let Some(cid) = cid else { return Ok(None) };
+        let prev =
+            self.recent.iter().rev().find(|r| r.cid == *cid && r.role == actor.role && r.sender == actor.id);
+        Ok(prev.map(|prev| match prev.seq <= self.durable_seq {
+            true => SendOutcome::Duplicate { seq: prev.seq, ts: prev.ts },
+            false => SendOutcome::InFlight { seq: prev.seq, ts: prev.ts },
+        }))
     }
 
     /// Storage reports every seq up to `seq` durable (group commits complete

@@ -54,6 +54,7 @@ impl Config {
             },
             routing: self.routing.clone(),
             rules: self.rules.clone(),
+            hooks: kefu_core::config::HookPolicy::default(),
         }
     }
 }

@@ -125,6 +125,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         stats: stats.clone(),
         backlog_max,
         calls: calls.clone(),
+        hooks: None,
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);

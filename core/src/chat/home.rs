@@ -15,18 +15,20 @@
 //! command sees it), and a failed write rebuilds the conversation from
 //! storage.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use kefu_proto::client::{self, AgentRef as WireAgent, Codec, Event, Msg, ServerFrame, SpareStrings, User};
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 
 use super::directory::{Directory, Member};
+use super::hooks::{HookCall, Verdict};
 use super::outbox::{ConvState, Outbox, Output, Pending, Profile, Write};
 use super::stored::{ReadError, Stored};
 use super::{Change, Reply, RouteInfo, SessionAddr};
 use crate::CoreConfig;
 use crate::cid::Cid;
+use crate::config::HookFailure;
 use crate::conversation::{Access, Conversation, ReadOutcome, SendOutcome, TypingOutcome};
 use crate::identity::{Actor, UserKey};
 use crate::resume::{ReplayWindow, frame_weight};
@@ -51,6 +53,26 @@ pub struct Durable {
     pub duplicate: bool,
 }
 
+/// A visitor's or agent's message, checked by its edge, not yet given a seq.
+struct Draft {
+    reply: Reply,
+    actor: Actor,
+    cid: Cid,
+    /// The cid as the client sent it (the decoder's buffer, stored as is).
+    wire_cid: String,
+    text: Option<String>,
+    attachment: Option<client::Attachment>,
+    /// Resends that came while it waited for its hook's verdict.
+    resends: Vec<Reply>,
+}
+
+/// A message waiting for the `OnMessage` verdict (or behind one that is).
+struct Screened {
+    /// The hook call's token; 0 until it is called.
+    token: u64,
+    draft: Draft,
+}
+
 /// The conversations homed on one shard.
 pub struct Home {
     me: usize,
@@ -66,6 +88,11 @@ pub struct Home {
     /// Resends waiting for their original's commit.
     dup_waiters: HashMap<(ConvId, u64), Vec<Reply>>,
     rules: Rules,
+    /// Messages waiting for the `OnMessage` hook, per conversation, in order.
+    screening: HashMap<ConvId, VecDeque<Screened>>,
+    /// Hook calls out: token → the conversation whose first message it screens.
+    hook_calls: HashMap<u64, ConvId>,
+    next_hook: u64,
     out: Outbox,
     /// Reused for each message's audience.
     audience: Vec<Member>,
@@ -94,6 +121,9 @@ impl Home {
             convs,
             borrowed: HashSet::new(),
             dup_waiters: HashMap::new(),
+            screening: HashMap::new(),
+            hook_calls: HashMap::new(),
+            next_hook: 0,
             out: Outbox::new(),
             audience: Vec::new(),
             strings: SpareStrings::new(),
@@ -333,18 +363,50 @@ impl Home {
                 Err(e) => return self.out.error(reply, e.code, e.message),
             }
         }
-        let Some(c) = self.convs.get_mut(&conv) else { return };
-        let outcome = match c.send(actor, Some(cid), now_ms) {
-            Ok(o) => o,
-            Err(e) => return self.out.error(reply, e.code(), e.to_string()),
+        let draft =
+            Draft { reply, actor: actor.clone(), cid, wire_cid, text, attachment, resends: Vec::new() };
+        if self.core.hooks.on_message && actor.role != Role::Bot {
+            return self.screen(conv, draft, now_ms);
+        }
+        self.accept(conv, draft, now_ms);
+    }
+
+    /// Takes a checked message: a resend the window remembers is answered
+    /// (now, or when its original is durable), a new one gets the next seq
+    /// and is submitted. Resends that waited with it (for its hook's
+    /// verdict) are answered as its resends.
+    fn accept(&mut self, conv: ConvId, draft: Draft, now_ms: u64) {
+        let Draft { reply, actor, cid, wire_cid, text, attachment, resends } = draft;
+        let Some(c) = self.convs.get_mut(&conv) else {
+            for r in std::iter::once(reply).chain(resends) {
+                self.out.error(r, ErrorCode::NotFound, format!("{conv}: not found"));
+            }
+            return;
         };
-        match outcome {
+        let outcome = match c.send(&actor, Some(cid), now_ms) {
+            Ok(o) => o,
+            Err(e) => {
+                for r in std::iter::once(reply).chain(resends) {
+                    self.out.error(r, e.code(), e.to_string());
+                }
+                return;
+            }
+        };
+        let seq = match outcome {
             SendOutcome::Duplicate { seq, ts } => {
-                let ack = Event::Ack { cid: cid.as_str().into(), conv, seq, ts, duplicate: true };
-                self.out.send(from, codec, &ServerFrame::reply(id, ack));
+                let mut ack = ServerFrame::reply(
+                    None,
+                    Event::Ack { cid: cid.as_str().into(), conv, seq, ts, duplicate: true },
+                );
+                for (to, codec, id) in std::iter::once(reply).chain(resends) {
+                    ack.id = id;
+                    self.out.send(to, codec, &ack);
+                }
+                return;
             }
             SendOutcome::InFlight { seq, .. } => {
                 self.dup_waiters.entry((conv, seq)).or_default().push(reply);
+                seq
             }
             SendOutcome::Append { seq, ts } => {
                 let msg = Msg {
@@ -362,7 +424,116 @@ impl Home {
                 };
                 let then = Pending::Message { conv, seq, sender: Some(reply) };
                 self.out.submit(Write::Message(msg), then);
+                seq
             }
+        };
+        if !resends.is_empty() {
+            self.dup_waiters.entry((conv, seq)).or_default().extend(resends);
+        }
+    }
+
+    // ---- the OnMessage hook -------------------------------------------
+
+    /// Holds a message for the `OnMessage` hook's verdict. A conversation's
+    /// messages are screened one at a time, in the order they came (so they
+    /// are stored in that order); other conversations' go on meanwhile. A
+    /// resend the window remembers, or of a message being screened, calls
+    /// no hook: it waits for (or gets) its original's answer.
+    fn screen(&mut self, conv: ConvId, draft: Draft, now_ms: u64) {
+        let known = self.convs.get(&conv).map(|c| c.recall(&draft.actor, Some(&draft.cid)));
+        match known {
+            Some(Ok(None)) => {}
+            // Refused, or a resend the window answers: as any send.
+            _ => return self.accept(conv, draft, now_ms),
+        }
+        let queue = self.screening.entry(conv).or_default();
+        let same = |s: &&mut Screened| {
+            s.draft.cid == draft.cid
+                && s.draft.actor.role == draft.actor.role
+                && s.draft.actor.id == draft.actor.id
+        };
+        if let Some(original) = queue.iter_mut().find(same) {
+            return original.draft.resends.push(draft.reply);
+        }
+        queue.push_back(Screened { token: 0, draft });
+        if queue.len() == 1 {
+            self.call_on_message(conv);
+        }
+    }
+
+    /// Calls `OnMessage` for the first message `conv` holds.
+    fn call_on_message(&mut self, conv: ConvId) {
+        let Some(first) = self.screening.get_mut(&conv).and_then(|q| q.front_mut()) else { return };
+        self.next_hook += 1;
+        first.token = self.next_hook;
+        self.hook_calls.insert(first.token, conv);
+        let d = &first.draft;
+        let call = HookCall::OnMessage {
+            conv,
+            cid: d.wire_cid.clone(),
+            text: d.text.clone(),
+            attachment_mime: d.attachment.as_ref().map(|a| a.mime.clone()),
+            from: client::Sender {
+                role: d.actor.role,
+                id: d.actor.id.to_string(),
+                name: d.actor.name.to_string(),
+            },
+        };
+        self.out.hook(first.token, call);
+    }
+
+    /// The `OnMessage` verdict for a message this home holds: stored (as
+    /// sent or rewritten, then the hook's replies as bot messages),
+    /// refused `forbidden`, or, with no verdict, as `hooks.failure` says.
+    /// Then the conversation's next message is screened.
+    pub fn handle_hook(&mut self, token: u64, verdict: Verdict, now_ms: u64, store: &dyn Stored) {
+        let Some(conv) = self.hook_calls.remove(&token) else { return };
+        let Some(queue) = self.screening.get_mut(&conv) else { return };
+        let Some(Screened { draft, .. }) = queue.pop_front() else { return };
+        if queue.is_empty() {
+            self.screening.remove(&conv);
+        }
+        let verdict = match verdict {
+            Verdict::Failed { why } => match self.core.hooks.failure {
+                HookFailure::Open => Verdict::Allow { replies: Vec::new() },
+                HookFailure::Closed => {
+                    let message = format!("the message hook failed ({why}); retry");
+                    self.refuse(&draft, ErrorCode::Unavailable, &message);
+                    return self.next_screened(conv);
+                }
+            },
+            v => v,
+        };
+        let (draft, replies) = match verdict {
+            Verdict::Allow { replies } => (draft, replies),
+            Verdict::Rewrite { text, replies } => (Draft { text: Some(text), ..draft }, replies),
+            Verdict::Reject { reason } => {
+                self.refuse(&draft, ErrorCode::Forbidden, &reason);
+                return self.next_screened(conv);
+            }
+            Verdict::Failed { .. } => unreachable!("decided above"),
+        };
+        if self.load(conv, store) {
+            self.accept(conv, draft, now_ms);
+            for text in replies {
+                self.bot_message(conv, text, now_ms);
+            }
+        } else {
+            self.refuse(&draft, ErrorCode::NotFound, &format!("{conv}: not found"));
+        }
+        self.give_back(conv);
+        self.next_screened(conv);
+    }
+
+    fn refuse(&mut self, draft: &Draft, code: ErrorCode, message: &str) {
+        for &r in std::iter::once(&draft.reply).chain(&draft.resends) {
+            self.out.error(r, code, message);
+        }
+    }
+
+    fn next_screened(&mut self, conv: ConvId) {
+        if self.screening.contains_key(&conv) {
+            self.call_on_message(conv);
         }
     }
 

@@ -47,6 +47,7 @@ pub mod directory;
 pub mod edge;
 pub mod frames;
 pub mod home;
+pub mod hooks;
 pub mod outbox;
 pub mod router;
 pub mod stored;
@@ -200,6 +201,13 @@ pub enum ChatMsg {
         /// The connection.
         addr: SessionAddr,
     },
+    /// The bridge → the shard whose machine called a hook: its verdict.
+    Hooked {
+        /// The call's token.
+        token: u64,
+        /// The answer.
+        verdict: hooks::Verdict,
+    },
     /// Router → a conversation's home.
     Change {
         /// The conversation.
@@ -241,7 +249,8 @@ impl ChatMsg {
             ChatMsg::SessionUp { .. }
             | ChatMsg::SessionDown { .. }
             | ChatMsg::AgentGone { .. }
-            | ChatMsg::Routed { .. } => None,
+            | ChatMsg::Routed { .. }
+            | ChatMsg::Hooked { .. } => None,
         }
     }
 }

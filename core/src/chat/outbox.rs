@@ -14,6 +14,7 @@ use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 
 use super::directory::Member;
 use super::frames::{FrameEncoder, SharedFrame};
+use super::hooks::HookCall;
 use super::{ChatMsg, Reply, RouteInfo, SessionAddr, ShardMsg};
 use crate::identity::UserKey;
 
@@ -29,6 +30,14 @@ pub enum Output {
         to: usize,
         /// The message.
         msg: ShardMsg,
+    },
+    /// Call a business-system hook; its verdict comes back to this shard
+    /// as `ChatMsg::Hooked` with `token`.
+    Hook {
+        /// Names the call for its verdict.
+        token: u64,
+        /// The call.
+        call: HookCall,
     },
     /// Make `write` durable, then hand `then` back with the outcome
     /// (`handle_committed` / `handle_failed` of the machine that asked).
@@ -162,6 +171,11 @@ impl Outbox {
     /// Asks for `write` to be made durable.
     pub fn submit(&mut self, write: Write, then: Pending) {
         self.queue.push_back(Output::Submit { write, then });
+    }
+
+    /// Calls a hook.
+    pub fn hook(&mut self, token: u64, call: HookCall) {
+        self.queue.push_back(Output::Hook { token, call });
     }
 
     /// Writes an encoded frame to a connection, wherever it is.

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kefu_core::CoreConfig;
+use kefu_core::chat::hooks::HookCall;
 use kefu_core::chat::{BRIDGE_SHARD, ChatMsg, ROUTER_SHARD, SessionAddr, ShardMsg};
 use kefu_core::identity::{Identity, Meta};
 use kefu_core::session::{Checked, Session};
@@ -93,6 +94,17 @@ impl Calls {
     pub fn forget(&self, id: CallId) {
         self.waiting().remove(&id.0);
     }
+}
+
+/// Where the machines' hook calls go (the bridge's gRPC client). Each
+/// call's verdict must come back, exactly once, as
+/// `ChatMsg::Hooked { token, verdict }` in shard `shard`'s inbox (a timeout
+/// or an error as `Verdict::Failed`): a message waits for it, and every
+/// later one of its conversation behind it. So a full inbox is retried,
+/// never given up on.
+pub trait HookSink: Send + Sync {
+    /// Calls the hook for shard `shard`'s machine; must not block.
+    fn call(&self, shard: usize, token: u64, call: HookCall);
 }
 
 /// Why a call was not made.

@@ -17,6 +17,7 @@ use kefu_core::chat::directory::{Directory, Member};
 use kefu_core::chat::edge::{Edge, EdgeConfig};
 use kefu_core::chat::frames::SharedFrame;
 use kefu_core::chat::home::{Durable, Home};
+use kefu_core::chat::hooks::Verdict;
 use kefu_core::chat::outbox::{ConvState, Outbox, Output, Pending, Write};
 use kefu_core::chat::router::Router;
 use kefu_core::chat::stored::ReadError;
@@ -32,7 +33,7 @@ use kefu_storage::{
 };
 use tracing::{info, warn};
 
-use super::api::Calls;
+use super::api::{Calls, HookSink};
 use super::reads::Reads;
 use super::{ChatMsg, ROUTER_SHARD, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
@@ -72,6 +73,8 @@ pub struct ChatInit {
     pub backlog_max: usize,
     /// The business systems' calls waiting for their answers.
     pub calls: Arc<Calls>,
+    /// Where hook calls go (none: every hook fails, as `hooks.failure` says).
+    pub hooks: Option<Arc<dyn HookSink>>,
 }
 
 /// What one shard starts from after a restart.
@@ -168,7 +171,8 @@ fn overflow(msg: &ShardMsg) -> Overflow {
             | ChatMsg::SessionDown { .. }
             | ChatMsg::Welcome { .. }
             | ChatMsg::AgentGone { .. }
-            | ChatMsg::Routed { .. } => Overflow::Keep,
+            | ChatMsg::Routed { .. }
+            | ChatMsg::Hooked { .. } => Overflow::Keep,
         },
     }
 }
@@ -212,6 +216,7 @@ pub struct ChatService {
     backlog_max: usize,
     /// Where answers to the business systems' calls go.
     calls: Arc<Calls>,
+    hooks: Option<Arc<dyn HookSink>>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch: the time the chat rules are fed.
@@ -243,6 +248,7 @@ impl ChatService {
             stats,
             backlog_max,
             calls,
+            hooks,
         } = init;
         let shards = mailboxes.len();
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
@@ -285,6 +291,7 @@ impl ChatService {
             stats,
             backlog_max,
             calls,
+            hooks,
         })
     }
 
@@ -349,6 +356,7 @@ impl ChatService {
                     self.edge.handle_welcome(reply, conversations, &self.reads)
                 }
                 ChatMsg::Routed { addr } => self.edge.handle_routed(addr),
+                ChatMsg::Hooked { token, verdict } => self.home.handle_hook(token, verdict, now, &self.reads),
                 ChatMsg::Change { conv, change, reply, route } => {
                     self.home.handle_change(conv, change, reply, route, now, &self.directory, &self.reads)
                 }
@@ -399,6 +407,13 @@ impl ChatService {
         match out {
             Output::Post { to, msg } => self.post(to, msg),
             Output::Submit { write, then } => self.submit(write, then),
+            Output::Hook { token, call } => match &self.hooks {
+                Some(hooks) => hooks.call(self.me, token, call),
+                None => {
+                    let verdict = Verdict::Failed { why: "no hook endpoint".into() };
+                    self.home.handle_hook(token, verdict, now_ms(), &self.reads);
+                }
+            },
         }
     }
 

@@ -79,6 +79,7 @@ impl Cluster {
                     stats: stats.clone(),
                     backlog_max,
                     calls: calls.clone(),
+                    hooks: None,
                 })
                 .unwrap()
             })

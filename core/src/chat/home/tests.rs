@@ -9,6 +9,7 @@ use kefu_proto::client::{Codec, Event, Msg, ServerFrame};
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 
 use super::*;
+use crate::chat::hooks::{HookCall, Verdict};
 use crate::chat::testing::{MemStore, addr, decode_frames};
 use crate::chat::{RouteInfo, ShardMsg};
 use crate::config::CoreConfig;
@@ -26,6 +27,8 @@ struct World {
     writes: VecDeque<(Pending, Write)>,
     /// Frames written to each connection, decoded.
     frames: HashMap<SessionAddr, Vec<ServerFrame>>,
+    /// Hook calls made and not yet answered, in order.
+    hooks: VecDeque<(u64, HookCall)>,
     now: u64,
 }
 
@@ -46,6 +49,7 @@ impl World {
             store: MemStore::default(),
             writes: VecDeque::new(),
             frames: HashMap::new(),
+            hooks: VecDeque::new(),
             now: T0,
         }
     }
@@ -67,6 +71,7 @@ impl World {
                     self.frames.entry(to).or_default().extend(decode_frames(Codec::Json, &bytes));
                 }
                 Output::Submit { write, then } => self.writes.push_back((then, write)),
+                Output::Hook { token, call } => self.hooks.push_back((token, call)),
                 other => panic!("a home with one shard posted {other:?}"),
             }
         }
@@ -80,6 +85,14 @@ impl World {
             self.home.handle_committed(then, write, durable, self.now, &self.dir, &self.store);
             self.drain();
         }
+    }
+
+    /// Answers the oldest hook call, then commits what that caused.
+    fn verdict(&mut self, verdict: Verdict) -> HookCall {
+        let (token, call) = self.hooks.pop_front().expect("a hook call");
+        self.home.handle_hook(token, verdict, self.now, &self.store);
+        self.commit();
+        call
     }
 
     /// What `who` has received since last asked.
@@ -434,4 +447,105 @@ fn a_message_reaches_a_session_only_while_it_is_connected() {
     w.commit();
     assert!(w.take(&tab).is_empty());
     assert_eq!(msgs(&w.take(&a)).len(), 1);
+}
+
+fn screened() -> (World, Who, Who, Who) {
+    let mut w = World::new(|c| c.hooks.on_message = true);
+    let v = w.connect(Role::Visitor, "v1", 1);
+    let tab = w.connect(Role::Visitor, "v1", 2);
+    let a = w.connect(Role::Agent, "a1", 3);
+    w.open_assigned(&v, &a);
+    (w, v, tab, a)
+}
+
+fn stored_texts(w: &World) -> Vec<(Role, String)> {
+    w.store.messages_of(CONV).into_iter().map(|m| (m.from.role, m.text.unwrap_or_default())).collect()
+}
+
+#[test]
+fn a_message_waits_for_its_hook_then_is_stored_as_rewritten_with_the_replies_after_it() {
+    let (mut w, v, _tab, a) = screened();
+    w.send(&v, 1, "c1", "I found a bug");
+    w.commit();
+    assert!(w.store.messages_of(CONV).is_empty() && w.frames.is_empty(), "nothing before the verdict");
+    let replies = vec!["Ticket T-1 opened".to_string()];
+    let call = w.verdict(Verdict::Rewrite { text: "I found a b*g".into(), replies });
+    let HookCall::OnMessage { cid, text, from, .. } = call;
+    assert_eq!((cid.as_str(), text.as_deref(), from.role), ("c1", Some("I found a bug"), Role::Visitor));
+    assert_eq!(acks(&w.take(&v)), [(Some(1), 1, false)]);
+    assert_eq!(msgs(&w.take(&a)), [(1, "I found a b*g".into()), (2, "Ticket T-1 opened".into())]);
+    assert_eq!(
+        stored_texts(&w),
+        [(Role::Visitor, "I found a b*g".into()), (Role::Bot, "Ticket T-1 opened".into())]
+    );
+}
+
+#[test]
+fn a_rejected_message_is_forbidden_and_never_stored() {
+    let (mut w, v, _tab, a) = screened();
+    w.send(&v, 1, "c1", "spam");
+    w.verdict(Verdict::Reject { reason: "no spam".into() });
+    assert_eq!(errors(&w.take(&v)), [(Some(1), ErrorCode::Forbidden)]);
+    assert!(w.take(&a).is_empty() && w.store.messages_of(CONV).is_empty());
+    w.send(&v, 2, "c2", "hello");
+    w.verdict(Verdict::Allow { replies: Vec::new() });
+    assert_eq!(acks(&w.take(&v)), [(Some(2), 1, false)], "a refused message took no seq");
+}
+
+#[test]
+fn a_conversations_messages_are_screened_one_at_a_time_and_stored_in_order() {
+    let (mut w, v, _tab, a) = screened();
+    w.send(&v, 1, "c1", "first");
+    w.send(&v, 2, "c2", "second");
+    assert_eq!(w.hooks.len(), 1, "the second waits for the first's verdict");
+    w.verdict(Verdict::Allow { replies: Vec::new() });
+    assert_eq!(w.hooks.len(), 1, "then it is screened");
+    w.verdict(Verdict::Allow { replies: Vec::new() });
+    assert_eq!(msgs(&w.take(&a)), [(1, "first".into()), (2, "second".into())]);
+}
+
+#[test]
+fn a_resend_while_screened_calls_no_hook_and_gets_the_same_answer() {
+    let (mut w, v, _tab, a) = screened();
+    w.send(&v, 1, "c1", "hello");
+    w.send(&v, 2, "c1", "hello");
+    assert_eq!(w.hooks.len(), 1);
+    w.verdict(Verdict::Allow { replies: Vec::new() });
+    let mut got = acks(&w.take(&v));
+    got.sort();
+    assert_eq!(got, [(Some(1), 1, false), (Some(2), 1, true)]);
+    assert_eq!(msgs(&w.take(&a)).len(), 1);
+    w.send(&v, 3, "c1", "hello");
+    assert!(w.hooks.is_empty(), "a resend the window remembers is not screened again");
+    assert_eq!(acks(&w.take(&v)), [(Some(3), 1, true)]);
+}
+
+#[test]
+fn a_hook_that_fails_lets_messages_through_or_refuses_them_as_configured() {
+    let (mut w, v, _tab, a) = screened();
+    w.send(&v, 1, "c1", "hello");
+    w.verdict(Verdict::Failed { why: "timeout".into() });
+    assert_eq!(acks(&w.take(&v)), [(Some(1), 1, false)], "failure = open");
+    assert_eq!(msgs(&w.take(&a)).len(), 1);
+    let mut w = World::new(|c| {
+        c.hooks.on_message = true;
+        c.hooks.failure = crate::config::HookFailure::Closed;
+    });
+    let v = w.connect(Role::Visitor, "v1", 1);
+    let a = w.connect(Role::Agent, "a1", 2);
+    w.open_assigned(&v, &a);
+    w.send(&v, 1, "c1", "hello");
+    w.verdict(Verdict::Failed { why: "timeout".into() });
+    assert_eq!(errors(&w.take(&v)), [(Some(1), ErrorCode::Unavailable)], "failure = closed");
+    assert!(w.store.messages_of(CONV).is_empty());
+}
+
+#[test]
+fn a_bots_message_is_not_screened() {
+    let (mut w, _v, _tab, a) = screened();
+    let bot = Who { addr: addr(0, 40), actor: Actor::bot("api", "Shop") };
+    w.send(&bot, 1, "order-1", "shipped");
+    assert!(w.hooks.is_empty());
+    w.commit();
+    assert_eq!(msgs(&w.take(&a)), [(1, "shipped".into())]);
 }
