@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod alloc;
+pub mod bridge;
 pub mod chat;
 pub mod config;
 pub mod conn;
