@@ -7,7 +7,8 @@
 //! here, so an operator can see when one does.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use kefu_storage::StoreStats;
 
@@ -74,6 +75,11 @@ pub struct ShardStats {
     pub posts_skipped: AtomicU64,
     /// Slab classes, refreshed each sweep.
     pub slab: Vec<ClassGauge>,
+    /// Wall-clock ms of the shard's last sweep (0: none yet). A shard whose
+    /// sweep stops (stuck or gone) is not ready (`/readyz`).
+    pub sweep_unix_ms: AtomicU64,
+    /// The shard is draining for shutdown.
+    pub draining: AtomicBool,
 }
 
 impl ShardStats {
@@ -88,6 +94,11 @@ impl ShardStats {
         counter.fetch_add(1, Relaxed);
     }
 
+    /// Records that the shard swept just now.
+    pub fn mark_swept(&self) {
+        self.sweep_unix_ms.store(unix_ms(), Relaxed);
+    }
+
     /// Copies the slab's occupancy into the gauges.
     pub fn publish_slab(&self, stats: &[ClassStats]) {
         for (gauge, s) in self.slab.iter().zip(stats) {
@@ -97,6 +108,11 @@ impl ShardStats {
             gauge.exhausted.store(s.exhausted, Relaxed);
         }
     }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Renders every shard's counters in the Prometheus text format.
