@@ -471,6 +471,7 @@ fn reflection_lists_and_describes_the_services() {
         let requests = tokio_stream_of([
             ask(MessageRequest::ListServices(String::new())),
             ask(MessageRequest::FileContainingSymbol("kefu.v1.Gateway".into())),
+            ask(MessageRequest::FileContainingSymbol("kefu.v1.Hooks".into())),
         ]);
         let mut answers = client.server_reflection_info(requests).await.unwrap().into_inner();
         let listed = answers.next().await.unwrap().unwrap();
@@ -481,11 +482,15 @@ fn reflection_lists_and_describes_the_services() {
         for want in ["kefu.v1.Gateway", "kefu.v1.Events"] {
             assert!(names.contains(&want), "{names:?}");
         }
-        let described = answers.next().await.unwrap().unwrap();
-        let Some(MessageResponse::FileDescriptorResponse(files)) = described.message_response else {
-            panic!("{described:?}")
-        };
-        assert!(!files.file_descriptor_proto.is_empty());
+        assert!(!names.contains(&"kefu.v1.Hooks"), "kefu calls Hooks, it does not serve them: {names:?}");
+        // Both are described, Hooks too: a business system implements it.
+        for _ in 0..2 {
+            let described = answers.next().await.unwrap().unwrap();
+            let Some(MessageResponse::FileDescriptorResponse(files)) = described.message_response else {
+                panic!("{described:?}")
+            };
+            assert!(!files.file_descriptor_proto.is_empty());
+        }
     });
 }
 
@@ -506,4 +511,40 @@ fn readyz_is_200_when_storage_and_every_shard_are_up() {
     assert_eq!((status, body.as_str()), (200, "ready\n"));
     let (status, body) = http(&gw, "GET", "/healthz", None, None);
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+}
+
+#[test]
+fn calls_past_the_concurrency_bound_are_refused_at_once() {
+    let keys = format!("[\"{KEY}\"]");
+    let gw = Gateway::start(
+        &["--shards", "1"],
+        &[("KEFU_ADMIN_API_KEYS", keys.as_str()), ("KEFU_ADMIN_MAX_CONCURRENT_REQUESTS", "1")],
+    );
+    // A REST call whose body never comes holds the only place while its
+    // handler waits for the body.
+    use std::io::Write as _;
+    let mut held = std::net::TcpStream::connect(gw.admin).unwrap();
+    let head = format!(
+        "POST /api/v1/tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    held.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, body) = http(&gw, "GET", "/api/v1/conversations", Some(KEY), None);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("admin.max_concurrent_requests"), "{body}");
+    rt().block_on(async {
+        let err = grpc(&gw, Some(KEY))
+            .await
+            .list_conversations(pb::ListConversationsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    });
+    // The operator endpoints are not API calls: they still answer.
+    assert_eq!(http(&gw, "GET", "/healthz", None, None).0, 200);
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http(&gw, "GET", "/api/v1/conversations", Some(KEY), None).0, 200, "the place is free again");
+    let metrics = http(&gw, "GET", "/metrics", None, None).1;
+    assert!(metrics.contains("kefu_bridge_requests_total{outcome=\"busy\"} 2"), "{metrics}");
 }

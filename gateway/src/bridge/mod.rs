@@ -132,12 +132,8 @@ fn router(shared: Arc<Shared>, calls: Arc<Calls>, max_request_bytes: usize) -> a
     let events = pb::events_server::EventsServer::new(grpc::EventsApi);
     let mut grpc = tonic::service::Routes::new(gateway).add_service(events);
     // Both versions: grpcurl and older tools ask v1alpha.
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .build_v1();
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha();
+    let v1 = reflection().build_v1();
+    let v1alpha = reflection().build_v1alpha();
     match (v1, v1alpha) {
         (Ok(v1), Ok(v1alpha)) => grpc = grpc.add_service(v1).add_service(v1alpha),
         // Served without reflection rather than not at all.
@@ -174,6 +170,24 @@ async fn dispatch(State(apps): State<Arc<Apps>>, req: Request) -> Response {
         Ok(response) => response,
         Err(never) => match never {},
     }
+}
+
+/// Reflection over the whole contract, advertising only the services
+/// served here: `kefu.v1.Hooks` is described (a business system implements
+/// it) but not listed, since calling it on kefu would be a mistake.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    [
+        "kefu.v1.Gateway",
+        "kefu.v1.Events",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+    .into_iter()
+    .fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET),
+        |b, name| b.with_service_name(name),
+    )
 }
 
 /// Paths served without a key.
