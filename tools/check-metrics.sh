@@ -30,7 +30,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-target/debug/kefu serve --data "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+"${CARGO_TARGET_DIR:-target}/debug/kefu" serve --data "$work/data" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
     --shards 2 >"$work/log" 2>&1 &
 pid=$!
 admin=
