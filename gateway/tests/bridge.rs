@@ -109,7 +109,7 @@ struct Seeded {
     /// Assigned to a1, four messages (the third is the visitor's "bug",
     /// the fourth the bot's auto-reply), then one from the agent.
     open_conv: String,
-    /// Assigned to a1, one message, then closed by a1.
+    /// Assigned to a1, a text and a picture, then closed by a1.
     closed_conv: String,
     visitor_id: String,
 }
@@ -135,6 +135,10 @@ async fn seed(gw: &Gateway) -> Seeded {
     other.call(json!({"type": "connect"})).await;
     let closed_conv = other.call(json!({"type": "open"})).await["conv"].as_str().unwrap().to_string();
     let ack = other.call(json!({"type": "send", "conv": closed_conv, "cid": "o1", "text": "bye"})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let picture = json!({"mime": "image/png", "data": "AAEC/w=="});
+    let ack =
+        other.call(json!({"type": "send", "conv": closed_conv, "cid": "o2", "attachment": picture})).await;
     assert_eq!(ack["type"], "ack", "{ack}");
 
     // The agent's calls wait for both assignments to be durable: its
@@ -195,7 +199,17 @@ fn storage_calls_answer_over_grpc_and_rest_alike() {
         assert_eq!(rest, serde_json::to_value(&open).unwrap());
         let req = pb::GetConversationRequest { conv: s.closed_conv.clone() };
         let closed = client.get_conversation(req).await.unwrap().into_inner();
-        assert_eq!((closed.status.as_str(), closed.last_seq), ("closed", 1));
+        assert_eq!((closed.status.as_str(), closed.last_seq), ("closed", 2));
+
+        // An attachment: bytes over gRPC, base64 over REST, as the client sent it.
+        let req = pb::GetHistoryRequest { conv: s.closed_conv.clone(), before: 0, limit: 0 };
+        let history = client.get_history(req).await.unwrap().into_inner();
+        let picture = history.messages[1].attachment.as_ref().expect("the attachment");
+        assert_eq!((picture.mime.as_str(), picture.data.as_slice()), ("image/png", &[0u8, 1, 2, 255][..]));
+        assert_eq!(history.messages[1].text, None);
+        let rest = rest_json(&gw, &format!("/api/v1/conversations/{}/messages", s.closed_conv));
+        assert_eq!(rest["messages"][1]["attachment"]["data"], "AAEC/w==", "{rest}");
+        assert_eq!(rest, serde_json::to_value(&history).unwrap());
 
         // Lists: newest first, filtered, paged.
         let list = |status: &str, agent_id: &str, group: &str, page_size, page_token: &str| {

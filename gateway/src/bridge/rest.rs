@@ -49,7 +49,7 @@ pub fn routes(calls: Arc<Calls>) -> axum::Router {
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/conversations", get(list_conversations))
         .route("/api/v1/conversations/{conv}", get(get_conversation))
-        .route("/api/v1/conversations/{conv}/messages", get(get_history).post(not_built_send_message))
+        .route("/api/v1/conversations/{conv}/messages", get(get_history).post(|| not_built("SendMessage")))
         .route("/api/v1/conversations/{conv}/assign", post(|| not_built("AssignConversation")))
         .route("/api/v1/conversations/{conv}/transfer", post(|| not_built("TransferConversation")))
         .route("/api/v1/conversations/{conv}/close", post(|| not_built("CloseConversation")))
@@ -65,10 +65,6 @@ pub fn routes(calls: Arc<Calls>) -> axum::Router {
 async fn not_built(call: &'static str) -> Response {
     let status = super::grpc::not_built(&format!("kefu.v1.Gateway/{call}"));
     error(StatusCode::NOT_IMPLEMENTED, "unimplemented", status.message())
-}
-
-async fn not_built_send_message() -> Response {
-    not_built("SendMessage").await
 }
 
 async fn openapi() -> Response {
