@@ -37,6 +37,8 @@ pub struct Config {
     pub rules: kefu_core::config::RulesConfig,
     /// Sizes and counts of chat content (text, attachments, cids, history).
     pub messages: kefu_core::config::LimitsConfig,
+    /// The control plane on `server.admin_listen`: API keys and its limits.
+    pub admin: AdminConfig,
 }
 
 impl Config {
@@ -75,7 +77,8 @@ pub enum IoDriver {
 pub struct ServerConfig {
     /// Client listener (WebSocket and, later, REST).
     pub listen: String,
-    /// Operator listener: `/healthz` and `/metrics`.
+    /// Control plane and operator listener: gRPC, REST (`/api/v1`),
+    /// `/healthz`, `/readyz` and `/metrics`.
     pub admin_listen: String,
     /// Number of shards; 0 means one per available core.
     pub shards: usize,
@@ -222,6 +225,98 @@ pub struct AuthConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         Self { jwt_secret: String::new(), allow_anonymous: true, exp_leeway_s: 60 }
+    }
+}
+
+/// Shortest API key accepted, in bytes: a key is a shared secret, and a
+/// short one can be guessed.
+pub const API_KEY_BYTES_MIN: usize = 16;
+
+/// `[admin]`: the control plane (gRPC and REST on `server.admin_listen`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Keys a caller presents as `authorization: Bearer <key>` on every
+    /// gRPC and `/api/v1` call. Empty (the default): every such call is
+    /// refused, saying so. Each at least 16 bytes of visible ASCII.
+    pub api_keys: Vec<String>,
+    /// API calls in progress at once; past it a call is answered
+    /// `UNAVAILABLE` (503) at once.
+    pub max_concurrent_requests: usize,
+    /// Largest request (gRPC message or REST body), in bytes.
+    pub max_request_bytes: usize,
+    /// `ListConversations` page size when the caller gives none.
+    pub list_page_size_default: u32,
+    /// Largest `ListConversations` page; a larger one is served as this.
+    pub list_page_size_max: u32,
+    /// Conversations one `ListConversations` page examines at most; a
+    /// filter that matches few may return a short page with a next token.
+    pub list_scan_max: usize,
+    /// `IssueToken` lifetime when the caller gives none, in seconds.
+    pub token_ttl_s_default: u64,
+    /// Longest `IssueToken` lifetime, in seconds; a longer one is refused.
+    pub token_ttl_s_max: u64,
+    /// A shard that has not swept for this long is not ready (`/readyz`).
+    pub shard_stall_ms: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            max_concurrent_requests: 256,
+            max_request_bytes: 4 * 1024 * 1024,
+            list_page_size_default: 50,
+            list_page_size_max: 500,
+            list_scan_max: 10_000,
+            token_ttl_s_default: 86_400,
+            token_ttl_s_max: 30 * 86_400,
+            shard_stall_ms: 2_000,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Checks what serde cannot: key shape and the ordering of limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        for (i, key) in self.api_keys.iter().enumerate() {
+            // The message names the key by position: never echo a secret.
+            if key.len() < API_KEY_BYTES_MIN {
+                return invalid(format!("admin.api_keys[{i}] is shorter than {API_KEY_BYTES_MIN} bytes"));
+            }
+            if !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return invalid(format!(
+                    "admin.api_keys[{i}] must be visible ASCII (it travels in an HTTP header), without spaces"
+                ));
+            }
+            if self.api_keys[..i].contains(key) {
+                return invalid(format!("admin.api_keys[{i}] repeats an earlier key"));
+            }
+        }
+        if self.max_concurrent_requests == 0 {
+            return invalid("admin.max_concurrent_requests must be at least 1".into());
+        }
+        if self.max_request_bytes < 1024 {
+            return invalid("admin.max_request_bytes must be at least 1024".into());
+        }
+        if self.list_page_size_default == 0 || self.list_page_size_default > self.list_page_size_max {
+            return invalid(
+                "admin.list_page_size_default must be between 1 and admin.list_page_size_max".into(),
+            );
+        }
+        if self.list_scan_max == 0 {
+            return invalid("admin.list_scan_max must be at least 1".into());
+        }
+        if self.token_ttl_s_default == 0 || self.token_ttl_s_default > self.token_ttl_s_max {
+            return invalid("admin.token_ttl_s_default must be between 1 and admin.token_ttl_s_max".into());
+        }
+        if self.shard_stall_ms < 500 {
+            // Shards sweep every 100 ms; less slack than a few sweeps
+            // would call a busy shard stalled.
+            return invalid("admin.shard_stall_ms must be at least 500".into());
+        }
+        Ok(())
     }
 }
 
@@ -391,6 +486,7 @@ impl Config {
         }
         self.core().validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.storage.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.admin.validate()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid(format!("log.format = {:?}: expected \"text\" or \"json\"", self.log.format));
         }
@@ -577,6 +673,45 @@ mod tests {
             "[slab]\nclasses = [{bytes = 4096, count = 1}, {bytes = 1024, count = 1}]\n",
             "[log]\nformat = \"xml\"\n",
             "server = 3\n",
+        ] {
+            assert!(load(Some(file), &[], &o).is_err(), "accepted: {file}");
+        }
+    }
+
+    #[test]
+    fn api_keys_default_to_none_and_are_validated_without_being_echoed() {
+        let o = Overrides::default();
+        assert!(load(None, &[], &o).unwrap().admin.api_keys.is_empty());
+        let c = load(Some("[admin]\napi_keys = [\"0123456789abcdef\", \"fedcba9876543210-x\"]\n"), &[], &o)
+            .unwrap();
+        assert_eq!(c.admin.api_keys.len(), 2);
+        let env = [("KEFU_ADMIN_API_KEYS", "[\"from-the-environment-1\"]")];
+        assert_eq!(load(None, &env, &o).unwrap().admin.api_keys, ["from-the-environment-1"]);
+        for (keys, why) in [
+            ("[\"short-secret\"]", "shorter than 16"),
+            ("[\"with a space inside it\"]", "visible ASCII"),
+            ("[\"tab\\tinside-the-key-here\"]", "visible ASCII"),
+            ("[\"0123456789abcdef\", \"0123456789abcdef\"]", "repeats"),
+        ] {
+            let err = load(Some(&format!("[admin]\napi_keys = {keys}\n")), &[], &o).unwrap_err().to_string();
+            assert!(err.contains(why), "{keys}: {err}");
+            assert!(!err.contains("short-secret") && !err.contains("0123456789abcdef"), "echoed: {err}");
+        }
+    }
+
+    #[test]
+    fn admin_limits_are_validated() {
+        let o = Overrides::default();
+        for file in [
+            "[admin]\nmax_concurrent_requests = 0\n",
+            "[admin]\nmax_request_bytes = 10\n",
+            "[admin]\nlist_page_size_default = 0\n",
+            "[admin]\nlist_page_size_default = 600\n",
+            "[admin]\nlist_scan_max = 0\n",
+            "[admin]\ntoken_ttl_s_default = 0\n",
+            "[admin]\ntoken_ttl_s_max = 10\n",
+            "[admin]\nshard_stall_ms = 100\n",
+            "[admin]\napi_key = []\n",
         ] {
             assert!(load(Some(file), &[], &o).is_err(), "accepted: {file}");
         }

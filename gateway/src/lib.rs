@@ -5,10 +5,11 @@
 //! benchmarks reach the same code: [`config`] reads the configuration,
 //! [`server`] starts one [`shard`] per core, each shard serves its
 //! connections ([`conn`]) with the sans-IO [`ws`] codec and [`http`] parser,
-//! and keeps its message buffers in a [`slab`].
+//! and keeps its message buffers in a [`slab`]. The [`bridge`] thread serves
+//! business systems and operators: gRPC, REST, health and metrics.
 
-pub mod admin;
 pub mod alloc;
+pub mod bridge;
 pub mod chat;
 pub mod config;
 pub mod conn;

@@ -70,7 +70,7 @@ struct ServeArgs {
     /// Client listener address [server.listen; default 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
-    /// Admin listener (/healthz, /metrics) [server.admin_listen; default 127.0.0.1:9090].
+    /// Control plane listener (gRPC, REST /api/v1, /healthz, /readyz, /metrics) [server.admin_listen; default 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
     /// Data directory [storage.dir; default ./data].

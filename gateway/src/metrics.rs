@@ -7,7 +7,8 @@
 //! here, so an operator can see when one does.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use kefu_storage::StoreStats;
 
@@ -74,6 +75,11 @@ pub struct ShardStats {
     pub posts_skipped: AtomicU64,
     /// Slab classes, refreshed each sweep.
     pub slab: Vec<ClassGauge>,
+    /// Wall-clock ms of the shard's last sweep (0: none yet). A shard whose
+    /// sweep stops (stuck or gone) is not ready (`/readyz`).
+    pub sweep_unix_ms: AtomicU64,
+    /// The shard is draining for shutdown.
+    pub draining: AtomicBool,
 }
 
 impl ShardStats {
@@ -88,6 +94,11 @@ impl ShardStats {
         counter.fetch_add(1, Relaxed);
     }
 
+    /// Records that the shard swept just now.
+    pub fn mark_swept(&self) {
+        self.sweep_unix_ms.store(unix_ms(), Relaxed);
+    }
+
     /// Copies the slab's occupancy into the gauges.
     pub fn publish_slab(&self, stats: &[ClassStats]) {
         for (gauge, s) in self.slab.iter().zip(stats) {
@@ -97,6 +108,11 @@ impl ShardStats {
             gauge.exhausted.store(s.exhausted, Relaxed);
         }
     }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Renders every shard's counters in the Prometheus text format.
@@ -140,7 +156,7 @@ pub fn render<T: Send>(
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     type Field = fn(&ShardStats) -> &AtomicU64;
-    let series: [(&str, &str, &str, Field); 18] = [
+    let series: [(&str, &str, &str, Field); 17] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),
         ("kefu_accepted_total", "counter", "Connections accepted.", |s| &s.accepted),
         ("kefu_refused_full_total", "counter", "Connections refused: shard full.", |s| &s.refused_full),
@@ -156,7 +172,6 @@ pub fn render<T: Send>(
         ("kefu_slow_consumer_closes_total", "counter", "Closes 4001.", |s| &s.slow_consumer_closes),
         ("kefu_heartbeat_closes_total", "counter", "Closes for silence.", |s| &s.heartbeat_closes),
         ("kefu_slab_waits_total", "counter", "Waits for a slab buffer.", |s| &s.slab_waits),
-        ("kefu_inbox_cpu_nanoseconds_total", "counter", "CPU time draining the inbox.", |s| &s.inbox_cpu_ns),
         ("kefu_backlog_messages", "gauge", "Posts waiting for another shard's full inbox.", |s| &s.backlog),
         ("kefu_posts_refused_total", "counter", "Posts refused (unavailable): backlog full.", |s| {
             &s.posts_refused
@@ -173,6 +188,20 @@ pub fn render<T: Send>(
         for (i, s) in shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", field(s).load(Relaxed));
         }
+    }
+    // Prometheus wants base units: counted in ns, shown in seconds.
+    let _ = writeln!(
+        out,
+        "# HELP kefu_inbox_cpu_seconds_total CPU time draining the inbox.\n# TYPE kefu_inbox_cpu_seconds_total counter"
+    );
+    for (i, s) in shards.iter().enumerate() {
+        let ns = s.inbox_cpu_ns.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "kefu_inbox_cpu_seconds_total{{shard=\"{i}\"}} {}.{:09}",
+            ns / 1_000_000_000,
+            ns % 1_000_000_000
+        );
     }
     let _ = writeln!(
         out,

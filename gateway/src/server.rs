@@ -28,12 +28,13 @@ use crate::shard::{self, ShardInit};
 pub struct Running {
     /// Where clients connect (the first shard's bound address).
     pub addr: SocketAddr,
-    /// Where `/metrics` and `/healthz` are served.
+    /// Where the bridge serves gRPC, REST, `/healthz`, `/readyz` and `/metrics`.
     pub admin_addr: SocketAddr,
     /// The chat service as business systems call it.
     pub api: ChatApi,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    bridge: std::thread::JoinHandle<()>,
     shutdown_timeout: Duration,
 }
 
@@ -50,18 +51,22 @@ impl Running {
                 self.stop.store(true, Ordering::Relaxed);
                 bail!("a shard stopped unexpectedly");
             }
+            if self.bridge.is_finished() {
+                self.stop.store(true, Ordering::Relaxed);
+                bail!("the bridge stopped unexpectedly");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         info!("stop requested: draining connections");
         let deadline = Instant::now() + self.shutdown_timeout + Duration::from_secs(1);
-        for t in self.threads {
+        for t in self.threads.into_iter().chain([self.bridge]) {
             while !t.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
             if t.is_finished() {
                 let _ = t.join();
             } else {
-                warn!("a shard did not stop in time");
+                warn!(thread = t.thread().name().unwrap_or("?"), "a thread did not stop in time");
             }
         }
         info!("stopped");
@@ -73,6 +78,7 @@ impl Running {
 /// listen.
 pub fn start(config: Config) -> anyhow::Result<Running> {
     shard::probe_driver(&config).map_err(anyhow::Error::msg)?;
+    let admin_listener = crate::bridge::bind(&config.server.admin_listen)?;
     let shards = config.shard_count();
     let classes = config.slab.classes.len();
     let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::new(classes)).collect();
@@ -101,6 +107,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         "store open"
     );
     let store_stats = store.stats_source();
+    let reader = store.reader();
     let store = Arc::new(store);
     let core = Arc::new(config.core());
     let (allow_anonymous, heartbeat_s) = (config.auth.allow_anonymous, config.server.heartbeat_s as u32);
@@ -130,7 +137,6 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
     let mut addr = None;
-    let mut admin_addr = None;
     let mut config = config;
     for id in 0..shards {
         let init = ShardInit {
@@ -141,7 +147,6 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             ready: ready_tx.clone(),
             mailboxes: mailboxes.clone(),
             chat: chat(id),
-            store_stats: store_stats.clone(),
         };
         let t = std::thread::Builder::new()
             .name(format!("kefu-shard-{id}"))
@@ -158,7 +163,6 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
                     c.server.listen = r.addr.to_string();
                     config = Arc::new(c);
                 }
-                admin_addr = admin_addr.or(r.admin_addr);
             }
             Ok(Err(why)) => {
                 stop.store(true, Ordering::Relaxed);
@@ -171,9 +175,44 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         }
     }
     drop(ready_tx);
-    let (Some(addr), Some(admin_addr)) = (addr, admin_addr) else {
+    let Some(addr) = addr else {
         bail!("no shard reported its listener");
     };
+    let jwt = kefu_core::auth::JwtKey::new(secret.as_bytes(), core.auth.clone())
+        .map_err(|e| anyhow::anyhow!("auth.jwt_secret: {e}"))?;
+    let bridge = crate::bridge::BridgeInit {
+        listener: admin_listener,
+        ops: crate::bridge::ops::Ops {
+            stats: stats.clone(),
+            mailboxes: mailboxes.clone(),
+            store: store_stats,
+            driver: match config.server.io {
+                crate::config::IoDriver::Uring => "io_uring",
+                crate::config::IoDriver::Epoll => "epoll",
+            },
+            stop: stop.clone(),
+            shard_stall_ms: config.admin.shard_stall_ms,
+            bridge: Default::default(),
+        },
+        calls: crate::bridge::calls::Calls::new(
+            reader,
+            jwt,
+            crate::bridge::calls::CallLimits::new(&config.admin, &config.messages),
+        ),
+        api_keys: crate::bridge::auth::ApiKeys::new(&config.admin.api_keys),
+        max_concurrent_requests: config.admin.max_concurrent_requests,
+        max_request_bytes: config.admin.max_request_bytes,
+    };
+    let (admin_addr, bridge) = match crate::bridge::start(bridge) {
+        Ok(started) => started,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    if config.admin.api_keys.is_empty() {
+        warn!("admin.api_keys is empty: every gRPC and /api/v1 call is refused");
+    }
     info!(%addr, admin = %admin_addr, shards, echo = config.diagnostics.echo, "kefu listening");
     Ok(Running {
         addr,
@@ -181,6 +220,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         api: ChatApi::new(core, mailboxes, calls),
         stop,
         threads,
+        bridge,
         shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
     })
 }

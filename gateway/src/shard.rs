@@ -54,8 +54,6 @@ pub struct ShardInit {
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
     /// What this shard's chat service starts from.
     pub chat: ChatInit,
-    /// The store's counters, for the admin listener's `/metrics`.
-    pub store_stats: kefu_storage::StatsSource,
 }
 
 /// What a shard reports once it listens.
@@ -65,8 +63,6 @@ pub struct ShardReady {
     pub id: usize,
     /// The client listener's bound address.
     pub addr: SocketAddr,
-    /// The admin listener's address, for the shard that serves it.
-    pub admin_addr: Option<SocketAddr>,
 }
 
 /// The numbers a connection needs, copied out of the config once.
@@ -382,7 +378,7 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 async fn serve(init: ShardInit) {
-    let ShardInit { id, config, stop, stats, ready, mailboxes, chat, store_stats } = init;
+    let ShardInit { id, config, stop, stats, ready, mailboxes, chat } = init;
     let slab = match Slab::new(&config.slab.classes) {
         Ok(slab) => slab,
         Err(e) => {
@@ -399,19 +395,6 @@ async fn serve(init: ShardInit) {
         }
     };
     let addr = listener.local_addr().ok();
-    let admin = if id == 0 {
-        match TcpListener::bind(config.server.admin_listen.as_str()) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                let _ =
-                    ready.send(Err(format!("cannot listen (admin) on {}: {e}", config.server.admin_listen)));
-                return;
-            }
-        }
-    } else {
-        None
-    };
-    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let shard = Rc::new(Shard::new(id, &config, slab, stats.clone(), mailboxes));
     let waiter = match Waiter::new(&shard.mailboxes[id]) {
         Ok(w) => w,
@@ -420,14 +403,6 @@ async fn serve(init: ShardInit) {
             return;
         }
     };
-    if let Some(admin) = admin {
-        let stats = stats.clone();
-        let driver = match config.server.io {
-            IoDriver::Uring => "io_uring",
-            IoDriver::Epoll => "epoll",
-        };
-        monoio::spawn(crate::admin::serve(admin, stats, store_stats, driver, shard.clone()));
-    }
     let service = match ChatService::new(chat) {
         Ok(service) => service,
         Err(e) => {
@@ -435,8 +410,10 @@ async fn serve(init: ShardInit) {
             return;
         }
     };
+    // Up from here on, for `/readyz`; each sweep renews it.
+    shard.stats().mark_swept();
     let _ = ready.send(match addr {
-        Some(addr) => Ok(ShardReady { id, addr, admin_addr }),
+        Some(addr) => Ok(ShardReady { id, addr }),
         None => Err(format!("shard {id}: listener has no local address")),
     });
     drop(ready);
@@ -455,11 +432,13 @@ async fn serve(init: ShardInit) {
         if stop.load(Ordering::Relaxed) && !shard.stopping() {
             info!(shard = id, connections = shard.live(), "draining");
             shard.stopping.set(true);
+            shard.stats().draining.store(true, Ordering::Relaxed);
             accept_stop.fire();
             drain_deadline = Some(shard.now_ms() + config.server.shutdown_timeout_ms);
         }
         shard.sweep();
         shard.stats().publish_slab(&shard.slab.stats());
+        shard.stats().mark_swept();
         if let Some(deadline) = drain_deadline {
             if shard.live() == 0 {
                 break;

@@ -19,7 +19,7 @@
 //! of them is stored.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -181,6 +181,16 @@ impl GroupCommit {
     /// The thread's body: returns once the store is closed and every write
     /// submitted before that has been completed.
     pub(crate) fn run(mut self) {
+        // Said on every way out, a panic included, so that readiness checks
+        // see a writer that is gone.
+        struct Stopped<'a>(&'a AtomicBool);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let shared = self.shared.clone();
+        let _stopped = Stopped(&shared.stats.writer_stopped);
         while self.gather() {
             self.commit_batch();
         }
@@ -268,6 +278,7 @@ impl GroupCommit {
                 self.commits += 1;
                 let stats = &self.shared.stats;
                 stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats.last_commit_failed.store(false, Ordering::Relaxed);
                 stats.batch_records_max.fetch_max(n as u64, Ordering::Relaxed);
                 for r in &self.results {
                     match r {
@@ -280,6 +291,7 @@ impl GroupCommit {
             Err(e) => {
                 tracing::error!(error = %e, writes = n, "storage group commit failed; failing its writes");
                 self.shared.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+                self.shared.stats.last_commit_failed.store(true, Ordering::Relaxed);
                 // Nothing of the batch is stored: forget what it assumed.
                 self.next_offset = start_offset;
                 self.next_conv_id = start_conv_id;

@@ -86,12 +86,12 @@ mod testkit;
 
 pub use config::StoreConfig;
 pub use error::{StorageError, SubmitError};
-pub use reader::{DedupeHit, Logged, Reader};
+pub use reader::{ConversationFilter, ConversationPage, DedupeHit, Logged, Reader};
 pub use record::{
     AgentRef, ArchivedAgentRef, ArchivedAttachment, ArchivedConvStatus, ArchivedConversationRecord,
     ArchivedLogRecord, ArchivedMessageRecord, ArchivedReadMark, ArchivedRole, ArchivedSender,
     ArchivedUserRecord, Attachment, ConvStatusDef, ConversationRecord, LogRecord, MessageRecord, ReadMark,
     RoleDef, Sender, UserRecord,
 };
-pub use store::{Recovery, StatsSource, Store, StoreStats};
+pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};
 pub use write::{Committed, Completion, Completions, Notify, WriteOp, Writer};

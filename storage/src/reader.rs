@@ -51,6 +51,35 @@ pub struct DedupeHit {
     pub ts_ms: u64,
 }
 
+/// Which conversations [`Reader::list_conversations`] keeps; an unset
+/// field keeps all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConversationFilter {
+    /// Only conversations in this state.
+    pub status: Option<ConvStatus>,
+    /// Only those assigned (or, once closed, last assigned) to this agent id.
+    pub agent_id: Option<String>,
+    /// Only those of this skill group.
+    pub group: Option<String>,
+}
+
+impl ConversationFilter {
+    fn matches(&self, c: &ArchivedConversationRecord) -> bool {
+        self.status.is_none_or(|s| c.status.get() == s)
+            && self.agent_id.as_deref().is_none_or(|want| c.agent.as_ref().is_some_and(|a| a.id == want))
+            && self.group.as_deref().is_none_or(|want| c.group.as_ref().is_some_and(|g| g == want))
+    }
+}
+
+/// One page of [`Reader::list_conversations`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationPage {
+    /// Newest first, each with `last_seq`.
+    pub conversations: Vec<ConversationRecord>,
+    /// Pass as `before` for the next page; `None` when nothing is left.
+    pub next_before: Option<u64>,
+}
+
 /// Read access to the store. Cheap to clone; `Send` and `Sync`.
 #[derive(Clone)]
 pub struct Reader {
@@ -259,6 +288,57 @@ impl Reader {
             out.push(conversation_record(value.value(), id, &index)?);
         }
         Ok(out)
+    }
+
+    /// A page of every conversation, newest (highest id) first, that
+    /// passes `filter`: those with an id below `before` (`None`: from the
+    /// newest), at most `page_size` of them, after examining at most
+    /// `scan_max` conversations. The filter reads the archived records in
+    /// place, so conversations it skips cost no copy.
+    ///
+    /// A page can be short, even empty, when `scan_max` ran out first;
+    /// [`ConversationPage::next_before`] then says where to go on. It is
+    /// `None` only when no conversation below the page is left.
+    pub fn list_conversations(
+        &self,
+        filter: &ConversationFilter,
+        before: Option<u64>,
+        page_size: usize,
+        scan_max: usize,
+    ) -> Result<ConversationPage, StorageError> {
+        let mut page = ConversationPage { conversations: Vec::new(), next_before: None };
+        let upper = before.unwrap_or(u64::MAX);
+        if page_size == 0 || scan_max == 0 || upper == 0 {
+            return Ok(page);
+        }
+        let txn = self.txn()?;
+        let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
+        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        // `before = None` must include id u64::MAX too.
+        let range = match before {
+            Some(b) => table.range::<u64>(..b),
+            None => table.range::<u64>(..),
+        };
+        let mut scanned = 0;
+        let mut entries = range.ctx("read conversations")?.rev();
+        for entry in entries.by_ref() {
+            let (key, value) = entry.ctx("read conversations")?;
+            let id = key.value();
+            let archived: &ArchivedConversationRecord = access(value.value(), "conversations", &id)?;
+            scanned += 1;
+            if filter.matches(archived) {
+                page.conversations.push(conversation_record(value.value(), id, &index)?);
+            }
+            if page.conversations.len() >= page_size || scanned >= scan_max {
+                page.next_before = Some(id);
+                break;
+            }
+        }
+        // Stopped at a bound with nothing below: there is no next page.
+        if page.next_before.is_some() && entries.next().is_none() {
+            page.next_before = None;
+        }
+        Ok(page)
     }
 
     /// How many conversations were ever stored.

@@ -94,7 +94,47 @@ impl std::fmt::Debug for StatsSource {
     }
 }
 
+/// Whether the store takes writes now, as a readiness check sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterHealth {
+    /// The writer runs and its last group commit (if any) succeeded.
+    Accepting,
+    /// The last group commit failed (a disk error, say); the next one may
+    /// succeed, and then this clears.
+    Failing,
+    /// The store is closing or closed: submits are refused.
+    Closed,
+    /// The writer thread is gone without a close (it panicked).
+    Stopped,
+}
+
+impl WriterHealth {
+    /// Why writes are not accepted, for an operator; `None` when they are.
+    pub fn problem(self) -> Option<&'static str> {
+        match self {
+            WriterHealth::Accepting => None,
+            WriterHealth::Failing => Some("storage: the last group commit failed"),
+            WriterHealth::Closed => Some("storage: closed"),
+            WriterHealth::Stopped => Some("storage: the writer thread stopped"),
+        }
+    }
+}
+
 impl StatsSource {
+    /// Whether writes are accepted now.
+    pub fn writer_health(&self) -> WriterHealth {
+        let s = &self.shared;
+        if s.closed.load(Ordering::SeqCst) {
+            WriterHealth::Closed
+        } else if s.stats.writer_stopped.load(Ordering::SeqCst) {
+            WriterHealth::Stopped
+        } else if s.stats.last_commit_failed.load(Ordering::Relaxed) {
+            WriterHealth::Failing
+        } else {
+            WriterHealth::Accepting
+        }
+    }
+
     /// The counters now.
     pub fn stats(&self) -> StoreStats {
         let s = &self.shared.stats;

@@ -12,7 +12,8 @@ use kefu_proto::ids::{ConvStatus, Role};
 use crate::tables;
 use crate::testkit::{NotifyCount, config, message, open, wait_for, write};
 use crate::{
-    AgentRef, ConversationRecord, LogRecord, ReadMark, StorageError, Store, SubmitError, UserRecord, WriteOp,
+    AgentRef, ConversationFilter, ConversationRecord, LogRecord, ReadMark, StorageError, Store, SubmitError,
+    UserRecord, WriteOp, WriterHealth,
 };
 
 fn conversation(id: u64, status: ConvStatus) -> ConversationRecord {
@@ -769,4 +770,82 @@ fn a_conversation_keeps_the_time_it_was_first_stored() {
     write(&store, 2, WriteOp::PutConversation(later)).result.unwrap();
     let stored = store.reader().conversation(4).unwrap().unwrap();
     assert_eq!((stored.status, stored.created_ms, stored.updated_ms), (ConvStatus::Assigned, 10, 5_000));
+}
+
+#[test]
+fn conversations_list_newest_first_filtered_and_paged_within_the_scan_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let mut token = 0;
+    let mut put = |c: ConversationRecord| {
+        token += 1;
+        write(&store, token, WriteOp::PutConversation(c)).result.unwrap();
+    };
+    for id in 1..=9 {
+        let status = [ConvStatus::Queued, ConvStatus::Assigned, ConvStatus::Closed][id as usize % 3];
+        let mut c = conversation(id, status);
+        c.group = Some(if id % 2 == 0 { "sales" } else { "support" }.into());
+        if status == ConvStatus::Closed {
+            c.agent = Some(AgentRef { id: "a2".into(), name: "Bob".into() });
+        }
+        put(c);
+    }
+    write(&store, 99, WriteOp::AppendMessage(message(8, "v8", "c", "hi"))).result.unwrap();
+    let r = store.reader();
+    let ids = |filter: &ConversationFilter, before, size, scan| {
+        let page = r.list_conversations(filter, before, size, scan).unwrap();
+        (page.conversations.iter().map(|c| c.id).collect::<Vec<_>>(), page.next_before)
+    };
+    let all = ConversationFilter::default();
+    assert_eq!(ids(&all, None, 100, 100), ((1..=9).rev().collect(), None));
+    assert_eq!(ids(&all, None, 4, 100), (vec![9, 8, 7, 6], Some(6)));
+    assert_eq!(ids(&all, Some(6), 4, 100), (vec![5, 4, 3, 2], Some(2)));
+    assert_eq!(ids(&all, Some(2), 4, 100), (vec![1], None));
+    // A page that ends exactly at the last conversation says so.
+    assert_eq!(ids(&all, Some(5), 4, 100), (vec![4, 3, 2, 1], None));
+    let page = r.list_conversations(&all, Some(9), 1, 100).unwrap();
+    assert_eq!(page.conversations[0].last_seq, 1, "last_seq comes from the index");
+
+    let closed = ConversationFilter { status: Some(ConvStatus::Closed), ..Default::default() };
+    assert_eq!(ids(&closed, None, 100, 100), (vec![8, 5, 2], None));
+    let by_bob = ConversationFilter { agent_id: Some("a2".into()), ..Default::default() };
+    assert_eq!(ids(&by_bob, None, 100, 100), (vec![8, 5, 2], None));
+    let by_alice = ConversationFilter { agent_id: Some("a1".into()), ..Default::default() };
+    assert_eq!(ids(&by_alice, None, 100, 100), (vec![7, 4, 1], None));
+    let sales_closed = ConversationFilter { group: Some("sales".into()), ..closed.clone() };
+    assert_eq!(ids(&sales_closed, None, 100, 100), (vec![8, 2], None));
+    let nobody = ConversationFilter { agent_id: Some("a9".into()), ..Default::default() };
+    assert_eq!(ids(&nobody, None, 100, 100), (vec![], None));
+
+    // The scan bound cuts a page short, even to nothing, and says where
+    // to go on; following it finds every match exactly once.
+    assert_eq!(ids(&closed, None, 100, 2), (vec![8], Some(8)));
+    assert_eq!(ids(&closed, Some(8), 100, 2), (vec![], Some(6)));
+    let mut found = Vec::new();
+    let mut before = None;
+    loop {
+        let page = r.list_conversations(&closed, before, 100, 2).unwrap();
+        found.extend(page.conversations.iter().map(|c| c.id));
+        match page.next_before {
+            Some(b) => before = Some(b),
+            None => break,
+        }
+    }
+    assert_eq!(found, [8, 5, 2]);
+    assert_eq!(ids(&all, None, 0, 100), (vec![], None));
+    assert_eq!(ids(&all, Some(0), 10, 100), (vec![], None));
+}
+
+#[test]
+fn writer_health_says_accepting_while_open_and_closed_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let stats = store.stats_source();
+    assert_eq!(stats.writer_health(), WriterHealth::Accepting);
+    assert_eq!(stats.writer_health().problem(), None);
+    write(&store, 1, WriteOp::PutConversation(conversation(1, ConvStatus::Queued))).result.unwrap();
+    assert_eq!(stats.writer_health(), WriterHealth::Accepting);
+    store.close();
+    assert_eq!(stats.writer_health(), WriterHealth::Closed);
+    assert!(stats.writer_health().problem().is_some());
 }

@@ -155,6 +155,10 @@ pub(crate) struct WriteStats {
     pub(crate) rejected: AtomicU64,
     pub(crate) full: AtomicU64,
     pub(crate) batch_records_max: AtomicU64,
+    /// The last group commit failed (cleared by the next one that works).
+    pub(crate) last_commit_failed: AtomicBool,
+    /// The writer thread has returned (or unwound): nothing will commit.
+    pub(crate) writer_stopped: AtomicBool,
 }
 
 /// Everything the submitters, the writer thread and the completion poppers

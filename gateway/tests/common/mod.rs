@@ -121,9 +121,13 @@ impl Gateway {
         raw_exchange(self.addr, request)
     }
 
-    /// `GET path` on the admin listener.
+    /// `GET path` on the admin listener (one request, then the server
+    /// closes).
     pub fn admin_get(&self, path: &str) -> String {
-        raw_exchange(self.admin, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        raw_exchange(
+            self.admin,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
     }
 }
 
