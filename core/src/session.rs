@@ -367,7 +367,8 @@ impl Session {
                 Checked::Route(RouteRequest::Accept { conv })
             }
             Command::Transfer { conv, to } => {
-                if role != Role::Agent {
+                // A bot is the business system (tokens never carry `bot`).
+                if !matches!(role, Role::Agent | Role::Bot) {
                     return forbid("transfer a conversation");
                 }
                 let to = match to {

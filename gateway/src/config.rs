@@ -258,6 +258,11 @@ pub struct AdminConfig {
     pub token_ttl_s_max: u64,
     /// A shard that has not swept for this long is not ready (`/readyz`).
     pub shard_stall_ms: u64,
+    /// How long a call the chat service answers (`SendMessage`, a
+    /// conversation change) may wait for its answer; past it the caller
+    /// gets `UNAVAILABLE` and may retry (a resend with the same cid is
+    /// answered with the first message's seq).
+    pub chat_call_timeout_ms: u64,
 }
 
 impl Default for AdminConfig {
@@ -272,6 +277,7 @@ impl Default for AdminConfig {
             token_ttl_s_default: 86_400,
             token_ttl_s_max: 30 * 86_400,
             shard_stall_ms: 2_000,
+            chat_call_timeout_ms: 10_000,
         }
     }
 }
@@ -315,6 +321,9 @@ impl AdminConfig {
             // Shards sweep every 100 ms; less slack than a few sweeps
             // would call a busy shard stalled.
             return invalid("admin.shard_stall_ms must be at least 500".into());
+        }
+        if self.chat_call_timeout_ms == 0 {
+            return invalid("admin.chat_call_timeout_ms must be at least 1".into());
         }
         Ok(())
     }

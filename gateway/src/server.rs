@@ -198,6 +198,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             reader,
             jwt,
             crate::bridge::calls::CallLimits::new(&config.admin, &config.messages),
+            ChatApi::new(core.clone(), mailboxes.clone(), calls.clone()),
         ),
         api_keys: crate::bridge::auth::ApiKeys::new(&config.admin.api_keys),
         max_concurrent_requests: config.admin.max_concurrent_requests,

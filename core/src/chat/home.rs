@@ -232,7 +232,10 @@ impl Home {
             Pending::ConvChanged { reply: Some(reply), .. } => {
                 self.out.error(reply, error.code, error.message.clone())
             }
-            Pending::ConvChanged { reply: None, .. } | Pending::Nothing | Pending::Connected { .. } => {}
+            Pending::ConvChanged { reply: None, .. }
+            | Pending::Nothing
+            | Pending::Connected { .. }
+            | Pending::Answered { .. } => {}
         }
     }
 
@@ -707,6 +710,32 @@ impl Home {
             Err(e) => ServerFrame::error(id, e.code, e.message),
         };
         self.out.send(to, codec, &frame);
+    }
+
+    /// A visitor's profile changed (`SyncUser`, durable): its open
+    /// conversations here show it, and their agents get the
+    /// `conversation` frame with the new `visitor`.
+    pub fn handle_profile(
+        &mut self,
+        visitor: &str,
+        name: Option<&str>,
+        meta: &crate::identity::Meta,
+        dir: &Directory,
+    ) {
+        let changed: Vec<ConvId> = self
+            .convs
+            .iter_mut()
+            .filter(|(_, c)| &*c.visitor().id == visitor && c.status() != ConvStatus::Closed)
+            .filter_map(|(id, c)| c.update_visitor(name, meta).then_some(*id))
+            .collect();
+        for conv in changed {
+            let Some(frame) = self.conversation_frame(conv, None, None) else { continue };
+            // A queued conversation's `agent` gave it away: not told.
+            let assigned = self.convs.get(&conv).filter(|c| c.status() == ConvStatus::Assigned);
+            let agent = assigned.and_then(|c| c.agent().map(|a| a.id.clone()));
+            let agents = agent.iter().flat_map(|a| dir.sessions(Role::Agent, a));
+            self.out.deliver(agents, &frame);
+        }
     }
 
     // ---- changes the router decided -----------------------------------

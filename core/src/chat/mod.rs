@@ -208,6 +208,25 @@ pub enum ChatMsg {
         /// The answer.
         verdict: hooks::Verdict,
     },
+    /// A shard → every shard: a visitor's profile changed (`SyncUser`,
+    /// durable): each home shows it in the visitor's open conversations.
+    Profile {
+        /// The visitor.
+        visitor: UserId,
+        /// The new display name, if it changed.
+        name: Option<String>,
+        /// Profile fields, overriding key by key.
+        meta: crate::identity::Meta,
+    },
+    /// The bridge → a shard: a question its loop answers from what the
+    /// machines hold (the router's agents, the directory's sessions),
+    /// straight to the call `call`.
+    Query {
+        /// The bridge's call.
+        call: u64,
+        /// What is asked.
+        query: Query,
+    },
     /// Router → a conversation's home.
     Change {
         /// The conversation.
@@ -218,6 +237,34 @@ pub enum ChatMsg {
         reply: Option<Reply>,
         /// The router's view of it.
         route: RouteInfo,
+    },
+}
+
+/// A business system's question about the live state (see `ChatMsg::Query`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// These agents' presence and load (none named: every agent the
+    /// router knows). Asked of the router's shard.
+    Presence {
+        /// The agents.
+        agents: Vec<UserId>,
+    },
+    /// Close every session of this user, wherever it is connected. Any
+    /// shard can: each holds the whole directory.
+    Disconnect {
+        /// Who.
+        user: UserKey,
+    },
+    /// Store a user's profile as the business system has it (`SyncUser`):
+    /// `name` if given, `meta` key by key over what is stored. Once
+    /// durable, the open conversations of a visitor show it.
+    SyncUser {
+        /// Who.
+        user: UserKey,
+        /// The new display name, if it changes.
+        name: Option<String>,
+        /// Profile fields to set.
+        meta: crate::identity::Meta,
     },
 }
 
@@ -250,7 +297,9 @@ impl ChatMsg {
             | ChatMsg::SessionDown { .. }
             | ChatMsg::AgentGone { .. }
             | ChatMsg::Routed { .. }
-            | ChatMsg::Hooked { .. } => None,
+            | ChatMsg::Hooked { .. }
+            | ChatMsg::Query { .. }
+            | ChatMsg::Profile { .. } => None,
         }
     }
 }

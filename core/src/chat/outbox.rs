@@ -81,6 +81,11 @@ pub enum Pending {
     },
     /// Nothing to announce (read marks, profiles).
     Nothing,
+    /// The loop's own: a business system's call waits for this write.
+    Answered {
+        /// The call.
+        call: u64,
+    },
 }
 
 /// A durable write, in the chat core's terms (the loop maps each to the

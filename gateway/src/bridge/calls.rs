@@ -1,6 +1,7 @@
-//! The calls the bridge answers itself, from storage reads alone, shared by
-//! gRPC and REST so both give the same answer: `GetHistory`,
-//! `GetConversation`, `ListConversations`, and `IssueToken`.
+//! The Gateway calls, shared by gRPC and REST so both give the same
+//! answer. Here, those the bridge answers itself from storage reads alone:
+//! `GetHistory`, `GetConversation`, `ListConversations`, and `IssueToken`;
+//! in `chat_calls.rs`, those the chat machines answer.
 //!
 //! Reads run on the bridge thread with redb read transactions (MVCC: they
 //! never wait on the writer and see only whole commits). Each is bounded by
@@ -15,6 +16,7 @@ use kefu_storage::{ConversationFilter, ConversationRecord, MessageRecord, Reader
 use tracing::warn;
 
 use super::pb;
+use crate::chat::api::ChatApi;
 use crate::config::AdminConfig;
 
 /// Why a call failed, as both APIs spell it.
@@ -26,9 +28,20 @@ pub enum CallError {
     /// What the request names does not exist.
     #[error("{0}")]
     NotFound(String),
-    /// Storage failed to read; logged with the details.
+    /// Storage failed to read (logged with the details), or the chat
+    /// service answered what it never should.
     #[error("{0}")]
     Internal(String),
+    /// The caller may not do that to what it names.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Not in the state the call needs (a closed conversation, an agent
+    /// not online): the message says which.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Busy or no answer in time: retry.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl CallError {
@@ -39,6 +52,9 @@ impl CallError {
             CallError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
             CallError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             CallError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            CallError::PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_denied"),
+            CallError::FailedPrecondition(_) => (StatusCode::CONFLICT, "failed_precondition"),
+            CallError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }
 }
@@ -49,6 +65,9 @@ impl From<CallError> for tonic::Status {
             CallError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             CallError::NotFound(m) => tonic::Status::not_found(m),
             CallError::Internal(m) => tonic::Status::internal(m),
+            CallError::PermissionDenied(m) => tonic::Status::permission_denied(m),
+            CallError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            CallError::Unavailable(m) => tonic::Status::unavailable(m),
         }
     }
 }
@@ -75,6 +94,10 @@ pub struct CallLimits {
     pub token_ttl_s_default: u64,
     /// `admin.token_ttl_s_max`.
     pub token_ttl_s_max: u64,
+    /// `admin.chat_call_timeout_ms`.
+    pub chat_call_timeout: std::time::Duration,
+    /// `messages.max_meta_bytes`: the largest `SyncUser` meta.
+    pub max_meta_bytes: usize,
 }
 
 impl CallLimits {
@@ -88,15 +111,19 @@ impl CallLimits {
             list_scan_max: admin.list_scan_max,
             token_ttl_s_default: admin.token_ttl_s_default,
             token_ttl_s_max: admin.token_ttl_s_max,
+            chat_call_timeout: std::time::Duration::from_millis(admin.chat_call_timeout_ms),
+            max_meta_bytes: messages.max_meta_bytes,
         }
     }
 }
 
-/// What the implemented calls read and sign with.
+/// What the calls read, sign and send with.
 pub struct Calls {
     reader: Reader,
     jwt: JwtKey,
-    limits: CallLimits,
+    pub(super) limits: CallLimits,
+    /// The chat service, for the calls its machines answer.
+    pub(super) chat: ChatApi,
 }
 
 impl std::fmt::Debug for Calls {
@@ -105,7 +132,7 @@ impl std::fmt::Debug for Calls {
     }
 }
 
-fn conv_id(field: &str, text: &str) -> Result<ConvId, CallError> {
+pub(super) fn conv_id(field: &str, text: &str) -> Result<ConvId, CallError> {
     text.parse().map_err(|e| CallError::InvalidArgument(format!("{field}: {e}")))
 }
 
@@ -127,9 +154,10 @@ pub fn message(r: MessageRecord) -> pb::Message {
 }
 
 impl Calls {
-    /// Calls reading through `reader` and signing with `jwt`.
-    pub fn new(reader: Reader, jwt: JwtKey, limits: CallLimits) -> Calls {
-        Calls { reader, jwt, limits }
+    /// Calls reading through `reader`, signing with `jwt`, and calling
+    /// into the chat service through `chat`.
+    pub fn new(reader: Reader, jwt: JwtKey, limits: CallLimits, chat: ChatApi) -> Calls {
+        Calls { reader, jwt, limits, chat }
     }
 
     /// A stored conversation with its visitor's stored profile.

@@ -1,10 +1,9 @@
 //! The gRPC services: `kefu.v1.Gateway` and `kefu.v1.Events`.
 //!
-//! The calls that need only storage reads are answered here through
-//! [`Calls`], the same code REST uses. Every other call answers
-//! `UNIMPLEMENTED` and says so plainly: they need the bridge's path into
-//! the shards' chat machines (and the event log's offsets), which is not
-//! built yet. An honest refusal is better than an answer that looks right.
+//! Every call is answered through [`Calls`], the same code REST uses:
+//! storage reads, or commands into the chat machines. The calls not built
+//! yet answer `UNIMPLEMENTED` and say so plainly: an honest refusal is
+//! better than an answer that looks right.
 
 use std::sync::Arc;
 
@@ -15,9 +14,7 @@ use super::pb;
 
 /// The refusal of a call that is not built yet.
 pub fn not_built(call: &str) -> Status {
-    Status::unimplemented(format!(
-        "{call} is not built yet: it needs the bridge's path to the shards; docs/control-plane.md lists what is"
-    ))
+    Status::unimplemented(format!("{call} is not built yet; docs/control-plane.md lists what is"))
 }
 
 /// `kefu.v1.Gateway`.
@@ -37,16 +34,16 @@ impl GatewayApi {
 impl pb::gateway_server::Gateway for GatewayApi {
     async fn sync_user(
         &self,
-        _: Request<pb::SyncUserRequest>,
+        req: Request<pb::SyncUserRequest>,
     ) -> Result<Response<pb::SyncUserResponse>, Status> {
-        Err(not_built("kefu.v1.Gateway/SyncUser"))
+        Ok(Response::new(self.calls.sync_user(req.into_inner()).await?))
     }
 
     async fn send_message(
         &self,
-        _: Request<pb::SendMessageRequest>,
+        req: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        Err(not_built("kefu.v1.Gateway/SendMessage"))
+        Ok(Response::new(self.calls.send_message(req.into_inner()).await?))
     }
 
     async fn get_history(
@@ -72,37 +69,37 @@ impl pb::gateway_server::Gateway for GatewayApi {
 
     async fn assign_conversation(
         &self,
-        _: Request<pb::AssignConversationRequest>,
+        req: Request<pb::AssignConversationRequest>,
     ) -> Result<Response<pb::Conversation>, Status> {
-        Err(not_built("kefu.v1.Gateway/AssignConversation"))
+        Ok(Response::new(self.calls.assign_conversation(req.into_inner()).await?))
     }
 
     async fn transfer_conversation(
         &self,
-        _: Request<pb::TransferConversationRequest>,
+        req: Request<pb::TransferConversationRequest>,
     ) -> Result<Response<pb::Conversation>, Status> {
-        Err(not_built("kefu.v1.Gateway/TransferConversation"))
+        Ok(Response::new(self.calls.transfer_conversation(req.into_inner()).await?))
     }
 
     async fn close_conversation(
         &self,
-        _: Request<pb::CloseConversationRequest>,
+        req: Request<pb::CloseConversationRequest>,
     ) -> Result<Response<pb::Conversation>, Status> {
-        Err(not_built("kefu.v1.Gateway/CloseConversation"))
+        Ok(Response::new(self.calls.close_conversation(req.into_inner()).await?))
     }
 
     async fn get_presence(
         &self,
-        _: Request<pb::GetPresenceRequest>,
+        req: Request<pb::GetPresenceRequest>,
     ) -> Result<Response<pb::GetPresenceResponse>, Status> {
-        Err(not_built("kefu.v1.Gateway/GetPresence"))
+        Ok(Response::new(self.calls.get_presence(req.into_inner()).await?))
     }
 
     async fn disconnect_user(
         &self,
-        _: Request<pb::DisconnectUserRequest>,
+        req: Request<pb::DisconnectUserRequest>,
     ) -> Result<Response<pb::DisconnectUserResponse>, Status> {
-        Err(not_built("kefu.v1.Gateway/DisconnectUser"))
+        Ok(Response::new(self.calls.disconnect_user(req.into_inner()).await?))
     }
 
     async fn block_visitor(

@@ -23,6 +23,7 @@
 
 pub mod auth;
 pub mod calls;
+mod chat_calls;
 pub mod grpc;
 pub mod json;
 pub mod ops;

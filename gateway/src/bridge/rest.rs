@@ -49,14 +49,14 @@ pub fn routes(calls: Arc<Calls>) -> axum::Router {
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/conversations", get(list_conversations))
         .route("/api/v1/conversations/{conv}", get(get_conversation))
-        .route("/api/v1/conversations/{conv}/messages", get(get_history).post(|| not_built("SendMessage")))
-        .route("/api/v1/conversations/{conv}/assign", post(|| not_built("AssignConversation")))
-        .route("/api/v1/conversations/{conv}/transfer", post(|| not_built("TransferConversation")))
-        .route("/api/v1/conversations/{conv}/close", post(|| not_built("CloseConversation")))
-        .route("/api/v1/users/{role}/{id}", put(|| not_built("SyncUser")))
-        .route("/api/v1/users/{role}/{id}/disconnect", post(|| not_built("DisconnectUser")))
+        .route("/api/v1/conversations/{conv}/messages", get(get_history).post(send_message))
+        .route("/api/v1/conversations/{conv}/assign", post(assign_conversation))
+        .route("/api/v1/conversations/{conv}/transfer", post(transfer_conversation))
+        .route("/api/v1/conversations/{conv}/close", post(close_conversation))
+        .route("/api/v1/users/{role}/{id}", put(sync_user))
+        .route("/api/v1/users/{role}/{id}/disconnect", post(disconnect_user))
         .route("/api/v1/visitors/{id}/block", post(|| not_built("BlockVisitor")))
-        .route("/api/v1/presence", get(|| not_built("GetPresence")))
+        .route("/api/v1/presence", get(get_presence))
         .route("/api/v1/tokens", post(issue_token))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such API route") })
         .with_state(calls)
@@ -112,6 +112,114 @@ async fn issue_token(
 ) -> Response {
     match body {
         Ok(Json(req)) => answer(calls.issue_token(req)),
+        Err(e) => bad_request(e.body_text()),
+    }
+}
+
+/// A POST body for a call on the conversation in the path: the request
+/// message without its `conv` (the path's wins if both are given). An
+/// unreadable body is the rejection's text, for a 400.
+fn with_conv<T>(
+    conv: String,
+    body: Result<Json<T>, JsonRejection>,
+    set: impl FnOnce(&mut T, String),
+) -> Result<T, String> {
+    match body {
+        Ok(Json(mut req)) => {
+            set(&mut req, conv);
+            Ok(req)
+        }
+        Err(e) => Err(e.body_text()),
+    }
+}
+
+async fn send_message(
+    State(calls): State<Arc<Calls>>,
+    Path(conv): Path<String>,
+    body: Result<Json<pb::SendMessageRequest>, JsonRejection>,
+) -> Response {
+    match with_conv(conv, body, |r, c| r.conv = c) {
+        Ok(req) => answer(calls.send_message(req).await),
+        Err(e) => bad_request(e),
+    }
+}
+
+async fn assign_conversation(
+    State(calls): State<Arc<Calls>>,
+    Path(conv): Path<String>,
+    body: Result<Json<pb::AssignConversationRequest>, JsonRejection>,
+) -> Response {
+    match with_conv(conv, body, |r, c| r.conv = c) {
+        Ok(req) => answer(calls.assign_conversation(req).await),
+        Err(e) => bad_request(e),
+    }
+}
+
+async fn transfer_conversation(
+    State(calls): State<Arc<Calls>>,
+    Path(conv): Path<String>,
+    body: Result<Json<pb::TransferConversationRequest>, JsonRejection>,
+) -> Response {
+    match with_conv(conv, body, |r, c| r.conv = c) {
+        Ok(req) => answer(calls.transfer_conversation(req).await),
+        Err(e) => bad_request(e),
+    }
+}
+
+async fn close_conversation(
+    State(calls): State<Arc<Calls>>,
+    Path(conv): Path<String>,
+    body: Result<Json<pb::CloseConversationRequest>, JsonRejection>,
+) -> Response {
+    match with_conv(conv, body, |r, c| r.conv = c) {
+        Ok(req) => answer(calls.close_conversation(req).await),
+        Err(e) => bad_request(e),
+    }
+}
+
+/// `?agents=a1,a2` (none: every agent the router knows).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PresenceQuery {
+    agents: String,
+}
+
+async fn get_presence(
+    State(calls): State<Arc<Calls>>,
+    query: Result<Query<PresenceQuery>, QueryRejection>,
+) -> Response {
+    match query {
+        Ok(Query(q)) => {
+            let agent_ids = q.agents.split(',').filter(|a| !a.is_empty()).map(str::to_string).collect();
+            answer(calls.get_presence(pb::GetPresenceRequest { agent_ids }).await)
+        }
+        Err(e) => bad_request(e.body_text()),
+    }
+}
+
+/// The body of a disconnect: why, for the log.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct DisconnectBody {
+    reason: String,
+}
+
+async fn disconnect_user(
+    State(calls): State<Arc<Calls>>,
+    Path((role, user_id)): Path<(String, String)>,
+    body: Option<Json<DisconnectBody>>,
+) -> Response {
+    let reason = body.map(|Json(b)| b.reason).unwrap_or_default();
+    answer(calls.disconnect_user(pb::DisconnectUserRequest { role, user_id, reason }).await)
+}
+
+async fn sync_user(
+    State(calls): State<Arc<Calls>>,
+    Path((role, user_id)): Path<(String, String)>,
+    body: Result<Json<pb::SyncUserRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(req)) => answer(calls.sync_user(pb::SyncUserRequest { role, user_id, ..req }).await),
         Err(e) => bad_request(e.body_text()),
     }
 }

@@ -12,8 +12,12 @@
 //! the participants, by the very code that serves `send`.
 //!
 //! Back-pressure: a full inbox refuses the call at once (`unavailable`),
-//! and calls waiting for an answer are bounded (`bridge.calls_max`); a
+//! and calls waiting for an answer are bounded (`server.api_calls_max`); a
 //! caller that gives up [`Calls::forget`]s its call.
+//!
+//! Questions about the live state (`GetPresence`) and orders that need
+//! no machine's decision (`DisconnectUser`) are [`Query`]s, which the
+//! loop of the shard that holds the state answers itself.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +25,9 @@ use std::sync::{Arc, Mutex};
 
 use kefu_core::CoreConfig;
 use kefu_core::chat::hooks::HookCall;
-use kefu_core::chat::{BRIDGE_SHARD, ChatMsg, ROUTER_SHARD, SessionAddr, ShardMsg};
-use kefu_core::identity::{Identity, Meta};
+use kefu_core::chat::{BRIDGE_SHARD, ChatMsg, Query, ROUTER_SHARD, SessionAddr, ShardMsg};
+use kefu_core::identity::{Identity, Meta, UserKey};
+use kefu_core::routing::AgentView;
 use kefu_core::session::{Checked, Session};
 use kefu_proto::client::{Codec, Command, Event, ServerFrame};
 use kefu_proto::{ErrorCode, Role};
@@ -35,8 +40,28 @@ use crate::mailbox::Mailbox;
 /// which must never count as resends of a business system's cid.
 pub const API_BOT_ID: &str = "api";
 
-/// What the caller gets: the frame that answers its command.
-type Waiter = Box<dyn FnOnce(ServerFrame) + Send>;
+/// What a call is answered with.
+#[derive(Debug)]
+pub enum Answer {
+    /// A command's answer: the frame a client would get.
+    Frame(ServerFrame),
+    /// `Query::Presence`: the agents, as the router sees them.
+    Presence(Vec<AgentView>),
+    /// `Query::Disconnect`: how many sessions are being closed.
+    Disconnected(u32),
+    /// Done, durably (`SyncUser`).
+    Done,
+    /// Not done.
+    Failed {
+        /// The protocol error code.
+        code: ErrorCode,
+        /// Why.
+        message: String,
+    },
+}
+
+/// What the caller gets its answer through.
+type Waiter = Box<dyn FnOnce(Answer) + Send>;
 
 /// A call's id, to [`Calls::forget`] it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,7 +111,15 @@ impl Calls {
             let frame = Codec::Json.decode_server(payload).unwrap_or_else(|e| {
                 ServerFrame::error(None, ErrorCode::Internal, format!("undecodable answer: {e}"))
             });
-            waiter(frame);
+            waiter(Answer::Frame(frame));
+        }
+    }
+
+    /// A shard answers call `call` itself (a query).
+    pub fn resolve(&self, call: u64, answer: Answer) {
+        let waiter = self.waiting().remove(&call);
+        if let Some(waiter) = waiter {
+            waiter(answer);
         }
     }
 
@@ -141,7 +174,7 @@ impl ChatApi {
         &self,
         name: &str,
         command: Command,
-        done: impl FnOnce(ServerFrame) + Send + 'static,
+        done: impl FnOnce(Answer) + Send + 'static,
     ) -> Result<CallId, Refused> {
         let now = now_ms();
         let mut session = Session::new(self.core.clone(), now);
@@ -162,7 +195,7 @@ impl ChatApi {
         let reply = (Calls::addr_of(id), Codec::Json, Some(id as i64));
         let (to, msg) = match checked {
             Checked::Pong => {
-                done(ServerFrame::reply(Some(id as i64), Event::Pong));
+                done(Answer::Frame(ServerFrame::reply(Some(id as i64), Event::Pong)));
                 return Ok(CallId(id));
             }
             Checked::Route(request) => {
@@ -170,18 +203,82 @@ impl ChatApi {
             }
             Checked::Home(request) => (request.conv().home(shards), ShardMsg::Home { reply, actor, request }),
         };
+        self.post(id, to, msg, done)
+    }
+
+    /// These agents' presence and load (none named: every agent the router
+    /// knows), answered as [`Answer::Presence`].
+    pub fn presence(
+        &self,
+        agents: Vec<String>,
+        done: impl FnOnce(Answer) + Send + 'static,
+    ) -> Result<CallId, Refused> {
+        let agents = agents.into_iter().map(|a| Arc::from(a.as_str())).collect();
+        self.query(ROUTER_SHARD, Query::Presence { agents }, done)
+    }
+
+    /// Closes every session of `(role, id)` wherever it is connected
+    /// (4000: the client may come back; to keep a visitor out, block it),
+    /// answered as [`Answer::Disconnected`].
+    pub fn disconnect(
+        &self,
+        role: Role,
+        id: &str,
+        done: impl FnOnce(Answer) + Send + 'static,
+    ) -> Result<CallId, Refused> {
+        let user = UserKey { role, id: Arc::from(id) };
+        self.query(ROUTER_SHARD, Query::Disconnect { user }, done)
+    }
+
+    /// Stores `(role, id)`'s profile as the business system has it: `name`
+    /// if given, `meta` key by key over what is stored; answered
+    /// [`Answer::Done`] once durable, after which a visitor's open
+    /// conversations show it (their agents get a `conversation` frame).
+    pub fn sync_user(
+        &self,
+        user: UserKey,
+        name: Option<String>,
+        meta: Meta,
+        done: impl FnOnce(Answer) + Send + 'static,
+    ) -> Result<CallId, Refused> {
+        self.query(ROUTER_SHARD, Query::SyncUser { user, name, meta }, done)
+    }
+
+    fn query(
+        &self,
+        to: usize,
+        query: Query,
+        done: impl FnOnce(Answer) + Send + 'static,
+    ) -> Result<CallId, Refused> {
+        let call = self.calls.next.fetch_add(1, Ordering::Relaxed);
+        self.post(call, to, ShardMsg::Chat(Box::new(ChatMsg::Query { call, query })), done)
+    }
+
+    /// Registers `done` for call `id` and puts `msg` in shard `to`'s inbox.
+    fn post(
+        &self,
+        id: u64,
+        to: usize,
+        msg: ShardMsg,
+        done: impl FnOnce(Answer) + Send + 'static,
+    ) -> Result<CallId, Refused> {
         {
             let mut waiting = self.calls.waiting();
             if waiting.len() >= self.calls.max {
-                return Err(busy("too many calls waiting (bridge.calls_max)"));
+                return Err(busy("too many calls waiting (server.api_calls_max)"));
             }
             waiting.insert(id, Box::new(done));
         }
-        if self.mailboxes[to].send(shards, msg).is_err() {
+        if self.mailboxes[to].send(self.mailboxes.len(), msg).is_err() {
             self.calls.forget(CallId(id));
             return Err(busy("the chat service is busy"));
         }
         Ok(CallId(id))
+    }
+
+    /// The caller gave up on call `id` (a deadline).
+    pub fn forget(&self, id: CallId) {
+        self.calls.forget(id);
     }
 }
 

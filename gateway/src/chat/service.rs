@@ -18,12 +18,12 @@ use kefu_core::chat::edge::{Edge, EdgeConfig};
 use kefu_core::chat::frames::SharedFrame;
 use kefu_core::chat::home::{Durable, Home};
 use kefu_core::chat::hooks::Verdict;
-use kefu_core::chat::outbox::{ConvState, Outbox, Output, Pending, Write};
+use kefu_core::chat::outbox::{ConvState, Outbox, Output, Pending, Profile, Write};
 use kefu_core::chat::router::Router;
-use kefu_core::chat::stored::ReadError;
-use kefu_core::chat::{BRIDGE_SHARD, Change};
+use kefu_core::chat::stored::{ReadError, Stored};
+use kefu_core::chat::{BRIDGE_SHARD, Change, Query};
 use kefu_core::conversation::RestoredConversation;
-use kefu_core::identity::{AgentRef, Visitor, vip_level};
+use kefu_core::identity::{AgentRef, Meta, UserId, UserKey, Visitor, vip_level};
 use kefu_core::routing::RestoredRoute;
 use kefu_proto::client::{ClientFrame, Codec, ServerFrame};
 use kefu_proto::ws::close;
@@ -33,7 +33,7 @@ use kefu_storage::{
 };
 use tracing::{info, warn};
 
-use super::api::{Calls, HookSink};
+use super::api::{Answer, Calls, HookSink};
 use super::reads::Reads;
 use super::{ChatMsg, ROUTER_SHARD, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
@@ -172,7 +172,9 @@ fn overflow(msg: &ShardMsg) -> Overflow {
             | ChatMsg::Welcome { .. }
             | ChatMsg::AgentGone { .. }
             | ChatMsg::Routed { .. }
-            | ChatMsg::Hooked { .. } => Overflow::Keep,
+            | ChatMsg::Hooked { .. }
+            | ChatMsg::Query { .. }
+            | ChatMsg::Profile { .. } => Overflow::Keep,
         },
     }
 }
@@ -357,6 +359,10 @@ impl ChatService {
                 }
                 ChatMsg::Routed { addr } => self.edge.handle_routed(addr),
                 ChatMsg::Hooked { token, verdict } => self.home.handle_hook(token, verdict, now, &self.reads),
+                ChatMsg::Query { call, query } => self.query(call, query),
+                ChatMsg::Profile { visitor, name, meta } => {
+                    self.home.handle_profile(&visitor, name.as_deref(), &meta, &self.directory)
+                }
                 ChatMsg::Change { conv, change, reply, route } => {
                     self.home.handle_change(conv, change, reply, route, now, &self.directory, &self.reads)
                 }
@@ -415,6 +421,53 @@ impl ChatService {
                 }
             },
         }
+    }
+
+    /// Answers a business system's question from what the machines hold.
+    fn query(&mut self, call: u64, query: Query) {
+        let answer = match query {
+            Query::Presence { agents } => {
+                let routing = self.router.as_ref().map(Router::routing);
+                let known = |id: &UserId| routing.and_then(|r| r.agent(id));
+                Answer::Presence(match (routing, agents.is_empty()) {
+                    (Some(r), true) => r.agents().collect(),
+                    _ => agents.iter().filter_map(known).collect(),
+                })
+            }
+            Query::Disconnect { user } => {
+                let sessions: Vec<Member> = self.directory.sessions_of(&user).collect();
+                for m in &sessions {
+                    self.out.close(m.addr, close::SERVER_SHUTDOWN, "disconnected by the business system");
+                }
+                Answer::Disconnected(u32::try_from(sessions.len()).unwrap_or(u32::MAX))
+            }
+            Query::SyncUser { user, name, meta } => return self.sync_user(call, user, name, meta),
+        };
+        self.calls.resolve(call, answer);
+    }
+
+    /// `SyncUser`: the stored profile with `name` and `meta` (key by key)
+    /// over it, made durable; then the call is answered and every shard
+    /// shows a visitor's new profile in its open conversations.
+    fn sync_user(&mut self, call: u64, user: UserKey, name: Option<String>, meta: Meta) {
+        let stored = match self.reads.user(user.role, &user.id) {
+            Ok(stored) => stored,
+            Err(e) => return self.calls.resolve(call, Answer::Failed { code: e.code, message: e.message }),
+        };
+        let (old_name, mut merged, key_hash) = match stored {
+            Some(u) => (Some(u.name), u.meta.into_iter().collect::<Meta>(), u.visitor_key_hash),
+            None => (None, Meta::new(), None),
+        };
+        merged.extend(meta);
+        let profile = Profile {
+            role: user.role,
+            id: user.id.to_string(),
+            name: name.or(old_name).unwrap_or_else(|| user.id.to_string()),
+            meta: merged.into_iter().collect(),
+            visitor_key_hash: key_hash,
+            created_ms: now_ms(),
+        };
+        self.out.submit(Write::User(profile), Pending::Answered { call });
     }
 
     /// Answers for a post a full backlog refused: whoever waits for it is
@@ -645,6 +698,20 @@ impl ChatService {
         let now = now_ms();
         match pending {
             Pending::Nothing => {}
+            Pending::Answered { call } => {
+                if let WriteOp::PutUser(u) = op
+                    && u.role == Role::Visitor
+                {
+                    let meta: Meta = u.meta.into_iter().collect();
+                    for shard in 0..self.mailboxes.len() {
+                        let visitor = UserId::from(u.id.as_str());
+                        let profile =
+                            ChatMsg::Profile { visitor, name: Some(u.name.clone()), meta: meta.clone() };
+                        self.post(shard, ShardMsg::Chat(Box::new(profile)));
+                    }
+                }
+                self.calls.resolve(call, Answer::Done);
+            }
             Pending::Connected { .. } => self.edge.handle_committed(pending, now, &self.reads, &mut random),
             pending => match handed_back(op) {
                 Some(write) => {
@@ -659,6 +726,9 @@ impl ChatService {
 
     fn failed(&mut self, pending: Pending, error: &ReadError) {
         match pending {
+            Pending::Answered { call } => {
+                self.calls.resolve(call, Answer::Failed { code: error.code, message: error.message.clone() })
+            }
             Pending::Connected { .. } => self.edge.handle_failed(pending, error),
             pending => self.home.handle_failed(pending, error, &self.reads),
         }

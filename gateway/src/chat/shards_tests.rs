@@ -13,7 +13,7 @@ use kefu_proto::{ConvId, Role};
 use kefu_storage::{Store, StoreConfig};
 use serde_json::{Value, json};
 
-use super::api::{Calls, ChatApi};
+use super::api::{Answer, Calls, ChatApi};
 use super::service::{ChatInit, ChatService, Local};
 use super::{ChatMsg, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
@@ -420,7 +420,11 @@ fn the_business_system_calls_the_chat_service_like_a_client() {
     let call = |c: &mut Cluster, command: Value| {
         let sink = answers.clone();
         let command = Codec::Json.decode_client(command.to_string().as_bytes()).unwrap().body;
-        c.api.call("Shop", command, move |frame| sink.lock().unwrap().push(frame)).unwrap();
+        let keep = move |answer| match answer {
+            Answer::Frame(frame) => sink.lock().unwrap().push(frame),
+            other => panic!("a command answered with {other:?}"),
+        };
+        c.api.call("Shop", command, keep).unwrap();
         c.settle();
         let answer = answers.lock().unwrap().pop().expect("an answer");
         serde_json::from_slice::<Value>(Codec::Json.encode_server(&answer, &mut Default::default())).unwrap()
