@@ -201,12 +201,19 @@ pub enum ChatMsg {
         /// The connection.
         addr: SessionAddr,
     },
-    /// The bridge → the shard whose machine called a hook: its verdict.
+    /// The bridge → the shard whose home called `OnMessage`: its verdict.
     Hooked {
         /// The call's token.
         token: u64,
         /// The answer.
         verdict: hooks::Verdict,
+    },
+    /// The bridge → the shard whose edge called `OnConnect`: its answer.
+    Admitted {
+        /// The call's token.
+        token: u64,
+        /// The answer.
+        admission: hooks::Admission,
     },
     /// Router → a conversation's home.
     Change {
@@ -250,7 +257,8 @@ impl ChatMsg {
             | ChatMsg::SessionDown { .. }
             | ChatMsg::AgentGone { .. }
             | ChatMsg::Routed { .. }
-            | ChatMsg::Hooked { .. } => None,
+            | ChatMsg::Hooked { .. }
+            | ChatMsg::Admitted { .. } => None,
         }
     }
 }

@@ -17,7 +17,7 @@ use kefu_core::chat::directory::{Directory, Member};
 use kefu_core::chat::edge::{Edge, EdgeConfig};
 use kefu_core::chat::frames::SharedFrame;
 use kefu_core::chat::home::{Durable, Home};
-use kefu_core::chat::hooks::Verdict;
+use kefu_core::chat::hooks::{Admission, Hook, Verdict};
 use kefu_core::chat::outbox::{ConvState, Outbox, Output, Pending, Write};
 use kefu_core::chat::router::Router;
 use kefu_core::chat::stored::ReadError;
@@ -172,7 +172,8 @@ fn overflow(msg: &ShardMsg) -> Overflow {
             | ChatMsg::Welcome { .. }
             | ChatMsg::AgentGone { .. }
             | ChatMsg::Routed { .. }
-            | ChatMsg::Hooked { .. } => Overflow::Keep,
+            | ChatMsg::Hooked { .. }
+            | ChatMsg::Admitted { .. } => Overflow::Keep,
         },
     }
 }
@@ -357,6 +358,9 @@ impl ChatService {
                 }
                 ChatMsg::Routed { addr } => self.edge.handle_routed(addr),
                 ChatMsg::Hooked { token, verdict } => self.home.handle_hook(token, verdict, now, &self.reads),
+                ChatMsg::Admitted { token, admission } => {
+                    self.edge.handle_admission(token, admission, now, &self.reads, &mut random)
+                }
                 ChatMsg::Change { conv, change, reply, route } => {
                     self.home.handle_change(conv, change, reply, route, now, &self.directory, &self.reads)
                 }
@@ -407,13 +411,29 @@ impl ChatService {
         match out {
             Output::Post { to, msg } => self.post(to, msg),
             Output::Submit { write, then } => self.submit(write, then),
-            Output::Hook { token, call } => match &self.hooks {
-                Some(hooks) => hooks.call(self.me, token, call),
-                None => {
-                    let verdict = Verdict::Failed { why: "no hook endpoint".into() };
-                    self.home.handle_hook(token, verdict, now_ms(), &self.reads);
+            Output::Hook { token, call } => {
+                let hook = call.hook();
+                let refused = match &self.hooks {
+                    Some(hooks) => hooks.call(self.me, token, call).err(),
+                    None => Some("no hook endpoint".to_string()),
+                };
+                if let Some(why) = refused {
+                    self.hook_failed(hook, token, why);
                 }
-            },
+            }
+        }
+    }
+
+    /// A hook call that was not made (no endpoint, or the calls waiting
+    /// are at their bound) fails at once: its machine hears so directly.
+    fn hook_failed(&mut self, hook: Hook, token: u64, why: String) {
+        let now = now_ms();
+        match hook {
+            Hook::OnConnect => {
+                let failed = Admission::Failed { why };
+                self.edge.handle_admission(token, failed, now, &self.reads, &mut random);
+            }
+            Hook::OnMessage => self.home.handle_hook(token, Verdict::Failed { why }, now, &self.reads),
         }
     }
 
