@@ -14,6 +14,13 @@
 #
 # Targets (issue 3): delivery p50 <= 2 ms, p99 <= 10 ms.
 #
+# --hook runs the same thing with the OnMessage hook on: a business system
+# that allows every message at once (the hook_allow example, pinned to
+# --hook-cpu, the client's core by default) is started, and every visitor
+# message waits for its verdict before it is stored. Comparing a run with
+# and without --hook gives what a hook round trip adds (issue 8). The hook
+# server's CPU is reported apart (helper_cpu_cores), not as contention.
+#
 # The machine is shared, so before each run the script waits until no one
 # else is using the CPUs, and the report's other_cpu_cores says how much
 # CPU others took during the window anyway: a run where others took more
@@ -26,6 +33,7 @@
 #                            [--duration S] [--warmup S] [--subprotocol json|fb]
 #                            [--client-cpu N] [--server-cpu N] [--quiet-wait S]
 #                            [--max-other CORES] [--shards N]
+#                            [--hook] [--hook-cpu N]
 #
 # Results: one JSON line per run in $OUT/chat.jsonl, gateway logs in
 # $OUT/gateway-N.log, and a summary at the end.
@@ -51,6 +59,9 @@ MAX_OTHER=0.15
 SHARDS=1
 PORT=9201
 ADMIN_PORT=9202
+HOOK=0
+HOOK_CPU=
+HOOK_PORT=9203
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -69,7 +80,9 @@ while [ $# -gt 0 ]; do
         --quiet-wait) QUIET_WAIT=$2; shift ;;
         --max-other) MAX_OTHER=$2; shift ;;
         --shards) SHARDS=$2; shift ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        --hook) HOOK=1 ;;
+        --hook-cpu) HOOK_CPU=$2; shift ;;
+        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -79,18 +92,47 @@ BIN=$TARGET_DIR/release
 mkdir -p "$OUT"
 if [ "$BUILD" = 1 ]; then
     (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -j2 -p kefu-gateway -p kefu-bench)
+    if [ "$HOOK" = 1 ]; then
+        (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -j2 -p kefu-gateway --example hook_allow)
+    fi
 fi
 
 # shellcheck source=tools/bench-lib.sh
 source "$REPO/tools/bench-lib.sh"
-trap stop_server EXIT
+
+HOOK_PID=
+HOOK_ENV=()
+HELPER=()
+stop_hook() {
+    if [ -n "$HOOK_PID" ]; then
+        kill "$HOOK_PID" 2>/dev/null || true
+        wait "$HOOK_PID" 2>/dev/null || true
+        HOOK_PID=
+    fi
+}
+trap 'stop_server; stop_hook' EXIT
+
+if [ "$HOOK" = 1 ]; then
+    taskset -c "${HOOK_CPU:-$CLIENT_CPU}" "$BIN/examples/hook_allow" "127.0.0.1:$HOOK_PORT" 2>"$OUT/hook.log" &
+    HOOK_PID=$!
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$HOOK_PORT") 2>/dev/null && break
+        if ! kill -0 "$HOOK_PID" 2>/dev/null; then
+            echo "hook_allow exited at start; see $OUT/hook.log" >&2
+            exit 1
+        fi
+        sleep 0.05
+    done
+    HOOK_ENV=(KEFU_HOOKS_ENDPOINT="http://127.0.0.1:$HOOK_PORT" KEFU_HOOKS_ON_MESSAGE=true)
+    HELPER=(--helper-pid "$HOOK_PID")
+fi
 
 start_server() {
     local data=$1 log=$2
     rm -rf "$data"
     mkdir -p "$data"
     # The limit is per connection; each visitor sends RATE / VISITORS msg/s.
-    KEFU_LIMITS_MESSAGES_PER_S=100000 KEFU_LIMITS_BURST=100000 \
+    env KEFU_LIMITS_MESSAGES_PER_S=100000 KEFU_LIMITS_BURST=100000 "${HOOK_ENV[@]}" \
         taskset -c "$SERVER_CPU" "$BIN/kefu" serve --listen "127.0.0.1:$PORT" \
         --admin-listen "127.0.0.1:$ADMIN_PORT" --data "$data" --shards "$SHARDS" 2>"$log" &
     SERVER_PID=$!
@@ -115,12 +157,12 @@ for run in $(seq $((2 * REPEAT))); do
     [ "$clean" -lt "$REPEAT" ] || break
     wait_quiet
     start_server "$OUT/data-$run" "$OUT/gateway-$run.log"
-    echo "== chat run $run ($clean/$REPEAT clean so far): $VISITORS visitors, $AGENTS agents, $RATE msg/s, $SIZE B $SUBPROTOCOL, $SHARDS shard(s)" >&2
+    echo "== chat run $run ($clean/$REPEAT clean so far): $VISITORS visitors, $AGENTS agents, $RATE msg/s, $SIZE B $SUBPROTOCOL, $SHARDS shard(s), hook $([ "$HOOK" = 1 ] && echo on || echo off)" >&2
     status=0
     line=$(taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" chat --url "ws://127.0.0.1:$PORT/ws" --data "$OUT/data-$run" \
         --visitors "$VISITORS" --agents "$AGENTS" --rate "$RATE" --size "$SIZE" \
         --duration "$DURATION" --warmup "$WARMUP" --subprotocol "$SUBPROTOCOL" \
-        --sources "$SOURCES" --cpu "$CLIENT_CPU" --server-pid "$SERVER_PID") || status=$?
+        --sources "$SOURCES" --cpu "$CLIENT_CPU" --server-pid "$SERVER_PID" "${HELPER[@]}") || status=$?
     stop_server
     rm -rf "$OUT/data-$run"
     if [ "$status" != 0 ]; then
@@ -186,6 +228,7 @@ rows = [
     ("server storage thread cores", lambda r: threads(r, lambda k: "storage" in k, "user", "system"), ".2f"),
     ("  of which user", lambda r: threads(r, lambda k: "storage" in k, "user"), ".2f"),
     ("server RSS MiB", lambda r: r["server_rss_bytes"] and r["server_rss_bytes"] / 2**20, ".1f"),
+    ("hook server CPU cores", lambda r: r.get("helper_cpu_cores"), ".2f"),
     ("other CPU cores", lambda r: r["other_cpu_cores"], ".2f"),
     ("fsync probe p50 µs", lambda r: r["fsync_probe_us"] and r["fsync_probe_us"]["p50"], ".0f"),
     ("fsync probe p99 µs", lambda r: r["fsync_probe_us"] and r["fsync_probe_us"]["p99"], ".0f"),

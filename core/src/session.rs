@@ -241,6 +241,18 @@ impl Session {
         Ok(self.identity.insert(identity))
     }
 
+    /// Enriches the connected identity's profile with what the business
+    /// system's `OnConnect` hook answered: `name` (if given) replaces the
+    /// display name; `meta` is laid over the credentials' profile key by
+    /// key (as `SyncUser` does). Nothing happens before `connect`.
+    pub fn enrich(&mut self, name: Option<&str>, meta: &Meta) {
+        let Some(identity) = &mut self.identity else { return };
+        if let Some(name) = name {
+            identity.name = Arc::from(name);
+        }
+        merge_meta(&mut identity.meta, meta);
+    }
+
     /// Who this connection is, once connected.
     pub fn identity(&self) -> Option<&Identity> {
         self.identity.as_ref()

@@ -39,6 +39,8 @@ pub struct Config {
     pub messages: kefu_core::config::LimitsConfig,
     /// The control plane on `server.admin_listen`: API keys and its limits.
     pub admin: AdminConfig,
+    /// The business system's hooks (`kefu.v1.Hooks`), which kefu calls.
+    pub hooks: HooksConfig,
 }
 
 impl Config {
@@ -56,7 +58,7 @@ impl Config {
             },
             routing: self.routing.clone(),
             rules: self.rules.clone(),
-            hooks: kefu_core::config::HookPolicy::default(),
+            hooks: self.hooks.policy(),
         }
     }
 }
@@ -329,6 +331,124 @@ impl AdminConfig {
     }
 }
 
+/// `[hooks]`: the business system's `kefu.v1.Hooks` service, which kefu
+/// calls (from the bridge thread) before it lets a user in (`OnConnect`)
+/// and before it stores a visitor's or agent's message (`OnMessage`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksConfig {
+    /// Where the business system serves `kefu.v1.Hooks`, as
+    /// `http://host:port` (gRPC over cleartext HTTP/2). Empty (the
+    /// default): no hook is called, whatever `on_connect` and `on_message`
+    /// say.
+    pub endpoint: String,
+    /// Call `OnConnect` before a session is let in (it may refuse, or add
+    /// to the profile).
+    pub on_connect: bool,
+    /// Call `OnMessage` before a visitor's or agent's message is stored (it
+    /// may allow, rewrite or reject it, and add bot replies).
+    pub on_message: bool,
+    /// How long a hook's verdict may take, from the moment kefu asks
+    /// (waiting for a free call included); past it the call has failed.
+    pub timeout_ms: u64,
+    /// What a failed call (timeout, error, no answer) means: `"open"` lets
+    /// the user or message through as it is; `"closed"` refuses it with
+    /// `unavailable`.
+    pub failure: kefu_core::config::HookFailure,
+    /// Hook calls in progress at once.
+    pub concurrent_calls_max: usize,
+    /// Hook calls waiting for one of those places; past it a call fails at
+    /// once (as `failure` says), and memory stays bounded.
+    pub queued_calls_max: usize,
+    /// Largest answer a hook may give, in bytes; a larger one is an error.
+    pub response_bytes_max: usize,
+    /// Bot replies one `OnMessage` answer may post; an answer with more is
+    /// invalid (a failure).
+    pub replies_max: usize,
+}
+
+/// The longest `hooks.timeout_ms` accepted: a message or a connection
+/// waits that long at worst, and a minute is already longer than any user
+/// would.
+pub const HOOK_TIMEOUT_MS_MAX: u64 = 60_000;
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            on_connect: false,
+            on_message: false,
+            timeout_ms: 1_000,
+            failure: kefu_core::config::HookFailure::Open,
+            concurrent_calls_max: 256,
+            queued_calls_max: 4096,
+            response_bytes_max: 1024 * 1024,
+            replies_max: 8,
+        }
+    }
+}
+
+impl HooksConfig {
+    /// Which hooks the chat core waits for: a hook is on only with an
+    /// endpoint to call.
+    pub fn policy(&self) -> kefu_core::config::HookPolicy {
+        let endpoint = !self.endpoint.is_empty();
+        kefu_core::config::HookPolicy {
+            on_message: endpoint && self.on_message,
+            on_connect: endpoint && self.on_connect,
+            failure: self.failure,
+        }
+    }
+
+    /// Checks the endpoint's shape and the bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !self.endpoint.is_empty() {
+            let uri: axum::http::Uri = match self.endpoint.parse() {
+                Ok(u) => u,
+                Err(e) => return invalid(format!("hooks.endpoint = {:?}: {e}", self.endpoint)),
+            };
+            match uri.scheme_str() {
+                Some("http") => {}
+                Some("https") => {
+                    return invalid(format!(
+                        "hooks.endpoint = {:?}: https is not supported yet; use http:// on a private network or a local TLS-terminating proxy",
+                        self.endpoint
+                    ));
+                }
+                _ => {
+                    return invalid(format!(
+                        "hooks.endpoint = {:?}: expected http://host:port",
+                        self.endpoint
+                    ));
+                }
+            }
+            if uri.authority().is_none_or(|a| a.host().is_empty()) {
+                return invalid(format!("hooks.endpoint = {:?}: no host", self.endpoint));
+            }
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > HOOK_TIMEOUT_MS_MAX {
+            return invalid(format!("hooks.timeout_ms must be between 1 and {HOOK_TIMEOUT_MS_MAX}"));
+        }
+        if self.concurrent_calls_max == 0 || self.concurrent_calls_max > 100_000 {
+            return invalid("hooks.concurrent_calls_max must be between 1 and 100000".into());
+        }
+        // Each queued call holds its request (a message's text) until its
+        // turn: a bound that keeps that memory small.
+        if self.queued_calls_max > 1_000_000 {
+            return invalid("hooks.queued_calls_max must be at most 1000000".into());
+        }
+        if self.response_bytes_max < 1024 {
+            return invalid("hooks.response_bytes_max must be at least 1024".into());
+        }
+        if self.replies_max > 100 {
+            // Each reply is a message stored and fanned out.
+            return invalid("hooks.replies_max must be at most 100".into());
+        }
+        Ok(())
+    }
+}
+
 /// `[diagnostics]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -496,6 +616,7 @@ impl Config {
         self.core().validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.storage.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.admin.validate()?;
+        self.hooks.validate()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid(format!("log.format = {:?}: expected \"text\" or \"json\"", self.log.format));
         }
@@ -705,6 +826,47 @@ mod tests {
             let err = load(Some(&format!("[admin]\napi_keys = {keys}\n")), &[], &o).unwrap_err().to_string();
             assert!(err.contains(why), "{keys}: {err}");
             assert!(!err.contains("short-secret") && !err.contains("0123456789abcdef"), "echoed: {err}");
+        }
+    }
+
+    #[test]
+    fn hooks_are_on_only_with_an_endpoint() {
+        let o = Overrides::default();
+        let c = load(None, &[], &o).unwrap();
+        assert_eq!(c.core().hooks, kefu_core::config::HookPolicy::default(), "off by default");
+        let c = load(Some("[hooks]\non_message = true\non_connect = true\n"), &[], &o).unwrap();
+        let policy = c.core().hooks;
+        assert!(!policy.on_message && !policy.on_connect, "no endpoint, no hooks");
+        let file =
+            "[hooks]\nendpoint = \"http://127.0.0.1:50051\"\non_message = true\nfailure = \"closed\"\n";
+        let c = load(Some(file), &[("KEFU_HOOKS_TIMEOUT_MS", "250")], &o).unwrap();
+        let policy = c.core().hooks;
+        assert!(policy.on_message && !policy.on_connect);
+        assert_eq!(policy.failure, kefu_core::config::HookFailure::Closed);
+        assert_eq!(c.hooks.timeout_ms, 250);
+        let env = [("KEFU_HOOKS_ENDPOINT", "http://hooks.internal:7000"), ("KEFU_HOOKS_ON_CONNECT", "yes")];
+        assert!(load(None, &env, &o).unwrap().core().hooks.on_connect);
+    }
+
+    #[test]
+    fn bad_hooks_are_refused_with_the_key_named() {
+        let o = Overrides::default();
+        for (file, why) in [
+            ("[hooks]\nendpoint = \"127.0.0.1:50051\"\n", "hooks.endpoint"),
+            ("[hooks]\nendpoint = \"https://hooks.example:443\"\n", "https is not supported"),
+            ("[hooks]\nendpoint = \"grpc://x:1\"\n", "expected http://host:port"),
+            ("[hooks]\nendpoint = \"http:// x\"\n", "hooks.endpoint"),
+            ("[hooks]\ntimeout_ms = 0\n", "hooks.timeout_ms"),
+            ("[hooks]\ntimeout_ms = 600000\n", "hooks.timeout_ms"),
+            ("[hooks]\nconcurrent_calls_max = 0\n", "hooks.concurrent_calls_max"),
+            ("[hooks]\nqueued_calls_max = 10000000\n", "hooks.queued_calls_max"),
+            ("[hooks]\nresponse_bytes_max = 10\n", "hooks.response_bytes_max"),
+            ("[hooks]\nreplies_max = 1000\n", "hooks.replies_max"),
+            ("[hooks]\nfailure = \"ajar\"\n", "ajar"),
+            ("[hooks]\nendpont = \"http://x:1\"\n", "hooks.endpont"),
+        ] {
+            let err = load(Some(file), &[], &o).unwrap_err().to_string();
+            assert!(err.contains(why), "{file}: {err}");
         }
     }
 

@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use tracing::{info, warn};
 
 use crate::chat::ShardMsg;
-use crate::chat::api::{Calls, ChatApi};
+use crate::chat::api::{Calls, ChatApi, HookSink};
 use crate::chat::service::{ChatInit, restore_open};
 use crate::config::Config;
 use crate::mailbox::Mailbox;
@@ -118,6 +118,11 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let mut restores =
         restore_open(&store.reader(), recovery.open_conversations, recovery.next_conv_id, &core, shards)
             .context("restoring the open conversations")?;
+    // The bridge's runtime comes first: the hook client the shards are
+    // given runs on it.
+    let bridge_runtime = crate::bridge::runtime()?;
+    let hook_stats = Arc::new(crate::bridge::hooks::HookStats::default());
+    let hooks = hook_client(&config, bridge_runtime.handle(), &mailboxes, &hook_stats)?;
     let mut chat = |shard: usize| ChatInit {
         shard,
         mailboxes: mailboxes.clone(),
@@ -132,7 +137,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         stats: stats.clone(),
         backlog_max,
         calls: calls.clone(),
-        hooks: None,
+        hooks: hooks.clone(),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
@@ -193,6 +198,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             stop: stop.clone(),
             shard_stall_ms: config.admin.shard_stall_ms,
             bridge: Default::default(),
+            hooks: hook_stats,
         },
         calls: crate::bridge::calls::Calls::new(
             reader,
@@ -204,7 +210,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         max_concurrent_requests: config.admin.max_concurrent_requests,
         max_request_bytes: config.admin.max_request_bytes,
     };
-    let (admin_addr, bridge) = match crate::bridge::start(bridge) {
+    let (admin_addr, bridge) = match crate::bridge::start(bridge, bridge_runtime) {
         Ok(started) => started,
         Err(e) => {
             stop.store(true, Ordering::Relaxed);
@@ -224,4 +230,45 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         bridge,
         shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
     })
+}
+
+/// The hook client the shards call, if `hooks.endpoint` is set; says at
+/// start what is configured (and warns of a hook switched on without an
+/// endpoint, which calls nothing).
+fn hook_client(
+    config: &Config,
+    runtime: &tokio::runtime::Handle,
+    mailboxes: &Arc<[Mailbox<ShardMsg>]>,
+    stats: &Arc<crate::bridge::hooks::HookStats>,
+) -> anyhow::Result<Option<Arc<dyn HookSink>>> {
+    let h = &config.hooks;
+    if h.endpoint.is_empty() {
+        if h.on_connect || h.on_message {
+            warn!(
+                "hooks.on_connect or hooks.on_message is set but hooks.endpoint is empty: no hook is called"
+            );
+        }
+        return Ok(None);
+    }
+    if !h.on_connect && !h.on_message {
+        warn!(endpoint = %h.endpoint, "hooks.endpoint is set but neither hooks.on_connect nor hooks.on_message: no hook is called");
+        return Ok(None);
+    }
+    let limits = crate::bridge::hooks::HookLimits::new(h, &config.messages);
+    let client = crate::bridge::hooks::HookClient::new(
+        &h.endpoint,
+        limits,
+        runtime.clone(),
+        mailboxes.clone(),
+        stats.clone(),
+    )?;
+    info!(
+        endpoint = %h.endpoint,
+        on_connect = h.on_connect,
+        on_message = h.on_message,
+        timeout_ms = h.timeout_ms,
+        failure = ?h.failure,
+        "hooks: calling the business system"
+    );
+    Ok(Some(Arc::new(client)))
 }

@@ -206,6 +206,12 @@ pub struct ChatArgs {
     #[arg(long)]
     pub server_pid: Option<u32>,
 
+    /// A process that is part of the setup under test (the business
+    /// system's hook server): its CPU over the window is reported as
+    /// `helper_cpu_cores` and not counted in `other_cpu_cores`.
+    #[arg(long)]
+    pub helper_pid: Option<u32>,
+
     /// Bound on one connection's TCP connect plus handshake, milliseconds.
     #[arg(long, default_value_t = 5_000)]
     pub connect_timeout_ms: u64,
@@ -329,7 +335,9 @@ pub struct ChatReport {
     /// Server CPU over the window by thread name (shards, storage writer, …),
     /// in cores.
     pub server_threads_cores: Option<BTreeMap<String, stats::CpuSplit>>,
-    /// Busy cores on the host that were neither client nor server.
+    /// The `--helper-pid` process's CPU over the window, in cores.
+    pub helper_cpu_cores: Option<f64>,
+    /// Busy cores on the host that were neither client, server nor helper.
     pub other_cpu_cores: f64,
     /// fdatasync of a small append in --data, µs, timed before the load.
     pub fsync_probe_us: Option<LatencySummary>,
@@ -697,9 +705,9 @@ fn measure(args: &ChatArgs) -> anyhow::Result<ChatReport> {
         };
         let _ = global.schedule.set(schedule);
         sleep_until_ns(schedule.window_start);
-        let start = sample(args.server_pid)?;
+        let start = sample(args.server_pid, args.helper_pid)?;
         sleep_until_ns(schedule.send_end);
-        let end = sample(args.server_pid)?;
+        let end = sample(args.server_pid, args.helper_pid)?;
         let rss = args.server_pid.and_then(|pid| stats::process_rss_bytes(pid).ok());
         window = Some((start, end, rss));
         // Drain: until every window message is delivered and acked, or the
@@ -744,6 +752,10 @@ fn measure(args: &ChatArgs) -> anyhow::Result<ChatReport> {
     let window_s = args.duration;
     let client_cpu_s = end.client_cpu - start.client_cpu;
     let server_cpu_s = match (start.server_cpu, end.server_cpu) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let helper_cpu_s = match (start.helper_cpu, end.helper_cpu) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
@@ -806,7 +818,11 @@ fn measure(args: &ChatArgs) -> anyhow::Result<ChatReport> {
         server_cores_busy,
         server_rss_bytes,
         server_threads_cores,
-        other_cpu_cores: (host_busy_cores - client_cpu_s / window_s - server_cpu_s.unwrap_or(0.0) / window_s)
+        helper_cpu_cores: helper_cpu_s.map(|s| s / window_s),
+        other_cpu_cores: (host_busy_cores
+            - client_cpu_s / window_s
+            - server_cpu_s.unwrap_or(0.0) / window_s
+            - helper_cpu_s.unwrap_or(0.0) / window_s)
             .max(0.0),
         fsync_probe_us,
     })
@@ -816,14 +832,16 @@ fn measure(args: &ChatArgs) -> anyhow::Result<ChatReport> {
 struct Sample {
     client_cpu: f64,
     server_cpu: Option<f64>,
+    helper_cpu: Option<f64>,
     server_threads: Option<BTreeMap<u32, (String, stats::CpuSplit)>>,
     ticks: Vec<(u64, u64)>,
 }
 
-fn sample(server_pid: Option<u32>) -> anyhow::Result<Sample> {
+fn sample(server_pid: Option<u32>, helper_pid: Option<u32>) -> anyhow::Result<Sample> {
     Ok(Sample {
         client_cpu: stats::self_cpu_seconds()?,
         server_cpu: server_pid.map(stats::process_cpu_seconds).transpose()?,
+        helper_cpu: helper_pid.map(stats::process_cpu_seconds).transpose()?,
         server_threads: server_pid.and_then(|pid| stats::process_threads_cpu(pid).ok()),
         ticks: stats::cpu_ticks()?,
     })
@@ -1511,6 +1529,9 @@ fn print_report(report: &ChatReport) -> anyhow::Result<()> {
     }
     if let Some(rss) = report.server_rss_bytes {
         line.push_str(&format!(", RSS {:.1} MiB", rss as f64 / (1 << 20) as f64));
+    }
+    if let Some(cores) = report.helper_cpu_cores {
+        line.push_str(&format!("; helper (--helper-pid) CPU {cores:.2} cores"));
     }
     eprintln!("{line}");
     if let Some(per_burst) = report.acks_per_burst {

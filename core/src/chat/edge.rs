@@ -1,6 +1,7 @@
 //! The edge: the sessions of the connections one shard accepted. It runs
-//! `connect` (credentials, a new anonymous visitor made durable first),
-//! checks every later command where it arrived (identity, role, rate
+//! `connect` (credentials, then the business system's `OnConnect` hook if
+//! `hooks.on_connect`, then a new anonymous visitor made durable), checks
+//! every later command where it arrived (identity, role, rate
 //! limit, sizes: a refused command costs no other shard anything) and
 //! posts it to the conversation's home or to the router. It holds the
 //! frames for a session until its `connected` is written, so a client
@@ -12,22 +13,25 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kefu_proto::client::{ClientFrame, Codec, Command, ConvSummary, Event, ServerFrame, User};
+use kefu_proto::client::{ClientFrame, Codec, Command, ConvSummary, Event, Sender, ServerFrame, User};
 use kefu_proto::ws::close;
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 
 use super::frames::SharedFrame;
+use super::hooks::{Admission, HookCall};
 use super::outbox::{Outbox, Output, Pending, Profile, Write};
 use super::stored::{ReadError, Stored};
 use super::{ChatMsg, ROUTER_SHARD, Reply, SessionAddr, ShardMsg, device_of};
 use crate::CoreConfig;
 use crate::auth::{Credentials, JwtKey, VisitorKey, VisitorKeyHash, anonymous_id, anonymous_identity};
+use crate::config::HookFailure;
 use crate::session::{Checked, Session};
 
-/// Commands kept for a new anonymous visitor until it is durable; past
-/// this they are refused with `bad_command` (a client that pipelines more
-/// than this behind `connect` is misbehaving, and storing takes about one
-/// group commit).
+/// Commands kept for a session until it is let in (its `OnConnect` verdict
+/// came and, for a new anonymous visitor, it is durable); past this they
+/// are refused with `bad_command` (a client that pipelines more than this
+/// behind `connect` is misbehaving, and the wait is one hook call or about
+/// one group commit).
 pub const PIPELINED_WHILE_STORING_MAX: usize = 16;
 
 /// What the edge is configured with.
@@ -48,6 +52,9 @@ pub struct EdgeConfig {
 /// Where a connection is in its `connect`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
+    /// The `OnConnect` hook is deciding whether to let it in. Known nowhere
+    /// else yet: commands wait, as while [`Stage::Storing`].
+    Admitting,
     /// A new anonymous visitor's profile is being made durable. Commands
     /// wait (a few; more are refused, the refusals held until `connected`).
     Storing,
@@ -57,6 +64,20 @@ enum Stage {
     Welcoming,
     /// `connected` is written.
     Ready,
+}
+
+impl Stage {
+    /// Not yet announced to any other shard: its commands wait here.
+    fn unannounced(self) -> bool {
+        matches!(self, Stage::Admitting | Stage::Storing)
+    }
+}
+
+/// A session waiting for its `OnConnect` verdict.
+struct Admitting {
+    addr: SessionAddr,
+    /// A new anonymous visitor's profile, stored once it is let in.
+    profile: Option<Profile>,
 }
 
 /// One connection of this shard, as its edge knows it.
@@ -69,8 +90,8 @@ struct Sess {
     resume: Vec<(ConvId, u64)>,
     /// A new anonymous visitor's key, shown once in `connected`.
     visitor_key: Option<String>,
-    /// Commands a new anonymous visitor pipelined behind `connect` while
-    /// it was being stored, served once it is.
+    /// Commands pipelined behind `connect` while the session was being
+    /// admitted or stored, served once it is announced.
     pipelined: Vec<ClientFrame>,
     /// `Route`s and `Relay`s sent to the router and not yet `Routed`: while
     /// any are, commands for homes are relayed too.
@@ -85,13 +106,26 @@ pub struct Edge {
     sessions: HashMap<SessionAddr, Sess>,
     /// Frames waiting for their session's `connected`.
     held: HashMap<SessionAddr, Vec<SharedFrame>>,
+    /// `OnConnect` calls out, by token. An entry whose connection has gone
+    /// stays until its verdict (which always comes) and is then dropped.
+    admitting: HashMap<u64, Admitting>,
+    next_hook: u64,
     out: Outbox,
 }
 
 impl Edge {
     /// Shard `me`'s edge, of `shards`.
     pub fn new(me: usize, shards: usize, config: EdgeConfig) -> Edge {
-        Edge { me, shards, config, sessions: HashMap::new(), held: HashMap::new(), out: Outbox::new() }
+        Edge {
+            me,
+            shards,
+            config,
+            sessions: HashMap::new(),
+            held: HashMap::new(),
+            admitting: HashMap::new(),
+            next_hook: 0,
+            out: Outbox::new(),
+        }
     }
 
     /// The next thing to carry out.
@@ -164,9 +198,10 @@ impl Edge {
         };
         // A session waiting for its `Welcome` may already send: every shard
         // knows it (SessionUp went first), and answers are held until
-        // `connected`. A visitor not yet durable is known nowhere else yet,
-        // so its commands (a `ping` too) wait here until it is.
-        if sess.stage == Stage::Storing {
+        // `connected`. One not yet let in by the hook, or a visitor not yet
+        // durable, is known nowhere else yet, so its commands (a `ping`
+        // too) wait here until it is.
+        if sess.stage.unannounced() {
             if sess.pipelined.len() < PIPELINED_WHILE_STORING_MAX {
                 sess.pipelined.push(frame);
             } else {
@@ -266,7 +301,12 @@ impl Edge {
         if let Err(e) = session.check_resume(resume.len()) {
             return self.out.error(reply, e.code(), e.to_string());
         }
-        let stage = if new_key.is_some() { Stage::Storing } else { Stage::Welcoming };
+        let hooked = self.config.core.hooks.on_connect;
+        let stage = match (hooked, &new_key) {
+            (true, _) => Stage::Admitting,
+            (false, Some(_)) => Stage::Storing,
+            (false, None) => Stage::Welcoming,
+        };
         let sess = Sess {
             codec,
             session,
@@ -281,21 +321,107 @@ impl Edge {
         // `connected` is the first frame the session gets: whatever is
         // written to it before (answers to pipelined commands) waits.
         self.held.insert(from, Vec::new());
-        match new_key {
-            // The key must survive any crash before the visitor sees it.
-            Some(key) => self.out.submit(
-                Write::User(Profile {
-                    role: Role::Visitor,
-                    id: identity.id.to_string(),
-                    name: identity.name.to_string(),
-                    meta: Vec::new(),
-                    visitor_key_hash: Some(key.hash().0),
-                    created_ms: now_ms,
-                }),
-                Pending::Connected { to: from },
-            ),
-            None => self.announce(from, now_ms, store, random),
+        // The key must survive any crash before the visitor sees it; it is
+        // stored once the visitor is let in (a refused one leaves nothing).
+        let profile = new_key.map(|key| Profile {
+            role: Role::Visitor,
+            id: identity.id.to_string(),
+            name: identity.name.to_string(),
+            meta: Vec::new(),
+            visitor_key_hash: Some(key.hash().0),
+            created_ms: now_ms,
+        });
+        if hooked {
+            self.next_hook += 1;
+            let token = self.next_hook;
+            self.admitting.insert(token, Admitting { addr: from, profile });
+            let user =
+                Sender { role: identity.role, id: identity.id.to_string(), name: identity.name.to_string() };
+            return self.out.hook(token, HookCall::OnConnect { user, meta: identity.meta });
         }
+        self.let_in(from, profile, now_ms, store, random);
+    }
+
+    /// A session its hook let in (or no hook was asked): a new anonymous
+    /// visitor is stored first, anyone else announced at once.
+    fn let_in(
+        &mut self,
+        addr: SessionAddr,
+        profile: Option<Profile>,
+        now_ms: u64,
+        store: &dyn Stored,
+        random: &mut dyn FnMut() -> [u8; 16],
+    ) {
+        match profile {
+            Some(profile) => {
+                if let Some(sess) = self.sessions.get_mut(&addr) {
+                    sess.stage = Stage::Storing;
+                }
+                self.out.submit(Write::User(profile), Pending::Connected { to: addr });
+            }
+            None => self.announce(addr, now_ms, store, random),
+        }
+    }
+
+    /// The `OnConnect` verdict for a session waiting here: let in with its
+    /// profile enriched, refused (`unauthorized`, close 4500), or, with no
+    /// verdict, as `hooks.failure` says (open: let in as it is; closed:
+    /// `unavailable`, close 4000, so the client tries again). A verdict for
+    /// a connection that has gone meanwhile changes nothing.
+    pub fn handle_admission(
+        &mut self,
+        token: u64,
+        admission: Admission,
+        now_ms: u64,
+        store: &dyn Stored,
+        random: &mut dyn FnMut() -> [u8; 16],
+    ) {
+        let Some(Admitting { addr, mut profile }) = self.admitting.remove(&token) else { return };
+        let Some(sess) = self.sessions.get_mut(&addr) else { return };
+        debug_assert_eq!(sess.stage, Stage::Admitting, "one OnConnect call per session");
+        let (name, meta) = match admission {
+            Admission::Admit { name, meta } => (name, meta),
+            Admission::Refuse { reason } => {
+                let reason = if reason.is_empty() { "refused by the business system".into() } else { reason };
+                return self.turn_away(
+                    addr,
+                    ErrorCode::Unauthorized,
+                    reason,
+                    (close::UNAUTHORIZED, "unauthorized"),
+                );
+            }
+            Admission::Failed { why } => match self.config.core.hooks.failure {
+                HookFailure::Open => (None, Default::default()),
+                HookFailure::Closed => {
+                    let message = format!("the connect hook failed ({why}); retry");
+                    let closing = (close::SERVER_SHUTDOWN, "connect hook failed; reconnect");
+                    return self.turn_away(addr, ErrorCode::Unavailable, message, closing);
+                }
+            },
+        };
+        sess.session.enrich(name.as_deref(), &meta);
+        // A new visitor's stored profile is the enriched one.
+        if let (Some(p), Some(identity)) = (&mut profile, sess.session.identity()) {
+            p.name = identity.name.to_string();
+            p.meta = identity.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        }
+        self.let_in(addr, profile, now_ms, store, random);
+    }
+
+    /// Ends a session that was never announced: its `connect` is answered
+    /// with an error, then the connection is closed. What was held for it
+    /// goes with it.
+    fn turn_away(
+        &mut self,
+        addr: SessionAddr,
+        code: ErrorCode,
+        message: String,
+        (close_code, close_reason): (u16, &'static str),
+    ) {
+        let Some(sess) = self.sessions.remove(&addr) else { return };
+        self.held.remove(&addr);
+        self.out.send(addr, sess.codec, &ServerFrame::error(sess.connect_id, code, message));
+        self.out.close(addr, close_code, close_reason);
     }
 
     /// A new anonymous visitor is durable: announce the session.
@@ -413,7 +539,7 @@ impl Edge {
         self.held.remove(&from);
         let Some(sess) = self.sessions.remove(&from) else { return };
         let Some(identity) = sess.session.identity() else { return };
-        if sess.stage == Stage::Storing {
+        if sess.stage.unannounced() {
             // Never announced.
             return;
         }

@@ -201,7 +201,7 @@ pub enum ChatMsg {
         /// The connection.
         addr: SessionAddr,
     },
-    /// The bridge → the shard whose machine called a hook: its verdict.
+    /// The bridge → the shard whose home called `OnMessage`: its verdict.
     Hooked {
         /// The call's token.
         token: u64,
@@ -226,6 +226,13 @@ pub enum ChatMsg {
         call: u64,
         /// What is asked.
         query: Query,
+    },
+    /// The bridge → the shard whose edge called `OnConnect`: its answer.
+    Admitted {
+        /// The call's token.
+        token: u64,
+        /// The answer.
+        admission: hooks::Admission,
     },
     /// Router → a conversation's home.
     Change {
@@ -299,7 +306,8 @@ impl ChatMsg {
             | ChatMsg::Routed { .. }
             | ChatMsg::Hooked { .. }
             | ChatMsg::Query { .. }
-            | ChatMsg::Profile { .. } => None,
+            | ChatMsg::Profile { .. }
+            | ChatMsg::Admitted { .. } => None,
         }
     }
 }

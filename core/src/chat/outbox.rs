@@ -32,7 +32,8 @@ pub enum Output {
         msg: ShardMsg,
     },
     /// Call a business-system hook; its verdict comes back to this shard
-    /// as `ChatMsg::Hooked` with `token`.
+    /// with `token`: `ChatMsg::Hooked` (OnMessage) or `ChatMsg::Admitted`
+    /// (OnConnect).
     Hook {
         /// Names the call for its verdict.
         token: u64,

@@ -20,11 +20,16 @@
 //! It runs apart from the shards so that scrapes, health checks and
 //! business-system calls never wait behind client traffic, and so that the
 //! shards' io_uring loops never run tokio.
+//!
+//! The same runtime makes kefu's own calls to the business system's hooks
+//! ([`hooks`]): it is built before the shards start ([`runtime`]), so they
+//! can be handed the hook client, and runs once [`start`] is called.
 
 pub mod auth;
 pub mod calls;
 mod chat_calls;
 pub mod grpc;
+pub mod hooks;
 pub mod json;
 pub mod ops;
 pub mod pb;
@@ -76,14 +81,23 @@ pub fn bind(addr: &str) -> anyhow::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-/// Starts the bridge thread; it serves until `init.ops.stop` is raised,
-/// then finishes the requests in progress and returns.
-pub fn start(init: BridgeInit) -> anyhow::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
-    let addr = init.listener.local_addr().context("admin listener has no address")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// The bridge's tokio runtime (one thread: the bridge's). Tasks spawned on
+/// its handle before [`start`] wait until it runs.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("building the bridge's tokio runtime")?;
+        .context("building the bridge's tokio runtime")
+}
+
+/// Starts the bridge thread on `runtime` (from [`runtime`]); it serves
+/// until `init.ops.stop` is raised, then finishes the requests in progress
+/// and returns.
+pub fn start(
+    init: BridgeInit,
+    runtime: tokio::runtime::Runtime,
+) -> anyhow::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+    let addr = init.listener.local_addr().context("admin listener has no address")?;
     let thread = std::thread::Builder::new()
         .name("kefu-bridge".into())
         .spawn(move || runtime.block_on(serve(init)))

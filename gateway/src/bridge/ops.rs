@@ -36,6 +36,8 @@ pub struct Ops {
     pub shard_stall_ms: u64,
     /// The bridge's own counters.
     pub bridge: BridgeStats,
+    /// Hook calls by outcome, and their latency.
+    pub hooks: Arc<super::hooks::HookStats>,
 }
 
 /// What the bridge counts of itself, rendered after the shards' metrics.
@@ -107,6 +109,7 @@ pub fn readyz(ops: &Ops) -> Response {
 pub fn metrics(ops: &Ops) -> Response {
     let mut body = crate::metrics::render(&ops.stats, &ops.mailboxes, &ops.store.stats(), ops.driver);
     ops.bridge.render(&mut body);
+    ops.hooks.render(&mut body);
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
         .into_response()
 }

@@ -130,14 +130,17 @@ impl Calls {
 }
 
 /// Where the machines' hook calls go (the bridge's gRPC client). Each
-/// call's verdict must come back, exactly once, as
-/// `ChatMsg::Hooked { token, verdict }` in shard `shard`'s inbox (a timeout
-/// or an error as `Verdict::Failed`): a message waits for it, and every
-/// later one of its conversation behind it. So a full inbox is retried,
-/// never given up on.
+/// call taken must be answered, exactly once, in shard `shard`'s inbox:
+/// `ChatMsg::Hooked { token, verdict }` for `OnMessage`,
+/// `ChatMsg::Admitted { token, admission }` for `OnConnect` (a timeout or
+/// an error as `Failed`): a message waits for it, and every later one of
+/// its conversation behind it; a connection waits to be let in. So a full
+/// inbox is retried, never given up on.
 pub trait HookSink: Send + Sync {
-    /// Calls the hook for shard `shard`'s machine; must not block.
-    fn call(&self, shard: usize, token: u64, call: HookCall);
+    /// Calls the hook for shard `shard`'s machine; must not block. `Err`
+    /// (why) if the call is not taken (too many wait already): the caller
+    /// then treats it as failed at once, and nothing will be posted for it.
+    fn call(&self, shard: usize, token: u64, call: HookCall) -> Result<(), String>;
 }
 
 /// Why a call was not made.

@@ -17,7 +17,7 @@ use kefu_core::chat::directory::{Directory, Member};
 use kefu_core::chat::edge::{Edge, EdgeConfig};
 use kefu_core::chat::frames::SharedFrame;
 use kefu_core::chat::home::{Durable, Home};
-use kefu_core::chat::hooks::Verdict;
+use kefu_core::chat::hooks::{Admission, Hook, Verdict};
 use kefu_core::chat::outbox::{ConvState, Outbox, Output, Pending, Profile, Write};
 use kefu_core::chat::router::Router;
 use kefu_core::chat::stored::{ReadError, Stored};
@@ -174,7 +174,8 @@ fn overflow(msg: &ShardMsg) -> Overflow {
             | ChatMsg::Routed { .. }
             | ChatMsg::Hooked { .. }
             | ChatMsg::Query { .. }
-            | ChatMsg::Profile { .. } => Overflow::Keep,
+            | ChatMsg::Profile { .. }
+            | ChatMsg::Admitted { .. } => Overflow::Keep,
         },
     }
 }
@@ -363,6 +364,9 @@ impl ChatService {
                 ChatMsg::Profile { visitor, name, meta } => {
                     self.home.handle_profile(&visitor, name.as_deref(), &meta, &self.directory)
                 }
+                ChatMsg::Admitted { token, admission } => {
+                    self.edge.handle_admission(token, admission, now, &self.reads, &mut random)
+                }
                 ChatMsg::Change { conv, change, reply, route } => {
                     self.home.handle_change(conv, change, reply, route, now, &self.directory, &self.reads)
                 }
@@ -413,13 +417,29 @@ impl ChatService {
         match out {
             Output::Post { to, msg } => self.post(to, msg),
             Output::Submit { write, then } => self.submit(write, then),
-            Output::Hook { token, call } => match &self.hooks {
-                Some(hooks) => hooks.call(self.me, token, call),
-                None => {
-                    let verdict = Verdict::Failed { why: "no hook endpoint".into() };
-                    self.home.handle_hook(token, verdict, now_ms(), &self.reads);
+            Output::Hook { token, call } => {
+                let hook = call.hook();
+                let refused = match &self.hooks {
+                    Some(hooks) => hooks.call(self.me, token, call).err(),
+                    None => Some("no hook endpoint".to_string()),
+                };
+                if let Some(why) = refused {
+                    self.hook_failed(hook, token, why);
                 }
-            },
+            }
+        }
+    }
+
+    /// A hook call that was not made (no endpoint, or the calls waiting
+    /// are at their bound) fails at once: its machine hears so directly.
+    fn hook_failed(&mut self, hook: Hook, token: u64, why: String) {
+        let now = now_ms();
+        match hook {
+            Hook::OnConnect => {
+                let failed = Admission::Failed { why };
+                self.edge.handle_admission(token, failed, now, &self.reads, &mut random);
+            }
+            Hook::OnMessage => self.home.handle_hook(token, Verdict::Failed { why }, now, &self.reads),
         }
     }
 

@@ -13,11 +13,12 @@ use kefu_proto::{ConvId, Role};
 use kefu_storage::{Store, StoreConfig};
 use serde_json::{Value, json};
 
-use super::api::{Answer, Calls, ChatApi};
+use super::api::{Answer, Calls, ChatApi, HookSink};
 use super::service::{ChatInit, ChatService, Local};
 use super::{ChatMsg, SessionAddr, ShardMsg};
 use crate::mailbox::Mailbox;
 use crate::metrics::ShardStats;
+use kefu_core::chat::hooks::{Admission, HookCall, Verdict};
 
 const SECRET: &str = "chat-tests-secret";
 const SHARDS: usize = 2;
@@ -46,13 +47,17 @@ impl Cluster {
     }
 
     fn with_backlog(backlog_max: usize) -> Cluster {
+        Cluster::with(backlog_max, CoreConfig::default(), None)
+    }
+
+    fn with(backlog_max: usize, core: CoreConfig, hooks: Option<Arc<dyn HookSink>>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let config = StoreConfig { dir: dir.path().to_path_buf(), sources: SHARDS, ..StoreConfig::default() };
         let (store, recovery) = Store::open(config, Arc::new(|_| {})).unwrap();
         let store = Arc::new(store);
         let mailboxes: Arc<[Mailbox<ShardMsg>]> =
             (0..SHARDS).map(|_| Mailbox::new(INBOX, SHARDS + 1).unwrap()).collect::<Vec<_>>().into();
-        let core = Arc::new(CoreConfig::default());
+        let core = Arc::new(core);
         let stats: Arc<[ShardStats]> = (0..SHARDS).map(|_| ShardStats::new(0)).collect();
         let calls = Arc::new(Calls::new(8));
         let mut restores = crate::chat::service::restore_open(
@@ -79,7 +84,7 @@ impl Cluster {
                     stats: stats.clone(),
                     backlog_max,
                     calls: calls.clone(),
-                    hooks: None,
+                    hooks: hooks.clone(),
                 })
                 .unwrap()
             })
@@ -461,4 +466,81 @@ fn the_business_system_calls_the_chat_service_like_a_client() {
         Err(kefu_proto::ErrorCode::Unavailable),
         "a full inbox refuses at once"
     );
+}
+
+/// A hook sink that keeps the calls for the test to answer, or takes none.
+#[derive(Default)]
+struct HeldHooks {
+    calls: std::sync::Mutex<Vec<(usize, u64, HookCall)>>,
+    full: std::sync::atomic::AtomicBool,
+}
+
+impl HookSink for HeldHooks {
+    fn call(&self, shard: usize, token: u64, call: HookCall) -> Result<(), String> {
+        if self.full.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("too many hook calls".into());
+        }
+        self.calls.lock().unwrap().push((shard, token, call));
+        Ok(())
+    }
+}
+
+impl HeldHooks {
+    fn take(&self) -> Vec<(usize, u64, HookCall)> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+}
+
+/// Each hook's answer comes back through the inbox of the shard that
+/// called (as the bridge, the sender after the shards) and reaches the
+/// machine that asked: `Admitted` the edge, `Hooked` the home. A call the
+/// sink does not take fails at once, as `hooks.failure` says.
+#[test]
+fn hook_answers_reach_the_machine_that_asked() {
+    let sink = Arc::new(HeldHooks::default());
+    let mut core = CoreConfig::default();
+    core.hooks.on_connect = true;
+    core.hooks.on_message = true;
+    let mut c = Cluster::with(BACKLOG, core, Some(sink.clone()));
+    let bridge = SHARDS;
+    let v = c.conn(1);
+    let token = c.token(Role::Visitor, "v1");
+    c.command(v, json!({"type": "connect", "id": 1, "token": token}));
+    c.settle();
+    assert!(!c.out.contains_key(&v), "nothing before the verdict");
+    let calls = sink.take();
+    let [(1, hook, HookCall::OnConnect { user, .. })] = &calls[..] else { panic!("{calls:?}") };
+    assert_eq!(user.id, "v1");
+    let meta = [("plan".to_string(), "gold".to_string())].into_iter().collect();
+    let admission = Admission::Admit { name: Some("Vera".into()), meta };
+    let msg = ShardMsg::Chat(Box::new(ChatMsg::Admitted { token: *hook, admission }));
+    c.mailboxes[1].send(bridge, msg).unwrap();
+    c.settle();
+    let connected = c.reply(v, 1);
+    assert_eq!(
+        (connected["user"]["name"].as_str(), connected["user"]["meta"]["plan"].as_str()),
+        (Some("Vera"), Some("gold"))
+    );
+
+    c.command(v, json!({"type": "open", "id": 2}));
+    c.settle();
+    let conv = c.reply(v, 2)["conv"].as_str().unwrap().to_string();
+    let home = ConvId(conv[1..].parse().unwrap()).home(SHARDS);
+    c.command(v, json!({"type": "send", "id": 3, "conv": conv, "cid": "m1", "text": "hi"}));
+    c.settle();
+    let calls = sink.take();
+    let [(shard, hook, HookCall::OnMessage { cid, .. })] = &calls[..] else { panic!("{calls:?}") };
+    assert_eq!((*shard, cid.as_str()), (home, "m1"), "the conversation's home calls");
+    let verdict = Verdict::Rewrite { text: "hello".into(), replies: Vec::new() };
+    let msg = ShardMsg::Chat(Box::new(ChatMsg::Hooked { token: *hook, verdict }));
+    c.mailboxes[home].send(bridge, msg).unwrap();
+    c.settle();
+    assert_eq!(c.reply(v, 3)["seq"], 1);
+
+    // Not taken: failed at once, and hooks.failure (open) lets it through.
+    sink.full.store(true, std::sync::atomic::Ordering::Relaxed);
+    c.command(v, json!({"type": "send", "id": 4, "conv": conv, "cid": "m2", "text": "again"}));
+    c.settle();
+    assert_eq!(c.reply(v, 4)["seq"], 2);
+    assert!(sink.take().is_empty());
 }

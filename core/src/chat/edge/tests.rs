@@ -1,6 +1,6 @@
 //! The edge's rules, driven with fed inputs and a store in memory:
-//! `connect` in its three forms, what waits for `connected`, pipelining,
-//! and where each checked command goes.
+//! `connect` in its three forms, the `OnConnect` hook, what waits for
+//! `connected`, pipelining, and where each checked command goes.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +10,7 @@ use kefu_proto::{ConvId, ErrorCode, Role};
 
 use super::*;
 use crate::auth::Claims;
+use crate::chat::hooks::{Admission, HookCall};
 use crate::chat::testing::{MemStore, addr, decode_frames};
 use crate::identity::Meta;
 
@@ -25,17 +26,35 @@ fn edge(configure: impl FnOnce(&mut EdgeConfig)) -> Edge {
     Edge::new(0, SHARDS, config)
 }
 
+/// An edge that asks `OnConnect` before letting anyone in.
+fn hooked_edge(failure: HookFailure) -> Edge {
+    edge(|c| {
+        let mut core = (*c.core).clone();
+        core.hooks.on_connect = true;
+        core.hooks.failure = failure;
+        c.core = Arc::new(core);
+    })
+}
+
 fn token(role: Role, sub: &str) -> String {
+    token_with_meta(role, sub, &[])
+}
+
+fn token_with_meta(role: Role, sub: &str, meta: &[(&str, &str)]) -> String {
     let key = JwtKey::new(SECRET, CoreConfig::default().auth).expect("a key");
     key.sign(&Claims {
         sub: sub.into(),
         role,
         name: None,
         groups: Vec::new(),
-        meta: Meta::new(),
+        meta: meta_of(meta),
         exp: T0 / 1000 + 3600,
         nbf: None,
     })
+}
+
+fn meta_of(pairs: &[(&str, &str)]) -> Meta {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn connect(token: Option<String>, visitor: Option<(&str, &str)>) -> ClientFrame {
@@ -77,6 +96,8 @@ enum Seen {
     /// A home command to a shard.
     Home(usize),
     StoreUser,
+    /// A hook call, with its token.
+    Hook(u64, HookCall),
 }
 
 fn seen(e: &mut Edge) -> Vec<Seen> {
@@ -100,6 +121,7 @@ fn seen(e: &mut Edge) -> Vec<Seen> {
                 },
             ),
             Output::Submit { write: Write::User(_), then: Pending::Connected { .. } } => Seen::StoreUser,
+            Output::Hook { token, call } => Seen::Hook(token, call),
             other => panic!("unexpected {other:?}"),
         })
         .collect()
@@ -286,4 +308,146 @@ fn a_session_that_goes_is_forgotten_everywhere_and_an_agents_device_by_the_route
     let out = seen(&mut e);
     assert_eq!(out, [Seen::Chat(0, "SessionDown"), Seen::Chat(1, "SessionDown"), Seen::Chat(0, "AgentGone")]);
     assert_eq!(e.sessions(), 0);
+}
+
+// ---- the OnConnect hook -----------------------------------------------
+
+/// The token of the one hook call in `out`, asserting it is `OnConnect`
+/// for `(role, id)`.
+fn on_connect_token(out: &[Seen], role: Role, id: &str) -> u64 {
+    match out {
+        [Seen::Hook(token, HookCall::OnConnect { user, .. })] if user.role == role && user.id == id => *token,
+        other => panic!("expected one OnConnect call for {id}, got {other:?}"),
+    }
+}
+
+#[test]
+fn with_the_hook_a_connect_waits_for_its_verdict_and_is_let_in_enriched() {
+    let (mut e, store, v) = (hooked_edge(HookFailure::Open), MemStore::default(), addr(0, 1));
+    let tok = token_with_meta(Role::Visitor, "v1", &[("plan", "free"), ("lang", "en")]);
+    e.handle_frame(v, Codec::Json, connect(Some(tok), None), T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    let Seen::Hook(token, HookCall::OnConnect { user, meta }) = &out[0] else { panic!("{out:?}") };
+    assert_eq!((user.role, user.id.as_str(), user.name.as_str()), (Role::Visitor, "v1", "v1"));
+    assert_eq!(*meta, meta_of(&[("plan", "free"), ("lang", "en")]), "the hook sees the token's profile");
+    assert_eq!(out.len(), 1, "nothing is announced before the verdict: {out:?}");
+    let token = *token;
+    // Pipelined commands wait, as for a new anonymous visitor.
+    e.handle_frame(v, Codec::Json, command(2, Command::Ping), T0, &store, &mut no_random);
+    assert_eq!(seen(&mut e), [], "a ping waits for the verdict too");
+    let enrich = meta_of(&[("plan", "gold"), ("vip_level", "3")]);
+    let admit = Admission::Admit { name: Some("Vera".into()), meta: enrich };
+    e.handle_admission(token, admit, T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert_eq!(out[..3], [Seen::Chat(0, "SessionUp"), Seen::Chat(1, "SessionUp"), Seen::Chat(0, "Hello")]);
+    assert!(matches!(frame_events(&out)[..], [Event::Pong]), "the held ping is served once let in: {out:?}");
+    e.handle_welcome((v, Codec::Json, Some(1)), Vec::new(), &store);
+    let out = seen(&mut e);
+    let events = frame_events(&out);
+    let [Event::Connected { user, .. }] = events[..] else { panic!("{events:?}") };
+    assert_eq!(user.name, "Vera");
+    assert_eq!(
+        user.meta,
+        meta_of(&[("lang", "en"), ("plan", "gold"), ("vip_level", "3")]),
+        "the hook's keys over the token's, key by key"
+    );
+}
+
+#[test]
+fn a_refused_connect_is_unauthorized_with_the_reason_and_closed_4500() {
+    let (mut e, store, a) = (hooked_edge(HookFailure::Open), MemStore::default(), addr(0, 1));
+    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, &store, &mut no_random);
+    let token = on_connect_token(&seen(&mut e), Role::Agent, "a1");
+    e.handle_frame(a, Codec::Json, send(2, 3), T0, &store, &mut no_random);
+    e.handle_admission(
+        token,
+        Admission::Refuse { reason: "account suspended".into() },
+        T0,
+        &store,
+        &mut no_random,
+    );
+    let out = seen(&mut e);
+    let [Seen::Frames(to, frames), Seen::Close(closed, code)] = &out[..] else { panic!("{out:?}") };
+    assert_eq!((*to, *closed, *code), (a, a, close::UNAUTHORIZED));
+    let [ServerFrame { id: Some(1), body: Event::Error { code: ErrorCode::Unauthorized, message } }] =
+        &frames[..]
+    else {
+        panic!("{frames:?}")
+    };
+    assert_eq!(message, "account suspended");
+    assert_eq!(e.sessions(), 0, "the pipelined send went with it, unsent");
+}
+
+#[test]
+fn a_failed_connect_hook_lets_in_or_turns_away_as_configured() {
+    let failed = || Admission::Failed { why: "deadline exceeded".into() };
+    let (mut e, store, a) = (hooked_edge(HookFailure::Open), MemStore::default(), addr(0, 1));
+    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, &store, &mut no_random);
+    let call = on_connect_token(&seen(&mut e), Role::Agent, "a1");
+    e.handle_admission(call, failed(), T0, &store, &mut no_random);
+    assert_eq!(
+        seen(&mut e),
+        [Seen::Chat(0, "SessionUp"), Seen::Chat(1, "SessionUp"), Seen::Chat(0, "Hello")]
+    );
+
+    let (mut e, store, a) = (hooked_edge(HookFailure::Closed), MemStore::default(), addr(0, 1));
+    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, &store, &mut no_random);
+    let call = on_connect_token(&seen(&mut e), Role::Agent, "a1");
+    e.handle_admission(call, failed(), T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert!(
+        matches!(frame_events(&out)[..], [Event::Error { code: ErrorCode::Unavailable, message }]
+            if message.contains("deadline exceeded")),
+        "{out:?}"
+    );
+    assert_eq!(out.last(), Some(&Seen::Close(a, close::SERVER_SHUTDOWN)), "4000: reconnecting is fine");
+    assert_eq!(e.sessions(), 0);
+}
+
+#[test]
+fn a_new_anonymous_visitor_is_stored_only_once_let_in_with_the_enriched_profile() {
+    let (mut e, store, v) = (hooked_edge(HookFailure::Open), MemStore::default(), addr(0, 1));
+    e.handle_frame(v, Codec::Json, connect(None, None), T0, &store, &mut counter());
+    let out = seen(&mut e);
+    let [Seen::Hook(token, HookCall::OnConnect { user, .. })] = &out[..] else { panic!("{out:?}") };
+    assert!(user.id.starts_with("anon-"), "asked before anything is stored: {user:?}");
+    let admit = Admission::Admit { name: None, meta: meta_of(&[("crm", "42")]) };
+    e.handle_admission(*token, admit, T0, &store, &mut no_random);
+    let Some(Output::Submit { write: Write::User(profile), then: Pending::Connected { to } }) =
+        e.poll_output()
+    else {
+        panic!("the visitor is stored once let in")
+    };
+    assert_eq!((to, profile.meta), (v, vec![("crm".to_string(), "42".to_string())]));
+    assert_eq!(seen(&mut e), [], "announced only once durable");
+
+    // A refused new visitor leaves nothing behind.
+    let w = addr(0, 2);
+    e.handle_frame(w, Codec::Json, connect(None, None), T0, &store, &mut counter());
+    let out = seen(&mut e);
+    let [Seen::Hook(token, _)] = &out[..] else { panic!("{out:?}") };
+    e.handle_admission(*token, Admission::Refuse { reason: String::new() }, T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert!(!out.contains(&Seen::StoreUser), "{out:?}");
+    assert_eq!(out.last(), Some(&Seen::Close(w, close::UNAUTHORIZED)));
+}
+
+#[test]
+fn a_connection_that_goes_while_admitted_is_never_announced() {
+    let (mut e, store, a) = (hooked_edge(HookFailure::Open), MemStore::default(), addr(0, 1));
+    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, &store, &mut no_random);
+    let token = on_connect_token(&seen(&mut e), Role::Agent, "a1");
+    e.handle_gone(a);
+    assert_eq!(seen(&mut e), [], "it was known nowhere else");
+    e.handle_admission(token, Admission::Admit { name: None, meta: Meta::new() }, T0, &store, &mut no_random);
+    assert_eq!(seen(&mut e), [], "a late verdict changes nothing");
+    assert_eq!(e.sessions(), 0);
+}
+
+#[test]
+fn without_the_hook_no_call_is_made() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert!(!out.iter().any(|s| matches!(s, Seen::Hook(..))), "{out:?}");
 }

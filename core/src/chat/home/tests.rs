@@ -470,7 +470,7 @@ fn a_message_waits_for_its_hook_then_is_stored_as_rewritten_with_the_replies_aft
     assert!(w.store.messages_of(CONV).is_empty() && w.frames.is_empty(), "nothing before the verdict");
     let replies = vec!["Ticket T-1 opened".to_string()];
     let call = w.verdict(Verdict::Rewrite { text: "I found a b*g".into(), replies });
-    let HookCall::OnMessage { cid, text, from, .. } = call;
+    let HookCall::OnMessage { cid, text, from, .. } = call else { panic!("not OnMessage: {call:?}") };
     assert_eq!((cid.as_str(), text.as_deref(), from.role), ("c1", Some("I found a bug"), Role::Visitor));
     assert_eq!(acks(&w.take(&v)), [(Some(1), 1, false)]);
     assert_eq!(msgs(&w.take(&a)), [(1, "I found a b*g".into()), (2, "Ticket T-1 opened".into())]);
