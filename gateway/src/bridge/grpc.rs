@@ -1,10 +1,11 @@
-//! The gRPC services: `kefu.v1.Gateway` and `kefu.v1.Events`.
+//! The gRPC service `kefu.v1.Gateway` (`kefu.v1.Events` is in
+//! [`super::events`]).
 //!
 //! The calls that need only storage reads are answered here through
 //! [`Calls`], the same code REST uses. Every other call answers
 //! `UNIMPLEMENTED` and says so plainly: they need the bridge's path into
-//! the shards' chat machines (and the event log's offsets), which is not
-//! built yet. An honest refusal is better than an answer that looks right.
+//! the shards' chat machines, which is not built yet. An honest refusal
+//! is better than an answer that looks right.
 
 use std::sync::Arc;
 
@@ -117,26 +118,5 @@ impl pb::gateway_server::Gateway for GatewayApi {
         req: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
         Ok(Response::new(self.calls.issue_token(req.into_inner())?))
-    }
-}
-
-/// `kefu.v1.Events`: not built yet. (The log's offsets start at 0 today
-/// and the contract says 1; that is settled when this is built.)
-#[derive(Debug, Clone, Default)]
-pub struct EventsApi;
-
-#[tonic::async_trait]
-impl pb::events_server::Events for EventsApi {
-    type SubscribeStream = tonic::codegen::BoxStream<pb::Event>;
-
-    async fn subscribe(
-        &self,
-        _: Request<pb::SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(not_built("kefu.v1.Events/Subscribe"))
-    }
-
-    async fn commit(&self, _: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
-        Err(not_built("kefu.v1.Events/Commit"))
     }
 }
