@@ -265,6 +265,17 @@ pub struct AdminConfig {
     /// gets `UNAVAILABLE` and may retry (a resend with the same cid is
     /// answered with the first message's seq).
     pub chat_call_timeout_ms: u64,
+    /// `Events.Subscribe` streams open at once; one more is refused
+    /// `RESOURCE_EXHAUSTED`.
+    pub subscribers_max: usize,
+    /// Events read ahead for one subscriber, waiting for its stream to
+    /// take them: past it, reading waits for the client (back-pressure).
+    pub subscribe_buffer_events: usize,
+    /// `GET /api/v1/events` page size when the caller gives none.
+    pub events_page_size_default: u32,
+    /// Largest `GET /api/v1/events` page (a larger one is served as this),
+    /// and the events a subscriber reads from storage at a time.
+    pub events_page_size_max: u32,
 }
 
 impl Default for AdminConfig {
@@ -280,6 +291,10 @@ impl Default for AdminConfig {
             token_ttl_s_max: 30 * 86_400,
             shard_stall_ms: 2_000,
             chat_call_timeout_ms: 10_000,
+            subscribers_max: 64,
+            subscribe_buffer_events: 1024,
+            events_page_size_default: 100,
+            events_page_size_max: 1000,
         }
     }
 }
@@ -318,6 +333,17 @@ impl AdminConfig {
         }
         if self.token_ttl_s_default == 0 || self.token_ttl_s_default > self.token_ttl_s_max {
             return invalid("admin.token_ttl_s_default must be between 1 and admin.token_ttl_s_max".into());
+        }
+        if self.subscribers_max == 0 {
+            return invalid("admin.subscribers_max must be at least 1".into());
+        }
+        if self.subscribe_buffer_events == 0 {
+            return invalid("admin.subscribe_buffer_events must be at least 1".into());
+        }
+        if self.events_page_size_default == 0 || self.events_page_size_default > self.events_page_size_max {
+            return invalid(
+                "admin.events_page_size_default must be between 1 and admin.events_page_size_max".into(),
+            );
         }
         if self.shard_stall_ms < 500 {
             // Shards sweep every 100 ms; less slack than a few sweeps
@@ -882,6 +908,10 @@ mod tests {
             "[admin]\ntoken_ttl_s_default = 0\n",
             "[admin]\ntoken_ttl_s_max = 10\n",
             "[admin]\nshard_stall_ms = 100\n",
+            "[admin]\nsubscribers_max = 0\n",
+            "[admin]\nsubscribe_buffer_events = 0\n",
+            "[admin]\nevents_page_size_default = 0\n",
+            "[admin]\nevents_page_size_default = 2000\n",
             "[admin]\napi_key = []\n",
         ] {
             assert!(load(Some(file), &[], &o).is_err(), "accepted: {file}");

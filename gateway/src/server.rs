@@ -92,11 +92,16 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let (secret, _) = crate::secret::load_or_create(&config.auth.jwt_secret, &config.storage.dir)
         .with_context(|| format!("preparing the data directory {}", config.storage.dir.display()))?;
     // Each shard submits as its own storage source and is woken for its
-    // own completions.
+    // own completions; the bridge is the source after them.
     let chat_mailboxes = mailboxes.clone();
-    let notify: kefu_storage::Notify = Arc::new(move |source| chat_mailboxes[source].wake());
+    let bridge_wake = Arc::new(tokio::sync::Notify::new());
+    let wake = bridge_wake.clone();
+    let notify: kefu_storage::Notify = Arc::new(move |source| match chat_mailboxes.get(source) {
+        Some(mailbox) => mailbox.wake(),
+        None => wake.notify_one(),
+    });
     let mut store_config = config.storage.clone();
-    store_config.sources = shards;
+    store_config.sources = shards + 1;
     let opened = Instant::now();
     let (store, recovery) = kefu_storage::Store::open(store_config, notify).context("opening the store")?;
     info!(
@@ -106,6 +111,19 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         unclean_shutdown = recovery.unclean_shutdown,
         "store open"
     );
+    // Set before any shard runs, so no commit goes unseen by the event
+    // stream's live tail.
+    let (log_end_tx, log_end) = tokio::sync::watch::channel(recovery.next_offset);
+    store
+        .on_log_end(Box::new(move |end| {
+            log_end_tx.send_replace(end);
+        }))
+        .map_err(|_| anyhow::anyhow!("the store's log-end hook was already set"))?;
+    let bridge_writes = Arc::new(crate::bridge::writes::BridgeWrites::new(
+        store.writer(),
+        store.completions(shards),
+        bridge_wake,
+    ));
     let store_stats = store.stats_source();
     let reader = store.reader();
     let store = Arc::new(store);
@@ -206,6 +224,12 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             crate::bridge::calls::CallLimits::new(&config.admin, &config.messages),
             ChatApi::new(core.clone(), mailboxes.clone(), calls.clone()),
         ),
+        events: crate::bridge::events::EventsInit {
+            reader: store.reader(),
+            writes: bridge_writes,
+            log_end,
+            limits: crate::bridge::events::EventLimits::new(&config.admin),
+        },
         api_keys: crate::bridge::auth::ApiKeys::new(&config.admin.api_keys),
         max_concurrent_requests: config.admin.max_concurrent_requests,
         max_request_bytes: config.admin.max_request_bytes,

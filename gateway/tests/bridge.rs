@@ -570,17 +570,6 @@ fn calls_not_built_say_so() {
                 "{status:?}"
             );
         }
-        let channel = Channel::from_shared(format!("http://{}", gw.admin)).unwrap().connect().await.unwrap();
-        let header: MetadataValue<_> = format!("Bearer {KEY}").parse().unwrap();
-        let mut events =
-            pb::events_client::EventsClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-                r.metadata_mut().insert("authorization", header.clone());
-                Ok(r)
-            });
-        let err = events.subscribe(pb::SubscribeRequest::default()).await.unwrap_err();
-        assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
-        let err = events.commit(pb::CommitRequest::default()).await.unwrap_err();
-        assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
     });
     let (status, body) = http(&gw, "POST", "/api/v1/visitors/v1/block", Some(KEY), Some(&json!({})));
     assert_eq!(status, 501, "BlockVisitor: {body}");
@@ -598,6 +587,8 @@ fn calls_not_built_say_so() {
             "/api/v1/conversations/{conv}/close",
             "/api/v1/conversations/{conv}/messages",
             "/api/v1/conversations/{conv}/transfer",
+            "/api/v1/events",
+            "/api/v1/events/commit",
             "/api/v1/presence",
             "/api/v1/tokens",
             "/api/v1/users/{role}/{id}",

@@ -27,7 +27,7 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
 use crate::dedupe::{self, DedupeKey, U64Map};
 use crate::error::{IoContext, StorageError};
-use crate::record::{ArchivedConversationRecord, LogRecord, access, encode_into};
+use crate::record::{ArchivedConversationRecord, ConvChange, LogRecord, access, encode_into};
 use crate::tables;
 use crate::write::{Committed, Completion, Shared, Submission, WriteOp};
 use kefu_proto::client::Msg;
@@ -93,6 +93,7 @@ struct Tables<'t> {
     users: Option<Table<'t, (&'static str, &'static str), &'static [u8]>>,
     user_conversations: Option<Table<'t, (&'static str, u64), ()>>,
     consumer_offsets: Option<Table<'t, &'static str, u64>>,
+    conv_changes: Option<Table<'t, u64, u8>>,
 }
 
 impl<'t> Tables<'t> {
@@ -106,6 +107,7 @@ impl<'t> Tables<'t> {
             users: None,
             user_conversations: None,
             consumer_offsets: None,
+            conv_changes: None,
         })
     }
 
@@ -124,6 +126,10 @@ impl<'t> Tables<'t> {
             tables::USER_CONVERSATIONS,
             "open table user_conversations",
         )
+    }
+
+    fn conv_changes(&mut self) -> Result<&mut Table<'t, u64, u8>, StorageError> {
+        lazily(&mut self.conv_changes, self.txn, tables::CONV_CHANGES, "open table conv_changes")
     }
 
     fn consumer_offsets(&mut self) -> Result<&mut Table<'t, &'static str, u64>, StorageError> {
@@ -276,6 +282,9 @@ impl GroupCommit {
         match self.apply_and_commit() {
             Ok(()) => {
                 self.commits += 1;
+                if self.next_offset != start_offset {
+                    self.shared.publish_log_end(self.next_offset);
+                }
                 let stats = &self.shared.stats;
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.last_commit_failed.store(false, Ordering::Relaxed);
@@ -376,10 +385,17 @@ impl GroupCommit {
                 c.last_seq = 0;
                 let id = c.id;
                 // A conversation was created when it was first stored; later
-                // changes keep that time, whatever they carry.
+                // changes keep that time, whatever they carry. What changed
+                // is decided here, against the state this one replaces.
+                let mut change = ConvChange::Opened;
                 if let Some(old) = t.conversations()?.get(id).ctx("read conversations")? {
                     match access::<ArchivedConversationRecord>(old.value(), "conversations", &id) {
-                        Ok(archived) => c.created_ms = archived.created_ms.to_native(),
+                        Ok(archived) => {
+                            c.created_ms = archived.created_ms.to_native();
+                            let was = (archived.status.get(), archived.agent.as_ref().map(|a| a.id.as_str()));
+                            let agent = c.agent.as_ref().map(|a| a.id.as_str());
+                            change = ConvChange::between(Some(was), c.status, agent);
+                        }
                         Err(e) => return Ok(Err(e)),
                     }
                 }
@@ -394,6 +410,7 @@ impl GroupCommit {
                     .insert((c.visitor_id.as_str(), id), ())
                     .ctx("insert user_conversations")?;
                 let offset = self.insert_logged(t)?;
+                t.conv_changes()?.insert(offset, change.to_byte()).ctx("insert conv_changes")?;
                 self.next_conv_id = self.next_conv_id.max(id.saturating_add(1));
                 done(offset)
             }

@@ -45,6 +45,13 @@
 //!   `notify(source)`.
 //! - [`Reader`] (any thread) reads history, resume replay, conversations,
 //!   users, dedupe hits and the log, zero-copy where asked.
+//! - [`Store::log_end`] is the log's durable end, published by the writer
+//!   after each group commit returned (and handed to [`Store::on_log_end`]'s
+//!   hook): a follower of the log reads [`Reader::events`] up to it and so
+//!   never shows a record a crash could take back
+//!   (`store_tests::the_log_end_is_published_after_each_commit_that_logged`).
+//!   Each logged conversation state comes with what it changed
+//!   ([`ConvChange`]), decided by the writer against the state it replaced.
 //!
 //! # Recovery: quick-repair is on
 //!
@@ -86,12 +93,12 @@ mod testkit;
 
 pub use config::StoreConfig;
 pub use error::{StorageError, SubmitError};
-pub use reader::{ConversationFilter, ConversationPage, DedupeHit, Logged, Reader};
+pub use reader::{ConversationFilter, ConversationPage, DedupeHit, LogEvent, Logged, Reader};
 pub use record::{
     AgentRef, ArchivedAgentRef, ArchivedAttachment, ArchivedConvStatus, ArchivedConversationRecord,
     ArchivedLogRecord, ArchivedMessageRecord, ArchivedReadMark, ArchivedRole, ArchivedSender,
-    ArchivedUserRecord, Attachment, ConvStatusDef, ConversationRecord, LogRecord, MessageRecord, ReadMark,
-    RoleDef, Sender, UserRecord,
+    ArchivedUserRecord, Attachment, ConvChange, ConvStatusDef, ConversationRecord, LogRecord, MessageRecord,
+    ReadMark, RoleDef, Sender, UserRecord,
 };
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};
-pub use write::{Committed, Completion, Completions, Notify, WriteOp, Writer};
+pub use write::{Committed, Completion, Completions, Notify, OnLogEnd, WriteOp, Writer};

@@ -21,7 +21,7 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableT
 use crate::dedupe::SlotCache;
 use crate::error::{IoContext, StorageError};
 use crate::record::{
-    ArchivedConversationRecord, ArchivedLogRecord, ArchivedMessageRecord, ArchivedUserRecord,
+    ArchivedConversationRecord, ArchivedLogRecord, ArchivedMessageRecord, ArchivedUserRecord, ConvChange,
     ConversationRecord, LogRecord, MessageRecord, UserRecord, access, to_owned,
 };
 use crate::tables;
@@ -37,6 +37,17 @@ pub struct Logged<T> {
     pub offset: u64,
     /// The record.
     pub record: T,
+}
+
+/// One log record as a consumer of the log sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEvent {
+    /// The log offset (from 0; the control plane adds 1).
+    pub offset: u64,
+    /// The record.
+    pub record: LogRecord,
+    /// For a conversation record, what it changed; else `None`.
+    pub change: Option<ConvChange>,
 }
 
 /// What the dedupe index remembers of the first append of a
@@ -432,6 +443,43 @@ impl Reader {
     /// the event stream a business system consumes.
     pub fn scan(&self, from_offset: u64, limit: usize) -> Result<Vec<Logged<LogRecord>>, StorageError> {
         collect(limit.min(1024), |keep| self.visit_log(from_offset, limit, keep))
+    }
+
+    /// Up to `limit` log records with offsets in `from_offset..end`, in
+    /// offset order, each conversation record with what it changed. `end`
+    /// is where the caller stops: the store's [`log_end`](crate::Store::log_end),
+    /// so that nothing a crash could take back is ever handed out.
+    pub fn events(&self, from_offset: u64, end: u64, limit: usize) -> Result<Vec<LogEvent>, StorageError> {
+        let mut out = Vec::new();
+        if limit == 0 || from_offset >= end {
+            return Ok(out);
+        }
+        out.reserve(limit.min(1024));
+        let txn = self.txn()?;
+        let log = txn.open_table(tables::LOG).ctx("open table log")?;
+        let changes = txn.open_table(tables::CONV_CHANGES).ctx("open table conv_changes")?;
+        for entry in log.range(from_offset..end).ctx("read log")? {
+            let (key, value) = entry.ctx("read log")?;
+            let offset = key.value();
+            let archived: &ArchivedLogRecord = access(value.value(), "log", &offset)?;
+            let change = match archived {
+                ArchivedLogRecord::Conversation(_) => {
+                    let byte = changes.get(offset).ctx("read conv_changes")?.map(|g| g.value());
+                    let change = byte.and_then(ConvChange::from_byte);
+                    Some(change.ok_or_else(|| StorageError::Corrupt {
+                        table: "conv_changes",
+                        key: offset.to_string(),
+                        message: format!("holds {byte:?}, not the change of the conversation record there"),
+                    })?)
+                }
+                _ => None,
+            };
+            out.push(LogEvent { offset, record: to_owned(archived)?, change });
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// A consumer's committed offset.

@@ -188,6 +188,85 @@ pub struct ReadMark {
     pub ts_ms: u64,
 }
 
+/// What a logged conversation state changed, decided by the writer from
+/// the state it replaced (in the same transaction), so a log consumer need
+/// not have seen the earlier states to tell a transfer from an assignment.
+/// Stored beside the log, keyed by offset (`conv_changes`), since the log
+/// record's archived layout is fixed by its format byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConvChange {
+    /// The first state stored for this conversation.
+    Opened,
+    /// Assigned to an agent from a queue (or given another group while
+    /// keeping its agent).
+    Assigned,
+    /// Taken from the agent it was assigned to: to another agent, or back
+    /// to a queue (a transfer to a group, or the agent stayed offline past
+    /// the grace period).
+    Transferred,
+    /// Closed.
+    Closed,
+    /// Queued again without having been assigned (a queued conversation
+    /// moved to another group).
+    Requeued,
+}
+
+impl ConvChange {
+    /// The change from `before` (status and agent id of the replaced state;
+    /// `None`: nothing was stored) to `status` with `agent`.
+    pub fn between(
+        before: Option<(ConvStatus, Option<&str>)>,
+        status: ConvStatus,
+        agent: Option<&str>,
+    ) -> Self {
+        let Some((was, was_agent)) = before else { return ConvChange::Opened };
+        match status {
+            ConvStatus::Closed => ConvChange::Closed,
+            ConvStatus::Assigned if was == ConvStatus::Assigned && was_agent != agent => {
+                ConvChange::Transferred
+            }
+            ConvStatus::Assigned => ConvChange::Assigned,
+            ConvStatus::Queued if was == ConvStatus::Assigned => ConvChange::Transferred,
+            ConvStatus::Queued => ConvChange::Requeued,
+        }
+    }
+
+    /// Its name on the wire: `opened`, `assigned`, `transferred`, `closed`
+    /// or `requeued`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConvChange::Opened => "opened",
+            ConvChange::Assigned => "assigned",
+            ConvChange::Transferred => "transferred",
+            ConvChange::Closed => "closed",
+            ConvChange::Requeued => "requeued",
+        }
+    }
+
+    /// Its stored byte (never reuse one).
+    pub(crate) fn to_byte(self) -> u8 {
+        match self {
+            ConvChange::Opened => 1,
+            ConvChange::Assigned => 2,
+            ConvChange::Transferred => 3,
+            ConvChange::Closed => 4,
+            ConvChange::Requeued => 5,
+        }
+    }
+
+    /// The change a stored byte stands for.
+    pub(crate) fn from_byte(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => ConvChange::Opened,
+            2 => ConvChange::Assigned,
+            3 => ConvChange::Transferred,
+            4 => ConvChange::Closed,
+            5 => ConvChange::Requeued,
+            _ => return None,
+        })
+    }
+}
+
 /// One entry of the global log, in commit order.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum LogRecord {
@@ -387,6 +466,32 @@ mod tests {
                 assert_eq!(back, record);
             }
         }
+    }
+
+    #[test]
+    fn conversation_changes_are_told_apart_from_the_state_replaced() {
+        use ConvStatus::{Assigned, Closed, Queued};
+        let between = ConvChange::between;
+        assert_eq!(between(None, Queued, None), ConvChange::Opened);
+        assert_eq!(between(Some((Queued, None)), Assigned, Some("a1")), ConvChange::Assigned);
+        assert_eq!(between(Some((Assigned, Some("a1"))), Assigned, Some("a2")), ConvChange::Transferred);
+        assert_eq!(between(Some((Assigned, Some("a1"))), Queued, Some("a1")), ConvChange::Transferred);
+        // Assigned again from a queue it was transferred to: an assignment.
+        assert_eq!(between(Some((Queued, Some("a1"))), Assigned, Some("a2")), ConvChange::Assigned);
+        assert_eq!(between(Some((Assigned, Some("a1"))), Assigned, Some("a1")), ConvChange::Assigned);
+        assert_eq!(between(Some((Queued, None)), Queued, None), ConvChange::Requeued);
+        assert_eq!(between(Some((Assigned, Some("a1"))), Closed, Some("a1")), ConvChange::Closed);
+        for c in [
+            ConvChange::Opened,
+            ConvChange::Assigned,
+            ConvChange::Transferred,
+            ConvChange::Closed,
+            ConvChange::Requeued,
+        ] {
+            assert_eq!(ConvChange::from_byte(c.to_byte()), Some(c));
+        }
+        assert_eq!(ConvChange::from_byte(0), None);
+        assert_eq!(ConvChange::from_byte(9), None);
     }
 
     #[test]

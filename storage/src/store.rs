@@ -25,7 +25,7 @@ use crate::reader::Reader;
 use crate::record::ConversationRecord;
 use crate::tables;
 use crate::upgrade;
-use crate::write::{Completions, Notify, Shared, Writer};
+use crate::write::{Completions, Notify, OnLogEnd, Shared, Writer};
 
 /// What the store found when it opened: where to resume.
 #[derive(Debug, Clone)]
@@ -213,7 +213,7 @@ impl Store {
         let reader = Reader { db: db.clone(), slots };
         let open_conversations = reader.open_conversations()?;
 
-        let shared = Arc::new(Shared::new(config.sources, config.submit_queue_capacity, notify));
+        let shared = Arc::new(Shared::new(config.sources, config.submit_queue_capacity, notify, next_offset));
         let limits = Limits {
             max_records: config.batch_max_records,
             max_bytes: config.batch_max_bytes,
@@ -254,6 +254,24 @@ impl Store {
     /// A handle to submit writes.
     pub fn writer(&self) -> Writer {
         Writer { shared: self.shared.clone() }
+    }
+
+    /// The log's end (the offset the next record gets) as of the last
+    /// group commit that returned: every record below it is durable, and a
+    /// reader of the log that stops there never shows a record a crash
+    /// could take back.
+    pub fn log_end(&self) -> u64 {
+        self.shared.log_end.load(Ordering::Acquire)
+    }
+
+    /// Has `f` called with the log's new end after every group commit that
+    /// logged something, on the writer thread, once the commit returned
+    /// (see [`OnLogEnd`]): how a log follower learns of new records
+    /// without polling. Set once; a second call hands `f` back. Set it
+    /// before anything is submitted, or read [`Self::log_end`] after
+    /// setting it, so no commit goes unseen.
+    pub fn on_log_end(&self, f: OnLogEnd) -> Result<(), OnLogEnd> {
+        self.shared.on_log_end.set(f)
     }
 
     /// A handle to read.
@@ -368,6 +386,7 @@ fn init_tables(db: &Database, config: &StoreConfig) -> Result<Counters, StorageE
         txn.open_table(tables::USERS).ctx("open table users")?;
         txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;
         txn.open_table(tables::CONSUMER_OFFSETS).ctx("open table consumer_offsets")?;
+        txn.open_table(tables::CONV_CHANGES).ctx("open table conv_changes")?;
         let mut meta = txn.open_table(tables::META).ctx("open table meta")?;
 
         if schema.is_none() {

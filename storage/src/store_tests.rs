@@ -12,8 +12,8 @@ use kefu_proto::ids::{ConvStatus, Role};
 use crate::tables;
 use crate::testkit::{NotifyCount, config, message, open, wait_for, write};
 use crate::{
-    AgentRef, ConversationFilter, ConversationRecord, LogRecord, ReadMark, StorageError, Store, SubmitError,
-    UserRecord, WriteOp, WriterHealth,
+    AgentRef, ConvChange, ConversationFilter, ConversationRecord, LogRecord, ReadMark, StorageError, Store,
+    SubmitError, UserRecord, WriteOp, WriterHealth,
 };
 
 fn conversation(id: u64, status: ConvStatus) -> ConversationRecord {
@@ -848,4 +848,147 @@ fn writer_health_says_accepting_while_open_and_closed_after() {
     store.close();
     assert_eq!(stats.writer_health(), WriterHealth::Closed);
     assert!(stats.writer_health().problem().is_some());
+}
+
+/// `conversation(id, status)` assigned to `agent`.
+fn assigned_to(id: u64, agent: &str) -> ConversationRecord {
+    let mut c = conversation(id, ConvStatus::Assigned);
+    c.agent = Some(AgentRef { id: agent.into(), name: agent.into() });
+    c
+}
+
+/// One conversation's life, a message and a read mark: offsets 0..7.
+fn log_a_life(store: &Store) {
+    let mut closed = assigned_to(1, "a2");
+    closed.status = ConvStatus::Closed;
+    let mut back_in_queue = assigned_to(1, "a2");
+    back_in_queue.status = ConvStatus::Queued;
+    let ops = [
+        WriteOp::PutConversation(conversation(1, ConvStatus::Queued)),
+        WriteOp::PutConversation(assigned_to(1, "a1")),
+        WriteOp::AppendMessage(message(1, "v1", "c1", "hello")),
+        WriteOp::PutConversation(assigned_to(1, "a2")),
+        WriteOp::PutConversation(back_in_queue),
+        WriteOp::PutConversation(assigned_to(1, "a2")),
+        WriteOp::MarkRead(ReadMark { conv: 1, user_id: "a2".into(), seq: 1, ts_ms: 30 }),
+        WriteOp::PutConversation(closed),
+    ];
+    for (token, op) in ops.into_iter().enumerate() {
+        write(store, token as u64, op).result.unwrap();
+    }
+}
+
+fn changes(store: &Store, from: u64) -> Vec<(u64, Option<ConvChange>)> {
+    let events = store.reader().events(from, store.log_end(), 100).unwrap();
+    events.into_iter().map(|e| (e.offset, e.change)).collect()
+}
+
+#[test]
+fn the_log_reads_as_events_each_conversation_change_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    assert_eq!(store.log_end(), 0);
+    log_a_life(&store);
+    assert_eq!(store.log_end(), 8);
+    use ConvChange::*;
+    let want = [
+        (0, Some(Opened)),
+        (1, Some(Assigned)),
+        (2, None),
+        (3, Some(Transferred)),
+        (4, Some(Transferred)),
+        (5, Some(Assigned)),
+        (6, None),
+        (7, Some(Closed)),
+    ];
+    assert_eq!(changes(&store, 0), want);
+    let r = store.reader();
+    let page = r.events(2, store.log_end(), 3).unwrap();
+    assert_eq!(page.iter().map(|e| e.offset).collect::<Vec<_>>(), [2, 3, 4]);
+    assert!(matches!(&page[0].record, LogRecord::Message(m) if m.seq == 1 && m.cid == "c1"));
+    // `end` bounds the read, whatever the log holds past it.
+    assert_eq!(r.events(0, 2, 100).unwrap().len(), 2);
+    assert!(r.events(8, store.log_end(), 100).unwrap().is_empty());
+    assert!(r.events(5, 5, 100).unwrap().is_empty());
+    assert!(r.events(0, 8, 0).unwrap().is_empty());
+    // The changes persist.
+    drop((r, store));
+    let (store, _) = open(config(dir.path()));
+    assert_eq!(store.log_end(), 8);
+    assert_eq!(changes(&store, 0), want);
+}
+
+#[test]
+fn the_log_end_is_published_after_each_commit_that_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    assert!(store.on_log_end(Box::new(move |end| sink.lock().unwrap().push(end))).is_ok());
+    assert!(store.on_log_end(Box::new(|_| {})).is_err(), "set once");
+    write(&store, 1, WriteOp::AppendMessage(message(1, "v1", "a", "x"))).result.unwrap();
+    // A consumer offset logs nothing: no new end.
+    let op = WriteOp::CommitOffset { consumer: "c".into(), offset: 1 };
+    write(&store, 2, op).result.unwrap();
+    write(&store, 3, WriteOp::AppendMessage(message(1, "v1", "b", "y"))).result.unwrap();
+    // A duplicate logs nothing either.
+    write(&store, 4, WriteOp::AppendMessage(message(1, "v1", "b", "y"))).result.unwrap();
+    assert_eq!(*seen.lock().unwrap(), [1, 2]);
+    assert_eq!(store.log_end(), 2);
+    assert_eq!(store.reader().consumer_offset("c").unwrap(), Some(1));
+}
+
+#[test]
+fn a_version_3_store_gets_its_conversation_changes_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(config(dir.path()));
+        log_a_life(&store);
+    }
+    {
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(tables::META).unwrap().insert(tables::META_SCHEMA, 3).unwrap();
+        txn.delete_table(tables::CONV_CHANGES).unwrap();
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(config(dir.path()));
+    use ConvChange::*;
+    let got: Vec<Option<ConvChange>> = changes(&store, 0).into_iter().map(|(_, c)| c).collect();
+    assert_eq!(
+        got,
+        [
+            Some(Opened),
+            Some(Assigned),
+            None,
+            Some(Transferred),
+            Some(Transferred),
+            Some(Assigned),
+            None,
+            Some(Closed)
+        ]
+    );
+    drop(store);
+    let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+    assert_eq!(schema_version(&db), tables::SCHEMA_VERSION);
+}
+
+#[test]
+fn a_conversation_record_without_its_change_is_reported_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(config(dir.path()));
+        log_a_life(&store);
+    }
+    {
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(tables::CONV_CHANGES).unwrap().insert(3, 77).unwrap();
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(config(dir.path()));
+    let r = store.reader();
+    assert_eq!(r.events(0, 3, 10).unwrap().len(), 3, "the records before it read");
+    let err = r.events(0, 8, 10).unwrap_err();
+    assert!(matches!(err, StorageError::Corrupt { table: "conv_changes", .. }), "{err}");
 }

@@ -7,7 +7,8 @@
 //! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) archive |
 //! | `users` | (role, user id) | [`UserRecord`](crate::UserRecord) archive |
 //! | `user_conversations` | (visitor id, conversation id) | nothing: the key is the index |
-//! | `consumer_offsets` | consumer name | committed offset |
+//! | `consumer_offsets` | consumer name | committed offset (the next log offset it reads) |
+//! | `conv_changes` | offset in `log` of a conversation record | what it changed ([`ConvChange`](crate::ConvChange) byte) |
 //! | `meta` | counter name | counter |
 //!
 //! Archives are prefixed with a format byte (see `record.rs`).
@@ -35,6 +36,9 @@ pub(crate) const USER_CONVERSATIONS: TableDefinition<(&str, u64), ()> =
     TableDefinition::new("user_conversations");
 pub(crate) const CONSUMER_OFFSETS: TableDefinition<&str, u64> = TableDefinition::new("consumer_offsets");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The log offset of every conversation record → what it changed
+/// ([`ConvChange`](crate::ConvChange), as its byte), written with the record.
+pub(crate) const CONV_CHANGES: TableDefinition<u64, u8> = TableDefinition::new("conv_changes");
 
 /// `meta` key: the layout version of the tables ([`SCHEMA_VERSION`]).
 pub(crate) const META_SCHEMA: &str = "schema_version";
@@ -52,6 +56,6 @@ pub(crate) const META_DEDUPE_K1: &str = "dedupe_k1";
 pub(crate) const META_OPEN: &str = "open";
 
 /// 2 added `user_conversations`; 3 put the sender's role into the dedupe
-/// slots and keyed `users` by (role, id). An older store is upgraded at
-/// open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 3;
+/// slots and keyed `users` by (role, id); 4 added `conv_changes`. An older
+/// store is upgraded at open (`upgrade.rs`).
+pub(crate) const SCHEMA_VERSION: u64 = 4;

@@ -15,12 +15,19 @@
 //!   duplicate of the first; every slot is computed again from the log
 //!   record it points at, now with the role. `users` was keyed by id
 //!   alone; it is keyed by (role, id) from each record's own role.
+//! - 3 → 4: `conv_changes` (what each logged conversation state changed)
+//!   did not exist; it is filled by walking the log once in offset order,
+//!   remembering each conversation's last status and agent (memory: one
+//!   small entry per conversation ever stored, for the upgrade only).
 
+use std::collections::HashMap;
+
+use kefu_proto::ids::ConvStatus;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use crate::dedupe::DedupeKey;
 use crate::error::{IoContext, StorageError};
-use crate::record::{ArchivedConversationRecord, ArchivedLogRecord, ArchivedUserRecord, access};
+use crate::record::{ArchivedConversationRecord, ArchivedLogRecord, ArchivedUserRecord, ConvChange, access};
 use crate::tables;
 
 /// `users` up to version 2: keyed by user id alone.
@@ -28,7 +35,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 or 2) to
+/// Upgrades a store at version `from` (1, 2 or 3) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {
@@ -36,6 +43,9 @@ pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageEr
     }
     if from <= 2 {
         v2_to_v3(txn)?;
+    }
+    if from <= 3 {
+        v3_to_v4(txn)?;
     }
     txn.open_table(tables::META)
         .ctx("open table meta")?
@@ -139,5 +149,27 @@ fn rekey_users(txn: &WriteTransaction) -> Result<(), StorageError> {
         }
     }
     txn.delete_table(USERS_V2_MOVED).ctx("delete table users_v2")?;
+    Ok(())
+}
+
+/// Fills `conv_changes` from the log: each conversation record's change is
+/// decided against the state logged before it, as the writer does.
+fn v3_to_v4(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let log = txn.open_table(tables::LOG).ctx("open table log")?;
+    let mut changes = txn.open_table(tables::CONV_CHANGES).ctx("open table conv_changes")?;
+    let mut last: HashMap<u64, (ConvStatus, Option<String>)> = HashMap::new();
+    for entry in log.iter().ctx("read log")? {
+        let (k, v) = entry.ctx("read log")?;
+        let offset = k.value();
+        let ArchivedLogRecord::Conversation(c) = access::<ArchivedLogRecord>(v.value(), "log", &offset)?
+        else {
+            continue;
+        };
+        let (status, agent) = (c.status.get(), c.agent.as_ref().map(|a| a.id.as_str()));
+        let before = last.get(&c.id.to_native()).map(|(s, a)| (*s, a.as_deref()));
+        let change = ConvChange::between(before, status, agent);
+        changes.insert(offset, change.to_byte()).ctx("write conv_changes")?;
+        last.insert(c.id.to_native(), (status, agent.map(str::to_string)));
+    }
     Ok(())
 }

@@ -29,6 +29,11 @@ use crate::record::{ConversationRecord, ReadMark, UserRecord};
 /// eventfd, unpark a thread).
 pub type Notify = Arc<dyn Fn(usize) + Send + Sync>;
 
+/// Called by the writer thread with the log's new end (the offset the next
+/// record gets) after a group commit that logged something returned: every
+/// offset below it is durable. Must be cheap and must not block.
+pub type OnLogEnd = Box<dyn Fn(u64) + Send + Sync>;
+
 /// One durable write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
@@ -170,10 +175,14 @@ pub(crate) struct Shared {
     pub(crate) writer_thread: OnceLock<Thread>,
     pub(crate) notify: Notify,
     pub(crate) stats: WriteStats,
+    /// The log's end as of the last commit that returned: what a reader of
+    /// the log may stream up to.
+    pub(crate) log_end: AtomicU64,
+    pub(crate) on_log_end: OnceLock<OnLogEnd>,
 }
 
 impl Shared {
-    pub(crate) fn new(sources: usize, capacity: usize, notify: Notify) -> Shared {
+    pub(crate) fn new(sources: usize, capacity: usize, notify: Notify, log_end: u64) -> Shared {
         assert!(sources > 0 && capacity > 0);
         let sources = (0..sources)
             .map(|_| SourceQueues {
@@ -190,6 +199,18 @@ impl Shared {
             writer_thread: OnceLock::new(),
             notify,
             stats: WriteStats::default(),
+            log_end: AtomicU64::new(log_end),
+            on_log_end: OnceLock::new(),
+        }
+    }
+
+    /// Called by the writer once a commit that logged records up to
+    /// `log_end` has returned (is durable).
+    pub(crate) fn publish_log_end(&self, log_end: u64) {
+        let before = self.log_end.swap(log_end, Ordering::Release);
+        assert!(log_end > before, "the log's end went from {before} to {log_end}");
+        if let Some(f) = self.on_log_end.get() {
+            f(log_end);
         }
     }
 

@@ -1,9 +1,10 @@
-//! The gRPC services: `kefu.v1.Gateway` and `kefu.v1.Events`.
+//! The gRPC service `kefu.v1.Gateway` (`kefu.v1.Events` is in
+//! [`super::events`]).
 //!
 //! Every call is answered through [`Calls`], the same code REST uses:
-//! storage reads, or commands into the chat machines. The calls not built
-//! yet answer `UNIMPLEMENTED` and say so plainly: an honest refusal is
-//! better than an answer that looks right.
+//! storage reads, commands into the chat machines, or (`Events`) the log
+//! itself. The calls not built yet answer `UNIMPLEMENTED` and say so
+//! plainly: an honest refusal is better than an answer that looks right.
 
 use std::sync::Arc;
 
@@ -114,26 +115,5 @@ impl pb::gateway_server::Gateway for GatewayApi {
         req: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
         Ok(Response::new(self.calls.issue_token(req.into_inner())?))
-    }
-}
-
-/// `kefu.v1.Events`: not built yet. (The log's offsets start at 0 today
-/// and the contract says 1; that is settled when this is built.)
-#[derive(Debug, Clone, Default)]
-pub struct EventsApi;
-
-#[tonic::async_trait]
-impl pb::events_server::Events for EventsApi {
-    type SubscribeStream = tonic::codegen::BoxStream<pb::Event>;
-
-    async fn subscribe(
-        &self,
-        _: Request<pb::SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(not_built("kefu.v1.Events/Subscribe"))
-    }
-
-    async fn commit(&self, _: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
-        Err(not_built("kefu.v1.Events/Commit"))
     }
 }

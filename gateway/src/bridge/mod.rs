@@ -15,7 +15,9 @@
 //! `admin.max_concurrent_requests`; past it a call is answered
 //! `UNAVAILABLE` / 503 at once instead of queueing. The bridge holds no
 //! chat state: what it answers itself comes from storage reads
-//! ([`calls`]); what needs the shards is not built yet and says so.
+//! ([`calls`]) and the event log ([`events`], which commits consumer
+//! offsets through the bridge's own storage source, [`writes`]); what
+//! needs the shards is not built yet and says so.
 //!
 //! It runs apart from the shards so that scrapes, health checks and
 //! business-system calls never wait behind client traffic, and so that the
@@ -28,12 +30,14 @@
 pub mod auth;
 pub mod calls;
 mod chat_calls;
+pub mod events;
 pub mod grpc;
 pub mod hooks;
 pub mod json;
 pub mod ops;
 pub mod pb;
 pub mod rest;
+pub mod writes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,6 +68,8 @@ pub struct BridgeInit {
     pub ops: Ops,
     /// The calls answered from storage.
     pub calls: Calls,
+    /// `kefu.v1.Events`.
+    pub events: events::EventsInit,
     /// `admin.api_keys`.
     pub api_keys: ApiKeys,
     /// `admin.max_concurrent_requests`.
@@ -113,8 +119,12 @@ struct Shared {
 }
 
 async fn serve(init: BridgeInit) {
-    let BridgeInit { listener, ops, calls, api_keys, max_concurrent_requests, max_request_bytes } = init;
+    let BridgeInit { listener, ops, calls, events, api_keys, max_concurrent_requests, max_request_bytes } =
+        init;
     let stop = ops.stop.clone();
+    // The bridge's storage completions, handed to the calls that wait.
+    tokio::spawn(events.writes.clone().run());
+    let events_api = events::EventsApi::new(events, stop.clone());
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -127,7 +137,7 @@ async fn serve(init: BridgeInit) {
         keys: api_keys,
         in_flight: Arc::new(Semaphore::new(max_concurrent_requests)),
     });
-    let app = router(shared, Arc::new(calls), max_request_bytes);
+    let app = router(shared, Arc::new(calls), events_api, max_request_bytes);
     info!(addr = ?listener.local_addr().ok(), "bridge serving gRPC, REST and operator endpoints");
     let stopped = wait_for_stop(stop);
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
@@ -141,11 +151,17 @@ async fn wait_for_stop(stop: Arc<AtomicBool>) {
     }
 }
 
-fn router(shared: Arc<Shared>, calls: Arc<Calls>, max_request_bytes: usize) -> axum::Router {
+fn router(
+    shared: Arc<Shared>,
+    calls: Arc<Calls>,
+    events_api: events::EventsApi,
+    max_request_bytes: usize,
+) -> axum::Router {
     let gateway = pb::gateway_server::GatewayServer::new(grpc::GatewayApi::new(calls.clone()))
         .max_decoding_message_size(max_request_bytes);
-    let events = pb::events_server::EventsServer::new(grpc::EventsApi);
-    let mut grpc = tonic::service::Routes::new(gateway).add_service(events);
+    let events_grpc =
+        pb::events_server::EventsServer::new(events_api.clone()).max_decoding_message_size(max_request_bytes);
+    let mut grpc = tonic::service::Routes::new(gateway).add_service(events_grpc);
     // Both versions: grpcurl and older tools ask v1alpha.
     let v1 = reflection().build_v1();
     let v1alpha = reflection().build_v1alpha();
@@ -163,6 +179,7 @@ fn router(shared: Arc<Shared>, calls: Arc<Calls>, max_request_bytes: usize) -> a
         grpc: grpc.prepare().into_axum_router(),
         http: ops_routes
             .merge(rest::routes(calls))
+            .merge(events::routes(events_api))
             .layer(axum::extract::DefaultBodyLimit::max(max_request_bytes)),
     });
     axum::Router::new()
