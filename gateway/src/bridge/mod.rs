@@ -140,6 +140,13 @@ async fn serve(init: BridgeInit) {
     let app = router(shared, Arc::new(calls), events_api, max_request_bytes);
     info!(addr = ?listener.local_addr().ok(), "bridge serving gRPC, REST and operator endpoints");
     let stopped = wait_for_stop(stop);
+    // No Nagle: a streamed event is one small HTTP/2 frame, and waiting
+    // for the peer's (delayed) ack of the previous one costs ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            warn!(error = %e, "bridge: cannot set TCP_NODELAY");
+        }
+    });
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
         warn!(error = %e, "bridge: serving failed");
     }
