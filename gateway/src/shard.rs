@@ -479,17 +479,21 @@ async fn inbox_loop(shard: Rc<Shard>, waiter: Waiter) {
                 chat.tick();
             }
             chat.retry_backlog();
-            (chat.wants_time_ms(), chat.has_completions())
+            chat.wants_time_ms()
         });
-        let Some((wants_time, completions)) = waits else { return };
+        let Some(wants_time) = waits else { return };
         let cpu = thread_cpu_ns().saturating_sub(started);
         shard.stats().inbox_cpu_ns.fetch_add(cpu, std::sync::atomic::Ordering::Relaxed);
         if !inbox.prepare_park() {
             continue;
         }
-        // Storage completions signal through the same eventfd; one may have
-        // landed between the drain above and the park.
-        if completions {
+        // Storage completions signal through the same eventfd, but only
+        // while `parked` is set: one that landed after the drain above and
+        // before `prepare_park` found nobody to wake. So look again now
+        // that `parked` is set (any later one does wake us). Sampled
+        // before `prepare_park`, this lost a completion, and with no
+        // deadline to wake for, the shard slept until the next message.
+        if shard.chat(|chat| chat.has_completions()).unwrap_or(false) {
             inbox.wake();
             continue;
         }
