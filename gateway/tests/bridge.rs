@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::Gateway;
-use futures_util::{SinkExt, StreamExt};
+use common::{Gateway, WsClient};
+use futures_util::StreamExt;
 use kefu_gateway::bridge::pb;
 use kefu_gateway::bridge::pb::gateway_client::GatewayClient;
 use serde_json::{Value, json};
@@ -18,6 +18,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 const KEY: &str = "bridge-test-key-0123456789";
+/// How long a WebSocket command may take to be answered.
+const REPLY_WITHIN: Duration = Duration::from_secs(10);
 const OTHER_KEY: &str = "bridge-test-key-second-one";
 
 fn rt() -> tokio::runtime::Runtime {
@@ -49,16 +51,7 @@ async fn grpc(gw: &Gateway, key: Option<&str>) -> Client {
 
 /// One HTTP/1.1 request on the admin listener: (status, body).
 fn http(gw: &Gateway, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> (u16, String) {
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let response = common::raw_exchange(gw.admin, request.as_bytes());
-    let status = response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{response}"));
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    common::admin_request(gw.admin, method, path, key, body)
 }
 
 /// `GET path` with the key, parsed as JSON; asserts 200.
@@ -66,42 +59,6 @@ fn rest_json(gw: &Gateway, path: &str) -> Value {
     let (status, body) = http(gw, "GET", path, Some(KEY), None);
     assert_eq!(status, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A JSON WebSocket client of `/ws`, enough to seed a chat.
-struct WsClient {
-    ws: Ws,
-    next_id: i64,
-}
-
-impl WsClient {
-    async fn open(gw: &Gateway) -> WsClient {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr)).await.unwrap();
-        WsClient { ws, next_id: 1 }
-    }
-
-    /// Sends `v` with the next id and returns the reply to it.
-    async fn call(&mut self, mut v: Value) -> Value {
-        let id = self.next_id;
-        self.next_id += 1;
-        v["id"] = json!(id);
-        self.ws.send(Message::text(v.to_string())).await.unwrap();
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
-                .await
-                .expect("a reply within 10 s")
-                .expect("open")
-                .expect("no error");
-            if let Message::Text(t) = m {
-                let reply: Value = serde_json::from_str(&t).unwrap();
-                if reply["id"] == json!(id) {
-                    return reply;
-                }
-            }
-        }
-    }
 }
 
 /// What [`seed`] made.
@@ -118,11 +75,11 @@ struct Seeded {
 /// both ways, one conversation closed.
 async fn seed(gw: &Gateway) -> Seeded {
     let token = gw.token("agent", "a1", &["--name", "Alice"]);
-    let mut agent = WsClient::open(gw).await;
+    let mut agent = WsClient::open(gw, REPLY_WITHIN).await;
     assert_eq!(agent.call(json!({"type": "connect", "token": token})).await["type"], "connected");
     assert_eq!(agent.call(json!({"type": "presence", "status": "online"})).await["status"], "online");
 
-    let mut visitor = WsClient::open(gw).await;
+    let mut visitor = WsClient::open(gw, REPLY_WITHIN).await;
     let c = visitor.call(json!({"type": "connect"})).await;
     let visitor_id = c["user"]["id"].as_str().unwrap().to_string();
     let open_conv = visitor.call(json!({"type": "open"})).await["conv"].as_str().unwrap().to_string();
@@ -131,7 +88,7 @@ async fn seed(gw: &Gateway) -> Seeded {
         assert_eq!(ack["type"], "ack", "{ack}");
     }
 
-    let mut other = WsClient::open(gw).await;
+    let mut other = WsClient::open(gw, REPLY_WITHIN).await;
     other.call(json!({"type": "connect"})).await;
     let closed_conv = other.call(json!({"type": "open"})).await["conv"].as_str().unwrap().to_string();
     let ack = other.call(json!({"type": "send", "conv": closed_conv, "cid": "o1", "text": "bye"})).await;
@@ -290,7 +247,7 @@ fn issued_tokens_are_accepted_by_connect() {
         let minted = client.issue_token(req).await.unwrap().into_inner();
         let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
         assert!((now_s + 590..=now_s + 610).contains(&minted.expires_at_s), "{minted:?}");
-        let mut ws = WsClient::open(&gw).await;
+        let mut ws = WsClient::open(&gw, REPLY_WITHIN).await;
         let c = ws.call(json!({"type": "connect", "token": minted.token})).await;
         assert_eq!(c["type"], "connected", "{c}");
         assert_eq!(
@@ -303,7 +260,7 @@ fn issued_tokens_are_accepted_by_connect() {
         let (status, text) = http(&gw, "POST", "/api/v1/tokens", Some(KEY), Some(&body));
         assert_eq!(status, 200, "{text}");
         let minted: Value = serde_json::from_str(&text).unwrap();
-        let mut ws = WsClient::open(&gw).await;
+        let mut ws = WsClient::open(&gw, REPLY_WITHIN).await;
         let c = ws.call(json!({"type": "connect", "token": minted["token"]})).await;
         assert_eq!(c["type"], "connected", "{c}");
         assert_eq!(
@@ -461,7 +418,7 @@ fn chat_calls_are_served_by_the_chat_service() {
         // The seed's agent has left; a2 comes online, serving "sales" only
         // (serving every group, it would take the billing queue at once).
         let token = gw.token("agent", "a2", &["--group", "sales"]);
-        let mut a2 = WsClient::open(&gw).await;
+        let mut a2 = WsClient::open(&gw, REPLY_WITHIN).await;
         assert_eq!(a2.call(json!({"type": "connect", "token": token})).await["type"], "connected");
         assert_eq!(a2.call(json!({"type": "presence", "status": "online"})).await["status"], "online");
         let assign = pb::AssignConversationRequest { conv: s.open_conv.clone(), agent_id: "a2".into() };

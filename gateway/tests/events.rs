@@ -9,13 +9,11 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::Gateway;
-use futures_util::{SinkExt, StreamExt};
+use common::{Gateway, WsClient};
 use kefu_gateway::bridge::pb;
 use kefu_gateway::bridge::pb::event::Kind;
 use kefu_gateway::bridge::pb::events_client::EventsClient;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -87,65 +85,15 @@ fn assert_contiguous(events: &[pb::Event], first: u64) {
     assert_eq!(offsets, want, "offsets grow by one, from {first}");
 }
 
-/// One HTTP/1.1 request on the admin listener: (status, body).
+/// One HTTP/1.1 request on the admin listener: (status, body as JSON).
 fn http(gw: &Gateway, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> (u16, Value) {
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let response = common::raw_exchange(gw.admin, request.as_bytes());
-    let status = response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{response}"));
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A JSON WebSocket client of `/ws`.
-struct WsClient {
-    ws: Ws,
-    next_id: i64,
-}
-
-impl WsClient {
-    async fn open(gw: &Gateway) -> WsClient {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr)).await.unwrap();
-        WsClient { ws, next_id: 1 }
-    }
-
-    /// Sends `v` with the next id and returns the reply to it; `None` once
-    /// the connection is gone.
-    async fn try_call(&mut self, mut v: Value) -> Option<Value> {
-        let id = self.next_id;
-        self.next_id += 1;
-        v["id"] = json!(id);
-        self.ws.send(Message::text(v.to_string())).await.ok()?;
-        loop {
-            let m = tokio::time::timeout(PATIENCE, self.ws.next()).await.ok()??.ok()?;
-            if let Message::Text(t) = m {
-                let reply: Value = serde_json::from_str(&t).unwrap();
-                if reply["id"] == json!(id) {
-                    return Some(reply);
-                }
-            }
-        }
-    }
-
-    async fn call(&mut self, v: Value) -> Value {
-        self.try_call(v).await.expect("a reply")
-    }
-
-    /// Sends without waiting for a reply (`read` has none).
-    async fn post(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).await.unwrap();
-    }
+    let (status, body) = common::admin_request(gw.admin, method, path, key, body);
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 async fn agent(gw: &Gateway, id: &str) -> WsClient {
     let token = gw.token("agent", id, &["--name", id]);
-    let mut a = WsClient::open(gw).await;
+    let mut a = WsClient::open(gw, PATIENCE).await;
     assert_eq!(a.call(json!({"type": "connect", "token": token})).await["type"], "connected");
     assert_eq!(a.call(json!({"type": "presence", "status": "online"})).await["status"], "online");
     a
@@ -153,7 +101,7 @@ async fn agent(gw: &Gateway, id: &str) -> WsClient {
 
 /// A visitor with an open conversation: (client, its id, the conversation).
 async fn visitor(gw: &Gateway) -> (WsClient, String, String) {
-    let mut v = WsClient::open(gw).await;
+    let mut v = WsClient::open(gw, PATIENCE).await;
     let c = v.call(json!({"type": "connect"})).await;
     let id = c["user"]["id"].as_str().unwrap().to_string();
     let conv = v.call(json!({"type": "open"})).await["conv"].as_str().unwrap().to_string();

@@ -226,3 +226,75 @@ pub fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     s
 }
+
+/// One HTTP/1.1 request to `addr` (the admin listener), with `key` as a
+/// bearer key and `body` as JSON: (status, body).
+pub fn admin_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, String) {
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let response = raw_exchange(addr, request.as_bytes());
+    let status = response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{response}"));
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The client side of a `/ws` connection.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A JSON WebSocket client of `/ws` that numbers its commands and waits
+/// for their replies (skipping pushes), each within `patience`.
+pub struct WsClient {
+    pub ws: Ws,
+    next_id: i64,
+    patience: Duration,
+}
+
+impl WsClient {
+    /// Connects to `gw`'s `/ws`.
+    pub async fn open(gw: &Gateway, patience: Duration) -> WsClient {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr)).await.unwrap();
+        WsClient { ws, next_id: 1, patience }
+    }
+
+    /// Sends `v` with the next id and returns the reply to it; `None` once
+    /// the connection is gone or no reply came in time.
+    pub async fn try_call(&mut self, mut v: serde_json::Value) -> Option<serde_json::Value> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let id = self.next_id;
+        self.next_id += 1;
+        v["id"] = serde_json::json!(id);
+        self.ws.send(Message::text(v.to_string())).await.ok()?;
+        loop {
+            let m = tokio::time::timeout(self.patience, self.ws.next()).await.ok()??.ok()?;
+            if let Message::Text(t) = m {
+                let reply: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if reply["id"] == serde_json::json!(id) {
+                    return Some(reply);
+                }
+            }
+        }
+    }
+
+    /// [`Self::try_call`], which must be answered.
+    pub async fn call(&mut self, v: serde_json::Value) -> serde_json::Value {
+        let patience = self.patience;
+        self.try_call(v).await.unwrap_or_else(|| panic!("a reply within {patience:?}"))
+    }
+
+    /// Sends without waiting for a reply (`read` has none).
+    pub async fn post(&mut self, v: serde_json::Value) {
+        use futures_util::SinkExt;
+        self.ws.send(tokio_tungstenite::tungstenite::Message::text(v.to_string())).await.unwrap();
+    }
+}
