@@ -513,25 +513,102 @@ fn chat_calls_are_served_by_the_chat_service() {
     });
 }
 
+/// The close code the server ends `ws` with (skipping other frames).
+async fn close_code(ws: &mut WsClient) -> Option<u16> {
+    loop {
+        match tokio::time::timeout(REPLY_WITHIN, ws.ws.next()).await.expect("closed in time") {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// A visitor's `connect` with `token`: its answer, and the connection.
+async fn visitor_connect(gw: &Gateway, token: &str) -> (Value, WsClient) {
+    let mut ws = WsClient::open(gw, REPLY_WITHIN).await;
+    let answer = ws.call(json!({"type": "connect", "token": token})).await;
+    (answer, ws)
+}
+
 #[test]
-fn calls_not_built_say_so() {
+fn synced_keys_override_the_token_and_blocked_visitors_are_refused() {
     let gw = start();
     rt().block_on(async {
         let mut c = grpc(&gw, Some(KEY)).await;
-        let results: Vec<(&str, tonic::Status)> =
-            vec![("BlockVisitor", c.block_visitor(pb::BlockVisitorRequest::default()).await.unwrap_err())];
-        for (call, status) in results {
-            assert_eq!(status.code(), Code::Unimplemented, "{call}: {status:?}");
-            assert!(
-                status.message().contains(call) && status.message().contains("not built yet"),
-                "{status:?}"
-            );
-        }
+        let issue = pb::IssueTokenRequest {
+            role: "visitor".into(),
+            user_id: "vb".into(),
+            name: "Token Name".into(),
+            meta: [("vip_level", "1"), ("plan", "free")].map(|(k, v)| (k.into(), v.into())).into(),
+            ..Default::default()
+        };
+        let token = c.issue_token(issue).await.unwrap().into_inner().token;
+        let (first, mut one) = visitor_connect(&gw, &token).await;
+        assert_eq!(first["user"]["meta"]["vip_level"], "1", "{first}");
+
+        // Synced keys win over the token's at the next connect, key by key.
+        let sync = pb::SyncUserRequest {
+            user_id: "vb".into(),
+            name: "Vera".into(),
+            meta: [("vip_level".to_string(), "3".to_string())].into(),
+            ..Default::default()
+        };
+        c.sync_user(sync).await.unwrap();
+        let (second, mut two) = visitor_connect(&gw, &token).await;
+        assert_eq!(
+            (&second["user"]["name"], &second["user"]["meta"]),
+            (&json!("Vera"), &json!({"vip_level": "3", "plan": "free"})),
+            "{second}"
+        );
+
+        // A block closes every session with 4501 and refuses the next connect.
+        let (status, body) =
+            http(&gw, "POST", "/api/v1/visitors/vb/block", Some(KEY), Some(&json!({"reason": "abuse"})));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["sessions"], 2, "{body}");
+        assert_eq!(close_code(&mut one).await, Some(4501));
+        assert_eq!(close_code(&mut two).await, Some(4501));
+        let (refused, mut three) = visitor_connect(&gw, &token).await;
+        assert_eq!(
+            (&refused["code"], &refused["message"]),
+            (&json!("forbidden"), &json!("abuse")),
+            "{refused}"
+        );
+        assert_eq!(close_code(&mut three).await, Some(4501));
+
+        // Lifted, it connects again; a block with a duration runs out by itself.
+        c.unblock_visitor(pb::UnblockVisitorRequest { visitor_id: "vb".into() }).await.unwrap();
+        let (back, mut four) = visitor_connect(&gw, &token).await;
+        assert_eq!(back["type"], "connected", "{back}");
+        let timed = pb::BlockVisitorRequest { visitor_id: "vb".into(), reason: String::new(), duration_s: 1 };
+        // At least `four`; the sessions closed above may not have gone from
+        // every shard's directory yet.
+        assert!(c.block_visitor(timed).await.unwrap().into_inner().sessions >= 1);
+        assert_eq!(close_code(&mut four).await, Some(4501));
+        let (refused, _) = visitor_connect(&gw, &token).await;
+        assert_eq!(
+            (&refused["code"], &refused["message"]),
+            (&json!("forbidden"), &json!("blocked")),
+            "{refused}"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (back, _five) = visitor_connect(&gw, &token).await;
+        assert_eq!(back["type"], "connected", "the block ran out: {back}");
+
+        let (status, body) = http(&gw, "DELETE", "/api/v1/visitors/vb/block", Some(KEY), None);
+        assert_eq!(status, 200, "unblocking with nothing to lift: {body}");
+        let empty = c.block_visitor(pb::BlockVisitorRequest::default()).await.unwrap_err();
+        assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
+        let long =
+            pb::BlockVisitorRequest { visitor_id: "vb".into(), reason: "x".repeat(100_000), duration_s: 0 };
+        assert_eq!(c.block_visitor(long).await.unwrap_err().code(), Code::InvalidArgument);
     });
-    let (status, body) = http(&gw, "POST", "/api/v1/visitors/v1/block", Some(KEY), Some(&json!({})));
-    assert_eq!(status, 501, "BlockVisitor: {body}");
-    assert!(body.contains("not built yet"), "{body}");
-    // The OpenAPI description lists exactly what is built.
+}
+
+#[test]
+fn the_openapi_description_lists_every_rest_route() {
+    let gw = start();
     let spec = rest_json(&gw, "/api/v1/openapi.json");
     let mut paths: Vec<&str> = spec["paths"].as_object().unwrap().keys().map(String::as_str).collect();
     paths.sort();
@@ -549,9 +626,12 @@ fn calls_not_built_say_so() {
             "/api/v1/presence",
             "/api/v1/tokens",
             "/api/v1/users/{role}/{id}",
-            "/api/v1/users/{role}/{id}/disconnect"
+            "/api/v1/users/{role}/{id}/disconnect",
+            "/api/v1/visitors/{id}/block"
         ]
     );
+    let block = &spec["paths"]["/api/v1/visitors/{id}/block"];
+    assert!(block["post"].is_object() && block["delete"].is_object(), "{block}");
 }
 
 #[test]

@@ -94,6 +94,7 @@ struct Tables<'t> {
     user_conversations: Option<Table<'t, (&'static str, u64), ()>>,
     consumer_offsets: Option<Table<'t, &'static str, u64>>,
     conv_changes: Option<Table<'t, u64, u8>>,
+    user_controls: Option<Table<'t, (&'static str, &'static str), &'static [u8]>>,
 }
 
 impl<'t> Tables<'t> {
@@ -108,6 +109,7 @@ impl<'t> Tables<'t> {
             user_conversations: None,
             consumer_offsets: None,
             conv_changes: None,
+            user_controls: None,
         })
     }
 
@@ -126,6 +128,12 @@ impl<'t> Tables<'t> {
             tables::USER_CONVERSATIONS,
             "open table user_conversations",
         )
+    }
+
+    fn user_controls(
+        &mut self,
+    ) -> Result<&mut Table<'t, (&'static str, &'static str), &'static [u8]>, StorageError> {
+        lazily(&mut self.user_controls, self.txn, tables::USER_CONTROLS, "open table user_controls")
     }
 
     fn conv_changes(&mut self) -> Result<&mut Table<'t, u64, u8>, StorageError> {
@@ -432,6 +440,16 @@ impl GroupCommit {
                     return Ok(Err(e));
                 }
                 done(self.insert_logged(t)?)
+            }
+            WriteOp::PutControl { role, id, control } => {
+                sort_meta(&mut control.synced_meta);
+                if let Err(e) = encode_into(&*control, &mut self.buf) {
+                    return Ok(Err(e));
+                }
+                t.user_controls()?
+                    .insert((role.as_str(), id.as_str()), self.buf.as_slice())
+                    .ctx("insert user control")?;
+                Ok(Ok(Committed { offset: 0, seq: 0, ts_ms: 0, duplicate: false, commit }))
             }
             WriteOp::CommitOffset { consumer, offset } => {
                 t.consumer_offsets()?.insert(consumer.as_str(), *offset).ctx("insert consumer offset")?;

@@ -97,8 +97,8 @@ pub use reader::{ConversationFilter, ConversationPage, DedupeHit, LogEvent, Logg
 pub use record::{
     AgentRef, ArchivedAgentRef, ArchivedAttachment, ArchivedConvStatus, ArchivedConversationRecord,
     ArchivedLogRecord, ArchivedMessageRecord, ArchivedReadMark, ArchivedRole, ArchivedSender,
-    ArchivedUserRecord, Attachment, ConvChange, ConvStatusDef, ConversationRecord, LogRecord, MessageRecord,
-    ReadMark, RoleDef, Sender, UserRecord,
+    ArchivedUserControlRecord, ArchivedUserRecord, Attachment, BlockRecord, ConvChange, ConvStatusDef,
+    ConversationRecord, LogRecord, MessageRecord, ReadMark, RoleDef, Sender, UserControlRecord, UserRecord,
 };
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};
 pub use write::{Committed, Completion, Completions, Notify, OnLogEnd, WriteOp, Writer};

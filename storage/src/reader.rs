@@ -21,8 +21,9 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableT
 use crate::dedupe::SlotCache;
 use crate::error::{IoContext, StorageError};
 use crate::record::{
-    ArchivedConversationRecord, ArchivedLogRecord, ArchivedMessageRecord, ArchivedUserRecord, ConvChange,
-    ConversationRecord, LogRecord, MessageRecord, UserRecord, access, to_owned,
+    ArchivedConversationRecord, ArchivedLogRecord, ArchivedMessageRecord, ArchivedUserControlRecord,
+    ArchivedUserRecord, ConvChange, ConversationRecord, LogRecord, MessageRecord, UserControlRecord,
+    UserRecord, access, to_owned,
 };
 use crate::tables;
 
@@ -367,6 +368,17 @@ impl Reader {
         let Some(guard) = table.get((role.as_str(), id)).ctx("read users")? else { return Ok(None) };
         let archived: &ArchivedUserRecord =
             access(guard.value(), "users", &format_args!("{} {id}", role.as_str()))?;
+        Ok(Some(to_owned(archived)?))
+    }
+
+    /// What the business system set for the user `id` acting as `role`
+    /// apart from the profile (synced keys, a block).
+    pub fn user_control(&self, role: Role, id: &str) -> Result<Option<UserControlRecord>, StorageError> {
+        let txn = self.txn()?;
+        let table = txn.open_table(tables::USER_CONTROLS).ctx("open table user_controls")?;
+        let Some(guard) = table.get((role.as_str(), id)).ctx("read user_controls")? else { return Ok(None) };
+        let archived: &ArchivedUserControlRecord =
+            access(guard.value(), "user_controls", &format_args!("{} {id}", role.as_str()))?;
         Ok(Some(to_owned(archived)?))
     }
 

@@ -173,6 +173,41 @@ pub struct UserRecord {
     pub created_ms: u64,
 }
 
+/// What the business system decided about a user, apart from the profile
+/// the log carries: the name and meta keys it set (`SyncUser`), which a
+/// later `connect` lays over the credentials' own, and a block
+/// (`BlockVisitor`). Kept in its own table, not in [`UserRecord`], because
+/// a profile mixes what tokens brought with what was synced, and only the
+/// synced keys may override a newer token. Not logged: a block is not an
+/// event, and a sync is logged as the profile it produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct UserControlRecord {
+    /// The display name `SyncUser` set, if it set one.
+    pub synced_name: Option<String>,
+    /// The meta keys `SyncUser` set, sorted by key, keys unique.
+    pub synced_meta: Vec<(String, String)>,
+    /// The user is refused at `connect` while this holds.
+    pub block: Option<BlockRecord>,
+}
+
+/// A block on a user's connections.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct BlockRecord {
+    /// Until when, ms since the epoch; 0: until unblocked.
+    pub until_ms: u64,
+    /// Why, as the refused client is told.
+    pub reason: String,
+    /// When it was decided, ms since the epoch.
+    pub at_ms: u64,
+}
+
+impl BlockRecord {
+    /// Whether it still refuses at `now_ms`.
+    pub fn holds_at(&self, now_ms: u64) -> bool {
+        self.until_ms == 0 || now_ms < self.until_ms
+    }
+}
+
 /// "Everything up to `seq` is read" by one participant.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub struct ReadMark {

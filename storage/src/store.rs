@@ -387,6 +387,7 @@ fn init_tables(db: &Database, config: &StoreConfig) -> Result<Counters, StorageE
         txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;
         txn.open_table(tables::CONSUMER_OFFSETS).ctx("open table consumer_offsets")?;
         txn.open_table(tables::CONV_CHANGES).ctx("open table conv_changes")?;
+        txn.open_table(tables::USER_CONTROLS).ctx("open table user_controls")?;
         let mut meta = txn.open_table(tables::META).ctx("open table meta")?;
 
         if schema.is_none() {

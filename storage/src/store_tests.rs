@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use kefu_proto::ids::{ConvStatus, Role};
 
+use crate::BlockRecord;
 use crate::tables;
 use crate::testkit::{NotifyCount, config, message, open, wait_for, write};
 use crate::{
     AgentRef, ConvChange, ConversationFilter, ConversationRecord, LogRecord, ReadMark, StorageError, Store,
-    SubmitError, UserRecord, WriteOp, WriterHealth,
+    SubmitError, UserControlRecord, UserRecord, WriteOp, WriterHealth,
 };
 
 fn conversation(id: u64, status: ConvStatus) -> ConversationRecord {
@@ -991,4 +992,41 @@ fn a_conversation_record_without_its_change_is_reported_corrupt() {
     assert_eq!(r.events(0, 3, 10).unwrap().len(), 3, "the records before it read");
     let err = r.events(0, 8, 10).unwrap_err();
     assert!(matches!(err, StorageError::Corrupt { table: "conv_changes", .. }), "{err}");
+}
+
+#[test]
+fn user_controls_persist_apart_from_profiles_and_a_version_4_store_gains_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = UserControlRecord {
+        synced_name: Some("Ada".into()),
+        synced_meta: vec![("vip_level".into(), "2".into()), ("plan".into(), "gold".into())],
+        block: Some(BlockRecord { until_ms: 0, reason: "spam".into(), at_ms: 5 }),
+    };
+    {
+        let (store, _) = open(config(dir.path()));
+        let put = WriteOp::PutControl { role: Role::Visitor, id: "v1".into(), control: control.clone() };
+        let done = write(&store, 1, put).result.unwrap();
+        assert_eq!(store.reader().next_offset().unwrap(), 0, "a control is not logged");
+        assert!(!done.duplicate);
+    }
+    // Back to version 4: no `user_controls` table.
+    {
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(tables::USER_CONTROLS).unwrap();
+        txn.open_table(tables::META).unwrap().insert(tables::META_SCHEMA, 4).unwrap();
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(config(dir.path()));
+    assert_eq!(store.reader().user_control(Role::Visitor, "v1").unwrap(), None, "the table starts empty");
+    let put = WriteOp::PutControl { role: Role::Visitor, id: "v1".into(), control: control.clone() };
+    write(&store, 2, put).result.unwrap();
+    drop(store);
+    let (store, _) = open(config(dir.path()));
+    let r = store.reader();
+    let back = r.user_control(Role::Visitor, "v1").unwrap().expect("stored");
+    assert_eq!(back.synced_meta[0].0, "plan", "meta sorted");
+    assert_eq!((back.synced_name, back.block), (control.synced_name, control.block));
+    assert_eq!(r.user_control(Role::Agent, "v1").unwrap(), None, "keyed by role too");
+    assert_eq!(r.user(Role::Visitor, "v1").unwrap(), None, "no profile was written");
 }

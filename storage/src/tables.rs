@@ -9,6 +9,7 @@
 //! | `user_conversations` | (visitor id, conversation id) | nothing: the key is the index |
 //! | `consumer_offsets` | consumer name | committed offset (the next log offset it reads) |
 //! | `conv_changes` | offset in `log` of a conversation record | what it changed ([`ConvChange`](crate::ConvChange) byte) |
+//! | `user_controls` | (role, user id) | [`UserControlRecord`](crate::UserControlRecord) archive: what `SyncUser` set, a block |
 //! | `meta` | counter name | counter |
 //!
 //! Archives are prefixed with a format byte (see `record.rs`).
@@ -39,6 +40,9 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 /// The log offset of every conversation record → what it changed
 /// ([`ConvChange`](crate::ConvChange), as its byte), written with the record.
 pub(crate) const CONV_CHANGES: TableDefinition<u64, u8> = TableDefinition::new("conv_changes");
+/// (role, user id) → what the business system set apart from the profile:
+/// synced name and meta keys, a block.
+pub(crate) const USER_CONTROLS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("user_controls");
 
 /// `meta` key: the layout version of the tables ([`SCHEMA_VERSION`]).
 pub(crate) const META_SCHEMA: &str = "schema_version";
@@ -56,6 +60,6 @@ pub(crate) const META_DEDUPE_K1: &str = "dedupe_k1";
 pub(crate) const META_OPEN: &str = "open";
 
 /// 2 added `user_conversations`; 3 put the sender's role into the dedupe
-/// slots and keyed `users` by (role, id); 4 added `conv_changes`. An older
-/// store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 4;
+/// slots and keyed `users` by (role, id); 4 added `conv_changes`; 5 added
+/// `user_controls`. An older store is upgraded at open (`upgrade.rs`).
+pub(crate) const SCHEMA_VERSION: u64 = 5;

@@ -19,6 +19,9 @@
 //!   did not exist; it is filled by walking the log once in offset order,
 //!   remembering each conversation's last status and agent (memory: one
 //!   small entry per conversation ever stored, for the upgrade only).
+//! - 4 → 5: `user_controls` (synced keys, blocks) did not exist; it starts
+//!   empty (nothing was synced apart from the profile, nobody blocked), so
+//!   opening the table is the whole step.
 
 use std::collections::HashMap;
 
@@ -35,7 +38,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1, 2 or 3) to
+/// Upgrades a store at version `from` (1 to 4) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {
@@ -46,6 +49,9 @@ pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageEr
     }
     if from <= 3 {
         v3_to_v4(txn)?;
+    }
+    if from <= 4 {
+        txn.open_table(tables::USER_CONTROLS).ctx("open table user_controls")?;
     }
     txn.open_table(tables::META)
         .ctx("open table meta")?

@@ -22,7 +22,9 @@ use crossbeam_queue::ArrayQueue;
 use crate::error::{StorageError, SubmitError};
 use kefu_proto::client::Msg;
 
-use crate::record::{ConversationRecord, ReadMark, UserRecord};
+use kefu_proto::ids::Role;
+
+use crate::record::{ConversationRecord, ReadMark, UserControlRecord, UserRecord};
 
 /// Called by the writer thread with a source index after it pushed
 /// completions for that source. Must be cheap and must not block (write an
@@ -59,6 +61,16 @@ pub enum WriteOp {
     PutUser(UserRecord),
     /// Log a read mark.
     MarkRead(ReadMark),
+    /// Store what the business system set for a user apart from the
+    /// profile (synced keys, a block). Not logged.
+    PutControl {
+        /// The user's role.
+        role: Role,
+        /// The user id.
+        id: String,
+        /// The whole record, replacing the stored one.
+        control: UserControlRecord,
+    },
     /// Remember how far a named consumer of the log has got. Not logged.
     CommitOffset {
         /// The consumer's name.
@@ -94,6 +106,12 @@ impl WriteOp {
                         + u.meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
                 }
                 WriteOp::MarkRead(r) => r.user_id.len(),
+                WriteOp::PutControl { id, control, .. } => {
+                    id.len()
+                        + control.synced_name.as_ref().map_or(0, String::len)
+                        + control.synced_meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                        + control.block.as_ref().map_or(0, |b| b.reason.len())
+                }
                 WriteOp::CommitOffset { consumer, .. } => consumer.len(),
             }
     }

@@ -294,6 +294,27 @@ impl Edge {
                 (anonymous_identity(vid, Default::default()), Some(key))
             }
         };
+        // What the business system set: a block refuses the user; synced
+        // keys override the credentials' key by key (a new anonymous
+        // visitor has none yet).
+        let mut identity = identity;
+        if new_key.is_none() {
+            let control = match store.control(identity.role, &identity.id) {
+                Ok(c) => c.unwrap_or_default(),
+                Err(e) => return self.out.error(reply, e.code, e.message),
+            };
+            if let Some(block) = control.block.filter(|b| b.holds_at(now_ms)) {
+                let reason = if block.reason.is_empty() { "blocked".to_string() } else { block.reason };
+                self.out.error(reply, ErrorCode::Forbidden, reason);
+                return self.out.close(from, close::BLOCKED, "blocked");
+            }
+            if let Some(name) = control.name {
+                identity.name = Arc::from(name);
+            }
+            if identity.role == Role::Visitor {
+                identity.meta.extend(control.meta);
+            }
+        }
         let mut session = Session::new(self.config.core.clone(), now_ms);
         if let Err(e) = session.connect(identity.clone()) {
             return refuse(&mut self.out, e.to_string());

@@ -235,7 +235,7 @@ impl Home {
             Pending::ConvChanged { reply: None, .. }
             | Pending::Nothing
             | Pending::Connected { .. }
-            | Pending::Answered { .. } => {}
+            | Pending::UserChanged { .. } => {}
         }
     }
 

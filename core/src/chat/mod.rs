@@ -53,6 +53,7 @@ pub mod router;
 pub mod stored;
 #[cfg(test)]
 mod testing;
+pub mod users;
 
 use kefu_proto::client::Codec;
 use kefu_proto::{ConvId, ConvStatus};
@@ -272,6 +273,15 @@ pub enum Query {
         name: Option<String>,
         /// Profile fields to set.
         meta: crate::identity::Meta,
+    },
+    /// Block a visitor (`BlockVisitor`), or lift its block (`None`): made
+    /// durable, then its sessions are closed with 4501, wherever they are,
+    /// and its `connect`s refused while the block holds.
+    Block {
+        /// The visitor.
+        visitor: UserId,
+        /// The block, or none.
+        block: Option<stored::Block>,
     },
 }
 

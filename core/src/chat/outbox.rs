@@ -15,6 +15,7 @@ use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 use super::directory::Member;
 use super::frames::{FrameEncoder, SharedFrame};
 use super::hooks::HookCall;
+use super::stored::UserControl;
 use super::{ChatMsg, Reply, RouteInfo, SessionAddr, ShardMsg};
 use crate::identity::UserKey;
 
@@ -82,10 +83,19 @@ pub enum Pending {
     },
     /// Nothing to announce (read marks, profiles).
     Nothing,
-    /// The loop's own: a business system's call waits for this write.
-    Answered {
-        /// The call.
+    /// The loop's own: a write of a business system's change to a user
+    /// (`SyncUser`, `BlockVisitor`) is stored. A change of two writes
+    /// chains them, the second submitted once the first is durable, so the
+    /// call is answered as done only if all of it is.
+    UserChanged {
+        /// Whose.
+        user: UserKey,
+        /// The business system's call waiting for the change.
         call: u64,
+        /// The change's next write, if this is not its last.
+        next: Option<Box<Write>>,
+        /// Close the user's sessions (blocked, 4501) once it is durable.
+        close: bool,
     },
 }
 
@@ -99,6 +109,14 @@ pub enum Write {
     Conversation(ConvState),
     /// Store a user's profile.
     User(Profile),
+    /// Store what the business system set for a user apart from the
+    /// profile (replacing what was stored).
+    Control {
+        /// Whose.
+        user: UserKey,
+        /// All of it.
+        control: UserControl,
+    },
     /// Store a read mark.
     Read {
         /// The conversation.

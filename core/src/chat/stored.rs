@@ -44,6 +44,37 @@ pub struct StoredUser {
     pub visitor_key_hash: Option<[u8; 32]>,
 }
 
+/// What the business system set for a user apart from the profile: the
+/// name and meta keys `SyncUser` set, laid over the credentials' at each
+/// `connect`, and a block (`BlockVisitor`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserControl {
+    /// The display name `SyncUser` set.
+    pub name: Option<String>,
+    /// The meta keys `SyncUser` set.
+    pub meta: Vec<(String, String)>,
+    /// Refused at `connect` while it holds.
+    pub block: Option<Block>,
+}
+
+/// A block on a user's connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// Until when, ms since the epoch; 0: until unblocked.
+    pub until_ms: u64,
+    /// Why, as the refused client is told.
+    pub reason: String,
+    /// When it was decided, ms since the epoch.
+    pub at_ms: u64,
+}
+
+impl Block {
+    /// Whether it still refuses at `now_ms`.
+    pub fn holds_at(&self, now_ms: u64) -> bool {
+        self.until_ms == 0 || now_ms < self.until_ms
+    }
+}
+
 /// An earlier append with the same (sender, conversation, cid).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Earlier {
@@ -61,6 +92,9 @@ pub trait Stored {
 
     /// A user's stored profile.
     fn user(&self, role: Role, id: &str) -> Result<Option<StoredUser>, ReadError>;
+
+    /// What the business system set for a user apart from its profile.
+    fn control(&self, role: Role, id: &str) -> Result<Option<UserControl>, ReadError>;
 
     /// An append by `(role, id)` of `cid` to `conv` with a seq below
     /// `below` (the home's cid window knows every one from `below` on).

@@ -11,7 +11,7 @@ use kefu_proto::{ConvId, ErrorCode, Role};
 use super::SessionAddr;
 use super::home::Durable;
 use super::outbox::{ConvState, Write};
-use super::stored::{Earlier, ReadError, Stored, StoredUser};
+use super::stored::{Earlier, ReadError, Stored, StoredUser, UserControl};
 use crate::conversation::RestoredConversation;
 use crate::identity::{AgentRef, Visitor};
 
@@ -21,6 +21,7 @@ pub struct MemStore {
     convs: RefCell<BTreeMap<ConvId, ConvState>>,
     messages: RefCell<BTreeMap<(ConvId, u64), Msg>>,
     users: RefCell<HashMap<(Role, String), StoredUser>>,
+    controls: RefCell<HashMap<(Role, String), UserControl>>,
     /// Reads fail while this is set, with `unavailable`.
     pub fail_reads: Cell<bool>,
     /// Reads of the dedupe index made (the window answers the others).
@@ -66,6 +67,10 @@ impl MemStore {
                 self.users.borrow_mut().insert((p.role, p.id.clone()), user);
                 Durable { seq: 0, ts_ms: 0, duplicate: false }
             }
+            Write::Control { user, control } => {
+                self.controls.borrow_mut().insert((user.role, user.id.to_string()), control.clone());
+                Durable { seq: 0, ts_ms: 0, duplicate: false }
+            }
             Write::Read { .. } => Durable { seq: 0, ts_ms: 0, duplicate: false },
         }
     }
@@ -104,6 +109,11 @@ impl Stored for MemStore {
     fn user(&self, role: Role, id: &str) -> Result<Option<StoredUser>, ReadError> {
         self.check()?;
         Ok(self.users.borrow().get(&(role, id.to_string())).cloned())
+    }
+
+    fn control(&self, role: Role, id: &str) -> Result<Option<UserControl>, ReadError> {
+        self.check()?;
+        Ok(self.controls.borrow().get(&(role, id.to_string())).cloned())
     }
 
     fn earlier(

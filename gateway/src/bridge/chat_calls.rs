@@ -16,6 +16,7 @@ use tracing::info;
 use super::calls::{CallError, Calls, conv_id};
 use super::pb;
 use crate::chat::api::{Answer, CallId};
+use kefu_core::chat::stored::Block;
 use kefu_core::identity::UserKey;
 
 impl Calls {
@@ -114,6 +115,63 @@ impl Calls {
             Answer::Failed { code, message } => Err(from_code(code, message)),
             other => Err(CallError::Internal(format!("SyncUser answered with {other:?}"))),
         }
+    }
+
+    /// `BlockVisitor`: durable, then the visitor's sessions are closed with
+    /// 4501 and its `connect`s refused (`forbidden`, the reason) until the
+    /// block runs out (`duration_s`, 0: until `UnblockVisitor`).
+    pub async fn block_visitor(
+        &self,
+        req: pb::BlockVisitorRequest,
+    ) -> Result<pb::BlockVisitorResponse, CallError> {
+        if req.visitor_id.is_empty() {
+            return Err(CallError::InvalidArgument("visitor_id: empty".into()));
+        }
+        if req.reason.len() > self.limits.max_meta_bytes {
+            return Err(CallError::InvalidArgument(format!(
+                "reason: {} bytes, more than messages.max_meta_bytes ({})",
+                req.reason.len(),
+                self.limits.max_meta_bytes
+            )));
+        }
+        let now = crate::chat::service::now_ms();
+        let until_ms = match req.duration_s {
+            0 => 0,
+            s => now.saturating_add(s.saturating_mul(1000)),
+        };
+        info!(visitor = %req.visitor_id, reason = %req.reason, until_ms, "visitor blocked by the business system");
+        let block = Block { until_ms, reason: req.reason, at_ms: now };
+        match self.block(&req.visitor_id, Some(block)).await? {
+            Answer::Disconnected(sessions) => Ok(pb::BlockVisitorResponse { sessions }),
+            Answer::Failed { code, message } => Err(from_code(code, message)),
+            other => Err(CallError::Internal(format!("BlockVisitor answered with {other:?}"))),
+        }
+    }
+
+    /// `UnblockVisitor`: the visitor may connect again (durable once answered).
+    pub async fn unblock_visitor(
+        &self,
+        req: pb::UnblockVisitorRequest,
+    ) -> Result<pb::UnblockVisitorResponse, CallError> {
+        if req.visitor_id.is_empty() {
+            return Err(CallError::InvalidArgument("visitor_id: empty".into()));
+        }
+        match self.block(&req.visitor_id, None).await? {
+            Answer::Done => Ok(pb::UnblockVisitorResponse {}),
+            Answer::Failed { code, message } => Err(from_code(code, message)),
+            other => Err(CallError::Internal(format!("UnblockVisitor answered with {other:?}"))),
+        }
+    }
+
+    async fn block(&self, visitor: &str, block: Option<Block>) -> Result<Answer, CallError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self
+            .chat
+            .block(visitor, block, move |answer| {
+                let _ = tx.send(answer);
+            })
+            .map_err(|refused| from_code(refused.code, refused.message))?;
+        self.wait(id, rx).await
     }
 
     /// `DisconnectUser`: every session of the user is closed (4000), wherever

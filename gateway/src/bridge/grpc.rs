@@ -3,8 +3,7 @@
 //!
 //! Every call is answered through [`Calls`], the same code REST uses:
 //! storage reads, commands into the chat machines, or (`Events`) the log
-//! itself. The calls not built yet answer `UNIMPLEMENTED` and say so
-//! plainly: an honest refusal is better than an answer that looks right.
+//! itself.
 
 use std::sync::Arc;
 
@@ -12,11 +11,6 @@ use tonic::{Request, Response, Status};
 
 use super::calls::Calls;
 use super::pb;
-
-/// The refusal of a call that is not built yet.
-pub fn not_built(call: &str) -> Status {
-    Status::unimplemented(format!("{call} is not built yet; docs/control-plane.md lists what is"))
-}
 
 /// `kefu.v1.Gateway`.
 #[derive(Debug, Clone)]
@@ -105,9 +99,16 @@ impl pb::gateway_server::Gateway for GatewayApi {
 
     async fn block_visitor(
         &self,
-        _: Request<pb::BlockVisitorRequest>,
+        req: Request<pb::BlockVisitorRequest>,
     ) -> Result<Response<pb::BlockVisitorResponse>, Status> {
-        Err(not_built("kefu.v1.Gateway/BlockVisitor"))
+        Ok(Response::new(self.calls.block_visitor(req.into_inner()).await?))
+    }
+
+    async fn unblock_visitor(
+        &self,
+        req: Request<pb::UnblockVisitorRequest>,
+    ) -> Result<Response<pb::UnblockVisitorResponse>, Status> {
+        Ok(Response::new(self.calls.unblock_visitor(req.into_inner()).await?))
     }
 
     async fn issue_token(

@@ -4,9 +4,8 @@
 //!
 //! Errors are `{"code": "...", "message": "..."}` with the HTTP status that
 //! matches the gRPC one (400 invalid_argument, 401 unauthenticated, 404
-//! not_found, 500 internal, 501 unimplemented, 503 unavailable). The calls
-//! that are not built yet have their routes, answering 501, so a client
-//! learns that rather than a 404 that looks like a typo.
+//! not_found, 403 permission_denied, 409 failed_precondition, 500 internal,
+//! 503 unavailable).
 
 use std::sync::Arc;
 
@@ -55,16 +54,11 @@ pub fn routes(calls: Arc<Calls>) -> axum::Router {
         .route("/api/v1/conversations/{conv}/close", post(close_conversation))
         .route("/api/v1/users/{role}/{id}", put(sync_user))
         .route("/api/v1/users/{role}/{id}/disconnect", post(disconnect_user))
-        .route("/api/v1/visitors/{id}/block", post(|| not_built("BlockVisitor")))
+        .route("/api/v1/visitors/{id}/block", post(block_visitor).delete(unblock_visitor))
         .route("/api/v1/presence", get(get_presence))
         .route("/api/v1/tokens", post(issue_token))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such API route") })
         .with_state(calls)
-}
-
-async fn not_built(call: &'static str) -> Response {
-    let status = super::grpc::not_built(&format!("kefu.v1.Gateway/{call}"));
-    error(StatusCode::NOT_IMPLEMENTED, "unimplemented", status.message())
 }
 
 async fn openapi() -> Response {
@@ -211,6 +205,19 @@ async fn disconnect_user(
 ) -> Response {
     let reason = body.map(|Json(b)| b.reason).unwrap_or_default();
     answer(calls.disconnect_user(pb::DisconnectUserRequest { role, user_id, reason }).await)
+}
+
+async fn block_visitor(
+    State(calls): State<Arc<Calls>>,
+    Path(visitor_id): Path<String>,
+    body: Option<Json<pb::BlockVisitorRequest>>,
+) -> Response {
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    answer(calls.block_visitor(pb::BlockVisitorRequest { visitor_id, ..req }).await)
+}
+
+async fn unblock_visitor(State(calls): State<Arc<Calls>>, Path(visitor_id): Path<String>) -> Response {
+    answer(calls.unblock_visitor(pb::UnblockVisitorRequest { visitor_id }).await)
 }
 
 async fn sync_user(

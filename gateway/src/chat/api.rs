@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use kefu_core::CoreConfig;
 use kefu_core::chat::hooks::HookCall;
+use kefu_core::chat::stored::Block;
 use kefu_core::chat::{BRIDGE_SHARD, ChatMsg, Query, ROUTER_SHARD, SessionAddr, ShardMsg};
 use kefu_core::identity::{Identity, Meta, UserKey};
 use kefu_core::routing::AgentView;
@@ -47,9 +48,9 @@ pub enum Answer {
     Frame(ServerFrame),
     /// `Query::Presence`: the agents, as the router sees them.
     Presence(Vec<AgentView>),
-    /// `Query::Disconnect`: how many sessions are being closed.
+    /// `Query::Disconnect` and a block: how many sessions are being closed.
     Disconnected(u32),
-    /// Done, durably (`SyncUser`).
+    /// Done, durably (`SyncUser`, `UnblockVisitor`).
     Done,
     /// Not done.
     Failed {
@@ -245,6 +246,18 @@ impl ChatApi {
         done: impl FnOnce(Answer) + Send + 'static,
     ) -> Result<CallId, Refused> {
         self.query(ROUTER_SHARD, Query::SyncUser { user, name, meta }, done)
+    }
+
+    /// Blocks `visitor` (or lifts its block: `None`); answered once durable,
+    /// a block with [`Answer::Disconnected`] (the sessions it closed), a
+    /// lift with [`Answer::Done`].
+    pub fn block(
+        &self,
+        visitor: &str,
+        block: Option<Block>,
+        done: impl FnOnce(Answer) + Send + 'static,
+    ) -> Result<CallId, Refused> {
+        self.query(ROUTER_SHARD, Query::Block { visitor: Arc::from(visitor), block }, done)
     }
 
     fn query(

@@ -1,7 +1,7 @@
 //! The chat core's reads ([`Stored`]) over the store's [`Reader`]. Every
 //! failed read is logged here, once, whatever the machine then answers.
 
-use kefu_core::chat::stored::{Earlier, ReadError, Stored, StoredUser};
+use kefu_core::chat::stored::{Block, Earlier, ReadError, Stored, StoredUser, UserControl};
 use kefu_core::conversation::RestoredConversation;
 use kefu_proto::client::{ConvSummary, Msg};
 use kefu_proto::{ConvId, Role};
@@ -40,6 +40,15 @@ impl Stored for Reads {
             name: u.name,
             meta: u.meta,
             visitor_key_hash: u.visitor_key_hash,
+        }))
+    }
+
+    fn control(&self, role: Role, id: &str) -> Result<Option<UserControl>, ReadError> {
+        let control = read("user control", self.reader.user_control(role, id))?;
+        Ok(control.map(|c| UserControl {
+            name: c.synced_name,
+            meta: c.synced_meta,
+            block: c.block.map(|b| Block { until_ms: b.until_ms, reason: b.reason, at_ms: b.at_ms }),
         }))
     }
 

@@ -18,9 +18,10 @@ use kefu_core::chat::edge::{Edge, EdgeConfig};
 use kefu_core::chat::frames::SharedFrame;
 use kefu_core::chat::home::{Durable, Home};
 use kefu_core::chat::hooks::{Admission, Hook, Verdict};
-use kefu_core::chat::outbox::{ConvState, Outbox, Output, Pending, Profile, Write};
+use kefu_core::chat::outbox::{ConvState, Outbox, Output, Pending, Write};
 use kefu_core::chat::router::Router;
-use kefu_core::chat::stored::{ReadError, Stored};
+use kefu_core::chat::stored::ReadError;
+use kefu_core::chat::users::UserChanges;
 use kefu_core::chat::{BRIDGE_SHARD, Change, Query};
 use kefu_core::conversation::RestoredConversation;
 use kefu_core::identity::{AgentRef, Meta, UserId, UserKey, Visitor, vip_level};
@@ -29,7 +30,8 @@ use kefu_proto::client::{ClientFrame, Codec, ServerFrame};
 use kefu_proto::ws::close;
 use kefu_proto::{ConvId, Role};
 use kefu_storage::{
-    Completion, Completions, ConversationRecord, ReadMark, Reader, Store, UserRecord, WriteOp, Writer,
+    BlockRecord, Completion, Completions, ConversationRecord, ReadMark, Reader, Store, UserControlRecord,
+    UserRecord, WriteOp, Writer,
 };
 use tracing::{info, warn};
 
@@ -220,6 +222,8 @@ pub struct ChatService {
     /// Where answers to the business systems' calls go.
     calls: Arc<Calls>,
     hooks: Option<Arc<dyn HookSink>>,
+    /// The business systems' changes to users in flight (router's shard).
+    users: UserChanges,
 }
 
 /// Wall-clock milliseconds since the Unix epoch: the time the chat rules are fed.
@@ -281,6 +285,7 @@ impl ChatService {
             completions: store.completions(shard),
             _store: store,
             pending: HashMap::new(),
+            users: UserChanges::default(),
             next_token: 1,
             edge,
             home,
@@ -461,33 +466,54 @@ impl ChatService {
                 }
                 Answer::Disconnected(u32::try_from(sessions.len()).unwrap_or(u32::MAX))
             }
-            Query::SyncUser { user, name, meta } => return self.sync_user(call, user, name, meta),
+            Query::SyncUser { user, name, meta } => {
+                let change = self.users.sync(call, user, name, meta, now_ms(), &self.reads);
+                return self.change_user(call, change);
+            }
+            Query::Block { visitor, block } => {
+                let change = self.users.block(call, UserKey::visitor(visitor), block, &self.reads);
+                return self.change_user(call, change);
+            }
         };
         self.calls.resolve(call, answer);
     }
 
-    /// `SyncUser`: the stored profile with `name` and `meta` (key by key)
-    /// over it, made durable; then the call is answered and every shard
-    /// shows a visitor's new profile in its open conversations.
-    fn sync_user(&mut self, call: u64, user: UserKey, name: Option<String>, meta: Meta) {
-        let stored = match self.reads.user(user.role, &user.id) {
-            Ok(stored) => stored,
-            Err(e) => return self.calls.resolve(call, Answer::Failed { code: e.code, message: e.message }),
-        };
-        let (old_name, mut merged, key_hash) = match stored {
-            Some(u) => (Some(u.name), u.meta.into_iter().collect::<Meta>(), u.visitor_key_hash),
-            None => (None, Meta::new(), None),
-        };
-        merged.extend(meta);
-        let profile = Profile {
-            role: user.role,
-            id: user.id.to_string(),
-            name: name.or(old_name).unwrap_or_else(|| user.id.to_string()),
-            meta: merged.into_iter().collect(),
-            visitor_key_hash: key_hash,
-            created_ms: now_ms(),
-        };
-        self.out.submit(Write::User(profile), Pending::Answered { call });
+    /// Starts a business system's change to a user (see
+    /// `kefu_core::chat::users`): its first write, chained to the next.
+    fn change_user(&mut self, call: u64, change: Result<(Write, Pending), ReadError>) {
+        match change {
+            Ok((write, then)) => self.submit(write, then),
+            Err(e) => self.calls.resolve(call, Answer::Failed { code: e.code, message: e.message }),
+        }
+    }
+
+    /// A write of a business system's change to a user is durable: the
+    /// next one goes, or the change is done. Then a visitor's new profile
+    /// is shown in its open conversations, and a blocked user's sessions
+    /// are closed, wherever they are.
+    fn user_changed(&mut self, user: UserKey, call: u64, next: Option<Box<Write>>, close: bool, op: WriteOp) {
+        if let Some(next) = next {
+            return self.submit(*next, Pending::UserChanged { user, call, next: None, close });
+        }
+        self.users.done(&user);
+        if let WriteOp::PutUser(u) = op
+            && u.role == Role::Visitor
+        {
+            let meta: Meta = u.meta.into_iter().collect();
+            for shard in 0..self.mailboxes.len() {
+                let visitor = UserId::from(u.id.as_str());
+                let profile = ChatMsg::Profile { visitor, name: Some(u.name.clone()), meta: meta.clone() };
+                self.post(shard, ShardMsg::Chat(Box::new(profile)));
+            }
+        }
+        if !close {
+            return self.calls.resolve(call, Answer::Done);
+        }
+        let sessions: Vec<Member> = self.directory.sessions_of(&user).collect();
+        for m in &sessions {
+            self.out.close(m.addr, close::BLOCKED, "blocked");
+        }
+        self.calls.resolve(call, Answer::Disconnected(u32::try_from(sessions.len()).unwrap_or(u32::MAX)));
     }
 
     /// Answers for a post a full backlog refused: whoever waits for it is
@@ -718,19 +744,8 @@ impl ChatService {
         let now = now_ms();
         match pending {
             Pending::Nothing => {}
-            Pending::Answered { call } => {
-                if let WriteOp::PutUser(u) = op
-                    && u.role == Role::Visitor
-                {
-                    let meta: Meta = u.meta.into_iter().collect();
-                    for shard in 0..self.mailboxes.len() {
-                        let visitor = UserId::from(u.id.as_str());
-                        let profile =
-                            ChatMsg::Profile { visitor, name: Some(u.name.clone()), meta: meta.clone() };
-                        self.post(shard, ShardMsg::Chat(Box::new(profile)));
-                    }
-                }
-                self.calls.resolve(call, Answer::Done);
+            Pending::UserChanged { user, call, next, close } => {
+                self.user_changed(user, call, next, close, op)
             }
             Pending::Connected { .. } => self.edge.handle_committed(pending, now, &self.reads, &mut random),
             pending => match handed_back(op) {
@@ -746,7 +761,8 @@ impl ChatService {
 
     fn failed(&mut self, pending: Pending, error: &ReadError) {
         match pending {
-            Pending::Answered { call } => {
+            Pending::UserChanged { user, call, .. } => {
+                self.users.done(&user);
                 self.calls.resolve(call, Answer::Failed { code: error.code, message: error.message.clone() })
             }
             Pending::Connected { .. } => self.edge.handle_failed(pending, error),
@@ -777,6 +793,19 @@ fn write_op(write: Write) -> WriteOp {
             visitor_key_hash: p.visitor_key_hash,
             created_ms: p.created_ms,
         }),
+        Write::Control { user, control } => WriteOp::PutControl {
+            role: user.role,
+            id: user.id.to_string(),
+            control: UserControlRecord {
+                synced_name: control.name,
+                synced_meta: control.meta,
+                block: control.block.map(|b| BlockRecord {
+                    until_ms: b.until_ms,
+                    reason: b.reason,
+                    at_ms: b.at_ms,
+                }),
+            },
+        },
         Write::Read { conv, user, seq, ts_ms } => {
             WriteOp::MarkRead(ReadMark { conv: conv.0, user_id: user.id.to_string(), seq, ts_ms })
         }

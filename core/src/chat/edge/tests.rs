@@ -11,6 +11,7 @@ use kefu_proto::{ConvId, ErrorCode, Role};
 use super::*;
 use crate::auth::Claims;
 use crate::chat::hooks::{Admission, HookCall};
+use crate::chat::stored::{Block, UserControl};
 use crate::chat::testing::{MemStore, addr, decode_frames};
 use crate::identity::Meta;
 
@@ -450,4 +451,80 @@ fn without_the_hook_no_call_is_made() {
     e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, &store, &mut no_random);
     let out = seen(&mut e);
     assert!(!out.iter().any(|s| matches!(s, Seen::Hook(..))), "{out:?}");
+}
+
+/// Stores what the business system set for `(role, id)`.
+fn control(store: &MemStore, role: Role, id: &str, control: UserControl) {
+    store.apply(&Write::Control { user: crate::identity::UserKey { role, id: id.into() }, control });
+}
+
+/// `role` `id` connects at `at` with a token.
+fn connect_as(e: &mut Edge, store: &MemStore, at: SessionAddr, role: Role, id: &str) {
+    e.handle_frame(at, Codec::Json, connect(Some(token(role, id)), None), T0, store, &mut no_random);
+}
+
+fn blocked_until(until_ms: u64) -> UserControl {
+    let block = Block { until_ms, reason: "spamming the queue".into(), at_ms: T0 - 10 };
+    UserControl { block: Some(block), ..UserControl::default() }
+}
+
+#[test]
+fn a_blocked_visitor_is_refused_with_its_reason_and_told_not_to_reconnect() {
+    let (mut e, store, v) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    control(&store, Role::Visitor, "v9", blocked_until(0));
+    connect_as(&mut e, &store, v, Role::Visitor, "v9");
+    let out = seen(&mut e);
+    assert!(
+        matches!(frame_events(&out)[..], [Event::Error { code: ErrorCode::Forbidden, message, .. }]
+            if message == "spamming the queue"),
+        "{out:?}"
+    );
+    assert_eq!(out.last(), Some(&Seen::Close(v, close::BLOCKED)));
+    assert_eq!(e.sessions(), 0, "never announced");
+    // Agent `v9` is someone else.
+    connect_as(&mut e, &store, addr(0, 2), Role::Agent, "v9");
+    assert_eq!(seen(&mut e)[0], Seen::Chat(0, "SessionUp"));
+}
+
+#[test]
+fn a_block_that_has_run_out_lets_the_visitor_in() {
+    let (mut e, store, v) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    control(&store, Role::Visitor, "v9", blocked_until(T0));
+    connect_as(&mut e, &store, v, Role::Visitor, "v9");
+    assert_eq!(seen(&mut e)[0], Seen::Chat(0, "SessionUp"), "until_ms is not included");
+    control(&store, Role::Visitor, "v8", blocked_until(T0 + 1));
+    let w = addr(0, 2);
+    e.handle_frame(
+        w,
+        Codec::Json,
+        connect(Some(token(Role::Visitor, "v8")), None),
+        T0,
+        &store,
+        &mut no_random,
+    );
+    assert_eq!(seen(&mut e).last(), Some(&Seen::Close(w, close::BLOCKED)), "one ms before it runs out");
+}
+
+#[test]
+fn synced_keys_override_the_tokens_key_by_key_at_connect() {
+    let (mut e, store, v) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    let synced = UserControl {
+        name: Some("Ada Lovelace".into()),
+        meta: vec![("vip_level".into(), "3".into())],
+        block: None,
+    };
+    control(&store, Role::Visitor, "v9", synced);
+    let token = token_with_meta(Role::Visitor, "v9", &[("vip_level", "1"), ("plan", "free")]);
+    e.handle_frame(v, Codec::Json, connect(Some(token), None), T0, &store, &mut no_random);
+    e.handle_welcome((v, Codec::Json, Some(1)), Vec::new(), &store);
+    let out = seen(&mut e);
+    let user = frame_events(&out)
+        .into_iter()
+        .find_map(|ev| match ev {
+            Event::Connected { user, .. } => Some(user.clone()),
+            _ => None,
+        })
+        .expect("connected");
+    assert_eq!(user.name, "Ada Lovelace");
+    assert_eq!(user.meta, meta_of(&[("plan", "free"), ("vip_level", "3")]), "the token's other keys stay");
 }
