@@ -30,6 +30,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // cannot drift apart.
         .type_attribute(".kefu.v1", "#[derive(serde::Serialize, serde::Deserialize)]")
         .message_attribute(".kefu.v1", "#[serde(default)]")
+        // A oneof's case is named as in the .proto (`"message"`), as
+        // protobuf's JSON mapping names it, not as the Rust variant.
+        .enum_attribute(".kefu.v1.Event.kind", "#[serde(rename_all = \"snake_case\")]")
         .field_attribute(".kefu.v1.Attachment.data", "#[serde(with = \"crate::bridge::json::base64\")]")
         .compile_protos(PROTOS, &["../proto"])?;
     for proto in PROTOS {

@@ -250,6 +250,16 @@ fn from_offset_commits_and_rest_pages_start_where_they_say() {
         assert_eq!(status, 200, "{page}");
         assert_eq!(page["events"], serde_json::to_value(&all[7..9]).unwrap());
         assert_eq!(page["next_offset"], 10);
+        let kinds: Vec<&str> = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| e["kind"].as_object().unwrap().keys().map(String::as_str))
+            .collect();
+        assert!(
+            kinds.iter().all(|k| ["message", "conversation", "user", "read", "presence"].contains(k)),
+            "a kind is named as in the .proto: {kinds:?}"
+        );
         let (status, body) =
             http(&gw, "GET", "/api/v1/events?consumer=c1&from_offset=2&limit=1", Some(KEY), None);
         assert_eq!((status, &body["events"][0]["offset"]), (200, &json!(2)), "{body}");
