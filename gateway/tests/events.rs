@@ -118,8 +118,9 @@ fn change_of(e: &pb::Event, conv: &str) -> Option<String> {
 }
 
 /// A chat with every kind of event, followed live from the start of the
-/// log: (every event, the conversation, the visitor id).
-async fn chat_followed_live(gw: &Gateway) -> (Vec<pb::Event>, String, String) {
+/// log: (every event, the conversation, the visitor id, the clients: kept
+/// connected, so no later presence change adds events).
+async fn chat_followed_live(gw: &Gateway) -> (Vec<pb::Event>, String, String, Vec<WsClient>) {
     let mut client = events(gw.admin, Some(KEY)).await;
     let mut live = client.subscribe(subscribe("live", 0)).await.unwrap().into_inner();
 
@@ -153,14 +154,14 @@ async fn chat_followed_live(gw: &Gateway) -> (Vec<pb::Event>, String, String) {
         assert!(Instant::now() < deadline, "the chat's events did not all arrive: {seen:#?}");
         seen.extend(take(&mut live, 1).await);
     }
-    (seen, conv, visitor_id)
+    (seen, conv, visitor_id, vec![a1, a2, v])
 }
 
 #[test]
 fn a_chat_streams_every_kind_of_event_in_order_from_offset_1() {
     let gw = start();
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-        let (seen, conv, visitor_id) = chat_followed_live(&gw).await;
+        let (seen, conv, visitor_id, _clients) = chat_followed_live(&gw).await;
         assert_contiguous(&seen, 1);
 
         let changes: Vec<String> = seen.iter().filter_map(|e| change_of(e, &conv)).collect();
@@ -198,6 +199,14 @@ fn a_chat_streams_every_kind_of_event_in_order_from_offset_1() {
             matches!(&e.kind, Some(Kind::User(u)) if u.user.as_ref().is_some_and(|u| u.id == visitor_id && u.role == "visitor"))
         });
         assert!(synced, "the visitor's profile is an event: {seen:#?}");
+        let online: Vec<&str> = seen
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(Kind::Presence(p)) if p.status == "online" => Some(p.agent_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(online, ["a1", "a2"], "each agent's presence is an event: {seen:#?}");
         // Opened before any message; the messages before the transfer.
         let at = |want: &str| seen.iter().position(|e| change_of(e, &conv).as_deref() == Some(want)).unwrap();
         let first_message = seen.iter().position(|e| matches!(e.kind, Some(Kind::Message(_)))).unwrap();
@@ -209,7 +218,7 @@ fn a_chat_streams_every_kind_of_event_in_order_from_offset_1() {
 fn from_offset_commits_and_rest_pages_start_where_they_say() {
     let gw = start();
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-        let (all, _, _) = chat_followed_live(&gw).await;
+        let (all, _, _, _clients) = chat_followed_live(&gw).await;
         let n = all.len() as u64;
         assert!(n >= 10, "{n} events");
         let mut client = events(gw.admin, Some(KEY)).await;

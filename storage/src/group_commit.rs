@@ -435,7 +435,7 @@ impl GroupCommit {
                     .ctx("insert user")?;
                 done(self.insert_logged(t)?)
             }
-            WriteOp::MarkRead(_) => {
+            WriteOp::MarkRead(_) | WriteOp::LogPresence(_) => {
                 if let Err(e) = self.encode_logged(op) {
                     return Ok(Err(e));
                 }
@@ -466,6 +466,7 @@ impl GroupCommit {
             WriteOp::PutConversation(c) => LogRecord::Conversation(c),
             WriteOp::PutUser(u) => LogRecord::User(u),
             WriteOp::MarkRead(r) => LogRecord::Read(r),
+            WriteOp::LogPresence(p) => LogRecord::Presence(p),
             other => {
                 *op = other;
                 return Err(StorageError::Encode("not a logged record".into()));
@@ -476,6 +477,7 @@ impl GroupCommit {
             LogRecord::Conversation(c) => WriteOp::PutConversation(c),
             LogRecord::User(u) => WriteOp::PutUser(u),
             LogRecord::Read(r) => WriteOp::MarkRead(r),
+            LogRecord::Presence(p) => WriteOp::LogPresence(p),
             LogRecord::Message(m) => WriteOp::AppendMessage(m.into_msg()),
         };
         encoded

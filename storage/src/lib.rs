@@ -98,7 +98,8 @@ pub use record::{
     AgentRef, ArchivedAgentRef, ArchivedAttachment, ArchivedConvStatus, ArchivedConversationRecord,
     ArchivedLogRecord, ArchivedMessageRecord, ArchivedReadMark, ArchivedRole, ArchivedSender,
     ArchivedUserControlRecord, ArchivedUserRecord, Attachment, BlockRecord, ConvChange, ConvStatusDef,
-    ConversationRecord, LogRecord, MessageRecord, ReadMark, RoleDef, Sender, UserControlRecord, UserRecord,
+    ConversationRecord, LogRecord, MessageRecord, PresenceRecord, ReadMark, RoleDef, Sender,
+    UserControlRecord, UserRecord,
 };
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};
 pub use write::{Committed, Completion, Completions, Notify, OnLogEnd, WriteOp, Writer};

@@ -13,8 +13,8 @@ use crate::BlockRecord;
 use crate::tables;
 use crate::testkit::{NotifyCount, config, message, open, wait_for, write};
 use crate::{
-    AgentRef, ConvChange, ConversationFilter, ConversationRecord, LogRecord, ReadMark, StorageError, Store,
-    SubmitError, UserControlRecord, UserRecord, WriteOp, WriterHealth,
+    AgentRef, ConvChange, ConversationFilter, ConversationRecord, LogRecord, PresenceRecord, ReadMark,
+    StorageError, Store, SubmitError, UserControlRecord, UserRecord, WriteOp, WriterHealth,
 };
 
 fn conversation(id: u64, status: ConvStatus) -> ConversationRecord {
@@ -252,6 +252,8 @@ fn conversations_users_reads_and_offsets_persist() {
         write(&store, 7, WriteOp::MarkRead(ReadMark { conv: 4, user_id: "a1".into(), seq: 1, ts_ms: 5 }))
             .result
             .unwrap();
+        let presence = PresenceRecord { agent_id: "a1".into(), status: "away".into(), ts_ms: 6 };
+        write(&store, 9, WriteOp::LogPresence(presence)).result.unwrap();
         let off =
             write(&store, 8, WriteOp::CommitOffset { consumer: "crm".into(), offset: 5 }).result.unwrap();
         assert_eq!(off.offset, 5);
@@ -260,7 +262,7 @@ fn conversations_users_reads_and_offsets_persist() {
     let (store, recovery) = open(config(dir.path()));
     assert!(!recovery.repaired && !recovery.unclean_shutdown, "closed cleanly");
     assert_eq!(recovery.next_conv_id, 8, "one more than the highest id stored");
-    assert_eq!(recovery.next_offset, 7);
+    assert_eq!(recovery.next_offset, 8);
     let open_ids: Vec<_> = recovery.open_conversations.iter().map(|c| (c.id, c.status, c.last_seq)).collect();
     assert_eq!(open_ids, [(4, ConvStatus::Assigned, 1), (7, ConvStatus::Queued, 0)]);
     let r = store.reader();
@@ -287,6 +289,7 @@ fn conversations_users_reads_and_offsets_persist() {
             LogRecord::Conversation(c) => format!("conv {} {:?}", c.id, c.status),
             LogRecord::User(u) => format!("user {}", u.id),
             LogRecord::Read(r) => format!("read {}:{}", r.conv, r.seq),
+            LogRecord::Presence(p) => format!("presence {} {}", p.agent_id, p.status),
         })
         .collect();
     assert_eq!(
@@ -298,7 +301,8 @@ fn conversations_users_reads_and_offsets_persist() {
             "conv 4 Assigned",
             "msg 4:1",
             "user v4",
-            "read 4:1"
+            "read 4:1",
+            "presence a1 away"
         ]
     );
 }

@@ -24,7 +24,7 @@ use kefu_proto::client::Msg;
 
 use kefu_proto::ids::Role;
 
-use crate::record::{ConversationRecord, ReadMark, UserControlRecord, UserRecord};
+use crate::record::{ConversationRecord, PresenceRecord, ReadMark, UserControlRecord, UserRecord};
 
 /// Called by the writer thread with a source index after it pushed
 /// completions for that source. Must be cheap and must not block (write an
@@ -61,6 +61,8 @@ pub enum WriteOp {
     PutUser(UserRecord),
     /// Log a read mark.
     MarkRead(ReadMark),
+    /// Log an agent's presence change.
+    LogPresence(PresenceRecord),
     /// Store what the business system set for a user apart from the
     /// profile (synced keys, a block). Not logged.
     PutControl {
@@ -106,6 +108,7 @@ impl WriteOp {
                         + u.meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
                 }
                 WriteOp::MarkRead(r) => r.user_id.len(),
+                WriteOp::LogPresence(p) => p.agent_id.len() + p.status.len(),
                 WriteOp::PutControl { id, control, .. } => {
                     id.len()
                         + control.synced_name.as_ref().map_or(0, String::len)

@@ -117,6 +117,15 @@ pub enum Write {
         /// All of it.
         control: UserControl,
     },
+    /// Log an agent's presence change.
+    Presence {
+        /// The agent.
+        agent: crate::identity::UserId,
+        /// Its presence now.
+        status: kefu_proto::PresenceStatus,
+        /// When, ms since the epoch.
+        at_ms: u64,
+    },
     /// Store a read mark.
     Read {
         /// The conversation.

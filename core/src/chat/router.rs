@@ -70,6 +70,14 @@ pub enum Output {
         /// The event.
         frame: ServerFrame,
     },
+    /// Log an agent's presence change (for the event stream), after telling
+    /// the agents ([`Output::ToAgents`]).
+    LogPresence {
+        /// The agent.
+        agent: UserId,
+        /// Its presence now.
+        status: PresenceStatus,
+    },
     /// Close an agent's device that a newer one replaced (4002).
     ReplaceDevice {
         /// The agent.
@@ -260,6 +268,7 @@ impl Router {
                 Action::PresenceChanged { agent, status } => {
                     let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status });
                     self.out.push_back(Output::ToAgents { frame });
+                    self.out.push_back(Output::LogPresence { agent, status });
                 }
                 Action::ReplaceDevice { agent, device } => {
                     self.out.push_back(Output::ReplaceDevice { agent, device });

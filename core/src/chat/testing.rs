@@ -71,7 +71,7 @@ impl MemStore {
                 self.controls.borrow_mut().insert((user.role, user.id.to_string()), control.clone());
                 Durable { seq: 0, ts_ms: 0, duplicate: false }
             }
-            Write::Read { .. } => Durable { seq: 0, ts_ms: 0, duplicate: false },
+            Write::Read { .. } | Write::Presence { .. } => Durable { seq: 0, ts_ms: 0, duplicate: false },
         }
     }
 

@@ -189,6 +189,9 @@ pub fn event(e: LogEvent) -> pb::Event {
             let by = pb::User { role: String::new(), id: r.user_id, name: String::new() };
             (r.ts_ms, Kind::Read(pb::ReadMark { conv: ConvId(r.conv).to_string(), by: Some(by), seq: r.seq }))
         }
+        LogRecord::Presence(p) => {
+            (p.ts_ms, Kind::Presence(pb::PresenceChanged { agent_id: p.agent_id, status: p.status }))
+        }
     };
     pb::Event { offset: e.offset + 1, ts, kind: Some(kind) }
 }
@@ -497,6 +500,13 @@ mod tests {
         let e = event(LogEvent { offset: 2, record: LogRecord::Read(r), change: None });
         assert_eq!((e.offset, e.ts), (3, 7));
         assert!(matches!(e.kind, Some(pb::event::Kind::Read(ref r)) if r.seq == 2 && r.conv == "c3"));
+
+        let p = kefu_storage::PresenceRecord { agent_id: "a2".into(), status: "away".into(), ts_ms: 8 };
+        let e = event(LogEvent { offset: 3, record: LogRecord::Presence(p), change: None });
+        assert_eq!((e.offset, e.ts), (4, 8));
+        assert!(
+            matches!(e.kind, Some(pb::event::Kind::Presence(ref p)) if p.agent_id == "a2" && p.status == "away")
+        );
     }
 
     #[test]

@@ -1,15 +1,17 @@
 //! The router on its shard (shard 0 only): the loop feeds
 //! [`kefu_core::chat::router::Router`] its inputs and carries out its
 //! outputs here: posts (a refused one answered `unavailable` to whoever
-//! waits for it), answers, presence pushes and device replacements.
+//! waits for it), answers, presence pushes and their log records, and
+//! device replacements.
 
 use kefu_core::chat::device_of;
+use kefu_core::chat::outbox::{Pending, Write};
 use kefu_core::chat::router::{Output, Router};
 use kefu_proto::Role;
 use kefu_proto::ws::close;
 
 use super::ShardMsg;
-use super::service::ChatService;
+use super::service::{ChatService, now_ms};
 
 impl ChatService {
     /// Hands an input to the router, if this shard runs it.
@@ -29,6 +31,10 @@ impl ChatService {
             }
             Output::Write { reply: (to, codec, _), frame } => self.out.send(to, codec, &frame),
             Output::ToAgents { frame } => self.out.deliver(self.directory.agents(), &frame),
+            Output::LogPresence { agent, status } => {
+                let write = Write::Presence { agent, status, at_ms: now_ms() };
+                self.submit(write, Pending::Nothing);
+            }
             Output::ReplaceDevice { agent, device } => {
                 let old = self.directory.sessions(Role::Agent, &agent).find(|m| device_of(m.addr) == device);
                 if let Some(m) = old {

@@ -30,8 +30,8 @@ use kefu_proto::client::{ClientFrame, Codec, ServerFrame};
 use kefu_proto::ws::close;
 use kefu_proto::{ConvId, Role};
 use kefu_storage::{
-    BlockRecord, Completion, Completions, ConversationRecord, ReadMark, Reader, Store, UserControlRecord,
-    UserRecord, WriteOp, Writer,
+    BlockRecord, Completion, Completions, ConversationRecord, PresenceRecord, ReadMark, Reader, Store,
+    UserControlRecord, UserRecord, WriteOp, Writer,
 };
 use tracing::{info, warn};
 
@@ -720,7 +720,7 @@ impl ChatService {
 
     /// Queues a write from this shard; if storage's queue is full, nothing
     /// is written and the machine that asked hears so at once.
-    fn submit(&mut self, write: Write, then: Pending) {
+    pub(super) fn submit(&mut self, write: Write, then: Pending) {
         let token = self.next_token;
         self.next_token += 1;
         match self.writer.submit(self.me, token, write_op(write)) {
@@ -806,6 +806,11 @@ fn write_op(write: Write) -> WriteOp {
                 }),
             },
         },
+        Write::Presence { agent, status, at_ms } => WriteOp::LogPresence(PresenceRecord {
+            agent_id: agent.to_string(),
+            status: status.as_str().to_string(),
+            ts_ms: at_ms,
+        }),
         Write::Read { conv, user, seq, ts_ms } => {
             WriteOp::MarkRead(ReadMark { conv: conv.0, user_id: user.id.to_string(), seq, ts_ms })
         }

@@ -239,7 +239,13 @@ fn an_offline_agents_conversations_requeue_when_the_grace_period_ends() {
     assert_eq!(r.routing().route(conv).and_then(|v| v.agent).as_deref(), Some("a1"));
     r.handle_agent_gone("a1", device_of(addr(1, 1)), T0);
     let out = outputs(&mut r);
-    assert!(matches!(out[..], [Output::ToAgents { .. }]), "presence goes to every agent: {out:?}");
+    assert!(
+        matches!(
+            out[..],
+            [Output::ToAgents { .. }, Output::LogPresence { status: PresenceStatus::Offline, .. }]
+        ),
+        "presence goes to every agent, then to the log: {out:?}"
+    );
     assert_eq!(r.next_deadline(), Some(T0 + 60_000), "the loop is asked to come back then");
     r.handle_tick(T0 + 59_999);
     assert!(outputs(&mut r).is_empty(), "not before");
