@@ -11,6 +11,12 @@
 #     visitors sending --rate msg/s for --warmup + --seconds, and one
 #     subscriber following the tail; lag from each message's ts;
 #   - the medians over the repetitions.
+#   - with --py PYTHON (a Python with grpcio and grpcio-tools), a second
+#     subscriber written with grpcio (tools/events_lag.py, a client kefu
+#     did not write) follows the same live run on the client core and
+#     reports the lag it sees per --window seconds: run it for minutes
+#     (--seconds 500 at 2,000 msg/s is a million messages) to see the
+#     steady state. --skip-catchup leaves the backlog step out.
 #
 # Targets: >= 50,000 events/s to one stream; lag p99 <= 20 ms.
 #
@@ -19,6 +25,7 @@
 #                              [--seconds S] [--warmup S]
 #                              [--client-cpu N] [--server-cpu N]
 #                              [--port P] [--admin-port P]
+#                              [--py PYTHON] [--window S] [--skip-catchup]
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,6 +44,9 @@ SERVER_CPU=1
 PORT=9211
 ADMIN_PORT=9212
 KEY=bench-events-key-0123456789
+PY=
+WINDOW=60
+CATCHUP=1
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -52,6 +62,9 @@ while [ $# -gt 0 ]; do
         --server-cpu) SERVER_CPU=$2; shift ;;
         --port) PORT=$2; shift ;;
         --admin-port) ADMIN_PORT=$2; shift ;;
+        --py) PY=$2; shift ;;
+        --window) WINDOW=$2; shift ;;
+        --skip-catchup) CATCHUP=0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -91,20 +104,36 @@ start_gateway() {
 
 : >"$OUT/catchup.jsonl"
 : >"$OUT/live.jsonl"
+: >"$OUT/live-py.jsonl"
 for i in $(seq 1 "$REPEAT"); do
-    data=$(mktemp -d)
-    "$BENCH" prefill --data "$data" --events "$EVENTS" >/dev/null
-    start_gateway "$data" "$OUT/gateway-catchup-$i.log"
-    taskset -c "$CLIENT_CPU" "$BENCH" catchup --admin "127.0.0.1:$ADMIN_PORT" --key "$KEY" \
-        --events "$EVENTS" >>"$OUT/catchup.jsonl"
-    stop_gateway
-    rm -rf "$data"
+    if [ "$CATCHUP" = 1 ]; then
+        data=$(mktemp -d)
+        "$BENCH" prefill --data "$data" --events "$EVENTS" >/dev/null
+        start_gateway "$data" "$OUT/gateway-catchup-$i.log"
+        taskset -c "$CLIENT_CPU" "$BENCH" catchup --admin "127.0.0.1:$ADMIN_PORT" --key "$KEY" \
+            --events "$EVENTS" >>"$OUT/catchup.jsonl"
+        stop_gateway
+        rm -rf "$data"
+    fi
 
     data=$(mktemp -d)
     start_gateway "$data" "$OUT/gateway-live-$i.log"
+    PY_PID=
+    if [ -n "$PY" ]; then
+        # Every message of the run, the warm-up's not measured; a margin
+        # of time past the run, so it ends by count, not by clock.
+        taskset -c "$CLIENT_CPU" "$PY" "$REPO/tools/events_lag.py" --admin "127.0.0.1:$ADMIN_PORT" \
+            --key "$KEY" --window "$WINDOW" --seconds $((WARMUP + SECONDS_MEASURED + 60)) \
+            --events $((RATE * (WARMUP + SECONDS_MEASURED))) --skip $((RATE * WARMUP)) \
+            >>"$OUT/live-py.jsonl" 2>"$OUT/live-py-$i.log" &
+        PY_PID=$!
+    fi
     taskset -c "$CLIENT_CPU" "$BENCH" live --admin "127.0.0.1:$ADMIN_PORT" --key "$KEY" \
         --ws "ws://127.0.0.1:$PORT/ws" --visitors "$VISITORS" --rate "$RATE" \
         --seconds "$SECONDS_MEASURED" --warmup "$WARMUP" >>"$OUT/live.jsonl"
+    if [ -n "$PY_PID" ]; then
+        wait "$PY_PID" || echo "events_lag.py failed; see $OUT/live-py-$i.log" >&2
+    fi
     stop_gateway
     rm -rf "$data"
 done
@@ -114,10 +143,19 @@ import json, statistics, sys
 out = sys.argv[1]
 catchup = [json.loads(l) for l in open(f"{out}/catchup.jsonl")]
 live = [json.loads(l) for l in open(f"{out}/live.jsonl")]
+py = [json.loads(l) for l in open(f"{out}/live-py.jsonl")]
 rates = [r["events_per_s"] for r in catchup]
-print(f"catchup events/s: runs {[round(r) for r in rates]}, median {statistics.median(rates):,.0f}")
+if rates:
+    print(f"catchup events/s: runs {[round(r) for r in rates]}, median {statistics.median(rates):,.0f}")
 for p in ("p50", "p99", "p999", "max"):
     vals = [r["lag_ms"][p] for r in live]
     print(f"live lag {p} ms: runs {[round(v, 2) for v in vals]}, median {statistics.median(vals):.2f}")
 print(f"live errors: {[r['errors'] for r in live]}")
+for r in py:
+    if r.get("summary"):
+        lag = r["lag_ms"]
+        print(f"grpcio subscriber: {r['measured']} measured, lag p50 {lag.get('p50')} p99 {lag.get('p99')} p99.9 {lag.get('p999')} max {lag.get('max')} ms, offset gaps {r['offset_gaps']}, client {r['client_cpu_cores']} cores")
+    else:
+        lag = r["lag_ms"]
+        print(f"  window to {r['window_end_s']} s: n {lag.get('n')} p50 {lag.get('p50')} p99 {lag.get('p99')} p99.9 {lag.get('p999')} max {lag.get('max')} ms")
 EOF
