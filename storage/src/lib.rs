@@ -101,4 +101,6 @@ pub use record::{
     ReadMark, RoleDef, Sender, UserRecord,
 };
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};
-pub use write::{Committed, Completion, Completions, Notify, OnLogEnd, WriteOp, Writer};
+pub use write::{
+    CommitTimes, Committed, Completion, Completions, Notify, OnCommit, OnLogEnd, WriteOp, Writer,
+};
