@@ -48,7 +48,7 @@ pub const COMMIT_BOUNDS_US: &[u64] = &[
 pub const BATCH_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
 
 /// Buckets a [`Histogram`] holds at most (its bounds and `+Inf`).
-const BUCKETS_MAX: usize = 16;
+const BUCKETS_MAX: usize = 17;
 
 /// A Prometheus histogram of whole numbers (microseconds, or a count),
 /// recorded with relaxed atomics and no allocation. Each recording thread
@@ -70,7 +70,7 @@ impl Default for Histogram {
 }
 
 impl Histogram {
-    /// A histogram with these ascending upper bounds (at most 15).
+    /// A histogram with these ascending upper bounds (at most 16).
     pub const fn new(bounds: &'static [u64]) -> Self {
         assert!(bounds.len() < BUCKETS_MAX);
         Self { bounds, buckets: [const { AtomicU64::new(0) }; BUCKETS_MAX], sum: AtomicU64::new(0) }
