@@ -35,7 +35,7 @@ use kefu_proto::client::{Codec, Command, DecodeError, Event, ServerFrame};
 use crate::chat::SessionAddr;
 use crate::chat::frames::SharedFrame;
 use crate::http::{self, HttpError};
-use crate::metrics::ShardStats;
+use crate::metrics::{Initiator, ShardStats};
 use crate::shard::Shard;
 use crate::slab::{Frame, SlabBuf};
 use crate::ws::close;
@@ -617,6 +617,7 @@ impl Session {
                         }
                         None => ControlFrame::close_empty(),
                     };
+                    shard.stats().closes.count(Initiator::Client, code);
                     conn.closing_since_ms.set(Some(shard.now_ms()));
                     queue_forced(conn, control_out(buf, &reply));
                     return Flow::PeerClosed;
@@ -717,6 +718,9 @@ impl Session {
             Ok(frame) => {
                 let Some(from) = conn.addr.get() else { return Ok(()) };
                 self.connect_sent |= matches!(frame.body, Command::Connect { .. });
+                if matches!(frame.body, Command::Send { .. }) {
+                    ShardStats::inc(&shard.stats().chat_messages_in);
+                }
                 let codec = self.codec;
                 shard.chat(|chat| chat.frame(from, codec, frame));
                 return Ok(());
@@ -736,6 +740,7 @@ impl Session {
         code: u16,
         reason: &'static str,
     ) -> std::io::Result<()> {
+        shard.stats().closes.count(Initiator::Server, Some(code));
         if let Ok(buf) = control_buffer(shard).await {
             queue_forced(conn, control_out(buf, &ControlFrame::close(code, reason)));
         }

@@ -5,15 +5,228 @@
 //! line apart from the other shards'), so counting costs no contention; the
 //! admin endpoint reads all of them. Every limit that bites has a counter
 //! here, so an operator can see when one does.
+//!
+//! Histograms ([`Histogram`]) follow the same rule: a fixed array of
+//! relaxed atomic buckets per shard, summed over the shards when rendered.
+//! Recording one value is a bucket search over a dozen bounds and two
+//! atomic adds, with no allocation and no lock.
+//!
+//! The text is written by hand rather than with `prometheus-client`: its
+//! registry holds each series behind its own `Arc` and its histograms
+//! take a lock (or `f64` atomics) per observation, and it has no notion of
+//! per-shard cells summed at render time. What it would give us, the text
+//! format, is a few `writeln!`s; label values are escaped by
+//! [`escape_label`], and CI runs `promtool check metrics` on the result.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use kefu_core::chat::frames::ErrorCounts;
+use kefu_proto::{ErrorCode, Role};
 use kefu_storage::StoreStats;
 
 use crate::mailbox::Mailbox;
 use crate::slab::ClassStats;
+use crate::ws::close;
+
+/// Upper bounds, in microseconds, of latencies measured from a message's
+/// `ts` (whole milliseconds, so nothing finer than 1 ms is told apart).
+pub const MS_LATENCY_BOUNDS_US: &[u64] = &[
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000,
+];
+
+/// Upper bounds, in microseconds, of storage's commit and fsync times.
+pub const COMMIT_BOUNDS_US: &[u64] = &[
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    5_000_000,
+];
+
+/// Upper bounds of the writes per group commit.
+pub const BATCH_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+/// Buckets a [`Histogram`] holds at most (its bounds and `+Inf`).
+const BUCKETS_MAX: usize = 17;
+
+/// A Prometheus histogram of whole numbers (microseconds, or a count),
+/// recorded with relaxed atomics and no allocation. Each recording thread
+/// keeps its own and [`HistogramSum`] adds them up when rendered, so two
+/// threads never write the same cache line.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [u64],
+    /// Per bucket, not cumulative; the last is `+Inf`.
+    buckets: [AtomicU64; BUCKETS_MAX],
+    sum: AtomicU64,
+}
+
+impl Default for Histogram {
+    /// The bounds of latencies measured from a message's `ts`.
+    fn default() -> Self {
+        Self::new(MS_LATENCY_BOUNDS_US)
+    }
+}
+
+impl Histogram {
+    /// A histogram with these ascending upper bounds (at most 16).
+    pub const fn new(bounds: &'static [u64]) -> Self {
+        assert!(bounds.len() < BUCKETS_MAX);
+        Self { bounds, buckets: [const { AtomicU64::new(0) }; BUCKETS_MAX], sum: AtomicU64::new(0) }
+    }
+
+    /// Records one value.
+    #[inline]
+    pub fn observe(&self, value: u64) {
+        let i = self.bounds.partition_point(|&le| le < value);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum.fetch_add(value, Relaxed);
+    }
+
+    /// Records a duration, in microseconds.
+    #[inline]
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// Values recorded so far.
+    pub fn count(&self) -> u64 {
+        self.buckets[..=self.bounds.len()].iter().map(|b| b.load(Relaxed)).sum()
+    }
+}
+
+/// How a histogram's values read in the text: Prometheus wants base units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// Recorded in microseconds, shown in seconds.
+    Seconds,
+    /// Shown as recorded.
+    Count,
+}
+
+impl Unit {
+    fn write(self, out: &mut String, v: u64) {
+        let _ = match self {
+            Unit::Seconds => write!(out, "{}.{:06}", v / 1_000_000, v % 1_000_000),
+            Unit::Count => write!(out, "{v}"),
+        };
+    }
+}
+
+/// Several [`Histogram`]s with the same bounds added up, to render as one
+/// series.
+#[derive(Debug, Clone)]
+pub struct HistogramSum {
+    bounds: &'static [u64],
+    buckets: [u64; BUCKETS_MAX],
+    sum: u64,
+}
+
+impl HistogramSum {
+    /// The sum of `parts` (all with `bounds`).
+    pub fn of<'a>(bounds: &'static [u64], parts: impl IntoIterator<Item = &'a Histogram>) -> Self {
+        let mut total = Self { bounds, buckets: [0; BUCKETS_MAX], sum: 0 };
+        for h in parts {
+            debug_assert_eq!(h.bounds, bounds);
+            for (t, b) in total.buckets.iter_mut().zip(&h.buckets) {
+                *t += b.load(Relaxed);
+            }
+            total.sum = total.sum.wrapping_add(h.sum.load(Relaxed));
+        }
+        total
+    }
+
+    /// Appends the `_bucket`, `_sum` and `_count` lines of `name` with
+    /// `labels` (`key="value"` pairs, comma-separated, possibly empty).
+    pub fn render(&self, out: &mut String, name: &str, labels: &str, unit: Unit) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (le, n) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += n;
+            let le = match unit {
+                Unit::Seconds => *le as f64 / 1e6,
+                Unit::Count => *le as f64,
+            };
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[self.bounds.len()];
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = write!(out, "{name}_sum{braced} ");
+        unit.write(out, self.sum);
+        let _ = writeln!(out, "\n{name}_count{braced} {cumulative}");
+    }
+}
+
+/// Writes the `# HELP` and `# TYPE` lines of a family.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// `value` as a label value: backslash, double quote and newline escaped,
+/// as the text format wants.
+pub fn escape_label(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return value.into();
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
+/// Close codes counted by name; any other is counted as `other`.
+pub const CLOSE_CODES: [u16; 14] = [
+    close::NORMAL,
+    close::GOING_AWAY,
+    close::PROTOCOL_ERROR,
+    close::UNSUPPORTED,
+    close::INVALID_PAYLOAD,
+    close::POLICY,
+    close::TOO_BIG,
+    close::MANDATORY_EXT,
+    close::INTERNAL,
+    close::SERVER_SHUTDOWN,
+    close::SLOW_CONSUMER,
+    close::REPLACED,
+    close::UNAUTHORIZED,
+    close::BLOCKED,
+];
+
+/// Who sent the close frame that began a close handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    /// kefu closed the connection.
+    Server = 0,
+    /// The client did (its code is counted as received).
+    Client = 1,
+}
+
+/// Close handshakes by initiator and code, `[initiator][code]`; the last
+/// column is any code not in [`CLOSE_CODES`] (or none).
+#[derive(Debug, Default)]
+pub struct CloseCounts([[AtomicU64; CLOSE_CODES.len() + 1]; 2]);
+
+impl CloseCounts {
+    /// Counts a close begun by `by` with `code` (`None`: an empty close frame).
+    pub fn count(&self, by: Initiator, code: Option<u16>) {
+        let i = code.and_then(|c| CLOSE_CODES.iter().position(|&k| k == c)).unwrap_or(CLOSE_CODES.len());
+        self.0[by as usize][i].fetch_add(1, Relaxed);
+    }
+
+    /// Closes begun by `by` with `code` so far.
+    pub fn get(&self, by: Initiator, code: u16) -> u64 {
+        let i = CLOSE_CODES.iter().position(|&k| k == code).unwrap_or(CLOSE_CODES.len());
+        self.0[by as usize][i].load(Relaxed)
+    }
+}
 
 /// Slab occupancy copied out of a shard at each sweep (the slab itself is
 /// thread-local).
@@ -75,6 +288,24 @@ pub struct ShardStats {
     pub posts_skipped: AtomicU64,
     /// Slab classes, refreshed each sweep.
     pub slab: Vec<ClassGauge>,
+    /// Sessions announced (past `connect`) on this shard's connections, by
+    /// role in [`Role::ALL`] order (gauge).
+    pub sessions: [AtomicU64; 3],
+    /// Close handshakes on this shard's connections.
+    pub closes: CloseCounts,
+    /// `error` frames this shard encoded, by code (its chat service's
+    /// answers and its connections' decode errors).
+    pub errors: Arc<ErrorCounts>,
+    /// Client `send` commands received on this shard's connections.
+    pub chat_messages_in: AtomicU64,
+    /// `msg` frames handed to this shard's connections.
+    pub chat_messages_out: AtomicU64,
+    /// From a message's `ts` (the home took it) to its sender's `ack`, for
+    /// the conversations homed on this shard: hook, storage and fan-out.
+    pub ack_latency: Histogram,
+    /// From a message's `ts` to its `msg` frame queued on a recipient's
+    /// connection on this shard.
+    pub delivery_latency: Histogram,
     /// Wall-clock ms of the shard's last sweep (0: none yet). A shard whose
     /// sweep stops (stuck or gone) is not ready (`/readyz`).
     pub sweep_unix_ms: AtomicU64,
@@ -189,6 +420,7 @@ pub fn render<T: Send>(
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", field(s).load(Relaxed));
         }
     }
+    render_chat(&mut out, shards);
     // Prometheus wants base units: counted in ns, shown in seconds.
     let _ = writeln!(
         out,
@@ -247,4 +479,181 @@ pub fn render<T: Send>(
         }
     }
     out
+}
+
+/// The chat path's series: sessions by role, chat messages, errors by code,
+/// closes by code, and the ack and delivery latencies.
+fn render_chat(out: &mut String, shards: &[ShardStats]) {
+    family(
+        out,
+        "kefu_connections_by_role",
+        "gauge",
+        "Open client connections by the role of their session (none: not past connect yet, or not a WebSocket).",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        let mut announced = 0;
+        for (r, role) in Role::ALL.iter().enumerate() {
+            let n = s.sessions[r].load(Relaxed);
+            announced += n;
+            let _ = writeln!(out, "kefu_connections_by_role{{shard=\"{i}\",role=\"{role}\"}} {n}");
+        }
+        // Read apart from the sessions: a connection just announced or gone
+        // may be counted in one and not yet in the other.
+        let none = s.connections.load(Relaxed).saturating_sub(announced);
+        let _ = writeln!(out, "kefu_connections_by_role{{shard=\"{i}\",role=\"none\"}} {none}");
+    }
+    type Field = fn(&ShardStats) -> &AtomicU64;
+    let series: [(&str, &str, Field); 2] = [
+        ("kefu_chat_messages_in_total", "Chat messages (send commands) received from clients.", |s| {
+            &s.chat_messages_in
+        }),
+        (
+            "kefu_chat_messages_out_total",
+            "Chat messages (msg frames) queued to recipients' connections.",
+            |s| &s.chat_messages_out,
+        ),
+    ];
+    for (name, help, field) in series {
+        family(out, name, "counter", help);
+        for (i, s) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", field(s).load(Relaxed));
+        }
+    }
+    family(out, "kefu_errors_total", "counter", "Error frames sent, by code (to clients and to API calls).");
+    for (i, s) in shards.iter().enumerate() {
+        for &code in ErrorCode::ALL {
+            let _ =
+                writeln!(out, "kefu_errors_total{{shard=\"{i}\",code=\"{code}\"}} {}", s.errors.get(code));
+        }
+    }
+    family(
+        out,
+        "kefu_closes_total",
+        "counter",
+        "WebSocket close handshakes by who began them and the code (other: a code not listed, or none).",
+    );
+    for (i, s) in shards.iter().enumerate() {
+        for (by, by_name) in [(Initiator::Server, "server"), (Initiator::Client, "client")] {
+            for (c, code) in CLOSE_CODES.iter().map(|c| c.to_string()).chain(["other".into()]).enumerate() {
+                let n = s.closes.0[by as usize][c].load(Relaxed);
+                let _ =
+                    writeln!(out, "kefu_closes_total{{shard=\"{i}\",by=\"{by_name}\",code=\"{code}\"}} {n}");
+            }
+        }
+    }
+    type Latency = fn(&ShardStats) -> &Histogram;
+    let latencies: [(&str, &str, Latency); 2] = [
+        (
+            "kefu_ack_latency_seconds",
+            "From a message's ts (its home took it) to its ack: hook, group commit and fan-out; 1 ms resolution.",
+            |s| &s.ack_latency,
+        ),
+        (
+            "kefu_delivery_latency_seconds",
+            "From a message's ts to its msg frame queued on a recipient's connection; 1 ms resolution.",
+            |s| &s.delivery_latency,
+        ),
+    ];
+    for (name, help, field) in latencies {
+        family(out, name, "histogram", help);
+        HistogramSum::of(MS_LATENCY_BOUNDS_US, shards.iter().map(field)).render(out, name, "", Unit::Seconds);
+    }
+}
+
+/// Storage's group commits as the writer reports them
+/// ([`kefu_storage::OnCommit`]); one writer thread records, so one copy.
+#[derive(Debug)]
+pub struct CommitStats {
+    batch_records: Histogram,
+    batch: Histogram,
+    fsync: Histogram,
+}
+
+impl Default for CommitStats {
+    fn default() -> Self {
+        Self {
+            batch_records: Histogram::new(BATCH_BOUNDS),
+            batch: Histogram::new(COMMIT_BOUNDS_US),
+            fsync: Histogram::new(COMMIT_BOUNDS_US),
+        }
+    }
+}
+
+impl CommitStats {
+    /// Records one group commit.
+    pub fn record(&self, t: kefu_storage::CommitTimes) {
+        self.batch_records.observe(t.records as u64);
+        self.batch.observe_duration(t.batch);
+        self.fsync.observe_duration(t.fsync);
+    }
+
+    /// Appends the storage histograms.
+    pub fn render(&self, out: &mut String) {
+        let families: [(&str, &str, &Histogram, Unit); 3] = [
+            ("kefu_storage_batch_records", "Writes per group commit.", &self.batch_records, Unit::Count),
+            (
+                "kefu_storage_commit_seconds",
+                "Group commit time, from its first write taken to durable (window, apply, commit).",
+                &self.batch,
+                Unit::Seconds,
+            ),
+            (
+                "kefu_storage_fsync_seconds",
+                "Time in fsync per group commit (two fsyncs with quick_repair).",
+                &self.fsync,
+                Unit::Seconds,
+            ),
+        ];
+        for (name, help, h, unit) in families {
+            family(out, name, "histogram", help);
+            HistogramSum::of(h.bounds, [h]).render(out, name, "", unit);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_bucket_sum_and_render_cumulatively() {
+        let a = Histogram::new(&[1_000, 5_000]);
+        let b = Histogram::new(&[1_000, 5_000]);
+        for v in [0, 1_000, 1_001, 7_000_000] {
+            a.observe(v);
+        }
+        b.observe_duration(Duration::from_millis(5));
+        assert_eq!((a.count(), b.count()), (4, 1));
+        let mut out = String::new();
+        HistogramSum::of(&[1_000, 5_000], [&a, &b]).render(&mut out, "x_seconds", "k=\"v\"", Unit::Seconds);
+        assert_eq!(
+            out,
+            "x_seconds_bucket{k=\"v\",le=\"0.001\"} 2\n\
+             x_seconds_bucket{k=\"v\",le=\"0.005\"} 4\n\
+             x_seconds_bucket{k=\"v\",le=\"+Inf\"} 5\n\
+             x_seconds_sum{k=\"v\"} 7.007001\n\
+             x_seconds_count{k=\"v\"} 5\n"
+        );
+        let mut out = String::new();
+        HistogramSum::of(BATCH_BOUNDS, []).render(&mut out, "n", "", Unit::Count);
+        assert!(out.starts_with("n_bucket{le=\"1\"} 0\n"), "{out}");
+        assert!(out.ends_with("n_sum 0\nn_count 0\n"), "{out}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("crm-sync"), "crm-sync");
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn closes_count_by_code_and_other() {
+        let c = CloseCounts::default();
+        c.count(Initiator::Server, Some(close::SLOW_CONSUMER));
+        c.count(Initiator::Client, Some(3000));
+        c.count(Initiator::Client, None);
+        assert_eq!(c.get(Initiator::Server, close::SLOW_CONSUMER), 1);
+        assert_eq!(c.get(Initiator::Client, close::SLOW_CONSUMER), 0);
+        assert_eq!(c.get(Initiator::Client, 3000), 2, "unlisted codes and none are other");
+    }
 }

@@ -119,6 +119,11 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             log_end_tx.send_replace(end);
         }))
         .map_err(|_| anyhow::anyhow!("the store's log-end hook was already set"))?;
+    let commit_stats = Arc::new(crate::metrics::CommitStats::default());
+    let recorder = commit_stats.clone();
+    store
+        .on_commit(Box::new(move |t| recorder.record(t)))
+        .map_err(|_| anyhow::anyhow!("the store's commit hook was already set"))?;
     let bridge_writes = Arc::new(crate::bridge::writes::BridgeWrites::new(
         store.writer(),
         store.completions(shards),
@@ -217,6 +222,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             shard_stall_ms: config.admin.shard_stall_ms,
             bridge: Default::default(),
             hooks: hook_stats,
+            commits: commit_stats,
         },
         calls: crate::bridge::calls::Calls::new(
             reader,

@@ -410,6 +410,7 @@ async fn serve(init: ShardInit) {
             return;
         }
     };
+    kefu_core::chat::frames::count_errors_into(shard.stats().errors.clone());
     // Up from here on, for `/readyz`; each sweep renews it.
     shard.stats().mark_swept();
     let _ = ready.send(match addr {

@@ -1660,3 +1660,92 @@ fn an_agent_and_a_visitor_with_the_same_id_are_two_people(w: Wire) {
         agent42.none_of("msg", Duration::from_millis(150)).await;
     });
 }
+
+#[test]
+fn metrics_follow_a_chat() {
+    let gw = Gateway::start(&["--shards", "2"], &[]);
+    let token = gw.token("agent", "a1", &["--name", "Alice"]);
+    let before = gw.admin_get("/metrics");
+    for family in [
+        "kefu_connections_by_role",
+        "kefu_chat_messages_in_total",
+        "kefu_chat_messages_out_total",
+        "kefu_errors_total",
+        "kefu_closes_total",
+        "kefu_ack_latency_seconds",
+        "kefu_delivery_latency_seconds",
+        "kefu_storage_batch_records",
+        "kefu_storage_commit_seconds",
+        "kefu_storage_fsync_seconds",
+        "kefu_events_head_offset",
+        "kefu_events_subscriber_lag_events",
+    ] {
+        assert!(before.contains(&format!("# TYPE {family} ")), "{family} missing: {before}");
+    }
+    assert_eq!(common::sample(&before, "kefu_ack_latency_seconds_count", &[]), 0.0);
+    rt().block_on(async {
+        let mut agent = Client::open(&gw, Codec::Json).await;
+        let id = agent.send(json!({"type": "connect", "token": token})).await;
+        assert_eq!(agent.reply(id).await["type"], "connected");
+        let id = agent.send(json!({"type": "presence", "status": "online"})).await;
+        agent.reply(id).await;
+        let mut visitor = Client::open(&gw, Codec::Json).await;
+        let id = visitor.send(json!({"type": "connect"})).await;
+        assert_eq!(visitor.reply(id).await["type"], "connected");
+        let id = visitor.send(json!({"type": "open"})).await;
+        let conv = visitor.reply(id).await["conv"].as_str().unwrap().to_string();
+        agent.expect("conversation").await;
+        for i in 0..3 {
+            let id = visitor
+                .send(json!({"type": "send", "conv": conv, "cid": format!("v{i}"), "text": "hi"}))
+                .await;
+            assert_eq!(visitor.reply(id).await["type"], "ack");
+            agent.expect("msg").await;
+        }
+        let id = agent.send(json!({"type": "send", "conv": conv, "cid": "a0", "text": "hello"})).await;
+        assert_eq!(agent.reply(id).await["type"], "ack");
+        visitor.expect("msg").await;
+        // A command without its conversation: bad_command.
+        let id = visitor.send(json!({"type": "send", "cid": "x", "text": "hi"})).await;
+        assert_eq!(visitor.reply(id).await["code"], "bad_command");
+
+        let metrics = gw.admin_get("/metrics");
+        let role =
+            |r: &str| common::sample(&metrics, "kefu_connections_by_role", &[&format!("role=\"{r}\"")]);
+        assert_eq!((role("visitor"), role("agent"), role("none")), (1.0, 1.0, 0.0), "{metrics}");
+        // The send that did not decode is an error, not a message.
+        assert_eq!(common::sample(&metrics, "kefu_chat_messages_in_total", &[]), 4.0, "{metrics}");
+        assert_eq!(common::sample(&metrics, "kefu_chat_messages_out_total", &[]), 4.0, "{metrics}");
+        assert_eq!(common::sample(&metrics, "kefu_ack_latency_seconds_count", &[]), 4.0, "{metrics}");
+        assert_eq!(common::sample(&metrics, "kefu_delivery_latency_seconds_count", &[]), 4.0, "{metrics}");
+        let inf = common::sample(&metrics, "kefu_delivery_latency_seconds_bucket", &["le=\"+Inf\""]);
+        assert_eq!(inf, 4.0, "{metrics}");
+        assert_eq!(
+            common::sample(&metrics, "kefu_errors_total", &["code=\"bad_command\""]),
+            1.0,
+            "{metrics}"
+        );
+        for h in ["kefu_storage_batch_records", "kefu_storage_commit_seconds", "kefu_storage_fsync_seconds"] {
+            assert!(common::sample(&metrics, &format!("{h}_count"), &[]) >= 4.0, "{h}: {metrics}");
+        }
+        assert!(common::sample(&metrics, "kefu_storage_fsync_seconds_sum", &[]) > 0.0, "{metrics}");
+        common::promtool_check(&metrics);
+
+        // A refused identity: error unauthorized, closed by the server with 4500.
+        let mut stranger = Client::open(&gw, Codec::Json).await;
+        let id = stranger.send(json!({"type": "connect", "token": "not-a-jwt"})).await;
+        assert_eq!(stranger.reply(id).await["code"], "unauthorized");
+        assert_eq!(stranger.recv().await["code"], 4500);
+        // The visitor leaves with 1000.
+        visitor.ws.close(None).await.unwrap();
+    });
+    let metrics = common::metrics_until(&gw, "the visitor's close counted and its session gone", |m| {
+        common::sample(m, "kefu_closes_total", &["by=\"client\""]) >= 1.0
+            && common::sample(m, "kefu_connections_by_role", &["role=\"visitor\""]) == 0.0
+    });
+    assert_eq!(common::sample(&metrics, "kefu_errors_total", &["code=\"unauthorized\""]), 1.0, "{metrics}");
+    let server = |code: &str| {
+        common::sample(&metrics, "kefu_closes_total", &["by=\"server\"", &format!("code=\"{code}\"")])
+    };
+    assert_eq!(server("4500"), 1.0, "{metrics}");
+}

@@ -295,6 +295,35 @@ fn from_offset_commits_and_rest_pages_start_where_they_say() {
 }
 
 #[test]
+fn metrics_show_each_consumers_lag_behind_the_head() {
+    let gw = start();
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+        let (all, _, _) = chat_followed_live(&gw).await;
+        let n = all.len() as f64;
+        let mut client = events(gw.admin, Some(KEY)).await;
+        // A name that needs escaping as a label value.
+        let consumer = "crm \"eu\"";
+        let label = "consumer=\"crm \\\"eu\\\"\"";
+        client.commit(pb::CommitRequest { consumer: consumer.into(), offset: 3 }).await.unwrap();
+        let mut s = client.subscribe(subscribe(consumer, 0)).await.unwrap().into_inner();
+        assert_eq!(take(&mut s, 1).await[0].offset, 4);
+        let metrics = common::metrics_until(&gw, "one stream, past offset 4", |m| {
+            common::sample(m, "kefu_events_subscribers", &[]) == 1.0
+                && common::sample(m, "kefu_events_subscriber_lag_events", &[label]) <= n - 4.0
+        });
+        assert_eq!(common::sample(&metrics, "kefu_events_head_offset", &[]), n, "{metrics}");
+        assert_eq!(common::sample(&metrics, "kefu_events_commit_lag_events", &[label]), n - 3.0, "{metrics}");
+        assert!(metrics.contains(&format!("kefu_events_subscriber_lag_events{{{label}}} ")), "{metrics}");
+        common::promtool_check(&metrics);
+    });
+    // The runtime, and with it the client, is gone.
+    let metrics = common::metrics_until(&gw, "the stream's lag gone with it", |m| {
+        common::sample(m, "kefu_events_subscribers", &[]) == 0.0
+    });
+    assert!(!metrics.contains("kefu_events_subscriber_lag_events{"), "{metrics}");
+}
+
+#[test]
 fn keys_are_refused_and_subscribers_are_bounded() {
     let env: Vec<(&str, &str)> = ENV.iter().copied().chain([("KEFU_ADMIN_SUBSCRIBERS_MAX", "3")]).collect();
     let gw = Gateway::start(&["--shards", "2"], &env);

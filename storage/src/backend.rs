@@ -10,6 +10,7 @@ use std::fmt;
 use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use redb::{BackendError, StorageBackend};
 
@@ -32,11 +33,19 @@ pub(crate) trait BackendObserver: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub(crate) struct SyncCounter {
     returned: AtomicU64,
+    /// Nanoseconds spent in `sync_data`, summed: the writer takes the
+    /// difference across a commit.
+    nanos: AtomicU64,
 }
 
 impl SyncCounter {
     pub(crate) fn returned(&self) -> u64 {
         self.returned.load(Ordering::Acquire)
+    }
+
+    /// Time spent in fsync since open.
+    pub(crate) fn spent(&self) -> Duration {
+        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
     }
 }
 
@@ -79,7 +88,10 @@ impl StorageBackend for ProbeBackend {
         if let Some(o) = &self.observer {
             o.sync_start();
         }
+        let started = Instant::now();
         self.inner.sync_data()?;
+        let took = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.syncs.nanos.fetch_add(took, Ordering::Relaxed);
         let n = self.syncs.returned.fetch_add(1, Ordering::AcqRel) + 1;
         if let Some(o) = &self.observer {
             o.sync_returned(n);

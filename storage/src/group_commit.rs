@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 
+use crate::backend::SyncCounter;
 use crate::dedupe::{self, DedupeKey, U64Map};
 use crate::error::{IoContext, StorageError};
 use crate::record::{ArchivedConversationRecord, ConvChange, LogRecord, access, encode_into};
 use crate::tables;
-use crate::write::{Committed, Completion, Shared, Submission, WriteOp};
+use crate::write::{CommitTimes, Committed, Completion, Shared, Submission, WriteOp};
 use kefu_proto::client::Msg;
 
 /// The knobs of group commit, from [`StoreConfig`](crate::StoreConfig).
@@ -79,6 +80,10 @@ pub(crate) struct GroupCommit {
     /// Reused encoding buffers.
     buf: Vec<u8>,
     buf2: Vec<u8>,
+    /// fsync time, for [`CommitTimes`].
+    syncs: Arc<SyncCounter>,
+    /// When the batch being gathered got its first write.
+    batch_started: Instant,
 }
 
 /// The tables a batch writes to, opened once per transaction. Those only
@@ -170,6 +175,7 @@ impl GroupCommit {
         next_offset: u64,
         next_conv_id: u64,
         dedupe_key: DedupeKey,
+        syncs: Arc<SyncCounter>,
     ) -> GroupCommit {
         let sources = shared.sources.len();
         GroupCommit {
@@ -189,6 +195,8 @@ impl GroupCommit {
             buf: Vec::with_capacity(1024),
             buf2: Vec::with_capacity(1024),
             limits,
+            syncs,
+            batch_started: Instant::now(),
         }
     }
 
@@ -263,7 +271,8 @@ impl GroupCommit {
             }
             thread::park_timeout(self.limits.idle_park);
         }
-        let deadline = Instant::now() + self.limits.window;
+        self.batch_started = Instant::now();
+        let deadline = self.batch_started + self.limits.window;
         while !self.full() {
             if self.take() > 0 {
                 continue;
@@ -287,9 +296,14 @@ impl GroupCommit {
         debug_assert!(n > 0);
         let start_offset = self.next_offset;
         let start_conv_id = self.next_conv_id;
+        let synced_before = self.syncs.spent();
         match self.apply_and_commit() {
             Ok(()) => {
                 self.commits += 1;
+                if let Some(f) = self.shared.on_commit.get() {
+                    let fsync = self.syncs.spent().saturating_sub(synced_before);
+                    f(CommitTimes { records: n, batch: self.batch_started.elapsed(), fsync });
+                }
                 if self.next_offset != start_offset {
                     self.shared.publish_log_end(self.next_offset);
                 }

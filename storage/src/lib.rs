@@ -102,4 +102,6 @@ pub use record::{
     UserControlRecord, UserRecord,
 };
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};
-pub use write::{Committed, Completion, Completions, Notify, OnLogEnd, WriteOp, Writer};
+pub use write::{
+    CommitTimes, Committed, Completion, Completions, Notify, OnCommit, OnLogEnd, WriteOp, Writer,
+};

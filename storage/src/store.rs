@@ -25,7 +25,7 @@ use crate::reader::Reader;
 use crate::record::ConversationRecord;
 use crate::tables;
 use crate::upgrade;
-use crate::write::{Completions, Notify, OnLogEnd, Shared, Writer};
+use crate::write::{Completions, Notify, OnCommit, OnLogEnd, Shared, Writer};
 
 /// What the store found when it opened: where to resume.
 #[derive(Debug, Clone)]
@@ -222,8 +222,15 @@ impl Store {
             quick_repair: config.quick_repair,
             conv_cache_entries: config.conv_cache_entries,
         };
-        let group_commit =
-            GroupCommit::new(db.clone(), shared.clone(), limits, next_offset, next_conv_id, dedupe_key);
+        let group_commit = GroupCommit::new(
+            db.clone(),
+            shared.clone(),
+            limits,
+            next_offset,
+            next_conv_id,
+            dedupe_key,
+            syncs.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("kefu-storage".into())
             .spawn(move || group_commit.run())
@@ -272,6 +279,13 @@ impl Store {
     /// setting it, so no commit goes unseen.
     pub fn on_log_end(&self, f: OnLogEnd) -> Result<(), OnLogEnd> {
         self.shared.on_log_end.set(f)
+    }
+
+    /// Sets what the writer calls after each group commit that returned
+    /// (see [`OnCommit`]): batch sizes and commit times for `/metrics`.
+    /// Set once; a second call hands `f` back.
+    pub fn on_commit(&self, f: OnCommit) -> Result<(), OnCommit> {
+        self.shared.on_commit.set(f)
     }
 
     /// A handle to read.

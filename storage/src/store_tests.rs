@@ -331,6 +331,28 @@ fn batches_respect_the_record_limit() {
 }
 
 #[test]
+fn each_commit_reports_its_size_and_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::StoreConfig { batch_max_records: 3, batch_window_us: 300_000, ..config(dir.path()) };
+    let (store, _) = open(cfg);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    assert!(store.on_commit(Box::new(move |t| sink.lock().unwrap().push(t))).is_ok());
+    assert!(store.on_commit(Box::new(|_| {})).is_err(), "set once");
+    let w = store.writer();
+    for i in 0..6 {
+        w.submit(0, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), "x"))).unwrap();
+    }
+    wait_for(&store.completions(0), 6);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.iter().map(|t| t.records).collect::<Vec<_>>(), [3, 3], "{seen:?}");
+    for t in seen.iter() {
+        // The window closes no batch here: the record limit does, at once.
+        assert!(t.fsync > Duration::ZERO && t.fsync <= t.batch, "{t:?}");
+    }
+}
+
+#[test]
 fn batches_respect_the_byte_limit() {
     let dir = tempfile::tempdir().unwrap();
     let text = "x".repeat(1000);

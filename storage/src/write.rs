@@ -16,6 +16,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
+use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 
@@ -35,6 +36,23 @@ pub type Notify = Arc<dyn Fn(usize) + Send + Sync>;
 /// record gets) after a group commit that logged something returned: every
 /// offset below it is durable. Must be cheap and must not block.
 pub type OnLogEnd = Box<dyn Fn(u64) + Send + Sync>;
+
+/// Called by the writer thread after each group commit that returned, with
+/// its size and timings, for `/metrics`. Must be cheap and must not block.
+pub type OnCommit = Box<dyn Fn(CommitTimes) + Send + Sync>;
+
+/// One group commit as [`OnCommit`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitTimes {
+    /// Writes in the batch.
+    pub records: usize,
+    /// From the batch's first write taken off a queue to the commit
+    /// returned: the gathering window, applying, and the commit itself.
+    pub batch: Duration,
+    /// Time spent in fsync during the commit (one fsync, two with
+    /// `quick_repair`).
+    pub fsync: Duration,
+}
 
 /// One durable write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +218,7 @@ pub(crate) struct Shared {
     /// the log may stream up to.
     pub(crate) log_end: AtomicU64,
     pub(crate) on_log_end: OnceLock<OnLogEnd>,
+    pub(crate) on_commit: OnceLock<OnCommit>,
 }
 
 impl Shared {
@@ -222,6 +241,7 @@ impl Shared {
             stats: WriteStats::default(),
             log_end: AtomicU64::new(log_end),
             on_log_end: OnceLock::new(),
+            on_commit: OnceLock::new(),
         }
     }
 

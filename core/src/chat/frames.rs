@@ -12,9 +12,12 @@
 //! Nothing here needs `unsafe`: `Arc::get_mut` is the proof that no edge
 //! still reads a buffer (it synchronises with the edges' drops).
 
+use std::cell::RefCell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use kefu_proto::client::{Codec, Encoder, ServerFrame};
+use kefu_proto::ErrorCode;
+use kefu_proto::client::{Codec, Encoder, Event, ServerFrame};
 
 use kefu_proto::ws::{MAX_HEADER_BYTES, OpCode, encode_header};
 
@@ -92,6 +95,30 @@ fn extend(buf: &mut Vec<u8>, parts: &[&[u8]]) {
     }
 }
 
+/// `error` frames encoded, by code, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ErrorCounts([AtomicU64; ErrorCode::ALL.len()]);
+
+impl ErrorCounts {
+    /// Error frames with `code` encoded so far.
+    pub fn get(&self, code: ErrorCode) -> u64 {
+        self.0[code as usize].load(Ordering::Relaxed)
+    }
+}
+
+thread_local! {
+    /// Where this thread's encoders count errors. Per thread rather than
+    /// per encoder because every machine of a shard has its own encoder,
+    /// deep inside, and they all count for the shard.
+    static ERRORS: RefCell<Option<Arc<ErrorCounts>>> = const { RefCell::new(None) };
+}
+
+/// Makes every [`FrameEncoder`] on this thread count the `error` frames it
+/// encodes into `counts` (a shard's, set once at its start).
+pub fn count_errors_into(counts: Arc<ErrorCounts>) {
+    ERRORS.with(|e| *e.borrow_mut() = Some(counts));
+}
+
 /// Encodes server frames into pooled [`SharedFrame`]s.
 #[derive(Debug, Default)]
 pub struct FrameEncoder {
@@ -107,6 +134,13 @@ impl FrameEncoder {
 
     /// `frame` for `codec`, as one complete server WebSocket frame.
     pub fn encode(&mut self, codec: Codec, frame: &ServerFrame) -> SharedFrame {
+        if let Event::Error { code, .. } = &frame.body {
+            ERRORS.with(|e| {
+                if let Some(counts) = &*e.borrow() {
+                    counts.0[*code as usize].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
         let payload = codec.encode_server(frame, &mut self.encoder);
         let opcode = if codec.is_binary() { OpCode::Binary } else { OpCode::Text };
         let mut header = [0u8; MAX_HEADER_BYTES];
@@ -159,5 +193,23 @@ mod tests {
         let bytes = enc.encode(Codec::Json, &frame);
         assert_eq!(bytes[0], 0x81, "FIN + text");
         assert_eq!(usize::from(bytes[1]), bytes.len() - 2);
+    }
+
+    #[test]
+    fn error_frames_are_counted_by_code_on_a_thread_that_asked() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i, "ErrorCounts indexes by declaration order");
+        }
+        let counts = Arc::new(ErrorCounts::default());
+        let mut enc = FrameEncoder::new();
+        let error = ServerFrame::error(Some(1), ErrorCode::BadCommand, "no");
+        enc.encode(Codec::Json, &error);
+        assert_eq!(counts.get(ErrorCode::BadCommand), 0, "not counted before");
+        count_errors_into(counts.clone());
+        enc.encode(Codec::Json, &error);
+        enc.encode(Codec::FlatBuffers, &error);
+        enc.encode(Codec::Json, &ServerFrame::reply(Some(2), Event::Pong));
+        assert_eq!(counts.get(ErrorCode::BadCommand), 2);
+        assert_eq!(counts.get(ErrorCode::Internal), 0);
     }
 }

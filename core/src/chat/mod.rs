@@ -336,6 +336,9 @@ pub enum ShardMsg {
         /// String buffers for the shard's decoder: those of the message
         /// this frame acks, which that decoder filled.
         spare: [Option<String>; 2],
+        /// The message's `ts` if this is a `msg` frame of its fan-out, else
+        /// 0: the recipient's shard measures the delivery latency from it.
+        ts_ms: u64,
     },
     /// Any shard → a connection's shard: close it (after what is queued).
     Close {

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use kefu_proto::client::{AgentRef as WireAgent, Codec, Msg, ServerFrame};
+use kefu_proto::client::{AgentRef as WireAgent, Codec, Event, Msg, ServerFrame};
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 
 use super::directory::Member;
@@ -219,7 +219,7 @@ impl Outbox {
     /// [`Self::write`], handing `spare` (strings its shard's decoder
     /// filled) back to that shard with the frame.
     pub fn write_with(&mut self, to: SessionAddr, bytes: SharedFrame, spare: [Option<String>; 2]) {
-        self.post(to.shard as usize, ShardMsg::Deliver { to, bytes, spare });
+        self.post(to.shard as usize, ShardMsg::Deliver { to, bytes, spare, ts_ms: 0 });
     }
 
     /// Encodes `frame` for `codec`.
@@ -241,10 +241,15 @@ impl Outbox {
     /// Sends one event to many sessions: encoded once per subprotocol.
     pub fn deliver(&mut self, to: impl IntoIterator<Item = Member>, frame: &ServerFrame) {
         let mut encoded: [Option<SharedFrame>; 2] = [None, None];
+        let ts_ms = match &frame.body {
+            Event::Msg(m) => m.ts,
+            _ => 0,
+        };
         for m in to {
             let slot = usize::from(m.codec.is_binary());
             let bytes = encoded[slot].get_or_insert_with(|| self.frames.encode(m.codec, frame)).clone();
-            self.write(m.addr, bytes);
+            let to = m.addr;
+            self.post(to.shard as usize, ShardMsg::Deliver { to, bytes, spare: Default::default(), ts_ms });
         }
     }
 

@@ -33,8 +33,8 @@
 //! stream does not fit a JSON answer) and `POST /api/v1/events/commit`
 //! commits.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
@@ -48,6 +48,7 @@ use kefu_storage::{ConvChange, ConversationRecord, LogEvent, LogRecord, Reader, 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tonic::codegen::tokio_stream::StreamExt as _;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response as GrpcResponse, Status};
 use tracing::{debug, warn};
@@ -56,6 +57,7 @@ use super::calls::message;
 use super::pb;
 use super::writes::BridgeWrites;
 use crate::config::AdminConfig;
+use crate::metrics;
 
 /// Longest consumer name, in bytes. Names are keys of a storage table and
 /// travel in every commit; a business system needs a few words, not more.
@@ -122,6 +124,32 @@ struct Inner {
     limits: EventLimits,
     subscribers: Arc<Semaphore>,
     stop: Arc<AtomicBool>,
+    /// Where each live stream is, for the lag in `/metrics`: at most
+    /// `admin.subscribers_max` entries, since a place is taken first.
+    places: Mutex<Vec<Place>>,
+    next_place: AtomicU64,
+}
+
+/// A live stream's consumer and the API offset of the last event it sent
+/// (storage's next offset to send).
+struct Place {
+    id: u64,
+    consumer: String,
+    next: Arc<AtomicU64>,
+}
+
+/// Removes a stream's [`Place`] when its task ends, however it ends.
+struct Placed {
+    api: EventsApi,
+    id: u64,
+    next: Arc<AtomicU64>,
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        let mut places = self.api.inner.places.lock().unwrap_or_else(|e| e.into_inner());
+        places.retain(|p| p.id != self.id);
+    }
 }
 
 impl std::fmt::Debug for EventsApi {
@@ -208,6 +236,8 @@ impl EventsApi {
                 limits: init.limits,
                 subscribers,
                 stop,
+                places: Mutex::new(Vec::new()),
+                next_place: AtomicU64::new(0),
             }),
         }
     }
@@ -240,6 +270,70 @@ impl EventsApi {
             }
         }
         Ok(page)
+    }
+
+    /// Registers a stream of `consumer` starting at storage offset `next`.
+    fn place(&self, consumer: &str, next: u64) -> Placed {
+        let id = self.inner.next_place.fetch_add(1, Ordering::Relaxed);
+        let next = Arc::new(AtomicU64::new(next));
+        let place = Place { id, consumer: consumer.to_string(), next: next.clone() };
+        self.inner.places.lock().unwrap_or_else(|e| e.into_inner()).push(place);
+        Placed { api: self.clone(), id, next }
+    }
+
+    /// Appends the event log's series: its head, the live streams, and per
+    /// consumer with a live stream how far its stream and its last commit
+    /// are behind the head. Consumers without a stream are left out, so
+    /// the label's values are bounded by `admin.subscribers_max`.
+    pub fn render_lag(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        // Storage's log end is the last API offset (API offsets are
+        // storage's plus one), and a stream's next storage offset is the
+        // API offset of the last event it handed out.
+        let head = *self.inner.log_end.borrow();
+        let mut lag: Vec<(String, u64)> = {
+            let places = self.inner.places.lock().unwrap_or_else(|e| e.into_inner());
+            places
+                .iter()
+                .map(|p| (p.consumer.clone(), head.saturating_sub(p.next.load(Ordering::Relaxed))))
+                .collect()
+        };
+        let streams = lag.len();
+        // One series per consumer: its most behind stream.
+        lag.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        lag.dedup_by(|later, first| later.0 == first.0);
+        metrics::family(out, "kefu_events_head_offset", "gauge", "Offset of the last durable event.");
+        let _ = writeln!(out, "kefu_events_head_offset {head}");
+        metrics::family(out, "kefu_events_subscribers", "gauge", "Subscribe streams open.");
+        let _ = writeln!(out, "kefu_events_subscribers {streams}");
+        metrics::family(
+            out,
+            "kefu_events_subscriber_lag_events",
+            "gauge",
+            "Events between the head and the last one a consumer's stream handed out (its most behind stream).",
+        );
+        for (consumer, n) in &lag {
+            let _ = writeln!(
+                out,
+                "kefu_events_subscriber_lag_events{{consumer=\"{}\"}} {n}",
+                metrics::escape_label(consumer)
+            );
+        }
+        metrics::family(
+            out,
+            "kefu_events_commit_lag_events",
+            "gauge",
+            "Events between the head and a consumer's last commit (consumers with an open stream).",
+        );
+        for (consumer, _) in &lag {
+            let Ok(committed) = self.inner.reader.consumer_offset(consumer) else { continue };
+            let n = head.saturating_sub(committed.unwrap_or(0));
+            let _ = writeln!(
+                out,
+                "kefu_events_commit_lag_events{{consumer=\"{}\"}} {n}",
+                metrics::escape_label(consumer)
+            );
+        }
     }
 
     /// `Commit`: durable once it answers.
@@ -366,7 +460,18 @@ impl pb::events_server::Events for EventsApi {
         debug!(consumer = %req.consumer, from = from + 1, "events: subscriber starts");
         let (tx, rx) = mpsc::channel(self.inner.limits.subscribe_buffer_events);
         tokio::spawn(follow(self.clone(), from, tx, place));
-        Ok(GrpcResponse::new(Box::pin(ReceiverStream::new(rx))))
+        // Counted where the server takes an event off the buffer to send
+        // it, not where the reader fills the buffer: a slow consumer's lag
+        // shows even while the buffer holds the events it has not read.
+        // Owned by the stream, so the place goes with the client.
+        let placed = self.place(&req.consumer, from);
+        let stream = ReceiverStream::new(rx).map(move |item| {
+            if let Ok(e) = &item {
+                placed.next.store(e.offset, Ordering::Relaxed);
+            }
+            item
+        });
+        Ok(GrpcResponse::new(Box::pin(stream)))
     }
 
     async fn commit(

@@ -47,6 +47,7 @@ use super::pb::on_message_response::Action;
 use crate::chat::api::HookSink;
 use crate::config::HooksConfig;
 use crate::mailbox::Mailbox;
+use crate::metrics::{self, Histogram, HistogramSum, Unit};
 
 /// How long an answer waits before trying a full inbox again.
 const POST_RETRY: Duration = Duration::from_millis(1);
@@ -431,19 +432,25 @@ impl Outcome {
     }
 }
 
-/// Upper bounds of the latency histogram's buckets, in seconds: from a
-/// fast local hook to the longest `hooks.timeout_ms`.
-const BUCKETS_S: [f64; 16] =
-    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Upper bounds of the latency histogram's buckets, in microseconds: from
+/// a fast local hook to the longest `hooks.timeout_ms`.
+const BOUNDS_US: &[u64] = &[
+    500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
 
 /// Hook calls by outcome and their latency, per hook; written by the
 /// bridge's tasks, read by `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HookStats {
     calls: [[AtomicU64; Outcome::ALL.len()]; 2],
-    buckets: [[AtomicU64; BUCKETS_S.len()]; 2],
-    sum_ns: [AtomicU64; 2],
-    observed: [AtomicU64; 2],
+    latency: [Histogram; 2],
+}
+
+impl Default for HookStats {
+    fn default() -> Self {
+        Self { calls: Default::default(), latency: [Histogram::new(BOUNDS_US), Histogram::new(BOUNDS_US)] }
+    }
 }
 
 fn index(hook: Hook) -> usize {
@@ -460,14 +467,7 @@ impl HookStats {
     }
 
     fn observe(&self, hook: Hook, took: Duration) {
-        let h = index(hook);
-        let s = took.as_secs_f64();
-        // Buckets are stored non-cumulative and summed when rendered.
-        if let Some(b) = BUCKETS_S.iter().position(|&le| s <= le) {
-            self.buckets[h][b].fetch_add(1, Relaxed);
-        }
-        self.sum_ns[h].fetch_add(took.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
-        self.observed[h].fetch_add(1, Relaxed);
+        self.latency[index(hook)].observe_duration(took);
     }
 
     /// Calls of `hook` that ended with `outcome` so far.
@@ -495,33 +495,20 @@ impl HookStats {
                 );
             }
         }
-        let _ = writeln!(
+        metrics::family(
             out,
-            "# HELP kefu_hook_duration_seconds Time from a hook call to its answer, waiting for a turn included (calls not made are not counted).\n# TYPE kefu_hook_duration_seconds histogram"
+            "kefu_hook_duration_seconds",
+            "histogram",
+            "Time from a hook call to its answer, waiting for a turn included (calls not made are not counted).",
         );
         for hook in Hook::ALL {
-            let h = index(hook);
-            let name = hook.name();
-            let mut cumulative = 0;
-            for (le, n) in BUCKETS_S.iter().zip(&self.buckets[h]) {
-                cumulative += n.load(Relaxed);
-                let _ = writeln!(
-                    out,
-                    "kefu_hook_duration_seconds_bucket{{hook=\"{name}\",le=\"{le}\"}} {cumulative}"
-                );
-            }
-            // Read after the buckets: a call observed in between shows in
-            // the count, never in a bucket without it.
-            let count = self.observed[h].load(Relaxed).max(cumulative);
-            let ns = self.sum_ns[h].load(Relaxed);
-            let _ = writeln!(out, "kefu_hook_duration_seconds_bucket{{hook=\"{name}\",le=\"+Inf\"}} {count}");
-            let _ = writeln!(
+            let latency = HistogramSum::of(BOUNDS_US, [&self.latency[index(hook)]]);
+            latency.render(
                 out,
-                "kefu_hook_duration_seconds_sum{{hook=\"{name}\"}} {}.{:09}",
-                ns / 1_000_000_000,
-                ns % 1_000_000_000
+                "kefu_hook_duration_seconds",
+                &format!("hook=\"{}\"", hook.name()),
+                Unit::Seconds,
             );
-            let _ = writeln!(out, "kefu_hook_duration_seconds_count{{hook=\"{name}\"}} {count}");
         }
     }
 }
@@ -665,7 +652,7 @@ mod tests {
             out.contains("kefu_hook_duration_seconds_bucket{hook=\"on_message\",le=\"+Inf\"} 3\n"),
             "{out}"
         );
-        assert!(out.contains("kefu_hook_duration_seconds_sum{hook=\"on_message\"} 90.003300000\n"), "{out}");
+        assert!(out.contains("kefu_hook_duration_seconds_sum{hook=\"on_message\"} 90.003300\n"), "{out}");
         assert!(out.contains("kefu_hook_duration_seconds_count{hook=\"on_connect\"} 0\n"), "{out}");
     }
 }

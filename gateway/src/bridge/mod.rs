@@ -114,6 +114,7 @@ pub fn start(
 /// The state every request sees.
 struct Shared {
     ops: Ops,
+    events: events::EventsApi,
     keys: ApiKeys,
     in_flight: Arc<Semaphore>,
 }
@@ -134,6 +135,7 @@ async fn serve(init: BridgeInit) {
     };
     let shared = Arc::new(Shared {
         ops,
+        events: events_api.clone(),
         keys: api_keys,
         in_flight: Arc::new(Semaphore::new(max_concurrent_requests)),
     });
@@ -180,7 +182,7 @@ fn router(
     let ops_routes = axum::Router::new()
         .route("/healthz", get(|State(s): State<Arc<Shared>>| async move { ops::healthz(&s.ops) }))
         .route("/readyz", get(|State(s): State<Arc<Shared>>| async move { ops::readyz(&s.ops) }))
-        .route("/metrics", get(|State(s): State<Arc<Shared>>| async move { ops::metrics(&s.ops) }))
+        .route("/metrics", get(|State(s): State<Arc<Shared>>| async move { ops::metrics(&s.ops, &s.events) }))
         .with_state(shared.clone());
     let apps = Arc::new(Apps {
         grpc: grpc.prepare().into_axum_router(),

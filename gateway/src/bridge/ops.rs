@@ -7,7 +7,10 @@
 //!   not fail) and every shard is up (it swept within
 //!   `admin.shard_stall_ms` and is not draining). Otherwise 503, with one
 //!   line per reason.
-//! - `/metrics` is the Prometheus text of [`crate::metrics::render`].
+//! - `/metrics` is the Prometheus text of [`crate::metrics::render`], then
+//!   the bridge's own counters, the hooks', storage's group commits
+//!   ([`crate::metrics::CommitStats`]) and the event log's consumers
+//!   ([`super::events::EventsApi::render_lag`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +41,8 @@ pub struct Ops {
     pub bridge: BridgeStats,
     /// Hook calls by outcome, and their latency.
     pub hooks: Arc<super::hooks::HookStats>,
+    /// Storage's group commits: sizes and times.
+    pub commits: Arc<crate::metrics::CommitStats>,
 }
 
 /// What the bridge counts of itself, rendered after the shards' metrics.
@@ -106,10 +111,12 @@ pub fn readyz(ops: &Ops) -> Response {
 }
 
 /// `GET /metrics`.
-pub fn metrics(ops: &Ops) -> Response {
+pub fn metrics(ops: &Ops, events: &super::events::EventsApi) -> Response {
     let mut body = crate::metrics::render(&ops.stats, &ops.mailboxes, &ops.store.stats(), ops.driver);
     ops.bridge.render(&mut body);
     ops.hooks.render(&mut body);
+    ops.commits.render(&mut body);
+    events.render_lag(&mut body);
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
         .into_response()
 }

@@ -346,17 +346,19 @@ impl ChatService {
     fn dispatch(&mut self, msg: ShardMsg) {
         let now = now_ms();
         match msg {
-            ShardMsg::Deliver { to, bytes, spare } => self.local_write(to, bytes, spare),
+            ShardMsg::Deliver { to, bytes, spare, ts_ms } => self.local_write(to, bytes, spare, ts_ms),
             ShardMsg::Close { to, code, reason } => self.local_close(to, code, reason),
             ShardMsg::Home { reply, actor, request } => {
                 self.home.handle_request(reply, &actor, request, now, &self.directory, &self.reads)
             }
             ShardMsg::Chat(msg) => match *msg {
                 ChatMsg::SessionUp { addr, codec, actor, resume } => {
+                    self.count_session(addr, actor.role, 1);
                     self.directory.add(actor.key(), Member { addr, codec });
                     self.home.handle_session_up(addr, codec, &actor, &resume, &self.reads);
                 }
                 ChatMsg::SessionDown { addr, user } => {
+                    self.count_session(addr, user.role, u64::MAX);
                     self.directory.remove(&user, addr);
                     self.home.handle_session_down(addr);
                 }
@@ -386,6 +388,17 @@ impl ChatService {
                     self.route(|r| r.handle_relay(reply, actor, request))
                 }
             },
+        }
+    }
+
+    /// Adds `delta` (1, or `u64::MAX` for -1) to this shard's sessions of
+    /// `role`, if the session is on one of its connections: every shard
+    /// hears of every session, only its own shard counts it.
+    fn count_session(&self, addr: SessionAddr, role: Role, delta: u64) {
+        if usize::from(addr.shard) == self.me
+            && let Some(i) = Role::ALL.iter().position(|r| *r == role)
+        {
+            self.stats[self.me].sessions[i].fetch_add(delta, Ordering::Relaxed);
         }
     }
 
@@ -588,9 +601,16 @@ impl ChatService {
 
     // ---- output -------------------------------------------------------
 
-    fn local_write(&mut self, to: SessionAddr, bytes: SharedFrame, spare: [Option<String>; 2]) {
+    fn local_write(&mut self, to: SessionAddr, bytes: SharedFrame, spare: [Option<String>; 2], ts_ms: u64) {
         match self.edge.pass(to, bytes) {
-            Some(bytes) => self.local.push(Local::Deliver(to, bytes, spare)),
+            Some(bytes) => {
+                if ts_ms != 0 {
+                    let stats = &self.stats[self.me];
+                    ShardStats::inc(&stats.chat_messages_out);
+                    stats.delivery_latency.observe(now_ms().saturating_sub(ts_ms) * 1000);
+                }
+                self.local.push(Local::Deliver(to, bytes, spare))
+            }
             None => self.local.push(Local::Spare(spare)),
         }
     }
@@ -632,7 +652,9 @@ impl ChatService {
         }
         if to == self.me {
             match msg {
-                ShardMsg::Deliver { to, bytes, spare } => return self.local_write(to, bytes, spare),
+                ShardMsg::Deliver { to, bytes, spare, ts_ms } => {
+                    return self.local_write(to, bytes, spare, ts_ms);
+                }
                 ShardMsg::Close { to, code, reason } => return self.local_close(to, code, reason),
                 _ => {}
             }
@@ -742,6 +764,9 @@ impl ChatService {
 
     fn committed(&mut self, pending: Pending, op: WriteOp, durable: Durable) {
         let now = now_ms();
+        if let (Pending::Message { sender: Some(_), .. }, WriteOp::AppendMessage(m)) = (&pending, &op) {
+            self.stats[self.me].ack_latency.observe(now.saturating_sub(m.ts) * 1000);
+        }
         match pending {
             Pending::Nothing => {}
             Pending::UserChanged { user, call, next, close } => {

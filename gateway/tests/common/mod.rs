@@ -298,3 +298,55 @@ impl WsClient {
         self.ws.send(tokio_tungstenite::tungstenite::Message::text(v.to_string())).await.unwrap();
     }
 }
+
+/// The sum of the `/metrics` samples of `name` whose labels include every
+/// one of `labels` (`key="value"`); 0 if there is none.
+pub fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            n == name && labels.iter().all(|want| rest.split([',', '}']).any(|l| l == *want))
+        })
+        .map(|(_, v)| v.parse::<f64>().unwrap())
+        .sum()
+}
+
+/// Polls `/metrics` until `check` holds (counters of other threads land a
+/// moment after the frame that shows them).
+pub fn metrics_until(gw: &Gateway, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let metrics = gw.admin_get("/metrics");
+        if check(&metrics) {
+            return metrics;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Runs `promtool check metrics` on a `/metrics` answer, if promtool is
+/// installed (Debian's `prometheus`; CI has it): the series as they are
+/// with traffic, histograms filled and consumer labels escaped, not only
+/// an idle gateway's (`tools/check-metrics.sh`).
+pub fn promtool_check(response: &str) {
+    use std::process::Stdio;
+    let body = response.split_once("\r\n\r\n").map_or(response, |(_, body)| body);
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        eprintln!("promtool not found: /metrics not linted");
+        return;
+    };
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "promtool: {said}\n{body}");
+}
