@@ -298,7 +298,7 @@ fn from_offset_commits_and_rest_pages_start_where_they_say() {
 fn metrics_show_each_consumers_lag_behind_the_head() {
     let gw = start();
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-        let (all, _, _) = chat_followed_live(&gw).await;
+        let (all, _, _, _clients) = chat_followed_live(&gw).await;
         let n = all.len() as f64;
         let mut client = events(gw.admin, Some(KEY)).await;
         // A name that needs escaping as a label value.
