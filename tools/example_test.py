@@ -4,8 +4,12 @@ way a shop would use it, and checks what the issue asks of it:
 
 - it syncs a user with a vip_level, and the agent of that user's open
   conversation sees the meta live;
+- it serves OnConnect: a known customer's profile gets its CRM id, and an
+  account flagged for fraud is refused (4500);
 - it serves OnMessage: a visitor's message containing "bug" gets a ticket
   number back as a bot message;
+- it sends idempotently (SendMessage twice with one cid: one message, the
+  second answered as a duplicate) and reads history (GetHistory);
 - it follows the event stream, commits, and after a restart resumes where
   it stopped: no gap, no loss.
 
@@ -114,7 +118,11 @@ async def chat(addr, data, admin):
     ) as visitor:
         assert (await call(agent, {"type": "connect", "token": token(data, "agent", "agent-1")}))["type"] == "connected"
         assert (await call(agent, {"type": "presence", "status": "online"}))["status"] == "online"
-        assert (await call(visitor, {"type": "connect", "token": token(data, "visitor", "shopper-1")}))["type"] == "connected"
+        connected = await call(visitor, {"type": "connect", "token": token(data, "visitor", "shopper-1")})
+        assert connected["type"] == "connected", connected
+        # OnConnect: the CRM's id is on the profile.
+        assert connected["user"]["meta"].get("crm_id") == "CRM-shopper-1", connected
+        print(f"ok: OnConnect enriched the visitor: {connected['user']}")
         conv = (await call(visitor, {"type": "open"}))["conv"]
 
         # The shop's login: SyncUser with a vip_level; the agent sees it live.
@@ -130,13 +138,42 @@ async def chat(addr, data, admin):
         print(f"ok: OnMessage answered with {bot['text']!r}")
         for i in range(5):
             await call(visitor, {"type": "send", "conv": conv, "cid": f"more-{i}", "text": f"message {i}"})
-        return conv
+
+        # SendMessage is idempotent by cid; GetHistory shows it once.
+        first = notify(admin, conv, "1042")
+        again = notify(admin, conv, "1042")
+        assert not first["duplicate"] and again["duplicate"] and again["seq"] == first["seq"], (first, again)
+        shipped = [m for m in again["history"] if "1042" in m["text"]]
+        assert len(shipped) == 1 and shipped[0]["from"] == "bot", again["history"]
+        pushed = await until(visitor, lambda m: m.get("type") == "msg" and "1042" in (m.get("text") or ""))
+        print(f"ok: SendMessage once, resent as a duplicate of seq {first['seq']}; the visitor got {pushed['text']!r}")
+
+    # OnConnect refuses an account the shop flagged: unauthorized, close 4500.
+    async with websockets.connect(f"ws://{addr}/ws", subprotocols=["kefu.v1.json"]) as fraud:
+        refused = await call(fraud, {"type": "connect", "token": token(data, "visitor", "fraud-7")})
+        assert refused.get("code") == "unauthorized" and "under review" in refused.get("message", ""), refused
+        try:
+            await asyncio.wait_for(fraud.recv(), 10)
+        except websockets.ConnectionClosed as e:
+            assert e.rcvd is not None and e.rcvd.code == 4500, e
+        else:
+            raise SystemExit("FAIL: a refused connect was not closed")
+        print("ok: OnConnect refused a flagged account (4500)")
+    return conv
+
+
+def notify(admin, conv, order):
+    out = subprocess.run(
+        [PYTHON, EXAMPLE, "notify", "--admin", admin, "--key", KEY, "--conv", conv, "--order", order],
+        check=True, timeout=60, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     data = tempfile.mkdtemp(prefix="kefu-example-")
     addr, admin, hooks = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, KEFU_ADMIN_API_KEYS=json.dumps([KEY]), KEFU_HOOKS_ENDPOINT=f"http://{hooks}", KEFU_HOOKS_ON_MESSAGE="true")
+    env = dict(os.environ, KEFU_ADMIN_API_KEYS=json.dumps([KEY]), KEFU_HOOKS_ENDPOINT=f"http://{hooks}", KEFU_HOOKS_ON_MESSAGE="true", KEFU_HOOKS_ON_CONNECT="true")
     example = Lines([PYTHON, EXAMPLE, "serve", "--admin", admin, "--key", KEY, "--listen", hooks])
     kefu = Lines([KEFU, "serve", "--listen", addr, "--admin-listen", admin, "--data", data], env=env)
     try:

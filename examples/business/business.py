@@ -6,17 +6,24 @@ It does what a shop's backend does with a live-chat gateway:
 - ``login``: when a user logs in to the shop, it tells kefu who they are
   (``SyncUser``, with their ``vip_level``), so agents see it and routing
   serves VIPs first;
-- ``serve``: it answers kefu's ``OnMessage`` hook (a message containing
-  "bug" gets a ticket number, posted into the conversation as a bot reply)
-  and follows the event stream (``Events.Subscribe``), committing each
-  event it has handled, so that after a restart it resumes where it
-  stopped: no event lost, none handled twice but the last uncommitted one.
+- ``notify``: it tells a customer in their conversation that an order
+  shipped (``SendMessage``, with the order number as the ``cid``, so a
+  retry never posts it twice) and prints the conversation's last messages
+  (``GetHistory``);
+- ``serve``: it answers kefu's ``OnConnect`` hook (a known customer gets
+  their CRM id on the profile agents see; an account flagged for fraud is
+  refused) and ``OnMessage`` hook (a message containing "bug" gets a
+  ticket number, posted into the conversation as a bot reply), and
+  follows the event stream (``Events.Subscribe``), committing each event
+  it has handled, so that after a restart it resumes where it stopped: no
+  event lost, none handled twice but the last uncommitted one.
 
 The stubs are generated from the project's own ``proto/`` at start, so
 the example always speaks the contract in this checkout.
 
     python business.py serve --admin 127.0.0.1:9090 --key KEY --listen 127.0.0.1:50051
     python business.py login --admin 127.0.0.1:9090 --key KEY --user v1 --vip 3
+    python business.py notify --admin 127.0.0.1:9090 --key KEY --conv c1 --order 1042
 """
 
 import argparse
@@ -74,7 +81,15 @@ class Hooks:
         self.lock = threading.Lock()
 
     def OnConnect(self, request, context):
-        # Everyone is welcome; an empty answer lets the user in unchanged.
+        user = request.user
+        # The shop's fraud team flags accounts; kefu closes them with 4500.
+        if user.id.startswith("fraud-"):
+            log({"hook": "OnConnect", "refused": user.id})
+            return self.pb["hooks"].OnConnectResponse(refuse=True, reason="account under review")
+        # A customer the CRM knows gets its id on the profile agents see;
+        # anyone else (an agent, an anonymous visitor) is let in unchanged.
+        if user.role == "visitor" and not user.id.startswith("anon-"):
+            return self.pb["hooks"].OnConnectResponse(meta={"crm_id": f"CRM-{user.id}"})
         return self.pb["hooks"].OnConnectResponse()
 
     def OnMessage(self, request, context):
@@ -139,10 +154,25 @@ def login(args):
     log({"synced": args.user, "vip_level": args.vip})
 
 
+def notify(args):
+    """An order shipped: tell the customer in their conversation, once."""
+    pb = load_stubs()
+    with grpc.insecure_channel(args.admin) as channel:
+        gateway = pb["gateway_grpc"].GatewayStub(channel)
+        request = pb["gateway"].SendMessageRequest(
+            conv=args.conv, cid=f"order-{args.order}-shipped", text=f"Your order {args.order} has shipped.", sender_name="Shop"
+        )
+        sent = gateway.SendMessage(request, metadata=auth(args.key), timeout=10)
+        history = gateway.GetHistory(pb["gateway"].GetHistoryRequest(conv=args.conv, limit=5), metadata=auth(args.key), timeout=10)
+    # `from` is a Python keyword: the field is read with getattr.
+    last = [{"seq": m.seq, "from": getattr(m, "from").role, "text": m.text} for m in history.messages]
+    log({"notified": args.conv, "seq": sent.seq, "duplicate": sent.duplicate, "history": last})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("serve", "login"):
+    for name in ("serve", "login", "notify"):
         p = sub.add_parser(name)
         p.add_argument("--admin", default="127.0.0.1:9090", help="kefu's server.admin_listen")
         p.add_argument("--key", default=os.environ.get("KEFU_API_KEY", ""), help="one of kefu's admin.api_keys")
@@ -154,8 +184,11 @@ def main():
     l.add_argument("--user", required=True)
     l.add_argument("--name", default="")
     l.add_argument("--vip", type=int, default=0)
+    n = sub.choices["notify"]
+    n.add_argument("--conv", required=True)
+    n.add_argument("--order", required=True)
     args = parser.parse_args()
-    {"serve": serve, "login": login}[args.command](args)
+    {"serve": serve, "login": login, "notify": notify}[args.command](args)
 
 
 if __name__ == "__main__":
