@@ -547,6 +547,20 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The configuration as `kefu config` prints it: the secrets (the JWT
+    /// secret, the API keys) replaced by a note of their length, so a
+    /// printed or pasted configuration gives nobody the keys.
+    pub fn redacted(&self) -> Config {
+        let hide =
+            |s: &str| if s.is_empty() { String::new() } else { format!("<redacted: {} bytes>", s.len()) };
+        let mut c = self.clone();
+        c.auth.jwt_secret = hide(&c.auth.jwt_secret);
+        c.admin.api_keys = c.admin.api_keys.iter().map(|k| hide(k)).collect();
+        c
+    }
+}
+
+impl Config {
     /// Builds the configuration from defaults, an optional file, the process
     /// environment and flags, in that order, and validates it.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
@@ -832,6 +846,19 @@ mod tests {
         ] {
             assert!(load(Some(file), &[], &o).is_err(), "accepted: {file}");
         }
+    }
+
+    #[test]
+    fn the_printed_configuration_hides_the_secrets() {
+        let o = Overrides::default();
+        let toml = "[auth]\njwt_secret = \"a-secret-of-32-bytes-or-more-000\"\n[admin]\napi_keys = [\"0123456789abcdef\"]\n";
+        let c = load(Some(toml), &[], &o).unwrap().redacted();
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert!(!printed.contains("a-secret-of") && !printed.contains("0123456789abcdef"), "{printed}");
+        assert!(
+            printed.contains("<redacted: 32 bytes>") && printed.contains("<redacted: 16 bytes>"),
+            "{printed}"
+        );
     }
 
     #[test]

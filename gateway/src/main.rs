@@ -31,7 +31,7 @@ enum Command {
     /// are listed in docs/configuration.md and by `kefu config`.
     Serve(ServeArgs),
     /// Print the effective configuration (after file, environment and flags)
-    /// as TOML, then exit.
+    /// as TOML, then exit. The JWT secret and API keys are shown redacted.
     Config(ServeArgs),
     /// Print a client JWT signed with the configured secret (auth.jwt_secret,
     /// or the one generated in the data directory).
@@ -102,7 +102,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Config(args) => {
             let config = args.load()?;
-            print!("{}", toml::to_string_pretty(&config).context("rendering the configuration")?);
+            let printed =
+                toml::to_string_pretty(&config.redacted()).context("rendering the configuration")?;
+            print!("{printed}");
             Ok(())
         }
         Command::Token(args) => {

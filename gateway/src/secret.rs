@@ -6,7 +6,7 @@
 //! random bits, hex, mode 0600) the first time.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use tracing::{info, warn};
@@ -30,8 +30,23 @@ pub fn load_or_create(configured: &str, data_dir: &Path) -> std::io::Result<(Str
         }
         return Ok((configured.to_string(), Source::Config));
     }
-    std::fs::create_dir_all(data_dir)?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir)?;
     let path = data_dir.join("jwt_secret");
+    // Whoever reads the secret can sign any identity: a file others can
+    // read is refused, as ssh refuses a loose private key.
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is readable by others (mode {:o}); chmod 600 it, and replace the secret if others may have read it",
+                    path.display(),
+                    meta.permissions().mode() & 0o777
+                ),
+            ));
+        }
+        _ => {}
+    }
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => return Ok((s.trim().to_string(), Source::DataDir)),
         Ok(_) => {
@@ -68,5 +83,19 @@ mod tests {
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
         let (c, src) = load_or_create("configured-secret", dir.path()).unwrap();
         assert_eq!((c.as_str(), src), ("configured-secret", Source::Config));
+    }
+
+    #[test]
+    fn a_secret_others_can_read_is_refused_and_a_new_directory_is_private() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        load_or_create("", &dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        let file = dir.join("jwt_secret");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_or_create("", &dir).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("chmod 600"), "{err}");
     }
 }

@@ -8,6 +8,7 @@
 //! stops the thread.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -180,15 +181,24 @@ impl Store {
         let inner: Box<dyn StorageBackend> = match backend {
             Some(b) => b,
             None => {
-                std::fs::create_dir_all(&config.dir)
+                // Conversations are personal data: nobody but kefu's user
+                // reads them. A directory kefu makes is 0700; the database
+                // file is 0600, an existing one tightened to it.
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&config.dir)
                     .map_err(|e| open_err(format!("create directory: {e}")))?;
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create(true)
                     .truncate(false)
+                    .mode(0o600)
                     .open(&path)
                     .map_err(|e| open_err(e.to_string()))?;
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| open_err(format!("make it 0600: {e}")))?;
                 Box::new(redb::backends::FileBackend::new(file).map_err(|e| open_err(e.to_string()))?)
             }
         };

@@ -1056,3 +1056,21 @@ fn user_controls_persist_apart_from_profiles_and_a_version_4_store_gains_the_tab
     assert_eq!(r.user_control(Role::Agent, "v1").unwrap(), None, "keyed by role too");
     assert_eq!(r.user(Role::Visitor, "v1").unwrap(), None, "no profile was written");
 }
+
+#[test]
+fn the_data_directory_and_database_are_kefus_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    {
+        let (_store, _) = open(config(&dir));
+    }
+    assert_eq!(mode(&dir), 0o700, "a directory kefu makes");
+    let db = config(&dir).db_path();
+    assert_eq!(mode(&db), 0o600);
+    // A database file someone loosened is tightened at the next open.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (_store, _) = open(config(&dir));
+    assert_eq!(mode(&db), 0o600);
+}

@@ -759,18 +759,21 @@ impl Home {
                 self.convs.insert(conv, c);
                 // The visitor's profile (token meta merged with the widget's)
                 // is what agents see, so it is stored too, keeping the key
-                // hash of an anonymous visitor.
-                let key_hash =
-                    store.user(Role::Visitor, &visitor.id).ok().flatten().and_then(|u| u.visitor_key_hash);
-                let user = Profile {
-                    role: Role::Visitor,
-                    id: visitor.id.to_string(),
-                    name: visitor.name.to_string(),
-                    meta: visitor.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    visitor_key_hash: key_hash,
-                    created_ms: now_ms,
-                };
-                self.out.submit(Write::User(user), Pending::Nothing);
+                // hash of an anonymous visitor. If the stored one cannot be
+                // read, it is not written: without its key hash, an
+                // anonymous visitor could never come back (the next
+                // conversation writes it).
+                if let Ok(stored) = store.user(Role::Visitor, &visitor.id) {
+                    let user = Profile {
+                        role: Role::Visitor,
+                        id: visitor.id.to_string(),
+                        name: visitor.name.to_string(),
+                        meta: visitor.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                        visitor_key_hash: stored.and_then(|u| u.visitor_key_hash),
+                        created_ms: now_ms,
+                    };
+                    self.out.submit(Write::User(user), Pending::Nothing);
+                }
                 self.persist(conv, reply, None, route, now_ms);
             }
             Change::Assign { agent, group, previous } => {

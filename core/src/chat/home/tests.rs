@@ -549,3 +549,19 @@ fn a_bots_message_is_not_screened() {
     w.commit();
     assert_eq!(msgs(&w.take(&a)), [(1, "shipped".into())]);
 }
+
+#[test]
+fn a_profile_that_cannot_be_read_is_not_overwritten_without_its_key_hash() {
+    let mut w = World::new(|_| {});
+    let v = w.connect(Role::Visitor, "anon-1", 1);
+    let visitor = Visitor { id: v.actor.id.clone(), name: v.actor.name.clone(), meta: Meta::new() };
+    w.store.fail_reads.set(true);
+    w.change(Change::Create { visitor: visitor.clone(), group: "default".into() }, None);
+    let profiles = w.writes.iter().filter(|(_, write)| matches!(write, Write::User(_))).count();
+    assert_eq!(profiles, 0, "no profile written blind");
+    assert_eq!(w.writes.len(), 1, "the conversation itself is still stored");
+    w.store.fail_reads.set(false);
+    w.writes.clear();
+    w.change(Change::Create { visitor, group: "default".into() }, None);
+    assert!(w.writes.iter().any(|(_, write)| matches!(write, Write::User(_))), "written once readable");
+}
