@@ -489,9 +489,15 @@ impl Router {
         match by.role {
             Role::Bot => true,
             Role::Visitor => entry.visitor == by.id,
+            // An agent's groups are its newest token's, as `accept` judges
+            // them: a session opened with an older token has neither more
+            // nor fewer rights than the agent's other sessions.
             Role::Agent => match &entry.state {
                 State::Assigned { agent } => *agent == by.id,
-                State::Queued { .. } => serves(&by.groups, &entry.group),
+                State::Queued { .. } => {
+                    let groups = self.agents.get(&by.id).map_or(&by.groups, |a| &a.groups);
+                    serves(groups, &entry.group)
+                }
             },
         }
     }

@@ -705,7 +705,25 @@ impl Home {
             Err(e) => return self.out.error(reply, e.code(), e.to_string()),
         };
         let (to, codec, id) = reply;
-        let frame = match store.before(conv, range.end, (range.end - range.start) as usize) {
+        // A page is bounded by bytes as a replay is (half the connection's
+        // outbound bound), not only by `limit`: 200 messages with big
+        // attachments would be one frame past that bound, and the client
+        // cut as a slow consumer on every try. The sizes are weighed first,
+        // so no attachment beyond the budget is read; the page holds the
+        // newest that fit (at least one) and the client pages on from its
+        // oldest.
+        let mut window =
+            ReplayWindow::new(range.start.saturating_sub(1), range.end - 1, u64::MAX, self.replay_bytes_max);
+        let weighed = match window.to_weigh(range.end - 1) {
+            Some(seqs) => store.sizes(conv, seqs, &mut |seq, text, attachment| {
+                window.admit(seq, frame_weight(text, attachment))
+            }),
+            None => Ok(()),
+        };
+        let first = window.start() + 1;
+        let frame = match weighed
+            .and_then(|()| store.before(conv, range.end, range.end.saturating_sub(first) as usize))
+        {
             Ok(messages) => ServerFrame::reply(id, Event::History { conv, messages }),
             Err(e) => ServerFrame::error(id, e.code, e.message),
         };

@@ -895,3 +895,18 @@ fn an_agent_and_a_visitor_with_the_same_id_are_kept_apart() {
     );
     r.check_invariants().unwrap();
 }
+
+#[test]
+fn accept_transfer_and_close_judge_an_agents_groups_alike() {
+    let mut r = Router::new(config(false), 1);
+    online(&mut r, "a1", &["sales"], 1, 5);
+    let billing = open(&mut r, "v1", "billing", 0);
+    let sales = open(&mut r, "v2", "sales", 0);
+    // a1 signs in again with a token for billing only; its first session
+    // still carries the sales token.
+    r.agent_connected(info("a1", &["billing"]), 2, T0);
+    let old_session = agent_actor("a1", &["sales"]);
+    assert_eq!(r.close(&old_session, sales).map(|_| ()), Err(RouteError::NotFound), "as accept would");
+    assert_eq!(r.accept("a1", sales), Err(RouteError::NotFound));
+    assert!(r.close(&old_session, billing).is_ok(), "the newest token's group");
+}

@@ -565,3 +565,35 @@ fn a_profile_that_cannot_be_read_is_not_overwritten_without_its_key_hash() {
     w.change(Change::Create { visitor, group: "default".into() }, None);
     assert!(w.writes.iter().any(|(_, write)| matches!(write, Write::User(_))), "written once readable");
 }
+
+#[test]
+fn a_history_page_of_big_attachments_holds_what_fits_and_pages_on() {
+    let mut w = World::new(|_| {});
+    // A 1 MiB budget; each 300 KiB picture weighs about 400 KiB as base64.
+    w.home = Home::new(0, 1, Arc::new(CoreConfig::default()), 1 << 20, Vec::new());
+    let v = w.connect(Role::Visitor, "v1", 1);
+    let a = w.connect(Role::Agent, "a1", 2);
+    w.open_assigned(&v, &a);
+    let picture = kefu_proto::client::Attachment { mime: "image/png".into(), data: vec![7; 300 << 10] };
+    for i in 1..=5 {
+        let send = HomeRequest::Send {
+            conv: CONV,
+            cid: format!("p{i}"),
+            text: None,
+            attachment: Some(picture.clone()),
+        };
+        w.request(&v, i, send);
+        w.commit();
+    }
+    w.frames.clear();
+    let mut page = |before| {
+        w.request(&v, 99, HomeRequest::History { conv: CONV, before, limit: 200 });
+        let got = w.take(&v);
+        let Event::History { messages, .. } = &got[0].body else { panic!("{got:?}") };
+        messages.iter().map(|m| m.seq).collect::<Vec<_>>()
+    };
+    assert_eq!(page(None), [4, 5], "the newest that fit the budget, not 200");
+    assert_eq!(page(Some(4)), [2, 3], "paged on from the oldest");
+    assert_eq!(page(Some(2)), [1]);
+    assert_eq!(page(Some(1)), Vec::<u64>::new());
+}
