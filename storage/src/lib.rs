@@ -98,7 +98,7 @@ pub use record::{
     AgentRef, ArchivedAgentRef, ArchivedAttachment, ArchivedConvStatus, ArchivedConversationRecord,
     ArchivedLogRecord, ArchivedMessageRecord, ArchivedReadMark, ArchivedRole, ArchivedSender,
     ArchivedUserControlRecord, ArchivedUserRecord, Attachment, BlockRecord, ConvChange, ConvStatusDef,
-    ConversationRecord, LogRecord, MessageRecord, PresenceRecord, ReadMark, RoleDef, Sender,
+    ConversationRecord, LogRecord, MessageRecord, PresenceRecord, decode_log_record, encode_log_record, ReadMark, RoleDef, Sender,
     UserControlRecord, UserRecord,
 };
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};

@@ -452,6 +452,21 @@ where
     }
 }
 
+/// A log value as redb holds it (format byte, then the archive), read as
+/// every reader reads it: validated first, then turned into an owned
+/// record. Corrupt bytes are an error, never a panic. Public for the
+/// fuzzer (`fuzz/`, target `log_record`).
+pub fn decode_log_record(bytes: &[u8]) -> Result<LogRecord, StorageError> {
+    to_owned(access::<ArchivedLogRecord>(bytes, "log", &"(given bytes)")?)
+}
+
+/// A log record as the writer stores it (format byte, then the archive).
+pub fn encode_log_record(record: &LogRecord) -> Result<Vec<u8>, StorageError> {
+    let mut out = Vec::new();
+    encode_into(record, &mut out)?;
+    Ok(out)
+}
+
 /// Turns a validated archive into an owned value.
 pub(crate) fn to_owned<A, T>(archived: &A) -> Result<T, StorageError>
 where
