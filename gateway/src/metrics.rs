@@ -272,6 +272,16 @@ pub struct ShardStats {
     pub heartbeat_closes: AtomicU64,
     /// Times a connection had to wait for a slab buffer.
     pub slab_waits: AtomicU64,
+    /// Connections closed (1013) after waiting `limits.buffer_wait_timeout_ms`
+    /// for a slab buffer.
+    pub buffer_wait_timeouts: AtomicU64,
+    /// Connections closed (1008) for a message left incomplete past
+    /// `limits.partial_message_timeout_ms`.
+    pub partial_message_timeouts: AtomicU64,
+    /// Connections closed before `connect`: a message over
+    /// `limits.unauthenticated_message_bytes_max` (1009), or buffers over
+    /// `limits.unauthenticated_buffer_bytes_max` (1013).
+    pub unauthenticated_refusals: AtomicU64,
     /// Thread CPU nanoseconds spent draining the inbox: deliveries from
     /// other shards and this shard's chat service (its sessions, the
     /// conversations homed here, on shard 0 the router; storage
@@ -387,7 +397,7 @@ pub fn render<T: Send>(
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     type Field = fn(&ShardStats) -> &AtomicU64;
-    let series: [(&str, &str, &str, Field); 17] = [
+    let series: [(&str, &str, &str, Field); 20] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),
         ("kefu_accepted_total", "counter", "Connections accepted.", |s| &s.accepted),
         ("kefu_refused_full_total", "counter", "Connections refused: shard full.", |s| &s.refused_full),
@@ -403,6 +413,21 @@ pub fn render<T: Send>(
         ("kefu_slow_consumer_closes_total", "counter", "Closes 4001.", |s| &s.slow_consumer_closes),
         ("kefu_heartbeat_closes_total", "counter", "Closes for silence.", |s| &s.heartbeat_closes),
         ("kefu_slab_waits_total", "counter", "Waits for a slab buffer.", |s| &s.slab_waits),
+        ("kefu_buffer_wait_timeouts_total", "counter", "Closes 1013: no slab buffer in time.", |s| {
+            &s.buffer_wait_timeouts
+        }),
+        (
+            "kefu_partial_message_timeouts_total",
+            "counter",
+            "Closes 1008: message incomplete too long.",
+            |s| &s.partial_message_timeouts,
+        ),
+        (
+            "kefu_unauthenticated_refusals_total",
+            "counter",
+            "Closes before connect: message too big (1009) or buffer budget spent (1013).",
+            |s| &s.unauthenticated_refusals,
+        ),
         ("kefu_backlog_messages", "gauge", "Posts waiting for another shard's full inbox.", |s| &s.backlog),
         ("kefu_posts_refused_total", "counter", "Posts refused (unavailable): backlog full.", |s| {
             &s.posts_refused

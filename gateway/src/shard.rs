@@ -88,6 +88,15 @@ pub struct ConnLimits {
     pub heartbeat_ms: u64,
     /// Whether `/ws/echo` is served.
     pub echo: bool,
+    /// How long a message or frame header may stay incomplete.
+    pub partial_message_timeout_ms: u64,
+    /// How long a connection waits for a slab buffer before it is closed.
+    pub buffer_wait_timeout: Duration,
+    /// Largest message before `connect` (never above `max_message_bytes`).
+    pub unauthenticated_message_bytes_max: u64,
+    /// Message buffer bytes all of a shard's connections before `connect`
+    /// may hold together.
+    pub unauthenticated_buffer_bytes_max: usize,
 }
 
 impl ConnLimits {
@@ -103,6 +112,13 @@ impl ConnLimits {
             close_timeout_ms: c.server.close_timeout_ms,
             heartbeat_ms: c.server.heartbeat_s * 1000,
             echo: c.diagnostics.echo,
+            partial_message_timeout_ms: c.limits.partial_message_timeout_ms,
+            buffer_wait_timeout: Duration::from_millis(c.limits.buffer_wait_timeout_ms),
+            unauthenticated_message_bytes_max: c
+                .limits
+                .unauthenticated_message_bytes_max
+                .min(c.limits.max_message_bytes),
+            unauthenticated_buffer_bytes_max: c.limits.unauthenticated_buffer_bytes_max,
         }
     }
 }
@@ -135,6 +151,10 @@ pub struct Shard {
     /// its inbox loop call it directly ([`Shard::chat`]); nothing the shard
     /// does for itself goes through its own inbox.
     chat: RefCell<Option<ChatService>>,
+    /// Capacity of the message buffers held by this shard's connections
+    /// that have not sent `connect`, against
+    /// `limits.unauthenticated_buffer_bytes_max`.
+    pub unauthenticated_bytes: Cell<usize>,
     /// Until when (wall-clock ms) the inbox loop sleeps if nothing wakes
     /// it; `u64::MAX` for no timer. A direct call that leaves the service
     /// wanting time sooner (a deadline, a backlog to retry) wakes it.
@@ -163,6 +183,7 @@ impl Shard {
             encoder: RefCell::new(FrameEncoder::new()),
             strings: RefCell::new(SpareStrings::new()),
             chat: RefCell::new(None),
+            unauthenticated_bytes: Cell::new(0),
             inbox_sleeps_until_ms: Cell::new(u64::MAX),
         }
     }
@@ -250,7 +271,8 @@ impl Shard {
         self.registry.borrow().live
     }
 
-    /// One pass over every connection: heartbeats, idle and close timeouts.
+    /// One pass over every connection: heartbeats, idle, close and
+    /// incomplete-message timeouts.
     fn sweep(&self) {
         let now = self.now_ms();
         let hb = self.limits.heartbeat_ms;
@@ -269,6 +291,14 @@ impl Shard {
             // Before the upgrade there is no WebSocket to ping; the handshake
             // has its own deadline (server.handshake_timeout_ms).
             if !conn.is_upgraded() {
+                continue;
+            }
+            if conn
+                .partial_since_ms()
+                .is_some_and(|t| now.saturating_sub(t) >= self.limits.partial_message_timeout_ms)
+            {
+                ShardStats::inc(&self.stats().partial_message_timeouts);
+                conn.request_close(close::POLICY, "message incomplete for too long", now);
                 continue;
             }
             let silent = now.saturating_sub(conn.last_rx_ms());
