@@ -385,13 +385,31 @@ pub fn render<T: Send>(
     for (thread, n) in crate::alloc::allocations_by_thread() {
         let _ = writeln!(out, "kefu_thread_allocations_total{{thread=\"{thread}\"}} {n}");
     }
-    let storage: [(&str, &str, &str, u64); 6] = [
+    let storage: [(&str, &str, &str, u64); 9] = [
         ("kefu_storage_commits_total", "counter", "Group commits done.", store.commits),
         ("kefu_storage_failed_commits_total", "counter", "Group commits that failed.", store.failed_commits),
         ("kefu_storage_writes_total", "counter", "Writes stored.", store.writes),
         ("kefu_storage_fsyncs_total", "counter", "fsyncs returned.", store.fsyncs),
         ("kefu_storage_submit_full_total", "counter", "Writes refused: queue full.", store.submit_full),
         ("kefu_storage_batch_records_max", "gauge", "Largest group commit so far.", store.batch_records_max),
+        (
+            "kefu_storage_recovery_attempts_total",
+            "counter",
+            "Tries to write again after failed commits.",
+            store.recovery_attempts,
+        ),
+        (
+            "kefu_storage_recoveries_total",
+            "counter",
+            "Times storage wrote again after failures.",
+            store.recoveries,
+        ),
+        (
+            "kefu_storage_refused_recovering_total",
+            "counter",
+            "Writes answered unavailable while storage could not write.",
+            store.refused_recovering,
+        ),
     ];
     for (name, kind, help, value) in storage {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
