@@ -163,6 +163,8 @@ pub struct Conn {
     closing_since_ms: Cell<Option<u64>>,
     /// Since when a message (or a frame header) has been incomplete.
     partial_since_ms: Cell<Option<u64>>,
+    /// The shard drains: read no more commands, only write what is queued.
+    reads_stopped: Cell<bool>,
     queue_frames_max: usize,
     queue_bytes_max: usize,
 }
@@ -185,6 +187,7 @@ impl Conn {
             close_request: Cell::new(None),
             closing_since_ms: Cell::new(None),
             partial_since_ms: Cell::new(None),
+            reads_stopped: Cell::new(false),
             queue_frames_max: shard.limits.outbound_queue_frames,
             queue_bytes_max: shard.limits.outbound_queue_bytes,
         }
@@ -260,6 +263,13 @@ impl Conn {
         }
     }
 
+    /// Stops reading commands (a drain): the answers to those already read
+    /// are still written, and then the shard closes the connection.
+    pub fn stop_reading(&self) {
+        self.reads_stopped.set(true);
+        self.wake();
+    }
+
     /// Cuts the socket both ways, so any pending read or write on it ends.
     pub fn force_shutdown(&self) {
         // SAFETY: shutdown(2) on a descriptor has no memory effects; the fd is
@@ -282,10 +292,12 @@ impl Conn {
         Some(out)
     }
 
-    /// Resolves when something is queued or a close was requested.
-    async fn outbound(&self) {
+    /// Resolves when something is queued or a close was requested, or
+    /// (with `or_stopped`) reading should stop.
+    async fn outbound(&self, or_stopped: bool) {
         std::future::poll_fn(|cx| {
-            if !self.out.borrow().is_empty() || self.close_request_pending() {
+            let stopped = or_stopped && self.reads_stopped.get();
+            if !self.out.borrow().is_empty() || self.close_request_pending() || stopped {
                 Poll::Ready(())
             } else {
                 self.waker.set(Some(cx.waker().clone()));
@@ -616,10 +628,16 @@ impl Session {
                 return Box::pin(self.close_and_drain(shard, conn, stream, code, reason)).await;
             }
             flush(shard, conn, stream).await?;
+            if conn.reads_stopped.get() {
+                // Draining: what was read is answered, nothing more is read.
+                conn.outbound(false).await;
+                flow = Flow::Continue;
+                continue;
+            }
             let readable = monoio::select! {
                 biased;
                 r = stream.readable(true) => Some(r),
-                _ = conn.outbound() => None,
+                _ = conn.outbound(true) => None,
             };
             let Some(readable) = readable else {
                 flow = Flow::Continue;

@@ -321,6 +321,9 @@ pub struct ShardStats {
     pub sweep_unix_ms: AtomicU64,
     /// The shard is draining for shutdown.
     pub draining: AtomicBool,
+    /// While draining: the shard has stopped reading commands and nothing
+    /// it started is under way (its inbox is empty, its chat service quiet).
+    pub quiet: AtomicBool,
 }
 
 impl ShardStats {

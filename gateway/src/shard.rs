@@ -139,6 +139,9 @@ pub struct Shard {
     registry: RefCell<Registry>,
     /// Set once the shard is draining.
     stopping: Cell<bool>,
+    /// Set once a drain closes the connections (after every shard's
+    /// commands in flight were answered, or half the drain time passed).
+    closing: Cell<bool>,
     max_connections: usize,
     /// Every shard's inbox.
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
@@ -178,6 +181,7 @@ impl Shard {
             now_ms: Cell::new(0),
             registry: RefCell::new(Registry::default()),
             stopping: Cell::new(false),
+            closing: Cell::new(false),
             max_connections: config.server.max_connections_per_shard,
             mailboxes,
             encoder: RefCell::new(FrameEncoder::new()),
@@ -285,7 +289,11 @@ impl Shard {
                 continue;
             }
             if self.stopping() {
-                conn.request_close(close::GOING_AWAY, "server shutting down", now);
+                if self.closing.get() {
+                    conn.request_close(close::GOING_AWAY, "server shutting down", now);
+                } else {
+                    conn.stop_reading();
+                }
                 continue;
             }
             // Before the upgrade there is no WebSocket to ping; the handshake
@@ -457,6 +465,11 @@ async fn serve(init: ShardInit) {
     // The sweep doubles as the shard's clock and its watcher of the stop flag.
     let started = Instant::now();
     let mut drain_deadline: Option<u64> = None;
+    // A drain first stops reading and lets every command read be answered
+    // (on every shard: a send's home may be another one), until all shards
+    // are quiet for two sweeps running or half the drain time is spent;
+    // then it closes the connections.
+    let mut quiet_sweeps = 0;
     loop {
         monoio::time::sleep(SWEEP_INTERVAL).await;
         shard.now_ms.set(started.elapsed().as_millis() as u64);
@@ -467,11 +480,29 @@ async fn serve(init: ShardInit) {
             accept_stop.fire();
             drain_deadline = Some(shard.now_ms() + config.server.shutdown_timeout_ms);
         }
+        if let Some(deadline) = drain_deadline
+            && !shard.closing.get()
+        {
+            let quiet = shard.mailboxes[id].is_empty() && shard.chat(|chat| chat.is_quiet()).unwrap_or(true);
+            shard.stats().quiet.store(quiet, Ordering::Relaxed);
+            let all = stats.iter().all(|s| s.quiet.load(Ordering::Relaxed));
+            quiet_sweeps = if all { quiet_sweeps + 1 } else { 0 };
+            let halfway = deadline.saturating_sub(config.server.shutdown_timeout_ms / 2);
+            if quiet_sweeps >= 2 || shard.now_ms() >= halfway {
+                if quiet_sweeps < 2 {
+                    warn!(
+                        shard = id,
+                        "drain: commands still in flight at half the drain time; closing anyway"
+                    );
+                }
+                shard.closing.set(true);
+            }
+        }
         shard.sweep();
         shard.stats().publish_slab(&shard.slab.stats());
         shard.stats().mark_swept();
         if let Some(deadline) = drain_deadline {
-            if shard.live() == 0 {
+            if shard.closing.get() && shard.live() == 0 {
                 break;
             }
             if shard.now_ms() >= deadline {
@@ -481,6 +512,11 @@ async fn serve(init: ShardInit) {
         }
     }
     drop(acceptor);
+    // The chat service holds the store: the last shard to drop its own
+    // closes it (every write submitted completes, the writer stops, and the
+    // clean shutdown is recorded for the next start).
+    let service = shard.chat.borrow_mut().take();
+    drop(service);
     debug!(shard = id, "stopped");
 }
 
