@@ -70,8 +70,8 @@ fn close_code(s: &mut TcpStream) -> Option<u16> {
 fn partial_frames_do_not_freeze_a_shard_and_are_cut_at_the_timeout() {
     const TIMEOUT_MS: u64 = 8_000;
     // Signed in (anonymously): the unauthenticated bounds do not apply,
-    // and 1,500 buffers of 64 KiB or more are more than a shard's slab has.
-    const SIGNED_IN: usize = 1_500;
+    // and 2,500 buffers of 64 KiB or more are more than a shard's slab has.
+    const SIGNED_IN: usize = 2_500;
     // Before `connect`: announcing what the unauthenticated bound allows.
     const ANONYMOUS: usize = 500;
     let timeout = TIMEOUT_MS.to_string();
