@@ -132,3 +132,18 @@ impl std::fmt::Display for SubmitError {
 }
 
 impl std::error::Error for SubmitError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_is_retryable_and_a_damaged_record_is_not() {
+        let io = StorageError::Io { context: "commit", message: "No space left on device".into() };
+        assert_eq!(io.code(), ErrorCode::Unavailable);
+        assert_eq!(StorageError::Recovering.code(), ErrorCode::Unavailable);
+        assert_eq!(StorageError::Closed.code(), ErrorCode::Unavailable);
+        let corrupt = StorageError::Corrupt { table: "log", key: "1".into(), message: "bad".into() };
+        assert_eq!(corrupt.code(), ErrorCode::Internal);
+    }
+}
