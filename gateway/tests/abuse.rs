@@ -72,7 +72,8 @@ fn partial_frames_do_not_freeze_a_shard_and_are_cut_at_the_timeout() {
     // Signed in (anonymously): the unauthenticated bounds do not apply,
     // and 2,500 buffers of 64 KiB or more are more than a shard's slab has.
     const SIGNED_IN: usize = 2_500;
-    // Before `connect`: announcing what the unauthenticated bound allows.
+    // Before `connect`: announcing what the unauthenticated bound allows,
+    // or sending only part of a frame header.
     const ANONYMOUS: usize = 500;
     let timeout = TIMEOUT_MS.to_string();
     let gw = Gateway::start(&["--shards", "1"], &[("KEFU_LIMITS_PARTIAL_MESSAGE_TIMEOUT_MS", &timeout)]);
@@ -100,6 +101,12 @@ fn partial_frames_do_not_freeze_a_shard_and_are_cut_at_the_timeout() {
         };
         bytes.extend(announce(len));
         bytes.push(b'{' ^ MASK[0]);
+        if i >= SIGNED_IN && i % 2 == 1 {
+            // Half of those before connect send only part of a frame
+            // header (the opcode and the first length byte): an incomplete
+            // head is cut the same way.
+            bytes.truncate(2);
+        }
         s.write_all(&bytes).unwrap();
         attackers.push(s);
     }
