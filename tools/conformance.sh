@@ -111,7 +111,9 @@ if [ -z "$TARGET" ] || [ -n "$SERVER_CMD" ]; then
             (cd "$REPO" && cargo build --release -p kefu-gateway) || die "kefu does not build"
         fi
         DATA_DIR=$(mktemp -d)
-        SERVER_CMD="exec \"$TARGET_DIR/release/kefu\" serve --echo --listen 127.0.0.1:$PORT"
+        # Cases 9.x send messages of up to 16 MiB: more than the largest
+        # chat command, which is what kefu's default size limits fit.
+        SERVER_CMD="KEFU_LIMITS_MAX_FRAME_BYTES=16777216 KEFU_LIMITS_MAX_MESSAGE_BYTES=16777216 exec \"$TARGET_DIR/release/kefu\" serve --echo --listen 127.0.0.1:$PORT"
         SERVER_CMD+=" --admin-listen 127.0.0.1:$((PORT + 1)) --data \"$DATA_DIR\""
     fi
     TARGET=${TARGET:-127.0.0.1:$PORT/ws/echo}

@@ -145,8 +145,12 @@ pub struct LimitsConfig {
     /// Largest HTTP request head (request line and headers).
     pub max_head_bytes: usize,
     /// Largest single WebSocket frame payload; larger closes with 1009.
+    /// Default: as `max_message_bytes`.
     pub max_frame_bytes: u64,
     /// Largest reassembled WebSocket message; larger closes with 1009.
+    /// Default: the largest valid command, [`message_bytes_for`] the
+    /// default `messages.max_attachment_bytes` (a 1 MiB attachment, base64
+    /// in JSON, and its envelope): about 1.34 MiB.
     pub max_message_bytes: u64,
     /// Frames queued for one connection before it counts as a slow reader.
     pub outbound_queue_frames: usize,
@@ -158,19 +162,59 @@ pub struct LimitsConfig {
     pub messages_per_s: u32,
     /// Commands one connection may send at once after a quiet spell.
     pub burst: u32,
+    /// How long a WebSocket message (or a frame header) may stay
+    /// incomplete, from the read that began it; past it the connection is
+    /// closed with 1008. What arrives is kept, so a peer that starts a
+    /// message and stops holds a buffer for at most this long.
+    pub partial_message_timeout_ms: u64,
+    /// How long a connection waits for a slab buffer when the classes it
+    /// could use are all taken; past it that connection (only) is closed
+    /// with 1013 (try again later) and the others go on.
+    pub buffer_wait_timeout_ms: u64,
+    /// Largest message a connection may send before its `connect`: the
+    /// `connect` itself (token, resume list) and `ping`. Larger closes with
+    /// 1009, before it is read.
+    pub unauthenticated_message_bytes_max: u64,
+    /// Bytes of message buffers that all connections of one shard which
+    /// have not sent `connect` may hold together; one that would go past
+    /// it is closed with 1013. So anonymous sockets cannot take the
+    /// buffers the shard's signed-in clients need.
+    pub unauthenticated_buffer_bytes_max: usize,
+}
+
+/// Bytes of a `send` besides its attachment or text, JSON-escaped at worst:
+/// the field names, `conv`, `id`, the `cid` and the `mime` (each at most
+/// 6 bytes per byte escaped as `\u00XX`).
+pub const COMMAND_ENVELOPE_BYTES: u64 = 4 * 1024;
+
+/// The largest valid command for these content limits, as a WebSocket
+/// message: an attachment of `attachment_bytes` in base64 (JSON; the
+/// FlatBuffers form is smaller), or a text of `text_bytes` with every byte
+/// escaped, whichever is larger, plus [`COMMAND_ENVELOPE_BYTES`].
+pub const fn message_bytes_for(attachment_bytes: u64, text_bytes: u64) -> u64 {
+    let base64 = attachment_bytes.div_ceil(3) * 4;
+    let text = text_bytes * 6;
+    (if base64 > text { base64 } else { text }) + COMMAND_ENVELOPE_BYTES
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
+        let content = kefu_core::config::LimitsConfig::default();
+        let message_bytes =
+            message_bytes_for(content.max_attachment_bytes as u64, content.max_text_bytes as u64);
         Self {
             max_head_bytes: 8 * 1024,
-            max_frame_bytes: 16 * 1024 * 1024,
-            max_message_bytes: 16 * 1024 * 1024,
+            max_frame_bytes: message_bytes,
+            max_message_bytes: message_bytes,
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 48 * 1024 * 1024,
             read_buffer_bytes: 64 * 1024,
             messages_per_s: 20,
             burst: 40,
+            partial_message_timeout_ms: 30_000,
+            buffer_wait_timeout_ms: 2_000,
+            unauthenticated_message_bytes_max: 32 * 1024,
+            unauthenticated_buffer_bytes_max: 8 * 1024 * 1024,
         }
     }
 }
@@ -653,6 +697,25 @@ impl Config {
         if self.limits.outbound_queue_frames == 0 {
             return invalid("limits.outbound_queue_frames must be at least 1".into());
         }
+        // The sweep, every 100 ms, is what notices a message left incomplete.
+        if self.limits.partial_message_timeout_ms < 200 {
+            return invalid("limits.partial_message_timeout_ms must be at least 200".into());
+        }
+        if self.limits.buffer_wait_timeout_ms == 0 {
+            return invalid("limits.buffer_wait_timeout_ms must be at least 1".into());
+        }
+        let auth = &self.limits;
+        // (Above limits.max_message_bytes it is that, in effect.)
+        if auth.unauthenticated_message_bytes_max < 1024 {
+            return invalid("limits.unauthenticated_message_bytes_max must be at least 1024".into());
+        }
+        // At least one buffer of the size a `connect` needs, or none gets in.
+        if (auth.unauthenticated_buffer_bytes_max as u64) < auth.unauthenticated_message_bytes_max {
+            return invalid(
+                "limits.unauthenticated_buffer_bytes_max must be at least limits.unauthenticated_message_bytes_max"
+                    .into(),
+            );
+        }
         self.core().validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.storage.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.admin.validate()?;
@@ -780,6 +843,24 @@ mod tests {
         assert_eq!(c.storage.dir, PathBuf::from("data"));
         assert!(!c.diagnostics.echo);
         assert_eq!(c.server.io, IoDriver::Uring);
+    }
+
+    #[test]
+    fn the_default_message_size_fits_the_largest_valid_send_and_not_much_more() {
+        let c = Config::default();
+        let attachment = c.messages.max_attachment_bytes as u64;
+        let base64 = attachment.div_ceil(3) * 4;
+        assert!(c.limits.max_message_bytes >= base64 + 1024, "{}", c.limits.max_message_bytes);
+        assert!(c.limits.max_message_bytes <= base64 + 16 * 1024, "{}", c.limits.max_message_bytes);
+        assert_eq!(c.limits.max_frame_bytes, c.limits.max_message_bytes);
+        for bad in [
+            "[limits]\npartial_message_timeout_ms = 10\n",
+            "[limits]\nbuffer_wait_timeout_ms = 0\n",
+            "[limits]\nunauthenticated_message_bytes_max = 10\n",
+            "[limits]\nunauthenticated_buffer_bytes_max = 1024\n",
+        ] {
+            assert!(load(Some(bad), &[], &Overrides::default()).is_err(), "accepted: {bad}");
+        }
     }
 
     #[test]

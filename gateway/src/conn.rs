@@ -13,7 +13,19 @@
 //!   kept inline until more arrive, since payload bytes are consumed as
 //!   they come;
 //! - a message being reassembled lives in a slab buffer with room in front
-//!   for its outbound header, so echoing it is one write, no copy;
+//!   for its outbound header, so echoing it is one write, no copy. The
+//!   buffer grows with the bytes that arrive, never with the length a
+//!   frame header announces: announcing costs a peer nothing, so sizing
+//!   from it let a few thousand sockets, each announcing 60 KB and sending
+//!   one byte, take every large buffer of a shard;
+//! - a message may stay incomplete for `limits.partial_message_timeout_ms`
+//!   at most (the shard's sweep closes it with 1008); before `connect` it
+//!   may be `limits.unauthenticated_message_bytes_max` at most, and all such
+//!   connections of a shard hold `limits.unauthenticated_buffer_bytes_max`
+//!   of buffers at most;
+//! - no connection waits for a buffer longer than
+//!   `limits.buffer_wait_timeout_ms`: the one that cannot get one is closed
+//!   with 1013, and a socket read takes a smaller buffer rather than wait;
 //! - the outbound queue holds shared frames and is bounded in frames and
 //!   bytes: a reader too slow for it is closed with 4001.
 
@@ -56,6 +68,29 @@ pub const MAX_HEADERS: usize = 64;
 
 /// A server ping with no payload; shared by every heartbeat.
 static PING: [u8; 2] = [0x89, 0x00];
+
+/// The close frame for a connection that could not get a buffer: built
+/// without one, since there is none to build it in.
+static NO_BUFFER_CLOSE: [u8; 13] = {
+    let reason = *b"no buffer";
+    let code = close::TRY_AGAIN_LATER.to_be_bytes();
+    let mut f = [0u8; 13];
+    f[0] = 0x88;
+    f[1] = 11;
+    f[2] = code[0];
+    f[3] = code[1];
+    let mut i = 0;
+    while i < reason.len() {
+        f[4 + i] = reason[i];
+        i += 1;
+    }
+    f
+};
+
+/// The smallest buffer a socket read may fall back to (the smallest slab
+/// class is at least this large; see `Config::validate`).
+const READ_BUFFER_BYTES_MIN: usize = 256;
+const _: () = assert!(READ_BUFFER_BYTES_MIN > LEFTOVER_BYTES);
 
 /// Something queued for writing: a shared slab frame or a static one.
 pub enum Out {
@@ -126,6 +161,10 @@ pub struct Conn {
     addr: Cell<Option<SessionAddr>>,
     close_request: Cell<Option<(u16, &'static str)>>,
     closing_since_ms: Cell<Option<u64>>,
+    /// Since when a message (or a frame header) has been incomplete.
+    partial_since_ms: Cell<Option<u64>>,
+    /// The shard drains: read no more commands, only write what is queued.
+    reads_stopped: Cell<bool>,
     queue_frames_max: usize,
     queue_bytes_max: usize,
 }
@@ -147,6 +186,8 @@ impl Conn {
             addr: Cell::new(None),
             close_request: Cell::new(None),
             closing_since_ms: Cell::new(None),
+            partial_since_ms: Cell::new(None),
+            reads_stopped: Cell::new(false),
             queue_frames_max: shard.limits.outbound_queue_frames,
             queue_bytes_max: shard.limits.outbound_queue_bytes,
         }
@@ -165,6 +206,12 @@ impl Conn {
     /// When a server-initiated close began, if one did.
     pub fn closing_since_ms(&self) -> Option<u64> {
         self.closing_since_ms.get()
+    }
+
+    /// Since when (shard clock) the message being received has been
+    /// incomplete, if one is.
+    pub fn partial_since_ms(&self) -> Option<u64> {
+        self.partial_since_ms.get()
     }
 
     /// Whether the connection is a WebSocket yet (heartbeats start then).
@@ -216,6 +263,13 @@ impl Conn {
         }
     }
 
+    /// Stops reading commands (a drain): the answers to those already read
+    /// are still written, and then the shard closes the connection.
+    pub fn stop_reading(&self) {
+        self.reads_stopped.set(true);
+        self.wake();
+    }
+
     /// Cuts the socket both ways, so any pending read or write on it ends.
     pub fn force_shutdown(&self) {
         // SAFETY: shutdown(2) on a descriptor has no memory effects; the fd is
@@ -238,10 +292,12 @@ impl Conn {
         Some(out)
     }
 
-    /// Resolves when something is queued or a close was requested.
-    async fn outbound(&self) {
+    /// Resolves when something is queued or a close was requested, or
+    /// (with `or_stopped`) reading should stop.
+    async fn outbound(&self, or_stopped: bool) {
         std::future::poll_fn(|cx| {
-            if !self.out.borrow().is_empty() || self.close_request_pending() {
+            let stopped = or_stopped && self.reads_stopped.get();
+            if !self.out.borrow().is_empty() || self.close_request_pending() || stopped {
                 Poll::Ready(())
             } else {
                 self.waker.set(Some(cx.waker().clone()));
@@ -285,8 +341,13 @@ pub fn serve(shard: Rc<Shard>, mut stream: TcpStream) -> impl Future<Output = ()
 
 async fn run(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::io::Result<()> {
     let mut session = Session::new(shard);
-    let Some(flow) = Box::pin(upgrade(shard, conn, stream, &mut session)).await? else { return Ok(()) };
-    session.drive(shard, conn, stream, flow).await
+    let result = match Box::pin(upgrade(shard, conn, stream, &mut session)).await {
+        Ok(Some(flow)) => session.drive(shard, conn, stream, flow).await,
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    session.drop_message(shard);
+    result
 }
 
 /// Everything before the connection is a WebSocket. Boxed by the caller: its
@@ -428,12 +489,29 @@ async fn respond(
     res.map(|_| ())
 }
 
+/// A slab buffer of at least `bytes`, waiting for one at most
+/// `limits.buffer_wait_timeout_ms`: a wait without end would hold this
+/// connection (and what it holds) for as long as others hold the buffers.
+/// Fails with `TimedOut` then, or at once if no class is that large.
 async fn acquire(shard: &Shard, bytes: usize) -> std::io::Result<SlabBuf> {
     if let Some(b) = shard.slab.try_acquire(bytes) {
         return Ok(b);
     }
+    // Boxed: the timer lives only while waiting, not in every idle
+    // connection's task.
+    Box::pin(wait_for_buffer(shard, bytes)).await
+}
+
+async fn wait_for_buffer(shard: &Shard, bytes: usize) -> std::io::Result<SlabBuf> {
     ShardStats::inc(&shard.stats().slab_waits);
-    shard.slab.acquire(bytes).await.ok_or_else(|| std::io::Error::other("no slab class is that large"))
+    match monoio::time::timeout(shard.limits.buffer_wait_timeout, shard.slab.acquire(bytes)).await {
+        Ok(Some(b)) => Ok(b),
+        Ok(None) => Err(std::io::Error::other("no slab class is that large")),
+        Err(_) => {
+            ShardStats::inc(&shard.stats().buffer_wait_timeouts);
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no slab buffer free in time"))
+        }
+    }
 }
 
 fn add(counter: &std::sync::atomic::AtomicU64, n: usize) {
@@ -466,6 +544,9 @@ struct Session {
     /// A `connect` has gone to the chat service: from then on `ping` goes
     /// there too, so its `pong` cannot overtake `connected`.
     connect_sent: bool,
+    /// Capacity of `message` counted in the shard's
+    /// `unauthenticated_bytes` (0 once `connect` was sent).
+    budgeted: u32,
 }
 
 impl Session {
@@ -484,7 +565,30 @@ impl Session {
             leftover: [0; LEFTOVER_BYTES],
             leftover_len: 0,
             connect_sent: false,
+            budgeted: 0,
         }
+    }
+
+    /// A `/ws` connection that has not sent `connect`: what the
+    /// unauthenticated limits bound. (`/ws/echo`, a diagnostics endpoint
+    /// off by default, has no `connect`, and takes conformance suites'
+    /// large messages.)
+    fn before_connect(&self) -> bool {
+        self.endpoint == Endpoint::Client && !self.connect_sent
+    }
+
+    /// Gives back the message being assembled, and its share of the
+    /// unauthenticated budget.
+    fn drop_message(&mut self, shard: &Shard) {
+        self.message = None;
+        self.unbudget(shard);
+    }
+
+    fn unbudget(&mut self, shard: &Shard) {
+        let held = shard.unauthenticated_bytes.get();
+        debug_assert!(held >= self.budgeted as usize);
+        shard.unauthenticated_bytes.set(held.saturating_sub(self.budgeted as usize));
+        self.budgeted = 0;
     }
 
     /// The read/write loop once the connection is a WebSocket.
@@ -515,22 +619,38 @@ impl Session {
                     (close::GOING_AWAY, Endpoint::Client) if shard.stopping() => close::SERVER_SHUTDOWN,
                     _ => code,
                 };
+                // What was half received will not be finished: free its buffer
+                // now rather than after the close handshake.
+                self.drop_message(shard);
+                conn.partial_since_ms.set(None);
                 // Boxed: closing happens once, so its state need not size the
                 // loop that runs for the connection's whole life.
                 return Box::pin(self.close_and_drain(shard, conn, stream, code, reason)).await;
             }
             flush(shard, conn, stream).await?;
+            if conn.reads_stopped.get() {
+                // Draining: what was read is answered, nothing more is read.
+                conn.outbound(false).await;
+                flow = Flow::Continue;
+                continue;
+            }
             let readable = monoio::select! {
                 biased;
                 r = stream.readable(true) => Some(r),
-                _ = conn.outbound() => None,
+                _ = conn.outbound(true) => None,
             };
             let Some(readable) = readable else {
                 flow = Flow::Continue;
                 continue;
             };
             readable?;
-            let mut buf = acquire(shard, shard.limits.read_buffer_bytes).await?;
+            let mut buf = match read_buffer(shard).await {
+                Ok(buf) => buf,
+                Err(_) => {
+                    flow = Flow::Close(close::TRY_AGAIN_LATER, "no buffer");
+                    continue;
+                }
+            };
             let kept = self.leftover_len as usize;
             buf.as_full_mut()[..kept].copy_from_slice(&self.leftover[..kept]);
             buf.set_len(kept);
@@ -551,6 +671,8 @@ impl Session {
     /// Decodes everything in `input`, acting on each frame.
     async fn input(&mut self, shard: &Shard, conn: &Conn, input: &mut [u8]) -> Flow {
         let mut pos = 0;
+        // A message ended in this input: one still incomplete began here.
+        let mut finished = false;
         loop {
             let (used, decoded) = self.decoder.decode(&mut input[pos..]);
             let base = pos;
@@ -567,6 +689,13 @@ impl Session {
                     }
                     self.leftover[..rest.len()].copy_from_slice(rest);
                     self.leftover_len = rest.len() as u8;
+                    let incomplete =
+                        self.message.is_some() || self.decoder.frame_remaining() > 0 || !rest.is_empty();
+                    conn.partial_since_ms.set(match conn.partial_since_ms.get() {
+                        _ if !incomplete => None,
+                        Some(since) if !finished => Some(since),
+                        _ => Some(shard.now_ms()),
+                    });
                     return Flow::Continue;
                 }
                 Decoded::Data { payload, kind, message_start, message_end } => {
@@ -574,13 +703,13 @@ impl Session {
                     if message_start {
                         self.kind = kind;
                     }
-                    // What is still coming of this frame: the buffer is sized
-                    // for the whole frame at once, so it is not grown by copying.
                     let more = usize::try_from(self.decoder.frame_remaining()).unwrap_or(usize::MAX);
                     if let Err(flow) = self.append(shard, chunk, more).await {
                         return flow;
                     }
                     if message_end && let Some(message) = self.message.take() {
+                        finished = true;
+                        self.unbudget(shard);
                         ShardStats::inc(&shard.stats().messages_in);
                         if let Err(flow) = self.deliver(shard, conn, message).await {
                             return flow;
@@ -626,37 +755,67 @@ impl Session {
         }
     }
 
-    /// Appends a payload chunk to the message being reassembled, moving it to
-    /// a larger slab buffer when it outgrows its own.
+    /// Appends a payload chunk (`more` bytes of its frame still to come) to
+    /// the message being reassembled, moving it to a larger slab buffer
+    /// when it outgrows its own.
     async fn append(&mut self, shard: &Shard, chunk: &[u8], more: usize) -> Result<(), Flow> {
         if self.message.is_none() {
             self.payload_at = payload_offset(chunk.as_ptr() as usize) as u8;
         }
+        let at = self.payload_at as usize;
         let now = match &self.message {
             Some(m) => m.len() + chunk.len(),
-            None => self.payload_at as usize + chunk.len(),
+            None => at + chunk.len(),
         };
-        // Bounded by the decoder's limits (max_frame_bytes) before it gets here.
-        let need = now.saturating_add(more).min(shard.slab.max_bytes()).max(now);
-        let fits = self.message.as_ref().is_some_and(|m| need <= m.capacity());
-        if !fits {
-            let min = match &self.message {
-                Some(m) => need.max(m.capacity() + 1),
-                None => need,
-            };
-            let mut bigger =
-                acquire(shard, min).await.map_err(|_| Flow::Close(close::TOO_BIG, "message too big"))?;
-            match self.message.take() {
-                Some(old) => {
-                    bigger.extend(old.filled());
-                }
-                None => bigger.set_len(self.payload_at as usize),
+        // Refused at the header, before the buffers it would take are read.
+        let announced = (now - at).saturating_add(more) as u64;
+        if self.before_connect() && announced > shard.limits.unauthenticated_message_bytes_max {
+            ShardStats::inc(&shard.stats().unauthenticated_refusals);
+            return Err(Flow::Close(close::TOO_BIG, "message too big before connect"));
+        }
+        if self.message.as_ref().is_none_or(|m| now > m.capacity()) {
+            self.grow(shard, now, more).await?;
+        }
+        if self.message.as_mut().is_some_and(|m| m.extend(chunk)) {
+            Ok(())
+        } else {
+            Err(Flow::Close(close::INTERNAL, "message buffer overrun"))
+        }
+    }
+
+    /// Moves the message to a buffer for at least `now` bytes: room for what
+    /// has arrived and as much again, never more than its frame still
+    /// brings (`more`), so a peer gets buffer for what it sent, not for
+    /// what it announced. Doubling keeps the copies to about one per byte.
+    async fn grow(&mut self, shard: &Shard, now: usize, more: usize) -> Result<(), Flow> {
+        let want = now.saturating_add(more.min(now)).min(shard.slab.max_bytes()).max(now);
+        let bigger = match shard.slab.try_acquire(want).or_else(|| shard.slab.try_acquire(now)) {
+            Some(b) => b,
+            None => acquire(shard, now).await.map_err(|e| match e.kind() {
+                std::io::ErrorKind::TimedOut => Flow::Close(close::TRY_AGAIN_LATER, "no buffer"),
+                _ => Flow::Close(close::TOO_BIG, "message too big"),
+            })?,
+        };
+        if self.before_connect() {
+            let held = shard.unauthenticated_bytes.get() - self.budgeted as usize + bigger.capacity();
+            if held > shard.limits.unauthenticated_buffer_bytes_max {
+                ShardStats::inc(&shard.stats().unauthenticated_refusals);
+                return Err(Flow::Close(close::TRY_AGAIN_LATER, "too many connections before connect"));
             }
-            self.message = Some(bigger);
+            shard.unauthenticated_bytes.set(held);
+            // Below 4 GiB: the largest slab class is a message buffer.
+            self.budgeted = bigger.capacity() as u32;
         }
-        if let Some(m) = self.message.as_mut() {
-            m.extend(chunk);
+        let mut bigger = bigger;
+        match self.message.take() {
+            Some(old) => {
+                // `bigger` holds at least `now` bytes, more than `old` has.
+                let copied = bigger.extend(old.filled());
+                debug_assert!(copied);
+            }
+            None => bigger.set_len(self.payload_at as usize),
         }
+        self.message = Some(bigger);
         Ok(())
     }
 
@@ -741,19 +900,37 @@ impl Session {
         reason: &'static str,
     ) -> std::io::Result<()> {
         shard.stats().closes.count(Initiator::Server, Some(code));
-        if let Ok(buf) = control_buffer(shard).await {
-            queue_forced(conn, control_out(buf, &ControlFrame::close(code, reason)));
+        let buf = match shard.slab.try_acquire(2 + MAX_CONTROL_PAYLOAD_BYTES) {
+            Some(buf) => Ok(buf),
+            // Short of buffers: the close that says so needs none.
+            None if code == close::TRY_AGAIN_LATER => Err(()),
+            None => control_buffer(shard).await.map_err(|_| ()),
+        };
+        match buf {
+            Ok(buf) => queue_forced(conn, control_out(buf, &ControlFrame::close(code, reason))),
+            Err(()) if code == close::TRY_AGAIN_LATER => queue_forced(conn, Out::Static(&NO_BUFFER_CLOSE)),
+            Err(()) => {}
         }
         flush(shard, conn, stream).await?;
         stream.shutdown().await?;
         loop {
             stream.readable(true).await?;
-            let buf = acquire(shard, shard.limits.read_buffer_bytes).await?;
+            let buf = read_buffer(shard).await?;
             let (res, _buf) = stream.read(buf).await;
             if res? == 0 {
                 return Ok(());
             }
         }
+    }
+}
+
+/// A buffer to read a socket into: `limits.read_buffer_bytes` if one is
+/// free, else a smaller one (a read makes progress in any), and only when
+/// there is none at all, a bounded wait.
+async fn read_buffer(shard: &Shard) -> std::io::Result<SlabBuf> {
+    match shard.slab.try_acquire_or_smaller(shard.limits.read_buffer_bytes, READ_BUFFER_BYTES_MIN) {
+        Some(buf) => Ok(buf),
+        None => acquire(shard, READ_BUFFER_BYTES_MIN).await,
     }
 }
 

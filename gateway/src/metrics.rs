@@ -272,6 +272,16 @@ pub struct ShardStats {
     pub heartbeat_closes: AtomicU64,
     /// Times a connection had to wait for a slab buffer.
     pub slab_waits: AtomicU64,
+    /// Connections closed (1013) after waiting `limits.buffer_wait_timeout_ms`
+    /// for a slab buffer.
+    pub buffer_wait_timeouts: AtomicU64,
+    /// Connections closed (1008) for a message left incomplete past
+    /// `limits.partial_message_timeout_ms`.
+    pub partial_message_timeouts: AtomicU64,
+    /// Connections closed before `connect`: a message over
+    /// `limits.unauthenticated_message_bytes_max` (1009), or buffers over
+    /// `limits.unauthenticated_buffer_bytes_max` (1013).
+    pub unauthenticated_refusals: AtomicU64,
     /// Thread CPU nanoseconds spent draining the inbox: deliveries from
     /// other shards and this shard's chat service (its sessions, the
     /// conversations homed here, on shard 0 the router; storage
@@ -311,6 +321,9 @@ pub struct ShardStats {
     pub sweep_unix_ms: AtomicU64,
     /// The shard is draining for shutdown.
     pub draining: AtomicBool,
+    /// While draining: the shard has stopped reading commands and nothing
+    /// it started is under way (its inbox is empty, its chat service quiet).
+    pub quiet: AtomicBool,
 }
 
 impl ShardStats {
@@ -375,19 +388,37 @@ pub fn render<T: Send>(
     for (thread, n) in crate::alloc::allocations_by_thread() {
         let _ = writeln!(out, "kefu_thread_allocations_total{{thread=\"{thread}\"}} {n}");
     }
-    let storage: [(&str, &str, &str, u64); 6] = [
+    let storage: [(&str, &str, &str, u64); 9] = [
         ("kefu_storage_commits_total", "counter", "Group commits done.", store.commits),
         ("kefu_storage_failed_commits_total", "counter", "Group commits that failed.", store.failed_commits),
         ("kefu_storage_writes_total", "counter", "Writes stored.", store.writes),
         ("kefu_storage_fsyncs_total", "counter", "fsyncs returned.", store.fsyncs),
         ("kefu_storage_submit_full_total", "counter", "Writes refused: queue full.", store.submit_full),
         ("kefu_storage_batch_records_max", "gauge", "Largest group commit so far.", store.batch_records_max),
+        (
+            "kefu_storage_recovery_attempts_total",
+            "counter",
+            "Tries to write again after failed commits.",
+            store.recovery_attempts,
+        ),
+        (
+            "kefu_storage_recoveries_total",
+            "counter",
+            "Times storage wrote again after failures.",
+            store.recoveries,
+        ),
+        (
+            "kefu_storage_refused_recovering_total",
+            "counter",
+            "Writes answered unavailable while storage could not write.",
+            store.refused_recovering,
+        ),
     ];
     for (name, kind, help, value) in storage {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     type Field = fn(&ShardStats) -> &AtomicU64;
-    let series: [(&str, &str, &str, Field); 17] = [
+    let series: [(&str, &str, &str, Field); 20] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),
         ("kefu_accepted_total", "counter", "Connections accepted.", |s| &s.accepted),
         ("kefu_refused_full_total", "counter", "Connections refused: shard full.", |s| &s.refused_full),
@@ -403,6 +434,21 @@ pub fn render<T: Send>(
         ("kefu_slow_consumer_closes_total", "counter", "Closes 4001.", |s| &s.slow_consumer_closes),
         ("kefu_heartbeat_closes_total", "counter", "Closes for silence.", |s| &s.heartbeat_closes),
         ("kefu_slab_waits_total", "counter", "Waits for a slab buffer.", |s| &s.slab_waits),
+        ("kefu_buffer_wait_timeouts_total", "counter", "Closes 1013: no slab buffer in time.", |s| {
+            &s.buffer_wait_timeouts
+        }),
+        (
+            "kefu_partial_message_timeouts_total",
+            "counter",
+            "Closes 1008: message incomplete too long.",
+            |s| &s.partial_message_timeouts,
+        ),
+        (
+            "kefu_unauthenticated_refusals_total",
+            "counter",
+            "Closes before connect: message too big (1009) or buffer budget spent (1013).",
+            |s| &s.unauthenticated_refusals,
+        ),
         ("kefu_backlog_messages", "gauge", "Posts waiting for another shard's full inbox.", |s| &s.backlog),
         ("kefu_posts_refused_total", "counter", "Posts refused (unavailable): backlog full.", |s| {
             &s.posts_refused

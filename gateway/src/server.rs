@@ -4,9 +4,13 @@
 //! The main thread does no I/O of its own: it starts one thread per shard,
 //! waits until every shard listens (or one fails, which fails the start),
 //! then waits for SIGTERM/SIGINT. On a signal it raises the stop flag; each
-//! shard notices within one sweep, stops accepting, asks every connection
-//! to close (1001; 4000 on `/ws`) and returns once they are gone or
-//! `server.shutdown_timeout_ms` has passed.
+//! shard notices within one sweep, stops accepting and reading commands,
+//! waits until every shard has answered the commands it read (their
+//! commits done, up to half of `server.shutdown_timeout_ms`), asks every
+//! connection to close (1001; 4000 on `/ws`) and returns once they are gone
+//! or the drain time has passed. The last shard to drop its chat service
+//! closes the store: every write submitted completes, and the next start
+//! finds it closed cleanly.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

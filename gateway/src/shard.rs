@@ -88,6 +88,15 @@ pub struct ConnLimits {
     pub heartbeat_ms: u64,
     /// Whether `/ws/echo` is served.
     pub echo: bool,
+    /// How long a message or frame header may stay incomplete.
+    pub partial_message_timeout_ms: u64,
+    /// How long a connection waits for a slab buffer before it is closed.
+    pub buffer_wait_timeout: Duration,
+    /// Largest message before `connect` (never above `max_message_bytes`).
+    pub unauthenticated_message_bytes_max: u64,
+    /// Message buffer bytes all of a shard's connections before `connect`
+    /// may hold together.
+    pub unauthenticated_buffer_bytes_max: usize,
 }
 
 impl ConnLimits {
@@ -103,6 +112,13 @@ impl ConnLimits {
             close_timeout_ms: c.server.close_timeout_ms,
             heartbeat_ms: c.server.heartbeat_s * 1000,
             echo: c.diagnostics.echo,
+            partial_message_timeout_ms: c.limits.partial_message_timeout_ms,
+            buffer_wait_timeout: Duration::from_millis(c.limits.buffer_wait_timeout_ms),
+            unauthenticated_message_bytes_max: c
+                .limits
+                .unauthenticated_message_bytes_max
+                .min(c.limits.max_message_bytes),
+            unauthenticated_buffer_bytes_max: c.limits.unauthenticated_buffer_bytes_max,
         }
     }
 }
@@ -123,6 +139,9 @@ pub struct Shard {
     registry: RefCell<Registry>,
     /// Set once the shard is draining.
     stopping: Cell<bool>,
+    /// Set once a drain closes the connections (after every shard's
+    /// commands in flight were answered, or half the drain time passed).
+    closing: Cell<bool>,
     max_connections: usize,
     /// Every shard's inbox.
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
@@ -135,6 +154,10 @@ pub struct Shard {
     /// its inbox loop call it directly ([`Shard::chat`]); nothing the shard
     /// does for itself goes through its own inbox.
     chat: RefCell<Option<ChatService>>,
+    /// Capacity of the message buffers held by this shard's connections
+    /// that have not sent `connect`, against
+    /// `limits.unauthenticated_buffer_bytes_max`.
+    pub unauthenticated_bytes: Cell<usize>,
     /// Until when (wall-clock ms) the inbox loop sleeps if nothing wakes
     /// it; `u64::MAX` for no timer. A direct call that leaves the service
     /// wanting time sooner (a deadline, a backlog to retry) wakes it.
@@ -158,11 +181,13 @@ impl Shard {
             now_ms: Cell::new(0),
             registry: RefCell::new(Registry::default()),
             stopping: Cell::new(false),
+            closing: Cell::new(false),
             max_connections: config.server.max_connections_per_shard,
             mailboxes,
             encoder: RefCell::new(FrameEncoder::new()),
             strings: RefCell::new(SpareStrings::new()),
             chat: RefCell::new(None),
+            unauthenticated_bytes: Cell::new(0),
             inbox_sleeps_until_ms: Cell::new(u64::MAX),
         }
     }
@@ -250,7 +275,8 @@ impl Shard {
         self.registry.borrow().live
     }
 
-    /// One pass over every connection: heartbeats, idle and close timeouts.
+    /// One pass over every connection: heartbeats, idle, close and
+    /// incomplete-message timeouts.
     fn sweep(&self) {
         let now = self.now_ms();
         let hb = self.limits.heartbeat_ms;
@@ -263,12 +289,24 @@ impl Shard {
                 continue;
             }
             if self.stopping() {
-                conn.request_close(close::GOING_AWAY, "server shutting down", now);
+                if self.closing.get() {
+                    conn.request_close(close::GOING_AWAY, "server shutting down", now);
+                } else {
+                    conn.stop_reading();
+                }
                 continue;
             }
             // Before the upgrade there is no WebSocket to ping; the handshake
             // has its own deadline (server.handshake_timeout_ms).
             if !conn.is_upgraded() {
+                continue;
+            }
+            if conn
+                .partial_since_ms()
+                .is_some_and(|t| now.saturating_sub(t) >= self.limits.partial_message_timeout_ms)
+            {
+                ShardStats::inc(&self.stats().partial_message_timeouts);
+                conn.request_close(close::POLICY, "message incomplete for too long", now);
                 continue;
             }
             let silent = now.saturating_sub(conn.last_rx_ms());
@@ -427,6 +465,11 @@ async fn serve(init: ShardInit) {
     // The sweep doubles as the shard's clock and its watcher of the stop flag.
     let started = Instant::now();
     let mut drain_deadline: Option<u64> = None;
+    // A drain first stops reading and lets every command read be answered
+    // (on every shard: a send's home may be another one), until all shards
+    // are quiet for two sweeps running or half the drain time is spent;
+    // then it closes the connections.
+    let mut quiet_sweeps = 0;
     loop {
         monoio::time::sleep(SWEEP_INTERVAL).await;
         shard.now_ms.set(started.elapsed().as_millis() as u64);
@@ -437,11 +480,29 @@ async fn serve(init: ShardInit) {
             accept_stop.fire();
             drain_deadline = Some(shard.now_ms() + config.server.shutdown_timeout_ms);
         }
+        if let Some(deadline) = drain_deadline
+            && !shard.closing.get()
+        {
+            let quiet = shard.mailboxes[id].is_empty() && shard.chat(|chat| chat.is_quiet()).unwrap_or(true);
+            shard.stats().quiet.store(quiet, Ordering::Relaxed);
+            let all = stats.iter().all(|s| s.quiet.load(Ordering::Relaxed));
+            quiet_sweeps = if all { quiet_sweeps + 1 } else { 0 };
+            let halfway = deadline.saturating_sub(config.server.shutdown_timeout_ms / 2);
+            if quiet_sweeps >= 2 || shard.now_ms() >= halfway {
+                if quiet_sweeps < 2 {
+                    warn!(
+                        shard = id,
+                        "drain: commands still in flight at half the drain time; closing anyway"
+                    );
+                }
+                shard.closing.set(true);
+            }
+        }
         shard.sweep();
         shard.stats().publish_slab(&shard.slab.stats());
         shard.stats().mark_swept();
         if let Some(deadline) = drain_deadline {
-            if shard.live() == 0 {
+            if shard.closing.get() && shard.live() == 0 {
                 break;
             }
             if shard.now_ms() >= deadline {
@@ -451,6 +512,11 @@ async fn serve(init: ShardInit) {
         }
     }
     drop(acceptor);
+    // The chat service holds the store: the last shard to drop its own
+    // closes it (every write submitted completes, the writer stops, and the
+    // clean shutdown is recorded for the next start).
+    let service = shard.chat.borrow_mut().take();
+    drop(service);
     debug!(shard = id, "stopped");
 }
 

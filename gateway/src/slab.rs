@@ -175,6 +175,25 @@ impl Slab {
         None
     }
 
+    /// A buffer of at least `preferred_bytes` if one is free, else the
+    /// largest free one of at least `min_bytes`: for a socket read, which
+    /// makes progress in any buffer, and should not wait while the large
+    /// classes are taken by messages being assembled.
+    pub fn try_acquire_or_smaller(&self, preferred_bytes: usize, min_bytes: usize) -> Option<SlabBuf> {
+        if let Some(buf) = self.try_acquire(preferred_bytes) {
+            return Some(buf);
+        }
+        for (i, class) in self.0.classes.iter().enumerate().rev() {
+            if class.bytes >= preferred_bytes || class.bytes < min_bytes {
+                continue;
+            }
+            if let Some(index) = class.free.borrow_mut().pop() {
+                return Some(SlabBuf { slab: self.0.clone(), class: i as u8, index, len: 0 });
+            }
+        }
+        None
+    }
+
     /// Waits until a buffer of at least `min_bytes` is free and takes it.
     /// Returns `None` at once if no class is that large.
     pub async fn acquire(&self, min_bytes: usize) -> Option<SlabBuf> {
@@ -414,6 +433,17 @@ mod tests {
         assert_eq!(s.stats()[0].in_use, 1);
         drop(g);
         assert_eq!(s.stats()[0].in_use, 0);
+    }
+
+    #[test]
+    fn a_read_takes_a_smaller_buffer_rather_than_wait() {
+        let s = slab();
+        let big = s.try_acquire(4000).unwrap();
+        let small = s.try_acquire_or_smaller(4000, 100).unwrap();
+        assert_eq!(small.capacity(), 256);
+        assert!(s.try_acquire_or_smaller(4000, 300).is_none(), "none at least that large");
+        drop(big);
+        assert_eq!(s.try_acquire_or_smaller(4000, 100).unwrap().capacity(), 4096);
     }
 
     #[test]

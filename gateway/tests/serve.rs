@@ -17,7 +17,10 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn echo_round_trips_text_and_binary_of_many_sizes() {
-    let gw = Gateway::start(&["--echo", "--shards", "2"], &[]);
+    // 3 MiB is more than the largest chat command, which the default
+    // message size fits: the transport takes what it is configured for.
+    let limits = [("KEFU_LIMITS_MAX_FRAME_BYTES", "16777216"), ("KEFU_LIMITS_MAX_MESSAGE_BYTES", "16777216")];
+    let gw = Gateway::start(&["--echo", "--shards", "2"], &limits);
     rt().block_on(async {
         let url = format!("ws://{}/ws/echo", gw.addr);
         let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();

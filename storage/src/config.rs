@@ -56,6 +56,16 @@ pub struct StoreConfig {
     /// in milliseconds. A submit wakes it at once; this is only a safety
     /// net. Default 100.
     pub idle_park_ms: u64,
+    /// After a failed group commit (a full disk, a failed fsync) the writer
+    /// answers its writes `unavailable` and tries to write again, reopening
+    /// the database if it must: first after this many milliseconds, then
+    /// twice as long each time. Default 50.
+    pub recovery_backoff_ms_min: u64,
+    /// The longest wait between two such tries, in milliseconds: the
+    /// writer retries for as long as it takes, at least this often, so it
+    /// serves again this long at most after the disk has room. Default
+    /// 2000.
+    pub recovery_backoff_ms_max: u64,
 }
 
 impl Default for StoreConfig {
@@ -71,6 +81,8 @@ impl Default for StoreConfig {
             quick_repair: true,
             conv_cache_entries: 1 << 20,
             idle_park_ms: 100,
+            recovery_backoff_ms_min: 50,
+            recovery_backoff_ms_max: 2_000,
         }
     }
 }
@@ -104,6 +116,14 @@ impl StoreConfig {
                 self.batch_window_us
             )));
         }
+        if self.recovery_backoff_ms_min == 0 || self.recovery_backoff_ms_min > self.recovery_backoff_ms_max {
+            return Err(StorageError::Config(
+                "recovery_backoff_ms_min must be between 1 and recovery_backoff_ms_max".into(),
+            ));
+        }
+        if self.recovery_backoff_ms_max > 60_000 {
+            return Err(StorageError::Config("recovery_backoff_ms_max must be at most 60000".into()));
+        }
         if self.idle_park_ms == 0 {
             return Err(StorageError::Config("idle_park_ms must be at least 1".into()));
         }
@@ -136,6 +156,12 @@ mod tests {
             StoreConfig { batch_max_records: 0, ..Default::default() },
             StoreConfig { submit_queue_capacity: 0, ..Default::default() },
             StoreConfig { batch_window_us: 5_000_000, ..Default::default() },
+            StoreConfig { recovery_backoff_ms_min: 0, ..Default::default() },
+            StoreConfig {
+                recovery_backoff_ms_min: 5_000,
+                recovery_backoff_ms_max: 100,
+                ..Default::default()
+            },
         ] {
             assert!(matches!(bad.validate(), Err(StorageError::Config(_))), "{bad:?}");
         }

@@ -22,8 +22,8 @@ pub enum StorageError {
         message: String,
     },
     /// A read, write or commit failed in redb or below it (the disk). After
-    /// a failed commit redb refuses further writes until reopened, so every
-    /// later write fails too: the gateway should stop acking and restart.
+    /// a failed commit redb refuses further writes until reopened: the
+    /// writer reopens it by itself (`reopen.rs`), so this is retryable.
     #[error("storage {context} failed: {message}")]
     Io {
         /// What was being done.
@@ -58,6 +58,10 @@ pub enum StorageError {
     /// The store was closed before this write could be committed.
     #[error("the store is closed")]
     Closed,
+    /// A group commit failed and the writer is getting the store to write
+    /// again (reopening it, waiting for disk space): retry later.
+    #[error("storage cannot write for now; retry")]
+    Recovering,
     /// The configuration cannot work.
     #[error("invalid [storage] config: {0}")]
     Config(String),
@@ -68,9 +72,12 @@ impl StorageError {
     pub fn code(&self) -> ErrorCode {
         match self {
             StorageError::SeqConflict { .. } => ErrorCode::Conflict,
-            StorageError::Closed => ErrorCode::Unavailable,
+            // A full disk, a failed fsync: the writer recovers by itself,
+            // and nothing of the failed write was stored.
+            StorageError::Closed | StorageError::Recovering | StorageError::Io { .. } => {
+                ErrorCode::Unavailable
+            }
             StorageError::Open { .. }
-            | StorageError::Io { .. }
             | StorageError::Corrupt { .. }
             | StorageError::Encode(_)
             | StorageError::Config(_) => ErrorCode::Internal,
@@ -125,3 +132,18 @@ impl std::fmt::Display for SubmitError {
 }
 
 impl std::error::Error for SubmitError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_is_retryable_and_a_damaged_record_is_not() {
+        let io = StorageError::Io { context: "commit", message: "No space left on device".into() };
+        assert_eq!(io.code(), ErrorCode::Unavailable);
+        assert_eq!(StorageError::Recovering.code(), ErrorCode::Unavailable);
+        assert_eq!(StorageError::Closed.code(), ErrorCode::Unavailable);
+        let corrupt = StorageError::Corrupt { table: "log", key: "1".into(), message: "bad".into() };
+        assert_eq!(corrupt.code(), ErrorCode::Internal);
+    }
+}

@@ -16,19 +16,24 @@
 //! the next batch queues up. A write that fails on its own (a seq conflict)
 //! is answered with its error and does not disturb the rest of the batch;
 //! a failed transaction or commit fails every write in the batch, and none
-//! of them is stored.
+//! of them is stored. The writer then answers every write that comes
+//! `unavailable` (`StorageError::Recovering`) until a probe commit
+//! succeeds, reopening the database when redb refuses to go on with it
+//! (see `reopen.rs`), with a back-off from `recovery_backoff_ms_min` to
+//! `recovery_backoff_ms_max`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+use redb::{Durability, ReadableTable, Table, WriteTransaction};
 
 use crate::backend::SyncCounter;
 use crate::dedupe::{self, DedupeKey, U64Map};
 use crate::error::{IoContext, StorageError};
 use crate::record::{ArchivedConversationRecord, ConvChange, LogRecord, access, encode_into};
+use crate::reopen::{DbSlot, Reopen};
 use crate::tables;
 use crate::write::{CommitTimes, Committed, Completion, Shared, Submission, WriteOp};
 use kefu_proto::client::Msg;
@@ -42,6 +47,8 @@ pub(crate) struct Limits {
     pub(crate) idle_park: Duration,
     pub(crate) quick_repair: bool,
     pub(crate) conv_cache_entries: usize,
+    pub(crate) recovery_backoff_min: Duration,
+    pub(crate) recovery_backoff_max: Duration,
 }
 
 /// A conversation as the writer needs it.
@@ -53,7 +60,10 @@ struct ConvState {
 
 /// The writer thread's state.
 pub(crate) struct GroupCommit {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
+    /// How to reopen the database after a failed commit (`None`: a test
+    /// backend, which only retries).
+    reopen: Option<Reopen>,
     shared: Arc<Shared>,
     limits: Limits,
     /// The batch being gathered: (source, submission).
@@ -168,18 +178,21 @@ fn lazily<'s, 't, K: redb::Key + 'static, V: redb::Value + 'static>(
 type Applied = Result<Result<Committed, StorageError>, StorageError>;
 
 impl GroupCommit {
+    #[allow(clippy::too_many_arguments)] // each is one piece of what open found
     pub(crate) fn new(
-        db: Arc<Database>,
+        db: Arc<DbSlot>,
         shared: Arc<Shared>,
         limits: Limits,
         next_offset: u64,
         next_conv_id: u64,
         dedupe_key: DedupeKey,
         syncs: Arc<SyncCounter>,
+        reopen: Option<Reopen>,
     ) -> GroupCommit {
         let sources = shared.sources.len();
         GroupCommit {
             db,
+            reopen,
             shared,
             batch: Vec::with_capacity(limits.max_records),
             batch_bytes: 0,
@@ -214,7 +227,9 @@ impl GroupCommit {
         let shared = self.shared.clone();
         let _stopped = Stopped(&shared.stats.writer_stopped);
         while self.gather() {
-            self.commit_batch();
+            if let Err(e) = self.commit_batch() {
+                self.recover(&e);
+            }
         }
         tracing::debug!(commits = self.commits, "storage writer stopped");
     }
@@ -290,14 +305,16 @@ impl GroupCommit {
         true
     }
 
-    /// Applies, commits and completes the gathered batch.
-    fn commit_batch(&mut self) {
+    /// Applies, commits and completes the gathered batch; the error if the
+    /// commit failed (its writes have been answered with it).
+    fn commit_batch(&mut self) -> Result<(), StorageError> {
         let n = self.batch.len();
         debug_assert!(n > 0);
         let start_offset = self.next_offset;
         let start_conv_id = self.next_conv_id;
         let synced_before = self.syncs.spent();
-        match self.apply_and_commit() {
+        let outcome = self.apply_and_commit();
+        match &outcome {
             Ok(()) => {
                 self.commits += 1;
                 if let Some(f) = self.shared.on_commit.get() {
@@ -329,10 +346,112 @@ impl GroupCommit {
                 self.convs.clear();
                 self.conv_entries = 0;
                 self.results.clear();
-                self.results.resize(n, Err(e));
+                self.results.resize(n, Err(e.clone()));
+                *self.shared.problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             }
         }
         self.publish();
+        outcome
+    }
+
+    /// After a failed commit: answers every write that comes with
+    /// `Recovering` until a probe commit succeeds, trying at once and then
+    /// after a back-off that doubles up to its bound. Returns when the
+    /// store writes again, or when it is closed.
+    fn recover(&mut self, first: &StorageError) {
+        let shared = self.shared.clone();
+        let stats = &shared.stats;
+        let mut backoff = self.limits.recovery_backoff_min;
+        let mut attempts = 0u64;
+        loop {
+            attempts += 1;
+            stats.recovery_attempts.fetch_add(1, Ordering::Relaxed);
+            match self.try_to_write() {
+                Ok(()) => {
+                    tracing::info!(attempts, "storage writes again");
+                    stats.recoveries.fetch_add(1, Ordering::Relaxed);
+                    *self.shared.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    stats.last_commit_failed.store(false, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    // One line per try: the back-off bounds them to one every
+                    // recovery_backoff_ms_max at most.
+                    tracing::warn!(error = %e, first = %first, attempts, retry_ms = backoff.as_millis() as u64, "storage cannot write yet");
+                    *self.shared.problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                }
+            }
+            if !self.refuse_until(Instant::now() + backoff) {
+                return;
+            }
+            backoff = (backoff * 2).min(self.limits.recovery_backoff_max);
+        }
+    }
+
+    /// Answers every write submitted until `deadline` with `Recovering`: a
+    /// client retries, where a held write would keep its ack waiting for
+    /// as long as the disk is full. False if the store closed meanwhile.
+    fn refuse_until(&mut self, deadline: Instant) -> bool {
+        loop {
+            self.batch_bytes = 0;
+            while self.take() > 0 {
+                let n = self.batch.len();
+                self.shared.stats.refused_recovering.fetch_add(n as u64, Ordering::Relaxed);
+                self.results.clear();
+                self.results.resize(n, Err(StorageError::Recovering));
+                self.publish();
+                self.batch_bytes = 0;
+            }
+            if self.shared.closed.load(Ordering::SeqCst) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            // A submit unparks us early, to be answered at once.
+            thread::park_timeout(deadline - now);
+        }
+    }
+
+    /// One try at writing: a probe commit on the database as it is, and if
+    /// that fails, on the database opened again.
+    fn try_to_write(&mut self) -> Result<(), StorageError> {
+        if self.probe().is_ok() {
+            return Ok(());
+        }
+        let Some(how) = &self.reopen else {
+            return self.probe();
+        };
+        let reopened = crate::reopen::reopen(&self.db, how)?;
+        // A commit reported failed may have reached the disk (its fsync
+        // failed after the data landed): go on from what the file holds.
+        if reopened.next_offset > self.next_offset {
+            tracing::warn!(
+                from = self.next_offset,
+                to = reopened.next_offset,
+                "a commit reported failed is in the log"
+            );
+            self.shared.publish_log_end(reopened.next_offset);
+        }
+        self.next_offset = reopened.next_offset;
+        self.next_conv_id = self.next_conv_id.max(reopened.next_conv_id);
+        self.convs.clear();
+        self.conv_entries = 0;
+        self.probe()
+    }
+
+    /// A commit that changes nothing but needs the disk to take a page.
+    fn probe(&mut self) -> Result<(), StorageError> {
+        let db = self.db.get()?;
+        let mut txn = db.begin_write().ctx("begin write")?;
+        txn.set_durability(Durability::Immediate).ctx("set durability")?;
+        txn.set_quick_repair(self.limits.quick_repair);
+        txn.open_table(tables::META)
+            .ctx("open table meta")?
+            .insert(tables::META_NEXT_OFFSET, self.next_offset)
+            .ctx("write meta")?;
+        txn.commit().ctx("commit")
     }
 
     /// Pushes the completions and wakes the sources. Runs only after the
@@ -364,7 +483,8 @@ impl GroupCommit {
     }
 
     fn apply_and_commit(&mut self) -> Result<(), StorageError> {
-        let mut txn = self.db.begin_write().ctx("begin write")?;
+        let db = self.db.get()?;
+        let mut txn = db.begin_write().ctx("begin write")?;
         txn.set_durability(Durability::Immediate).ctx("set durability")?;
         txn.set_quick_repair(self.limits.quick_repair);
         {

@@ -30,7 +30,12 @@
 //! (`store_tests::a_version_2_store_gets_dedupe_slots_and_users_keyed_by_role_at_open`).
 //! Bytes damaged on disk later are caught when read, since every record is
 //! validated before use, and reported as [`StorageError::Corrupt`], never
-//! trusted (`store_tests::corrupt_record_is_reported_not_trusted`). Not
+//! trusted (`store_tests::corrupt_record_is_reported_not_trusted`). A
+//! commit that fails (a full disk) fails its writes with an error the
+//! client may retry (`unavailable`), and so does every write until the
+//! writer has committed again, reopening the database when redb requires
+//! it (`reopen.rs`); nothing acknowledged is lost and the log stays
+//! gap-free (the gateway's `tests/faults.rs`, on a tmpfs it fills). Not
 //! covered: a disk that acknowledges an fsync it did not do, and the loss
 //! of the disk itself.
 //!
@@ -79,6 +84,7 @@ mod error;
 mod group_commit;
 mod reader;
 mod record;
+mod reopen;
 mod store;
 mod tables;
 mod upgrade;
@@ -98,8 +104,8 @@ pub use record::{
     AgentRef, ArchivedAgentRef, ArchivedAttachment, ArchivedConvStatus, ArchivedConversationRecord,
     ArchivedLogRecord, ArchivedMessageRecord, ArchivedReadMark, ArchivedRole, ArchivedSender,
     ArchivedUserControlRecord, ArchivedUserRecord, Attachment, BlockRecord, ConvChange, ConvStatusDef,
-    ConversationRecord, LogRecord, MessageRecord, PresenceRecord, decode_log_record, encode_log_record, ReadMark, RoleDef, Sender,
-    UserControlRecord, UserRecord,
+    ConversationRecord, LogRecord, MessageRecord, PresenceRecord, ReadMark, RoleDef, Sender,
+    UserControlRecord, UserRecord, decode_log_record, encode_log_record,
 };
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};
 pub use write::{

@@ -16,7 +16,7 @@ use std::ops::{Bound, ControlFlow, RangeBounds};
 use std::sync::{Arc, Mutex};
 
 use kefu_proto::ids::{ConvStatus, Role};
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::dedupe::SlotCache;
 use crate::error::{IoContext, StorageError};
@@ -95,7 +95,7 @@ pub struct ConversationPage {
 /// Read access to the store. Cheap to clone; `Send` and `Sync`.
 #[derive(Clone)]
 pub struct Reader {
-    pub(crate) db: Arc<Database>,
+    pub(crate) db: Arc<crate::reopen::DbSlot>,
     pub(crate) slots: Arc<Mutex<SlotCache>>,
 }
 
@@ -132,7 +132,7 @@ impl Reader {
     }
 
     fn txn(&self) -> Result<ReadTransaction, StorageError> {
-        self.db.begin_read().ctx("begin read")
+        self.db.get()?.begin_read().ctx("begin read")
     }
 
     /// Visits up to `limit` messages of `conv` with seq in `seqs`, in

@@ -24,6 +24,7 @@ use crate::error::{IoContext, StorageError};
 use crate::group_commit::{GroupCommit, Limits};
 use crate::reader::Reader;
 use crate::record::ConversationRecord;
+use crate::reopen::{DbSlot, Reopen};
 use crate::tables;
 use crate::upgrade;
 use crate::write::{Completions, Notify, OnCommit, OnLogEnd, Shared, Writer};
@@ -69,12 +70,70 @@ pub struct StoreStats {
     pub fsyncs: u64,
     /// The largest batch so far.
     pub batch_records_max: u64,
+    /// Tries to write again after failed commits.
+    pub recovery_attempts: u64,
+    /// Times the store wrote again after failed commits.
+    pub recoveries: u64,
+    /// Writes answered `unavailable` while the store could not write.
+    pub refused_recovering: u64,
+}
+
+/// Opens (or creates) the database file of `config`, or the given
+/// backend, with the store's redb settings. Also says whether redb had to
+/// repair it.
+pub(crate) fn open_database(
+    config: &StoreConfig,
+    backend: Option<Box<dyn StorageBackend>>,
+    syncs: Arc<SyncCounter>,
+    observer: Option<Arc<dyn BackendObserver>>,
+) -> Result<(Database, bool), StorageError> {
+    let path = config.db_path();
+    let open_err = |message: String| StorageError::Open { path: path.clone(), message };
+    let inner: Box<dyn StorageBackend> = match backend {
+        Some(b) => b,
+        None => {
+            // Conversations are personal data: nobody but kefu's user
+            // reads them. A directory kefu makes is 0700; the database
+            // file is 0600, an existing one tightened to it.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&config.dir)
+                .map_err(|e| open_err(format!("create directory: {e}")))?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| open_err(e.to_string()))?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| open_err(format!("make it 0600: {e}")))?;
+            Box::new(redb::backends::FileBackend::new(file).map_err(|e| open_err(e.to_string()))?)
+        }
+    };
+    let repaired = Arc::new(AtomicBool::new(false));
+    let db = {
+        let repaired = repaired.clone();
+        let mut builder = Database::builder();
+        builder.set_cache_size(config.cache_bytes).set_repair_callback(move |session| {
+            if !repaired.swap(true, Ordering::Relaxed) {
+                tracing::warn!("storage was not closed cleanly; redb is repairing it");
+            }
+            tracing::debug!(progress = session.progress(), "storage repair");
+        });
+        builder
+            .create_with_backend(ProbeBackend::new(inner, syncs, observer))
+            .map_err(|e| open_err(e.to_string()))?
+    };
+    Ok((db, repaired.load(Ordering::Relaxed)))
 }
 
 /// The open store: owns the writer thread.
 pub struct Store {
     shared: Arc<Shared>,
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     syncs: Arc<SyncCounter>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
@@ -114,7 +173,7 @@ impl WriterHealth {
     pub fn problem(self) -> Option<&'static str> {
         match self {
             WriterHealth::Accepting => None,
-            WriterHealth::Failing => Some("storage: the last group commit failed"),
+            WriterHealth::Failing => Some("storage: cannot write (the last group commit failed); retrying"),
             WriterHealth::Closed => Some("storage: closed"),
             WriterHealth::Stopped => Some("storage: the writer thread stopped"),
         }
@@ -136,6 +195,19 @@ impl StatsSource {
         }
     }
 
+    /// Why writes are not accepted now, with the last failure's words if
+    /// a commit failed; `None` when they are.
+    pub fn writer_problem(&self) -> Option<String> {
+        let health = self.writer_health();
+        let problem = health.problem()?;
+        if health == WriterHealth::Failing
+            && let Some(why) = self.shared.problem.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+        {
+            return Some(format!("storage: cannot write ({why}); retrying"));
+        }
+        Some(problem.to_string())
+    }
+
     /// The counters now.
     pub fn stats(&self) -> StoreStats {
         let s = &self.shared.stats;
@@ -148,6 +220,9 @@ impl StatsSource {
             submit_full: s.full.load(Ordering::Relaxed),
             fsyncs: self.syncs.returned(),
             batch_records_max: s.batch_records_max.load(Ordering::Relaxed),
+            recovery_attempts: s.recovery_attempts.load(Ordering::Relaxed),
+            recoveries: s.recoveries.load(Ordering::Relaxed),
+            refused_recovering: s.refused_recovering.load(Ordering::Relaxed),
         }
     }
 }
@@ -178,47 +253,12 @@ impl Store {
         config.validate()?;
         let path = config.db_path();
         let open_err = |message: String| StorageError::Open { path: path.clone(), message };
-        let inner: Box<dyn StorageBackend> = match backend {
-            Some(b) => b,
-            None => {
-                // Conversations are personal data: nobody but kefu's user
-                // reads them. A directory kefu makes is 0700; the database
-                // file is 0600, an existing one tightened to it.
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&config.dir)
-                    .map_err(|e| open_err(format!("create directory: {e}")))?;
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| open_err(e.to_string()))?;
-                file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| open_err(format!("make it 0600: {e}")))?;
-                Box::new(redb::backends::FileBackend::new(file).map_err(|e| open_err(e.to_string()))?)
-            }
-        };
         let syncs = Arc::new(SyncCounter::default());
-        let repaired = Arc::new(AtomicBool::new(false));
-        let db = {
-            let repaired = repaired.clone();
-            let mut builder = Database::builder();
-            builder.set_cache_size(config.cache_bytes).set_repair_callback(move |session| {
-                if !repaired.swap(true, Ordering::Relaxed) {
-                    tracing::warn!("storage was not closed cleanly; redb is repairing it");
-                }
-                tracing::debug!(progress = session.progress(), "storage repair");
-            });
-            builder
-                .create_with_backend(ProbeBackend::new(inner, syncs.clone(), observer))
-                .map_err(|e| open_err(e.to_string()))?
-        };
+        // A test backend cannot be opened twice: such a store does not reopen.
+        let reopen = backend.is_none().then(|| Reopen { config: config.clone(), syncs: syncs.clone() });
+        let (db, repaired) = open_database(&config, backend, syncs.clone(), observer)?;
         let Counters { next_offset, next_conv_id, unclean_shutdown, dedupe_key } = init_tables(&db, &config)?;
-        let db = Arc::new(db);
+        let db = Arc::new(DbSlot::new(db));
         let slots = Arc::new(Mutex::new(SlotCache::new(dedupe_key, config.conv_cache_entries)));
         let reader = Reader { db: db.clone(), slots };
         let open_conversations = reader.open_conversations()?;
@@ -229,6 +269,8 @@ impl Store {
             max_bytes: config.batch_max_bytes,
             window: Duration::from_micros(config.batch_window_us),
             idle_park: Duration::from_millis(config.idle_park_ms),
+            recovery_backoff_min: Duration::from_millis(config.recovery_backoff_ms_min),
+            recovery_backoff_max: Duration::from_millis(config.recovery_backoff_ms_max),
             quick_repair: config.quick_repair,
             conv_cache_entries: config.conv_cache_entries,
         };
@@ -240,6 +282,7 @@ impl Store {
             next_conv_id,
             dedupe_key,
             syncs.clone(),
+            reopen,
         );
         let thread = std::thread::Builder::new()
             .name("kefu-storage".into())
@@ -253,7 +296,7 @@ impl Store {
             next_conv_id,
             open_conversations,
             unclean_shutdown,
-            repaired: repaired.load(Ordering::Relaxed),
+            repaired,
             open_time: started.elapsed(),
         };
         tracing::info!(
@@ -345,7 +388,8 @@ impl Store {
         }
         // The writer is gone, so this thread may write: record the clean
         // shutdown that the next open looks for.
-        if let Err(e) = set_open_flag(&self.db, 0) {
+        let flagged = self.db.get().and_then(|db| set_open_flag(&db, 0));
+        if let Err(e) = flagged {
             tracing::warn!(error = %e, "storage could not record its clean shutdown");
         }
     }

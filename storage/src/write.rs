@@ -203,6 +203,12 @@ pub(crate) struct WriteStats {
     pub(crate) last_commit_failed: AtomicBool,
     /// The writer thread has returned (or unwound): nothing will commit.
     pub(crate) writer_stopped: AtomicBool,
+    /// Tries to write again after a failed commit.
+    pub(crate) recovery_attempts: AtomicU64,
+    /// Times the store wrote again after failed commits.
+    pub(crate) recoveries: AtomicU64,
+    /// Writes answered `Recovering` while the store could not write.
+    pub(crate) refused_recovering: AtomicU64,
 }
 
 /// Everything the submitters, the writer thread and the completion poppers
@@ -219,6 +225,8 @@ pub(crate) struct Shared {
     pub(crate) log_end: AtomicU64,
     pub(crate) on_log_end: OnceLock<OnLogEnd>,
     pub(crate) on_commit: OnceLock<OnCommit>,
+    /// Why the store cannot write now (the last failure), for `/readyz`.
+    pub(crate) problem: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -242,6 +250,7 @@ impl Shared {
             log_end: AtomicU64::new(log_end),
             on_log_end: OnceLock::new(),
             on_commit: OnceLock::new(),
+            problem: std::sync::Mutex::new(None),
         }
     }
 

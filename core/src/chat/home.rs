@@ -85,6 +85,10 @@ pub struct Home {
     convs: HashMap<ConvId, Conversation>,
     /// Closed conversations in `convs` only to answer one command.
     borrowed: HashSet<ConvId>,
+    /// Why the last [`Self::load`] found nothing, if storage failed to read
+    /// (rather than found no such conversation): the command is answered
+    /// with that (`unavailable` while storage recovers), not `not_found`.
+    read_error: Option<ReadError>,
     /// Resends waiting for their original's commit.
     dup_waiters: HashMap<(ConvId, u64), Vec<Reply>>,
     rules: Rules,
@@ -120,6 +124,7 @@ impl Home {
             replay_bytes_max,
             convs,
             borrowed: HashSet::new(),
+            read_error: None,
             dup_waiters: HashMap::new(),
             screening: HashMap::new(),
             hook_calls: HashMap::new(),
@@ -253,7 +258,8 @@ impl Home {
     ) {
         let reply = (to, codec, None);
         if !self.load(conv, store) {
-            return self.out.error(reply, ErrorCode::NotFound, format!("{conv}: not found"));
+            let (code, message) = self.not_loaded(conv);
+            return self.out.error(reply, code, message);
         }
         let Some(c) = self.convs.get(&conv) else { return };
         let range = match c.resume(actor, last_seen) {
@@ -522,7 +528,8 @@ impl Home {
                 self.bot_message(conv, text, now_ms);
             }
         } else {
-            self.refuse(&draft, ErrorCode::NotFound, &format!("{conv}: not found"));
+            let (code, message) = self.not_loaded(conv);
+            self.refuse(&draft, code, &message);
         }
         self.give_back(conv);
         self.next_screened(conv);
@@ -946,9 +953,19 @@ impl Home {
     fn found(&mut self, reply: Reply, conv: ConvId, store: &dyn Stored) -> bool {
         let ok = self.load(conv, store);
         if !ok {
-            self.out.error(reply, ErrorCode::NotFound, format!("{conv}: not found"));
+            let (code, message) = self.not_loaded(conv);
+            self.out.error(reply, code, message);
         }
         ok
+    }
+
+    /// What to answer a command about `conv` that [`Self::load`] did not
+    /// find: `not_found`, or the read's own error if storage failed.
+    fn not_loaded(&mut self, conv: ConvId) -> (ErrorCode, String) {
+        match self.read_error.take() {
+            Some(e) => (e.code, format!("{conv}: {}", e.message)),
+            None => (ErrorCode::NotFound, format!("{conv}: not found")),
+        }
     }
 
     /// Makes sure `conv` is in memory. A closed conversation is loaded on
@@ -956,6 +973,7 @@ impl Home {
     /// drops it once the command is answered, so paging through old
     /// conversations does not grow memory. False if it does not exist.
     fn load(&mut self, conv: ConvId, store: &dyn Stored) -> bool {
+        self.read_error = None;
         if self.convs.contains_key(&conv) {
             return true;
         }
@@ -983,8 +1001,12 @@ impl Home {
             Ok(Some(r)) => {
                 self.convs.insert(conv, Conversation::restore(r, &self.core.limits));
             }
-            Ok(None) | Err(_) => {
+            Ok(None) => {
                 self.convs.remove(&conv);
+            }
+            Err(e) => {
+                self.convs.remove(&conv);
+                self.read_error = Some(e);
             }
         }
     }

@@ -4,7 +4,8 @@
 //! - `/healthz` says the process serves: 200, or 503 once it drains.
 //! - `/readyz` says it should be sent traffic: 200 only while storage takes
 //!   writes (its writer runs, is not closed, and its last group commit did
-//!   not fail) and every shard is up (it swept within
+//!   not fail, or it has written again since: the failure's own words are
+//!   in the reason) and every shard is up (it swept within
 //!   `admin.shard_stall_ms` and is not draining). Otherwise 503, with one
 //!   line per reason.
 //! - `/metrics` is the Prometheus text of [`crate::metrics::render`], then
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kefu_storage::{StatsSource, WriterHealth};
+use kefu_storage::StatsSource;
 
 use crate::chat::ShardMsg;
 use crate::mailbox::Mailbox;
@@ -97,7 +98,7 @@ pub fn healthz(ops: &Ops) -> Response {
 /// `GET /readyz`.
 pub fn readyz(ops: &Ops) -> Response {
     let problems = not_ready(
-        ops.store.writer_health(),
+        ops.store.writer_problem(),
         &ops.stats,
         ops.stop.load(Ordering::Relaxed),
         crate::metrics::unix_ms(),
@@ -123,7 +124,7 @@ pub fn metrics(ops: &Ops, events: &super::events::EventsApi) -> Response {
 
 /// Every reason not to send this process traffic now; empty when ready.
 pub fn not_ready(
-    store: WriterHealth,
+    store: Option<String>,
     shards: &[ShardStats],
     stopping: bool,
     now_ms: u64,
@@ -133,9 +134,7 @@ pub fn not_ready(
     if stopping {
         problems.push("process: stopping".to_string());
     }
-    if let Some(p) = store.problem() {
-        problems.push(p.to_string());
-    }
+    problems.extend(store);
     for (i, s) in shards.iter().enumerate() {
         let swept = s.sweep_unix_ms.load(Ordering::Relaxed);
         if s.draining.load(Ordering::Relaxed) {
@@ -152,6 +151,7 @@ pub fn not_ready(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kefu_storage::WriterHealth;
 
     fn shards(swept: &[u64]) -> Vec<ShardStats> {
         swept
@@ -167,26 +167,30 @@ mod tests {
     #[test]
     fn ready_when_storage_accepts_and_every_shard_swept_lately() {
         let s = shards(&[10_000, 10_050]);
-        assert!(not_ready(WriterHealth::Accepting, &s, false, 10_100, 2_000).is_empty());
+        assert!(
+            not_ready(WriterHealth::Accepting.problem().map(str::to_string), &s, false, 10_100, 2_000)
+                .is_empty()
+        );
     }
 
     #[test]
     fn each_reason_is_named() {
         let s = shards(&[10_000, 0, 5_000]);
         s[0].draining.store(true, Ordering::Relaxed);
-        let p = not_ready(WriterHealth::Failing, &s, true, 10_000, 2_000);
+        let failing = Some("storage: cannot write (No space left on device); retrying".to_string());
+        let p = not_ready(failing, &s, true, 10_000, 2_000);
         assert_eq!(
             p,
             [
                 "process: stopping",
-                "storage: the last group commit failed",
+                "storage: cannot write (No space left on device); retrying",
                 "shard 0: draining",
                 "shard 1: not started",
                 "shard 2: no sweep for 5000 ms",
             ]
         );
         for health in [WriterHealth::Closed, WriterHealth::Stopped] {
-            let p = not_ready(health, &shards(&[10_000]), false, 10_000, 2_000);
+            let p = not_ready(health.problem().map(str::to_string), &shards(&[10_000]), false, 10_000, 2_000);
             assert_eq!(p.len(), 1, "{p:?}");
         }
     }

@@ -314,6 +314,17 @@ impl ChatService {
         !self.completions.is_empty()
     }
 
+    /// Whether nothing this service started is still under way: no write
+    /// waits for its commit, nothing waits for another shard's full inbox
+    /// or to be handled here. What a drain waits for before it closes the
+    /// connections, so that every command read is answered first.
+    pub fn is_quiet(&self) -> bool {
+        self.pending.is_empty()
+            && self.backlog.is_empty()
+            && self.own.is_empty()
+            && self.completions.is_empty()
+    }
+
     /// Handles one message from this shard's inbox (another shard posted it).
     pub fn handle(&mut self, msg: ShardMsg) {
         self.dispatch(msg);

@@ -40,6 +40,8 @@ pub const TOO_BIG: u16 = 1009;
 pub const MANDATORY_EXT: u16 = 1010;
 /// The server hit an unexpected condition.
 pub const INTERNAL: u16 = 1011;
+/// (IANA) The server is short of something for now: reconnect later.
+pub const TRY_AGAIN_LATER: u16 = 1013;
 
 /// kefu's own codes (4000-4999): part of the client protocol, so they live
 /// with it.

@@ -46,7 +46,9 @@ impl Gateway {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
-    fn start_in(data: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Gateway {
+    /// Starts `kefu serve` as [`Self::start`] does, on the data directory
+    /// given (a small tmpfs, say).
+    pub fn start_in(data: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kefu"));
         cmd.arg("serve");
         if !args.contains(&"--listen") {

@@ -257,6 +257,26 @@ fn a_failed_write_answers_every_waiter_and_gives_the_seq_back() {
 }
 
 #[test]
+fn a_send_while_storage_cannot_read_is_unavailable_not_not_found() {
+    let (mut w, v, _tab, _a) = three();
+    w.send(&v, 1, "c1", "lost");
+    let (then, _) = w.writes.pop_front().expect("a write");
+    // The disk is full: the commit fails, and so does the reload after it
+    // (the store is being reopened), which drops the conversation from memory.
+    w.store.fail_reads.set(true);
+    let error = ReadError { code: ErrorCode::Unavailable, message: "disk full".into() };
+    w.home.handle_failed(then, &error, &w.store);
+    w.drain();
+    assert_eq!(errors(&w.take(&v)), [(Some(1), ErrorCode::Unavailable)]);
+    w.send(&v, 2, "c2", "retry");
+    assert_eq!(errors(&w.take(&v)), [(Some(2), ErrorCode::Unavailable)], "the conversation exists: retry");
+    w.store.fail_reads.set(false);
+    w.send(&v, 3, "c2", "retry");
+    w.commit();
+    assert_eq!(acks(&w.take(&v)), [(Some(3), 1, false)]);
+}
+
+#[test]
 fn reads_are_stored_and_told_to_the_others_once_per_advance() {
     let (mut w, v, tab, a) = three();
     w.send(&v, 1, "c1", "hello");

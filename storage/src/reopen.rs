@@ -1,0 +1,109 @@
+//! Getting the store to write again after a group commit failed.
+//!
+//! redb refuses every operation on a `Database` after an I/O error
+//! (`PreviousIo`: a full disk, a failed fsync) until it is closed and
+//! opened again. So the database lives in a [`DbSlot`] that the writer and
+//! every [`Reader`](crate::Reader) go through: after a failed commit the
+//! writer takes it out, waits (bounded) for readers to let go of the old
+//! handle, whose file locks go with it, opens the file again (redb
+//! recovers it to its last commit, as after a crash) and puts the new one
+//! in. Readers see [`StorageError::Recovering`] (`unavailable`) in that
+//! moment, and then read as before.
+//!
+//! Nothing acknowledged is lost by this: a write is acknowledged only
+//! after its commit returned, and a reopened database holds every commit
+//! that returned. A commit that failed may still have reached the disk
+//! (an fsync that failed after the data landed); the writer then takes
+//! its counters from the file, and the writers it answered `unavailable`
+//! find their resent `cid`s already stored.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase, ReadableTable};
+
+use crate::backend::SyncCounter;
+use crate::config::StoreConfig;
+use crate::error::{IoContext, StorageError};
+use crate::tables;
+
+/// How long a reopen waits for readers to drop the old database.
+const READERS_WAIT: Duration = Duration::from_millis(500);
+
+/// The database, swappable while the store is open.
+pub(crate) struct DbSlot {
+    db: RwLock<Option<Arc<Database>>>,
+}
+
+impl DbSlot {
+    pub(crate) fn new(db: Database) -> DbSlot {
+        DbSlot { db: RwLock::new(Some(Arc::new(db))) }
+    }
+
+    /// The database now, or `Recovering` while it is being reopened.
+    pub(crate) fn get(&self) -> Result<Arc<Database>, StorageError> {
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        db.clone().ok_or(StorageError::Recovering)
+    }
+
+    fn take(&self) -> Option<Arc<Database>> {
+        self.db.write().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn put(&self, db: Arc<Database>) {
+        *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(db);
+    }
+}
+
+/// What reopening the file needs (a store on a file, not a test backend).
+pub(crate) struct Reopen {
+    pub(crate) config: StoreConfig,
+    pub(crate) syncs: Arc<SyncCounter>,
+}
+
+/// The counters a reopened database continues from.
+pub(crate) struct Reopened {
+    pub(crate) next_offset: u64,
+    pub(crate) next_conv_id: u64,
+}
+
+/// Closes the database in `slot` and opens its file again. On failure the
+/// slot holds the old one (if readers kept it) or none.
+pub(crate) fn reopen(slot: &DbSlot, how: &Reopen) -> Result<Reopened, StorageError> {
+    if let Some(mut old) = slot.take() {
+        let deadline = Instant::now() + READERS_WAIT;
+        loop {
+            match Arc::try_unwrap(old) {
+                Ok(db) => {
+                    drop(db);
+                    break;
+                }
+                Err(shared) if Instant::now() >= deadline => {
+                    slot.put(shared);
+                    return Err(StorageError::Io {
+                        context: "reopen",
+                        message: "readers still hold the database".into(),
+                    });
+                }
+                Err(shared) => {
+                    old = shared;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    let (db, _repaired) = crate::store::open_database(&how.config, None, how.syncs.clone(), None)?;
+    let reopened = counters(&db)?;
+    slot.put(Arc::new(db));
+    Ok(reopened)
+}
+
+/// Where the log and the conversation ids continue, read from the file.
+fn counters(db: &Database) -> Result<Reopened, StorageError> {
+    let txn = db.begin_read().ctx("begin read")?;
+    let log = txn.open_table(tables::LOG).ctx("open table log")?;
+    let next_offset = log.last().ctx("read log")?.map_or(0, |(k, _)| k.value() + 1);
+    let meta = txn.open_table(tables::META).ctx("open table meta")?;
+    let next_conv_id = meta.get(tables::META_NEXT_CONV_ID).ctx("read meta")?.map_or(1, |g| g.value());
+    Ok(Reopened { next_offset, next_conv_id })
+}
