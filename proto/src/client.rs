@@ -288,6 +288,9 @@ pub enum Command {
     },
     /// Application-level keepalive; answered by `pong`.
     Ping,
+    /// An agent asks for the canned replies of the config (`rules.canned`);
+    /// answered by [`Event::Canned`].
+    Canned,
 }
 
 impl Command {
@@ -305,6 +308,7 @@ impl Command {
             Command::Transfer { .. } => "transfer",
             Command::Close { .. } => "close",
             Command::Ping => "ping",
+            Command::Canned => "canned",
         }
     }
 
@@ -318,7 +322,11 @@ impl Command {
             | Command::Accept { conv }
             | Command::Transfer { conv, .. }
             | Command::Close { conv } => Some(*conv),
-            Command::Connect { .. } | Command::Open { .. } | Command::Presence { .. } | Command::Ping => None,
+            Command::Connect { .. }
+            | Command::Open { .. }
+            | Command::Presence { .. }
+            | Command::Ping
+            | Command::Canned => None,
         }
     }
 }
@@ -481,6 +489,20 @@ pub enum Event {
     },
     /// Reply to `ping`.
     Pong,
+    /// Reply to `canned`: the canned replies, in config order.
+    Canned {
+        /// The replies.
+        replies: Vec<CannedReply>,
+    },
+}
+
+/// A named text an agent inserts from the console (`canned.replies`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CannedReply {
+    /// Short name, typed after `/` in the console.
+    pub name: String,
+    /// The text inserted.
+    pub text: String,
 }
 
 impl Event {
@@ -498,6 +520,7 @@ impl Event {
             Event::Presence { .. } => "presence",
             Event::Error { .. } => "error",
             Event::Pong => "pong",
+            Event::Canned { .. } => "canned",
         }
     }
 }

@@ -13,7 +13,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kefu_proto::client::{ClientFrame, Codec, Command, ConvSummary, Event, Sender, ServerFrame, User};
+use kefu_proto::client::{
+    CannedReply, ClientFrame, Codec, Command, ConvSummary, Event, Sender, ServerFrame, User,
+};
 use kefu_proto::ws::close;
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 
@@ -218,6 +220,13 @@ impl Edge {
         // goes through the router, after that command's decision.
         match request {
             Checked::Pong => self.out.send(from, codec, &ServerFrame::reply(id, Event::Pong)),
+            // Every shard has the whole config: no other shard is asked.
+            Checked::Canned => {
+                let replies = (self.config.core.rules.canned.iter())
+                    .map(|c| CannedReply { name: c.name.clone(), text: c.text.clone() })
+                    .collect();
+                self.out.send(from, codec, &ServerFrame::reply(id, Event::Canned { replies }));
+            }
             Checked::Route(request) => {
                 sess.routing += 1;
                 self.out.post_chat(ROUTER_SHARD, ChatMsg::Route { reply, actor, request });

@@ -125,7 +125,8 @@ pub enum Change {
 pub struct RouteInfo {
     /// 1-based queue position, if queued.
     pub position: Option<u32>,
-    /// If queued: the agents (online or away) who serve its group.
+    /// If queued: the agents who serve its group and are connected (whatever
+    /// their presence) or not offline.
     pub notify: Vec<UserKey>,
 }
 

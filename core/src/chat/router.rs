@@ -155,7 +155,34 @@ impl Router {
             convs.into_iter().filter_map(|c| routing.route(c).map(|r| (c, r.status))).collect();
         self.drain();
         let shard = addr.shard as usize;
+        let listed: Vec<ConvId> = conversations.iter().map(|(c, _)| *c).collect();
         self.out.push_back(Output::Post { shard, msg: ChatMsg::Welcome { reply, conversations } });
+        if identity.role == Role::Agent {
+            self.introduce(reply, &identity.id, &listed);
+        }
+    }
+
+    /// What a console needs after an agent's `connected` (its edge holds
+    /// these until that is written): each listed conversation's state (its
+    /// visitor, group, agent and queue position, which `connected` does not
+    /// carry), then the presence of every other agent who is not offline,
+    /// so that the console can offer whom to transfer to.
+    fn introduce(&mut self, reply: Reply, me: &UserId, listed: &[ConvId]) {
+        let (addr, codec, _) = reply;
+        let push = (addr, codec, None);
+        for &conv in listed {
+            self.change(conv, Change::Describe, Some(push));
+        }
+        let present: Vec<(UserId, PresenceStatus)> = self
+            .routing
+            .agents()
+            .filter(|a| a.status != PresenceStatus::Offline && a.id != *me)
+            .map(|a| (a.id, a.status))
+            .collect();
+        for (agent, status) in present {
+            let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status });
+            self.out.push_back(Output::Write { reply: push, frame });
+        }
     }
 
     /// An agent's device has gone.
@@ -294,10 +321,12 @@ impl Router {
     }
 }
 
-/// Agents who are not offline and serve `group`, by the router's view.
+/// Agents who serve `group` and are connected or not offline, by the
+/// router's view: the queue is shown to an agent whatever their presence
+/// (an away agent, or one who has not chosen yet, still sees who waits).
 fn serving(agents: impl Iterator<Item = AgentView>, group: &str) -> Vec<UserKey> {
     agents
-        .filter(|a| a.status != PresenceStatus::Offline && serves(&a.groups, group))
+        .filter(|a| (a.devices > 0 || a.status != PresenceStatus::Offline) && serves(&a.groups, group))
         .map(|a| UserKey::agent(a.id))
         .collect()
 }

@@ -140,6 +140,10 @@ fn command(env: &g::Envelope<'_>, spare: &mut SpareStrings) -> R<Command> {
             body(env.body_as_ping_cmd(), t)?;
             Ok(Command::Ping)
         }
+        B::CannedCmd => {
+            body(env.body_as_canned_cmd(), t)?;
+            Ok(Command::Canned)
+        }
         _ if t.variant_name().is_some() => {
             Err(FieldError::frame(format!("{} is an event, not a command", body_name(t))))
         }
@@ -268,6 +272,15 @@ fn event(env: &g::Envelope<'_>) -> R<Event> {
         B::PongEvt => {
             body(env.body_as_pong_evt(), t)?;
             Event::Pong
+        }
+        B::CannedEvt => {
+            let o = body(env.body_as_canned_evt(), t)?;
+            let mut replies = Vec::new();
+            for r in o.replies().into_iter().flatten() {
+                replies
+                    .push(CannedReply { name: string("name", r.name())?, text: string("text", r.text())? });
+            }
+            Event::Canned { replies }
         }
         _ if t.variant_name().is_some() => {
             return Err(FieldError::frame(format!("{} is a command, not an event", body_name(t))));
@@ -468,6 +481,14 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
             (B::ErrorEvt, g::ErrorEvt::create(b, &args).as_union_value())
         }
         Event::Pong => (B::PongEvt, g::PongEvt::create(b, &g::PongEvtArgs {}).as_union_value()),
+        Event::Canned { replies } => {
+            let replies = Some(table_vector(b, replies.iter(), |b, r| {
+                let name = Some(b.create_string(&r.name));
+                let text = Some(b.create_string(&r.text));
+                g::CannedReply::create(b, &g::CannedReplyArgs { name, text })
+            }));
+            (B::CannedEvt, g::CannedEvt::create(b, &g::CannedEvtArgs { replies }).as_union_value())
+        }
     };
     finish(b, frame.id, body_type, body)
 }
@@ -542,6 +563,7 @@ pub fn encode_client<'b>(frame: &ClientFrame, b: &'b mut FlatBufferBuilder<'_>) 
             (B::CloseCmd, g::CloseCmd::create(b, &g::CloseCmdArgs { conv }).as_union_value())
         }
         Command::Ping => (B::PingCmd, g::PingCmd::create(b, &g::PingCmdArgs {}).as_union_value()),
+        Command::Canned => (B::CannedCmd, g::CannedCmd::create(b, &g::CannedCmdArgs {}).as_union_value()),
     };
     finish(b, frame.id, body_type, body)
 }

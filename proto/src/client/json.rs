@@ -66,6 +66,7 @@ pub fn decode_client_reusing(bytes: &[u8], spare: &mut SpareStrings) -> Result<C
         "transfer" => |o, _| transfer(o),
         "close" => |o, _| Ok(Command::Close { conv: o.conv(F::Conv)? }),
         "ping" => |_, _| Ok(Command::Ping),
+        "canned" => |_, _| Ok(Command::Canned),
         other => {
             let id = id.as_ref().ok().copied().flatten();
             return Err(FieldError::frame(format!("unknown command type {other:?}")).with_id(id));
@@ -100,6 +101,7 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
             Ok(Event::Error { code: o.req(F::Code, ERROR_CODE)?, message: o.string(F::Message)? })
         },
         "pong" => |_: &Obj<'_>| Ok(Event::Pong),
+        "canned" => canned_evt,
         other => {
             let id = id.as_ref().ok().copied().flatten();
             return Err(FieldError::frame(format!("unknown event type {other:?}")).with_id(id));
@@ -272,6 +274,15 @@ fn history_evt(o: &Obj<'_>) -> R<Event> {
     Ok(Event::History { conv, messages })
 }
 
+fn canned_evt(o: &Obj<'_>) -> R<Event> {
+    let mut replies = Vec::new();
+    for (i, r) in o.array(F::Replies)?.ok_or_else(|| missing("replies"))?.into_iter().enumerate() {
+        let r = Obj::nested(r, format!("replies[{i}]."))?;
+        replies.push(CannedReply { name: r.string(F::Name)?, text: r.string(F::Text)? });
+    }
+    Ok(Event::Canned { replies })
+}
+
 fn msg(o: &Obj<'_>) -> R<Msg> {
     let prefix = o.prefix.as_ref();
     let from = o.object(F::From, format!("{prefix}from."))?.ok_or_else(|| missing(&o.name(F::From)))?;
@@ -338,7 +349,7 @@ fields! {
     Role = "role", User = "user", Name = "name", Conversations = "conversations", LastSeq = "last_seq",
     HeartbeatS = "heartbeat_s", Agent = "agent", Visitor = "visitor", QueuePosition = "queue_position",
     Ts = "ts", Duplicate = "duplicate", From = "from", By = "by", Messages = "messages", Code = "code",
-    Message = "message",
+    Message = "message", Replies = "replies",
 }
 
 /// A JSON object split into the fields kefu knows, each as the raw JSON
@@ -720,6 +731,20 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             str_field(out, "message", message);
         }
         Event::Pong => {}
+        Event::Canned { replies } => {
+            key(out, "replies");
+            out.push(b'[');
+            for (i, r) in replies.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"name\":");
+                string(out, &r.name);
+                str_field(out, "text", &r.text);
+                out.push(b'}');
+            }
+            out.push(b']');
+        }
     }
     out.push(b'}');
 }
@@ -803,7 +828,7 @@ pub fn encode_client(frame: &ClientFrame, out: &mut Vec<u8>) {
             }
             out.push(b'"');
         }
-        Command::Ping => {}
+        Command::Ping | Command::Canned => {}
     }
     out.push(b'}');
 }

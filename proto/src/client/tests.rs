@@ -93,6 +93,7 @@ fn commands() -> Vec<ClientFrame> {
         f(Some(14), Command::Close { conv: c(7) }),
         f(Some(i64::MAX), Command::Ping),
         f(None, Command::Ping),
+        f(Some(12), Command::Canned),
     ]
 }
 
@@ -177,6 +178,16 @@ fn events() -> Vec<ServerFrame> {
         f(Some(8), Event::Error { code: ErrorCode::NotFound, message: "no such conversation: c9".into() }),
         f(None, Event::Error { code: ErrorCode::Internal, message: String::new() }),
         f(Some(9), Event::Pong),
+        f(Some(10), Event::Canned { replies: Vec::new() }),
+        f(
+            Some(11),
+            Event::Canned {
+                replies: vec![
+                    CannedReply { name: "greeting".into(), text: "您好！\n\"Hello\"".into() },
+                    CannedReply { name: "bye".into(), text: String::new() },
+                ],
+            },
+        ),
     ]
 }
 
@@ -194,7 +205,7 @@ fn every_command_round_trips_in_both_encodings() {
             assert_eq!(back, frame, "{codec:?}");
         }
     }
-    assert_eq!(seen.len(), 11, "every command type is covered: {seen:?}");
+    assert_eq!(seen.len(), 12, "every command type is covered: {seen:?}");
 }
 
 #[test]
@@ -209,7 +220,7 @@ fn every_event_round_trips_in_both_encodings() {
             assert_eq!(back, frame, "{codec:?}");
         }
     }
-    assert_eq!(seen.len(), 11, "every event type is covered: {seen:?}");
+    assert_eq!(seen.len(), 12, "every event type is covered: {seen:?}");
 }
 
 #[test]

@@ -402,10 +402,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 22;
+pub const ENUM_MAX_BODY: u8 = 24;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 23] = [
+pub const ENUM_VALUES_BODY: [Body; 25] = [
   Body::NONE,
   Body::ConnectCmd,
   Body::OpenCmd,
@@ -429,6 +429,8 @@ pub const ENUM_VALUES_BODY: [Body; 23] = [
   Body::PresenceEvt,
   Body::ErrorEvt,
   Body::PongEvt,
+  Body::CannedCmd,
+  Body::CannedEvt,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -459,9 +461,11 @@ impl Body {
   pub const PresenceEvt: Self = Self(20);
   pub const ErrorEvt: Self = Self(21);
   pub const PongEvt: Self = Self(22);
+  pub const CannedCmd: Self = Self(23);
+  pub const CannedEvt: Self = Self(24);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 22;
+  pub const ENUM_MAX: u8 = 24;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::ConnectCmd,
@@ -486,6 +490,8 @@ impl Body {
     Self::PresenceEvt,
     Self::ErrorEvt,
     Self::PongEvt,
+    Self::CannedCmd,
+    Self::CannedEvt,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -513,6 +519,8 @@ impl Body {
       Self::PresenceEvt => Some("PresenceEvt"),
       Self::ErrorEvt => Some("ErrorEvt"),
       Self::PongEvt => Some("PongEvt"),
+      Self::CannedCmd => Some("CannedCmd"),
+      Self::CannedEvt => Some("CannedEvt"),
       _ => None,
     }
   }
@@ -2151,6 +2159,85 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PingCmdBuilder<'a, 'b, A> {
 impl ::core::fmt::Debug for PingCmd<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("PingCmd");
+      ds.finish()
+  }
+}
+pub enum CannedCmdOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// An agent asks for the canned replies (`rules.canned`).
+pub struct CannedCmd<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CannedCmd<'a> {
+  type Inner = CannedCmd<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CannedCmd<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CannedCmd { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args CannedCmdArgs
+  ) -> ::flatbuffers::WIPOffset<CannedCmd<'bldr>> {
+    let mut builder = CannedCmdBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for CannedCmd<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CannedCmdArgs {
+}
+impl<'a> Default for CannedCmdArgs {
+  #[inline]
+  fn default() -> Self {
+    CannedCmdArgs {
+    }
+  }
+}
+
+pub struct CannedCmdBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CannedCmdBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CannedCmdBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CannedCmdBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CannedCmd<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CannedCmd<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CannedCmd");
       ds.finish()
   }
 }
@@ -4176,6 +4263,216 @@ impl ::core::fmt::Debug for PongEvt<'_> {
       ds.finish()
   }
 }
+pub enum CannedReplyOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CannedReply<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CannedReply<'a> {
+  type Inner = CannedReply<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CannedReply<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TEXT: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CannedReply { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CannedReplyArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CannedReply<'bldr>> {
+    let mut builder = CannedReplyBuilder::new(_fbb);
+    if let Some(x) = args.text { builder.add_text(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CannedReply::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn text(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CannedReply::VT_TEXT, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CannedReply<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("text", Self::VT_TEXT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CannedReplyArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub text: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for CannedReplyArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CannedReplyArgs {
+      name: None,
+      text: None,
+    }
+  }
+}
+
+pub struct CannedReplyBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CannedReplyBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CannedReply::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_text(&mut self, text: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CannedReply::VT_TEXT, text);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CannedReplyBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CannedReplyBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CannedReply<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CannedReply<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CannedReply");
+      ds.field("name", &self.name());
+      ds.field("text", &self.text());
+      ds.finish()
+  }
+}
+pub enum CannedEvtOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Reply to `canned`.
+pub struct CannedEvt<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CannedEvt<'a> {
+  type Inner = CannedEvt<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CannedEvt<'a> {
+  pub const VT_REPLIES: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CannedEvt { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CannedEvtArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CannedEvt<'bldr>> {
+    let mut builder = CannedEvtBuilder::new(_fbb);
+    if let Some(x) = args.replies { builder.add_replies(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn replies(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CannedReply<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CannedReply>>>>(CannedEvt::VT_REPLIES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CannedEvt<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<CannedReply>>>>("replies", Self::VT_REPLIES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CannedEvtArgs<'a> {
+    pub replies: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CannedReply<'a>>>>>,
+}
+impl<'a> Default for CannedEvtArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CannedEvtArgs {
+      replies: None,
+    }
+  }
+}
+
+pub struct CannedEvtBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CannedEvtBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_replies(&mut self, replies: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<CannedReply<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CannedEvt::VT_REPLIES, replies);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CannedEvtBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CannedEvtBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CannedEvt<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CannedEvt<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CannedEvt");
+      ds.field("replies", &self.replies());
+      ds.finish()
+  }
+}
 pub enum EnvelopeOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -4565,6 +4862,36 @@ impl<'a> Envelope<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_canned_cmd(&self) -> Option<CannedCmd<'a>> {
+    if self.body_type() == Body::CannedCmd {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CannedCmd::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_canned_evt(&self) -> Option<CannedEvt<'a>> {
+    if self.body_type() == Body::CannedEvt {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CannedEvt::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Envelope<'_> {
@@ -4598,6 +4925,8 @@ impl ::flatbuffers::Verifiable for Envelope<'_> {
           Body::PresenceEvt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PresenceEvt>>("Body::PresenceEvt", pos),
           Body::ErrorEvt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ErrorEvt>>("Body::ErrorEvt", pos),
           Body::PongEvt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PongEvt>>("Body::PongEvt", pos),
+          Body::CannedCmd => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CannedCmd>>("Body::CannedCmd", pos),
+          Body::CannedEvt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CannedEvt>>("Body::CannedEvt", pos),
           _ => Ok(()),
         }
      })?
@@ -4808,6 +5137,20 @@ impl ::core::fmt::Debug for Envelope<'_> {
         },
         Body::PongEvt => {
           if let Some(x) = self.body_as_pong_evt() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::CannedCmd => {
+          if let Some(x) = self.body_as_canned_cmd() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::CannedEvt => {
+          if let Some(x) = self.body_as_canned_evt() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -451,3 +451,34 @@ fn without_the_hook_no_call_is_made() {
     let out = seen(&mut e);
     assert!(!out.iter().any(|s| matches!(s, Seen::Hook(..))), "{out:?}");
 }
+
+#[test]
+fn canned_replies_are_answered_at_the_edge_to_agents_only() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    connected_agent(&mut e, &store, a);
+    e.handle_frame(a, Codec::Json, command(7, Command::Canned), T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    let [Seen::Frames(to, frames)] = &out[..] else { panic!("answered here, no other shard asked: {out:?}") };
+    assert_eq!((*to, frames[0].id), (a, Some(7)));
+    let Event::Canned { replies } = &frames[0].body else { panic!("{frames:?}") };
+    let config = CoreConfig::default();
+    let names: Vec<_> = replies.iter().map(|r| (r.name.as_str(), r.text.as_str())).collect();
+    let expected: Vec<_> = config.rules.canned.iter().map(|c| (c.name.as_str(), c.text.as_str())).collect();
+    assert_eq!(names, expected, "the config's replies, in order");
+    assert!(!names.is_empty());
+    // Visitors have no use for them.
+    let v = addr(0, 2);
+    e.handle_frame(
+        v,
+        Codec::Json,
+        connect(Some(token(Role::Visitor, "v1")), None),
+        T0,
+        &store,
+        &mut no_random,
+    );
+    e.handle_welcome((v, Codec::Json, Some(1)), Vec::new(), &store);
+    seen(&mut e);
+    e.handle_frame(v, Codec::Json, command(8, Command::Canned), T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert!(matches!(frame_events(&out)[..], [Event::Error { code: ErrorCode::Forbidden, .. }]), "{out:?}");
+}

@@ -269,3 +269,70 @@ fn a_device_past_the_limit_replaces_the_oldest() {
         .collect();
     assert_eq!(replaced, [device_of(addr(1, 1))], "{out:?}");
 }
+
+#[test]
+fn the_queue_reaches_a_connected_agent_whatever_their_presence() {
+    let mut r = machine(|c| c.routing.auto_assign = false);
+    // Connected, never set a presence (offline): still told of the queue.
+    r.handle_hello(reply(1, 1, 1), identity(Role::Agent, "fresh"), T0);
+    // Away.
+    let away = reply(1, 2, 1);
+    r.handle_hello(away, identity(Role::Agent, "away"), T0);
+    let presence = RouteRequest::Presence { status: PresenceStatus::Away, capacity: None };
+    r.handle_route(away, identity(Role::Agent, "away").actor(), presence, T0);
+    // Gone: an offline agent with no device hears nothing.
+    r.handle_hello(reply(1, 3, 1), identity(Role::Agent, "gone"), T0);
+    r.handle_agent_gone("gone", device_of(addr(1, 3)), T0);
+    r.handle_tick(T0 + 3_600_000);
+    outputs(&mut r);
+    let v = identity(Role::Visitor, "v1");
+    let visitor = Visitor { id: v.id.clone(), name: v.name.clone(), meta: Meta::new() };
+    let request = RouteRequest::Open { visitor, group: GroupName::from("default"), vip_level: 0 };
+    r.handle_route(reply(0, 9, 2), v.actor(), request, T0 + 3_600_000);
+    let out = outputs(&mut r);
+    let Some(Output::Post { msg: ChatMsg::Change { route, .. }, .. }) = out.first() else {
+        panic!("{out:?}")
+    };
+    let mut notify: Vec<&str> = route.notify.iter().map(|k| &*k.id).collect();
+    notify.sort();
+    assert_eq!(notify, ["away", "fresh"]);
+}
+
+#[test]
+fn an_agents_hello_is_followed_by_each_conversation_and_the_agents_present() {
+    let mut r = machine(|c| c.routing.auto_assign = false);
+    agent(&mut r, "bob", 5, 5);
+    let queued = open(&mut r, "v1", 1);
+    let me = reply(1, 1, 7);
+    r.handle_hello(me, identity(Role::Agent, "a1"), T0);
+    let out = outputs(&mut r);
+    let welcome = out.iter().position(|o| matches!(o, Output::Post { msg: ChatMsg::Welcome { .. }, .. }));
+    let welcome = welcome.unwrap_or_else(|| panic!("{out:?}"));
+    let push = (me.0, me.1, None);
+    // Each listed conversation is described to this session, as a push (the
+    // connect's id belongs to `connected`), after the welcome.
+    let described = changes(&out[welcome..]);
+    assert!(
+        matches!(described[..], [(shard, c, Change::Describe, Some(to))]
+            if c == queued && shard == queued.home(SHARDS) && to == push),
+        "{out:?}"
+    );
+    // Then who else is present: bob, not a1 (offline, and itself).
+    let presences: Vec<_> = out[welcome..]
+        .iter()
+        .filter_map(|o| match o {
+            Output::Write { reply, frame } => match &frame.body {
+                kefu_proto::client::Event::Presence { agent, status } => {
+                    Some((*reply, frame.id, agent.clone(), *status))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(presences, [(push, None, "bob".to_string(), PresenceStatus::Online)]);
+    // A visitor's hello is followed by nothing: its `open` says the state.
+    r.handle_hello(reply(0, 3, 1), identity(Role::Visitor, "v1"), T0);
+    let out = outputs(&mut r);
+    assert!(matches!(&out[..], [Output::Post { msg: ChatMsg::Welcome { .. }, .. }]), "{out:?}");
+}
