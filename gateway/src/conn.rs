@@ -32,6 +32,7 @@ use tracing::debug;
 use kefu_proto::ErrorCode;
 use kefu_proto::client::{Codec, Command, DecodeError, Event, ServerFrame};
 
+use crate::assets;
 use crate::chat::SessionAddr;
 use crate::chat::frames::SharedFrame;
 use crate::http::{self, HttpError};
@@ -371,12 +372,31 @@ async fn handshake(
         let endpoint = match head.path() {
             "/ws" => Endpoint::Client,
             "/ws/echo" if shard.limits.echo => Endpoint::Echo,
-            _ => {
+            path => {
+                let served = assets::lookup(path, head.header("if-none-match"));
+                let is_get = matches!(head.method(), "GET" | "HEAD");
+                if let Some(served) = served.filter(|_| is_get) {
+                    let with_body = head.method() == "GET";
+                    serve_asset(shard, stream, &served, with_body).await?;
+                    return Ok(None);
+                }
                 ShardStats::inc(&shard.stats().http_rejected);
                 respond(shard, stream, 404, "Not Found", b"not found\n").await?;
                 return Ok(None);
             }
         };
+        if endpoint == Endpoint::Client
+            && !assets::origin_allowed(
+                head.header("origin"),
+                head.header("host"),
+                &shard.limits.allowed_origins,
+            )
+        {
+            ShardStats::inc(&shard.stats().http_rejected);
+            respond(shard, stream, 403, "Forbidden", b"origin not allowed (server.allowed_origins)\n")
+                .await?;
+            return Ok(None);
+        }
         let accepted = match handshake::accept(head.method(), head.version(), head.headers()) {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -410,6 +430,37 @@ async fn handshake(
         let rest = (head_len < b.len()).then_some((b, head_len));
         return Ok(Some((endpoint, protocol, rest)));
     }
+}
+
+/// Writes an embedded file (or its `304`): the head from a slab buffer,
+/// then the body straight from the binary's read-only data.
+async fn serve_asset(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    served: &assets::Served,
+    with_body: bool,
+) -> std::io::Result<()> {
+    let mut out = acquire(shard, 4096).await?;
+    let body = served.body();
+    let len = http::write_head(
+        out.as_full_mut(),
+        served.status,
+        http::reason_phrase(served.status),
+        served.asset.content_type,
+        body.len(),
+        &served.headers(),
+        true,
+    )
+    .map_err(std::io::Error::other)?;
+    out.set_len(len);
+    let (res, _) = stream.write_all(out).await;
+    res?;
+    if with_body && !body.is_empty() {
+        let (res, _) = stream.write_all(body).await;
+        res?;
+    }
+    add(&shard.stats().bytes_out, len + body.len());
+    Ok(())
 }
 
 /// Writes a small `Connection: close` response.

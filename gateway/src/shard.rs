@@ -88,6 +88,9 @@ pub struct ConnLimits {
     pub heartbeat_ms: u64,
     /// Whether `/ws/echo` is served.
     pub echo: bool,
+    /// `server.allowed_origins`: pages that may open `/ws` besides the
+    /// gateway's own.
+    pub allowed_origins: Vec<String>,
 }
 
 impl ConnLimits {
@@ -103,6 +106,7 @@ impl ConnLimits {
             close_timeout_ms: c.server.close_timeout_ms,
             heartbeat_ms: c.server.heartbeat_s * 1000,
             echo: c.diagnostics.echo,
+            allowed_origins: c.server.allowed_origins.clone(),
         }
     }
 }
