@@ -1,0 +1,244 @@
+// The agent console and the visitor widget in headless Chromium, against
+// the real kefu binary: the flows of issue 9, each step checked on the
+// page through the data-testid contract (docs/console.md).
+//
+// Run by tools/browser-test.sh (node --test). One gateway serves the whole
+// file (auto-assign off, so the queue and `accept` are visible); the pages
+// live across tests, as a visitor and agents would keep them open.
+
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { Gateway, launch, newPage, shot } from './harness.mjs';
+
+const TIMEOUT_MS = 15000;
+
+// Waits until `fn` returns a truthy value (or throws its last failure).
+async function eventually(fn, what, timeoutMs = TIMEOUT_MS) {
+  const end = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v) return v;
+      last = new Error('still false');
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}: ${last && last.message}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+const texts = (locator) => locator.allTextContents();
+const count = async (locator, text) => (await texts(locator)).filter((t) => t.includes(text)).length;
+
+// A 1×1 PNG.
+const PNG = Buffer.from(
+  'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==',
+  'base64',
+);
+
+function noProblems(...pages) {
+  for (const p of pages) assert.deepEqual(p.problems, [], 'the page logged errors (CSP violations included)');
+}
+
+describe('console and widget in Chromium', () => {
+  let gw;
+  let browser;
+  let visitor;
+  let agent;
+  let agent2;
+  let conv;
+
+  before(async () => {
+    gw = new Gateway({ KEFU_ROUTING_AUTO_ASSIGN: 'false' });
+    await gw.start();
+    browser = await launch();
+  });
+
+  after(async () => {
+    if (browser) await browser.close();
+    if (gw) await gw.stop();
+  });
+
+  test('the printed console link signs in the default agent', async () => {
+    const link = gw.consoleLink();
+    assert.ok(link, 'the start log has a console link:\n' + gw.log.join('\n'));
+    assert.ok(gw.log.some((l) => l.includes(`${gw.origin}/demo`)), 'the start log has the demo link');
+    const page = await newPage(browser);
+    await page.goto(link);
+    const state = page.getByTestId('connection-state');
+    await eventually(async () => (await state.getAttribute('data-state')) === 'caught-up', 'caught up');
+    // The token left the address bar once read.
+    assert.ok(!page.url().includes('token='), page.url());
+    await eventually(async () => (await page.locator('#me').textContent()) === 'Agent', 'the agent name');
+    noProblems(page);
+    await page.context().close();
+  });
+
+  test('a visitor on /demo opens the widget and writes', async () => {
+    visitor = await newPage(browser);
+    await visitor.goto(`${gw.origin}/demo`);
+    const vip = gw.token('visitor', 'v-wang', '--name', 'Wang Fang', '--meta', 'vip_level=3', '--meta', 'orders=12');
+    await visitor.evaluate((token) => window.kefu('identify', token), vip);
+    await visitor.getByTestId('kefu-launcher').click();
+    const input = visitor.getByTestId('kefu-input');
+    await input.fill('Hello, my tea has not arrived');
+    await input.press('Enter');
+    const mine = visitor.getByTestId('kefu-message').filter({ hasText: 'my tea has not arrived' });
+    await eventually(async () => (await mine.getAttribute('data-state')) === 'sent', 'the ack');
+    await eventually(async () => /1/.test(await visitor.getByTestId('kefu-status').textContent()), 'queue position 1');
+    await shot(visitor, 'widget-queued');
+    noProblems(visitor);
+  });
+
+  test('the agent sees the queue with the VIP badge, accepts, sees the profile and replies', async () => {
+    agent = await newPage(browser);
+    await agent.goto(`${gw.origin}/console#token=${gw.token('agent', 'a1', '--name', 'Alice')}`);
+    // Away: the queue is visible whatever the presence.
+    await agent.getByTestId('presence').selectOption('away');
+    const item = agent.getByTestId('queue-item').filter({ hasText: 'Wang Fang' });
+    await item.waitFor({ timeout: TIMEOUT_MS });
+    assert.match(await item.textContent(), /VIP 3/);
+    conv = await item.getAttribute('data-conv');
+    await agent.getByTestId('presence').selectOption('online');
+    await item.click();
+    await agent.getByTestId('message').filter({ hasText: 'my tea has not arrived' }).waitFor({ timeout: TIMEOUT_MS });
+    await eventually(async () => /vip_level\s*3/.test(await agent.getByTestId('visitor-meta').innerText()), 'VIP meta');
+    assert.match(await agent.getByTestId('visitor-meta').innerText(), /orders\s*12/);
+    await agent.getByTestId('accept').click();
+    await agent.getByTestId('conversation-item').filter({ hasText: 'Wang Fang' }).waitFor({ timeout: TIMEOUT_MS });
+    await eventually(async () => (await agent.getByTestId('queue-item').count()) === 0, 'the queue empties');
+    const composer = agent.getByTestId('composer');
+    await composer.fill('Hi Wang, let me check your order.');
+    await composer.press('Enter');
+    await agent.getByTestId('message').filter({ hasText: 'let me check' }).waitFor({ timeout: TIMEOUT_MS });
+    noProblems(agent);
+  });
+
+  test('the visitor sees the reply, the agent, and both read states', async () => {
+    await visitor.getByTestId('kefu-message').filter({ hasText: 'let me check' }).waitFor({ timeout: TIMEOUT_MS });
+    await eventually(async () => /Alice/.test(await visitor.getByTestId('kefu-status').textContent()), 'the agent named');
+    // The agent had the conversation open: the visitor's message is read.
+    const mine = visitor.getByTestId('kefu-message').filter({ hasText: 'my tea has not arrived' });
+    await eventually(async () => (await mine.getAttribute('data-state')) === 'read', 'read by the agent');
+    // And the widget is open, so the reply is read too.
+    const reply = agent.getByTestId('message').filter({ hasText: 'let me check' });
+    await eventually(async () => (await reply.getAttribute('data-state')) === 'read', 'read by the visitor');
+    // Typing shows on the other side.
+    await visitor.getByTestId('kefu-input').pressSequentially('one mo');
+    await eventually(async () => /typing/.test(await agent.locator('#typing').textContent()), 'typing indicator');
+    await visitor.getByTestId('kefu-input').fill('');
+    await shot(agent, 'console-chat');
+    await shot(visitor, 'widget-chat');
+    noProblems(visitor, agent);
+  });
+
+  test('the visitor reloads and keeps the history', async () => {
+    await visitor.reload();
+    await visitor.getByTestId('kefu-launcher').click();
+    const msgs = visitor.getByTestId('kefu-message');
+    await msgs.filter({ hasText: 'let me check' }).waitFor({ timeout: TIMEOUT_MS });
+    assert.equal(await count(msgs, 'my tea has not arrived'), 1);
+    assert.equal(await count(msgs, 'let me check'), 1);
+    noProblems(visitor);
+  });
+
+  test('kill -9 and restart: both pages reconnect, a message typed meanwhile is delivered once', async () => {
+    await gw.kill9();
+    const state = agent.getByTestId('connection-state');
+    await eventually(async () => (await state.getAttribute('data-state')) === 'reconnecting', 'console reconnecting');
+    const input = visitor.getByTestId('kefu-input');
+    await input.fill('typed while you were down');
+    await input.press('Enter');
+    const pending = visitor.getByTestId('kefu-message').filter({ hasText: 'typed while you were down' });
+    assert.equal(await pending.getAttribute('data-state'), 'pending');
+    await gw.start();
+    await eventually(async () => (await state.getAttribute('data-state')) === 'caught-up', 'console caught up', 30000);
+    await eventually(async () => ['sent', 'read'].includes(await pending.getAttribute('data-state')), 'the ack', 30000);
+    const seen = agent.getByTestId('message');
+    await seen.filter({ hasText: 'typed while you were down' }).waitFor({ timeout: TIMEOUT_MS });
+    // Catching up both ways: the agent answers, the visitor sees it.
+    await agent.getByTestId('composer').fill('Back online.');
+    await agent.getByTestId('composer').press('Enter');
+    await visitor.getByTestId('kefu-message').filter({ hasText: 'Back online.' }).waitFor({ timeout: TIMEOUT_MS });
+    // Once, on both sides, and nothing before it was repeated.
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(await count(seen, 'typed while you were down'), 1);
+    assert.equal(await count(seen, 'my tea has not arrived'), 1);
+    assert.equal(await count(visitor.getByTestId('kefu-message'), 'typed while you were down'), 1);
+    assert.equal(await count(visitor.getByTestId('kefu-message'), 'let me check'), 1);
+    noProblems(visitor, agent);
+  });
+
+  test('an image goes both ways', async () => {
+    await visitor.getByTestId('kefu-file').setInputFiles({ name: 'receipt.png', mimeType: 'image/png', buffer: PNG });
+    const img = agent.getByTestId('message').locator('img[data-testid="attachment"]');
+    await img.first().waitFor({ timeout: TIMEOUT_MS });
+    assert.ok((await img.first().getAttribute('src')).startsWith('data:image/png;base64,'));
+    await agent.locator('#file').setInputFiles({ name: 'label.png', mimeType: 'image/png', buffer: PNG });
+    await visitor.locator('[data-testid="kefu-attachment"]').nth(1).waitFor({ timeout: TIMEOUT_MS });
+    noProblems(visitor, agent);
+  });
+
+  test('canned replies come from config behind /', async () => {
+    const composer = agent.getByTestId('composer');
+    await composer.fill('/greet');
+    const choice = agent.getByTestId('canned-item').filter({ hasText: 'greeting' });
+    await choice.waitFor({ timeout: TIMEOUT_MS });
+    await composer.press('Enter');
+    assert.match(await composer.inputValue(), /How can I help/);
+    await composer.press('Enter');
+    await visitor.getByTestId('kefu-message').filter({ hasText: 'How can I help' }).waitFor({ timeout: TIMEOUT_MS });
+    noProblems(agent);
+  });
+
+  test('a transfer to a second agent, then close', async () => {
+    agent2 = await newPage(browser);
+    await agent2.goto(`${gw.origin}/console#token=${gw.token('agent', 'b2', '--name', 'Bob')}`);
+    await agent2.getByTestId('presence').selectOption('online');
+    await agent.getByTestId('transfer').click();
+    const bob = agent.locator('[data-testid="transfer-agent"][data-agent="b2"]');
+    await bob.waitFor({ timeout: TIMEOUT_MS });
+    await bob.click();
+    const item = agent2.locator(`[data-testid="conversation-item"][data-conv="${conv}"]`);
+    await item.waitFor({ timeout: TIMEOUT_MS });
+    await eventually(async () => (await agent.getByTestId('conversation-item').count()) === 0, 'gone from Alice');
+    await eventually(async () => /Bob/.test(await visitor.getByTestId('kefu-status').textContent()), 'Bob named');
+    await item.click();
+    await agent2.getByTestId('message').filter({ hasText: 'my tea has not arrived' }).waitFor({ timeout: TIMEOUT_MS });
+    await agent2.getByTestId('close').click();
+    await eventually(async () => /ended/.test(await visitor.getByTestId('kefu-status').textContent()), 'closed');
+    noProblems(visitor, agent, agent2);
+  });
+
+  test('the Chinese UI', async () => {
+    const zhAgent = await newPage(browser, { locale: 'zh-CN' });
+    await zhAgent.goto(`${gw.origin}/console#token=${gw.token('agent', 'c3', '--name', '小李')}`);
+    const state = zhAgent.getByTestId('connection-state');
+    await eventually(async () => (await state.textContent()) === '已同步', 'caught up in Chinese');
+    assert.equal(await zhAgent.getByTestId('presence').locator('option[value="online"]').textContent(), '在线');
+    assert.equal(await zhAgent.locator('html').getAttribute('lang'), 'zh-CN');
+    const zhVisitor = await newPage(browser, { locale: 'zh-CN' });
+    await zhVisitor.goto(`${gw.origin}/demo`);
+    await zhVisitor.getByTestId('kefu-launcher').click();
+    assert.equal(await zhVisitor.getByTestId('kefu-send').textContent(), '发送');
+    await zhVisitor.getByTestId('kefu-input').fill('你好，请问有货吗？');
+    await zhVisitor.getByTestId('kefu-input').press('Enter');
+    await eventually(async () => /第 1 位/.test(await zhVisitor.getByTestId('kefu-status').textContent()), '排队位置');
+    await zhAgent.getByTestId('queue-item').first().waitFor({ timeout: TIMEOUT_MS });
+    await shot(zhAgent, 'console-zh');
+    await shot(zhVisitor, 'widget-zh');
+    noProblems(zhAgent, zhVisitor);
+  });
+
+  test('the console fits a tablet', async () => {
+    const tablet = await newPage(browser, { viewport: { width: 820, height: 1180 } });
+    await tablet.goto(`${gw.origin}/console#token=${gw.token('agent', 'd4', '--name', 'Dee')}`);
+    await tablet.getByTestId('queue-item').first().waitFor({ timeout: TIMEOUT_MS });
+    const width = await tablet.evaluate(() => document.documentElement.scrollWidth);
+    assert.ok(width <= 820, `no horizontal scroll on a tablet (${width}px)`);
+    await shot(tablet, 'console-tablet');
+    noProblems(tablet);
+  });
+});
