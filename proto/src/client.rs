@@ -424,6 +424,9 @@ pub enum Event {
         visitor: User,
         /// 1-based place in the queue while `queued`.
         queue_position: Option<u32>,
+        /// While `queued`: whether an agent serving its group is online
+        /// (the widget's offline notice when not).
+        agents_online: Option<bool>,
     },
     /// A `send` is durable.
     Ack {

@@ -87,8 +87,11 @@ describe('console and widget in Chromium', () => {
     await input.press('Enter');
     const mine = visitor.getByTestId('kefu-message').filter({ hasText: 'my tea has not arrived' });
     await eventually(async () => (await mine.getAttribute('data-state')) === 'sent', 'the ack');
-    await eventually(async () => /1/.test(await visitor.getByTestId('kefu-status').textContent()), 'queue position 1');
-    await shot(visitor, 'widget-queued');
+    // The default agent's page has gone: nobody is online to answer.
+    const status = visitor.getByTestId('kefu-status');
+    await eventually(async () => (await status.getAttribute('data-kind')) === 'offline', 'the offline notice');
+    assert.match(await status.textContent(), /No agent is online/);
+    await shot(visitor, 'widget-offline');
     noProblems(visitor);
   });
 
@@ -102,6 +105,10 @@ describe('console and widget in Chromium', () => {
     assert.match(await item.textContent(), /VIP 3/);
     conv = await item.getAttribute('data-conv');
     await agent.getByTestId('presence').selectOption('online');
+    // An agent is online now: the visitor sees their place in the queue.
+    const status = visitor.getByTestId('kefu-status');
+    await eventually(async () => /number 1 in line/.test(await status.textContent()), 'queue position 1');
+    await shot(visitor, 'widget-queued');
     await item.click();
     await agent.getByTestId('message').filter({ hasText: 'my tea has not arrived' }).waitFor({ timeout: TIMEOUT_MS });
     await eventually(async () => /vip_level\s*3/.test(await agent.getByTestId('visitor-meta').innerText()), 'VIP meta');

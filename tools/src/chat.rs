@@ -1832,6 +1832,7 @@ mod tests {
                         group: None,
                         visitor: User::default(),
                         queue_position: None,
+                        agents_online: None,
                     };
                     if conv % 2 == 1 {
                         write_frame(&out, codec, &ServerFrame::reply(id, conversation(ConvStatus::Queued)))?;

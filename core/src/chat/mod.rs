@@ -128,6 +128,9 @@ pub struct RouteInfo {
     /// If queued: the agents who serve its group and are connected (whatever
     /// their presence) or not offline.
     pub notify: Vec<UserKey>,
+    /// If queued: whether an agent who serves its group is online (else
+    /// the visitor is told nobody is, and may leave a message).
+    pub agents_online: Option<bool>,
 }
 
 /// Messages between chat services.

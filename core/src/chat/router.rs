@@ -22,7 +22,7 @@
 //! answer to the [`Change`] that carries its reply (a command whose router
 //! call changed nothing carries a [`Change::Describe`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use kefu_proto::client::{Event, ServerFrame};
@@ -30,7 +30,7 @@ use kefu_proto::{ConvId, ConvStatus, PresenceStatus, Role};
 
 use super::{Change, ChatMsg, Reply, RouteInfo, device_of};
 use crate::config::CoreConfig;
-use crate::identity::{Actor, Identity, UserId, UserKey, serves};
+use crate::identity::{Actor, GroupName, Identity, UserId, UserKey, serves};
 use crate::routing::{
     self, Action, AgentInfo, AgentView, OpenRequest, QueueReason, RestoredRoute, RouteError,
 };
@@ -88,6 +88,10 @@ pub struct Router {
     /// Commands (accept, transfer, close) answered by the router's next
     /// change to their conversation, within the same input.
     reply_on_change: Vec<(ConvId, Reply)>,
+    /// For each group with someone waiting: whether an agent serving it was
+    /// online when its visitors were last told (see
+    /// [`Router::announce_availability`]).
+    groups_online: HashMap<GroupName, bool>,
     out: VecDeque<Output>,
 }
 
@@ -104,7 +108,14 @@ impl Router {
     ) -> (Router, usize) {
         let mut routing = routing::Router::new(config.routing.clone(), next_conv_id);
         let refused = routing.restore(routes, now_ms).len();
-        let router = Router { routing, config, shards, reply_on_change: Vec::new(), out: VecDeque::new() };
+        let router = Router {
+            routing,
+            config,
+            shards,
+            reply_on_change: Vec::new(),
+            groups_online: HashMap::new(),
+            out: VecDeque::new(),
+        };
         (router, refused)
     }
 
@@ -287,6 +298,7 @@ impl Router {
                 Action::PresenceChanged { agent, status } => {
                     let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status });
                     self.out.push_back(Output::ToAgents { frame });
+                    self.announce_availability();
                 }
                 Action::ReplaceDevice { agent, device } => {
                     self.out.push_back(Output::ReplaceDevice { agent, device });
@@ -296,6 +308,27 @@ impl Router {
         // Commands whose router call changed nothing still get an answer.
         for (conv, reply) in std::mem::take(&mut self.reply_on_change) {
             self.change(conv, Change::Describe, Some(reply));
+        }
+    }
+
+    /// Tells the visitors waiting in a group when it gains its first online
+    /// agent or loses its last one (a `conversation` frame, to the visitor
+    /// only, as for a queue position), so that a widget can say nobody is
+    /// there. Only on a flip: presence changes are rare next to commands,
+    /// and for most of them no group's answer changes.
+    fn announce_availability(&mut self) {
+        let routing = &self.routing;
+        self.groups_online.retain(|g, _| routing.queue(g).next().is_some());
+        let waiting: Vec<GroupName> = routing.groups().cloned().collect();
+        for group in waiting {
+            let online = group_online(self.routing.agents(), &group);
+            if self.groups_online.insert(group.clone(), online) == Some(online) {
+                continue;
+            }
+            let queued: Vec<ConvId> = self.routing.queue(&group).collect();
+            for conv in queued {
+                self.change(conv, Change::Position, None);
+            }
         }
     }
 
@@ -313,9 +346,11 @@ impl Router {
 
     fn route_info(&self, conv: ConvId) -> RouteInfo {
         match self.routing.route(conv) {
-            Some(r) if r.status == ConvStatus::Queued => {
-                RouteInfo { position: r.position, notify: serving(self.routing.agents(), &r.group) }
-            }
+            Some(r) if r.status == ConvStatus::Queued => RouteInfo {
+                position: r.position,
+                notify: serving(self.routing.agents(), &r.group),
+                agents_online: Some(group_online(self.routing.agents(), &r.group)),
+            },
             _ => RouteInfo::default(),
         }
     }
@@ -329,6 +364,11 @@ fn serving(agents: impl Iterator<Item = AgentView>, group: &str) -> Vec<UserKey>
         .filter(|a| (a.devices > 0 || a.status != PresenceStatus::Offline) && serves(&a.groups, group))
         .map(|a| UserKey::agent(a.id))
         .collect()
+}
+
+/// Whether an agent who serves `group` is online.
+fn group_online(mut agents: impl Iterator<Item = AgentView>, group: &str) -> bool {
+    agents.any(|a| a.status == PresenceStatus::Online && serves(&a.groups, group))
 }
 
 /// What a routing command came to, once the router has decided.

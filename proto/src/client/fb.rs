@@ -228,6 +228,7 @@ fn event(env: &g::Envelope<'_>) -> R<Event> {
                 group: o.group().map(str::to_string),
                 visitor: user("visitor", o.visitor())?,
                 queue_position: o.queue_position(),
+                agents_online: o.agents_online(),
             }
         }
         B::AckEvt => {
@@ -415,7 +416,7 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
             };
             (B::ConnectedEvt, g::ConnectedEvt::create(b, &args).as_union_value())
         }
-        Event::Conversation { conv, status, agent, group, visitor, queue_position } => {
+        Event::Conversation { conv, status, agent, group, visitor, queue_position, agents_online } => {
             let conv = conv_string(b, *conv);
             let agent = agent.as_ref().map(|a| {
                 let id = b.create_string(&a.id);
@@ -431,6 +432,7 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
                 group,
                 visitor: Some(visitor),
                 queue_position: *queue_position,
+                agents_online: *agents_online,
             };
             (B::ConversationEvt, g::ConversationEvt::create(b, &args).as_union_value())
         }

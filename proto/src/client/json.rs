@@ -246,6 +246,7 @@ fn conversation(o: &Obj<'_>) -> R<Event> {
         group: o.opt(F::Group, STR)?.map(Cow::into_owned),
         visitor: user_of(&visitor)?,
         queue_position: o.opt(F::QueuePosition, U32)?,
+        agents_online: o.opt(F::AgentsOnline, BOOL)?,
     })
 }
 
@@ -349,7 +350,7 @@ fields! {
     Role = "role", User = "user", Name = "name", Conversations = "conversations", LastSeq = "last_seq",
     HeartbeatS = "heartbeat_s", Agent = "agent", Visitor = "visitor", QueuePosition = "queue_position",
     Ts = "ts", Duplicate = "duplicate", From = "from", By = "by", Messages = "messages", Code = "code",
-    Message = "message", Replies = "replies",
+    Message = "message", Replies = "replies", AgentsOnline = "agents_online",
 }
 
 /// A JSON object split into the fields kefu knows, each as the raw JSON
@@ -665,7 +666,7 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             out.push(b']');
             u64_field(out, "heartbeat_s", u64::from(*heartbeat_s));
         }
-        Event::Conversation { conv, status, agent, group, visitor, queue_position } => {
+        Event::Conversation { conv, status, agent, group, visitor, queue_position, agents_online } => {
             conv_field(out, *conv);
             str_field(out, "status", status.as_str());
             if let Some(a) = agent {
@@ -682,6 +683,10 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             user_obj(out, visitor);
             if let Some(p) = queue_position {
                 u64_field(out, "queue_position", u64::from(*p));
+            }
+            if let Some(online) = agents_online {
+                key(out, "agents_online");
+                out.extend_from_slice(if *online { b"true" } else { b"false" });
             }
         }
         Event::Ack { cid, conv, seq, ts, duplicate } => {

@@ -137,6 +137,7 @@ fn events() -> Vec<ServerFrame> {
                 group: Some("billing".into()),
                 visitor: visitor.clone(),
                 queue_position: Some(3),
+                agents_online: Some(false),
             },
         ),
         f(
@@ -148,6 +149,7 @@ fn events() -> Vec<ServerFrame> {
                 group: None,
                 visitor,
                 queue_position: None,
+                agents_online: None,
             },
         ),
         f(
@@ -425,6 +427,7 @@ fn json_events_spelled_as_in_protocol_md() {
                 group: Some("billing".into()),
                 visitor: User { id: "v_1".into(), name: "Bob".into(), meta: meta(&[("plan", "pro")]) },
                 queue_position: None,
+                agents_online: None,
             }),
             r#"{"type":"conversation","conv":"c42","status":"assigned","agent":{"id":"a1","name":"Alice"},"group":"billing","visitor":{"id":"v_1","name":"Bob","meta":{"plan":"pro"}}}"#,
         ),
@@ -438,9 +441,10 @@ fn json_events_spelled_as_in_protocol_md() {
                     group: None,
                     visitor: User { id: "v_1".into(), name: "Bob".into(), meta: Meta::new() },
                     queue_position: Some(1),
+                    agents_online: Some(true),
                 },
             ),
-            r#"{"type":"conversation","id":2,"conv":"c42","status":"queued","visitor":{"id":"v_1","name":"Bob","meta":{}},"queue_position":1}"#,
+            r#"{"type":"conversation","id":2,"conv":"c42","status":"queued","visitor":{"id":"v_1","name":"Bob","meta":{}},"queue_position":1,"agents_online":true}"#,
         ),
         (
             ServerFrame::reply(

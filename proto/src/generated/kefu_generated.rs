@@ -2951,6 +2951,7 @@ impl<'a> ConversationEvt<'a> {
   pub const VT_GROUP: ::flatbuffers::VOffsetT = 10;
   pub const VT_VISITOR: ::flatbuffers::VOffsetT = 12;
   pub const VT_QUEUE_POSITION: ::flatbuffers::VOffsetT = 14;
+  pub const VT_AGENTS_ONLINE: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2967,6 +2968,7 @@ impl<'a> ConversationEvt<'a> {
     if let Some(x) = args.group { builder.add_group(x); }
     if let Some(x) = args.agent { builder.add_agent(x); }
     if let Some(x) = args.conv { builder.add_conv(x); }
+    if let Some(x) = args.agents_online { builder.add_agents_online(x); }
     builder.add_status(args.status);
     builder.finish()
   }
@@ -3014,6 +3016,13 @@ impl<'a> ConversationEvt<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(ConversationEvt::VT_QUEUE_POSITION, None)}
   }
+  #[inline]
+  pub fn agents_online(&self) -> Option<bool> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ConversationEvt::VT_AGENTS_ONLINE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ConversationEvt<'_> {
@@ -3028,6 +3037,7 @@ impl ::flatbuffers::Verifiable for ConversationEvt<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<User>>("visitor", Self::VT_VISITOR, false)?
      .visit_field::<u32>("queue_position", Self::VT_QUEUE_POSITION, false)?
+     .visit_field::<bool>("agents_online", Self::VT_AGENTS_ONLINE, false)?
      .finish();
     Ok(())
   }
@@ -3039,6 +3049,7 @@ pub struct ConversationEvtArgs<'a> {
     pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub visitor: Option<::flatbuffers::WIPOffset<User<'a>>>,
     pub queue_position: Option<u32>,
+    pub agents_online: Option<bool>,
 }
 impl<'a> Default for ConversationEvtArgs<'a> {
   #[inline]
@@ -3050,6 +3061,7 @@ impl<'a> Default for ConversationEvtArgs<'a> {
       group: None,
       visitor: None,
       queue_position: None,
+      agents_online: None,
     }
   }
 }
@@ -3084,6 +3096,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConversationEvtBuilder<'a, 'b
     self.fbb_.push_slot_always::<u32>(ConversationEvt::VT_QUEUE_POSITION, queue_position);
   }
   #[inline]
+  pub fn add_agents_online(&mut self, agents_online: bool) {
+    self.fbb_.push_slot_always::<bool>(ConversationEvt::VT_AGENTS_ONLINE, agents_online);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConversationEvtBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConversationEvtBuilder {
@@ -3107,6 +3123,7 @@ impl ::core::fmt::Debug for ConversationEvt<'_> {
       ds.field("group", &self.group());
       ds.field("visitor", &self.visitor());
       ds.field("queue_position", &self.queue_position());
+      ds.field("agents_online", &self.agents_online());
       ds.finish()
   }
 }

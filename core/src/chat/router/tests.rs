@@ -336,3 +336,65 @@ fn an_agents_hello_is_followed_by_each_conversation_and_the_agents_present() {
     let out = outputs(&mut r);
     assert!(matches!(&out[..], [Output::Post { msg: ChatMsg::Welcome { .. }, .. }]), "{out:?}");
 }
+
+/// The conversation changes in `out` that go to visitors only (position
+/// updates), with whether an agent is online as the router saw it.
+fn availability(out: &[Output]) -> Vec<(ConvId, Option<bool>)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Post { msg: ChatMsg::Change { conv, change: Change::Position, route, .. }, .. } => {
+                Some((*conv, route.agents_online))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn waiting_visitors_are_told_when_their_group_gains_or_loses_its_last_online_agent() {
+    let mut r = machine(|c| c.routing.auto_assign = false);
+    let first = open(&mut r, "v1", 1);
+    let second = open(&mut r, "v2", 2);
+    // Opened with nobody online: the frame says so.
+    let v = identity(Role::Visitor, "v3");
+    let visitor = Visitor { id: v.id.clone(), name: v.name.clone(), meta: Meta::new() };
+    let request = RouteRequest::Open { visitor, group: GroupName::from("default"), vip_level: 0 };
+    r.handle_route(reply(0, 3, 2), v.actor(), request, T0);
+    let out = outputs(&mut r);
+    let third = match changes(&out)[..] {
+        [(_, c, Change::Create { .. }, _)] => c,
+        _ => panic!("{out:?}"),
+    };
+    let Some(Output::Post { msg: ChatMsg::Change { route, .. }, .. }) = out.first() else { panic!() };
+    assert_eq!(route.agents_online, Some(false));
+    // The first online agent: every waiting visitor hears it, in queue order.
+    let a1 = reply(1, 1, 1);
+    r.handle_hello(a1, identity(Role::Agent, "a1"), T0);
+    let presence = |status| RouteRequest::Presence { status, capacity: None };
+    r.handle_route(a1, identity(Role::Agent, "a1").actor(), presence(PresenceStatus::Online), T0);
+    let out = outputs(&mut r);
+    assert_eq!(availability(&out), [(first, Some(true)), (second, Some(true)), (third, Some(true))]);
+    // A second agent online, then the first away: no flip, nobody is told.
+    let a2 = agent(&mut r, "a2", 2, 5);
+    r.handle_route(a1, identity(Role::Agent, "a1").actor(), presence(PresenceStatus::Away), T0);
+    assert_eq!(availability(&outputs(&mut r)), [], "still online through a2");
+    // The last online agent leaves: told once.
+    r.handle_route(a2, identity(Role::Agent, "a2").actor(), presence(PresenceStatus::Offline), T0);
+    let out = outputs(&mut r);
+    assert_eq!(availability(&out), [(first, Some(false)), (second, Some(false)), (third, Some(false))]);
+    r.handle_route(a1, identity(Role::Agent, "a1").actor(), presence(PresenceStatus::Offline), T0);
+    assert_eq!(availability(&outputs(&mut r)), [], "away to offline changes nothing for visitors");
+    // And a describe says it too.
+    r.handle_hello(reply(1, 9, 1), identity(Role::Agent, "a9"), T0);
+    let out = outputs(&mut r);
+    let described: Vec<_> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Post { msg: ChatMsg::Change { change: Change::Describe, route, .. }, .. } => {
+                Some(route.agents_online)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(described, [Some(false); 3]);
+}
