@@ -24,12 +24,14 @@
   var base = new URL(script ? script.src : location.href);
   var WS_URL = (base.protocol === 'https:' ? 'wss://' : 'ws://') + base.host + '/ws';
   var STORE_KEY = 'kefu.widget.v1.' + base.host;
-  // The gateway's default messages.max_attachment_bytes; it checks again.
-  var ATTACHMENT_BYTES_MAX = Number((script && script.dataset.maxAttachmentBytes) || 1048576);
+  // Until `connected` says the gateway's limit: its default
+  // messages.max_attachment_bytes (the gateway checks again).
+  var attachmentBytesMax = Number((script && script.dataset.maxAttachmentBytes) || 1048576);
   var HISTORY_PAGE = 50;
   var BACKOFF_MS = [250, 500, 1000, 2000, 4000];
   var TYPING_SEND_MS = 1500;
   var TYPING_SHOW_MS = 3000;
+  var NOTICE_MS = 5000;
 
   var WORDS = {
     en: {
@@ -88,6 +90,7 @@
     typingName: '',
     lastTypingSent: 0,
     panelOpen: false,
+    notice: null,
   };
   function save() {
     try {
@@ -231,6 +234,7 @@
     state.connected = true;
     state.attempt = 0;
     state.me = f.user;
+    if (f.attachment_bytes_max) attachmentBytesMax = f.attachment_bytes_max;
     if (f.visitor_key) { state.visitorId = f.user.id; state.visitorKey = f.visitor_key; }
     var convs = f.conversations || [];
     var open = convs.filter(function (c) { return c.status !== 'closed'; })[0];
@@ -354,8 +358,17 @@
     status.dataset.kind = kind || '';
   }
 
+  // A passing message in the status line (a refused file), over whatever
+  // it says otherwise, for NOTICE_MS.
+  function notice(text) {
+    state.notice = { text: text, until: Date.now() + NOTICE_MS };
+    render();
+    setTimeout(render, NOTICE_MS + 50);
+  }
+
   function render() {
-    if (!state.connected) setStatus(state.attempt ? t('reconnecting') : t('connecting'), 'connecting');
+    if (state.notice && state.notice.until > Date.now()) setStatus(state.notice.text, 'error');
+    else if (!state.connected) setStatus(state.attempt ? t('reconnecting') : t('connecting'), 'connecting');
     else if (state.status === 'queued' && state.agentsOnline === false) setStatus(t('offline'), 'offline');
     else if (state.status === 'queued') setStatus(state.position ? t('queued', { n: state.position }) : t('queuedNoPos'), 'queued');
     else if (state.status === 'assigned' && state.agent) setStatus(t('assigned', { name: state.agent.name || state.agent.id }), 'assigned');
@@ -433,7 +446,7 @@
     var f = file.files[0];
     file.value = '';
     if (!f) return;
-    if (f.size > ATTACHMENT_BYTES_MAX) { setStatus(t('tooLarge', { n: Math.floor(ATTACHMENT_BYTES_MAX / 1024) }), 'error'); return; }
+    if (f.size > attachmentBytesMax) { notice(t('tooLarge', { n: Math.floor(attachmentBytesMax / 1024) })); return; }
     var r = new FileReader();
     r.onload = function () { submit(null, { mime: f.type || 'application/octet-stream', data: String(r.result).split(',')[1] || '' }); };
     r.readAsDataURL(f);

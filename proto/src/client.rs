@@ -409,6 +409,11 @@ pub enum Event {
         conversations: Vec<ConvSummary>,
         /// The gateway's heartbeat period, seconds.
         heartbeat_s: u32,
+        /// The largest `text` a `send` may carry, in UTF-8 bytes
+        /// (`messages.max_text_bytes`), so a client can check before sending.
+        text_bytes_max: Option<u32>,
+        /// The largest attachment, decoded bytes (`messages.max_attachment_bytes`).
+        attachment_bytes_max: Option<u32>,
     },
     /// A conversation's state: reply to `open`, and pushed on every change.
     Conversation {

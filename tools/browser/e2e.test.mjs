@@ -32,6 +32,10 @@ async function eventually(fn, what, timeoutMs = TIMEOUT_MS) {
 const texts = (locator) => locator.allTextContents();
 const count = async (locator, text) => (await texts(locator)).filter((t) => t.includes(text)).length;
 
+// The gateway's attachment limit in these tests (smaller than its default,
+// so that the widget's check is seen to follow the gateway's).
+const ATTACHMENT_BYTES_MAX = 100000;
+
 // A 1×1 PNG.
 const PNG = Buffer.from(
   'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==',
@@ -51,7 +55,7 @@ describe('console and widget in Chromium', () => {
   let conv;
 
   before(async () => {
-    gw = new Gateway({ KEFU_ROUTING_AUTO_ASSIGN: 'false' });
+    gw = new Gateway({ KEFU_ROUTING_AUTO_ASSIGN: 'false', KEFU_MESSAGES_MAX_ATTACHMENT_BYTES: String(ATTACHMENT_BYTES_MAX) });
     await gw.start();
     browser = await launch();
   });
@@ -185,6 +189,12 @@ describe('console and widget in Chromium', () => {
     assert.ok((await img.first().getAttribute('src')).startsWith('data:image/png;base64,'));
     await agent.locator('#file').setInputFiles({ name: 'label.png', mimeType: 'image/png', buffer: PNG });
     await visitor.locator('[data-testid="kefu-attachment"]').nth(1).waitFor({ timeout: TIMEOUT_MS });
+    // Larger than the gateway's limit: refused in the widget, nothing sent.
+    const before = await visitor.getByTestId('kefu-message').count();
+    const big = Buffer.concat([PNG, Buffer.alloc(ATTACHMENT_BYTES_MAX)]);
+    await visitor.getByTestId('kefu-file').setInputFiles({ name: 'huge.png', mimeType: 'image/png', buffer: big });
+    await eventually(async () => /at most 97 KB/.test(await visitor.getByTestId('kefu-status').textContent()), 'size check');
+    assert.equal(await visitor.getByTestId('kefu-message').count(), before);
     noProblems(visitor, agent);
   });
 

@@ -1813,6 +1813,8 @@ mod tests {
                         visitor_key: (role == Role::Visitor).then(|| "0".repeat(32)),
                         conversations: Vec::new(),
                         heartbeat_s: 25,
+                        text_bytes_max: None,
+                        attachment_bytes_max: None,
                     }
                 }
                 Command::Presence { status, capacity } => {

@@ -518,6 +518,7 @@ impl Edge {
                 conversations.extend(closed);
             }
         }
+        let limits = &self.config.core.limits;
         let frame = ServerFrame::reply(
             id,
             Event::Connected {
@@ -533,6 +534,8 @@ impl Edge {
                 visitor_key,
                 conversations,
                 heartbeat_s: self.config.heartbeat_s,
+                text_bytes_max: Some(u32::try_from(limits.max_text_bytes).unwrap_or(u32::MAX)),
+                attachment_bytes_max: Some(u32::try_from(limits.max_attachment_bytes).unwrap_or(u32::MAX)),
             },
         );
         let held = self.held.remove(&to).unwrap_or_default();

@@ -16,9 +16,9 @@ const CAPACITY_KEY = 'kefu.console.capacity';
 const HISTORY_PAGE = 50;
 const TYPING_SHOW_MS = 3000;
 const TYPING_SEND_MS = 1500;
-// The gateway's default messages.max_attachment_bytes; the gateway checks
-// again and answers too_large.
-const ATTACHMENT_BYTES_MAX = 1024 * 1024;
+// Until `connected` says the gateway's limit: its default
+// messages.max_attachment_bytes (the gateway checks again: too_large).
+const ATTACHMENT_BYTES_DEFAULT = 1024 * 1024;
 
 const $ = (id) => document.getElementById(id);
 
@@ -35,6 +35,7 @@ const state = {
   resumeWaiting: new Set(),
   lastTypingSent: 0,
   cannedIndex: 0,
+  attachmentBytesMax: ATTACHMENT_BYTES_DEFAULT,
 };
 
 function conv(id) {
@@ -150,6 +151,7 @@ function onConnected(f) {
   }
   localStorage.setItem(TOKEN_KEY, state.token);
   state.me = f.user;
+  if (f.attachment_bytes_max) state.attachmentBytesMax = f.attachment_bytes_max;
   $('me').textContent = f.user.name || f.user.id;
   const listed = new Set();
   for (const s of f.conversations || []) {
@@ -661,8 +663,8 @@ function wire() {
     const file = $('file').files[0];
     $('file').value = '';
     if (!file) return;
-    if (file.size > ATTACHMENT_BYTES_MAX) {
-      toast(t('tooLarge', { n: Math.floor(ATTACHMENT_BYTES_MAX / 1024) }));
+    if (file.size > state.attachmentBytesMax) {
+      toast(t('tooLarge', { n: Math.floor(state.attachmentBytesMax / 1024) }));
       return;
     }
     const data = await toBase64(file);

@@ -211,6 +211,8 @@ fn event(env: &g::Envelope<'_>) -> R<Event> {
                 visitor_key: o.visitor_key().map(str::to_string),
                 conversations,
                 heartbeat_s: o.heartbeat_s(),
+                text_bytes_max: o.text_bytes_max(),
+                attachment_bytes_max: o.attachment_bytes_max(),
             }
         }
         B::ConversationEvt => {
@@ -391,7 +393,16 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
     use g::Body as B;
     b.reset();
     let (body_type, body) = match &frame.body {
-        Event::Connected { session, role, user, visitor_key, conversations, heartbeat_s } => {
+        Event::Connected {
+            session,
+            role,
+            user,
+            visitor_key,
+            conversations,
+            heartbeat_s,
+            text_bytes_max,
+            attachment_bytes_max,
+        } => {
             let session = b.create_string(session);
             let user = user_table(b, user);
             let visitor_key = visitor_key.as_deref().map(|k| b.create_string(k));
@@ -413,6 +424,8 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
                 visitor_key,
                 conversations,
                 heartbeat_s: *heartbeat_s,
+                text_bytes_max: *text_bytes_max,
+                attachment_bytes_max: *attachment_bytes_max,
             };
             (B::ConnectedEvt, g::ConnectedEvt::create(b, &args).as_union_value())
         }

@@ -230,6 +230,8 @@ fn connected(o: &Obj<'_>) -> R<Event> {
         visitor_key: o.opt(F::VisitorKey, STR)?.map(Cow::into_owned),
         conversations,
         heartbeat_s: o.req(F::HeartbeatS, U32)?,
+        text_bytes_max: o.opt(F::TextBytesMax, U32)?,
+        attachment_bytes_max: o.opt(F::AttachmentBytesMax, U32)?,
     })
 }
 
@@ -351,6 +353,7 @@ fields! {
     HeartbeatS = "heartbeat_s", Agent = "agent", Visitor = "visitor", QueuePosition = "queue_position",
     Ts = "ts", Duplicate = "duplicate", From = "from", By = "by", Messages = "messages", Code = "code",
     Message = "message", Replies = "replies", AgentsOnline = "agents_online",
+    TextBytesMax = "text_bytes_max", AttachmentBytesMax = "attachment_bytes_max",
 }
 
 /// A JSON object split into the fields kefu knows, each as the raw JSON
@@ -643,7 +646,16 @@ impl<'de> Deserialize<'de> for CowKey<'de> {
 pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
     begin(out, frame.body.name(), frame.id);
     match &frame.body {
-        Event::Connected { session, role, user, visitor_key, conversations, heartbeat_s } => {
+        Event::Connected {
+            session,
+            role,
+            user,
+            visitor_key,
+            conversations,
+            heartbeat_s,
+            text_bytes_max,
+            attachment_bytes_max,
+        } => {
             str_field(out, "session", session);
             str_field(out, "role", role.as_str());
             key(out, "user");
@@ -665,6 +677,12 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             }
             out.push(b']');
             u64_field(out, "heartbeat_s", u64::from(*heartbeat_s));
+            if let Some(max) = text_bytes_max {
+                u64_field(out, "text_bytes_max", u64::from(*max));
+            }
+            if let Some(max) = attachment_bytes_max {
+                u64_field(out, "attachment_bytes_max", u64::from(*max));
+            }
         }
         Event::Conversation { conv, status, agent, group, visitor, queue_position, agents_online } => {
             conv_field(out, *conv);

@@ -111,6 +111,8 @@ fn events() -> Vec<ServerFrame> {
                 visitor_key: Some("k".repeat(22)),
                 conversations: Vec::new(),
                 heartbeat_s: 30,
+                text_bytes_max: None,
+                attachment_bytes_max: None,
             },
         ),
         f(
@@ -126,6 +128,8 @@ fn events() -> Vec<ServerFrame> {
                     ConvSummary { conv: c(3), status: ConvStatus::Closed, last_seq: 99 },
                 ],
                 heartbeat_s: 15,
+                text_bytes_max: Some(16_384),
+                attachment_bytes_max: Some(u32::MAX),
             },
         ),
         f(
@@ -415,9 +419,11 @@ fn json_events_spelled_as_in_protocol_md() {
                     visitor_key: Some("k1".into()),
                     conversations: vec![ConvSummary { conv: c(42), status: ConvStatus::Queued, last_seq: 3 }],
                     heartbeat_s: 30,
+                    text_bytes_max: Some(16384),
+                    attachment_bytes_max: Some(1048576),
                 },
             ),
-            r#"{"type":"connected","id":1,"session":"s-1","role":"visitor","user":{"id":"v_1","name":"","meta":{}},"visitor_key":"k1","conversations":[{"conv":"c42","status":"queued","last_seq":3}],"heartbeat_s":30}"#,
+            r#"{"type":"connected","id":1,"session":"s-1","role":"visitor","user":{"id":"v_1","name":"","meta":{}},"visitor_key":"k1","conversations":[{"conv":"c42","status":"queued","last_seq":3}],"heartbeat_s":30,"text_bytes_max":16384,"attachment_bytes_max":1048576}"#,
         ),
         (
             ServerFrame::push(Event::Conversation {

@@ -2770,6 +2770,8 @@ impl<'a> ConnectedEvt<'a> {
   pub const VT_VISITOR_KEY: ::flatbuffers::VOffsetT = 10;
   pub const VT_CONVERSATIONS: ::flatbuffers::VOffsetT = 12;
   pub const VT_HEARTBEAT_S: ::flatbuffers::VOffsetT = 14;
+  pub const VT_TEXT_BYTES_MAX: ::flatbuffers::VOffsetT = 16;
+  pub const VT_ATTACHMENT_BYTES_MAX: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2781,6 +2783,8 @@ impl<'a> ConnectedEvt<'a> {
     args: &'args ConnectedEvtArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ConnectedEvt<'bldr>> {
     let mut builder = ConnectedEvtBuilder::new(_fbb);
+    if let Some(x) = args.attachment_bytes_max { builder.add_attachment_bytes_max(x); }
+    if let Some(x) = args.text_bytes_max { builder.add_text_bytes_max(x); }
     builder.add_heartbeat_s(args.heartbeat_s);
     if let Some(x) = args.conversations { builder.add_conversations(x); }
     if let Some(x) = args.visitor_key { builder.add_visitor_key(x); }
@@ -2833,6 +2837,20 @@ impl<'a> ConnectedEvt<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(ConnectedEvt::VT_HEARTBEAT_S, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn text_bytes_max(&self) -> Option<u32> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ConnectedEvt::VT_TEXT_BYTES_MAX, None)}
+  }
+  #[inline]
+  pub fn attachment_bytes_max(&self) -> Option<u32> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ConnectedEvt::VT_ATTACHMENT_BYTES_MAX, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ConnectedEvt<'_> {
@@ -2847,6 +2865,8 @@ impl ::flatbuffers::Verifiable for ConnectedEvt<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("visitor_key", Self::VT_VISITOR_KEY, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ConvSummary>>>>("conversations", Self::VT_CONVERSATIONS, false)?
      .visit_field::<u32>("heartbeat_s", Self::VT_HEARTBEAT_S, false)?
+     .visit_field::<u32>("text_bytes_max", Self::VT_TEXT_BYTES_MAX, false)?
+     .visit_field::<u32>("attachment_bytes_max", Self::VT_ATTACHMENT_BYTES_MAX, false)?
      .finish();
     Ok(())
   }
@@ -2858,6 +2878,8 @@ pub struct ConnectedEvtArgs<'a> {
     pub visitor_key: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub conversations: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ConvSummary<'a>>>>>,
     pub heartbeat_s: u32,
+    pub text_bytes_max: Option<u32>,
+    pub attachment_bytes_max: Option<u32>,
 }
 impl<'a> Default for ConnectedEvtArgs<'a> {
   #[inline]
@@ -2869,6 +2891,8 @@ impl<'a> Default for ConnectedEvtArgs<'a> {
       visitor_key: None,
       conversations: None,
       heartbeat_s: 0,
+      text_bytes_max: None,
+      attachment_bytes_max: None,
     }
   }
 }
@@ -2903,6 +2927,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConnectedEvtBuilder<'a, 'b, A
     self.fbb_.push_slot::<u32>(ConnectedEvt::VT_HEARTBEAT_S, heartbeat_s, 0);
   }
   #[inline]
+  pub fn add_text_bytes_max(&mut self, text_bytes_max: u32) {
+    self.fbb_.push_slot_always::<u32>(ConnectedEvt::VT_TEXT_BYTES_MAX, text_bytes_max);
+  }
+  #[inline]
+  pub fn add_attachment_bytes_max(&mut self, attachment_bytes_max: u32) {
+    self.fbb_.push_slot_always::<u32>(ConnectedEvt::VT_ATTACHMENT_BYTES_MAX, attachment_bytes_max);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConnectedEvtBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConnectedEvtBuilder {
@@ -2926,6 +2958,8 @@ impl ::core::fmt::Debug for ConnectedEvt<'_> {
       ds.field("visitor_key", &self.visitor_key());
       ds.field("conversations", &self.conversations());
       ds.field("heartbeat_s", &self.heartbeat_s());
+      ds.field("text_bytes_max", &self.text_bytes_max());
+      ds.field("attachment_bytes_max", &self.attachment_bytes_max());
       ds.finish()
   }
 }
