@@ -36,6 +36,9 @@ const count = async (locator, text) => (await texts(locator)).filter((t) => t.in
 // so that the widget's check is seen to follow the gateway's).
 const ATTACHMENT_BYTES_MAX = 100000;
 
+// The business system's key for the control plane (SyncUser).
+const API_KEY = 'browser-test-key-0123456789';
+
 // A 1×1 PNG.
 const PNG = Buffer.from(
   'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==',
@@ -55,7 +58,11 @@ describe('console and widget in Chromium', () => {
   let conv;
 
   before(async () => {
-    gw = new Gateway({ KEFU_ROUTING_AUTO_ASSIGN: 'false', KEFU_MESSAGES_MAX_ATTACHMENT_BYTES: String(ATTACHMENT_BYTES_MAX) });
+    gw = new Gateway({
+      KEFU_ROUTING_AUTO_ASSIGN: 'false',
+      KEFU_MESSAGES_MAX_ATTACHMENT_BYTES: String(ATTACHMENT_BYTES_MAX),
+      KEFU_ADMIN_API_KEYS: JSON.stringify([API_KEY]),
+    });
     await gw.start();
     browser = await launch();
   });
@@ -101,6 +108,20 @@ describe('console and widget in Chromium', () => {
 
   test('the agent sees the queue with the VIP badge, accepts, sees the profile and replies', async () => {
     agent = await newPage(browser);
+    // Desktop notifications allowed, and counted.
+    await agent.context().grantPermissions(['notifications'], { origin: gw.origin });
+    await agent.addInitScript(() => {
+      const Real = window.Notification;
+      window.__notified = [];
+      window.Notification = class extends Real {
+        constructor(title, options) {
+          super(title, options);
+          window.__notified.push(options && options.body);
+        }
+      };
+      window.Notification.requestPermission = Real.requestPermission.bind(Real);
+      Object.defineProperty(window.Notification, 'permission', { get: () => Real.permission });
+    });
     await agent.goto(`${gw.origin}/console#token=${gw.token('agent', 'a1', '--name', 'Alice')}`);
     // Away: the queue is visible whatever the presence.
     await agent.getByTestId('presence').selectOption('away');
@@ -124,6 +145,15 @@ describe('console and widget in Chromium', () => {
     await composer.fill('Hi Wang, let me check your order.');
     await composer.press('Enter');
     await agent.getByTestId('message').filter({ hasText: 'let me check' }).waitFor({ timeout: TIMEOUT_MS });
+    noProblems(agent);
+  });
+
+  test('a profile synced by the business system shows in the console', async () => {
+    await gw.api('PUT', '/api/v1/users/visitor/v-wang', API_KEY, { meta: { plan: 'gold', vip_level: '4' } });
+    const meta = agent.getByTestId('visitor-meta');
+    await eventually(async () => /plan\s*gold/.test(await meta.innerText()), 'the synced meta');
+    assert.match(await meta.innerText(), /vip_level\s*4/);
+    assert.match(await meta.innerText(), /orders\s*12/, "the token's other keys stay");
     noProblems(agent);
   });
 
@@ -182,6 +212,29 @@ describe('console and widget in Chromium', () => {
     noProblems(visitor, agent);
   });
 
+  test('a message left pending when the page is closed is sent once when the visitor comes back', async () => {
+    await gw.kill9();
+    const input = visitor.getByTestId('kefu-input');
+    await input.fill('typed, then the page reloaded');
+    await input.press('Enter');
+    const pending = visitor.getByTestId('kefu-message').filter({ hasText: 'typed, then the page reloaded' });
+    assert.equal(await pending.getAttribute('data-state'), 'pending');
+    // The visitor leaves (the page is gone with the gateway down), and
+    // comes back once it is up: the stored outbox sends it.
+    await visitor.goto('about:blank');
+    await gw.start();
+    await visitor.goto(`${gw.origin}/demo`);
+    await visitor.getByTestId('kefu-launcher').click();
+    await pending.waitFor({ timeout: TIMEOUT_MS });
+    await eventually(async () => ['sent', 'read'].includes(await pending.getAttribute('data-state')), 'the ack', 30000);
+    await agent.getByTestId('message').filter({ hasText: 'typed, then the page reloaded' }).waitFor({ timeout: TIMEOUT_MS });
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(await count(agent.getByTestId('message'), 'typed, then the page reloaded'), 1);
+    assert.equal(await count(visitor.getByTestId('kefu-message'), 'typed, then the page reloaded'), 1);
+    assert.equal(await count(visitor.getByTestId('kefu-message'), 'my tea has not arrived'), 1);
+    noProblems(visitor, agent);
+  });
+
   test('an image goes both ways', async () => {
     await visitor.getByTestId('kefu-file').setInputFiles({ name: 'receipt.png', mimeType: 'image/png', buffer: PNG });
     const img = agent.getByTestId('message').locator('img[data-testid="attachment"]');
@@ -227,6 +280,54 @@ describe('console and widget in Chromium', () => {
     await agent2.getByTestId('close').click();
     await eventually(async () => /ended/.test(await visitor.getByTestId('kefu-status').textContent()), 'closed');
     noProblems(visitor, agent, agent2);
+  });
+
+  test('another conversation: unread count, title badge, notification; Esc closes the pane', async () => {
+    const other = await newPage(browser);
+    await other.goto(`${gw.origin}/demo`);
+    await other.getByTestId('kefu-launcher').click();
+    await other.getByTestId('kefu-input').fill('Is the Longjing in stock?');
+    await other.getByTestId('kefu-input').press('Enter');
+    // Alice takes it, then closes the pane with Esc.
+    const item = agent.getByTestId('queue-item').filter({ hasText: 'Visitor' });
+    await item.waitFor({ timeout: TIMEOUT_MS });
+    const second = await item.getAttribute('data-conv');
+    await item.click();
+    await agent.getByTestId('accept').click();
+    const mine = agent.locator(`[data-testid="conversation-item"][data-conv="${second}"]`);
+    await mine.waitFor({ timeout: TIMEOUT_MS });
+    await agent.keyboard.press('Escape');
+    await agent.locator('#pick').waitFor({ timeout: TIMEOUT_MS });
+    assert.equal(await agent.getByTestId('message').count(), 0, 'no conversation open');
+    // A message in a conversation not in view: counted, in the title, notified.
+    await other.getByTestId('kefu-input').fill('Hello? Anyone?');
+    await other.getByTestId('kefu-input').press('Enter');
+    await eventually(async () => (await mine.getByTestId('unread').textContent()) === '1', 'unread 1');
+    assert.match(await agent.title(), /^\(1\) /);
+    assert.deepEqual(await agent.evaluate(() => window.__notified), ['Hello? Anyone?']);
+    // Opening it reads it.
+    await mine.click();
+    await eventually(async () => !/^\(/.test(await agent.title()), 'title badge gone');
+    assert.equal(await mine.getByTestId('unread').count(), 0);
+    const asked = other.getByTestId('kefu-message').filter({ hasText: 'Hello? Anyone?' });
+    await eventually(async () => (await asked.getAttribute('data-state')) === 'read', 'read by Alice');
+    // History pages: 55 more messages, then the console reloads and pages back.
+    for (let i = 1; i <= 55; i++) {
+      await other.getByTestId('kefu-input').fill(`line ${i}`);
+      await other.getByTestId('kefu-input').press('Enter');
+    }
+    const last = other.getByTestId('kefu-message').filter({ hasText: 'line 55' });
+    await eventually(async () => ['sent', 'read'].includes(await last.getAttribute('data-state')), 'all acked', 30000);
+    await agent.reload();
+    await mine.click();
+    await agent.getByTestId('message').filter({ hasText: 'line 55' }).waitFor({ timeout: TIMEOUT_MS });
+    assert.equal(await agent.getByTestId('message').count(), 50, 'the newest page');
+    await agent.locator('#older').click();
+    await eventually(async () => (await agent.getByTestId('message').count()) === 57, 'all 57 after paging');
+    assert.equal(await count(agent.getByTestId('message'), 'Is the Longjing in stock?'), 1);
+    assert.match(await agent.getByTestId('visitor-meta').innerText(), /Visitor/, 'the profile after a reload');
+    await other.context().close();
+    noProblems(agent);
   });
 
   test('the Chinese UI', async () => {

@@ -60,6 +60,8 @@ export class Gateway {
           const line = buf.slice(0, nl);
           buf = buf.slice(nl + 1);
           this.log.push(line);
+          const admin = line.match(/kefu listening .*admin=(\S+)/);
+          if (admin) this.admin = `http://${admin[1]}`;
           if (line.includes('demo shop with the visitor widget')) {
             clearTimeout(timer);
             resolve();
@@ -78,6 +80,18 @@ export class Gateway {
   consoleLink() {
     const line = this.log.find((l) => l.includes('agent console: '));
     return line && line.match(/(http:\/\/\S+\/console#token=[\w.-]+)/)[1];
+  }
+
+  // A control-plane REST call (needs KEFU_ADMIN_API_KEYS to hold `key`).
+  async api(method, path, key, body) {
+    const res = await fetch(this.admin + path, {
+      method,
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await res.text();
+    if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${text}`);
+    return text ? JSON.parse(text) : null;
   }
 
   token(role, sub, ...extra) {

@@ -451,7 +451,10 @@ function renderPane() {
   const c = state.convs.get(state.openConv);
   $('pick').hidden = Boolean(c);
   $('conv').hidden = !c;
-  if (!c) return;
+  if (!c) {
+    $('message-list').replaceChildren();
+    return;
+  }
   $('conv-title').textContent = visitorName(c);
   $('conv-status').textContent = t(c.status);
   $('conv-status').dataset.status = c.status;
