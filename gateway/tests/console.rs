@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use common::{Gateway, upgrade_request, wait_for};
@@ -63,10 +64,15 @@ fn pages_and_scripts_are_served_with_etags_and_a_strict_policy() {
 fn ws_is_open_to_the_gateways_own_origin_listed_ones_and_non_browsers() {
     let gw =
         Gateway::start(&["--shards", "1"], &[("KEFU_SERVER_ALLOWED_ORIGINS", "[\"https://shop.example\"]")]);
+    // The status line only: an accepted WebSocket stays open.
     let upgrade = |origin: &str| {
         let extra = if origin.is_empty() { String::new() } else { format!("Origin: {origin}\r\n") };
-        let r = gw.raw(upgrade_request("/ws", &extra).as_bytes());
-        r.lines().next().unwrap_or_default().to_string()
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(upgrade_request("/ws", &extra).as_bytes()).unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        line.trim_end().to_string()
     };
     // upgrade_request's Host is 127.0.0.1.
     assert_eq!(upgrade(""), "HTTP/1.1 101 Switching Protocols", "no Origin: not a browser");
