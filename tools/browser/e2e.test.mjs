@@ -8,7 +8,7 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { Gateway, launch, newPage, shot } from './harness.mjs';
+import { Gateway, launch, newPage, shopServer, shot } from './harness.mjs';
 
 const TIMEOUT_MS = 15000;
 
@@ -56,9 +56,15 @@ describe('console and widget in Chromium', () => {
   let agent;
   let agent2;
   let conv;
+  let shop;
+  let stranger;
 
   before(async () => {
+    // Two other sites embed the widget; only `shop` is allowed to connect.
+    shop = await shopServer(() => gw.origin);
+    stranger = await shopServer(() => gw.origin);
     gw = new Gateway({
+      KEFU_SERVER_ALLOWED_ORIGINS: JSON.stringify([shop.origin]),
       KEFU_ROUTING_AUTO_ASSIGN: 'false',
       KEFU_MESSAGES_MAX_ATTACHMENT_BYTES: String(ATTACHMENT_BYTES_MAX),
       KEFU_ADMIN_API_KEYS: JSON.stringify([API_KEY]),
@@ -68,6 +74,8 @@ describe('console and widget in Chromium', () => {
   });
 
   after(async () => {
+    shop.server.close();
+    stranger.server.close();
     if (browser) await browser.close();
     if (gw) await gw.stop();
   });
@@ -348,6 +356,29 @@ describe('console and widget in Chromium', () => {
     await shot(zhAgent, 'console-zh');
     await shot(zhVisitor, 'widget-zh');
     noProblems(zhAgent, zhVisitor);
+  });
+
+  test('the widget on another site: allowed origins chat, others are refused', async () => {
+    const page = await newPage(browser);
+    await page.goto(shop.origin);
+    await page.getByTestId('kefu-launcher').click();
+    await page.getByTestId('kefu-input').fill('Hello from another shop');
+    await page.getByTestId('kefu-input').press('Enter');
+    const mine = page.getByTestId('kefu-message').filter({ hasText: 'Hello from another shop' });
+    await eventually(async () => (await mine.getAttribute('data-state')) === 'sent', 'the ack');
+    await shot(page, 'widget-other-site');
+    noProblems(page);
+    const refused = await newPage(browser);
+    await refused.goto(stranger.origin);
+    await refused.getByTestId('kefu-launcher').click();
+    await refused.getByTestId('kefu-input').fill('Hello from a stranger');
+    await refused.getByTestId('kefu-input').press('Enter');
+    await new Promise((r) => setTimeout(r, 1500));
+    const theirs = refused.getByTestId('kefu-message').filter({ hasText: 'Hello from a stranger' });
+    assert.equal(await theirs.getAttribute('data-state'), 'pending', 'never connected');
+    assert.match(await refused.getByTestId('kefu-status').textContent(), /connecting/i);
+    await page.context().close();
+    await refused.context().close();
   });
 
   test('the console fits a tablet', async () => {

@@ -7,6 +7,7 @@
 
 import { spawn, execFileSync } from 'node:child_process';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { createServer as createHttpServer } from 'node:http';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { createRequire } from 'node:module';
@@ -110,6 +111,20 @@ export class Gateway {
     if (this.child && this.child.exitCode === null && this.child.signalCode === null) await this.kill9();
     rmSync(this.data, { recursive: true, force: true });
   }
+}
+
+// A shop on another origin (its own port) whose page embeds the widget
+// from `gatewayOrigin()`: the widget as a customer's site would carry it.
+export async function shopServer(gatewayOrigin) {
+  const server = createHttpServer((req, res) => {
+    const page = `<!doctype html><html><head><meta charset="utf-8"><title>Another shop</title>
+<script src="${gatewayOrigin()}/widget.js" async></script></head>
+<body><h1>Another shop</h1></body></html>`;
+    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
+    res.end(page);
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return { server, origin: `http://127.0.0.1:${server.address().port}` };
 }
 
 export async function launch() {
