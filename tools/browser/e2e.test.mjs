@@ -391,3 +391,39 @@ describe('console and widget in Chromium', () => {
     noProblems(tablet);
   });
 });
+
+describe("the README's first run: default configuration", () => {
+  let gw;
+  let browser;
+
+  before(async () => {
+    gw = new Gateway();
+    await gw.start();
+    browser = await launch();
+  });
+
+  after(async () => {
+    if (browser) await browser.close();
+    if (gw) await gw.stop();
+  });
+
+  test('the printed console link and the demo page chat with each other', async () => {
+    const agent = await newPage(browser);
+    await agent.goto(gw.consoleLink());
+    const state = agent.getByTestId('connection-state');
+    await eventually(async () => (await state.getAttribute('data-state')) === 'caught-up', 'caught up');
+    const visitor = await newPage(browser);
+    await visitor.goto(`${gw.origin}/demo`);
+    await visitor.getByTestId('kefu-launcher').click();
+    await visitor.getByTestId('kefu-input').fill('Do you ship to Shanghai?');
+    await visitor.getByTestId('kefu-input').press('Enter');
+    // Auto-assign gives it to the (online) default agent, whose console opens it.
+    await agent.getByTestId('conversation-item').first().waitFor({ timeout: TIMEOUT_MS });
+    await agent.getByTestId('message').filter({ hasText: 'Shanghai' }).waitFor({ timeout: TIMEOUT_MS });
+    await agent.getByTestId('composer').fill('Yes, in two days.');
+    await agent.getByTestId('composer').press('Enter');
+    await visitor.getByTestId('kefu-message').filter({ hasText: 'in two days' }).waitFor({ timeout: TIMEOUT_MS });
+    await eventually(async () => /Agent/.test(await visitor.getByTestId('kefu-status').textContent()), 'agent named');
+    noProblems(agent, visitor);
+  });
+});
