@@ -54,8 +54,10 @@ fn pages_and_scripts_are_served_with_etags_and_a_strict_policy() {
     let head = gw.raw(b"HEAD /widget.js HTTP/1.1\r\nHost: x\r\n\r\n");
     let len: usize = header(&head, "content-length").unwrap().parse().unwrap();
     assert!(len > 1000 && head.ends_with("\r\n\r\n"), "{head}");
-    // Other methods, and paths that are not files.
-    assert!(gw.raw(b"POST /console HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 404"));
+    // Other methods (405), and paths that are not files (404).
+    let post = gw.raw(b"POST /console HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{post}");
+    assert_eq!(header(&post, "allow"), Some("GET, HEAD"));
     assert!(get(&gw, "/console/nope.js", "").starts_with("HTTP/1.1 404"));
     assert!(get(&gw, "/", "").starts_with("HTTP/1.1 404"));
 }
