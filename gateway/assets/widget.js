@@ -89,6 +89,7 @@
     typingUntil: 0,
     typingName: '',
     lastTypingSent: 0,
+    typingTimer: null,
     panelOpen: false,
     notice: null,
   };
@@ -435,13 +436,21 @@
   input.addEventListener('keydown', function (e) {
     if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault(); sendInput(); }
   });
-  input.addEventListener('input', function () {
-    var now = Date.now();
-    if (state.conv && state.status !== 'closed' && input.value && now - state.lastTypingSent > TYPING_SEND_MS) {
-      state.lastTypingSent = now;
+  // At most every TYPING_SEND_MS; a keystroke inside that interval is told
+  // at its end, so typing that goes on is never left unannounced.
+  function typingNow() {
+    if (state.typingTimer) return;
+    var wait = state.lastTypingSent + TYPING_SEND_MS - Date.now();
+    if (wait > 0) {
+      state.typingTimer = setTimeout(function () { state.typingTimer = null; typingNow(); }, wait);
+      return;
+    }
+    if (state.conv && state.status !== 'closed' && input.value) {
+      state.lastTypingSent = Date.now();
       wsSend({ type: 'typing', conv: state.conv });
     }
-  });
+  }
+  input.addEventListener('input', typingNow);
   file.addEventListener('change', function () {
     var f = file.files[0];
     file.value = '';

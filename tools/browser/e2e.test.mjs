@@ -178,6 +178,9 @@ describe('console and widget in Chromium', () => {
     await visitor.getByTestId('kefu-input').pressSequentially('one mo');
     await eventually(async () => /typing/.test(await agent.locator('#typing').textContent()), 'typing indicator');
     await visitor.getByTestId('kefu-input').fill('');
+    await agent.getByTestId('composer').pressSequentially('checking');
+    await eventually(async () => /typing/.test(await visitor.locator('#kefu-widget .typing').textContent()), 'agent typing');
+    await agent.getByTestId('composer').fill('');
     await shot(agent, 'console-chat');
     await shot(visitor, 'widget-chat');
     noProblems(visitor, agent);
@@ -334,6 +337,15 @@ describe('console and widget in Chromium', () => {
     await eventually(async () => (await agent.getByTestId('message').count()) === 57, 'all 57 after paging');
     assert.equal(await count(agent.getByTestId('message'), 'Is the Longjing in stock?'), 1);
     assert.match(await agent.getByTestId('visitor-meta').innerText(), /Visitor/, 'the profile after a reload');
+    // Back to its group's queue: gone from Alice's own, waiting again.
+    await agent.getByTestId('transfer').click();
+    await agent.getByTestId('transfer-group').fill('default');
+    await agent.getByTestId('transfer-confirm').click();
+    await agent.locator(`[data-testid="queue-item"][data-conv="${second}"]`).waitFor({ timeout: TIMEOUT_MS });
+    assert.equal(await mine.count(), 0);
+    await agent.locator(`[data-testid="queue-item"][data-conv="${second}"]`).click();
+    await agent.getByTestId('accept').click();
+    await mine.waitFor({ timeout: TIMEOUT_MS });
     await other.context().close();
     noProblems(agent);
   });

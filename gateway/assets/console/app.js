@@ -34,6 +34,7 @@ const state = {
   sendIds: new Map(),
   resumeWaiting: new Set(),
   lastTypingSent: 0,
+  typingTimer: null,
   cannedIndex: 0,
   attachmentBytesMax: ATTACHMENT_BYTES_DEFAULT,
 };
@@ -656,11 +657,7 @@ function wire() {
   });
   composer.addEventListener('input', () => {
     renderCanned();
-    const now = Date.now();
-    if (state.openConv && composer.value && now - state.lastTypingSent > TYPING_SEND_MS) {
-      state.lastTypingSent = now;
-      send({ type: 'typing', conv: state.openConv });
-    }
+    typing();
   });
   $('file').addEventListener('change', async () => {
     const file = $('file').files[0];
@@ -689,6 +686,25 @@ function wire() {
   const token = fromLink || localStorage.getItem(TOKEN_KEY);
   if (token) start(token);
   else $('signin').hidden = false;
+}
+
+// Tells the visitor the agent is typing, at most every TYPING_SEND_MS; a
+// keystroke inside that interval is told at its end, so typing that goes
+// on is never left unannounced.
+function typing() {
+  if (state.typingTimer) return;
+  const wait = state.lastTypingSent + TYPING_SEND_MS - Date.now();
+  if (wait > 0) {
+    state.typingTimer = setTimeout(() => {
+      state.typingTimer = null;
+      typing();
+    }, wait);
+    return;
+  }
+  if (state.openConv && $('composer').value && !$('compose').hidden) {
+    state.lastTypingSent = Date.now();
+    send({ type: 'typing', conv: state.openConv });
+  }
 }
 
 function sendComposer() {
