@@ -150,9 +150,15 @@ describe('console and widget in Chromium', () => {
     await agent.getByTestId('conversation-item').filter({ hasText: 'Wang Fang' }).waitFor({ timeout: TIMEOUT_MS });
     await eventually(async () => (await agent.getByTestId('queue-item').count()) === 0, 'the queue empties');
     const composer = agent.getByTestId('composer');
-    await composer.fill('Hi Wang, let me check your order.');
+    // Shift+Enter is a newline, Enter sends.
+    await composer.fill('Hi Wang,');
+    await composer.press('Shift+Enter');
+    await composer.pressSequentially('let me check your order.');
+    assert.equal(await agent.getByTestId('message').count(), 1, 'nothing sent yet');
     await composer.press('Enter');
-    await agent.getByTestId('message').filter({ hasText: 'let me check' }).waitFor({ timeout: TIMEOUT_MS });
+    const reply = agent.getByTestId('message').filter({ hasText: 'let me check' });
+    await reply.waitFor({ timeout: TIMEOUT_MS });
+    assert.equal(await reply.locator('.text').textContent(), 'Hi Wang,\nlet me check your order.');
     noProblems(agent);
   });
 
@@ -395,7 +401,12 @@ describe('console and widget in Chromium', () => {
 
   test('the console fits a tablet', async () => {
     const tablet = await newPage(browser, { viewport: { width: 820, height: 1180 } });
-    await tablet.goto(`${gw.origin}/console#token=${gw.token('agent', 'd4', '--name', 'Dee')}`);
+    // Signed in by pasting a token this time.
+    await tablet.goto(`${gw.origin}/console`);
+    await tablet.getByTestId('token-input').fill(gw.token('agent', 'd4', '--name', 'Dee'));
+    await tablet.getByTestId('signin').click();
+    const state = tablet.getByTestId('connection-state');
+    await eventually(async () => (await state.getAttribute('data-state')) === 'caught-up', 'caught up');
     await tablet.getByTestId('queue-item').first().waitFor({ timeout: TIMEOUT_MS });
     const width = await tablet.evaluate(() => document.documentElement.scrollWidth);
     assert.ok(width <= 820, `no horizontal scroll on a tablet (${width}px)`);
