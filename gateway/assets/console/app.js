@@ -32,6 +32,7 @@ const state = {
   canned: [],
   outbox: new Map(),
   sendIds: new Map(),
+  historyIds: new Map(),
   resumeWaiting: new Set(),
   lastTypingSent: 0,
   typingTimer: null,
@@ -161,7 +162,9 @@ function onConnected(f) {
     c.status = s.status;
     c.lastSeq = s.last_seq;
     if (s.status === 'assigned' && !c.agent) c.agent = { id: state.me.id, name: state.me.name };
-    if (!c.historyAsked && c.msgs.size === 0 && s.last_seq > 0) askHistory(c);
+    // Only the agent's own are read at once: a long queue would be as many
+    // commands at once (and rate-limited); a queued one is read when opened.
+    if (!c.historyAsked && c.msgs.size === 0 && s.last_seq > 0 && s.status === 'assigned') askHistory(c);
   }
   // What went elsewhere while we were away is no longer ours to show,
   // except the conversation open in the pane.
@@ -188,7 +191,8 @@ function askHistory(c, before) {
   c.historyAsked = true;
   const cmd = { type: 'history', conv: c.conv, limit: HISTORY_PAGE };
   if (before) cmd.before = before;
-  send(cmd);
+  const id = send(cmd);
+  if (id !== null) state.historyIds.set(id, cmd);
 }
 
 function onConversation(f) {
@@ -199,7 +203,7 @@ function onConversation(f) {
   c.group = f.group || c.group;
   if (f.visitor) c.visitor = f.visitor;
   c.position = f.queue_position ?? null;
-  if (!c.historyAsked && c.msgs.size === 0) askHistory(c);
+  if (!c.historyAsked && c.msgs.size === 0 && (isMine(c) || c.conv === state.openConv)) askHistory(c);
   const gone = c.status === 'closed' || (c.status === 'assigned' && !isMine(c));
   if (gone && c.conv !== state.openConv) state.convs.delete(c.conv);
   // Taking a conversation that is open in the pane: what it shows is read.
@@ -248,6 +252,7 @@ function onAck(f) {
 }
 
 function onHistory(f) {
+  state.historyIds.delete(f.id);
   const c = conv(f.conv);
   for (const m of f.messages) onMsg(m, false);
   const lowest = f.messages.length ? f.messages[0].seq : 1;
@@ -279,6 +284,17 @@ function onPresence(f) {
 }
 
 function onError(f) {
+  const asked = state.historyIds.get(f.id);
+  if (asked) {
+    state.historyIds.delete(f.id);
+    if (f.code === 'rate_limited' || f.code === 'unavailable') {
+      setTimeout(() => {
+        const id = send(asked);
+        if (id !== null) state.historyIds.set(id, asked);
+      }, 1000);
+      return;
+    }
+  }
   const cid = state.sendIds.get(f.id);
   if (cid !== undefined) {
     state.sendIds.delete(f.id);
