@@ -432,6 +432,9 @@ pub enum Event {
         /// While `queued`: whether an agent serving its group is online
         /// (the widget's offline notice when not).
         agents_online: Option<bool>,
+        /// When the state this frame describes was decided (ms since the
+        /// epoch): how long a queued one has waited.
+        since: Option<u64>,
     },
     /// A `send` is durable.
     Ack {

@@ -56,6 +56,7 @@ describe('console and widget in Chromium', () => {
   let agent;
   let agent2;
   let conv;
+  let wroteAt;
   let shop;
   let stranger;
 
@@ -104,6 +105,7 @@ describe('console and widget in Chromium', () => {
     const input = visitor.getByTestId('kefu-input');
     await input.fill('Hello, my tea has not arrived');
     await input.press('Enter');
+    wroteAt = Date.now();
     const mine = visitor.getByTestId('kefu-message').filter({ hasText: 'my tea has not arrived' });
     await eventually(async () => (await mine.getAttribute('data-state')) === 'sent', 'the ack');
     // The default agent's page has gone: nobody is online to answer.
@@ -115,6 +117,8 @@ describe('console and widget in Chromium', () => {
   });
 
   test('the agent sees the queue with the VIP badge, accepts, sees the profile and replies', async () => {
+    // The visitor has waited a while before this agent arrives.
+    await new Promise((r) => setTimeout(r, Math.max(0, wroteAt + 3000 - Date.now())));
     agent = await newPage(browser);
     // Desktop notifications allowed, and counted.
     await agent.context().grantPermissions(['notifications'], { origin: gw.origin });
@@ -136,6 +140,10 @@ describe('console and widget in Chromium', () => {
     const item = agent.getByTestId('queue-item').filter({ hasText: 'Wang Fang' });
     await item.waitFor({ timeout: TIMEOUT_MS });
     assert.match(await item.textContent(), /VIP 3/);
+    // Waiting since it was opened (before this console existed), not since
+    // the console saw it.
+    const waited = Number((await item.textContent()).match(/waiting (\d+)s/)[1]);
+    assert.ok(waited >= Math.floor((Date.now() - wroteAt) / 1000) - 1 && waited >= 2, `waiting ${waited}s`);
     conv = await item.getAttribute('data-conv');
     await agent.getByTestId('presence').selectOption('online');
     // An agent is online now: the visitor sees their place in the queue.

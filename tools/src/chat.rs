@@ -1835,6 +1835,7 @@ mod tests {
                         visitor: User::default(),
                         queue_position: None,
                         agents_online: None,
+                        since: None,
                     };
                     if conv % 2 == 1 {
                         write_frame(&out, codec, &ServerFrame::reply(id, conversation(ConvStatus::Queued)))?;

@@ -848,7 +848,8 @@ impl Home {
         route: RouteInfo,
         now_ms: u64,
     ) {
-        let Some(c) = self.convs.get(&conv) else { return };
+        let Some(c) = self.convs.get_mut(&conv) else { return };
+        c.entered_status_at(now_ms);
         let state = ConvState {
             conv,
             visitor_id: c.visitor().id.to_string(),
@@ -917,6 +918,7 @@ impl Home {
             visitor,
             queue_position: (stored.status == ConvStatus::Queued).then_some(route.position).flatten(),
             agents_online: (stored.status == ConvStatus::Queued).then_some(route.agents_online).flatten(),
+            since: Some(stored.at_ms),
         })
     }
 
@@ -982,6 +984,7 @@ impl Home {
                 visitor: User { id: v.id.to_string(), name: v.name.to_string(), meta: v.meta.clone() },
                 queue_position: (c.status() == ConvStatus::Queued).then_some(route.position).flatten(),
                 agents_online: (c.status() == ConvStatus::Queued).then_some(route.agents_online).flatten(),
+                since: (c.since_ms() > 0).then_some(c.since_ms()),
             },
         ))
     }

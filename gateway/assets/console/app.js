@@ -203,6 +203,7 @@ function onConversation(f) {
   c.group = f.group || c.group;
   if (f.visitor) c.visitor = f.visitor;
   c.position = f.queue_position ?? null;
+  c.stateSince = f.since ?? null;
   if (!c.historyAsked && c.msgs.size === 0 && (isMine(c) || c.conv === state.openConv)) askHistory(c);
   const gone = c.status === 'closed' || (c.status === 'assigned' && !isMine(c));
   if (gone && c.conv !== state.openConv) state.convs.delete(c.conv);
@@ -396,7 +397,11 @@ function ago(ms) {
   return Math.floor(s / 3600) + 'h' + (Math.floor(s / 60) % 60) + 'm';
 }
 
+// Since when a queued conversation waits: the gateway says (`since`); an
+// older gateway does not, and then its earliest message in view or when
+// this console first saw it stands in.
 function firstTs(c) {
+  if (c.stateSince) return c.stateSince;
   let ts = c.since;
   for (const m of c.msgs.values()) if (m.ts && m.ts < ts) ts = m.ts;
   return ts;

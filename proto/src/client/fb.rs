@@ -231,6 +231,7 @@ fn event(env: &g::Envelope<'_>) -> R<Event> {
                 visitor: user("visitor", o.visitor())?,
                 queue_position: o.queue_position(),
                 agents_online: o.agents_online(),
+                since: o.since(),
             }
         }
         B::AckEvt => {
@@ -429,7 +430,7 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
             };
             (B::ConnectedEvt, g::ConnectedEvt::create(b, &args).as_union_value())
         }
-        Event::Conversation { conv, status, agent, group, visitor, queue_position, agents_online } => {
+        Event::Conversation { conv, status, agent, group, visitor, queue_position, agents_online, since } => {
             let conv = conv_string(b, *conv);
             let agent = agent.as_ref().map(|a| {
                 let id = b.create_string(&a.id);
@@ -446,6 +447,7 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
                 visitor: Some(visitor),
                 queue_position: *queue_position,
                 agents_online: *agents_online,
+                since: *since,
             };
             (B::ConversationEvt, g::ConversationEvt::create(b, &args).as_union_value())
         }

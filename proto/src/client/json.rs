@@ -249,6 +249,7 @@ fn conversation(o: &Obj<'_>) -> R<Event> {
         visitor: user_of(&visitor)?,
         queue_position: o.opt(F::QueuePosition, U32)?,
         agents_online: o.opt(F::AgentsOnline, BOOL)?,
+        since: o.opt(F::Since, U64)?,
     })
 }
 
@@ -353,7 +354,7 @@ fields! {
     HeartbeatS = "heartbeat_s", Agent = "agent", Visitor = "visitor", QueuePosition = "queue_position",
     Ts = "ts", Duplicate = "duplicate", From = "from", By = "by", Messages = "messages", Code = "code",
     Message = "message", Replies = "replies", AgentsOnline = "agents_online",
-    TextBytesMax = "text_bytes_max", AttachmentBytesMax = "attachment_bytes_max",
+    TextBytesMax = "text_bytes_max", AttachmentBytesMax = "attachment_bytes_max", Since = "since",
 }
 
 /// A JSON object split into the fields kefu knows, each as the raw JSON
@@ -684,7 +685,7 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
                 u64_field(out, "attachment_bytes_max", u64::from(*max));
             }
         }
-        Event::Conversation { conv, status, agent, group, visitor, queue_position, agents_online } => {
+        Event::Conversation { conv, status, agent, group, visitor, queue_position, agents_online, since } => {
             conv_field(out, *conv);
             str_field(out, "status", status.as_str());
             if let Some(a) = agent {
@@ -705,6 +706,9 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             if let Some(online) = agents_online {
                 key(out, "agents_online");
                 out.extend_from_slice(if *online { b"true" } else { b"false" });
+            }
+            if let Some(ms) = since {
+                u64_field(out, "since", *ms);
             }
         }
         Event::Ack { cid, conv, seq, ts, duplicate } => {

@@ -142,6 +142,7 @@ fn events() -> Vec<ServerFrame> {
                 visitor: visitor.clone(),
                 queue_position: Some(3),
                 agents_online: Some(false),
+                since: Some(1_767_225_600_000),
             },
         ),
         f(
@@ -154,6 +155,7 @@ fn events() -> Vec<ServerFrame> {
                 visitor,
                 queue_position: None,
                 agents_online: None,
+                since: None,
             },
         ),
         f(
@@ -434,6 +436,7 @@ fn json_events_spelled_as_in_protocol_md() {
                 visitor: User { id: "v_1".into(), name: "Bob".into(), meta: meta(&[("plan", "pro")]) },
                 queue_position: None,
                 agents_online: None,
+                since: None,
             }),
             r#"{"type":"conversation","conv":"c42","status":"assigned","agent":{"id":"a1","name":"Alice"},"group":"billing","visitor":{"id":"v_1","name":"Bob","meta":{"plan":"pro"}}}"#,
         ),
@@ -448,9 +451,10 @@ fn json_events_spelled_as_in_protocol_md() {
                     visitor: User { id: "v_1".into(), name: "Bob".into(), meta: Meta::new() },
                     queue_position: Some(1),
                     agents_online: Some(true),
+                    since: Some(1_767_225_600_000),
                 },
             ),
-            r#"{"type":"conversation","id":2,"conv":"c42","status":"queued","visitor":{"id":"v_1","name":"Bob","meta":{}},"queue_position":1,"agents_online":true}"#,
+            r#"{"type":"conversation","id":2,"conv":"c42","status":"queued","visitor":{"id":"v_1","name":"Bob","meta":{}},"queue_position":1,"agents_online":true,"since":1767225600000}"#,
         ),
         (
             ServerFrame::reply(

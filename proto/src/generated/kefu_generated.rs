@@ -2986,6 +2986,7 @@ impl<'a> ConversationEvt<'a> {
   pub const VT_VISITOR: ::flatbuffers::VOffsetT = 12;
   pub const VT_QUEUE_POSITION: ::flatbuffers::VOffsetT = 14;
   pub const VT_AGENTS_ONLINE: ::flatbuffers::VOffsetT = 16;
+  pub const VT_SINCE: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2997,6 +2998,7 @@ impl<'a> ConversationEvt<'a> {
     args: &'args ConversationEvtArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ConversationEvt<'bldr>> {
     let mut builder = ConversationEvtBuilder::new(_fbb);
+    if let Some(x) = args.since { builder.add_since(x); }
     if let Some(x) = args.queue_position { builder.add_queue_position(x); }
     if let Some(x) = args.visitor { builder.add_visitor(x); }
     if let Some(x) = args.group { builder.add_group(x); }
@@ -3057,6 +3059,13 @@ impl<'a> ConversationEvt<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(ConversationEvt::VT_AGENTS_ONLINE, None)}
   }
+  #[inline]
+  pub fn since(&self) -> Option<u64> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConversationEvt::VT_SINCE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ConversationEvt<'_> {
@@ -3072,6 +3081,7 @@ impl ::flatbuffers::Verifiable for ConversationEvt<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<User>>("visitor", Self::VT_VISITOR, false)?
      .visit_field::<u32>("queue_position", Self::VT_QUEUE_POSITION, false)?
      .visit_field::<bool>("agents_online", Self::VT_AGENTS_ONLINE, false)?
+     .visit_field::<u64>("since", Self::VT_SINCE, false)?
      .finish();
     Ok(())
   }
@@ -3084,6 +3094,7 @@ pub struct ConversationEvtArgs<'a> {
     pub visitor: Option<::flatbuffers::WIPOffset<User<'a>>>,
     pub queue_position: Option<u32>,
     pub agents_online: Option<bool>,
+    pub since: Option<u64>,
 }
 impl<'a> Default for ConversationEvtArgs<'a> {
   #[inline]
@@ -3096,6 +3107,7 @@ impl<'a> Default for ConversationEvtArgs<'a> {
       visitor: None,
       queue_position: None,
       agents_online: None,
+      since: None,
     }
   }
 }
@@ -3134,6 +3146,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConversationEvtBuilder<'a, 'b
     self.fbb_.push_slot_always::<bool>(ConversationEvt::VT_AGENTS_ONLINE, agents_online);
   }
   #[inline]
+  pub fn add_since(&mut self, since: u64) {
+    self.fbb_.push_slot_always::<u64>(ConversationEvt::VT_SINCE, since);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConversationEvtBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConversationEvtBuilder {
@@ -3158,6 +3174,7 @@ impl ::core::fmt::Debug for ConversationEvt<'_> {
       ds.field("visitor", &self.visitor());
       ds.field("queue_position", &self.queue_position());
       ds.field("agents_online", &self.agents_online());
+      ds.field("since", &self.since());
       ds.finish()
   }
 }
