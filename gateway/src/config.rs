@@ -881,9 +881,26 @@ mod tests {
             "[slab]\nclasses = [{bytes = 4096, count = 1}, {bytes = 1024, count = 1}]\n",
             "[log]\nformat = \"xml\"\n",
             "server = 3\n",
+            "[server]\nallowed_origins = [\"https://shop.example/\"]\n",
+            "[server]\nallowed_origins = [\"\"]\n",
+            "[console]\ndefault_agent_id = \"\"\n",
+            "[console]\nlink_ttl_s = 0\n",
         ] {
             assert!(load(Some(file), &[], &o).is_err(), "accepted: {file}");
         }
+    }
+
+    #[test]
+    fn origins_and_the_console_link_are_configured() {
+        let o = Overrides::default();
+        let file = "[server]\nallowed_origins = [\"https://shop.example\", \"*\"]\n\
+                    [console]\nprint_link = false\ndefault_agent_id = \"\"\n";
+        let c = load(Some(file), &[], &o).unwrap();
+        assert_eq!(c.server.allowed_origins, ["https://shop.example", "*"]);
+        assert!(!c.console.print_link, "no link, so no agent is needed for one");
+        let c = Config::default();
+        assert!(c.server.allowed_origins.is_empty(), "the gateway's own origin only");
+        assert!(c.console.print_link && c.console.default_agent_groups.is_empty());
     }
 
     #[test]
