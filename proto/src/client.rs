@@ -490,6 +490,9 @@ pub enum Event {
         agent: String,
         /// Status.
         status: PresenceStatus,
+        /// The agent's display name, when the gateway knows it (a console
+        /// lists agents to transfer to by name).
+        name: Option<String>,
     },
     /// A command failed.
     Error {

@@ -295,6 +295,7 @@ describe('console and widget in Chromium', () => {
     await agent.getByTestId('transfer').click();
     const bob = agent.locator('[data-testid="transfer-agent"][data-agent="b2"]');
     await bob.waitFor({ timeout: TIMEOUT_MS });
+    assert.equal(await bob.textContent(), 'Bob (b2)', 'listed by name');
     await bob.click();
     const item = agent2.locator(`[data-testid="conversation-item"][data-conv="${conv}"]`);
     await item.waitFor({ timeout: TIMEOUT_MS });

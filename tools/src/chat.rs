@@ -1820,7 +1820,7 @@ mod tests {
                 Command::Presence { status, capacity } => {
                     assert!(capacity.is_some_and(|c| c > 0));
                     fake.agents.lock().expect("lock").push((me.clone(), out.clone(), codec));
-                    Event::Presence { agent: me.clone(), status }
+                    Event::Presence { agent: me.clone(), status, name: None }
                 }
                 Command::Open { .. } => {
                     let mut convs = fake.convs.lock().expect("lock");

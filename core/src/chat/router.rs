@@ -184,14 +184,12 @@ impl Router {
         for &conv in listed {
             self.change(conv, Change::Describe, Some(push));
         }
-        let present: Vec<(UserId, PresenceStatus)> = self
-            .routing
-            .agents()
-            .filter(|a| a.status != PresenceStatus::Offline && a.id != *me)
-            .map(|a| (a.id, a.status))
-            .collect();
-        for (agent, status) in present {
-            let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status });
+        let present: Vec<AgentView> =
+            (self.routing.agents()).filter(|a| a.status != PresenceStatus::Offline && a.id != *me).collect();
+        for a in present {
+            let name = Some(a.name.to_string());
+            let frame =
+                ServerFrame::push(Event::Presence { agent: a.id.to_string(), status: a.status, name });
             self.out.push_back(Output::Write { reply: push, frame });
         }
     }
@@ -243,7 +241,8 @@ impl Router {
             Ok(Decided::Change(conv, change)) => self.change(conv, change, Some(reply)),
             Ok(Decided::OnChange(conv)) => self.reply_on_change.push((conv, reply)),
             Ok(Decided::Presence(status)) => {
-                let frame = ServerFrame::reply(id, Event::Presence { agent: actor.id.to_string(), status });
+                let (agent, name) = (actor.id.to_string(), Some(actor.name.to_string()));
+                let frame = ServerFrame::reply(id, Event::Presence { agent, status, name });
                 self.out.push_back(Output::Write { reply, frame });
             }
             Err(e) => {
@@ -296,7 +295,9 @@ impl Router {
                     self.change(conv, Change::Close, reply);
                 }
                 Action::PresenceChanged { agent, status } => {
-                    let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status });
+                    // An agent forgotten as it went offline has no name left.
+                    let name = self.routing.agent(&agent).map(|a| a.name.to_string());
+                    let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status, name });
                     self.out.push_back(Output::ToAgents { frame });
                     self.announce_availability();
                 }

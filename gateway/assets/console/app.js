@@ -279,7 +279,8 @@ function onTyping(f) {
 }
 
 function onPresence(f) {
-  state.agents.set(f.agent, f.status);
+  const known = state.agents.get(f.agent);
+  state.agents.set(f.agent, { status: f.status, name: f.name || (known && known.name) || f.agent });
   if (state.me && f.agent === state.me.id && f.id !== undefined) $('presence').value = f.status;
   if ($('transfer-dialog').open) renderTransferChoices();
 }
@@ -592,9 +593,10 @@ function openTransfer() {
 function renderTransferChoices() {
   const c = state.convs.get(state.openConv);
   if (!c) return;
-  const agents = [...state.agents].filter(([id, s]) => s === 'online' && id !== state.me.id);
-  $('transfer-agents').replaceChildren(...(agents.length ? agents.map(([id]) => {
-    const b = el('button', { type: 'button', 'data-testid': 'transfer-agent', 'data-agent': id, text: id });
+  const agents = [...state.agents].filter(([id, a]) => a.status === 'online' && id !== state.me.id);
+  $('transfer-agents').replaceChildren(...(agents.length ? agents.map(([id, a]) => {
+    const label = a.name === id ? id : `${a.name} (${id})`;
+    const b = el('button', { type: 'button', 'data-testid': 'transfer-agent', 'data-agent': id, text: label });
     b.addEventListener('click', () => doTransfer(c.conv, id));
     return el('li', {}, b);
   }) : [el('li', { className: 'empty', text: t('noAgents') })]));

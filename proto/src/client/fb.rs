@@ -267,7 +267,11 @@ fn event(env: &g::Envelope<'_>) -> R<Event> {
         }
         B::PresenceEvt => {
             let o = body(env.body_as_presence_evt(), t)?;
-            Event::Presence { agent: string("agent", o.agent())?, status: presence_from(o.status())? }
+            Event::Presence {
+                agent: string("agent", o.agent())?,
+                status: presence_from(o.status())?,
+                name: o.name().map(str::to_string),
+            }
         }
         B::ErrorEvt => {
             let o = body(env.body_as_error_evt(), t)?;
@@ -487,9 +491,11 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
             let args = g::ResumedEvtArgs { conv: Some(conv), from: *from, to: *to };
             (B::ResumedEvt, g::ResumedEvt::create(b, &args).as_union_value())
         }
-        Event::Presence { agent, status } => {
+        Event::Presence { agent, status, name } => {
             let agent = b.create_string(agent);
-            let args = g::PresenceEvtArgs { agent: Some(agent), status: g::PresenceStatus(*status as u8) };
+            let name = name.as_deref().map(|n| b.create_string(n));
+            let status = g::PresenceStatus(*status as u8);
+            let args = g::PresenceEvtArgs { agent: Some(agent), status, name };
             (B::PresenceEvt, g::PresenceEvt::create(b, &args).as_union_value())
         }
         Event::Error { code, message } => {

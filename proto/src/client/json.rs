@@ -95,7 +95,11 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
             Ok(Event::Resumed { conv: o.conv(F::Conv)?, from: o.req(F::From, U64)?, to: o.req(F::To, U64)? })
         },
         "presence" => |o: &Obj<'_>| {
-            Ok(Event::Presence { agent: o.string(F::Agent)?, status: o.req(F::Status, PRESENCE)? })
+            Ok(Event::Presence {
+                agent: o.string(F::Agent)?,
+                status: o.req(F::Status, PRESENCE)?,
+                name: o.opt(F::Name, STR)?.map(Cow::into_owned),
+            })
         },
         "error" => |o: &Obj<'_>| {
             Ok(Event::Error { code: o.req(F::Code, ERROR_CODE)?, message: o.string(F::Message)? })
@@ -749,9 +753,12 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             u64_field(out, "from", *from);
             u64_field(out, "to", *to);
         }
-        Event::Presence { agent, status } => {
+        Event::Presence { agent, status, name } => {
             str_field(out, "agent", agent);
             str_field(out, "status", status.as_str());
+            if let Some(name) = name {
+                str_field(out, "name", name);
+            }
         }
         Event::Error { code, message } => {
             str_field(out, "code", code.as_str());

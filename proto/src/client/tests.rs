@@ -182,7 +182,13 @@ fn events() -> Vec<ServerFrame> {
         f(Some(6), Event::History { conv: c(42), messages: (1..=3).map(sample_msg).collect() }),
         f(None, Event::Resumed { conv: c(42), from: 11, to: 12 }),
         f(None, Event::Resumed { conv: c(42), from: 13, to: 12 }),
-        f(Some(7), Event::Presence { agent: "a1".into(), status: PresenceStatus::Away }),
+        f(Some(7), Event::Presence { agent: "a1".into(), status: PresenceStatus::Away, name: None }),
+        f(
+            None,
+            Event::Presence {
+                agent: "a2".into(), status: PresenceStatus::Online, name: Some("小李".into())
+            },
+        ),
         f(Some(8), Event::Error { code: ErrorCode::NotFound, message: "no such conversation: c9".into() }),
         f(None, Event::Error { code: ErrorCode::Internal, message: String::new() }),
         f(Some(9), Event::Pong),
@@ -527,7 +533,7 @@ fn json_events_spelled_as_in_protocol_md() {
         (
             ServerFrame::reply(
                 Some(5),
-                Event::Presence { agent: "a1".into(), status: PresenceStatus::Online },
+                Event::Presence { agent: "a1".into(), status: PresenceStatus::Online, name: None },
             ),
             r#"{"type":"presence","id":5,"agent":"a1","status":"online"}"#,
         ),

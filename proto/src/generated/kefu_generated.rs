@@ -4045,6 +4045,7 @@ impl<'a> ::flatbuffers::Follow<'a> for PresenceEvt<'a> {
 impl<'a> PresenceEvt<'a> {
   pub const VT_AGENT: ::flatbuffers::VOffsetT = 4;
   pub const VT_STATUS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4056,6 +4057,7 @@ impl<'a> PresenceEvt<'a> {
     args: &'args PresenceEvtArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PresenceEvt<'bldr>> {
     let mut builder = PresenceEvtBuilder::new(_fbb);
+    if let Some(x) = args.name { builder.add_name(x); }
     if let Some(x) = args.agent { builder.add_agent(x); }
     builder.add_status(args.status);
     builder.finish()
@@ -4076,6 +4078,13 @@ impl<'a> PresenceEvt<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<PresenceStatus>(PresenceEvt::VT_STATUS, Some(PresenceStatus::Online)).unwrap()}
   }
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PresenceEvt::VT_NAME, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PresenceEvt<'_> {
@@ -4086,6 +4095,7 @@ impl ::flatbuffers::Verifiable for PresenceEvt<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("agent", Self::VT_AGENT, false)?
      .visit_field::<PresenceStatus>("status", Self::VT_STATUS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
      .finish();
     Ok(())
   }
@@ -4093,6 +4103,7 @@ impl ::flatbuffers::Verifiable for PresenceEvt<'_> {
 pub struct PresenceEvtArgs<'a> {
     pub agent: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub status: PresenceStatus,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for PresenceEvtArgs<'a> {
   #[inline]
@@ -4100,6 +4111,7 @@ impl<'a> Default for PresenceEvtArgs<'a> {
     PresenceEvtArgs {
       agent: None,
       status: PresenceStatus::Online,
+      name: None,
     }
   }
 }
@@ -4116,6 +4128,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PresenceEvtBuilder<'a, 'b, A>
   #[inline]
   pub fn add_status(&mut self, status: PresenceStatus) {
     self.fbb_.push_slot::<PresenceStatus>(PresenceEvt::VT_STATUS, status, PresenceStatus::Online);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PresenceEvt::VT_NAME, name);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PresenceEvtBuilder<'a, 'b, A> {
@@ -4137,6 +4153,7 @@ impl ::core::fmt::Debug for PresenceEvt<'_> {
     let mut ds = f.debug_struct("PresenceEvt");
       ds.field("agent", &self.agent());
       ds.field("status", &self.status());
+      ds.field("name", &self.name());
       ds.finish()
   }
 }

@@ -322,15 +322,16 @@ fn an_agents_hello_is_followed_by_each_conversation_and_the_agents_present() {
         .iter()
         .filter_map(|o| match o {
             Output::Write { reply, frame } => match &frame.body {
-                kefu_proto::client::Event::Presence { agent, status } => {
-                    Some((*reply, frame.id, agent.clone(), *status))
+                kefu_proto::client::Event::Presence { agent, status, name } => {
+                    Some((*reply, frame.id, agent.clone(), *status, name.clone()))
                 }
                 _ => None,
             },
             _ => None,
         })
         .collect();
-    assert_eq!(presences, [(push, None, "bob".to_string(), PresenceStatus::Online)]);
+    let bob = Some("bob".to_string());
+    assert_eq!(presences, [(push, None, "bob".to_string(), PresenceStatus::Online, bob)]);
     // A visitor's hello is followed by nothing: its `open` says the state.
     r.handle_hello(reply(0, 3, 1), identity(Role::Visitor, "v1"), T0);
     let out = outputs(&mut r);
