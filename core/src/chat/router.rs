@@ -184,8 +184,11 @@ impl Router {
         for &conv in listed {
             self.change(conv, Change::Describe, Some(push));
         }
-        let present: Vec<AgentView> =
-            (self.routing.agents()).filter(|a| a.status != PresenceStatus::Offline && a.id != *me).collect();
+        let mut present: Vec<AgentView> =
+            self.routing.agents().filter(|a| a.status != PresenceStatus::Offline && a.id != *me).collect();
+        // Online first: they are the ones a conversation can go to.
+        present.sort_by_key(|a| a.status != PresenceStatus::Online);
+        present.truncate(self.config.routing.connected_presence_max);
         for a in present {
             let name = Some(a.name.to_string());
             let frame =

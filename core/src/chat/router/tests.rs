@@ -399,3 +399,29 @@ fn waiting_visitors_are_told_when_their_group_gains_or_loses_its_last_online_age
         .collect();
     assert_eq!(described, [Some(false); 3]);
 }
+
+#[test]
+fn the_agents_introduced_after_hello_are_bounded_online_first() {
+    let mut r = machine(|c| c.routing.connected_presence_max = 2);
+    for (slot, id) in [(1, "away1"), (2, "away2")] {
+        let rep = reply(1, slot, 1);
+        r.handle_hello(rep, identity(Role::Agent, id), T0);
+        let away = RouteRequest::Presence { status: PresenceStatus::Away, capacity: None };
+        r.handle_route(rep, identity(Role::Agent, id).actor(), away, T0);
+    }
+    agent(&mut r, "online1", 3, 5);
+    outputs(&mut r);
+    r.handle_hello(reply(1, 9, 1), identity(Role::Agent, "me"), T0);
+    let introduced: Vec<(String, PresenceStatus)> = outputs(&mut r)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Write { frame, .. } => match frame.body {
+                kefu_proto::client::Event::Presence { agent, status, .. } => Some((agent, status)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(introduced.len(), 2, "routing.connected_presence_max: {introduced:?}");
+    assert_eq!(introduced[0], ("online1".to_string(), PresenceStatus::Online), "online first");
+}
