@@ -299,6 +299,11 @@ pub struct RoutingConfig {
     /// one, newest first, so a returning visitor can page their history.
     /// Default 10.
     pub connected_closed_max: usize,
+    /// Other agents' `presence` sent after an agent's `connected` (online
+    /// ones first), so a console can offer whom to transfer to; bounded so
+    /// that a large team does not fill a new connection's outbound queue.
+    /// Default 200.
+    pub connected_presence_max: usize,
 }
 
 impl Default for RoutingConfig {
@@ -314,6 +319,7 @@ impl Default for RoutingConfig {
             max_queued: 100_000,
             connected_queued_max: 100,
             connected_closed_max: 10,
+            connected_presence_max: 200,
         }
     }
 }

@@ -166,6 +166,8 @@ pub struct RestoredConversation {
     pub last_seq: u64,
     /// The timestamp of that message (0: none).
     pub last_ts: u64,
+    /// When its stored state was decided, ms since the epoch.
+    pub since_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -222,6 +224,10 @@ pub struct Conversation {
     durable_seq: u64,
     /// Timestamp of the last message, so ts never goes backwards.
     last_ts: u64,
+    /// When it entered its current status (ms since the epoch; 0 until
+    /// [`Conversation::entered_status_at`] says): how long a queued one has
+    /// waited.
+    since_ms: u64,
     /// Recent `(sender, cid)` pairs, oldest first, at most `recent_cap`.
     recent: VecDeque<RecentSend>,
     recent_cap: usize,
@@ -246,6 +252,7 @@ impl Conversation {
             next_seq: 1,
             durable_seq: 0,
             last_ts: 0,
+            since_ms: 0,
             recent: VecDeque::new(),
             recent_cap: limits.recent_cids.max(1),
             cids_from: 1,
@@ -265,10 +272,22 @@ impl Conversation {
         c.next_seq = r.last_seq + 1;
         c.durable_seq = r.last_seq;
         c.last_ts = r.last_ts;
+        c.since_ms = r.since_ms;
         // Seeding the window from the log's newest messages does not
         // lower this: it may leave some out.
         c.cids_from = r.last_seq + 1;
         c
+    }
+
+    /// When it entered its current status, ms since the epoch (0: unknown).
+    pub fn since_ms(&self) -> u64 {
+        self.since_ms
+    }
+
+    /// Its current status was decided at `now_ms` (the time its state is
+    /// stored with).
+    pub fn entered_status_at(&mut self, now_ms: u64) {
+        self.since_ms = now_ms;
     }
 
     /// Puts `(sender, cid) -> (seq, ts)` in the cid window. Called at send,
@@ -605,6 +624,7 @@ mod tests {
             agent: Some(agent_ref("a1")),
             last_seq: 41,
             last_ts: 9000,
+            since_ms: 8000,
         };
         let mut c = Conversation::restore(r, &LimitsConfig::default());
         c.remember(Role::Visitor, UserId::from("v1"), Cid::new("m41").unwrap(), 41, 9000);

@@ -59,6 +59,8 @@ pub enum TransferTarget {
 pub enum Checked {
     /// `ping`: the connection's own shard answers `pong`.
     Pong,
+    /// `canned`: the connection's own shard answers from its config.
+    Canned,
     /// For the router: who serves what.
     Route(RouteRequest),
     /// For the conversation's home shard.
@@ -289,6 +291,12 @@ impl Session {
         };
         Ok(match cmd {
             Command::Ping => Checked::Pong,
+            Command::Canned => {
+                if role != Role::Agent {
+                    return forbid("list canned replies");
+                }
+                Checked::Canned
+            }
             Command::Connect { .. } => return Err(SessionError::AlreadyConnected),
             Command::Open { group, meta } => {
                 if role != Role::Visitor {

@@ -41,6 +41,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The business system's hooks (`kefu.v1.Hooks`), which kefu calls.
     pub hooks: HooksConfig,
+    /// The agent console and the visitor widget the gateway serves.
+    pub console: ConsoleConfig,
 }
 
 impl Config {
@@ -114,6 +116,11 @@ pub struct ServerConfig {
     /// Business systems' calls (gRPC / REST) waiting for the chat service's
     /// answer at once; past it a call is refused `unavailable`.
     pub api_calls_max: usize,
+    /// Browser origins (`https://shop.example`, exactly as the browser
+    /// sends `Origin`) whose pages may open `/ws`, besides the gateway's
+    /// own; `"*"` allows any. A client that sends no `Origin` (not a
+    /// browser) is always let through to authenticate as usual.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -134,6 +141,7 @@ impl Default for ServerConfig {
             mailbox_capacity: 65_536,
             backlog_messages_max: 65_536,
             api_calls_max: 4096,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -527,6 +535,38 @@ pub struct DiagnosticsConfig {
     pub echo: bool,
 }
 
+/// `[console]`: the agent console, the widget and the demo page served on
+/// the client listener, and the ready-made console link logged at start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Log a console link for `default_agent_id` at start
+    /// (`/console#token=…`, signed with `auth.jwt_secret`). The token sits
+    /// in the fragment, which a browser never sends to a server. Turn it
+    /// off where logs are read by people who must not act as that agent.
+    pub print_link: bool,
+    /// The agent the logged link signs in as.
+    pub default_agent_id: String,
+    /// Its display name.
+    pub default_agent_name: String,
+    /// Its skill groups; empty serves every group.
+    pub default_agent_groups: Vec<String>,
+    /// Lifetime of the logged link's token.
+    pub link_ttl_s: u64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            print_link: true,
+            default_agent_id: "agent".into(),
+            default_agent_name: "Agent".into(),
+            default_agent_groups: Vec::new(),
+            link_ttl_s: 7 * 86_400,
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -720,6 +760,18 @@ impl Config {
         self.storage.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.admin.validate()?;
         self.hooks.validate()?;
+        if self.console.print_link
+            && (self.console.default_agent_id.is_empty() || self.console.link_ttl_s == 0)
+        {
+            return invalid(
+                "console.default_agent_id must not be empty and console.link_ttl_s at least 1".into(),
+            );
+        }
+        if let Some(o) = self.server.allowed_origins.iter().find(|o| o.is_empty() || o.ends_with('/')) {
+            return invalid(format!(
+                "server.allowed_origins: {o:?} is not an origin (scheme://host[:port], no path or trailing slash)"
+            ));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid(format!("log.format = {:?}: expected \"text\" or \"json\"", self.log.format));
         }
@@ -924,6 +976,10 @@ mod tests {
             "[slab]\nclasses = [{bytes = 4096, count = 1}, {bytes = 1024, count = 1}]\n",
             "[log]\nformat = \"xml\"\n",
             "server = 3\n",
+            "[server]\nallowed_origins = [\"https://shop.example/\"]\n",
+            "[server]\nallowed_origins = [\"\"]\n",
+            "[console]\ndefault_agent_id = \"\"\n",
+            "[console]\nlink_ttl_s = 0\n",
         ] {
             assert!(load(Some(file), &[], &o).is_err(), "accepted: {file}");
         }
@@ -940,6 +996,19 @@ mod tests {
             printed.contains("<redacted: 32 bytes>") && printed.contains("<redacted: 16 bytes>"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn origins_and_the_console_link_are_configured() {
+        let o = Overrides::default();
+        let file = "[server]\nallowed_origins = [\"https://shop.example\", \"*\"]\n\
+                    [console]\nprint_link = false\ndefault_agent_id = \"\"\n";
+        let c = load(Some(file), &[], &o).unwrap();
+        assert_eq!(c.server.allowed_origins, ["https://shop.example", "*"]);
+        assert!(!c.console.print_link, "no link, so no agent is needed for one");
+        let c = Config::default();
+        assert!(c.server.allowed_origins.is_empty(), "the gateway's own origin only");
+        assert!(c.console.print_link && c.console.default_agent_groups.is_empty());
     }
 
     #[test]

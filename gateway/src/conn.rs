@@ -44,6 +44,7 @@ use tracing::debug;
 use kefu_proto::ErrorCode;
 use kefu_proto::client::{Codec, Command, DecodeError, Event, ServerFrame};
 
+use crate::assets;
 use crate::chat::SessionAddr;
 use crate::chat::frames::SharedFrame;
 use crate::http::{self, HttpError};
@@ -369,7 +370,16 @@ async fn upgrade(
             return Ok(None);
         }
     };
-    let Some((endpoint, protocol, head)) = upgrade else { return Ok(None) };
+    let (endpoint, protocol, head) = match upgrade {
+        Handshake::Upgrade { endpoint, protocol, rest } => (endpoint, protocol, rest),
+        // Outside the head's deadline: a file may take longer to send
+        // than a head to arrive, and a 408 must never follow half of it.
+        Handshake::Asset { served, with_body } => {
+            serve_asset(shard, stream, &served, with_body).await?;
+            return Ok(None);
+        }
+        Handshake::Answered => return Ok(None),
+    };
     conn.upgraded.set(Some(endpoint));
     session.codec = match protocol {
         Subprotocol::Json => Codec::Json,
@@ -389,13 +399,20 @@ async fn upgrade(
     Ok(Some(flow))
 }
 
+/// How a request head was answered.
+enum Handshake {
+    /// With a 101: the connection is a WebSocket on `endpoint`, and `rest`
+    /// holds any bytes that came after the head (its first frames).
+    Upgrade { endpoint: Endpoint, protocol: Subprotocol, rest: Option<(SlabBuf, usize)> },
+    /// With an embedded file, still to be sent.
+    Asset { served: assets::Served, with_body: bool },
+    /// Already (an error status), or the peer left.
+    Answered,
+}
+
 /// Reads the request head and answers it: the 101 for a WebSocket, an error
-/// status for anything else. Returns the endpoint and any bytes that came
-/// after the head.
-async fn handshake(
-    shard: &Shard,
-    stream: &mut TcpStream,
-) -> std::io::Result<Option<(Endpoint, Subprotocol, Option<(SlabBuf, usize)>)>> {
+/// status for anything else; a file of the console is left to the caller.
+async fn handshake(shard: &Shard, stream: &mut TcpStream) -> std::io::Result<Handshake> {
     let mut buf: Option<SlabBuf> = None;
     loop {
         stream.readable(true).await?;
@@ -408,7 +425,7 @@ async fn handshake(
         let b = slice.into_inner();
         let n = res?;
         if n == 0 {
-            return Ok(None);
+            return Ok(Handshake::Answered);
         }
         add(&shard.stats().bytes_in, n);
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -425,40 +442,53 @@ async fn handshake(
                     _ => (400, "Bad Request"),
                 };
                 respond(shard, stream, status, reason, b"malformed request head\n").await?;
-                return Ok(None);
+                return Ok(Handshake::Answered);
             }
             Ok(Some(head)) => head,
         };
         let endpoint = match head.path() {
             "/ws" => Endpoint::Client,
             "/ws/echo" if shard.limits.echo => Endpoint::Echo,
-            _ => {
+            path => {
+                let served = assets::lookup(path, head.header("if-none-match"));
+                let is_get = matches!(head.method(), "GET" | "HEAD");
+                match served {
+                    Some(served) if is_get => {
+                        return Ok(Handshake::Asset { served, with_body: head.method() == "GET" });
+                    }
+                    Some(_) => {
+                        ShardStats::inc(&shard.stats().http_rejected);
+                        let allow = [("Allow", "GET, HEAD")];
+                        respond_with(shard, stream, (405, "Method Not Allowed"), b"GET or HEAD\n", &allow)
+                            .await?;
+                        return Ok(Handshake::Answered);
+                    }
+                    None => {}
+                }
                 ShardStats::inc(&shard.stats().http_rejected);
                 respond(shard, stream, 404, "Not Found", b"not found\n").await?;
-                return Ok(None);
+                return Ok(Handshake::Answered);
             }
         };
+        if endpoint == Endpoint::Client
+            && !assets::origin_allowed(
+                head.header("origin"),
+                head.header("host"),
+                &shard.limits.allowed_origins,
+            )
+        {
+            ShardStats::inc(&shard.stats().http_rejected);
+            respond(shard, stream, 403, "Forbidden", b"origin not allowed (server.allowed_origins)\n")
+                .await?;
+            return Ok(Handshake::Answered);
+        }
         let accepted = match handshake::accept(head.method(), head.version(), head.headers()) {
             Ok(accepted) => accepted,
             Err(e) => {
                 ShardStats::inc(&shard.stats().http_rejected);
                 let (status, reason, extra) = (e.status(), e.reason_phrase(), e.extra_headers());
-                let body = e.message().as_bytes();
-                let mut out = acquire(shard, 4096).await?;
-                let len = http::write_simple_response(
-                    out.as_full_mut(),
-                    status,
-                    reason,
-                    "text/plain",
-                    body,
-                    extra,
-                    true,
-                )
-                .map_err(std::io::Error::other)?;
-                out.set_len(len);
-                let (res, _) = stream.write_all(out).await;
-                res?;
-                return Ok(None);
+                respond_with(shard, stream, (status, reason), e.message().as_bytes(), extra).await?;
+                return Ok(Handshake::Answered);
             }
         };
         let head_len = head.len();
@@ -469,8 +499,39 @@ async fn handshake(
         let (res, _) = stream.write_all(out).await;
         res?;
         let rest = (head_len < b.len()).then_some((b, head_len));
-        return Ok(Some((endpoint, protocol, rest)));
+        return Ok(Handshake::Upgrade { endpoint, protocol, rest });
     }
+}
+
+/// Writes an embedded file (or its `304`): the head from a slab buffer,
+/// then the body straight from the binary's read-only data.
+async fn serve_asset(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    served: &assets::Served,
+    with_body: bool,
+) -> std::io::Result<()> {
+    let mut out = acquire(shard, 4096).await?;
+    let body = served.body();
+    let len = http::write_head(
+        out.as_full_mut(),
+        served.status,
+        http::reason_phrase(served.status),
+        served.asset.content_type,
+        body.len(),
+        &served.headers(),
+        true,
+    )
+    .map_err(std::io::Error::other)?;
+    out.set_len(len);
+    let (res, _) = stream.write_all(out).await;
+    res?;
+    if with_body && !body.is_empty() {
+        let (res, _) = stream.write_all(body).await;
+        res?;
+    }
+    add(&shard.stats().bytes_out, len + body.len());
+    Ok(())
 }
 
 /// Writes a small `Connection: close` response.
@@ -481,9 +542,28 @@ async fn respond(
     reason: &str,
     body: &[u8],
 ) -> std::io::Result<()> {
+    respond_with(shard, stream, (status, reason), body, &[]).await
+}
+
+/// [`respond`] with headers of its own (`Allow` on a 405).
+async fn respond_with(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    (status, reason): (u16, &str),
+    body: &[u8],
+    extra_headers: &[(&str, &str)],
+) -> std::io::Result<()> {
     let mut out = acquire(shard, 1024).await?;
-    let len = http::write_simple_response(out.as_full_mut(), status, reason, "text/plain", body, &[], true)
-        .map_err(std::io::Error::other)?;
+    let len = http::write_simple_response(
+        out.as_full_mut(),
+        status,
+        reason,
+        "text/plain",
+        body,
+        extra_headers,
+        true,
+    )
+    .map_err(std::io::Error::other)?;
     out.set_len(len);
     let (res, _) = stream.write_all(out).await;
     res.map(|_| ())

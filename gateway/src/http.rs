@@ -154,7 +154,9 @@ pub fn reason_phrase(status: u16) -> &'static str {
         101 => "Switching Protocols",
         200 => "OK",
         204 => "No Content",
+        304 => "Not Modified",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
@@ -205,6 +207,25 @@ pub fn write_simple_response(
     extra_headers: &[(&str, &str)],
     close: bool,
 ) -> Result<usize, WriteError> {
+    let head = write_head(out, status, reason, content_type, body.len(), extra_headers, close)?;
+    let end = head + body.len();
+    out.get_mut(head..end).ok_or(WriteError::BufferTooSmall)?.copy_from_slice(body);
+    Ok(end)
+}
+
+/// Writes a response head announcing a body of `content_length` bytes,
+/// which the caller sends after it (a large static file is written from
+/// where it lives rather than copied behind the head). Same layout and
+/// checks as [`write_simple_response`]; returns the head's length.
+pub fn write_head(
+    out: &mut [u8],
+    status: u16,
+    reason: &str,
+    content_type: &str,
+    content_length: usize,
+    extra_headers: &[(&str, &str)],
+    close: bool,
+) -> Result<usize, WriteError> {
     let names_ok = extra_headers.iter().all(|(name, value)| is_header_name(name) && is_header_text(value));
     if !names_ok || !is_header_text(reason) || !is_header_text(content_type) {
         return Err(WriteError::InvalidHeader);
@@ -216,15 +237,14 @@ pub fn write_simple_response(
         if !content_type.is_empty() {
             write!(w, "Content-Type: {content_type}\r\n")?;
         }
-        write!(w, "Content-Length: {}\r\n", body.len())?;
+        write!(w, "Content-Length: {content_length}\r\n")?;
         for (name, value) in extra_headers {
             write!(w, "{name}: {value}\r\n")?;
         }
         if close {
             w.write_all(b"Connection: close\r\n")?;
         }
-        w.write_all(b"\r\n")?;
-        w.write_all(body)
+        w.write_all(b"\r\n")
     })();
     match written {
         Ok(()) => Ok(capacity - w.len()),
@@ -446,7 +466,7 @@ mod tests {
 
     #[test]
     fn error_responses_use_the_standard_phrase_and_close() {
-        for status in [400u16, 404, 405, 426, 431, 503] {
+        for status in [400u16, 403, 404, 405, 426, 431, 503] {
             let mut out = [0u8; 256];
             let n =
                 write_error_response(&mut out, status, "nope", &[("Sec-WebSocket-Version", "13")]).unwrap();

@@ -9,6 +9,7 @@
 //! business systems and operators: gRPC, REST, health and metrics.
 
 pub mod alloc;
+pub mod assets;
 pub mod bridge;
 pub mod chat;
 pub mod config;

@@ -212,6 +212,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     };
     let jwt = kefu_core::auth::JwtKey::new(secret.as_bytes(), core.auth.clone())
         .map_err(|e| anyhow::anyhow!("auth.jwt_secret: {e}"))?;
+    let links = config.console.print_link.then(|| console_links(&config.console, addr, &jwt));
     let bridge = crate::bridge::BridgeInit {
         listener: admin_listener,
         ops: crate::bridge::ops::Ops {
@@ -255,6 +256,10 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         warn!("admin.api_keys is empty: every gRPC and /api/v1 call is refused");
     }
     info!(%addr, admin = %admin_addr, shards, echo = config.diagnostics.echo, "kefu listening");
+    if let Some((console, demo)) = links {
+        info!(agent = %config.console.default_agent_id, "agent console: {console}");
+        info!("demo shop with the visitor widget: {demo}");
+    }
     Ok(Running {
         addr,
         admin_addr,
@@ -264,6 +269,35 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         bridge,
         shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
     })
+}
+
+/// The console link for `[console]`'s default agent (its token in the
+/// fragment, so it never reaches a server log) and the demo page's link, on
+/// the client listener's address (loopback when it listens on every
+/// address, since that is where a browser on this host finds it).
+pub fn console_links(
+    console: &crate::config::ConsoleConfig,
+    addr: SocketAddr,
+    jwt: &kefu_core::auth::JwtKey,
+) -> (String, String) {
+    let mut shown = addr;
+    if addr.ip().is_unspecified() {
+        shown.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let claims = kefu_core::auth::Claims {
+        sub: console.default_agent_id.clone(),
+        role: kefu_proto::Role::Agent,
+        name: Some(console.default_agent_name.clone()),
+        groups: console.default_agent_groups.clone(),
+        meta: Default::default(),
+        exp: now_s + console.link_ttl_s,
+        nbf: None,
+    };
+    (format!("http://{shown}/console#token={}", jwt.sign(&claims)), format!("http://{shown}/demo"))
 }
 
 /// The hook client the shards call, if `hooks.endpoint` is set; says at

@@ -97,6 +97,9 @@ pub struct ConnLimits {
     /// Message buffer bytes all of a shard's connections before `connect`
     /// may hold together.
     pub unauthenticated_buffer_bytes_max: usize,
+    /// `server.allowed_origins`: pages that may open `/ws` besides the
+    /// gateway's own.
+    pub allowed_origins: Vec<String>,
 }
 
 impl ConnLimits {
@@ -119,6 +122,7 @@ impl ConnLimits {
                 .unauthenticated_message_bytes_max
                 .min(c.limits.max_message_bytes),
             unauthenticated_buffer_bytes_max: c.limits.unauthenticated_buffer_bytes_max,
+            allowed_origins: c.server.allowed_origins.clone(),
         }
     }
 }

@@ -649,6 +649,10 @@ fn transfers_move_conversations_between_agents_and_groups(w: Wire) {
         let mut bob_tab = Client::open(&gw, w.agents).await;
         let id = bob_tab.send(json!({"type": "connect", "token": token})).await;
         assert_eq!(bob_tab.reply(id).await["conversations"][0]["conv"], conv.as_str());
+        // Then its state, which `connected` does not carry, as a push.
+        let described = bob_tab.expect_where("conversation", |c| c["conv"] == conv.as_str()).await;
+        assert_eq!(described["agent"]["id"], "bob", "{described}");
+        assert_eq!(described.get("id"), None, "{described}");
         // Bob hands it to alice by name.
         let id = bob.send(json!({"type": "transfer", "conv": conv, "to": "alice"})).await;
         let r = bob.reply(id).await;

@@ -288,6 +288,9 @@ pub enum Command {
     },
     /// Application-level keepalive; answered by `pong`.
     Ping,
+    /// An agent asks for the canned replies of the config (`rules.canned`);
+    /// answered by [`Event::Canned`].
+    Canned,
 }
 
 impl Command {
@@ -305,6 +308,7 @@ impl Command {
             Command::Transfer { .. } => "transfer",
             Command::Close { .. } => "close",
             Command::Ping => "ping",
+            Command::Canned => "canned",
         }
     }
 
@@ -318,7 +322,11 @@ impl Command {
             | Command::Accept { conv }
             | Command::Transfer { conv, .. }
             | Command::Close { conv } => Some(*conv),
-            Command::Connect { .. } | Command::Open { .. } | Command::Presence { .. } | Command::Ping => None,
+            Command::Connect { .. }
+            | Command::Open { .. }
+            | Command::Presence { .. }
+            | Command::Ping
+            | Command::Canned => None,
         }
     }
 }
@@ -401,6 +409,11 @@ pub enum Event {
         conversations: Vec<ConvSummary>,
         /// The gateway's heartbeat period, seconds.
         heartbeat_s: u32,
+        /// The largest `text` a `send` may carry, in UTF-8 bytes
+        /// (`messages.max_text_bytes`), so a client can check before sending.
+        text_bytes_max: Option<u32>,
+        /// The largest attachment, decoded bytes (`messages.max_attachment_bytes`).
+        attachment_bytes_max: Option<u32>,
     },
     /// A conversation's state: reply to `open`, and pushed on every change.
     Conversation {
@@ -416,6 +429,12 @@ pub enum Event {
         visitor: User,
         /// 1-based place in the queue while `queued`.
         queue_position: Option<u32>,
+        /// While `queued`: whether an agent serving its group is online
+        /// (the widget's offline notice when not).
+        agents_online: Option<bool>,
+        /// When the state this frame describes was decided (ms since the
+        /// epoch): how long a queued one has waited.
+        since: Option<u64>,
     },
     /// A `send` is durable.
     Ack {
@@ -471,6 +490,9 @@ pub enum Event {
         agent: String,
         /// Status.
         status: PresenceStatus,
+        /// The agent's display name, when the gateway knows it (a console
+        /// lists agents to transfer to by name).
+        name: Option<String>,
     },
     /// A command failed.
     Error {
@@ -481,6 +503,20 @@ pub enum Event {
     },
     /// Reply to `ping`.
     Pong,
+    /// Reply to `canned`: the canned replies, in config order.
+    Canned {
+        /// The replies.
+        replies: Vec<CannedReply>,
+    },
+}
+
+/// A named text an agent inserts from the console (`canned.replies`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CannedReply {
+    /// Short name, typed after `/` in the console.
+    pub name: String,
+    /// The text inserted.
+    pub text: String,
 }
 
 impl Event {
@@ -498,6 +534,7 @@ impl Event {
             Event::Presence { .. } => "presence",
             Event::Error { .. } => "error",
             Event::Pong => "pong",
+            Event::Canned { .. } => "canned",
         }
     }
 }

@@ -1813,12 +1813,14 @@ mod tests {
                         visitor_key: (role == Role::Visitor).then(|| "0".repeat(32)),
                         conversations: Vec::new(),
                         heartbeat_s: 25,
+                        text_bytes_max: None,
+                        attachment_bytes_max: None,
                     }
                 }
                 Command::Presence { status, capacity } => {
                     assert!(capacity.is_some_and(|c| c > 0));
                     fake.agents.lock().expect("lock").push((me.clone(), out.clone(), codec));
-                    Event::Presence { agent: me.clone(), status }
+                    Event::Presence { agent: me.clone(), status, name: None }
                 }
                 Command::Open { .. } => {
                     let mut convs = fake.convs.lock().expect("lock");
@@ -1832,6 +1834,8 @@ mod tests {
                         group: None,
                         visitor: User::default(),
                         queue_position: None,
+                        agents_online: None,
+                        since: None,
                     };
                     if conv % 2 == 1 {
                         write_frame(&out, codec, &ServerFrame::reply(id, conversation(ConvStatus::Queued)))?;

@@ -13,7 +13,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kefu_proto::client::{ClientFrame, Codec, Command, ConvSummary, Event, Sender, ServerFrame, User};
+use kefu_proto::client::{
+    CannedReply, ClientFrame, Codec, Command, ConvSummary, Event, Sender, ServerFrame, User,
+};
 use kefu_proto::ws::close;
 use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 
@@ -218,6 +220,13 @@ impl Edge {
         // goes through the router, after that command's decision.
         match request {
             Checked::Pong => self.out.send(from, codec, &ServerFrame::reply(id, Event::Pong)),
+            // Every shard has the whole config: no other shard is asked.
+            Checked::Canned => {
+                let replies = (self.config.core.rules.canned.iter())
+                    .map(|c| CannedReply { name: c.name.clone(), text: c.text.clone() })
+                    .collect();
+                self.out.send(from, codec, &ServerFrame::reply(id, Event::Canned { replies }));
+            }
             Checked::Route(request) => {
                 sess.routing += 1;
                 self.out.post_chat(ROUTER_SHARD, ChatMsg::Route { reply, actor, request });
@@ -530,6 +539,7 @@ impl Edge {
                 conversations.extend(closed);
             }
         }
+        let limits = &self.config.core.limits;
         let frame = ServerFrame::reply(
             id,
             Event::Connected {
@@ -545,6 +555,8 @@ impl Edge {
                 visitor_key,
                 conversations,
                 heartbeat_s: self.config.heartbeat_s,
+                text_bytes_max: Some(u32::try_from(limits.max_text_bytes).unwrap_or(u32::MAX)),
+                attachment_bytes_max: Some(u32::try_from(limits.max_attachment_bytes).unwrap_or(u32::MAX)),
             },
         );
         let held = self.held.remove(&to).unwrap_or_default();

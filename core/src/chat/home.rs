@@ -754,7 +754,7 @@ impl Home {
             .filter_map(|(id, c)| c.update_visitor(name, meta).then_some(*id))
             .collect();
         for conv in changed {
-            let Some(frame) = self.conversation_frame(conv, None, None) else { continue };
+            let Some(frame) = self.conversation_frame(conv, None, &RouteInfo::default()) else { continue };
             // A queued conversation's `agent` gave it away: not told.
             let assigned = self.convs.get(&conv).filter(|c| c.status() == ConvStatus::Assigned);
             let agent = assigned.and_then(|c| c.agent().map(|a| a.id.clone()));
@@ -832,7 +832,7 @@ impl Home {
                 }
             }
             Change::Position => {
-                if let Some(frame) = self.conversation_frame(conv, None, route.position) {
+                if let Some(frame) = self.conversation_frame(conv, None, &route) {
                     let visitor = self.convs.get(&conv).map(|c| c.visitor().id.clone());
                     let audience = visitor.iter().flat_map(|v| dir.sessions(Role::Visitor, v));
                     self.out.deliver(audience, &frame);
@@ -863,7 +863,7 @@ impl Home {
             return;
         }
         let (to, codec, id) = reply;
-        if let Some(frame) = self.conversation_frame(conv, id, route.position) {
+        if let Some(frame) = self.conversation_frame(conv, id, route) {
             self.out.send(to, codec, &frame);
         }
     }
@@ -876,7 +876,8 @@ impl Home {
         route: RouteInfo,
         now_ms: u64,
     ) {
-        let Some(c) = self.convs.get(&conv) else { return };
+        let Some(c) = self.convs.get_mut(&conv) else { return };
+        c.entered_status_at(now_ms);
         let state = ConvState {
             conv,
             visitor_id: c.visitor().id.to_string(),
@@ -913,7 +914,7 @@ impl Home {
             &route.notify,
             reply.map(|(a, _, _)| a),
         );
-        let mut frame = self.stored_frame(&stored, route.position);
+        let mut frame = self.stored_frame(&stored, route);
         self.out.deliver(audience, &frame);
         if let Some((to, codec, id)) = reply {
             frame.id = id;
@@ -928,7 +929,7 @@ impl Home {
 
     /// The `conversation` event for a stored state of a conversation, with
     /// the visitor's profile as this home knows it.
-    fn stored_frame(&self, stored: &ConvState, position: Option<u32>) -> ServerFrame {
+    fn stored_frame(&self, stored: &ConvState, route: &RouteInfo) -> ServerFrame {
         let visitor = match self.convs.get(&stored.conv).map(|c| c.visitor()) {
             Some(v) => User { id: v.id.to_string(), name: v.name.to_string(), meta: v.meta.clone() },
             None => User {
@@ -943,7 +944,9 @@ impl Home {
             agent: stored.agent.clone(),
             group: stored.group.clone(),
             visitor,
-            queue_position: (stored.status == ConvStatus::Queued).then_some(position).flatten(),
+            queue_position: (stored.status == ConvStatus::Queued).then_some(route.position).flatten(),
+            agents_online: (stored.status == ConvStatus::Queued).then_some(route.agents_online).flatten(),
+            since: Some(stored.at_ms),
         })
     }
 
@@ -1011,12 +1014,7 @@ impl Home {
         }
     }
 
-    fn conversation_frame(
-        &self,
-        conv: ConvId,
-        id: Option<i64>,
-        position: Option<u32>,
-    ) -> Option<ServerFrame> {
+    fn conversation_frame(&self, conv: ConvId, id: Option<i64>, route: &RouteInfo) -> Option<ServerFrame> {
         let c = self.convs.get(&conv)?;
         let v = c.visitor();
         Some(ServerFrame::reply(
@@ -1027,7 +1025,9 @@ impl Home {
                 agent: c.agent().map(|a| WireAgent { id: a.id.to_string(), name: a.name.to_string() }),
                 group: Some(c.group().to_string()),
                 visitor: User { id: v.id.to_string(), name: v.name.to_string(), meta: v.meta.clone() },
-                queue_position: (c.status() == ConvStatus::Queued).then_some(position).flatten(),
+                queue_position: (c.status() == ConvStatus::Queued).then_some(route.position).flatten(),
+                agents_online: (c.status() == ConvStatus::Queued).then_some(route.agents_online).flatten(),
+                since: (c.since_ms() > 0).then_some(c.since_ms()),
             },
         ))
     }

@@ -126,8 +126,12 @@ pub enum Change {
 pub struct RouteInfo {
     /// 1-based queue position, if queued.
     pub position: Option<u32>,
-    /// If queued: the agents (online or away) who serve its group.
+    /// If queued: the agents who serve its group and are connected (whatever
+    /// their presence) or not offline.
     pub notify: Vec<UserKey>,
+    /// If queued: whether an agent who serves its group is online (else
+    /// the visitor is told nobody is, and may leave a message).
+    pub agents_online: Option<bool>,
 }
 
 /// Messages between chat services.

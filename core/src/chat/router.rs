@@ -22,7 +22,7 @@
 //! answer to the [`Change`] that carries its reply (a command whose router
 //! call changed nothing carries a [`Change::Describe`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use kefu_proto::client::{Event, ServerFrame};
@@ -30,7 +30,7 @@ use kefu_proto::{ConvId, ConvStatus, PresenceStatus, Role};
 
 use super::{Change, ChatMsg, Reply, RouteInfo, device_of};
 use crate::config::CoreConfig;
-use crate::identity::{Actor, Identity, UserId, UserKey, serves};
+use crate::identity::{Actor, GroupName, Identity, UserId, UserKey, serves};
 use crate::routing::{
     self, Action, AgentInfo, AgentView, OpenRequest, QueueReason, RestoredRoute, RouteError,
 };
@@ -96,6 +96,10 @@ pub struct Router {
     /// Commands (accept, transfer, close) answered by the router's next
     /// change to their conversation, within the same input.
     reply_on_change: Vec<(ConvId, Reply)>,
+    /// For each group with someone waiting: whether an agent serving it was
+    /// online when its visitors were last told (see
+    /// [`Router::announce_availability`]).
+    groups_online: HashMap<GroupName, bool>,
     out: VecDeque<Output>,
 }
 
@@ -112,7 +116,14 @@ impl Router {
     ) -> (Router, usize) {
         let mut routing = routing::Router::new(config.routing.clone(), next_conv_id);
         let refused = routing.restore(routes, now_ms).len();
-        let router = Router { routing, config, shards, reply_on_change: Vec::new(), out: VecDeque::new() };
+        let router = Router {
+            routing,
+            config,
+            shards,
+            reply_on_change: Vec::new(),
+            groups_online: HashMap::new(),
+            out: VecDeque::new(),
+        };
         (router, refused)
     }
 
@@ -163,7 +174,35 @@ impl Router {
             convs.into_iter().filter_map(|c| routing.route(c).map(|r| (c, r.status))).collect();
         self.drain();
         let shard = addr.shard as usize;
+        let listed: Vec<ConvId> = conversations.iter().map(|(c, _)| *c).collect();
         self.out.push_back(Output::Post { shard, msg: ChatMsg::Welcome { reply, conversations } });
+        if identity.role == Role::Agent {
+            self.introduce(reply, &identity.id, &listed);
+        }
+    }
+
+    /// What a console needs after an agent's `connected` (its edge holds
+    /// these until that is written): each listed conversation's state (its
+    /// visitor, group, agent and queue position, which `connected` does not
+    /// carry), then the presence of every other agent who is not offline,
+    /// so that the console can offer whom to transfer to.
+    fn introduce(&mut self, reply: Reply, me: &UserId, listed: &[ConvId]) {
+        let (addr, codec, _) = reply;
+        let push = (addr, codec, None);
+        for &conv in listed {
+            self.change(conv, Change::Describe, Some(push));
+        }
+        let mut present: Vec<AgentView> =
+            self.routing.agents().filter(|a| a.status != PresenceStatus::Offline && a.id != *me).collect();
+        // Online first: they are the ones a conversation can go to.
+        present.sort_by_key(|a| a.status != PresenceStatus::Online);
+        present.truncate(self.config.routing.connected_presence_max);
+        for a in present {
+            let name = Some(a.name.to_string());
+            let frame =
+                ServerFrame::push(Event::Presence { agent: a.id.to_string(), status: a.status, name });
+            self.out.push_back(Output::Write { reply: push, frame });
+        }
     }
 
     /// An agent's device has gone.
@@ -213,7 +252,8 @@ impl Router {
             Ok(Decided::Change(conv, change)) => self.change(conv, change, Some(reply)),
             Ok(Decided::OnChange(conv)) => self.reply_on_change.push((conv, reply)),
             Ok(Decided::Presence(status)) => {
-                let frame = ServerFrame::reply(id, Event::Presence { agent: actor.id.to_string(), status });
+                let (agent, name) = (actor.id.to_string(), Some(actor.name.to_string()));
+                let frame = ServerFrame::reply(id, Event::Presence { agent, status, name });
                 self.out.push_back(Output::Write { reply, frame });
             }
             Err(e) => {
@@ -266,9 +306,12 @@ impl Router {
                     self.change(conv, Change::Close, reply);
                 }
                 Action::PresenceChanged { agent, status } => {
-                    let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status });
+                    // An agent forgotten as it went offline has no name left.
+                    let name = self.routing.agent(&agent).map(|a| a.name.to_string());
+                    let frame = ServerFrame::push(Event::Presence { agent: agent.to_string(), status, name });
                     self.out.push_back(Output::ToAgents { frame });
                     self.out.push_back(Output::LogPresence { agent, status });
+                    self.announce_availability();
                 }
                 Action::ReplaceDevice { agent, device } => {
                     self.out.push_back(Output::ReplaceDevice { agent, device });
@@ -278,6 +321,27 @@ impl Router {
         // Commands whose router call changed nothing still get an answer.
         for (conv, reply) in std::mem::take(&mut self.reply_on_change) {
             self.change(conv, Change::Describe, Some(reply));
+        }
+    }
+
+    /// Tells the visitors waiting in a group when it gains its first online
+    /// agent or loses its last one (a `conversation` frame, to the visitor
+    /// only, as for a queue position), so that a widget can say nobody is
+    /// there. Only on a flip: presence changes are rare next to commands,
+    /// and for most of them no group's answer changes.
+    fn announce_availability(&mut self) {
+        let routing = &self.routing;
+        self.groups_online.retain(|g, _| routing.queue(g).next().is_some());
+        let waiting: Vec<GroupName> = routing.groups().cloned().collect();
+        for group in waiting {
+            let online = group_online(self.routing.agents(), &group);
+            if self.groups_online.insert(group.clone(), online) == Some(online) {
+                continue;
+            }
+            let queued: Vec<ConvId> = self.routing.queue(&group).collect();
+            for conv in queued {
+                self.change(conv, Change::Position, None);
+            }
         }
     }
 
@@ -295,20 +359,29 @@ impl Router {
 
     fn route_info(&self, conv: ConvId) -> RouteInfo {
         match self.routing.route(conv) {
-            Some(r) if r.status == ConvStatus::Queued => {
-                RouteInfo { position: r.position, notify: serving(self.routing.agents(), &r.group) }
-            }
+            Some(r) if r.status == ConvStatus::Queued => RouteInfo {
+                position: r.position,
+                notify: serving(self.routing.agents(), &r.group),
+                agents_online: Some(group_online(self.routing.agents(), &r.group)),
+            },
             _ => RouteInfo::default(),
         }
     }
 }
 
-/// Agents who are not offline and serve `group`, by the router's view.
+/// Agents who serve `group` and are connected or not offline, by the
+/// router's view: the queue is shown to an agent whatever their presence
+/// (an away agent, or one who has not chosen yet, still sees who waits).
 fn serving(agents: impl Iterator<Item = AgentView>, group: &str) -> Vec<UserKey> {
     agents
-        .filter(|a| a.status != PresenceStatus::Offline && serves(&a.groups, group))
+        .filter(|a| (a.devices > 0 || a.status != PresenceStatus::Offline) && serves(&a.groups, group))
         .map(|a| UserKey::agent(a.id))
         .collect()
+}
+
+/// Whether an agent who serves `group` is online.
+fn group_online(mut agents: impl Iterator<Item = AgentView>, group: &str) -> bool {
+    agents.any(|a| a.status == PresenceStatus::Online && serves(&a.groups, group))
 }
 
 /// What a routing command came to, once the router has decided.

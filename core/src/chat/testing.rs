@@ -103,6 +103,7 @@ impl Stored for MemStore {
             agent: c.agent.map(|a| AgentRef { id: a.id.as_str().into(), name: a.name.as_str().into() }),
             last_seq: last.as_ref().map_or(0, |m| m.seq),
             last_ts: last.map_or(c.at_ms, |m| m.ts),
+            since_ms: c.at_ms,
         }))
     }
 

@@ -202,6 +202,12 @@ impl ChatApi {
                 done(Answer::Frame(ServerFrame::reply(Some(id as i64), Event::Pong)));
                 return Ok(CallId(id));
             }
+            // The session refuses `canned` to anyone but an agent; should
+            // that change, the business system still has no use for it.
+            Checked::Canned => {
+                let message = "canned replies are for the console".to_string();
+                return Err(Refused { code: ErrorCode::Forbidden, message });
+            }
             Checked::Route(request) => {
                 (ROUTER_SHARD, ShardMsg::Chat(Box::new(ChatMsg::Route { reply, actor, request })))
             }

@@ -902,5 +902,6 @@ pub(super) fn restored_conversation(
         agent: rec.agent.map(|a| AgentRef { id: Arc::from(a.id.as_str()), name: Arc::from(a.name.as_str()) }),
         last_seq: rec.last_seq,
         last_ts,
+        since_ms: rec.updated_ms,
     })
 }

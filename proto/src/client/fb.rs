@@ -140,6 +140,10 @@ fn command(env: &g::Envelope<'_>, spare: &mut SpareStrings) -> R<Command> {
             body(env.body_as_ping_cmd(), t)?;
             Ok(Command::Ping)
         }
+        B::CannedCmd => {
+            body(env.body_as_canned_cmd(), t)?;
+            Ok(Command::Canned)
+        }
         _ if t.variant_name().is_some() => {
             Err(FieldError::frame(format!("{} is an event, not a command", body_name(t))))
         }
@@ -207,6 +211,8 @@ fn event(env: &g::Envelope<'_>) -> R<Event> {
                 visitor_key: o.visitor_key().map(str::to_string),
                 conversations,
                 heartbeat_s: o.heartbeat_s(),
+                text_bytes_max: o.text_bytes_max(),
+                attachment_bytes_max: o.attachment_bytes_max(),
             }
         }
         B::ConversationEvt => {
@@ -224,6 +230,8 @@ fn event(env: &g::Envelope<'_>) -> R<Event> {
                 group: o.group().map(str::to_string),
                 visitor: user("visitor", o.visitor())?,
                 queue_position: o.queue_position(),
+                agents_online: o.agents_online(),
+                since: o.since(),
             }
         }
         B::AckEvt => {
@@ -259,7 +267,11 @@ fn event(env: &g::Envelope<'_>) -> R<Event> {
         }
         B::PresenceEvt => {
             let o = body(env.body_as_presence_evt(), t)?;
-            Event::Presence { agent: string("agent", o.agent())?, status: presence_from(o.status())? }
+            Event::Presence {
+                agent: string("agent", o.agent())?,
+                status: presence_from(o.status())?,
+                name: o.name().map(str::to_string),
+            }
         }
         B::ErrorEvt => {
             let o = body(env.body_as_error_evt(), t)?;
@@ -268,6 +280,15 @@ fn event(env: &g::Envelope<'_>) -> R<Event> {
         B::PongEvt => {
             body(env.body_as_pong_evt(), t)?;
             Event::Pong
+        }
+        B::CannedEvt => {
+            let o = body(env.body_as_canned_evt(), t)?;
+            let mut replies = Vec::new();
+            for r in o.replies().into_iter().flatten() {
+                replies
+                    .push(CannedReply { name: string("name", r.name())?, text: string("text", r.text())? });
+            }
+            Event::Canned { replies }
         }
         _ if t.variant_name().is_some() => {
             return Err(FieldError::frame(format!("{} is a command, not an event", body_name(t))));
@@ -377,7 +398,16 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
     use g::Body as B;
     b.reset();
     let (body_type, body) = match &frame.body {
-        Event::Connected { session, role, user, visitor_key, conversations, heartbeat_s } => {
+        Event::Connected {
+            session,
+            role,
+            user,
+            visitor_key,
+            conversations,
+            heartbeat_s,
+            text_bytes_max,
+            attachment_bytes_max,
+        } => {
             let session = b.create_string(session);
             let user = user_table(b, user);
             let visitor_key = visitor_key.as_deref().map(|k| b.create_string(k));
@@ -399,10 +429,12 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
                 visitor_key,
                 conversations,
                 heartbeat_s: *heartbeat_s,
+                text_bytes_max: *text_bytes_max,
+                attachment_bytes_max: *attachment_bytes_max,
             };
             (B::ConnectedEvt, g::ConnectedEvt::create(b, &args).as_union_value())
         }
-        Event::Conversation { conv, status, agent, group, visitor, queue_position } => {
+        Event::Conversation { conv, status, agent, group, visitor, queue_position, agents_online, since } => {
             let conv = conv_string(b, *conv);
             let agent = agent.as_ref().map(|a| {
                 let id = b.create_string(&a.id);
@@ -418,6 +450,8 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
                 group,
                 visitor: Some(visitor),
                 queue_position: *queue_position,
+                agents_online: *agents_online,
+                since: *since,
             };
             (B::ConversationEvt, g::ConversationEvt::create(b, &args).as_union_value())
         }
@@ -457,9 +491,11 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
             let args = g::ResumedEvtArgs { conv: Some(conv), from: *from, to: *to };
             (B::ResumedEvt, g::ResumedEvt::create(b, &args).as_union_value())
         }
-        Event::Presence { agent, status } => {
+        Event::Presence { agent, status, name } => {
             let agent = b.create_string(agent);
-            let args = g::PresenceEvtArgs { agent: Some(agent), status: g::PresenceStatus(*status as u8) };
+            let name = name.as_deref().map(|n| b.create_string(n));
+            let status = g::PresenceStatus(*status as u8);
+            let args = g::PresenceEvtArgs { agent: Some(agent), status, name };
             (B::PresenceEvt, g::PresenceEvt::create(b, &args).as_union_value())
         }
         Event::Error { code, message } => {
@@ -468,6 +504,14 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
             (B::ErrorEvt, g::ErrorEvt::create(b, &args).as_union_value())
         }
         Event::Pong => (B::PongEvt, g::PongEvt::create(b, &g::PongEvtArgs {}).as_union_value()),
+        Event::Canned { replies } => {
+            let replies = Some(table_vector(b, replies.iter(), |b, r| {
+                let name = Some(b.create_string(&r.name));
+                let text = Some(b.create_string(&r.text));
+                g::CannedReply::create(b, &g::CannedReplyArgs { name, text })
+            }));
+            (B::CannedEvt, g::CannedEvt::create(b, &g::CannedEvtArgs { replies }).as_union_value())
+        }
     };
     finish(b, frame.id, body_type, body)
 }
@@ -542,6 +586,7 @@ pub fn encode_client<'b>(frame: &ClientFrame, b: &'b mut FlatBufferBuilder<'_>) 
             (B::CloseCmd, g::CloseCmd::create(b, &g::CloseCmdArgs { conv }).as_union_value())
         }
         Command::Ping => (B::PingCmd, g::PingCmd::create(b, &g::PingCmdArgs {}).as_union_value()),
+        Command::Canned => (B::CannedCmd, g::CannedCmd::create(b, &g::CannedCmdArgs {}).as_union_value()),
     };
     finish(b, frame.id, body_type, body)
 }

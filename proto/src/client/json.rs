@@ -66,6 +66,7 @@ pub fn decode_client_reusing(bytes: &[u8], spare: &mut SpareStrings) -> Result<C
         "transfer" => |o, _| transfer(o),
         "close" => |o, _| Ok(Command::Close { conv: o.conv(F::Conv)? }),
         "ping" => |_, _| Ok(Command::Ping),
+        "canned" => |_, _| Ok(Command::Canned),
         other => {
             let id = id.as_ref().ok().copied().flatten();
             return Err(FieldError::frame(format!("unknown command type {other:?}")).with_id(id));
@@ -94,12 +95,17 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
             Ok(Event::Resumed { conv: o.conv(F::Conv)?, from: o.req(F::From, U64)?, to: o.req(F::To, U64)? })
         },
         "presence" => |o: &Obj<'_>| {
-            Ok(Event::Presence { agent: o.string(F::Agent)?, status: o.req(F::Status, PRESENCE)? })
+            Ok(Event::Presence {
+                agent: o.string(F::Agent)?,
+                status: o.req(F::Status, PRESENCE)?,
+                name: o.opt(F::Name, STR)?.map(Cow::into_owned),
+            })
         },
         "error" => |o: &Obj<'_>| {
             Ok(Event::Error { code: o.req(F::Code, ERROR_CODE)?, message: o.string(F::Message)? })
         },
         "pong" => |_: &Obj<'_>| Ok(Event::Pong),
+        "canned" => canned_evt,
         other => {
             let id = id.as_ref().ok().copied().flatten();
             return Err(FieldError::frame(format!("unknown event type {other:?}")).with_id(id));
@@ -228,6 +234,8 @@ fn connected(o: &Obj<'_>) -> R<Event> {
         visitor_key: o.opt(F::VisitorKey, STR)?.map(Cow::into_owned),
         conversations,
         heartbeat_s: o.req(F::HeartbeatS, U32)?,
+        text_bytes_max: o.opt(F::TextBytesMax, U32)?,
+        attachment_bytes_max: o.opt(F::AttachmentBytesMax, U32)?,
     })
 }
 
@@ -244,6 +252,8 @@ fn conversation(o: &Obj<'_>) -> R<Event> {
         group: o.opt(F::Group, STR)?.map(Cow::into_owned),
         visitor: user_of(&visitor)?,
         queue_position: o.opt(F::QueuePosition, U32)?,
+        agents_online: o.opt(F::AgentsOnline, BOOL)?,
+        since: o.opt(F::Since, U64)?,
     })
 }
 
@@ -270,6 +280,15 @@ fn history_evt(o: &Obj<'_>) -> R<Event> {
         messages.push(msg(&m)?);
     }
     Ok(Event::History { conv, messages })
+}
+
+fn canned_evt(o: &Obj<'_>) -> R<Event> {
+    let mut replies = Vec::new();
+    for (i, r) in o.array(F::Replies)?.ok_or_else(|| missing("replies"))?.into_iter().enumerate() {
+        let r = Obj::nested(r, format!("replies[{i}]."))?;
+        replies.push(CannedReply { name: r.string(F::Name)?, text: r.string(F::Text)? });
+    }
+    Ok(Event::Canned { replies })
 }
 
 fn msg(o: &Obj<'_>) -> R<Msg> {
@@ -338,7 +357,8 @@ fields! {
     Role = "role", User = "user", Name = "name", Conversations = "conversations", LastSeq = "last_seq",
     HeartbeatS = "heartbeat_s", Agent = "agent", Visitor = "visitor", QueuePosition = "queue_position",
     Ts = "ts", Duplicate = "duplicate", From = "from", By = "by", Messages = "messages", Code = "code",
-    Message = "message",
+    Message = "message", Replies = "replies", AgentsOnline = "agents_online",
+    TextBytesMax = "text_bytes_max", AttachmentBytesMax = "attachment_bytes_max", Since = "since",
 }
 
 /// A JSON object split into the fields kefu knows, each as the raw JSON
@@ -631,7 +651,16 @@ impl<'de> Deserialize<'de> for CowKey<'de> {
 pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
     begin(out, frame.body.name(), frame.id);
     match &frame.body {
-        Event::Connected { session, role, user, visitor_key, conversations, heartbeat_s } => {
+        Event::Connected {
+            session,
+            role,
+            user,
+            visitor_key,
+            conversations,
+            heartbeat_s,
+            text_bytes_max,
+            attachment_bytes_max,
+        } => {
             str_field(out, "session", session);
             str_field(out, "role", role.as_str());
             key(out, "user");
@@ -653,8 +682,14 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             }
             out.push(b']');
             u64_field(out, "heartbeat_s", u64::from(*heartbeat_s));
+            if let Some(max) = text_bytes_max {
+                u64_field(out, "text_bytes_max", u64::from(*max));
+            }
+            if let Some(max) = attachment_bytes_max {
+                u64_field(out, "attachment_bytes_max", u64::from(*max));
+            }
         }
-        Event::Conversation { conv, status, agent, group, visitor, queue_position } => {
+        Event::Conversation { conv, status, agent, group, visitor, queue_position, agents_online, since } => {
             conv_field(out, *conv);
             str_field(out, "status", status.as_str());
             if let Some(a) = agent {
@@ -671,6 +706,13 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             user_obj(out, visitor);
             if let Some(p) = queue_position {
                 u64_field(out, "queue_position", u64::from(*p));
+            }
+            if let Some(online) = agents_online {
+                key(out, "agents_online");
+                out.extend_from_slice(if *online { b"true" } else { b"false" });
+            }
+            if let Some(ms) = since {
+                u64_field(out, "since", *ms);
             }
         }
         Event::Ack { cid, conv, seq, ts, duplicate } => {
@@ -711,15 +753,32 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             u64_field(out, "from", *from);
             u64_field(out, "to", *to);
         }
-        Event::Presence { agent, status } => {
+        Event::Presence { agent, status, name } => {
             str_field(out, "agent", agent);
             str_field(out, "status", status.as_str());
+            if let Some(name) = name {
+                str_field(out, "name", name);
+            }
         }
         Event::Error { code, message } => {
             str_field(out, "code", code.as_str());
             str_field(out, "message", message);
         }
         Event::Pong => {}
+        Event::Canned { replies } => {
+            key(out, "replies");
+            out.push(b'[');
+            for (i, r) in replies.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"name\":");
+                string(out, &r.name);
+                str_field(out, "text", &r.text);
+                out.push(b'}');
+            }
+            out.push(b']');
+        }
     }
     out.push(b'}');
 }
@@ -803,7 +862,7 @@ pub fn encode_client(frame: &ClientFrame, out: &mut Vec<u8>) {
             }
             out.push(b'"');
         }
-        Command::Ping => {}
+        Command::Ping | Command::Canned => {}
     }
     out.push(b'}');
 }

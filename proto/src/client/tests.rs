@@ -93,6 +93,7 @@ fn commands() -> Vec<ClientFrame> {
         f(Some(14), Command::Close { conv: c(7) }),
         f(Some(i64::MAX), Command::Ping),
         f(None, Command::Ping),
+        f(Some(12), Command::Canned),
     ]
 }
 
@@ -110,6 +111,8 @@ fn events() -> Vec<ServerFrame> {
                 visitor_key: Some("k".repeat(22)),
                 conversations: Vec::new(),
                 heartbeat_s: 30,
+                text_bytes_max: None,
+                attachment_bytes_max: None,
             },
         ),
         f(
@@ -125,6 +128,8 @@ fn events() -> Vec<ServerFrame> {
                     ConvSummary { conv: c(3), status: ConvStatus::Closed, last_seq: 99 },
                 ],
                 heartbeat_s: 15,
+                text_bytes_max: Some(16_384),
+                attachment_bytes_max: Some(u32::MAX),
             },
         ),
         f(
@@ -136,6 +141,8 @@ fn events() -> Vec<ServerFrame> {
                 group: Some("billing".into()),
                 visitor: visitor.clone(),
                 queue_position: Some(3),
+                agents_online: Some(false),
+                since: Some(1_767_225_600_000),
             },
         ),
         f(
@@ -147,6 +154,8 @@ fn events() -> Vec<ServerFrame> {
                 group: None,
                 visitor,
                 queue_position: None,
+                agents_online: None,
+                since: None,
             },
         ),
         f(
@@ -173,10 +182,26 @@ fn events() -> Vec<ServerFrame> {
         f(Some(6), Event::History { conv: c(42), messages: (1..=3).map(sample_msg).collect() }),
         f(None, Event::Resumed { conv: c(42), from: 11, to: 12 }),
         f(None, Event::Resumed { conv: c(42), from: 13, to: 12 }),
-        f(Some(7), Event::Presence { agent: "a1".into(), status: PresenceStatus::Away }),
+        f(Some(7), Event::Presence { agent: "a1".into(), status: PresenceStatus::Away, name: None }),
+        f(
+            None,
+            Event::Presence {
+                agent: "a2".into(), status: PresenceStatus::Online, name: Some("小李".into())
+            },
+        ),
         f(Some(8), Event::Error { code: ErrorCode::NotFound, message: "no such conversation: c9".into() }),
         f(None, Event::Error { code: ErrorCode::Internal, message: String::new() }),
         f(Some(9), Event::Pong),
+        f(Some(10), Event::Canned { replies: Vec::new() }),
+        f(
+            Some(11),
+            Event::Canned {
+                replies: vec![
+                    CannedReply { name: "greeting".into(), text: "您好！\n\"Hello\"".into() },
+                    CannedReply { name: "bye".into(), text: String::new() },
+                ],
+            },
+        ),
     ]
 }
 
@@ -194,7 +219,7 @@ fn every_command_round_trips_in_both_encodings() {
             assert_eq!(back, frame, "{codec:?}");
         }
     }
-    assert_eq!(seen.len(), 11, "every command type is covered: {seen:?}");
+    assert_eq!(seen.len(), 12, "every command type is covered: {seen:?}");
 }
 
 #[test]
@@ -209,7 +234,7 @@ fn every_event_round_trips_in_both_encodings() {
             assert_eq!(back, frame, "{codec:?}");
         }
     }
-    assert_eq!(seen.len(), 11, "every event type is covered: {seen:?}");
+    assert_eq!(seen.len(), 12, "every event type is covered: {seen:?}");
 }
 
 #[test]
@@ -402,9 +427,11 @@ fn json_events_spelled_as_in_protocol_md() {
                     visitor_key: Some("k1".into()),
                     conversations: vec![ConvSummary { conv: c(42), status: ConvStatus::Queued, last_seq: 3 }],
                     heartbeat_s: 30,
+                    text_bytes_max: Some(16384),
+                    attachment_bytes_max: Some(1048576),
                 },
             ),
-            r#"{"type":"connected","id":1,"session":"s-1","role":"visitor","user":{"id":"v_1","name":"","meta":{}},"visitor_key":"k1","conversations":[{"conv":"c42","status":"queued","last_seq":3}],"heartbeat_s":30}"#,
+            r#"{"type":"connected","id":1,"session":"s-1","role":"visitor","user":{"id":"v_1","name":"","meta":{}},"visitor_key":"k1","conversations":[{"conv":"c42","status":"queued","last_seq":3}],"heartbeat_s":30,"text_bytes_max":16384,"attachment_bytes_max":1048576}"#,
         ),
         (
             ServerFrame::push(Event::Conversation {
@@ -414,6 +441,8 @@ fn json_events_spelled_as_in_protocol_md() {
                 group: Some("billing".into()),
                 visitor: User { id: "v_1".into(), name: "Bob".into(), meta: meta(&[("plan", "pro")]) },
                 queue_position: None,
+                agents_online: None,
+                since: None,
             }),
             r#"{"type":"conversation","conv":"c42","status":"assigned","agent":{"id":"a1","name":"Alice"},"group":"billing","visitor":{"id":"v_1","name":"Bob","meta":{"plan":"pro"}}}"#,
         ),
@@ -427,9 +456,11 @@ fn json_events_spelled_as_in_protocol_md() {
                     group: None,
                     visitor: User { id: "v_1".into(), name: "Bob".into(), meta: Meta::new() },
                     queue_position: Some(1),
+                    agents_online: Some(true),
+                    since: Some(1_767_225_600_000),
                 },
             ),
-            r#"{"type":"conversation","id":2,"conv":"c42","status":"queued","visitor":{"id":"v_1","name":"Bob","meta":{}},"queue_position":1}"#,
+            r#"{"type":"conversation","id":2,"conv":"c42","status":"queued","visitor":{"id":"v_1","name":"Bob","meta":{}},"queue_position":1,"agents_online":true,"since":1767225600000}"#,
         ),
         (
             ServerFrame::reply(
@@ -502,7 +533,7 @@ fn json_events_spelled_as_in_protocol_md() {
         (
             ServerFrame::reply(
                 Some(5),
-                Event::Presence { agent: "a1".into(), status: PresenceStatus::Online },
+                Event::Presence { agent: "a1".into(), status: PresenceStatus::Online, name: None },
             ),
             r#"{"type":"presence","id":5,"agent":"a1","status":"online"}"#,
         ),

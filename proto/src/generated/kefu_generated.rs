@@ -402,10 +402,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 22;
+pub const ENUM_MAX_BODY: u8 = 24;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 23] = [
+pub const ENUM_VALUES_BODY: [Body; 25] = [
   Body::NONE,
   Body::ConnectCmd,
   Body::OpenCmd,
@@ -429,6 +429,8 @@ pub const ENUM_VALUES_BODY: [Body; 23] = [
   Body::PresenceEvt,
   Body::ErrorEvt,
   Body::PongEvt,
+  Body::CannedCmd,
+  Body::CannedEvt,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -459,9 +461,11 @@ impl Body {
   pub const PresenceEvt: Self = Self(20);
   pub const ErrorEvt: Self = Self(21);
   pub const PongEvt: Self = Self(22);
+  pub const CannedCmd: Self = Self(23);
+  pub const CannedEvt: Self = Self(24);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 22;
+  pub const ENUM_MAX: u8 = 24;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::ConnectCmd,
@@ -486,6 +490,8 @@ impl Body {
     Self::PresenceEvt,
     Self::ErrorEvt,
     Self::PongEvt,
+    Self::CannedCmd,
+    Self::CannedEvt,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -513,6 +519,8 @@ impl Body {
       Self::PresenceEvt => Some("PresenceEvt"),
       Self::ErrorEvt => Some("ErrorEvt"),
       Self::PongEvt => Some("PongEvt"),
+      Self::CannedCmd => Some("CannedCmd"),
+      Self::CannedEvt => Some("CannedEvt"),
       _ => None,
     }
   }
@@ -2154,6 +2162,85 @@ impl ::core::fmt::Debug for PingCmd<'_> {
       ds.finish()
   }
 }
+pub enum CannedCmdOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// An agent asks for the canned replies (`rules.canned`).
+pub struct CannedCmd<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CannedCmd<'a> {
+  type Inner = CannedCmd<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CannedCmd<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CannedCmd { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args CannedCmdArgs
+  ) -> ::flatbuffers::WIPOffset<CannedCmd<'bldr>> {
+    let mut builder = CannedCmdBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for CannedCmd<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CannedCmdArgs {
+}
+impl<'a> Default for CannedCmdArgs {
+  #[inline]
+  fn default() -> Self {
+    CannedCmdArgs {
+    }
+  }
+}
+
+pub struct CannedCmdBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CannedCmdBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CannedCmdBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CannedCmdBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CannedCmd<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CannedCmd<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CannedCmd");
+      ds.finish()
+  }
+}
 pub enum UserOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2683,6 +2770,8 @@ impl<'a> ConnectedEvt<'a> {
   pub const VT_VISITOR_KEY: ::flatbuffers::VOffsetT = 10;
   pub const VT_CONVERSATIONS: ::flatbuffers::VOffsetT = 12;
   pub const VT_HEARTBEAT_S: ::flatbuffers::VOffsetT = 14;
+  pub const VT_TEXT_BYTES_MAX: ::flatbuffers::VOffsetT = 16;
+  pub const VT_ATTACHMENT_BYTES_MAX: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2694,6 +2783,8 @@ impl<'a> ConnectedEvt<'a> {
     args: &'args ConnectedEvtArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ConnectedEvt<'bldr>> {
     let mut builder = ConnectedEvtBuilder::new(_fbb);
+    if let Some(x) = args.attachment_bytes_max { builder.add_attachment_bytes_max(x); }
+    if let Some(x) = args.text_bytes_max { builder.add_text_bytes_max(x); }
     builder.add_heartbeat_s(args.heartbeat_s);
     if let Some(x) = args.conversations { builder.add_conversations(x); }
     if let Some(x) = args.visitor_key { builder.add_visitor_key(x); }
@@ -2746,6 +2837,20 @@ impl<'a> ConnectedEvt<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(ConnectedEvt::VT_HEARTBEAT_S, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn text_bytes_max(&self) -> Option<u32> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ConnectedEvt::VT_TEXT_BYTES_MAX, None)}
+  }
+  #[inline]
+  pub fn attachment_bytes_max(&self) -> Option<u32> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ConnectedEvt::VT_ATTACHMENT_BYTES_MAX, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ConnectedEvt<'_> {
@@ -2760,6 +2865,8 @@ impl ::flatbuffers::Verifiable for ConnectedEvt<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("visitor_key", Self::VT_VISITOR_KEY, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ConvSummary>>>>("conversations", Self::VT_CONVERSATIONS, false)?
      .visit_field::<u32>("heartbeat_s", Self::VT_HEARTBEAT_S, false)?
+     .visit_field::<u32>("text_bytes_max", Self::VT_TEXT_BYTES_MAX, false)?
+     .visit_field::<u32>("attachment_bytes_max", Self::VT_ATTACHMENT_BYTES_MAX, false)?
      .finish();
     Ok(())
   }
@@ -2771,6 +2878,8 @@ pub struct ConnectedEvtArgs<'a> {
     pub visitor_key: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub conversations: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ConvSummary<'a>>>>>,
     pub heartbeat_s: u32,
+    pub text_bytes_max: Option<u32>,
+    pub attachment_bytes_max: Option<u32>,
 }
 impl<'a> Default for ConnectedEvtArgs<'a> {
   #[inline]
@@ -2782,6 +2891,8 @@ impl<'a> Default for ConnectedEvtArgs<'a> {
       visitor_key: None,
       conversations: None,
       heartbeat_s: 0,
+      text_bytes_max: None,
+      attachment_bytes_max: None,
     }
   }
 }
@@ -2816,6 +2927,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConnectedEvtBuilder<'a, 'b, A
     self.fbb_.push_slot::<u32>(ConnectedEvt::VT_HEARTBEAT_S, heartbeat_s, 0);
   }
   #[inline]
+  pub fn add_text_bytes_max(&mut self, text_bytes_max: u32) {
+    self.fbb_.push_slot_always::<u32>(ConnectedEvt::VT_TEXT_BYTES_MAX, text_bytes_max);
+  }
+  #[inline]
+  pub fn add_attachment_bytes_max(&mut self, attachment_bytes_max: u32) {
+    self.fbb_.push_slot_always::<u32>(ConnectedEvt::VT_ATTACHMENT_BYTES_MAX, attachment_bytes_max);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConnectedEvtBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConnectedEvtBuilder {
@@ -2839,6 +2958,8 @@ impl ::core::fmt::Debug for ConnectedEvt<'_> {
       ds.field("visitor_key", &self.visitor_key());
       ds.field("conversations", &self.conversations());
       ds.field("heartbeat_s", &self.heartbeat_s());
+      ds.field("text_bytes_max", &self.text_bytes_max());
+      ds.field("attachment_bytes_max", &self.attachment_bytes_max());
       ds.finish()
   }
 }
@@ -2864,6 +2985,8 @@ impl<'a> ConversationEvt<'a> {
   pub const VT_GROUP: ::flatbuffers::VOffsetT = 10;
   pub const VT_VISITOR: ::flatbuffers::VOffsetT = 12;
   pub const VT_QUEUE_POSITION: ::flatbuffers::VOffsetT = 14;
+  pub const VT_AGENTS_ONLINE: ::flatbuffers::VOffsetT = 16;
+  pub const VT_SINCE: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2875,11 +2998,13 @@ impl<'a> ConversationEvt<'a> {
     args: &'args ConversationEvtArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ConversationEvt<'bldr>> {
     let mut builder = ConversationEvtBuilder::new(_fbb);
+    if let Some(x) = args.since { builder.add_since(x); }
     if let Some(x) = args.queue_position { builder.add_queue_position(x); }
     if let Some(x) = args.visitor { builder.add_visitor(x); }
     if let Some(x) = args.group { builder.add_group(x); }
     if let Some(x) = args.agent { builder.add_agent(x); }
     if let Some(x) = args.conv { builder.add_conv(x); }
+    if let Some(x) = args.agents_online { builder.add_agents_online(x); }
     builder.add_status(args.status);
     builder.finish()
   }
@@ -2927,6 +3052,20 @@ impl<'a> ConversationEvt<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(ConversationEvt::VT_QUEUE_POSITION, None)}
   }
+  #[inline]
+  pub fn agents_online(&self) -> Option<bool> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ConversationEvt::VT_AGENTS_ONLINE, None)}
+  }
+  #[inline]
+  pub fn since(&self) -> Option<u64> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConversationEvt::VT_SINCE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ConversationEvt<'_> {
@@ -2941,6 +3080,8 @@ impl ::flatbuffers::Verifiable for ConversationEvt<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<User>>("visitor", Self::VT_VISITOR, false)?
      .visit_field::<u32>("queue_position", Self::VT_QUEUE_POSITION, false)?
+     .visit_field::<bool>("agents_online", Self::VT_AGENTS_ONLINE, false)?
+     .visit_field::<u64>("since", Self::VT_SINCE, false)?
      .finish();
     Ok(())
   }
@@ -2952,6 +3093,8 @@ pub struct ConversationEvtArgs<'a> {
     pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub visitor: Option<::flatbuffers::WIPOffset<User<'a>>>,
     pub queue_position: Option<u32>,
+    pub agents_online: Option<bool>,
+    pub since: Option<u64>,
 }
 impl<'a> Default for ConversationEvtArgs<'a> {
   #[inline]
@@ -2963,6 +3106,8 @@ impl<'a> Default for ConversationEvtArgs<'a> {
       group: None,
       visitor: None,
       queue_position: None,
+      agents_online: None,
+      since: None,
     }
   }
 }
@@ -2997,6 +3142,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConversationEvtBuilder<'a, 'b
     self.fbb_.push_slot_always::<u32>(ConversationEvt::VT_QUEUE_POSITION, queue_position);
   }
   #[inline]
+  pub fn add_agents_online(&mut self, agents_online: bool) {
+    self.fbb_.push_slot_always::<bool>(ConversationEvt::VT_AGENTS_ONLINE, agents_online);
+  }
+  #[inline]
+  pub fn add_since(&mut self, since: u64) {
+    self.fbb_.push_slot_always::<u64>(ConversationEvt::VT_SINCE, since);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConversationEvtBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConversationEvtBuilder {
@@ -3020,6 +3173,8 @@ impl ::core::fmt::Debug for ConversationEvt<'_> {
       ds.field("group", &self.group());
       ds.field("visitor", &self.visitor());
       ds.field("queue_position", &self.queue_position());
+      ds.field("agents_online", &self.agents_online());
+      ds.field("since", &self.since());
       ds.finish()
   }
 }
@@ -3890,6 +4045,7 @@ impl<'a> ::flatbuffers::Follow<'a> for PresenceEvt<'a> {
 impl<'a> PresenceEvt<'a> {
   pub const VT_AGENT: ::flatbuffers::VOffsetT = 4;
   pub const VT_STATUS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3901,6 +4057,7 @@ impl<'a> PresenceEvt<'a> {
     args: &'args PresenceEvtArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PresenceEvt<'bldr>> {
     let mut builder = PresenceEvtBuilder::new(_fbb);
+    if let Some(x) = args.name { builder.add_name(x); }
     if let Some(x) = args.agent { builder.add_agent(x); }
     builder.add_status(args.status);
     builder.finish()
@@ -3921,6 +4078,13 @@ impl<'a> PresenceEvt<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<PresenceStatus>(PresenceEvt::VT_STATUS, Some(PresenceStatus::Online)).unwrap()}
   }
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PresenceEvt::VT_NAME, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PresenceEvt<'_> {
@@ -3931,6 +4095,7 @@ impl ::flatbuffers::Verifiable for PresenceEvt<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("agent", Self::VT_AGENT, false)?
      .visit_field::<PresenceStatus>("status", Self::VT_STATUS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
      .finish();
     Ok(())
   }
@@ -3938,6 +4103,7 @@ impl ::flatbuffers::Verifiable for PresenceEvt<'_> {
 pub struct PresenceEvtArgs<'a> {
     pub agent: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub status: PresenceStatus,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for PresenceEvtArgs<'a> {
   #[inline]
@@ -3945,6 +4111,7 @@ impl<'a> Default for PresenceEvtArgs<'a> {
     PresenceEvtArgs {
       agent: None,
       status: PresenceStatus::Online,
+      name: None,
     }
   }
 }
@@ -3961,6 +4128,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PresenceEvtBuilder<'a, 'b, A>
   #[inline]
   pub fn add_status(&mut self, status: PresenceStatus) {
     self.fbb_.push_slot::<PresenceStatus>(PresenceEvt::VT_STATUS, status, PresenceStatus::Online);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PresenceEvt::VT_NAME, name);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PresenceEvtBuilder<'a, 'b, A> {
@@ -3982,6 +4153,7 @@ impl ::core::fmt::Debug for PresenceEvt<'_> {
     let mut ds = f.debug_struct("PresenceEvt");
       ds.field("agent", &self.agent());
       ds.field("status", &self.status());
+      ds.field("name", &self.name());
       ds.finish()
   }
 }
@@ -4173,6 +4345,216 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PongEvtBuilder<'a, 'b, A> {
 impl ::core::fmt::Debug for PongEvt<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("PongEvt");
+      ds.finish()
+  }
+}
+pub enum CannedReplyOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CannedReply<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CannedReply<'a> {
+  type Inner = CannedReply<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CannedReply<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TEXT: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CannedReply { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CannedReplyArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CannedReply<'bldr>> {
+    let mut builder = CannedReplyBuilder::new(_fbb);
+    if let Some(x) = args.text { builder.add_text(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CannedReply::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn text(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CannedReply::VT_TEXT, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CannedReply<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("text", Self::VT_TEXT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CannedReplyArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub text: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for CannedReplyArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CannedReplyArgs {
+      name: None,
+      text: None,
+    }
+  }
+}
+
+pub struct CannedReplyBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CannedReplyBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CannedReply::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_text(&mut self, text: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CannedReply::VT_TEXT, text);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CannedReplyBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CannedReplyBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CannedReply<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CannedReply<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CannedReply");
+      ds.field("name", &self.name());
+      ds.field("text", &self.text());
+      ds.finish()
+  }
+}
+pub enum CannedEvtOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Reply to `canned`.
+pub struct CannedEvt<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CannedEvt<'a> {
+  type Inner = CannedEvt<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CannedEvt<'a> {
+  pub const VT_REPLIES: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CannedEvt { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CannedEvtArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CannedEvt<'bldr>> {
+    let mut builder = CannedEvtBuilder::new(_fbb);
+    if let Some(x) = args.replies { builder.add_replies(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn replies(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CannedReply<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CannedReply>>>>(CannedEvt::VT_REPLIES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CannedEvt<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<CannedReply>>>>("replies", Self::VT_REPLIES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CannedEvtArgs<'a> {
+    pub replies: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CannedReply<'a>>>>>,
+}
+impl<'a> Default for CannedEvtArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CannedEvtArgs {
+      replies: None,
+    }
+  }
+}
+
+pub struct CannedEvtBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CannedEvtBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_replies(&mut self, replies: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<CannedReply<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CannedEvt::VT_REPLIES, replies);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CannedEvtBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CannedEvtBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CannedEvt<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CannedEvt<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CannedEvt");
+      ds.field("replies", &self.replies());
       ds.finish()
   }
 }
@@ -4565,6 +4947,36 @@ impl<'a> Envelope<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_canned_cmd(&self) -> Option<CannedCmd<'a>> {
+    if self.body_type() == Body::CannedCmd {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CannedCmd::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_canned_evt(&self) -> Option<CannedEvt<'a>> {
+    if self.body_type() == Body::CannedEvt {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CannedEvt::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Envelope<'_> {
@@ -4598,6 +5010,8 @@ impl ::flatbuffers::Verifiable for Envelope<'_> {
           Body::PresenceEvt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PresenceEvt>>("Body::PresenceEvt", pos),
           Body::ErrorEvt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ErrorEvt>>("Body::ErrorEvt", pos),
           Body::PongEvt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PongEvt>>("Body::PongEvt", pos),
+          Body::CannedCmd => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CannedCmd>>("Body::CannedCmd", pos),
+          Body::CannedEvt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CannedEvt>>("Body::CannedEvt", pos),
           _ => Ok(()),
         }
      })?
@@ -4808,6 +5222,20 @@ impl ::core::fmt::Debug for Envelope<'_> {
         },
         Body::PongEvt => {
           if let Some(x) = self.body_as_pong_evt() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::CannedCmd => {
+          if let Some(x) = self.body_as_canned_cmd() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::CannedEvt => {
+          if let Some(x) = self.body_as_canned_evt() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -151,9 +151,15 @@ fn counter() -> impl FnMut() -> [u8; 16] {
 
 /// Connects an agent at `a` with a token and lets the router welcome it.
 fn connected_agent(e: &mut Edge, store: &MemStore, a: SessionAddr) {
-    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, store, &mut no_random);
+    connected_as(e, store, a, Role::Agent, "a1");
+}
+
+/// Connects `role` `id` at `a` with a token, lets the router welcome it,
+/// and returns what the edge did (`connected` among it).
+fn connected_as(e: &mut Edge, store: &MemStore, a: SessionAddr, role: Role, id: &str) -> Vec<Seen> {
+    e.handle_frame(a, Codec::Json, connect(Some(token(role, id)), None), T0, store, &mut no_random);
     e.handle_welcome((a, Codec::Json, Some(1)), Vec::new(), store);
-    seen(e);
+    seen(e)
 }
 
 #[test]
@@ -527,4 +533,44 @@ fn synced_keys_override_the_tokens_key_by_key_at_connect() {
         .expect("connected");
     assert_eq!(user.name, "Ada Lovelace");
     assert_eq!(user.meta, meta_of(&[("plan", "free"), ("vip_level", "3")]), "the token's other keys stay");
+}
+
+#[test]
+fn canned_replies_are_answered_at_the_edge_to_agents_only() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    connected_agent(&mut e, &store, a);
+    e.handle_frame(a, Codec::Json, command(7, Command::Canned), T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    let [Seen::Frames(to, frames)] = &out[..] else { panic!("answered here, no other shard asked: {out:?}") };
+    assert_eq!((*to, frames[0].id), (a, Some(7)));
+    let Event::Canned { replies } = &frames[0].body else { panic!("{frames:?}") };
+    let config = CoreConfig::default();
+    let names: Vec<_> = replies.iter().map(|r| (r.name.as_str(), r.text.as_str())).collect();
+    let expected: Vec<_> = config.rules.canned.iter().map(|c| (c.name.as_str(), c.text.as_str())).collect();
+    assert_eq!(names, expected, "the config's replies, in order");
+    assert!(!names.is_empty());
+    // Visitors have no use for them.
+    let v = addr(0, 2);
+    connected_as(&mut e, &store, v, Role::Visitor, "v1");
+    e.handle_frame(v, Codec::Json, command(8, Command::Canned), T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert!(matches!(frame_events(&out)[..], [Event::Error { code: ErrorCode::Forbidden, .. }]), "{out:?}");
+}
+
+#[test]
+fn connected_says_how_large_a_message_may_be() {
+    let mut e = edge(|c| {
+        let mut core = (*c.core).clone();
+        core.limits.max_text_bytes = 1000;
+        core.limits.max_attachment_bytes = 200_000;
+        c.core = Arc::new(core);
+    });
+    let out = connected_as(&mut e, &MemStore::default(), addr(0, 1), Role::Visitor, "v1");
+    let limits = frame_events(&out).into_iter().find_map(|ev| match ev {
+        Event::Connected { text_bytes_max, attachment_bytes_max, .. } => {
+            Some((*text_bytes_max, *attachment_bytes_max))
+        }
+        _ => None,
+    });
+    assert_eq!(limits, Some((Some(1000), Some(200_000))), "the widget checks an image before sending it");
 }

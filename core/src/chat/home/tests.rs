@@ -617,3 +617,28 @@ fn a_history_page_of_big_attachments_holds_what_fits_and_pages_on() {
     assert_eq!(page(Some(2)), [1]);
     assert_eq!(page(Some(1)), Vec::<u64>::new());
 }
+
+#[test]
+fn a_conversation_says_since_when_it_is_in_its_state() {
+    let (mut w, v, _tab, a) = three();
+    let since = |frames: &[ServerFrame]| -> Vec<Option<u64>> {
+        frames
+            .iter()
+            .filter_map(|f| match &f.body {
+                Event::Conversation { since, .. } => Some(*since),
+                _ => None,
+            })
+            .collect()
+    };
+    w.now += 5_000;
+    let decided = w.now;
+    w.change(Change::Queue { group: "default".into(), previous: Some(a.actor.key()) }, None);
+    // The clock moves on before the write is durable: the stored time counts.
+    w.now += 7;
+    w.commit();
+    assert_eq!(since(&w.take(&v)), [Some(decided)]);
+    // Described later, from memory: still when it was queued.
+    w.now += 60_000;
+    w.change(Change::Describe, Some(&v));
+    assert_eq!(since(&w.take(&v)), [Some(decided)]);
+}

@@ -275,3 +275,159 @@ fn a_device_past_the_limit_replaces_the_oldest() {
         .collect();
     assert_eq!(replaced, [device_of(addr(1, 1))], "{out:?}");
 }
+
+#[test]
+fn the_queue_reaches_a_connected_agent_whatever_their_presence() {
+    let mut r = machine(|c| c.routing.auto_assign = false);
+    // Connected, never set a presence (offline): still told of the queue.
+    r.handle_hello(reply(1, 1, 1), identity(Role::Agent, "fresh"), T0);
+    // Away.
+    let away = reply(1, 2, 1);
+    r.handle_hello(away, identity(Role::Agent, "away"), T0);
+    let presence = RouteRequest::Presence { status: PresenceStatus::Away, capacity: None };
+    r.handle_route(away, identity(Role::Agent, "away").actor(), presence, T0);
+    // Gone: an offline agent with no device hears nothing.
+    r.handle_hello(reply(1, 3, 1), identity(Role::Agent, "gone"), T0);
+    r.handle_agent_gone("gone", device_of(addr(1, 3)), T0);
+    r.handle_tick(T0 + 3_600_000);
+    outputs(&mut r);
+    let v = identity(Role::Visitor, "v1");
+    let visitor = Visitor { id: v.id.clone(), name: v.name.clone(), meta: Meta::new() };
+    let request = RouteRequest::Open { visitor, group: GroupName::from("default"), vip_level: 0 };
+    r.handle_route(reply(0, 9, 2), v.actor(), request, T0 + 3_600_000);
+    let out = outputs(&mut r);
+    let Some(Output::Post { msg: ChatMsg::Change { route, .. }, .. }) = out.first() else {
+        panic!("{out:?}")
+    };
+    let mut notify: Vec<&str> = route.notify.iter().map(|k| &*k.id).collect();
+    notify.sort();
+    assert_eq!(notify, ["away", "fresh"]);
+}
+
+#[test]
+fn an_agents_hello_is_followed_by_each_conversation_and_the_agents_present() {
+    let mut r = machine(|c| c.routing.auto_assign = false);
+    agent(&mut r, "bob", 5, 5);
+    let queued = open(&mut r, "v1", 1);
+    let me = reply(1, 1, 7);
+    r.handle_hello(me, identity(Role::Agent, "a1"), T0);
+    let out = outputs(&mut r);
+    let welcome = out.iter().position(|o| matches!(o, Output::Post { msg: ChatMsg::Welcome { .. }, .. }));
+    let welcome = welcome.unwrap_or_else(|| panic!("{out:?}"));
+    let push = (me.0, me.1, None);
+    // Each listed conversation is described to this session, as a push (the
+    // connect's id belongs to `connected`), after the welcome.
+    let described = changes(&out[welcome..]);
+    assert!(
+        matches!(described[..], [(shard, c, Change::Describe, Some(to))]
+            if c == queued && shard == queued.home(SHARDS) && to == push),
+        "{out:?}"
+    );
+    // Then who else is present: bob, not a1 (offline, and itself).
+    let presences: Vec<_> = out[welcome..]
+        .iter()
+        .filter_map(|o| match o {
+            Output::Write { reply, frame } => match &frame.body {
+                kefu_proto::client::Event::Presence { agent, status, name } => {
+                    Some((*reply, frame.id, agent.clone(), *status, name.clone()))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let bob = Some("bob".to_string());
+    assert_eq!(presences, [(push, None, "bob".to_string(), PresenceStatus::Online, bob)]);
+    // A visitor's hello is followed by nothing: its `open` says the state.
+    r.handle_hello(reply(0, 3, 1), identity(Role::Visitor, "v1"), T0);
+    let out = outputs(&mut r);
+    assert!(matches!(&out[..], [Output::Post { msg: ChatMsg::Welcome { .. }, .. }]), "{out:?}");
+}
+
+/// The conversation changes in `out` that go to visitors only (position
+/// updates), with whether an agent is online as the router saw it.
+fn availability(out: &[Output]) -> Vec<(ConvId, Option<bool>)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Post { msg: ChatMsg::Change { conv, change: Change::Position, route, .. }, .. } => {
+                Some((*conv, route.agents_online))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn waiting_visitors_are_told_when_their_group_gains_or_loses_its_last_online_agent() {
+    let mut r = machine(|c| c.routing.auto_assign = false);
+    let first = open(&mut r, "v1", 1);
+    let second = open(&mut r, "v2", 2);
+    // Opened with nobody online: the frame says so.
+    let v = identity(Role::Visitor, "v3");
+    let visitor = Visitor { id: v.id.clone(), name: v.name.clone(), meta: Meta::new() };
+    let request = RouteRequest::Open { visitor, group: GroupName::from("default"), vip_level: 0 };
+    r.handle_route(reply(0, 3, 2), v.actor(), request, T0);
+    let out = outputs(&mut r);
+    let third = match changes(&out)[..] {
+        [(_, c, Change::Create { .. }, _)] => c,
+        _ => panic!("{out:?}"),
+    };
+    let Some(Output::Post { msg: ChatMsg::Change { route, .. }, .. }) = out.first() else { panic!() };
+    assert_eq!(route.agents_online, Some(false));
+    // The first online agent: every waiting visitor hears it, in queue order.
+    let a1 = reply(1, 1, 1);
+    r.handle_hello(a1, identity(Role::Agent, "a1"), T0);
+    let presence = |status| RouteRequest::Presence { status, capacity: None };
+    r.handle_route(a1, identity(Role::Agent, "a1").actor(), presence(PresenceStatus::Online), T0);
+    let out = outputs(&mut r);
+    assert_eq!(availability(&out), [(first, Some(true)), (second, Some(true)), (third, Some(true))]);
+    // A second agent online, then the first away: no flip, nobody is told.
+    let a2 = agent(&mut r, "a2", 2, 5);
+    r.handle_route(a1, identity(Role::Agent, "a1").actor(), presence(PresenceStatus::Away), T0);
+    assert_eq!(availability(&outputs(&mut r)), [], "still online through a2");
+    // The last online agent leaves: told once.
+    r.handle_route(a2, identity(Role::Agent, "a2").actor(), presence(PresenceStatus::Offline), T0);
+    let out = outputs(&mut r);
+    assert_eq!(availability(&out), [(first, Some(false)), (second, Some(false)), (third, Some(false))]);
+    r.handle_route(a1, identity(Role::Agent, "a1").actor(), presence(PresenceStatus::Offline), T0);
+    assert_eq!(availability(&outputs(&mut r)), [], "away to offline changes nothing for visitors");
+    // And a describe says it too.
+    r.handle_hello(reply(1, 9, 1), identity(Role::Agent, "a9"), T0);
+    let out = outputs(&mut r);
+    let described: Vec<_> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Post { msg: ChatMsg::Change { change: Change::Describe, route, .. }, .. } => {
+                Some(route.agents_online)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(described, [Some(false); 3]);
+}
+
+#[test]
+fn the_agents_introduced_after_hello_are_bounded_online_first() {
+    let mut r = machine(|c| c.routing.connected_presence_max = 2);
+    for (slot, id) in [(1, "away1"), (2, "away2")] {
+        let rep = reply(1, slot, 1);
+        r.handle_hello(rep, identity(Role::Agent, id), T0);
+        let away = RouteRequest::Presence { status: PresenceStatus::Away, capacity: None };
+        r.handle_route(rep, identity(Role::Agent, id).actor(), away, T0);
+    }
+    agent(&mut r, "online1", 3, 5);
+    outputs(&mut r);
+    r.handle_hello(reply(1, 9, 1), identity(Role::Agent, "me"), T0);
+    let introduced: Vec<(String, PresenceStatus)> = outputs(&mut r)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Write { frame, .. } => match frame.body {
+                kefu_proto::client::Event::Presence { agent, status, .. } => Some((agent, status)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(introduced.len(), 2, "routing.connected_presence_max: {introduced:?}");
+    assert_eq!(introduced[0], ("online1".to_string(), PresenceStatus::Online), "online first");
+}
