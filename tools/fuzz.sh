@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds the fuzz targets in fuzz/ (cargo-fuzz, libFuzzer) and runs each
+# for --runs executions (or --seconds), starting from the checked-in
+# seeds (fuzz/corpus/TARGET/seed-*) and whatever the corpus gathered
+# since. Exits non-zero on the first crash; the input that crashed is in
+# fuzz/artifacts/TARGET/. docs/fuzzing.md has the figures of long runs.
+#
+# Usage: tools/fuzz.sh [--runs N | --seconds S] [TARGET...]
+#   (no target: all of them; CI runs `--seconds 20`)
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+RUNS=
+SECONDS_EACH=
+TARGETS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --runs) RUNS=$2; shift ;;
+        --seconds) SECONDS_EACH=$2; shift ;;
+        -*) echo "unknown option $1" >&2; exit 2 ;;
+        *) TARGETS+=("$1") ;;
+    esac
+    shift
+done
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(http_head ws_decoder json_command fb_command log_record)
+if [ -z "$RUNS" ] && [ -z "$SECONDS_EACH" ]; then SECONDS_EACH=20; fi
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+
+cd "$REPO/fuzz"
+# The instrumentation flags cargo-fuzz passes are unstable options of
+# rustc; this is the machine's one (stable) toolchain, so they are
+# allowed here, for the fuzz build only. No sanitizer: the code under
+# test has no unsafe of its own, and libFuzzer still finds panics.
+export RUSTC_BOOTSTRAP=1
+cargo fuzz build --sanitizer none -O "${TARGETS[@]}" 2>&1 | tail -3
+
+for t in "${TARGETS[@]}"; do
+    mkdir -p "corpus/$t"
+    if [ -n "$RUNS" ]; then limit=(-runs="$RUNS"); else limit=(-max_total_time="$SECONDS_EACH"); fi
+    log=$(mktemp)
+    if ! cargo fuzz run --sanitizer none -O "$t" "corpus/$t" -- "${limit[@]}" -max_len=65536 \
+        -print_final_stats=1 >"$log" 2>&1; then
+        tail -40 "$log" >&2
+        echo "fuzz: $t FAILED; the input is in fuzz/artifacts/$t/" >&2
+        exit 1
+    fi
+    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
+    secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' || echo "?")
+    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*' || echo "?")
+    echo "fuzz: $t ok: $runs runs in ${secs:-?} s, 0 crashes, coverage $cov edges, corpus $(ls "corpus/$t" | wc -l) inputs"
+    rm -f "$log"
+done
