@@ -71,7 +71,11 @@ impl StorageError {
     /// The client-facing error code for a command that failed on this.
     pub fn code(&self) -> ErrorCode {
         match self {
-            StorageError::SeqConflict { .. } => ErrorCode::Conflict,
+            // Nothing was written, and the home gives the seq back when a
+            // write fails, so the same send (same cid) can succeed: a
+            // retryable code, not `conflict`, which tells a client that
+            // retrying is pointless (a closed conversation).
+            StorageError::SeqConflict { .. } => ErrorCode::Unavailable,
             // A full disk, a failed fsync: the writer recovers by itself,
             // and nothing of the failed write was stored.
             StorageError::Closed | StorageError::Recovering | StorageError::Io { .. } => {
@@ -143,6 +147,12 @@ mod tests {
         assert_eq!(io.code(), ErrorCode::Unavailable);
         assert_eq!(StorageError::Recovering.code(), ErrorCode::Unavailable);
         assert_eq!(StorageError::Closed.code(), ErrorCode::Unavailable);
+        let race = StorageError::SeqConflict { conv: 1, expected: 2, got: 3 };
+        assert_eq!(
+            race.code(),
+            ErrorCode::Unavailable,
+            "a seq race is retried, unlike a closed conversation"
+        );
         let corrupt = StorageError::Corrupt { table: "log", key: "1".into(), message: "bad".into() };
         assert_eq!(corrupt.code(), ErrorCode::Internal);
     }
