@@ -42,6 +42,8 @@ fn decode(input: &[u8], read: usize) -> Vec<Seen> {
         };
         match event {
             Decoded::NeedMore => {
+                // It may have consumed a header (or payload) before asking.
+                buf.drain(..used);
                 if fed == input.len() {
                     return seen;
                 }
