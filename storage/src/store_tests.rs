@@ -82,7 +82,7 @@ fn explicit_seqs_must_be_the_next_one() {
     assert_eq!(write(&store, 1, with_seq("a", 1)).result.unwrap().seq, 1);
     let err = write(&store, 2, with_seq("b", 3)).result.unwrap_err();
     assert_eq!(err, StorageError::SeqConflict { conv: 1, expected: 2, got: 3 });
-    assert_eq!(err.code(), kefu_proto::ids::ErrorCode::Conflict);
+    assert_eq!(err.code(), kefu_proto::ids::ErrorCode::Unavailable, "retryable: the same cid can go again");
     let err = write(&store, 3, with_seq("c", 1)).result.unwrap_err();
     assert!(matches!(err, StorageError::SeqConflict { expected: 2, got: 1, .. }));
     // The refused cid was not remembered: it can be appended properly.
