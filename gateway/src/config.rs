@@ -630,13 +630,19 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// How `kefu config` prints a secret. A configuration that carries it back
+/// (the printed output saved as a file) is refused, rather than signing
+/// tokens with the placeholder.
+const REDACTED_PREFIX: &str = "<redacted:";
+
 impl Config {
     /// The configuration as `kefu config` prints it: the secrets (the JWT
     /// secret, the API keys) replaced by a note of their length, so a
     /// printed or pasted configuration gives nobody the keys.
     pub fn redacted(&self) -> Config {
-        let hide =
-            |s: &str| if s.is_empty() { String::new() } else { format!("<redacted: {} bytes>", s.len()) };
+        let hide = |s: &str| {
+            if s.is_empty() { String::new() } else { format!("{REDACTED_PREFIX} {} bytes>", s.len()) }
+        };
         let mut c = self.clone();
         c.auth.jwt_secret = hide(&c.auth.jwt_secret);
         c.admin.api_keys = c.admin.api_keys.iter().map(|k| hide(k)).collect();
@@ -687,6 +693,12 @@ impl Config {
         };
         parse("listen", &self.server.listen)?;
         parse("admin_listen", &self.server.admin_listen)?;
+        if self.auth.jwt_secret.starts_with(REDACTED_PREFIX) {
+            return invalid(
+                "auth.jwt_secret is the placeholder `kefu config` prints, not a secret; set the real one"
+                    .into(),
+            );
+        }
         if self.server.heartbeat_s == 0 {
             return invalid("server.heartbeat_s must be at least 1".into());
         }
@@ -996,6 +1008,8 @@ mod tests {
             printed.contains("<redacted: 32 bytes>") && printed.contains("<redacted: 16 bytes>"),
             "{printed}"
         );
+        let saved = load(Some(&printed), &[], &o).unwrap_err().to_string();
+        assert!(saved.contains("placeholder"), "the printed config used as a file is refused: {saved}");
     }
 
     #[test]
