@@ -54,15 +54,9 @@ KEFU=$TARGET_DIR/release/kefu
 mkdir -p "$OUT"
 : >"$OUT/api.jsonl"
 
-GATEWAY_PID=
-stop_gateway() {
-    if [ -n "$GATEWAY_PID" ]; then
-        kill -TERM "$GATEWAY_PID" 2>/dev/null || true
-        wait "$GATEWAY_PID" 2>/dev/null || true
-        GATEWAY_PID=
-    fi
-}
-trap stop_gateway EXIT
+# shellcheck source=tools/bench-lib.sh
+source "$REPO/tools/bench-lib.sh"
+trap stop_server EXIT
 
 # CPU seconds (user + system) the process has used.
 cpu_s() {
@@ -74,17 +68,17 @@ for i in $(seq 1 "$REPEAT"); do
     KEFU_ADMIN_API_KEYS="[\"$KEY\"]" KEFU_LIMITS_MESSAGES_PER_S=100000 KEFU_LIMITS_BURST=100000 \
         taskset -c "$SERVER_CPU" "$KEFU" serve --listen "127.0.0.1:$PORT" \
         --admin-listen "127.0.0.1:$ADMIN_PORT" --data "$data" --shards 1 2>"$OUT/gateway-$i.log" &
-    GATEWAY_PID=$!
+    SERVER_PID=$!
     for _ in $(seq 1 200); do
         grep -q "kefu listening" "$OUT/gateway-$i.log" && break
         sleep 0.05
     done
-    before=$(cpu_s "$GATEWAY_PID")
+    before=$(cpu_s "$SERVER_PID")
     line=$(taskset -c "$CLIENT_CPU" "$PY" "$REPO/tools/bench_api.py" --addr "127.0.0.1:$PORT" \
         --admin "127.0.0.1:$ADMIN_PORT" --key "$KEY" --kefu "$KEFU" --data "$data" \
         --workers "$WORKERS" --seconds "$SECONDS_MEASURED")
-    after=$(cpu_s "$GATEWAY_PID")
-    stop_gateway
+    after=$(cpu_s "$SERVER_PID")
+    stop_server
     rm -rf "$data"
     python3 - "$line" "$before" "$after" >>"$OUT/api.jsonl" <<'EOF'
 import json, sys
