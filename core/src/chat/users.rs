@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use super::outbox::{Pending, Profile, Write};
 use super::stored::{Block, ReadError, Stored, UserControl};
-use crate::identity::{Meta, UserKey};
+use crate::identity::{Meta, UserKey, merge_meta};
 
 /// A user with a change in flight: its state as the change leaves it.
 struct InFlight {
@@ -143,7 +143,7 @@ impl UserChanges {
 /// `updates` over `base`, key by key, sorted by key.
 fn merged(base: Vec<(String, String)>, updates: &Meta) -> Vec<(String, String)> {
     let mut all: Meta = base.into_iter().collect();
-    all.extend(updates.iter().map(|(k, v)| (k.clone(), v.clone())));
+    merge_meta(&mut all, updates);
     all.into_iter().collect()
 }
 
