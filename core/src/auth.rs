@@ -293,8 +293,7 @@ impl JwtKey {
         let claims = validate_claims(raw)?;
 
         let leeway_ms = self.policy.exp_leeway_s.saturating_mul(1000);
-        // RFC 7519: valid only *before* exp; the leeway stretches that.
-        if now_ms >= claims.exp.saturating_mul(1000).saturating_add(leeway_ms) {
+        if now_ms >= self.valid_until_ms(&claims) {
             return Err(AuthError::Expired {
                 exp_s: claims.exp,
                 now_s: now_ms / 1000,
@@ -307,6 +306,14 @@ impl JwtKey {
             return Err(AuthError::NotYetValid { nbf_s: nbf });
         }
         Ok(claims)
+    }
+
+    /// The first millisecond at which `claims` are no longer accepted:
+    /// RFC 7519 makes a token valid only *before* `exp`, and the leeway
+    /// stretches that. A live session ends here too (see the edge).
+    pub fn valid_until_ms(&self, claims: &Claims) -> u64 {
+        let leeway_ms = self.policy.exp_leeway_s.saturating_mul(1000);
+        claims.exp.saturating_mul(1000).saturating_add(leeway_ms)
     }
 }
 

@@ -206,7 +206,9 @@
         state.visitorId = state.visitorKey = state.conv = null;
         state.msgs = {};
         save();
-      } else if (ev.code >= 4500 && ev.code <= 4999) {
+      } else if (ev.code === 4003 || (ev.code >= 4500 && ev.code <= 4999)) {
+        // 4003: the token expired; the page gives a fresh one with
+        // kefu('identify', token), and the same one would be refused.
         setStatus(t('failed', { why: ev.reason || ev.code }));
         return;
       }

@@ -1753,3 +1753,55 @@ fn metrics_follow_a_chat() {
     };
     assert_eq!(server("4500"), 1.0, "{metrics}");
 }
+
+over_both_subprotocols!(a_session_ends_when_its_token_expires);
+
+/// A session does not outlive its token: at `exp` (plus the leeway, here
+/// 0) the gateway says why and closes 4003, with no command from the
+/// client to trigger it; reconnecting with the same token is refused.
+fn a_session_ends_when_its_token_expires(w: Wire) {
+    let gw = Gateway::start(&["--shards", "2"], &[("KEFU_AUTH_EXP_LEEWAY_S", "0")]);
+    let token = gw.token("agent", "a1", &["--ttl-s", "2"]);
+    rt().block_on(async {
+        let mut agent = Client::open(&gw, w.agents).await;
+        let id = agent.send(json!({"type": "connect", "token": token})).await;
+        assert_eq!(agent.reply(id).await["type"], "connected");
+        let started = std::time::Instant::now();
+        let e = agent.expect("error").await;
+        assert_eq!(
+            (e["code"].as_str(), e["message"].as_str()),
+            (Some("unauthorized"), Some("token expired")),
+            "{e}"
+        );
+        assert!(e.get("id").is_none_or(Value::is_null), "it answers no command: {e}");
+        assert_eq!(agent.expect("_close").await["code"], 4003);
+        assert!(started.elapsed() < Duration::from_secs(4), "cut at exp, not later: {:?}", started.elapsed());
+
+        let mut again = Client::open(&gw, w.agents).await;
+        let id = again.send(json!({"type": "connect", "token": token})).await;
+        assert_eq!(again.reply(id).await["code"], "unauthorized");
+        assert_eq!(again.expect("_close").await["code"], 4500);
+    });
+}
+
+/// A refused or undecodable `connect` is answered with its own `id`, so a
+/// client can tell which attempt failed; one that does not decode leaves
+/// the connection open for a corrected `connect`.
+#[test]
+fn a_failed_connect_is_answered_with_its_id() {
+    let gw = Gateway::start(&["--shards", "1"], &[]);
+    rt().block_on(async {
+        let mut c = Client::open(&gw, Codec::Json).await;
+        c.send_raw(Message::text(r#"{"type":"connect","id":5,"token":123}"#)).await;
+        let e = c.recv().await;
+        assert_eq!((e["id"].as_i64(), e["code"].as_str()), (Some(5), Some("bad_command")), "{e}");
+        let id = c.send(json!({"type": "connect"})).await;
+        assert_eq!(c.reply(id).await["type"], "connected");
+
+        let mut c = Client::open(&gw, Codec::Json).await;
+        c.send_raw(Message::text(r#"{"type":"connect","id":6,"token":"abc"}"#)).await;
+        let e = c.recv().await;
+        assert_eq!((e["id"].as_i64(), e["code"].as_str()), (Some(6), Some("unauthorized")), "{e}");
+        assert_eq!(c.expect("_close").await["code"], 4500);
+    });
+}

@@ -16,6 +16,9 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4001;
     /// A newer connection for the same session took this one's place.
     pub const REPLACED: u16 = 4002;
+    /// The token the session connected with has expired (`exp` plus the
+    /// leeway): reconnect with a fresh token.
+    pub const TOKEN_EXPIRED: u16 = 4003;
     /// Missing, invalid or expired credentials. Do not retry as is.
     pub const UNAUTHORIZED: u16 = 4500;
     /// The identity is blocked. Do not retry.

@@ -10,7 +10,7 @@
 //! Sans-IO, like the other machines: `handle_*` in with the time, outputs
 //! through [`Edge::poll_output`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use kefu_proto::client::{
@@ -98,6 +98,9 @@ struct Sess {
     /// `Route`s and `Relay`s sent to the router and not yet `Routed`: while
     /// any are, commands for homes are relayed too.
     routing: u32,
+    /// When the token it connected with stops being valid (a token
+    /// session; anonymous visitors have no expiry).
+    expires_ms: Option<u64>,
 }
 
 /// The sessions of one shard's connections.
@@ -112,6 +115,10 @@ pub struct Edge {
     /// stays until its verdict (which always comes) and is then dropped.
     admitting: HashMap<u64, Admitting>,
     next_hook: u64,
+    /// Token sessions by when their token expires, soonest first: the
+    /// shard asks for the first one after every input, so it is kept
+    /// ordered rather than found by a sweep.
+    expiries: BTreeSet<(u64, SessionAddr)>,
     out: Outbox,
 }
 
@@ -126,6 +133,7 @@ impl Edge {
             held: HashMap::new(),
             admitting: HashMap::new(),
             next_hook: 0,
+            expiries: BTreeSet::new(),
             out: Outbox::new(),
         }
     }
@@ -187,6 +195,14 @@ impl Edge {
             let resume = resume.into_iter().collect();
             let creds = (token, visitor_id, visitor_key);
             return self.on_connect(reply, creds, resume, now_ms, store, random);
+        }
+        // The timer may not have fired yet, or the close is on its way: a
+        // command never rides on an expired token.
+        if self.sessions.get(&from).and_then(|s| s.expires_ms).is_some_and(|t| now_ms >= t) {
+            if !self.expire_session(from) {
+                self.out.error(reply, ErrorCode::Unauthorized, "token expired");
+            }
+            return;
         }
         let Some(sess) = self.sessions.get_mut(&from) else {
             if matches!(frame.body, Command::Ping) {
@@ -276,9 +292,13 @@ impl Edge {
             Ok(c) => c,
             Err(e) => return refuse(&mut self.out, e.to_string()),
         };
+        let mut expires_ms = None;
         let (identity, new_key) = match creds {
             Credentials::Token(t) => match self.config.jwt.verify(t, now_ms) {
-                Ok(claims) => (claims.into_identity(), None),
+                Ok(claims) => {
+                    expires_ms = Some(self.config.jwt.valid_until_ms(&claims));
+                    (claims.into_identity(), None)
+                }
                 Err(e) => return refuse(&mut self.out, e.to_string()),
             },
             Credentials::Returning { visitor_id, key } => {
@@ -346,8 +366,12 @@ impl Edge {
             visitor_key: new_key.as_ref().map(VisitorKey::to_hex),
             pipelined: Vec::new(),
             routing: 0,
+            expires_ms,
         };
         self.sessions.insert(from, sess);
+        if let Some(t) = expires_ms {
+            self.expiries.insert((t, from));
+        }
         // `connected` is the first frame the session gets: whatever is
         // written to it before (answers to pipelined commands) waits.
         self.held.insert(from, Vec::new());
@@ -571,6 +595,9 @@ impl Edge {
     pub fn handle_gone(&mut self, from: SessionAddr) {
         self.held.remove(&from);
         let Some(sess) = self.sessions.remove(&from) else { return };
+        if let Some(t) = sess.expires_ms {
+            self.expiries.remove(&(t, from));
+        }
         let Some(identity) = sess.session.identity() else { return };
         if sess.stage.unannounced() {
             // Never announced.
@@ -583,6 +610,45 @@ impl Edge {
             let gone = ChatMsg::AgentGone { agent: identity.id.clone(), device: device_of(from) };
             self.out.post_chat(ROUTER_SHARD, gone);
         }
+    }
+
+    /// When the first token session's token expires, if any session has
+    /// one: [`Edge::expire`] is due then.
+    pub fn next_expiry_ms(&self) -> Option<u64> {
+        self.expiries.first().map(|&(t, _)| t)
+    }
+
+    /// Ends every session whose token has expired by `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) {
+        while let Some(&(t, addr)) = self.expiries.first() {
+            if t > now_ms {
+                break;
+            }
+            if !self.expire_session(addr) {
+                // Not a live token session any more: never loop on it.
+                self.expiries.remove(&(t, addr));
+            }
+        }
+    }
+
+    /// A session outlived its token: it is told why (an `error` without an
+    /// id, as it answers no command) and closed with 4003, so the client
+    /// reconnects with a fresh token and resumes. Refusing its commands
+    /// until an `auth` command would need a new command in both codecs for
+    /// what a reconnect with `resume` already does. The session is
+    /// forgotten when its connection is gone, as after any close.
+    ///
+    /// False if the session was already ended so (or is not a token
+    /// session): nothing is sent twice.
+    fn expire_session(&mut self, addr: SessionAddr) -> bool {
+        let Some(sess) = self.sessions.get(&addr) else { return false };
+        let Some(t) = sess.expires_ms else { return false };
+        if !self.expiries.remove(&(t, addr)) {
+            return false;
+        }
+        self.out.error((addr, sess.codec, None), ErrorCode::Unauthorized, "token expired");
+        self.out.close(addr, close::TOKEN_EXPIRED, "token expired");
+        true
     }
 
     /// This shard's number.

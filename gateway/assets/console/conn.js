@@ -3,8 +3,8 @@
 // The console keeps one of these. It opens /ws on the page's own origin,
 // sends `connect` (built fresh by `hello()` each time, so a resume map
 // reflects what the page has seen), hands every frame to `onFrame`, and
-// after a close that allows it (not 4500-4999) reconnects with a growing,
-// jittered back-off. Commands sent while the socket is down are not queued
+// after a close that allows it (not 4500-4999, nor 4003: token expired)
+// reconnects with a growing, jittered back-off. Commands sent while the socket is down are not queued
 // here: the caller keeps what must survive (its outbox) and resends it on
 // `connected`, with the same cid, so the gateway stores it once.
 
@@ -59,7 +59,8 @@ export class Conn {
       if (this.ws !== ws) return;
       this.ws = null;
       if (this.stopped) return;
-      if (ev.code >= 4500 && ev.code <= 4999) {
+      // 4003: the token expired; the same token would only be refused.
+      if (ev.code === 4003 || (ev.code >= 4500 && ev.code <= 4999)) {
         this.onState('stopped', ev.code, ev.reason);
         return;
       }

@@ -588,7 +588,11 @@ impl ChatService {
 
     /// When [`Self::tick`] next has something to do (wall-clock ms), if ever.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.router.as_ref().and_then(Router::next_deadline)
+        let routing = self.router.as_ref().and_then(Router::next_deadline);
+        match (routing, self.edge.next_expiry_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// When the shard loop should next call in, if nothing arrives before:
@@ -598,9 +602,11 @@ impl ChatService {
         if self.backlog.is_empty() { self.next_deadline_ms() } else { Some(0) }
     }
 
-    /// Time passes: offline grace periods that ended by now take effect.
+    /// Time passes: offline grace periods that ended by now take effect,
+    /// and sessions whose token expired are ended.
     pub fn tick(&mut self) {
         let now = now_ms();
+        self.edge.expire(now);
         self.route(|r| r.handle_tick(now));
         self.settle();
     }

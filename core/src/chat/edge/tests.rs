@@ -574,3 +574,56 @@ fn connected_says_how_large_a_message_may_be() {
     });
     assert_eq!(limits, Some((Some(1000), Some(200_000))), "the widget checks an image before sending it");
 }
+
+#[test]
+fn a_session_is_ended_when_its_token_expires_and_told_why() {
+    let (mut e, store) = (edge(|_| {}), MemStore::default());
+    let (agent, visitor) = (addr(0, 1), addr(0, 2));
+    connected_agent(&mut e, &store, agent);
+    // An anonymous visitor has no token, so no expiry.
+    e.handle_frame(visitor, Codec::Json, connect(None, None), T0, &store, &mut counter());
+    e.handle_committed(Pending::Connected { to: visitor }, T0, &store, &mut no_random);
+    e.handle_welcome((visitor, Codec::Json, Some(1)), Vec::new(), &store);
+    seen(&mut e);
+    let leeway_ms = CoreConfig::default().auth.exp_leeway_s * 1000;
+    let expires = T0 + 3_600_000 + leeway_ms;
+    assert_eq!(e.next_expiry_ms(), Some(expires));
+
+    e.expire(expires - 1);
+    assert_eq!(seen(&mut e), Vec::new(), "valid until its last millisecond");
+    e.expire(expires);
+    let out = seen(&mut e);
+    assert_eq!(out.last(), Some(&Seen::Close(agent, close::TOKEN_EXPIRED)));
+    let Seen::Frames(to, frames) = &out[0] else { panic!("{out:?}") };
+    assert_eq!((*to, frames[0].id), (agent, None), "an error that answers no command has no id");
+    assert!(
+        matches!(&frames[0].body, Event::Error { code: ErrorCode::Unauthorized, message, .. } if message == "token expired")
+    );
+    assert_eq!(e.next_expiry_ms(), None);
+
+    // A command that raced the close is refused, and nothing is sent twice.
+    e.handle_frame(agent, Codec::Json, send(7, 1), expires, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert!(
+        matches!(frame_events(&out)[..], [Event::Error { code: ErrorCode::Unauthorized, .. }]),
+        "{out:?}"
+    );
+    assert!(!out.iter().any(|s| matches!(s, Seen::Close(..))));
+    e.handle_gone(agent);
+    seen(&mut e);
+    assert_eq!(e.sessions(), 1, "the visitor stays");
+}
+
+#[test]
+fn a_command_on_an_expired_token_ends_the_session_before_the_timer_does() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    connected_agent(&mut e, &store, a);
+    let late = e.next_expiry_ms().expect("a token session");
+    e.handle_frame(a, Codec::Json, send(5, 1), late, &store, &mut no_random);
+    let out = seen(&mut e);
+    assert_eq!(out.last(), Some(&Seen::Close(a, close::TOKEN_EXPIRED)));
+    assert!(!out.iter().any(|s| matches!(s, Seen::Home(_) | Seen::Chat(..))), "not served: {out:?}");
+    e.handle_gone(a);
+    seen(&mut e);
+    assert_eq!((e.sessions(), e.next_expiry_ms()), (0, None));
+}
