@@ -75,6 +75,24 @@ pub enum IoDriver {
     Epoll,
 }
 
+/// How a shard's io_uring runs completion work ("task work": the receive
+/// that runs when data arrives on a socket, the completion of a send).
+/// BENCHMARKS.md ("Ring setup") has the measurements behind the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UringTaskrun {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN` (Linux 6.1): task work runs only
+    /// when the shard waits for completions, all of it in one batch on the
+    /// shard's own core. Without it a completion posted from the other
+    /// core interrupts the shard (and contends for the socket lock).
+    Defer,
+    /// `COOP_TASKRUN | TASKRUN_FLAG`: no interrupt, task work waits for
+    /// the shard's next system call.
+    Coop,
+    /// The kernel's default: task work may interrupt the shard at any time.
+    Default,
+}
+
 /// `[server]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -92,6 +110,10 @@ pub struct ServerConfig {
     pub pin_cores: bool,
     /// Submission queue entries of each shard's io_uring.
     pub uring_entries: u32,
+    /// How each shard's io_uring runs completion work: `defer` (default),
+    /// `coop` or `default`. A kernel that refuses the flags fails the
+    /// start with the reason, never silently.
+    pub uring_taskrun: UringTaskrun,
     /// Listen backlog of each shard's SO_REUSEPORT socket.
     pub backlog: i32,
     /// Connections one shard holds at most; past it new ones get 503.
@@ -132,6 +154,7 @@ impl Default for ServerConfig {
             io: IoDriver::Uring,
             pin_cores: true,
             uring_entries: 4096,
+            uring_taskrun: UringTaskrun::Defer,
             backlog: 4096,
             max_connections_per_shard: 50_000,
             heartbeat_s: 25,
@@ -977,12 +1000,25 @@ mod tests {
     }
 
     #[test]
+    fn the_ring_setup_is_named_config() {
+        let o = Overrides::default();
+        assert_eq!(load(None, &[], &o).unwrap().server.uring_taskrun, UringTaskrun::Defer);
+        for (name, want) in
+            [("defer", UringTaskrun::Defer), ("coop", UringTaskrun::Coop), ("default", UringTaskrun::Default)]
+        {
+            let file = format!("[server]\nuring_taskrun = \"{name}\"\n");
+            assert_eq!(load(Some(&file), &[], &o).unwrap().server.uring_taskrun, want);
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         let o = Overrides::default();
         for file in [
             "[server]\nlisten = \"nowhere\"\n",
             "[server]\nheartbeat_s = 0\n",
             "[server]\nio = \"kqueue\"\n",
+            "[server]\nuring_taskrun = \"sqpoll\"\n",
             "[limits]\nmax_message_bytes = 999999999\n",
             "[limits]\nread_buffer_bytes = 5000\n",
             "[slab]\nclasses = [{bytes = 4096, count = 1}, {bytes = 1024, count = 1}]\n",

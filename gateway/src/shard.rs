@@ -27,7 +27,7 @@ use kefu_proto::client::{Codec, ServerFrame, SpareStrings};
 use crate::chat::frames::{FrameEncoder, SharedFrame};
 use crate::chat::service::{ChatInit, ChatService, Local};
 use crate::chat::{SessionAddr, ShardMsg};
-use crate::config::{Config, IoDriver};
+use crate::config::{Config, IoDriver, UringTaskrun};
 use crate::conn::{self, Conn};
 use crate::mailbox::{Mailbox, Waiter};
 use crate::metrics::ShardStats;
@@ -341,15 +341,17 @@ pub fn run(init: ShardInit) {
     let ready = init.ready.clone();
     let core = pin(&config, id);
     let entries = config.server.uring_entries;
+    let taskrun = config.server.uring_taskrun;
     let failed = match config.server.io {
         IoDriver::Uring => {
             match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .uring_builder(ring_setup(taskrun))
                 .with_entries(entries)
                 .enable_timer()
                 .build()
             {
                 Ok(mut rt) => {
-                    info!(shard = id, driver = "io_uring", entries, core = ?core, "shard starting");
+                    info!(shard = id, driver = "io_uring", entries, ?taskrun, core = ?core, "shard starting");
                     rt.block_on(serve(init));
                     None
                 }
@@ -376,16 +378,35 @@ pub fn run(init: ShardInit) {
 pub fn probe_driver(config: &Config) -> Result<(), String> {
     match config.server.io {
         IoDriver::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .uring_builder(ring_setup(config.server.uring_taskrun))
             .with_entries(config.server.uring_entries)
             .build()
             .map(|_| ())
             .map_err(|e| {
                 format!(
-                    "io_uring is unavailable ({e}); set server.io = \"epoll\" (or KEFU_SERVER_IO=epoll) to run on epoll"
+                    "io_uring with server.uring_taskrun = {:?} is unavailable ({e}); set server.uring_taskrun = \"default\" for an older kernel, or server.io = \"epoll\" (KEFU_SERVER_IO=epoll) to run on epoll",
+                    config.server.uring_taskrun
                 )
             }),
         IoDriver::Epoll => Ok(()),
     }
+}
+
+/// The ring flags for `server.uring_taskrun`. SINGLE_ISSUER holds: only
+/// the shard's own thread submits to its ring (other threads reach the
+/// shard through its mailbox's eventfd).
+fn ring_setup(taskrun: UringTaskrun) -> io_uring::Builder {
+    let mut ring = io_uring::IoUring::builder();
+    match taskrun {
+        UringTaskrun::Defer => {
+            ring.setup_single_issuer().setup_defer_taskrun();
+        }
+        UringTaskrun::Coop => {
+            ring.setup_coop_taskrun().setup_taskrun_flag();
+        }
+        UringTaskrun::Default => {}
+    }
+    ring
 }
 
 fn pin(config: &Config, id: usize) -> Option<usize> {
