@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Measures kefu's /ws/echo and the baseline echo servers (benches/:
 # echo-tungstenite, echo-fastws) side by side in one run, with the same
-# client (kefu-bench) and the same pinning:
+# clients and the same pinning. Every server is driven by every client:
+# kefu-bench (ours) and the independent load clients in benches/
+# (load-tungstenite, load-fastws), so no figure rests on kefu's own client.
+# The server's CPU per message is measured here from /proc for every pair.
+#
+# Servers: kefu (server.uring_taskrun = "defer", the default), kefu-coop,
+# kefu-default (the other ring setups), kefu-epoll (server.io = "epoll"),
+# fastws, tungstenite.
 #
 #   - throughput and latency: server pinned to one core, client to the other
 #     (taskset), 100 connections x 512 B and 500 connections x 16 KiB, closed
@@ -17,7 +24,9 @@
 # Results: one JSON line per run in $OUT/echo.jsonl and $OUT/idle.jsonl, and
 # a table at the end.
 #
-# Usage: tools/bench-baselines.sh [--no-build] [--out DIR] [--servers "tungstenite fastws"]
+# Usage: tools/bench-baselines.sh [--no-build] [--out DIR] [--servers "kefu kefu-coop fastws"]
+#                                 [--clients "kefu-bench tungstenite fastws"]
+#                                 [--scenarios "100x512 1000x64 500x16384"]
 #                                 [--duration S] [--warmup S] [--idle-connections N]
 #                                 [--client-cpu N] [--server-cpu N] [--quiet-wait S]
 #                                 [--skip-echo] [--skip-idle] [--repeat N]
@@ -31,6 +40,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 BUILD=1
 OUT=$REPO/target-bench/baselines
 SERVERS="kefu fastws tungstenite"
+CLIENTS="kefu-bench tungstenite fastws"
 DURATION=10
 WARMUP=2
 IDLE_CONNECTIONS=10000
@@ -43,13 +53,18 @@ SKIP_ECHO=0
 SKIP_IDLE=0
 REPEAT=3
 # connections size pipeline
-SCENARIOS=("100 512 1" "500 16384 1")
+SCENARIOS=("100 512 1" "1000 64 1" "500 16384 1")
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-build) BUILD=0 ;;
         --out) OUT=$2; shift ;;
         --servers) SERVERS=$2; shift ;;
+        --clients) CLIENTS=$2; shift ;;
+        --scenarios)
+            SCENARIOS=()
+            for sc in $2; do SCENARIOS+=("${sc%x*} ${sc#*x} 1"); done
+            shift ;;
         --duration) DURATION=$2; shift ;;
         --warmup) WARMUP=$2; shift ;;
         --idle-connections) IDLE_CONNECTIONS=$2; shift ;;
@@ -59,7 +74,7 @@ while [ $# -gt 0 ]; do
         --skip-echo) SKIP_ECHO=1 ;;
         --skip-idle) SKIP_IDLE=1 ;;
         --repeat) REPEAT=$2; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -79,17 +94,23 @@ trap stop_server EXIT
 # its diagnostic echo endpoint, a fresh data directory.
 url_of() {
     case "$1" in
-        kefu) echo "ws://127.0.0.1:$PORT/ws/echo" ;;
+        kefu*) echo "ws://127.0.0.1:$PORT/ws/echo" ;;
         *) echo "ws://127.0.0.1:$PORT/" ;;
     esac
 }
 
 start_server() {
     local name=$1
-    if [ "$name" = kefu ]; then
-        local data
+    if [[ "$name" == kefu* ]]; then
+        local data ring=() variant=${name#kefu}
         data=$(mktemp -d)
-        taskset -c "$SERVER_CPU" "$BIN/kefu" serve --echo --shards 1 --listen "127.0.0.1:$PORT" \
+        case "$variant" in
+            "") ;;
+            -epoll) ring=(KEFU_SERVER_IO=epoll) ;;
+            -coop | -default) ring=(KEFU_SERVER_URING_TASKRUN="${variant#-}") ;;
+            *) echo "unknown kefu variant: $name" >&2; exit 2 ;;
+        esac
+        env "${ring[@]}" taskset -c "$SERVER_CPU" "$BIN/kefu" serve --echo --shards 1 --listen "127.0.0.1:$PORT" \
             --admin-listen "127.0.0.1:$((PORT + 1))" --data "$data" 2>>"$OUT/server-$name.log" &
     else
         taskset -c "$SERVER_CPU" "$BIN/echo-$name" --listen "127.0.0.1:$PORT" 2>>"$OUT/server-$name.log" &
@@ -105,6 +126,45 @@ start_server() {
     exit 1
 }
 
+# A closed-loop run of one of the independent clients (benches/load-*),
+# with the server's CPU (from /proc) and everyone else's over the window.
+independent_run() { # server client connections size
+    local name=$1 client=$2 conns=$3 size=$4 result s0 s1 b0 t0 b1 t1
+    result=$(mktemp)
+    taskset -c "$CLIENT_CPU" "$BIN/load-$client" --url "$(url_of "$name")" --label "$name" \
+        --connections "$conns" --size "$size" --duration "$DURATION" --warmup "$WARMUP" \
+        --sources 127.0.0.1,127.0.0.2,127.0.0.3 >"$result" &
+    local client_pid=$!
+    sleep "$WARMUP"
+    # The client times its own window (and reports its own CPU); these
+    # samples bracket it to within a few ms.
+    s0=$(proc_ticks "$SERVER_PID"); read -r b0 t0 < <(host_ticks)
+    sleep "$DURATION"
+    s1=$(proc_ticks "$SERVER_PID"); read -r b1 t1 < <(host_ticks)
+    wait "$client_pid" || echo "WARNING: load-$client against $name failed" >&2
+    python3 - "$result" "$((s1 - s0))" "$((b1 - b0))" "$((t1 - t0))" "$(nproc)" "$(getconf CLK_TCK)" "$DURATION" \
+        >>"$OUT/echo.jsonl" <<'PY'
+import json, sys
+path, srv, busy, total, cores, hz, window = sys.argv[1:]
+r = json.loads(open(path).read())
+srv, busy, total, cores, hz, window = int(srv), int(busy), int(total), int(cores), int(hz), float(window)
+# host ticks are summed over every core; a process's are its own.
+host_busy_cores = busy / max(total, 1) * cores
+server_cores = srv / hz / window
+r["client"] = r.pop("client").replace("tokio-tungstenite", "tungstenite").replace("fastwebsockets", "fastws")
+r["pipeline"] = 1
+r["latency_us"] = {"p50": r["p50_us"], "p99": r["p99_us"], "p999": r["p999_us"]}
+r["server_cores_busy"] = server_cores
+r["client_cores_busy"] = r["client_cpu_cores"]
+r["server_cpu_us_per_msg"] = server_cores * 1e6 / r["msgs_per_s"] if r["msgs_per_s"] else None
+r["other_cpu_cores"] = max(0.0, host_busy_cores - server_cores - r["client_cores_busy"])
+print(json.dumps(r))
+PY
+    rm -f "$result"
+}
+
+# utime + stime of a process, in clock ticks.
+proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 for name in $SERVERS; do
     if [ "$SKIP_ECHO" = 0 ]; then
@@ -112,14 +172,20 @@ for name in $SERVERS; do
         for scenario in "${SCENARIOS[@]}"; do
             read -r conns size pipeline <<<"$scenario"
             for run in $(seq "$REPEAT"); do
+              for client in $CLIENTS; do
                 wait_quiet
-                echo "== echo-$name: $conns x $size B, pipeline $pipeline (run $run/$REPEAT)" >&2
-                taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" echo --url "$(url_of "$name")" \
-                    --connections "$conns" --size "$size" --pipeline "$pipeline" \
-                    --duration "$DURATION" --warmup "$WARMUP" --cpu "$CLIENT_CPU" \
-                    --server-pid "$SERVER_PID" |
-                    python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["server"]=sys.argv[1]; print(json.dumps(r))' "$name" \
-                        >>"$OUT/echo.jsonl"
+                echo "== echo-$name <- $client: $conns x $size B, pipeline $pipeline (run $run/$REPEAT)" >&2
+                if [ "$client" = kefu-bench ]; then
+                    taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" echo --url "$(url_of "$name")" \
+                        --connections "$conns" --size "$size" --pipeline "$pipeline" \
+                        --duration "$DURATION" --warmup "$WARMUP" --cpu "$CLIENT_CPU" \
+                        --server-pid "$SERVER_PID" |
+                        python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["server"]=sys.argv[1]; r["client"]="kefu-bench"; print(json.dumps(r))' "$name" \
+                            >>"$OUT/echo.jsonl"
+                else
+                    independent_run "$name" "$client" "$conns" "$size"
+                fi
+              done
             done
         done
         stop_server
@@ -151,16 +217,16 @@ echo = rows("echo.jsonl")
 if echo:
     groups = {}
     for r in echo:
-        groups.setdefault((r.get("server", "?"), r["connections"], r["size"], r["pipeline"]), []).append(r)
-    print(f"{'server':<12} {'conns':>5} {'size':>6} {'K':>3} {'runs':>4} {'msg/s':>9} {'p50 µs':>8} {'p99 µs':>8} "
+        groups.setdefault((r.get("server", "?"), r.get("client", "kefu-bench"), r["connections"], r["size"], r["pipeline"]), []).append(r)
+    print(f"{'server':<12} {'client':<11} {'conns':>5} {'size':>6} {'K':>3} {'runs':>4} {'msg/s':>9} {'p50 µs':>8} {'p99 µs':>8} "
           f"{'cli core':>8} {'srv core':>8} {'cli µs/m':>8} {'srv µs/m':>8} {'other':>6} {'err':>4}")
-    for (server, conns, size, k), runs in groups.items():
+    for (server, client, conns, size, k), runs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][1], kv[0][0])):
         clean = [r for r in runs if r.get("other_cpu_cores", 0) <= 0.1] or runs
         clean.sort(key=lambda r: r["msgs_per_s"])
         r = clean[len(clean) // 2]
         pct = lambda v: "-" if v is None else f"{100*v:.0f}%"
         num = lambda v: "-" if v is None else f"{v:.2f}"
-        print(f"{server:<12} {conns:>5} {size:>6} {k:>3} {len(clean):>2}/{len(runs):<1} {r['msgs_per_s']:>9.0f} "
+        print(f"{server:<12} {client:<11} {conns:>5} {size:>6} {k:>3} {len(clean):>2}/{len(runs):<1} {r['msgs_per_s']:>9.0f} "
               f"{r['latency_us']['p50']:>8.0f} {r['latency_us']['p99']:>8.0f} "
               f"{pct(r.get('client_cores_busy')):>8} {pct(r.get('server_cores_busy')):>8} "
               f"{num(r.get('client_cpu_us_per_msg')):>8} {num(r.get('server_cpu_us_per_msg')):>8} "

@@ -18,6 +18,8 @@
 //! and the tokio runtime they build from it. The criterion benches of kefu's
 //! own hot path live beside it in `benches/`.
 
+pub mod load;
+
 use std::net::SocketAddr;
 
 use clap::Parser;
