@@ -69,6 +69,42 @@ impl LoadArgs {
     }
 }
 
+/// Runs `connection(i)` for every `--connections` index on one
+/// current-thread runtime until all have ended (a failed one is counted in
+/// `meter` and reported on stderr), then prints the report as one JSON
+/// line. `client` names the stack in the report.
+pub fn run_all<F, Fut>(
+    args: &LoadArgs,
+    meter: &SharedMeter,
+    client: &str,
+    connection: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + 'static,
+{
+    let runtime = args.runtime()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async {
+        let tasks: Vec<_> = (0..args.connections)
+            .map(|i| {
+                let (meter, work) = (meter.clone(), connection(i));
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = work.await {
+                        eprintln!("connection {i}: {e:#}");
+                        meter.borrow_mut().error();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    println!("{}", meter.borrow().report(args, client));
+    Ok(())
+}
+
 /// A connected TCP socket from `source` with Nagle off (each echo is one
 /// small write waiting for its answer).
 pub async fn dial(source: SocketAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {

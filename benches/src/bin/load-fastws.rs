@@ -6,14 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use clap::Parser as _;
 use fastwebsockets::{FragmentCollector, Frame, OpCode, Payload};
 use http_body_util::Empty;
 use hyper::Request;
 use hyper::body::Bytes;
 use hyper::header::{CONNECTION, UPGRADE};
-use kefu_benches::load::{LoadArgs, Meter, SharedMeter, dial, payload};
+use kefu_benches::load::{LoadArgs, Meter, SharedMeter, dial, payload, run_all};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -34,44 +33,23 @@ where
 fn main() -> anyhow::Result<()> {
     let args = LoadArgs::parse();
     let (addr, path) = args.target()?;
-    let runtime = args.runtime().context("building the tokio runtime")?;
     let meter = Meter::new(Duration::from_secs(args.warmup), Duration::from_secs(args.duration));
-    runtime.block_on(async {
-        let local = tokio::task::LocalSet::new();
-        local
-            .run_until(async {
-                let mut tasks = Vec::with_capacity(args.connections);
-                for i in 0..args.connections {
-                    let (meter, path, source, size) =
-                        (meter.clone(), path.clone(), args.source(i), args.size);
-                    tasks.push(tokio::task::spawn_local(async move {
-                        if let Err(e) = run(meter.clone(), source, addr, &path, size).await {
-                            eprintln!("connection {i}: {e:#}");
-                            meter.borrow_mut().error();
-                        }
-                    }));
-                }
-                for t in tasks {
-                    let _ = t.await;
-                }
-            })
-            .await;
-    });
-    println!("{}", meter.borrow().report(&args, "fastwebsockets"));
-    Ok(())
+    run_all(&args, &meter, "fastwebsockets", |i| {
+        run(meter.clone(), args.source(i), addr, path.clone(), args.size)
+    })
 }
 
 async fn run(
     meter: SharedMeter,
     source: std::net::SocketAddr,
     addr: std::net::SocketAddr,
-    path: &str,
+    path: String,
     size: usize,
 ) -> anyhow::Result<()> {
     let stream = dial(source, addr).await?;
     let request = Request::builder()
         .method("GET")
-        .uri(path)
+        .uri(path.as_str())
         .header("Host", addr.to_string())
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser as _;
 use futures_util::{SinkExt as _, StreamExt as _};
-use kefu_benches::load::{LoadArgs, Meter, SharedMeter, dial, payload};
+use kefu_benches::load::{LoadArgs, Meter, SharedMeter, dial, payload, run_all};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
@@ -18,32 +18,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let args = LoadArgs::parse();
     let (addr, _) = args.target()?;
-    let runtime = args.runtime().context("building the tokio runtime")?;
     let meter = Meter::new(Duration::from_secs(args.warmup), Duration::from_secs(args.duration));
-    runtime.block_on(async {
-        let local = tokio::task::LocalSet::new();
-        local
-            .run_until(async {
-                let message = bytes_message(args.size);
-                let mut tasks = Vec::with_capacity(args.connections);
-                for i in 0..args.connections {
-                    let (meter, url, message, source) =
-                        (meter.clone(), args.url.clone(), message.clone(), args.source(i));
-                    tasks.push(tokio::task::spawn_local(async move {
-                        if let Err(e) = run(meter.clone(), source, addr, &url, message).await {
-                            eprintln!("connection {i}: {e:#}");
-                            meter.borrow_mut().error();
-                        }
-                    }));
-                }
-                for t in tasks {
-                    let _ = t.await;
-                }
-            })
-            .await;
-    });
-    println!("{}", meter.borrow().report(&args, "tokio-tungstenite"));
-    Ok(())
+    let message = bytes_message(args.size);
+    run_all(&args, &meter, "tokio-tungstenite", |i| {
+        run(meter.clone(), args.source(i), addr, args.url.clone(), message.clone())
+    })
 }
 
 fn bytes_message(size: usize) -> Message {
@@ -54,7 +33,7 @@ async fn run(
     meter: SharedMeter,
     source: std::net::SocketAddr,
     addr: std::net::SocketAddr,
-    url: &str,
+    url: String,
     message: Message,
 ) -> anyhow::Result<()> {
     let stream = dial(source, addr).await?;
