@@ -282,6 +282,13 @@ pub struct ShardStats {
     /// `limits.unauthenticated_message_bytes_max` (1009), or buffers over
     /// `limits.unauthenticated_buffer_bytes_max` (1013).
     pub unauthenticated_refusals: AtomicU64,
+    /// `/ws` requests answered `429` for
+    /// `limits.new_connections_per_s_per_ip`.
+    pub handshakes_rate_limited: AtomicU64,
+    /// The chat edge's refusals: new anonymous visitors over
+    /// `limits.anonymous_per_min_per_ip`, attachments over
+    /// `limits.attachment_bytes_per_min`.
+    pub edge: Arc<kefu_core::chat::edge::EdgeCounts>,
     /// Thread CPU nanoseconds spent draining the inbox: deliveries from
     /// other shards and this shard's chat service (its sessions, the
     /// conversations homed here, on shard 0 the router; storage
@@ -418,7 +425,7 @@ pub fn render<T: Send>(
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     type Field = fn(&ShardStats) -> &AtomicU64;
-    let series: [(&str, &str, &str, Field); 20] = [
+    let series: [(&str, &str, &str, Field); 23] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),
         ("kefu_accepted_total", "counter", "Connections accepted.", |s| &s.accepted),
         ("kefu_refused_full_total", "counter", "Connections refused: shard full.", |s| &s.refused_full),
@@ -448,6 +455,24 @@ pub fn render<T: Send>(
             "counter",
             "Closes before connect: message too big (1009) or buffer budget spent (1013).",
             |s| &s.unauthenticated_refusals,
+        ),
+        (
+            "kefu_handshakes_rate_limited_total",
+            "counter",
+            "WebSocket requests answered 429: limits.new_connections_per_s_per_ip.",
+            |s| &s.handshakes_rate_limited,
+        ),
+        (
+            "kefu_anonymous_rate_limited_total",
+            "counter",
+            "New anonymous visitors refused (rate_limited): limits.anonymous_per_min_per_ip.",
+            |s| &s.edge.anonymous_refused,
+        ),
+        (
+            "kefu_attachments_rate_limited_total",
+            "counter",
+            "Sends refused (rate_limited): limits.attachment_bytes_per_min.",
+            |s| &s.edge.attachments_refused,
         ),
         ("kefu_backlog_messages", "gauge", "Posts waiting for another shard's full inbox.", |s| &s.backlog),
         ("kefu_posts_refused_total", "counter", "Posts refused (unavailable): backlog full.", |s| {
