@@ -682,6 +682,26 @@ impl CommitStats {
     }
 }
 
+/// The per-address tables every shard shares (`limits.tracked_ips_max`
+/// bounds each), by the limit they serve.
+#[derive(Debug)]
+pub struct PerIpTables(pub [(&'static str, Arc<kefu_core::per_ip::PerIpLimiter>); 2]);
+
+impl PerIpTables {
+    /// Appends how full each table is and how often its bound bit.
+    pub fn render(&self, out: &mut String) {
+        family(out, "kefu_tracked_ips", "gauge", "Client addresses a per-address limit remembers.");
+        for (limit, table) in &self.0 {
+            let _ = writeln!(out, "kefu_tracked_ips{{limit=\"{limit}\"}} {}", table.len());
+        }
+        let help = "Addresses forgotten while in use: limits.tracked_ips_max.";
+        family(out, "kefu_tracked_ips_evicted_total", "counter", help);
+        for (limit, table) in &self.0 {
+            let _ = writeln!(out, "kefu_tracked_ips_evicted_total{{limit=\"{limit}\"}} {}", table.evicted());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -241,6 +241,10 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             bridge: Default::default(),
             hooks: hook_stats,
             commits: commit_stats,
+            per_ip: crate::metrics::PerIpTables([
+                ("new_connections_per_s_per_ip", handshakes),
+                ("anonymous_per_min_per_ip", anonymous),
+            ]),
         },
         calls: crate::bridge::calls::Calls::new(
             reader,

@@ -285,6 +285,9 @@ fn a_handshake_flood_from_one_address_gets_429_while_another_connects() {
     let metrics = metrics_until(&gw, "429s counted", |m| {
         sample(m, "kefu_handshakes_rate_limited_total", &[]) == limited as f64
     });
+    let table = ["limit=\"new_connections_per_s_per_ip\""];
+    assert_eq!(sample(&metrics, "kefu_tracked_ips", &table), 2.0, "127.0.0.1 and 127.0.0.2");
+    assert_eq!(sample(&metrics, "kefu_tracked_ips_evicted_total", &table), 0.0);
     promtool_check(&metrics);
 }
 
