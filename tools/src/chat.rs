@@ -1195,10 +1195,10 @@ impl ThreadState {
         match frame.body {
             // A refused connect is the gateway's per-address limit on new
             // anonymous visitors, not the per-connection command limit the
-            // run's `rate_limited` count is about: tallied apart, and named.
-            Event::Error { code: ErrorCode::RateLimited, message } if what == "connect" => {
-                let mut tally = self.tally.borrow_mut();
-                *tally.connection_errors.entry(format!("connect refused: {message}")).or_default() += 1;
+            // run's `rate_limited` count is about: it is left out of that
+            // count, and the caller tallies it as a connection error that
+            // names the limit.
+            Event::Error { code: ErrorCode::RateLimited, .. } if what == "connect" => {
                 Some(Err("connect: rate_limited (raise the gateway's limits.anonymous_per_min_per_ip for a \
                           benchmark from few addresses, e.g. KEFU_LIMITS_ANONYMOUS_PER_MIN_PER_IP=1000000)"
                     .to_string()))
