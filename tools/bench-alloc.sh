@@ -60,7 +60,9 @@ rm -rf "$RUN"
 mkdir -p "$RUN"
 metrics() { curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics"; }
 
+# Thousands of anonymous visitors from one address: per-address limits lifted.
 KEFU_LIMITS_MESSAGES_PER_S=1000000 KEFU_LIMITS_BURST=1000000 \
+    KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000 KEFU_LIMITS_ANONYMOUS_PER_MIN_PER_IP=1000000 \
     taskset -c "$SERVER_CPU" "$BIN/kefu" serve --shards "$SHARDS" --listen "127.0.0.1:$PORT" \
     --admin-listen "127.0.0.1:$ADMIN_PORT" --data "$RUN/data" 2>"$RUN/gateway.log" &
 SERVER_PID=$!

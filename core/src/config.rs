@@ -117,6 +117,19 @@ impl CoreConfig {
         if self.rate.burst == 0 {
             return refuse("limits.burst", "at least 1");
         }
+        let attachment_budget = self.rate.attachment_bytes_per_min;
+        if attachment_budget < l.max_attachment_bytes as u64
+            || attachment_budget > ATTACHMENT_BYTES_PER_MIN_MAX
+        {
+            return refuse(
+                "limits.attachment_bytes_per_min",
+                format!(
+                    "between messages.max_attachment_bytes ({}) and {ATTACHMENT_BYTES_PER_MIN_MAX}: a smaller \
+                     budget never lets the largest attachment through",
+                    l.max_attachment_bytes
+                ),
+            );
+        }
         let r = &self.routing;
         if r.default_capacity > r.max_capacity {
             return refuse("routing.default_capacity", "at most routing.max_capacity");
@@ -234,9 +247,11 @@ impl Default for LimitsConfig {
     }
 }
 
-/// The per-connection token bucket (`[limits] messages_per_s`, `burst`).
+/// The per-connection token buckets (`[limits] messages_per_s`, `burst`,
+/// `attachment_bytes_per_min`).
 ///
-/// Every command after `connect` except `ping` takes one token.
+/// Every command after `connect` except `ping` takes one token; a `send`'s
+/// attachment also takes its decoded bytes from the attachment budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
@@ -245,11 +260,25 @@ pub struct RateLimitConfig {
     pub messages_per_s: u32,
     /// Commands that may arrive at once after a quiet spell. Default 40.
     pub burst: u32,
+    /// Attachment bytes (decoded) one connection may send per minute,
+    /// sustained, and at once after a quiet minute; a `send` over it is
+    /// `rate_limited` with the wait until its attachment fits. Default
+    /// 16 MiB: sixteen full-size (1 MiB) images a minute, more than a
+    /// person picks and sends, while a script is held to about 280 KB/s
+    /// of stored blobs per connection. At least
+    /// `messages.max_attachment_bytes`, or the largest attachment would
+    /// never fit; at most [`ATTACHMENT_BYTES_PER_MIN_MAX`].
+    pub attachment_bytes_per_min: u64,
 }
+
+/// The ceiling of `limits.attachment_bytes_per_min` (1 TiB): far above
+/// any use, and low enough that the budget in bucket units (bytes × 60,000)
+/// stays inside `u64`.
+pub const ATTACHMENT_BYTES_PER_MIN_MAX: u64 = 1 << 40;
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        Self { messages_per_s: 20, burst: 40 }
+        Self { messages_per_s: 20, burst: 40, attachment_bytes_per_min: 16 * 1024 * 1024 }
     }
 }
 
@@ -426,6 +455,13 @@ mod tests {
         let mut c = CoreConfig::default();
         c.rate.messages_per_s = 0;
         assert!(c.validate().is_err());
+        let mut c = CoreConfig::default();
+        c.rate.attachment_bytes_per_min = 0;
+        assert_eq!(c.validate().unwrap_err().key, "limits.attachment_bytes_per_min");
+        c.rate.attachment_bytes_per_min = c.limits.max_attachment_bytes as u64 - 1;
+        assert_eq!(c.validate().unwrap_err().key, "limits.attachment_bytes_per_min");
+        c.rate.attachment_bytes_per_min = ATTACHMENT_BYTES_PER_MIN_MAX + 1;
+        assert_eq!(c.validate().unwrap_err().key, "limits.attachment_bytes_per_min");
         let mut c = CoreConfig::default();
         c.routing.default_capacity = 101;
         assert!(c.validate().is_err());

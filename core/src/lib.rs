@@ -17,7 +17,8 @@
 //!
 //! The rest are values: [`auth`] checks credentials, [`identity`] is what
 //! they prove, [`cid`] names a message for idempotency, [`ratelimit`] is the
-//! token bucket, [`resume`] sizes a replay, [`rules`] holds canned and automatic replies, and
+//! token bucket, [`per_ip`] a bounded table of them by client address (the
+//! one piece of state all shards share, behind striped locks), [`resume`] sizes a replay, [`rules`] holds canned and automatic replies, and
 //! [`config`] every knob with its default.
 //!
 //! Time is always an argument (`now_ms`, milliseconds since the epoch) and
@@ -30,6 +31,7 @@ pub mod cid;
 pub mod config;
 pub mod conversation;
 pub mod identity;
+pub mod per_ip;
 pub mod presence;
 pub mod ratelimit;
 pub mod resume;

@@ -57,6 +57,7 @@ impl Config {
             rate: kefu_core::config::RateLimitConfig {
                 messages_per_s: self.limits.messages_per_s,
                 burst: self.limits.burst,
+                attachment_bytes_per_min: self.limits.attachment_bytes_per_min,
             },
             routing: self.routing.clone(),
             rules: self.rules.clone(),
@@ -143,6 +144,14 @@ pub struct ServerConfig {
     /// own; `"*"` allows any. A client that sends no `Origin` (not a
     /// browser) is always let through to authenticate as usual.
     pub allowed_origins: Vec<String>,
+    /// Load balancers and reverse proxies (IP addresses or CIDRs such as
+    /// `10.0.0.0/8`, `fd00::/8`) whose `X-Forwarded-For` is believed: only
+    /// for a connection from one of them does the rightmost address of
+    /// that header which is not itself a trusted proxy name the client
+    /// (for the per-address limits and the logs). Default empty: the
+    /// header is ignored and the TCP peer is the client, since anyone can
+    /// send the header.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -165,6 +174,7 @@ impl Default for ServerConfig {
             backlog_messages_max: 65_536,
             api_calls_max: 4096,
             allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -211,7 +221,48 @@ pub struct LimitsConfig {
     /// it is closed with 1013. So anonymous sockets cannot take the
     /// buffers the shard's signed-in clients need.
     pub unauthenticated_buffer_bytes_max: usize,
+    /// WebSocket handshakes (`/ws` requests) one client address may make
+    /// per second, sustained; past it (and the burst) the request is
+    /// answered `429 Too Many Requests` with `Retry-After` and closed.
+    /// Default 50: people behind one NAT open a few connections a minute
+    /// each (a page load, a reconnect), so even an office of thousands
+    /// stays far below it, while a script opening sockets in a loop meets
+    /// it within a second. Counted per address over all shards (IPv6 per
+    /// /64).
+    pub new_connections_per_s_per_ip: u32,
+    /// Handshakes one address may make at once after a quiet spell.
+    /// Default 500: when the gateway restarts, every tab of an office
+    /// behind one NAT reconnects within the same few seconds.
+    pub new_connections_burst_per_ip: u32,
+    /// New anonymous visitors (`connect` with neither token nor
+    /// `visitor_id`/`visitor_key`) one client address may create per
+    /// minute, sustained, and at once after a quiet minute; past it the
+    /// `connect` is `rate_limited` (retry after the wait the message
+    /// names) and nothing is stored. Default 120: a visitor gets an
+    /// identity once and comes back with its key, so even a shop's
+    /// walk-in wifi makes a handful a minute, while a script minting
+    /// identities (each a durable, fsynced record) is held to two a second.
+    pub anonymous_per_min_per_ip: u32,
+    /// Client addresses each per-address table (handshakes, anonymous
+    /// visitors) remembers at most, over all shards; past it the idle,
+    /// then the least recently seen, are forgotten. Default 65536, about
+    /// 4 MiB per table at most.
+    pub tracked_ips_max: usize,
+    /// Attachment bytes (decoded) one connection may send per minute,
+    /// sustained and at once; a `send` whose attachment does not fit is
+    /// `rate_limited` (retry after the wait the message names). Default
+    /// 16 MiB (sixteen full-size attachments a minute); at least
+    /// `messages.max_attachment_bytes`.
+    pub attachment_bytes_per_min: u64,
 }
+
+/// The ceiling of the per-address rates and bursts: far above any real
+/// client, so a value past it is a typo (or a wish for no limit, which
+/// this ceiling still grants in practice).
+pub const PER_IP_RATE_MAX: u32 = 1_000_000;
+
+/// The ceiling of `limits.tracked_ips_max` (about 256 MiB per table).
+pub const TRACKED_IPS_MAX: usize = 1 << 22;
 
 /// Bytes of a `send` besides its attachment or text, JSON-escaped at worst:
 /// the field names, `conv`, `id`, the `cid` and the `mime` (each at most
@@ -246,6 +297,11 @@ impl Default for LimitsConfig {
             buffer_wait_timeout_ms: 2_000,
             unauthenticated_message_bytes_max: 32 * 1024,
             unauthenticated_buffer_bytes_max: 8 * 1024 * 1024,
+            new_connections_per_s_per_ip: 50,
+            new_connections_burst_per_ip: 500,
+            anonymous_per_min_per_ip: 120,
+            tracked_ips_max: 65_536,
+            attachment_bytes_per_min: kefu_core::config::RateLimitConfig::default().attachment_bytes_per_min,
         }
     }
 }
@@ -791,6 +847,24 @@ impl Config {
                     .into(),
             );
         }
+        let per_ip = [
+            ("limits.new_connections_per_s_per_ip", self.limits.new_connections_per_s_per_ip),
+            ("limits.new_connections_burst_per_ip", self.limits.new_connections_burst_per_ip),
+            ("limits.anonymous_per_min_per_ip", self.limits.anonymous_per_min_per_ip),
+        ];
+        if let Some((key, v)) = per_ip.iter().find(|(_, v)| *v == 0 || *v > PER_IP_RATE_MAX) {
+            return invalid(format!("{key} = {v}: must be between 1 and {PER_IP_RATE_MAX}"));
+        }
+        let tracked = self.limits.tracked_ips_max;
+        if !(kefu_core::per_ip::STRIPES..=TRACKED_IPS_MAX).contains(&tracked) {
+            return invalid(format!(
+                "limits.tracked_ips_max = {tracked}: must be between {} and {TRACKED_IPS_MAX}",
+                kefu_core::per_ip::STRIPES
+            ));
+        }
+        if let Err(why) = crate::client_ip::TrustedProxies::parse(&self.server.trusted_proxies) {
+            return invalid(format!("server.trusted_proxies: {why}"));
+        }
         self.core().validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.storage.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.admin.validate()?;
@@ -948,6 +1022,89 @@ mod tests {
         ] {
             assert!(load(Some(bad), &[], &Overrides::default()).is_err(), "accepted: {bad}");
         }
+    }
+
+    #[test]
+    fn per_address_limits_and_trusted_proxies_are_validated_with_the_key_named() {
+        let o = Overrides::default();
+        let c = load(None, &[], &o).unwrap();
+        assert_eq!(c.limits.new_connections_per_s_per_ip, 50);
+        assert_eq!(c.limits.new_connections_burst_per_ip, 500);
+        assert_eq!(c.limits.anonymous_per_min_per_ip, 120);
+        assert_eq!(c.limits.attachment_bytes_per_min, 16 * 1024 * 1024);
+        assert!(c.server.trusted_proxies.is_empty(), "X-Forwarded-For ignored by default");
+        for (file, key) in [
+            (
+                "[limits]
+new_connections_per_s_per_ip = 0
+",
+                "limits.new_connections_per_s_per_ip",
+            ),
+            (
+                "[limits]
+new_connections_burst_per_ip = 0
+",
+                "limits.new_connections_burst_per_ip",
+            ),
+            (
+                "[limits]
+anonymous_per_min_per_ip = 0
+",
+                "limits.anonymous_per_min_per_ip",
+            ),
+            (
+                "[limits]
+anonymous_per_min_per_ip = 4000000000
+",
+                "limits.anonymous_per_min_per_ip",
+            ),
+            (
+                "[limits]
+tracked_ips_max = 0
+",
+                "limits.tracked_ips_max",
+            ),
+            (
+                "[limits]
+tracked_ips_max = 999999999999
+",
+                "limits.tracked_ips_max",
+            ),
+            (
+                "[limits]
+attachment_bytes_per_min = 0
+",
+                "limits.attachment_bytes_per_min",
+            ),
+            (
+                "[limits]
+attachment_bytes_per_min = 1000
+",
+                "limits.attachment_bytes_per_min",
+            ),
+            (
+                "[server]
+trusted_proxies = [\"10.0.0.0/33\"]
+",
+                "server.trusted_proxies",
+            ),
+            (
+                "[server]
+trusted_proxies = [\"proxy.local\"]
+",
+                "server.trusted_proxies",
+            ),
+        ] {
+            let err = load(Some(file), &[], &o).unwrap_err().to_string();
+            assert!(err.contains(key), "{file}: {err}");
+        }
+        let env = [
+            ("KEFU_SERVER_TRUSTED_PROXIES", r#"["10.0.0.0/8", "::1"]"#),
+            ("KEFU_LIMITS_NEW_CONNECTIONS_PER_S_PER_IP", "1000000"),
+        ];
+        let c = load(None, &env, &o).unwrap();
+        assert_eq!(c.server.trusted_proxies, ["10.0.0.0/8", "::1"]);
+        assert_eq!(c.limits.new_connections_per_s_per_ip, 1_000_000);
     }
 
     #[test]

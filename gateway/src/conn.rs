@@ -31,6 +31,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
@@ -166,6 +167,9 @@ pub struct Conn {
     partial_since_ms: Cell<Option<u64>>,
     /// The shard drains: read no more commands, only write what is queued.
     reads_stopped: Cell<bool>,
+    /// The client's address: the TCP peer's, or the one a trusted proxy's
+    /// `X-Forwarded-For` names (set from the request head).
+    client: Cell<IpAddr>,
     queue_frames_max: usize,
     queue_bytes_max: usize,
 }
@@ -175,7 +179,7 @@ pub struct Conn {
 pub struct SlowConsumer;
 
 impl Conn {
-    fn new(fd: RawFd, now_ms: u64, shard: &Shard) -> Self {
+    fn new(fd: RawFd, now_ms: u64, shard: &Shard, peer: IpAddr) -> Self {
         Self {
             fd,
             out: RefCell::new(VecDeque::new()),
@@ -189,6 +193,7 @@ impl Conn {
             closing_since_ms: Cell::new(None),
             partial_since_ms: Cell::new(None),
             reads_stopped: Cell::new(false),
+            client: Cell::new(peer),
             queue_frames_max: shard.limits.outbound_queue_frames,
             queue_bytes_max: shard.limits.outbound_queue_bytes,
         }
@@ -320,10 +325,10 @@ impl Conn {
 /// as arguments, once as locals), and every byte of this future is paid by
 /// every idle connection. The block below captures them once.
 #[allow(clippy::manual_async_fn)] // deliberately not `async fn`: see above
-pub fn serve(shard: Rc<Shard>, mut stream: TcpStream) -> impl Future<Output = ()> {
+pub fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: IpAddr) -> impl Future<Output = ()> {
     async move {
         let stream = &mut stream;
-        let conn = Rc::new(Conn::new(stream.as_raw_fd(), shard.now_ms(), &shard));
+        let conn = Rc::new(Conn::new(stream.as_raw_fd(), shard.now_ms(), &shard, peer));
         let Some(addr) = shard.register(conn.clone()) else {
             ShardStats::inc(&shard.stats().refused_full);
             let _ = Box::pin(respond(&shard, stream, 503, "Service Unavailable", b"shard full\n")).await;
@@ -331,7 +336,7 @@ pub fn serve(shard: Rc<Shard>, mut stream: TcpStream) -> impl Future<Output = ()
         };
         conn.addr.set(Some(addr));
         if let Err(e) = run(&shard, &conn, stream).await {
-            debug!(shard = shard.id, error = %e, "connection ended");
+            debug!(shard = shard.id, client = %conn.client.get(), error = %e, "connection ended");
         }
         shard.unregister(addr);
         if conn.upgraded.get() == Some(Endpoint::Client) {
@@ -362,7 +367,7 @@ async fn upgrade(
     session: &mut Session,
 ) -> std::io::Result<Option<Flow>> {
     let deadline = shard.limits.handshake_timeout;
-    let upgrade = match monoio::time::timeout(deadline, handshake(shard, stream)).await {
+    let upgrade = match monoio::time::timeout(deadline, handshake(shard, conn, stream)).await {
         Ok(r) => r?,
         Err(_) => {
             ShardStats::inc(&shard.stats().http_rejected);
@@ -412,7 +417,7 @@ enum Handshake {
 
 /// Reads the request head and answers it: the 101 for a WebSocket, an error
 /// status for anything else; a file of the console is left to the caller.
-async fn handshake(shard: &Shard, stream: &mut TcpStream) -> std::io::Result<Handshake> {
+async fn handshake(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::io::Result<Handshake> {
     let mut buf: Option<SlabBuf> = None;
     loop {
         stream.readable(true).await?;
@@ -470,6 +475,25 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> std::io::Result<Han
                 return Ok(Handshake::Answered);
             }
         };
+        let forwarded_for = head.headers().iter().filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"));
+        let client =
+            shard.limits.trusted_proxies.client_ip(conn.client.get(), forwarded_for.map(|h| h.value));
+        conn.client.set(client);
+        // Every `/ws` request counts, valid or not: the limit is on what
+        // one address makes the gateway do.
+        if endpoint == Endpoint::Client
+            && let Err(wait) = shard.handshakes.try_take(client, crate::chat::service::now_ms())
+        {
+            ShardStats::inc(&shard.stats().handshakes_rate_limited);
+            ShardStats::inc(&shard.stats().http_rejected);
+            // Whole seconds (RFC 9110), rounded up so a client that waits
+            // as told finds a token.
+            let retry_after_s = wait.0.div_ceil(1000).max(1).to_string();
+            let body = b"too many connections from this address (limits.new_connections_per_s_per_ip)\n";
+            let retry = [("Retry-After", retry_after_s.as_str())];
+            respond_with(shard, stream, (429, "Too Many Requests"), body, &retry).await?;
+            return Ok(Handshake::Answered);
+        }
         if endpoint == Endpoint::Client
             && !assets::origin_allowed(
                 head.header("origin"),
@@ -961,7 +985,8 @@ impl Session {
                     ShardStats::inc(&shard.stats().chat_messages_in);
                 }
                 let codec = self.codec;
-                shard.chat(|chat| chat.frame(from, codec, frame));
+                let client = Some(conn.client.get());
+                shard.chat(|chat| chat.frame(from, client, codec, frame));
                 return Ok(());
             }
         };
@@ -1107,14 +1132,21 @@ mod tests {
             let stats: std::sync::Arc<[ShardStats]> = vec![ShardStats::new(config.slab.classes.len())].into();
             let mailboxes: std::sync::Arc<[crate::mailbox::Mailbox<crate::chat::ShardMsg>]> =
                 vec![crate::mailbox::Mailbox::new(4, 1).unwrap()].into();
-            let shard = Rc::new(Shard::new(0, &config, slab, stats, mailboxes));
-            let fut = serve(shard.clone(), stream);
+            let handshakes =
+                std::sync::Arc::new(kefu_core::per_ip::PerIpLimiter::new(kefu_core::per_ip::PerIpRate {
+                    rate: 1,
+                    burst: 1,
+                    period_ms: 1000,
+                    entries_max: 64,
+                }));
+            let shard = Rc::new(Shard::new(0, &config, slab, stats, mailboxes, handshakes));
+            let fut = serve(shard.clone(), stream, addr.ip());
             let total = std::mem::size_of_val(&fut);
             let session = std::mem::size_of::<Session>();
             let conn = std::mem::size_of::<Conn>();
             let drive = {
                 let mut session = Session::new(&shard);
-                let c = Conn::new(0, 0, &shard);
+                let c = Conn::new(0, 0, &shard, addr.ip());
                 let mut stream = TcpStream::connect(addr).await.unwrap();
                 std::mem::size_of_val(&session.drive(&shard, &c, &mut stream, Flow::Continue))
             };

@@ -282,6 +282,13 @@ pub struct ShardStats {
     /// `limits.unauthenticated_message_bytes_max` (1009), or buffers over
     /// `limits.unauthenticated_buffer_bytes_max` (1013).
     pub unauthenticated_refusals: AtomicU64,
+    /// `/ws` requests answered `429` for
+    /// `limits.new_connections_per_s_per_ip`.
+    pub handshakes_rate_limited: AtomicU64,
+    /// The chat edge's refusals: new anonymous visitors over
+    /// `limits.anonymous_per_min_per_ip`, attachments over
+    /// `limits.attachment_bytes_per_min`.
+    pub edge: Arc<kefu_core::chat::edge::EdgeCounts>,
     /// Thread CPU nanoseconds spent draining the inbox: deliveries from
     /// other shards and this shard's chat service (its sessions, the
     /// conversations homed here, on shard 0 the router; storage
@@ -418,7 +425,7 @@ pub fn render<T: Send>(
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     type Field = fn(&ShardStats) -> &AtomicU64;
-    let series: [(&str, &str, &str, Field); 20] = [
+    let series: [(&str, &str, &str, Field); 23] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),
         ("kefu_accepted_total", "counter", "Connections accepted.", |s| &s.accepted),
         ("kefu_refused_full_total", "counter", "Connections refused: shard full.", |s| &s.refused_full),
@@ -448,6 +455,24 @@ pub fn render<T: Send>(
             "counter",
             "Closes before connect: message too big (1009) or buffer budget spent (1013).",
             |s| &s.unauthenticated_refusals,
+        ),
+        (
+            "kefu_handshakes_rate_limited_total",
+            "counter",
+            "WebSocket requests answered 429: limits.new_connections_per_s_per_ip.",
+            |s| &s.handshakes_rate_limited,
+        ),
+        (
+            "kefu_anonymous_rate_limited_total",
+            "counter",
+            "New anonymous visitors refused (rate_limited): limits.anonymous_per_min_per_ip.",
+            |s| &s.edge.anonymous_refused,
+        ),
+        (
+            "kefu_attachments_rate_limited_total",
+            "counter",
+            "Sends refused (rate_limited): limits.attachment_bytes_per_min.",
+            |s| &s.edge.attachments_refused,
         ),
         ("kefu_backlog_messages", "gauge", "Posts waiting for another shard's full inbox.", |s| &s.backlog),
         ("kefu_posts_refused_total", "counter", "Posts refused (unavailable): backlog full.", |s| {
@@ -653,6 +678,26 @@ impl CommitStats {
         for (name, help, h, unit) in families {
             family(out, name, "histogram", help);
             HistogramSum::of(h.bounds, [h]).render(out, name, "", unit);
+        }
+    }
+}
+
+/// The per-address tables every shard shares (`limits.tracked_ips_max`
+/// bounds each), by the limit they serve.
+#[derive(Debug)]
+pub struct PerIpTables(pub [(&'static str, Arc<kefu_core::per_ip::PerIpLimiter>); 2]);
+
+impl PerIpTables {
+    /// Appends how full each table is and how often its bound bit.
+    pub fn render(&self, out: &mut String) {
+        family(out, "kefu_tracked_ips", "gauge", "Client addresses a per-address limit remembers.");
+        for (limit, table) in &self.0 {
+            let _ = writeln!(out, "kefu_tracked_ips{{limit=\"{limit}\"}} {}", table.len());
+        }
+        let help = "Addresses forgotten while in use: limits.tracked_ips_max.";
+        family(out, "kefu_tracked_ips_evicted_total", "counter", help);
+        for (limit, table) in &self.0 {
+            let _ = writeln!(out, "kefu_tracked_ips_evicted_total{{limit=\"{limit}\"}} {}", table.evicted());
         }
     }
 }

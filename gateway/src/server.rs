@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use kefu_core::per_ip::{PerIpLimiter, PerIpRate};
+use kefu_core::ratelimit::MS_PER_MIN;
 use tracing::{info, warn};
 
 use crate::chat::ShardMsg;
@@ -150,6 +152,15 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let bridge_runtime = crate::bridge::runtime()?;
     let hook_stats = Arc::new(crate::bridge::hooks::HookStats::default());
     let hooks = hook_client(&config, bridge_runtime.handle(), &mailboxes, &hook_stats)?;
+    let per_ip = |rate: u32, burst: u32, period_ms| {
+        let entries_max = config.limits.tracked_ips_max;
+        let rate = PerIpRate { rate: rate.into(), burst: burst.into(), period_ms, entries_max };
+        Arc::new(PerIpLimiter::new(rate))
+    };
+    // One table of each for all shards: see kefu_core::per_ip for why shared.
+    let l = &config.limits;
+    let handshakes = per_ip(l.new_connections_per_s_per_ip, l.new_connections_burst_per_ip, 1000);
+    let anonymous = per_ip(l.anonymous_per_min_per_ip, l.anonymous_per_min_per_ip, MS_PER_MIN);
     let mut chat = |shard: usize| ChatInit {
         shard,
         mailboxes: mailboxes.clone(),
@@ -165,6 +176,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         backlog_max,
         calls: calls.clone(),
         hooks: hooks.clone(),
+        anonymous_per_ip: Some(anonymous.clone()),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
@@ -178,6 +190,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             stats: stats.clone(),
             ready: ready_tx.clone(),
             mailboxes: mailboxes.clone(),
+            handshakes: handshakes.clone(),
             chat: chat(id),
         };
         let t = std::thread::Builder::new()
@@ -228,6 +241,10 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             bridge: Default::default(),
             hooks: hook_stats,
             commits: commit_stats,
+            per_ip: crate::metrics::PerIpTables([
+                ("new_connections_per_s_per_ip", handshakes),
+                ("anonymous_per_min_per_ip", anonymous),
+            ]),
         },
         calls: crate::bridge::calls::Calls::new(
             reader,

@@ -22,11 +22,13 @@ use std::time::{Duration, Instant};
 use monoio::net::{ListenerOpts, TcpListener};
 use tracing::{debug, info, warn};
 
+use kefu_core::per_ip::PerIpLimiter;
 use kefu_proto::client::{Codec, ServerFrame, SpareStrings};
 
 use crate::chat::frames::{FrameEncoder, SharedFrame};
 use crate::chat::service::{ChatInit, ChatService, Local};
 use crate::chat::{SessionAddr, ShardMsg};
+use crate::client_ip::TrustedProxies;
 use crate::config::{Config, IoDriver, UringTaskrun};
 use crate::conn::{self, Conn};
 use crate::mailbox::{Mailbox, Waiter};
@@ -52,6 +54,8 @@ pub struct ShardInit {
     pub ready: std::sync::mpsc::Sender<Result<ShardReady, String>>,
     /// Every shard's inbox (this shard reads `mailboxes[id]`).
     pub mailboxes: Arc<[Mailbox<ShardMsg>]>,
+    /// `limits.new_connections_per_s_per_ip`: one table all shards share.
+    pub handshakes: Arc<PerIpLimiter>,
     /// What this shard's chat service starts from.
     pub chat: ChatInit,
 }
@@ -100,6 +104,9 @@ pub struct ConnLimits {
     /// `server.allowed_origins`: pages that may open `/ws` besides the
     /// gateway's own.
     pub allowed_origins: Vec<String>,
+    /// `server.trusted_proxies`: peers whose `X-Forwarded-For` names the
+    /// client.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl ConnLimits {
@@ -123,6 +130,8 @@ impl ConnLimits {
                 .min(c.limits.max_message_bytes),
             unauthenticated_buffer_bytes_max: c.limits.unauthenticated_buffer_bytes_max,
             allowed_origins: c.server.allowed_origins.clone(),
+            // Validated with the config; a bad entry cannot reach here.
+            trusted_proxies: TrustedProxies::parse(&c.server.trusted_proxies).unwrap_or_default(),
         }
     }
 }
@@ -166,6 +175,8 @@ pub struct Shard {
     /// it; `u64::MAX` for no timer. A direct call that leaves the service
     /// wanting time sooner (a deadline, a backlog to retry) wakes it.
     inbox_sleeps_until_ms: Cell<u64>,
+    /// `limits.new_connections_per_s_per_ip`, shared with every shard.
+    pub handshakes: Arc<PerIpLimiter>,
 }
 
 impl Shard {
@@ -176,6 +187,7 @@ impl Shard {
         slab: Slab,
         stats: Arc<[ShardStats]>,
         mailboxes: Arc<[Mailbox<ShardMsg>]>,
+        handshakes: Arc<PerIpLimiter>,
     ) -> Self {
         Self {
             id,
@@ -193,6 +205,7 @@ impl Shard {
             chat: RefCell::new(None),
             unauthenticated_bytes: Cell::new(0),
             inbox_sleeps_until_ms: Cell::new(u64::MAX),
+            handshakes,
         }
     }
 
@@ -441,7 +454,7 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 async fn serve(init: ShardInit) {
-    let ShardInit { id, config, stop, stats, ready, mailboxes, chat } = init;
+    let ShardInit { id, config, stop, stats, ready, mailboxes, handshakes, chat } = init;
     let slab = match Slab::new(&config.slab.classes) {
         Ok(slab) => slab,
         Err(e) => {
@@ -458,7 +471,7 @@ async fn serve(init: ShardInit) {
         }
     };
     let addr = listener.local_addr().ok();
-    let shard = Rc::new(Shard::new(id, &config, slab, stats.clone(), mailboxes));
+    let shard = Rc::new(Shard::new(id, &config, slab, stats.clone(), mailboxes, handshakes));
     let waiter = match Waiter::new(&shard.mailboxes[id]) {
         Ok(w) => w,
         Err(e) => {
@@ -659,10 +672,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Rc<StopSigna
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 ShardStats::inc(&shard.stats().accepted);
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(conn::serve(shard.clone(), stream));
+                monoio::spawn(conn::serve(shard.clone(), stream, peer.ip()));
             }
             Err(e) => {
                 // EMFILE and friends: say so and back off rather than spin.

@@ -71,6 +71,14 @@
 //! `KEFU_LIMITS_MESSAGES_PER_S` and `KEFU_LIMITS_BURST` in its environment.
 //! `rate_limited` errors are counted, reported loudly, and make the run
 //! exit non-zero: those numbers measure the limiter, not the gateway.
+//!
+//! The gateway also limits, per client address, WebSocket handshakes
+//! (`limits.new_connections_per_s_per_ip`, burst
+//! `limits.new_connections_burst_per_ip`) and new anonymous visitors
+//! (`limits.anonymous_per_min_per_ip`). Thousands of visitors from a few
+//! source addresses meet both: raise them for a run (tools/bench-chat.sh
+//! does). A `429` or a refused `connect` is reported as a connection error
+//! naming the limit.
 
 use std::{
     cell::{Cell, OnceCell, RefCell},
@@ -126,6 +134,8 @@ limits.burst, default 40). Every visitor sends RATE / VISITORS messages per seco
 start the gateway with a limit above that, e.g.
     KEFU_LIMITS_MESSAGES_PER_S=1000 KEFU_LIMITS_BURST=1000 kefu serve ...
 rate_limited errors are reported loudly and make the run fail.
+Visitors connect anonymously from --sources, so also lift the per-address limits:
+    KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000 KEFU_LIMITS_ANONYMOUS_PER_MIN_PER_IP=1000000
 
 Example (tools/bench-chat.sh does all of it):
     kefu-bench chat --url ws://127.0.0.1:8080/ws --data DIR --visitors 2000 --agents 20 \\
@@ -1183,6 +1193,16 @@ impl ThreadState {
             return None;
         }
         match frame.body {
+            // A refused connect is the gateway's per-address limit on new
+            // anonymous visitors, not the per-connection command limit the
+            // run's `rate_limited` count is about: it is left out of that
+            // count, and the caller tallies it as a connection error that
+            // names the limit.
+            Event::Error { code: ErrorCode::RateLimited, .. } if what == "connect" => {
+                Some(Err("connect: rate_limited (raise the gateway's limits.anonymous_per_min_per_ip for a \
+                          benchmark from few addresses, e.g. KEFU_LIMITS_ANONYMOUS_PER_MIN_PER_IP=1000000)"
+                    .to_string()))
+            }
             Event::Error { code, message } => {
                 self.error_frame(code, &message);
                 Some(Err(format!("{what}: {code}")))

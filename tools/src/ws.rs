@@ -140,6 +140,14 @@ pub fn parse_handshake_response(buf: &[u8], key: &str) -> anyhow::Result<Option<
         httparse::Status::Partial => return Ok(None),
     };
     let code = response.code.unwrap_or(0);
+    if code == 429 {
+        // kefu's per-address handshake limit: a load test from a few
+        // addresses meets it unless the gateway's run lifts it.
+        bail!(
+            "server answered 429 Too Many Requests instead of 101 (kefu's \
+             limits.new_connections_per_s_per_ip / new_connections_burst_per_ip; lift them for a load test)"
+        );
+    }
     if code != 101 {
         bail!("server answered {code} {} instead of 101", response.reason.unwrap_or(""));
     }

@@ -11,7 +11,9 @@
 //! through [`Edge::poll_output`].
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kefu_proto::client::{
     CannedReply, ClientFrame, Codec, Command, ConvSummary, Event, Sender, ServerFrame, User,
@@ -27,7 +29,8 @@ use super::{ChatMsg, ROUTER_SHARD, Reply, SessionAddr, ShardMsg, device_of};
 use crate::CoreConfig;
 use crate::auth::{Credentials, JwtKey, VisitorKey, VisitorKeyHash, anonymous_id, anonymous_identity};
 use crate::config::HookFailure;
-use crate::session::{Checked, Session};
+use crate::per_ip::PerIpLimiter;
+use crate::session::{Checked, Session, SessionError};
 
 /// Commands kept for a session until it is let in (its `OnConnect` verdict
 /// came and, for a new anonymous visitor, it is durable); past this they
@@ -49,6 +52,30 @@ pub struct EdgeConfig {
     /// Frames held for a session until its `connected` is written; past
     /// this it is cut as a slow consumer.
     pub held_frames_max: usize,
+    /// `limits.anonymous_per_min_per_ip`: new anonymous visitors by client
+    /// address, one table shared by every shard's edge (see
+    /// [`crate::per_ip`] for why shared). `None`: unlimited.
+    pub anonymous_per_ip: Option<Arc<PerIpLimiter>>,
+    /// This shard's refusals, for `/metrics`.
+    pub counts: Arc<EdgeCounts>,
+}
+
+/// What the edge's limits refused, counted for `/metrics` (one per shard;
+/// relaxed atomics, written by the shard alone).
+#[derive(Debug, Default)]
+pub struct EdgeCounts {
+    /// `connect`s of new anonymous visitors refused `rate_limited`
+    /// (`limits.anonymous_per_min_per_ip`).
+    pub anonymous_refused: AtomicU64,
+    /// `send`s refused `rate_limited` for their attachment
+    /// (`limits.attachment_bytes_per_min`).
+    pub attachments_refused: AtomicU64,
+}
+
+impl EdgeCounts {
+    fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Where a connection is in its `connect`.
@@ -179,10 +206,29 @@ impl Edge {
         self.out.send(to, codec, frame);
     }
 
-    /// A decoded frame from one of this shard's connections.
+    /// A decoded frame from one of this shard's connections, whose client
+    /// address is unknown (or not limited): as [`Edge::handle_client_frame`]
+    /// with none.
     pub fn handle_frame(
         &mut self,
         from: SessionAddr,
+        codec: Codec,
+        frame: ClientFrame,
+        now_ms: u64,
+        store: &dyn Stored,
+        random: &mut dyn FnMut() -> [u8; 16],
+    ) {
+        self.handle_client_frame(from, None, codec, frame, now_ms, store, random);
+    }
+
+    /// A decoded frame from one of this shard's connections, opened from
+    /// `client` (the address the per-address limits count; `None` counts
+    /// nowhere).
+    #[allow(clippy::too_many_arguments)] // the inputs of one event, as in every handle_*
+    pub fn handle_client_frame(
+        &mut self,
+        from: SessionAddr,
+        client: Option<IpAddr>,
         codec: Codec,
         frame: ClientFrame,
         now_ms: u64,
@@ -194,7 +240,7 @@ impl Edge {
         if let Command::Connect { token, visitor_id, visitor_key, resume } = frame.body {
             let resume = resume.into_iter().collect();
             let creds = (token, visitor_id, visitor_key);
-            return self.on_connect(reply, creds, resume, now_ms, store, random);
+            return self.on_connect(reply, client, creds, resume, now_ms, store, random);
         }
         // The timer may not have fired yet, or the close is on its way: a
         // command never rides on an expired token.
@@ -229,7 +275,12 @@ impl Edge {
         }
         let request = match sess.session.check(frame.body, now_ms) {
             Ok(r) => r,
-            Err(e) => return self.out.error(reply, e.code(), e.to_string()),
+            Err(e) => {
+                if matches!(e, SessionError::AttachmentBudget(_)) {
+                    EdgeCounts::inc(&self.config.counts.attachments_refused);
+                }
+                return self.out.error(reply, e.code(), e.to_string());
+            }
         };
         let Some(actor) = sess.session.actor() else { return };
         // A command for a home behind a routing command of this session
@@ -266,9 +317,11 @@ impl Edge {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // the inputs of one event, as in every handle_*
     fn on_connect(
         &mut self,
         reply: Reply,
+        client: Option<IpAddr>,
         (token, visitor_id, visitor_key): (Option<String>, Option<String>, Option<String>),
         resume: Vec<(ConvId, u64)>,
         now_ms: u64,
@@ -318,6 +371,20 @@ impl Edge {
                 }
             }
             Credentials::NewAnonymous => {
+                // Before anything is made or stored: a script minting
+                // identities from one address gets `rate_limited` (the
+                // connection stays open; it may retry after the wait, or
+                // come back with a key it already has).
+                let limiter = self.config.anonymous_per_ip.as_ref().zip(client);
+                if let Some(Err(wait)) = limiter.map(|(l, ip)| l.try_take(ip, now_ms)) {
+                    EdgeCounts::inc(&self.config.counts.anonymous_refused);
+                    let message = format!(
+                        "rate limited: retry after {} ms (new anonymous visitors from this address, \
+                         limits.anonymous_per_min_per_ip)",
+                        wait.0
+                    );
+                    return self.out.error(reply, ErrorCode::RateLimited, message);
+                }
                 let vid = anonymous_id(random());
                 let key = VisitorKey::from_random(random());
                 (anonymous_identity(vid, Default::default()), Some(key))

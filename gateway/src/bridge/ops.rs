@@ -44,6 +44,8 @@ pub struct Ops {
     pub hooks: Arc<super::hooks::HookStats>,
     /// Storage's group commits: sizes and times.
     pub commits: Arc<crate::metrics::CommitStats>,
+    /// The per-address limits' tables.
+    pub per_ip: crate::metrics::PerIpTables,
 }
 
 /// What the bridge counts of itself, rendered after the shards' metrics.
@@ -117,6 +119,7 @@ pub fn metrics(ops: &Ops, events: &super::events::EventsApi) -> Response {
     ops.bridge.render(&mut body);
     ops.hooks.render(&mut body);
     ops.commits.render(&mut body);
+    ops.per_ip.render(&mut body);
     events.render_lag(&mut body);
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
         .into_response()

@@ -8,6 +8,7 @@
 //! once the group commit holding it has returned.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -25,6 +26,7 @@ use kefu_core::chat::users::UserChanges;
 use kefu_core::chat::{BRIDGE_SHARD, Change, Query};
 use kefu_core::conversation::RestoredConversation;
 use kefu_core::identity::{AgentRef, Meta, UserId, UserKey, Visitor, vip_level};
+use kefu_core::per_ip::PerIpLimiter;
 use kefu_core::routing::RestoredRoute;
 use kefu_proto::client::{ClientFrame, Codec, ServerFrame};
 use kefu_proto::ws::close;
@@ -77,6 +79,9 @@ pub struct ChatInit {
     pub calls: Arc<Calls>,
     /// Where hook calls go (none: every hook fails, as `hooks.failure` says).
     pub hooks: Option<Arc<dyn HookSink>>,
+    /// `limits.anonymous_per_min_per_ip`, one table every shard shares
+    /// (none: unlimited).
+    pub anonymous_per_ip: Option<Arc<PerIpLimiter>>,
 }
 
 /// What one shard starts from after a restart.
@@ -256,6 +261,7 @@ impl ChatService {
             backlog_max,
             calls,
             hooks,
+            anonymous_per_ip,
         } = init;
         let shards = mailboxes.len();
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
@@ -275,8 +281,12 @@ impl ChatService {
         });
         info!(shard, open = conversations.len(), router = router.is_some(), "chat state restored");
         let home = Home::new(shard, shards, core.clone(), replay_bytes_max, conversations);
-        let edge =
-            Edge::new(shard, shards, EdgeConfig { core, jwt, allow_anonymous, heartbeat_s, held_frames_max });
+        let counts = stats[shard].edge.clone();
+        let edge = Edge::new(
+            shard,
+            shards,
+            EdgeConfig { core, jwt, allow_anonymous, heartbeat_s, held_frames_max, anonymous_per_ip, counts },
+        );
         Ok(Self {
             me: shard,
             mailboxes,
@@ -331,10 +341,11 @@ impl ChatService {
         self.settle();
     }
 
-    /// A decoded client frame from one of this shard's connections: a
-    /// direct call from the connection's task, not a post.
-    pub fn frame(&mut self, from: SessionAddr, codec: Codec, frame: ClientFrame) {
-        self.edge.handle_frame(from, codec, frame, now_ms(), &self.reads, &mut random);
+    /// A decoded client frame from one of this shard's connections, opened
+    /// from the client address `client`: a direct call from the
+    /// connection's task, not a post.
+    pub fn frame(&mut self, from: SessionAddr, client: Option<IpAddr>, codec: Codec, frame: ClientFrame) {
+        self.edge.handle_client_frame(from, client, codec, frame, now_ms(), &self.reads, &mut random);
         self.settle();
     }
 

@@ -85,6 +85,7 @@ impl Cluster {
                     backlog_max,
                     calls: calls.clone(),
                     hooks: hooks.clone(),
+                    anonymous_per_ip: None,
                 })
                 .unwrap()
             })
@@ -126,7 +127,7 @@ impl Cluster {
     /// its shard's chat service.
     fn command(&mut self, from: SessionAddr, v: Value) {
         let frame = Codec::Json.decode_client(v.to_string().as_bytes()).unwrap();
-        self.shards[from.shard as usize].frame(from, Codec::Json, frame);
+        self.shards[from.shard as usize].frame(from, None, Codec::Json, frame);
         self.flush(from.shard as usize);
     }
 

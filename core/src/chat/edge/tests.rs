@@ -22,7 +22,15 @@ const SECRET: &[u8] = b"edge-tests";
 fn edge(configure: impl FnOnce(&mut EdgeConfig)) -> Edge {
     let core = Arc::new(CoreConfig::default());
     let jwt = JwtKey::new(SECRET, core.auth.clone()).expect("a key");
-    let mut config = EdgeConfig { core, jwt, allow_anonymous: true, heartbeat_s: 25, held_frames_max: 4 };
+    let mut config = EdgeConfig {
+        core,
+        jwt,
+        allow_anonymous: true,
+        heartbeat_s: 25,
+        held_frames_max: 4,
+        anonymous_per_ip: None,
+        counts: Default::default(),
+    };
     configure(&mut config);
     Edge::new(0, SHARDS, config)
 }
@@ -233,6 +241,41 @@ fn a_new_anonymous_visitor_is_durable_before_anything_else_happens() {
     let out = seen(&mut e);
     assert_eq!(out[..3], [Seen::Chat(0, "SessionUp"), Seen::Chat(1, "SessionUp"), Seen::Chat(0, "Hello")]);
     assert_eq!(frame_events(&out).len(), 16, "the 16 pipelined pings are answered once announced");
+}
+
+#[test]
+fn new_anonymous_visitors_are_limited_per_client_address_and_nothing_is_stored() {
+    use crate::per_ip::{PerIpLimiter, PerIpRate};
+    use crate::ratelimit::MS_PER_MIN;
+    let rate = PerIpRate { rate: 2, burst: 2, period_ms: MS_PER_MIN, entries_max: 1024 };
+    let limiter = Arc::new(PerIpLimiter::new(rate));
+    let mut e = edge(|c| c.anonymous_per_ip = Some(limiter.clone()));
+    let store = MemStore::default();
+    let (office, other): (IpAddr, IpAddr) = ([127, 0, 0, 1].into(), [127, 0, 0, 2].into());
+    let mut random = counter();
+    let mut connect_from = |e: &mut Edge, slot, ip| {
+        let frame = connect(None, None);
+        e.handle_client_frame(addr(0, slot), Some(ip), Codec::Json, frame, T0, &store, &mut random);
+        seen(e)
+    };
+    assert_eq!(connect_from(&mut e, 1, office), [Seen::StoreUser]);
+    assert_eq!(connect_from(&mut e, 2, office), [Seen::StoreUser]);
+    let out = connect_from(&mut e, 3, office);
+    let [Event::Error { code: ErrorCode::RateLimited, message }] = &frame_events(&out)[..] else {
+        panic!("{out:?}")
+    };
+    assert!(message.starts_with("rate limited: retry after 30000 ms"), "{message}");
+    assert!(
+        !out.iter().any(|s| matches!(s, Seen::StoreUser | Seen::Close(..))),
+        "stores nothing, stays open"
+    );
+    assert_eq!(e.sessions(), 2);
+    assert_eq!(e.config.counts.anonymous_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(connect_from(&mut e, 4, other), [Seen::StoreUser], "another address is not limited");
+    // A token is no new anonymous identity: not limited.
+    let agent = connect(Some(token(Role::Agent, "a1")), None);
+    e.handle_client_frame(addr(0, 5), Some(office), Codec::Json, agent, T0, &store, &mut no_random);
+    assert!(seen(&mut e).contains(&Seen::Chat(0, "Hello")));
 }
 
 #[test]
