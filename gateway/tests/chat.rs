@@ -1674,6 +1674,7 @@ fn metrics_follow_a_chat() {
         "kefu_connections_by_role",
         "kefu_chat_messages_in_total",
         "kefu_chat_messages_out_total",
+        "kefu_conversations_abandoned_total",
         "kefu_errors_total",
         "kefu_closes_total",
         "kefu_ack_latency_seconds",
