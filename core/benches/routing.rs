@@ -33,8 +33,15 @@ const SHARDS: usize = 2;
 /// `routing.position_update_ms`: each tick is due.
 const TICK_MS: u64 = 1_000;
 
+/// Accept by hand; and no conversation is abandoned, since the router-only
+/// bench connects no visitor (the queue must stay at 50,000).
 fn routing_config() -> RoutingConfig {
-    RoutingConfig { auto_assign: false, max_queued: 2 * WAITING, ..RoutingConfig::default() }
+    RoutingConfig {
+        auto_assign: false,
+        max_queued: 2 * WAITING,
+        abandon_after_s: 0,
+        ..RoutingConfig::default()
+    }
 }
 
 fn group() -> GroupName {

@@ -375,8 +375,11 @@ pub struct Router {
     queued: usize,
     next_conv: u64,
     assign_clock: u64,
-    /// Connected sessions per visitor (none: absent from the map).
-    visitors: HashMap<UserId, u32>,
+    /// Connected sessions (devices) per visitor (none: absent from the
+    /// map). Devices rather than a count: a session whose `Hello` a full
+    /// backlog refused still sends its goodbye, which must not count
+    /// another tab out.
+    visitors: HashMap<UserId, Vec<DeviceId>>,
     /// Queued conversations whose visitor is gone, by when they are
     /// abandoned: the first is the next abandon deadline.
     abandons: BTreeSet<(u64, ConvId)>,
@@ -482,8 +485,8 @@ impl Router {
         }
         let abandon_at = self.abandon_ms().map(|ms| now_ms.saturating_add(ms));
         for q in self.queues.values_mut() {
-            q.make_contiguous().sort_unstable();
             let mut sorted = Vec::from(std::mem::take(q));
+            sorted.sort_unstable();
             sorted.dedup();
             *q = Queue::from(sorted);
             for (i, (_, c)) in q.iter().enumerate() {
@@ -692,14 +695,16 @@ impl Router {
         self.finish();
     }
 
-    /// A session of `visitor` connected at `now_ms`. If it is the only one,
-    /// the visitor is back: a waiting conversation of theirs is no longer
-    /// on its way to being abandoned.
-    pub fn visitor_connected(&mut self, visitor: &UserId, now_ms: u64) {
+    /// A session (`device`) of `visitor` connected at `now_ms`. If it is
+    /// the only one, the visitor is back: a waiting conversation of theirs
+    /// is no longer on its way to being abandoned.
+    pub fn visitor_connected(&mut self, visitor: &UserId, device: DeviceId, now_ms: u64) {
         self.clock_ms = self.clock_ms.max(now_ms);
-        let sessions = self.visitors.entry(visitor.clone()).or_insert(0);
-        *sessions = sessions.saturating_add(1);
-        if *sessions == 1
+        let devices = self.visitors.entry(visitor.clone()).or_default();
+        if !devices.contains(&device) {
+            devices.push(device);
+        }
+        if devices.len() == 1
             && let Some(&conv) = self.by_visitor.get(visitor)
         {
             self.set_gone_since(conv, None);
@@ -707,15 +712,16 @@ impl Router {
         self.finish();
     }
 
-    /// A session of `visitor` disconnected at `now_ms`. If it was the last,
-    /// a waiting conversation of theirs is abandoned `abandon_after_s`
-    /// later unless they come back. A visitor the router does not count as
-    /// connected is ignored.
-    pub fn visitor_disconnected(&mut self, visitor: &str, now_ms: u64) {
+    /// A session (`device`) of `visitor` disconnected at `now_ms`. If it
+    /// was the last, a waiting conversation of theirs is abandoned
+    /// `abandon_after_s` later unless they come back. A session the router
+    /// did not count is ignored.
+    pub fn visitor_disconnected(&mut self, visitor: &str, device: DeviceId, now_ms: u64) {
         self.clock_ms = self.clock_ms.max(now_ms);
-        let Some(sessions) = self.visitors.get_mut(visitor) else { return };
-        *sessions -= 1;
-        if *sessions == 0 {
+        let Some(devices) = self.visitors.get_mut(visitor) else { return };
+        let Some(i) = devices.iter().position(|d| *d == device) else { return };
+        devices.swap_remove(i);
+        if devices.is_empty() {
             self.visitors.remove(visitor);
             if let Some(&conv) = self.by_visitor.get(visitor) {
                 self.set_gone_since(conv, Some(now_ms));
@@ -928,7 +934,7 @@ impl Router {
         {
             return Err(format!("{c}: visitor {} connected or gone, not as counted", e.visitor));
         }
-        if self.visitors.values().any(|n| *n == 0) {
+        if self.visitors.values().any(Vec::is_empty) {
             return Err("a visitor counted with no session".into());
         }
         if queued != self.queued {

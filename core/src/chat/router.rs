@@ -33,7 +33,7 @@ use std::sync::Arc;
 use kefu_proto::client::{Event, ServerFrame};
 use kefu_proto::{ConvId, ConvStatus, PresenceStatus, Role};
 
-use super::{Change, ChatMsg, PositionUpdate, Reply, RouteInfo, device_of};
+use super::{Change, ChatMsg, PositionUpdate, Reply, RouteInfo, SessionAddr, device_of};
 use crate::config::CoreConfig;
 use crate::identity::{Actor, GroupName, Identity, UserId, UserKey, serves};
 use crate::routing::{
@@ -164,7 +164,7 @@ impl Router {
         let (addr, _, _) = reply;
         let routing = &mut self.routing;
         if identity.role == Role::Visitor {
-            routing.visitor_connected(&identity.id, now_ms);
+            routing.visitor_connected(&identity.id, device_of(addr), now_ms);
         }
         let mut convs: Vec<ConvId> = match identity.role {
             Role::Agent => {
@@ -233,9 +233,9 @@ impl Router {
     /// it here): a visitor's last session gone starts the wait after which
     /// their queued conversation is abandoned. Agents' devices are counted
     /// by [`Router::handle_agent_gone`].
-    pub fn handle_session_down(&mut self, user: &UserKey, now_ms: u64) {
+    pub fn handle_session_down(&mut self, addr: SessionAddr, user: &UserKey, now_ms: u64) {
         if user.role == Role::Visitor {
-            self.routing.visitor_disconnected(&user.id, now_ms);
+            self.routing.visitor_disconnected(&user.id, device_of(addr), now_ms);
             self.drain();
         }
     }
@@ -314,6 +314,9 @@ impl Router {
 
     /// Turns the routing decisions into work, in order.
     fn drain(&mut self) {
+        // A tick's positions come group by group: whether a group has an
+        // online agent is asked once per group, not once per visitor.
+        let mut online: Option<(GroupName, bool)> = None;
         while let Some(action) = self.routing.poll_action() {
             match action {
                 // The router's `previous` is always an agent (it keeps
@@ -332,7 +335,14 @@ impl Router {
                     self.change(conv, Change::Queue { group, previous }, reply);
                 }
                 Action::QueuePosition { conv, group, position } => {
-                    let agents_online = group_online(self.routing.agents(), &group);
+                    let agents_online = match &online {
+                        Some((g, yes)) if *g == group => *yes,
+                        _ => {
+                            let yes = group_online(self.routing.agents(), &group);
+                            online = Some((group, yes));
+                            yes
+                        }
+                    };
                     self.positions[conv.home(self.shards)].push(PositionUpdate {
                         conv,
                         position,

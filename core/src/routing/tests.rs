@@ -646,7 +646,7 @@ fn run_random(seed: u64, steps: usize, config: RoutingConfig) {
     let mut next_device: DeviceId = 1;
     let mut now = T0;
     // Sessions each visitor has connected, as the edges would report them.
-    let mut visitor_sessions: BTreeMap<String, u32> = BTreeMap::new();
+    let mut visitor_sessions: BTreeMap<String, Vec<DeviceId>> = BTreeMap::new();
 
     for step in 0..steps {
         let open_convs: Vec<ConvId> =
@@ -767,17 +767,23 @@ fn run_random(seed: u64, steps: usize, config: RoutingConfig) {
             96..=102 => {
                 let visitor = format!("v{}", rng.below(40));
                 desc = format!("visitor {visitor} connects");
-                r.visitor_connected(&UserId::from(visitor.as_str()), now);
-                *visitor_sessions.entry(visitor).or_default() += 1;
+                // Two tabs at most, device 1 and 2; a repeat changes nothing.
+                let device = rng.below(2) as DeviceId + 1;
+                r.visitor_connected(&UserId::from(visitor.as_str()), device, now);
+                let devices = visitor_sessions.entry(visitor).or_default();
+                if !devices.contains(&device) {
+                    devices.push(device);
+                }
                 Ok(())
             }
             103..=109 => {
                 let visitor = format!("v{}", rng.below(40));
                 desc = format!("visitor {visitor} disconnects");
-                r.visitor_disconnected(&visitor, now);
-                if let Some(n) = visitor_sessions.get_mut(&visitor) {
-                    *n -= 1;
-                    if *n == 0 {
+                let device = rng.below(2) as DeviceId + 1;
+                r.visitor_disconnected(&visitor, device, now);
+                if let Some(devices) = visitor_sessions.get_mut(&visitor) {
+                    devices.retain(|d| *d != device);
+                    if devices.is_empty() {
                         visitor_sessions.remove(&visitor);
                     }
                 }
@@ -1038,7 +1044,7 @@ fn abandon_config(abandon_after_s: u64) -> RoutingConfig {
 
 /// A visitor connects (one session) and opens.
 fn visit(r: &mut Router, visitor: &str, now: u64) -> ConvId {
-    r.visitor_connected(&UserId::from(visitor), now);
+    r.visitor_connected(&UserId::from(visitor), 1, now);
     open(r, visitor, "g", 0)
 }
 
@@ -1048,7 +1054,7 @@ fn a_waiting_conversation_whose_visitor_stays_gone_is_abandoned() {
     let ghost = visit(&mut r, "v1", T0);
     let next = visit(&mut r, "v2", T0);
     assert_eq!(r.next_deadline(), None, "both visitors are here");
-    r.visitor_disconnected("v1", T0 + 5_000);
+    r.visitor_disconnected("v1", 1, T0 + 5_000);
     assert_eq!(r.next_deadline(), Some(T0 + 305_000));
     r.tick(T0 + 304_999);
     assert_eq!(position(&r, ghost), Some(1), "not before");
@@ -1071,17 +1077,20 @@ fn a_visitor_back_in_time_keeps_their_place() {
     let mut r = Router::new(abandon_config(300), 1);
     let first = visit(&mut r, "v1", T0);
     let second = visit(&mut r, "v2", T0);
-    r.visitor_disconnected("v1", T0);
-    r.visitor_connected(&UserId::from("v1"), T0 + 299_000);
+    r.visitor_disconnected("v1", 1, T0);
+    r.visitor_connected(&UserId::from("v1"), 2, T0 + 299_000);
     assert_eq!(r.next_deadline(), None);
     r.tick(T0 + 3_600_000);
     assert_eq!(queue(&r, "g"), [first, second]);
     // With two tabs, closing one leaves the visitor here.
-    r.visitor_connected(&UserId::from("v1"), T0);
-    r.visitor_disconnected("v1", T0);
+    r.visitor_connected(&UserId::from("v1"), 3, T0);
+    r.visitor_disconnected("v1", 2, T0);
     assert_eq!(r.next_deadline(), None, "one tab is still open");
-    // A disconnect the router never counted changes nothing.
-    r.visitor_disconnected("stranger", T0);
+    // A session the router never counted (its `Hello` refused) going, or
+    // a stranger's, changes nothing.
+    r.visitor_disconnected("v1", 9, T0);
+    r.visitor_disconnected("stranger", 1, T0);
+    assert_eq!(r.next_deadline(), None, "tab 3 is still open");
     r.check_invariants().unwrap();
 }
 
@@ -1091,9 +1100,9 @@ fn ghosts_no_longer_keep_real_visitors_out_of_a_full_queue() {
     for n in 0..3 {
         let ghost = format!("anon{n}");
         visit(&mut r, &ghost, T0);
-        r.visitor_disconnected(&ghost, T0);
+        r.visitor_disconnected(&ghost, 1, T0);
     }
-    r.visitor_connected(&UserId::from("real"), T0);
+    r.visitor_connected(&UserId::from("real"), 1, T0);
     let req = || OpenRequest { visitor: "real".into(), group: "g".into(), vip_level: 0 };
     assert_eq!(r.open(req()), Err(RouteError::QueueFull), "the queue is full of ghosts");
     r.tick(T0 + 60_000);
@@ -1109,7 +1118,7 @@ fn an_assigned_conversation_is_not_abandoned_until_it_waits_again() {
     online(&mut r, "a1", &[], 1, 5);
     let c = visit(&mut r, "v1", T0);
     assert_eq!(assigned_to(&r, c).as_deref(), Some("a1"));
-    r.visitor_disconnected("v1", T0);
+    r.visitor_disconnected("v1", 1, T0);
     assert_eq!(r.next_deadline(), None, "the agent may still answer");
     // Its agent goes: back in the queue, where its visitor has been gone
     // since T0, so it is abandoned at T0 + 300 s, not 300 s after the requeue.
@@ -1134,7 +1143,7 @@ fn after_a_restore_waiting_conversations_get_a_fresh_period() {
     };
     r.restore([route(1, "v1"), route(2, "v2")], T0);
     assert_eq!(r.next_deadline(), Some(T0 + 300_000), "nobody is connected after a restart");
-    r.visitor_connected(&UserId::from("v2"), T0 + 1_000);
+    r.visitor_connected(&UserId::from("v2"), 1, T0 + 1_000);
     r.tick(T0 + 300_000);
     assert_eq!(
         actions(&mut r),
@@ -1151,7 +1160,7 @@ fn after_a_restore_waiting_conversations_get_a_fresh_period() {
 fn abandon_after_zero_never_abandons() {
     let mut r = Router::new(abandon_config(0), 1);
     let c = visit(&mut r, "v1", T0);
-    r.visitor_disconnected("v1", T0);
+    r.visitor_disconnected("v1", 1, T0);
     assert_eq!(r.next_deadline(), None);
     r.tick(T0 + 7 * 24 * 3_600_000);
     assert_eq!(position(&r, c), Some(1));

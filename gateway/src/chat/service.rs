@@ -374,7 +374,7 @@ impl ChatService {
                     self.count_session(addr, user.role, u64::MAX);
                     self.directory.remove(&user, addr);
                     self.home.handle_session_down(addr);
-                    self.route(|r| r.handle_session_down(&user, now));
+                    self.route(|r| r.handle_session_down(addr, &user, now));
                 }
                 ChatMsg::Positions { updates } => self.home.handle_positions(&updates, &self.directory),
                 ChatMsg::Welcome { reply, conversations } => {

@@ -489,9 +489,12 @@ fn a_waiting_visitor_gone_too_long_is_closed_and_the_groups_agents_see_it_go() {
     let presence = RouteRequest::Presence { status: PresenceStatus::Away, capacity: None };
     r.handle_route(away, identity(Role::Agent, "a1").actor(), presence, T0);
     let conv = open(&mut r, "v1", 1);
-    r.handle_session_down(&UserKey { role: Role::Visitor, id: Arc::from("v1") }, T0 + 1_000);
+    let v1 = UserKey { role: Role::Visitor, id: Arc::from("v1") };
+    r.handle_session_down(addr(0, 7), &v1, T0 + 1_000);
+    assert_eq!(r.next_deadline(), None, "a session the router never counted changes nothing");
+    r.handle_session_down(addr(0, 1), &v1, T0 + 1_000);
     // Agents' sessions going are counted elsewhere (`handle_agent_gone`).
-    r.handle_session_down(&UserKey::agent(Arc::from("a1")), T0 + 1_000);
+    r.handle_session_down(addr(1, 1), &UserKey::agent(Arc::from("a1")), T0 + 1_000);
     assert!(outputs(&mut r).is_empty());
     assert_eq!(r.next_deadline(), Some(T0 + 301_000));
     r.handle_tick(T0 + 301_000);
