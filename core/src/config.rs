@@ -146,6 +146,12 @@ impl CoreConfig {
         if r.offline_grace_s > 7 * 24 * 3600 {
             return refuse("routing.offline_grace_s", "at most a week");
         }
+        if r.abandon_after_s > 7 * 24 * 3600 {
+            return refuse("routing.abandon_after_s", "at most a week (0: never)");
+        }
+        if r.position_update_ms > 60_000 {
+            return refuse("routing.position_update_ms", "at most 60000");
+        }
         for (i, c) in self.rules.canned.iter().enumerate() {
             if c.name.is_empty() || c.text.is_empty() {
                 return refuse("rules.canned", format!("entry {i} needs a name and a text"));
@@ -333,6 +339,16 @@ pub struct RoutingConfig {
     /// that a large team does not fill a new connection's outbound queue.
     /// Default 200.
     pub connected_presence_max: usize,
+    /// Seconds a queued conversation may wait with no session of its
+    /// visitor connected before it is closed as abandoned, so that visitors
+    /// who left (or scripts that open and go) do not fill
+    /// `max_queued`. 0: never. At most a week. Default 300.
+    pub abandon_after_s: u64,
+    /// Milliseconds between announcements of queue positions that moved:
+    /// a burst of dequeues tells each visitor behind them once, not once
+    /// per dequeue. A conversation entering a queue is told its position
+    /// at once. At most 60000. Default 1000.
+    pub position_update_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -349,6 +365,8 @@ impl Default for RoutingConfig {
             connected_queued_max: 100,
             connected_closed_max: 10,
             connected_presence_max: 200,
+            abandon_after_s: 300,
+            position_update_ms: 1000,
         }
     }
 }
@@ -426,6 +444,7 @@ mod tests {
         assert_eq!((c.limits.history_limit_default, c.limits.history_limit_max), (50, 200));
         assert_eq!(c.auth.exp_leeway_s, 60);
         assert_eq!(c.rules.auto_replies[0].keyword, "bug");
+        assert_eq!((c.routing.abandon_after_s, c.routing.position_update_ms), (300, 1000));
     }
 
     #[test]
@@ -471,5 +490,12 @@ mod tests {
         let mut c = CoreConfig::default();
         c.rules.auto_replies[0].keyword = "  ".into();
         assert!(c.validate().is_err());
+        let mut c = CoreConfig::default();
+        c.routing.abandon_after_s = 7 * 24 * 3600 + 1;
+        assert_eq!(c.validate().unwrap_err().key, "routing.abandon_after_s");
+        c.routing.abandon_after_s = 0;
+        assert_eq!(c.validate(), Ok(()), "0: never abandon");
+        c.routing.position_update_ms = 60_001;
+        assert_eq!(c.validate().unwrap_err().key, "routing.position_update_ms");
     }
 }

@@ -13,9 +13,13 @@
 //!   then first come, first served. "First come" is the conversation id
 //!   (ids are handed out in opening order), so a conversation that comes
 //!   back to a queue (transfer to a group, agent offline) keeps its place
-//!   in line instead of starting over. Positions are 1..n per group, and
-//!   whenever one changes the router says so ([`Action::QueuePosition`]) so
-//!   the gateway can tell that visitor.
+//!   in line instead of starting over. Positions are 1..n per group. A
+//!   conversation that enters a queue is told its position at once
+//!   ([`Action::Queue`]); the positions that other operations move are
+//!   announced together ([`Action::QueuePosition`]), at most once per
+//!   `routing.position_update_ms`, by [`Router::tick`]: a dequeue with
+//!   50,000 waiting moves 50,000 positions, and a burst of dequeues should
+//!   cost one announcement each, not one per dequeue.
 //! - **Who serves what.** An agent serves the groups of its token; an agent
 //!   with no groups serves every group ([`crate::identity::serves`]).
 //! - **Auto-assign** (`routing.auto_assign`, default on): whenever a
@@ -45,6 +49,14 @@
 //!   going offline, its conversations go back to their queues. Coming back
 //!   online (or away) within the grace period cancels that. Time only moves
 //!   through [`Router::tick`]; [`Router::next_deadline`] says when to call it.
+//! - **Abandoned.** The router counts each visitor's connected sessions
+//!   ([`Router::visitor_connected`], [`Router::visitor_disconnected`]). A
+//!   conversation that waits in a queue while no session of its visitor has
+//!   been connected for `routing.abandon_after_s` is closed
+//!   ([`Action::Abandon`]), so that the queue (and `routing.max_queued`)
+//!   holds people, not the ghosts of tabs closed long ago. A visitor back in
+//!   time keeps their place. After a restart nobody is connected yet, so
+//!   every queued conversation starts a fresh period.
 //!
 //! ## Outputs
 //!
@@ -55,7 +67,7 @@
 //! announced as assigned.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use kefu_proto::ids::{ConvId, ConvStatus, ErrorCode, PresenceStatus, Role};
@@ -140,6 +152,14 @@ pub enum Action {
         agent: UserId,
         /// The new status.
         status: PresenceStatus,
+    },
+    /// `conv` waited in `group` with no session of its visitor connected
+    /// for `routing.abandon_after_s`: it is closed (as abandoned).
+    Abandon {
+        /// The conversation.
+        conv: ConvId,
+        /// The group it waited in (its agents see it go).
+        group: GroupName,
     },
     /// An agent connected one device too many: close this one with 4002.
     ReplaceDevice {
@@ -326,10 +346,18 @@ struct Entry {
     group: GroupName,
     vip: i64,
     state: State,
+    /// When the visitor's last session went (`None` while one is connected):
+    /// while queued, the conversation is abandoned `abandon_after_s` later.
+    gone_since: Option<u64>,
 }
 
 /// Queue order: higher VIP level first, then lower conversation id.
 type QueueKey = (Reverse<i64>, ConvId);
+
+/// A group's waiting conversations in queue order. A deque, because the
+/// usual dequeue is the first in line (O(1)), and positions are indexes,
+/// found by binary search.
+type Queue = VecDeque<QueueKey>;
 
 fn key(vip: i64, conv: ConvId) -> QueueKey {
     (Reverse(vip), conv)
@@ -342,13 +370,31 @@ pub struct Router {
     agents: BTreeMap<UserId, Agent>,
     convs: BTreeMap<ConvId, Entry>,
     /// Per group, waiting conversations in queue order.
-    queues: BTreeMap<GroupName, Vec<QueueKey>>,
+    queues: BTreeMap<GroupName, Queue>,
     by_visitor: BTreeMap<UserId, ConvId>,
     queued: usize,
     next_conv: u64,
     assign_clock: u64,
-    /// Groups whose positions may have changed in the current operation.
-    touched: Vec<GroupName>,
+    /// Connected sessions (devices) per visitor (none: absent from the
+    /// map). Devices rather than a count: a session whose `Hello` a full
+    /// backlog refused still sends its goodbye, which must not count
+    /// another tab out.
+    visitors: HashMap<UserId, Vec<DeviceId>>,
+    /// Queued conversations whose visitor is gone, by when they are
+    /// abandoned: the first is the next abandon deadline.
+    abandons: BTreeSet<(u64, ConvId)>,
+    /// Per group, the first queue index whose position may have moved since
+    /// positions were last announced; the ones before it are announced.
+    moved: BTreeMap<GroupName, usize>,
+    /// When positions were last announced.
+    positions_announced_ms: Option<u64>,
+    /// Conversations that entered a queue in the current operation, to be
+    /// told their position at its end.
+    entered: Vec<ConvId>,
+    /// The latest time an input carried: when a conversation is opened by a
+    /// visitor with no session (which the edges' ordering rules out), its
+    /// visitor counts as gone since then.
+    clock_ms: u64,
     actions: VecDeque<Action>,
     /// The first offline grace period's end, kept as deadlines are set and
     /// cleared, so [`Router::next_deadline`] costs nothing: the gateway asks
@@ -369,7 +415,12 @@ impl Router {
             queued: 0,
             next_conv: next_conv_id.max(1),
             assign_clock: 0,
-            touched: Vec::new(),
+            visitors: HashMap::new(),
+            abandons: BTreeSet::new(),
+            moved: BTreeMap::new(),
+            positions_announced_ms: None,
+            entered: Vec::new(),
+            clock_ms: 0,
             actions: VecDeque::new(),
             deadline_hint: None,
         }
@@ -384,14 +435,17 @@ impl Router {
     /// nobody is connected yet). Queues are sorted once at the end, so a
     /// large backlog restores in O(n log n). An agent named here who has not
     /// connected is offline, and under `requeue` its conversations go back
-    /// to the queue once the grace period from `now_ms` ends. Call it before
-    /// any agent connects.
+    /// to the queue once the grace period from `now_ms` ends. No visitor is
+    /// connected yet either: a queued conversation is abandoned
+    /// `abandon_after_s` after `now_ms` unless its visitor comes back. Call
+    /// it before any agent or visitor connects.
     ///
     /// Returns the conversations it refused: a second open conversation of
     /// the same visitor (a visitor has one at most), which the gateway
     /// should close. Repeated ids are ignored.
     pub fn restore(&mut self, routes: impl IntoIterator<Item = RestoredRoute>, now_ms: u64) -> Vec<ConvId> {
         let grace_ms = self.grace_ms();
+        self.clock_ms = self.clock_ms.max(now_ms);
         let mut refused = Vec::new();
         for r in routes {
             if self.convs.contains_key(&r.conv) {
@@ -405,7 +459,7 @@ impl Router {
             self.by_visitor.insert(r.visitor.clone(), r.conv);
             let state = match &r.agent {
                 None => {
-                    self.queues.entry(r.group.clone()).or_default().push(key(r.vip_level, r.conv));
+                    self.queues.entry(r.group.clone()).or_default().push_back(key(r.vip_level, r.conv));
                     self.queued += 1;
                     State::Queued { announced: 0, entered: None, avoid: None }
                 }
@@ -425,14 +479,22 @@ impl Router {
                     State::Assigned { agent: a.id.clone() }
                 }
             };
-            self.convs.insert(r.conv, Entry { visitor: r.visitor, group: r.group, vip: r.vip_level, state });
+            let gone_since = Some(now_ms);
+            let entry = Entry { visitor: r.visitor, group: r.group, vip: r.vip_level, state, gone_since };
+            self.convs.insert(r.conv, entry);
         }
+        let abandon_at = self.abandon_ms().map(|ms| now_ms.saturating_add(ms));
         for q in self.queues.values_mut() {
-            q.sort_unstable();
-            q.dedup();
+            let mut sorted = Vec::from(std::mem::take(q));
+            sorted.sort_unstable();
+            sorted.dedup();
+            *q = Queue::from(sorted);
             for (i, (_, c)) in q.iter().enumerate() {
                 if let Some(Entry { state: State::Queued { announced, .. }, .. }) = self.convs.get_mut(c) {
                     *announced = position(i);
+                }
+                if let Some(at) = abandon_at {
+                    self.abandons.insert((at, *c));
                 }
             }
         }
@@ -451,7 +513,9 @@ impl Router {
         self.next_conv += 1;
         self.by_visitor.insert(req.visitor.clone(), conv);
         let state = State::Queued { announced: 0, entered: Some((QueueReason::Opened, None)), avoid: None };
-        self.convs.insert(conv, Entry { visitor: req.visitor, group: req.group, vip: req.vip_level, state });
+        let gone_since = (!self.visitors.contains_key(&req.visitor)).then_some(self.clock_ms);
+        let entry = Entry { visitor: req.visitor, group: req.group, vip: req.vip_level, state, gone_since };
+        self.convs.insert(conv, entry);
         self.insert_queued(conv);
         self.finish();
         Ok(Opened { conv, created: true })
@@ -594,6 +658,7 @@ impl Router {
     /// An agent's device connected at `now_ms`. Name and groups follow the
     /// newest token.
     pub fn agent_connected(&mut self, info: AgentInfo, device: DeviceId, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
         let max_devices = self.config.max_devices_per_agent;
         let capacity = self.config.default_capacity;
         let agent = self.agents.entry(info.id.clone()).or_insert_with(|| Agent {
@@ -619,6 +684,7 @@ impl Router {
 
     /// An agent's device disconnected at `now_ms`.
     pub fn agent_disconnected(&mut self, agent_id: &str, device: DeviceId, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
         let grace_ms = self.grace_ms();
         let Some(id) = self.agents.get_key_value(agent_id).map(|(id, _)| id.clone()) else { return };
         let Some(agent) = self.agents.get_mut(&id) else { return };
@@ -626,6 +692,41 @@ impl Router {
             self.status_changed(&id, status, now_ms);
         }
         self.forget_if_idle(&id);
+        self.finish();
+    }
+
+    /// A session (`device`) of `visitor` connected at `now_ms`. If it is
+    /// the only one, the visitor is back: a waiting conversation of theirs
+    /// is no longer on its way to being abandoned.
+    pub fn visitor_connected(&mut self, visitor: &UserId, device: DeviceId, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
+        let devices = self.visitors.entry(visitor.clone()).or_default();
+        if !devices.contains(&device) {
+            devices.push(device);
+        }
+        if devices.len() == 1
+            && let Some(&conv) = self.by_visitor.get(visitor)
+        {
+            self.set_gone_since(conv, None);
+        }
+        self.finish();
+    }
+
+    /// A session (`device`) of `visitor` disconnected at `now_ms`. If it
+    /// was the last, a waiting conversation of theirs is abandoned
+    /// `abandon_after_s` later unless they come back. A session the router
+    /// did not count is ignored.
+    pub fn visitor_disconnected(&mut self, visitor: &str, device: DeviceId, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
+        let Some(devices) = self.visitors.get_mut(visitor) else { return };
+        let Some(i) = devices.iter().position(|d| *d == device) else { return };
+        devices.swap_remove(i);
+        if devices.is_empty() {
+            self.visitors.remove(visitor);
+            if let Some(&conv) = self.by_visitor.get(visitor) {
+                self.set_gone_since(conv, Some(now_ms));
+            }
+        }
         self.finish();
     }
 
@@ -639,6 +740,7 @@ impl Router {
         capacity: Option<u32>,
         now_ms: u64,
     ) -> Result<PresenceStatus, RouteError> {
+        self.clock_ms = self.clock_ms.max(now_ms);
         if capacity.is_some_and(|c| c > self.config.max_capacity) {
             return Err(RouteError::BadCommand("presence.capacity is above routing.max_capacity"));
         }
@@ -663,8 +765,29 @@ impl Router {
     }
 
     /// Lets time pass: applies the offline policy to agents whose grace
-    /// period ended by `now_ms`.
+    /// period ended by `now_ms`, closes the conversations abandoned by then,
+    /// and, if `routing.position_update_ms` has passed since the last time,
+    /// announces the queue positions that moved since.
     pub fn tick(&mut self, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
+        self.requeue_offline(now_ms);
+        while let Some(&(at, conv)) = self.abandons.first() {
+            if at > now_ms {
+                break;
+            }
+            self.abandon(conv);
+        }
+        self.finish();
+        if self.positions_due().is_some_and(|due| due <= now_ms) {
+            self.announce_positions();
+            self.positions_announced_ms = Some(now_ms);
+        }
+        #[cfg(test)]
+        assert_eq!(self.check_invariants(), Ok(()));
+    }
+
+    /// The offline policy, for agents whose grace period ended by `now_ms`.
+    fn requeue_offline(&mut self, now_ms: u64) {
         let due: Vec<UserId> = self
             .agents
             .iter()
@@ -693,13 +816,15 @@ impl Router {
             self.forget_if_idle(&id);
         }
         self.deadline_hint = self.agents.values().filter_map(|a| a.offline_deadline).min();
-        self.finish();
     }
 
     /// When [`Router::tick`] next has something to do: when the first
-    /// offline grace period ends.
+    /// offline grace period ends, the first waiting conversation is
+    /// abandoned, or moved positions are due to be announced, whichever
+    /// comes first. Cheap: the gateway asks after every command.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.deadline_hint
+        let abandon = self.abandons.first().map(|(at, _)| *at);
+        [self.deadline_hint, abandon, self.positions_due()].into_iter().flatten().min()
     }
 
     /// The open conversation `conv`, if the router has it.
@@ -764,20 +889,26 @@ impl Router {
                 self.deadline_hint
             ));
         }
+        if !self.entered.is_empty() {
+            return Err(format!("{:?} entered a queue and were not told", self.entered));
+        }
         let mut queued = 0;
+        let mut abandoning = 0;
         for (group, q) in &self.queues {
             if q.is_empty() {
                 return Err(format!("empty queue {group} kept"));
             }
-            if q.windows(2).any(|w| w[0] >= w[1]) {
+            if q.iter().zip(q.iter().skip(1)).any(|(a, b)| a >= b) {
                 return Err(format!("queue {group} out of order"));
             }
+            // Positions from here on may have moved since they were told.
+            let moved_from = self.moved.get(group).copied().unwrap_or(usize::MAX);
             for (i, k) in q.iter().enumerate() {
                 let c = &k.1;
                 let e = self.convs.get(c).ok_or_else(|| format!("{c} queued but unknown"))?;
                 match &e.state {
                     State::Queued { announced, entered, .. } => {
-                        if *announced != position(i) || entered.is_some() {
+                        if (i < moved_from && *announced != position(i)) || entered.is_some() {
                             return Err(format!("{c} position {} announced as {announced}", i + 1));
                         }
                     }
@@ -786,8 +917,25 @@ impl Router {
                 if e.group != *group || *k != key(e.vip, *c) {
                     return Err(format!("{c} in the wrong queue or with a stale key"));
                 }
+                if let Some(at) = self.abandon_at(e) {
+                    if !self.abandons.contains(&(at, *c)) {
+                        return Err(format!("{c} waits without its visitor and no abandon deadline"));
+                    }
+                    abandoning += 1;
+                }
             }
             queued += q.len();
+        }
+        if abandoning != self.abandons.len() {
+            return Err(format!("{} abandon deadlines for {abandoning} conversations", self.abandons.len()));
+        }
+        if let Some((c, e)) =
+            self.convs.iter().find(|(_, e)| e.gone_since.is_some() == self.visitors.contains_key(&e.visitor))
+        {
+            return Err(format!("{c}: visitor {} connected or gone, not as counted", e.visitor));
+        }
+        if self.visitors.values().any(Vec::is_empty) {
+            return Err("a visitor counted with no session".into());
         }
         if queued != self.queued {
             return Err(format!("queued count {} but {queued} in queues", self.queued));
@@ -835,9 +983,79 @@ impl Router {
         self.config.offline_grace_s.saturating_mul(1000)
     }
 
-    fn touch(&mut self, group: &GroupName) {
-        if !self.touched.contains(group) {
-            self.touched.push(group.clone());
+    /// `abandon_after_s` in ms; `None`: conversations are never abandoned.
+    fn abandon_ms(&self) -> Option<u64> {
+        (self.config.abandon_after_s > 0).then(|| self.config.abandon_after_s.saturating_mul(1000))
+    }
+
+    /// When a waiting conversation is abandoned: `None` while its visitor
+    /// is connected (or abandoning is off).
+    fn abandon_at(&self, e: &Entry) -> Option<u64> {
+        Some(e.gone_since?.saturating_add(self.abandon_ms()?))
+    }
+
+    /// Sets when `conv`'s visitor went (`None`: they are connected), moving
+    /// its abandon deadline if it waits.
+    fn set_gone_since(&mut self, conv: ConvId, gone_since: Option<u64>) {
+        let Some(e) = self.convs.get(&conv) else { return };
+        let queued = matches!(e.state, State::Queued { .. });
+        if queued && let Some(at) = self.abandon_at(e) {
+            self.abandons.remove(&(at, conv));
+        }
+        let Some(e) = self.convs.get_mut(&conv) else { return };
+        e.gone_since = gone_since;
+        let Some(e) = self.convs.get(&conv) else { return };
+        if queued && let Some(at) = self.abandon_at(e) {
+            self.abandons.insert((at, conv));
+        }
+    }
+
+    /// Closes a waiting conversation whose visitor stayed away.
+    fn abandon(&mut self, conv: ConvId) {
+        let Some(e) = self.convs.get(&conv) else { return };
+        debug_assert!(matches!(e.state, State::Queued { .. }), "only a waiting conversation is abandoned");
+        let group = e.group.clone();
+        self.remove_queued(conv);
+        if let Some(e) = self.convs.remove(&conv) {
+            self.by_visitor.remove(&e.visitor);
+        }
+        self.actions.push_back(Action::Abandon { conv, group });
+    }
+
+    /// Notes that positions in `group` from `index` on may have moved.
+    fn moved_from(&mut self, group: &GroupName, index: usize) {
+        self.moved.entry(group.clone()).and_modify(|i| *i = (*i).min(index)).or_insert(index);
+    }
+
+    /// When moved positions are next due to be announced, if any moved:
+    /// `position_update_ms` after the last announcement.
+    fn positions_due(&self) -> Option<u64> {
+        if self.moved.is_empty() {
+            return None;
+        }
+        Some(self.positions_announced_ms.map_or(0, |t| t.saturating_add(self.config.position_update_ms)))
+    }
+
+    /// Announces every position that moved since the last time, once each:
+    /// work in proportion to the part of each queue that moved.
+    fn announce_positions(&mut self) {
+        for (group, from) in std::mem::take(&mut self.moved) {
+            let Some(q) = self.queues.get(&group) else { continue };
+            for (i, (_, conv)) in q.range(from.min(q.len())..).enumerate() {
+                let pos = position(from + i);
+                let Some(Entry { state: State::Queued { announced, .. }, .. }) = self.convs.get_mut(conv)
+                else {
+                    continue;
+                };
+                if *announced != pos {
+                    *announced = pos;
+                    self.actions.push_back(Action::QueuePosition {
+                        conv: *conv,
+                        group: group.clone(),
+                        position: pos,
+                    });
+                }
+            }
         }
     }
 
@@ -852,12 +1070,26 @@ impl Router {
         let Some(e) = self.convs.get(&conv) else { return };
         let k = key(e.vip, conv);
         let group = e.group.clone();
+        let entered = matches!(e.state, State::Queued { entered: Some(_), .. });
+        let abandon_at = self.abandon_at(e);
         let q = self.queues.entry(group.clone()).or_default();
-        if let Err(i) = q.binary_search(&k) {
-            q.insert(i, k);
-            self.queued += 1;
+        let Err(i) = q.binary_search(&k) else { return };
+        q.insert(i, k);
+        let behind = q.len() - i - 1;
+        self.queued += 1;
+        if let Some(at) = abandon_at {
+            self.abandons.insert((at, conv));
         }
-        self.touch(&group);
+        // One that entered is told its place at the end of the operation;
+        // those behind it moved.
+        if entered {
+            self.entered.push(conv);
+            if behind > 0 {
+                self.moved_from(&group, i + 1);
+            }
+        } else {
+            self.moved_from(&group, i);
+        }
     }
 
     /// Takes a conversation out of its queue (its state is left to the caller).
@@ -865,16 +1097,23 @@ impl Router {
         let Some(e) = self.convs.get(&conv) else { return };
         let group = e.group.clone();
         let k = key(e.vip, conv);
-        if let Some(q) = self.queues.get_mut(&group)
-            && let Ok(i) = q.binary_search(&k)
-        {
-            q.remove(i);
-            self.queued -= 1;
-            if q.is_empty() {
-                self.queues.remove(&group);
-            }
+        let abandon_at = self.abandon_at(e);
+        let Some(q) = self.queues.get_mut(&group) else { return };
+        let Ok(i) = q.binary_search(&k) else { return };
+        q.remove(i);
+        self.queued -= 1;
+        let behind = q.len() - i;
+        if q.is_empty() {
+            self.queues.remove(&group);
+            self.moved.remove(&group);
         }
-        self.touch(&group);
+        if let Some(at) = abandon_at {
+            self.abandons.remove(&(at, conv));
+        }
+        // Those behind it moved up; taking the last moves nobody.
+        if behind > 0 {
+            self.moved_from(&group, i);
+        }
     }
 
     /// Takes a conversation off its agent or out of its queue.
@@ -957,35 +1196,29 @@ impl Router {
     }
 
     /// Ends every operation: auto-assign, then announce what entered a
-    /// queue and every position that moved.
+    /// queue (and still waits) with its position. Positions that moved are
+    /// left for [`Router::tick`].
     fn finish(&mut self) {
         self.drain();
-        for group in std::mem::take(&mut self.touched) {
-            let Some(q) = self.queues.get(&group) else { continue };
-            for (i, (_, conv)) in q.iter().enumerate() {
-                let pos = position(i);
-                let Some(Entry { state: State::Queued { announced, entered, .. }, .. }) =
-                    self.convs.get_mut(conv)
-                else {
-                    continue;
-                };
-                if let Some((reason, previous)) = entered.take() {
-                    self.actions.push_back(Action::Queue {
-                        conv: *conv,
-                        group: group.clone(),
-                        position: pos,
-                        previous,
-                        reason,
-                    });
-                } else if *announced != pos {
-                    self.actions.push_back(Action::QueuePosition {
-                        conv: *conv,
-                        group: group.clone(),
-                        position: pos,
-                    });
-                }
-                *announced = pos;
-            }
+        let mut entered = std::mem::take(&mut self.entered);
+        // In line order, as the gateway would list them.
+        entered.sort_by_cached_key(|c| self.convs.get(c).map(|e| (e.group.clone(), key(e.vip, *c))));
+        for conv in entered {
+            let Some(pos) = self.position_of(conv) else { continue };
+            let Some(Entry { group, state: State::Queued { announced, entered, .. }, .. }) =
+                self.convs.get_mut(&conv)
+            else {
+                continue;
+            };
+            let Some((reason, previous)) = entered.take() else { continue };
+            *announced = pos;
+            self.actions.push_back(Action::Queue {
+                conv,
+                group: group.clone(),
+                position: pos,
+                previous,
+                reason,
+            });
         }
         #[cfg(test)]
         assert_eq!(self.check_invariants(), Ok(()));

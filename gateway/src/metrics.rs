@@ -317,6 +317,9 @@ pub struct ShardStats {
     pub chat_messages_in: AtomicU64,
     /// `msg` frames handed to this shard's connections.
     pub chat_messages_out: AtomicU64,
+    /// Queued conversations closed because their visitor stayed gone past
+    /// `routing.abandon_after_s` (shard 0, where the router runs).
+    pub conversations_abandoned: AtomicU64,
     /// From a message's `ts` (the home took it) to its sender's `ack`, for
     /// the conversations homed on this shard: hook, storage and fan-out.
     pub ack_latency: Histogram,
@@ -574,7 +577,7 @@ fn render_chat(out: &mut String, shards: &[ShardStats]) {
         let _ = writeln!(out, "kefu_connections_by_role{{shard=\"{i}\",role=\"none\"}} {none}");
     }
     type Field = fn(&ShardStats) -> &AtomicU64;
-    let series: [(&str, &str, Field); 2] = [
+    let series: [(&str, &str, Field); 3] = [
         ("kefu_chat_messages_in_total", "Chat messages (send commands) received from clients.", |s| {
             &s.chat_messages_in
         }),
@@ -582,6 +585,11 @@ fn render_chat(out: &mut String, shards: &[ShardStats]) {
             "kefu_chat_messages_out_total",
             "Chat messages (msg frames) queued to recipients' connections.",
             |s| &s.chat_messages_out,
+        ),
+        (
+            "kefu_conversations_abandoned_total",
+            "Queued conversations closed: their visitor stayed gone past routing.abandon_after_s.",
+            |s| &s.conversations_abandoned,
         ),
     ];
     for (name, help, field) in series {

@@ -1674,6 +1674,7 @@ fn metrics_follow_a_chat() {
         "kefu_connections_by_role",
         "kefu_chat_messages_in_total",
         "kefu_chat_messages_out_total",
+        "kefu_conversations_abandoned_total",
         "kefu_errors_total",
         "kefu_closes_total",
         "kefu_ack_latency_seconds",
@@ -1804,4 +1805,38 @@ fn a_failed_connect_is_answered_with_its_id() {
         assert_eq!((e["id"].as_i64(), e["code"].as_str()), (Some(6), Some("unauthorized")), "{e}");
         assert_eq!(c.expect("_close").await["code"], 4500);
     });
+}
+
+/// Issue 10, item 2: a visitor who opens and goes (a closed tab, a script)
+/// does not hold a place in the queue for good. Their conversation is
+/// closed as abandoned once `routing.abandon_after_s` passes with no
+/// session of theirs, the agents serving the queue see it go, and
+/// `/metrics` counts it; a visitor who comes back in time keeps their place.
+#[test]
+fn a_waiting_visitor_who_stays_gone_is_closed_as_abandoned() {
+    let env = [("KEFU_ROUTING_AUTO_ASSIGN", "false"), ("KEFU_ROUTING_ABANDON_AFTER_S", "1")];
+    let gw = Gateway::start(&["--shards", "2"], &env);
+    rt().block_on(async {
+        let mut ann = agent(&gw, JSON, "ann", &[], 5).await;
+        let (gone, gone_conv) = visitor(&gw, JSON).await;
+        let (mut stays, stays_conv) = visitor(&gw, JSON).await;
+        for conv in [&gone_conv, &stays_conv] {
+            ann.expect_where("conversation", |c| c["conv"] == conv.as_str() && c["status"] == "queued").await;
+        }
+        drop(gone);
+        let closed = ann.expect_where("conversation", |c| c["conv"] == gone_conv.as_str()).await;
+        assert_eq!(closed["status"], "closed", "{closed}");
+        // The one who stayed moved up.
+        stays.expect_where("conversation", |c| c["queue_position"] == 1).await;
+        let id = stays.send(json!({"type": "open"})).await;
+        let still = stays.reply(id).await;
+        assert_eq!(
+            (still["conv"].as_str(), still["status"].as_str()),
+            (Some(stays_conv.as_str()), Some("queued"))
+        );
+    });
+    let metrics = common::metrics_until(&gw, "the abandon counted", |m| {
+        common::sample(m, "kefu_conversations_abandoned_total", &[]) >= 1.0
+    });
+    assert_eq!(common::sample(&metrics, "kefu_conversations_abandoned_total", &[]), 1.0, "{metrics}");
 }

@@ -99,9 +99,11 @@ impl Directory {
 
     /// Who is told of a conversation's new state (a `conversation` event):
     /// its participants in that state, the agent who just lost it
-    /// (`previous`), and, while it waits in a queue, the agents who serve
-    /// that queue (`notify`); each session once, and not `except` (the
-    /// session whose command caused it, which gets the answer instead).
+    /// (`previous`), and, while it waits in a queue or as it leaves one
+    /// closed, the agents who serve that queue (`notify`; the router names
+    /// them for a queued conversation and one closed as abandoned); each
+    /// session once, and not `except` (the session whose command caused it,
+    /// which gets the answer instead).
     pub fn change_audience(
         &self,
         visitor: &str,
@@ -113,7 +115,7 @@ impl Directory {
     ) -> Vec<Member> {
         let mut audience: Vec<Member> = self.participants(visitor, agent, status).collect();
         audience.extend(previous.into_iter().flat_map(|p| self.sessions_of(p)));
-        if status == ConvStatus::Queued {
+        if status != ConvStatus::Assigned {
             audience.extend(notify.iter().flat_map(|a| self.sessions_of(a)));
         }
         audience.sort_by_key(|m| m.addr);
@@ -186,7 +188,7 @@ mod tests {
         let a = |id: &str| UserKey::agent(Arc::from(id));
         // A transfer from a1 to a2: both agents and the visitor hear it.
         let got = d.change_audience("v1", Some("a2"), ConvStatus::Assigned, Some(&a("a1")), &[a("a3")], None);
-        assert_eq!(slots(got.into_iter()), [1, 2, 3, 4], "notify only counts while queued");
+        assert_eq!(slots(got.into_iter()), [1, 2, 3, 4], "notify does not count once assigned");
         // Back in a queue: the visitor, a1 who gave it away, and who serves
         // the queue (a1 named twice is told once); the replying tab not at all.
         let notify = [a("a1"), a("a3")];

@@ -25,7 +25,7 @@ use super::directory::{Directory, Member};
 use super::hooks::{HookCall, Verdict};
 use super::outbox::{ConvState, Outbox, Output, Pending, Profile, Write};
 use super::stored::{ReadError, Stored};
-use super::{Change, Reply, RouteInfo, SessionAddr};
+use super::{Change, PositionUpdate, Reply, RouteInfo, SessionAddr};
 use crate::CoreConfig;
 use crate::cid::Cid;
 use crate::config::HookFailure;
@@ -775,7 +775,6 @@ impl Home {
         reply: Option<Reply>,
         route: RouteInfo,
         now_ms: u64,
-        dir: &Directory,
         store: &dyn Stored,
     ) {
         match change {
@@ -831,13 +830,6 @@ impl Home {
                     self.describe(conv, reply, &route, store);
                 }
             }
-            Change::Position => {
-                if let Some(frame) = self.conversation_frame(conv, None, &route) {
-                    let visitor = self.convs.get(&conv).map(|c| c.visitor().id.clone());
-                    let audience = visitor.iter().flat_map(|v| dir.sessions(Role::Visitor, v));
-                    self.out.deliver(audience, &frame);
-                }
-            }
             Change::Describe => self.describe(conv, reply, &route, store),
             Change::CloseClosed { actor } => {
                 let Some(reply) = reply else { return };
@@ -854,6 +846,23 @@ impl Home {
             }
         }
         self.give_back(conv);
+    }
+
+    /// Tells waiting visitors their place (and whether anyone is there):
+    /// the visitor's sessions only. A conversation not in memory (closed
+    /// since, and given back) is skipped.
+    pub fn handle_positions(&mut self, updates: &[PositionUpdate], dir: &Directory) {
+        for u in updates {
+            let route = RouteInfo {
+                position: Some(u.position),
+                notify: Vec::new(),
+                agents_online: Some(u.agents_online),
+            };
+            let Some(frame) = self.conversation_frame(u.conv, None, &route) else { continue };
+            let visitor = self.convs.get(&u.conv).map(|c| c.visitor().id.clone());
+            let audience = visitor.iter().flat_map(|v| dir.sessions(Role::Visitor, v));
+            self.out.deliver(audience, &frame);
+        }
     }
 
     /// Answers a command with the conversation's current state.

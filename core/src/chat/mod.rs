@@ -107,8 +107,6 @@ pub enum Change {
     },
     /// Closed.
     Close,
-    /// Moved in its queue: tell the visitor.
-    Position,
     /// Nothing changed: answer the command with the current state.
     Describe,
     /// The router knows no open conversation by that id for a `close`:
@@ -132,6 +130,17 @@ pub struct RouteInfo {
     /// If queued: whether an agent who serves its group is online (else
     /// the visitor is told nobody is, and may leave a message).
     pub agents_online: Option<bool>,
+}
+
+/// A waiting conversation's place, for its visitor (see [`ChatMsg::Positions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PositionUpdate {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Its 1-based queue position.
+    pub position: u32,
+    /// Whether an agent who serves its group is online.
+    pub agents_online: bool,
 }
 
 /// Messages between chat services.
@@ -239,6 +248,15 @@ pub enum ChatMsg {
         /// The answer.
         admission: hooks::Admission,
     },
+    /// Router → one shard: queue positions to tell visitors of
+    /// conversations homed there (moved, or their group gained its first
+    /// online agent or lost its last). One post per shard carries every
+    /// update of a router tick, so a dequeue with 50,000 waiting is a post
+    /// per shard, not one per visitor.
+    Positions {
+        /// The updates, in queue order per group.
+        updates: Vec<PositionUpdate>,
+    },
     /// Router → a conversation's home.
     Change {
         /// The conversation.
@@ -321,6 +339,7 @@ impl ChatMsg {
             | ChatMsg::Hooked { .. }
             | ChatMsg::Query { .. }
             | ChatMsg::Profile { .. }
+            | ChatMsg::Positions { .. }
             | ChatMsg::Admitted { .. } => None,
         }
     }

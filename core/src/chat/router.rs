@@ -17,6 +17,11 @@
 //! - After either, the edge is told [`ChatMsg::Routed`], so it may go
 //!   straight to homes again: it comes after every change it must not
 //!   overtake.
+//! - Visitors' sessions coming and going ([`Router::handle_hello`],
+//!   [`Router::handle_session_down`]) tell the router who is still there:
+//!   a waiting conversation whose visitor stays gone is abandoned.
+//! - Queue positions go out in one [`ChatMsg::Positions`] post per shard
+//!   for everything one router step announced, not one post per visitor.
 //!
 //! Every command gets exactly one answer: an error here, or the home's
 //! answer to the [`Change`] that carries its reply (a command whose router
@@ -28,7 +33,7 @@ use std::sync::Arc;
 use kefu_proto::client::{Event, ServerFrame};
 use kefu_proto::{ConvId, ConvStatus, PresenceStatus, Role};
 
-use super::{Change, ChatMsg, Reply, RouteInfo, device_of};
+use super::{Change, ChatMsg, PositionUpdate, Reply, RouteInfo, SessionAddr, device_of};
 use crate::config::CoreConfig;
 use crate::identity::{Actor, GroupName, Identity, UserId, UserKey, serves};
 use crate::routing::{
@@ -85,6 +90,12 @@ pub enum Output {
         /// The device, as [`device_of`] numbers it.
         device: u64,
     },
+    /// A waiting conversation was closed as abandoned (its close is on its
+    /// way to the home): count it.
+    Abandoned {
+        /// The conversation.
+        conv: ConvId,
+    },
 }
 
 /// The router machine (see the module doc).
@@ -100,6 +111,9 @@ pub struct Router {
     /// online when its visitors were last told (see
     /// [`Router::announce_availability`]).
     groups_online: HashMap<GroupName, bool>,
+    /// Per shard, the queue positions of the current step, posted together
+    /// at its end ([`ChatMsg::Positions`]).
+    positions: Vec<Vec<PositionUpdate>>,
     out: VecDeque<Output>,
 }
 
@@ -122,6 +136,7 @@ impl Router {
             shards,
             reply_on_change: Vec::new(),
             groups_online: HashMap::new(),
+            positions: vec![Vec::new(); shards],
             out: VecDeque::new(),
         };
         (router, refused)
@@ -148,6 +163,9 @@ impl Router {
     pub fn handle_hello(&mut self, reply: Reply, identity: Identity, now_ms: u64) {
         let (addr, _, _) = reply;
         let routing = &mut self.routing;
+        if identity.role == Role::Visitor {
+            routing.visitor_connected(&identity.id, device_of(addr), now_ms);
+        }
         let mut convs: Vec<ConvId> = match identity.role {
             Role::Agent => {
                 let info = AgentInfo {
@@ -211,7 +229,20 @@ impl Router {
         self.drain();
     }
 
-    /// Time passes: offline grace periods that ended take effect.
+    /// A session has gone (every shard hears it; the router's shard hands
+    /// it here): a visitor's last session gone starts the wait after which
+    /// their queued conversation is abandoned. Agents' devices are counted
+    /// by [`Router::handle_agent_gone`].
+    pub fn handle_session_down(&mut self, addr: SessionAddr, user: &UserKey, now_ms: u64) {
+        if user.role == Role::Visitor {
+            self.routing.visitor_disconnected(&user.id, device_of(addr), now_ms);
+            self.drain();
+        }
+    }
+
+    /// Time passes: offline grace periods that ended take effect, waiting
+    /// conversations whose visitor stayed gone are closed, and queue
+    /// positions that moved are announced.
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.routing.tick(now_ms);
         self.drain();
@@ -283,6 +314,9 @@ impl Router {
 
     /// Turns the routing decisions into work, in order.
     fn drain(&mut self) {
+        // A tick's positions come group by group: whether a group has an
+        // online agent is asked once per group, not once per visitor.
+        let mut online: Option<(GroupName, bool)> = None;
         while let Some(action) = self.routing.poll_action() {
             match action {
                 // The router's `previous` is always an agent (it keeps
@@ -300,10 +334,34 @@ impl Router {
                     let previous = previous.map(UserKey::agent);
                     self.change(conv, Change::Queue { group, previous }, reply);
                 }
-                Action::QueuePosition { conv, .. } => self.change(conv, Change::Position, None),
+                Action::QueuePosition { conv, group, position } => {
+                    let agents_online = match &online {
+                        Some((g, yes)) if *g == group => *yes,
+                        _ => {
+                            let yes = group_online(self.routing.agents(), &group);
+                            online = Some((group, yes));
+                            yes
+                        }
+                    };
+                    self.positions[conv.home(self.shards)].push(PositionUpdate {
+                        conv,
+                        position,
+                        agents_online,
+                    });
+                }
                 Action::Close { conv, .. } => {
                     let reply = self.take_reply(conv);
                     self.change(conv, Change::Close, reply);
+                }
+                Action::Abandon { conv, group } => {
+                    // The visitor is gone; the agents who saw it wait are
+                    // told it went (the router has forgotten its group).
+                    let notify = serving(self.routing.agents(), &group);
+                    let route = RouteInfo { notify, ..RouteInfo::default() };
+                    let shard = conv.home(self.shards);
+                    let msg = ChatMsg::Change { conv, change: Change::Close, reply: None, route };
+                    self.out.push_back(Output::Post { shard, msg });
+                    self.out.push_back(Output::Abandoned { conv });
                 }
                 Action::PresenceChanged { agent, status } => {
                     // An agent forgotten as it went offline has no name left.
@@ -322,6 +380,12 @@ impl Router {
         for (conv, reply) in std::mem::take(&mut self.reply_on_change) {
             self.change(conv, Change::Describe, Some(reply));
         }
+        for (shard, updates) in self.positions.iter_mut().enumerate() {
+            if !updates.is_empty() {
+                let updates = std::mem::take(updates);
+                self.out.push_back(Output::Post { shard, msg: ChatMsg::Positions { updates } });
+            }
+        }
     }
 
     /// Tells the visitors waiting in a group when it gains its first online
@@ -338,9 +402,10 @@ impl Router {
             if self.groups_online.insert(group.clone(), online) == Some(online) {
                 continue;
             }
-            let queued: Vec<ConvId> = self.routing.queue(&group).collect();
-            for conv in queued {
-                self.change(conv, Change::Position, None);
+            for (i, conv) in self.routing.queue(&group).enumerate() {
+                let position = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                let update = PositionUpdate { conv, position, agents_online: online };
+                self.positions[conv.home(self.shards)].push(update);
             }
         }
     }

@@ -9,8 +9,10 @@ use super::*;
 
 const T0: u64 = 1_000_000;
 
+/// Visitors here are not connected unless a test says so: conversations
+/// are never abandoned unless a test asks for it.
 fn config(auto_assign: bool) -> RoutingConfig {
-    RoutingConfig { auto_assign, offline_grace_s: 60, ..RoutingConfig::default() }
+    RoutingConfig { auto_assign, offline_grace_s: 60, abandon_after_s: 0, ..RoutingConfig::default() }
 }
 
 fn groups(gs: &[&str]) -> Arc<[GroupName]> {
@@ -157,9 +159,10 @@ fn capacity_is_never_exceeded_and_close_assigns_the_next() {
         [
             Action::Close { conv: c1, agent: Some("a1".into()), by: Role::Agent },
             assign_action(c3, "a1", "g", None, AssignReason::Auto),
-            Action::QueuePosition { conv: c4, group: "g".into(), position: 1 },
         ]
     );
+    r.tick(T0);
+    assert_eq!(actions(&mut r), [Action::QueuePosition { conv: c4, group: "g".into(), position: 1 }]);
     assert_eq!(r.agent("a1").unwrap().load, 2);
     let _ = c2;
 }
@@ -194,7 +197,11 @@ fn vip_first_then_first_come() {
     let silver = open(&mut r, "v5", "g", 1);
     assert_eq!(queue(&r, "g"), [gold1, gold2, silver, plain1, plain2]);
     assert_eq!(position(&r, plain2), Some(5));
-    // Every arrival that jumps the line moves those behind it, and says so.
+    // Every arrival that jumps the line moves those behind it, and the
+    // next tick says so, once for each that moved.
+    let entered = actions(&mut r);
+    assert!(entered.iter().all(|a| matches!(a, Action::Queue { .. })), "{entered:?}");
+    r.tick(T0);
     let got = actions(&mut r);
     let moves: Vec<(ConvId, u32)> = got
         .iter()
@@ -203,11 +210,7 @@ fn vip_first_then_first_come() {
             _ => None,
         })
         .collect();
-    assert_eq!(
-        moves,
-        [(plain1, 2), (plain1, 3), (plain2, 4), (plain1, 4), (plain2, 5)],
-        "gold1 pushes plain1; gold2 pushes plain1 and plain2; silver pushes both"
-    );
+    assert_eq!(moves, [(plain1, 4), (plain2, 5)], "plain1 was told 1 and plain2 3 as they entered");
     // A profile update that raises priority moves the visitor up.
     r.update_vip_level("v3", 5);
     assert_eq!(queue(&r, "g"), [plain2, gold1, gold2, silver, plain1]);
@@ -226,6 +229,13 @@ fn positions_update_when_the_head_is_assigned() {
         [
             Action::PresenceChanged { agent: "a1".into(), status: Online },
             assign_action(c1, "a1", "g", None, AssignReason::Auto),
+        ]
+    );
+    assert_eq!(r.next_deadline(), Some(0), "nothing announced yet: the moves are due at once");
+    r.tick(T0);
+    assert_eq!(
+        actions(&mut r),
+        [
             Action::QueuePosition { conv: c2, group: "g".into(), position: 1 },
             Action::QueuePosition { conv: c3, group: "g".into(), position: 2 },
         ]
@@ -272,13 +282,9 @@ fn accept_rules() {
     assert_eq!(RouteError::NotFound.code(), ErrorCode::NotFound);
     assert_eq!(r.accept("sales1", ConvId(999)), Err(RouteError::NotFound));
     assert_eq!(r.accept("sales1", c1), Ok(Accepted::Assigned));
-    assert_eq!(
-        actions(&mut r),
-        [
-            assign_action(c1, "sales1", "sales", None, AssignReason::Accepted),
-            Action::QueuePosition { conv: c2, group: "sales".into(), position: 1 },
-        ]
-    );
+    assert_eq!(actions(&mut r), [assign_action(c1, "sales1", "sales", None, AssignReason::Accepted)]);
+    r.tick(T0);
+    assert_eq!(actions(&mut r), [Action::QueuePosition { conv: c2, group: "sales".into(), position: 1 }]);
     assert_eq!(r.accept("sales1", c1), Ok(Accepted::AlreadyYours));
     assert!(matches!(r.accept("sales2", c1), Err(RouteError::Conflict(_))), "taken: a race lost");
     assert_eq!(r.accept("billing1", c1), Err(RouteError::NotFound));
@@ -639,6 +645,8 @@ fn run_random(seed: u64, steps: usize, config: RoutingConfig) {
     let mut over_ok: BTreeMap<&str, bool> = BTreeMap::new();
     let mut next_device: DeviceId = 1;
     let mut now = T0;
+    // Sessions each visitor has connected, as the edges would report them.
+    let mut visitor_sessions: BTreeMap<String, Vec<DeviceId>> = BTreeMap::new();
 
     for step in 0..steps {
         let open_convs: Vec<ConvId> =
@@ -651,7 +659,7 @@ fn run_random(seed: u64, steps: usize, config: RoutingConfig) {
             }
         };
         let (agent_id, agent_groups) = *rng.pick(&AGENTS);
-        let op = rng.below(100);
+        let op = rng.below(110);
         let desc;
         let result: Result<(), RouteError> = match op {
             0..=24 => {
@@ -756,6 +764,31 @@ fn run_random(seed: u64, steps: usize, config: RoutingConfig) {
                 r.update_vip_level(&visitor, vip);
                 Ok(())
             }
+            96..=102 => {
+                let visitor = format!("v{}", rng.below(40));
+                desc = format!("visitor {visitor} connects");
+                // Two tabs at most, device 1 and 2; a repeat changes nothing.
+                let device = rng.below(2) as DeviceId + 1;
+                r.visitor_connected(&UserId::from(visitor.as_str()), device, now);
+                let devices = visitor_sessions.entry(visitor).or_default();
+                if !devices.contains(&device) {
+                    devices.push(device);
+                }
+                Ok(())
+            }
+            103..=109 => {
+                let visitor = format!("v{}", rng.below(40));
+                desc = format!("visitor {visitor} disconnects");
+                let device = rng.below(2) as DeviceId + 1;
+                r.visitor_disconnected(&visitor, device, now);
+                if let Some(devices) = visitor_sessions.get_mut(&visitor) {
+                    devices.retain(|d| *d != device);
+                    if devices.is_empty() {
+                        visitor_sessions.remove(&visitor);
+                    }
+                }
+                Ok(())
+            }
             _ => {
                 now += rng.below(45_000) as u64;
                 desc = format!("tick {now}");
@@ -793,6 +826,18 @@ fn run_random(seed: u64, steps: usize, config: RoutingConfig) {
                     );
                     seen.insert(*conv, Seen::Closed);
                 }
+                Action::Abandon { conv, group } => {
+                    assert!(
+                        matches!(seen.get(conv), Some(Seen::Queued { group: g, .. }) if g == group),
+                        "{ctx}: abandoned {conv} was not waiting in {group}"
+                    );
+                    let visitor = &visitor_of[conv];
+                    assert!(
+                        !visitor_sessions.contains_key(visitor),
+                        "{ctx}: {visitor} is here, {conv} abandoned"
+                    );
+                    seen.insert(*conv, Seen::Closed);
+                }
                 Action::ReplaceDevice { agent, device } => {
                     if let Some(l) = devices.get_mut(&**agent) {
                         l.retain(|d| d != device);
@@ -802,8 +847,10 @@ fn run_random(seed: u64, steps: usize, config: RoutingConfig) {
             }
         }
 
-        // Invariants.
+        // Invariants. Positions are as announced once no moved one waits
+        // for the next tick.
         r.check_invariants().unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        let told = r.moved.is_empty();
         let mut positions: BTreeMap<GroupName, Vec<u32>> = BTreeMap::new();
         let mut per_visitor: BTreeMap<&str, usize> = BTreeMap::new();
         for (conv, s) in &seen {
@@ -812,9 +859,10 @@ fn run_random(seed: u64, steps: usize, config: RoutingConfig) {
                 Seen::Closed => assert_eq!(view, None, "{ctx}: closed {conv} still routed"),
                 Seen::Queued { group, position } => {
                     let v = view.unwrap_or_else(|| panic!("{ctx}: {conv} lost"));
+                    let want = if told { Some(*position) } else { v.position };
                     assert_eq!(
                         (v.status, &v.group, v.position),
-                        (ConvStatus::Queued, group, Some(*position)),
+                        (ConvStatus::Queued, group, want),
                         "{ctx}: {conv}"
                     );
                     positions.entry(group.clone()).or_default().push(*position);
@@ -832,7 +880,7 @@ fn run_random(seed: u64, steps: usize, config: RoutingConfig) {
                 *per_visitor.entry(visitor_of[conv].as_str()).or_default() += 1;
             }
         }
-        for (group, mut ps) in positions {
+        for (group, mut ps) in positions.into_iter().filter(|_| told) {
             ps.sort_unstable();
             let want: Vec<u32> = (1..=ps.len() as u32).collect();
             assert_eq!(ps, want, "{ctx}: positions in {group}");
@@ -870,6 +918,8 @@ fn random_events_keep_every_invariant() {
             config.offline_policy = OfflinePolicy::Requeue;
         }
         config.default_capacity = (seed % 4) as u32 + 1;
+        config.abandon_after_s = [0, 20, 60][(seed % 3) as usize];
+        config.position_update_ms = [0, 1_000, 30_000][(seed / 3 % 3) as usize];
         run_random(seed, 1500, config);
     }
 }
@@ -909,4 +959,209 @@ fn accept_transfer_and_close_judge_an_agents_groups_alike() {
     assert_eq!(r.close(&old_session, sales).map(|_| ()), Err(RouteError::NotFound), "as accept would");
     assert_eq!(r.accept("a1", sales), Err(RouteError::NotFound));
     assert!(r.close(&old_session, billing).is_ok(), "the newest token's group");
+}
+
+// ---- queue positions, told once per tick ----
+
+#[test]
+fn dequeues_within_one_tick_tell_each_moved_conversation_once_after_it() {
+    let mut r = Router::new(config(false), 1);
+    online(&mut r, "a1", &[], 1, 5);
+    actions(&mut r);
+    let waiting: Vec<ConvId> = (0..10).map(|n| open(&mut r, &format!("v{n}"), "g", 0)).collect();
+    let entered = actions(&mut r);
+    assert_eq!(entered.len(), 10, "each is told its place as it enters: {entered:?}");
+    assert_eq!(r.next_deadline(), None, "appending moves nobody");
+    // A first dequeue: due at once, since nothing was announced before.
+    r.accept("a1", waiting[0]).unwrap();
+    actions(&mut r);
+    r.tick(T0);
+    assert_eq!(actions(&mut r).len(), 9);
+    // Three more within one tick: nothing yet, then one update for each
+    // of the six still waiting, with its place after all three.
+    for &c in &waiting[1..4] {
+        r.accept("a1", c).unwrap();
+    }
+    let got = actions(&mut r);
+    assert!(got.iter().all(|a| matches!(a, Action::Assign { .. })), "{got:?}");
+    assert_eq!(r.next_deadline(), Some(T0 + 1_000), "routing.position_update_ms after the last");
+    r.tick(T0 + 999);
+    assert!(actions(&mut r).is_empty(), "not before the tick");
+    r.tick(T0 + 1_000);
+    let want: Vec<Action> = waiting[4..]
+        .iter()
+        .enumerate()
+        .map(|(i, &conv)| Action::QueuePosition { conv, group: "g".into(), position: i as u32 + 1 })
+        .collect();
+    assert_eq!(actions(&mut r), want);
+    assert_eq!(r.next_deadline(), None);
+}
+
+#[test]
+fn a_conversation_entering_the_queue_is_told_at_once_and_those_it_passes_at_the_tick() {
+    let mut r = Router::new(config(false), 1);
+    let plain = open(&mut r, "v1", "g", 0);
+    r.tick(T0);
+    actions(&mut r);
+    let gold = open(&mut r, "v2", "g", 5);
+    assert_eq!(
+        actions(&mut r),
+        [Action::Queue {
+            conv: gold,
+            group: "g".into(),
+            position: 1,
+            previous: None,
+            reason: QueueReason::Opened
+        }]
+    );
+    assert_eq!(position(&r, plain), Some(2), "the router knows at once");
+    r.tick(T0 + 1_000);
+    assert_eq!(actions(&mut r), [Action::QueuePosition { conv: plain, group: "g".into(), position: 2 }]);
+}
+
+#[test]
+fn positions_that_move_back_before_the_tick_are_not_told() {
+    let mut r = Router::new(config(false), 1);
+    let first = open(&mut r, "v1", "g", 0);
+    let second = open(&mut r, "v2", "g", 0);
+    r.tick(T0);
+    actions(&mut r);
+    // `first` leaves and comes back (a transfer away and back): `second`
+    // went to 1 and back to 2 within the tick.
+    let s1 = agent_actor("s1", &[]);
+    r.transfer(&s1, first, TransferTarget::Group("other".into())).unwrap();
+    r.transfer(&s1, first, TransferTarget::Group("g".into())).unwrap();
+    actions(&mut r);
+    r.tick(T0 + 1_000);
+    assert!(actions(&mut r).is_empty(), "{second} is where it was told it is");
+}
+
+// ---- abandoned conversations ----
+
+fn abandon_config(abandon_after_s: u64) -> RoutingConfig {
+    RoutingConfig { abandon_after_s, ..config(false) }
+}
+
+/// A visitor connects (one session) and opens.
+fn visit(r: &mut Router, visitor: &str, now: u64) -> ConvId {
+    r.visitor_connected(&UserId::from(visitor), 1, now);
+    open(r, visitor, "g", 0)
+}
+
+#[test]
+fn a_waiting_conversation_whose_visitor_stays_gone_is_abandoned() {
+    let mut r = Router::new(abandon_config(300), 1);
+    let ghost = visit(&mut r, "v1", T0);
+    let next = visit(&mut r, "v2", T0);
+    assert_eq!(r.next_deadline(), None, "both visitors are here");
+    r.visitor_disconnected("v1", 1, T0 + 5_000);
+    assert_eq!(r.next_deadline(), Some(T0 + 305_000));
+    r.tick(T0 + 304_999);
+    assert_eq!(position(&r, ghost), Some(1), "not before");
+    actions(&mut r);
+    r.tick(T0 + 305_000);
+    assert_eq!(
+        actions(&mut r),
+        [
+            Action::Abandon { conv: ghost, group: "g".into() },
+            Action::QueuePosition { conv: next, group: "g".into(), position: 1 },
+        ]
+    );
+    assert_eq!(r.route(ghost), None);
+    assert_eq!(r.open_conversation_of("v1"), None, "back later, they open a new one");
+    assert_eq!(r.queued_len(), 1);
+}
+
+#[test]
+fn a_visitor_back_in_time_keeps_their_place() {
+    let mut r = Router::new(abandon_config(300), 1);
+    let first = visit(&mut r, "v1", T0);
+    let second = visit(&mut r, "v2", T0);
+    r.visitor_disconnected("v1", 1, T0);
+    r.visitor_connected(&UserId::from("v1"), 2, T0 + 299_000);
+    assert_eq!(r.next_deadline(), None);
+    r.tick(T0 + 3_600_000);
+    assert_eq!(queue(&r, "g"), [first, second]);
+    // With two tabs, closing one leaves the visitor here.
+    r.visitor_connected(&UserId::from("v1"), 3, T0);
+    r.visitor_disconnected("v1", 2, T0);
+    assert_eq!(r.next_deadline(), None, "one tab is still open");
+    // A session the router never counted (its `Hello` refused) going, or
+    // a stranger's, changes nothing.
+    r.visitor_disconnected("v1", 9, T0);
+    r.visitor_disconnected("stranger", 1, T0);
+    assert_eq!(r.next_deadline(), None, "tab 3 is still open");
+    r.check_invariants().unwrap();
+}
+
+#[test]
+fn ghosts_no_longer_keep_real_visitors_out_of_a_full_queue() {
+    let mut r = Router::new(RoutingConfig { max_queued: 3, ..abandon_config(60) }, 1);
+    for n in 0..3 {
+        let ghost = format!("anon{n}");
+        visit(&mut r, &ghost, T0);
+        r.visitor_disconnected(&ghost, 1, T0);
+    }
+    r.visitor_connected(&UserId::from("real"), 1, T0);
+    let req = || OpenRequest { visitor: "real".into(), group: "g".into(), vip_level: 0 };
+    assert_eq!(r.open(req()), Err(RouteError::QueueFull), "the queue is full of ghosts");
+    r.tick(T0 + 60_000);
+    assert_eq!(r.queued_len(), 0);
+    assert!(r.open(req()).is_ok(), "room for the real visitor");
+}
+
+#[test]
+fn an_assigned_conversation_is_not_abandoned_until_it_waits_again() {
+    let config =
+        RoutingConfig { offline_policy: OfflinePolicy::Requeue, auto_assign: true, ..abandon_config(300) };
+    let mut r = Router::new(config, 1);
+    online(&mut r, "a1", &[], 1, 5);
+    let c = visit(&mut r, "v1", T0);
+    assert_eq!(assigned_to(&r, c).as_deref(), Some("a1"));
+    r.visitor_disconnected("v1", 1, T0);
+    assert_eq!(r.next_deadline(), None, "the agent may still answer");
+    // Its agent goes: back in the queue, where its visitor has been gone
+    // since T0, so it is abandoned at T0 + 300 s, not 300 s after the requeue.
+    r.agent_disconnected("a1", 1, T0 + 100_000);
+    r.tick(T0 + 160_000);
+    assert_eq!(position(&r, c), Some(1));
+    assert_eq!(r.next_deadline(), Some(T0 + 300_000));
+    actions(&mut r);
+    r.tick(T0 + 300_000);
+    assert_eq!(actions(&mut r), [Action::Abandon { conv: c, group: "g".into() }]);
+}
+
+#[test]
+fn after_a_restore_waiting_conversations_get_a_fresh_period() {
+    let mut r = Router::new(abandon_config(300), 1);
+    let route = |conv, visitor: &str| RestoredRoute {
+        conv: ConvId(conv),
+        visitor: visitor.into(),
+        group: "g".into(),
+        vip_level: 0,
+        agent: None,
+    };
+    r.restore([route(1, "v1"), route(2, "v2")], T0);
+    assert_eq!(r.next_deadline(), Some(T0 + 300_000), "nobody is connected after a restart");
+    r.visitor_connected(&UserId::from("v2"), 1, T0 + 1_000);
+    r.tick(T0 + 300_000);
+    assert_eq!(
+        actions(&mut r),
+        [
+            Action::Abandon { conv: ConvId(1), group: "g".into() },
+            Action::QueuePosition { conv: ConvId(2), group: "g".into(), position: 1 },
+        ],
+        "one tick closes, then tells who moved up"
+    );
+    assert_eq!(queue(&r, "g"), [ConvId(2)], "the visitor who came back stays");
+}
+
+#[test]
+fn abandon_after_zero_never_abandons() {
+    let mut r = Router::new(abandon_config(0), 1);
+    let c = visit(&mut r, "v1", T0);
+    r.visitor_disconnected("v1", 1, T0);
+    assert_eq!(r.next_deadline(), None);
+    r.tick(T0 + 7 * 24 * 3_600_000);
+    assert_eq!(position(&r, c), Some(1));
 }

@@ -1,17 +1,19 @@
 //! The router on its shard (shard 0 only): the loop feeds
 //! [`kefu_core::chat::router::Router`] its inputs and carries out its
 //! outputs here: posts (a refused one answered `unavailable` to whoever
-//! waits for it), answers, presence pushes and their log records, and
-//! device replacements.
+//! waits for it), answers, presence pushes and their log records, device
+//! replacements, and the count of conversations closed as abandoned.
 
 use kefu_core::chat::device_of;
 use kefu_core::chat::outbox::{Pending, Write};
 use kefu_core::chat::router::{Output, Router};
 use kefu_proto::Role;
 use kefu_proto::ws::close;
+use tracing::debug;
 
 use super::ShardMsg;
 use super::service::{ChatService, now_ms};
+use crate::metrics::ShardStats;
 
 impl ChatService {
     /// Hands an input to the router, if this shard runs it.
@@ -34,6 +36,10 @@ impl ChatService {
             Output::LogPresence { agent, status } => {
                 let write = Write::Presence { agent, status, at_ms: now_ms() };
                 self.submit(write, Pending::Nothing);
+            }
+            Output::Abandoned { conv } => {
+                ShardStats::inc(&self.own_stats().conversations_abandoned);
+                debug!(%conv, "closed as abandoned: its visitor stayed gone");
             }
             Output::ReplaceDevice { agent, device } => {
                 let old = self.directory.sessions(Role::Agent, &agent).find(|m| device_of(m.addr) == device);

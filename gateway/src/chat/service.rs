@@ -143,8 +143,10 @@ const MISSED: &str = "server busy: frames were lost; resume";
 
 /// What a post does when the backlog holds `server.backlog_messages_max`
 /// messages: a command with a waiter is answered `unavailable`, a frame
-/// cuts its connection (which resumes), a queue-position update is skipped
-/// (the next change carries it again), and what keeps the shards' state in
+/// cuts its connection (which resumes), a batch of queue positions is
+/// skipped (those visitors see their place when it next moves; the router
+/// posts one batch per shard per `routing.position_update_ms`, however long
+/// the queue, so this takes a shard stuck for long), and what keeps the shards' state in
 /// step (sessions, decisions, closes) is kept anyway: there are a few of
 /// those per connection or routing command, not per message.
 enum Overflow {
@@ -172,7 +174,7 @@ fn overflow(msg: &ShardMsg) -> Overflow {
             ChatMsg::Change {
                 change: Change::Describe | Change::CloseClosed { .. }, reply: Some(_), ..
             } => Overflow::Refuse,
-            ChatMsg::Change { change: Change::Position, .. } => Overflow::Skip,
+            ChatMsg::Positions { .. } => Overflow::Skip,
             ChatMsg::Change { .. }
             | ChatMsg::SessionUp { .. }
             | ChatMsg::SessionDown { .. }
@@ -383,7 +385,9 @@ impl ChatService {
                     self.count_session(addr, user.role, u64::MAX);
                     self.directory.remove(&user, addr);
                     self.home.handle_session_down(addr);
+                    self.route(|r| r.handle_session_down(addr, &user, now));
                 }
+                ChatMsg::Positions { updates } => self.home.handle_positions(&updates, &self.directory),
                 ChatMsg::Welcome { reply, conversations } => {
                     self.edge.handle_welcome(reply, conversations, &self.reads)
                 }
@@ -397,7 +401,7 @@ impl ChatService {
                     self.edge.handle_admission(token, admission, now, &self.reads, &mut random)
                 }
                 ChatMsg::Change { conv, change, reply, route } => {
-                    self.home.handle_change(conv, change, reply, route, now, &self.directory, &self.reads)
+                    self.home.handle_change(conv, change, reply, route, now, &self.reads)
                 }
                 ChatMsg::Hello { reply, identity } => self.route(|r| r.handle_hello(reply, identity, now)),
                 ChatMsg::AgentGone { agent, device } => {
@@ -411,6 +415,11 @@ impl ChatService {
                 }
             },
         }
+    }
+
+    /// This shard's own counters.
+    pub(super) fn own_stats(&self) -> &ShardStats {
+        &self.stats[self.me]
     }
 
     /// Adds `delta` (1, or `u64::MAX` for -1) to this shard's sessions of

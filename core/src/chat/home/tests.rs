@@ -114,7 +114,7 @@ impl World {
 
     fn change(&mut self, change: Change, reply: Option<&Who>) {
         let reply = reply.map(|w| (w.addr, Codec::Json, Some(99)));
-        self.home.handle_change(CONV, change, reply, RouteInfo::default(), self.now, &self.dir, &self.store);
+        self.home.handle_change(CONV, change, reply, RouteInfo::default(), self.now, &self.store);
         self.drain();
     }
 

@@ -54,9 +54,10 @@ fn agent(r: &mut Router, id: &str, slot: u32, capacity: u32) -> Reply {
     rep
 }
 
-/// A visitor opens a conversation from `slot` of shard 0; its id.
+/// A visitor connects and opens a conversation from `slot` of shard 0; its id.
 fn open(r: &mut Router, visitor: &str, slot: u32) -> ConvId {
     let v = identity(Role::Visitor, visitor);
+    r.handle_hello(reply(0, slot, 1), v.clone(), T0);
     let visitor = Visitor { id: v.id.clone(), name: v.name.clone(), meta: Meta::new() };
     let request = RouteRequest::Open { visitor, group: GroupName::from("default"), vip_level: 0 };
     r.handle_route(reply(0, slot, 2), v.actor(), request, T0);
@@ -344,15 +345,23 @@ fn an_agents_hello_is_followed_by_each_conversation_and_the_agents_present() {
     assert!(matches!(&out[..], [Output::Post { msg: ChatMsg::Welcome { .. }, .. }]), "{out:?}");
 }
 
-/// The conversation changes in `out` that go to visitors only (position
-/// updates), with whether an agent is online as the router saw it.
+/// The position updates in `out` (they go to visitors only), with whether
+/// an agent is online as the router saw it, by conversation (each shard's
+/// batch is in queue order, the shards' batches one after the other).
 fn availability(out: &[Output]) -> Vec<(ConvId, Option<bool>)> {
+    let mut got: Vec<_> = positions(out).into_iter().map(|(_, u)| (u.conv, Some(u.agents_online))).collect();
+    got.sort();
+    got
+}
+
+/// The position updates in `out`, with the shard each was posted to.
+fn positions(out: &[Output]) -> Vec<(usize, PositionUpdate)> {
     out.iter()
-        .filter_map(|o| match o {
-            Output::Post { msg: ChatMsg::Change { conv, change: Change::Position, route, .. }, .. } => {
-                Some((*conv, route.agents_online))
+        .flat_map(|o| match o {
+            Output::Post { shard, msg: ChatMsg::Positions { updates } } => {
+                updates.iter().map(|u| (*shard, *u)).collect()
             }
-            _ => None,
+            _ => Vec::new(),
         })
         .collect()
 }
@@ -430,4 +439,72 @@ fn the_agents_introduced_after_hello_are_bounded_online_first() {
         .collect();
     assert_eq!(introduced.len(), 2, "routing.connected_presence_max: {introduced:?}");
     assert_eq!(introduced[0], ("online1".to_string(), PresenceStatus::Online), "online first");
+}
+
+#[test]
+fn a_dequeue_with_50000_waiting_is_one_positions_post_per_shard_after_the_tick() {
+    const WAITING: u64 = 50_000;
+    let mut config = CoreConfig::default();
+    config.routing.auto_assign = false;
+    let routes = (1..=WAITING).map(|n| RestoredRoute {
+        conv: ConvId(n),
+        visitor: Arc::from(format!("v{n}")),
+        group: GroupName::from("default"),
+        vip_level: 0,
+        agent: None,
+    });
+    let (mut r, refused) = Router::new(Arc::new(config), SHARDS, 1, routes.collect(), T0);
+    assert_eq!(refused, 0);
+    let me = agent(&mut r, "a1", 1, 5);
+    r.handle_route(me, identity(Role::Agent, "a1").actor(), RouteRequest::Accept { conv: ConvId(1) }, T0);
+    let out = outputs(&mut r);
+    assert!(positions(&out).is_empty(), "nobody is told at the dequeue: {} outputs", out.len());
+    assert_eq!(r.next_deadline(), Some(0), "the moves are due at the next tick");
+    r.handle_tick(T0);
+    let out = outputs(&mut r);
+    let posts: Vec<usize> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Post { shard, msg: ChatMsg::Positions { .. } } => Some(*shard),
+            _ => None,
+        })
+        .collect();
+    // Two posts, where there were 49,999: far below any backlog bound
+    // (`server.backlog_messages_max`), past which positions are skipped.
+    assert_eq!(posts, [0, 1], "one post per shard, whatever the queue's length");
+    let updates = positions(&out);
+    assert_eq!(updates.len(), WAITING as usize - 1, "each who moved, once");
+    for (shard, u) in &updates {
+        assert_eq!(*shard, u.conv.home(SHARDS));
+        assert_eq!(u64::from(u.position), u.conv.0 - 1, "{u:?}");
+    }
+}
+
+#[test]
+fn a_waiting_visitor_gone_too_long_is_closed_and_the_groups_agents_see_it_go() {
+    let mut r = machine(|c| c.routing.abandon_after_s = 300);
+    // An away agent sees the queue, and takes nothing from it.
+    let away = reply(1, 1, 1);
+    r.handle_hello(away, identity(Role::Agent, "a1"), T0);
+    let presence = RouteRequest::Presence { status: PresenceStatus::Away, capacity: None };
+    r.handle_route(away, identity(Role::Agent, "a1").actor(), presence, T0);
+    let conv = open(&mut r, "v1", 1);
+    let v1 = UserKey { role: Role::Visitor, id: Arc::from("v1") };
+    r.handle_session_down(addr(0, 7), &v1, T0 + 1_000);
+    assert_eq!(r.next_deadline(), None, "a session the router never counted changes nothing");
+    r.handle_session_down(addr(0, 1), &v1, T0 + 1_000);
+    // Agents' sessions going are counted elsewhere (`handle_agent_gone`).
+    r.handle_session_down(addr(1, 1), &UserKey::agent(Arc::from("a1")), T0 + 1_000);
+    assert!(outputs(&mut r).is_empty());
+    assert_eq!(r.next_deadline(), Some(T0 + 301_000));
+    r.handle_tick(T0 + 301_000);
+    let out = outputs(&mut r);
+    let closes = changes(&out);
+    assert!(matches!(closes[..], [(_, c, Change::Close, None)] if c == conv), "{out:?}");
+    let Some(Output::Post { msg: ChatMsg::Change { route, .. }, .. }) = out.first() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(route.notify, [UserKey::agent(Arc::from("a1"))], "the agents who saw it wait");
+    assert!(matches!(out.last(), Some(Output::Abandoned { conv: c }) if *c == conv), "{out:?}");
+    assert_eq!(r.routing().open_conversation_of("v1"), None);
 }
