@@ -34,8 +34,12 @@
 # using the CPUs (at most --quiet-wait seconds; tools/bench-lib.sh).
 #
 # Usage: tools/bench-abuse.sh [--no-build] [--quick] [--out DIR] [--repeat N]
-#                             [--only junk|slow] [--client-cpu N]
-#                             [--server-cpu N] [--quiet-wait S]
+#                             [--only junk|slow] [--junk-frames N]
+#                             [--client-cpu N] [--server-cpu N]
+#                             [--quiet-wait S]
+#
+# --junk-frames replaces the junk frames' number (500,000; quick 3,000),
+# to find the junk rate at which the honest p99 still holds.
 #
 # Results: one JSON line per run in $OUT/junk.jsonl and $OUT/slow.jsonl,
 # gateway logs in $OUT/gateway-SCENARIO-N.log, and a summary at the end.
@@ -48,6 +52,7 @@ QUICK=0
 OUT=
 REPEAT=3
 ONLY=
+JUNK_FRAMES=
 CLIENT_CPU=1
 SERVER_CPU=0
 QUIET_WAIT=600
@@ -61,10 +66,11 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift ;;
         --repeat) REPEAT=$2; shift ;;
         --only) ONLY=$2; shift ;;
+        --junk-frames) JUNK_FRAMES=$2; shift ;;
         --client-cpu) CLIENT_CPU=$2; shift ;;
         --server-cpu) SERVER_CPU=$2; shift ;;
         --quiet-wait) QUIET_WAIT=$2; shift ;;
-        -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -77,7 +83,7 @@ if [ "$QUICK" = 1 ]; then
     REPEAT=1
     QUIET_WAIT=0
     HONEST=(--visitors 90 --agents 10 --rate 300 --duration 3 --warmup 1)
-    JUNK=(--junk-connections 100 --junk-frames 3000 --p99-ratio-max 10)
+    JUNK=(--junk-connections 100 --junk-frames "${JUNK_FRAMES:-3000}" --p99-ratio-max 10)
     SLOW=(--visitors 98 --agents 2 --rate 300 --size 8000 --duration 6 --warmup 1 --p99-ratio-max 10)
     SLOW_ENV=(KEFU_LIMITS_OUTBOUND_QUEUE_FRAMES=128)
 else
@@ -85,7 +91,7 @@ else
     CARGO_PROFILE=(--release)
     OUT=${OUT:-$REPO/target-bench/abuse}
     HONEST=(--visitors 990 --agents 10 --rate 2000 --duration 10 --warmup 2)
-    JUNK=(--junk-connections 1000 --junk-frames 500000)
+    JUNK=(--junk-connections 1000 --junk-frames "${JUNK_FRAMES:-500000}")
     SLOW=(--visitors 990 --agents 10 --rate 2000 --size 1000 --duration 30 --warmup 2)
     SLOW_ENV=()
 fi

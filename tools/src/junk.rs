@@ -495,6 +495,14 @@ impl Beside for JunkLoad {
     }
 
     fn stop(&mut self) -> anyhow::Result<()> {
+        // The junk stopped at the end of the chat's sends; connections that
+        // sent a closing frame just before are still waiting for their
+        // close. Let them have it (a bounded wait) before cutting the wait
+        // short, or the closes of the last second go uncounted.
+        let deadline = mono_ns() + (self.args.close_wait_ms + 1_000) * 1_000_000;
+        while self.handles.iter().any(|h| !h.is_finished()) && mono_ns() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.global.stop.store(true, Ordering::Release);
         for handle in self.handles.drain(..) {
             match handle.join() {
