@@ -128,29 +128,11 @@ if [ "$HOOK" = 1 ]; then
 fi
 
 start_server() {
-    local data=$1 log=$2
-    rm -rf "$data"
-    mkdir -p "$data"
     # The limit is per connection; each visitor sends RATE / VISITORS msg/s.
     # Thousands of visitors connect anonymously from a few addresses: the
     # per-address limits are lifted too.
-    env KEFU_LIMITS_MESSAGES_PER_S=100000 KEFU_LIMITS_BURST=100000 "${HOOK_ENV[@]}" \
-        KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000 KEFU_LIMITS_ANONYMOUS_PER_MIN_PER_IP=1000000 \
-        taskset -c "$SERVER_CPU" "$BIN/kefu" serve --listen "127.0.0.1:$PORT" \
-        --admin-listen "127.0.0.1:$ADMIN_PORT" --data "$data" --shards "$SHARDS" 2>"$log" &
-    SERVER_PID=$!
-    for _ in $(seq 200); do
-        if [ -s "$data/jwt_secret" ] && (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-            return 0
-        fi
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            echo "kefu exited at start; see $log" >&2
-            exit 1
-        fi
-        sleep 0.05
-    done
-    echo "kefu did not start listening on 127.0.0.1:$PORT; see $log" >&2
-    exit 1
+    start_kefu "$1" "$2" KEFU_LIMITS_MESSAGES_PER_S=100000 KEFU_LIMITS_BURST=100000 "${HOOK_ENV[@]}" \
+        KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000 KEFU_LIMITS_ANONYMOUS_PER_MIN_PER_IP=1000000
 }
 
 

@@ -1,5 +1,6 @@
-# Shared by the benchmark scripts: wait for an idle host before a run, and
-# stop the server under test (SERVER_PID) between runs and at exit.
+# Shared by the benchmark scripts: wait for an idle host before a run,
+# start a fresh kefu gateway, and stop the server under test (SERVER_PID)
+# between runs and at exit.
 #
 # wait_quiet waits until the whole host has been idle (under 8% of one core
 # busy, from /proc/stat) for 3 s in a row, bounded by $QUIET_WAIT seconds;
@@ -33,4 +34,31 @@ stop_server() {
         wait "$SERVER_PID" 2>/dev/null || true
         SERVER_PID=
     fi
+}
+
+# start_kefu DATA LOG [VAR=value ...]: a fresh data directory DATA and
+# `kefu serve` from $BIN on 127.0.0.1:$PORT (admin 127.0.0.1:$ADMIN_PORT,
+# $SHARDS shards, default 1), pinned to $SERVER_CPU, with the given
+# environment, stderr to LOG. Returns once it listens with its JWT secret
+# written (SERVER_PID is set); exits the script if it does not start.
+start_kefu() {
+    local data=$1 log=$2
+    shift 2
+    rm -rf "$data"
+    mkdir -p "$data"
+    env "$@" taskset -c "$SERVER_CPU" "$BIN/kefu" serve --listen "127.0.0.1:$PORT" \
+        --admin-listen "127.0.0.1:$ADMIN_PORT" --data "$data" --shards "${SHARDS:-1}" 2>"$log" &
+    SERVER_PID=$!
+    for _ in $(seq 400); do
+        if [ -s "$data/jwt_secret" ] && (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+            return 0
+        fi
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            echo "kefu exited at start; see $log" >&2
+            exit 1
+        fi
+        sleep 0.05
+    done
+    echo "kefu did not start listening on 127.0.0.1:$PORT; see $log" >&2
+    exit 1
 }

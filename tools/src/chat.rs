@@ -127,7 +127,7 @@ const ACK_BURST_GAP_NS: u64 = 150_000;
 const MESSAGE_BYTES_MAX: usize = 1 << 20;
 
 /// Arguments of `kefu-bench chat`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 #[command(after_help = "\
 The gateway rate-limits commands per connection (limits.messages_per_s, default 20/s; \
 limits.burst, default 40). Every visitor sends RATE / VISITORS messages per second, so \
@@ -167,6 +167,13 @@ pub struct ChatArgs {
     /// (routing.max_capacity).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_capacity: u32,
+
+    /// Visitors connect with a visitor token this tool signs (one user per
+    /// visitor) instead of anonymously: what a business system's known
+    /// visitors do, and what keeps a run clear of any per-address limit on
+    /// new anonymous visitors.
+    #[arg(long)]
+    pub visitor_tokens: bool,
 
     /// Skill group: the agents' token serves it and visitors open in it.
     /// Unset: generalist agents, visitors in the default group.
@@ -365,6 +372,8 @@ struct Plan {
     capacity: u32,
     /// Agent tokens, by agent index.
     tokens: Vec<String>,
+    /// Visitor tokens, by visitor index; empty: visitors are anonymous.
+    visitor_tokens: Vec<String>,
     text: String,
     rate: f64,
     threads: usize,
@@ -538,18 +547,21 @@ fn read_secret(args: &ChatArgs) -> anyhow::Result<String> {
     Ok(secret.to_owned())
 }
 
-fn agent_tokens(secret: &str, agents: u32, group: Option<&str>) -> anyhow::Result<Vec<String>> {
+/// Tokens for `count` users of `role`, signed with the gateway's secret,
+/// ids `bench-RUN-{a|v}N`. A fresh RUN per call: agents of an earlier run
+/// (with their conversations still assigned) must not take this run's
+/// capacity, nor visitors find an earlier run's open conversation.
+pub fn sign_tokens(secret: &str, role: Role, count: u32, group: Option<&str>) -> anyhow::Result<Vec<String>> {
     let key = JwtKey::new(secret.as_bytes(), AuthPolicy::default()).map_err(|e| anyhow!("JWT key: {e}"))?;
     let now_s = SystemTime::now().duration_since(UNIX_EPOCH).context("clock before 1970")?.as_secs();
-    // A fresh prefix per run: agents of an earlier run (with their
-    // conversations still assigned) must not take this run's capacity.
     let run: u32 = rand::random();
-    Ok((0..agents)
+    let (letter, name) = if role == Role::Agent { ("a", "Bench agent") } else { ("v", "Bench visitor") };
+    Ok((0..count)
         .map(|i| {
             key.sign(&Claims {
-                sub: format!("bench-{run:08x}-a{i}"),
-                role: Role::Agent,
-                name: Some(format!("Bench agent {i}")),
+                sub: format!("bench-{run:08x}-{letter}{i}"),
+                role,
+                name: Some(format!("{name} {i}")),
                 groups: group.map(|g| vec![g.to_owned()]).unwrap_or_default(),
                 meta: BTreeMap::new(),
                 exp: now_s + 24 * 3600,
@@ -583,7 +595,52 @@ fn fsync_probe(dir: &std::path::Path, count: u32, size: usize) -> anyhow::Result
     result
 }
 
+/// A load that runs beside the chat's honest one (junk frames, clients that
+/// stop reading): `kefu-bench junk` and `slow` measure the chat with and
+/// without one, so that what the chat measures stays in one place.
+pub trait Beside {
+    /// Starts the load once every honest client is set up, just before the
+    /// first scheduled send. Must not block: the schedule is already
+    /// running.
+    fn start(&mut self, load: &LoadStart<'_>) -> anyhow::Result<()>;
+
+    /// Stops it, after the chat's drain, and waits until it has stopped.
+    fn stop(&mut self) -> anyhow::Result<()>;
+}
+
+/// What a [`Beside`] load may need of the chat's: its credentials and its
+/// schedule (CLOCK_MONOTONIC ns, [`mono_ns`]).
+pub struct LoadStart<'a> {
+    /// The gateway's JWT secret, to sign the beside load's own tokens.
+    pub secret: &'a str,
+    /// The honest agents' tokens, by agent index.
+    pub agent_tokens: &'a [String],
+    /// The first scheduled send (the warmup starts here) ...
+    pub t0: u64,
+    /// ... and where sending stops.
+    pub send_end: u64,
+}
+
+/// No load beside the chat's.
+pub struct Alone;
+
+impl Beside for Alone {
+    fn start(&mut self, _: &LoadStart<'_>) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn stop(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
 fn measure(args: &ChatArgs) -> anyhow::Result<ChatReport> {
+    measure_beside(args, &mut Alone)
+}
+
+/// Runs the chat of `args` with `beside` running next to it from the first
+/// scheduled send to the end of the drain.
+pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Result<ChatReport> {
     if !(args.rate > 0.0 && args.duration > 0.0 && args.warmup >= 0.0 && args.grace >= 0.0) {
         bail!("--rate and --duration must be > 0, --warmup and --grace ≥ 0");
     }
@@ -606,7 +663,12 @@ fn measure(args: &ChatArgs) -> anyhow::Result<ChatReport> {
         )
     })?;
     let secret = read_secret(args)?;
-    let tokens = agent_tokens(&secret, args.agents, args.group.as_deref())?;
+    let tokens = sign_tokens(&secret, Role::Agent, args.agents, args.group.as_deref())?;
+    let visitor_tokens = if args.visitor_tokens {
+        sign_tokens(&secret, Role::Visitor, args.visitors, args.group.as_deref())?
+    } else {
+        Vec::new()
+    };
     let per_visitor = args.rate / f64::from(args.visitors);
     eprintln!(
         "chat: {} agents × capacity {capacity}, {} visitors, {:.0} msg/s ({per_visitor:.2} msg/s per visitor: \
@@ -638,6 +700,7 @@ fn measure(args: &ChatArgs) -> anyhow::Result<ChatReport> {
         group: args.group.clone(),
         capacity,
         tokens,
+        visitor_tokens,
         // Printable ASCII, which is UTF-8 and looks like a chat message;
         // no keyword an auto-reply rule would answer.
         text: (0..args.size).map(|i| (b'a' + (i % 26) as u8) as char).collect(),
@@ -714,6 +777,19 @@ fn measure(args: &ChatArgs) -> anyhow::Result<ChatReport> {
             send_end: t0 + secs_ns(args.warmup) + secs_ns(args.duration),
         };
         let _ = global.schedule.set(schedule);
+        let started = beside.start(&LoadStart {
+            secret: &secret,
+            agent_tokens: &plan.tokens,
+            t0,
+            send_end: schedule.send_end,
+        });
+        if let Err(e) = started {
+            global.stop.store(true, Ordering::Release);
+            for handle in handles {
+                let _ = handle.join();
+            }
+            return Err(e.context("starting the load beside the chat"));
+        }
         sleep_until_ns(schedule.window_start);
         let start = sample(args.server_pid, args.helper_pid)?;
         sleep_until_ns(schedule.send_end);
@@ -734,6 +810,7 @@ fn measure(args: &ChatArgs) -> anyhow::Result<ChatReport> {
             std::thread::sleep(Duration::from_millis(2));
         }
         global.stop.store(true, Ordering::Release);
+        beside.stop().context("stopping the load beside the chat")?;
     }
 
     let mut total = Tally::default();
@@ -1323,8 +1400,12 @@ async fn setup_agent(state: &ThreadState, index: usize) -> Result<Conn, String> 
 async fn setup_visitor(state: &ThreadState, index: usize) -> Result<(Conn, ConvId), String> {
     let plan = &state.plan;
     let mut conn = state.open(index).await?;
-    let connect =
-        Command::Connect { token: None, visitor_id: None, visitor_key: None, resume: BTreeMap::new() };
+    let connect = Command::Connect {
+        token: plan.visitor_tokens.get(index).cloned(),
+        visitor_id: None,
+        visitor_key: None,
+        resume: BTreeMap::new(),
+    };
     conn.command(&ClientFrame { id: Some(1), body: connect }, &state.encoder);
     conn.expect(plan.reply_timeout, "connected", |frame| {
         state.reply(frame, 1, "connect", |body| matches!(body, Event::Connected { .. }).then_some(()))
@@ -1505,6 +1586,13 @@ async fn send_loop(state: &ThreadState, visitors: &[Visitor], schedule: Schedule
 }
 
 fn print_report(report: &ChatReport) -> anyhow::Result<()> {
+    print_summary(report);
+    println!("{}", serde_json::to_string(report)?);
+    Ok(())
+}
+
+/// The human summary of a run, with its warnings, on stderr.
+pub fn print_summary(report: &ChatReport) {
     let d = &report.delivery_latency_us;
     let a = &report.ack_latency_us;
     let mut line = format!(
@@ -1618,8 +1706,6 @@ fn print_report(report: &ChatReport) -> anyhow::Result<()> {
             report.send_lag_us.p99
         );
     }
-    println!("{}", serde_json::to_string(report)?);
-    Ok(())
 }
 
 #[cfg(test)]

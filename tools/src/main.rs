@@ -10,6 +10,9 @@
 //! - `chat` (`chat.rs`): with thousands of visitors sending at a fixed
 //!   aggregate rate (open loop), how long until the agent has each message,
 //!   and until the visitor holds its durable `ack`?
+//! - `junk` (`junk.rs`) and `slow` (`slow.rs`): regression runs of the
+//!   same chat, clean and then beside connections that send garbage or
+//!   stop reading (`abuse.rs` compares the two): do honest clients notice?
 //!
 //! Further chat scenarios (a message mix, zero loss across `kill -9`) grow
 //! here over the same pieces: the minimal client WebSocket in `ws.rs` and
@@ -21,9 +24,12 @@
 //! (`--allow-non-loopback` overrides): this tool generates load, and a
 //! mistyped URL must not point it at someone else.
 
+mod abuse;
 mod chat;
 mod echo;
 mod idle;
+mod junk;
+mod slow;
 mod stats;
 mod ws;
 
@@ -50,6 +56,14 @@ enum Command {
     /// Visitor → agent delivery and ack latency at a fixed message rate
     /// (open loop) against kefu's /ws.
     Chat(chat::ChatArgs),
+    /// Regression run: honest chat clean, then beside connections sending
+    /// malformed frames and invalid commands; fails if the honest clients
+    /// notice.
+    Junk(Box<junk::JunkArgs>),
+    /// Regression run: honest chat clean, then beside 1% of clients that
+    /// stop reading; fails unless the gateway closes them (4001) with its
+    /// memory bounded and the honest clients unharmed.
+    Slow(Box<slow::SlowArgs>),
     /// One client process of `idle` (started by `idle` itself).
     #[command(hide = true)]
     IdleWorker(idle::WorkerArgs),
@@ -60,6 +74,8 @@ fn main() -> ExitCode {
         Command::Echo(args) => echo::run(args),
         Command::Idle(args) => idle::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Junk(args) => junk::run(*args),
+        Command::Slow(args) => slow::run(*args),
         Command::IdleWorker(args) => idle::run_worker(args),
     };
     match result {

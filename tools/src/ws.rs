@@ -347,23 +347,40 @@ fn parse_header(bytes: &[u8]) -> Result<Header, FrameError> {
 /// allows. The socket is connected non-blocking and handed to monoio, which
 /// waits for writability: monoio's own connect cannot bind first.
 pub async fn connect(dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let Some(source) = source else {
+    connect_with(dst, source, None).await
+}
+
+/// [`connect`], with the socket's receive buffer set to `rcvbuf_bytes`
+/// first if given: set before the connect, it also bounds the window the
+/// peer is offered, so a client that stops reading stalls the sender after
+/// a few KiB instead of megabytes of autotuned buffer.
+pub async fn connect_with(
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+    rcvbuf_bytes: Option<usize>,
+) -> io::Result<TcpStream> {
+    if source.is_none() && rcvbuf_bytes.is_none() {
         let stream = TcpStream::connect_addr(dst).await?;
         stream.set_nodelay(true)?;
         return Ok(stream);
-    };
+    }
     let domain = socket2::Domain::for_address(dst);
     let socket = socket2::Socket::new(
         domain,
         socket2::Type::STREAM.nonblocking().cloexec(),
         Some(socket2::Protocol::TCP),
     )?;
-    if source.is_ipv4() {
-        // Best effort: without it the bind still works, it just reserves
-        // the port for every destination.
-        let _ = set_bind_address_no_port(socket.as_raw_fd());
+    if let Some(bytes) = rcvbuf_bytes {
+        socket.set_recv_buffer_size(bytes)?;
     }
-    socket.bind(&SocketAddr::new(source, 0).into())?;
+    if let Some(source) = source {
+        if source.is_ipv4() {
+            // Best effort: without it the bind still works, it just reserves
+            // the port for every destination.
+            let _ = set_bind_address_no_port(socket.as_raw_fd());
+        }
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+    }
     match socket.connect(&dst.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
