@@ -313,6 +313,20 @@ impl Conn {
         .await
     }
 
+    /// Resolves once the connection is found to be a slow consumer (its
+    /// queue overflowed while a write waits on its full socket).
+    async fn cut_as_slow(&self) {
+        std::future::poll_fn(|cx| {
+            if matches!(self.close_request.get(), Some((close::SLOW_CONSUMER, _))) {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
     fn close_request_pending(&self) -> bool {
         let r = self.close_request.get();
         r.is_some()
@@ -1088,10 +1102,27 @@ fn queue_forced(conn: &Conn, out: Out) {
 /// Writes everything queued. Plain `write` in a loop rather than
 /// `write_all`: the latter's state is several times larger and would sit in
 /// every connection's task.
+///
+/// A write that waits on a full socket is the usual state of a reader that
+/// stopped reading, and its queue overflowing then is what makes it a slow
+/// consumer: so the wait gives way to that verdict. No close frame can get
+/// through the full socket (and a frame may be half written), so the
+/// socket is cut at once, counted as a server close 4001; waiting for the
+/// sweep's `close_timeout_ms` instead left the close uncounted.
 async fn flush(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::io::Result<()> {
     while let Some(mut out) = conn.pop() {
         while out.len() > 0 {
-            let (res, rest) = stream.write(out).await;
+            let written = monoio::select! {
+                biased;
+                w = stream.write(out) => Some(w),
+                _ = conn.cut_as_slow() => None,
+            };
+            let Some((res, rest)) = written else {
+                ShardStats::inc(&shard.stats().slow_consumer_closes);
+                shard.stats().closes.count(Initiator::Server, Some(close::SLOW_CONSUMER));
+                conn.force_shutdown();
+                return Err(std::io::Error::other("slow consumer: cut while its socket was full"));
+            };
             let n = res?;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());

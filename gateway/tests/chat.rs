@@ -1840,3 +1840,41 @@ fn a_waiting_visitor_who_stays_gone_is_closed_as_abandoned() {
     });
     assert_eq!(common::sample(&metrics, "kefu_conversations_abandoned_total", &[]), 1.0, "{metrics}");
 }
+
+/// An agent that stops reading is cut as a slow consumer (4001) once its
+/// outbound queue overflows, and the cut is counted, promptly: the
+/// connection's task is then waiting on a write to the full socket, and
+/// used to stay there until the sweep's close timeout, uncounted.
+#[test]
+fn a_reader_that_stops_is_cut_and_counted_as_a_slow_consumer() {
+    let env = [
+        ("KEFU_LIMITS_MESSAGES_PER_S", "1000000"),
+        ("KEFU_LIMITS_BURST", "1000000"),
+        ("KEFU_LIMITS_OUTBOUND_QUEUE_FRAMES", "32"),
+        ("KEFU_SERVER_CLOSE_TIMEOUT_MS", "60000"),
+    ];
+    let gw = Gateway::start(&["--shards", "1"], &env);
+    let started = std::time::Instant::now();
+    rt().block_on(async {
+        // Once assigned, the agent's client is never polled again: its
+        // socket fills.
+        let mut stalled = agent(&gw, JSON, "stalled", &[], 5).await;
+        let (mut v, conv) = visitor(&gw, JSON).await;
+        stalled.expect_where("conversation", |c| c["status"] == "assigned").await;
+        let text = "x".repeat(16 * 1024 - 64);
+        for i in 0..2_000 {
+            let id =
+                v.send(json!({"type": "send", "conv": conv, "cid": format!("c{i}"), "text": text})).await;
+            assert_eq!(v.reply(id).await["type"], "ack");
+            let m = gw.admin_get("/metrics");
+            if common::sample(&m, "kefu_slow_consumer_closes_total", &[]) >= 1.0 {
+                break;
+            }
+        }
+    });
+    let m = common::metrics_until(&gw, "the slow consumer counted", |m| {
+        common::sample(m, "kefu_slow_consumer_closes_total", &[]) >= 1.0
+    });
+    assert_eq!(common::sample(&m, "kefu_closes_total", &["by=\"server\"", "code=\"4001\""]), 1.0, "{m}");
+    assert!(started.elapsed() < Duration::from_secs(50), "cut at the overflow, not at the close timeout");
+}
