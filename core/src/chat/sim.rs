@@ -194,6 +194,11 @@ pub struct Sim {
     /// buffer between its recipients, and a frame for a shard's own
     /// connection is posted and written at once, so each is decoded once.
     decoded: HashMap<(usize, Codec), Decoded>,
+    /// Frames an edge holds until `connected`, by connection and buffer
+    /// (kept alive here, so that the address names it): when the edge
+    /// writes them then, they are not posted anew, and were checked when
+    /// they were.
+    held: HashMap<(SessionAddr, usize), SharedFrame>,
 }
 
 /// A frame buffer, and the frames it holds.
@@ -251,6 +256,7 @@ impl Sim {
             jwt,
             log: Vec::new(),
             decoded: HashMap::new(),
+            held: HashMap::new(),
         }
     }
 
@@ -318,6 +324,7 @@ impl Sim {
             _ => return,
         }
         self.log.push(Seen::Gone { addr });
+        self.held.retain(|(a, _), _| *a != addr);
         let k = usize::from(addr.shard);
         self.shards[k].edge.handle_gone(addr);
         self.settle(k);
@@ -556,20 +563,21 @@ impl Sim {
         if to == usize::from(BRIDGE_SHARD) {
             return;
         }
-        match &msg {
-            ShardMsg::Deliver { to: addr, bytes, .. } => {
+        if let ShardMsg::Deliver { to: addr, bytes, .. } = &msg {
+            // A frame an edge held until `connected`, written now, was
+            // checked when it was posted.
+            let flushed = self.held.remove(&(*addr, Arc::as_ptr(bytes) as usize)).is_some();
+            if !flushed {
                 let frames = self.decode(*addr, bytes);
                 self.log.push(Seen::Sent { to: *addr, frames });
             }
-            ShardMsg::Chat(m) => {
-                if let ChatMsg::SessionUp { addr, actor, .. } = &**m
-                    && self.announced.insert(*addr)
-                {
-                    let (role, id, groups) = (actor.role, actor.id.clone(), actor.groups.clone());
-                    self.log.push(Seen::Announced { addr: *addr, role, id, groups });
-                }
-            }
-            _ => {}
+        }
+        if let ShardMsg::Chat(m) = &msg
+            && let ChatMsg::SessionUp { addr, actor, .. } = &**m
+            && self.announced.insert(*addr)
+        {
+            let (role, id, groups) = (actor.role, actor.id.clone(), actor.groups.clone());
+            self.log.push(Seen::Announced { addr: *addr, role, id, groups });
         }
         if to != k {
             return self.shards[to].inbox.push_back(msg);
@@ -584,7 +592,12 @@ impl Sim {
     /// A frame for one of shard `k`'s connections: through its edge (which
     /// holds it until `connected`), then to the socket if it is open.
     fn local_write(&mut self, k: usize, to: SessionAddr, bytes: SharedFrame) {
-        let Some(bytes) = self.shards[k].edge.pass(to, bytes) else { return };
+        let key = (to, Arc::as_ptr(&bytes) as usize);
+        let kept = bytes.clone();
+        let Some(bytes) = self.shards[k].edge.pass(to, bytes) else {
+            self.held.insert(key, kept);
+            return;
+        };
         if self.is_open(to) {
             let frames = self.decode(to, &bytes);
             self.log.push(Seen::Written { to, frames });
@@ -593,6 +606,7 @@ impl Sim {
 
     fn local_close(&mut self, k: usize, to: SessionAddr, code: u16) {
         self.shards[k].edge.closing(to);
+        self.held.retain(|(addr, _), _| *addr != to);
         if let Some((_, conn @ Conn::Open)) = self.conns.get_mut(&to) {
             *conn = Conn::Closed;
             self.log.push(Seen::Closed { to, code });
