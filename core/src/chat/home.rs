@@ -353,6 +353,12 @@ impl Home {
             return;
         }
         let (from, codec, id) = reply;
+        // Access first, as the window's answer checks it: a resend answered
+        // from storage must not tell one who lost the conversation (or
+        // sends to it closed) more than a resend the window remembers.
+        if let Some(Err(e)) = self.convs.get(&conv).map(|c| c.check_access(actor, Access::Write)) {
+            return self.out.error(reply, e.code(), e.to_string());
+        }
         // Older resends than the conversation's window remembers: the
         // durable dedupe index has the original. Only the seqs below the
         // window are asked about (none while the window has never lost a

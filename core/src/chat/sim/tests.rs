@@ -249,3 +249,41 @@ fn a_failed_append_does_not_reopen_a_close_in_flight() {
     script.extend((0..6).flat_map(|_| round(2)));
     world.run(&script).expect("no rule is broken");
 }
+
+/// Found by the fuzz target: a resend older than the conversation's cid
+/// window was answered from storage before the sender's access was
+/// checked, so an agent that had lost the conversation (to another agent,
+/// then closed) still got an ack for it; within the window it is refused.
+#[test]
+fn a_resend_below_the_window_is_refused_to_one_who_lost_the_conversation() {
+    // No automatic assignment: the conversation waits in `sales`, where
+    // agent a2 may write to it.
+    let mut world = World::new(2, 1);
+    let mut script = vec![
+        Connect { client: 1, resume: 0, binary: false },
+        Connect { client: 5, resume: 0, binary: false },
+    ];
+    script.extend((0..4).flat_map(|_| round(2)));
+    script.push(Open { client: 5, group: 2 });
+    script.extend((0..6).flat_map(|_| round(2)));
+    script.push(Send { client: 1, conv: 0, cid: 0, text: 0 });
+    script.extend((0..4).flat_map(|_| round(2)));
+    // a1 takes it: a2 is no member any more.
+    script.extend([
+        Connect { client: 0, resume: 0, binary: false },
+        Presence { client: 0, status: 0, capacity: 0 },
+    ]);
+    script.extend((0..4).flat_map(|_| round(2)));
+    script.push(Accept { client: 0, conv: 0 });
+    script.extend((0..6).flat_map(|_| round(2)));
+    // The visitor's four messages push a2's cid out of the window (4).
+    for cid in 0..4 {
+        script.push(Send { client: 5, conv: 0, cid, text: 0 });
+        script.extend((0..3).flat_map(|_| round(2)));
+    }
+    script.push(Close { client: 5, conv: 0 });
+    script.extend((0..6).flat_map(|_| round(2)));
+    script.push(Send { client: 1, conv: 0, cid: 0, text: 0 });
+    script.extend((0..6).flat_map(|_| round(2)));
+    world.run(&script).expect("no rule is broken");
+}
