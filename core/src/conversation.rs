@@ -284,6 +284,11 @@ impl Conversation {
         self.since_ms
     }
 
+    /// The newest `ts` handed out, ms since the epoch.
+    pub fn last_ts(&self) -> u64 {
+        self.last_ts
+    }
+
     /// Its current status was decided at `now_ms` (the time its state is
     /// stored with).
     pub fn entered_status_at(&mut self, now_ms: u64) {

@@ -138,6 +138,10 @@ pub struct Edge {
     sessions: HashMap<SessionAddr, Sess>,
     /// Frames waiting for their session's `connected`.
     held: HashMap<SessionAddr, Vec<SharedFrame>>,
+    /// Sessions cut for holding too much before `connected`: nothing more
+    /// is written to them (a frame after the cut would reach the client
+    /// before `connected`, ahead of the close) until their close is done.
+    cut: BTreeSet<SessionAddr>,
     /// `OnConnect` calls out, by token. An entry whose connection has gone
     /// stays until its verdict (which always comes) and is then dropped.
     admitting: HashMap<u64, Admitting>,
@@ -158,6 +162,7 @@ impl Edge {
             config,
             sessions: HashMap::new(),
             held: HashMap::new(),
+            cut: BTreeSet::new(),
             admitting: HashMap::new(),
             next_hook: 0,
             expiries: BTreeSet::new(),
@@ -180,12 +185,16 @@ impl Edge {
     /// which case it is held (and past `held_frames_max`, the connection is
     /// closed as a slow consumer).
     pub fn pass(&mut self, to: SessionAddr, bytes: SharedFrame) -> Option<SharedFrame> {
-        if self.held.is_empty() {
+        if self.held.is_empty() && self.cut.is_empty() {
             return Some(bytes);
+        }
+        if self.cut.contains(&to) {
+            return None;
         }
         let Some(held) = self.held.get_mut(&to) else { return Some(bytes) };
         if held.len() >= self.config.held_frames_max {
             self.held.remove(&to);
+            self.cut.insert(to);
             self.out.close(to, close::SLOW_CONSUMER, "too much before connected");
         } else {
             held.push(bytes);
@@ -197,6 +206,7 @@ impl Edge {
     /// held for it.
     pub fn closing(&mut self, to: SessionAddr) {
         self.held.remove(&to);
+        self.cut.remove(&to);
     }
 
     /// Answers a frame of this shard's connection directly (one that could
@@ -661,6 +671,7 @@ impl Edge {
     /// session, and the router an agent's device.
     pub fn handle_gone(&mut self, from: SessionAddr) {
         self.held.remove(&from);
+        self.cut.remove(&from);
         let Some(sess) = self.sessions.remove(&from) else { return };
         if let Some(t) = sess.expires_ms {
             self.expiries.remove(&(t, from));

@@ -29,7 +29,9 @@ use super::{Change, PositionUpdate, Reply, RouteInfo, SessionAddr};
 use crate::CoreConfig;
 use crate::cid::Cid;
 use crate::config::HookFailure;
-use crate::conversation::{Access, Conversation, ReadOutcome, SendOutcome, TypingOutcome};
+use crate::conversation::{
+    Access, Conversation, ReadOutcome, RestoredConversation, SendOutcome, TypingOutcome,
+};
 use crate::identity::{Actor, UserKey};
 use crate::resume::{ReplayWindow, frame_weight};
 use crate::rules::Rules;
@@ -351,6 +353,12 @@ impl Home {
             return;
         }
         let (from, codec, id) = reply;
+        // Access first, as the window's answer checks it: a resend answered
+        // from storage must not tell one who lost the conversation (or
+        // sends to it closed) more than a resend the window remembers.
+        if let Some(Err(e)) = self.convs.get(&conv).map(|c| c.check_access(actor, Access::Write)) {
+            return self.out.error(reply, e.code(), e.to_string());
+        }
         // Older resends than the conversation's window remembers: the
         // durable dedupe index has the original. Only the seqs below the
         // window are asked about (none while the window has never lost a
@@ -1007,8 +1015,39 @@ impl Home {
     /// Rebuilds a conversation from storage (after a failed or duplicate
     /// append, its in-memory seq may be ahead of the log). One that cannot
     /// be read is dropped from memory: the next command reads it again.
+    ///
+    /// One in memory takes only its log from storage (its last seq) and
+    /// keeps its state: that state may be a change still on its way to
+    /// storage (a close submitted behind the append that failed), and a
+    /// rebuild from the stored state would undo it in memory only, so the
+    /// home would take messages in a conversation it then announces closed
+    /// (found by the `chat_machines` fuzz target; `sim::tests`,
+    /// `a_failed_append_does_not_reopen_a_close_in_flight`).
     fn reload(&mut self, conv: ConvId, store: &dyn Stored) {
         debug_assert_eq!(conv.home(self.shards), self.me, "{conv} is not homed here");
+        if let Some(c) = self.convs.get(&conv) {
+            let kept = store.last_seq(conv).map(|last_seq| RestoredConversation {
+                id: conv,
+                visitor: c.visitor().clone(),
+                status: c.status(),
+                group: c.group().clone(),
+                agent: c.agent().cloned(),
+                last_seq,
+                // Never backwards: memory's is the newest ts handed out.
+                last_ts: c.last_ts(),
+                since_ms: c.since_ms(),
+            });
+            match kept {
+                Ok(r) => {
+                    self.convs.insert(conv, Conversation::restore(r, &self.core.limits));
+                }
+                Err(e) => {
+                    self.convs.remove(&conv);
+                    self.read_error = Some(e);
+                }
+            }
+            return;
+        }
         match store.conversation(conv) {
             Ok(Some(r)) => {
                 self.convs.insert(conv, Conversation::restore(r, &self.core.limits));

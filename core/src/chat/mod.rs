@@ -50,9 +50,11 @@ pub mod home;
 pub mod hooks;
 pub mod outbox;
 pub mod router;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod stored;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "sim"))]
+pub mod testing;
 pub mod users;
 
 use kefu_proto::client::Codec;

@@ -1,6 +1,7 @@
-//! What the machines' unit tests share: a store in memory that implements
-//! [`Stored`] and applies the writes a test commits, and a reader for the
-//! WebSocket frames the machines encode.
+//! What the machines' unit tests and the simulation ([`super::sim`], feature
+//! `sim`) share: a store in memory that implements [`Stored`] and applies
+//! the writes a test commits, and a reader for the WebSocket frames the
+//! machines encode.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -36,19 +37,13 @@ impl MemStore {
         }
     }
 
-    /// Applies a write as the store's writer would, with its outcome.
+    /// Applies a write as the store's writer would, with its outcome
+    /// (a message's seq is taken as given: see [`Self::commit`]).
     pub fn apply(&self, write: &Write) -> Durable {
         match write {
             Write::Message(m) => {
-                let earlier = self.messages.borrow().values().find_map(|o| {
-                    let same = o.conv == m.conv
-                        && o.cid == m.cid
-                        && o.from.role == m.from.role
-                        && o.from.id == m.from.id;
-                    same.then_some((o.seq, o.ts))
-                });
-                if let Some((seq, ts_ms)) = earlier {
-                    return Durable { seq, ts_ms, duplicate: true };
+                if let Some(earlier) = self.resent(m) {
+                    return earlier;
                 }
                 self.messages.borrow_mut().insert((m.conv, m.seq), m.clone());
                 Durable { seq: m.seq, ts_ms: m.ts, duplicate: false }
@@ -75,13 +70,53 @@ impl MemStore {
         }
     }
 
+    /// Applies a write as the store's writer does, refusal included: a
+    /// message that is no resend and whose seq is not its conversation's
+    /// next is refused (the writer's seq conflict, `unavailable`) and
+    /// nothing is stored, so the log stays gap-free whatever the machines
+    /// ask for.
+    pub fn commit(&self, write: &Write) -> Result<Durable, ReadError> {
+        if let Write::Message(m) = write
+            && self.resent(m).is_none()
+        {
+            let last = self.messages_of_last(m.conv);
+            if m.seq != last + 1 {
+                let message = format!("{}: seq conflict: expected {}, got {}", m.conv, last + 1, m.seq);
+                return Err(ReadError { code: ErrorCode::Unavailable, message });
+            }
+        }
+        Ok(self.apply(write))
+    }
+
+    /// The original of a resent message (same conversation, sender and
+    /// cid), as the writer's dedupe index finds it.
+    fn resent(&self, m: &Msg) -> Option<Durable> {
+        let messages = self.messages.borrow();
+        let mut of_conv = messages.range((m.conv, 0)..=(m.conv, u64::MAX)).map(|(_, o)| o);
+        of_conv
+            .find(|o| o.cid == m.cid && o.from.role == m.from.role && o.from.id == m.from.id)
+            .map(|o| Durable { seq: o.seq, ts_ms: o.ts, duplicate: true })
+    }
+
+    fn messages_of_last(&self, conv: ConvId) -> u64 {
+        let messages = self.messages.borrow();
+        messages.range((conv, 0)..=(conv, u64::MAX)).next_back().map_or(0, |((_, seq), _)| *seq)
+    }
+
+    /// A conversation's stored state.
+    pub fn conversation_state(&self, conv: ConvId) -> Option<ConvState> {
+        self.convs.borrow().get(&conv).cloned()
+    }
+
     /// Every stored message of `conv`, in seq order.
     pub fn messages_of(&self, conv: ConvId) -> Vec<Msg> {
         self.messages.borrow().range((conv, 0)..=(conv, u64::MAX)).map(|(_, m)| m.clone()).collect()
     }
 
     fn range(&self, conv: ConvId, seqs: impl std::ops::RangeBounds<u64>) -> Vec<Msg> {
-        self.messages_of(conv).into_iter().filter(|m| seqs.contains(&m.seq)).collect()
+        let messages = self.messages.borrow();
+        let of_conv = messages.range((conv, 0)..=(conv, u64::MAX)).map(|(_, m)| m);
+        of_conv.filter(|m| seqs.contains(&m.seq)).cloned().collect()
     }
 }
 
@@ -163,7 +198,7 @@ impl Stored for MemStore {
 
     fn last_seq(&self, conv: ConvId) -> Result<u64, ReadError> {
         self.check()?;
-        Ok(self.messages_of(conv).last().map_or(0, |m| m.seq))
+        Ok(self.messages_of_last(conv))
     }
 
     fn conversations_of(&self, visitor: &str, limit: usize) -> Result<Vec<ConvSummary>, ReadError> {

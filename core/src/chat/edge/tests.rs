@@ -207,6 +207,24 @@ fn too_much_before_connected_cuts_the_connection() {
     assert_eq!(seen(&mut e), [Seen::Close(a, close::SLOW_CONSUMER)], "past held_frames_max (4)");
 }
 
+/// Found by the `chat_machines` fuzz target: the frames after the cut were
+/// handed back to be written, ahead of the close, so the client got an
+/// answer before `connected`.
+#[test]
+fn nothing_is_written_after_the_cut_until_the_close() {
+    let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
+    e.handle_frame(a, Codec::Json, connect(Some(token(Role::Agent, "a1")), None), T0, &store, &mut no_random);
+    seen(&mut e);
+    for _ in 0..7 {
+        let f = e.out.encode(Codec::Json, &ServerFrame::push(Event::Pong));
+        assert!(e.pass(a, f).is_none(), "held, then dropped once cut");
+    }
+    assert_eq!(seen(&mut e), [Seen::Close(a, close::SLOW_CONSUMER)], "closed once");
+    e.closing(a);
+    let f = e.out.encode(Codec::Json, &ServerFrame::push(Event::Pong));
+    assert!(e.pass(a, f).is_some(), "forgotten once it is closed");
+}
+
 #[test]
 fn commands_before_connect_and_bad_tokens_are_refused_and_closed() {
     let (mut e, store, a) = (edge(|_| {}), MemStore::default(), addr(0, 1));
