@@ -227,6 +227,9 @@ impl Sim {
                     allow_anonymous: true,
                     heartbeat_s: 30,
                     held_frames_max,
+                    // No per-address limit: every simulated client is local.
+                    anonymous_per_ip: None,
+                    counts: Default::default(),
                 };
                 let router = (me == super::ROUTER_SHARD)
                     .then(|| Router::new(core.clone(), shards, 1, Vec::new(), now_ms).0);
@@ -460,13 +463,17 @@ impl Sim {
                 ChatMsg::SessionDown { addr, user } => {
                     s.directory.remove(&user, addr);
                     s.home.handle_session_down(addr);
+                    if let Some(r) = s.router.as_mut() {
+                        r.handle_session_down(addr, &user, now)
+                    }
                 }
+                ChatMsg::Positions { updates } => s.home.handle_positions(&updates, &s.directory),
                 ChatMsg::Welcome { reply, conversations } => {
                     s.edge.handle_welcome(reply, conversations, store)
                 }
                 ChatMsg::Routed { addr } => s.edge.handle_routed(addr),
                 ChatMsg::Change { conv, change, reply, route } => {
-                    s.home.handle_change(conv, change, reply, route, now, &s.directory, store)
+                    s.home.handle_change(conv, change, reply, route, now, store)
                 }
                 ChatMsg::Hello { reply, identity } => {
                     if let Some(r) = s.router.as_mut() {
@@ -547,6 +554,8 @@ impl Sim {
                 let write = Write::Presence { agent, status, at_ms: self.now_ms };
                 self.submit(k, write, Pending::Nothing);
             }
+            // A count in the gateway's /metrics: nothing to simulate.
+            router::Output::Abandoned { .. } => {}
             router::Output::ReplaceDevice { agent, device } => {
                 let old = s.directory.sessions(Role::Agent, &agent).find(|m| device_of(m.addr) == device);
                 if let Some(m) = old {
