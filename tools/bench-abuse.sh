@@ -37,7 +37,13 @@
 # Usage: tools/bench-abuse.sh [--no-build] [--quick] [--out DIR] [--repeat N]
 #                             [--only junk|slow] [--junk-frames N]
 #                             [--client-cpu N] [--server-cpu N]
-#                             [--quiet-wait S]
+#                             [--quiet-wait S] [--per-ip-limits lifted|default]
+#
+# --per-ip-limits default runs the gateway with its default per-address
+# limits (limits.new_connections_per_s_per_ip, ..._burst_per_ip,
+# limits.anonymous_per_min_per_ip), as deployed: the junk connections'
+# reconnects are then refused at the handshake past the limit. The
+# default, lifted, makes the gateway meet the whole junk load.
 #
 # --junk-frames replaces the junk frames' number (500,000; quick 3,000),
 # to find the junk rate at which the honest p99 still holds.
@@ -57,6 +63,7 @@ JUNK_FRAMES=
 CLIENT_CPU=1
 SERVER_CPU=0
 QUIET_WAIT=600
+PER_IP=lifted
 PORT=9211
 ADMIN_PORT=9212
 
@@ -71,7 +78,8 @@ while [ $# -gt 0 ]; do
         --client-cpu) CLIENT_CPU=$2; shift ;;
         --server-cpu) SERVER_CPU=$2; shift ;;
         --quiet-wait) QUIET_WAIT=$2; shift ;;
-        -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
+        --per-ip-limits) PER_IP=$2; shift ;;
+        -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -114,6 +122,11 @@ trap stop_server EXIT
 # reconnects are refused at the handshake).
 LIMIT_ENV=(KEFU_LIMITS_NEW_CONNECTIONS_PER_S_PER_IP=1000000 KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000
     KEFU_LIMITS_ANONYMOUS_PER_MIN_PER_IP=1000000)
+case "$PER_IP" in
+    lifted) ;;
+    default) LIMIT_ENV=() ;;
+    *) echo "--per-ip-limits takes lifted or default, not $PER_IP" >&2; exit 2 ;;
+esac
 
 
 failed=0
