@@ -93,6 +93,11 @@ pub struct Home {
     read_error: Option<ReadError>,
     /// Resends waiting for their original's commit.
     dup_waiters: HashMap<(ConvId, u64), Vec<Reply>>,
+    /// Message writes submitted and not yet answered, per conversation.
+    appending: HashMap<ConvId, u32>,
+    /// Conversations to rebuild from storage once their message writes in
+    /// flight are answered (see [`Self::rebuild`]); sends wait meanwhile.
+    rebuild_due: HashSet<ConvId>,
     rules: Rules,
     /// Messages waiting for the `OnMessage` hook, per conversation, in order.
     screening: HashMap<ConvId, VecDeque<Screened>>,
@@ -128,6 +133,8 @@ impl Home {
             borrowed: HashSet::new(),
             read_error: None,
             dup_waiters: HashMap::new(),
+            appending: HashMap::new(),
+            rebuild_due: HashSet::new(),
             screening: HashMap::new(),
             hook_calls: HashMap::new(),
             next_hook: 0,
@@ -211,7 +218,9 @@ impl Home {
     ) {
         match (pending, write) {
             (Pending::Message { conv, seq, sender }, Write::Message(msg)) => {
-                self.message_committed(conv, seq, sender, msg, durable, now_ms, dir, store)
+                self.appended(conv);
+                self.message_committed(conv, seq, sender, msg, durable, now_ms, dir, store);
+                self.rebuild_if_due(conv, store);
             }
             (Pending::ConvChanged { reply, previous, route }, Write::Conversation(stored)) => {
                 self.change_committed(stored, reply, previous, &route, dir)
@@ -230,7 +239,8 @@ impl Home {
                 // The seq must be taken back, which only a rebuild from
                 // storage does safely; resends that waited for this write
                 // fail with it (a later message must not answer them).
-                self.reload(conv, store);
+                self.appended(conv);
+                self.rebuild(conv, store);
                 let waiters = self.dup_waiters.remove(&(conv, seq)).unwrap_or_default();
                 for reply in sender.into_iter().chain(waiters) {
                     self.out.error(reply, error.code, error.message.clone());
@@ -394,6 +404,12 @@ impl Home {
     /// verdict) are answered as its resends.
     fn accept(&mut self, conv: ConvId, draft: Draft, now_ms: u64) {
         let Draft { reply, actor, cid, wire_cid, text, attachment, resends } = draft;
+        if self.rebuild_due.contains(&conv) {
+            for r in std::iter::once(reply).chain(resends) {
+                self.out.error(r, ErrorCode::Unavailable, "an earlier write failed; send again shortly");
+            }
+            return;
+        }
         let Some(c) = self.convs.get_mut(&conv) else {
             for r in std::iter::once(reply).chain(resends) {
                 self.out.error(r, ErrorCode::NotFound, format!("{conv}: not found"));
@@ -440,7 +456,7 @@ impl Home {
                     ts,
                 };
                 let then = Pending::Message { conv, seq, sender: Some(reply) };
-                self.out.submit(Write::Message(msg), then);
+                self.submit_message(msg, then);
                 seq
             }
         };
@@ -602,7 +618,7 @@ impl Home {
             }
             // Storage had it already (a resend older than the window): the
             // seq this home took is unused, so rebuild.
-            self.reload(conv, store);
+            self.rebuild(conv, store);
             return;
         }
         let except = sender.map(|(a, _, _)| a);
@@ -633,6 +649,9 @@ impl Home {
     }
 
     fn bot_message(&mut self, conv: ConvId, text: String, now_ms: u64) {
+        if self.rebuild_due.contains(&conv) {
+            return;
+        }
         let bot = self.rules.bot().clone();
         let Some(c) = self.convs.get_mut(&conv) else { return };
         let Ok(SendOutcome::Append { seq, ts }) = c.send(&bot, None, now_ms) else { return };
@@ -645,7 +664,44 @@ impl Home {
             attachment: None,
             ts,
         };
-        self.out.submit(Write::Message(msg), Pending::Message { conv, seq, sender: None });
+        self.submit_message(msg, Pending::Message { conv, seq, sender: None });
+    }
+
+    fn submit_message(&mut self, msg: Msg, then: Pending) {
+        *self.appending.entry(msg.conv).or_default() += 1;
+        self.out.submit(Write::Message(msg), then);
+    }
+
+    /// One of `conv`'s message writes was answered.
+    fn appended(&mut self, conv: ConvId) {
+        if let Some(n) = self.appending.get_mut(&conv) {
+            *n -= 1;
+            if *n == 0 {
+                self.appending.remove(&conv);
+            }
+        }
+    }
+
+    /// Takes back the seqs handed out beyond what storage holds, by
+    /// rebuilding `conv` from storage, but only once none of its message
+    /// writes is in flight: storage's last seq does not count them yet, so
+    /// a rebuild before would hand their seqs out again, and two writes in
+    /// flight with one seq get each other's answers (a resend acked with
+    /// another message's seq: found by the `chat_machines` fuzz target).
+    /// Until then its sends are refused `unavailable` (retryable).
+    fn rebuild(&mut self, conv: ConvId, store: &dyn Stored) {
+        if self.appending.contains_key(&conv) {
+            self.rebuild_due.insert(conv);
+        } else {
+            self.rebuild_due.remove(&conv);
+            self.reload(conv, store);
+        }
+    }
+
+    fn rebuild_if_due(&mut self, conv: ConvId, store: &dyn Stored) {
+        if self.rebuild_due.contains(&conv) && !self.appending.contains_key(&conv) {
+            self.rebuild(conv, store);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -287,3 +287,18 @@ fn a_resend_below_the_window_is_refused_to_one_who_lost_the_conversation() {
     script.extend((0..6).flat_map(|_| round(2)));
     world.run(&script).expect("no rule is broken");
 }
+
+/// Found by the fuzz target: an append failed while later appends of the
+/// conversation were still in flight. The home rebuilt the conversation
+/// from storage at once, whose last seq did not count those writes, so it
+/// handed their seqs out again; two writes in flight with one seq got each
+/// other's answers, and a resend of `c3` was acked with seq 1, which holds
+/// `c0`. The home now rebuilds only once the writes in flight are answered,
+/// and refuses sends (`unavailable`) until then. The fuzzer's input, kept.
+#[test]
+fn a_failed_append_rebuilds_only_once_the_writes_in_flight_are_answered() {
+    let data = include_bytes!("findings/failed-append-with-writes-in-flight");
+    let (shards, flags, actions) = super::script::decode(data);
+    let mut world = World::new(shards, flags);
+    world.run(&actions).expect("no rule is broken");
+}
