@@ -153,7 +153,10 @@ fn partial_frames_do_not_freeze_a_shard_and_are_cut_at_the_timeout() {
     }
     let after = started.elapsed();
     assert!(after >= Duration::from_millis(TIMEOUT_MS - 500), "cut after only {after:?}");
-    assert!(after <= Duration::from_millis(TIMEOUT_MS + 4_000), "cut only after {after:?}");
+    // The last attacker's message began once the set-up ended (`held`,
+    // seconds on a loaded host): it is cut a timeout after that.
+    let latest = held + Duration::from_millis(TIMEOUT_MS + 2_000);
+    assert!(after <= latest, "cut only after {after:?} (set up in {held:?})");
     assert!(cut >= 80);
 
     let metrics = metrics_until(&gw, "every partial frame counted", |m| {
