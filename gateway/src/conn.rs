@@ -32,6 +32,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
@@ -46,6 +47,7 @@ use kefu_proto::ErrorCode;
 use kefu_proto::client::{Codec, Command, DecodeError, Event, ServerFrame};
 
 use crate::assets;
+use crate::batch::WriteBatch;
 use crate::chat::SessionAddr;
 use crate::chat::frames::SharedFrame;
 use crate::http::{self, HttpError};
@@ -64,6 +66,12 @@ pub const LEFTOVER_BYTES: usize = 136;
 
 // The decoder leaves fewer than MIN_BUFFER_BYTES unconsumed after NeedMore.
 const _: () = assert!(LEFTOVER_BYTES >= crate::ws::decoder::MIN_BUFFER_BYTES);
+
+/// An echoed message goes out of its read buffer, uncopied, when it is at
+/// least 1/`ECHO_IN_PLACE_SHARE` of that buffer (4 KiB of the default
+/// 64 KiB): below that, copying it costs less than the memory its frame
+/// would pin while queued.
+const ECHO_IN_PLACE_SHARE: usize = 16;
 
 /// Header lines a request head may have.
 pub const MAX_HEADERS: usize = 64;
@@ -115,7 +123,7 @@ impl Out {
     }
 
     /// Drops the first `n` bytes (after a partial write).
-    fn advance(&mut self, n: usize) {
+    pub(crate) fn advance(&mut self, n: usize) {
         match self {
             Out::Frame(f) => f.advance(n),
             Out::Static(s) => *s = &s[n.min(s.len())..],
@@ -125,7 +133,8 @@ impl Out {
 }
 
 // SAFETY: every variant points at memory that stays valid and unchanged while
-// the value lives (a frozen slab buffer kept alive by the Frame's count, a
+// the value lives (a slab buffer kept alive by the Frame's count, frozen or
+// written only past its shared ranges (`SlabBuf::share`), a
 // 'static slice, or a SharedFrame this value holds a count of: its pool
 // refills it only through Arc::get_mut, i.e. once no such count is left),
 // and bytes_init is exactly the length from that pointer.
@@ -298,6 +307,16 @@ impl Conn {
         Some(out)
     }
 
+    /// Puts a popped frame back at the front (a full write batch).
+    fn unpop(&self, out: Out) {
+        self.out_bytes.set(self.out_bytes.get() + out.len());
+        self.out.borrow_mut().push_front(out);
+    }
+
+    fn queued_frames(&self) -> usize {
+        self.out.borrow().len()
+    }
+
     /// Resolves when something is queued or a close was requested, or
     /// (with `or_stopped`) reading should stop.
     async fn outbound(&self, or_stopped: bool) {
@@ -409,10 +428,7 @@ async fn upgrade(
     session.endpoint = endpoint;
     // Frames a client sent right behind its request head are input too.
     let flow = match head {
-        Some((mut buf, start)) => {
-            let end = buf.len();
-            session.input(shard, conn, &mut buf.as_full_mut()[start..end]).await
-        }
+        Some((mut buf, start)) => session.input(shard, conn, &mut buf, start).await,
         None => Flow::Continue,
     };
     Ok(Some(flow))
@@ -781,18 +797,17 @@ impl Session {
             }
             add(&shard.stats().bytes_in, n);
             conn.last_rx_ms.set(shard.now_ms());
-            let end = buf.len();
-            flow = self.input(shard, conn, &mut buf.as_full_mut()[..end]).await;
+            flow = self.input(shard, conn, &mut buf, 0).await;
         }
     }
 
-    /// Decodes everything in `input`, acting on each frame.
-    async fn input(&mut self, shard: &Shard, conn: &Conn, input: &mut [u8]) -> Flow {
-        let mut pos = 0;
+    /// Decodes the bytes of `buf` from `from` on, acting on each frame.
+    async fn input(&mut self, shard: &Shard, conn: &Conn, buf: &mut SlabBuf, from: usize) -> Flow {
+        let mut pos = from;
         // A message ended in this input: one still incomplete began here.
         let mut finished = false;
         loop {
-            let (used, decoded) = self.decoder.decode(&mut input[pos..]);
+            let (used, decoded) = self.decoder.decode(buf.filled_mut_from(pos));
             let base = pos;
             pos += used;
             let decoded = match decoded {
@@ -801,7 +816,7 @@ impl Session {
             };
             match decoded {
                 Decoded::NeedMore => {
-                    let rest = &input[pos..];
+                    let rest = &buf.filled()[pos..];
                     if rest.len() > LEFTOVER_BYTES {
                         return Flow::Close(close::INTERNAL, "decoder kept too many bytes");
                     }
@@ -817,12 +832,20 @@ impl Session {
                     return Flow::Continue;
                 }
                 Decoded::Data { payload, kind, message_start, message_end } => {
-                    let chunk = &input[base + payload.start..base + payload.end];
+                    let payload = base + payload.start..base + payload.end;
                     if message_start {
                         self.kind = kind;
+                        if message_end && let Some(frame) = self.echo_in_place(buf, base, payload.clone()) {
+                            finished = true;
+                            ShardStats::inc(&shard.stats().messages_in);
+                            if let Err(flow) = push(shard, conn, Out::Frame(frame)) {
+                                return flow;
+                            }
+                            continue;
+                        }
                     }
                     let more = usize::try_from(self.decoder.frame_remaining()).unwrap_or(usize::MAX);
-                    if let Err(flow) = self.append(shard, chunk, more).await {
+                    if let Err(flow) = self.append(shard, &buf.filled()[payload], more).await {
                         return flow;
                     }
                     if message_end && let Some(message) = self.message.take() {
@@ -835,13 +858,14 @@ impl Session {
                     }
                 }
                 Decoded::Ping { payload } => {
-                    let buf = match control_buffer(shard).await {
-                        Ok(buf) => buf,
+                    let out = match control_buffer(shard).await {
+                        Ok(out) => out,
                         Err(flow) => return flow,
                     };
                     // The decoder bounds control payloads at 125 bytes.
-                    if let Ok(pong) = ControlFrame::pong(&input[base + payload.start..base + payload.end])
-                        && let Err(flow) = push(shard, conn, control_out(buf, &pong))
+                    if let Ok(pong) =
+                        ControlFrame::pong(&buf.filled()[base + payload.start..base + payload.end])
+                        && let Err(flow) = push(shard, conn, control_out(out, &pong))
                     {
                         return flow;
                     }
@@ -852,25 +876,50 @@ impl Session {
                         // The reply to our own close: the handshake is done.
                         return Flow::PeerClosed;
                     }
-                    let buf = match control_buffer(shard).await {
-                        Ok(buf) => buf,
+                    let out = match control_buffer(shard).await {
+                        Ok(out) => out,
                         Err(flow) => return flow,
                     };
                     let reply = match code {
                         Some(code) => {
-                            let reason = std::str::from_utf8(&input[base + reason.start..base + reason.end])
-                                .unwrap_or("");
+                            let reason =
+                                std::str::from_utf8(&buf.filled()[base + reason.start..base + reason.end])
+                                    .unwrap_or("");
                             ControlFrame::close(code, reason)
                         }
                         None => ControlFrame::close_empty(),
                     };
                     shard.stats().closes.count(Initiator::Client, code);
                     conn.closing_since_ms.set(Some(shard.now_ms()));
-                    queue_forced(conn, control_out(buf, &reply));
+                    queue_forced(conn, control_out(out, &reply));
                     return Flow::PeerClosed;
                 }
             }
         }
+    }
+
+    /// Echoes a whole one-frame message out of the buffer it was read into,
+    /// with no copy: its outbound header is written over the tail of its
+    /// inbound one (a client's header is 4 mask bytes longer than the same
+    /// frame's from the server), and the frame shares the read buffer.
+    /// `None` where a copy is the better deal: not the echo endpoint, or a
+    /// message small next to the buffer, which its frame would pin until it
+    /// is written (a peer that stops reading would hold a whole read buffer
+    /// per few bytes queued).
+    fn echo_in_place(&mut self, buf: &mut SlabBuf, header_at: usize, payload: Range<usize>) -> Option<Frame> {
+        let len = payload.end - payload.start;
+        if self.endpoint != Endpoint::Echo || len < buf.capacity() / ECHO_IN_PLACE_SHARE {
+            return None;
+        }
+        let opcode = match self.kind {
+            DataKind::Text => OpCode::Text,
+            DataKind::Binary => OpCode::Binary,
+        };
+        let mut header = [0u8; MAX_HEADER_BYTES];
+        let h = encode_header(&mut header, true, opcode, len as u64, None);
+        let start = payload.start.checked_sub(h).filter(|&s| s >= header_at)?;
+        buf.filled_mut_from(start)[..h].copy_from_slice(&header[..h]);
+        Some(buf.share(start..payload.end))
     }
 
     /// Appends a payload chunk (`more` bytes of its frame still to come) to
@@ -1099,9 +1148,10 @@ fn queue_forced(conn: &Conn, out: Out) {
     conn.out.borrow_mut().push_back(out);
 }
 
-/// Writes everything queued. Plain `write` in a loop rather than
-/// `write_all`: the latter's state is several times larger and would sit in
-/// every connection's task.
+/// Writes everything queued: a lone frame with `write`, several with one
+/// `writev` per [`WRITEV_FRAMES_MAX`](crate::batch::WRITEV_FRAMES_MAX) of them. Plain writes in a loop
+/// rather than `write_all`: the latter's state is several times larger and
+/// would sit in every connection's task.
 ///
 /// A write that waits on a full socket is the usual state of a reader that
 /// stopped reading, and its queue overflowing then is what makes it a slow
@@ -1110,29 +1160,102 @@ fn queue_forced(conn: &Conn, out: Out) {
 /// socket is cut at once, counted as a server close 4001; waiting for the
 /// sweep's `close_timeout_ms` instead left the close uncounted.
 async fn flush(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::io::Result<()> {
-    while let Some(mut out) = conn.pop() {
-        while out.len() > 0 {
-            let written = monoio::select! {
-                biased;
-                w = stream.write(out) => Some(w),
-                _ = conn.cut_as_slow() => None,
-            };
-            let Some((res, rest)) = written else {
-                ShardStats::inc(&shard.stats().slow_consumer_closes);
-                shard.stats().closes.count(Initiator::Server, Some(close::SLOW_CONSUMER));
-                conn.force_shutdown();
-                return Err(std::io::Error::other("slow consumer: cut while its socket was full"));
-            };
-            let n = res?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+    loop {
+        match conn.queued_frames() {
+            0 => return Ok(()),
+            1 => {
+                let Some(out) = conn.pop() else { return Ok(()) };
+                write_whole(shard, conn, stream, out).await?;
             }
-            add(&shard.stats().bytes_out, n);
-            out = rest;
-            out.advance(n);
+            _ => {
+                // Boxed: a batch is the busy case, and its state need not
+                // size every idle connection's task.
+                Box::pin(write_batch(shard, conn, stream)).await?;
+            }
         }
     }
+}
+
+/// What a flush writes: a lone frame, or a batch of them.
+trait Outgoing: Sized {
+    fn is_done(&self) -> bool;
+    /// Drops the first `n` bytes, which were written.
+    fn consume(&mut self, n: usize);
+    fn write_to(self, stream: &mut TcpStream) -> impl Future<Output = monoio::BufResult<usize, Self>>;
+}
+
+impl Outgoing for Out {
+    fn is_done(&self) -> bool {
+        self.len() == 0
+    }
+    fn consume(&mut self, n: usize) {
+        self.advance(n);
+    }
+    fn write_to(self, stream: &mut TcpStream) -> impl Future<Output = monoio::BufResult<usize, Self>> {
+        stream.write(self)
+    }
+}
+
+impl Outgoing for WriteBatch {
+    fn is_done(&self) -> bool {
+        WriteBatch::is_done(self)
+    }
+    fn consume(&mut self, n: usize) {
+        self.advance(n);
+    }
+    fn write_to(self, stream: &mut TcpStream) -> impl Future<Output = monoio::BufResult<usize, Self>> {
+        stream.writev(self)
+    }
+}
+
+/// Writes `out` whole (short writes resumed), or gives way to the
+/// slow-consumer verdict; hands back what was written, emptied.
+async fn write_whole<T: Outgoing>(
+    shard: &Shard,
+    conn: &Conn,
+    stream: &mut TcpStream,
+    mut out: T,
+) -> std::io::Result<T> {
+    while !out.is_done() {
+        let written = monoio::select! {
+            biased;
+            w = out.write_to(stream) => Some(w),
+            _ = conn.cut_as_slow() => None,
+        };
+        let Some((res, rest)) = written else { return Err(cut_as_slow(shard, conn)) };
+        let n = res?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        add(&shard.stats().bytes_out, n);
+        out = rest;
+        out.consume(n);
+    }
+    Ok(out)
+}
+
+async fn write_batch(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::io::Result<()> {
+    let mut batch = shard.batches.take();
+    while let Some(out) = conn.pop() {
+        if let Err(out) = batch.push(out) {
+            conn.unpop(out);
+            break;
+        }
+    }
+    batch.prepare();
+    ShardStats::inc(&shard.stats().writev_calls);
+    let batch = write_whole(shard, conn, stream, batch).await?;
+    shard.batches.give_back(batch);
     Ok(())
+}
+
+/// A write gave way to the slow-consumer verdict: count it and cut the
+/// socket.
+fn cut_as_slow(shard: &Shard, conn: &Conn) -> std::io::Error {
+    ShardStats::inc(&shard.stats().slow_consumer_closes);
+    shard.stats().closes.count(Initiator::Server, Some(close::SLOW_CONSUMER));
+    conn.force_shutdown();
+    std::io::Error::other("slow consumer: cut while its socket was full")
 }
 
 #[cfg(test)]

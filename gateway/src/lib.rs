@@ -11,6 +11,7 @@
 
 pub mod alloc;
 pub mod assets;
+pub mod batch;
 pub mod bridge;
 pub mod chat;
 pub mod client_ip;

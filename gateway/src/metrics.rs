@@ -264,6 +264,8 @@ pub struct ShardStats {
     pub bytes_in: AtomicU64,
     /// Bytes written to sockets.
     pub bytes_out: AtomicU64,
+    /// `writev`s that carried several queued frames at once.
+    pub writev_calls: AtomicU64,
     /// Connections closed for breaking RFC 6455 (1002, 1007, 1009).
     pub protocol_closes: AtomicU64,
     /// Connections closed as slow consumers (4001).
@@ -428,7 +430,7 @@ pub fn render<T: Send>(
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     type Field = fn(&ShardStats) -> &AtomicU64;
-    let series: [(&str, &str, &str, Field); 23] = [
+    let series: [(&str, &str, &str, Field); 24] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),
         ("kefu_accepted_total", "counter", "Connections accepted.", |s| &s.accepted),
         ("kefu_refused_full_total", "counter", "Connections refused: shard full.", |s| &s.refused_full),
@@ -440,6 +442,7 @@ pub fn render<T: Send>(
         }),
         ("kefu_bytes_in_total", "counter", "Bytes read from sockets.", |s| &s.bytes_in),
         ("kefu_bytes_out_total", "counter", "Bytes written to sockets.", |s| &s.bytes_out),
+        ("kefu_writev_total", "counter", "Writes that carried several queued frames.", |s| &s.writev_calls),
         ("kefu_protocol_closes_total", "counter", "Closes for RFC 6455 violations.", |s| &s.protocol_closes),
         ("kefu_slow_consumer_closes_total", "counter", "Closes 4001.", |s| &s.slow_consumer_closes),
         ("kefu_heartbeat_closes_total", "counter", "Closes for silence.", |s| &s.heartbeat_closes),

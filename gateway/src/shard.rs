@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use kefu_core::per_ip::PerIpLimiter;
 use kefu_proto::client::{Codec, ServerFrame, SpareStrings};
 
+use crate::batch::BatchPool;
 use crate::chat::frames::{FrameEncoder, SharedFrame};
 use crate::chat::service::{ChatInit, ChatService, Local};
 use crate::chat::{SessionAddr, ShardMsg};
@@ -163,6 +164,8 @@ pub struct Shard {
     /// String buffers for decoding `send`s, handed back by the homes of the
     /// conversations they were sent to.
     pub strings: RefCell<SpareStrings>,
+    /// Spare write batches for connections flushing several frames.
+    pub batches: BatchPool,
     /// This shard's chat service, set once at start. Its connections and
     /// its inbox loop call it directly ([`Shard::chat`]); nothing the shard
     /// does for itself goes through its own inbox.
@@ -202,6 +205,7 @@ impl Shard {
             mailboxes,
             encoder: RefCell::new(FrameEncoder::new()),
             strings: RefCell::new(SpareStrings::new()),
+            batches: BatchPool::default(),
             chat: RefCell::new(None),
             unauthenticated_bytes: Cell::new(0),
             inbox_sleeps_until_ms: Cell::new(u64::MAX),

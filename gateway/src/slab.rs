@@ -166,7 +166,7 @@ impl Slab {
             }
             fitting = true;
             if let Some(index) = class.free.borrow_mut().pop() {
-                return Some(SlabBuf { slab: self.0.clone(), class: i as u8, index, len: 0 });
+                return Some(SlabBuf { slab: self.0.clone(), class: i as u8, index, len: 0, shared_end: 0 });
             }
         }
         if fitting && let Some(c) = self.0.classes.iter().rev().find(|c| c.bytes >= min_bytes) {
@@ -188,7 +188,7 @@ impl Slab {
                 continue;
             }
             if let Some(index) = class.free.borrow_mut().pop() {
-                return Some(SlabBuf { slab: self.0.clone(), class: i as u8, index, len: 0 });
+                return Some(SlabBuf { slab: self.0.clone(), class: i as u8, index, len: 0, shared_end: 0 });
             }
         }
         None
@@ -230,7 +230,12 @@ pub struct SlabBuf {
     slab: Rc<Inner>,
     class: u8,
     index: u32,
-    len: usize,
+    /// Below 4 GiB: the classes are message buffers (u32 keeps the handle
+    /// at 24 bytes, and it sits in every connection's task).
+    len: u32,
+    /// End of the ranges handed out by [`SlabBuf::share`]: the bytes before
+    /// it may be read by frames, so they are never written again.
+    shared_end: u32,
 }
 
 impl SlabBuf {
@@ -241,7 +246,7 @@ impl SlabBuf {
 
     /// Bytes filled so far.
     pub fn len(&self) -> usize {
-        self.len
+        self.len as usize
     }
 
     /// Whether nothing is filled.
@@ -252,12 +257,13 @@ impl SlabBuf {
     /// Marks the first `len` bytes as filled.
     pub fn set_len(&mut self, len: usize) {
         assert!(len <= self.capacity(), "slab buffer overrun: {len} > {}", self.capacity());
-        self.len = len;
+        assert!(len >= self.shared_end as usize, "slab buffer cut below its shared bytes");
+        self.len = len as u32;
     }
 
     /// The filled bytes.
     pub fn filled(&self) -> &[u8] {
-        &self.as_full()[..self.len]
+        &self.as_full()[..self.len()]
     }
 
     /// The whole buffer, filled or not (a new buffer holds stale bytes, never
@@ -268,22 +274,59 @@ impl SlabBuf {
         unsafe { std::slice::from_raw_parts(self.ptr(), self.capacity()) }
     }
 
-    /// The whole buffer, writable.
+    /// The whole buffer, writable. Panics once part of it is shared
+    /// (use [`SlabBuf::filled_mut_from`] then).
     pub fn as_full_mut(&mut self) -> &mut [u8] {
+        assert_eq!(self.shared_end, 0, "a shared slab buffer is written only past its shared bytes");
         // SAFETY: as in `as_full`, and `&mut self` makes the borrow unique.
         unsafe { std::slice::from_raw_parts_mut(self.ptr(), self.capacity()) }
+    }
+
+    /// The filled bytes from `from` on, writable; `from` must not be below
+    /// the bytes already shared.
+    pub fn filled_mut_from(&mut self, from: usize) -> &mut [u8] {
+        assert!(from >= self.shared_end as usize, "slab buffer written inside its shared bytes");
+        assert!(from <= self.len(), "slab buffer range past its filled bytes");
+        // SAFETY: this handle is the only writer, and `from..len` lies past
+        // every range a frame may read (`shared_end`), inside the buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr().add(from), self.len() - from) }
+    }
+
+    /// A frame of `range` of the filled bytes, shared with this handle,
+    /// which may go on writing past it: how an echo goes out of the buffer
+    /// it was read into while the rest of that buffer is still decoded.
+    /// Ranges are handed out in order, never overlapping one before.
+    pub fn share(&mut self, range: std::ops::Range<usize>) -> Frame {
+        assert!(
+            self.shared_end as usize <= range.start && range.start <= range.end && range.end <= self.len(),
+            "shared range out of order or out of the filled bytes"
+        );
+        let refs = &self.slab.classes[self.class as usize].refs[self.index as usize];
+        // The handle counts as one holder from its first share on; the
+        // buffer goes back when the last of it and its frames is dropped.
+        refs.set(if refs.get() == 0 { 2 } else { refs.get() + 1 });
+        self.shared_end = range.end as u32;
+        Frame {
+            slab: self.slab.clone(),
+            class: self.class,
+            index: self.index,
+            start: range.start as u32,
+            end: range.end as u32,
+        }
     }
 
     /// Appends `bytes` after the filled part; false (and nothing written) if
     /// they do not fit.
     pub fn extend(&mut self, bytes: &[u8]) -> bool {
-        let end = self.len + bytes.len();
+        let len = self.len();
+        let end = len + bytes.len();
         if end > self.capacity() {
             return false;
         }
-        let len = self.len;
-        self.as_full_mut()[len..end].copy_from_slice(bytes);
-        self.len = end;
+        // SAFETY: len..end is inside the buffer and past every shared range
+        // (`shared_end <= len`), and `&mut self` makes the write unique.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr().add(len), bytes.len()) };
+        self.len = end as u32;
         true
     }
 
@@ -292,7 +335,12 @@ impl SlabBuf {
         assert!(range.start <= range.end && range.end <= self.capacity(), "frame range out of buffer");
         let this = std::mem::ManuallyDrop::new(self);
         let class = &this.slab.classes[this.class as usize];
-        class.refs[this.index as usize].set(1);
+        let refs = &class.refs[this.index as usize];
+        // Unshared, the handle held no count; shared, its count passes to
+        // the frame.
+        if refs.get() == 0 {
+            refs.set(1);
+        }
         // SAFETY: `this` is never dropped, so moving the Rc out of it leaves
         // exactly one owner of the count it held.
         let slab = unsafe { std::ptr::read(&this.slab) };
@@ -306,7 +354,14 @@ impl SlabBuf {
 
 impl Drop for SlabBuf {
     fn drop(&mut self) {
-        self.slab.release(self.class, self.index);
+        let refs = &self.slab.classes[self.class as usize].refs[self.index as usize];
+        match refs.get() {
+            0 | 1 => {
+                refs.set(0);
+                self.slab.release(self.class, self.index);
+            }
+            n => refs.set(n - 1),
+        }
     }
 }
 
@@ -318,7 +373,7 @@ unsafe impl monoio::buf::IoBuf for SlabBuf {
         self.ptr()
     }
     fn bytes_init(&self) -> usize {
-        self.len
+        self.len()
     }
 }
 
@@ -326,6 +381,7 @@ unsafe impl monoio::buf::IoBuf for SlabBuf {
 // only within it.
 unsafe impl monoio::buf::IoBufMut for SlabBuf {
     fn write_ptr(&mut self) -> *mut u8 {
+        assert_eq!(self.shared_end, 0, "a read into a shared slab buffer");
         self.ptr()
     }
     fn bytes_total(&mut self) -> usize {
@@ -464,5 +520,51 @@ mod tests {
                 .unwrap()
                 .block_on(async { s.acquire(1 << 20).await.is_none() })
         );
+    }
+
+    #[test]
+    fn a_shared_buffer_goes_back_after_its_handle_and_every_frame() {
+        let s = Slab::new(&[SlabClass { bytes: 256, count: 1 }]).unwrap();
+        for frame_last in [true, false] {
+            let mut buf = s.try_acquire(1).unwrap();
+            assert!(buf.extend(b"hello, world"));
+            let hello = buf.share(0..5);
+            buf.filled_mut_from(5)[0] = b';';
+            let world = buf.share(7..12);
+            assert_eq!((hello.as_slice(), world.as_slice()), (&b"hello"[..], &b"world"[..]));
+            if frame_last {
+                drop(buf);
+                drop(hello);
+                assert!(s.try_acquire(1).is_none(), "a frame still reads it");
+                drop(world);
+            } else {
+                drop(hello);
+                drop(world);
+                assert!(s.try_acquire(1).is_none(), "its handle still holds it");
+                drop(buf);
+            }
+            let again = s.try_acquire(1).expect("returned once all are gone");
+            drop(again);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "inside its shared bytes")]
+    fn shared_bytes_are_never_written_again() {
+        let s = slab();
+        let mut buf = s.try_acquire(1).unwrap();
+        assert!(buf.extend(b"0123456789"));
+        let _frame = buf.share(2..6);
+        buf.filled_mut_from(5)[0] = 0;
+    }
+
+    #[test]
+    #[should_panic(expected = "out of order")]
+    fn shared_ranges_go_forward() {
+        let s = slab();
+        let mut buf = s.try_acquire(1).unwrap();
+        assert!(buf.extend(b"0123456789"));
+        let _a = buf.share(4..6);
+        let _b = buf.share(0..2);
     }
 }

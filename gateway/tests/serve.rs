@@ -5,7 +5,7 @@ mod common;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::{Gateway, client_frame, raw_ws, read_frame, upgrade_request};
+use common::{Gateway, client_frame, raw_ws, read_frame, sample, upgrade_request};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -87,6 +87,36 @@ fn fragmented_messages_and_pings_between_fragments() {
     }
     assert_eq!(read_frame(&mut s).unwrap(), (true, 0xA, b"are you there".to_vec()));
     assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, "héllo 世!".as_bytes().to_vec()));
+}
+
+/// Large one-frame messages are echoed out of the read buffer they
+/// arrived in (their header rewritten in place), small ones are copied:
+/// pipelined in one write, with a ping among them, all come back whole and
+/// in order, whichever way each went.
+#[test]
+fn pipelined_messages_large_and_small_echo_in_order() {
+    let gw = Gateway::start(&["--echo"], &[]);
+    let mut s = raw_ws(gw.addr, "/ws/echo");
+    let sizes = [5_000usize, 10, 20_000, 4_096, 126, 65_536, 7, 40_000];
+    let body = |n: usize, k: usize| -> Vec<u8> { (0..n).map(|i| (i * 31 + k * 7) as u8).collect() };
+    let mut bytes = Vec::new();
+    for (k, &n) in sizes.iter().enumerate() {
+        bytes.extend(client_frame(0x2, true, &body(n, k)));
+        if k == 2 {
+            bytes.extend(client_frame(0x9, true, b"still there?"));
+        }
+    }
+    s.write_all(&bytes).unwrap();
+    for (k, &n) in sizes.iter().enumerate() {
+        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, body(n, k)), "message {k} of {n} bytes");
+        if k == 2 {
+            assert_eq!(read_frame(&mut s).unwrap(), (true, 0xA, b"still there?".to_vec()));
+        }
+    }
+    // Frames echoed from one read were queued together and went out in
+    // batches.
+    let metrics = gw.admin_get("/metrics");
+    assert!(sample(&metrics, "kefu_writev_total", &[]) >= 1.0, "{metrics}");
 }
 
 #[test]
