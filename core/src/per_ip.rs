@@ -1,5 +1,7 @@
 //! Per-address limits: how many WebSocket handshakes, or new anonymous
-//! visitors, one client address may make in a while.
+//! visitors, one client address may make in a while; and, over the same
+//! table keyed by sender instead, how many attachment bytes one visitor (or
+//! agent) may send in a while, whichever connections and shards they use.
 //!
 //! A [`PerIpLimiter`] is a table of [`TokenBucket`]s keyed by client
 //! address. One table is shared by every shard, behind a lock split into
@@ -27,6 +29,7 @@
 //! plain `std::sync::Mutex`, held for one bucket update.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +60,10 @@ pub struct PerIpLimiter {
     stripes: Box<[Mutex<HashMap<u128, TokenBucket>>]>,
     /// Addresses forgotten to stay within `entries_max`, idle or not.
     evicted: AtomicU64,
+    /// Hashes other keys than addresses ([`PerIpLimiter::try_take_n_for`])
+    /// to 128 bits, with a key random per table: a sender cannot pick ids
+    /// that meet another's bucket.
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// The table key of an address: IPv4 (and IPv4-mapped IPv6) as itself,
@@ -79,12 +86,25 @@ impl PerIpLimiter {
     pub fn new(rate: PerIpRate) -> PerIpLimiter {
         let per_stripe_max = rate.entries_max.div_ceil(STRIPES).max(1);
         let stripes = (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect();
-        PerIpLimiter { rate, per_stripe_max, stripes, evicted: AtomicU64::new(0) }
+        let hasher = std::collections::hash_map::RandomState::new();
+        PerIpLimiter { rate, per_stripe_max, stripes, evicted: AtomicU64::new(0), hasher }
     }
 
     /// Takes one token for `ip` at `now_ms`, or says when one will be there.
     pub fn try_take(&self, ip: IpAddr, now_ms: u64) -> Result<(), RetryAfterMs> {
-        let key = key(ip);
+        self.take(key(ip), 1, now_ms)
+    }
+
+    /// Takes `n` tokens from the bucket of `key` (a sender's role and id,
+    /// say) at `now_ms`, or says when there will be `n`. A table is keyed
+    /// one way: by addresses or by such keys, never both.
+    pub fn try_take_n_for<K: Hash + ?Sized>(&self, key: &K, n: u64, now_ms: u64) -> Result<(), RetryAfterMs> {
+        let high = self.hasher.hash_one((0u8, key));
+        let low = self.hasher.hash_one((1u8, key));
+        self.take((u128::from(high) << 64) | u128::from(low), n, now_ms)
+    }
+
+    fn take(&self, key: u128, n: u64, now_ms: u64) -> Result<(), RetryAfterMs> {
         // Fibonacci hashing of the key's folded halves: cheap, and spreads
         // consecutive addresses over the stripes.
         let folded = (key as u64) ^ ((key >> 64) as u64);
@@ -98,7 +118,7 @@ impl PerIpLimiter {
         let r = self.rate;
         let bucket =
             table.entry(key).or_insert_with(|| TokenBucket::per_period(r.rate, r.burst, r.period_ms, now_ms));
-        bucket.try_take(now_ms)
+        bucket.try_take_n(n, now_ms)
     }
 
     /// Forgets the idle addresses of a full stripe, or else its least
@@ -154,6 +174,20 @@ mod tests {
         assert_eq!(l.try_take(v4(1), 0), Err(RetryAfterMs(1000)));
         assert!(l.try_take(v4(2), 0).is_ok(), "another address is not limited");
         assert!(l.try_take(v4(1), 1000).is_ok(), "one token a second");
+    }
+
+    #[test]
+    fn byte_budgets_are_kept_per_sender_key() {
+        // 600 bytes a minute: 10 per second.
+        let l = PerIpLimiter::new(PerIpRate { rate: 600, burst: 600, period_ms: 60_000, entries_max: 1024 });
+        let ann = ("visitor", "ann");
+        const T0: u64 = 1_000_000;
+        assert!(l.try_take_n_for(&ann, 500, T0).is_ok());
+        assert_eq!(l.try_take_n_for(&ann, 200, T0), Err(RetryAfterMs(10_000)), "100 bytes missing");
+        assert!(l.try_take_n_for(&("visitor", "bob"), 600, T0).is_ok(), "another sender's bucket");
+        assert!(l.try_take_n_for(&("agent", "ann"), 600, T0).is_ok(), "an agent ann is another sender");
+        assert!(l.try_take_n_for(&ann, 100, T0).is_ok(), "what is left still fits");
+        assert!(l.try_take_n_for(&ann, 200, T0 + 20_000).is_ok(), "refilled after the wait");
     }
 
     #[test]

@@ -17,9 +17,12 @@
 //!    retry delay, and that check comes first so a flood of invalid
 //!    commands is limited too.
 //!    A `send`'s attachment, once its shape and size are valid, also takes
-//!    its bytes from the connection's attachment budget
+//!    its bytes from its sender's attachment budget
 //!    (`limits.attachment_bytes_per_min`); over it the `send` is
-//!    `rate_limited` with the wait until the attachment fits.
+//!    `rate_limited` with the wait until the attachment fits. That budget
+//!    is the sender's, not the connection's (a visitor with ten tabs gets
+//!    no ten budgets), so the edge keeps it in a table every shard shares
+//!    (see `chat::edge`); [`SessionError::AttachmentBudget`] is its error.
 //! 3. **Role.** Visitors may not `accept`, `transfer` or set `presence`;
 //!    agents may not `open` (`forbidden`).
 //! 4. **Shape and size.** Text, attachment, cid, group and profile sizes
@@ -47,7 +50,7 @@ use crate::config::{CID_BYTES_MAX, CoreConfig};
 use crate::identity::{
     Actor, GroupName, Identity, Meta, UserId, VIP_LEVEL_KEY, Visitor, merge_meta, vip_level,
 };
-use crate::ratelimit::{MS_PER_MIN, RetryAfterMs, TokenBucket};
+use crate::ratelimit::{RetryAfterMs, TokenBucket};
 
 /// Where a `transfer` sends a conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,16 +235,13 @@ pub struct Session {
     config: Arc<CoreConfig>,
     identity: Option<Identity>,
     bucket: TokenBucket,
-    /// The attachment budget, made at the first attachment: most sessions
-    /// never send one, and boxed it costs them 8 bytes, not 32.
-    attachments: Option<Box<TokenBucket>>,
 }
 
 impl Session {
     /// A session for a connection accepted at `now_ms`.
     pub fn new(config: Arc<CoreConfig>, now_ms: u64) -> Session {
         let bucket = TokenBucket::new(config.rate, now_ms);
-        Session { config, identity: None, bucket, attachments: None }
+        Session { config, identity: None, bucket }
     }
 
     /// Records the identity `connect` proved. A second `connect` is refused
@@ -360,11 +360,6 @@ impl Session {
                         return Err(SessionError::BadCommand("attachment is empty"));
                     }
                     too_large("attachment", a.data.len(), limits.max_attachment_bytes)?;
-                    let per_min = self.config.rate.attachment_bytes_per_min;
-                    let budget = self.attachments.get_or_insert_with(|| {
-                        Box::new(TokenBucket::per_period(per_min, per_min, MS_PER_MIN, now_ms))
-                    });
-                    budget.try_take_n(a.data.len() as u64, now_ms).map_err(SessionError::AttachmentBudget)?;
                 }
                 if text.is_none() && attachment.is_none() {
                     return Err(SessionError::BadCommand("send needs a text or an attachment"));
@@ -669,29 +664,5 @@ mod tests {
             assert_eq!(s.check(Command::Ping, T0), Ok(Checked::Pong));
         }
         assert!(s.check(send("c2", Some("b"), None), T0 + 1000).is_ok(), "the same cid, after the back-off");
-    }
-
-    #[test]
-    fn attachments_spend_a_per_minute_byte_budget() {
-        let mut config = CoreConfig::default();
-        config.rate.messages_per_s = 1000;
-        config.rate.burst = 1000;
-        config.limits.max_attachment_bytes = 600;
-        config.rate.attachment_bytes_per_min = 600;
-        let mut s = Session::new(Arc::new(config), T0);
-        s.connect(identity(Role::Visitor)).unwrap();
-        let png = |bytes| attachment("image/png", bytes);
-        assert!(s.check(send("a", None, png(500)), T0).is_ok());
-        let err = s.check(send("b", None, png(200)), T0).unwrap_err();
-        assert!(matches!(err, SessionError::AttachmentBudget(_)), "{err:?}");
-        assert_eq!(err.code(), ErrorCode::RateLimited);
-        // 100 bytes missing at 10 bytes/s.
-        assert_eq!(err.retry_after(), Some(RetryAfterMs(10_000)));
-        assert!(err.to_string().starts_with("rate limited: retry after 10000 ms"), "{err}");
-        // Text costs no attachment budget; an invalid attachment none either.
-        assert!(s.check(send("c", Some("hi"), None), T0).is_ok());
-        assert!(s.check(send("d", None, png(601)), T0).unwrap_err().code() == ErrorCode::TooLarge);
-        assert!(s.check(send("b", None, png(100)), T0).is_ok(), "what is left still fits");
-        assert!(s.check(send("e", None, png(200)), T0 + 20_000).is_ok(), "refilled after the back-off");
     }
 }

@@ -248,12 +248,17 @@ pub struct LimitsConfig {
     /// then the least recently seen, are forgotten. Default 65536, about
     /// 4 MiB per table at most.
     pub tracked_ips_max: usize,
-    /// Attachment bytes (decoded) one connection may send per minute,
-    /// sustained and at once; a `send` whose attachment does not fit is
-    /// `rate_limited` (retry after the wait the message names). Default
-    /// 16 MiB (sixteen full-size attachments a minute); at least
+    /// Attachment bytes (decoded) one sender (a visitor or an agent, over
+    /// all their connections) may send per minute, sustained and at once;
+    /// a `send` whose attachment does not fit is `rate_limited` (retry
+    /// after the wait the message names). Default 16 MiB (sixteen
+    /// full-size attachments a minute); at least
     /// `messages.max_attachment_bytes`.
     pub attachment_bytes_per_min: u64,
+    /// Senders the attachment budget table remembers at most, over all
+    /// shards; past it the idle (budget refilled), then the least recently
+    /// seen, are forgotten. Default 65536, about 4 MiB at most.
+    pub tracked_senders_max: usize,
 }
 
 /// The ceiling of the per-address rates and bursts: far above any real
@@ -261,7 +266,8 @@ pub struct LimitsConfig {
 /// this ceiling still grants in practice).
 pub const PER_IP_RATE_MAX: u32 = 1_000_000;
 
-/// The ceiling of `limits.tracked_ips_max` (about 256 MiB per table).
+/// The ceiling of `limits.tracked_ips_max` and `limits.tracked_senders_max`
+/// (about 256 MiB per table).
 pub const TRACKED_IPS_MAX: usize = 1 << 22;
 
 /// Bytes of a `send` besides its attachment or text, JSON-escaped at worst:
@@ -302,6 +308,7 @@ impl Default for LimitsConfig {
             anonymous_per_min_per_ip: 120,
             tracked_ips_max: 65_536,
             attachment_bytes_per_min: kefu_core::config::RateLimitConfig::default().attachment_bytes_per_min,
+            tracked_senders_max: 65_536,
         }
     }
 }
@@ -855,12 +862,16 @@ impl Config {
         if let Some((key, v)) = per_ip.iter().find(|(_, v)| *v == 0 || *v > PER_IP_RATE_MAX) {
             return invalid(format!("{key} = {v}: must be between 1 and {PER_IP_RATE_MAX}"));
         }
-        let tracked = self.limits.tracked_ips_max;
-        if !(kefu_core::per_ip::STRIPES..=TRACKED_IPS_MAX).contains(&tracked) {
-            return invalid(format!(
-                "limits.tracked_ips_max = {tracked}: must be between {} and {TRACKED_IPS_MAX}",
-                kefu_core::per_ip::STRIPES
-            ));
+        for (key, tracked) in [
+            ("tracked_ips_max", self.limits.tracked_ips_max),
+            ("tracked_senders_max", self.limits.tracked_senders_max),
+        ] {
+            if !(kefu_core::per_ip::STRIPES..=TRACKED_IPS_MAX).contains(&tracked) {
+                return invalid(format!(
+                    "limits.{key} = {tracked}: must be between {} and {TRACKED_IPS_MAX}",
+                    kefu_core::per_ip::STRIPES
+                ));
+            }
         }
         if let Err(why) = crate::client_ip::TrustedProxies::parse(&self.server.trusted_proxies) {
             return invalid(format!("server.trusted_proxies: {why}"));
@@ -1069,6 +1080,12 @@ tracked_ips_max = 0
 tracked_ips_max = 999999999999
 ",
                 "limits.tracked_ips_max",
+            ),
+            (
+                "[limits]
+tracked_senders_max = 3
+",
+                "limits.tracked_senders_max",
             ),
             (
                 "[limits]

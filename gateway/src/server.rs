@@ -161,6 +161,14 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let l = &config.limits;
     let handshakes = per_ip(l.new_connections_per_s_per_ip, l.new_connections_burst_per_ip, 1000);
     let anonymous = per_ip(l.anonymous_per_min_per_ip, l.anonymous_per_min_per_ip, MS_PER_MIN);
+    let per_min = l.attachment_bytes_per_min;
+    let budgets = PerIpRate {
+        rate: per_min,
+        burst: per_min,
+        period_ms: MS_PER_MIN,
+        entries_max: l.tracked_senders_max,
+    };
+    let attachment_budgets = Arc::new(PerIpLimiter::new(budgets));
     let mut chat = |shard: usize| ChatInit {
         shard,
         mailboxes: mailboxes.clone(),
@@ -177,6 +185,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
         calls: calls.clone(),
         hooks: hooks.clone(),
         anonymous_per_ip: Some(anonymous.clone()),
+        attachment_budgets: Some(attachment_budgets.clone()),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(shards);

@@ -30,7 +30,7 @@ use crate::CoreConfig;
 use crate::auth::{Credentials, JwtKey, VisitorKey, VisitorKeyHash, anonymous_id, anonymous_identity};
 use crate::config::HookFailure;
 use crate::per_ip::PerIpLimiter;
-use crate::session::{Checked, Session, SessionError};
+use crate::session::{Checked, HomeRequest, Session, SessionError};
 
 /// Commands kept for a session until it is let in (its `OnConnect` verdict
 /// came and, for a new anonymous visitor, it is durable); past this they
@@ -56,6 +56,10 @@ pub struct EdgeConfig {
     /// address, one table shared by every shard's edge (see
     /// [`crate::per_ip`] for why shared). `None`: unlimited.
     pub anonymous_per_ip: Option<Arc<PerIpLimiter>>,
+    /// `limits.attachment_bytes_per_min`: attachment bytes by sender (role
+    /// and id), one table shared by every shard's edge, so a sender's
+    /// connections on any shard spend one budget. `None`: unlimited.
+    pub attachment_budgets: Option<Arc<PerIpLimiter>>,
     /// This shard's refusals, for `/metrics`.
     pub counts: Arc<EdgeCounts>,
 }
@@ -285,14 +289,17 @@ impl Edge {
         }
         let request = match sess.session.check(frame.body, now_ms) {
             Ok(r) => r,
-            Err(e) => {
-                if matches!(e, SessionError::AttachmentBudget(_)) {
-                    EdgeCounts::inc(&self.config.counts.attachments_refused);
-                }
-                return self.out.error(reply, e.code(), e.to_string());
-            }
+            Err(e) => return self.out.error(reply, e.code(), e.to_string()),
         };
         let Some(actor) = sess.session.actor() else { return };
+        if let Checked::Home(HomeRequest::Send { attachment: Some(a), .. }) = &request
+            && let Some(budgets) = &self.config.attachment_budgets
+            && let Err(wait) = budgets.try_take_n_for(&(actor.role, &*actor.id), a.data.len() as u64, now_ms)
+        {
+            EdgeCounts::inc(&self.config.counts.attachments_refused);
+            let e = SessionError::AttachmentBudget(wait);
+            return self.out.error(reply, e.code(), e.to_string());
+        }
         // A command for a home behind a routing command of this session
         // goes through the router, after that command's decision.
         match request {

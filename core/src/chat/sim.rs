@@ -229,6 +229,7 @@ impl Sim {
                     held_frames_max,
                     // No per-address limit: every simulated client is local.
                     anonymous_per_ip: None,
+                    attachment_budgets: None,
                     counts: Default::default(),
                 };
                 let router = (me == super::ROUTER_SHARD)

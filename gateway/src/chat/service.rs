@@ -82,6 +82,9 @@ pub struct ChatInit {
     /// `limits.anonymous_per_min_per_ip`, one table every shard shares
     /// (none: unlimited).
     pub anonymous_per_ip: Option<Arc<PerIpLimiter>>,
+    /// `limits.attachment_bytes_per_min` by sender, one table every shard
+    /// shares (none: unlimited).
+    pub attachment_budgets: Option<Arc<PerIpLimiter>>,
 }
 
 /// What one shard starts from after a restart.
@@ -264,6 +267,7 @@ impl ChatService {
             calls,
             hooks,
             anonymous_per_ip,
+            attachment_budgets,
         } = init;
         let shards = mailboxes.len();
         let jwt = JwtKey::new(jwt_secret.as_bytes(), core.auth.clone())
@@ -287,7 +291,16 @@ impl ChatService {
         let edge = Edge::new(
             shard,
             shards,
-            EdgeConfig { core, jwt, allow_anonymous, heartbeat_s, held_frames_max, anonymous_per_ip, counts },
+            EdgeConfig {
+                core,
+                jwt,
+                allow_anonymous,
+                heartbeat_s,
+                held_frames_max,
+                anonymous_per_ip,
+                attachment_budgets,
+                counts,
+            },
         );
         Ok(Self {
             me: shard,

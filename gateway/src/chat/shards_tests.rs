@@ -86,6 +86,7 @@ impl Cluster {
                     calls: calls.clone(),
                     hooks: hooks.clone(),
                     anonymous_per_ip: None,
+                    attachment_budgets: None,
                 })
                 .unwrap()
             })

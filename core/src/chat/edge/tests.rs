@@ -29,6 +29,7 @@ fn edge(configure: impl FnOnce(&mut EdgeConfig)) -> Edge {
         heartbeat_s: 25,
         held_frames_max: 4,
         anonymous_per_ip: None,
+        attachment_budgets: None,
         counts: Default::default(),
     };
     configure(&mut config);
@@ -687,4 +688,40 @@ fn a_command_on_an_expired_token_ends_the_session_before_the_timer_does() {
     e.handle_gone(a);
     seen(&mut e);
     assert_eq!((e.sessions(), e.next_expiry_ms()), (0, None));
+}
+
+#[test]
+fn a_senders_attachment_budget_is_one_over_all_its_connections() {
+    use crate::per_ip::{PerIpLimiter, PerIpRate};
+    use crate::ratelimit::MS_PER_MIN;
+    use kefu_proto::client::Attachment;
+    let rate = PerIpRate { rate: 600, burst: 600, period_ms: MS_PER_MIN, entries_max: 1024 };
+    let budgets = Arc::new(PerIpLimiter::new(rate));
+    let mut e = edge(|c| c.attachment_budgets = Some(budgets.clone()));
+    let store = MemStore::default();
+    let (tab1, tab2, other) = (addr(0, 1), addr(0, 2), addr(0, 3));
+    connected_as(&mut e, &store, tab1, Role::Visitor, "v1");
+    connected_as(&mut e, &store, tab2, Role::Visitor, "v1");
+    connected_as(&mut e, &store, other, Role::Visitor, "v2");
+    let image = |id: i64, bytes: usize| {
+        let attachment = Some(Attachment { mime: "image/png".into(), data: vec![0; bytes] });
+        command(id, Command::Send { conv: ConvId(7), cid: format!("c{id}"), text: None, attachment })
+    };
+    let home = ConvId(7).home(SHARDS);
+    e.handle_frame(tab1, Codec::Json, image(1, 400), T0, &store, &mut no_random);
+    assert_eq!(seen(&mut e), [Seen::Home(home)]);
+    // The second tab spends the same budget: 200 left, 300 asked.
+    e.handle_frame(tab2, Codec::Json, image(2, 300), T0, &store, &mut no_random);
+    let out = seen(&mut e);
+    let [Event::Error { code: ErrorCode::RateLimited, message }] = &frame_events(&out)[..] else {
+        panic!("{out:?}")
+    };
+    assert!(message.starts_with("rate limited: retry after 10000 ms"), "{message}");
+    assert_eq!(e.config.counts.attachments_refused.load(Ordering::Relaxed), 1);
+    e.handle_frame(other, Codec::Json, image(3, 600), T0, &store, &mut no_random);
+    assert_eq!(seen(&mut e), [Seen::Home(home)], "another visitor has a budget of their own");
+    e.handle_frame(tab2, Codec::Json, send(4, 7), T0, &store, &mut no_random);
+    assert_eq!(seen(&mut e), [Seen::Home(home)], "text costs no attachment budget");
+    e.handle_frame(tab2, Codec::Json, image(5, 300), T0 + 10_000, &store, &mut no_random);
+    assert_eq!(seen(&mut e), [Seen::Home(home)], "fits after the wait");
 }
