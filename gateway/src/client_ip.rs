@@ -12,8 +12,10 @@
 //! claims and are ignored. If every hop is trusted, the leftmost is used;
 //! an entry that is not an address stops the walk at the last good one.
 //!
-//! The PROXY protocol (HAProxy's, before the HTTP request) is not read:
-//! a proxy that speaks only that is a peer like any other.
+//! A proxy that passes TCP through instead names the client in a PROXY
+//! protocol header before the request (`server.proxy_protocol`, see
+//! `proxy_protocol.rs`); that address then stands where the peer's did,
+//! and `X-Forwarded-For` is believed only if it is itself a trusted proxy.
 
 use std::net::{IpAddr, SocketAddr};
 

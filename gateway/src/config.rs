@@ -152,6 +152,12 @@ pub struct ServerConfig {
     /// header is ignored and the TCP peer is the client, since anyone can
     /// send the header.
     pub trusted_proxies: Vec<String>,
+    /// Whether connections from `server.trusted_proxies` start with a PROXY
+    /// protocol header (v1 or v2, HAProxy's), as from a load balancer that
+    /// passes TCP through; the client it names is the one the limits and
+    /// logs use. When on, a trusted proxy's connection without the header
+    /// is refused (400); anyone else's is read as plain HTTP. Default off.
+    pub proxy_protocol: bool,
 }
 
 impl Default for ServerConfig {
@@ -175,6 +181,7 @@ impl Default for ServerConfig {
             api_calls_max: 4096,
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
         }
     }
 }

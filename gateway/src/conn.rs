@@ -52,6 +52,7 @@ use crate::chat::SessionAddr;
 use crate::chat::frames::SharedFrame;
 use crate::http::{self, HttpError};
 use crate::metrics::{Initiator, ShardStats};
+use crate::proxy_protocol;
 use crate::shard::Shard;
 use crate::slab::{Frame, SlabBuf};
 use crate::ws::close;
@@ -449,6 +450,11 @@ enum Handshake {
 /// status for anything else; a file of the console is left to the caller.
 async fn handshake(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::io::Result<Handshake> {
     let mut buf: Option<SlabBuf> = None;
+    // A trusted proxy's PROXY header is still to come; the request starts
+    // at `head_at`, after it.
+    let mut proxy_header_due = shard.limits.proxy_protocol
+        && shard.limits.trusted_proxies.contains(conn.client.get().to_canonical());
+    let mut head_at = 0;
     loop {
         stream.readable(true).await?;
         let b = match buf.take() {
@@ -463,8 +469,28 @@ async fn handshake(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::i
             return Ok(Handshake::Answered);
         }
         add(&shard.stats().bytes_in, n);
+        if proxy_header_due {
+            match proxy_protocol::parse(b.filled()) {
+                Ok(proxy_protocol::Parsed::NeedMore) => {
+                    buf = Some(b);
+                    continue;
+                }
+                Ok(proxy_protocol::Parsed::Header { len, client }) => {
+                    (proxy_header_due, head_at) = (false, len);
+                    if let Some(client) = client {
+                        conn.client.set(client);
+                    }
+                }
+                Err(proxy_protocol::Invalid(why)) => {
+                    ShardStats::inc(&shard.stats().http_rejected);
+                    let body = format!("{why} (server.proxy_protocol)\n");
+                    respond(shard, stream, 400, "Bad Request", body.as_bytes()).await?;
+                    return Ok(Handshake::Answered);
+                }
+            }
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let parsed = http::parse_head(b.filled(), &mut headers, shard.limits.max_head_bytes);
+        let parsed = http::parse_head(&b.filled()[head_at..], &mut headers, shard.limits.max_head_bytes);
         let head = match parsed {
             Ok(None) => {
                 buf = Some(b);
@@ -545,7 +571,7 @@ async fn handshake(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::i
                 return Ok(Handshake::Answered);
             }
         };
-        let head_len = head.len();
+        let head_len = head_at + head.len();
         let protocol = accepted.subprotocol();
         let mut out = acquire(shard, handshake::MAX_RESPONSE_BYTES).await?;
         let len = accepted.write_response(out.as_full_mut()).map_err(std::io::Error::other)?;

@@ -108,6 +108,9 @@ pub struct ConnLimits {
     /// `server.trusted_proxies`: peers whose `X-Forwarded-For` names the
     /// client.
     pub trusted_proxies: TrustedProxies,
+    /// `server.proxy_protocol`: a trusted proxy's connections start with a
+    /// PROXY protocol header.
+    pub proxy_protocol: bool,
 }
 
 impl ConnLimits {
@@ -133,6 +136,7 @@ impl ConnLimits {
             allowed_origins: c.server.allowed_origins.clone(),
             // Validated with the config; a bad entry cannot reach here.
             trusted_proxies: TrustedProxies::parse(&c.server.trusted_proxies).unwrap_or_default(),
+            proxy_protocol: c.server.proxy_protocol,
         }
     }
 }

@@ -322,6 +322,52 @@ fn x_forwarded_for_is_honoured_only_from_a_trusted_proxy() {
     assert_eq!(status("127.0.0.2", ""), "101", "the proxy itself, naming no one");
 }
 
+/// With `server.proxy_protocol`, a trusted proxy's PROXY header names the
+/// client the limits count (v1 or v2, split over several writes), a
+/// trusted peer without one is refused 400, and an untrusted peer's
+/// header is not believed: it is only a malformed request.
+#[test]
+fn the_proxy_protocol_names_the_client_only_from_a_trusted_proxy() {
+    let env = [
+        ("KEFU_SERVER_TRUSTED_PROXIES", r#"["127.0.0.2/32"]"#),
+        ("KEFU_SERVER_PROXY_PROTOCOL", "true"),
+        ("KEFU_LIMITS_NEW_CONNECTIONS_PER_S_PER_IP", "1"),
+        ("KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP", "2"),
+    ];
+    let gw = Gateway::start(&[], &env);
+    let status = |source: &str, proxy_header: &[u8]| {
+        let mut s = connect_from(&gw, source);
+        // The header arrives in pieces: it is waited for, not guessed.
+        // A refused request may be closed before all of it is written.
+        for piece in proxy_header.chunks(7) {
+            let _ = s.write_all(piece);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = s.write_all(upgrade_request("/ws", "").as_bytes());
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read_exact(&mut byte).is_ok() {
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(head.get(9..12).unwrap_or(b"")).into_owned()
+    };
+    let v1 = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 40000 8080\r\n").into_bytes();
+    let v2 = |client: [u8; 4]| {
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+        h.extend(client);
+        h.extend([127, 0, 0, 1, 0x9c, 0x40, 0x1f, 0x90]);
+        h
+    };
+    let a: Vec<String> = (0..3).map(|_| status("127.0.0.2", &v1("203.0.113.7"))).collect();
+    assert_eq!(a, ["101", "101", "429"], "the client the header names is limited");
+    assert_eq!(status("127.0.0.2", &v2([203, 0, 113, 8])), "101", "another client, by v2");
+    assert_eq!(status("127.0.0.2", &v2([203, 0, 113, 7])), "429", "v1 and v2 name the same client alike");
+    assert_eq!(status("127.0.0.2", b""), "400", "a trusted peer must send the header");
+    // An untrusted peer's header is no header: its request is malformed.
+    assert_eq!(status("127.0.0.1", &v1("198.51.100.1")), "400");
+    assert_eq!(status("127.0.0.1", b""), "101", "and without one it is served as ever");
+}
+
 /// Issue 10, item 2: new anonymous identities per minute per address. A
 /// script's flood of `connect`s without credentials gets `rate_limited`
 /// past the limit and stores nothing for them; a returning visitor (with
