@@ -215,7 +215,9 @@ fn draw(current: &Current, elapsed: Duration, counts: &Snapshot, rate: Option<f6
             (counts.connections.min(total), total.max(1))
         }
         Goal::Time(total) => {
-            text.push_str(&format!(" {:.0}/{:.0} s", elapsed.as_secs_f64(), total.as_secs_f64()));
+            // Tenths only where whole seconds would read "0/0 s".
+            let digits = if total < Duration::from_secs(10) { 1 } else { 0 };
+            text.push_str(&format!(" {:.digits$}/{:.digits$} s", elapsed.as_secs_f64(), total.as_secs_f64()));
             if counts.connections > 0 {
                 text.push_str(&format!(" {} conns", counts.connections));
             }
@@ -255,6 +257,10 @@ mod tests {
         for part in ["measuring", "2/10 s", "sent 900", "recv 880", "acked 870", "(350/s)"] {
             assert!(text.contains(part), "{part:?} missing from {text:?}");
         }
+        current.goal = Goal::Time(Duration::from_millis(500));
+        let (_, _, text) = draw(&current, Duration::from_millis(200), &counts, None);
+        assert!(text.contains("0.2/0.5 s"), "{text}");
+        current.goal = Goal::Time(Duration::from_secs(10));
         // Past the goal the bar stays full, not beyond.
         let (position, _, _) = draw(&current, Duration::from_secs(12), &counts, None);
         assert_eq!(position, 10_000);
