@@ -866,6 +866,9 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         visitors_planned,
     });
     let global = Arc::new(Global::default());
+    // The bar reads the counters the drain waits on, so it costs the send
+    // and receive paths nothing; they count window messages only, so the
+    // counts start with the measured window.
     let progress = Progress::start("chat", {
         let global = global.clone();
         move || Snapshot {
