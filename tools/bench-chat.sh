@@ -21,6 +21,15 @@
 # and without --hook gives what a hook round trip adds (issue 8). The hook
 # server's CPU is reported apart (helper_cpu_cores), not as contention.
 #
+# --attachment-share F (0..1) and --attachment-bytes N run the image mix
+# (issue 11): that share of the sends also carries an N-byte attachment,
+# and the delivery and ack latencies of each kind are reported apart. The
+# gateway's per-connection attachment budget
+# (limits.attachment_bytes_per_min) is lifted with the other limits, so the
+# run measures the gateway, not its limiter. --target-p50-ms and
+# --target-p99-ms set the delivery percentiles the summary checks (default
+# 2 and 10 ms, issue 3's; the image mix's target is p99 200 ms). --html writes each run's report to $OUT/report-N.html.
+#
 # The machine is shared, so before each run the script waits until no one
 # else is using the CPUs, and the report's other_cpu_cores says how much
 # CPU others took during the window anyway: a run where others took more
@@ -34,6 +43,8 @@
 #                            [--client-cpu N] [--server-cpu N] [--quiet-wait S]
 #                            [--max-other CORES] [--shards N]
 #                            [--hook] [--hook-cpu N]
+#                            [--attachment-share F] [--attachment-bytes N]
+#                            [--target-p50-ms MS] [--target-p99-ms MS] [--html]
 #
 # Results: one JSON line per run in $OUT/chat.jsonl, gateway logs in
 # $OUT/gateway-N.log, and a summary at the end.
@@ -62,6 +73,11 @@ ADMIN_PORT=9202
 HOOK=0
 HOOK_CPU=
 HOOK_PORT=9203
+ATTACHMENT_SHARE=0
+ATTACHMENT_BYTES=200000
+TARGET_P50_MS=2
+TARGET_P99_MS=10
+HTML=0
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -82,7 +98,12 @@ while [ $# -gt 0 ]; do
         --shards) SHARDS=$2; shift ;;
         --hook) HOOK=1 ;;
         --hook-cpu) HOOK_CPU=$2; shift ;;
-        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+        --attachment-share) ATTACHMENT_SHARE=$2; shift ;;
+        --attachment-bytes) ATTACHMENT_BYTES=$2; shift ;;
+        --target-p50-ms) TARGET_P50_MS=$2; shift ;;
+        --target-p99-ms) TARGET_P99_MS=$2; shift ;;
+        --html) HTML=1 ;;
+        -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -132,7 +153,8 @@ start_server() {
     # Thousands of visitors connect anonymously from a few addresses: the
     # per-address limits are lifted too.
     start_kefu "$1" "$2" KEFU_LIMITS_MESSAGES_PER_S=100000 KEFU_LIMITS_BURST=100000 "${HOOK_ENV[@]}" \
-        KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000 KEFU_LIMITS_ANONYMOUS_PER_MIN_PER_IP=1000000
+        KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000 KEFU_LIMITS_ANONYMOUS_PER_MIN_PER_IP=1000000 \
+        KEFU_LIMITS_ATTACHMENT_BYTES_PER_MIN=$((64 << 30))
 }
 
 
@@ -144,10 +166,19 @@ for run in $(seq $((2 * REPEAT))); do
     start_server "$OUT/data-$run" "$OUT/gateway-$run.log"
     echo "== chat run $run ($clean/$REPEAT clean so far): $VISITORS visitors, $AGENTS agents, $RATE msg/s, $SIZE B $SUBPROTOCOL, $SHARDS shard(s), hook $([ "$HOOK" = 1 ] && echo on || echo off)" >&2
     status=0
+    MIX=()
+    if [ "$ATTACHMENT_SHARE" != 0 ]; then
+        MIX=(--attachment-share "$ATTACHMENT_SHARE" --attachment-bytes "$ATTACHMENT_BYTES")
+    fi
+    REPORT=()
+    if [ "$HTML" = 1 ]; then
+        REPORT=(--html "$OUT/report-$run.html")
+    fi
     line=$(taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" chat --url "ws://127.0.0.1:$PORT/ws" --data "$OUT/data-$run" \
         --visitors "$VISITORS" --agents "$AGENTS" --rate "$RATE" --size "$SIZE" \
         --duration "$DURATION" --warmup "$WARMUP" --subprotocol "$SUBPROTOCOL" \
-        --sources "$SOURCES" --cpu "$CLIENT_CPU" --server-pid "$SERVER_PID" "${HELPER[@]}") || status=$?
+        --sources "$SOURCES" --cpu "$CLIENT_CPU" --server-pid "$SERVER_PID" "${HELPER[@]}" "${MIX[@]}" \
+        "${REPORT[@]}") || status=$?
     stop_server
     rm -rf "$OUT/data-$run"
     if [ "$status" != 0 ]; then
@@ -166,7 +197,7 @@ for run in $(seq $((2 * REPEAT))); do
         "$line" "$run" "$contended" >>"$OUT/chat.jsonl"
 done
 
-python3 - "$OUT/chat.jsonl" <<'EOF'
+python3 - "$OUT/chat.jsonl" "$TARGET_P50_MS" "$TARGET_P99_MS" <<'EOF'
 import json, statistics, sys
 all_runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 if not all_runs:
@@ -196,6 +227,14 @@ rows = [
     ("ack p99 µs", lambda r: r["ack_latency_us"]["p99"], ".0f"),
     ("ack p99.9 µs", lambda r: r["ack_latency_us"]["p999"], ".0f"),
     ("ack max µs", lambda r: r["ack_latency_us"]["max"], ".0f"),
+    ("sent with attachment", lambda r: r.get("with_attachment") and r["with_attachment"]["sent"], ".0f"),
+    ("delivery p50 µs, with attachment", lambda r: r.get("with_attachment") and r["with_attachment"]["delivery_latency_us"]["p50"], ".0f"),
+    ("delivery p99 µs, with attachment", lambda r: r.get("with_attachment") and r["with_attachment"]["delivery_latency_us"]["p99"], ".0f"),
+    ("delivery p50 µs, text only", lambda r: r.get("text_only") and r["text_only"]["delivery_latency_us"]["p50"], ".0f"),
+    ("delivery p99 µs, text only", lambda r: r.get("text_only") and r["text_only"]["delivery_latency_us"]["p99"], ".0f"),
+    ("ack p99 µs, with attachment", lambda r: r.get("with_attachment") and r["with_attachment"]["ack_latency_us"]["p99"], ".0f"),
+    ("ack p99 µs, text only", lambda r: r.get("text_only") and r["text_only"]["ack_latency_us"]["p99"], ".0f"),
+    ("rate_limited", lambda r: r["rate_limited"], ".0f"),
     ("ack min µs", lambda r: r["ack_latency_us"]["min"], ".0f"),
     ("ack bursts/s (≈ group commits/s)", lambda r: r["ack_bursts_per_s"], ".0f"),
     ("acks per burst", lambda r: r["acks_per_burst"], ".1f"),
@@ -230,7 +269,8 @@ for name, f, spec in rows:
     print(f"| {name} | {fmt(med(f), spec)} | {' / '.join(fmt(f(r), spec) for r in runs)} |")
 p50 = med(lambda r: r["delivery_latency_us"]["p50"])
 p99 = med(lambda r: r["delivery_latency_us"]["p99"])
-ok = p50 <= 2000 and p99 <= 10000
-print(f"\ntarget delivery p50 <= 2000 µs, p99 <= 10000 µs: median p50 {p50:.0f} µs, p99 {p99:.0f} µs -> "
+target_p50, target_p99 = float(sys.argv[2]) * 1000, float(sys.argv[3]) * 1000
+ok = p50 <= target_p50 and p99 <= target_p99
+print(f"\ntarget delivery p50 <= {target_p50:.0f} µs, p99 <= {target_p99:.0f} µs: median p50 {p50:.0f} µs, p99 {p99:.0f} µs -> "
       + ("MET" if ok else "MISSED"))
 EOF

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The agent console and the visitor widget end to end in headless Chromium,
 # against the real kefu binary (tools/browser/e2e.test.mjs, node's test
-# runner, playwright-core).
+# runner, playwright-core); and kefu-bench's HTML report of a real chat run
+# rendered there (tools/browser/report.test.mjs).
 #
 # Installs what it needs itself: Debian's chromium (and CJK fonts, for the
 # Chinese UI's screenshots) and node with apt-get, playwright-core with npm
@@ -14,6 +15,7 @@
 # Usage: tools/browser-test.sh
 # Environment:
 #   KEFU_BIN         a kefu binary to test instead of building one
+#   KEFU_BENCH_BIN   a kefu-bench binary to test instead of building one
 #   KEFU_ARTIFACTS   where screenshots go
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,7 +61,12 @@ if [ -z "${KEFU_BIN:-}" ]; then
     KEFU_BIN=$TARGET/debug/kefu
 fi
 export KEFU_BIN
+if [ -z "${KEFU_BENCH_BIN:-}" ]; then
+    cargo build -q -p kefu-bench
+    KEFU_BENCH_BIN=$TARGET/debug/kefu-bench
+fi
+export KEFU_BENCH_BIN
 
 mkdir -p "$KEFU_ARTIFACTS"
 echo "kefu: $KEFU_BIN; $(/usr/bin/chromium --version 2>/dev/null); node $(node --version); screenshots: $KEFU_ARTIFACTS"
-node --test --test-reporter=spec tools/browser/e2e.test.mjs
+node --test --test-reporter=spec tools/browser/e2e.test.mjs tools/browser/report.test.mjs

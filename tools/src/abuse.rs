@@ -19,9 +19,10 @@
 //!   clean run did (the honest load alone grows it: the store's cache, slab
 //!   pages touched for the first time).
 //!
-//! Each scenario adds its own checks (`junk.rs`, `slow.rs`). Every failed
-//! check is printed and makes the command exit non-zero; the one JSON line
-//! on stdout holds both runs, the scenario's tally and the checks.
+//! Each scenario adds its own checks (`junk.rs`, `slow.rs`). The table at
+//! the end shows both runs and every check; a failed check makes the
+//! command exit non-zero; the one JSON line on stdout holds both runs, the
+//! scenario's tally and the checks.
 
 use std::{
     collections::BTreeMap,
@@ -40,6 +41,8 @@ use serde::Serialize;
 
 use crate::{
     chat::{self, Beside, ChatArgs, ChatReport},
+    html::Series,
+    report::{Output, Table},
     stats,
 };
 
@@ -323,20 +326,42 @@ pub fn common_checks(pair: &Pair, checks: &CheckArgs) -> Vec<Check> {
     out
 }
 
+/// Both runs side by side in one table, with the checks, and the curves of
+/// their honest latencies.
+fn table(scenario: &str, pair: &Pair, checks: &[Check]) -> (Table, Vec<Series>) {
+    let mut table = Table::new(format!(
+        "{scenario}: honest chat clean, then with the abuse beside it ({} visitors, {} agents, {:.0} msg/s)",
+        pair.clean.visitors, pair.clean.agents, pair.clean.target_rate
+    ));
+    chat::add_sections(&mut table, &pair.clean, "clean run: ");
+    chat::add_sections(&mut table, &pair.abused, "abused run: ");
+    table.section("checks");
+    for check in checks {
+        table.check(&check.name, check.ok, &check.detail);
+    }
+    let mut series = Vec::new();
+    for (run, report) in [("clean", &pair.clean), ("abused", &pair.abused)] {
+        // The honest delivery and ack: the two latencies the checks compare.
+        for curve in report.curves.iter().take(2) {
+            series.push(Series { name: format!("{run} {}", curve.name), ..curve.clone() });
+        }
+    }
+    (table, series)
+}
+
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
-/// Prints the checks, then the JSON line; fails if a check did.
+/// Emits both runs and the checks (table, JSON line, HTML page); fails if
+/// a check did.
 pub fn conclude<T: Serialize>(
     scenario: &str,
     pair: &Pair,
     tally: &T,
     checks: &[Check],
+    out: &Output,
 ) -> anyhow::Result<()> {
-    for check in checks {
-        eprintln!("{} {}: {}", if check.ok { "PASS" } else { "FAIL" }, check.name, check.detail);
-    }
     let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
     #[derive(Serialize)]
     struct Line<'a, T> {
@@ -348,7 +373,8 @@ pub fn conclude<T: Serialize>(
         beside: &'a T,
     }
     let line = Line { scenario, pass: failed.is_empty(), checks, pair, beside: tally };
-    println!("{}", serde_json::to_string(&line)?);
+    let (table, series) = table(scenario, pair, checks);
+    out.emit(&line, &table, &series)?;
     if !failed.is_empty() {
         bail!("{scenario}: {} check(s) failed: {}", failed.len(), failed.join(", "));
     }

@@ -30,6 +30,20 @@
 //!    run waits up to `--grace` for the last deliveries and acks, then
 //!    stops. What is still missing is reported as undelivered / unacked.
 //!
+//! # The attachment mix
+//!
+//! With `--attachment-share F` (0..=1) each send carries, with probability
+//! F, an image-sized attachment of `--attachment-bytes` (`image/jpeg`,
+//! base64 on the JSON subprotocol, raw bytes on FlatBuffers) besides its
+//! text. Delivery and ack latencies are reported for all messages and for
+//! each kind apart (`with_attachment`, `text_only`): a large message costs
+//! its own encode, decode and store, and may delay the small ones behind
+//! it. Attachments count against the gateway's per-connection
+//! `limits.attachment_bytes_per_min` (16 MiB a minute by default) and must
+//! fit `messages.max_attachment_bytes` and `limits.max_message_bytes`; a
+//! refused send is counted as `rate_limited` or an error frame like any
+//! other.
+//!
 //! Only messages *scheduled* inside the measured window (after the warmup)
 //! count. A message's scheduled time travels in its `cid`
 //! (`thread-number-nanoseconds`), so the agent that receives the `msg` and
@@ -103,7 +117,7 @@ use kefu_core::{
 };
 use kefu_proto::{
     ClientFrame, Codec, Command, ConvId, ConvStatus, Encoder, ErrorCode, Event, PresenceStatus, Role,
-    ServerFrame,
+    ServerFrame, client::Attachment,
 };
 use monoio::{
     io::{AsyncReadRent as _, AsyncWriteRentExt as _, OwnedReadHalf, OwnedWriteHalf, Splitable as _},
@@ -113,6 +127,9 @@ use serde::Serialize;
 
 use crate::{
     echo::{TaskRun, build_runtime},
+    html::Series,
+    progress::{Goal, Phase, Progress, Snapshot},
+    report::{self, Output, Table},
     stats::{self, Latency, LatencySummary},
     ws::{self, Event as WsEvent, FrameReader, WsUrl},
 };
@@ -122,9 +139,17 @@ use crate::{
 /// a commit takes at least a couple of fsyncs).
 const ACK_BURST_GAP_NS: u64 = 150_000;
 
-/// Largest server message this client reassembles; anything bigger is a
-/// bug for this scenario (its frames are a few hundred bytes).
-const MESSAGE_BYTES_MAX: usize = 1 << 20;
+/// Largest server message this client reassembles: the largest attachment
+/// it sends ([`ATTACHMENT_BYTES_MAX`]) as base64 with its envelope fits;
+/// anything bigger is a bug.
+const MESSAGE_BYTES_MAX: usize = 24 << 20;
+
+/// Largest `--attachment-bytes`: well above the gateway's default
+/// `messages.max_attachment_bytes` (1 MiB), to measure a raised one.
+const ATTACHMENT_BYTES_MAX: u32 = 16 << 20;
+
+/// MIME type of the attachments this tool sends.
+const ATTACHMENT_MIME: &str = "image/jpeg";
 
 /// Arguments of `kefu-bench chat`.
 #[derive(Debug, Clone, clap::Args)]
@@ -199,6 +224,18 @@ pub struct ChatArgs {
     /// Text bytes per message.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub size: u32,
+
+    /// Share (0 to 1) of sends that also carry an attachment of
+    /// --attachment-bytes. 0: none.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub attachment_share: f64,
+
+    /// Attachment size in bytes (decoded) of the sends that carry one;
+    /// needs --attachment-share. The gateway must allow it
+    /// (messages.max_attachment_bytes, limits.max_message_bytes,
+    /// limits.attachment_bytes_per_min).
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(ATTACHMENT_BYTES_MAX)))]
+    pub attachment_bytes: u32,
 
     /// Encoding: json (kefu.v1.json) or fb (kefu.v1.fb).
     #[arg(long, value_enum, default_value_t = Subprotocol::Json)]
@@ -281,6 +318,27 @@ impl Subprotocol {
     }
 }
 
+/// `--attachment-share`: a number from 0 to 1.
+fn parse_share(text: &str) -> Result<f64, String> {
+    let share: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.0..=1.0).contains(&share) {
+        Ok(share)
+    } else {
+        Err(format!("{share} is not a share: give a number from 0 (no attachments) to 1 (every send)"))
+    }
+}
+
+/// One kind of message's figures, when a run sends a mix.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct KindReport {
+    /// Window messages of this kind sent, delivered and acked.
+    pub sent: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub delivery_latency_us: LatencySummary,
+    pub ack_latency_us: LatencySummary,
+}
+
 /// The result of a run: printed as one JSON line.
 #[derive(Debug, Serialize)]
 pub struct ChatReport {
@@ -358,6 +416,16 @@ pub struct ChatReport {
     pub other_cpu_cores: f64,
     /// fdatasync of a small append in --data, µs, timed before the load.
     pub fsync_probe_us: Option<LatencySummary>,
+    /// Share of sends with an attachment (0: none), and its size in bytes.
+    pub attachment_share: f64,
+    pub attachment_bytes: Option<u32>,
+    /// Window messages with an attachment, and those without, apart (only
+    /// when the run sent a mix).
+    pub with_attachment: Option<KindReport>,
+    pub text_only: Option<KindReport>,
+    /// The percentile curves of the latencies, for the HTML report.
+    #[serde(skip)]
+    pub curves: Vec<Series>,
 }
 
 /// What every thread needs; built once, shared read-only.
@@ -375,6 +443,9 @@ struct Plan {
     /// Visitor tokens, by visitor index; empty: visitors are anonymous.
     visitor_tokens: Vec<String>,
     text: String,
+    /// What a send carries with probability `attachment_share`.
+    attachment: Option<Attachment>,
+    attachment_share: f64,
     rate: f64,
     threads: usize,
     /// Visitors planned per thread (their share of the rate).
@@ -417,6 +488,8 @@ struct Global {
     sent: AtomicU64,
     delivered: AtomicU64,
     acked: AtomicU64,
+    /// Agents and visitors set up so far (for the progress bar).
+    connected: AtomicU64,
 }
 
 /// One thread's share of the report.
@@ -433,6 +506,8 @@ struct Tally {
     delivery: Latency,
     ack: Latency,
     send_lag: Latency,
+    /// The window's messages by kind: index [`Kind::index`].
+    by_kind: [KindTally; 2],
     error_codes: BTreeMap<String, u64>,
     /// The first message seen of each error code.
     error_messages: BTreeMap<String, String>,
@@ -454,6 +529,11 @@ impl Tally {
         self.delivery.merge(&other.delivery);
         self.ack.merge(&other.ack);
         self.send_lag.merge(&other.send_lag);
+        for (mine, theirs) in self.by_kind.iter_mut().zip(&other.by_kind) {
+            mine.sent += theirs.sent;
+            mine.delivery.merge(&theirs.delivery);
+            mine.ack.merge(&theirs.ack);
+        }
         for (k, v) in other.error_codes {
             *self.error_codes.entry(k).or_default() += v;
         }
@@ -466,9 +546,47 @@ impl Tally {
     }
 }
 
-pub fn run(args: ChatArgs) -> anyhow::Result<()> {
+/// A message with an attachment or without: their latencies are kept
+/// apart as well as together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    Attachment,
+}
+
+impl Kind {
+    fn index(self) -> usize {
+        match self {
+            Kind::Text => 0,
+            Kind::Attachment => 1,
+        }
+    }
+}
+
+/// One kind's share of a thread's tally.
+#[derive(Default)]
+struct KindTally {
+    sent: u64,
+    delivery: Latency,
+    ack: Latency,
+}
+
+impl KindTally {
+    fn report(&self) -> KindReport {
+        KindReport {
+            sent: self.sent,
+            delivered: self.delivery.count(),
+            acked: self.ack.count(),
+            delivery_latency_us: self.delivery.summary(),
+            ack_latency_us: self.ack.summary(),
+        }
+    }
+}
+
+pub fn run(args: ChatArgs, out: &Output) -> anyhow::Result<()> {
     let report = measure(&args)?;
-    print_report(&report)?;
+    out.emit(&report, &table(&report), &report.curves)?;
+    print_summary(&report);
     if report.rate_limited > 0 {
         bail!(
             "{} sends were refused with rate_limited: the gateway's per-connection limit is below {:.1} msg/s \
@@ -505,6 +623,21 @@ fn secs_ns(s: f64) -> u64 {
 /// `scheduled` (monotonic ns): all a receiver needs to time it.
 pub fn make_cid(thread: usize, number: u64, scheduled: u64) -> String {
     format!("{thread}-{number}-{scheduled}")
+}
+
+/// [`make_cid`] for a message of `kind`: one with an attachment is marked
+/// by an `i` before the thread, so that its ack, which carries nothing but
+/// the cid, is told apart too.
+pub fn make_kind_cid(kind: Kind, thread: usize, number: u64, scheduled: u64) -> String {
+    match kind {
+        Kind::Text => make_cid(thread, number, scheduled),
+        Kind::Attachment => format!("i{}", make_cid(thread, number, scheduled)),
+    }
+}
+
+/// The kind of message a [`make_kind_cid`] cid names.
+pub fn cid_kind(cid: &str) -> Kind {
+    if cid.starts_with('i') { Kind::Attachment } else { Kind::Text }
 }
 
 /// The scheduled time a [`make_cid`] cid carries.
@@ -647,6 +780,9 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
     if args.setup_timeout.is_nan() || args.setup_timeout <= 0.0 {
         bail!("--setup-timeout must be > 0");
     }
+    if !(0.0..=1.0).contains(&args.attachment_share) {
+        bail!("--attachment-share must be from 0 to 1, not {}", args.attachment_share);
+    }
     let url = WsUrl::parse(&args.url, args.allow_non_loopback)?;
     for source in &args.sources {
         if !args.allow_non_loopback && !source.is_loopback() {
@@ -675,6 +811,19 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
          the gateway's limits.messages_per_s must allow it), {} B {:?}",
         args.agents, args.visitors, args.rate, args.size, args.subprotocol
     );
+    if args.attachment_share > 0.0 {
+        // Every visitor sends about rate / visitors × share attachments a
+        // second: say what that asks of the gateway's per-connection budget.
+        let per_min = per_visitor * args.attachment_share * 60.0 * f64::from(args.attachment_bytes);
+        eprintln!(
+            "chat: {:.0}% of sends carry a {} B attachment: {:.1} attachment/s in all, ~{:.0} KB a minute per \
+             visitor (the gateway's limits.attachment_bytes_per_min must allow it)",
+            args.attachment_share * 100.0,
+            args.attachment_bytes,
+            args.rate * args.attachment_share,
+            per_min / 1000.0
+        );
+    }
 
     let fsync_probe_us = match (&args.data, args.fsync_probe) {
         (Some(dir), n) if n > 0 => match fsync_probe(dir, n, args.size as usize + 64) {
@@ -704,12 +853,32 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         // Printable ASCII, which is UTF-8 and looks like a chat message;
         // no keyword an auto-reply rule would answer.
         text: (0..args.size).map(|i| (b'a' + (i % 26) as u8) as char).collect(),
+        // Random bytes: an image is already compressed, and nothing on the
+        // way may get it cheaper than a real one.
+        attachment: (args.attachment_share > 0.0).then(|| Attachment {
+            mime: ATTACHMENT_MIME.to_owned(),
+            data: (0..args.attachment_bytes).map(|_| rand::random::<u8>()).collect(),
+        }),
+        attachment_share: args.attachment_share,
         rate: args.rate,
         threads,
         visitors_total: args.visitors as usize,
         visitors_planned,
     });
     let global = Arc::new(Global::default());
+    // The bar reads the counters the drain waits on, so it costs the send
+    // and receive paths nothing; they count window messages only, so the
+    // counts start with the measured window.
+    let progress = Progress::start("chat", {
+        let global = global.clone();
+        move || Snapshot {
+            connections: global.connected.load(Ordering::Relaxed),
+            sent: Some(global.sent.load(Ordering::Relaxed)),
+            received: Some(global.delivered.load(Ordering::Relaxed)),
+            acked: Some(global.acked.load(Ordering::Relaxed)),
+        }
+    });
+    progress.phase(Phase::Connecting, Goal::Connections(u64::from(args.agents) + u64::from(args.visitors)));
 
     let setup_start = mono_ns();
     let setup_deadline = setup_start + secs_ns(args.setup_timeout);
@@ -738,9 +907,9 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
                 return true;
             }
             if handles.iter().any(|h| h.is_finished()) || mono_ns() >= setup_deadline {
-                eprintln!(
+                progress.println(&format!(
                     "WARNING: {what} did not finish within --setup-timeout (or a client thread failed)"
-                );
+                ));
                 global.stop.store(true, Ordering::Release);
                 return false;
             }
@@ -750,10 +919,10 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
     let mut ok = wait_phase(&global.agents_done, "agent setup");
     let agents_online = global.agents_online.load(Ordering::Acquire);
     if ok && agents_online * u64::from(capacity) < u64::from(args.visitors) {
-        eprintln!(
+        progress.println(&format!(
             "WARNING: only {agents_online} of {} agents online: {} conversations cannot all be assigned",
             args.agents, args.visitors
-        );
+        ));
     }
     if ok {
         global.visitors_go.store(true, Ordering::Release);
@@ -762,10 +931,10 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
     let setup_s = (mono_ns() - setup_start) as f64 / 1e9;
     let visitors_ready = global.visitors_ready.load(Ordering::Acquire);
     if ok {
-        eprintln!(
+        progress.println(&format!(
             "chat: {agents_online} agents online, {visitors_ready}/{} visitors assigned in {setup_s:.1} s; load starts",
             args.visitors
-        );
+        ));
     }
 
     let mut window = None;
@@ -790,14 +959,17 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
             }
             return Err(e.context("starting the load beside the chat"));
         }
+        progress.phase(Phase::WarmUp, Goal::Time(Duration::from_secs_f64(args.warmup)));
         sleep_until_ns(schedule.window_start);
         let start = sample(args.server_pid, args.helper_pid)?;
+        progress.phase(Phase::Measuring, Goal::Time(Duration::from_secs_f64(args.duration)));
         sleep_until_ns(schedule.send_end);
         let end = sample(args.server_pid, args.helper_pid)?;
         let rss = args.server_pid.and_then(|pid| stats::process_rss_bytes(pid).ok());
         window = Some((start, end, rss));
         // Drain: until every window message is delivered and acked, or the
         // grace runs out.
+        progress.phase(Phase::Draining, Goal::Time(Duration::from_secs_f64(args.grace)));
         let give_up = schedule.send_end + secs_ns(args.grace);
         loop {
             let sent = global.sent.load(Ordering::Acquire);
@@ -813,6 +985,7 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         beside.stop().context("stopping the load beside the chat")?;
     }
 
+    drop(progress);
     let mut total = Tally::default();
     for handle in handles {
         match handle.join() {
@@ -862,6 +1035,21 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
     };
     let per_msg = |cpu_s: f64| (total.sent_in_window > 0).then(|| cpu_s * 1e6 / total.sent_in_window as f64);
     let rate_limited = total.error_codes.get(ErrorCode::RateLimited.as_str()).copied().unwrap_or(0);
+    let mix = args.attachment_share > 0.0;
+    let mut curves = vec![
+        Series::of("delivery", &total.delivery),
+        Series::of("ack", &total.ack),
+        Series::of("send lag (client)", &total.send_lag),
+    ];
+    if mix {
+        let [text, attachment] = &total.by_kind;
+        curves.extend([
+            Series::of("delivery, with attachment", &attachment.delivery),
+            Series::of("delivery, text only", &text.delivery),
+            Series::of("ack, with attachment", &attachment.ack),
+            Series::of("ack, text only", &text.ack),
+        ]);
+    }
     Ok(ChatReport {
         url: args.url.clone(),
         subprotocol: args.subprotocol,
@@ -912,6 +1100,11 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
             - helper_cpu_s.unwrap_or(0.0) / window_s)
             .max(0.0),
         fsync_probe_us,
+        attachment_share: args.attachment_share,
+        attachment_bytes: mix.then_some(args.attachment_bytes),
+        with_attachment: mix.then(|| total.by_kind[Kind::Attachment.index()].report()),
+        text_only: mix.then(|| total.by_kind[Kind::Text.index()].report()),
+        curves,
     })
 }
 
@@ -1316,6 +1509,7 @@ async fn thread_main(
         match setup.await {
             Ok(conn) => {
                 global.agents_online.fetch_add(1, Ordering::AcqRel);
+                global.connected.fetch_add(1, Ordering::Relaxed);
                 monoio::spawn(agent_loop(conn, state.clone()));
             }
             Err(kind) => state.connection_error(format!("agent {kind}")),
@@ -1344,6 +1538,7 @@ async fn thread_main(
                     match setup_visitor(&state, visitors[i]).await {
                         Ok((conn, conv)) => {
                             ready.borrow_mut().push(Visitor { conv, out: conn.out.clone() });
+                            state.global.connected.fetch_add(1, Ordering::Relaxed);
                             monoio::spawn(visitor_loop(conn, state.clone()));
                         }
                         Err(kind) => state.connection_error(format!("visitor {kind}")),
@@ -1470,8 +1665,10 @@ async fn agent_loop(mut conn: Conn, state: Rc<ThreadState>) {
                     tally.delivered_in_window += 1;
                 }
                 if schedule.measured(scheduled) {
+                    let latency = Duration::from_nanos(now.saturating_sub(scheduled));
                     tally.delivered += 1;
-                    tally.delivery.record(Duration::from_nanos(now.saturating_sub(scheduled)), 1);
+                    tally.delivery.record(latency, 1);
+                    tally.by_kind[cid_kind(&msg.cid).index()].delivery.record(latency, 1);
                     state.global.delivered.fetch_add(1, Ordering::AcqRel);
                 }
             }
@@ -1511,8 +1708,10 @@ async fn visitor_loop(mut conn: Conn, state: Rc<ThreadState>) {
                     state.last_ack.set(now);
                 }
                 if schedule.measured(scheduled) {
+                    let latency = Duration::from_nanos(now.saturating_sub(scheduled));
                     tally.acked += 1;
-                    tally.ack.record(Duration::from_nanos(now.saturating_sub(scheduled)), 1);
+                    tally.ack.record(latency, 1);
+                    tally.by_kind[cid_kind(&cid).index()].ack.record(latency, 1);
                     state.global.acked.fetch_add(1, Ordering::AcqRel);
                 }
             }
@@ -1555,11 +1754,14 @@ async fn send_loop(state: &ThreadState, visitors: &[Visitor], schedule: Schedule
                 break;
             }
             let visitor = &visitors[(number % visitors.len() as u64) as usize];
+            let attachment =
+                plan.attachment.as_ref().filter(|_| rand::random::<f64>() < plan.attachment_share);
+            let kind = if attachment.is_some() { Kind::Attachment } else { Kind::Text };
             let send = Command::Send {
                 conv: visitor.conv,
-                cid: make_cid(state.thread, number, due),
+                cid: make_kind_cid(kind, state.thread, number, due),
                 text: Some(plan.text.clone()),
-                attachment: None,
+                attachment: attachment.cloned(),
             };
             {
                 let mut encoder = state.encoder.borrow_mut();
@@ -1572,6 +1774,7 @@ async fn send_loop(state: &ThreadState, visitors: &[Visitor], schedule: Schedule
             }
             if schedule.measured(due) {
                 tally.sent += 1;
+                tally.by_kind[kind.index()].sent += 1;
                 tally.send_lag.record(Duration::from_nanos(now - due), 1);
                 state.global.sent.fetch_add(1, Ordering::AcqRel);
             }
@@ -1585,63 +1788,88 @@ async fn send_loop(state: &ThreadState, visitors: &[Visitor], schedule: Schedule
     }
 }
 
-fn print_report(report: &ChatReport) -> anyhow::Result<()> {
-    print_summary(report);
-    println!("{}", serde_json::to_string(report)?);
-    Ok(())
-}
-
-/// The human summary of a run, with its warnings, on stderr.
-pub fn print_summary(report: &ChatReport) {
-    let d = &report.delivery_latency_us;
-    let a = &report.ack_latency_us;
-    let mut line = format!(
-        "chat: {}/{} visitors, {}/{} agents, {} B {:?}: sent {:.0}/s (target {:.0}), delivered {:.0}/s; \
-         delivery µs p50 {:.0} p90 {:.0} p99 {:.0} p99.9 {:.0} max {:.0}; \
-         ack µs p50 {:.0} p90 {:.0} p99 {:.0} p99.9 {:.0} max {:.0}; \
-         undelivered {} unacked {} duplicates {}; send lag µs p50 {:.0} p99 {:.0}; client CPU {:.2} cores",
+/// The run's results as a table.
+pub fn table(report: &ChatReport) -> Table {
+    let mut table = Table::new(format!(
+        "chat: {}/{} visitors, {}/{} agents, {} B {:?}{}, {} s window",
         report.visitors_ready,
         report.visitors,
         report.agents_online,
         report.agents,
         report.size,
         report.subprotocol,
-        report.send_rate,
-        report.target_rate,
-        report.delivered_per_s,
-        d.p50,
-        d.p90,
-        d.p99,
-        d.p999,
-        d.max,
-        a.p50,
-        a.p90,
-        a.p99,
-        a.p999,
-        a.max,
-        report.undelivered,
-        report.unacked,
-        report.duplicates,
-        report.send_lag_us.p50,
-        report.send_lag_us.p99,
-        report.client_cpu_cores,
-    );
-    if let Some(per_msg) = report.client_cpu_us_per_msg {
-        line.push_str(&format!(" ({per_msg:.1} µs/msg)"));
-    }
-    if let (Some(cores), Some(per_msg)) = (report.server_cpu_cores, report.server_cpu_us_per_msg) {
-        line.push_str(&format!("; server CPU {cores:.2} cores, {per_msg:.1} µs/msg"));
-        if let Some(busy) = report.server_cores_busy {
-            line.push_str(&format!(" (its cores {:.0}% busy)", busy * 100.0));
+        match report.attachment_bytes {
+            Some(bytes) => format!(", {:.0}% with a {bytes} B attachment", report.attachment_share * 100.0),
+            None => String::new(),
+        },
+        report.window_s
+    ));
+    add_sections(&mut table, report, "");
+    table
+}
+
+/// A run's sections of a [`Table`], their titles prefixed with `run` (the
+/// abuse scenarios put a clean and an abused run in one table).
+pub fn add_sections(table: &mut Table, report: &ChatReport, run: &str) {
+    table
+        .section(format!("{run}rates"))
+        .row("sent", format!("{} (target {:.0})", report::per_s(report.send_rate), report.target_rate))
+        .row("delivered", report::per_s(report.delivered_per_s))
+        .row("setup", format!("{:.1} s", report.setup_s));
+    table
+        .section(format!("{run}latency from the scheduled send"))
+        .latency("delivery", report.delivered, &report.delivery_latency_us)
+        .latency("ack", report.acked, &report.ack_latency_us);
+    for (name, kind) in [("with attachment", &report.with_attachment), ("text only", &report.text_only)] {
+        if let Some(kind) = kind {
+            table.latency(format!("delivery, {name}"), kind.delivered, &kind.delivery_latency_us).latency(
+                format!("ack, {name}"),
+                kind.acked,
+                &kind.ack_latency_us,
+            );
         }
     }
-    if let Some(rss) = report.server_rss_bytes {
-        line.push_str(&format!(", RSS {:.1} MiB", rss as f64 / (1 << 20) as f64));
+    table.latency("send lag (client)", report.sent, &report.send_lag_us);
+    table
+        .section(format!("{run}cost"))
+        .row("client CPU", report::cpu(report.client_cpu_cores, report.client_cpu_us_per_msg))
+        .row_opt(
+            "server CPU",
+            report.server_cpu_cores.map(|cores| report::cpu(cores, report.server_cpu_us_per_msg)),
+        )
+        .row_opt("server RSS", report.server_rss_bytes.map(report::mib))
+        .row_opt("hook server CPU", report.helper_cpu_cores.map(|c| format!("{c:.2} cores")))
+        .row("other processes", format!("{:.2} cores", report.other_cpu_cores));
+    if let Some(per_burst) = report.acks_per_burst {
+        table.row(
+            "group commits (ack bursts)",
+            format!("{:.0}/s, {per_burst:.1} acks each", report.ack_bursts_per_s),
+        );
     }
-    if let Some(cores) = report.helper_cpu_cores {
-        line.push_str(&format!("; helper (--helper-pid) CPU {cores:.2} cores"));
+    if let Some(f) = &report.fsync_probe_us {
+        table.row("fsync probe p50 / p99", format!("{:.0} / {:.0} µs", f.p50, f.p99));
     }
-    eprintln!("{line}");
+    table
+        .section(format!("{run}losses"))
+        .row("window messages sent", report.sent.to_string())
+        .row("undelivered / unacked", format!("{} / {}", report.undelivered, report.unacked))
+        .row("duplicates", report.duplicates.to_string())
+        .row("rate_limited", report.rate_limited.to_string());
+    if let Some(kind) = &report.with_attachment {
+        table.row("sent with attachment", kind.sent.to_string());
+    }
+    for (code, n) in &report.error_codes {
+        table.row(format!("error frame {code}"), n.to_string());
+    }
+    for (kind, n) in &report.connection_errors {
+        table.row(format!("connection error: {kind}"), n.to_string());
+    }
+}
+
+/// What a run's figures need said beside them, on stderr: how commits
+/// batched, the server's threads, every error and every reason to distrust
+/// the numbers.
+pub fn print_summary(report: &ChatReport) {
     if let Some(per_burst) = report.acks_per_burst {
         eprintln!(
             "  acks came in {:.0} bursts/s of {per_burst:.1} (one per group commit: back to back under load, \
@@ -1950,7 +2178,7 @@ mod tests {
                         conversation(ConvStatus::Assigned)
                     }
                 }
-                Command::Send { conv, cid, text, .. } => {
+                Command::Send { conv, cid, text, attachment } => {
                     let n = fake.sends.fetch_add(1, Ordering::AcqRel) + 1;
                     if fake.rate_limit_every.is_some_and(|every| n.is_multiple_of(every)) {
                         Event::Error { code: ErrorCode::RateLimited, message: "slow down".into() }
@@ -1968,7 +2196,7 @@ mod tests {
                             cid: cid.clone(),
                             from: Sender { role: Role::Visitor, id: me.clone(), name: String::new() },
                             text,
-                            attachment: None,
+                            attachment,
                             ts: 0,
                         };
                         write_frame(&agent_out, agent_codec, &ServerFrame::push(Event::Msg(msg)))?;
@@ -2056,6 +2284,57 @@ mod tests {
             let total = fake.sends.load(Ordering::Acquire);
             assert!((279..=281).contains(&total), "{total} sends");
         }
+    }
+
+    #[test]
+    fn a_mix_of_attachments_is_timed_by_kind() {
+        for subprotocol in ["json", "fb"] {
+            // A fresh fake per run: it routes to every agent it ever saw.
+            let (addr, fake) = fake_gateway(None);
+            let secret = secret_file(&fake);
+            let extra =
+                ["--attachment-share", "0.5", "--attachment-bytes", "3000", "--subprotocol", subprotocol];
+            let report = measure(&args(addr, &secret, &extra)).expect("run against the fake gateway");
+            let _ = fs::remove_file(&secret);
+            let (with, text) = (report.with_attachment.expect("mix"), report.text_only.expect("mix"));
+            // About half of ~200 window sends, each kind timed apart; the
+            // kinds add up to the whole.
+            assert!((50..=150).contains(&with.sent), "{with:?}");
+            assert_eq!(with.sent + text.sent, report.sent, "{report:?}");
+            assert_eq!((with.delivered, with.acked), (with.sent, with.sent), "{subprotocol}: {report:?}");
+            assert_eq!((text.delivered, text.acked), (text.sent, text.sent), "{text:?}");
+            assert!(with.delivery_latency_us.p50 > 0.0 && text.ack_latency_us.p50 > 0.0);
+            assert_eq!(report.attachment_bytes, Some(3000));
+            let names: Vec<&str> = report.curves.iter().map(|c| c.name.as_str()).collect();
+            assert_eq!(names.len(), 7, "{names:?}");
+            assert!(table(&report).render().contains("delivery, with attachment"));
+        }
+    }
+
+    #[test]
+    fn attachment_arguments_are_checked() {
+        for (share, wrong) in [("1.5", "not a share"), ("=-0.1", "not a share"), ("x", "not a number")] {
+            let error = Cli::try_parse_from([
+                "chat",
+                &format!("--attachment-share={}", share.trim_start_matches('=')),
+            ])
+            .err()
+            .expect("refused");
+            assert!(error.to_string().contains(wrong), "{error}");
+        }
+        let error = Cli::try_parse_from(["chat", "--attachment-bytes", "0"]).err().expect("refused");
+        assert!(error.to_string().contains("--attachment-bytes"), "{error}");
+        let too_big = (ATTACHMENT_BYTES_MAX + 1).to_string();
+        assert!(Cli::try_parse_from(["chat", "--attachment-bytes", &too_big]).is_err());
+        let plain = Cli::try_parse_from(["chat"]).expect("defaults").args;
+        assert_eq!(plain.attachment_share, 0.0);
+        assert_eq!(cid_kind(&make_kind_cid(Kind::Attachment, 1, 2, 3)), Kind::Attachment);
+        assert_eq!(cid_kind(&make_kind_cid(Kind::Text, 1, 2, 3)), Kind::Text);
+        let cid = make_kind_cid(Kind::Attachment, 63, u64::MAX, u64::MAX);
+        assert!(
+            cid.len() <= kefu_proto::client::CID_BYTES_MAX && cid_scheduled(&cid) == Some(u64::MAX),
+            "{cid}"
+        );
     }
 
     #[test]

@@ -70,7 +70,10 @@ use std::{
     collections::{BTreeMap, VecDeque},
     net::IpAddr,
     rc::Rc,
-    sync::{Arc, Barrier, OnceLock},
+    sync::{
+        Arc, Barrier, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -83,6 +86,9 @@ use monoio::{
 use serde::Serialize;
 
 use crate::{
+    html::Series,
+    progress::{Counter, Goal, Phase, Progress, Snapshot},
+    report::{self, Output, Table},
     stats::{self, Latency, LatencySummary},
     ws::{self, Event, FrameReader, WsUrl},
 };
@@ -207,6 +213,9 @@ pub struct EchoReport {
     /// Busy cores on the whole host minus client and server: anything above
     /// ~0.1 means something else ran during the window.
     pub other_cpu_cores: f64,
+    /// The round-trip latency's percentile curve, for the HTML report.
+    #[serde(skip)]
+    pub curves: Vec<Series>,
 }
 
 /// What every thread needs to know; built once, shared read-only.
@@ -250,9 +259,11 @@ impl ThreadTally {
     }
 }
 
-pub fn run(args: EchoArgs) -> anyhow::Result<()> {
+pub fn run(args: EchoArgs, out: &Output) -> anyhow::Result<()> {
     let report = measure(&args)?;
-    print_report(&report)
+    out.emit(&report, &table(&report), &report.curves)?;
+    print_warnings(&report);
+    Ok(())
 }
 
 fn measure(args: &EchoArgs) -> anyhow::Result<EchoReport> {
@@ -268,6 +279,19 @@ fn measure(args: &EchoArgs) -> anyhow::Result<EchoReport> {
     let plan = Arc::new(make_plan(args, url));
 
     let threads = usize::from(args.threads);
+    // What the progress bar reads: connections opened, and each thread's
+    // echoes so far (a counter of its own, see progress.rs).
+    let opened = Arc::new(AtomicU64::new(0));
+    let echoes: Vec<Arc<Counter>> = (0..threads).map(|_| Arc::new(Counter::default())).collect();
+    let progress = Progress::start("echo", {
+        let (opened, echoes) = (opened.clone(), echoes.clone());
+        move || Snapshot {
+            connections: opened.load(Ordering::Relaxed),
+            received: Some(echoes.iter().map(|c| c.get()).sum()),
+            ..Snapshot::default()
+        }
+    });
+    progress.phase(Phase::Connecting, Goal::Connections(u64::from(args.connections)));
     // Two rendezvous: all threads connected, then the schedule is set.
     let connected = Arc::new(Barrier::new(threads + 1));
     let go = Arc::new(Barrier::new(threads + 1));
@@ -277,6 +301,7 @@ fn measure(args: &EchoArgs) -> anyhow::Result<EchoReport> {
         let indices: Vec<u32> = (0..args.connections).filter(|i| *i as usize % threads == thread).collect();
         let cpu = (!args.cpu.is_empty()).then(|| args.cpu[thread % args.cpu.len()]);
         let (plan, connected, go, schedule) = (plan.clone(), connected.clone(), go.clone(), schedule.clone());
+        let (opened, echoes) = (opened.clone(), echoes[thread].clone());
         let (ring_entries, taskrun) = (args.ring_entries, args.taskrun);
         let handle = std::thread::Builder::new()
             .name(format!("echo-{thread}"))
@@ -292,7 +317,8 @@ fn measure(args: &EchoArgs) -> anyhow::Result<EchoReport> {
                         return Err(e);
                     }
                 };
-                runtime.block_on(thread_main(plan, indices, connected, go, schedule))
+                let counters = Counters { opened, echoes };
+                runtime.block_on(thread_main(plan, indices, connected, go, schedule, counters))
             })
             .context("spawning a client thread")?;
         handles.push(handle);
@@ -308,7 +334,9 @@ fn measure(args: &EchoArgs) -> anyhow::Result<EchoReport> {
     let _ = schedule.set(plan_schedule);
     go.wait();
 
+    progress.phase(Phase::WarmUp, Goal::Time(Duration::from_secs_f64(args.warmup)));
     std::thread::sleep(start.saturating_duration_since(Instant::now()));
+    progress.phase(Phase::Measuring, Goal::Time(Duration::from_secs_f64(args.duration)));
     let ticks_start = stats::cpu_ticks()?;
     let client_cpu_start = stats::self_cpu_seconds()?;
     let server_cpu_start = args.server_pid.map(stats::process_cpu_seconds).transpose()?;
@@ -317,6 +345,7 @@ fn measure(args: &EchoArgs) -> anyhow::Result<EchoReport> {
     let server_cpu_end = args.server_pid.map(stats::process_cpu_seconds).transpose()?;
     let ticks_end = stats::cpu_ticks()?;
     let window_s = args.duration;
+    progress.phase(Phase::Draining, Goal::Time(Duration::from_secs_f64(args.grace)));
 
     let mut total = ThreadTally::default();
     for handle in handles {
@@ -357,6 +386,7 @@ fn measure(args: &EchoArgs) -> anyhow::Result<EchoReport> {
         messages: total.messages,
         msgs_per_s: total.messages as f64 / window_s,
         latency_us: total.latency.summary(),
+        curves: vec![Series::of("round trip", &total.latency)],
         errors: total.errors.values().sum(),
         error_kinds: total.errors,
         client_cpu_s,
@@ -442,6 +472,14 @@ pub fn build_runtime(
         })
 }
 
+/// What one client thread tells the progress bar.
+struct Counters {
+    /// Connections opened, all threads.
+    opened: Arc<AtomicU64>,
+    /// This thread's echoes (it alone writes it).
+    echoes: Arc<Counter>,
+}
+
 /// Per-thread state shared by the connection tasks (single-threaded, so
 /// `Cell`s, not atomics).
 struct Shared {
@@ -453,6 +491,8 @@ struct Shared {
     schedule: Schedule,
     messages: Cell<u64>,
     latency: RefCell<Latency>,
+    /// Echoes so far, window or not, for the progress bar.
+    echoes: Arc<Counter>,
 }
 
 async fn thread_main(
@@ -461,6 +501,7 @@ async fn thread_main(
     connected: Arc<Barrier>,
     go: Arc<Barrier>,
     schedule: Arc<OnceLock<Schedule>>,
+    counters: Counters,
 ) -> anyhow::Result<ThreadTally> {
     let mut tally = ThreadTally::default();
 
@@ -468,7 +509,14 @@ async fn thread_main(
     let mut opening = Vec::with_capacity(indices.len());
     for index in indices {
         let plan = plan.clone();
-        opening.push(monoio::spawn(async move { open(&plan, index).await }));
+        let opened = counters.opened.clone();
+        opening.push(monoio::spawn(async move {
+            let result = open(&plan, index).await;
+            if result.is_ok() {
+                opened.fetch_add(1, Ordering::Relaxed);
+            }
+            result
+        }));
     }
     let mut streams = Vec::with_capacity(opening.len());
     for handle in opening {
@@ -492,6 +540,7 @@ async fn thread_main(
         schedule,
         messages: Cell::new(0),
         latency: RefCell::new(Latency::new()),
+        echoes: counters.echoes,
     });
     let mut running = Vec::with_capacity(streams.len());
     for (stream, leftover) in streams {
@@ -617,6 +666,7 @@ async fn drive(mut stream: TcpStream, leftover: Vec<u8>, shared: &Shared) -> Res
         let now = Instant::now();
         if batch.echoed > 0 {
             outstanding -= batch.echoed;
+            shared.echoes.add(u64::from(batch.echoed));
             let counted = now >= start && now < end;
             if counted {
                 shared.messages.set(shared.messages.get() + u64::from(batch.echoed));
@@ -672,38 +722,37 @@ async fn write(stream: &mut TcpStream, bytes: Rc<Vec<u8>>, len: usize) -> Result
     result.map(|_| ()).map_err(|e| format!("write: {}", ws::errno_name(&e)))
 }
 
-fn print_report(report: &EchoReport) -> anyhow::Result<()> {
+/// The run's results as a table.
+fn table(report: &EchoReport) -> Table {
     let kind = if report.binary { "binary" } else { "text" };
-    let mut line = format!(
-        "echo: {}/{} conns × {} B {kind}, pipeline {}: {:.0} msg/s, latency µs p50 {:.0} p90 {:.0} p99 {:.0} max {:.0}; errors {}; client CPU {:.2} cores",
-        report.connected,
-        report.connections,
-        report.size,
-        report.pipeline,
-        report.msgs_per_s,
-        report.latency_us.p50,
-        report.latency_us.p90,
-        report.latency_us.p99,
-        report.latency_us.max,
-        report.errors,
-        report.client_cpu_cores,
-    );
-    if let Some(per_msg) = report.client_cpu_us_per_msg {
-        line.push_str(&format!(", {per_msg:.2} µs/msg"));
-    }
-    if let Some(busy) = report.client_cores_busy {
-        line.push_str(&format!(" (its cores {:.0}% busy)", busy * 100.0));
-    }
-    if let (Some(cores), Some(per_msg)) = (report.server_cpu_cores, report.server_cpu_us_per_msg) {
-        line.push_str(&format!("; server CPU {cores:.2} cores, {per_msg:.2} µs/msg"));
-        if let Some(busy) = report.server_cores_busy {
-            line.push_str(&format!(" (its cores {:.0}% busy)", busy * 100.0));
-        }
-    }
-    eprintln!("{line}");
+    let mut table = Table::new(format!(
+        "echo: {}/{} connections × {} B {kind}, pipeline {}, {} thread(s), {} s window",
+        report.connected, report.connections, report.size, report.pipeline, report.threads, report.window_s
+    ));
+    table
+        .section("rate")
+        .row("round trips", report::per_s(report.msgs_per_s))
+        .row("messages in the window", report.messages.to_string());
+    table.section("latency").latency("round trip", report.messages, &report.latency_us);
+    table
+        .section("cost")
+        .row("client CPU", report::cpu(report.client_cpu_cores, report.client_cpu_us_per_msg))
+        .row_opt("client cores busy", report.client_cores_busy.map(|b| format!("{:.0}%", b * 100.0)))
+        .row_opt(
+            "server CPU",
+            report.server_cpu_cores.map(|cores| report::cpu(cores, report.server_cpu_us_per_msg)),
+        )
+        .row_opt("server cores busy", report.server_cores_busy.map(|b| format!("{:.0}%", b * 100.0)))
+        .row("other processes", format!("{:.2} cores", report.other_cpu_cores));
+    table.section("errors").row("connection errors", report.errors.to_string());
     for (kind, n) in &report.error_kinds {
-        eprintln!("  error ×{n}: {kind}");
+        table.row(format!("  {kind}"), n.to_string());
     }
+    table
+}
+
+/// What makes the figures suspect, on stderr.
+fn print_warnings(report: &EchoReport) {
     if report.other_cpu_cores > 0.1 {
         eprintln!(
             "WARNING: other processes used {:.2} cores during the window: numbers are contended",
@@ -721,6 +770,4 @@ fn print_report(report: &EchoReport) -> anyhow::Result<()> {
     if report.connected < report.connections {
         eprintln!("WARNING: only {} of {} connections opened", report.connected, report.connections);
     }
-    println!("{}", serde_json::to_string(report)?);
-    Ok(())
 }

@@ -53,6 +53,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     echo::{TaskRun, build_runtime},
+    progress::{Goal, Phase, Progress, Snapshot},
+    report::{self, Output, Table},
     stats,
     ws::{self, Event, FrameReader, WsUrl},
 };
@@ -195,7 +197,7 @@ pub struct IdleReport {
     pub closed_unclean: u32,
 }
 
-pub fn run(args: IdleArgs) -> anyhow::Result<()> {
+pub fn run(args: IdleArgs, out: &Output) -> anyhow::Result<()> {
     WsUrl::parse(&args.url, args.ramp.allow_non_loopback)?;
     check_sources(&args.sources, args.ramp.allow_non_loopback)?;
     if !(args.hold >= 0.0 && args.settle >= 0.0 && args.ramp.close_timeout >= 0.0) {
@@ -224,6 +226,15 @@ pub fn run(args: IdleArgs) -> anyhow::Result<()> {
         processes,
         args.sources.len()
     );
+
+    // The workers are other processes: the bar knows the connections only
+    // once they report, and fills with time meanwhile.
+    let held = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let progress = Progress::start("idle", {
+        let held = held.clone();
+        move || Snapshot { connections: held.load(Ordering::Relaxed), ..Snapshot::default() }
+    });
+    progress.phase(Phase::Connecting, Goal::Time(Duration::from_secs_f64(args.ramp.ramp_timeout)));
 
     // Start the workers, each with a contiguous share of the indices.
     let (lines_tx, lines_rx) = mpsc::channel::<(usize, String)>();
@@ -274,7 +285,9 @@ pub fn run(args: IdleArgs) -> anyhow::Result<()> {
             }
         }
     }
-    eprintln!("idle: {connected} up, {failed} failed, ramp {ramp_s:.1} s; holding");
+    progress.println(&format!("idle: {connected} up, {failed} failed, ramp {ramp_s:.1} s; holding"));
+    held.store(u64::from(connected), Ordering::Relaxed);
+    progress.phase(Phase::Measuring, Goal::Time(Duration::from_secs_f64(args.hold)));
 
     // Hold: one sample once settled, one at the end of the hold.
     let up_at = Instant::now();
@@ -293,6 +306,7 @@ pub fn run(args: IdleArgs) -> anyhow::Result<()> {
     };
 
     // Close: tell every worker, then wait for their reports, bounded.
+    progress.phase(Phase::Draining, Goal::Time(Duration::from_secs_f64(args.ramp.close_timeout)));
     for worker in &mut workers {
         if let Some(mut stdin) = worker.stdin.take() {
             // A worker that already died cannot be told; its exit is
@@ -317,6 +331,7 @@ pub fn run(args: IdleArgs) -> anyhow::Result<()> {
     reap(&mut workers);
     std::thread::sleep(Duration::from_millis(500));
     let rss_after_close = stats::process_rss_bytes(pid).ok();
+    drop(progress);
 
     let per_conn =
         |rss: u64| (connected > 0).then(|| (rss as f64 - rss_before as f64) / f64::from(connected));
@@ -344,7 +359,8 @@ pub fn run(args: IdleArgs) -> anyhow::Result<()> {
         closed_clean,
         closed_unclean,
     };
-    print_report(&report)
+    out.emit(&report, &table(&report), &[])?;
+    conclude(&report)
 }
 
 fn check_sources(sources: &[IpAddr], allow_non_loopback: bool) -> anyhow::Result<()> {
@@ -463,20 +479,43 @@ fn explain(kind: &str) -> &'static str {
     }
 }
 
-fn print_report(report: &IdleReport) -> anyhow::Result<()> {
-    match (report.bytes_per_conn, report.bytes_per_conn_settled) {
-        (Some(end), Some(settled)) => eprintln!(
-            "idle: {}/{} connections held {:.0} s; server RSS {:.1} → {:.1} MiB: {:.0} B/conn ({:.2} KiB; {:.0} B/conn when settled)",
-            report.connected,
-            report.connections,
-            report.hold_s,
-            mib(report.rss_before_bytes),
-            mib(report.rss_end_bytes),
-            end,
-            end / 1024.0,
-            settled
-        ),
-        _ => eprintln!("idle: no connection was opened; nothing to divide by"),
+/// The run's results as a table.
+fn table(report: &IdleReport) -> Table {
+    let mut table = Table::new(format!(
+        "idle: {} connections from {} process(es) over {} source(s), held {:.0} s",
+        report.connections,
+        report.processes,
+        report.sources.len(),
+        report.hold_s
+    ));
+    table
+        .section("connections")
+        .row("held", format!("{}/{}", report.connected, report.connections))
+        .row("ramp", format!("{:.1} s", report.ramp_s))
+        .row("dropped during the hold", report.dropped_during_hold.to_string())
+        .row("closed clean / unclean", format!("{} / {}", report.closed_clean, report.closed_unclean));
+    table
+        .section("server memory")
+        .row("RSS before", report::mib(report.rss_before_bytes))
+        .row("RSS settled", report::mib(report.rss_settled_bytes))
+        .row("RSS at the end of the hold", report::mib(report.rss_end_bytes))
+        .row_opt("RSS after close", report.rss_after_close_bytes.map(report::mib))
+        .row_opt("per connection", report.bytes_per_conn.map(|b| format!("{b:.0} B ({:.2} KiB)", b / 1024.0)))
+        .row_opt("per connection, settled", report.bytes_per_conn_settled.map(|b| format!("{b:.0} B")));
+    if let (Some(open), Some(limit)) = (report.server_fds_open, report.server_fd_limit) {
+        table.row("server descriptors", format!("{open} of {limit}"));
+    }
+    for (kind, n) in &report.error_kinds {
+        table.row(format!("error: {kind}"), n.to_string());
+    }
+    table
+}
+
+/// Says loudly what fell short, and fails the run if connections were not
+/// held.
+fn conclude(report: &IdleReport) -> anyhow::Result<()> {
+    if report.bytes_per_conn.is_none() {
+        eprintln!("idle: no connection was opened; nothing to divide by");
     }
     let failed = report.connections.saturating_sub(report.connected);
     if failed > 0 || !report.error_kinds.is_empty() {
@@ -493,7 +532,6 @@ fn print_report(report: &IdleReport) -> anyhow::Result<()> {
     if report.dropped_during_hold > 0 {
         eprintln!("WARNING: the server dropped {} connections during the hold", report.dropped_during_hold);
     }
-    println!("{}", serde_json::to_string(report)?);
     if failed > 0 || report.dropped_during_hold > 0 {
         bail!(
             "{} connections requested, {} held to the end",

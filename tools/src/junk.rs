@@ -63,6 +63,7 @@ use crate::{
     abuse::{self, Check, CheckArgs},
     chat::{self, Beside, ChatArgs, LoadStart, mono_ns},
     echo::{TaskRun, build_runtime},
+    report::Output,
     ws::{self, FrameReader, WsUrl},
 };
 
@@ -781,7 +782,7 @@ fn short(kind: &str) -> String {
 }
 
 /// `kefu-bench junk`.
-pub fn run(args: JunkArgs) -> anyhow::Result<()> {
+pub fn run(args: JunkArgs, out: &Output) -> anyhow::Result<()> {
     let (chat_args, checks) = (args.chat.clone(), args.checks.clone());
     let mut load = JunkLoad::new(args);
     let pair = abuse::run_pair(&chat_args, &checks, &mut load)?;
@@ -789,7 +790,7 @@ pub fn run(args: JunkArgs) -> anyhow::Result<()> {
     let mut all = abuse::common_checks(&pair, &checks);
     all.extend(junk_checks(tally));
     eprintln!("{}", summary(tally));
-    abuse::conclude("junk", &pair, tally, &all)
+    abuse::conclude("junk", &pair, tally, &all, out)
 }
 
 fn junk_checks(tally: &JunkTally) -> Vec<Check> {

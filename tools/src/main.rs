@@ -9,33 +9,55 @@
 //!
 //! - `chat` (`chat.rs`): with thousands of visitors sending at a fixed
 //!   aggregate rate (open loop), how long until the agent has each message,
-//!   and until the visitor holds its durable `ack`?
+//!   and until the visitor holds its durable `ack`? With
+//!   `--attachment-share`, a mix of image-sized attachments and text.
 //! - `junk` (`junk.rs`) and `slow` (`slow.rs`): regression runs of the
 //!   same chat, clean and then beside connections that send garbage or
 //!   stop reading (`abuse.rs` compares the two): do honest clients notice?
 //!
-//! Further chat scenarios (a message mix, zero loss across `kill -9`) grow
-//! here over the same pieces: the minimal client WebSocket in `ws.rs` and
+//! Further chat scenarios (zero loss across `kill -9`) grow here over the
+//! same pieces: the minimal client WebSocket in `ws.rs` and
 //! the measurements in `stats.rs`.
 //!
-//! Every subcommand prints a human summary on stderr and exactly one JSON
-//! line on stdout, so scripts can `| jq` the result while people read the
-//! summary. Targets are refused unless they are loopback addresses
+//! # Output
+//!
+//! The output layer is shared (`report.rs`, `progress.rs`, `html.rs`):
+//!
+//! - on a terminal, a live progress bar on stderr says the phase
+//!   (connecting, warm-up, measuring, draining) and the counts so far; it
+//!   is not drawn (and costs nothing) when stderr is not a terminal;
+//! - at the end, a fixed-width table of the results on stderr (rates,
+//!   latency percentiles, CPU per message, RSS, losses, checks);
+//! - exactly one JSON line on stdout, always: every script in `tools/`
+//!   and CI reads it from there. `--json` means "the JSON only": the table
+//!   is left out (warnings stay on stderr);
+//! - `--html FILE`: also a self-contained page with the latency
+//!   distribution as an SVG chart and every parameter of the run.
+//!
+//! A new scenario plugs in as `report.rs`'s module doc says: a `Progress`
+//! while it runs, then `Output::emit` with its report, table and curves.
+//!
+//! Targets are refused unless they are loopback addresses
 //! (`--allow-non-loopback` overrides): this tool generates load, and a
 //! mistyped URL must not point it at someone else.
 
 mod abuse;
 mod chat;
 mod echo;
+mod html;
 mod idle;
 mod junk;
+mod progress;
+mod report;
 mod slow;
 mod stats;
 mod ws;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+
+use crate::report::{Output, OutputArgs};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -45,6 +67,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,12 +95,20 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
-        Command::Echo(args) => echo::run(args),
-        Command::Idle(args) => idle::run(args),
-        Command::Chat(args) => chat::run(args),
-        Command::Junk(args) => junk::run(*args),
-        Command::Slow(args) => slow::run(*args),
+    // Parsed in two steps so that the subcommand's matches (every
+    // argument, with where its value came from) reach the HTML report.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let out = match matches.subcommand() {
+        Some((name, sub)) => Output::from_matches(cli.output, name, sub),
+        None => Output { args: cli.output, ..Output::default() },
+    };
+    let result = match cli.command {
+        Command::Echo(args) => echo::run(args, &out),
+        Command::Idle(args) => idle::run(args, &out),
+        Command::Chat(args) => chat::run(args, &out),
+        Command::Junk(args) => junk::run(*args, &out),
+        Command::Slow(args) => slow::run(*args, &out),
         Command::IdleWorker(args) => idle::run_worker(args),
     };
     match result {

@@ -57,6 +57,7 @@ use crate::{
     abuse::{self, Check, CheckArgs},
     chat::{Beside, ChatArgs, LoadStart, mono_ns},
     echo::{TaskRun, build_runtime},
+    report::Output,
     ws::{self, FrameReader, WsUrl},
 };
 
@@ -415,7 +416,7 @@ fn tcp_state(fd: RawFd) -> Option<u8> {
 }
 
 /// `kefu-bench slow`.
-pub fn run(args: SlowArgs) -> anyhow::Result<()> {
+pub fn run(args: SlowArgs, out: &Output) -> anyhow::Result<()> {
     let (chat_args, checks) = (args.chat.clone(), args.checks.clone());
     let mut load = SlowLoad::new(args);
     let pair = abuse::run_pair(&chat_args, &checks, &mut load)?;
@@ -433,7 +434,7 @@ pub fn run(args: SlowArgs) -> anyhow::Result<()> {
         tally.endings,
         tally.frames_read_on_resume
     );
-    abuse::conclude("slow", &pair, tally, &all)
+    abuse::conclude("slow", &pair, tally, &all, out)
 }
 
 /// Endings that mean the gateway closed the connection.

@@ -61,6 +61,22 @@ impl Latency {
         }
     }
 
+    /// Round trips recorded.
+    pub fn count(&self) -> u64 {
+        self.histogram.len()
+    }
+
+    /// The percentile curve: (quantile, µs) points, quantile rising from 0
+    /// to 1 and latency never falling, `ticks` points per halving of the
+    /// distance to 100% (HdrHistogram's percentile distribution), so the
+    /// tail is drawn as finely as the middle. Empty if nothing was recorded.
+    pub fn percentiles(&self, ticks: u32) -> Vec<(f64, f64)> {
+        self.histogram
+            .iter_quantiles(ticks.max(1))
+            .map(|v| (v.quantile_iterated_to(), v.value_iterated_to() as f64 / 1000.0))
+            .collect()
+    }
+
     /// Percentiles in microseconds.
     pub fn summary(&self) -> LatencySummary {
         let us = |ns: u64| ns as f64 / 1000.0;
@@ -80,7 +96,7 @@ impl Latency {
 }
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
 pub struct LatencySummary {
     pub min: f64,
     pub p50: f64,
