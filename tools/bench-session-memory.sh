@@ -64,7 +64,7 @@ while [ $# -gt 0 ]; do
         --shards) SHARDS=$2; shift ;;
         --client-cpu) CLIENT_CPU=$2; shift ;;
         --server-cpu) SERVER_CPU=$2; shift ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
