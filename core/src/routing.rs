@@ -700,7 +700,9 @@ impl Router {
     /// is no longer on its way to being abandoned.
     pub fn visitor_connected(&mut self, visitor: &UserId, device: DeviceId, now_ms: u64) {
         self.clock_ms = self.clock_ms.max(now_ms);
-        let devices = self.visitors.entry(visitor.clone()).or_default();
+        // Most visitors have one tab: room for one, not the four of a
+        // `Vec`'s first push.
+        let devices = self.visitors.entry(visitor.clone()).or_insert_with(|| Vec::with_capacity(1));
         if !devices.contains(&device) {
             devices.push(device);
         }

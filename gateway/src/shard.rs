@@ -8,8 +8,9 @@
 //!
 //! Time is coarse on purpose: one sweep per shard ticks every
 //! [`SWEEP_INTERVAL`], refreshes the shard clock, sends heartbeat pings,
-//! closes silent peers and enforces close timeouts. No connection owns a
-//! timer while it is idle, so an idle connection costs its task and its
+//! closes silent peers, enforces close timeouts and takes back the storage
+//! of drained outbound queues. No connection owns a timer or a write
+//! buffer while it is idle, so an idle connection costs its task and its
 //! entry here and nothing else.
 
 use std::cell::{Cell, RefCell};
@@ -334,6 +335,7 @@ impl Shard {
                 conn.request_close(close::POLICY, "message incomplete for too long", now);
                 continue;
             }
+            conn.release_idle_queue();
             let silent = now.saturating_sub(conn.last_rx_ms());
             if silent >= 2 * hb {
                 ShardStats::inc(&self.stats().heartbeat_closes);

@@ -52,7 +52,9 @@ impl Directory {
     /// A session of `user` is connected.
     pub fn add(&mut self, user: UserKey, member: Member) {
         if let Some(map) = self.of_mut(user.role) {
-            map.entry(user.id).or_default().push(member);
+            // Most users have one session: a `Vec`'s first push would make
+            // room for four, on every shard's replica.
+            map.entry(user.id).or_insert_with(|| Vec::with_capacity(1)).push(member);
         }
     }
 
@@ -156,6 +158,21 @@ mod tests {
         d.remove(&UserKey::visitor(id.clone()), member(3).addr);
         assert_eq!(slots(d.sessions_of(&UserKey::visitor(id))), Vec::<u32>::new());
         assert_eq!(slots(d.sessions(Role::Agent, "42")), [1]);
+    }
+
+    /// Every shard holds an entry per connected user, so what one entry
+    /// costs is paid once per session per shard: a user with one session
+    /// holds room for one `Member` (not the four of a `Vec`'s first push),
+    /// and a `Member` stays two words.
+    #[test]
+    fn a_user_with_one_session_holds_room_for_one() {
+        assert!(std::mem::size_of::<Member>() <= 16, "Member is {} B", std::mem::size_of::<Member>());
+        let mut d = Directory::default();
+        let v = UserKey::visitor(Arc::from("v1"));
+        d.add(v.clone(), member(1));
+        assert_eq!(d.visitors[&v.id].capacity(), 1);
+        d.add(v.clone(), member(2));
+        assert_eq!(slots(d.sessions_of(&v)), [1, 2], "a second tab still fits");
     }
 
     fn directory() -> Directory {

@@ -139,7 +139,9 @@ pub struct Edge {
     me: usize,
     shards: usize,
     config: EdgeConfig,
-    sessions: HashMap<SessionAddr, Sess>,
+    /// Boxed for the reason `Home` boxes its conversations: a `Sess` is a
+    /// few hundred bytes and a grown map leaves up to half its slots empty.
+    sessions: HashMap<SessionAddr, Box<Sess>>,
     /// Frames waiting for their session's `connected`.
     held: HashMap<SessionAddr, Vec<SharedFrame>>,
     /// Sessions cut for holding too much before `connected`: nothing more
@@ -452,7 +454,7 @@ impl Edge {
             routing: 0,
             expires_ms,
         };
-        self.sessions.insert(from, sess);
+        self.sessions.insert(from, Box::new(sess));
         if let Some(t) = expires_ms {
             self.expiries.insert((t, from));
         }

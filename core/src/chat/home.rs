@@ -83,8 +83,11 @@ pub struct Home {
     /// Bytes one conversation's resume replay may queue on a connection.
     replay_bytes_max: usize,
     /// The conversations in memory: the open ones, and closed ones
-    /// borrowed to answer one command.
-    convs: HashMap<ConvId, Conversation>,
+    /// borrowed to answer one command. Boxed: a `Conversation` is a few
+    /// hundred bytes, and a map keeps up to half its slots empty after it
+    /// grows, so inline values would cost every open conversation about
+    /// twice its size; boxed, an empty slot costs a pointer.
+    convs: HashMap<ConvId, Box<Conversation>>,
     /// Closed conversations in `convs` only to answer one command.
     borrowed: HashSet<ConvId>,
     /// Why the last [`Self::load`] found nothing, if storage failed to read
@@ -122,7 +125,8 @@ impl Home {
         replay_bytes_max: usize,
         open: Vec<crate::conversation::RestoredConversation>,
     ) -> Home {
-        let convs = open.into_iter().map(|r| (r.id, Conversation::restore(r, &core.limits))).collect();
+        let convs =
+            open.into_iter().map(|r| (r.id, Box::new(Conversation::restore(r, &core.limits)))).collect();
         Home {
             me,
             shards,
@@ -373,7 +377,7 @@ impl Home {
         // durable dedupe index has the original. Only the seqs below the
         // window are asked about (none while the window has never lost a
         // cid), which the store's cache mostly answers without a read.
-        let below = self.convs.get(&conv).map_or(u64::MAX, Conversation::cids_remembered_from);
+        let below = self.convs.get(&conv).map_or(u64::MAX, |c| c.cids_remembered_from());
         if below > 1 {
             match store.earlier(actor.role, &actor.id, conv, cid.as_str(), below) {
                 Ok(Some(hit)) => {
@@ -844,7 +848,7 @@ impl Home {
         match change {
             Change::Create { visitor, group } => {
                 let c = Conversation::new(conv, visitor.clone(), group, &self.core.limits);
-                self.convs.insert(conv, c);
+                self.convs.insert(conv, Box::new(c));
                 // The visitor's profile (token meta merged with the widget's)
                 // is what agents see, so it is stored too, keeping the key
                 // hash of an anonymous visitor. If the stored one cannot be
@@ -873,7 +877,7 @@ impl Home {
                     }
                     c.assign(agent).is_ok()
                 };
-                if self.load(conv, store) && self.convs.get_mut(&conv).is_some_and(moved) {
+                if self.load(conv, store) && self.convs.get_mut(&conv).is_some_and(|c| moved(c)) {
                     self.persist(conv, reply, previous, route, now_ms);
                 } else {
                     self.describe(conv, reply, &route, store);
@@ -1095,7 +1099,7 @@ impl Home {
             });
             match kept {
                 Ok(r) => {
-                    self.convs.insert(conv, Conversation::restore(r, &self.core.limits));
+                    self.convs.insert(conv, Box::new(Conversation::restore(r, &self.core.limits)));
                 }
                 Err(e) => {
                     self.convs.remove(&conv);
@@ -1106,7 +1110,7 @@ impl Home {
         }
         match store.conversation(conv) {
             Ok(Some(r)) => {
-                self.convs.insert(conv, Conversation::restore(r, &self.core.limits));
+                self.convs.insert(conv, Box::new(Conversation::restore(r, &self.core.limits)));
             }
             Ok(None) => {
                 self.convs.remove(&conv);
@@ -1141,7 +1145,7 @@ impl Home {
 /// sessions. A queued conversation's `agent` is whoever gave it away, who
 /// no longer takes part.
 fn participants<'a>(
-    convs: &'a HashMap<ConvId, Conversation>,
+    convs: &'a HashMap<ConvId, Box<Conversation>>,
     dir: &'a Directory,
     conv: ConvId,
 ) -> impl Iterator<Item = Member> + 'a {
