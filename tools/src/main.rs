@@ -14,8 +14,12 @@
 //!   same chat, clean and then beside connections that send garbage or
 //!   stop reading (`abuse.rs` compares the two): do honest clients notice?
 //!
-//! Further chat scenarios (a message mix, zero loss across `kill -9`) grow
-//! here over the same pieces: the minimal client WebSocket in `ws.rs` and
+//! - `fanout` (`fanout.rs`): how long until every agent of a group sees a
+//!   queue or presence change?
+//! - `crash` (`crash.rs`): is anything acked lost, stored twice or skipped
+//!   when the gateway is killed with SIGKILL under load, again and again?
+//!
+//! Further chat scenarios (a message mix) grow here over the same pieces: the minimal client WebSocket in `ws.rs` and
 //! the measurements in `stats.rs`.
 //!
 //! Every subcommand prints a human summary on stderr and exactly one JSON
@@ -26,7 +30,9 @@
 
 mod abuse;
 mod chat;
+mod crash;
 mod echo;
+mod fanout;
 mod idle;
 mod junk;
 mod slow;
@@ -64,6 +70,12 @@ enum Command {
     /// stop reading; fails unless the gateway closes them (4001) with its
     /// memory bounded and the honest clients unharmed.
     Slow(Box<slow::SlowArgs>),
+    /// Time from a queue or presence change to each of 1,000 agents of a
+    /// group, and deliveries missed.
+    Fanout(Box<fanout::FanoutArgs>),
+    /// Chat load while the gateway is killed (SIGKILL) and restarted K
+    /// times; fails on an acked message lost, a duplicate or a seq gap.
+    Crash(Box<crash::CrashArgs>),
     /// One client process of `idle` (started by `idle` itself).
     #[command(hide = true)]
     IdleWorker(idle::WorkerArgs),
@@ -76,6 +88,8 @@ fn main() -> ExitCode {
         Command::Chat(args) => chat::run(args),
         Command::Junk(args) => junk::run(*args),
         Command::Slow(args) => slow::run(*args),
+        Command::Fanout(args) => fanout::run(*args),
+        Command::Crash(args) => crash::run(*args),
         Command::IdleWorker(args) => idle::run_worker(args),
     };
     match result {
