@@ -4,8 +4,8 @@
 //! # The run
 //!
 //! 1. The tool starts the gateway itself (`--kefu`, `--config`, `--data`),
-//!    listening where `--url` points, and waits until it accepts
-//!    connections. Its tokens are signed with the gateway's secret
+//!    listening where `--url` points, and waits until its `/readyz` (on
+//!    `--admin-listen`) says 200. Its tokens are signed with the gateway's secret
 //!    (`DATA/jwt_secret`, or `--jwt-secret-file`).
 //! 2. `--agents` agents go online and `--visitors` visitors (with visitor
 //!    tokens) open a conversation each; the visitors then send `--rate`
@@ -69,6 +69,7 @@ use kefu_proto::{ClientFrame, Codec, Command, ConvId, Encoder, ErrorCode, Event,
 use serde::Serialize;
 
 use crate::{
+    abuse,
     chat::{self, Conn, Dial, Out, PreciseTimer, mono_ns, scheduled_at, secs_ns, wait_until},
     echo::{TaskRun, build_runtime},
     ws::{self, WsUrl},
@@ -76,6 +77,9 @@ use crate::{
 
 /// Most messages one `history` page asks for (the protocol's maximum).
 const HISTORY_PAGE: u32 = 200;
+
+/// Bound on one `/readyz` poll while the gateway (re)starts.
+const READY_POLL_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Examples of each finding kept for the report.
 const EXAMPLES_MAX: usize = 20;
@@ -108,9 +112,10 @@ pub struct CrashArgs {
     #[arg(long, default_value = "ws://127.0.0.1:9241/ws")]
     pub url: String,
 
-    /// The gateway's admin listener (`--admin-listen`).
+    /// The gateway's admin listener (`--admin-listen`): a (re)start is over
+    /// once its `/readyz` says 200.
     #[arg(long, default_value = "127.0.0.1:9242")]
-    pub admin_listen: String,
+    pub admin_listen: std::net::SocketAddr,
 
     /// A file holding the gateway's JWT secret, if the config sets one.
     #[arg(long, value_name = "FILE")]
@@ -158,7 +163,7 @@ pub struct CrashArgs {
     #[arg(long, default_value_t = 1_000)]
     pub backoff_ms_max: u64,
 
-    /// Bound on a (re)start until the gateway accepts connections, seconds.
+    /// Bound on a (re)start until the gateway is ready, seconds.
     #[arg(long, default_value_t = 30.0)]
     pub start_timeout: f64,
 
@@ -200,7 +205,7 @@ pub struct Kill {
     pub in_flight: u64,
     /// Messages acked before the kill, in all.
     pub acked_before: u64,
-    /// SIGKILL → the new process accepts TCP connections, ms.
+    /// SIGKILL → the new process answers `/readyz` with 200, ms.
     pub restart_ms: f64,
     /// SIGKILL → the first ack on a connection to the new process, ms.
     pub recovery_ms: Option<f64>,
@@ -369,7 +374,7 @@ struct Gateway<'a> {
 }
 
 impl Gateway<'_> {
-    /// Starts it and waits until it accepts connections; the time that took.
+    /// Starts it and waits until it is ready; the time that took.
     fn start(&mut self) -> anyhow::Result<Duration> {
         let args = self.args;
         let begin = std::time::Instant::now();
@@ -394,7 +399,7 @@ impl Gateway<'_> {
             .arg("--listen")
             .arg(self.listen.to_string())
             .arg("--admin-listen")
-            .arg(&args.admin_listen)
+            .arg(args.admin_listen.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
@@ -405,11 +410,20 @@ impl Gateway<'_> {
             if let Some(status) = child.try_wait()? {
                 bail!("the gateway exited at start ({status}); see --gateway-log");
             }
-            if StdTcpStream::connect_timeout(&self.listen, Duration::from_millis(100)).is_ok() {
+            // Not a TCP connect to the client listener: right after a
+            // SIGKILL the dead process's listening sockets still complete
+            // handshakes for a few milliseconds (their io_uring is torn
+            // down after the process is reaped), and nothing answers there.
+            let ready = abuse::admin_get_within(args.admin_listen, "/readyz", READY_POLL_TIMEOUT);
+            if ready.is_ok_and(|(status, _)| status == 200) && StdTcpStream::connect(self.listen).is_ok() {
                 return Ok(begin.elapsed());
             }
             if std::time::Instant::now() >= deadline {
-                bail!("the gateway did not listen on {} within {} s", self.listen, args.start_timeout);
+                bail!(
+                    "the gateway was not ready (/readyz on {}) within {} s",
+                    args.admin_listen,
+                    args.start_timeout
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -679,7 +693,7 @@ fn kill_loop(
         gateway.start()?;
         let restart_ms = (mono_ns() - at) as f64 / 1e6;
         eprintln!(
-            "crash: kill {} with {in_flight} sends in flight ({acked_before} acked so far); listening again after {restart_ms:.0} ms",
+            "crash: kill {} with {in_flight} sends in flight ({acked_before} acked so far); ready again after {restart_ms:.0} ms",
             epoch + 1
         );
         kills.push(Kill { in_flight, acked_before, restart_ms, recovery_ms: None });
