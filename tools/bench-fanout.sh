@@ -136,6 +136,8 @@ rows = [
     ("missing deliveries", lambda r: r["missing"], ".0f"),
     ("duplicates", lambda r: r["duplicates"], ".0f"),
     ("failed changes", lambda r: r["changes_failed"], ".0f"),
+    ("first→last recipient p50 µs", lambda r: r["spread_us"]["p50"], ".0f"),
+    ("first→last recipient p99 µs", lambda r: r["spread_us"]["p99"], ".0f"),
     ("action lag p99 µs", lambda r: r["action_lag_us"]["p99"], ".0f"),
     ("client CPU cores", lambda r: r["client_cpu_cores"], ".2f"),
     ("server CPU cores", lambda r: r["server_cpu_cores"], ".2f"),

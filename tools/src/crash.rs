@@ -1036,7 +1036,7 @@ async fn retry_loop(client: Rc<Client>) {
             let stale: Vec<u64> = visitor
                 .unacked
                 .iter()
-                .filter(|(_, u)| u.written_at > 0 && now - u.written_at > client.plan.retry_ns)
+                .filter(|(_, u)| u.written_at > 0 && now.saturating_sub(u.written_at) > client.plan.retry_ns)
                 .map(|(n, _)| *n)
                 .collect();
             client.result.borrow_mut().resends += stale.len() as u64;

@@ -43,7 +43,10 @@
 //!    agents see in `visitor.meta`; a presence event is the actor's toggle
 //!    after the last one the recipient saw (they arrive in order and their
 //!    statuses alternate: see `Toggles`). Latency is measured from the
-//!    change's *scheduled* time, as in `chat`.
+//!    change's *scheduled* time, as in `chat`. Per change, the time from
+//!    the first recipient's read to the last one's (`spread_us`) is the
+//!    fan-out alone, without the command's way in, an open's durable
+//!    commit, or the driver's own lateness.
 //! 5. A change that was refused or not answered is counted as failed and
 //!    expects nothing; every other change in the window expects one event
 //!    per recipient that was set up. What did not arrive within `--grace`
@@ -67,7 +70,7 @@ use std::{
     rc::Rc,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -227,6 +230,11 @@ pub struct FanoutReport {
     pub missing: u64,
     /// Events a recipient received more than once.
     pub duplicates: u64,
+    /// `conversation` frames of the run's conversations other than
+    /// `queued` that recipients read. Every one of them is closed by its
+    /// visitor while queued, and kefu does not tell the group's agents
+    /// that (see the module doc), so this is 0 until it does.
+    pub left_queue_seen: u64,
     /// Presence events of an actor that no toggle explains (`offline`: an
     /// actor's connection was lost).
     pub mismatched: u64,
@@ -238,6 +246,10 @@ pub struct FanoutReport {
     pub presence_latency_us: LatencySummary,
     /// The driver's own lateness: command written − scheduled time, µs.
     pub action_lag_us: LatencySummary,
+    /// Per change, the last recipient's read − the first one's, µs: the
+    /// fan-out itself, without the command's way to the router, the
+    /// durable commit of an open, or the driver's lateness.
+    pub spread_us: LatencySummary,
     pub error_codes: BTreeMap<String, u64>,
     pub connection_errors: BTreeMap<String, u64>,
     pub client_cpu_cores: f64,
@@ -364,6 +376,10 @@ struct Global {
     receipts: Vec<AtomicU32>,
     /// Per change: answered as asked.
     good: Vec<AtomicBool>,
+    /// Per change: when the first and the last recipient read its event
+    /// (monotonic ns; `u64::MAX` and 0 before any).
+    first_read: Vec<AtomicU64>,
+    last_read: Vec<AtomicU64>,
     /// Actor ids (`connected.user.id`) to actor index.
     actor_ids: OnceLock<HashMap<String, u64>>,
     schedule: OnceLock<Schedule>,
@@ -396,6 +412,7 @@ struct Tally {
     action_lag: Latency,
     delivered_in_window: u64,
     mismatched: u64,
+    left_queue_seen: u64,
     error_codes: BTreeMap<String, u64>,
     connection_errors: BTreeMap<String, u64>,
 }
@@ -408,6 +425,7 @@ impl Tally {
         self.action_lag.merge(&other.action_lag);
         self.delivered_in_window += other.delivered_in_window;
         self.mismatched += other.mismatched;
+        self.left_queue_seen += other.left_queue_seen;
         for (k, v) in other.error_codes {
             *self.error_codes.entry(k).or_default() += v;
         }
@@ -469,6 +487,8 @@ impl Thread {
             return;
         }
         self.global.receipts[n as usize].fetch_add(1, Ordering::AcqRel);
+        self.global.first_read[n as usize].fetch_min(now, Ordering::AcqRel);
+        self.global.last_read[n as usize].fetch_max(now, Ordering::AcqRel);
         let latency = Duration::from_nanos(now.saturating_sub(schedule.at(n)));
         let mut tally = self.tally.borrow_mut();
         tally.latency.record(latency, 1);
@@ -539,6 +559,8 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         plan,
         receipts: (0..changes + 1).map(|_| AtomicU32::new(0)).collect(),
         good: (0..changes + 1).map(|_| AtomicBool::new(false)).collect(),
+        first_read: (0..changes + 1).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        last_read: (0..changes + 1).map(|_| AtomicU64::new(0)).collect(),
         actor_ids: OnceLock::new(),
         schedule: OnceLock::new(),
         setup_done: AtomicUsize::new(0),
@@ -636,6 +658,7 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     };
 
     let (mut opens, mut toggles, mut failed, mut delivered, mut missing, mut duplicates) = (0, 0, 0, 0, 0, 0);
+    let mut spread = Latency::new();
     for n in schedule.first_measured..schedule.end {
         let got = u64::from(global.receipts[n as usize].load(Ordering::Acquire));
         if !global.good[n as usize].load(Ordering::Acquire) {
@@ -645,6 +668,11 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         match mix.kind(n) {
             Change::Open(_) => opens += 1,
             Change::Presence(_) => toggles += 1,
+        }
+        let (first, last) = (&global.first_read[n as usize], &global.last_read[n as usize]);
+        let (first, last) = (first.load(Ordering::Acquire), last.load(Ordering::Acquire));
+        if last >= first {
+            spread.record(Duration::from_nanos(last - first), 1);
         }
         delivered += got.min(agents_ready);
         missing += agents_ready.saturating_sub(got);
@@ -675,11 +703,13 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         missing,
         duplicates,
         mismatched: total.mismatched,
+        left_queue_seen: total.left_queue_seen,
         deliveries_per_s: total.delivered_in_window as f64 / window_s,
         latency_us: total.latency.summary(),
         open_latency_us: total.open_latency.summary(),
         presence_latency_us: total.presence_latency.summary(),
         action_lag_us: total.action_lag.summary(),
+        spread_us: spread.summary(),
         error_codes: total.error_codes,
         connection_errors: total.connection_errors,
         client_cpu_cores: client_cpu_s / window_s,
@@ -782,6 +812,9 @@ async fn recipient_loop(mut conn: Conn, thread: Rc<Thread>) {
                 if let Some(n) = visitor.meta.get(CHANGE_META_KEY).and_then(|n| n.parse().ok()) {
                     thread.received(n, now, false);
                 }
+            }
+            Event::Conversation { visitor, .. } if visitor.meta.contains_key(CHANGE_META_KEY) => {
+                thread.tally.borrow_mut().left_queue_seen += 1;
             }
             Event::Presence { agent, status, .. } => {
                 let (Some(ids), Some(schedule)) =
@@ -954,7 +987,7 @@ pub fn print_summary(report: &FanoutReport) {
         "fanout: {}/{} recipients; {} opens + {} presence toggles in {:.0} s ({} failed); \
          {:.0} deliveries/s; latency µs p50 {:.0} p99 {:.0} p99.9 {:.0} max {:.0} \
          (open p99 {:.0}, presence p99 {:.0}); missing {} of {}, duplicates {}, mismatched {}; \
-         action lag µs p99 {:.0}; client CPU {:.2} cores",
+         first→last recipient µs p50 {:.0} p99 {:.0}; action lag µs p99 {:.0}; client CPU {:.2} cores",
         report.agents_ready,
         report.agents,
         report.changes_open,
@@ -972,6 +1005,8 @@ pub fn print_summary(report: &FanoutReport) {
         report.expected_deliveries,
         report.duplicates,
         report.mismatched,
+        report.spread_us.p50,
+        report.spread_us.p99,
         report.action_lag_us.p99,
         report.client_cpu_cores,
     );
@@ -979,6 +1014,10 @@ pub fn print_summary(report: &FanoutReport) {
         let rss = report.server_rss_bytes.map(|b| b as f64 / (1 << 20) as f64).unwrap_or(0.0);
         eprintln!("  server CPU {cores:.2} cores, RSS {rss:.1} MiB");
     }
+    eprintln!(
+        "  frames telling the agents that a queued conversation left the queue: {} (its visitor closed each one)",
+        report.left_queue_seen
+    );
     if report.agents >= 1000 {
         let met = l.p99 <= TARGET_P99_US;
         eprintln!(
