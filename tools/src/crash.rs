@@ -357,8 +357,7 @@ pub fn check(
 
 pub fn run(args: CrashArgs) -> anyhow::Result<()> {
     let report = measure(&args)?;
-    print_summary(&report);
-    println!("{}", serde_json::to_string(&report)?);
+    print_report(&report)?;
     let failures = report.failures();
     if !failures.is_empty() {
         bail!("crash: {}", failures.join("; "));
@@ -1067,6 +1066,13 @@ async fn send_loop(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_report(report: &CrashReport) -> anyhow::Result<()> {
+    print_summary(report);
+    println!("{}", serde_json::to_string(report)?);
+    Ok(())
+}
+
+/// The human summary of a run, with what it found, on stderr.
 fn print_summary(report: &CrashReport) {
     let v = &report.verdict;
     let ms = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.0}"));
