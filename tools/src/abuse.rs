@@ -142,10 +142,15 @@ impl RssSampler {
 
 /// `GET path` on the admin listener: the status and the body.
 pub fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&admin, ADMIN_TIMEOUT)
+    admin_get_within(admin, path, ADMIN_TIMEOUT)
+}
+
+/// [`admin_get`], each step (connect, write, read) bounded by `limit`.
+pub fn admin_get_within(admin: SocketAddr, path: &str, limit: Duration) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&admin, limit)
         .with_context(|| format!("connecting to the admin listener {admin}"))?;
-    stream.set_read_timeout(Some(ADMIN_TIMEOUT))?;
-    stream.set_write_timeout(Some(ADMIN_TIMEOUT))?;
+    stream.set_read_timeout(Some(limit))?;
+    stream.set_write_timeout(Some(limit))?;
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")?;
     let mut response = Vec::new();
     stream.take(ADMIN_RESPONSE_BYTES_MAX).read_to_end(&mut response).context("reading the admin response")?;

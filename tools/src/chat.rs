@@ -310,7 +310,7 @@ pub enum Subprotocol {
 }
 
 impl Subprotocol {
-    fn codec(self) -> Codec {
+    pub(crate) fn codec(self) -> Codec {
         match self {
             Subprotocol::Json => Codec::Json,
             Subprotocol::Fb => Codec::FlatBuffers,
@@ -615,7 +615,7 @@ pub fn mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn secs_ns(s: f64) -> u64 {
+pub(crate) fn secs_ns(s: f64) -> u64 {
     (s * 1e9) as u64
 }
 
@@ -663,8 +663,17 @@ pub fn capacity_for(visitors: u32, agents: u32, max_capacity: u32) -> Option<u32
 }
 
 fn read_secret(args: &ChatArgs) -> anyhow::Result<String> {
-    let path = match (&args.jwt_secret_file, &args.data) {
-        (Some(file), _) => file.clone(),
+    jwt_secret(args.jwt_secret_file.as_deref(), args.data.as_deref())
+}
+
+/// The gateway's JWT secret, from `file` or else from the data directory
+/// `data` (`DIR/jwt_secret`), to sign the run's tokens with.
+pub(crate) fn jwt_secret(
+    file: Option<&std::path::Path>,
+    data: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
+    let path = match (file, data) {
+        (Some(file), _) => file.to_path_buf(),
         (None, Some(dir)) => dir.join("jwt_secret"),
         (None, None) => {
             bail!("agents need tokens: pass --data DIR (the gateway's) or --jwt-secret-file FILE")
@@ -1109,15 +1118,15 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
 }
 
 /// CPU counters at one instant.
-struct Sample {
-    client_cpu: f64,
-    server_cpu: Option<f64>,
+pub(crate) struct Sample {
+    pub(crate) client_cpu: f64,
+    pub(crate) server_cpu: Option<f64>,
     helper_cpu: Option<f64>,
     server_threads: Option<BTreeMap<u32, (String, stats::CpuSplit)>>,
-    ticks: Vec<(u64, u64)>,
+    pub(crate) ticks: Vec<(u64, u64)>,
 }
 
-fn sample(server_pid: Option<u32>, helper_pid: Option<u32>) -> anyhow::Result<Sample> {
+pub(crate) fn sample(server_pid: Option<u32>, helper_pid: Option<u32>) -> anyhow::Result<Sample> {
     Ok(Sample {
         client_cpu: stats::self_cpu_seconds()?,
         server_cpu: server_pid.map(stats::process_cpu_seconds).transpose()?,
@@ -1127,7 +1136,7 @@ fn sample(server_pid: Option<u32>, helper_pid: Option<u32>) -> anyhow::Result<Sa
     })
 }
 
-fn sleep_until_ns(deadline: u64) {
+pub(crate) fn sleep_until_ns(deadline: u64) {
     let now = mono_ns();
     if deadline > now {
         std::thread::sleep(Duration::from_nanos(deadline - now));
@@ -1135,7 +1144,7 @@ fn sleep_until_ns(deadline: u64) {
 }
 
 /// Sleeps on the runtime's (millisecond) timer until `ready()`.
-async fn wait_until(mut ready: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(mut ready: impl FnMut() -> bool) {
     while !ready() {
         monoio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -1194,7 +1203,7 @@ impl PreciseTimer {
 /// and one flush task at a time writes them, so the scheduler never waits
 /// for a socket and frames from several tasks (a message, a pong) never
 /// interleave.
-struct Out {
+pub(crate) struct Out {
     half: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
     pending: RefCell<Vec<u8>>,
     failed: RefCell<Option<String>>,
@@ -1212,7 +1221,7 @@ impl Out {
     }
 
     /// Queues one frame; starts a flush unless one is running.
-    fn send(self: &Rc<Self>, opcode: u8, payload: &[u8]) {
+    pub(crate) fn send(self: &Rc<Self>, opcode: u8, payload: &[u8]) {
         if self.failed.borrow().is_some() {
             return;
         }
@@ -1223,7 +1232,7 @@ impl Out {
         }
     }
 
-    fn failure(&self) -> Option<String> {
+    pub(crate) fn failure(&self) -> Option<String> {
         self.failed.borrow().clone()
     }
 }
@@ -1253,9 +1262,9 @@ async fn flush(out: Rc<Out>, mut half: OwnedWriteHalf<TcpStream>) {
 }
 
 /// The receiving side of one connection, decoding whole messages.
-struct Conn {
+pub(crate) struct Conn {
     read: OwnedReadHalf<TcpStream>,
-    out: Rc<Out>,
+    pub(crate) out: Rc<Out>,
     codec: Codec,
     reader: FrameReader,
     buf: Vec<u8>,
@@ -1271,7 +1280,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, leftover: Vec<u8>, codec: Codec) -> Self {
+    pub(crate) fn new(stream: TcpStream, leftover: Vec<u8>, codec: Codec) -> Self {
         let (read, write) = stream.into_split();
         Self {
             read,
@@ -1289,7 +1298,7 @@ impl Conn {
     }
 
     /// Sends one command.
-    fn command(&self, frame: &ClientFrame, encoder: &RefCell<Encoder>) {
+    pub(crate) fn command(&self, frame: &ClientFrame, encoder: &RefCell<Encoder>) {
         let mut encoder = encoder.borrow_mut();
         let bytes = self.codec.encode_client(frame, &mut encoder);
         let opcode = if self.codec.is_binary() { ws::OP_BINARY } else { ws::OP_TEXT };
@@ -1298,7 +1307,7 @@ impl Conn {
 
     /// The next frame from the server and when its read completed
     /// (monotonic ns). Pings are answered here.
-    async fn next(&mut self) -> Result<(u64, ServerFrame), String> {
+    pub(crate) async fn next(&mut self) -> Result<(u64, ServerFrame), String> {
         loop {
             if let Some(next) = self.queue.pop_front() {
                 return Ok(next);
@@ -1385,7 +1394,7 @@ impl Conn {
 
     /// Reads until `pick` accepts a frame (Some(Ok)), refuses one
     /// (Some(Err)), or `limit` passes.
-    async fn expect<T>(
+    pub(crate) async fn expect<T>(
         &mut self,
         limit: Duration,
         what: &str,
@@ -1402,6 +1411,66 @@ impl Conn {
             }
         }
     }
+
+    /// Reads until the reply to command `id`, which `want` must accept;
+    /// an `error` reply is handed to `on_error` and fails it.
+    pub(crate) async fn reply<T>(
+        &mut self,
+        limit: Duration,
+        id: i64,
+        what: &str,
+        mut on_error: impl FnMut(ErrorCode),
+        want: impl FnOnce(Event) -> Option<T>,
+    ) -> Result<T, String> {
+        let mut want = Some(want);
+        self.expect(limit, what, |frame| {
+            if frame.id != Some(id) {
+                return None;
+            }
+            Some(match frame.body {
+                Event::Error { code, .. } => {
+                    on_error(code);
+                    Err(format!("{what}: {code}"))
+                }
+                body => want.take().and_then(|w| w(body)).ok_or_else(|| format!("{what}: unexpected reply")),
+            })
+        })
+        .await
+    }
+
+    /// Opens a connection to `dial.url` (from `source`) and sends `connect`
+    /// with `token` and `resume`; returns it once `connected` is read, with
+    /// the user's id.
+    pub(crate) async fn session(
+        dial: &Dial,
+        source: Option<IpAddr>,
+        token: &str,
+        resume: BTreeMap<ConvId, u64>,
+        encoder: &RefCell<Encoder>,
+        on_error: impl FnMut(ErrorCode),
+    ) -> Result<(Conn, String), String> {
+        let (stream, leftover) =
+            ws::open(&dial.url, source, Some(dial.codec.subprotocol()), dial.connect_timeout).await?;
+        let mut conn = Conn::new(stream, leftover, dial.codec);
+        let connect =
+            Command::Connect { token: Some(token.to_owned()), visitor_id: None, visitor_key: None, resume };
+        conn.command(&ClientFrame { id: Some(1), body: connect }, encoder);
+        let user = conn
+            .reply(dial.reply_timeout, 1, "connected", on_error, |body| match body {
+                Event::Connected { user, .. } => Some(user.id),
+                _ => None,
+            })
+            .await?;
+        Ok((conn, user))
+    }
+}
+
+/// Where and how a scenario's clients connect.
+pub(crate) struct Dial {
+    pub(crate) url: WsUrl,
+    pub(crate) codec: Codec,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) reply_timeout: Duration,
 }
 
 /// A visitor ready to send: its conversation and its connection's writer.

@@ -14,10 +14,13 @@
 //! - `junk` (`junk.rs`) and `slow` (`slow.rs`): regression runs of the
 //!   same chat, clean and then beside connections that send garbage or
 //!   stop reading (`abuse.rs` compares the two): do honest clients notice?
+//! - `fanout` (`fanout.rs`): how long until every agent of a group sees a
+//!   queue or presence change?
+//! - `crash` (`crash.rs`): is anything acked lost, stored twice or skipped
+//!   when the gateway is killed with SIGKILL under load, again and again?
 //!
-//! Further chat scenarios (zero loss across `kill -9`) grow here over the
-//! same pieces: the minimal client WebSocket in `ws.rs` and
-//! the measurements in `stats.rs`.
+//! Further chat scenarios grow here over the same pieces: the minimal
+//! client WebSocket in `ws.rs` and the measurements in `stats.rs`.
 //!
 //! # Output
 //!
@@ -43,7 +46,9 @@
 
 mod abuse;
 mod chat;
+mod crash;
 mod echo;
+mod fanout;
 mod html;
 mod idle;
 mod junk;
@@ -89,6 +94,12 @@ enum Command {
     /// stop reading; fails unless the gateway closes them (4001) with its
     /// memory bounded and the honest clients unharmed.
     Slow(Box<slow::SlowArgs>),
+    /// Time from a queue or presence change to each of 1,000 agents of a
+    /// group, and deliveries missed.
+    Fanout(Box<fanout::FanoutArgs>),
+    /// Chat load while the gateway is killed (SIGKILL) and restarted K
+    /// times; fails on an acked message lost, a duplicate or a seq gap.
+    Crash(Box<crash::CrashArgs>),
     /// One client process of `idle` (started by `idle` itself).
     #[command(hide = true)]
     IdleWorker(idle::WorkerArgs),
@@ -109,6 +120,8 @@ fn main() -> ExitCode {
         Command::Chat(args) => chat::run(args, &out),
         Command::Junk(args) => junk::run(*args, &out),
         Command::Slow(args) => slow::run(*args, &out),
+        Command::Fanout(args) => fanout::run(*args, &out),
+        Command::Crash(args) => crash::run(*args, &out),
         Command::IdleWorker(args) => idle::run_worker(args),
     };
     match result {
