@@ -45,12 +45,18 @@ pub struct StoreConfig {
     /// ack latency here); see the crate docs and BENCHMARKS.md. Default
     /// true.
     pub quick_repair: bool,
-    /// Messages whose dedupe slot the writer keeps in memory (with their
-    /// conversation's last seq), so that appends to a known conversation
-    /// check the cid and the seq without reading the index. A conversation
-    /// is loaded with one scan of its index on first touch; when the cache
-    /// is full it is cleared and refills that way. About 24 bytes each.
-    /// Default 1048576 (~25 MiB).
+    /// Dedupe slots (one per message) each dedupe cache holds in memory:
+    /// the writer's, and each reader's (the gateway has one per shard, for
+    /// the conversations homed there). A cache keeps, per conversation it
+    /// has seen, the slot and offset of each message and its last seq, so
+    /// checking a cid and a seq reads no index. Past this bound the
+    /// conversations touched longest ago are dropped, down to three
+    /// quarters of it, and one scan of its index loads a conversation again
+    /// if it comes back; the writer also drops a conversation when it is
+    /// closed. The index itself always answers, so a resend is recognised
+    /// however old it is: the bound costs lookups, never a duplicate.
+    /// About 20–40 bytes each (a hash table entry and its slack). Default
+    /// 1048576 (at most ~40 MiB per cache).
     pub conv_cache_entries: usize,
     /// How long the idle writer sleeps before looking at the queues again,
     /// in milliseconds. A submit wakes it at once; this is only a safety
