@@ -36,7 +36,12 @@ pub struct StoreConfig {
     /// thread (the gRPC bridge). Each has its own submit and completion
     /// queue. Default 1.
     pub sources: usize,
-    /// redb's page cache, in bytes. Default 256 MiB.
+    /// redb's page cache, in bytes of pages. It takes every page a commit
+    /// writes as well as the pages read, so it fills as the log grows and
+    /// then evicts. The heap it costs is larger by the allocator's
+    /// rounding: redb holds a 4 KiB page with a 16-byte header, which the
+    /// gateway's mimalloc serves from a 5 KiB size class (1.25×; see
+    /// BENCHMARKS.md, issue 11). Default 256 MiB.
     pub cache_bytes: usize,
     /// redb quick-repair: every commit also saves the allocator state (with
     /// a two-phase commit), so that opening after a crash needs no walk of
@@ -55,8 +60,8 @@ pub struct StoreConfig {
     /// if it comes back; the writer also drops a conversation when it is
     /// closed. The index itself always answers, so a resend is recognised
     /// however old it is: the bound costs lookups, never a duplicate.
-    /// About 20–40 bytes each (a hash table entry and its slack). Default
-    /// 1048576 (at most ~40 MiB per cache).
+    /// About 20–40 bytes each (a 17-byte hash-table bucket, tables 7/16 to
+    /// 7/8 full). Default 1048576 (at most ~40 MiB per cache).
     pub conv_cache_entries: usize,
     /// How long the idle writer sleeps before looking at the queues again,
     /// in milliseconds. A submit wakes it at once; this is only a safety
