@@ -6,9 +6,18 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kefu_gateway::config::{Config, Overrides};
 
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: kefu_gateway::alloc::Counting<mimalloc::MiMalloc> =
     kefu_gateway::alloc::Counting(mimalloc::MiMalloc);
+
+/// With `--features system-alloc`: glibc's allocator, which heap profilers
+/// such as heaptrack see (mimalloc is linked in and calls no `malloc`).
+/// For measuring, not for serving.
+#[cfg(feature = "system-alloc")]
+#[global_allocator]
+static GLOBAL: kefu_gateway::alloc::Counting<std::alloc::System> =
+    kefu_gateway::alloc::Counting(std::alloc::System);
 
 /// kefu: an edge gateway for live customer service.
 ///

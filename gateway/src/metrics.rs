@@ -400,7 +400,7 @@ pub fn render<T: Send>(
     for (thread, n) in crate::alloc::allocations_by_thread() {
         let _ = writeln!(out, "kefu_thread_allocations_total{{thread=\"{thread}\"}} {n}");
     }
-    let storage: [(&str, &str, &str, u64); 9] = [
+    let storage: [(&str, &str, &str, u64); 11] = [
         ("kefu_storage_commits_total", "counter", "Group commits done.", store.commits),
         ("kefu_storage_failed_commits_total", "counter", "Group commits that failed.", store.failed_commits),
         ("kefu_storage_writes_total", "counter", "Writes stored.", store.writes),
@@ -424,6 +424,18 @@ pub fn render<T: Send>(
             "counter",
             "Writes answered unavailable while storage could not write.",
             store.refused_recovering,
+        ),
+        (
+            "kefu_storage_writer_dedupe_entries",
+            "gauge",
+            "Dedupe slots the storage writer holds in memory (at most storage.conv_cache_entries).",
+            store.writer_cache_entries,
+        ),
+        (
+            "kefu_storage_reader_dedupe_entries",
+            "gauge",
+            "Dedupe slots the readers hold in memory, over every shard's cache (each at most storage.conv_cache_entries).",
+            store.reader_cache_entries,
         ),
     ];
     for (name, kind, help, value) in storage {

@@ -8,7 +8,19 @@
 //! cargo bench -p kefu-storage --bench storage -- latency [--rate MSG_PER_S] [--seconds N] [--sources S]
 //!     [--window-us W] [--quick-repair BOOL]
 //! cargo bench -p kefu-storage --bench storage -- dedupe
+//! cargo bench -p kefu-storage --bench storage -- disk [--messages N] [--convs C] [--size B] [--batch B]
+//! cargo bench -p kefu-storage --bench storage -- disk --analyze DIR
 //! ```
+//!
+//! `disk` says where the bytes on disk go: it appends N messages of B-byte
+//! texts over C conversations through group commit, each commit holding at
+//! most `--batch` of them (a gateway at 2,000 msg/s commits a few at a
+//! time), closes the store and prints the file's size per message, redb's
+//! own accounting per table (bytes stored, B-tree overhead, pages
+//! allocated but not filled) and the log records' encoded sizes field by
+//! field. `--analyze DIR` does only the second part, on any store (the
+//! gateway stopped), such as a soak's. Data goes to $KEFU_BENCH_DIR (a
+//! tmpfs is fine here: the file's layout does not depend on fsync's speed).
 //!
 //! `dedupe` times `Reader::dedupe` (a miss: the common case, a new cid, and
 //! a hit on the newest message) in conversations of 10 to 10,000 messages,
@@ -81,6 +93,7 @@ fn main() {
         "reopen" => reopen(&opts),
         "latency" => latency(&opts),
         "dedupe" => dedupe_lookup(&opts),
+        "disk" => disk(&opts),
         "child-fill" => child_fill(&opts),
         other => panic!("unknown command {other}"),
     }
@@ -589,4 +602,181 @@ fn dedupe_lookup(_o: &Args) {
     }
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
+
+/// A chat message as `kefu-bench chat` sends it: a `size`-byte text, a cid
+/// of the same shape (thread, number, scheduled ns), an anonymous
+/// visitor's id and name as the gateway issues them.
+fn soak_message(i: u64, convs: u64, size: usize) -> Msg {
+    let conv = 1 + i % convs;
+    let mut text = format!("{i} ");
+    while text.len() < size {
+        text.push('x');
+    }
+    text.truncate(size);
+    Msg {
+        conv: ConvId(conv),
+        seq: 0,
+        cid: format!("{}-{i}-{}", conv % 2, 1_000_000_000_000 + i * 500_000),
+        from: Sender {
+            role: Role::Visitor,
+            id: format!("v_{conv:016x}{:08x}", conv * 31),
+            name: String::new(),
+        },
+        ts: 1_700_000_000_000 + i / 2,
+        text: Some(text),
+        attachment: None,
+    }
+}
+
+fn disk(o: &Args) {
+    if let Some(dir) = o.0.get("analyze") {
+        analyze(Path::new(dir), None);
+        return;
+    }
+    let messages: u64 = o.get("messages", 1_000_000);
+    let convs: u64 = o.get("convs", 2_000);
+    let size: usize = o.get("size", 100);
+    let batch: usize = o.get("batch", 4);
+    let dir = bench_dir("disk");
+    println!(
+        "disk: {messages} messages of {size}-byte texts over {convs} conversations, commits of at most {batch}, in {}",
+        dir.display()
+    );
+    let cfg = StoreConfig { dir: dir.clone(), submit_queue_capacity: batch, ..StoreConfig::default() };
+    let (store, _) = Store::open(cfg, Arc::new(|_| {})).unwrap();
+    let (w, c) = (store.writer(), store.completions(0));
+    let t0 = Instant::now();
+    let (mut sent, mut done) = (0u64, 0u64);
+    while done < messages {
+        while sent < messages && w.in_flight(0) < batch {
+            w.submit(0, sent, WriteOp::AppendMessage(soak_message(sent, convs, size))).unwrap();
+            sent += 1;
+        }
+        match c.pop() {
+            Some(x) => {
+                x.result.unwrap();
+                done += 1;
+            }
+            None => std::thread::yield_now(),
+        }
+    }
+    let commits = store.stats().commits;
+    println!(
+        "  written in {:.1?}, {commits} commits ({:.1} messages each)",
+        t0.elapsed(),
+        messages as f64 / commits as f64
+    );
+    drop(store);
+    analyze(&dir, Some(messages));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The tables `analyze` looks at, as `tables.rs` defines them.
+const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+const CONV_INDEX: redb::TableDefinition<(u64, u64), (u64, u64)> = redb::TableDefinition::new("conv_index");
+const CONVERSATIONS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("conversations");
+const USERS: redb::TableDefinition<(&str, &str), &[u8]> = redb::TableDefinition::new("users");
+
+fn analyze(dir: &Path, expected: Option<u64>) {
+    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+    let path = dir.join("kefu.redb");
+    let file = std::fs::metadata(&path).unwrap().len();
+    let db = redb::Database::open(&path).unwrap();
+    let w = db.begin_write().unwrap();
+    let s = w.stats().unwrap();
+    w.abort().unwrap();
+    let page = s.page_size() as u64;
+    let r = db.begin_read().unwrap();
+    let log = r.open_table(LOG).unwrap();
+    // Field by field, over the messages of the log.
+    let (mut n, mut value, mut text, mut cid, mut id, mut name, mut others, mut other_bytes) =
+        (0u64, 0, 0, 0, 0, 0, 0u64, 0);
+    for e in log.iter().unwrap() {
+        let (_, v) = e.unwrap();
+        let bytes = v.value();
+        match kefu_storage::decode_log_record(bytes).unwrap() {
+            kefu_storage::LogRecord::Message(m) => {
+                n += 1;
+                value += bytes.len() as u64;
+                text += m.text.map_or(0, |t| t.len()) as u64;
+                cid += m.cid.len() as u64;
+                id += m.from.id.len() as u64;
+                name += m.from.name.len() as u64;
+            }
+            _ => {
+                others += 1;
+                other_bytes += bytes.len() as u64;
+            }
+        }
+    }
+    if let Some(e) = expected {
+        assert_eq!(n, e, "messages in the log");
+    }
+    let per = |x: u64| x as f64 / n.max(1) as f64;
+    println!(
+        "  file {file} bytes for {n} messages (+{others} other records): {:.1} bytes per message",
+        per(file)
+    );
+    println!(
+        "  a message's log value: {:.1} bytes = text {:.1} + cid {:.1} + sender id {:.1} + name {:.1} + the rest {:.1} \
+         (format byte, archive fields, string headers, enum tag)",
+        per(value),
+        per(text),
+        per(cid),
+        per(id),
+        per(name),
+        per(value - text - cid - id - name)
+    );
+    println!("  other log records: {others}, {other_bytes} bytes");
+    println!(
+        "  redb: {} pages of {page} B allocated ({:.1} per message), {} bytes of the file not allocated ({:.1} per message)",
+        s.allocated_pages(),
+        per(s.allocated_pages() * page),
+        file.saturating_sub(s.allocated_pages() * page),
+        per(file.saturating_sub(s.allocated_pages() * page))
+    );
+    // stored, B-tree metadata, fragmented, leaf pages, branch pages, height
+    let row = |name: &str,
+               what: String,
+               [stored, metadata, fragmented, leaves, branches, height]: [u64; 6]| {
+        println!(
+            "  {name:>13}: {what}stored {:>6.1}, metadata {:>5.1}, fragmented (allocated, unfilled) {:>6.1} bytes \
+             per message; {leaves} leaf + {branches} branch pages (of {page} B), height {height}",
+            per(stored),
+            per(metadata),
+            per(fragmented),
+        )
+    };
+    let all = [
+        s.stored_bytes(),
+        s.metadata_bytes(),
+        s.fragmented_bytes(),
+        s.leaf_pages(),
+        s.branch_pages(),
+        s.tree_height().into(),
+    ];
+    row("all trees", String::new(), all);
+    let table = |name: &str, st: redb::TableStats, len: u64| {
+        let stats = [
+            st.stored_bytes(),
+            st.metadata_bytes(),
+            st.fragmented_bytes(),
+            st.leaf_pages(),
+            st.branch_pages(),
+            st.tree_height().into(),
+        ];
+        row(name, format!("{len:>9} entries; "), stats);
+    };
+    table("log", log.stats().unwrap(), log.len().unwrap());
+    let index = r.open_table(CONV_INDEX).unwrap();
+    table("conv_index", index.stats().unwrap(), index.len().unwrap());
+    if let Ok(t) = r.open_table(CONVERSATIONS) {
+        table("conversations", t.stats().unwrap(), t.len().unwrap());
+    }
+    if let Ok(t) = r.open_table(USERS) {
+        table("users", t.stats().unwrap(), t.len().unwrap());
+    }
 }

@@ -36,7 +36,12 @@ pub struct StoreConfig {
     /// thread (the gRPC bridge). Each has its own submit and completion
     /// queue. Default 1.
     pub sources: usize,
-    /// redb's page cache, in bytes. Default 256 MiB.
+    /// redb's page cache, in bytes of pages. It takes every page a commit
+    /// writes as well as the pages read, so it fills as the log grows and
+    /// then evicts. The heap it costs is larger by the allocator's
+    /// rounding: redb holds a 4 KiB page with a 16-byte header, which the
+    /// gateway's mimalloc serves from a 5 KiB size class (1.25×; see
+    /// BENCHMARKS.md, issue 11). Default 256 MiB.
     pub cache_bytes: usize,
     /// redb quick-repair: every commit also saves the allocator state (with
     /// a two-phase commit), so that opening after a crash needs no walk of
@@ -45,12 +50,18 @@ pub struct StoreConfig {
     /// ack latency here); see the crate docs and BENCHMARKS.md. Default
     /// true.
     pub quick_repair: bool,
-    /// Messages whose dedupe slot the writer keeps in memory (with their
-    /// conversation's last seq), so that appends to a known conversation
-    /// check the cid and the seq without reading the index. A conversation
-    /// is loaded with one scan of its index on first touch; when the cache
-    /// is full it is cleared and refills that way. About 24 bytes each.
-    /// Default 1048576 (~25 MiB).
+    /// Dedupe slots (one per message) each dedupe cache holds in memory:
+    /// the writer's, and each reader's (the gateway has one per shard, for
+    /// the conversations homed there). A cache keeps, per conversation it
+    /// has seen, the slot and offset of each message and its last seq, so
+    /// checking a cid and a seq reads no index. Past this bound the
+    /// conversations touched longest ago are dropped, down to three
+    /// quarters of it, and one scan of its index loads a conversation again
+    /// if it comes back; the writer also drops a conversation when it is
+    /// closed. The index itself always answers, so a resend is recognised
+    /// however old it is: the bound costs lookups, never a duplicate.
+    /// About 20–40 bytes each (a 17-byte hash-table bucket, tables 7/16 to
+    /// 7/8 full). Default 1048576 (at most ~40 MiB per cache).
     pub conv_cache_entries: usize,
     /// How long the idle writer sleeps before looking at the queues again,
     /// in milliseconds. A submit wakes it at once; this is only a safety

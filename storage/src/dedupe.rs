@@ -15,19 +15,22 @@
 //! rewrites about one page per conversation touched in every tree keyed by
 //! conversation, and that page traffic is what the disk limits.
 //!
-//! Lookups never scan a whole conversation twice. The writer keeps, per
+//! Lookups rarely scan a whole conversation. The writer keeps, per
 //! conversation it has seen, a map from slot to offset (loaded by one range
-//! scan of the conversation's index on first touch, bounded by
-//! `conv_cache_entries`), so its check is in memory. Readers share a
-//! [`SlotCache`] that they extend with only the index entries appended
-//! since their last look, so `Reader::dedupe` costs ~1 µs whatever the
-//! conversation's length. Either way the log record is the truth: a slot
+//! scan of the conversation's index on first touch), so its check is in
+//! memory. Readers share a [`SlotCache`] that they extend with only the
+//! index entries appended since their last look, so `Reader::dedupe` costs
+//! ~1 µs whatever the conversation's length. Both are [`SlotMaps`],
+//! bounded by `conv_cache_entries` slots each: past it, the conversations
+//! touched longest ago are dropped and scanned again if they come back. Either way the log record is the truth: a slot
 //! match counts only if the record it points at has the same sender and
 //! cid, so two different (sender, cid) with equal slots — a 2⁻⁶⁴ accident,
 //! and not something a client can provoke without the secret key — are
 //! told apart by looking at every entry of the conversation.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use redb::ReadableTable;
 
@@ -178,43 +181,185 @@ impl std::hash::Hasher for U64Hasher {
     }
 }
 
+/// Dedupe slots held in memory, per conversation, bounded: the writer's
+/// and each reader cache's working set over the on-disk column.
+///
+/// The protocol promises that a resent cid is stored once however old it
+/// is, so nothing here is a window in time: the column in `conv_index`
+/// always answers. What is bounded is what is held in memory. Past
+/// `max_entries` slots, the conversations touched longest ago are dropped
+/// whole, down to three quarters of the bound (so a full cache does not
+/// evict on every append), and one that comes back is loaded again with
+/// one scan of its index. The writer also drops a conversation when it
+/// is closed. Before, the bound was checked only when a conversation was
+/// first loaded, so a fixed set of busy conversations grew the caches
+/// with their whole history (issue 11).
+pub(crate) struct SlotMaps {
+    convs: U64Map<ConvSlots>,
+    /// Slots held in `convs`.
+    entries: usize,
+    max_entries: usize,
+    /// Counts touches, for "touched longest ago".
+    clock: u64,
+    /// Where `entries` is published for `/metrics` (shared by every cache
+    /// of one kind, so each adds its own).
+    gauge: Arc<AtomicUsize>,
+}
+
+/// One conversation's slots as held in memory.
+#[derive(Default)]
+pub(crate) struct ConvSlots {
+    /// The first seq not yet read (the last seq + 1).
+    pub(crate) next_seq: u64,
+    /// Slot → offset of the first message with it.
+    pub(crate) slots: U64Map<u64>,
+    /// The clock at its last touch.
+    touched: u64,
+}
+
+impl ConvSlots {
+    /// Notes the message at `seq` with `slot` at `offset` (the first
+    /// offset of a slot is kept). Returns whether the slot was new.
+    fn note(&mut self, seq: u64, slot: u64, offset: u64) -> bool {
+        self.next_seq = self.next_seq.max(seq + 1);
+        match self.slots.entry(slot) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(offset);
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(_) => false,
+        }
+    }
+}
+
+impl SlotMaps {
+    pub(crate) fn new(max_entries: usize, gauge: Arc<AtomicUsize>) -> SlotMaps {
+        assert!(max_entries > 0, "validated: conv_cache_entries >= 1");
+        SlotMaps { convs: U64Map::default(), entries: 0, max_entries, clock: 0, gauge }
+    }
+
+    /// Slots held.
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// `conv`'s slots, if held, without counting a touch.
+    pub(crate) fn peek(&self, conv: u64) -> Option<&ConvSlots> {
+        self.convs.get(&conv)
+    }
+
+    /// `conv`'s slots, if held, counted as a touch.
+    pub(crate) fn get(&mut self, conv: u64) -> Option<&ConvSlots> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.convs.get_mut(&conv).map(|c| {
+            c.touched = clock;
+            &*c
+        })
+    }
+
+    /// Notes `(seq, slot, offset)` in `conv` if it is held; a conversation
+    /// not held is loaded whole or not at all, never from one message.
+    pub(crate) fn note(&mut self, conv: u64, seq: u64, slot: u64, offset: u64) {
+        if self.convs.contains_key(&conv) {
+            self.note_all(conv, std::iter::once((seq, slot, offset)));
+        }
+    }
+
+    /// Holds `conv` (empty if it was not held) and notes these messages of
+    /// it in seq order: all of them from its first seq, or from the
+    /// `next_seq` it is held with. Then keeps the bound, which may drop
+    /// `conv` itself if it alone is over it.
+    pub(crate) fn note_all(&mut self, conv: u64, messages: impl IntoIterator<Item = (u64, u64, u64)>) {
+        self.clock += 1;
+        let c = self.convs.entry(conv).or_default();
+        c.touched = self.clock;
+        let mut added = 0;
+        for (seq, slot, offset) in messages {
+            added += usize::from(c.note(seq, slot, offset));
+        }
+        self.entries += added;
+        self.gauge.fetch_add(added, Ordering::Relaxed);
+        if self.entries > self.max_entries {
+            self.evict(conv);
+        }
+    }
+
+    /// Drops `conv`'s slots (the column still answers for it).
+    pub(crate) fn forget(&mut self, conv: u64) {
+        if let Some(c) = self.convs.remove(&conv) {
+            self.entries -= c.slots.len();
+            self.gauge.fetch_sub(c.slots.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Drops everything.
+    pub(crate) fn clear(&mut self) {
+        self.gauge.fetch_sub(self.entries, Ordering::Relaxed);
+        self.convs.clear();
+        self.entries = 0;
+    }
+
+    /// Drops the conversations touched longest ago, `keep` last, until at
+    /// most three quarters of the bound are held. Sorting every
+    /// conversation is fine: this runs once per quarter of the bound
+    /// filled, not per append.
+    fn evict(&mut self, keep: u64) {
+        let target = self.max_entries - self.max_entries / 4;
+        let mut order: Vec<(u64, u64)> =
+            self.convs.iter().map(|(&id, c)| (if id == keep { u64::MAX } else { c.touched }, id)).collect();
+        order.sort_unstable();
+        for (_, id) in order {
+            if self.entries <= target {
+                break;
+            }
+            self.forget(id);
+        }
+    }
+}
+
+impl Drop for SlotMaps {
+    fn drop(&mut self) {
+        self.gauge.fetch_sub(self.entries, Ordering::Relaxed);
+    }
+}
+
 /// The readers' view of dedupe slots, shared by every [`Reader`] of a
-/// store: per conversation, the slots of its messages up to some seq,
-/// extended by reading only the index entries added since. Index entries
-/// never change once committed, so extending is exact, and a lookup costs
-/// one short range read instead of a scan of the whole conversation.
+/// store (or owned by one, see `Reader::with_own_dedupe_cache`): per
+/// conversation, the slots of its messages up to some seq, extended by
+/// reading only the index entries added since. Index entries never change
+/// once committed, so extending is exact, and a lookup costs one short
+/// range read instead of a scan of the whole conversation.
 ///
 /// [`Reader`]: crate::Reader
 pub(crate) struct SlotCache {
     key: DedupeKey,
-    /// Bound on the slots held; past it the cache starts over.
-    max_entries: usize,
-    convs: U64Map<ConvSlots>,
-    entries: usize,
-}
-
-#[derive(Default)]
-struct ConvSlots {
-    /// The first seq not yet read.
-    next_seq: u64,
-    /// Slot → offset of the first message with it.
-    slots: U64Map<u64>,
+    maps: SlotMaps,
+    /// Reused for the entries read in one lookup: `(seq, slot, offset)`.
+    scratch: Vec<(u64, u64, u64)>,
 }
 
 impl SlotCache {
-    pub(crate) fn new(key: DedupeKey, max_entries: usize) -> SlotCache {
-        SlotCache { key, max_entries, convs: U64Map::default(), entries: 0 }
+    pub(crate) fn new(key: DedupeKey, max_entries: usize, gauge: Arc<AtomicUsize>) -> SlotCache {
+        SlotCache { key, maps: SlotMaps::new(max_entries, gauge), scratch: Vec::new() }
     }
 
-    /// An empty cache with the same key and bound.
+    /// An empty cache with the same key, bound and gauge.
     pub(crate) fn empty_like(&self) -> SlotCache {
-        SlotCache::new(self.key, self.max_entries)
+        SlotCache::new(self.key, self.maps.max_entries, self.maps.gauge.clone())
+    }
+
+    /// Slots held.
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> usize {
+        self.maps.entries()
     }
 
     /// Whether this cache has read `conv`'s index below `before_seq` and
     /// holds no slot of (sender, cid): no append of it below `before_seq`.
     pub(crate) fn knows_absent(&self, conv: u64, sender: (Role, &str), cid: &str, before_seq: u64) -> bool {
-        self.convs.get(&conv).is_some_and(|c| {
+        self.maps.peek(conv).is_some_and(|c| {
             c.next_seq >= before_seq && !c.slots.contains_key(&self.key.slot(sender.0, sender.1, cid))
         })
     }
@@ -231,21 +376,23 @@ impl SlotCache {
         sender: (Role, &str),
         cid: &str,
     ) -> Result<Option<Original>, StorageError> {
-        if self.entries >= self.max_entries && !self.convs.contains_key(&conv) {
-            self.convs.clear();
-            self.entries = 0;
-        }
-        let c = self.convs.entry(conv).or_default();
-        for entry in index.range((conv, c.next_seq)..=(conv, u64::MAX)).ctx("read conv_index")? {
+        let slot = self.key.slot(sender.0, sender.1, cid);
+        let from = self.maps.get(conv).map_or(0, |c| c.next_seq);
+        let mut new = std::mem::take(&mut self.scratch);
+        new.clear();
+        for entry in index.range((conv, from)..=(conv, u64::MAX)).ctx("read conv_index")? {
             let (k, v) = entry.ctx("read conv_index")?;
-            let (offset, slot) = v.value();
-            if let std::collections::hash_map::Entry::Vacant(e) = c.slots.entry(slot) {
-                e.insert(offset);
-                self.entries += 1;
-            }
-            c.next_seq = k.value().1 + 1;
+            let (offset, s) = v.value();
+            new.push((k.value().1, s, offset));
         }
-        let Some(&offset) = c.slots.get(&self.key.slot(sender.0, sender.1, cid)) else { return Ok(None) };
+        // Where the slot is, before keeping the bound may drop `conv`.
+        let mut at = new.iter().find(|&&(_, s, _)| s == slot).map(|&(_, _, offset)| offset);
+        if let Some(c) = self.maps.peek(conv) {
+            at = c.slots.get(&slot).copied().or(at);
+        }
+        self.maps.note_all(conv, new.drain(..));
+        self.scratch = new;
+        let Some(offset) = at else { return Ok(None) };
         match check(log, offset, conv, sender, cid)? {
             Some(o) => Ok(Some(o)),
             // Another (sender, cid) has the slot: look at every entry.
@@ -324,6 +471,31 @@ impl SipHash24 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_maps_drop_the_conversations_touched_longest_ago_and_keep_the_bound() {
+        let gauge = Arc::new(AtomicUsize::new(0));
+        let mut maps = SlotMaps::new(8, gauge.clone());
+        for conv in 1..=3 {
+            maps.note_all(conv, (1..=2).map(|seq| (seq, conv * 100 + seq, seq)));
+        }
+        assert_eq!(maps.get(1).map(|c| c.next_seq), Some(3), "conversation 1 is touched again");
+        // 6 held; 4 more make 10 > 8: down to 6 (three quarters), dropping
+        // conversation 2 first, then 3; never 4 itself, nor 1 (touched).
+        maps.note_all(4, (1..=4).map(|seq| (seq, 400 + seq, seq)));
+        assert!(maps.peek(2).is_none() && maps.peek(3).is_none());
+        assert!(maps.peek(1).is_some() && maps.peek(4).is_some());
+        assert_eq!((maps.entries(), gauge.load(Ordering::Relaxed)), (6, 6));
+        // A conversation not held is never started from one message.
+        maps.note(2, 3, 999, 9);
+        assert!(maps.peek(2).is_none());
+        // One alone over the bound is not kept either.
+        maps.note_all(5, (1..=9).map(|seq| (seq, 500 + seq, seq)));
+        assert!(maps.peek(5).is_none());
+        assert!(maps.entries() <= 8);
+        drop(maps);
+        assert_eq!(gauge.load(Ordering::Relaxed), 0, "a dropped cache leaves the gauge");
+    }
 
     #[test]
     fn siphash_matches_the_reference_vectors() {

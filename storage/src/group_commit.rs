@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use redb::{Durability, ReadableTable, Table, WriteTransaction};
 
 use crate::backend::SyncCounter;
-use crate::dedupe::{self, DedupeKey, U64Map};
+use crate::dedupe::{self, DedupeKey, SlotMaps};
 use crate::error::{IoContext, StorageError};
 use crate::record::{ArchivedConversationRecord, ConvChange, LogRecord, access, encode_into};
 use crate::reopen::{DbSlot, Reopen};
@@ -49,13 +49,6 @@ pub(crate) struct Limits {
     pub(crate) conv_cache_entries: usize,
     pub(crate) recovery_backoff_min: Duration,
     pub(crate) recovery_backoff_max: Duration,
-}
-
-/// A conversation as the writer needs it.
-struct ConvState {
-    last_seq: u64,
-    /// Dedupe slot → offset of the first message with that slot.
-    slots: U64Map<u64>,
 }
 
 /// The writer thread's state.
@@ -80,10 +73,10 @@ pub(crate) struct GroupCommit {
     next_conv_id: u64,
     /// What the writer knows of the conversations it has seen: their last
     /// seq and dedupe slots, as of the committed state plus the open batch
-    /// (cleared when a commit fails).
-    convs: U64Map<ConvState>,
-    /// Dedupe slots held in `convs`, bounded by `conv_cache_entries`.
-    conv_entries: usize,
+    /// (cleared when a commit fails), bounded by `conv_cache_entries`.
+    convs: SlotMaps,
+    /// Reused for the index entries of a conversation being loaded.
+    scratch: Vec<(u64, u64, u64)>,
     /// Commits done since open.
     commits: u64,
     dedupe_key: DedupeKey,
@@ -190,6 +183,7 @@ impl GroupCommit {
         reopen: Option<Reopen>,
     ) -> GroupCommit {
         let sources = shared.sources.len();
+        let convs = SlotMaps::new(limits.conv_cache_entries, shared.stats.writer_cache_entries.clone());
         GroupCommit {
             db,
             reopen,
@@ -201,8 +195,8 @@ impl GroupCommit {
             next_source: 0,
             next_offset,
             next_conv_id,
-            convs: U64Map::default(),
-            conv_entries: 0,
+            convs,
+            scratch: Vec::new(),
             commits: 0,
             dedupe_key,
             buf: Vec::with_capacity(1024),
@@ -344,7 +338,6 @@ impl GroupCommit {
                 self.next_offset = start_offset;
                 self.next_conv_id = start_conv_id;
                 self.convs.clear();
-                self.conv_entries = 0;
                 self.results.clear();
                 self.results.resize(n, Err(e.clone()));
                 *self.shared.problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
@@ -437,7 +430,6 @@ impl GroupCommit {
         self.next_offset = reopened.next_offset;
         self.next_conv_id = self.next_conv_id.max(reopened.next_conv_id);
         self.convs.clear();
-        self.conv_entries = 0;
         self.probe()
     }
 
@@ -553,6 +545,11 @@ impl GroupCommit {
                     .ctx("insert user_conversations")?;
                 let offset = self.insert_logged(t)?;
                 t.conv_changes()?.insert(offset, change.to_byte()).ctx("insert conv_changes")?;
+                if c.status == kefu_proto::ids::ConvStatus::Closed {
+                    // No message follows a close: its slots would only sit
+                    // in memory. A resend still finds them in the index.
+                    self.convs.forget(id);
+                }
                 self.next_conv_id = self.next_conv_id.max(id.saturating_add(1));
                 done(offset)
             }
@@ -629,25 +626,24 @@ impl GroupCommit {
     /// if any: from memory, or loaded with one scan of the conversation's
     /// index (in this transaction, so the open batch's appends are seen).
     fn lookup(&mut self, t: &Tables<'_>, conv: u64, slot: u64) -> Result<(u64, Option<u64>), StorageError> {
-        if let Some(c) = self.convs.get(&conv) {
-            return Ok((c.last_seq, c.slots.get(&slot).copied()));
+        if let Some(c) = self.convs.get(conv) {
+            return Ok((c.next_seq.saturating_sub(1), c.slots.get(&slot).copied()));
         }
-        if self.conv_entries >= self.limits.conv_cache_entries {
-            // Crude but bounded; what is dropped reloads from the index.
-            self.convs.clear();
-            self.conv_entries = 0;
-        }
-        let mut c = ConvState { last_seq: 0, slots: U64Map::default() };
+        let mut entries = std::mem::take(&mut self.scratch);
+        entries.clear();
+        let (mut last, mut found) = (0, None);
         for entry in t.conv_index.range((conv, 0)..=(conv, u64::MAX)).ctx("read conv_index")? {
             let (key, value) = entry.ctx("read conv_index")?;
             let (offset, s) = value.value();
-            c.last_seq = key.value().1;
-            c.slots.entry(s).or_insert(offset);
+            last = key.value().1;
+            if s == slot && found.is_none() {
+                found = Some(offset);
+            }
+            entries.push((last, s, offset));
         }
-        let found = (c.last_seq, c.slots.get(&slot).copied());
-        self.conv_entries += c.slots.len();
-        self.convs.insert(conv, c);
-        Ok(found)
+        self.convs.note_all(conv, entries.drain(..));
+        self.scratch = entries;
+        Ok((last, found))
     }
 
     fn append(&mut self, t: &mut Tables<'_>, m: &mut Msg, commit: u64) -> Applied {
@@ -688,13 +684,7 @@ impl GroupCommit {
         t.log.insert(offset, self.buf.as_slice()).ctx("insert log")?;
         t.conv_index.insert((conv, seq), (offset, slot)).ctx("insert conv_index")?;
         self.next_offset += 1;
-        if let Some(c) = self.convs.get_mut(&conv) {
-            c.last_seq = seq;
-            if let std::collections::hash_map::Entry::Vacant(v) = c.slots.entry(slot) {
-                v.insert(offset);
-                self.conv_entries += 1;
-            }
-        }
+        self.convs.note(conv, seq, slot, offset);
         Ok(Ok(Committed { offset, seq, ts_ms, duplicate: false, commit }))
     }
 }

@@ -76,6 +76,13 @@ pub struct StoreStats {
     pub recoveries: u64,
     /// Writes answered `unavailable` while the store could not write.
     pub refused_recovering: u64,
+    /// Dedupe slots the writer holds in memory (at most
+    /// `conv_cache_entries`).
+    pub writer_cache_entries: u64,
+    /// Dedupe slots the readers' caches hold in memory, summed over the
+    /// caches (each at most `conv_cache_entries`: the shared one, and one
+    /// per shard).
+    pub reader_cache_entries: u64,
 }
 
 /// Opens (or creates) the database file of `config`, or the given
@@ -223,6 +230,8 @@ impl StatsSource {
             recovery_attempts: s.recovery_attempts.load(Ordering::Relaxed),
             recoveries: s.recoveries.load(Ordering::Relaxed),
             refused_recovering: s.refused_recovering.load(Ordering::Relaxed),
+            writer_cache_entries: s.writer_cache_entries.load(Ordering::Relaxed) as u64,
+            reader_cache_entries: s.reader_cache_entries.load(Ordering::Relaxed) as u64,
         }
     }
 }
@@ -259,11 +268,12 @@ impl Store {
         let (db, repaired) = open_database(&config, backend, syncs.clone(), observer)?;
         let Counters { next_offset, next_conv_id, unclean_shutdown, dedupe_key } = init_tables(&db, &config)?;
         let db = Arc::new(DbSlot::new(db));
-        let slots = Arc::new(Mutex::new(SlotCache::new(dedupe_key, config.conv_cache_entries)));
+        let shared = Arc::new(Shared::new(config.sources, config.submit_queue_capacity, notify, next_offset));
+        let gauge = shared.stats.reader_cache_entries.clone();
+        let slots = Arc::new(Mutex::new(SlotCache::new(dedupe_key, config.conv_cache_entries, gauge)));
         let reader = Reader { db: db.clone(), slots };
         let open_conversations = reader.open_conversations()?;
 
-        let shared = Arc::new(Shared::new(config.sources, config.submit_queue_capacity, notify, next_offset));
         let limits = Limits {
             max_records: config.batch_max_records,
             max_bytes: config.batch_max_bytes,

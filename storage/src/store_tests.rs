@@ -580,6 +580,81 @@ fn a_small_conversation_cache_still_dedupes() {
     }
 }
 
+/// The soak of issue 11: a fixed set of busy conversations. Their
+/// history grows past the bound while no new conversation comes, and the
+/// writer's cache must still stay within it (it used to check the bound
+/// only when a conversation was first loaded), and still dedupe.
+#[test]
+fn the_writers_dedupe_cache_stays_within_its_bound_as_history_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let bound = 50;
+    let (store, _) = open(crate::StoreConfig { conv_cache_entries: bound, ..config(dir.path()) });
+    let (convs, per_conv) = (8u64, 40u64);
+    let mut most = 0;
+    for round in 0..2 {
+        for i in 0..convs * per_conv {
+            let (conv, n) = (1 + i % convs, i / convs);
+            let c = write(&store, i, WriteOp::AppendMessage(message(conv, "v", &format!("m{n}"), "x")));
+            let c = c.result.unwrap();
+            assert_eq!(
+                (c.duplicate, c.seq),
+                (round == 1, n + 1),
+                "round {round}, conversation {conv}, message {n}"
+            );
+            let held = store.stats().writer_cache_entries;
+            assert!(held <= bound as u64, "{held} slots held, bound {bound}");
+            most = most.max(held);
+        }
+    }
+    assert!(most > bound as u64 / 2, "the cache was used ({most} slots at most)");
+}
+
+#[test]
+fn the_readers_dedupe_caches_stay_within_their_bound_and_leave_the_gauge_when_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let bound = 30;
+    let (store, _) = open(crate::StoreConfig { conv_cache_entries: bound, ..config(dir.path()) });
+    let (shared, own) = (store.reader(), store.reader().with_own_dedupe_cache());
+    let (convs, per_conv) = (6u64, 25u64);
+    for i in 0..convs * per_conv {
+        let (conv, n) = (1 + i % convs, i / convs);
+        write(&store, i, WriteOp::AppendMessage(message(conv, "v", &format!("m{n}"), "x"))).result.unwrap();
+        for r in [&shared, &own] {
+            assert_eq!(
+                r.dedupe(Role::Visitor, "v", conv, &format!("m{n}")).unwrap().map(|h| h.seq),
+                Some(n + 1)
+            );
+            assert_eq!(r.dedupe(Role::Visitor, "v", conv, "never").unwrap(), None);
+            let first = r.dedupe(Role::Visitor, "v", conv, "m0").unwrap();
+            assert_eq!(first.map(|h| h.seq), Some(1), "conversation {conv}: its first message");
+        }
+        for r in [&shared, &own] {
+            let held = r.slots.lock().unwrap().entries();
+            assert!(held <= bound, "{held} slots held, bound {bound}");
+        }
+        let held = shared.slots.lock().unwrap().entries() + own.slots.lock().unwrap().entries();
+        assert_eq!(store.stats().reader_cache_entries, held as u64, "the gauge sums the caches");
+    }
+    let shared_held = shared.slots.lock().unwrap().entries() as u64;
+    drop(own);
+    assert_eq!(store.stats().reader_cache_entries, shared_held, "a dropped cache leaves the gauge");
+}
+
+#[test]
+fn closing_a_conversation_drops_its_slots_from_the_writer_and_a_resend_still_dedupes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    for (i, conv) in [(0, 1), (1, 1), (2, 2)] {
+        write(&store, i, WriteOp::AppendMessage(message(conv, "v", &format!("m{i}"), "x"))).result.unwrap();
+    }
+    assert_eq!(store.stats().writer_cache_entries, 3);
+    write(&store, 3, WriteOp::PutConversation(conversation(1, ConvStatus::Closed))).result.unwrap();
+    assert_eq!(store.stats().writer_cache_entries, 1, "conversation 2's slot stays");
+    let again = write(&store, 4, WriteOp::AppendMessage(message(1, "v", "m1", "x"))).result.unwrap();
+    assert!(again.duplicate, "the index still answers");
+    assert_eq!(again.seq, 2);
+}
+
 #[test]
 fn reader_dedupe_sees_appends_made_after_its_first_look() {
     let dir = tempfile::tempdir().unwrap();

@@ -209,6 +209,10 @@ pub(crate) struct WriteStats {
     pub(crate) recoveries: AtomicU64,
     /// Writes answered `Recovering` while the store could not write.
     pub(crate) refused_recovering: AtomicU64,
+    /// Dedupe slots the writer holds in memory.
+    pub(crate) writer_cache_entries: Arc<AtomicUsize>,
+    /// Dedupe slots the readers' caches hold in memory, all of them.
+    pub(crate) reader_cache_entries: Arc<AtomicUsize>,
 }
 
 /// Everything the submitters, the writer thread and the completion poppers
