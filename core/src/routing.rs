@@ -114,6 +114,9 @@ pub enum Action {
         previous: Option<UserId>,
         /// Why.
         reason: AssignReason,
+        /// It left its group's queue, where that group's agents saw it
+        /// wait: they are told it was taken.
+        left_queue: bool,
     },
     /// `conv` now waits in `group` at `position`.
     Queue {
@@ -145,6 +148,9 @@ pub enum Action {
         agent: Option<UserId>,
         /// Who closed it.
         by: Role,
+        /// The group whose queue it left, where that group's agents saw it
+        /// wait: they are told it went.
+        left_queue: Option<GroupName>,
     },
     /// An agent's aggregate status changed: tell the agents.
     PresenceChanged {
@@ -338,6 +344,15 @@ enum State {
     Assigned {
         agent: UserId,
     },
+}
+
+impl Entry {
+    /// Whether its group's agents have been shown it waiting: it is queued
+    /// and its entering the queue was announced (one assigned in the same
+    /// operation that queued it was never shown).
+    fn shown_queued(&self) -> bool {
+        matches!(self.state, State::Queued { entered: None, .. })
+    }
 }
 
 #[derive(Debug)]
@@ -625,11 +640,12 @@ impl Router {
             State::Assigned { agent } => Some(agent.clone()),
             State::Queued { .. } => None,
         };
+        let left_queue = entry.shown_queued().then(|| entry.group.clone());
         self.unassign_or_dequeue(conv);
         if let Some(e) = self.convs.remove(&conv) {
             self.by_visitor.remove(&e.visitor);
         }
-        self.actions.push_back(Action::Close { conv, agent: agent.clone(), by: by.role });
+        self.actions.push_back(Action::Close { conv, agent: agent.clone(), by: by.role, left_queue });
         self.finish();
         Ok(agent)
     }
@@ -1139,6 +1155,7 @@ impl Router {
             return;
         };
         debug_assert!(agent.has_room(), "assigning past capacity");
+        let left_queue = e.shown_queued();
         let from_queue = match &mut e.state {
             State::Queued { entered, .. } => entered.take().and_then(|(_, p)| p),
             State::Assigned { .. } => None,
@@ -1154,6 +1171,7 @@ impl Router {
             group: e.group.clone(),
             previous,
             reason,
+            left_queue,
         });
     }
 

@@ -627,6 +627,31 @@ async fn visitor(gw: &Gateway, w: Wire) -> (Client, String) {
     (v, conv)
 }
 
+over_both_subprotocols!(agents_who_saw_a_conversation_wait_are_told_it_left_the_queue);
+
+/// Agents of a group see a queued conversation wait; when its visitor
+/// closes it they are told, once, so no console keeps a stale entry. (One
+/// assigned as it opened was never shown waiting and is not announced:
+/// see `routing::tests`.)
+fn agents_who_saw_a_conversation_wait_are_told_it_left_the_queue(w: Wire) {
+    let gw = Gateway::start(&["--shards", "2"], &[("KEFU_ROUTING_AUTO_ASSIGN", "false")]);
+    rt().block_on(async {
+        let mut ann = agent(&gw, w, "ann", &[], 5).await;
+        let mut ben = agent(&gw, w, "ben", &[], 5).await;
+        let (mut v, conv) = visitor(&gw, w).await;
+        for a in [&mut ann, &mut ben] {
+            let q = a.expect_where("conversation", |c| c["conv"] == conv.as_str()).await;
+            assert_eq!(q["status"], "queued", "{q}");
+        }
+        let id = v.send(json!({"type": "close", "conv": conv})).await;
+        assert_eq!(v.reply(id).await["status"], "closed");
+        for a in [&mut ann, &mut ben] {
+            let gone = a.expect_where("conversation", |c| c["conv"] == conv.as_str()).await;
+            assert_eq!(gone["status"], "closed", "{gone}");
+        }
+    });
+}
+
 over_both_subprotocols!(transfers_move_conversations_between_agents_and_groups);
 
 fn transfers_move_conversations_between_agents_and_groups(w: Wire) {
@@ -824,11 +849,17 @@ fn queue_accept_presence_tabs_resume_and_errors(w: Wire) {
         let id = vip.send(json!({"type": "ping"})).await;
         assert_eq!(vip.reply(id).await["type"], "pong");
 
-        // Ann accepts; Ben is too late.
+        // Ann accepts; Ben sees it taken (his console drops it from the
+        // queue), and is too late.
         let id = ann.send(json!({"type": "accept", "conv": conv})).await;
         let r = ann.reply(id).await;
         assert_eq!((r["status"].as_str(), r["agent"]["id"].as_str()), (Some("assigned"), Some("ann")), "{r}");
         assert_eq!(vip.expect("conversation").await["agent"]["name"], "Ann");
+        let taken = ben.expect_where("conversation", |c| c["conv"] == conv.as_str()).await;
+        assert_eq!(
+            (taken["status"].as_str(), taken["agent"]["id"].as_str()),
+            (Some("assigned"), Some("ann"))
+        );
         let id = ben.send(json!({"type": "accept", "conv": conv})).await;
         assert_eq!(ben.reply(id).await["code"], "conflict");
         anon.expect_where("conversation", |c| c["queue_position"] == 1).await;

@@ -101,9 +101,9 @@ impl Directory {
 
     /// Who is told of a conversation's new state (a `conversation` event):
     /// its participants in that state, the agent who just lost it
-    /// (`previous`), and, while it waits in a queue or as it leaves one
-    /// closed, the agents who serve that queue (`notify`; the router names
-    /// them for a queued conversation and one closed as abandoned); each
+    /// (`previous`), and, while it waits in a queue and as it leaves one
+    /// (taken or closed), the agents who serve that queue (`notify`; the
+    /// router names them); each
     /// session once, and not `except` (the session whose command caused it,
     /// which gets the answer instead).
     pub fn change_audience(
@@ -117,9 +117,9 @@ impl Directory {
     ) -> Vec<Member> {
         let mut audience: Vec<Member> = self.participants(visitor, agent, status).collect();
         audience.extend(previous.into_iter().flat_map(|p| self.sessions_of(p)));
-        if status != ConvStatus::Assigned {
-            audience.extend(notify.iter().flat_map(|a| self.sessions_of(a)));
-        }
+        // Those who saw it queued: while it waits, and as it leaves the
+        // queue (taken, or closed), once.
+        audience.extend(notify.iter().flat_map(|a| self.sessions_of(a)));
         audience.sort_by_key(|m| m.addr);
         audience.dedup_by_key(|m| m.addr);
         audience.retain(|m| Some(m.addr) != except);
@@ -204,8 +204,11 @@ mod tests {
         let d = directory();
         let a = |id: &str| UserKey::agent(Arc::from(id));
         // A transfer from a1 to a2: both agents and the visitor hear it.
-        let got = d.change_audience("v1", Some("a2"), ConvStatus::Assigned, Some(&a("a1")), &[a("a3")], None);
-        assert_eq!(slots(got.into_iter()), [1, 2, 3, 4], "notify does not count once assigned");
+        let got = d.change_audience("v1", Some("a2"), ConvStatus::Assigned, Some(&a("a1")), &[], None);
+        assert_eq!(slots(got.into_iter()), [1, 2, 3, 4]);
+        // Taken out of a queue by a2: who served that queue hears it once.
+        let got = d.change_audience("v1", Some("a2"), ConvStatus::Assigned, None, &[a("a2"), a("a3")], None);
+        assert_eq!(slots(got.into_iter()), [1, 2, 4, 5], "the queue's agents see it taken");
         // Back in a queue: the visitor, a1 who gave it away, and who serves
         // the queue (a1 named twice is told once); the replying tab not at all.
         let notify = [a("a1"), a("a3")];

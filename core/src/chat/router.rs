@@ -321,10 +321,11 @@ impl Router {
             match action {
                 // The router's `previous` is always an agent (it keeps
                 // agents and visitors apart); the key says so from here on.
-                Action::Assign { conv, agent, group, previous, .. } => {
+                Action::Assign { conv, agent, group, previous, left_queue, .. } => {
                     let reply = self.take_reply(conv);
                     let previous = previous.map(UserKey::agent);
-                    self.change(conv, Change::Assign { agent, group, previous }, reply);
+                    let left = left_queue.then(|| group.clone());
+                    self.change_leaving(conv, Change::Assign { agent, group, previous }, reply, left);
                 }
                 // A new conversation's first queueing is its Create, which
                 // is already on its way to the home.
@@ -349,9 +350,9 @@ impl Router {
                         agents_online,
                     });
                 }
-                Action::Close { conv, .. } => {
+                Action::Close { conv, left_queue, .. } => {
                     let reply = self.take_reply(conv);
-                    self.change(conv, Change::Close, reply);
+                    self.change_leaving(conv, Change::Close, reply, left_queue);
                 }
                 Action::Abandon { conv, group } => {
                     // The visitor is gone; the agents who saw it wait are
@@ -417,7 +418,23 @@ impl Router {
 
     /// Sends a change to `conv`'s home, with the router's view of it.
     fn change(&mut self, conv: ConvId, change: Change, reply: Option<Reply>) {
-        let route = self.route_info(conv);
+        self.change_leaving(conv, change, reply, None);
+    }
+
+    /// As [`Self::change`], for a change that took `conv` out of the queue
+    /// of `left` (whose agents saw it wait, and are told it was taken or
+    /// closed, so that no console keeps a stale entry).
+    fn change_leaving(
+        &mut self,
+        conv: ConvId,
+        change: Change,
+        reply: Option<Reply>,
+        left: Option<GroupName>,
+    ) {
+        let mut route = self.route_info(conv);
+        if let Some(group) = left {
+            route.notify = serving(self.routing.agents(), &group);
+        }
         let shard = conv.home(self.shards);
         self.out.push_back(Output::Post { shard, msg: ChatMsg::Change { conv, change, reply, route } });
     }

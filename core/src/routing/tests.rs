@@ -73,6 +73,17 @@ fn assign_action(
         group: GroupName::from(group),
         previous: previous.map(UserId::from),
         reason,
+        left_queue: false,
+    }
+}
+
+/// As [`assign_action`], for a conversation its group's agents saw waiting.
+fn dequeue_action(conv: ConvId, agent: &str, group: &str, reason: AssignReason) -> Action {
+    match assign_action(conv, agent, group, None, reason) {
+        Action::Assign { conv, agent, group, previous, reason, .. } => {
+            Action::Assign { conv, agent, group, previous, reason, left_queue: true }
+        }
+        _ => unreachable!(),
     }
 }
 
@@ -157,8 +168,8 @@ fn capacity_is_never_exceeded_and_close_assigns_the_next() {
     assert_eq!(
         actions(&mut r),
         [
-            Action::Close { conv: c1, agent: Some("a1".into()), by: Role::Agent },
-            assign_action(c3, "a1", "g", None, AssignReason::Auto),
+            Action::Close { conv: c1, agent: Some("a1".into()), by: Role::Agent, left_queue: None },
+            dequeue_action(c3, "a1", "g", AssignReason::Auto),
         ]
     );
     r.tick(T0);
@@ -228,7 +239,7 @@ fn positions_update_when_the_head_is_assigned() {
         actions(&mut r),
         [
             Action::PresenceChanged { agent: "a1".into(), status: Online },
-            assign_action(c1, "a1", "g", None, AssignReason::Auto),
+            dequeue_action(c1, "a1", "g", AssignReason::Auto),
         ]
     );
     assert_eq!(r.next_deadline(), Some(0), "nothing announced yet: the moves are due at once");
@@ -282,7 +293,7 @@ fn accept_rules() {
     assert_eq!(RouteError::NotFound.code(), ErrorCode::NotFound);
     assert_eq!(r.accept("sales1", ConvId(999)), Err(RouteError::NotFound));
     assert_eq!(r.accept("sales1", c1), Ok(Accepted::Assigned));
-    assert_eq!(actions(&mut r), [assign_action(c1, "sales1", "sales", None, AssignReason::Accepted)]);
+    assert_eq!(actions(&mut r), [dequeue_action(c1, "sales1", "sales", AssignReason::Accepted)]);
     r.tick(T0);
     assert_eq!(actions(&mut r), [Action::QueuePosition { conv: c2, group: "sales".into(), position: 1 }]);
     assert_eq!(r.accept("sales1", c1), Ok(Accepted::AlreadyYours));
@@ -469,7 +480,7 @@ fn offline_requeue_after_grace() {
     online(&mut r, "a2", &[], 2, 5);
     assert_eq!(assigned_to(&r, c2).as_deref(), Some("a2"));
     let got = actions(&mut r);
-    assert!(got.contains(&assign_action(c2, "a2", "g", None, AssignReason::Auto)), "{got:?}");
+    assert!(got.contains(&dequeue_action(c2, "a2", "g", AssignReason::Auto)), "{got:?}");
 }
 
 #[test]
