@@ -266,12 +266,13 @@ pub struct RateLimitConfig {
     pub messages_per_s: u32,
     /// Commands that may arrive at once after a quiet spell. Default 40.
     pub burst: u32,
-    /// Attachment bytes (decoded) one connection may send per minute,
-    /// sustained, and at once after a quiet minute; a `send` over it is
+    /// Attachment bytes (decoded) one sender (over all their connections)
+    /// may send per minute, sustained, and at once after a quiet minute; a
+    /// `send` over it is
     /// `rate_limited` with the wait until its attachment fits. Default
     /// 16 MiB: sixteen full-size (1 MiB) images a minute, more than a
     /// person picks and sends, while a script is held to about 280 KB/s
-    /// of stored blobs per connection. At least
+    /// of stored blobs per identity. At least
     /// `messages.max_attachment_bytes`, or the largest attachment would
     /// never fit; at most [`ATTACHMENT_BYTES_PER_MIN_MAX`].
     pub attachment_bytes_per_min: u64,
