@@ -209,6 +209,10 @@ impl Beside for SlowLoad {
 /// One slow client's socket and what became of it.
 struct Slow {
     stream: TcpStream,
+    /// What was read past `connected` (frames the gateway wrote with it,
+    /// in one write or one read): `resume` goes on from there, not from
+    /// the middle of a frame.
+    messages: Messages,
     /// Seconds from t0 when it left ESTABLISHED, if it did.
     left_established_s: Option<f64>,
 }
@@ -226,7 +230,7 @@ async fn slow_thread(plan: SlowPlan, stop: Arc<AtomicBool>) -> SlowTally {
     let mut slow = Vec::with_capacity(setups.len());
     for setup in setups {
         match setup.await {
-            Ok(stream) => slow.push(Slow { stream, left_established_s: None }),
+            Ok((stream, messages)) => slow.push(Slow { stream, messages, left_established_s: None }),
             Err(kind) => *tally.borrow_mut().setup_errors.entry(kind).or_default() += 1,
         }
     }
@@ -254,7 +258,7 @@ async fn slow_thread(plan: SlowPlan, stop: Arc<AtomicBool>) -> SlowTally {
         .into_iter()
         .map(|s| {
             let timeout = plan.resume_timeout;
-            monoio::spawn(async move { resume(s.stream, timeout).await })
+            monoio::spawn(async move { resume(s.stream, s.messages, timeout).await })
         })
         .collect();
     for resume in resumes {
@@ -269,7 +273,7 @@ async fn slow_thread(plan: SlowPlan, stop: Arc<AtomicBool>) -> SlowTally {
 /// Connects slow client `i` with its small receive buffer, signs in as its
 /// agent's device and reads up to its `connected`: then it is a session the
 /// gateway sends the agent's traffic to.
-async fn set_up(plan: &SlowPlan, i: usize) -> Result<TcpStream, String> {
+async fn set_up(plan: &SlowPlan, i: usize) -> Result<(TcpStream, Messages), String> {
     let source = (!plan.sources.is_empty()).then(|| plan.sources[i % plan.sources.len()]);
     let attempt = async {
         let mut stream = ws::connect_with(plan.url.addr, source, Some(plan.rcvbuf_bytes))
@@ -287,7 +291,7 @@ async fn set_up(plan: &SlowPlan, i: usize) -> Result<TcpStream, String> {
         loop {
             match messages.next(&mut stream).await? {
                 Message::Data(bytes) => match Codec::Json.decode_server(&bytes).map(|f| f.body) {
-                    Ok(Event::Connected { .. }) => return Ok(stream),
+                    Ok(Event::Connected { .. }) => return Ok((stream, messages)),
                     Ok(Event::Error { code, .. }) => return Err(format!("connect: {code}")),
                     _ => {}
                 },
@@ -303,8 +307,7 @@ async fn set_up(plan: &SlowPlan, i: usize) -> Result<TcpStream, String> {
 
 /// Reads everything a slow client had left unread, up to the gateway's
 /// close: how the connection ended, and how many frames came first.
-async fn resume(mut stream: TcpStream, limit: Duration) -> (String, u64) {
-    let mut messages = Messages::new(Vec::new());
+async fn resume(mut stream: TcpStream, mut messages: Messages, limit: Duration) -> (String, u64) {
     let mut frames = 0u64;
     let deadline = monoio::time::Instant::now() + limit;
     loop {
