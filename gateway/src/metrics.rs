@@ -264,7 +264,8 @@ pub struct ShardStats {
     pub bytes_in: AtomicU64,
     /// Bytes written to sockets.
     pub bytes_out: AtomicU64,
-    /// `writev`s that carried several queued frames at once.
+    /// Batches of several queued frames written by `writev` (a batch
+    /// that meets a full socket takes more than one call).
     pub writev_calls: AtomicU64,
     /// Connections closed for breaking RFC 6455 (1002, 1007, 1009).
     pub protocol_closes: AtomicU64,
@@ -454,7 +455,9 @@ pub fn render<T: Send>(
         }),
         ("kefu_bytes_in_total", "counter", "Bytes read from sockets.", |s| &s.bytes_in),
         ("kefu_bytes_out_total", "counter", "Bytes written to sockets.", |s| &s.bytes_out),
-        ("kefu_writev_total", "counter", "Writes that carried several queued frames.", |s| &s.writev_calls),
+        ("kefu_writev_total", "counter", "Batches of several queued frames written by writev.", |s| {
+            &s.writev_calls
+        }),
         ("kefu_protocol_closes_total", "counter", "Closes for RFC 6455 violations.", |s| &s.protocol_closes),
         ("kefu_slow_consumer_closes_total", "counter", "Closes 4001.", |s| &s.slow_consumer_closes),
         ("kefu_heartbeat_closes_total", "counter", "Closes for silence.", |s| &s.heartbeat_closes),
