@@ -114,9 +114,10 @@ pub enum Action {
         previous: Option<UserId>,
         /// Why.
         reason: AssignReason,
-        /// It left its group's queue, where that group's agents saw it
-        /// wait: they are told it was taken.
-        left_queue: bool,
+        /// The group whose queue it left, where that group's agents saw
+        /// it wait: they are told it was taken. Usually `group`; another
+        /// one when it was transferred out of a queue and assigned at once.
+        left_queue: Option<GroupName>,
     },
     /// `conv` now waits in `group` at `position`.
     Queue {
@@ -130,6 +131,10 @@ pub enum Action {
         previous: Option<UserId>,
         /// Why.
         reason: QueueReason,
+        /// The other group whose queue it left (a transfer between
+        /// queues), where that group's agents saw it wait: they are told
+        /// it went.
+        left_queue: Option<GroupName>,
     },
     /// A waiting conversation moved in its queue.
     QueuePosition {
@@ -337,7 +342,7 @@ enum State {
         /// The position last announced (0: not yet).
         announced: u32,
         /// Not yet announced: why it entered the queue, and who had it.
-        entered: Option<(QueueReason, Option<UserId>)>,
+        entered: Option<Entered>,
         /// Skipped by auto-assign (the agent who transferred it here).
         avoid: Option<UserId>,
     },
@@ -346,12 +351,34 @@ enum State {
     },
 }
 
+/// How a conversation entered its queue, until that is announced.
+#[derive(Debug)]
+struct Entered {
+    reason: QueueReason,
+    /// The agent who had it.
+    previous: Option<UserId>,
+    /// The group whose queue it came from (a transfer), if that group's
+    /// agents were shown it waiting there.
+    left: Option<GroupName>,
+}
+
+impl Entered {
+    fn new(reason: QueueReason, previous: Option<UserId>) -> Option<Self> {
+        Some(Self { reason, previous, left: None })
+    }
+}
+
 impl Entry {
-    /// Whether its group's agents have been shown it waiting: it is queued
-    /// and its entering the queue was announced (one assigned in the same
-    /// operation that queued it was never shown).
-    fn shown_queued(&self) -> bool {
-        matches!(self.state, State::Queued { entered: None, .. })
+    /// The group whose agents have been shown it waiting and not yet told
+    /// it went: its own once its entering the queue was announced (one
+    /// assigned in the same operation that queued it was never shown
+    /// there), or the queue a transfer took it from.
+    fn shown_queue(&self) -> Option<GroupName> {
+        match &self.state {
+            State::Queued { entered: None, .. } => Some(self.group.clone()),
+            State::Queued { entered: Some(e), .. } => e.left.clone(),
+            State::Assigned { .. } => None,
+        }
     }
 }
 
@@ -527,7 +554,8 @@ impl Router {
         let conv = ConvId(self.next_conv);
         self.next_conv += 1;
         self.by_visitor.insert(req.visitor.clone(), conv);
-        let state = State::Queued { announced: 0, entered: Some((QueueReason::Opened, None)), avoid: None };
+        let state =
+            State::Queued { announced: 0, entered: Entered::new(QueueReason::Opened, None), avoid: None };
         let gone_since = (!self.visitors.contains_key(&req.visitor)).then_some(self.clock_ms);
         let entry = Entry { visitor: req.visitor, group: req.group, vip: req.vip_level, state, gone_since };
         self.convs.insert(conv, entry);
@@ -613,15 +641,14 @@ impl Router {
                 if previous.is_none() && entry.group == group {
                     return Err(RouteError::Conflict("already queued in that group"));
                 }
+                // Another group's agents saw it wait: they must see it go.
+                let left = entry.shown_queue();
                 self.unassign_or_dequeue(conv);
                 let avoid = previous.clone().or_else(|| (by.role == Role::Agent).then(|| by.id.clone()));
                 if let Some(e) = self.convs.get_mut(&conv) {
                     e.group = group;
-                    e.state = State::Queued {
-                        announced: 0,
-                        entered: Some((QueueReason::Transferred, previous)),
-                        avoid,
-                    };
+                    let entered = Entered { reason: QueueReason::Transferred, previous, left };
+                    e.state = State::Queued { announced: 0, entered: Some(entered), avoid };
                 }
                 self.insert_queued(conv);
             }
@@ -640,7 +667,7 @@ impl Router {
             State::Assigned { agent } => Some(agent.clone()),
             State::Queued { .. } => None,
         };
-        let left_queue = entry.shown_queued().then(|| entry.group.clone());
+        let left_queue = entry.shown_queue();
         self.unassign_or_dequeue(conv);
         if let Some(e) = self.convs.remove(&conv) {
             self.by_visitor.remove(&e.visitor);
@@ -824,7 +851,7 @@ impl Router {
                     if let Some(e) = self.convs.get_mut(&conv) {
                         e.state = State::Queued {
                             announced: 0,
-                            entered: Some((QueueReason::AgentOffline, Some(id.clone()))),
+                            entered: Entered::new(QueueReason::AgentOffline, Some(id.clone())),
                             avoid: None,
                         };
                         self.insert_queued(conv);
@@ -1155,9 +1182,9 @@ impl Router {
             return;
         };
         debug_assert!(agent.has_room(), "assigning past capacity");
-        let left_queue = e.shown_queued();
+        let left_queue = e.shown_queue();
         let from_queue = match &mut e.state {
-            State::Queued { entered, .. } => entered.take().and_then(|(_, p)| p),
+            State::Queued { entered, .. } => entered.take().and_then(|e| e.previous),
             State::Assigned { .. } => None,
         };
         let previous = previous.or(from_queue);
@@ -1230,7 +1257,7 @@ impl Router {
             else {
                 continue;
             };
-            let Some((reason, previous)) = entered.take() else { continue };
+            let Some(Entered { reason, previous, left }) = entered.take() else { continue };
             *announced = pos;
             self.actions.push_back(Action::Queue {
                 conv,
@@ -1238,6 +1265,7 @@ impl Router {
                 position: pos,
                 previous,
                 reason,
+                left_queue: left,
             });
         }
         #[cfg(test)]

@@ -414,6 +414,10 @@ pub enum Event {
         text_bytes_max: Option<u32>,
         /// The largest attachment, decoded bytes (`messages.max_attachment_bytes`).
         attachment_bytes_max: Option<u32>,
+        /// To an agent: the skill groups it serves, empty for every group,
+        /// so that a console can drop a waiting conversation transferred
+        /// to a queue it does not serve.
+        groups: Option<Vec<String>>,
     },
     /// A conversation's state: reply to `open`, and pushed on every change.
     Conversation {

@@ -365,6 +365,48 @@ describe('console and widget in Chromium', () => {
     noProblems(agent);
   });
 
+  test('a waiting conversation moved to another group leaves the queue of agents who do not serve it', async () => {
+    const console = async (sub, group) => {
+      const page = await newPage(browser);
+      await page.goto(`${gw.origin}/console#token=${gw.token('agent', sub, '--group', group)}`);
+      const state = page.getByTestId('connection-state');
+      await eventually(async () => (await state.getAttribute('data-state')) === 'caught-up', `${sub} caught up`);
+      return page;
+    };
+    const [s1, s2, b1] = [await console('s1', 'sales'), await console('s2', 'sales'), await console('b1', 'billing')];
+    // A visitor of another site's widget, in a few lines: waits in sales.
+    const v = await newPage(browser);
+    await v.goto(`${gw.origin}/demo`);
+    const waiting = await v.evaluate(() => new Promise((resolve, reject) => {
+      const ws = new WebSocket(`ws://${location.host}/ws`, 'kefu.v1.json');
+      window.__ws = ws;
+      ws.onopen = () => ws.send(JSON.stringify({ type: 'connect', id: 1 }));
+      ws.onmessage = (e) => {
+        const f = JSON.parse(e.data);
+        if (f.type === 'connected') ws.send(JSON.stringify({ type: 'open', id: 2, group: 'sales' }));
+        if (f.type === 'conversation' && f.id === 2) resolve(f.conv);
+        if (f.type === 'error') reject(new Error(e.data));
+      };
+    }));
+    const item = (page) => page.locator(`[data-testid="queue-item"][data-conv="${waiting}"]`);
+    await item(s1).waitFor({ timeout: TIMEOUT_MS });
+    await item(s2).waitFor({ timeout: TIMEOUT_MS });
+    assert.equal(await item(b1).count(), 0, 'billing does not see sales\' queue');
+    // s1 moves it to billing: s2, who saw it wait and does not serve
+    // billing, drops it; billing's agent sees it arrive.
+    await item(s1).click();
+    await s1.getByTestId('transfer').click();
+    await s1.getByTestId('transfer-group').fill('billing');
+    await s1.getByTestId('transfer-confirm').click();
+    await item(b1).waitFor({ timeout: TIMEOUT_MS });
+    await eventually(async () => (await item(s2).count()) === 0, 'gone from s2\'s queue');
+    // s1 still has it open in the pane, but not in its queue.
+    await eventually(async () => (await item(s1).count()) === 0, 'gone from s1\'s queue');
+    await v.evaluate(() => window.__ws.close());
+    noProblems(s1, s2, b1);
+    for (const p of [s1, s2, b1, v]) await p.context().close();
+  });
+
   test('the Chinese UI', async () => {
     const zhAgent = await newPage(browser, { locale: 'zh-CN' });
     await zhAgent.goto(`${gw.origin}/console#token=${gw.token('agent', 'c3', '--name', '小李')}`);

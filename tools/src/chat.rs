@@ -2218,6 +2218,7 @@ mod tests {
                         heartbeat_s: 25,
                         text_bytes_max: None,
                         attachment_bytes_max: None,
+                        groups: None,
                     }
                 }
                 Command::Presence { status, capacity } => {

@@ -667,6 +667,8 @@ impl Edge {
                 heartbeat_s: self.config.heartbeat_s,
                 text_bytes_max: Some(u32::try_from(limits.max_text_bytes).unwrap_or(u32::MAX)),
                 attachment_bytes_max: Some(u32::try_from(limits.max_attachment_bytes).unwrap_or(u32::MAX)),
+                groups: (identity.role == Role::Agent)
+                    .then(|| identity.groups.iter().map(|g| g.to_string()).collect()),
             },
         );
         let held = self.held.remove(&to).unwrap_or_default();

@@ -27,7 +27,7 @@
 //! answer to the [`Change`] that carries its reply (a command whose router
 //! call changed nothing carries a [`Change::Describe`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use kefu_proto::client::{Event, ServerFrame};
@@ -324,16 +324,15 @@ impl Router {
                 Action::Assign { conv, agent, group, previous, left_queue, .. } => {
                     let reply = self.take_reply(conv);
                     let previous = previous.map(UserKey::agent);
-                    let left = left_queue.then(|| group.clone());
-                    self.change_leaving(conv, Change::Assign { agent, group, previous }, reply, left);
+                    self.change_leaving(conv, Change::Assign { agent, group, previous }, reply, left_queue);
                 }
                 // A new conversation's first queueing is its Create, which
                 // is already on its way to the home.
                 Action::Queue { reason: QueueReason::Opened, .. } => {}
-                Action::Queue { conv, group, previous, .. } => {
+                Action::Queue { conv, group, previous, left_queue, .. } => {
                     let reply = self.take_reply(conv);
                     let previous = previous.map(UserKey::agent);
-                    self.change(conv, Change::Queue { group, previous }, reply);
+                    self.change_leaving(conv, Change::Queue { group, previous }, reply, left_queue);
                 }
                 Action::QueuePosition { conv, group, position } => {
                     let agents_online = match &online {
@@ -422,8 +421,9 @@ impl Router {
     }
 
     /// As [`Self::change`], for a change that took `conv` out of the queue
-    /// of `left` (whose agents saw it wait, and are told it was taken or
-    /// closed, so that no console keeps a stale entry).
+    /// of `left` (whose agents saw it wait, and are told it was taken,
+    /// closed or moved to another group's queue, so that no console keeps
+    /// a stale entry).
     fn change_leaving(
         &mut self,
         conv: ConvId,
@@ -433,7 +433,11 @@ impl Router {
     ) {
         let mut route = self.route_info(conv);
         if let Some(group) = left {
-            route.notify = serving(self.routing.agents(), &group);
+            // Beside the new queue's agents, if it waits in one: an agent
+            // serving both groups is told once.
+            let new: HashSet<UserKey> = route.notify.iter().cloned().collect();
+            let old = serving(self.routing.agents(), &group).into_iter().filter(|k| !new.contains(k));
+            route.notify.extend(old);
         }
         let shard = conv.home(self.shards);
         self.out.push_back(Output::Post { shard, msg: ChatMsg::Change { conv, change, reply, route } });

@@ -73,7 +73,24 @@ fn assign_action(
         group: GroupName::from(group),
         previous: previous.map(UserId::from),
         reason,
-        left_queue: false,
+        left_queue: None,
+    }
+}
+
+/// `conv` transferred to the head of `group`'s queue.
+fn transferred_first(
+    conv: ConvId,
+    group: &str,
+    previous: Option<&str>,
+    left_queue: Option<GroupName>,
+) -> Action {
+    Action::Queue {
+        conv,
+        group: GroupName::from(group),
+        position: 1,
+        previous: previous.map(UserId::from),
+        reason: QueueReason::Transferred,
+        left_queue,
     }
 }
 
@@ -81,7 +98,8 @@ fn assign_action(
 fn dequeue_action(conv: ConvId, agent: &str, group: &str, reason: AssignReason) -> Action {
     match assign_action(conv, agent, group, None, reason) {
         Action::Assign { conv, agent, group, previous, reason, .. } => {
-            Action::Assign { conv, agent, group, previous, reason, left_queue: true }
+            let left_queue = Some(group.clone());
+            Action::Assign { conv, agent, group, previous, reason, left_queue }
         }
         _ => unreachable!(),
     }
@@ -101,14 +119,16 @@ fn opened_conversations_wait_in_line_with_positions() {
                 group: "sales".into(),
                 position: 1,
                 previous: None,
-                reason: QueueReason::Opened
+                reason: QueueReason::Opened,
+                left_queue: None
             },
             Action::Queue {
                 conv: c2,
                 group: "sales".into(),
                 position: 2,
                 previous: None,
-                reason: QueueReason::Opened
+                reason: QueueReason::Opened,
+                left_queue: None
             },
         ]
     );
@@ -353,16 +373,7 @@ fn transfer_to_a_group_requeues_and_skips_the_giver() {
     let a1 = agent_actor("a1", &[]);
     // a1 serves every group, but gave it away: it waits for someone else.
     r.transfer(&a1, c, TransferTarget::Group("billing".into())).unwrap();
-    assert_eq!(
-        actions(&mut r),
-        [Action::Queue {
-            conv: c,
-            group: "billing".into(),
-            position: 1,
-            previous: Some("a1".into()),
-            reason: QueueReason::Transferred
-        }]
-    );
+    assert_eq!(actions(&mut r), [transferred_first(c, "billing", Some("a1"), None)]);
     assert_eq!(r.route(c).unwrap().status, ConvStatus::Queued);
     // A billing agent comes online and gets it.
     online(&mut r, "b1", &["billing"], 2, 5);
@@ -396,6 +407,36 @@ fn a_queued_conversation_can_be_moved_by_an_agent_of_its_group() {
     r.transfer(&s1, c, TransferTarget::Group("billing".into())).unwrap();
     assert_eq!(queue(&r, "billing"), [c]);
     assert_eq!(queue(&r, "sales"), []);
+}
+
+#[test]
+fn a_transfer_between_queues_names_the_queue_it_left() {
+    let mut r = Router::new(config(true), 1);
+    let c = open(&mut r, "v1", "sales", 0);
+    actions(&mut r);
+    // Sales' agents saw it wait; moved to billing, it leaves their queue.
+    let s1 = agent_actor("s1", &["sales"]);
+    r.transfer(&s1, c, TransferTarget::Group("billing".into())).unwrap();
+    let left_queue = Some(GroupName::from("sales"));
+    assert_eq!(actions(&mut r), [transferred_first(c, "billing", None, left_queue.clone())]);
+    // Announced there, it has left nothing more: billing's agents are
+    // told when it goes, as for any conversation they saw wait.
+    online(&mut r, "b1", &["billing"], 1, 5);
+    let taken = dequeue_action(c, "b1", "billing", AssignReason::Auto);
+    assert_eq!(
+        actions(&mut r).into_iter().filter(|a| matches!(a, Action::Assign { .. })).collect::<Vec<_>>(),
+        [taken]
+    );
+
+    // Taken at once where it lands, it still left sales' queue.
+    let c2 = open(&mut r, "v2", "sales", 0);
+    actions(&mut r);
+    r.transfer(&s1, c2, TransferTarget::Group("billing".into())).unwrap();
+    let Some(Action::Assign { conv, group, left_queue: left, .. }) = actions(&mut r).into_iter().next()
+    else {
+        panic!("assigned at once")
+    };
+    assert_eq!((conv, &*group, left), (c2, "billing", left_queue));
 }
 
 #[test]
@@ -462,14 +503,16 @@ fn offline_requeue_after_grace() {
                 group: "g".into(),
                 position: 1,
                 previous: Some("a1".into()),
-                reason: QueueReason::AgentOffline
+                reason: QueueReason::AgentOffline,
+                left_queue: None
             },
             Action::Queue {
                 conv: c1,
                 group: "g".into(),
                 position: 2,
                 previous: Some("a1".into()),
-                reason: QueueReason::AgentOffline
+                reason: QueueReason::AgentOffline,
+                left_queue: None
             },
         ],
         "back in line by priority, then by when they first came"
@@ -1022,7 +1065,8 @@ fn a_conversation_entering_the_queue_is_told_at_once_and_those_it_passes_at_the_
             group: "g".into(),
             position: 1,
             previous: None,
-            reason: QueueReason::Opened
+            reason: QueueReason::Opened,
+            left_queue: None
         }]
     );
     assert_eq!(position(&r, plain), Some(2), "the router knows at once");

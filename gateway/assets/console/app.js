@@ -38,6 +38,8 @@ const state = {
   typingTimer: null,
   cannedIndex: 0,
   attachmentBytesMax: ATTACHMENT_BYTES_DEFAULT,
+  // From `connected.groups`: the groups this agent serves; null: all.
+  groups: null,
 };
 
 function conv(id) {
@@ -51,6 +53,12 @@ function conv(id) {
     state.convs.set(id, c);
   }
   return c;
+}
+
+// A waiting conversation in a queue this agent serves (a transfer to
+// another group's queue is told to the agents who saw it wait, once).
+function servedQueue(c) {
+  return c.status === 'queued' && (!state.groups || !c.group || state.groups.has(c.group));
 }
 
 function isMine(c) {
@@ -153,6 +161,9 @@ function onConnected(f) {
   }
   localStorage.setItem(TOKEN_KEY, state.token);
   state.me = f.user;
+  // The groups this agent serves (none listed: every group); an older
+  // gateway does not say, and then every queued conversation it sends is kept.
+  state.groups = Array.isArray(f.groups) && f.groups.length ? new Set(f.groups) : null;
   if (f.attachment_bytes_max) state.attachmentBytesMax = f.attachment_bytes_max;
   $('me').textContent = f.user.name || f.user.id;
   const listed = new Set();
@@ -205,7 +216,8 @@ function onConversation(f) {
   c.position = f.queue_position ?? null;
   c.stateSince = f.since ?? null;
   if (!c.historyAsked && c.msgs.size === 0 && (isMine(c) || c.conv === state.openConv)) askHistory(c);
-  const gone = c.status === 'closed' || (c.status === 'assigned' && !isMine(c));
+  const gone = c.status === 'closed' || (c.status === 'assigned' && !isMine(c))
+    || (c.status === 'queued' && !servedQueue(c));
   if (gone && c.conv !== state.openConv) state.convs.delete(c.conv);
   // Taking a conversation that is open in the pane: what it shows is read.
   if (!wasMine && isMine(c) && state.openConv === c.conv && maxSeq(c) > 0) {
@@ -430,7 +442,7 @@ function render() {
 }
 
 function renderLists() {
-  const queued = [...state.convs.values()].filter((c) => c.status === 'queued');
+  const queued = [...state.convs.values()].filter(servedQueue);
   // The router's order: higher VIP first, then opening order (conversation ids grow).
   queued.sort((a, b) => (Number(vipLevel(b) || 0) - Number(vipLevel(a) || 0))
     || (Number(a.conv.slice(1)) - Number(b.conv.slice(1))));

@@ -213,6 +213,7 @@ fn event(env: &g::Envelope<'_>) -> R<Event> {
                 heartbeat_s: o.heartbeat_s(),
                 text_bytes_max: o.text_bytes_max(),
                 attachment_bytes_max: o.attachment_bytes_max(),
+                groups: o.groups().map(|gs| gs.iter().map(str::to_string).collect()),
             }
         }
         B::ConversationEvt => {
@@ -407,6 +408,7 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
             heartbeat_s,
             text_bytes_max,
             attachment_bytes_max,
+            groups,
         } => {
             let session = b.create_string(session);
             let user = user_table(b, user);
@@ -422,7 +424,9 @@ pub fn encode_server<'b>(frame: &ServerFrame, b: &'b mut FlatBufferBuilder<'_>) 
                     },
                 )
             }));
+            let groups = groups.as_ref().map(|gs| table_vector(b, gs.iter(), |b, g| b.create_string(g)));
             let args = g::ConnectedEvtArgs {
+                groups,
                 session: Some(session),
                 role: g::Role(*role as u8),
                 user: Some(user),

@@ -236,6 +236,20 @@ fn connected(o: &Obj<'_>) -> R<Event> {
         heartbeat_s: o.req(F::HeartbeatS, U32)?,
         text_bytes_max: o.opt(F::TextBytesMax, U32)?,
         attachment_bytes_max: o.opt(F::AttachmentBytesMax, U32)?,
+        groups: match o.array(F::Groups)? {
+            None => None,
+            Some(groups) => Some(
+                groups
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, g)| {
+                        STR.parse(g)
+                            .map(Cow::into_owned)
+                            .ok_or_else(|| invalid(&format!("groups[{i}]"), STR.expected()))
+                    })
+                    .collect::<R<Vec<String>>>()?,
+            ),
+        },
     })
 }
 
@@ -359,6 +373,7 @@ fields! {
     Ts = "ts", Duplicate = "duplicate", From = "from", By = "by", Messages = "messages", Code = "code",
     Message = "message", Replies = "replies", AgentsOnline = "agents_online",
     TextBytesMax = "text_bytes_max", AttachmentBytesMax = "attachment_bytes_max", Since = "since",
+    Groups = "groups",
 }
 
 /// A JSON object split into the fields kefu knows, each as the raw JSON
@@ -660,6 +675,7 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             heartbeat_s,
             text_bytes_max,
             attachment_bytes_max,
+            groups,
         } => {
             str_field(out, "session", session);
             str_field(out, "role", role.as_str());
@@ -687,6 +703,17 @@ pub fn encode_server(frame: &ServerFrame, out: &mut Vec<u8>) {
             }
             if let Some(max) = attachment_bytes_max {
                 u64_field(out, "attachment_bytes_max", u64::from(*max));
+            }
+            if let Some(groups) = groups {
+                key(out, "groups");
+                out.push(b'[');
+                for (i, g) in groups.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    string(out, g);
+                }
+                out.push(b']');
             }
         }
         Event::Conversation { conv, status, agent, group, visitor, queue_position, agents_online, since } => {

@@ -113,6 +113,7 @@ fn events() -> Vec<ServerFrame> {
                 heartbeat_s: 30,
                 text_bytes_max: None,
                 attachment_bytes_max: None,
+                groups: None,
             },
         ),
         f(
@@ -130,6 +131,7 @@ fn events() -> Vec<ServerFrame> {
                 heartbeat_s: 15,
                 text_bytes_max: Some(16_384),
                 attachment_bytes_max: Some(u32::MAX),
+                groups: Some(vec!["sales".into(), "售后".into()]),
             },
         ),
         f(
@@ -429,9 +431,27 @@ fn json_events_spelled_as_in_protocol_md() {
                     heartbeat_s: 30,
                     text_bytes_max: Some(16384),
                     attachment_bytes_max: Some(1048576),
+                    groups: None,
                 },
             ),
             r#"{"type":"connected","id":1,"session":"s-1","role":"visitor","user":{"id":"v_1","name":"","meta":{}},"visitor_key":"k1","conversations":[{"conv":"c42","status":"queued","last_seq":3}],"heartbeat_s":30,"text_bytes_max":16384,"attachment_bytes_max":1048576}"#,
+        ),
+        (
+            ServerFrame::reply(
+                Some(2),
+                Event::Connected {
+                    session: "s-2".into(),
+                    role: Role::Agent,
+                    user: User { id: "a1".into(), name: "Alice".into(), meta: Meta::new() },
+                    visitor_key: None,
+                    conversations: Vec::new(),
+                    heartbeat_s: 30,
+                    text_bytes_max: None,
+                    attachment_bytes_max: None,
+                    groups: Some(vec!["sales".into(), "billing".into()]),
+                },
+            ),
+            r#"{"type":"connected","id":2,"session":"s-2","role":"agent","user":{"id":"a1","name":"Alice","meta":{}},"conversations":[],"heartbeat_s":30,"groups":["sales","billing"]}"#,
         ),
         (
             ServerFrame::push(Event::Conversation {

@@ -2772,6 +2772,7 @@ impl<'a> ConnectedEvt<'a> {
   pub const VT_HEARTBEAT_S: ::flatbuffers::VOffsetT = 14;
   pub const VT_TEXT_BYTES_MAX: ::flatbuffers::VOffsetT = 16;
   pub const VT_ATTACHMENT_BYTES_MAX: ::flatbuffers::VOffsetT = 18;
+  pub const VT_GROUPS: ::flatbuffers::VOffsetT = 20;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2783,6 +2784,7 @@ impl<'a> ConnectedEvt<'a> {
     args: &'args ConnectedEvtArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ConnectedEvt<'bldr>> {
     let mut builder = ConnectedEvtBuilder::new(_fbb);
+    if let Some(x) = args.groups { builder.add_groups(x); }
     if let Some(x) = args.attachment_bytes_max { builder.add_attachment_bytes_max(x); }
     if let Some(x) = args.text_bytes_max { builder.add_text_bytes_max(x); }
     builder.add_heartbeat_s(args.heartbeat_s);
@@ -2851,6 +2853,14 @@ impl<'a> ConnectedEvt<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(ConnectedEvt::VT_ATTACHMENT_BYTES_MAX, None)}
   }
+  /// To an agent: the skill groups it serves, empty for every group.
+  #[inline]
+  pub fn groups(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(ConnectedEvt::VT_GROUPS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ConnectedEvt<'_> {
@@ -2867,6 +2877,7 @@ impl ::flatbuffers::Verifiable for ConnectedEvt<'_> {
      .visit_field::<u32>("heartbeat_s", Self::VT_HEARTBEAT_S, false)?
      .visit_field::<u32>("text_bytes_max", Self::VT_TEXT_BYTES_MAX, false)?
      .visit_field::<u32>("attachment_bytes_max", Self::VT_ATTACHMENT_BYTES_MAX, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("groups", Self::VT_GROUPS, false)?
      .finish();
     Ok(())
   }
@@ -2880,6 +2891,7 @@ pub struct ConnectedEvtArgs<'a> {
     pub heartbeat_s: u32,
     pub text_bytes_max: Option<u32>,
     pub attachment_bytes_max: Option<u32>,
+    pub groups: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
 }
 impl<'a> Default for ConnectedEvtArgs<'a> {
   #[inline]
@@ -2893,6 +2905,7 @@ impl<'a> Default for ConnectedEvtArgs<'a> {
       heartbeat_s: 0,
       text_bytes_max: None,
       attachment_bytes_max: None,
+      groups: None,
     }
   }
 }
@@ -2935,6 +2948,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConnectedEvtBuilder<'a, 'b, A
     self.fbb_.push_slot_always::<u32>(ConnectedEvt::VT_ATTACHMENT_BYTES_MAX, attachment_bytes_max);
   }
   #[inline]
+  pub fn add_groups(&mut self, groups: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ConnectedEvt::VT_GROUPS, groups);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConnectedEvtBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConnectedEvtBuilder {
@@ -2960,6 +2977,7 @@ impl ::core::fmt::Debug for ConnectedEvt<'_> {
       ds.field("heartbeat_s", &self.heartbeat_s());
       ds.field("text_bytes_max", &self.text_bytes_max());
       ds.field("attachment_bytes_max", &self.attachment_bytes_max());
+      ds.field("groups", &self.groups());
       ds.finish()
   }
 }

@@ -508,3 +508,40 @@ fn a_waiting_visitor_gone_too_long_is_closed_and_the_groups_agents_see_it_go() {
     assert!(matches!(out.last(), Some(Output::Abandoned { conv: c }) if *c == conv), "{out:?}");
     assert_eq!(r.routing().open_conversation_of("v1"), None);
 }
+
+#[test]
+fn a_transfer_between_queues_tells_the_agents_of_both() {
+    let mut r = machine(|c| c.routing.auto_assign = false);
+    let with_groups = |id: &str, groups: &[&str]| Identity {
+        groups: groups.iter().map(|g| GroupName::from(*g)).collect(),
+        ..identity(Role::Agent, id)
+    };
+    for (slot, (id, groups)) in
+        [("s1", &["default"][..]), ("b1", &["billing"]), ("all", &[])].into_iter().enumerate()
+    {
+        let rep = reply(1, 10 + slot as u32, 1);
+        r.handle_hello(rep, with_groups(id, groups), T0);
+        let presence = RouteRequest::Presence { status: PresenceStatus::Online, capacity: Some(5) };
+        r.handle_route(rep, with_groups(id, groups).actor(), presence, T0);
+    }
+    outputs(&mut r);
+    let conv = open(&mut r, "v1", 1);
+    let to = TransferTarget::Group(GroupName::from("billing"));
+    r.handle_route(
+        reply(1, 10, 2),
+        with_groups("s1", &["default"]).actor(),
+        RouteRequest::Transfer { conv, to },
+        T0,
+    );
+    let out = outputs(&mut r);
+    let Some(Output::Post { msg: ChatMsg::Change { change: Change::Queue { .. }, route, .. }, .. }) =
+        out.first()
+    else {
+        panic!("{out:?}")
+    };
+    let mut told: Vec<&str> = route.notify.iter().map(|k| &*k.id).collect();
+    told.sort_unstable();
+    // Billing's agents see it arrive; s1 saw it wait in default and sees it
+    // go; an agent of both queues is told once.
+    assert_eq!(told, ["all", "b1", "s1"], "{out:?}");
+}

@@ -185,6 +185,7 @@ fn the_checker_catches_a_gap_or_a_repeat_in_what_a_visitor_gets() {
         heartbeat_s: 30,
         text_bytes_max: None,
         attachment_bytes_max: None,
+        groups: None,
     });
     c.see(Seen::Written { to: addr(1), frames: vec![connected].into() }).expect("connected first");
     c.see(Seen::Written { to: addr(1), frames: push(msg(1, "a1")) }).expect("the first");
