@@ -5,18 +5,22 @@
 # since. Exits non-zero on the first crash; the input that crashed is in
 # fuzz/artifacts/TARGET/. docs/fuzzing.md has the figures of long runs.
 #
-# Usage: tools/fuzz.sh [--runs N | --seconds S] [TARGET...]
+# Usage: tools/fuzz.sh [--runs N | --seconds S] [--fork J] [TARGET...]
 #   (no target: all of them; CI runs `--seconds 15`)
+#   --fork J: libFuzzer's fork mode, J worker processes of one campaign
+#   (their executions add up to --runs; the first crash stops it all).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=
 SECONDS_EACH=
+FORK=
 TARGETS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) RUNS=$2; shift ;;
         --seconds) SECONDS_EACH=$2; shift ;;
+        --fork) FORK=$2; shift ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) TARGETS+=("$1") ;;
     esac
@@ -40,10 +44,13 @@ cargo fuzz build --sanitizer none -O 2>&1 | tail -3
 for t in "${TARGETS[@]}"; do
     mkdir -p "corpus/$t"
     if [ -n "$RUNS" ]; then limit=(-runs="$RUNS"); else limit=(-max_total_time="$SECONDS_EACH"); fi
+    [ -z "$FORK" ] || limit+=(-fork="$FORK")
     # chat_machines reads at most 128 actions of at most 5 bytes: longer
     # inputs only dilute the mutations.
     case "$t" in chat_machines) max_len=700 ;; *) max_len=65536 ;; esac
-    log=$(mktemp)
+    # Kept (target/fuzz-logs/) for the figures of a long run.
+    mkdir -p "$REPO/target/fuzz-logs"
+    log=$REPO/target/fuzz-logs/$t.log
     if ! cargo fuzz run --sanitizer none -O "$t" "corpus/$t" -- "${limit[@]}" -max_len="$max_len" \
         -print_final_stats=1 >"$log" 2>&1; then
         tail -40 "$log" >&2
@@ -52,7 +59,11 @@ for t in "${TARGETS[@]}"; do
     fi
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
     secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' || echo "?")
+    if [ -n "$FORK" ]; then
+        # Fork mode's parent sums its workers' executions in its status lines.
+        runs=$(grep -o '^#[0-9]*' "$log" | tail -1 | tr -d '#' || echo "?")
+        secs=$(grep -o 'exiting: [0-9]* time: [0-9]*s' "$log" | grep -o '[0-9]*s$' | tr -d s || echo "?")
+    fi
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*' || echo "?")
     echo "fuzz: $t ok: $runs runs in ${secs:-?} s, 0 crashes, coverage $cov edges, corpus $(ls "corpus/$t" | wc -l) inputs"
-    rm -f "$log"
 done

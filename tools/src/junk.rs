@@ -131,6 +131,24 @@ pub struct JunkArgs {
     /// close the connection, milliseconds.
     #[arg(long, default_value_t = 3_000)]
     pub close_wait_ms: u64,
+
+    /// What a junk connection does when its reconnect is refused with 429
+    /// (the gateway's per-address handshake limit): `wait` the response's
+    /// `Retry-After`, or `hammer`, trying again after 100 ms. Hammering
+    /// floods the handshake path too, and on a 2-core host its refused
+    /// handshakes (~8,500/s) take most of the client's core, which then
+    /// delays the honest clients it shares that core with.
+    #[arg(long, value_enum, default_value_t = On429::Wait)]
+    pub junk_on_429: On429,
+}
+
+/// A junk connection's answer to a refused reconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum On429 {
+    /// Wait the `Retry-After` the gateway gave (with up to 10% jitter).
+    Wait,
+    /// Try again after 100 ms.
+    Hammer,
 }
 
 /// One kind of junk frame.
@@ -414,6 +432,8 @@ struct JunkPlan {
     frames_max: u64,
     connect_timeout: Duration,
     close_wait: Duration,
+    /// What a refused reconnect does.
+    on_429: On429,
 }
 
 /// Shared by the junk threads and the chat's driver.
@@ -476,6 +496,7 @@ impl Beside for JunkLoad {
             frames_max: args.junk_frames,
             connect_timeout: Duration::from_millis(args.chat.connect_timeout_ms),
             close_wait: Duration::from_millis(args.close_wait_ms),
+            on_429: args.junk_on_429,
         });
         let threads = usize::from(args.junk_threads);
         for thread in 0..threads {
@@ -572,7 +593,11 @@ async fn junk_connection(state: Rc<JunkThread>, index: usize) {
                 Ok(opened) => opened,
                 Err(kind) => {
                     bump(&mut state.tally.borrow_mut().open_errors, &short(&kind));
-                    monoio::time::sleep(PAUSE).await;
+                    let pause = match (plan.on_429, ws::retry_after(&kind)) {
+                        (On429::Wait, Some(after)) => after.mul_f64(1.0 + rand::rng().random_range(0.0..0.1)),
+                        _ => PAUSE,
+                    };
+                    monoio::time::sleep(pause).await;
                     continue;
                 }
             };

@@ -126,6 +126,18 @@ pub fn handshake_request(url: &WsUrl, key: &str, protocol: Option<&str>) -> Vec<
     request.into_bytes()
 }
 
+/// Where a 429's error text gives the response's `Retry-After`
+/// (seconds, `?` without one): [`retry_after`] reads it back.
+const RETRY_AFTER: &str = "Retry-After: ";
+
+/// The `Retry-After` of a 429 that [`handshake`] reported as `error`, if
+/// it was one and gave a number of seconds.
+pub fn retry_after(error: &str) -> Option<Duration> {
+    let (_, after) = error.rsplit_once(RETRY_AFTER)?;
+    let secs: u64 = after.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
 /// Parses the server's answer to the upgrade. `Ok(None)`: the head is not
 /// complete yet, read more. `Ok(Some(n))`: the first `n` bytes were a valid
 /// 101 response; anything after them is already WebSocket frames.
@@ -143,9 +155,16 @@ pub fn parse_handshake_response(buf: &[u8], key: &str) -> anyhow::Result<Option<
     if code == 429 {
         // kefu's per-address handshake limit: a load test from a few
         // addresses meets it unless the gateway's run lifts it.
+        let retry_after = response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("retry-after"))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .unwrap_or("?");
         bail!(
             "server answered 429 Too Many Requests instead of 101 (kefu's \
-             limits.new_connections_per_s_per_ip / new_connections_burst_per_ip; lift them for a load test)"
+             limits.new_connections_per_s_per_ip / new_connections_burst_per_ip; lift them for a load test) \
+             {RETRY_AFTER}{retry_after}"
         );
     }
     if code != 101 {
@@ -590,6 +609,18 @@ mod tests {
         assert!(parse_handshake_response(wrong, key).is_err());
         let refused = b"HTTP/1.1 404 Not Found\r\n\r\n";
         assert!(parse_handshake_response(refused, key).is_err());
+    }
+
+    #[test]
+    fn a_429_says_when_to_come_back() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let limited = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\n\r\n";
+        let error = parse_handshake_response(limited, key).expect_err("a 429 is an error").to_string();
+        assert_eq!(retry_after(&error), Some(Duration::from_secs(2)), "{error}");
+        let bare = b"HTTP/1.1 429 Too Many Requests\r\n\r\n";
+        let error = parse_handshake_response(bare, key).expect_err("a 429 is an error").to_string();
+        assert_eq!(retry_after(&error), None, "{error}");
+        assert_eq!(retry_after("connect: ECONNREFUSED"), None);
     }
 
     #[test]
