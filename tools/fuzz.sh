@@ -9,18 +9,25 @@
 #   (no target: all of them; CI runs `--seconds 15`)
 #   --fork J: libFuzzer's fork mode, J worker processes of one campaign
 #   (their executions add up to --runs; the first crash stops it all).
+#   --no-trace-compares: build without libFuzzer's comparison tracing,
+#   which costs chat_machines 60% of its speed (3,300 exec/s against
+#   1,370 on this host); coverage still guides it, edge by edge, but it no
+#   longer learns the operands of failed comparisons. For long runs of a
+#   target whose input is decoded into choices rather than matched.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=
 SECONDS_EACH=
 FORK=
+BUILD_FLAGS=(--sanitizer none -O)
 TARGETS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) RUNS=$2; shift ;;
         --seconds) SECONDS_EACH=$2; shift ;;
         --fork) FORK=$2; shift ;;
+        --no-trace-compares) BUILD_FLAGS+=(--no-trace-compares) ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) TARGETS+=("$1") ;;
     esac
@@ -39,7 +46,7 @@ cd "$REPO/fuzz"
 # allowed here, for the fuzz build only. No sanitizer: the code under
 # test has no unsafe of its own, and libFuzzer still finds panics.
 export RUSTC_BOOTSTRAP=1
-cargo fuzz build --sanitizer none -O 2>&1 | tail -3
+cargo fuzz build "${BUILD_FLAGS[@]}" 2>&1 | tail -3
 
 for t in "${TARGETS[@]}"; do
     mkdir -p "corpus/$t"
@@ -51,7 +58,7 @@ for t in "${TARGETS[@]}"; do
     # Kept (target/fuzz-logs/) for the figures of a long run.
     mkdir -p "$REPO/target/fuzz-logs"
     log=$REPO/target/fuzz-logs/$t.log
-    if ! cargo fuzz run --sanitizer none -O "$t" "corpus/$t" -- "${limit[@]}" -max_len="$max_len" \
+    if ! cargo fuzz run "${BUILD_FLAGS[@]}" "$t" "corpus/$t" -- "${limit[@]}" -max_len="$max_len" \
         -print_final_stats=1 >"$log" 2>&1; then
         tail -40 "$log" >&2
         echo "fuzz: $t FAILED; the input is in fuzz/artifacts/$t/" >&2

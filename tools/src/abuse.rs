@@ -238,7 +238,7 @@ pub fn run_pair(chat_args: &ChatArgs, checks: &CheckArgs, beside: &mut dyn Besid
         }
     }
     eprintln!("== clean run (the honest load alone)");
-    let sampler = chat_args.server_pid.map(RssSampler::start);
+    let sampler = chat_args.client.server_pid.map(RssSampler::start);
     let clean = chat::measure_beside(chat_args, &mut chat::Alone).context("the clean run")?;
     let rss_clean = sampler.map(RssSampler::finish);
     chat::print_summary(&clean);
@@ -246,7 +246,7 @@ pub fn run_pair(chat_args: &ChatArgs, checks: &CheckArgs, beside: &mut dyn Besid
 
     eprintln!("== abused run (the same honest load, with the abuse beside it)");
     let closes_before = close_counters(checks.admin);
-    let sampler = chat_args.server_pid.map(RssSampler::start);
+    let sampler = chat_args.client.server_pid.map(RssSampler::start);
     let abused = chat::measure_beside(chat_args, beside).context("the abused run")?;
     let rss_abused = sampler.map(RssSampler::finish);
     chat::print_summary(&abused);

@@ -151,6 +151,77 @@ const ATTACHMENT_BYTES_MAX: u32 = 16 << 20;
 /// MIME type of the attachments this tool sends.
 const ATTACHMENT_MIME: &str = "image/jpeg";
 
+/// What every chat-engine scenario (`chat`, `junk`, `slow`, `fanout`) needs
+/// to reach a gateway and run its client threads.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// The gateway's client WebSocket endpoint (ws:// only).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+
+    /// The gateway's data directory: its `jwt_secret` signs the agents'
+    /// tokens, and fsync is probed there (see --fsync-probe).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+
+    /// A file holding the gateway's JWT secret (auth.jwt_secret), instead
+    /// of --data.
+    #[arg(long, value_name = "FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// Encoding: json (kefu.v1.json) or fb (kefu.v1.fb).
+    #[arg(long, value_enum, default_value_t = Subprotocol::Json)]
+    pub subprotocol: Subprotocol,
+
+    /// Source addresses to connect from, round-robin (e.g.
+    /// 127.0.0.1,127.0.0.2). Unset lets the kernel choose.
+    #[arg(long, value_delimiter = ',')]
+    pub sources: Vec<IpAddr>,
+
+    /// Client threads, each with its own io_uring runtime; the scenario
+    /// spreads its connections over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+
+    /// CPUs to pin the client threads to (comma list; thread i gets
+    /// cpu[i % len]).
+    #[arg(long, value_delimiter = ',')]
+    pub cpu: Vec<usize>,
+
+    /// Report the CPU and memory of this server process over the window.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// Bound on one connection's TCP connect plus handshake, milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    pub connect_timeout_ms: u64,
+
+    /// Bound on each setup reply (connected, presence, conversation
+    /// assigned), milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub reply_timeout_ms: u64,
+
+    /// Bound on the whole setup (agents, then visitors), seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub setup_timeout: f64,
+
+    /// Connections being set up at once, per thread.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub setup_concurrency: u32,
+
+    /// io_uring submission queue entries per thread.
+    #[arg(long, default_value_t = 8192)]
+    pub ring_entries: u32,
+
+    /// io_uring task-work mode of the client threads.
+    #[arg(long, value_enum, default_value_t = TaskRun::Defer)]
+    pub taskrun: TaskRun,
+
+    /// Allow a URL outside 127.0.0.0/8 and ::1.
+    #[arg(long)]
+    pub allow_non_loopback: bool,
+}
+
 /// Arguments of `kefu-bench chat`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(after_help = "\
@@ -166,19 +237,8 @@ Example (tools/bench-chat.sh does all of it):
     kefu-bench chat --url ws://127.0.0.1:8080/ws --data DIR --visitors 2000 --agents 20 \\
         --rate 5000 --duration 10 --warmup 2 --sources 127.0.0.1,127.0.0.2 --cpu 0 --server-pid PID")]
 pub struct ChatArgs {
-    /// The gateway's client WebSocket endpoint (ws:// only).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    pub url: String,
-
-    /// The gateway's data directory: its `jwt_secret` signs the agents'
-    /// tokens, and fsync is probed there (see --fsync-probe).
-    #[arg(long, value_name = "DIR")]
-    pub data: Option<PathBuf>,
-
-    /// A file holding the gateway's JWT secret (auth.jwt_secret), instead
-    /// of --data.
-    #[arg(long, value_name = "FILE")]
-    pub jwt_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub client: ClientArgs,
 
     /// Visitors, each with its own connection and conversation.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -237,68 +297,16 @@ pub struct ChatArgs {
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u32).range(1..=i64::from(ATTACHMENT_BYTES_MAX)))]
     pub attachment_bytes: u32,
 
-    /// Encoding: json (kefu.v1.json) or fb (kefu.v1.fb).
-    #[arg(long, value_enum, default_value_t = Subprotocol::Json)]
-    pub subprotocol: Subprotocol,
-
-    /// Source addresses to connect from, round-robin (e.g.
-    /// 127.0.0.1,127.0.0.2). Unset lets the kernel choose.
-    #[arg(long, value_delimiter = ',')]
-    pub sources: Vec<IpAddr>,
-
-    /// Client threads, each with its own io_uring runtime; agents and
-    /// visitors are spread round-robin over them.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub threads: u16,
-
-    /// CPUs to pin the client threads to (comma list; thread i gets
-    /// cpu[i % len]).
-    #[arg(long, value_delimiter = ',')]
-    pub cpu: Vec<usize>,
-
-    /// Report the CPU and memory of this server process over the window.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
-
     /// A process that is part of the setup under test (the business
     /// system's hook server): its CPU over the window is reported as
     /// `helper_cpu_cores` and not counted in `other_cpu_cores`.
     #[arg(long)]
     pub helper_pid: Option<u32>,
 
-    /// Bound on one connection's TCP connect plus handshake, milliseconds.
-    #[arg(long, default_value_t = 5_000)]
-    pub connect_timeout_ms: u64,
-
-    /// Bound on each setup reply (connected, presence, conversation
-    /// assigned), milliseconds.
-    #[arg(long, default_value_t = 10_000)]
-    pub reply_timeout_ms: u64,
-
-    /// Bound on the whole ramp (agents, then visitors), seconds.
-    #[arg(long, default_value_t = 120.0)]
-    pub setup_timeout: f64,
-
-    /// Visitors being set up at once, per thread.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
-    pub setup_concurrency: u32,
-
     /// fsyncs to time in --data before the run (0: none), to compare the
     /// latencies with what the disk costs.
     #[arg(long, default_value_t = 200)]
     pub fsync_probe: u32,
-
-    /// io_uring submission queue entries per thread.
-    #[arg(long, default_value_t = 8192)]
-    pub ring_entries: u32,
-
-    /// io_uring task-work mode of the client threads.
-    #[arg(long, value_enum, default_value_t = TaskRun::Defer)]
-    pub taskrun: TaskRun,
-
-    /// Allow a URL outside 127.0.0.0/8 and ::1.
-    #[arg(long)]
-    pub allow_non_loopback: bool,
 }
 
 /// The two encodings of the client protocol.
@@ -663,7 +671,7 @@ pub fn capacity_for(visitors: u32, agents: u32, max_capacity: u32) -> Option<u32
 }
 
 fn read_secret(args: &ChatArgs) -> anyhow::Result<String> {
-    jwt_secret(args.jwt_secret_file.as_deref(), args.data.as_deref())
+    jwt_secret(args.client.jwt_secret_file.as_deref(), args.client.data.as_deref())
 }
 
 /// The gateway's JWT secret, from `file` or else from the data directory
@@ -786,15 +794,15 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
     if !(args.rate > 0.0 && args.duration > 0.0 && args.warmup >= 0.0 && args.grace >= 0.0) {
         bail!("--rate and --duration must be > 0, --warmup and --grace ≥ 0");
     }
-    if args.setup_timeout.is_nan() || args.setup_timeout <= 0.0 {
+    if args.client.setup_timeout.is_nan() || args.client.setup_timeout <= 0.0 {
         bail!("--setup-timeout must be > 0");
     }
     if !(0.0..=1.0).contains(&args.attachment_share) {
         bail!("--attachment-share must be from 0 to 1, not {}", args.attachment_share);
     }
-    let url = WsUrl::parse(&args.url, args.allow_non_loopback)?;
-    for source in &args.sources {
-        if !args.allow_non_loopback && !source.is_loopback() {
+    let url = WsUrl::parse(&args.client.url, args.client.allow_non_loopback)?;
+    for source in &args.client.sources {
+        if !args.client.allow_non_loopback && !source.is_loopback() {
             bail!("source {source} is not a loopback address");
         }
     }
@@ -818,7 +826,7 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
     eprintln!(
         "chat: {} agents × capacity {capacity}, {} visitors, {:.0} msg/s ({per_visitor:.2} msg/s per visitor: \
          the gateway's limits.messages_per_s must allow it), {} B {:?}",
-        args.agents, args.visitors, args.rate, args.size, args.subprotocol
+        args.agents, args.visitors, args.rate, args.size, args.client.subprotocol
     );
     if args.attachment_share > 0.0 {
         // Every visitor sends about rate / visitors × share attachments a
@@ -834,7 +842,7 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         );
     }
 
-    let fsync_probe_us = match (&args.data, args.fsync_probe) {
+    let fsync_probe_us = match (&args.client.data, args.fsync_probe) {
         (Some(dir), n) if n > 0 => match fsync_probe(dir, n, args.size as usize + 64) {
             Ok(summary) => Some(summary),
             Err(e) => {
@@ -845,16 +853,16 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         _ => None,
     };
 
-    let threads = usize::from(args.threads);
+    let threads = usize::from(args.client.threads);
     let visitors_planned: Vec<usize> =
         (0..threads).map(|t| (0..args.visitors as usize).filter(|i| i % threads == t).count()).collect();
     let plan = Arc::new(Plan {
         url,
-        codec: args.subprotocol.codec(),
-        sources: args.sources.clone(),
-        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-        reply_timeout: Duration::from_millis(args.reply_timeout_ms),
-        setup_concurrency: args.setup_concurrency as usize,
+        codec: args.client.subprotocol.codec(),
+        sources: args.client.sources.clone(),
+        connect_timeout: Duration::from_millis(args.client.connect_timeout_ms),
+        reply_timeout: Duration::from_millis(args.client.reply_timeout_ms),
+        setup_concurrency: args.client.setup_concurrency as usize,
         group: args.group.clone(),
         capacity,
         tokens,
@@ -890,14 +898,14 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
     progress.phase(Phase::Connecting, Goal::Connections(u64::from(args.agents) + u64::from(args.visitors)));
 
     let setup_start = mono_ns();
-    let setup_deadline = setup_start + secs_ns(args.setup_timeout);
+    let setup_deadline = setup_start + secs_ns(args.client.setup_timeout);
     let mut handles = Vec::with_capacity(threads);
     for thread in 0..threads {
         let agents: Vec<usize> = (0..args.agents as usize).filter(|i| i % threads == thread).collect();
         let visitors: Vec<usize> = (0..args.visitors as usize).filter(|i| i % threads == thread).collect();
-        let cpu = (!args.cpu.is_empty()).then(|| args.cpu[thread % args.cpu.len()]);
+        let cpu = (!args.client.cpu.is_empty()).then(|| args.client.cpu[thread % args.client.cpu.len()]);
         let (plan, global) = (plan.clone(), global.clone());
-        let (ring_entries, taskrun) = (args.ring_entries, args.taskrun);
+        let (ring_entries, taskrun) = (args.client.ring_entries, args.client.taskrun);
         let handle = std::thread::Builder::new()
             .name(format!("chat-{thread}"))
             .spawn(move || -> anyhow::Result<Tally> {
@@ -970,11 +978,11 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         }
         progress.phase(Phase::WarmUp, Goal::Time(Duration::from_secs_f64(args.warmup)));
         sleep_until_ns(schedule.window_start);
-        let start = sample(args.server_pid, args.helper_pid)?;
+        let start = sample(args.client.server_pid, args.helper_pid)?;
         progress.phase(Phase::Measuring, Goal::Time(Duration::from_secs_f64(args.duration)));
         sleep_until_ns(schedule.send_end);
-        let end = sample(args.server_pid, args.helper_pid)?;
-        let rss = args.server_pid.and_then(|pid| stats::process_rss_bytes(pid).ok());
+        let end = sample(args.client.server_pid, args.helper_pid)?;
+        let rss = args.client.server_pid.and_then(|pid| stats::process_rss_bytes(pid).ok());
         window = Some((start, end, rss));
         // Drain: until every window message is delivered and acked, or the
         // grace runs out.
@@ -1031,12 +1039,14 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
     let all_cpus: Vec<usize> = (0..start.ticks.len()).collect();
     let host_busy_cores =
         stats::cpus_busy(&start.ticks, &end.ticks, &all_cpus).unwrap_or(0.0) * all_cpus.len() as f64;
-    let client_cores_busy =
-        (!args.cpu.is_empty()).then(|| stats::cpus_busy(&start.ticks, &end.ticks, &args.cpu)).flatten();
+    let client_cores_busy = (!args.client.cpu.is_empty())
+        .then(|| stats::cpus_busy(&start.ticks, &end.ticks, &args.client.cpu))
+        .flatten();
     let server_cores_busy = args
+        .client
         .server_pid
         .and_then(|pid| stats::process_cpus(pid).ok())
-        .filter(|cpus| cpus.len() < all_cpus.len() && !cpus.iter().any(|c| args.cpu.contains(c)))
+        .filter(|cpus| cpus.len() < all_cpus.len() && !cpus.iter().any(|c| args.client.cpu.contains(c)))
         .and_then(|cpus| stats::cpus_busy(&start.ticks, &end.ticks, &cpus));
     let server_threads_cores = match (&start.server_threads, &end.server_threads) {
         (Some(a), Some(b)) => Some(stats::threads_cores(a, b, window_s)),
@@ -1060,15 +1070,15 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         ]);
     }
     Ok(ChatReport {
-        url: args.url.clone(),
-        subprotocol: args.subprotocol,
+        url: args.client.url.clone(),
+        subprotocol: args.client.subprotocol,
         visitors: args.visitors,
         visitors_ready,
         agents: args.agents,
         agents_online,
         capacity,
         size: args.size,
-        threads: args.threads,
+        threads: args.client.threads,
         setup_s,
         warmup_s: args.warmup,
         window_s,
@@ -1095,7 +1105,7 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         client_cpu_cores: client_cpu_s / window_s,
         client_cpu_us_per_msg: per_msg(client_cpu_s),
         client_cores_busy,
-        server_pid: args.server_pid,
+        server_pid: args.client.server_pid,
         server_cpu_s,
         server_cpu_cores: server_cpu_s.map(|s| s / window_s),
         server_cpu_us_per_msg: server_cpu_s.and_then(per_msg),

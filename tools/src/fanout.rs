@@ -9,14 +9,13 @@
 //! # What agents of a group are sent (from the gateway's code)
 //!
 //! - A `conversation` frame whenever a conversation *queued in their group*
-//!   changes and stays queued or closes as abandoned: a visitor's `open`
-//!   (status `queued`), a transfer or requeue into the group
-//!   (`core/src/chat/router.rs`, `route_info` names every agent serving the
-//!   group with a session open, whatever their presence, in `notify`;
-//!   `Directory::change_audience` adds them unless the new state is
-//!   `assigned`). An assignment out of the queue and a visitor's or
-//!   agent's close of a queued conversation are *not* sent to the group's
-//!   other agents (only an abandon is). This run drives `open`s.
+//!   changes: a visitor's `open` (status `queued`), a transfer or requeue
+//!   into the group (`core/src/chat/router.rs`, `route_info` names every
+//!   agent serving the group with a session open, whatever their presence,
+//!   in `notify`); and, once, the change that takes a conversation they
+//!   were shown waiting out of their queue (assigned, closed, abandoned, or
+//!   transferred to another group's queue: `change_leaving`). This run
+//!   drives `open`s, timed, and the visitors' closes, counted.
 //! - A `presence` frame to every agent session on the gateway whenever any
 //!   agent's aggregate status changes (`Output::ToAgents`), whatever their
 //!   group. This run drives presence toggles (online ↔ away) of
@@ -66,7 +65,6 @@ use std::{
     cell::RefCell,
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    path::PathBuf,
     rc::Rc,
     sync::{
         Arc, OnceLock,
@@ -81,10 +79,10 @@ use serde::Serialize;
 
 use crate::{
     chat::{
-        self, Conn, Dial, PreciseTimer, Subprotocol, mono_ns, scheduled_at, secs_ns, sleep_until_ns,
+        self, ClientArgs, Conn, Dial, PreciseTimer, mono_ns, scheduled_at, secs_ns, sleep_until_ns,
         wait_until,
     },
-    echo::{TaskRun, build_runtime},
+    echo::build_runtime,
     html::Series,
     report::{self, Output, Table},
     stats::{self, Latency, LatencySummary},
@@ -104,17 +102,8 @@ Example:
     kefu-bench fanout --url ws://127.0.0.1:9251/ws --data DIR --agents 1000 --rate 50 --duration 60 \\
         --cpu 1 --server-pid PID")]
 pub struct FanoutArgs {
-    /// The gateway's client WebSocket endpoint (ws:// only).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    pub url: String,
-
-    /// The gateway's data directory, whose `jwt_secret` signs the tokens.
-    #[arg(long, value_name = "DIR")]
-    pub data: Option<PathBuf>,
-
-    /// A file holding the gateway's JWT secret, instead of --data.
-    #[arg(long, value_name = "FILE")]
-    pub jwt_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub client: ClientArgs,
 
     /// Recipients: agents of --group, each sent every change.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -152,55 +141,6 @@ pub struct FanoutArgs {
     /// Seconds after the last change to wait for its deliveries.
     #[arg(long, default_value_t = 3.0)]
     pub grace: f64,
-
-    /// Encoding: json (kefu.v1.json) or fb (kefu.v1.fb).
-    #[arg(long, value_enum, default_value_t = Subprotocol::Json)]
-    pub subprotocol: Subprotocol,
-
-    /// Source addresses to connect from, round-robin.
-    #[arg(long, value_delimiter = ',')]
-    pub sources: Vec<IpAddr>,
-
-    /// Client threads; recipients are spread over them, the actors and
-    /// visitors live on the first.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub threads: u16,
-
-    /// CPUs to pin the client threads to (thread i gets cpu[i % len]).
-    #[arg(long, value_delimiter = ',')]
-    pub cpu: Vec<usize>,
-
-    /// Report the CPU and memory of this server process over the window.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
-
-    /// Bound on one connection's TCP connect plus handshake, milliseconds.
-    #[arg(long, default_value_t = 5_000)]
-    pub connect_timeout_ms: u64,
-
-    /// Bound on each setup reply and each change's reply, milliseconds.
-    #[arg(long, default_value_t = 10_000)]
-    pub reply_timeout_ms: u64,
-
-    /// Bound on the whole setup, seconds.
-    #[arg(long, default_value_t = 120.0)]
-    pub setup_timeout: f64,
-
-    /// Connections being set up at once, per thread.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
-    pub setup_concurrency: u32,
-
-    /// io_uring submission queue entries per thread.
-    #[arg(long, default_value_t = 8192)]
-    pub ring_entries: u32,
-
-    /// io_uring task-work mode of the client threads.
-    #[arg(long, value_enum, default_value_t = TaskRun::Defer)]
-    pub taskrun: TaskRun,
-
-    /// Allow a URL outside 127.0.0.0/8 and ::1.
-    #[arg(long)]
-    pub allow_non_loopback: bool,
 }
 
 /// The result of a run: printed as one JSON line.
@@ -233,9 +173,8 @@ pub struct FanoutReport {
     /// Events a recipient received more than once.
     pub duplicates: u64,
     /// `conversation` frames of the run's conversations other than
-    /// `queued` that recipients read. Every one of them is closed by its
-    /// visitor while queued, and kefu does not tell the group's agents
-    /// that (see the module doc), so this is 0 until it does.
+    /// `queued` that recipients read: every one of them is closed by its
+    /// visitor while queued, and each recipient is told so once.
     pub left_queue_seen: u64,
     /// Presence events of an actor that no toggle explains (`offline`: an
     /// actor's connection was lost).
@@ -529,29 +468,29 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<(FanoutReport, Vec<Series>)> {
     if !(args.rate > 0.0 && args.duration > 0.0 && args.warmup >= 0.0 && args.grace >= 0.0) {
         bail!("--rate and --duration must be > 0, --warmup and --grace ≥ 0");
     }
-    if args.setup_timeout.is_nan() || args.setup_timeout <= 0.0 {
+    if args.client.setup_timeout.is_nan() || args.client.setup_timeout <= 0.0 {
         bail!("--setup-timeout must be > 0");
     }
-    let url = WsUrl::parse(&args.url, args.allow_non_loopback)?;
-    for source in &args.sources {
-        if !args.allow_non_loopback && !source.is_loopback() {
+    let url = WsUrl::parse(&args.client.url, args.client.allow_non_loopback)?;
+    for source in &args.client.sources {
+        if !args.client.allow_non_loopback && !source.is_loopback() {
             bail!("source {source} is not a loopback address");
         }
     }
-    let secret = chat::jwt_secret(args.jwt_secret_file.as_deref(), args.data.as_deref())?;
+    let secret = chat::jwt_secret(args.client.jwt_secret_file.as_deref(), args.client.data.as_deref())?;
     let actors_group = format!("{}-actors", args.group);
     let mix = Mix { presence_every: args.presence_every };
     let changes = (args.rate * (args.warmup + args.duration)).ceil() as u64;
     let plan = Plan {
         dial: Dial {
             url,
-            codec: args.subprotocol.codec(),
-            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-            reply_timeout: Duration::from_millis(args.reply_timeout_ms),
+            codec: args.client.subprotocol.codec(),
+            connect_timeout: Duration::from_millis(args.client.connect_timeout_ms),
+            reply_timeout: Duration::from_millis(args.client.reply_timeout_ms),
         },
-        sources: args.sources.clone(),
+        sources: args.client.sources.clone(),
         group: args.group.clone(),
-        setup_concurrency: args.setup_concurrency as usize,
+        setup_concurrency: args.client.setup_concurrency as usize,
         mix,
         actors: u64::from(args.actors),
         visitors: u64::from(args.visitors),
@@ -577,14 +516,14 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<(FanoutReport, Vec<Series>)> {
         args.agents, args.group, args.actors, args.visitors, args.rate, args.presence_every
     );
 
-    let threads = usize::from(args.threads);
+    let threads = usize::from(args.client.threads);
     let setup_start = mono_ns();
     let mut handles = Vec::with_capacity(threads);
     for thread in 0..threads {
         let recipients: Vec<usize> = (0..args.agents as usize).filter(|i| i % threads == thread).collect();
-        let cpu = (!args.cpu.is_empty()).then(|| args.cpu[thread % args.cpu.len()]);
+        let cpu = (!args.client.cpu.is_empty()).then(|| args.client.cpu[thread % args.client.cpu.len()]);
         let global = global.clone();
-        let (ring_entries, taskrun) = (args.ring_entries, args.taskrun);
+        let (ring_entries, taskrun) = (args.client.ring_entries, args.client.taskrun);
         let handle = std::thread::Builder::new()
             .name(format!("fanout-{thread}"))
             .spawn(move || -> anyhow::Result<Tally> {
@@ -595,7 +534,7 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<(FanoutReport, Vec<Series>)> {
         handles.push(handle);
     }
 
-    let setup_deadline = setup_start + secs_ns(args.setup_timeout);
+    let setup_deadline = setup_start + secs_ns(args.client.setup_timeout);
     let mut ok = true;
     while global.setup_done.load(Ordering::Acquire) < threads {
         if handles.iter().any(|h| h.is_finished()) || mono_ns() >= setup_deadline {
@@ -629,10 +568,10 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<(FanoutReport, Vec<Series>)> {
         };
         let _ = global.schedule.set(schedule);
         sleep_until_ns(schedule.window_start);
-        let start = chat::sample(args.server_pid, None)?;
+        let start = chat::sample(args.client.server_pid, None)?;
         sleep_until_ns(schedule.window_end);
-        let end = chat::sample(args.server_pid, None)?;
-        let rss = args.server_pid.and_then(|pid| stats::process_rss_bytes(pid).ok());
+        let end = chat::sample(args.client.server_pid, None)?;
+        let rss = args.client.server_pid.and_then(|pid| stats::process_rss_bytes(pid).ok());
         window = Some((start, end, rss, schedule));
         let give_up = schedule.window_end + secs_ns(args.grace);
         while mono_ns() < give_up && !handles.iter().all(|h| h.is_finished()) {
@@ -695,7 +634,7 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<(FanoutReport, Vec<Series>)> {
         Series::of("first → last recipient", &spread),
     ];
     let report = FanoutReport {
-        url: args.url.clone(),
+        url: args.client.url.clone(),
         agents: args.agents,
         agents_ready,
         actors: args.actors,

@@ -469,10 +469,15 @@ impl JunkLoad {
 impl Beside for JunkLoad {
     fn start(&mut self, load: &LoadStart<'_>) -> anyhow::Result<()> {
         let args = &self.args;
-        let url = WsUrl::parse(&args.chat.url, args.chat.allow_non_loopback)?;
-        let sources =
-            if args.junk_sources.is_empty() { args.chat.sources.clone() } else { args.junk_sources.clone() };
-        if let Some(source) = sources.iter().find(|s| !args.chat.allow_non_loopback && !s.is_loopback()) {
+        let url = WsUrl::parse(&args.chat.client.url, args.chat.client.allow_non_loopback)?;
+        let sources = if args.junk_sources.is_empty() {
+            args.chat.client.sources.clone()
+        } else {
+            args.junk_sources.clone()
+        };
+        if let Some(source) =
+            sources.iter().find(|s| !args.chat.client.allow_non_loopback && !s.is_loopback())
+        {
             bail!("junk source {source} is not a loopback address");
         }
         let tokens = chat::sign_tokens(load.secret, Role::Visitor, args.junk_connections, None)?;
@@ -494,16 +499,17 @@ impl Beside for JunkLoad {
             t0: load.t0,
             send_end: load.send_end,
             frames_max: args.junk_frames,
-            connect_timeout: Duration::from_millis(args.chat.connect_timeout_ms),
+            connect_timeout: Duration::from_millis(args.chat.client.connect_timeout_ms),
             close_wait: Duration::from_millis(args.close_wait_ms),
             on_429: args.junk_on_429,
         });
         let threads = usize::from(args.junk_threads);
         for thread in 0..threads {
             let indices: Vec<usize> = (0..connections).filter(|i| i % threads == thread).collect();
-            let cpu = (!args.chat.cpu.is_empty()).then(|| args.chat.cpu[thread % args.chat.cpu.len()]);
+            let cpu = (!args.chat.client.cpu.is_empty())
+                .then(|| args.chat.client.cpu[thread % args.chat.client.cpu.len()]);
             let (plan, global) = (plan.clone(), self.global.clone());
-            let ring_entries = args.chat.ring_entries;
+            let ring_entries = args.chat.client.ring_entries;
             let handle = std::thread::Builder::new()
                 .name(format!("junk-{thread}"))
                 .spawn(move || -> anyhow::Result<JunkTally> {

@@ -165,14 +165,14 @@ impl Beside for SlowLoad {
             bail!("no agent tokens to make slow devices of");
         }
         let plan = SlowPlan {
-            url: WsUrl::parse(&args.chat.url, args.chat.allow_non_loopback)?,
-            sources: args.chat.sources.clone(),
+            url: WsUrl::parse(&args.chat.client.url, args.chat.client.allow_non_loopback)?,
+            sources: args.chat.client.sources.clone(),
             tokens: (0..count as usize)
                 .map(|i| load.agent_tokens[i % load.agent_tokens.len()].clone())
                 .collect(),
             rcvbuf_bytes: args.rcvbuf_bytes,
-            connect_timeout: Duration::from_millis(args.chat.connect_timeout_ms),
-            reply_timeout: Duration::from_millis(args.chat.reply_timeout_ms),
+            connect_timeout: Duration::from_millis(args.chat.client.connect_timeout_ms),
+            reply_timeout: Duration::from_millis(args.chat.client.reply_timeout_ms),
             resume_timeout: Duration::from_millis(args.resume_timeout_ms),
             t0: load.t0,
         };
@@ -180,8 +180,8 @@ impl Beside for SlowLoad {
             "slow: {count} slow clients (agent devices that stop reading, SO_RCVBUF {} B)",
             args.rcvbuf_bytes
         );
-        let cpu = args.chat.cpu.first().copied();
-        let ring_entries = args.chat.ring_entries;
+        let cpu = args.chat.client.cpu.first().copied();
+        let ring_entries = args.chat.client.ring_entries;
         let stop = self.stop.clone();
         let handle = std::thread::Builder::new()
             .name("slow".into())
