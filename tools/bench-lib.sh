@@ -62,3 +62,28 @@ start_kefu() {
     echo "kefu did not start listening on 127.0.0.1:$PORT; see $log" >&2
     exit 1
 }
+
+# parse_options ARGS...: each --long-option sets the upper-case variable of
+# its name (--client-cpu 0 sets CLIENT_CPU=0), which the script must have
+# given a default; --no-build sets BUILD=0; -h/--help prints the script's
+# header comment. Anything else is an error (exit 2).
+parse_options() {
+    local var
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --no-build) BUILD=0 ;;
+            -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+            --*)
+                var=$(printf '%s' "${1#--}" | tr 'a-z-' 'A-Z_')
+                if ! declare -p "$var" >/dev/null 2>&1 || [ $# -lt 2 ]; then
+                    echo "unknown argument: $1" >&2
+                    exit 2
+                fi
+                printf -v "$var" '%s' "$2"
+                shift
+                ;;
+            *) echo "unknown argument: $1" >&2; exit 2 ;;
+        esac
+        shift
+    done
+}

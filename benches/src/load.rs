@@ -193,7 +193,7 @@ impl Meter {
 }
 
 /// CPU time (user + system) this process has used.
-fn process_cpu() -> Duration {
+pub fn process_cpu() -> Duration {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
     // SAFETY: getrusage fills the struct it is given and reads nothing else.
     let usage = unsafe {
