@@ -19,10 +19,14 @@
 # chat-tungstenite from when it hands the message to the socket (tokio's
 # timer wakes on whole milliseconds; it reports that lag apart).
 #
+# Both clients also time each --slice seconds of the window apart (60 by
+# default); with more than one slice the summary sets the first beside the
+# last, to show a latency that climbs as the log grows.
+#
 # Usage: tools/bench-chat-clients.sh [--no-build] [--out DIR] [--repeat N]
 #            [--visitors N] [--agents N] [--rate R] [--duration S]
 #            [--warmup S] [--shards N] [--client-cpu N] [--server-cpu N]
-#            [--quiet-wait S]
+#            [--quiet-wait S] [--slice S]
 #
 # Results: one JSON line per run in $OUT/clients.jsonl (with "bench_client"
 # naming the client), gateway logs in $OUT/gateway-CLIENT-N.log.
@@ -42,6 +46,8 @@ SHARDS=1
 CLIENT_CPU=0
 SERVER_CPU=1
 QUIET_WAIT=600
+SLICE=60
+OPTIONS="OUT REPEAT VISITORS AGENTS RATE DURATION WARMUP SHARDS CLIENT_CPU SERVER_CPU QUIET_WAIT SLICE"
 PORT=9261
 ADMIN_PORT=9262
 
@@ -68,7 +74,7 @@ for run in $(seq "$REPEAT"); do
             KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000
         echo "== run $run/$REPEAT, $client: $VISITORS visitors, $AGENTS agents, $RATE msg/s, ${DURATION} s" >&2
         common=(--url "ws://127.0.0.1:$PORT/ws" --data "$data" --visitors "$VISITORS" --agents "$AGENTS"
-            --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" --sources 127.0.0.1,127.0.0.2
+            --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" --slice "$SLICE" --sources 127.0.0.1,127.0.0.2
             --server-pid "$SERVER_PID")
         status=0
         if [ "$client" = kefu-bench ]; then
@@ -92,12 +98,18 @@ runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def med(vals):
     vals = [v for v in vals if v is not None]
     return statistics.median(vals) if vals else None
+def first_last(r, i):
+    slices = r.get("delivery_by_slice") or []
+    return slices[i]["delivery_latency_us"]["p99"] / 1e3 if len(slices) > 1 else None
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 rows = [
     ("delivery p50 ms", lambda r: r["delivery_latency_us"]["p50"] / 1e3, ".2f"),
     ("delivery p99 ms", lambda r: r["delivery_latency_us"]["p99"] / 1e3, ".2f"),
     ("delivery p99.9 ms", lambda r: r["delivery_latency_us"]["p999"] / 1e3, ".2f"),
+    # With more than one --slice in the window: its first and last slices.
+    ("delivery p99 ms, first slice", lambda r: first_last(r, 0), ".2f"),
+    ("delivery p99 ms, last slice", lambda r: first_last(r, -1), ".2f"),
     ("ack p99 ms", lambda r: r["ack_latency_us"]["p99"] / 1e3, ".2f"),
     ("sent per s", lambda r: r["send_rate"], ".0f"),
     ("undelivered + unacked", lambda r: r["undelivered"] + r["unacked"], ".0f"),

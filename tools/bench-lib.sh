@@ -64,9 +64,11 @@ start_kefu() {
 }
 
 # parse_options ARGS...: each --long-option sets the upper-case variable of
-# its name (--client-cpu 0 sets CLIENT_CPU=0), which the script must have
-# given a default; --no-build sets BUILD=0; -h/--help prints the script's
-# header comment. Anything else is an error (exit 2).
+# its name (--client-cpu 0 sets CLIENT_CPU=0), which the script must list
+# in OPTIONS (space-separated names) and have given a default; --no-build
+# sets BUILD=0; -h/--help prints the script's header comment. Anything else
+# is an error (exit 2): the list keeps an option from setting PATH, REPO or
+# any other variable of the script's own.
 parse_options() {
     local var
     while [ $# -gt 0 ]; do
@@ -75,7 +77,7 @@ parse_options() {
             -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
             --*)
                 var=$(printf '%s' "${1#--}" | tr 'a-z-' 'A-Z_')
-                if ! declare -p "$var" >/dev/null 2>&1 || [ $# -lt 2 ]; then
+                if [[ " $OPTIONS " != *" $var "* ]] || ! declare -p "$var" >/dev/null 2>&1 || [ $# -lt 2 ]; then
                     echo "unknown argument: $1" >&2
                     exit 2
                 fi

@@ -237,6 +237,8 @@ Example (tools/bench-chat.sh does all of it):
     kefu-bench chat --url ws://127.0.0.1:8080/ws --data DIR --visitors 2000 --agents 20 \\
         --rate 5000 --duration 10 --warmup 2 --sources 127.0.0.1,127.0.0.2 --cpu 0 --server-pid PID")]
 pub struct ChatArgs {
+    /// What every scenario's client shares: where to connect, from where,
+    /// with how many threads, and the gateway's process to measure.
     #[command(flatten)]
     pub client: ClientArgs,
 
@@ -280,6 +282,12 @@ pub struct ChatArgs {
     /// Seconds after the last send to wait for deliveries and acks.
     #[arg(long, default_value_t = 2.0)]
     pub grace: f64,
+
+    /// Also report the delivery latency of each slice of the window this
+    /// many seconds long (by scheduled send), so that a long run shows its
+    /// first minute beside its last. 0: no slices.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_slice)]
+    pub slice: f64,
 
     /// Text bytes per message.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=65_536))]
@@ -326,6 +334,17 @@ impl Subprotocol {
     }
 }
 
+/// `--slice`: 0, or at least a second (a slice holds enough sends for a
+/// p99, and a run cannot ask for millions of them).
+fn parse_slice(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if seconds == 0.0 || (1.0..=86_400.0).contains(&seconds) {
+        Ok(seconds)
+    } else {
+        Err(format!("{seconds} s: give 0 (no slices) or from 1 to 86400 seconds"))
+    }
+}
+
 /// `--attachment-share`: a number from 0 to 1.
 fn parse_share(text: &str) -> Result<f64, String> {
     let share: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
@@ -345,6 +364,22 @@ pub struct KindReport {
     pub acked: u64,
     pub delivery_latency_us: LatencySummary,
     pub ack_latency_us: LatencySummary,
+}
+
+/// One slice of the window: the messages scheduled from `start_s` to
+/// `end_s` (seconds into the window).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SliceReport {
+    /// Where the slice starts and ends, in seconds into the window (the
+    /// last slice may be shorter).
+    pub start_s: f64,
+    pub end_s: f64,
+    /// Messages scheduled in the slice, and those an agent received: a
+    /// slice that lost messages shows it here, not in its percentiles.
+    pub sent: u64,
+    pub delivered: u64,
+    /// Agent receives `msg` − scheduled send time, µs.
+    pub delivery_latency_us: LatencySummary,
 }
 
 /// The result of a run: printed as one JSON line.
@@ -388,6 +423,10 @@ pub struct ChatReport {
     pub delivery_latency_us: LatencySummary,
     /// Visitor receives `ack` − scheduled send time, µs.
     pub ack_latency_us: LatencySummary,
+    /// The delivery latency of each `--slice` seconds of the window, in
+    /// order (empty with `--slice 0`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub delivery_by_slice: Vec<SliceReport>,
     /// The client's own lateness: write − scheduled send time, µs.
     pub send_lag_us: LatencySummary,
     /// Acks arrive in bursts, one per group commit (a gap of more than
@@ -470,6 +509,8 @@ struct Schedule {
     window_start: u64,
     /// ... up to here, where sending stops.
     send_end: u64,
+    /// Length of a slice of the window (0: no slices).
+    slice_ns: u64,
 }
 
 impl Schedule {
@@ -479,6 +520,12 @@ impl Schedule {
 
     fn in_window(&self, t: u64) -> bool {
         t >= self.window_start && t < self.send_end
+    }
+
+    /// The slice of the window a measured send scheduled at `scheduled`
+    /// falls in.
+    fn slice(&self, scheduled: u64) -> Option<usize> {
+        (self.slice_ns > 0).then(|| (scheduled.saturating_sub(self.window_start) / self.slice_ns) as usize)
     }
 }
 
@@ -514,6 +561,9 @@ struct Tally {
     delivery: Latency,
     ack: Latency,
     send_lag: Latency,
+    /// Sends and delivery latency by slice of the window
+    /// ([`Schedule::slice`]).
+    by_slice: Vec<SliceTally>,
     /// The window's messages by kind: index [`Kind::index`].
     by_kind: [KindTally; 2],
     error_codes: BTreeMap<String, u64>,
@@ -537,6 +587,13 @@ impl Tally {
         self.delivery.merge(&other.delivery);
         self.ack.merge(&other.ack);
         self.send_lag.merge(&other.send_lag);
+        if self.by_slice.len() < other.by_slice.len() {
+            self.by_slice.resize_with(other.by_slice.len(), SliceTally::default);
+        }
+        for (mine, theirs) in self.by_slice.iter_mut().zip(&other.by_slice) {
+            mine.sent += theirs.sent;
+            mine.delivery.merge(&theirs.delivery);
+        }
         for (mine, theirs) in self.by_kind.iter_mut().zip(&other.by_kind) {
             mine.sent += theirs.sent;
             mine.delivery.merge(&theirs.delivery);
@@ -551,6 +608,25 @@ impl Tally {
         for (k, v) in other.connection_errors {
             *self.connection_errors.entry(k).or_default() += v;
         }
+    }
+}
+
+/// One slice of the window's share of a thread's tally.
+#[derive(Default)]
+struct SliceTally {
+    sent: u64,
+    delivery: Latency,
+}
+
+impl Tally {
+    /// The tally of the slice a measured send scheduled at `scheduled`
+    /// falls in, if the run is cut in slices.
+    fn slice(&mut self, schedule: &Schedule, scheduled: u64) -> Option<&mut SliceTally> {
+        let i = schedule.slice(scheduled)?;
+        if self.by_slice.len() <= i {
+            self.by_slice.resize_with(i + 1, SliceTally::default);
+        }
+        Some(&mut self.by_slice[i])
     }
 }
 
@@ -961,6 +1037,7 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
             t0,
             window_start: t0 + secs_ns(args.warmup),
             send_end: t0 + secs_ns(args.warmup) + secs_ns(args.duration),
+            slice_ns: secs_ns(args.slice),
         };
         let _ = global.schedule.set(schedule);
         let started = beside.start(&LoadStart {
@@ -1094,6 +1171,7 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         duplicates: total.duplicates,
         delivery_latency_us: total.delivery.summary(),
         ack_latency_us: total.ack.summary(),
+        delivery_by_slice: slices(&total.by_slice, args.slice, window_s),
         send_lag_us: total.send_lag.summary(),
         ack_bursts_per_s: total.ack_bursts as f64 / window_s,
         acks_per_burst: (total.ack_bursts > 0).then(|| total.acks_in_window as f64 / total.ack_bursts as f64),
@@ -1125,6 +1203,30 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         text_only: mix.then(|| total.by_kind[Kind::Text.index()].report()),
         curves,
     })
+}
+
+/// The per-slice reports of a window `window_s` long cut in `slice_s`
+/// pieces (the last one may be shorter): every slice of the window, also
+/// one nothing was sent or delivered in, so that the last one listed is
+/// the window's last.
+fn slices(by_slice: &[SliceTally], slice_s: f64, window_s: f64) -> Vec<SliceReport> {
+    if slice_s <= 0.0 {
+        return Vec::new();
+    }
+    let count = ((window_s / slice_s).ceil() as usize).max(by_slice.len());
+    let empty = SliceTally::default();
+    (0..count)
+        .map(|i| {
+            let tally = by_slice.get(i).unwrap_or(&empty);
+            SliceReport {
+                start_s: i as f64 * slice_s,
+                end_s: ((i + 1) as f64 * slice_s).min(window_s),
+                sent: tally.sent,
+                delivered: tally.delivery.count(),
+                delivery_latency_us: tally.delivery.summary(),
+            }
+        })
+        .collect()
 }
 
 /// CPU counters at one instant.
@@ -1507,6 +1609,7 @@ impl ThreadState {
     }
 
     fn connection_error(&self, kind: String) {
+        let kind = ws::without_retry_after(&kind).to_owned();
         *self.tally.borrow_mut().connection_errors.entry(kind).or_default() += 1;
     }
 
@@ -1748,6 +1851,9 @@ async fn agent_loop(mut conn: Conn, state: Rc<ThreadState>) {
                     tally.delivered += 1;
                     tally.delivery.record(latency, 1);
                     tally.by_kind[cid_kind(&msg.cid).index()].delivery.record(latency, 1);
+                    if let Some(slice) = tally.slice(schedule, scheduled) {
+                        slice.delivery.record(latency, 1);
+                    }
                     state.global.delivered.fetch_add(1, Ordering::AcqRel);
                 }
             }
@@ -1854,6 +1960,9 @@ async fn send_loop(state: &ThreadState, visitors: &[Visitor], schedule: Schedule
             if schedule.measured(due) {
                 tally.sent += 1;
                 tally.by_kind[kind.index()].sent += 1;
+                if let Some(slice) = tally.slice(&schedule, due) {
+                    slice.sent += 1;
+                }
                 tally.send_lag.record(Duration::from_nanos(now - due), 1);
                 state.global.sent.fetch_add(1, Ordering::AcqRel);
             }
@@ -1899,6 +2008,16 @@ pub fn add_sections(table: &mut Table, report: &ChatReport, run: &str) {
         .section(format!("{run}latency from the scheduled send"))
         .latency("delivery", report.delivered, &report.delivery_latency_us)
         .latency("ack", report.acked, &report.ack_latency_us);
+    // One slice is the whole window again.
+    if report.delivery_by_slice.len() > 1 {
+        for slice in &report.delivery_by_slice {
+            table.latency(
+                format!("delivery, {}–{} s", slice.start_s, slice.end_s),
+                slice.delivered,
+                &slice.delivery_latency_us,
+            );
+        }
+    }
     for (name, kind) in [("with attachment", &report.with_attachment), ("text only", &report.text_only)] {
         if let Some(kind) = kind {
             table.latency(format!("delivery, {name}"), kind.delivered, &kind.delivery_latency_us).latency(
@@ -2364,6 +2483,37 @@ mod tests {
             let total = fake.sends.load(Ordering::Acquire);
             assert!((279..=281).contains(&total), "{total} sends");
         }
+    }
+
+    #[test]
+    fn the_window_is_also_timed_by_slice() {
+        let (addr, fake) = fake_gateway(None);
+        let secret = secret_file(&fake);
+        let report = measure(&args(addr, &secret, &["--rate", "200", "--duration", "2.5", "--slice", "1"]))
+            .expect("run against the fake gateway");
+        let _ = fs::remove_file(&secret);
+        let slices = &report.delivery_by_slice;
+        let bounds: Vec<(f64, f64)> = slices.iter().map(|s| (s.start_s, s.end_s)).collect();
+        assert_eq!(bounds, [(0.0, 1.0), (1.0, 2.0), (2.0, 2.5)], "{report:?}");
+        // 200/s by scheduled time: a second's slice holds ~200, the last
+        // half second ~100, and together they are the window.
+        assert!((199..=201).contains(&slices[0].delivered) && (99..=101).contains(&slices[2].delivered));
+        assert_eq!(slices.iter().map(|s| s.delivered).sum::<u64>(), report.delivered);
+        assert!(
+            slices.iter().all(|s| s.sent == s.delivered && s.delivery_latency_us.p99 > 0.0),
+            "{slices:?}"
+        );
+        assert!(table(&report).render().contains("delivery, 2–2.5 s"), "{}", table(&report).render());
+
+        // The default slice (60 s) holds a short window whole: one slice,
+        // the window itself, which the table does not repeat.
+        let (addr, fake) = fake_gateway(None);
+        let secret = secret_file(&fake);
+        let report = measure(&args(addr, &secret, &[])).expect("run against the fake gateway");
+        let _ = fs::remove_file(&secret);
+        assert_eq!(report.delivery_by_slice.len(), 1);
+        assert!(!table(&report).render().contains("delivery, 0–"));
+        assert!(parse_slice("0.5").is_err() && parse_slice("0").is_ok() && parse_slice("60").is_ok());
     }
 
     #[test]

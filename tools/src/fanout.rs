@@ -102,6 +102,7 @@ Example:
     kefu-bench fanout --url ws://127.0.0.1:9251/ws --data DIR --agents 1000 --rate 50 --duration 60 \\
         --cpu 1 --server-pid PID")]
 pub struct FanoutArgs {
+    /// What every scenario's client shares ([`ClientArgs`]).
     #[command(flatten)]
     pub client: ClientArgs,
 

@@ -132,7 +132,7 @@ pub struct JunkArgs {
     #[arg(long, default_value_t = 3_000)]
     pub close_wait_ms: u64,
 
-    /// What a junk connection does when its reconnect is refused with 429
+    /// What a junk connection does when its connect is refused with 429
     /// (the gateway's per-address handshake limit): `wait` the response's
     /// `Retry-After`, or `hammer`, trying again after 100 ms. Hammering
     /// floods the handshake path too, and on a 2-core host its refused
@@ -599,8 +599,14 @@ async fn junk_connection(state: Rc<JunkThread>, index: usize) {
                 Ok(opened) => opened,
                 Err(kind) => {
                     bump(&mut state.tally.borrow_mut().open_errors, &short(&kind));
+                    // A Retry-After is obeyed within reason: never sooner than
+                    // a hammer would, never past the end of the run (whose
+                    // stop waits for this thread).
+                    let left = Duration::from_nanos(plan.send_end.saturating_sub(mono_ns()));
                     let pause = match (plan.on_429, ws::retry_after(&kind)) {
-                        (On429::Wait, Some(after)) => after.mul_f64(1.0 + rand::rng().random_range(0.0..0.1)),
+                        (On429::Wait, Some(after)) => {
+                            after.min(left).mul_f64(1.0 + rand::rng().random_range(0.0..0.1)).max(PAUSE)
+                        }
                         _ => PAUSE,
                     };
                     monoio::time::sleep(pause).await;

@@ -138,6 +138,12 @@ pub fn retry_after(error: &str) -> Option<Duration> {
     Some(Duration::from_secs(secs))
 }
 
+/// `error` without the `Retry-After` a 429's text ends with, so that
+/// refusals are counted as one kind whatever wait each was given.
+pub fn without_retry_after(error: &str) -> &str {
+    error.rsplit_once(RETRY_AFTER).map_or(error, |(before, _)| before.trim_end())
+}
+
 /// Parses the server's answer to the upgrade. `Ok(None)`: the head is not
 /// complete yet, read more. `Ok(Some(n))`: the first `n` bytes were a valid
 /// 101 response; anything after them is already WebSocket frames.
@@ -617,6 +623,7 @@ mod tests {
         let limited = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\n\r\n";
         let error = parse_handshake_response(limited, key).expect_err("a 429 is an error").to_string();
         assert_eq!(retry_after(&error), Some(Duration::from_secs(2)), "{error}");
+        assert!(without_retry_after(&error).ends_with("lift them for a load test)"), "{error}");
         let bare = b"HTTP/1.1 429 Too Many Requests\r\n\r\n";
         let error = parse_handshake_response(bare, key).expect_err("a 429 is an error").to_string();
         assert_eq!(retry_after(&error), None, "{error}");

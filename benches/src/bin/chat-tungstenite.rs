@@ -29,7 +29,8 @@
 //!
 //! Output: one JSON line, with the field names `kefu-bench chat` uses for
 //! the same figures (`delivery_latency_us`, `ack_latency_us`, `undelivered`,
-//! `unacked`, `send_rate`, `client_cpu_cores`).
+//! `unacked`, `send_rate`, `client_cpu_cores`, and with `--slice` the
+//! window's slices in `delivery_by_slice`).
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
@@ -91,6 +92,11 @@ struct Args {
     /// Seconds after the last send to wait for deliveries and acks.
     #[arg(long, default_value_t = 3.0)]
     grace: f64,
+    /// Also report the delivery latency of each slice of the window this
+    /// many seconds long (by send stamp): a long run's first minute beside
+    /// its last. 0: no slices; else at least 1.
+    #[arg(long, default_value_t = 60.0)]
+    slice: f64,
     /// Local addresses to connect from, round robin.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
     sources: Vec<IpAddr>,
@@ -112,6 +118,11 @@ struct Tally {
     start: Instant,
     window: (u64, u64),
     delivery: Histogram<u64>,
+    /// Length of a slice of the window in ns (0: none), and each slice's
+    /// sends and delivery latency, every slice of the window from the
+    /// start (one nothing arrived in included).
+    slice_ns: u64,
+    slices: Vec<Slice>,
     ack: Histogram<u64>,
     send_lag: Histogram<u64>,
     sent: u64,
@@ -128,6 +139,35 @@ impl Tally {
     fn in_window(&self, stamp: u64) -> bool {
         (self.window.0..self.window.1).contains(&stamp)
     }
+
+    /// The slice a window message stamped `stamp` belongs to.
+    fn slice(&mut self, stamp: u64) -> Option<&mut Slice> {
+        if self.slice_ns == 0 {
+            return None;
+        }
+        let i = (stamp.saturating_sub(self.window.0) / self.slice_ns) as usize;
+        self.slices.get_mut(i)
+    }
+
+    /// Records a delivery of a window message stamped `stamp`.
+    fn delivered(&mut self, stamp: u64, us: u64) {
+        self.delivered += 1;
+        self.delivery.saturating_record(us);
+        if let Some(slice) = self.slice(stamp) {
+            slice.delivery.saturating_record(us);
+        }
+    }
+}
+
+/// One `--slice` of the window.
+struct Slice {
+    sent: u64,
+    delivery: Histogram<u64>,
+}
+
+/// A latency histogram in µs, up to a minute.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
 type Shared = Rc<RefCell<Tally>>;
@@ -136,6 +176,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.size < STAMP_DIGITS || args.visitors == 0 || args.agents == 0 || args.rate <= 0.0 {
         bail!("--size must be at least {STAMP_DIGITS}, and --visitors, --agents and --rate positive");
+    }
+    if !(args.slice == 0.0 || (1.0..=86_400.0).contains(&args.slice)) {
+        bail!("--slice {}: give 0 (no slices) or from 1 to 86400 seconds", args.slice);
     }
     let secret = read_secret(&args)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -190,11 +233,14 @@ async fn run(args: Args, secret: String) -> anyhow::Result<Value> {
     let start = Instant::now();
     let ns = |s: f64| (s * 1e9) as u64;
     let window = (ns(args.warmup), ns(args.warmup + args.duration));
-    let histogram = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
     let tally: Shared = Rc::new(RefCell::new(Tally {
         start,
         window,
         delivery: histogram(),
+        slice_ns: ns(args.slice),
+        slices: (0..slice_count(args.duration, args.slice))
+            .map(|_| Slice { sent: 0, delivery: histogram() })
+            .collect(),
         ack: histogram(),
         send_lag: histogram(),
         sent: 0,
@@ -252,7 +298,7 @@ async fn run(args: Args, secret: String) -> anyhow::Result<Value> {
             "max": h.max(), "count": h.len(),
         })
     };
-    Ok(json!({
+    let mut report = json!({
         "client": "tokio-tungstenite (benches/src/bin/chat-tungstenite.rs)",
         "label": args.label,
         "visitors": args.visitors,
@@ -274,7 +320,31 @@ async fn run(args: Args, secret: String) -> anyhow::Result<Value> {
         "server_cpu_cores": server_cpu_s.map(|s| s / args.duration),
         "server_cpu_us_per_msg": server_cpu_s.filter(|_| t.sent > 0).map(|s| s * 1e6 / t.sent as f64),
         "errors": t.errors,
-    }))
+    });
+    if !t.slices.is_empty() {
+        let slices: Vec<Value> = t
+            .slices
+            .iter()
+            .enumerate()
+            .map(|(i, slice)| {
+                json!({
+                    "start_s": i as f64 * args.slice,
+                    "end_s": ((i + 1) as f64 * args.slice).min(args.duration),
+                    "sent": slice.sent,
+                    "delivered": slice.delivery.len(),
+                    "delivery_latency_us": summary(&slice.delivery),
+                })
+            })
+            .collect();
+        report["delivery_by_slice"] = Value::Array(slices);
+    }
+    Ok(report)
+}
+
+/// Slices of `slice_s` seconds in a window of `duration_s` (the last may
+/// be shorter); none with `slice_s` 0.
+fn slice_count(duration_s: f64, slice_s: f64) -> usize {
+    if slice_s > 0.0 { (duration_s / slice_s).ceil() as usize } else { 0 }
 }
 
 /// Connects connection `i` and signs in with `token`.
@@ -359,6 +429,9 @@ async fn send_loop(
             if t.in_window(now) {
                 t.sent += 1;
                 t.send_lag.saturating_record((now.saturating_sub(stamp) / 1000).max(1));
+                if let Some(slice) = t.slice(now) {
+                    slice.sent += 1;
+                }
             }
             now
         };
@@ -388,8 +461,7 @@ async fn read_agent(mut read: SplitStream<Ws>, tally: Shared, stop_at: Instant) 
         let mut t = tally.borrow_mut();
         if t.in_window(stamp) {
             let us = (t.now_ns().saturating_sub(stamp) / 1000).max(1);
-            t.delivered += 1;
-            t.delivery.saturating_record(us);
+            t.delivered(stamp, us);
         }
     }
 }
