@@ -341,7 +341,8 @@ enum State {
     Queued {
         /// The position last announced (0: not yet).
         announced: u32,
-        /// Not yet announced: why it entered the queue, and who had it.
+        /// Not yet announced: why it entered the queue, who had it, and
+        /// the queue it left for this one, if its agents saw it wait.
         entered: Option<Entered>,
         /// Skipped by auto-assign (the agent who transferred it here).
         avoid: Option<UserId>,

@@ -400,8 +400,13 @@ describe('console and widget in Chromium', () => {
     await s1.getByTestId('transfer-confirm').click();
     await item(b1).waitFor({ timeout: TIMEOUT_MS });
     await eventually(async () => (await item(s2).count()) === 0, 'gone from s2\'s queue');
-    // s1 still has it open in the pane, but not in its queue.
+    // s1 still has it open in the pane, but not in its queue, and it is
+    // no longer s1's to take or move: the pane says where it went.
     await eventually(async () => (await item(s1).count()) === 0, 'gone from s1\'s queue');
+    await eventually(async () => (await s1.locator('#conv-status').textContent()) === 'moved to billing',
+      's1\'s pane says where it went');
+    assert.equal(await s1.getByTestId('accept').isHidden(), true, 'no accept for another group\'s queue');
+    assert.equal(await s1.getByTestId('transfer').isHidden(), true, 'no transfer either');
     await v.evaluate(() => window.__ws.close());
     noProblems(s1, s2, b1);
     for (const p of [s1, s2, b1, v]) await p.context().close();

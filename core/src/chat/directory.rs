@@ -102,10 +102,10 @@ impl Directory {
     /// Who is told of a conversation's new state (a `conversation` event):
     /// its participants in that state, the agent who just lost it
     /// (`previous`), and, while it waits in a queue and as it leaves one
-    /// (taken or closed), the agents who serve that queue (`notify`; the
-    /// router names them); each
-    /// session once, and not `except` (the session whose command caused it,
-    /// which gets the answer instead).
+    /// (taken, closed, or moved to another group's queue), the agents who
+    /// serve that queue (`notify`; the router names them); each session
+    /// once, and not `except` (the session whose command caused it, which
+    /// gets the answer instead).
     pub fn change_audience(
         &self,
         visitor: &str,
@@ -118,7 +118,7 @@ impl Directory {
         let mut audience: Vec<Member> = self.participants(visitor, agent, status).collect();
         audience.extend(previous.into_iter().flat_map(|p| self.sessions_of(p)));
         // Those who saw it queued: while it waits, and as it leaves the
-        // queue (taken, or closed), once.
+        // queue (taken, closed, or moved to another group's), once.
         audience.extend(notify.iter().flat_map(|a| self.sessions_of(a)));
         audience.sort_by_key(|m| m.addr);
         audience.dedup_by_key(|m| m.addr);

@@ -127,7 +127,9 @@ pub struct RouteInfo {
     /// 1-based queue position, if queued.
     pub position: Option<u32>,
     /// If queued: the agents who serve its group and are connected (whatever
-    /// their presence) or not offline.
+    /// their presence) or not offline. As it leaves a queue its agents were
+    /// shown (taken, closed, moved to another group's queue): those of the
+    /// queue it left, too.
     pub notify: Vec<UserKey>,
     /// If queued: whether an agent who serves its group is online (else
     /// the visitor is told nobody is, and may leave a message).

@@ -433,8 +433,10 @@ impl Router {
     ) {
         let mut route = self.route_info(conv);
         if let Some(group) = left {
-            // Beside the new queue's agents, if it waits in one: an agent
-            // serving both groups is told once.
+            // Beside the new queue's agents, if it waits in one. The
+            // directory sends each session once anyway; the set keeps an
+            // agent of both groups out of `notify` twice, so that what a
+            // test reads of it is what is meant.
             let new: HashSet<UserKey> = route.notify.iter().cloned().collect();
             let old = serving(self.routing.agents(), &group).into_iter().filter(|k| !new.contains(k));
             route.notify.extend(old);

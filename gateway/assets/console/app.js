@@ -493,10 +493,14 @@ function renderPane() {
     return;
   }
   $('conv-title').textContent = visitorName(c);
-  $('conv-status').textContent = t(c.status);
+  // A conversation moved to a queue this agent does not serve stays in the
+  // pane if it was open there, but is not theirs to take or move: the
+  // router would refuse both, and no more changes of it come here.
+  const movedAway = c.status === 'queued' && !servedQueue(c);
+  $('conv-status').textContent = movedAway ? t('movedTo', { group: c.group }) : t(c.status);
   $('conv-status').dataset.status = c.status;
-  $('accept').hidden = c.status !== 'queued';
-  $('transfer').hidden = c.status === 'closed' || (c.status === 'assigned' && !isMine(c));
+  $('accept').hidden = !servedQueue(c);
+  $('transfer').hidden = c.status === 'closed' || (c.status === 'assigned' && !isMine(c)) || movedAway;
   $('close').hidden = !isMine(c);
   $('compose').hidden = !isMine(c);
   $('older').hidden = !c.hasOlder;
