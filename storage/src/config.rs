@@ -58,11 +58,25 @@ pub struct StoreConfig {
     /// conversations touched longest ago are dropped, down to three
     /// quarters of it, and one scan of its index loads a conversation again
     /// if it comes back; the writer also drops a conversation when it is
-    /// closed. The index itself always answers, so a resend is recognised
-    /// however old it is: the bound costs lookups, never a duplicate.
+    /// closed. A cache holds at most the last `dedupe_window` slots of a
+    /// conversation, and loads no more than those, so a conversation that
+    /// comes back costs one short read however long its history.
     /// About 20–40 bytes each (a 17-byte hash-table bucket, tables 7/16 to
-    /// 7/8 full). Default 1048576 (at most ~40 MiB per cache).
+    /// 7/8 full, and its place in the conversation's order). Default
+    /// 1048576 (at most ~40 MiB per cache).
     pub conv_cache_entries: usize,
+    /// The cid window: a `send` that repeats the cid of one of its
+    /// conversation's last this-many messages (by the same sender) is
+    /// answered with the first `ack` and stored once; an older one is a new
+    /// message. Without a window every append had to know a conversation's
+    /// whole history, and once the caches could not hold it all, each
+    /// append reloaded its conversation's whole index (a 30-minute soak at
+    /// 2,000 msg/s over 2,000 conversations slowed to seconds per message;
+    /// BENCHMARKS.md, issue 11). A client resends only what it has not had
+    /// an `ack` for, and that is among its conversation's newest messages.
+    /// Default 128 (the home's in-memory window, `messages.recent_cids`,
+    /// is 128 too).
+    pub dedupe_window: usize,
     /// How long the idle writer sleeps before looking at the queues again,
     /// in milliseconds. A submit wakes it at once; this is only a safety
     /// net. Default 100.
@@ -91,6 +105,7 @@ impl Default for StoreConfig {
             cache_bytes: 256 << 20,
             quick_repair: true,
             conv_cache_entries: 1 << 20,
+            dedupe_window: 128,
             idle_park_ms: 100,
             recovery_backoff_ms_min: 50,
             recovery_backoff_ms_max: 2_000,
@@ -112,6 +127,7 @@ impl StoreConfig {
             ("submit_queue_capacity", self.submit_queue_capacity),
             ("sources", self.sources),
             ("conv_cache_entries", self.conv_cache_entries),
+            ("dedupe_window", self.dedupe_window),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -134,6 +150,12 @@ impl StoreConfig {
         }
         if self.recovery_backoff_ms_max > 60_000 {
             return Err(StorageError::Config("recovery_backoff_ms_max must be at most 60000".into()));
+        }
+        if self.dedupe_window > 1 << 20 {
+            return Err(StorageError::Config(format!(
+                "dedupe_window = {} (at most 1048576 messages per conversation)",
+                self.dedupe_window
+            )));
         }
         if self.idle_park_ms == 0 {
             return Err(StorageError::Config("idle_park_ms must be at least 1".into()));
@@ -167,6 +189,8 @@ mod tests {
             StoreConfig { batch_max_records: 0, ..Default::default() },
             StoreConfig { submit_queue_capacity: 0, ..Default::default() },
             StoreConfig { batch_window_us: 5_000_000, ..Default::default() },
+            StoreConfig { dedupe_window: 0, ..Default::default() },
+            StoreConfig { dedupe_window: (1 << 20) + 1, ..Default::default() },
             StoreConfig { recovery_backoff_ms_min: 0, ..Default::default() },
             StoreConfig {
                 recovery_backoff_ms_min: 5_000,

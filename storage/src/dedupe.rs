@@ -22,13 +22,16 @@
 //! index entries appended since their last look, so `Reader::dedupe` costs
 //! ~1 µs whatever the conversation's length. Both are [`SlotMaps`],
 //! bounded by `conv_cache_entries` slots each: past it, the conversations
-//! touched longest ago are dropped and scanned again if they come back. Either way the log record is the truth: a slot
+//! touched longest ago are dropped and read again if they come back. Both
+//! hold, and read, only a conversation's last `dedupe_window` messages:
+//! the cid window, past which a resent cid is a new message. Either way
+//! the log record is the truth: a slot
 //! match counts only if the record it points at has the same sender and
 //! cid, so two different (sender, cid) with equal slots — a 2⁻⁶⁴ accident,
 //! and not something a client can provoke without the secret key — are
 //! told apart by looking at every entry of the conversation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -184,9 +187,10 @@ impl std::hash::Hasher for U64Hasher {
 /// Dedupe slots held in memory, per conversation, bounded: the writer's
 /// and each reader cache's working set over the on-disk column.
 ///
-/// The protocol promises that a resent cid is stored once however old it
-/// is, so nothing here is a window in time: the column in `conv_index`
-/// always answers. What is bounded is what is held in memory. Past
+/// A conversation holds the slots of its last `window` messages (the cid
+/// window: an older cid is not looked for), and is loaded with those only,
+/// by one read of the end of its index. What is held in all is bounded
+/// too. Past
 /// `max_entries` slots, the conversations touched longest ago are dropped
 /// whole, down to three quarters of the bound (so a full cache does not
 /// evict on every append), and one that comes back is loaded again with
@@ -201,6 +205,8 @@ pub(crate) struct SlotMaps {
     max_entries: usize,
     /// Counts touches, for "touched longest ago".
     clock: u64,
+    /// The cid window: slots held per conversation, its newest messages'.
+    window: usize,
     /// Where `entries` is published for `/metrics` (shared by every cache
     /// of one kind, so each adds its own).
     gauge: Arc<AtomicUsize>,
@@ -211,31 +217,51 @@ pub(crate) struct SlotMaps {
 pub(crate) struct ConvSlots {
     /// The first seq not yet read (the last seq + 1).
     pub(crate) next_seq: u64,
-    /// Slot → offset of the first message with it.
+    /// Slot → offset of the first message with it, in the window.
     pub(crate) slots: U64Map<u64>,
+    /// The slots in `slots` with their offsets, oldest first: what leaves
+    /// the window first.
+    order: VecDeque<(u64, u64)>,
     /// The clock at its last touch.
     touched: u64,
 }
 
 impl ConvSlots {
     /// Notes the message at `seq` with `slot` at `offset` (the first
-    /// offset of a slot is kept). Returns whether the slot was new.
-    fn note(&mut self, seq: u64, slot: u64, offset: u64) -> bool {
+    /// offset of a slot is kept), and lets the oldest slot go past
+    /// `window`. Returns the slots added and dropped.
+    fn note(&mut self, seq: u64, slot: u64, offset: u64, window: usize) -> (usize, usize) {
         self.next_seq = self.next_seq.max(seq + 1);
         match self.slots.entry(slot) {
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(offset);
-                true
+                self.order.push_back((slot, offset));
             }
-            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Occupied(_) => return (0, 0),
         }
+        let mut dropped = 0;
+        while self.order.len() > window {
+            let Some((old, at)) = self.order.pop_front() else { break };
+            if self.slots.get(&old) == Some(&at) {
+                self.slots.remove(&old);
+                dropped += 1;
+            }
+        }
+        (1, dropped)
     }
 }
 
 impl SlotMaps {
-    pub(crate) fn new(max_entries: usize, gauge: Arc<AtomicUsize>) -> SlotMaps {
+    pub(crate) fn new(max_entries: usize, window: usize, gauge: Arc<AtomicUsize>) -> SlotMaps {
         assert!(max_entries > 0, "validated: conv_cache_entries >= 1");
-        SlotMaps { convs: U64Map::default(), entries: 0, max_entries, clock: 0, gauge }
+        assert!(window > 0, "validated: dedupe_window >= 1");
+        SlotMaps { convs: U64Map::default(), entries: 0, max_entries, clock: 0, window, gauge }
+    }
+
+    /// The cid window: how many of a conversation's newest messages to
+    /// read when loading it.
+    pub(crate) fn window(&self) -> usize {
+        self.window
     }
 
     /// Slots held.
@@ -275,12 +301,18 @@ impl SlotMaps {
         self.clock += 1;
         let c = self.convs.entry(conv).or_default();
         c.touched = self.clock;
-        let mut added = 0;
+        let (mut added, mut dropped) = (0, 0);
         for (seq, slot, offset) in messages {
-            added += usize::from(c.note(seq, slot, offset));
+            let (a, d) = c.note(seq, slot, offset, self.window);
+            added += a;
+            dropped += d;
         }
-        self.entries += added;
-        self.gauge.fetch_add(added, Ordering::Relaxed);
+        self.entries = self.entries + added - dropped;
+        if added >= dropped {
+            self.gauge.fetch_add(added - dropped, Ordering::Relaxed);
+        } else {
+            self.gauge.fetch_sub(dropped - added, Ordering::Relaxed);
+        }
         if self.entries > self.max_entries {
             self.evict(conv);
         }
@@ -341,13 +373,18 @@ pub(crate) struct SlotCache {
 }
 
 impl SlotCache {
-    pub(crate) fn new(key: DedupeKey, max_entries: usize, gauge: Arc<AtomicUsize>) -> SlotCache {
-        SlotCache { key, maps: SlotMaps::new(max_entries, gauge), scratch: Vec::new() }
+    pub(crate) fn new(
+        key: DedupeKey,
+        max_entries: usize,
+        window: usize,
+        gauge: Arc<AtomicUsize>,
+    ) -> SlotCache {
+        SlotCache { key, maps: SlotMaps::new(max_entries, window, gauge), scratch: Vec::new() }
     }
 
-    /// An empty cache with the same key, bound and gauge.
+    /// An empty cache with the same key, bounds and gauge.
     pub(crate) fn empty_like(&self) -> SlotCache {
-        SlotCache::new(self.key, self.maps.max_entries, self.maps.gauge.clone())
+        SlotCache::new(self.key, self.maps.max_entries, self.maps.window, self.maps.gauge.clone())
     }
 
     /// Slots held.
@@ -364,7 +401,8 @@ impl SlotCache {
         })
     }
 
-    /// Like [`find_by_scan`], reading only what this cache has not seen.
+    /// Like [`find_by_scan`] over the cid window, reading only what this
+    /// cache has not seen.
     /// The caller holds the cache's lock across `index` and `log`'s read
     /// transaction, so transactions come in snapshot order and the cache
     /// never knows of an entry the current snapshot cannot see.
@@ -380,11 +418,15 @@ impl SlotCache {
         let from = self.maps.get(conv).map_or(0, |c| c.next_seq);
         let mut new = std::mem::take(&mut self.scratch);
         new.clear();
-        for entry in index.range((conv, from)..=(conv, u64::MAX)).ctx("read conv_index")? {
+        // What was appended since, but no further back than the window:
+        // read from the end.
+        let range = index.range((conv, from)..=(conv, u64::MAX)).ctx("read conv_index")?;
+        for entry in range.rev().take(self.maps.window()) {
             let (k, v) = entry.ctx("read conv_index")?;
             let (offset, s) = v.value();
             new.push((k.value().1, s, offset));
         }
+        new.reverse();
         // Where the slot is, before keeping the bound may drop `conv`.
         let mut at = new.iter().find(|&&(_, s, _)| s == slot).map(|&(_, _, offset)| offset);
         if let Some(c) = self.maps.peek(conv) {
@@ -473,9 +515,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_conversation_holds_the_slots_of_its_window_only() {
+        let gauge = Arc::new(AtomicUsize::new(0));
+        let mut maps = SlotMaps::new(100, 3, gauge.clone());
+        maps.note_all(1, (1..=5).map(|seq| (seq, 100 + seq, seq)));
+        maps.note(1, 6, 106, 6);
+        let held: std::collections::BTreeSet<u64> = maps.peek(1).unwrap().slots.keys().copied().collect();
+        assert_eq!(held, [104, 105, 106].into(), "the last three");
+        assert_eq!(maps.peek(1).unwrap().next_seq, 7);
+        assert_eq!((maps.entries(), gauge.load(Ordering::Relaxed)), (3, 3));
+        // A repeated slot (a duplicate) takes no place in the window.
+        maps.note(1, 7, 105, 7);
+        assert_eq!(maps.entries(), 3);
+        maps.forget(1);
+        assert_eq!(gauge.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn slot_maps_drop_the_conversations_touched_longest_ago_and_keep_the_bound() {
         let gauge = Arc::new(AtomicUsize::new(0));
-        let mut maps = SlotMaps::new(8, gauge.clone());
+        let mut maps = SlotMaps::new(8, 1024, gauge.clone());
         for conv in 1..=3 {
             maps.note_all(conv, (1..=2).map(|seq| (seq, conv * 100 + seq, seq)));
         }

@@ -47,6 +47,7 @@ pub(crate) struct Limits {
     pub(crate) idle_park: Duration,
     pub(crate) quick_repair: bool,
     pub(crate) conv_cache_entries: usize,
+    pub(crate) dedupe_window: usize,
     pub(crate) recovery_backoff_min: Duration,
     pub(crate) recovery_backoff_max: Duration,
 }
@@ -183,7 +184,11 @@ impl GroupCommit {
         reopen: Option<Reopen>,
     ) -> GroupCommit {
         let sources = shared.sources.len();
-        let convs = SlotMaps::new(limits.conv_cache_entries, shared.stats.writer_cache_entries.clone());
+        let convs = SlotMaps::new(
+            limits.conv_cache_entries,
+            limits.dedupe_window,
+            shared.stats.writer_cache_entries.clone(),
+        );
         GroupCommit {
             db,
             reopen,
@@ -622,25 +627,25 @@ impl GroupCommit {
         Ok(offset)
     }
 
-    /// The last seq of `conv` and the offset its dedupe `slot` points at,
-    /// if any: from memory, or loaded with one scan of the conversation's
-    /// index (in this transaction, so the open batch's appends are seen).
+    /// The last seq of `conv` and the offset its dedupe `slot` points at
+    /// in the cid window, if any: from memory, or loaded with one read of
+    /// the end of the conversation's index, its last `dedupe_window`
+    /// entries (in this transaction, so the open batch's appends are seen).
     fn lookup(&mut self, t: &Tables<'_>, conv: u64, slot: u64) -> Result<(u64, Option<u64>), StorageError> {
         if let Some(c) = self.convs.get(conv) {
             return Ok((c.next_seq.saturating_sub(1), c.slots.get(&slot).copied()));
         }
         let mut entries = std::mem::take(&mut self.scratch);
         entries.clear();
-        let (mut last, mut found) = (0, None);
-        for entry in t.conv_index.range((conv, 0)..=(conv, u64::MAX)).ctx("read conv_index")? {
+        let range = t.conv_index.range((conv, 0)..=(conv, u64::MAX)).ctx("read conv_index")?;
+        for entry in range.rev().take(self.convs.window()) {
             let (key, value) = entry.ctx("read conv_index")?;
             let (offset, s) = value.value();
-            last = key.value().1;
-            if s == slot && found.is_none() {
-                found = Some(offset);
-            }
-            entries.push((last, s, offset));
+            entries.push((key.value().1, s, offset));
         }
+        entries.reverse();
+        let last = entries.last().map_or(0, |&(seq, _, _)| seq);
+        let found = entries.iter().find(|&&(_, s, _)| s == slot).map(|&(_, _, offset)| offset);
         self.convs.note_all(conv, entries.drain(..));
         self.scratch = entries;
         Ok((last, found))

@@ -270,7 +270,12 @@ impl Store {
         let db = Arc::new(DbSlot::new(db));
         let shared = Arc::new(Shared::new(config.sources, config.submit_queue_capacity, notify, next_offset));
         let gauge = shared.stats.reader_cache_entries.clone();
-        let slots = Arc::new(Mutex::new(SlotCache::new(dedupe_key, config.conv_cache_entries, gauge)));
+        let slots = Arc::new(Mutex::new(SlotCache::new(
+            dedupe_key,
+            config.conv_cache_entries,
+            config.dedupe_window,
+            gauge,
+        )));
         let reader = Reader { db: db.clone(), slots };
         let open_conversations = reader.open_conversations()?;
 
@@ -283,6 +288,7 @@ impl Store {
             recovery_backoff_max: Duration::from_millis(config.recovery_backoff_ms_max),
             quick_repair: config.quick_repair,
             conv_cache_entries: config.conv_cache_entries,
+            dedupe_window: config.dedupe_window,
         };
         let group_commit = GroupCommit::new(
             db.clone(),

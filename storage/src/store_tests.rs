@@ -566,6 +566,47 @@ fn dedupe_slot_collisions_are_told_apart() {
     assert_eq!(r.last_seq(1).unwrap(), 4);
 }
 
+/// The cid window (`dedupe_window`): a resend of one of the conversation's
+/// last `window` messages is the original, from the writer's memory, from
+/// the index after a restart, and to a reader; an older cid is a new
+/// message. And a conversation loaded again reads only its window, so
+/// what is held stays the window however long the history.
+#[test]
+fn a_cid_older_than_the_window_is_a_new_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = 4;
+    let cfg = || crate::StoreConfig { dedupe_window: window, ..config(dir.path()) };
+    let append = |store: &Store, n: u64, cid: &str| {
+        write(store, n, WriteOp::AppendMessage(message(1, "v", cid, "x"))).result.unwrap()
+    };
+    {
+        let (store, _) = open(cfg());
+        for i in 1..=10u64 {
+            assert!(!append(&store, i, &format!("m{i}")).duplicate);
+        }
+        // m7..m10 are the last four: a resend of each is the original.
+        let dup = append(&store, 11, "m7");
+        assert!(dup.duplicate && dup.seq == 7, "{dup:?}");
+        assert_eq!(store.stats().writer_cache_entries, window as u64, "the writer holds the window only");
+        // m6 left the window: a new message, with the next seq.
+        let again = append(&store, 12, "m6");
+        assert!(!again.duplicate && again.seq == 11, "{again:?}");
+    }
+    // After a restart the writer and a reader load the window from the
+    // index: seqs 8..=11 (m8, m9, m10 and the second m6).
+    let (store, _) = open(cfg());
+    let r = store.reader();
+    assert_eq!(r.dedupe(Role::Visitor, "v", 1, "m9").unwrap().map(|h| h.seq), Some(9));
+    assert_eq!(r.dedupe(Role::Visitor, "v", 1, "m6").unwrap().map(|h| h.seq), Some(11));
+    assert_eq!(r.dedupe(Role::Visitor, "v", 1, "m7").unwrap(), None, "out of the window");
+    assert_eq!(store.stats().reader_cache_entries, window as u64, "the reader holds the window only");
+    let dup = append(&store, 13, "m10");
+    assert!(dup.duplicate && dup.seq == 10, "{dup:?}");
+    let fresh = append(&store, 14, "m7");
+    assert!(!fresh.duplicate && fresh.seq == 12, "{fresh:?}");
+    assert_eq!(r.last_seq(1).unwrap(), 12);
+}
+
 #[test]
 fn a_small_conversation_cache_still_dedupes() {
     let dir = tempfile::tempdir().unwrap();

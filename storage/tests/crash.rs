@@ -26,7 +26,17 @@ const CONVS_PER_THREAD: u64 = 8;
 const IN_FLIGHT: usize = 256;
 
 fn config(dir: &std::path::Path) -> StoreConfig {
-    StoreConfig { dir: dir.to_path_buf(), sources: THREADS, cache_bytes: 32 << 20, ..StoreConfig::default() }
+    StoreConfig {
+        dir: dir.to_path_buf(),
+        sources: THREADS,
+        cache_bytes: 32 << 20,
+        // Every run resends every cid the runs before it wrote (thousands
+        // per conversation), so the cid window must hold them all: what is
+        // tested is dedupe across crashes, not where the window ends
+        // (store_tests: `a_cid_older_than_the_window_is_a_new_message`).
+        dedupe_window: 1 << 20,
+        ..StoreConfig::default()
+    }
 }
 
 /// Conversations `100 t + 1 ..= 100 t + 8` belong to thread `t`. Even ones
