@@ -157,6 +157,28 @@ pub(crate) fn find_by_scan(
     Ok(None)
 }
 
+/// Reads `conv`'s index entries from seq `from` on, but at most the last
+/// `window` of them (the cid window), into `out` as `(seq, slot, offset)`
+/// in seq order: what a dedupe cache loads, read from the end so that a
+/// long history costs nothing.
+pub(crate) fn read_window(
+    index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+    conv: u64,
+    from: u64,
+    window: usize,
+    out: &mut Vec<(u64, u64, u64)>,
+) -> Result<(), StorageError> {
+    out.clear();
+    let range = index.range((conv, from)..=(conv, u64::MAX)).ctx("read conv_index")?;
+    for entry in range.rev().take(window) {
+        let (key, value) = entry.ctx("read conv_index")?;
+        let (offset, slot) = value.value();
+        out.push((key.value().1, slot, offset));
+    }
+    out.reverse();
+    Ok(())
+}
+
 /// A map keyed by numbers that are already well spread (conversation ids
 /// through a multiply, dedupe slots as they are: SipHash output): hashing
 /// them again with SipHash is the writer's single largest cost outside
@@ -417,16 +439,8 @@ impl SlotCache {
         let slot = self.key.slot(sender.0, sender.1, cid);
         let from = self.maps.get(conv).map_or(0, |c| c.next_seq);
         let mut new = std::mem::take(&mut self.scratch);
-        new.clear();
-        // What was appended since, but no further back than the window:
-        // read from the end.
-        let range = index.range((conv, from)..=(conv, u64::MAX)).ctx("read conv_index")?;
-        for entry in range.rev().take(self.maps.window()) {
-            let (k, v) = entry.ctx("read conv_index")?;
-            let (offset, s) = v.value();
-            new.push((k.value().1, s, offset));
-        }
-        new.reverse();
+        // What was appended since, but no further back than the window.
+        read_window(index, conv, from, self.maps.window(), &mut new)?;
         // Where the slot is, before keeping the bound may drop `conv`.
         let mut at = new.iter().find(|&&(_, s, _)| s == slot).map(|&(_, _, offset)| offset);
         if let Some(c) = self.maps.peek(conv) {

@@ -636,14 +636,7 @@ impl GroupCommit {
             return Ok((c.next_seq.saturating_sub(1), c.slots.get(&slot).copied()));
         }
         let mut entries = std::mem::take(&mut self.scratch);
-        entries.clear();
-        let range = t.conv_index.range((conv, 0)..=(conv, u64::MAX)).ctx("read conv_index")?;
-        for entry in range.rev().take(self.convs.window()) {
-            let (key, value) = entry.ctx("read conv_index")?;
-            let (offset, s) = value.value();
-            entries.push((key.value().1, s, offset));
-        }
-        entries.reverse();
+        dedupe::read_window(&t.conv_index, conv, 0, self.convs.window(), &mut entries)?;
         let last = entries.last().map_or(0, |&(seq, _, _)| seq);
         let found = entries.iter().find(|&&(_, s, _)| s == slot).map(|&(_, _, offset)| offset);
         self.convs.note_all(conv, entries.drain(..));
