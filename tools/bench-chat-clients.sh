@@ -92,7 +92,7 @@ for run in $(seq "$REPEAT"); do
     done
 done
 
-python3 - "$OUT/clients.jsonl" <<'EOF'
+python3 - "$OUT/clients.jsonl" "$CLIENT_CPU" "$SERVER_CPU" <<'EOF'
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def med(vals):
@@ -110,12 +110,18 @@ rows = [
     # With more than one --slice in the window: its first and last slices.
     ("delivery p99 ms, first slice", lambda r: first_last(r, 0), ".2f"),
     ("delivery p99 ms, last slice", lambda r: first_last(r, -1), ".2f"),
+    # kefu-bench only: the delivery cut at the home's ts (±0.5 ms).
+    ("delivery p99 ms, send → ts", lambda r: r["delivery_split_at_home_us"]["to_home"]["p99"] / 1e3, ".2f"),
+    ("delivery p99 ms, ts → agent", lambda r: r["delivery_split_at_home_us"]["from_home"]["p99"] / 1e3, ".2f"),
     ("ack p99 ms", lambda r: r["ack_latency_us"]["p99"] / 1e3, ".2f"),
     ("sent per s", lambda r: r["send_rate"], ".0f"),
     ("undelivered + unacked", lambda r: r["undelivered"] + r["unacked"], ".0f"),
     ("server CPU cores", lambda r: r.get("server_cpu_cores"), ".2f"),
     ("client CPU cores", lambda r: r.get("client_cpu_cores"), ".2f"),
     ("other CPU cores", lambda r: r.get("other_cpu_cores"), ".2f"),
+    # kefu-bench only: the share of each CPU the hypervisor took (steal).
+    ("host steal %, client CPU", lambda r: 100 * r["steal_by_cpu"][int(sys.argv[2])], ".1f"),
+    ("host steal %, server CPU", lambda r: 100 * r["steal_by_cpu"][int(sys.argv[3])], ".1f"),
 ]
 clients = ["kefu-bench", "tungstenite"]
 print("\n| figure | " + " | ".join(f"{c} (median; runs)" for c in clients) + " |")
@@ -129,7 +135,7 @@ for name, f, spec in rows:
                 continue
             try:
                 vals.append(f(r))
-            except (KeyError, TypeError):
+            except (KeyError, TypeError, IndexError):
                 vals.append(None)
         cells.append(f"{fmt(med(vals), spec)} ({' / '.join(fmt(v, spec) for v in vals)})")
     print(f"| {name} | " + " | ".join(cells) + " |")

@@ -73,6 +73,10 @@
 //!   the fastest ack is about one commit plus the trips through the shard;
 //! - `--fsync-probe` times fdatasyncs in the gateway's data directory before
 //!   the load (redb makes one or two per commit).
+//! - `delivery_split_at_home_us` cuts each delivery at the `ts` its home
+//!   stamped (whole wall-clock milliseconds, so ±0.5 ms): a tail before
+//!   the stamp came from the client, its socket, the visitor's shard or a
+//!   mailbox, none of which touches the disk.
 //!
 //! With `--server-pid`, the server's CPU is also broken down by thread
 //! (shards, storage writer), user and system.
@@ -382,6 +386,13 @@ pub struct SliceReport {
     pub delivery_latency_us: LatencySummary,
 }
 
+/// [`ChatReport::delivery_split_at_home_us`].
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SplitReport {
+    pub to_home: LatencySummary,
+    pub from_home: LatencySummary,
+}
+
 /// The result of a run: printed as one JSON line.
 #[derive(Debug, Serialize)]
 pub struct ChatReport {
@@ -427,6 +438,14 @@ pub struct ChatReport {
     /// order (empty with `--slice 0`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub delivery_by_slice: Vec<SliceReport>,
+    /// The delivery latency cut at the `ts` the message's home stamped on
+    /// it: scheduled send → `ts`, and `ts` → the agent's receipt, µs. `ts`
+    /// is in whole milliseconds of the wall clock (taken here as the middle
+    /// of its millisecond), so each half is good to ±0.5 ms: enough to say
+    /// whether a tail of several milliseconds is spent before the home
+    /// took the message (client, socket, visitor's shard, mailbox) or
+    /// after (commit, fan-out, agent's shard, socket, client).
+    pub delivery_split_at_home_us: SplitReport,
     /// The client's own lateness: write − scheduled send time, µs.
     pub send_lag_us: LatencySummary,
     /// Acks arrive in bursts, one per group commit (a gap of more than
@@ -459,8 +478,14 @@ pub struct ChatReport {
     pub server_threads_cores: Option<BTreeMap<String, stats::CpuSplit>>,
     /// The `--helper-pid` process's CPU over the window, in cores.
     pub helper_cpu_cores: Option<f64>,
-    /// Busy cores on the host that were neither client, server nor helper.
+    /// Busy cores on the host that were neither client, server nor helper
+    /// (nor stolen by the hypervisor).
     pub other_cpu_cores: f64,
+    /// The share of each CPU's time over the window that the hypervisor
+    /// took from it (`/proc/stat` steal), by CPU number: on a virtual
+    /// machine, time in which whatever ran there stood still, which lands
+    /// in the latency tail however fast the gateway is.
+    pub steal_by_cpu: Vec<f64>,
     /// fdatasync of a small append in --data, µs, timed before the load.
     pub fsync_probe_us: Option<LatencySummary>,
     /// Share of sends with an attachment (0: none), and its size in bytes.
@@ -561,6 +586,9 @@ struct Tally {
     delivery: Latency,
     ack: Latency,
     send_lag: Latency,
+    /// [`ChatReport::delivery_split_at_home_us`].
+    to_home: Latency,
+    from_home: Latency,
     /// Sends and delivery latency by slice of the window
     /// ([`Schedule::slice`]).
     by_slice: Vec<SliceTally>,
@@ -587,6 +615,8 @@ impl Tally {
         self.delivery.merge(&other.delivery);
         self.ack.merge(&other.ack);
         self.send_lag.merge(&other.send_lag);
+        self.to_home.merge(&other.to_home);
+        self.from_home.merge(&other.from_home);
         if self.by_slice.len() < other.by_slice.len() {
             self.by_slice.resize_with(other.by_slice.len(), SliceTally::default);
         }
@@ -687,6 +717,25 @@ pub fn run(args: ChatArgs, out: &Output) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Above this share of a CPU stolen over the window, the run says so: at
+/// 5,000 msg/s 1% of the time is 50 messages a second standing still.
+const STEAL_WARN: f64 = 0.005;
+
+/// "cpu0 1.2%, cpu1 0.3%".
+fn steal_row(steal: &[f64]) -> String {
+    steal
+        .iter()
+        .enumerate()
+        .map(|(cpu, s)| format!("cpu{cpu} {:.1}%", s * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// CLOCK_REALTIME in nanoseconds: the clock of a message's `ts`.
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of every timestamp here and of
@@ -1116,6 +1165,7 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
     let all_cpus: Vec<usize> = (0..start.ticks.len()).collect();
     let host_busy_cores =
         stats::cpus_busy(&start.ticks, &end.ticks, &all_cpus).unwrap_or(0.0) * all_cpus.len() as f64;
+    let steal_by_cpu = stats::steal_shares(&start.ticks, &end.ticks);
     let client_cores_busy = (!args.client.cpu.is_empty())
         .then(|| stats::cpus_busy(&start.ticks, &end.ticks, &args.client.cpu))
         .flatten();
@@ -1172,6 +1222,10 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         delivery_latency_us: total.delivery.summary(),
         ack_latency_us: total.ack.summary(),
         delivery_by_slice: slices(&total.by_slice, args.slice, window_s),
+        delivery_split_at_home_us: SplitReport {
+            to_home: total.to_home.summary(),
+            from_home: total.from_home.summary(),
+        },
         send_lag_us: total.send_lag.summary(),
         ack_bursts_per_s: total.ack_bursts as f64 / window_s,
         acks_per_burst: (total.ack_bursts > 0).then(|| total.acks_in_window as f64 / total.ack_bursts as f64),
@@ -1192,10 +1246,12 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         server_threads_cores,
         helper_cpu_cores: helper_cpu_s.map(|s| s / window_s),
         other_cpu_cores: (host_busy_cores
+            - steal_by_cpu.iter().sum::<f64>()
             - client_cpu_s / window_s
             - server_cpu_s.unwrap_or(0.0) / window_s
             - helper_cpu_s.unwrap_or(0.0) / window_s)
             .max(0.0),
+        steal_by_cpu,
         fsync_probe_us,
         attachment_share: args.attachment_share,
         attachment_bytes: mix.then_some(args.attachment_bytes),
@@ -1235,7 +1291,7 @@ pub(crate) struct Sample {
     pub(crate) server_cpu: Option<f64>,
     helper_cpu: Option<f64>,
     server_threads: Option<BTreeMap<u32, (String, stats::CpuSplit)>>,
-    pub(crate) ticks: Vec<(u64, u64)>,
+    pub(crate) ticks: Vec<stats::CpuTicks>,
 }
 
 pub(crate) fn sample(server_pid: Option<u32>, helper_pid: Option<u32>) -> anyhow::Result<Sample> {
@@ -1601,6 +1657,9 @@ struct ThreadState {
     tally: RefCell<Tally>,
     /// When the last window ack was read (for [`ACK_BURST_GAP_NS`]).
     last_ack: Cell<u64>,
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC, ns: puts the home's wall-clock
+    /// `ts` on this client's clock.
+    wall_lead_ns: u64,
 }
 
 impl ThreadState {
@@ -1679,6 +1738,7 @@ async fn thread_main(
         schedule: OnceCell::new(),
         tally: RefCell::new(Tally::default()),
         last_ack: Cell::new(0),
+        wall_lead_ns: wall_ns().saturating_sub(mono_ns()),
     });
 
     // Agents, all at once (they are few).
@@ -1850,6 +1910,12 @@ async fn agent_loop(mut conn: Conn, state: Rc<ThreadState>) {
                     let latency = Duration::from_nanos(now.saturating_sub(scheduled));
                     tally.delivered += 1;
                     tally.delivery.record(latency, 1);
+                    // The home's stamp on this clock: the middle of its
+                    // wall-clock millisecond, less the wall clock's lead.
+                    let home = (msg.ts * 1_000_000 + 500_000).saturating_sub(state.wall_lead_ns);
+                    let home = home.clamp(scheduled, now);
+                    tally.to_home.record(Duration::from_nanos(home - scheduled), 1);
+                    tally.from_home.record(Duration::from_nanos(now - home), 1);
                     tally.by_kind[cid_kind(&msg.cid).index()].delivery.record(latency, 1);
                     if let Some(slice) = tally.slice(schedule, scheduled) {
                         slice.delivery.record(latency, 1);
@@ -2008,6 +2074,13 @@ pub fn add_sections(table: &mut Table, report: &ChatReport, run: &str) {
         .section(format!("{run}latency from the scheduled send"))
         .latency("delivery", report.delivered, &report.delivery_latency_us)
         .latency("ack", report.acked, &report.ack_latency_us);
+    let split = &report.delivery_split_at_home_us;
+    // The home's `ts` is whole milliseconds: each half is good to ±0.5 ms.
+    table.latency("delivery, send → ts", report.delivered, &split.to_home).latency(
+        "delivery, ts → agent",
+        report.delivered,
+        &split.from_home,
+    );
     // One slice is the whole window again.
     if report.delivery_by_slice.len() > 1 {
         for slice in &report.delivery_by_slice {
@@ -2037,7 +2110,8 @@ pub fn add_sections(table: &mut Table, report: &ChatReport, run: &str) {
         )
         .row_opt("server RSS", report.server_rss_bytes.map(report::mib))
         .row_opt("hook server CPU", report.helper_cpu_cores.map(|c| format!("{c:.2} cores")))
-        .row("other processes", format!("{:.2} cores", report.other_cpu_cores));
+        .row("other processes", format!("{:.2} cores", report.other_cpu_cores))
+        .row("host steal, by CPU", steal_row(&report.steal_by_cpu));
     if let Some(per_burst) = report.acks_per_burst {
         table.row(
             "group commits (ack bursts)",
@@ -2121,6 +2195,13 @@ pub fn print_summary(report: &ChatReport) {
         eprintln!(
             "WARNING: other processes used {:.2} cores during the window: numbers are contended",
             report.other_cpu_cores
+        );
+    }
+    if report.steal_by_cpu.iter().any(|&s| s > STEAL_WARN) {
+        eprintln!(
+            "WARNING: the hypervisor took {} of the CPUs' time during the window: a stall of the \
+             virtual CPU stops server and client alike, and lands in the latency tail",
+            steal_row(&report.steal_by_cpu)
         );
     }
     let client_busy = report.client_cores_busy.unwrap_or(report.client_cpu_cores / f64::from(report.threads));
@@ -2214,6 +2295,10 @@ mod tests {
         secret: String,
         /// Refuse every n-th send with rate_limited.
         rate_limit_every: Option<u64>,
+        /// How long a send waits before its `ts` is stamped, and how long
+        /// after that it reaches its agent.
+        stamp_after: Duration,
+        deliver_after: Duration,
         agents: Mutex<Vec<FakeAgent>>,
         convs: Mutex<HashMap<u64, (usize, u64)>>,
         sends: AtomicU64,
@@ -2223,11 +2308,21 @@ mod tests {
     type FakeAgent = (String, Arc<Mutex<StdStream>>, Codec);
 
     fn fake_gateway(rate_limit_every: Option<u64>) -> (SocketAddr, Arc<Fake>) {
+        slow_fake_gateway(rate_limit_every, Duration::ZERO, Duration::ZERO)
+    }
+
+    fn slow_fake_gateway(
+        rate_limit_every: Option<u64>,
+        stamp_after: Duration,
+        deliver_after: Duration,
+    ) -> (SocketAddr, Arc<Fake>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let fake = Arc::new(Fake {
             secret: format!("{:032x}", rand::random::<u128>()),
             rate_limit_every,
+            stamp_after,
+            deliver_after,
             agents: Mutex::new(Vec::new()),
             convs: Mutex::new(HashMap::new()),
             sends: AtomicU64::new(0),
@@ -2389,6 +2484,7 @@ mod tests {
                             (entry.0, entry.1)
                         };
                         let (_, agent_out, agent_codec) = fake.agents.lock().expect("lock")[agent].clone();
+                        std::thread::sleep(fake.stamp_after);
                         let msg = Msg {
                             conv,
                             seq,
@@ -2396,8 +2492,9 @@ mod tests {
                             from: Sender { role: Role::Visitor, id: me.clone(), name: String::new() },
                             text,
                             attachment,
-                            ts: 0,
+                            ts: (wall_ns() / 1_000_000),
                         };
+                        std::thread::sleep(fake.deliver_after);
                         write_frame(&agent_out, agent_codec, &ServerFrame::push(Event::Msg(msg)))?;
                         Event::Ack { cid, conv, seq, ts: 0, duplicate: false }
                     }
@@ -2514,6 +2611,24 @@ mod tests {
         assert_eq!(report.delivery_by_slice.len(), 1);
         assert!(!table(&report).render().contains("delivery, 0–"));
         assert!(parse_slice("0.5").is_err() && parse_slice("0").is_ok() && parse_slice("60").is_ok());
+    }
+
+    /// The split at the home's `ts` puts each delay on its side of the
+    /// stamp: the fake holds a send 20 ms before stamping it, 30 ms after.
+    #[test]
+    fn delivery_is_split_at_the_home_s_stamp() {
+        let (addr, fake) = slow_fake_gateway(None, Duration::from_millis(20), Duration::from_millis(30));
+        let secret = secret_file(&fake);
+        let report = measure(&args(addr, &secret, &["--rate", "50", "--duration", "1"]))
+            .expect("run against the fake gateway");
+        let _ = fs::remove_file(&secret);
+        let split = report.delivery_split_at_home_us;
+        let (to, from, whole) = (split.to_home.p50, split.from_home.p50, report.delivery_latency_us.p50);
+        assert!(report.delivered > 0, "{report:?}");
+        assert!((19_000.0..28_000.0).contains(&to), "send → stamp holds the 20 ms: {split:?}");
+        assert!((29_000.0..40_000.0).contains(&from), "stamp → agent holds the 30 ms: {split:?}");
+        assert!((to + from - whole).abs() < 2_000.0, "the halves add up to the whole: {split:?} vs {whole}");
+        assert!(table(&report).render().contains("ts → agent"));
     }
 
     #[test]

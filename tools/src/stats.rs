@@ -234,43 +234,72 @@ pub fn process_fds(pid: u32) -> anyhow::Result<(u64, Option<u64>)> {
     Ok((open, limit))
 }
 
+/// The counters of each CPU line (`cpuN`, in order) of `/proc/stat`:
+/// user nice system idle iowait irq softirq steal [guest guest_nice].
+fn cpu_counters(stat: &str) -> Vec<Vec<u64>> {
+    stat.lines()
+        .filter_map(|line| line.strip_prefix("cpu")?.split_once(' '))
+        // "cpu " is the sum of all; "cpuN " are the cores.
+        .filter(|(index, _)| !index.is_empty())
+        .map(|(_, counters)| counters.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect())
+        .collect()
+}
+
+/// Busy, total and stolen clock ticks of each CPU.
+fn cpu_ticks_of(stat: &str) -> Vec<CpuTicks> {
+    cpu_counters(stat)
+        .into_iter()
+        .map(|values| {
+            // Guest time is already inside user, so only the first 8 count.
+            let total: u64 = values.iter().take(8).sum();
+            let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+            CpuTicks { busy: total - idle.min(total), total, steal: values.get(7).copied().unwrap_or(0) }
+        })
+        .collect()
+}
+
+/// One CPU's clock ticks since boot (see [`cpu_ticks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// Everything but idle and iowait.
+    pub busy: u64,
+    pub total: u64,
+    /// Time the hypervisor ran something else while this virtual CPU had
+    /// work (`steal`); inside `busy` and `total`.
+    pub steal: u64,
+}
+
 /// Busy and total clock ticks of each CPU since boot, from `/proc/stat`
 /// (busy = everything but idle and iowait). Two snapshots give each core's
 /// utilisation over the interval between them, whoever used it: the check
 /// that catches a compiler running on the client's core mid-benchmark.
-pub fn cpu_ticks() -> anyhow::Result<Vec<(u64, u64)>> {
+pub fn cpu_ticks() -> anyhow::Result<Vec<CpuTicks>> {
     let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let mut cpus = Vec::new();
-    for line in stat.lines() {
-        let Some(rest) = line.strip_prefix("cpu") else {
-            continue;
-        };
-        // "cpu " is the sum of all; "cpuN " are the cores, in order.
-        let Some((index, counters)) = rest.split_once(' ') else {
-            continue;
-        };
-        if index.is_empty() {
-            continue;
-        }
-        let values: Vec<u64> = counters.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
-        // user nice system idle iowait irq softirq steal [guest guest_nice]:
-        // guest time is already inside user, so only the first 8 count.
-        let total: u64 = values.iter().take(8).sum();
-        let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
-        cpus.push((total - idle.min(total), total));
-    }
-    Ok(cpus)
+    Ok(cpu_ticks_of(&stat))
+}
+
+/// The share (0..=1) of each CPU's time between two [`cpu_ticks`]
+/// snapshots that the hypervisor took from it (steal): on a virtual
+/// machine, time in which whatever ran there stood still.
+pub fn steal_shares(before: &[CpuTicks], after: &[CpuTicks]) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| {
+            let total = a.total.saturating_sub(b.total);
+            if total == 0 { 0.0 } else { a.steal.saturating_sub(b.steal) as f64 / total as f64 }
+        })
+        .collect()
 }
 
 /// Mean utilisation (0..=1) of `cpus` between two [`cpu_ticks`] snapshots.
-pub fn cpus_busy(before: &[(u64, u64)], after: &[(u64, u64)], cpus: &[usize]) -> Option<f64> {
+pub fn cpus_busy(before: &[CpuTicks], after: &[CpuTicks], cpus: &[usize]) -> Option<f64> {
     let mut busy = 0;
     let mut total = 0;
     for &cpu in cpus {
-        let (b0, t0) = before.get(cpu)?;
-        let (b1, t1) = after.get(cpu)?;
-        busy += b1.saturating_sub(*b0);
-        total += t1.saturating_sub(*t0);
+        let (b, a) = (before.get(cpu)?, after.get(cpu)?);
+        busy += a.busy.saturating_sub(b.busy);
+        total += a.total.saturating_sub(b.total);
     }
     (total > 0).then(|| busy as f64 / total as f64)
 }
@@ -304,6 +333,26 @@ fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Steal is the eighth counter of a CPU line, counted in busy and
+    /// total; the summary line "cpu " is not a CPU.
+    #[test]
+    fn cpu_lines_give_busy_total_and_steal() {
+        let at = |steal| {
+            format!(
+                "cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 100 0 50 800 50 0 0 {steal} 7 0\ncpu1 10 0 0 990 0 0 0 0 0 0\nintr 5\n"
+            )
+        };
+        let before = cpu_ticks_of(&at(0));
+        assert_eq!(before.len(), 2);
+        assert_eq!(before[0], CpuTicks { busy: 150, total: 1000, steal: 0 });
+        let after = cpu_ticks_of(&at(100));
+        assert_eq!(after[0], CpuTicks { busy: 250, total: 1100, steal: 100 });
+        let shares = steal_shares(&before, &after);
+        assert_eq!(shares.len(), 2);
+        assert!((shares[0] - 1.0).abs() < 1e-9, "all of cpu0's 100 new ticks were stolen: {shares:?}");
+        assert_eq!(shares[1], 0.0, "cpu1 did not move");
+    }
 
     #[test]
     fn own_cpu_and_memory_are_readable() {
