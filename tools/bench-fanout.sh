@@ -143,6 +143,7 @@ rows = [
     ("server CPU cores", lambda r: r["server_cpu_cores"], ".2f"),
     ("server RSS MiB", lambda r: r["server_rss_bytes"] and r["server_rss_bytes"] / 2**20, ".1f"),
     ("other CPU cores", lambda r: r["other_cpu_cores"], ".2f"),
+    ("host steal %, the CPU most stolen from", lambda r: 100 * max(r["steal_by_cpu"]), ".1f"),
 ]
 print(f"\n| figure | median of {len(runs)} | runs |")
 print("| --- | ---: | --- |")

@@ -719,20 +719,6 @@ pub fn run(args: ChatArgs, out: &Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Above this share of a CPU stolen over the window, the run says so: at
-/// 5,000 msg/s 1% of the time is 50 messages a second standing still.
-const STEAL_WARN: f64 = 0.005;
-
-/// "cpu0 1.2%, cpu1 0.3%".
-fn steal_row(steal: &[f64]) -> String {
-    steal
-        .iter()
-        .enumerate()
-        .map(|(cpu, s)| format!("cpu{cpu} {:.1}%", s * 100.0))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// CLOCK_REALTIME in nanoseconds: the clock of a message's `ts`.
 fn wall_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
@@ -2111,7 +2097,7 @@ pub fn add_sections(table: &mut Table, report: &ChatReport, run: &str) {
         .row_opt("server RSS", report.server_rss_bytes.map(report::mib))
         .row_opt("hook server CPU", report.helper_cpu_cores.map(|c| format!("{c:.2} cores")))
         .row("other processes", format!("{:.2} cores", report.other_cpu_cores))
-        .row("host steal, by CPU", steal_row(&report.steal_by_cpu));
+        .row("host steal, by CPU", stats::steal_row(&report.steal_by_cpu));
     if let Some(per_burst) = report.acks_per_burst {
         table.row(
             "group commits (ack bursts)",
@@ -2197,13 +2183,7 @@ pub fn print_summary(report: &ChatReport) {
             report.other_cpu_cores
         );
     }
-    if report.steal_by_cpu.iter().any(|&s| s > STEAL_WARN) {
-        eprintln!(
-            "WARNING: the hypervisor took {} of the CPUs' time during the window: a stall of the \
-             virtual CPU stops server and client alike, and lands in the latency tail",
-            steal_row(&report.steal_by_cpu)
-        );
-    }
+    stats::warn_if_stolen(&report.steal_by_cpu);
     let client_busy = report.client_cores_busy.unwrap_or(report.client_cpu_cores / f64::from(report.threads));
     if client_busy > 0.7 || report.send_lag_us.p99 > 1000.0 {
         eprintln!(

@@ -197,8 +197,12 @@ pub struct FanoutReport {
     pub client_cpu_cores: f64,
     pub server_cpu_cores: Option<f64>,
     pub server_rss_bytes: Option<u64>,
-    /// Busy cores on the host that were neither client nor server.
+    /// Busy cores on the host that were neither client nor server (nor
+    /// stolen by the hypervisor).
     pub other_cpu_cores: f64,
+    /// The share of each CPU's time over the window that the hypervisor
+    /// took from it, by CPU number (see `chat`'s `steal_by_cpu`).
+    pub steal_by_cpu: Vec<f64>,
 }
 
 /// The deterministic order of changes: which change `n` is, and back.
@@ -628,6 +632,7 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<(FanoutReport, Vec<Series>)> {
     let all_cpus: Vec<usize> = (0..start.ticks.len()).collect();
     let host_busy_cores =
         stats::cpus_busy(&start.ticks, &end.ticks, &all_cpus).unwrap_or(0.0) * all_cpus.len() as f64;
+    let steal_by_cpu = stats::steal_shares(&start.ticks, &end.ticks);
     let series = vec![
         Series::of("change → recipient", &total.latency),
         Series::of("open → recipient", &total.open_latency),
@@ -665,8 +670,12 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<(FanoutReport, Vec<Series>)> {
         client_cpu_cores: client_cpu_s / window_s,
         server_cpu_cores: server_cpu_s.map(|s| s / window_s),
         server_rss_bytes,
-        other_cpu_cores: (host_busy_cores - client_cpu_s / window_s - server_cpu_s.unwrap_or(0.0) / window_s)
+        other_cpu_cores: (host_busy_cores
+            - steal_by_cpu.iter().sum::<f64>()
+            - client_cpu_s / window_s
+            - server_cpu_s.unwrap_or(0.0) / window_s)
             .max(0.0),
+        steal_by_cpu,
     };
     Ok((report, series))
 }
@@ -935,7 +944,8 @@ fn table(report: &FanoutReport) -> Table {
         .row("deliveries", report::per_s(report.deliveries_per_s))
         .row("client CPU", report::cpu(report.client_cpu_cores, None))
         .row_opt("server CPU", report.server_cpu_cores.map(|c| report::cpu(c, None)))
-        .row_opt("server RSS", report.server_rss_bytes.map(report::mib));
+        .row_opt("server RSS", report.server_rss_bytes.map(report::mib))
+        .row("host steal, by CPU", stats::steal_row(&report.steal_by_cpu));
     t.section("latency, µs")
         .latency("change → recipient", report.delivered, &report.latency_us)
         .latency("open → recipient", report.changes_open, &report.open_latency_us)
@@ -990,6 +1000,7 @@ pub fn print_summary(report: &FanoutReport) {
             report.other_cpu_cores
         );
     }
+    stats::warn_if_stolen(&report.steal_by_cpu);
 }
 
 #[cfg(test)]
