@@ -1898,10 +1898,12 @@ async fn agent_loop(mut conn: Conn, state: Rc<ThreadState>) {
                     tally.delivery.record(latency, 1);
                     // The home's stamp on this clock: the middle of its
                     // wall-clock millisecond, less the wall clock's lead.
-                    let home = (msg.ts * 1_000_000 + 500_000).saturating_sub(state.wall_lead_ns);
-                    let home = home.clamp(scheduled, now);
+                    let home = msg.ts.saturating_mul(1_000_000).saturating_add(500_000);
+                    // Kept within [scheduled, now], without `clamp`'s panic
+                    // should a receipt ever read earlier than its schedule.
+                    let home = home.saturating_sub(state.wall_lead_ns).min(now).max(scheduled);
                     tally.to_home.record(Duration::from_nanos(home - scheduled), 1);
-                    tally.from_home.record(Duration::from_nanos(now - home), 1);
+                    tally.from_home.record(Duration::from_nanos(now.saturating_sub(home)), 1);
                     tally.by_kind[cid_kind(&msg.cid).index()].delivery.record(latency, 1);
                     if let Some(slice) = tally.slice(schedule, scheduled) {
                         slice.delivery.record(latency, 1);
