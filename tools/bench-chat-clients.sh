@@ -69,9 +69,7 @@ for run in $(seq "$REPEAT"); do
     for client in kefu-bench tungstenite; do
         wait_quiet
         data=$OUT/data-$client-$run
-        start_kefu "$data" "$OUT/gateway-$client-$run.log" KEFU_LIMITS_MESSAGES_PER_S=100000 \
-            KEFU_LIMITS_BURST=100000 KEFU_LIMITS_NEW_CONNECTIONS_PER_S_PER_IP=1000000 \
-            KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000
+        start_kefu "$data" "$OUT/gateway-$client-$run.log" "${LIFTED_LIMITS[@]}"
         echo "== run $run/$REPEAT, $client: $VISITORS visitors, $AGENTS agents, $RATE msg/s, ${DURATION} s" >&2
         common=(--url "ws://127.0.0.1:$PORT/ws" --data "$data" --visitors "$VISITORS" --agents "$AGENTS"
             --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" --slice "$SLICE" --sources 127.0.0.1,127.0.0.2

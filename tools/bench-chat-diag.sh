@@ -67,9 +67,7 @@ trap cleanup EXIT
 
 wait_quiet
 # Heartbeats every 600 s: idle sockets that never answer a ping stay open.
-start_kefu "$OUT/data" "$OUT/gateway.log" KEFU_LIMITS_MESSAGES_PER_S=100000 KEFU_LIMITS_BURST=100000 \
-    KEFU_LIMITS_NEW_CONNECTIONS_PER_S_PER_IP=1000000 KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000 \
-    KEFU_SERVER_HEARTBEAT_S=600
+start_kefu "$OUT/data" "$OUT/gateway.log" "${LIFTED_LIMITS[@]}" KEFU_SERVER_HEARTBEAT_S=600
 if [ "$IDLE" -gt 0 ]; then
     taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" idle --url "ws://127.0.0.1:$PORT/ws" --connections "$IDLE" \
         --hold $((DURATION + 120)) --sources 127.0.0.3,127.0.0.4 --server-pid "$SERVER_PID" \

@@ -36,6 +36,12 @@ stop_server() {
     fi
 }
 
+# The per-connection message rate and the per-address connection limits,
+# lifted: a chat load client opens thousands of sessions from two
+# addresses and sends faster than one person types. For start_kefu.
+LIFTED_LIMITS=(KEFU_LIMITS_MESSAGES_PER_S=100000 KEFU_LIMITS_BURST=100000
+    KEFU_LIMITS_NEW_CONNECTIONS_PER_S_PER_IP=1000000 KEFU_LIMITS_NEW_CONNECTIONS_BURST_PER_IP=1000000)
+
 # start_kefu DATA LOG [VAR=value ...]: a fresh data directory DATA and
 # `kefu serve` from $BIN on 127.0.0.1:$PORT (admin 127.0.0.1:$ADMIN_PORT,
 # $SHARDS shards, default 1), pinned to $SERVER_CPU, with the given

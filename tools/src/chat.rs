@@ -1149,8 +1149,6 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         _ => None,
     };
     let all_cpus: Vec<usize> = (0..start.ticks.len()).collect();
-    let host_busy_cores =
-        stats::cpus_busy(&start.ticks, &end.ticks, &all_cpus).unwrap_or(0.0) * all_cpus.len() as f64;
     let steal_by_cpu = stats::steal_shares(&start.ticks, &end.ticks);
     let client_cores_busy = (!args.client.cpu.is_empty())
         .then(|| stats::cpus_busy(&start.ticks, &end.ticks, &args.client.cpu))
@@ -1231,12 +1229,11 @@ pub fn measure_beside(args: &ChatArgs, beside: &mut dyn Beside) -> anyhow::Resul
         server_rss_bytes,
         server_threads_cores,
         helper_cpu_cores: helper_cpu_s.map(|s| s / window_s),
-        other_cpu_cores: (host_busy_cores
-            - steal_by_cpu.iter().sum::<f64>()
-            - client_cpu_s / window_s
-            - server_cpu_s.unwrap_or(0.0) / window_s
-            - helper_cpu_s.unwrap_or(0.0) / window_s)
-            .max(0.0),
+        other_cpu_cores: stats::other_cores(
+            &start.ticks,
+            &end.ticks,
+            (client_cpu_s + server_cpu_s.unwrap_or(0.0) + helper_cpu_s.unwrap_or(0.0)) / window_s,
+        ),
         steal_by_cpu,
         fsync_probe_us,
         attachment_share: args.attachment_share,

@@ -61,7 +61,7 @@
 //!   that, for both sides.
 //!
 //! Every run also reports `other_cpu_cores`: CPU that neither side used
-//! during the window. On a shared host a figure above ~0.1 means someone
+//! during the window (the hypervisor's steal left out, as in `chat`). On a shared host a figure above ~0.1 means someone
 //! else's build or benchmark ran; `tools/bench-baselines.sh` waits for an
 //! idle host before each run for that reason.
 
@@ -210,8 +210,9 @@ pub struct EchoReport {
     /// Utilisation of the cores the server is pinned to, if it is pinned
     /// to cores disjoint from the client's.
     pub server_cores_busy: Option<f64>,
-    /// Busy cores on the whole host minus client and server: anything above
-    /// ~0.1 means something else ran during the window.
+    /// Busy cores on the whole host minus client, server and the
+    /// hypervisor's steal: anything above ~0.1 means something else ran
+    /// during the window.
     pub other_cpu_cores: f64,
     /// The round-trip latency's percentile curve, for the HTML report.
     #[serde(skip)]
@@ -364,8 +365,6 @@ fn measure(args: &EchoArgs) -> anyhow::Result<EchoReport> {
         _ => None,
     };
     let all_cpus: Vec<usize> = (0..ticks_start.len()).collect();
-    let host_busy_cores =
-        stats::cpus_busy(&ticks_start, &ticks_end, &all_cpus).unwrap_or(0.0) * all_cpus.len() as f64;
     let client_cores_busy =
         (!args.cpu.is_empty()).then(|| stats::cpus_busy(&ticks_start, &ticks_end, &args.cpu)).flatten();
     let server_cores_busy = args
@@ -398,8 +397,11 @@ fn measure(args: &EchoArgs) -> anyhow::Result<EchoReport> {
         client_cpu_us_per_msg: per_msg(client_cpu_s),
         client_cores_busy,
         server_cores_busy,
-        other_cpu_cores: (host_busy_cores - client_cpu_s / window_s - server_cpu_s.unwrap_or(0.0) / window_s)
-            .max(0.0),
+        other_cpu_cores: stats::other_cores(
+            &ticks_start,
+            &ticks_end,
+            (client_cpu_s + server_cpu_s.unwrap_or(0.0)) / window_s,
+        ),
     })
 }
 

@@ -629,9 +629,6 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<(FanoutReport, Vec<Series>)> {
     let window_s = (schedule.window_end - schedule.window_start) as f64 / 1e9;
     let client_cpu_s = end.client_cpu - start.client_cpu;
     let server_cpu_s = start.server_cpu.zip(end.server_cpu).map(|(a, b)| b - a);
-    let all_cpus: Vec<usize> = (0..start.ticks.len()).collect();
-    let host_busy_cores =
-        stats::cpus_busy(&start.ticks, &end.ticks, &all_cpus).unwrap_or(0.0) * all_cpus.len() as f64;
     let steal_by_cpu = stats::steal_shares(&start.ticks, &end.ticks);
     let series = vec![
         Series::of("change → recipient", &total.latency),
@@ -670,11 +667,11 @@ fn measure(args: &FanoutArgs) -> anyhow::Result<(FanoutReport, Vec<Series>)> {
         client_cpu_cores: client_cpu_s / window_s,
         server_cpu_cores: server_cpu_s.map(|s| s / window_s),
         server_rss_bytes,
-        other_cpu_cores: (host_busy_cores
-            - steal_by_cpu.iter().sum::<f64>()
-            - client_cpu_s / window_s
-            - server_cpu_s.unwrap_or(0.0) / window_s)
-            .max(0.0),
+        other_cpu_cores: stats::other_cores(
+            &start.ticks,
+            &end.ticks,
+            (client_cpu_s + server_cpu_s.unwrap_or(0.0)) / window_s,
+        ),
         steal_by_cpu,
     };
     Ok((report, series))

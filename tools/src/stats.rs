@@ -234,23 +234,18 @@ pub fn process_fds(pid: u32) -> anyhow::Result<(u64, Option<u64>)> {
     Ok((open, limit))
 }
 
-/// The counters of each CPU line (`cpuN`, in order) of `/proc/stat`:
-/// user nice system idle iowait irq softirq steal [guest guest_nice].
-fn cpu_counters(stat: &str) -> Vec<Vec<u64>> {
+/// Busy, total and stolen clock ticks of each CPU line (`cpuN`, in order)
+/// of `/proc/stat`.
+fn cpu_ticks_of(stat: &str) -> Vec<CpuTicks> {
     stat.lines()
         .filter_map(|line| line.strip_prefix("cpu")?.split_once(' '))
         // "cpu " is the sum of all; "cpuN " are the cores.
         .filter(|(index, _)| !index.is_empty())
-        .map(|(_, counters)| counters.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect())
-        .collect()
-}
-
-/// Busy, total and stolen clock ticks of each CPU.
-fn cpu_ticks_of(stat: &str) -> Vec<CpuTicks> {
-    cpu_counters(stat)
-        .into_iter()
-        .map(|values| {
-            // Guest time is already inside user, so only the first 8 count.
+        .map(|(_, counters)| {
+            // user nice system idle iowait irq softirq steal [guest
+            // guest_nice]: guest time is already inside user, so only the
+            // first 8 count.
+            let values: Vec<u64> = counters.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
             let total: u64 = values.iter().take(8).sum();
             let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
             CpuTicks { busy: total - idle.min(total), total, steal: values.get(7).copied().unwrap_or(0) }
@@ -318,6 +313,16 @@ pub fn warn_if_stolen(steal: &[f64]) {
     }
 }
 
+/// Cores busy on the whole host between two [`cpu_ticks`] snapshots with
+/// neither the hypervisor's steal nor `accounted` (the cores the run's own
+/// processes used) in them: someone else's work beside the benchmark.
+pub fn other_cores(before: &[CpuTicks], after: &[CpuTicks], accounted: f64) -> f64 {
+    let all: Vec<usize> = (0..before.len()).collect();
+    let busy = cpus_busy(before, after, &all).unwrap_or(0.0) * all.len() as f64;
+    let stolen: f64 = steal_shares(before, after).iter().sum();
+    (busy - stolen - accounted).max(0.0)
+}
+
 /// Mean utilisation (0..=1) of `cpus` between two [`cpu_ticks`] snapshots.
 pub fn cpus_busy(before: &[CpuTicks], after: &[CpuTicks], cpus: &[usize]) -> Option<f64> {
     let mut busy = 0;
@@ -366,7 +371,8 @@ mod tests {
     fn cpu_lines_give_busy_total_and_steal() {
         let at = |steal| {
             format!(
-                "cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 100 0 50 800 50 0 0 {steal} 7 0\ncpu1 10 0 0 990 0 0 0 0 0 0\nintr 5\n"
+                "cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 100 0 50 800 50 0 0 {steal} 7 0\ncpu1 10 0 0 {} 0 0 0 0 0 0\nintr 5\n",
+                990 + steal
             )
         };
         let before = cpu_ticks_of(&at(0));
@@ -377,7 +383,8 @@ mod tests {
         let shares = steal_shares(&before, &after);
         assert_eq!(shares.len(), 2);
         assert!((shares[0] - 1.0).abs() < 1e-9, "all of cpu0's 100 new ticks were stolen: {shares:?}");
-        assert_eq!(shares[1], 0.0, "cpu1 did not move");
+        assert_eq!(shares[1], 0.0, "cpu1 idled");
+        assert_eq!(other_cores(&before, &after, 0.0), 0.0, "stolen time is nobody's work");
     }
 
     #[test]
