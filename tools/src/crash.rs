@@ -559,6 +559,7 @@ fn measure(args: &CrashArgs) -> anyhow::Result<CrashReport> {
         },
         backoff_ms: (args.backoff_ms_min.max(1), args.backoff_ms_max.max(args.backoff_ms_min.max(1))),
         retry_ns: args.retry_ms * 1_000_000,
+        drain_ns: secs_ns(args.drain_timeout),
         rate: args.rate,
         capacity,
         text: "k".repeat(args.size as usize),
@@ -713,6 +714,8 @@ struct Plan {
     dial: Dial,
     backoff_ms: (u64, u64),
     retry_ns: u64,
+    /// How long the end waits for the last sends' acks (`--drain-timeout`).
+    drain_ns: u64,
     rate: f64,
     capacity: u32,
     text: String,
@@ -850,6 +853,22 @@ async fn client_main(plan: Arc<Plan>, shared: Arc<Shared>) -> anyhow::Result<Cli
     monoio::spawn(retry_loop(client.clone()));
     send_loop(&client).await?;
     wait_until(|| client.stopping()).await;
+    // The kill loop stops when it sees nothing in flight, but a send can
+    // still leave after that (the send loop was asleep until its message
+    // was due). Its ack must be in before the histories are read, or the
+    // check would find it "lost" from a history read before it was
+    // stored; and an ack that comes after the reads (the wait timed out)
+    // is not checked against them: it is counted unacked instead.
+    let drained_by = mono_ns() + client.plan.drain_ns;
+    wait_until(|| client.visitors.iter().all(|v| v.borrow().unacked.is_empty()) || mono_ns() >= drained_by)
+        .await;
+    let mut acked = BTreeMap::new();
+    for visitor in &client.visitors {
+        let visitor = visitor.borrow();
+        if let Some(conv) = visitor.conv {
+            acked.insert(conv, visitor.acked.clone());
+        }
+    }
 
     // The check, on fresh connections to the last process.
     let mut histories = BTreeMap::new();
@@ -860,12 +879,7 @@ async fn client_main(plan: Arc<Plan>, shared: Arc<Shared>) -> anyhow::Result<Cli
     }
     let mut result = client.result.take();
     result.histories = histories;
-    for visitor in &client.visitors {
-        let visitor = visitor.borrow();
-        if let Some(conv) = visitor.conv {
-            result.acked.insert(conv, visitor.acked.clone());
-        }
-    }
+    result.acked = acked;
     Ok(result)
 }
 
@@ -1059,6 +1073,11 @@ async fn send_loop(client: &Client) -> anyhow::Result<()> {
             break;
         }
         timer.sleep_until(scheduled_at(t0, client.plan.rate, 0.0, number)).await.context("timerfd")?;
+        // Asked again after the sleep: the kill loop may have ended the
+        // load meanwhile.
+        if client.shared.stop_sending.load(Ordering::Acquire) {
+            break;
+        }
         let mut visitor = client.visitors[(number % visitors) as usize].borrow_mut();
         visitor.unacked.insert(number, Unacked { cid: format!("m{number}"), written_at: 0 });
         client.shared.in_flight.fetch_add(1, Ordering::AcqRel);

@@ -59,6 +59,8 @@ struct Session {
     /// Commands that must get exactly one answer (not `read`, `typing`,
     /// which are answered only when refused).
     asked: Vec<i64>,
+    /// `history` commands asking for the newest page, by id.
+    newest_pages: HashMap<i64, ConvId>,
 }
 
 /// A conversation's states, as its home submitted them, and how far
@@ -103,6 +105,8 @@ pub struct Checker {
     logs: HashMap<ConvId, Log>,
     /// (sender role, sender id, conversation, cid) → the seq its acks carry.
     acks: HashMap<(Role, UserId, ConvId, String), u64>,
+    /// Per conversation, the highest seq any ack has been posted for.
+    acked: HashMap<ConvId, u64>,
 }
 
 impl Checker {
@@ -117,7 +121,11 @@ impl Checker {
             Seen::Command { addr, frame } => {
                 let must_answer = !matches!(frame.body, Command::Read { .. } | Command::Typing { .. });
                 if let (Some(id), true) = (frame.id, must_answer) {
-                    self.sessions.entry(addr).or_default().asked.push(id);
+                    let s = self.sessions.entry(addr).or_default();
+                    s.asked.push(id);
+                    if let Command::History { conv, before: None, .. } = frame.body {
+                        s.newest_pages.insert(id, conv);
+                    }
                 }
                 Ok(())
             }
@@ -251,6 +259,21 @@ impl Checker {
                 let want = (who.role, who.id.to_string(), cid.clone());
                 if stored(*seq) != Some(&want) {
                     return Err(format!("{frame:?} to {to:?} acks what is not stored: {:?}", stored(*seq)));
+                }
+                let acked = self.acked.entry(conv).or_default();
+                *acked = (*acked).max(*seq);
+            }
+            // Read your ack (docs/protocol.md, "Guarantees": an acked
+            // message is in `history`): the newest page, once an ack is
+            // out, reaches at least the acked seq.
+            Event::History { messages, .. } => {
+                let asked = frame.id.and_then(|id| self.sessions.get(&to)?.newest_pages.get(&id));
+                let acked = self.acked.get(&conv).copied().unwrap_or(0);
+                let newest = messages.last().map_or(0, |m| m.seq);
+                if asked == Some(&conv) && newest < acked {
+                    return Err(format!(
+                        "{to:?}: the newest history page of {conv} ends at seq {newest}, but seq {acked} was acked"
+                    ));
                 }
             }
             _ => {}

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use kefu_proto::client::{Event, Msg, Sender, ServerFrame};
+use kefu_proto::client::{ClientFrame, Command, Event, Msg, Sender, ServerFrame};
 use kefu_proto::{ConvId, ConvStatus, Role};
 
 use super::check::Checker;
@@ -206,6 +206,37 @@ fn the_checker_catches_a_seq_the_home_skipped() {
         .see(Seen::Committed { shard: 0, write: Write::Message(msg(3, "v1")), outcome: refused })
         .expect_err("seq 3 after 1");
     assert!(err.contains("handed out seq 3"), "{err}");
+}
+
+#[test]
+fn the_checker_catches_a_newest_history_page_without_an_acked_message() {
+    let mut c = checker();
+    let durable = Durable { seq: 2, ts_ms: 1, duplicate: false };
+    c.see(Seen::Committed { shard: 0, write: Write::Message(msg(2, "v1")), outcome: Ok(durable) })
+        .expect("seq 2 after 1");
+    let ack = Event::Ack { cid: "c2".into(), conv: ConvId(1), seq: 2, ts: 1, duplicate: false };
+    c.see(Seen::Sent { to: addr(1), frames: vec![ServerFrame::reply(Some(7), ack)].into() })
+        .expect("v1 sent seq 2");
+    let ask = |id, before| Seen::Command {
+        addr: addr(1),
+        frame: ClientFrame { id: Some(id), body: Command::History { conv: ConvId(1), before, limit: None } },
+    };
+    let page = |id, seqs: &[u64]| Seen::Sent {
+        to: addr(1),
+        frames: vec![ServerFrame::reply(
+            Some(id),
+            Event::History { conv: ConvId(1), messages: seqs.iter().map(|&s| msg(s, "v1")).collect() },
+        )]
+        .into(),
+    };
+    // An older page need not reach it; the newest must.
+    c.see(ask(8, Some(2))).expect("asked");
+    c.see(page(8, &[1])).expect("the page before seq 2");
+    c.see(ask(9, None)).expect("asked");
+    let err = c.see(page(9, &[1])).expect_err("seq 2 was acked");
+    assert!(err.contains("seq 2 was acked"), "{err}");
+    c.see(ask(10, None)).expect("asked");
+    c.see(page(10, &[1, 2])).expect("it reaches the ack");
 }
 
 /// Replays a fuzzer input (`KEFU_SIM_INPUT=path`), printing the actions it
