@@ -41,7 +41,7 @@ use std::ops::Range;
 
 use kefu_proto::ids::{ConvId, ConvStatus, ErrorCode, Role};
 
-use crate::cid::Cid;
+use crate::cid::{Cid, window_key};
 use crate::config::LimitsConfig;
 use crate::identity::{Actor, AgentRef, GroupName, Meta, UserId, Visitor, merge_meta, serves};
 
@@ -170,11 +170,12 @@ pub struct RestoredConversation {
     pub since_ms: u64,
 }
 
-#[derive(Debug, Clone)]
+/// One message of the cid window: the key of its `(sender, cid)`
+/// ([`crate::cid::window_key`]), not the pair itself, and what a resend of
+/// it is answered with.
+#[derive(Debug, Clone, Copy)]
 struct RecentSend {
-    role: Role,
-    sender: UserId,
-    cid: Cid,
+    key: u128,
     seq: u64,
     ts: u64,
 }
@@ -298,13 +299,13 @@ impl Conversation {
     /// Puts `(sender, cid) -> (seq, ts)` in the cid window. Called at send,
     /// before the append is durable: a resend meanwhile is
     /// [`SendOutcome::InFlight`] until [`Conversation::committed`] says so.
-    fn remember(&mut self, role: Role, sender: UserId, cid: Cid, seq: u64, ts: u64) {
+    fn remember(&mut self, role: Role, sender: &str, cid: &Cid, seq: u64, ts: u64) {
         if self.recent.len() >= self.recent_cap
             && let Some(gone) = self.recent.pop_front()
         {
             self.cids_from = self.cids_from.max(gone.seq + 1);
         }
-        self.recent.push_back(RecentSend { role, sender, cid, seq, ts });
+        self.recent.push_back(RecentSend { key: window_key(role, sender, cid), seq, ts });
     }
 
     /// The seq from which on the cid window holds every stored message's
@@ -400,7 +401,7 @@ impl Conversation {
         self.next_seq += 1;
         self.last_ts = ts;
         if let Some(cid) = cid {
-            self.remember(actor.role, actor.id.clone(), cid, seq, ts);
+            self.remember(actor.role, &actor.id, &cid, seq, ts);
         }
         Ok(SendOutcome::Append { seq, ts })
     }
@@ -412,8 +413,8 @@ impl Conversation {
     pub fn recall(&self, actor: &Actor, cid: Option<&Cid>) -> Result<Option<SendOutcome>, ConvError> {
         self.check_access(actor, Access::Write)?;
         let Some(cid) = cid else { return Ok(None) };
-        let prev =
-            self.recent.iter().rev().find(|r| r.cid == *cid && r.role == actor.role && r.sender == actor.id);
+        let key = window_key(actor.role, &actor.id, cid);
+        let prev = self.recent.iter().rev().find(|r| r.key == key);
         Ok(prev.map(|prev| match prev.seq <= self.durable_seq {
             true => SendOutcome::Duplicate { seq: prev.seq, ts: prev.ts },
             false => SendOutcome::InFlight { seq: prev.seq, ts: prev.ts },
@@ -597,6 +598,13 @@ mod tests {
         assert_eq!(c.send(&a, cid("m1"), 2000), Ok(SendOutcome::Append { seq: 2, ts: 2000 }));
     }
 
+    /// A full window is `recent_cids` of these: 32 bytes a message (it was
+    /// 104 with the sender and the inline cid).
+    #[test]
+    fn a_window_entry_is_32_bytes() {
+        assert_eq!(std::mem::size_of::<RecentSend>(), 32);
+    }
+
     #[test]
     fn the_cid_window_is_bounded() {
         let limits = LimitsConfig { recent_cids: 4, ..LimitsConfig::default() };
@@ -632,7 +640,7 @@ mod tests {
             since_ms: 8000,
         };
         let mut c = Conversation::restore(r, &LimitsConfig::default());
-        c.remember(Role::Visitor, UserId::from("v1"), Cid::new("m41").unwrap(), 41, 9000);
+        c.remember(Role::Visitor, "v1", &Cid::new("m41").unwrap(), 41, 9000);
         // Seeded with the newest only: m1..m40 may still be resent.
         assert!(!c.remembers_every_cid());
         assert_eq!(c.cids_remembered_from(), 42);

@@ -61,9 +61,10 @@ pub struct StoreConfig {
     /// closed. A cache holds at most the last `dedupe_window` slots of a
     /// conversation, and loads no more than those, so a conversation that
     /// comes back costs one short read however long its history.
-    /// About 20–40 bytes each (a 17-byte hash-table bucket, tables 7/16 to
-    /// 7/8 full, and its place in the conversation's order). Default
-    /// 1048576 (at most ~40 MiB per cache).
+    /// About 17 bytes each (a slot and an offset in the conversation's
+    /// ring, and the conversation's own entry shared by its slots;
+    /// `dedupe::tests::a_full_window_costs_at_most_20_bytes_a_slot`).
+    /// Default 1048576 (at most ~18 MiB per cache).
     pub conv_cache_entries: usize,
     /// The cid window: a `send` that repeats the cid of one of its
     /// conversation's last this-many messages (by the same sender) is

@@ -31,7 +31,7 @@
 //! and not something a client can provoke without the secret key — are
 //! told apart by looking at every entry of the conversation.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -234,42 +234,73 @@ pub(crate) struct SlotMaps {
     gauge: Arc<AtomicUsize>,
 }
 
-/// One conversation's slots as held in memory.
+/// One conversation's slots as held in memory: two rings of at most
+/// `window` entries, scanned whole on a lookup.
+///
+/// A ring, not a map: a map from slot to offset beside a queue of the
+/// same pairs (what this was) cost about 50 bytes a slot, a hash table
+/// at most 7/8 full rounded up to a power of two plus the queue, so a
+/// conversation with a full window of 128 held ~6.4 KB, more than the
+/// whole budget of a chat session (issue 11: ≤ 4 KB). The ring holds 16
+/// bytes a slot; a lookup scans the window's slots (1 KB at 128,
+/// contiguous), and `Reader::dedupe` and the writer's throughput measured
+/// the same as with the map, within the host's noise (BENCHMARKS.md).
 #[derive(Default)]
 pub(crate) struct ConvSlots {
     /// The first seq not yet read (the last seq + 1).
     pub(crate) next_seq: u64,
-    /// Slot → offset of the first message with it, in the window.
-    pub(crate) slots: U64Map<u64>,
-    /// The slots in `slots` with their offsets, oldest first: what leaves
-    /// the window first.
-    order: VecDeque<(u64, u64)>,
+    /// The slots of the window's messages, each once (a repeated slot
+    /// keeps its first offset and takes no place); `slots[oldest]` leaves
+    /// first once the ring is full.
+    slots: Vec<u64>,
+    /// `offsets[i]` is the log offset of the message with `slots[i]`.
+    offsets: Vec<u64>,
+    oldest: usize,
     /// The clock at its last touch.
     touched: u64,
 }
 
 impl ConvSlots {
+    /// The log offset of the window's message with `slot`, if any.
+    pub(crate) fn offset(&self, slot: u64) -> Option<u64> {
+        self.slots.iter().position(|&s| s == slot).map(|i| self.offsets[i])
+    }
+
+    /// Whether a message of the window has `slot`.
+    pub(crate) fn holds(&self, slot: u64) -> bool {
+        self.slots.contains(&slot)
+    }
+
+    /// Slots held.
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Notes the message at `seq` with `slot` at `offset` (the first
     /// offset of a slot is kept), and lets the oldest slot go past
     /// `window`. Returns the slots added and dropped.
     fn note(&mut self, seq: u64, slot: u64, offset: u64, window: usize) -> (usize, usize) {
         self.next_seq = self.next_seq.max(seq + 1);
-        match self.slots.entry(slot) {
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(offset);
-                self.order.push_back((slot, offset));
-            }
-            std::collections::hash_map::Entry::Occupied(_) => return (0, 0),
+        if self.holds(slot) {
+            return (0, 0);
         }
-        let mut dropped = 0;
-        while self.order.len() > window {
-            let Some((old, at)) = self.order.pop_front() else { break };
-            if self.slots.get(&old) == Some(&at) {
-                self.slots.remove(&old);
-                dropped += 1;
+        if self.slots.len() < window {
+            if self.slots.len() == self.slots.capacity() {
+                // Grown by doubling but never past the window: a full
+                // ring has no spare capacity.
+                let more = self.slots.len().max(4).min(window - self.slots.len());
+                self.slots.reserve_exact(more);
+                self.offsets.reserve_exact(more);
             }
+            self.slots.push(slot);
+            self.offsets.push(offset);
+            return (1, 0);
         }
-        (1, dropped)
+        // Full: the newest takes the oldest's place.
+        self.slots[self.oldest] = slot;
+        self.offsets[self.oldest] = offset;
+        self.oldest = (self.oldest + 1) % self.slots.len();
+        (1, 1)
     }
 }
 
@@ -343,8 +374,8 @@ impl SlotMaps {
     /// Drops `conv`'s slots (the column still answers for it).
     pub(crate) fn forget(&mut self, conv: u64) {
         if let Some(c) = self.convs.remove(&conv) {
-            self.entries -= c.slots.len();
-            self.gauge.fetch_sub(c.slots.len(), Ordering::Relaxed);
+            self.entries -= c.len();
+            self.gauge.fetch_sub(c.len(), Ordering::Relaxed);
         }
     }
 
@@ -418,9 +449,9 @@ impl SlotCache {
     /// Whether this cache has read `conv`'s index below `before_seq` and
     /// holds no slot of (sender, cid): no append of it below `before_seq`.
     pub(crate) fn knows_absent(&self, conv: u64, sender: (Role, &str), cid: &str, before_seq: u64) -> bool {
-        self.maps.peek(conv).is_some_and(|c| {
-            c.next_seq >= before_seq && !c.slots.contains_key(&self.key.slot(sender.0, sender.1, cid))
-        })
+        self.maps
+            .peek(conv)
+            .is_some_and(|c| c.next_seq >= before_seq && !c.holds(self.key.slot(sender.0, sender.1, cid)))
     }
 
     /// Like [`find_by_scan`] over the cid window, reading only what this
@@ -444,7 +475,7 @@ impl SlotCache {
         // Where the slot is, before keeping the bound may drop `conv`.
         let mut at = new.iter().find(|&&(_, s, _)| s == slot).map(|&(_, _, offset)| offset);
         if let Some(c) = self.maps.peek(conv) {
-            at = c.slots.get(&slot).copied().or(at);
+            at = c.offset(slot).or(at);
         }
         self.maps.note_all(conv, new.drain(..));
         self.scratch = new;
@@ -534,13 +565,25 @@ mod tests {
         let mut maps = SlotMaps::new(100, 3, gauge.clone());
         maps.note_all(1, (1..=5).map(|seq| (seq, 100 + seq, seq)));
         maps.note(1, 6, 106, 6);
-        let held: std::collections::BTreeSet<u64> = maps.peek(1).unwrap().slots.keys().copied().collect();
-        assert_eq!(held, [104, 105, 106].into(), "the last three");
+        let held = |maps: &SlotMaps| -> Vec<Option<u64>> {
+            (101..=107).map(|slot| maps.peek(1).unwrap().offset(slot)).collect()
+        };
+        assert_eq!(held(&maps), [None, None, None, Some(4), Some(5), Some(6), None], "the last three");
         assert_eq!(maps.peek(1).unwrap().next_seq, 7);
         assert_eq!((maps.entries(), gauge.load(Ordering::Relaxed)), (3, 3));
-        // A repeated slot (a duplicate) takes no place in the window.
+        // A repeated slot (a duplicate) takes no place in the window, and
+        // keeps its first offset.
         maps.note(1, 7, 105, 7);
         assert_eq!(maps.entries(), 3);
+        assert_eq!(maps.peek(1).unwrap().offset(105), Some(5));
+        // Full, the ring goes round: each new slot pushes out the oldest.
+        for seq in 8..=12 {
+            maps.note(1, seq, 100 + seq, seq);
+        }
+        let offsets: Vec<Option<u64>> = (104..=112).map(|slot| maps.peek(1).unwrap().offset(slot)).collect();
+        assert_eq!(offsets, [None, None, None, None, None, None, Some(10), Some(11), Some(12)]);
+        assert_eq!(maps.peek(1).unwrap().slots.capacity(), 3, "no spare capacity past the window");
+        assert_eq!((maps.entries(), gauge.load(Ordering::Relaxed)), (3, 3));
         maps.forget(1);
         assert_eq!(gauge.load(Ordering::Relaxed), 0);
     }
@@ -568,6 +611,22 @@ mod tests {
         assert!(maps.entries() <= 8);
         drop(maps);
         assert_eq!(gauge.load(Ordering::Relaxed), 0, "a dropped cache leaves the gauge");
+    }
+
+    /// The bound is in slots, so what a slot costs is what the bound costs:
+    /// 1,000 conversations with a full window of 128.
+    #[test]
+    fn a_full_window_costs_at_most_20_bytes_a_slot() {
+        let (maps, held) = crate::heap::held_by(|| {
+            let mut maps = SlotMaps::new(1 << 20, 128, Arc::new(AtomicUsize::new(0)));
+            for conv in 0..1_000u64 {
+                maps.note_all(conv, (1..=300).map(|seq| (seq, conv << 32 | seq, seq)));
+            }
+            maps
+        });
+        assert_eq!(maps.entries(), 128_000);
+        let per_slot = held as f64 / maps.entries() as f64;
+        assert!(per_slot <= 20.0, "{per_slot:.1} bytes a slot");
     }
 
     #[test]

@@ -633,7 +633,7 @@ impl GroupCommit {
     /// entries (in this transaction, so the open batch's appends are seen).
     fn lookup(&mut self, t: &Tables<'_>, conv: u64, slot: u64) -> Result<(u64, Option<u64>), StorageError> {
         if let Some(c) = self.convs.get(conv) {
-            return Ok((c.next_seq.saturating_sub(1), c.slots.get(&slot).copied()));
+            return Ok((c.next_seq.saturating_sub(1), c.offset(slot)));
         }
         let mut entries = std::mem::take(&mut self.scratch);
         dedupe::read_window(&t.conv_index, conv, 0, self.convs.window(), &mut entries)?;

@@ -93,6 +93,8 @@ mod write;
 #[cfg(test)]
 mod durability;
 #[cfg(test)]
+mod heap;
+#[cfg(test)]
 mod store_tests;
 #[cfg(test)]
 mod testkit;
