@@ -380,6 +380,16 @@ impl Home {
         let below = self.convs.get(&conv).map_or(u64::MAX, |c| c.cids_remembered_from());
         if below > 1 {
             match store.earlier(actor.role, &actor.id, conv, cid.as_str(), below) {
+                // Storage holds the original, but its commit has not reached
+                // this home yet (a write still in flight, with more than the
+                // window sent behind it): it is answered with that commit,
+                // as a resend the window remembers is, so that no ack runs
+                // ahead of what `history` pages (found by the
+                // `chat_machines` fuzz target).
+                Ok(Some(hit)) if self.convs.get(&conv).is_some_and(|c| hit.seq > c.durable_seq()) => {
+                    self.dup_waiters.entry((conv, hit.seq)).or_default().push(reply);
+                    return;
+                }
                 Ok(Some(hit)) => {
                     let ack = Event::Ack {
                         cid: cid.as_str().into(),
