@@ -602,7 +602,11 @@ impl Home {
         store: &dyn Stored,
     ) {
         let Durable { seq, ts_ms: ts, duplicate } = durable;
-        if let Some(c) = self.convs.get_mut(&conv) {
+        // A duplicate stored nothing at `ours`: that seq is not durable, and
+        // marking it so would let a resume or a history page reach past
+        // the log until the rebuild below runs, which waits for the writes
+        // in flight (found by the `chat_machines` fuzz target).
+        if !duplicate && let Some(c) = self.convs.get_mut(&conv) {
             c.committed(ours);
         }
         // The ack borrows the message's cid and hands it back.

@@ -267,6 +267,32 @@ fn a_resend_found_in_storage_is_acked_only_once_the_home_knows_it_durable() {
     world.run(&script).expect("no rule is broken");
 }
 
+/// The fuzz target's findings, kept as seeds of its corpus, replay clean:
+/// - `seed-resend-ahead-of-home`: the test above, as the fuzzer found it;
+/// - `seed-duplicate-not-durable`: a resend older than the cid window,
+///   which storage's dedupe index caught at commit, marked its unused seq
+///   durable, so a resume replayed "up to" a seq the log did not have
+///   (while the rebuild waited for the writes in flight).
+#[test]
+fn the_fuzz_findings_replay_clean() {
+    let seeds: [(&str, &[u8]); 2] = [
+        (
+            "seed-resend-ahead-of-home",
+            include_bytes!("../../../../fuzz/corpus/chat_machines/seed-resend-ahead-of-home"),
+        ),
+        (
+            "seed-duplicate-not-durable",
+            include_bytes!("../../../../fuzz/corpus/chat_machines/seed-duplicate-not-durable"),
+        ),
+    ];
+    for (name, data) in seeds {
+        let (shards, flags, actions) = super::script::decode(data);
+        if let Err(v) = World::new(shards, flags).run(&actions) {
+            panic!("{name}: {v}");
+        }
+    }
+}
+
 /// Replays a fuzzer input (`KEFU_SIM_INPUT=path`), printing the actions it
 /// decodes to: how a finding of `chat_machines` becomes a test here.
 #[test]
