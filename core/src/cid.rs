@@ -8,7 +8,8 @@
 //! "Guarantees").
 //!
 //! A [`Cid`] is stored inline, [`CID_BYTES_MAX`] bytes and a length, so
-//! remembering one costs no allocation and the window is a flat ring.
+//! carrying one costs no allocation; the window itself keeps only a key of
+//! each `(sender, cid)` ([`window_key`]).
 
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::OnceLock;
@@ -63,9 +64,9 @@ const _: () = assert!(CID_BYTES_MAX <= u8::MAX as usize);
 /// SipHash-1-3 hashes under keys drawn at random once per process, 128
 /// bits. Two different senders or cids get the same key with probability
 /// 2⁻¹²⁸, which no one can steer without the keys; and the key is 16
-/// bytes where the pair was 81 (an inline cid of up to 64 bytes, a length,
-/// the sender's `Arc<str>` and role), so a conversation's full window of
-/// 128 costs 4 KB instead of 13 (issue 11, memory per session).
+/// bytes where the pair took 82 (an inline cid of up to 64 bytes, a
+/// length, the sender's `Arc<str>` and role), so a conversation's full
+/// window of 128 costs 4 KB instead of 13 (issue 11, memory per session).
 pub(crate) fn window_key(role: Role, sender: &str, cid: &Cid) -> u128 {
     static KEYS: OnceLock<[RandomState; 2]> = OnceLock::new();
     let keys = KEYS.get_or_init(|| [RandomState::new(), RandomState::new()]);

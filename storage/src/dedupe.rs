@@ -16,7 +16,7 @@
 //! conversation, and that page traffic is what the disk limits.
 //!
 //! Lookups rarely scan a whole conversation. The writer keeps, per
-//! conversation it has seen, a map from slot to offset (loaded by one range
+//! conversation it has seen, its slots and their offsets (loaded by one range
 //! scan of the conversation's index on first touch), so its check is in
 //! memory. Readers share a [`SlotCache`] that they extend with only the
 //! index entries appended since their last look, so `Reader::dedupe` costs
@@ -238,13 +238,14 @@ pub(crate) struct SlotMaps {
 /// `window` entries, scanned whole on a lookup.
 ///
 /// A ring, not a map: a map from slot to offset beside a queue of the
-/// same pairs (what this was) cost about 50 bytes a slot, a hash table
-/// at most 7/8 full rounded up to a power of two plus the queue, so a
-/// conversation with a full window of 128 held ~6.4 KB, more than the
-/// whole budget of a chat session (issue 11: ≤ 4 KB). The ring holds 16
-/// bytes a slot; a lookup scans the window's slots (1 KB at 128,
-/// contiguous), and `Reader::dedupe` and the writer's throughput measured
-/// the same as with the map, within the host's noise (BENCHMARKS.md).
+/// same pairs (what this was) cost 67.5 bytes a slot as measured (a hash
+/// table at most 7/8 full, rounded up to a power of two, plus the queue,
+/// plus the conversation's entry), so a full window of 128 held ~8.6 KB,
+/// more than the whole budget of a chat session (issue 11: ≤ 4 KB). The
+/// ring holds 16 bytes a slot (17.3 measured with the conversation's
+/// entry); a lookup scans the window's slots (1 KB at 128, contiguous),
+/// and `Reader::dedupe` and the writer's throughput measured the same as
+/// with the map, within the host's noise (BENCHMARKS.md).
 #[derive(Default)]
 pub(crate) struct ConvSlots {
     /// The first seq not yet read (the last seq + 1).
