@@ -296,16 +296,16 @@ impl Conversation {
         self.since_ms = now_ms;
     }
 
-    /// Puts `(sender, cid) -> (seq, ts)` in the cid window. Called at send,
+    /// Puts the key of a `(sender, cid)` ([`window_key`]) -> `(seq, ts)` in the cid window. Called at send,
     /// before the append is durable: a resend meanwhile is
     /// [`SendOutcome::InFlight`] until [`Conversation::committed`] says so.
-    fn remember(&mut self, role: Role, sender: &str, cid: &Cid, seq: u64, ts: u64) {
+    fn remember(&mut self, key: u128, seq: u64, ts: u64) {
         if self.recent.len() >= self.recent_cap
             && let Some(gone) = self.recent.pop_front()
         {
             self.cids_from = self.cids_from.max(gone.seq + 1);
         }
-        self.recent.push_back(RecentSend { key: window_key(role, sender, cid), seq, ts });
+        self.recent.push_back(RecentSend { key, seq, ts });
     }
 
     /// The seq from which on the cid window holds every stored message's
@@ -393,15 +393,18 @@ impl Conversation {
     /// A message from `actor` at `now_ms`. `cid` is `None` only for bot
     /// messages that carry no idempotency key (auto-replies).
     pub fn send(&mut self, actor: &Actor, cid: Option<Cid>, now_ms: u64) -> Result<SendOutcome, ConvError> {
-        if let Some(known) = self.recall(actor, cid.as_ref())? {
+        self.check_access(actor, Access::Write)?;
+        // Hashed once, for the lookup and for the window.
+        let key = cid.map(|cid| window_key(actor.role, &actor.id, &cid));
+        if let Some(known) = key.and_then(|key| self.recalled(key)) {
             return Ok(known);
         }
         let seq = self.next_seq;
         let ts = now_ms.max(self.last_ts);
         self.next_seq += 1;
         self.last_ts = ts;
-        if let Some(cid) = cid {
-            self.remember(actor.role, &actor.id, &cid, seq, ts);
+        if let Some(key) = key {
+            self.remember(key, seq, ts);
         }
         Ok(SendOutcome::Append { seq, ts })
     }
@@ -412,13 +415,16 @@ impl Conversation {
     /// waiting for a hook's verdict is checked with first.
     pub fn recall(&self, actor: &Actor, cid: Option<&Cid>) -> Result<Option<SendOutcome>, ConvError> {
         self.check_access(actor, Access::Write)?;
-        let Some(cid) = cid else { return Ok(None) };
-        let key = window_key(actor.role, &actor.id, cid);
-        let prev = self.recent.iter().rev().find(|r| r.key == key);
-        Ok(prev.map(|prev| match prev.seq <= self.durable_seq {
+        Ok(cid.and_then(|cid| self.recalled(window_key(actor.role, &actor.id, cid))))
+    }
+
+    /// What a resend with window key `key` is answered, if the window has it.
+    fn recalled(&self, key: u128) -> Option<SendOutcome> {
+        let prev = self.recent.iter().rev().find(|r| r.key == key)?;
+        Some(match prev.seq <= self.durable_seq {
             true => SendOutcome::Duplicate { seq: prev.seq, ts: prev.ts },
             false => SendOutcome::InFlight { seq: prev.seq, ts: prev.ts },
-        }))
+        })
     }
 
     /// Storage reports every seq up to `seq` durable (group commits complete
@@ -640,7 +646,7 @@ mod tests {
             since_ms: 8000,
         };
         let mut c = Conversation::restore(r, &LimitsConfig::default());
-        c.remember(Role::Visitor, "v1", &Cid::new("m41").unwrap(), 41, 9000);
+        c.remember(window_key(Role::Visitor, "v1", &Cid::new("m41").unwrap()), 41, 9000);
         // Seeded with the newest only: m1..m40 may still be resent.
         assert!(!c.remembers_every_cid());
         assert_eq!(c.cids_remembered_from(), 42);

@@ -860,8 +860,7 @@ async fn client_main(plan: Arc<Plan>, shared: Arc<Shared>) -> anyhow::Result<Cli
     // stored; and an ack that comes after the reads (the wait timed out)
     // is not checked against them: it is counted unacked instead.
     let drained_by = mono_ns() + client.plan.drain_ns;
-    wait_until(|| client.visitors.iter().all(|v| v.borrow().unacked.is_empty()) || mono_ns() >= drained_by)
-        .await;
+    wait_until(|| client.shared.in_flight.load(Ordering::Acquire) == 0 || mono_ns() >= drained_by).await;
     let mut acked = BTreeMap::new();
     for visitor in &client.visitors {
         let visitor = visitor.borrow();

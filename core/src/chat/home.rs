@@ -377,7 +377,10 @@ impl Home {
         // durable dedupe index has the original. Only the seqs below the
         // window are asked about (none while the window has never lost a
         // cid), which the store's cache mostly answers without a read.
-        let below = self.convs.get(&conv).map_or(u64::MAX, |c| c.cids_remembered_from());
+        let (below, durable) = self
+            .convs
+            .get(&conv)
+            .map_or((u64::MAX, u64::MAX), |c| (c.cids_remembered_from(), c.durable_seq()));
         if below > 1 {
             match store.earlier(actor.role, &actor.id, conv, cid.as_str(), below) {
                 // Storage holds the original, but its commit has not reached
@@ -386,7 +389,7 @@ impl Home {
                 // as a resend the window remembers is, so that no ack runs
                 // ahead of what `history` pages (found by the
                 // `chat_machines` fuzz target).
-                Ok(Some(hit)) if self.convs.get(&conv).is_some_and(|c| hit.seq > c.durable_seq()) => {
+                Ok(Some(hit)) if hit.seq > durable => {
                     self.dup_waiters.entry((conv, hit.seq)).or_default().push(reply);
                     return;
                 }
