@@ -21,8 +21,9 @@
 #            [--perf-sched S] [--client-cpu N] [--server-cpu N]
 #
 # Results: $OUT/client.json (kefu-bench's JSON line), client.log (its table),
-# gateway.log, metrics.txt (/metrics at the end), timehist.txt and
-# sched-summary.txt with --perf-sched.
+# gateway.log, data-bytes (the data directory's size at the end),
+# metrics.txt (/metrics at the end), timehist.txt and sched-summary.txt
+# with --perf-sched.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -93,6 +94,8 @@ fi
 wait "$client"
 curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" >"$OUT/metrics.txt" || true
 cleanup
+# The store's size, for the bytes on disk per message of the run.
+du -sb "$OUT/data" | cut -f1 >"$OUT/data-bytes" || true
 rm -rf "$OUT/data"
 
 if [ "$PERF_SCHED" != 0 ]; then

@@ -722,7 +722,7 @@ fn analyze(dir: &Path, expected: Option<u64>) {
     );
     println!(
         "  a message's log value: {:.1} bytes = text {:.1} + cid {:.1} + sender id {:.1} + name {:.1} + the rest {:.1} \
-         (format byte, archive fields, string headers, enum tag)",
+         (format byte, fixed fields, lengths or string headers, tags)",
         per(value),
         per(text),
         per(cid),

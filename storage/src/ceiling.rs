@@ -13,9 +13,9 @@ use std::path::Path;
 
 use redb::{Database, Durability};
 
+use crate::compact::MessageView;
 use crate::dedupe::DedupeKey;
 use crate::error::{IoContext, StorageError};
-use crate::record::encode_into;
 use crate::tables;
 use kefu_proto::client::Msg;
 
@@ -62,7 +62,7 @@ impl Raw {
                 *seq += 1;
                 let (seq, conv, offset) = (*seq, m.conv.0, self.next_offset);
                 let slot = self.key.slot(m.from.role, &m.from.id, &m.cid);
-                crate::record::with_record(m, seq, |record| encode_into(record, &mut self.buf))?;
+                MessageView::of_msg(m, seq).encode_into(&mut self.buf);
                 log.insert(offset, self.buf.as_slice()).ctx("insert")?;
                 index.insert((conv, seq), (offset, slot)).ctx("insert")?;
                 self.next_offset += 1;

@@ -40,7 +40,7 @@ use redb::ReadableTable;
 use kefu_proto::ids::Role;
 
 use crate::error::{IoContext, StorageError};
-use crate::record::{ArchivedLogRecord, access};
+use crate::record::{LogView, access_log};
 
 /// The secret SipHash key of one database (random, kept in `meta`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,12 +121,11 @@ pub(crate) fn check(
         key: format!("conversation {conv}"),
         message: format!("points at offset {offset}, which is not in the log"),
     })?;
-    let archived: &ArchivedLogRecord = access(guard.value(), "log", &offset)?;
-    match archived {
-        ArchivedLogRecord::Message(m) if m.conv.to_native() == conv => {
-            Ok((m.from.role.get() == role && m.from.id.as_str() == sender && m.cid.as_str() == cid)
-                .then(|| Original { offset, seq: m.seq.to_native(), ts_ms: m.ts_ms.to_native() }))
-        }
+    match access_log(guard.value(), &offset)? {
+        LogView::Message(m) if m.conv == conv => Ok((m.role == role
+            && m.sender_id == sender
+            && m.cid == cid)
+            .then_some(Original { offset, seq: m.seq, ts_ms: m.ts_ms })),
         _ => Err(StorageError::Corrupt {
             table: "conv_index",
             key: format!("conversation {conv}"),

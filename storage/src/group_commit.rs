@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use redb::{Durability, ReadableTable, Table, WriteTransaction};
 
 use crate::backend::SyncCounter;
+use crate::compact::MessageView;
 use crate::dedupe::{self, DedupeKey, SlotMaps};
 use crate::error::{IoContext, StorageError};
 use crate::record::{ArchivedConversationRecord, ConvChange, LogRecord, access, encode_into};
@@ -672,12 +673,7 @@ impl GroupCommit {
         if seq != last + 1 {
             return Ok(Err(StorageError::SeqConflict { conv, expected: last + 1, got: seq }));
         }
-        // Encode first (moving the message into a record and back), so that
-        // nothing is written for a write that cannot be encoded.
-        let encoded = crate::record::with_record(m, seq, |record| encode_into(record, &mut self.buf));
-        if let Err(e) = encoded {
-            return Ok(Err(e));
-        }
+        MessageView::of_msg(m, seq).encode_into(&mut self.buf);
         let offset = self.next_offset;
         t.log.insert(offset, self.buf.as_slice()).ctx("insert log")?;
         t.conv_index.insert((conv, seq), (offset, slot)).ctx("insert conv_index")?;

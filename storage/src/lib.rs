@@ -78,6 +78,7 @@
 mod backend;
 #[doc(hidden)]
 pub mod ceiling;
+mod compact;
 mod config;
 mod dedupe;
 mod error;
@@ -99,6 +100,7 @@ mod store_tests;
 #[cfg(test)]
 mod testkit;
 
+pub use compact::{AttachmentView, MessageView};
 pub use config::StoreConfig;
 pub use error::{StorageError, SubmitError};
 pub use reader::{ConversationFilter, ConversationPage, DedupeHit, LogEvent, Logged, Reader};
@@ -106,7 +108,7 @@ pub use record::{
     AgentRef, ArchivedAgentRef, ArchivedAttachment, ArchivedConvStatus, ArchivedConversationRecord,
     ArchivedLogRecord, ArchivedMessageRecord, ArchivedReadMark, ArchivedRole, ArchivedSender,
     ArchivedUserControlRecord, ArchivedUserRecord, Attachment, BlockRecord, ConvChange, ConvStatusDef,
-    ConversationRecord, LogRecord, MessageRecord, PresenceRecord, ReadMark, RoleDef, Sender,
+    ConversationRecord, LogRecord, LogView, MessageRecord, PresenceRecord, ReadMark, RoleDef, Sender,
     UserControlRecord, UserRecord, decode_log_record, encode_log_record,
 };
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};

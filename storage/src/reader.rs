@@ -2,15 +2,17 @@
 //!
 //! Each call opens a redb read transaction (MVCC): it sees the last commit
 //! that had finished when it began, and never anything half-committed.
-//! Every value is validated (rkyv bytecheck) as it is read, and the index
+//! Every value is validated as it is read (rkyv bytecheck for archives, the
+//! compact message format's own checks for messages), and the index
 //! and the log are checked against each other (the record an index entry
 //! points at must be that conversation's message with that seq), so a
 //! damaged file surfaces as [`StorageError::Corrupt`] at the record that
 //! is damaged.
 //!
-//! The `visit_*` methods hand out archived records in place (zero-copy,
-//! straight from redb's page); the others return owned copies built from
-//! them.
+//! The `visit_*` methods hand out records in place (zero-copy, straight
+//! from redb's page: a [`MessageView`] whichever format a message was
+//! stored in, an archive for any other record); the others return owned
+//! copies built from them.
 
 use std::ops::{Bound, ControlFlow, RangeBounds};
 use std::sync::{Arc, Mutex};
@@ -18,12 +20,13 @@ use std::sync::{Arc, Mutex};
 use kefu_proto::ids::{ConvStatus, Role};
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
+use crate::compact::MessageView;
 use crate::dedupe::SlotCache;
 use crate::error::{IoContext, StorageError};
 use crate::record::{
-    ArchivedConversationRecord, ArchivedLogRecord, ArchivedMessageRecord, ArchivedUserControlRecord,
-    ArchivedUserRecord, ConvChange, ConversationRecord, LogRecord, MessageRecord, UserControlRecord,
-    UserRecord, access, to_owned,
+    ArchivedConversationRecord, ArchivedLogRecord, ArchivedUserControlRecord, ArchivedUserRecord, ConvChange,
+    ConversationRecord, LogRecord, LogView, MessageRecord, UserControlRecord, UserRecord, access, access_log,
+    to_owned,
 };
 use crate::tables;
 
@@ -137,7 +140,7 @@ impl Reader {
 
     /// Visits up to `limit` messages of `conv` with seq in `seqs`, in
     /// ascending seq order (descending if `newest_first`), zero-copy.
-    /// `f` gets each message's offset and archived record and may stop
+    /// `f` gets each message's offset and view and may stop
     /// the visit early.
     pub fn visit_messages(
         &self,
@@ -145,7 +148,7 @@ impl Reader {
         seqs: impl RangeBounds<u64>,
         newest_first: bool,
         limit: usize,
-        mut f: impl FnMut(u64, &ArchivedMessageRecord) -> ControlFlow<()>,
+        mut f: impl FnMut(u64, &MessageView<'_>) -> ControlFlow<()>,
     ) -> Result<(), StorageError> {
         let Some((lo, hi)) = index_range(conv, seqs) else { return Ok(()) };
         if limit == 0 {
@@ -164,11 +167,8 @@ impl Reader {
                 key: format!("({conv}, {seq})"),
                 message: format!("points at offset {offset}, which is not in the log"),
             })?;
-            let archived: &ArchivedLogRecord = access(guard.value(), "log", &offset)?;
-            match archived {
-                ArchivedLogRecord::Message(m) if m.conv.to_native() == conv && m.seq.to_native() == seq => {
-                    Ok(f(offset, m))
-                }
+            match access_log(guard.value(), &offset)? {
+                LogView::Message(m) if m.conv == conv && m.seq == seq => Ok(f(offset, &m)),
                 _ => Err(StorageError::Corrupt {
                     table: "log",
                     key: offset.to_string(),
@@ -202,7 +202,12 @@ impl Reader {
         newest_first: bool,
         limit: usize,
     ) -> Result<Vec<Logged<MessageRecord>>, StorageError> {
-        collect(limit.min(256), |keep| self.visit_messages(conv, seqs, newest_first, limit, keep))
+        let mut out = Vec::with_capacity(limit.min(256));
+        self.visit_messages(conv, seqs, newest_first, limit, |offset, m| {
+            out.push(Logged { offset, record: m.to_record() });
+            ControlFlow::Continue(())
+        })?;
+        Ok(out)
     }
 
     /// A page of history: up to `limit` messages of `conv` with
@@ -433,7 +438,7 @@ impl Reader {
         &self,
         from_offset: u64,
         limit: usize,
-        mut f: impl FnMut(u64, &ArchivedLogRecord) -> ControlFlow<()>,
+        mut f: impl FnMut(u64, &LogView<'_>) -> ControlFlow<()>,
     ) -> Result<(), StorageError> {
         if limit == 0 {
             return Ok(());
@@ -443,8 +448,7 @@ impl Reader {
         for (n, entry) in log.range(from_offset..).ctx("read log")?.enumerate() {
             let (key, value) = entry.ctx("read log")?;
             let offset = key.value();
-            let archived: &ArchivedLogRecord = access(value.value(), "log", &offset)?;
-            if f(offset, archived).is_break() || n + 1 >= limit {
+            if f(offset, &access_log(value.value(), &offset)?).is_break() || n + 1 >= limit {
                 break;
             }
         }
@@ -454,7 +458,22 @@ impl Reader {
     /// Up to `limit` log records from `from_offset` on, in offset order:
     /// the event stream a business system consumes.
     pub fn scan(&self, from_offset: u64, limit: usize) -> Result<Vec<Logged<LogRecord>>, StorageError> {
-        collect(limit.min(1024), |keep| self.visit_log(from_offset, limit, keep))
+        let mut out = Vec::with_capacity(limit.min(1024));
+        let mut failed = None;
+        self.visit_log(from_offset, limit, |offset, view| match view.to_owned() {
+            Ok(record) => {
+                out.push(Logged { offset, record });
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     /// Up to `limit` log records with offsets in `from_offset..end`, in
@@ -473,9 +492,9 @@ impl Reader {
         for entry in log.range(from_offset..end).ctx("read log")? {
             let (key, value) = entry.ctx("read log")?;
             let offset = key.value();
-            let archived: &ArchivedLogRecord = access(value.value(), "log", &offset)?;
-            let change = match archived {
-                ArchivedLogRecord::Conversation(_) => {
+            let view = access_log(value.value(), &offset)?;
+            let change = match view {
+                LogView::Other(ArchivedLogRecord::Conversation(_)) => {
                     let byte = changes.get(offset).ctx("read conv_changes")?.map(|g| g.value());
                     let change = byte.and_then(ConvChange::from_byte);
                     Some(change.ok_or_else(|| StorageError::Corrupt {
@@ -486,7 +505,7 @@ impl Reader {
                 }
                 _ => None,
             };
-            out.push(LogEvent { offset, record: to_owned(archived)?, change });
+            out.push(LogEvent { offset, record: view.to_owned()?, change });
             if out.len() >= limit {
                 break;
             }
@@ -514,33 +533,6 @@ impl Reader {
         let txn = self.txn()?;
         let meta = txn.open_table(tables::META).ctx("open table meta")?;
         Ok(meta.get(tables::META_NEXT_CONV_ID).ctx("read meta")?.map_or(1, |g| g.value()))
-    }
-}
-
-/// Visits with a callback that keeps an owned copy of each archived record,
-/// stopping at the first that will not deserialize (its error is returned).
-fn collect<A, T>(
-    capacity: usize,
-    visit: impl FnOnce(&mut dyn FnMut(u64, &A) -> ControlFlow<()>) -> Result<(), StorageError>,
-) -> Result<Vec<Logged<T>>, StorageError>
-where
-    A: rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
-{
-    let mut out = Vec::with_capacity(capacity);
-    let mut failed = None;
-    visit(&mut |offset, archived| match to_owned(archived) {
-        Ok(record) => {
-            out.push(Logged { offset, record });
-            ControlFlow::Continue(())
-        }
-        Err(e) => {
-            failed = Some(e);
-            ControlFlow::Break(())
-        }
-    })?;
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(out),
     }
 }
 

@@ -19,10 +19,13 @@ use rkyv::rancor;
 use rkyv::with::Skip;
 use rkyv::{Archive, Deserialize, Serialize};
 
+use crate::compact::{AttachmentView, FORMAT_COMPACT_MESSAGE, MessageView};
 use crate::error::StorageError;
 
 /// The first byte of every stored value. Bump it (and keep a reader for the
-/// old one) when an archived layout changes.
+/// old one) when an archived layout changes. Messages are written in the
+/// compact format (`compact.rs`, byte 2) since schema version 6; format 1
+/// messages of older stores read as before.
 pub(crate) const FORMAT_V1: u8 = 1;
 
 /// Who wrote a message.
@@ -67,6 +70,7 @@ pub struct MessageRecord {
 
 impl MessageRecord {
     /// The record of `msg` stored at `seq`; the strings move.
+    #[cfg(test)]
     pub(crate) fn from_msg(msg: Msg, seq: u64) -> MessageRecord {
         MessageRecord {
             conv: msg.conv.0,
@@ -92,28 +96,6 @@ impl MessageRecord {
             ts: self.ts_ms,
         }
     }
-}
-
-/// Moves `msg` into its record at `seq`, runs `f` on it, and moves it back
-/// with its submitted seq: encoding needs the record, and the message must
-/// return whole in the completion.
-pub(crate) fn with_record<T>(msg: &mut Msg, seq: u64, f: impl FnOnce(&LogRecord) -> T) -> T {
-    let submitted = msg.seq;
-    let placeholder = Msg {
-        conv: msg.conv,
-        seq: msg.seq,
-        cid: String::new(),
-        from: client::Sender { role: msg.from.role, id: String::new(), name: String::new() },
-        text: None,
-        attachment: None,
-        ts: msg.ts,
-    };
-    let record = LogRecord::Message(MessageRecord::from_msg(std::mem::replace(msg, placeholder), seq));
-    let out = f(&record);
-    let LogRecord::Message(back) = record else { unreachable!("built as a message just above") };
-    *msg = back.into_msg();
-    msg.seq = submitted;
-    out
 }
 
 /// The agent a conversation is assigned to.
@@ -452,18 +434,88 @@ where
     }
 }
 
-/// A log value as redb holds it (format byte, then the archive), read as
-/// every reader reads it: validated first, then turned into an owned
-/// record. Corrupt bytes are an error, never a panic. Public for the
-/// fuzzer (`fuzz/`, target `log_record`).
-pub fn decode_log_record(bytes: &[u8]) -> Result<LogRecord, StorageError> {
-    to_owned(access::<ArchivedLogRecord>(bytes, "log", &"(given bytes)")?)
+/// A log record read in place: a message in either of its formats, or any
+/// other record's archive.
+#[derive(Clone, Copy)]
+pub enum LogView<'a> {
+    /// A chat message (format 1 or 2).
+    Message(MessageView<'a>),
+    /// Any other record. Never [`ArchivedLogRecord::Message`]: a message
+    /// is always handed out as [`LogView::Message`].
+    Other(&'a ArchivedLogRecord),
 }
 
-/// A log record as the writer stores it (format byte, then the archive).
+impl LogView<'_> {
+    /// An owned copy.
+    pub fn to_owned(&self) -> Result<LogRecord, StorageError> {
+        match self {
+            LogView::Message(m) => Ok(LogRecord::Message(m.to_record())),
+            LogView::Other(archived) => to_owned(*archived),
+        }
+    }
+}
+
+/// A validated, zero-copy view of the log value at `offset`, whichever
+/// format it was stored in.
+pub(crate) fn access_log<'b>(
+    bytes: &'b [u8],
+    offset: &dyn std::fmt::Display,
+) -> Result<LogView<'b>, StorageError> {
+    match bytes.split_first() {
+        Some((&FORMAT_COMPACT_MESSAGE, rest)) => MessageView::decode(rest)
+            .map(LogView::Message)
+            .map_err(|message| StorageError::Corrupt { table: "log", key: offset.to_string(), message }),
+        _ => match access::<ArchivedLogRecord>(bytes, "log", offset)? {
+            ArchivedLogRecord::Message(m) => Ok(LogView::Message(MessageView::of_archived(m))),
+            other => Ok(LogView::Other(other)),
+        },
+    }
+}
+
+impl<'a> MessageView<'a> {
+    /// The view of a message stored as an rkyv archive (format 1).
+    fn of_archived(m: &'a ArchivedMessageRecord) -> Self {
+        MessageView {
+            conv: m.conv.to_native(),
+            seq: m.seq.to_native(),
+            ts_ms: m.ts_ms.to_native(),
+            cid: m.cid.as_str(),
+            role: m.from.role.get(),
+            sender_id: m.from.id.as_str(),
+            sender_name: m.from.name.as_str(),
+            text: m.text.as_ref().map(|t| t.as_str()),
+            attachment: m
+                .attachment
+                .as_ref()
+                .map(|a| AttachmentView { mime: a.mime.as_str(), bytes: a.bytes.as_slice() }),
+        }
+    }
+}
+
+/// Encodes a log record as the writer stores it into `out` (cleared
+/// first): a message in the compact format, anything else as its archive.
+pub(crate) fn encode_log_into(record: &LogRecord, out: &mut Vec<u8>) -> Result<(), StorageError> {
+    match record {
+        LogRecord::Message(m) => {
+            MessageView::of_record(m).encode_into(out);
+            Ok(())
+        }
+        other => encode_into(other, out),
+    }
+}
+
+/// A log value as redb holds it, read as every reader reads it: validated
+/// first, then turned into an owned record. Corrupt bytes are an error,
+/// never a panic. Public for the fuzzer (`fuzz/`, target `log_record`).
+pub fn decode_log_record(bytes: &[u8]) -> Result<LogRecord, StorageError> {
+    access_log(bytes, &"(given bytes)")?.to_owned()
+}
+
+/// A log record as the writer stores it (format byte, then the message or
+/// the archive).
 pub fn encode_log_record(record: &LogRecord) -> Result<Vec<u8>, StorageError> {
     let mut out = Vec::new();
-    encode_into(record, &mut out)?;
+    encode_log_into(record, &mut out)?;
     Ok(out)
 }
 
@@ -482,18 +534,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn message() -> MessageRecord {
-        MessageRecord {
-            conv: 7,
-            seq: 3,
-            cid: "cid-1".into(),
-            from: Sender { role: Role::Agent, id: "a1".into(), name: "Alice".into() },
-            ts_ms: 1_700_000_000_000,
-            text: Some("你好, how can I help?".into()),
-            attachment: Some(Attachment { mime: "image/png".into(), bytes: vec![0x89, b'P', b'N', b'G'] }),
-        }
-    }
+    use crate::testkit::message_record as message;
 
     /// Stored log records are read where the archive's root sits, which
     /// depends on the archived enum's size: a new variant must not change
@@ -590,14 +631,7 @@ mod tests {
         for len in 1..bytes.len() {
             let _ = access::<ArchivedLogRecord>(&bytes[..len], "log", &1).map(to_owned::<_, LogRecord>);
         }
-        let mut rng_state = 0x2545_f491_4f6c_dd1d_u64;
-        for _ in 0..2000 {
-            rng_state ^= rng_state << 13;
-            rng_state ^= rng_state >> 7;
-            rng_state ^= rng_state << 17;
-            let mut b = bytes.clone();
-            let i = 1 + (rng_state as usize) % (b.len() - 1);
-            b[i] ^= 1 << (rng_state >> 59 & 7);
+        for b in crate::testkit::bit_flips(&bytes, 2000) {
             let _ = access::<ArchivedLogRecord>(&b, "log", &1).map(to_owned::<_, LogRecord>);
         }
         // A flipped enum tag is caught.

@@ -215,7 +215,7 @@ fn history_and_resume_pages() {
     // Zero-copy visit, newest first, stopped early.
     let mut seen = Vec::new();
     r.visit_messages(1, 2..=9, true, 100, |_, m| {
-        seen.push(m.seq.to_native());
+        seen.push(m.seq);
         if seen.len() == 3 { std::ops::ControlFlow::Break(()) } else { std::ops::ControlFlow::Continue(()) }
     })
     .unwrap();
@@ -820,10 +820,11 @@ fn downgrade_to_v2(dir: &std::path::Path) {
             index.iter().unwrap().map(|e| e.unwrap()).map(|(k, v)| (k.value(), v.value().0)).collect();
         for (at, offset) in entries {
             let guard = log.get(offset).unwrap().unwrap();
-            let record: &crate::ArchivedLogRecord =
-                crate::record::access(guard.value(), "log", &offset).unwrap();
-            let crate::ArchivedLogRecord::Message(m) = record else { panic!("not a message at {offset}") };
-            index.insert(at, (offset, key.slot_v2(m.from.id.as_str(), m.cid.as_str()))).unwrap();
+            let crate::LogView::Message(m) = crate::record::access_log(guard.value(), &offset).unwrap()
+            else {
+                panic!("not a message at {offset}")
+            };
+            index.insert(at, (offset, key.slot_v2(m.sender_id, m.cid))).unwrap();
         }
         let users = txn.open_table(tables::USERS).unwrap();
         users
@@ -1189,4 +1190,73 @@ fn the_data_directory_and_database_are_kefus_alone() {
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (_store, _) = open(config(&dir));
     assert_eq!(mode(&db), 0o600);
+}
+
+/// Messages are written in the compact format since version 6; a store
+/// whose messages are rkyv archives (format 1, every store before it)
+/// reads, dedupes and streams them as before, and appends new ones in the
+/// compact format beside them.
+#[test]
+fn a_version_5_store_with_format_1_messages_reads_as_before() {
+    use redb::{ReadableDatabase as _, ReadableTable as _};
+    let dir = tempfile::tempdir().unwrap();
+    let mut with_file = message(5, "v1", "c-file", "see attached");
+    with_file.attachment =
+        Some(kefu_proto::client::Attachment { mime: "image/png".into(), data: vec![7; 40] });
+    let sent = [
+        message(5, "v1", "c1", "hello"),
+        message(5, "a1", "c2", "你好, how can I help?"),
+        with_file,
+        message(6, "v2", "c1", "another conversation"),
+    ];
+    let (before_history, before_scan) = {
+        let (store, _) = open(config(dir.path()));
+        for (i, m) in sent.iter().enumerate() {
+            write(&store, i as u64, WriteOp::AppendMessage(m.clone())).result.unwrap();
+        }
+        let r = store.reader();
+        (r.history(5, None, 10).unwrap(), r.scan(0, 10).unwrap())
+    };
+    // Back to version 5: every message rewritten as the format 1 archive
+    // of the same record.
+    {
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut log = txn.open_table(tables::LOG).unwrap();
+            for logged in &before_scan {
+                let old = log.get(logged.offset).unwrap().unwrap().value().to_vec();
+                assert_eq!(old[0], 2, "written in the compact format");
+                let v1 = crate::record::encode(&logged.record).unwrap();
+                assert_eq!(v1[0], 1);
+                assert!(v1.len() > old.len() + 50, "format 1 is {} bytes, compact {}", v1.len(), old.len());
+                log.insert(logged.offset, v1.as_slice()).unwrap();
+            }
+            txn.open_table(tables::META).unwrap().insert(tables::META_SCHEMA, 5).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(config(dir.path()));
+    let r = store.reader();
+    assert_eq!(r.history(5, None, 10).unwrap(), before_history);
+    assert_eq!(r.scan(0, 10).unwrap(), before_scan);
+    assert_eq!(r.message(5, 3).unwrap().unwrap().record.attachment.unwrap().bytes, vec![7; 40]);
+    let hit = r.dedupe(Role::Visitor, "a1", 5, "c2").unwrap().expect("the format 1 original is found");
+    assert_eq!((hit.seq, hit.offset), (2, 1));
+    // A resend is answered from the format 1 original; a new message is
+    // appended in the compact format.
+    let again = write(&store, 10, WriteOp::AppendMessage(sent[0].clone())).result.unwrap();
+    assert_eq!((again.seq, again.duplicate), (1, true));
+    let new = write(&store, 11, WriteOp::AppendMessage(message(5, "v1", "c3", "thanks"))).result.unwrap();
+    assert_eq!((new.seq, new.duplicate), (4, false));
+    let page = r.history(5, None, 10).unwrap();
+    assert_eq!(page.len(), 4);
+    assert_eq!(page[..3], before_history[..]);
+    assert_eq!(page[3].record.text.as_deref(), Some("thanks"));
+    drop((r, store));
+    let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+    assert_eq!(schema_version(&db), tables::SCHEMA_VERSION);
+    let txn = db.begin_read().unwrap();
+    let log = txn.open_table(tables::LOG).unwrap();
+    assert_eq!(log.get(new.offset).unwrap().unwrap().value()[0], 2);
 }

@@ -2,7 +2,7 @@
 //!
 //! | table | key | value |
 //! | --- | --- | --- |
-//! | `log` | global offset, from 0, no gaps | [`LogRecord`](crate::LogRecord) archive |
+//! | `log` | global offset, from 0, no gaps | a message in the compact format (`compact.rs`), any other [`LogRecord`](crate::LogRecord) as its archive |
 //! | `conv_index` | (conversation, seq) | (offset in `log`, dedupe slot of the message's sender role, sender id and cid) |
 //! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) archive |
 //! | `users` | (role, user id) | [`UserRecord`](crate::UserRecord) archive |
@@ -61,5 +61,7 @@ pub(crate) const META_OPEN: &str = "open";
 
 /// 2 added `user_conversations`; 3 put the sender's role into the dedupe
 /// slots and keyed `users` by (role, id); 4 added `conv_changes`; 5 added
-/// `user_controls`. An older store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 5;
+/// `user_controls`; 6 writes messages in the compact format (format byte
+/// 2), which a build reading 5 could not read. An older store is upgraded
+/// at open (`upgrade.rs`).
+pub(crate) const SCHEMA_VERSION: u64 = 6;

@@ -72,3 +72,32 @@ pub(crate) fn write(store: &Store, token: u64, op: WriteOp) -> Completion {
     assert_eq!(c.token, token);
     c
 }
+
+/// A message record with every field set: an agent's text with an
+/// attachment.
+pub(crate) fn message_record() -> crate::MessageRecord {
+    crate::MessageRecord {
+        conv: 7,
+        seq: 3,
+        cid: "cid-1".into(),
+        from: crate::Sender { role: Role::Agent, id: "a1".into(), name: "Alice".into() },
+        ts_ms: 1_700_000_000_000,
+        text: Some("你好, how can I help?".into()),
+        attachment: Some(crate::Attachment { mime: "image/png".into(), bytes: vec![0x89, b'P', b'N', b'G'] }),
+    }
+}
+
+/// `n` copies of `bytes`, each with one bit flipped past the format byte,
+/// at places drawn from a fixed xorshift sequence (the same every run).
+pub(crate) fn bit_flips(bytes: &[u8], n: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let mut rng_state = 0x2545_f491_4f6c_dd1d_u64;
+    (0..n).map(move |_| {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        let mut b = bytes.to_vec();
+        let i = 1 + (rng_state as usize) % (b.len() - 1);
+        b[i] ^= 1 << (rng_state >> 59 & 7);
+        b
+    })
+}

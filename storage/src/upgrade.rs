@@ -22,6 +22,11 @@
 //! - 4 → 5: `user_controls` (synced keys, blocks) did not exist; it starts
 //!   empty (nothing was synced apart from the profile, nobody blocked), so
 //!   opening the table is the whole step.
+//! - 5 → 6: messages are written in the compact format (format byte 2,
+//!   `compact.rs`). The messages already stored stay in format 1, which
+//!   every reader still reads, so nothing is rewritten: the step is the
+//!   version, which keeps a build that cannot read format 2 from opening
+//!   the store.
 
 use std::collections::HashMap;
 
@@ -30,7 +35,10 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransacti
 
 use crate::dedupe::DedupeKey;
 use crate::error::{IoContext, StorageError};
-use crate::record::{ArchivedConversationRecord, ArchivedLogRecord, ArchivedUserRecord, ConvChange, access};
+use crate::record::{
+    ArchivedConversationRecord, ArchivedLogRecord, ArchivedUserRecord, ConvChange, LogView, access,
+    access_log,
+};
 use crate::tables;
 
 /// `users` up to version 2: keyed by user id alone.
@@ -38,7 +46,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 4) to
+/// Upgrades a store at version `from` (1 to 5) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {
@@ -105,11 +113,11 @@ fn reslot_conv_index(txn: &WriteTransaction, key: &DedupeKey) -> Result<(), Stor
     for entry in log.iter().ctx("read log")? {
         let (k, v) = entry.ctx("read log")?;
         let offset = k.value();
-        let ArchivedLogRecord::Message(m) = access::<ArchivedLogRecord>(v.value(), "log", &offset)? else {
+        let LogView::Message(m) = access_log(v.value(), &offset)? else {
             continue;
         };
-        let (conv, seq) = (m.conv.to_native(), m.seq.to_native());
-        let slot = key.slot(m.from.role.get(), m.from.id.as_str(), m.cid.as_str());
+        let (conv, seq) = (m.conv, m.seq);
+        let slot = key.slot(m.role, m.sender_id, m.cid);
         let was = index.insert((conv, seq), (offset, slot)).ctx("write conv_index")?.map(|g| g.value().0);
         if was != Some(offset) {
             return Err(StorageError::Corrupt {
@@ -167,8 +175,7 @@ fn v3_to_v4(txn: &WriteTransaction) -> Result<(), StorageError> {
     for entry in log.iter().ctx("read log")? {
         let (k, v) = entry.ctx("read log")?;
         let offset = k.value();
-        let ArchivedLogRecord::Conversation(c) = access::<ArchivedLogRecord>(v.value(), "log", &offset)?
-        else {
+        let LogView::Other(ArchivedLogRecord::Conversation(c)) = access_log(v.value(), &offset)? else {
             continue;
         };
         let (status, agent) = (c.status.get(), c.agent.as_ref().map(|a| a.id.as_str()));

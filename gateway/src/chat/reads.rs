@@ -81,8 +81,8 @@ impl Stored for Reads {
         visit: &mut dyn FnMut(u64, usize, Option<usize>) -> bool,
     ) -> Result<(), ReadError> {
         let visited = self.reader.visit_messages(conv.0, seqs, true, usize::MAX, |_, m| {
-            let text = m.text.as_ref().map_or(0, |t| t.len());
-            match visit(m.seq.to_native(), text, m.attachment.as_ref().map(|a| a.bytes.len())) {
+            let text = m.text.map_or(0, str::len);
+            match visit(m.seq, text, m.attachment.map(|a| a.bytes.len())) {
                 true => std::ops::ControlFlow::Continue(()),
                 false => std::ops::ControlFlow::Break(()),
             }
