@@ -1,7 +1,7 @@
-//! The storage record reader (rkyv, validated before use): any bytes read
-//! back from a damaged database file are an error, never a panic or
-//! undefined behaviour; a record it accepts stores and reads back as
-//! itself.
+//! The storage record reader (a compact message or an rkyv archive, each
+//! validated before use): any bytes read back from a damaged database file
+//! are an error, never a panic or undefined behaviour; a record it accepts
+//! stores and reads back as itself.
 #![no_main]
 
 use kefu_storage::{decode_log_record, encode_log_record};

@@ -221,11 +221,11 @@ fn run_store(dir: &Path, cfg: StoreConfig, per_source: Vec<Vec<Msg>>, in_flight:
 }
 
 /// The ceiling: one thread, one transaction per `batch` records.
-fn run_ceiling(dir: &Path, quick_repair: bool, mut msgs: Vec<Msg>, batch: usize) -> f64 {
+fn run_ceiling(dir: &Path, quick_repair: bool, msgs: Vec<Msg>, batch: usize) -> f64 {
     let mut raw = Raw::create(dir, quick_repair, StoreConfig::default().cache_bytes).unwrap();
     let n = msgs.len();
     let t0 = Instant::now();
-    for chunk in msgs.chunks_mut(batch) {
+    for chunk in msgs.chunks(batch) {
         raw.append_batch(chunk).unwrap();
     }
     n as f64 / t0.elapsed().as_secs_f64()

@@ -49,7 +49,7 @@ impl Raw {
     }
 
     /// Appends `batch` in one durable transaction.
-    pub fn append_batch(&mut self, batch: &mut [Msg]) -> Result<(), StorageError> {
+    pub fn append_batch(&mut self, batch: &[Msg]) -> Result<(), StorageError> {
         let mut txn = self.db.begin_write().ctx("begin write")?;
         txn.set_durability(Durability::Immediate).ctx("set durability")?;
         txn.set_quick_repair(self.quick_repair);
@@ -57,7 +57,7 @@ impl Raw {
             let mut log = txn.open_table(tables::LOG).ctx("open table")?;
             let mut index = txn.open_table(tables::CONV_INDEX).ctx("open table")?;
             let mut meta = txn.open_table(tables::META).ctx("open table")?;
-            for m in batch.iter_mut() {
+            for m in batch {
                 let seq = self.seqs.entry(m.conv.0).or_default();
                 *seq += 1;
                 let (seq, conv, offset) = (*seq, m.conv.0, self.next_offset);

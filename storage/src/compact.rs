@@ -18,7 +18,8 @@
 //! 2  conv  seq  ts_ms  role  flags  cid  sender_id  sender_name  [text]  [mime  bytes]
 //! ```
 //!
-//! Numbers are unsigned LEB128 (at most 10 bytes, no bits beyond 64);
+//! Numbers are unsigned LEB128 (at most 10 bytes, no bits beyond 64, no
+//! padding: a last byte of 0 only for the number 0 itself);
 //! `role` is one byte (0 visitor, 1 agent, 2 bot); `flags` has bit 0 for a
 //! text and bit 1 for an attachment, and no other bit; every string and the
 //! attachment's bytes are a LEB128 length then the bytes, strings UTF-8.
@@ -220,6 +221,11 @@ impl<'a> Cursor<'a> {
             }
             n |= bits << (7 * i);
             if b & 0x80 == 0 {
+                // A last byte of 0 after the first only pads: refused, so
+                // that a record has one encoding and padding reads as damage.
+                if i > 0 && b == 0 {
+                    return Err(format!("its {field} is padded"));
+                }
                 return Ok(n);
             }
         }
@@ -328,6 +334,9 @@ mod tests {
         }
         // Eleven bytes, and a tenth byte with more than bit 63.
         assert!(Cursor { bytes: &[0x80; 11] }.varint("n").is_err());
+        // Padded: 7 and 0 in more bytes than they take.
+        assert!(Cursor { bytes: &[0x87, 0x80, 0x00] }.varint("n").unwrap_err().contains("padded"));
+        assert!(Cursor { bytes: &[0x80, 0x00] }.varint("n").is_err());
         let mut too_big = vec![0xff; 9];
         too_big.push(0x02);
         assert!(Cursor { bytes: &too_big }.varint("n").is_err());

@@ -1,8 +1,10 @@
-//! What is stored: the records of the log and of the state tables, as rkyv
-//! archives.
+//! What is stored: the records of the log and of the state tables.
 //!
-//! Every value kefu writes to redb is one byte of format version followed by
-//! an rkyv archive. rkyv is built with its `unaligned` feature, so archived
+//! Every value kefu writes to redb is one byte of format version followed
+//! by the record: a chat message in the compact format (byte 2,
+//! `compact.rs`), every other record as an rkyv archive (byte 1; messages
+//! stored before schema version 6 are archives too, and still read). rkyv
+//! is built with its `unaligned` feature, so archived
 //! types have alignment 1 and can be read in place from the byte slice redb
 //! hands out, whatever its address. Reads always go through
 //! [`rkyv::access`], which validates the archive (bytecheck) first: a
@@ -443,6 +445,19 @@ pub enum LogView<'a> {
     /// Any other record. Never [`ArchivedLogRecord::Message`]: a message
     /// is always handed out as [`LogView::Message`].
     Other(&'a ArchivedLogRecord),
+}
+
+impl std::fmt::Debug for LogView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogView::Message(m) => f.debug_tuple("Message").field(m).finish(),
+            // An archive has no `Debug` of its own; its owned copy does.
+            LogView::Other(_) => match self.to_owned() {
+                Ok(record) => f.debug_tuple("Other").field(&record).finish(),
+                Err(e) => f.debug_tuple("Other").field(&e).finish(),
+            },
+        }
+    }
 }
 
 impl LogView<'_> {

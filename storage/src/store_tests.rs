@@ -800,9 +800,28 @@ fn a_version_1_store_gets_its_visitor_index_at_open() {
     assert_eq!(r.conversations_of("v2", 5).unwrap().iter().map(|c| c.id).collect::<Vec<_>>(), [2]);
 }
 
+/// Rewrites every message of `log` as a format 1 archive of the same
+/// record, as every store before version 6 holds them. Returns how many.
+fn messages_to_format_1(log: &mut redb::Table<u64, &[u8]>) -> usize {
+    use redb::ReadableTable as _;
+    let compact: Vec<(u64, LogRecord)> = log
+        .iter()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|(_, v)| v.value()[0] == 2)
+        .map(|(k, v)| (k.value(), crate::decode_log_record(v.value()).unwrap()))
+        .collect();
+    for (offset, record) in &compact {
+        let v1 = crate::record::encode(record).unwrap();
+        assert_eq!(v1[0], 1);
+        log.insert(offset, v1.as_slice()).unwrap();
+    }
+    compact.len()
+}
+
 /// Turns a closed store this build wrote back into what version 2 wrote:
-/// dedupe slots of the sender's id and the cid (no role), `users` keyed by
-/// id alone.
+/// messages as format 1 archives, dedupe slots of the sender's id and the
+/// cid (no role), `users` keyed by id alone.
 fn downgrade_to_v2(dir: &std::path::Path) {
     use redb::ReadableTable as _;
     let db = redb::Database::create(config(dir).db_path()).unwrap();
@@ -814,7 +833,8 @@ fn downgrade_to_v2(dir: &std::path::Path) {
             k1: meta.get(tables::META_DEDUPE_K1).unwrap().unwrap().value(),
         };
         meta.insert(tables::META_SCHEMA, 2).unwrap();
-        let log = txn.open_table(tables::LOG).unwrap();
+        let mut log = txn.open_table(tables::LOG).unwrap();
+        messages_to_format_1(&mut log);
         let mut index = txn.open_table(tables::CONV_INDEX).unwrap();
         let entries: Vec<((u64, u64), u64)> =
             index.iter().unwrap().map(|e| e.unwrap()).map(|(k, v)| (k.value(), v.value().0)).collect();
@@ -1224,14 +1244,13 @@ fn a_version_5_store_with_format_1_messages_reads_as_before() {
         let txn = db.begin_write().unwrap();
         {
             let mut log = txn.open_table(tables::LOG).unwrap();
-            for logged in &before_scan {
-                let old = log.get(logged.offset).unwrap().unwrap().value().to_vec();
-                assert_eq!(old[0], 2, "written in the compact format");
-                let v1 = crate::record::encode(&logged.record).unwrap();
-                assert_eq!(v1[0], 1);
-                assert!(v1.len() > old.len() + 50, "format 1 is {} bytes, compact {}", v1.len(), old.len());
-                log.insert(logged.offset, v1.as_slice()).unwrap();
-            }
+            let compact_bytes: usize = log.iter().unwrap().map(|e| e.unwrap().1.value().len()).sum();
+            assert_eq!(messages_to_format_1(&mut log), sent.len(), "all written in the compact format");
+            let v1_bytes: usize = log.iter().unwrap().map(|e| e.unwrap().1.value().len()).sum();
+            assert!(
+                v1_bytes > compact_bytes + sent.len() * 50,
+                "format 1: {v1_bytes} bytes, compact {compact_bytes}"
+            );
             txn.open_table(tables::META).unwrap().insert(tables::META_SCHEMA, 5).unwrap();
         }
         txn.commit().unwrap();
