@@ -5,8 +5,8 @@
 //! three 8-byte string headers, option and enum tags, and 17 bytes for an
 //! attachment that is almost never there. This format writes the same
 //! fields with variable-length numbers and lengths, and nothing for what is
-//! absent: 17 bytes of framing for a 100-byte text in a busy store (BENCHMARKS.md,
-//! "Bytes on disk per message").
+//! absent: about 17 bytes of framing for a 100-byte text (BENCHMARKS.md,
+//! "The compact message format").
 //!
 //! It departs from DESIGN.md's "the record is an rkyv archive" for
 //! messages only, and keeps what that rule is for: a reader gets a

@@ -4,9 +4,9 @@
 //! by the record: a chat message in the compact format (byte 2,
 //! `compact.rs`), every other record as an rkyv archive (byte 1; messages
 //! stored before schema version 6 are archives too, and still read). rkyv
-//! is built with its `unaligned` feature, so archived
-//! types have alignment 1 and can be read in place from the byte slice redb
-//! hands out, whatever its address. Reads always go through
+//! is built with its `unaligned` feature, so archived types have alignment
+//! 1 and can be read in place from the byte slice redb hands out, whatever
+//! its address. Reads of an archive always go through
 //! [`rkyv::access`], which validates the archive (bytecheck) first: a
 //! corrupted page yields [`StorageError::Corrupt`], never undefined
 //! behaviour or a panic.
