@@ -296,9 +296,10 @@ impl Conversation {
         self.since_ms = now_ms;
     }
 
-    /// Puts the key of a `(sender, cid)` ([`window_key`]) -> `(seq, ts)` in the cid window. Called at send,
-    /// before the append is durable: a resend meanwhile is
-    /// [`SendOutcome::InFlight`] until [`Conversation::committed`] says so.
+    /// Puts the key of a `(sender, cid)` ([`window_key`]) -> `(seq, ts)` in
+    /// the cid window. Called at send, before the append is durable: a
+    /// resend meanwhile is [`SendOutcome::InFlight`] until
+    /// [`Conversation::committed`] says so.
     fn remember(&mut self, key: u128, seq: u64, ts: u64) {
         if self.recent.len() >= self.recent_cap
             && let Some(gone) = self.recent.pop_front()

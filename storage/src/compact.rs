@@ -253,17 +253,18 @@ mod tests {
     use super::*;
     use crate::testkit::message_record as message;
 
+    /// Encoded as the writer stores a message.
     fn encode_message(record: &MessageRecord) -> Vec<u8> {
-        let mut out = Vec::new();
-        MessageView::of_record(record).encode_into(&mut out);
-        out
+        crate::encode_log_record(&crate::LogRecord::Message(record.clone())).unwrap()
     }
 
-    /// Decodes a value that must be a compact message.
+    /// Read as every reader reads a log value; anything but a message is
+    /// an error here.
     fn decode(bytes: &[u8]) -> Result<MessageRecord, String> {
-        match bytes.split_first() {
-            Some((&FORMAT_COMPACT_MESSAGE, rest)) => MessageView::decode(rest).map(|v| v.to_record()),
-            _ => Err("not a compact message".to_string()),
+        match crate::decode_log_record(bytes) {
+            Ok(crate::LogRecord::Message(m)) => Ok(m),
+            Ok(other) => Err(format!("not a message: {other:?}")),
+            Err(e) => Err(e.to_string()),
         }
     }
 
