@@ -401,8 +401,14 @@ pub fn render<T: Send>(
     for (thread, n) in crate::alloc::allocations_by_thread() {
         let _ = writeln!(out, "kefu_thread_allocations_total{{thread=\"{thread}\"}} {n}");
     }
-    let storage: [(&str, &str, &str, u64); 11] = [
+    let storage: [(&str, &str, &str, u64); 12] = [
         ("kefu_storage_commits_total", "counter", "Group commits done.", store.commits),
+        (
+            "kefu_storage_durable_commits_total",
+            "counter",
+            "Commits durable in redb (with the write-ahead log: checkpoints).",
+            store.durable_commits,
+        ),
         ("kefu_storage_failed_commits_total", "counter", "Group commits that failed.", store.failed_commits),
         ("kefu_storage_writes_total", "counter", "Writes stored.", store.writes),
         ("kefu_storage_fsyncs_total", "counter", "fsyncs returned.", store.fsyncs),
@@ -696,7 +702,7 @@ impl CommitStats {
             ),
             (
                 "kefu_storage_fsync_seconds",
-                "Time in fsync per group commit (two fsyncs with quick_repair).",
+                "Time in fsync per group commit (the log's one, or redb's: two with quick_repair).",
                 &self.fsync,
                 Unit::Seconds,
             ),

@@ -18,15 +18,26 @@ use redb::{BackendError, StorageBackend};
 /// `experimental-api-5` feature).
 type BackendIoError = std::io::Error;
 
-/// Sees every write and sync that reaches the storage backend. Test-only
+/// Which file a backend is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum FileKind {
+    /// redb's `kefu.redb`.
+    Database,
+    /// The write-ahead log, `kefu.wal`.
+    Wal,
+}
+
+/// Sees every write and sync that reaches the storage backends. Test-only
 /// instrumentation; production stores have none.
 pub(crate) trait BackendObserver: Send + Sync + 'static {
-    /// `data` is about to be written at `offset`.
-    fn write(&self, _offset: u64, _data: &[u8]) {}
-    /// An fsync is about to start. May block (tests hold commits here).
-    fn sync_start(&self) {}
-    /// The fsync numbered `n` (1-based, per backend) has returned.
-    fn sync_returned(&self, _n: u64) {}
+    /// `data` is about to be written at `offset` of `file`.
+    fn write(&self, _file: FileKind, _offset: u64, _data: &[u8]) {}
+    /// An fsync of `file` is about to start. May block (tests hold commits
+    /// here).
+    fn sync_start(&self, _file: FileKind) {}
+    /// An fsync of `file` has returned; `n` counts every returned fsync of
+    /// the store (1-based).
+    fn sync_returned(&self, _file: FileKind, _n: u64) {}
 }
 
 /// Counters shared between the backend and the store's stats.
@@ -51,6 +62,7 @@ impl SyncCounter {
 
 pub(crate) struct ProbeBackend {
     inner: Box<dyn StorageBackend>,
+    kind: FileKind,
     syncs: Arc<SyncCounter>,
     observer: Option<Arc<dyn BackendObserver>>,
 }
@@ -58,16 +70,21 @@ pub(crate) struct ProbeBackend {
 impl ProbeBackend {
     pub(crate) fn new(
         inner: Box<dyn StorageBackend>,
+        kind: FileKind,
         syncs: Arc<SyncCounter>,
         observer: Option<Arc<dyn BackendObserver>>,
     ) -> Self {
-        ProbeBackend { inner, syncs, observer }
+        ProbeBackend { inner, kind, syncs, observer }
     }
 }
 
 impl fmt::Debug for ProbeBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ProbeBackend").field("inner", &self.inner).field("syncs", &self.syncs).finish()
+        f.debug_struct("ProbeBackend")
+            .field("inner", &self.inner)
+            .field("kind", &self.kind)
+            .field("syncs", &self.syncs)
+            .finish()
     }
 }
 
@@ -86,7 +103,7 @@ impl StorageBackend for ProbeBackend {
 
     fn sync_data(&self) -> Result<(), BackendIoError> {
         if let Some(o) = &self.observer {
-            o.sync_start();
+            o.sync_start(self.kind);
         }
         let started = Instant::now();
         self.inner.sync_data()?;
@@ -94,14 +111,14 @@ impl StorageBackend for ProbeBackend {
         self.syncs.nanos.fetch_add(took, Ordering::Relaxed);
         let n = self.syncs.returned.fetch_add(1, Ordering::AcqRel) + 1;
         if let Some(o) = &self.observer {
-            o.sync_returned(n);
+            o.sync_returned(self.kind, n);
         }
         Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendIoError> {
         if let Some(o) = &self.observer {
-            o.write(offset, data);
+            o.write(self.kind, offset, data);
         }
         self.inner.write(offset, data)
     }

@@ -185,7 +185,7 @@ fn role_byte(role: Role) -> u8 {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push(n as u8 | 0x80);
         n >>= 7;
@@ -193,24 +193,24 @@ fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     out.push(n as u8);
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     put_varint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
 }
 
 /// What is left of a value being read.
-struct Cursor<'a> {
-    bytes: &'a [u8],
+pub(crate) struct Cursor<'a> {
+    pub(crate) bytes: &'a [u8],
 }
 
 impl<'a> Cursor<'a> {
-    fn byte(&mut self, field: &str) -> Result<u8, String> {
+    pub(crate) fn byte(&mut self, field: &str) -> Result<u8, String> {
         let (&b, rest) = self.bytes.split_first().ok_or_else(|| format!("ends before its {field}"))?;
         self.bytes = rest;
         Ok(b)
     }
 
-    fn varint(&mut self, field: &str) -> Result<u64, String> {
+    pub(crate) fn varint(&mut self, field: &str) -> Result<u64, String> {
         let mut n = 0u64;
         for i in 0..10 {
             let b = self.byte(field)?;
@@ -232,7 +232,17 @@ impl<'a> Cursor<'a> {
         unreachable!("the tenth byte returns or fails above")
     }
 
-    fn bytes(&mut self, field: &str) -> Result<&'a [u8], String> {
+    /// Eight bytes, little-endian: for numbers spread over all 64 bits
+    /// (hashes), which a varint would make longer.
+    pub(crate) fn u64_le(&mut self, field: &str) -> Result<u64, String> {
+        let Some((head, rest)) = self.bytes.split_first_chunk::<8>() else {
+            return Err(format!("ends before its {field}"));
+        };
+        self.bytes = rest;
+        Ok(u64::from_le_bytes(*head))
+    }
+
+    pub(crate) fn bytes(&mut self, field: &str) -> Result<&'a [u8], String> {
         let len = self.varint(field)?;
         if len > self.bytes.len() as u64 {
             return Err(format!("its {field} is {len} bytes, {} are left", self.bytes.len()));
@@ -242,7 +252,7 @@ impl<'a> Cursor<'a> {
         Ok(head)
     }
 
-    fn str(&mut self, field: &str) -> Result<&'a str, String> {
+    pub(crate) fn str(&mut self, field: &str) -> Result<&'a str, String> {
         let bytes = self.bytes(field)?;
         std::str::from_utf8(bytes).map_err(|e| format!("its {field} is not UTF-8: {e}"))
     }

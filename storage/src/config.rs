@@ -51,6 +51,28 @@ pub struct StoreConfig {
     /// sessions and 5,000 msg/s (1.6–2.5 ms against 0.9–1.0 ms off); see
     /// the crate docs and BENCHMARKS.md. Default true.
     pub quick_repair: bool,
+    /// Write-ahead log (`dir/kefu.wal`) in front of redb. A group commit
+    /// then appends its changes to this file and fsyncs it once, commits
+    /// to redb without a fsync (`Durability::None`: readers see it, a
+    /// crash takes it back), and acks; every `checkpoint_ms` one commit is
+    /// durable in redb (with quick-repair) and the log starts over. After
+    /// a crash, open replays what the log holds past the last checkpoint.
+    /// One fsync per commit instead of two, and none of quick-repair's
+    /// allocator saves between checkpoints (see `wal.rs` and
+    /// BENCHMARKS.md). false: every commit is durable in redb, as before.
+    /// Default true.
+    pub wal: bool,
+    /// Size of the write-ahead log file, made once and reused: a
+    /// checkpoint comes early when the next commit would not fit, and a
+    /// commit larger than the whole file is written straight to redb.
+    /// Open replays at most this much. Default 16 MiB (ten seconds of
+    /// 5,000 msg/s; a checkpoint comes every second).
+    pub wal_bytes: u64,
+    /// Longest time between two durable redb commits while the
+    /// write-ahead log is on, in milliseconds: what open may have to
+    /// replay after a crash, and how often a commit pays redb's fsyncs and
+    /// quick-repair's allocator save. Default 1000.
+    pub checkpoint_ms: u64,
     /// Dedupe slots (one per message) each dedupe cache holds in memory:
     /// the writer's, and each reader's (the gateway has one per shard, for
     /// the conversations homed there). A cache keeps, per conversation it
@@ -106,6 +128,9 @@ impl Default for StoreConfig {
             sources: 1,
             cache_bytes: 256 << 20,
             quick_repair: true,
+            wal: true,
+            wal_bytes: 16 << 20,
+            checkpoint_ms: 1_000,
             conv_cache_entries: 1 << 20,
             dedupe_window: 128,
             idle_park_ms: 100,
@@ -119,6 +144,11 @@ impl StoreConfig {
     /// The database file inside `dir`.
     pub fn db_path(&self) -> PathBuf {
         self.dir.join("kefu.redb")
+    }
+
+    /// The write-ahead log file inside `dir`.
+    pub fn wal_path(&self) -> PathBuf {
+        self.dir.join("kefu.wal")
     }
 
     /// Checks the limits are usable.
@@ -159,6 +189,18 @@ impl StoreConfig {
                 self.dedupe_window
             )));
         }
+        if self.wal_bytes < 1 << 16 || self.wal_bytes > 1 << 34 {
+            return Err(StorageError::Config(format!(
+                "wal_bytes = {} (between 64 KiB and 16 GiB)",
+                self.wal_bytes
+            )));
+        }
+        if self.checkpoint_ms == 0 || self.checkpoint_ms > 600_000 {
+            return Err(StorageError::Config(format!(
+                "checkpoint_ms = {} (between 1 and 600000)",
+                self.checkpoint_ms
+            )));
+        }
         if self.idle_park_ms == 0 {
             return Err(StorageError::Config("idle_park_ms must be at least 1".into()));
         }
@@ -194,6 +236,8 @@ mod tests {
             StoreConfig { dedupe_window: 0, ..Default::default() },
             StoreConfig { dedupe_window: (1 << 20) + 1, ..Default::default() },
             StoreConfig { recovery_backoff_ms_min: 0, ..Default::default() },
+            StoreConfig { wal_bytes: 4096, ..Default::default() },
+            StoreConfig { checkpoint_ms: 0, ..Default::default() },
             StoreConfig {
                 recovery_backoff_ms_min: 5_000,
                 recovery_backoff_ms_max: 100,

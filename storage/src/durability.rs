@@ -30,7 +30,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redb::{BackendError, StorageBackend};
 
-use crate::backend::BackendObserver;
+use crate::backend::{BackendObserver, FileKind};
+use crate::store::Backends;
 use crate::testkit::{PATIENCE, config, message, wait_for};
 use crate::{LogRecord, Store, StoreConfig, WriteOp};
 
@@ -39,10 +40,10 @@ use crate::{LogRecord, Store, StoreConfig, WriteOp};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Event {
-    /// A record with this token reached `write()`.
-    Wrote(u64),
-    SyncStart,
-    SyncReturn,
+    /// A record with this token reached `write()` of a file.
+    Wrote(FileKind, u64),
+    SyncStart(FileKind),
+    SyncReturn(FileKind),
     /// A submitter popped the completion of this token.
     Observed(u64),
 }
@@ -94,58 +95,75 @@ impl Recorder {
 }
 
 impl BackendObserver for Recorder {
-    fn write(&self, _offset: u64, data: &[u8]) {
+    fn write(&self, file: FileKind, _offset: u64, data: &[u8]) {
         let tokens = markers(data);
         if !tokens.is_empty() {
-            self.events.lock().unwrap().extend(tokens.into_iter().map(Event::Wrote));
+            self.events.lock().unwrap().extend(tokens.into_iter().map(|t| Event::Wrote(file, t)));
         }
     }
 
-    fn sync_start(&self) {
-        self.events.lock().unwrap().push(Event::SyncStart);
+    fn sync_start(&self, file: FileKind) {
+        self.events.lock().unwrap().push(Event::SyncStart(file));
         if self.jitter {
             let us = self.rng.lock().unwrap().random_range(0..1500);
             std::thread::sleep(Duration::from_micros(us));
         }
     }
 
-    fn sync_returned(&self, _n: u64) {
-        self.events.lock().unwrap().push(Event::SyncReturn);
+    fn sync_returned(&self, file: FileKind, _n: u64) {
+        self.events.lock().unwrap().push(Event::SyncReturn(file));
     }
 }
 
-/// Checks the event log: returns how many completions were checked.
+/// Checks the event log: returns how many completions were checked. A
+/// completion is legal if its record, after it was first written to a
+/// file, had that file fsynced before the completion was seen: once for
+/// the write-ahead log, `syncs_per_commit` times for the database.
 fn check_fsync_order(events: &[Event], syncs_per_commit: usize) -> usize {
-    let mut first_write: HashMap<u64, usize> = HashMap::new();
-    // (start, return) of each fsync, in order; they never overlap, since
-    // one thread commits.
-    let mut syncs: Vec<(usize, usize)> = Vec::new();
+    let mut first_write: HashMap<(FileKind, u64), usize> = HashMap::new();
+    // (start, return) of each file's fsyncs, in order; they never overlap,
+    // since one thread commits.
+    let mut syncs: HashMap<FileKind, Vec<(usize, usize)>> = HashMap::new();
     let mut open_sync = None;
     for (i, e) in events.iter().enumerate() {
         match *e {
-            Event::Wrote(t) => {
-                first_write.entry(t).or_insert(i);
+            Event::Wrote(f, t) => {
+                first_write.entry((f, t)).or_insert(i);
             }
-            Event::SyncStart => {
+            Event::SyncStart(f) => {
                 assert!(open_sync.is_none(), "overlapping fsyncs at event {i}");
-                open_sync = Some(i);
+                open_sync = Some((f, i));
             }
-            Event::SyncReturn => syncs.push((open_sync.take().expect("return without start"), i)),
+            Event::SyncReturn(f) => {
+                let (started, at) = open_sync.take().expect("return without start");
+                assert_eq!(started, f, "an fsync returned on another file than it started");
+                syncs.entry(f).or_default().push((at, i));
+            }
             Event::Observed(_) => {}
         }
     }
     let mut checked = 0;
     for (at, e) in events.iter().enumerate() {
         let Event::Observed(t) = *e else { continue };
-        let w =
-            *first_write.get(&t).unwrap_or_else(|| panic!("token {t} acked at event {at} but never written"));
-        assert!(w < at, "token {t} acked (event {at}) before it was written (event {w})");
-        let first = syncs.partition_point(|&(start, _)| start < w);
-        let done = syncs[first..].iter().take_while(|&&(_, ret)| ret < at).count();
+        let mut durable = false;
+        let mut seen = Vec::new();
+        for (file, need) in [(FileKind::Wal, 1), (FileKind::Database, syncs_per_commit)] {
+            let Some(&w) = first_write.get(&(file, t)) else { continue };
+            if w > at {
+                continue;
+            }
+            let file_syncs = syncs.get(&file).map_or(&[][..], Vec::as_slice);
+            let first = file_syncs.partition_point(|&(start, _)| start < w);
+            let done = file_syncs[first..].iter().take_while(|&&(_, ret)| ret < at).count();
+            seen.push(format!("{file:?}: written at event {w}, {done} fsync(s) after it before the ack"));
+            durable |= done >= need;
+        }
+        assert!(!seen.is_empty(), "token {t} acked at event {at} but never written before it");
         assert!(
-            done >= syncs_per_commit,
-            "token {t}: written at event {w}, acked at event {at}, but only {done} fsync(s) \
-             started after the write and returned before the ack (need {syncs_per_commit})"
+            durable,
+            "token {t} acked at event {at} before its fsyncs returned (need 1 of the log or \
+             {syncs_per_commit} of the database): {}",
+            seen.join("; ")
         );
         checked += 1;
     }
@@ -196,10 +214,13 @@ fn drive(store: &Store, recorder: &Arc<Recorder>, threads: usize, per_thread: u6
 
 #[test]
 fn no_completion_before_its_fsync_returns() {
-    for (quick_repair, syncs_per_commit) in [(true, 2), (false, 1)] {
+    // With the log, checkpoints every 20 ms: both kinds of commit are seen.
+    for (quick_repair, wal, syncs_per_commit) in
+        [(true, false, 2), (false, false, 1), (true, true, 2), (false, true, 1)]
+    {
         let dir = tempfile::tempdir().unwrap();
         let recorder = Recorder::new(true, 7);
-        let cfg = StoreConfig { sources: 4, quick_repair, ..config(dir.path()) };
+        let cfg = StoreConfig { sources: 4, quick_repair, wal, checkpoint_ms: 20, ..config(dir.path()) };
         let observer: Arc<dyn BackendObserver> = recorder.clone();
         let (store, _) = Store::open_with(cfg, Arc::new(|_| {}), None, Some(observer)).unwrap();
         drive(&store, &recorder, 4, 1500, 64);
@@ -209,26 +230,44 @@ fn no_completion_before_its_fsync_returns() {
         let checked = check_fsync_order(&events, syncs_per_commit);
         assert_eq!(checked, 4 * 1500);
         // It was group commit, not one commit per write.
-        assert!(commits < 4 * 1500 / 4, "quick_repair={quick_repair}: {commits} commits");
+        assert!(commits < 4 * 1500 / 4, "quick_repair={quick_repair} wal={wal}: {commits} commits");
+        if wal {
+            let wal_syncs = events.iter().filter(|e| **e == Event::SyncStart(FileKind::Wal)).count();
+            let db_syncs = events.iter().filter(|e| **e == Event::SyncStart(FileKind::Database)).count();
+            assert!(
+                wal_syncs > 10 && db_syncs > 2,
+                "both kinds of commit ran: {wal_syncs} log, {db_syncs} database fsyncs"
+            );
+        }
     }
 }
 
 #[test]
 fn the_fsync_order_check_catches_an_early_ack() {
     use Event::*;
+    use FileKind::{Database as Db, Wal};
     // Written, one fsync, acked: fine with one fsync per commit, not two.
-    let events = [Wrote(1), SyncStart, SyncReturn, Observed(1)];
+    let events = [Wrote(Db, 1), SyncStart(Db), SyncReturn(Db), Observed(1)];
     assert_eq!(check_fsync_order(&events, 1), 1);
     assert!(std::panic::catch_unwind(|| check_fsync_order(&events, 2)).is_err());
     // Acked while the fsync runs.
-    let early = [Wrote(1), SyncStart, Observed(1), SyncReturn];
+    let early = [Wrote(Db, 1), SyncStart(Db), Observed(1), SyncReturn(Db)];
     assert!(std::panic::catch_unwind(|| check_fsync_order(&early, 1)).is_err());
     // An fsync that started before the write does not count.
-    let stale = [SyncStart, Wrote(1), SyncReturn, Observed(1)];
+    let stale = [SyncStart(Db), Wrote(Db, 1), SyncReturn(Db), Observed(1)];
     assert!(std::panic::catch_unwind(|| check_fsync_order(&stale, 1)).is_err());
     // Acked before written at all.
-    let unwritten = [Observed(1), Wrote(1), SyncStart, SyncReturn];
+    let unwritten = [Observed(1), Wrote(Db, 1), SyncStart(Db), SyncReturn(Db)];
     assert!(std::panic::catch_unwind(|| check_fsync_order(&unwritten, 1)).is_err());
+    // One fsync of the log after the record reached it is enough, even
+    // where the database needs two.
+    let logged = [Wrote(Wal, 1), SyncStart(Wal), SyncReturn(Wal), Observed(1)];
+    assert_eq!(check_fsync_order(&logged, 2), 1);
+    // An fsync of the other file does not count.
+    let other = [Wrote(Wal, 1), SyncStart(Db), SyncReturn(Db), Observed(1)];
+    assert!(std::panic::catch_unwind(|| check_fsync_order(&other, 1)).is_err());
+    let other = [Wrote(Db, 1), SyncStart(Wal), SyncReturn(Wal), Observed(1)];
+    assert!(std::panic::catch_unwind(|| check_fsync_order(&other, 1)).is_err());
 }
 
 /// Holds each fsync at the backend until the test lets it go.
@@ -258,7 +297,7 @@ impl Drop for OpenOnDrop {
 }
 
 impl BackendObserver for Gate {
-    fn sync_start(&self) {
+    fn sync_start(&self, _file: FileKind) {
         let mut s = self.state.lock().unwrap();
         if !s.closed {
             return;
@@ -276,11 +315,19 @@ impl BackendObserver for Gate {
 
 #[test]
 fn a_held_fsync_holds_back_every_completion() {
-    for (quick_repair, syncs_per_commit) in [(true, 2), (false, 1)] {
+    // With the log (and no checkpoint within the test) a commit is one
+    // fsync of the log.
+    for (quick_repair, wal, syncs_per_commit) in [(true, false, 2), (false, false, 1), (true, true, 1)] {
         let dir = tempfile::tempdir().unwrap();
         let gate = Arc::new(Gate::default());
         // A window long enough that the 20 writes share the first commit.
-        let cfg = StoreConfig { quick_repair, batch_window_us: 200_000, ..config(dir.path()) };
+        let cfg = StoreConfig {
+            quick_repair,
+            wal,
+            checkpoint_ms: 600_000,
+            batch_window_us: 200_000,
+            ..config(dir.path())
+        };
         let observer: Arc<dyn BackendObserver> = gate.clone();
         let (store, _) = Store::open_with(cfg, Arc::new(|_| {}), None, Some(observer)).unwrap();
         // Dropped before the store, even when an assertion fails: a held
@@ -391,7 +438,21 @@ impl SimDisk {
     /// Cuts the power: from now on every call fails. Returns what is on the
     /// platter: the fsynced image, plus a random part of the rest.
     fn power_cut(&self, rng: &mut StdRng, cut: Cut) -> (Vec<u8>, usize) {
-        let mut s = self.state.lock().unwrap();
+        self.state.lock().unwrap().cut(rng, cut)
+    }
+}
+
+/// Cuts the power of two disks (the database's and the log's) at one
+/// instant: no write or fsync reaches either in between.
+fn power_cut_both(db: &SimDisk, wal: &SimDisk, rng: &mut StdRng, cut: Cut) -> (Vec<u8>, Vec<u8>) {
+    let mut a = db.state.lock().unwrap();
+    let mut b = wal.state.lock().unwrap();
+    (a.cut(rng, cut).0, b.cut(rng, cut).0)
+}
+
+impl SimState {
+    fn cut(&mut self, rng: &mut StdRng, cut: Cut) -> (Vec<u8>, usize) {
+        let s = self;
         s.powered_off = true;
         let mut image = s.durable.clone();
         let mut landed = 0;
@@ -519,13 +580,14 @@ struct Ack {
 /// returns the image on the platter and the acks seen before the cut.
 fn run_until_power_cut(
     disk: &Arc<SimDisk>,
+    wal_disk: &Arc<SimDisk>,
     cfg: StoreConfig,
     rng: &mut StdRng,
     cut: Cut,
     round: u64,
-) -> (Vec<u8>, Vec<Ack>) {
-    let (store, _) =
-        Store::open_with(cfg, Arc::new(|_| {}), Some(Box::new(Disk(disk.clone()))), None).unwrap();
+) -> (Vec<u8>, Vec<u8>, Vec<Ack>) {
+    let backends = Backends { db: Box::new(Disk(disk.clone())), wal: Some(Box::new(Disk(wal_disk.clone()))) };
+    let (store, _) = Store::open_with(cfg, Arc::new(|_| {}), Some(backends), None).unwrap();
     let acks: Mutex<Vec<Ack>> = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
     let submitted = AtomicUsize::new(0);
@@ -571,9 +633,9 @@ fn run_until_power_cut(
         // Everything acked so far had its fsync return, so it is in the
         // durable image the cut starts from.
         let acked = acks.lock().unwrap().clone();
-        let (image, _landed) = disk.power_cut(rng, cut);
+        let (image, wal_image) = power_cut_both(disk, wal_disk, rng, cut);
         stop.store(true, Ordering::Relaxed);
-        (image, acked)
+        (image, wal_image, acked)
     });
     // The writer now fails every commit; closing must still finish.
     drop(store);
@@ -583,9 +645,13 @@ fn run_until_power_cut(
 
 /// Reopens a store on `image` and checks every ack is there, and that the
 /// log and the index are whole and gap-free.
-fn check_image(image: Vec<u8>, cfg: StoreConfig, acked: &[Ack], what: &str) {
-    let disk = SimDisk::from_image(image);
-    let (store, recovery) = Store::open_with(cfg, Arc::new(|_| {}), Some(Box::new(Disk(disk))), None)
+/// Returns the write-ahead log records the reopen replayed.
+fn check_image(image: Vec<u8>, wal_image: Vec<u8>, cfg: StoreConfig, acked: &[Ack], what: &str) -> u64 {
+    let backends = Backends {
+        db: Box::new(Disk(SimDisk::from_image(image))),
+        wal: Some(Box::new(Disk(SimDisk::from_image(wal_image)))),
+    };
+    let (store, recovery) = Store::open_with(cfg, Arc::new(|_| {}), Some(backends), None)
         .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
     let r = store.reader();
     let mut last: HashMap<u64, u64> = HashMap::new();
@@ -620,21 +686,46 @@ fn check_image(image: Vec<u8>, cfg: StoreConfig, acked: &[Ack], what: &str) {
     w.submit(0, 1, WriteOp::AppendMessage(message(1, "v", "after-reopen", "x"))).unwrap();
     let c = wait_for(&store.completions(0), 1).pop().unwrap();
     assert_eq!(c.result.unwrap().seq, next_seq.get(&1).copied().unwrap_or(1), "{what}");
+    recovery.wal_replayed
 }
 
 fn power_cut_rounds(cut: Cut, rounds: u64, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut total_acked = 0;
+    let mut replayed_rounds = 0;
     for round in 0..rounds {
         let quick_repair = round % 2 == 0;
-        let cfg = StoreConfig { sources: 2, quick_repair, cache_bytes: 8 << 20, ..StoreConfig::default() };
+        // Without the log; with it and checkpoints every few ms in a log
+        // small enough to fill (so cuts fall before, in and after
+        // checkpoints, and cycles start over); with it and no checkpoint
+        // but the one at open (the whole run is replayed).
+        let (wal, checkpoint_ms) = [(false, 1_000), (true, 3), (true, 600_000)][(round / 2 % 3) as usize];
+        let cfg = StoreConfig {
+            sources: 2,
+            quick_repair,
+            wal,
+            checkpoint_ms,
+            wal_bytes: 1 << 16,
+            cache_bytes: 8 << 20,
+            ..StoreConfig::default()
+        };
         let disk = Arc::new(SimDisk::default());
-        let (image, acked) = run_until_power_cut(&disk, cfg.clone(), &mut rng, cut, round);
+        let wal_disk = Arc::new(SimDisk::default());
+        let (image, wal_image, acked) =
+            run_until_power_cut(&disk, &wal_disk, cfg.clone(), &mut rng, cut, round);
         total_acked += acked.len();
-        let what = format!("seed {seed} round {round} ({cut:?}, quick_repair={quick_repair})");
-        check_image(image, cfg, &acked, &what);
+        let what = format!(
+            "seed {seed} round {round} ({cut:?}, quick_repair={quick_repair}, wal={wal}, checkpoint_ms={checkpoint_ms})"
+        );
+        let replayed = check_image(image, wal_image, cfg, &acked, &what);
+        if wal {
+            replayed_rounds += u64::from(replayed > 0);
+        } else {
+            assert_eq!(replayed, 0, "{what}: a log replayed that was never written");
+        }
     }
     assert!(total_acked > 0, "no writes were acknowledged before any cut");
+    assert!(replayed_rounds > 0, "no cut left anything in the write-ahead log to replay");
 }
 
 #[test]

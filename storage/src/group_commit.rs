@@ -2,9 +2,13 @@
 //!
 //! It loops: gather a batch from every source's submit queue (round robin,
 //! so no shard starves another), apply the whole batch in one redb write
-//! transaction, commit it with `Durability::Immediate`, and only after the
-//! commit — and so its fsync — has returned, push one completion per write
-//! and notify each source that got some.
+//! transaction, make it durable, and only then push one completion per
+//! write and notify each source that got some. Durable is: with the
+//! write-ahead log (`wal.rs`), its redo record appended and the log
+//! fsynced, then the transaction committed to redb with `Durability::None`
+//! (visible to readers); at a checkpoint, or without the log, the
+//! transaction committed with `Durability::Immediate` (its fsyncs
+//! returned).
 //!
 //! A batch closes at whichever comes first:
 //! - `batch_max_records` writes,
@@ -27,15 +31,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use redb::{Durability, ReadableTable, Table, WriteTransaction};
+use redb::{Durability, ReadableTable};
 
 use crate::backend::SyncCounter;
 use crate::compact::MessageView;
 use crate::dedupe::{self, DedupeKey, SlotMaps};
 use crate::error::{IoContext, StorageError};
 use crate::record::{ArchivedConversationRecord, ConvChange, LogRecord, access, encode_into};
+use crate::redo::{Op, Tables};
 use crate::reopen::{DbSlot, Reopen};
 use crate::tables;
+use crate::wal::{self, Wal};
 use crate::write::{CommitTimes, Committed, Completion, Shared, Submission, WriteOp};
 use kefu_proto::client::Msg;
 
@@ -47,6 +53,8 @@ pub(crate) struct Limits {
     pub(crate) window: Duration,
     pub(crate) idle_park: Duration,
     pub(crate) quick_repair: bool,
+    /// Longest time between durable redb commits with the write-ahead log.
+    pub(crate) checkpoint: Duration,
     pub(crate) conv_cache_entries: usize,
     pub(crate) dedupe_window: usize,
     pub(crate) recovery_backoff_min: Duration,
@@ -89,83 +97,14 @@ pub(crate) struct GroupCommit {
     syncs: Arc<SyncCounter>,
     /// When the batch being gathered got its first write.
     batch_started: Instant,
-}
-
-/// The tables a batch writes to, opened once per transaction. Those only
-/// some writes touch are opened on first use: opening a table costs redb
-/// about nine allocations, and most batches hold only messages.
-struct Tables<'t> {
-    txn: &'t WriteTransaction,
-    log: Table<'t, u64, &'static [u8]>,
-    conv_index: Table<'t, (u64, u64), (u64, u64)>,
-    meta: Table<'t, &'static str, u64>,
-    conversations: Option<Table<'t, u64, &'static [u8]>>,
-    users: Option<Table<'t, (&'static str, &'static str), &'static [u8]>>,
-    user_conversations: Option<Table<'t, (&'static str, u64), ()>>,
-    consumer_offsets: Option<Table<'t, &'static str, u64>>,
-    conv_changes: Option<Table<'t, u64, u8>>,
-    user_controls: Option<Table<'t, (&'static str, &'static str), &'static [u8]>>,
-}
-
-impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Tables<'t>, StorageError> {
-        Ok(Tables {
-            txn,
-            log: txn.open_table(tables::LOG).ctx("open table log")?,
-            conv_index: txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?,
-            meta: txn.open_table(tables::META).ctx("open table meta")?,
-            conversations: None,
-            users: None,
-            user_conversations: None,
-            consumer_offsets: None,
-            conv_changes: None,
-            user_controls: None,
-        })
-    }
-
-    fn conversations(&mut self) -> Result<&mut Table<'t, u64, &'static [u8]>, StorageError> {
-        lazily(&mut self.conversations, self.txn, tables::CONVERSATIONS, "open table conversations")
-    }
-
-    fn users(&mut self) -> Result<&mut Table<'t, (&'static str, &'static str), &'static [u8]>, StorageError> {
-        lazily(&mut self.users, self.txn, tables::USERS, "open table users")
-    }
-
-    fn user_conversations(&mut self) -> Result<&mut Table<'t, (&'static str, u64), ()>, StorageError> {
-        lazily(
-            &mut self.user_conversations,
-            self.txn,
-            tables::USER_CONVERSATIONS,
-            "open table user_conversations",
-        )
-    }
-
-    fn user_controls(
-        &mut self,
-    ) -> Result<&mut Table<'t, (&'static str, &'static str), &'static [u8]>, StorageError> {
-        lazily(&mut self.user_controls, self.txn, tables::USER_CONTROLS, "open table user_controls")
-    }
-
-    fn conv_changes(&mut self) -> Result<&mut Table<'t, u64, u8>, StorageError> {
-        lazily(&mut self.conv_changes, self.txn, tables::CONV_CHANGES, "open table conv_changes")
-    }
-
-    fn consumer_offsets(&mut self) -> Result<&mut Table<'t, &'static str, u64>, StorageError> {
-        lazily(&mut self.consumer_offsets, self.txn, tables::CONSUMER_OFFSETS, "open table consumer_offsets")
-    }
-}
-
-/// The table in `slot`, opened in `txn` first if it is not yet.
-fn lazily<'s, 't, K: redb::Key + 'static, V: redb::Value + 'static>(
-    slot: &'s mut Option<Table<'t, K, V>>,
-    txn: &'t WriteTransaction,
-    definition: redb::TableDefinition<'_, K, V>,
-    context: &'static str,
-) -> Result<&'s mut Table<'t, K, V>, StorageError> {
-    match slot {
-        Some(table) => Ok(table),
-        None => Ok(slot.insert(txn.open_table(definition).ctx(context)?)),
-    }
+    /// The write-ahead log, if on (`wal.rs`).
+    wal: Option<Wal>,
+    /// The redo record of the batch being committed, reused.
+    redo: Vec<u8>,
+    /// When redb last committed durably.
+    last_checkpoint: Instant,
+    /// Commits since then that only the log holds durably.
+    unchecked: bool,
 }
 
 /// A write's own outcome (`Ok(Err)`: refused, nothing written), or a
@@ -183,6 +122,7 @@ impl GroupCommit {
         dedupe_key: DedupeKey,
         syncs: Arc<SyncCounter>,
         reopen: Option<Reopen>,
+        wal: Option<Wal>,
     ) -> GroupCommit {
         let sources = shared.sources.len();
         let convs = SlotMaps::new(
@@ -210,6 +150,10 @@ impl GroupCommit {
             limits,
             syncs,
             batch_started: Instant::now(),
+            wal,
+            redo: Vec::new(),
+            last_checkpoint: Instant::now(),
+            unchecked: false,
         }
     }
 
@@ -230,6 +174,12 @@ impl GroupCommit {
             if let Err(e) = self.commit_batch() {
                 self.recover(&e);
             }
+        }
+        // A clean close leaves nothing for the next open to replay.
+        if self.unchecked
+            && let Err(e) = self.checkpoint_idle()
+        {
+            tracing::warn!(error = %e, "storage could not checkpoint at close; the next open replays the log");
         }
         tracing::debug!(commits = self.commits, "storage writer stopped");
     }
@@ -284,7 +234,21 @@ impl GroupCommit {
                 thread::yield_now();
                 continue;
             }
-            thread::park_timeout(self.limits.idle_park);
+            if self.unchecked && self.checkpoint_due() {
+                if let Err(e) = self.checkpoint_idle() {
+                    tracing::error!(error = %e, "storage checkpoint failed");
+                    self.recover(&e);
+                }
+                continue;
+            }
+            let park = if self.unchecked {
+                self.limits
+                    .idle_park
+                    .min(self.limits.checkpoint.saturating_sub(self.last_checkpoint.elapsed()))
+            } else {
+                self.limits.idle_park
+            };
+            thread::park_timeout(park);
         }
         self.batch_started = Instant::now();
         let deadline = self.batch_started + self.limits.window;
@@ -422,34 +386,58 @@ impl GroupCommit {
         let Some(how) = &self.reopen else {
             return self.probe();
         };
-        let reopened = crate::reopen::reopen(&self.db, how)?;
-        // A commit reported failed may have reached the disk (its fsync
-        // failed after the data landed): go on from what the file holds.
-        if reopened.next_offset > self.next_offset {
-            tracing::warn!(
-                from = self.next_offset,
-                to = reopened.next_offset,
-                "a commit reported failed is in the log"
-            );
-            self.shared.publish_log_end(reopened.next_offset);
-        }
-        self.next_offset = reopened.next_offset;
-        self.next_conv_id = self.next_conv_id.max(reopened.next_conv_id);
-        self.convs.clear();
+        let reopened = crate::reopen::reopen(&self.db, how, self.wal.as_mut())?;
+        self.go_on_from(reopened);
         self.probe()
     }
 
-    /// A commit that changes nothing but needs the disk to take a page.
+    /// Takes the counters from what the file holds: a commit reported
+    /// failed may have reached the disk (its fsync failed after the data
+    /// landed), or the write-ahead log (and then its replay stored it).
+    fn go_on_from(&mut self, stored: crate::reopen::Reopened) {
+        if stored.next_offset > self.next_offset {
+            tracing::warn!(
+                from = self.next_offset,
+                to = stored.next_offset,
+                "a commit reported failed is stored"
+            );
+            self.shared.publish_log_end(stored.next_offset);
+        }
+        self.next_offset = stored.next_offset;
+        self.next_conv_id = self.next_conv_id.max(stored.next_conv_id);
+        self.convs.clear();
+    }
+
+    /// A commit that needs the disk to take a page. With the write-ahead
+    /// log it replays the log's cycle into a durable commit and starts a
+    /// new one, since a failed append leaves the cycle's end unknown and a
+    /// record that reached the disk must be in redb before the cycle's
+    /// next record is.
     fn probe(&mut self) -> Result<(), StorageError> {
         let db = self.db.get()?;
         let mut txn = db.begin_write().ctx("begin write")?;
         txn.set_durability(Durability::Immediate).ctx("set durability")?;
         txn.set_quick_repair(self.limits.quick_repair);
-        txn.open_table(tables::META)
-            .ctx("open table meta")?
-            .insert(tables::META_NEXT_OFFSET, self.next_offset)
-            .ctx("write meta")?;
-        txn.commit().ctx("commit")
+        match &mut self.wal {
+            None => {
+                txn.open_table(tables::META)
+                    .ctx("open table meta")?
+                    .insert(tables::META_NEXT_OFFSET, self.next_offset)
+                    .ctx("write meta")?;
+                txn.commit().ctx("commit")
+            }
+            Some(wal) => {
+                {
+                    let mut t = Tables::open(&txn, None)?;
+                    wal::replay(&mut t, wal)?;
+                }
+                txn.commit().ctx("commit")?;
+                self.go_on_from(crate::reopen::counters(&db)?);
+                self.last_checkpoint = Instant::now();
+                self.unchecked = false;
+                Ok(())
+            }
+        }
     }
 
     /// Pushes the completions and wakes the sources. Runs only after the
@@ -480,37 +468,97 @@ impl GroupCommit {
         }
     }
 
+    /// Applies the batch in one transaction and commits it: durably in
+    /// redb without the write-ahead log, at a checkpoint, or when its
+    /// record would not fit in the log; otherwise appended to the log (one
+    /// fsync) and committed to redb in memory.
     fn apply_and_commit(&mut self) -> Result<(), StorageError> {
+        let db = self.db.get()?;
+        let mut txn = db.begin_write().ctx("begin write")?;
+        let mut redo = std::mem::take(&mut self.redo);
+        Wal::begin(&mut redo);
+        let mut t = Tables::open(&txn, self.wal.is_some().then_some(redo))?;
+        let conv_id_before = self.next_conv_id;
+        let mut batch = std::mem::take(&mut self.batch);
+        self.results.clear();
+        let mut failed = None;
+        for (_, sub) in batch.iter_mut() {
+            match self.apply(&mut t, &mut sub.op) {
+                Ok(r) => self.results.push(r),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.batch = batch;
+        if let Some(e) = failed {
+            // Dropping `txn` uncommitted aborts it.
+            return Err(e);
+        }
+        t.put(Op::Meta { key: tables::META_NEXT_OFFSET, value: self.next_offset })?;
+        if self.next_conv_id != conv_id_before {
+            t.put(Op::Meta { key: tables::META_NEXT_CONV_ID, value: self.next_conv_id })?;
+        }
+        let logged = match &self.wal {
+            Some(wal) => !self.checkpoint_due() && wal.fits(t.redo_len()),
+            None => false,
+        };
+        if !logged && let Some(wal) = &self.wal {
+            t.put_meta_unrecorded(tables::META_WAL_CYCLE, wal.cycle())?;
+        }
+        if let Some(redo) = t.into_redo() {
+            self.redo = redo;
+        }
+        if logged {
+            txn.set_durability(Durability::None).ctx("set durability")?;
+            let wal = self.wal.as_mut().expect("logged only with a log");
+            // The record first: if its fsync fails, nothing was committed.
+            wal.append(&mut self.redo)?;
+            self.unchecked = true;
+            txn.commit().ctx("commit")?;
+        } else {
+            txn.set_durability(Durability::Immediate).ctx("set durability")?;
+            txn.set_quick_repair(self.limits.quick_repair);
+            txn.commit().ctx("commit")?;
+            self.checkpointed();
+        }
+        Ok(())
+    }
+
+    /// Whether the next commit should be durable in redb: the log is on
+    /// and `checkpoint_ms` passed since the last durable commit.
+    fn checkpoint_due(&self) -> bool {
+        self.last_checkpoint.elapsed() >= self.limits.checkpoint
+    }
+
+    /// After a durable redb commit that set `wal_cycle` to the log's cycle:
+    /// the log starts its next cycle.
+    fn checkpointed(&mut self) {
+        self.shared.stats.durable_commits.fetch_add(1, Ordering::Relaxed);
+        self.last_checkpoint = Instant::now();
+        self.unchecked = false;
+        if let Some(wal) = &mut self.wal {
+            let next = wal.cycle() + 1;
+            wal.restart(next);
+        }
+    }
+
+    /// A durable commit of nothing but the checkpoint, when the writer is
+    /// idle with commits only the log holds.
+    fn checkpoint_idle(&mut self) -> Result<(), StorageError> {
+        let Some(wal) = &self.wal else { return Ok(()) };
+        let cycle = wal.cycle();
         let db = self.db.get()?;
         let mut txn = db.begin_write().ctx("begin write")?;
         txn.set_durability(Durability::Immediate).ctx("set durability")?;
         txn.set_quick_repair(self.limits.quick_repair);
-        {
-            let mut t = Tables::open(&txn)?;
-            let conv_id_before = self.next_conv_id;
-            let mut batch = std::mem::take(&mut self.batch);
-            self.results.clear();
-            let mut failed = None;
-            for (_, sub) in batch.iter_mut() {
-                match self.apply(&mut t, &mut sub.op) {
-                    Ok(r) => self.results.push(r),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            self.batch = batch;
-            if let Some(e) = failed {
-                // Dropping `txn` uncommitted aborts it.
-                return Err(e);
-            }
-            t.meta.insert(tables::META_NEXT_OFFSET, self.next_offset).ctx("write meta")?;
-            if self.next_conv_id != conv_id_before {
-                t.meta.insert(tables::META_NEXT_CONV_ID, self.next_conv_id).ctx("write meta")?;
-            }
-        }
+        txn.open_table(tables::META)
+            .ctx("open table meta")?
+            .insert(tables::META_WAL_CYCLE, cycle)
+            .ctx("write meta")?;
         txn.commit().ctx("commit")?;
+        self.checkpointed();
         Ok(())
     }
 
@@ -542,15 +590,13 @@ impl GroupCommit {
                 if let Err(e) = encode_into(&*c, &mut self.buf).and_then(|()| self.encode_logged(op)) {
                     return Ok(Err(e));
                 }
-                t.conversations()?.insert(id, self.buf.as_slice()).ctx("insert conversation")?;
+                t.put(Op::Conversation { id, value: &self.buf })?;
                 let WriteOp::PutConversation(c) = op else {
                     unreachable!("encode_logged hands the op back as it was")
                 };
-                t.user_conversations()?
-                    .insert((c.visitor_id.as_str(), id), ())
-                    .ctx("insert user_conversations")?;
+                t.put(Op::UserConversation { visitor: &c.visitor_id, conv: id })?;
                 let offset = self.insert_logged(t)?;
-                t.conv_changes()?.insert(offset, change.to_byte()).ctx("insert conv_changes")?;
+                t.put(Op::ConvChange { offset, change: change.to_byte() })?;
                 if c.status == kefu_proto::ids::ConvStatus::Closed {
                     // No message follows a close: its slots would only sit
                     // in memory. A resend still finds them in the index.
@@ -567,9 +613,7 @@ impl GroupCommit {
                 let WriteOp::PutUser(u) = op else {
                     unreachable!("encode_logged hands the op back as it was")
                 };
-                t.users()?
-                    .insert((u.role.as_str(), u.id.as_str()), self.buf.as_slice())
-                    .ctx("insert user")?;
+                t.put(Op::User { role: u.role.as_str(), id: &u.id, value: &self.buf })?;
                 done(self.insert_logged(t)?)
             }
             WriteOp::MarkRead(_) | WriteOp::LogPresence(_) => {
@@ -583,13 +627,11 @@ impl GroupCommit {
                 if let Err(e) = encode_into(&*control, &mut self.buf) {
                     return Ok(Err(e));
                 }
-                t.user_controls()?
-                    .insert((role.as_str(), id.as_str()), self.buf.as_slice())
-                    .ctx("insert user control")?;
+                t.put(Op::UserControl { role: role.as_str(), id, value: &self.buf })?;
                 Ok(Ok(Committed { offset: 0, seq: 0, ts_ms: 0, duplicate: false, commit }))
             }
             WriteOp::CommitOffset { consumer, offset } => {
-                t.consumer_offsets()?.insert(consumer.as_str(), *offset).ctx("insert consumer offset")?;
+                t.put(Op::ConsumerOffset { consumer, offset: *offset })?;
                 Ok(Ok(Committed { offset: *offset, seq: 0, ts_ms: 0, duplicate: false, commit }))
             }
         }
@@ -623,7 +665,7 @@ impl GroupCommit {
     /// Inserts what [`Self::encode_logged`] encoded at the next offset.
     fn insert_logged(&mut self, t: &mut Tables<'_>) -> Result<u64, StorageError> {
         let offset = self.next_offset;
-        t.log.insert(offset, self.buf2.as_slice()).ctx("insert log")?;
+        t.put(Op::Log { offset, value: &self.buf2 })?;
         self.next_offset += 1;
         Ok(offset)
     }
@@ -675,8 +717,8 @@ impl GroupCommit {
         }
         MessageView::of_msg(m, seq).encode_into(&mut self.buf);
         let offset = self.next_offset;
-        t.log.insert(offset, self.buf.as_slice()).ctx("insert log")?;
-        t.conv_index.insert((conv, seq), (offset, slot)).ctx("insert conv_index")?;
+        t.put(Op::Log { offset, value: &self.buf })?;
+        t.put(Op::ConvIndex { conv, seq, offset, slot })?;
         self.next_offset += 1;
         self.convs.note(conv, seq, slot, offset);
         Ok(Ok(Committed { offset, seq, ts_ms, duplicate: false, commit }))

@@ -4,12 +4,15 @@
 //!
 //! # What survives what
 //!
-//! A write is acknowledged — its [`Completion`] pushed — only after the
-//! redb commit holding it returned with `Durability::Immediate`, that is
-//! after every fsync of that commit returned (tests
-//! `durability::no_completion_before_its_fsync_returns` and
-//! `durability::a_held_fsync_holds_back_every_completion`, which watch the
-//! file from below redb). An acknowledged write survives the process being
+//! A write is acknowledged — its [`Completion`] pushed — only after its
+//! group commit is durable: its record in the write-ahead log
+//! (`wal.rs`, on by default) written and the log fsynced, or the redb
+//! commit holding it returned with `Durability::Immediate`, that is after
+//! every fsync of that commit returned (without the log, and at the log's
+//! checkpoints); and after redb committed it, so that every reader sees
+//! what was acked (tests `durability::no_completion_before_its_fsync_returns`
+//! and `durability::a_held_fsync_holds_back_every_completion`, which watch
+//! both files from below redb, with the log on and off). An acknowledged write survives the process being
 //! killed at any instant, `kill -9` included (`tests/crash.rs`,
 //! `acknowledged_writes_survive_kill_9`), and survives a power loss of the
 //! host as long as the disk honours fsync
@@ -19,7 +22,13 @@
 //! sectors on disk (a torn write), is rolled back whole on the next open:
 //! none of its writes was acknowledged and none is half-visible; the log
 //! stays gap-free per conversation
-//! (`durability::torn_writes_roll_back_whole_commits`). A resent append
+//! (`durability::torn_writes_roll_back_whole_commits`; both power-cut
+//! tests cut the database's and the log's disk at one instant, with the
+//! log off, on with checkpoints every few milliseconds, and on with a
+//! whole run to replay). What the log holds past the last checkpoint is
+//! replayed into redb when the store opens, in one durable commit, before
+//! anything is read (`tests/crash.rs` checks that its kills left records
+//! to replay). A resent append
 //! (same sender, conversation and cid) gets the original result, across
 //! restarts and crashes, and is never stored twice
 //! (`store_tests::resent_cid_returns_the_original_ack`, `tests/crash.rs`);
@@ -60,6 +69,11 @@
 //!
 //! # Recovery: quick-repair is on
 //!
+//! (With the write-ahead log, all this applies to the checkpoints: one
+//! durable redb commit every `checkpoint_ms`, one second by default. The
+//! commits between them cost one fsync of the log, and none of
+//! quick-repair's allocator saves.)
+//!
 //! redb marks its file "needs recovery" while a writer has it open. After
 //! a crash, without quick-repair, open rebuilds redb's allocator state by
 //! walking every page of the file: measured here at 0.46–0.63 s with 1M
@@ -85,10 +99,12 @@ mod error;
 mod group_commit;
 mod reader;
 mod record;
+mod redo;
 mod reopen;
 mod store;
 mod tables;
 mod upgrade;
+mod wal;
 mod write;
 
 #[cfg(test)]

@@ -12,7 +12,9 @@
 //!
 //! Nothing acknowledged is lost by this: a write is acknowledged only
 //! after its commit returned, and a reopened database holds every commit
-//! that returned. A commit that failed may still have reached the disk
+//! that returned: the durable ones in the file, the others (with the
+//! write-ahead log on) in the log, which is replayed into the file before
+//! the database goes back in the slot. A commit that failed may still have reached the disk
 //! (an fsync that failed after the data landed); the writer then takes
 //! its counters from the file, and the writers it answered `unavailable`
 //! find their resent `cid`s already stored.
@@ -20,12 +22,14 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 
 use crate::backend::SyncCounter;
 use crate::config::StoreConfig;
 use crate::error::{IoContext, StorageError};
+use crate::redo::Tables;
 use crate::tables;
+use crate::wal::Wal;
 
 /// How long a reopen waits for readers to drop the old database.
 const READERS_WAIT: Duration = Duration::from_millis(500);
@@ -67,9 +71,12 @@ pub(crate) struct Reopened {
     pub(crate) next_conv_id: u64,
 }
 
-/// Closes the database in `slot` and opens its file again. On failure the
-/// slot holds the old one (if readers kept it) or none.
-pub(crate) fn reopen(slot: &DbSlot, how: &Reopen) -> Result<Reopened, StorageError> {
+/// Closes the database in `slot` and opens its file again, replaying the
+/// write-ahead log into it (if there is one) before any reader sees it:
+/// the file alone is the last checkpoint, and a reader would miss what was
+/// acked since. On failure the slot holds the old one (if readers kept
+/// it) or none.
+pub(crate) fn reopen(slot: &DbSlot, how: &Reopen, wal: Option<&mut Wal>) -> Result<Reopened, StorageError> {
     if let Some(mut old) = slot.take() {
         let deadline = Instant::now() + READERS_WAIT;
         loop {
@@ -93,13 +100,20 @@ pub(crate) fn reopen(slot: &DbSlot, how: &Reopen) -> Result<Reopened, StorageErr
         }
     }
     let (db, _repaired) = crate::store::open_database(&how.config, None, how.syncs.clone(), None)?;
+    if let Some(wal) = wal {
+        let mut txn = db.begin_write().ctx("begin write")?;
+        txn.set_durability(Durability::Immediate).ctx("set durability")?;
+        txn.set_quick_repair(how.config.quick_repair);
+        crate::wal::replay(&mut Tables::open(&txn, None)?, wal)?;
+        txn.commit().ctx("commit")?;
+    }
     let reopened = counters(&db)?;
     slot.put(Arc::new(db));
     Ok(reopened)
 }
 
 /// Where the log and the conversation ids continue, read from the file.
-fn counters(db: &Database) -> Result<Reopened, StorageError> {
+pub(crate) fn counters(db: &Database) -> Result<Reopened, StorageError> {
     let txn = db.begin_read().ctx("begin read")?;
     let log = txn.open_table(tables::LOG).ctx("open table log")?;
     let next_offset = log.last().ctx("read log")?.map_or(0, |(k, _)| k.value() + 1);

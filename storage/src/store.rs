@@ -17,16 +17,18 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, StorageBackend};
 
-use crate::backend::{BackendObserver, ProbeBackend, SyncCounter};
+use crate::backend::{BackendObserver, FileKind, ProbeBackend, SyncCounter};
 use crate::config::StoreConfig;
 use crate::dedupe::{DedupeKey, SlotCache};
 use crate::error::{IoContext, StorageError};
 use crate::group_commit::{GroupCommit, Limits};
 use crate::reader::Reader;
 use crate::record::ConversationRecord;
+use crate::redo::Tables;
 use crate::reopen::{DbSlot, Reopen};
 use crate::tables;
 use crate::upgrade;
+use crate::wal::{self, Wal};
 use crate::write::{Completions, Notify, OnCommit, OnLogEnd, Shared, Writer};
 
 /// What the store found when it opened: where to resume.
@@ -47,7 +49,10 @@ pub struct Recovery {
     /// redb had to rebuild its allocator state by walking the whole file
     /// (a crash without quick-repair's saved state): the slow path of open.
     pub repaired: bool,
-    /// How long `open` took, repair included.
+    /// Write-ahead log records (group commits) replayed into redb at
+    /// open: commits acknowledged after the last checkpoint before a crash.
+    pub wal_replayed: u64,
+    /// How long `open` took, repair and replay included.
     pub open_time: Duration,
 }
 
@@ -56,6 +61,10 @@ pub struct Recovery {
 pub struct StoreStats {
     /// Group commits done.
     pub commits: u64,
+    /// Commits durable in redb: every group commit without the
+    /// write-ahead log; with it, the checkpoints (a group commit that is
+    /// also one, or one of nothing but the checkpoint, when idle).
+    pub durable_commits: u64,
     /// Group commits that failed (their writes got errors).
     pub failed_commits: u64,
     /// Writes stored.
@@ -99,24 +108,7 @@ pub(crate) fn open_database(
     let inner: Box<dyn StorageBackend> = match backend {
         Some(b) => b,
         None => {
-            // Conversations are personal data: nobody but kefu's user
-            // reads them. A directory kefu makes is 0700; the database
-            // file is 0600, an existing one tightened to it.
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&config.dir)
-                .map_err(|e| open_err(format!("create directory: {e}")))?;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| open_err(e.to_string()))?;
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| open_err(format!("make it 0600: {e}")))?;
+            let file = private_file(config, &path)?;
             Box::new(redb::backends::FileBackend::new(file).map_err(|e| open_err(e.to_string()))?)
         }
     };
@@ -131,7 +123,7 @@ pub(crate) fn open_database(
             tracing::debug!(progress = session.progress(), "storage repair");
         });
         builder
-            .create_with_backend(ProbeBackend::new(inner, syncs, observer))
+            .create_with_backend(ProbeBackend::new(inner, FileKind::Database, syncs, observer))
             .map_err(|e| open_err(e.to_string()))?
     };
     Ok((db, repaired.load(Ordering::Relaxed)))
@@ -221,6 +213,7 @@ impl StatsSource {
         StoreStats {
             commits: s.commits.load(Ordering::Relaxed),
             failed_commits: s.failed_commits.load(Ordering::Relaxed),
+            durable_commits: s.durable_commits.load(Ordering::Relaxed),
             writes: s.writes.load(Ordering::Relaxed),
             duplicates: s.duplicates.load(Ordering::Relaxed),
             rejected: s.rejected.load(Ordering::Relaxed),
@@ -250,12 +243,13 @@ impl Store {
         Store::open_with(config, notify, None, None)
     }
 
-    /// [`Store::open`] on a given backend (tests: a simulated disk) and
-    /// with an observer of the backend (tests: fsync ordering).
+    /// [`Store::open`] on given backends for the database and the
+    /// write-ahead log (tests: simulated disks), and with an observer of
+    /// both (tests: fsync ordering).
     pub(crate) fn open_with(
         config: StoreConfig,
         notify: Notify,
-        backend: Option<Box<dyn StorageBackend>>,
+        backends: Option<Backends>,
         observer: Option<Arc<dyn BackendObserver>>,
     ) -> Result<(Store, Recovery), StorageError> {
         let started = Instant::now();
@@ -264,9 +258,25 @@ impl Store {
         let open_err = |message: String| StorageError::Open { path: path.clone(), message };
         let syncs = Arc::new(SyncCounter::default());
         // A test backend cannot be opened twice: such a store does not reopen.
-        let reopen = backend.is_none().then(|| Reopen { config: config.clone(), syncs: syncs.clone() });
-        let (db, repaired) = open_database(&config, backend, syncs.clone(), observer)?;
-        let Counters { next_offset, next_conv_id, unclean_shutdown, dedupe_key } = init_tables(&db, &config)?;
+        let reopen = backends.is_none().then(|| Reopen { config: config.clone(), syncs: syncs.clone() });
+        let (db_backend, wal_backend) = match backends {
+            Some(b) => (Some(b.db), b.wal),
+            None => (None, open_wal_file(&config)?),
+        };
+        let (db, repaired) = open_database(&config, db_backend, syncs.clone(), observer.clone())?;
+        let mut wal = match wal_backend {
+            Some(file) => {
+                let probed = ProbeBackend::new(file, FileKind::Wal, syncs.clone(), observer);
+                Some(Wal::open(Box::new(probed), config.wal_bytes, config.wal)?)
+            }
+            None => None,
+        };
+        let Counters { next_offset, next_conv_id, unclean_shutdown, dedupe_key, replayed } =
+            init_tables(&db, &config, wal.as_mut())?;
+        // Replayed whatever it held; the writer appends to it only if on.
+        if !config.wal {
+            wal = None;
+        }
         let db = Arc::new(DbSlot::new(db));
         let shared = Arc::new(Shared::new(config.sources, config.submit_queue_capacity, notify, next_offset));
         let gauge = shared.stats.reader_cache_entries.clone();
@@ -287,6 +297,7 @@ impl Store {
             recovery_backoff_min: Duration::from_millis(config.recovery_backoff_ms_min),
             recovery_backoff_max: Duration::from_millis(config.recovery_backoff_ms_max),
             quick_repair: config.quick_repair,
+            checkpoint: Duration::from_millis(config.checkpoint_ms),
             conv_cache_entries: config.conv_cache_entries,
             dedupe_window: config.dedupe_window,
         };
@@ -299,6 +310,7 @@ impl Store {
             dedupe_key,
             syncs.clone(),
             reopen,
+            wal,
         );
         let thread = std::thread::Builder::new()
             .name("kefu-storage".into())
@@ -313,6 +325,7 @@ impl Store {
             open_conversations,
             unclean_shutdown,
             repaired,
+            wal_replayed: replayed,
             open_time: started.elapsed(),
         };
         tracing::info!(
@@ -321,6 +334,8 @@ impl Store {
             open_conversations = recovery.open_conversations.len(),
             unclean_shutdown = recovery.unclean_shutdown,
             repaired = recovery.repaired,
+            wal_replayed = replayed,
+            wal = config.wal,
             open_ms = recovery.open_time.as_millis() as u64,
             "storage opened"
         );
@@ -432,13 +447,60 @@ struct Counters {
     next_conv_id: u64,
     unclean_shutdown: bool,
     dedupe_key: DedupeKey,
+    /// Write-ahead log records replayed.
+    replayed: u64,
+}
+
+/// Opens or creates `path` in the data directory, making the directory
+/// if needed. Conversations are personal data: nobody but kefu's user
+/// reads them. A directory kefu makes is 0700; the file is 0600, an
+/// existing one tightened to it.
+fn private_file(config: &StoreConfig, path: &std::path::Path) -> Result<std::fs::File, StorageError> {
+    let open_err = |message: String| StorageError::Open { path: path.to_path_buf(), message };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.dir)
+        .map_err(|e| open_err(format!("create directory: {e}")))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| open_err(e.to_string()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| open_err(format!("make it 0600: {e}")))?;
+    Ok(file)
+}
+
+/// What a test opens a store on instead of files.
+pub(crate) struct Backends {
+    pub(crate) db: Box<dyn StorageBackend>,
+    /// `None`: no write-ahead log file (and so none written).
+    pub(crate) wal: Option<Box<dyn StorageBackend>>,
+}
+
+/// The write-ahead log file, made if the log is on, opened if it exists
+/// (it may hold what an earlier run with the log on acked), `None` if off
+/// and absent. 0600, like the database: it holds the same messages.
+fn open_wal_file(config: &StoreConfig) -> Result<Option<Box<dyn StorageBackend>>, StorageError> {
+    let path = config.wal_path();
+    if !config.wal && !path.exists() {
+        return Ok(None);
+    }
+    let open_err = |message: String| StorageError::Open { path: path.clone(), message };
+    let file = private_file(config, &path)?;
+    let backend = redb::backends::FileBackend::new(file).map_err(|e| open_err(e.to_string()))?;
+    Ok(Some(Box::new(backend)))
 }
 
 /// Creates the tables of a new store, or checks an existing one: schema
 /// version (upgrading an older store first, see `upgrade.rs`), and the
 /// counters in `meta` against the tables they count. Marks the store open
 /// until [`Store::close`] marks it closed again.
-fn init_tables(db: &Database, config: &StoreConfig) -> Result<Counters, StorageError> {
+fn init_tables(db: &Database, config: &StoreConfig, wal: Option<&mut Wal>) -> Result<Counters, StorageError> {
     let corrupt =
         |key: &str, message: String| StorageError::Corrupt { table: "meta", key: key.into(), message };
     let mut txn = db.begin_write().ctx("begin write")?;
@@ -462,6 +524,21 @@ fn init_tables(db: &Database, config: &StoreConfig) -> Result<Counters, StorageE
             });
         }
     }
+    if schema.is_none() {
+        if !txn.open_table(tables::LOG).ctx("open table log")?.is_empty().ctx("read log")? {
+            return Err(corrupt(tables::META_SCHEMA, "missing, but the log is not empty".into()));
+        }
+        let mut meta = txn.open_table(tables::META).ctx("open table meta")?;
+        meta.insert(tables::META_SCHEMA, tables::SCHEMA_VERSION).ctx("write meta")?;
+        let key = DedupeKey::random();
+        meta.insert(tables::META_DEDUPE_K0, key.k0).ctx("write meta")?;
+        meta.insert(tables::META_DEDUPE_K1, key.k1).ctx("write meta")?;
+    }
+    // Before the counters are read: the log may hold the last acked writes.
+    let replayed = match wal {
+        Some(wal) => wal::replay(&mut Tables::open(&txn, None)?, wal)?.records,
+        None => 0,
+    };
     let counters;
     {
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
@@ -473,16 +550,6 @@ fn init_tables(db: &Database, config: &StoreConfig) -> Result<Counters, StorageE
         txn.open_table(tables::CONV_CHANGES).ctx("open table conv_changes")?;
         txn.open_table(tables::USER_CONTROLS).ctx("open table user_controls")?;
         let mut meta = txn.open_table(tables::META).ctx("open table meta")?;
-
-        if schema.is_none() {
-            if !log.is_empty().ctx("read log")? {
-                return Err(corrupt(tables::META_SCHEMA, "missing, but the log is not empty".into()));
-            }
-            meta.insert(tables::META_SCHEMA, tables::SCHEMA_VERSION).ctx("write meta")?;
-            let key = DedupeKey::random();
-            meta.insert(tables::META_DEDUPE_K0, key.k0).ctx("write meta")?;
-            meta.insert(tables::META_DEDUPE_K1, key.k1).ctx("write meta")?;
-        }
 
         let from_log = log.last().ctx("read log")?.map_or(0, |(k, _)| k.value() + 1);
         let from_meta = meta.get(tables::META_NEXT_OFFSET).ctx("read meta")?.map_or(0, |g| g.value());
@@ -512,6 +579,7 @@ fn init_tables(db: &Database, config: &StoreConfig) -> Result<Counters, StorageE
             next_conv_id,
             unclean_shutdown,
             dedupe_key: DedupeKey { k0, k1 },
+            replayed,
         };
     }
     txn.commit().ctx("commit")?;

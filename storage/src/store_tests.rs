@@ -14,7 +14,7 @@ use crate::tables;
 use crate::testkit::{NotifyCount, config, message, open, wait_for, write};
 use crate::{
     AgentRef, ConvChange, ConversationFilter, ConversationRecord, LogRecord, PresenceRecord, ReadMark,
-    StorageError, Store, SubmitError, UserControlRecord, UserRecord, WriteOp, WriterHealth,
+    StorageError, Store, StoreConfig, SubmitError, UserControlRecord, UserRecord, WriteOp, WriterHealth,
 };
 
 fn conversation(id: u64, status: ConvStatus) -> ConversationRecord {
@@ -1210,6 +1210,8 @@ fn the_data_directory_and_database_are_kefus_alone() {
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (_store, _) = open(config(&dir));
     assert_eq!(mode(&db), 0o600);
+    // The write-ahead log holds the same messages.
+    assert_eq!(mode(&config(&dir).wal_path()), 0o600);
 }
 
 /// Messages are written in the compact format since version 6; a store
@@ -1278,4 +1280,122 @@ fn a_version_5_store_with_format_1_messages_reads_as_before() {
     let txn = db.begin_read().unwrap();
     let log = txn.open_table(tables::LOG).unwrap();
     assert_eq!(log.get(new.offset).unwrap().unwrap().value()[0], 2);
+}
+
+/// Every table's entries, in key order (bytes shown as Debug), but for the
+/// `meta` keys that say how the file was last opened and checkpointed.
+fn dump(path: &std::path::Path) -> Vec<String> {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        txn: &redb::ReadTransaction,
+        def: TableDefinition<K, V>,
+        out: &mut Vec<String>,
+    ) where
+        for<'a> K::SelfType<'a>: std::fmt::Debug,
+        for<'a> V::SelfType<'a>: std::fmt::Debug,
+    {
+        for entry in txn.open_table(def).unwrap().iter().unwrap() {
+            let (k, v) = entry.unwrap();
+            let line = format!("{def}: {:?} = {:?}", k.value(), v.value());
+            if !line.starts_with("meta: \"open\"") && !line.starts_with("meta: \"wal_cycle\"") {
+                out.push(line);
+            }
+        }
+    }
+    let db = redb::Database::open(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let mut out = Vec::new();
+    table(&txn, tables::LOG, &mut out);
+    table(&txn, tables::CONV_INDEX, &mut out);
+    table(&txn, tables::CONVERSATIONS, &mut out);
+    table(&txn, tables::USERS, &mut out);
+    table(&txn, tables::USER_CONVERSATIONS, &mut out);
+    table(&txn, tables::CONSUMER_OFFSETS, &mut out);
+    table(&txn, tables::CONV_CHANGES, &mut out);
+    table(&txn, tables::USER_CONTROLS, &mut out);
+    table(&txn, tables::META, &mut out);
+    out
+}
+
+/// The write-ahead log: a store whose last commits are in the log alone (a
+/// crash before the checkpoint) opens with every table as the commits
+/// left it, whether the log is on or off in the config it is opened with.
+#[test]
+fn what_only_the_log_holds_is_replayed_at_open_whether_the_log_is_on_or_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig { checkpoint_ms: 600_000, ..config(dir.path()) };
+    {
+        let (store, recovery) = open(cfg.clone());
+        assert_eq!(recovery.wal_replayed, 0);
+        // Every kind of write, so every kind of op is replayed.
+        write(&store, 1, WriteOp::PutConversation(conversation(7, ConvStatus::Queued))).result.unwrap();
+        write(&store, 2, WriteOp::PutConversation(conversation(7, ConvStatus::Assigned))).result.unwrap();
+        for i in 0..20 {
+            let op = WriteOp::AppendMessage(message(7, "v7", &format!("c{i}"), &format!("text {i}")));
+            write(&store, 10 + i, op).result.unwrap();
+        }
+        let dup = write(&store, 40, WriteOp::AppendMessage(message(7, "v7", "c3", "text 3"))).result.unwrap();
+        assert!(dup.duplicate);
+        let user = UserRecord {
+            id: "v7".into(),
+            role: Role::Visitor,
+            name: "Bob".into(),
+            meta: vec![("plan".into(), "gold".into())],
+            visitor_key_hash: None,
+            created_ms: 1,
+        };
+        write(&store, 41, WriteOp::PutUser(user)).result.unwrap();
+        write(&store, 42, WriteOp::MarkRead(ReadMark { conv: 7, user_id: "a1".into(), seq: 3, ts_ms: 5 }))
+            .result
+            .unwrap();
+        let presence = PresenceRecord { agent_id: "a1".into(), status: "away".into(), ts_ms: 6 };
+        write(&store, 43, WriteOp::LogPresence(presence)).result.unwrap();
+        write(&store, 44, WriteOp::CommitOffset { consumer: "crm".into(), offset: 5 }).result.unwrap();
+        let control =
+            UserControlRecord { synced_name: Some("Bobby".into()), synced_meta: vec![], block: None };
+        write(&store, 45, WriteOp::PutControl { role: Role::Visitor, id: "v7".into(), control })
+            .result
+            .unwrap();
+        assert_eq!(store.stats().durable_commits, 0, "no checkpoint yet: the log alone holds these");
+        // The crash: the files as they are now, the writer idle.
+        for f in ["kefu.redb", "kefu.wal"] {
+            std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
+        }
+    }
+    let expected = dump(&cfg.db_path());
+    assert!(expected.iter().any(|l| l.starts_with("user_controls")), "{expected:#?}");
+    for wal in [true, false] {
+        let again = tempfile::tempdir().unwrap();
+        for f in ["kefu.redb", "kefu.wal"] {
+            std::fs::copy(crashed.path().join(f), again.path().join(f)).unwrap();
+        }
+        let cfg = StoreConfig { wal, ..config(again.path()) };
+        {
+            let (store, recovery) = open(cfg.clone());
+            assert!(recovery.unclean_shutdown, "wal={wal}");
+            assert!(recovery.wal_replayed >= 10, "wal={wal}: {} records replayed", recovery.wal_replayed);
+            assert_eq!(store.reader().last_seq(7).unwrap(), 20, "wal={wal}");
+        }
+        assert_eq!(dump(&cfg.db_path()), expected, "wal={wal}");
+        // Replayed once: the next open finds nothing left to replay.
+        let (_store, recovery) = open(cfg);
+        assert_eq!(recovery.wal_replayed, 0, "wal={wal}");
+    }
+}
+
+#[test]
+fn a_log_from_another_store_replays_nothing() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let cfg = |dir: &std::path::Path| StoreConfig { checkpoint_ms: 600_000, ..config(dir) };
+    {
+        let (store, _) = open(cfg(a.path()));
+        write(&store, 1, WriteOp::AppendMessage(message(1, "v", "c", "from a"))).result.unwrap();
+        std::fs::copy(a.path().join("kefu.wal"), b.path().join("kefu.wal")).unwrap();
+    }
+    // b's database is new (another store's key): a's records are not its.
+    let (store, recovery) = open(cfg(b.path()));
+    assert_eq!((recovery.wal_replayed, recovery.next_offset), (0, 0));
+    assert_eq!(store.reader().last_seq(1).unwrap(), 0);
 }

@@ -59,9 +59,14 @@ pub(crate) const META_DEDUPE_K1: &str = "dedupe_k1";
 /// `meta` key: 1 while a process has the store open, 0 after a clean close.
 pub(crate) const META_OPEN: &str = "open";
 
+/// `meta` key: the last write-ahead log cycle that redb's durable state
+/// holds whole (`wal.rs`); absent: 0.
+pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
+
 /// 2 added `user_conversations`; 3 put the sender's role into the dedupe
 /// slots and keyed `users` by (role, id); 4 added `conv_changes`; 5 added
 /// `user_controls`; 6 writes messages in the compact format (format byte
-/// 2), which a build reading 5 could not read. An older store is upgraded
-/// at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 6;
+/// 2), which a build reading 5 could not read; 7 may hold its last
+/// acknowledged writes in the write-ahead log, which a build reading 6
+/// would not replay. An older store is upgraded at open (`upgrade.rs`).
+pub(crate) const SCHEMA_VERSION: u64 = 7;

@@ -29,7 +29,13 @@ impl NotifyCount {
 }
 
 pub(crate) fn config(dir: &std::path::Path) -> StoreConfig {
-    StoreConfig { dir: dir.to_path_buf(), cache_bytes: 16 << 20, ..StoreConfig::default() }
+    // A small log: each test's store fills its file with zeros once.
+    StoreConfig {
+        dir: dir.to_path_buf(),
+        cache_bytes: 16 << 20,
+        wal_bytes: 1 << 20,
+        ..StoreConfig::default()
+    }
 }
 
 pub(crate) fn open(config: StoreConfig) -> (Store, Recovery) {

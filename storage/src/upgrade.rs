@@ -27,6 +27,10 @@
 //!   every reader still reads, so nothing is rewritten: the step is the
 //!   version, which keeps a build that cannot read format 2 from opening
 //!   the store.
+//! - 6 → 7: the write-ahead log (`wal.rs`): the last acknowledged writes
+//!   may be in `kefu.wal` and not yet in redb's durable state, which a
+//!   build without the log would not read. Nothing is rewritten; the step
+//!   is the version (and `wal_cycle`, which starts at 0, absent).
 
 use std::collections::HashMap;
 
@@ -46,7 +50,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 5) to
+/// Upgrades a store at version `from` (1 to 6) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {

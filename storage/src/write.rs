@@ -193,6 +193,7 @@ pub(crate) struct SourceQueues {
 #[derive(Debug, Default)]
 pub(crate) struct WriteStats {
     pub(crate) commits: AtomicU64,
+    pub(crate) durable_commits: AtomicU64,
     pub(crate) failed_commits: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) duplicates: AtomicU64,

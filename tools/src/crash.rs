@@ -42,9 +42,10 @@
 //! to recover from a kill is from the SIGKILL to the first `ack` read on a
 //! connection made to the new process.
 //!
-//! The gateway's durability is not configurable (`storage` commits with
-//! redb's `Durability::Immediate`; `storage.quick_repair` only changes how
-//! the file is opened after a crash): the report shows the `[storage]`
+//! The gateway's durability is not configurable (an ack waits for an
+//! fsync: of the write-ahead log, or of redb's commit at a checkpoint or
+//! with `storage.wal = false`; `storage.quick_repair` only changes how the
+//! file is opened after a crash): the report shows the `[storage]`
 //! section the gateway runs with, as `kefu config` prints it, so a reader
 //! can see that the config under test left it at the defaults.
 
