@@ -70,7 +70,7 @@
 //! # Recovery: quick-repair is on
 //!
 //! (With the write-ahead log, all this applies to the checkpoints: one
-//! durable redb commit every `checkpoint_ms`, one second by default. The
+//! durable redb commit every `checkpoint_ms`, 100 ms by default. The
 //! commits between them cost one fsync of the log, and none of
 //! quick-repair's allocator saves.)
 //!
@@ -127,6 +127,8 @@ pub use record::{
     ConversationRecord, LogRecord, LogView, MessageRecord, PresenceRecord, ReadMark, RoleDef, Sender,
     UserControlRecord, UserRecord, decode_log_record, encode_log_record,
 };
+#[doc(hidden)]
+pub use redo::redo_round_trip;
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};
 pub use write::{
     CommitTimes, Committed, Completion, Completions, Notify, OnCommit, OnLogEnd, WriteOp, Writer,
