@@ -60,8 +60,9 @@ pub struct StoreConfig {
     /// Write-ahead log (`dir/kefu.wal`) in front of redb. A group commit
     /// then appends its changes to this file and fsyncs it once, commits
     /// to redb without a fsync (`Durability::None`: readers see it, a
-    /// crash takes it back), and acks; every `checkpoint_ms` one commit is
-    /// durable in redb (with quick-repair) and the log starts over. After
+    /// crash takes it back), and acks; every `checkpoint_ms` a commit of
+    /// nothing else makes it all durable in redb (with quick-repair) and
+    /// the log starts over. After
     /// a crash, open replays what the log holds past the last checkpoint.
     /// One fsync per commit instead of two, and none of quick-repair's
     /// allocator saves between checkpoints (see `wal.rs` and

@@ -6,9 +6,12 @@
 //! write and notify each source that got some. Durable is: with the
 //! write-ahead log (`wal.rs`), its redo record appended and the log
 //! fsynced, then the transaction committed to redb with `Durability::None`
-//! (visible to readers); at a checkpoint, or without the log, the
-//! transaction committed with `Durability::Immediate` (its fsyncs
-//! returned).
+//! (visible to readers); without the log, or when the log has no room
+//! for the record, the transaction committed with `Durability::Immediate`
+//! (its fsyncs returned). With the log, every `checkpoint_ms` the writer
+//! also commits nothing but the checkpoint durably, after a batch's acks
+//! went out rather than with them: it writes every page changed since the
+//! last one and would hold those acks as long.
 //!
 //! A batch closes at whichever comes first:
 //! - `batch_max_records` writes,
@@ -173,11 +176,18 @@ impl GroupCommit {
         while self.gather() {
             if let Err(e) = self.commit_batch() {
                 self.recover(&e);
+                continue;
+            }
+            // After the batch's acks went out, not with them: a
+            // checkpoint writes every page changed since the last one and
+            // would hold the batch's acks for as long.
+            if self.unchecked && self.checkpoint_due() {
+                self.checkpoint_or_recover();
             }
         }
         // A clean close leaves nothing for the next open to replay.
         if self.unchecked
-            && let Err(e) = self.checkpoint_idle()
+            && let Err(e) = self.checkpoint()
         {
             tracing::warn!(error = %e, "storage could not checkpoint at close; the next open replays the log");
         }
@@ -235,10 +245,7 @@ impl GroupCommit {
                 continue;
             }
             if self.unchecked && self.checkpoint_due() {
-                if let Err(e) = self.checkpoint_idle() {
-                    tracing::error!(error = %e, "storage checkpoint failed");
-                    self.recover(&e);
-                }
+                self.checkpoint_or_recover();
                 continue;
             }
             let park = if self.unchecked {
@@ -469,9 +476,9 @@ impl GroupCommit {
     }
 
     /// Applies the batch in one transaction and commits it: durably in
-    /// redb without the write-ahead log, at a checkpoint, or when its
-    /// record would not fit in the log; otherwise appended to the log (one
-    /// fsync) and committed to redb in memory.
+    /// redb without the write-ahead log, or when its record would not fit
+    /// in the log; otherwise appended to the log (one fsync) and committed
+    /// to redb in memory.
     fn apply_and_commit(&mut self) -> Result<(), StorageError> {
         let db = self.db.get()?;
         let mut txn = db.begin_write().ctx("begin write")?;
@@ -500,10 +507,9 @@ impl GroupCommit {
         if self.next_conv_id != conv_id_before {
             t.put(Op::Meta { key: tables::META_NEXT_CONV_ID, value: self.next_conv_id })?;
         }
-        let logged = match &self.wal {
-            Some(wal) => !self.checkpoint_due() && wal.fits(t.redo_len()),
-            None => false,
-        };
+        // A record the log cannot take (it is full, or the record is
+        // larger than all of it) makes this commit the checkpoint.
+        let logged = self.wal.as_ref().is_some_and(|wal| wal.fits(t.redo_len()));
         if !logged && let Some(wal) = &self.wal {
             t.put_meta_unrecorded(tables::META_WAL_CYCLE, wal.cycle())?;
         }
@@ -526,8 +532,8 @@ impl GroupCommit {
         Ok(())
     }
 
-    /// Whether the next commit should be durable in redb: the log is on
-    /// and `checkpoint_ms` passed since the last durable commit.
+    /// Whether a checkpoint is due: `checkpoint_ms` passed since the last
+    /// durable commit.
     fn checkpoint_due(&self) -> bool {
         self.last_checkpoint.elapsed() >= self.limits.checkpoint
     }
@@ -544,9 +550,21 @@ impl GroupCommit {
         }
     }
 
-    /// A durable commit of nothing but the checkpoint, when the writer is
-    /// idle with commits only the log holds.
-    fn checkpoint_idle(&mut self) -> Result<(), StorageError> {
+    /// [`Self::checkpoint`], and if it fails, the recovery a failed group
+    /// commit gets (the log is replayed before writes are taken again).
+    fn checkpoint_or_recover(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            tracing::error!(error = %e, "storage checkpoint failed");
+            self.shared.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.last_commit_failed.store(true, Ordering::Relaxed);
+            self.recover(&e);
+        }
+    }
+
+    /// A durable commit of nothing but the checkpoint: after a group
+    /// commit once `checkpoint_ms` passed, or when the writer is idle with
+    /// commits only the log holds.
+    fn checkpoint(&mut self) -> Result<(), StorageError> {
         let Some(wal) = &self.wal else { return Ok(()) };
         let cycle = wal.cycle();
         let db = self.db.get()?;

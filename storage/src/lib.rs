@@ -8,8 +8,8 @@
 //! group commit is durable: its record in the write-ahead log
 //! (`wal.rs`, on by default) written and the log fsynced, or the redb
 //! commit holding it returned with `Durability::Immediate`, that is after
-//! every fsync of that commit returned (without the log, and at the log's
-//! checkpoints); and after redb committed it, so that every reader sees
+//! every fsync of that commit returned (without the log, or when the log
+//! is full); and after redb committed it, so that every reader sees
 //! what was acked (tests `durability::no_completion_before_its_fsync_returns`
 //! and `durability::a_held_fsync_holds_back_every_completion`, which watch
 //! both files from below redb, with the log on and off). An acknowledged write survives the process being

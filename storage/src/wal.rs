@@ -9,8 +9,10 @@
 //! group commit appends what it changed ([`redo`](crate::redo)) to this
 //! file and fsyncs it once, then commits to redb with `Durability::None`
 //! (in memory: readers see it, a crash takes it back), and only then acks.
-//! Every `checkpoint_ms` (or when the file is full) one commit is durable
-//! in redb, quick-repair and all, and the log starts over.
+//! Every `checkpoint_ms`, after the group commit whose acks just went
+//! out, the writer commits nothing but the checkpoint durably in redb,
+//! quick-repair and all, and the log starts over; when a record does not
+//! fit in what is left of the file, its own commit is the durable one.
 //!
 //! # Layout
 //!
@@ -47,7 +49,7 @@
 //!
 //! A write is acked after its record's fsync returned and its redb commit
 //! (non-durable) returned, or after its durable redb commit returned (a
-//! checkpoint). Either way a crash or a power cut keeps it
+//! record the log had no room for). Either way a crash or a power cut keeps it
 //! (`durability.rs` runs every proof with the log on and off). A commit
 //! whose append or fsync failed, or whose redb commit failed after the
 //! append, is answered with the error; the writer then replays the log
