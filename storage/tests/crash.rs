@@ -35,6 +35,10 @@ fn config(dir: &std::path::Path) -> StoreConfig {
         // tested is dedupe across crashes, not where the window ends
         // (store_tests: `a_cid_older_than_the_window_is_a_new_message`).
         dedupe_window: 1 << 20,
+        // A second between checkpoints (the default is 100 ms): most kills
+        // then leave many commits in the write-ahead log alone, and the
+        // reopen must replay them.
+        checkpoint_ms: 1_000,
         ..StoreConfig::default()
     }
 }
