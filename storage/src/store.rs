@@ -62,8 +62,9 @@ pub struct StoreStats {
     /// Group commits done.
     pub commits: u64,
     /// Commits durable in redb: every group commit without the
-    /// write-ahead log; with it, the checkpoints (a group commit that is
-    /// also one, or one of nothing but the checkpoint, when idle).
+    /// write-ahead log; with it, the checkpoints (a commit of nothing but
+    /// the checkpoint, or a group commit whose record the log had no room
+    /// for).
     pub durable_commits: u64,
     /// Group commits that failed (their writes got errors).
     pub failed_commits: u64,
@@ -75,7 +76,8 @@ pub struct StoreStats {
     pub rejected: u64,
     /// Submits refused because the source was full.
     pub submit_full: u64,
-    /// fsyncs returned (redb does one per commit, two with quick-repair).
+    /// fsyncs returned: the write-ahead log's (one per group commit through
+    /// it) and redb's (one per durable commit, two with quick-repair).
     pub fsyncs: u64,
     /// The largest batch so far.
     pub batch_records_max: u64,
@@ -259,11 +261,17 @@ impl Store {
         let syncs = Arc::new(SyncCounter::default());
         // A test backend cannot be opened twice: such a store does not reopen.
         let reopen = backends.is_none().then(|| Reopen { config: config.clone(), syncs: syncs.clone() });
-        let (db_backend, wal_backend) = match backends {
-            Some(b) => (Some(b.db), b.wal),
-            None => (None, open_wal_file(&config)?),
+        let (db_backend, test_wal) = match backends {
+            Some(b) => (Some(b.db), Some(b.wal)),
+            None => (None, None),
         };
         let (db, repaired) = open_database(&config, db_backend, syncs.clone(), observer.clone())?;
+        // Only now: the database's lock keeps a second process from
+        // touching the log of a store another one has open.
+        let wal_backend = match test_wal {
+            Some(wal) => wal,
+            None => open_wal_file(&config)?,
+        };
         let mut wal = match wal_backend {
             Some(file) => {
                 let probed = ProbeBackend::new(file, FileKind::Wal, syncs.clone(), observer);

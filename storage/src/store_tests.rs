@@ -1399,3 +1399,22 @@ fn a_log_from_another_store_replays_nothing() {
     assert_eq!((recovery.wal_replayed, recovery.next_offset), (0, 0));
     assert_eq!(store.reader().last_seq(1).unwrap(), 0);
 }
+
+/// A second process (here: a second open) on a store in use is refused by
+/// the database's lock before it touches the write-ahead log, whatever
+/// size of log its config asks for.
+#[test]
+fn a_second_open_of_a_store_in_use_is_refused_and_leaves_the_log_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig { checkpoint_ms: 600_000, ..config(dir.path()) };
+    let (store, _) = open(cfg.clone());
+    write(&store, 1, WriteOp::AppendMessage(message(1, "v", "a", "before"))).result.unwrap();
+    let log = std::fs::read(cfg.wal_path()).unwrap();
+    let bigger = StoreConfig { wal_bytes: cfg.wal_bytes * 2, ..cfg.clone() };
+    assert!(Store::open(bigger, Arc::new(|_| {})).is_err(), "the store is in use");
+    assert_eq!(std::fs::read(cfg.wal_path()).unwrap(), log, "the refused open wrote nothing to the log");
+    write(&store, 2, WriteOp::AppendMessage(message(1, "v", "b", "after"))).result.unwrap();
+    drop(store);
+    let (store, _) = open(cfg);
+    assert_eq!(store.reader().last_seq(1).unwrap(), 2);
+}
