@@ -400,6 +400,8 @@ struct SimState {
     durable: Vec<u8>,
     pending: Vec<Pending>,
     powered_off: bool,
+    /// This many next fsyncs fail (the data stays written, not durable).
+    failing_syncs: usize,
 }
 
 enum Pending {
@@ -431,6 +433,7 @@ impl SimDisk {
                 durable: image,
                 pending: Vec::new(),
                 powered_off: false,
+                failing_syncs: 0,
             }),
         })
     }
@@ -540,6 +543,10 @@ impl StorageBackend for Disk {
         let mut s = self.0.state.lock().unwrap();
         if s.powered_off {
             return Err(power_lost());
+        }
+        if s.failing_syncs > 0 {
+            s.failing_syncs -= 1;
+            return Err(std::io::Error::other("fsync failed (test)"));
         }
         let SimState { durable, pending, .. } = &mut *s;
         for p in pending.drain(..) {
@@ -764,4 +771,62 @@ fn the_simulated_disk_forgets_what_was_not_fsynced() {
     }
     assert!(kept > 0 && kept < 20, "a random part of the unsynced writes lands: {kept}/20");
     assert!(d.write(0, b"x").is_err(), "no power, no writes");
+}
+
+/// A failed fsync of the write-ahead log fails its batch; the writer then
+/// replays the log onto the live database (which holds every record of
+/// the cycle but that one), goes on from what is stored, and writes again.
+/// The failed record had reached the file, so it is stored (a resend of it
+/// dedupes to it), the conversation stays gap-free, and a power cut after
+/// all that keeps every ack.
+#[test]
+fn a_failed_fsync_of_the_log_fails_its_batch_and_the_writer_goes_on_from_what_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        checkpoint_ms: 600_000,
+        recovery_backoff_ms_min: 1,
+        recovery_backoff_ms_max: 10,
+        ..config(dir.path())
+    };
+    let (db, wal) = (Arc::new(SimDisk::default()), Arc::new(SimDisk::default()));
+    let backends = Backends { db: Box::new(Disk(db.clone())), wal: Some(Box::new(Disk(wal.clone()))) };
+    let (store, _) = Store::open_with(cfg.clone(), Arc::new(|_| {}), Some(backends), None).unwrap();
+    let (w, completions) = (store.writer(), store.completions(0));
+    let mut token = 0;
+    let mut send = |cid: &str| {
+        token += 1;
+        w.submit(0, token, WriteOp::AppendMessage(message(1, "v", cid, cid))).unwrap();
+        wait_for(&completions, 1).pop().unwrap()
+    };
+    let mut acked = Vec::new();
+    let mut ack = |c: crate::Completion| {
+        let ok = c.result.unwrap_or_else(|e| panic!("{e}"));
+        let WriteOp::AppendMessage(m) = &c.op else { unreachable!() };
+        acked.push(Ack { conv: 1, seq: ok.seq, offset: ok.offset, cid: m.cid.clone() });
+        ok
+    };
+    for i in 1..=5 {
+        assert_eq!(ack(send(&format!("m{i}"))).seq, i);
+    }
+    wal.state.lock().unwrap().failing_syncs = 1;
+    assert!(send("m6").result.is_err(), "a batch whose log fsync failed is not acked");
+    // Until the writer has replayed the log, writes are refused.
+    let seven = loop {
+        let c = send("m7");
+        match &c.result {
+            Err(crate::StorageError::Recovering) => std::thread::sleep(Duration::from_millis(2)),
+            _ => break ack(c),
+        }
+    };
+    assert_eq!(seven.seq, 7, "m6 reached the log, so the replay stored it as seq 6");
+    let again = ack(send("m6"));
+    assert!(again.duplicate && again.seq == 6, "{again:?}");
+    let r = store.reader();
+    assert_eq!(r.last_seq(1).unwrap(), 7);
+    assert_eq!(r.message(1, 6).unwrap().unwrap().record.cid, "m6");
+    assert!(store.stats().recoveries >= 1);
+    let mut rng = StdRng::seed_from_u64(9);
+    let (image, wal_image) = power_cut_both(&db, &wal, &mut rng, Cut::Sectors);
+    drop(store);
+    check_image(image, wal_image, cfg, &acked, "after a failed log fsync");
 }

@@ -108,6 +108,9 @@ pub(crate) struct GroupCommit {
     last_checkpoint: Instant,
     /// Commits since then that only the log holds durably.
     unchecked: bool,
+    /// The store closed while recovering from a failed commit, before a
+    /// commit succeeded again: nothing more may be written.
+    closed_failing: bool,
 }
 
 /// A write's own outcome (`Ok(Err)`: refused, nothing written), or a
@@ -157,6 +160,7 @@ impl GroupCommit {
             redo: Vec::new(),
             last_checkpoint: Instant::now(),
             unchecked: false,
+            closed_failing: false,
         }
     }
 
@@ -176,14 +180,23 @@ impl GroupCommit {
         while self.gather() {
             if let Err(e) = self.commit_batch() {
                 self.recover(&e);
-                continue;
-            }
-            // After the batch's acks went out, not with them: a
-            // checkpoint writes every page changed since the last one and
-            // would hold the batch's acks for as long.
-            if self.unchecked && self.checkpoint_due() {
+            } else if self.unchecked && self.checkpoint_due() {
+                // After the batch's acks went out, not with them: a
+                // checkpoint writes every page changed since the last one
+                // and would hold the batch's acks for as long.
                 self.checkpoint_or_recover();
             }
+            if self.closed_failing {
+                break;
+            }
+        }
+        if self.closed_failing {
+            // Closed before it could write again: its counters and the log
+            // may not match what is stored, so nothing more is written,
+            // not even a checkpoint; the next open replays the log.
+            self.refuse_until_quiescent();
+            tracing::warn!("storage closed while it could not write; the next open replays the log");
+            return;
         }
         // A clean close leaves nothing for the next open to replay.
         if self.unchecked
@@ -246,6 +259,10 @@ impl GroupCommit {
             }
             if self.unchecked && self.checkpoint_due() {
                 self.checkpoint_or_recover();
+                if self.closed_failing {
+                    // `run` refuses what is left.
+                    return false;
+                }
                 continue;
             }
             let park = if self.unchecked {
@@ -338,6 +355,7 @@ impl GroupCommit {
             stats.recovery_attempts.fetch_add(1, Ordering::Relaxed);
             match self.try_to_write() {
                 Ok(()) => {
+                    self.closed_failing = false;
                     tracing::info!(attempts, "storage writes again");
                     stats.recoveries.fetch_add(1, Ordering::Relaxed);
                     *self.shared.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -352,9 +370,36 @@ impl GroupCommit {
                 }
             }
             if !self.refuse_until(Instant::now() + backoff) {
+                self.closed_failing = true;
                 return;
             }
             backoff = (backoff * 2).min(self.limits.recovery_backoff_max);
+        }
+    }
+
+    /// Answers every write queued now with `Recovering`.
+    fn refuse_queued(&mut self) {
+        self.batch_bytes = 0;
+        while self.take() > 0 {
+            let n = self.batch.len();
+            self.shared.stats.refused_recovering.fetch_add(n as u64, Ordering::Relaxed);
+            self.results.clear();
+            self.results.resize(n, Err(StorageError::Recovering));
+            self.publish();
+            self.batch_bytes = 0;
+        }
+    }
+
+    /// After a close that came while the store could not write: answers
+    /// every write still coming with `Recovering` until no submitter is
+    /// left.
+    fn refuse_until_quiescent(&mut self) {
+        loop {
+            self.refuse_queued();
+            if self.shared.quiescent() {
+                return;
+            }
+            thread::yield_now();
         }
     }
 
@@ -363,15 +408,7 @@ impl GroupCommit {
     /// as long as the disk is full. False if the store closed meanwhile.
     fn refuse_until(&mut self, deadline: Instant) -> bool {
         loop {
-            self.batch_bytes = 0;
-            while self.take() > 0 {
-                let n = self.batch.len();
-                self.shared.stats.refused_recovering.fetch_add(n as u64, Ordering::Relaxed);
-                self.results.clear();
-                self.results.resize(n, Err(StorageError::Recovering));
-                self.publish();
-                self.batch_bytes = 0;
-            }
+            self.refuse_queued();
             if self.shared.closed.load(Ordering::SeqCst) {
                 return false;
             }
@@ -436,9 +473,13 @@ impl GroupCommit {
             Some(wal) => {
                 {
                     let mut t = Tables::open(&txn, None)?;
+                    // A page to take even when the log holds nothing; a
+                    // replay writes its own counters over it.
+                    t.put_meta_unrecorded(tables::META_NEXT_OFFSET, self.next_offset)?;
                     wal::replay(&mut t, wal)?;
                 }
                 txn.commit().ctx("commit")?;
+                self.shared.stats.durable_commits.fetch_add(1, Ordering::Relaxed);
                 self.go_on_from(crate::reopen::counters(&db)?);
                 self.last_checkpoint = Instant::now();
                 self.unchecked = false;

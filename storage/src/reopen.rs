@@ -104,8 +104,12 @@ pub(crate) fn reopen(slot: &DbSlot, how: &Reopen, wal: Option<&mut Wal>) -> Resu
         let mut txn = db.begin_write().ctx("begin write")?;
         txn.set_durability(Durability::Immediate).ctx("set durability")?;
         txn.set_quick_repair(how.config.quick_repair);
-        crate::wal::replay(&mut Tables::open(&txn, None)?, wal)?;
-        txn.commit().ctx("commit")?;
+        let replayed = crate::wal::replay(&mut Tables::open(&txn, None)?, wal)?;
+        // Nothing to replay, nothing to commit (dropping `txn` aborts it):
+        // on a full disk the readers get the database back at once.
+        if replayed.records > 0 {
+            txn.commit().ctx("commit")?;
+        }
     }
     let reopened = counters(&db)?;
     slot.put(Arc::new(db));

@@ -40,10 +40,15 @@
 //! Open (and the writer after a failure) reads the records of cycle
 //! `wal_cycle + 1` from offset 0 and stops at the first that is not one:
 //! a torn or unwritten record fails its checksum, an old one has an older
-//! number. It replays them into one durable commit that also sets
-//! `wal_cycle` to that cycle, so the next cycle is one past it whatever
-//! the file still holds. A replay may repeat a record redb already has
-//! (a crash after a checkpoint's commit); replay may repeat (see `redo`).
+//! number. If there are any, it replays them into one durable commit that
+//! also sets `wal_cycle` to that cycle, so the next cycle is one past it
+//! whatever the file still holds. If there are none, nothing of that cycle
+//! was ever fsynced (each record is fsynced before the next is written),
+//! so the writer appends that same cycle from offset 0 and no commit is
+//! needed: a reopen on a full disk gives readers their database back at
+//! once. A replay may repeat what redb already has: the writer's recovery
+//! replays the cycle onto the live database, which holds every record of
+//! it but a failed one; replay may repeat (see `redo`).
 //!
 //! # What an ack means
 //!
@@ -208,8 +213,9 @@ pub(crate) struct Replayed {
 }
 
 /// Replays the log's records past redb's last checkpoint into `t` (a
-/// transaction the caller commits durably), marks their cycle
-/// checkpointed, and starts the log's next cycle.
+/// transaction the caller commits durably if any were replayed), marks
+/// their cycle checkpointed, and starts the log's next cycle (the same
+/// one, from its start, if it held none).
 pub(crate) fn replay(t: &mut Tables<'_>, wal: &mut Wal) -> Result<Replayed, StorageError> {
     wal.store = t.meta(tables::META_DEDUPE_K0)?.ok_or_else(|| StorageError::Corrupt {
         table: "meta",
@@ -225,10 +231,12 @@ pub(crate) fn replay(t: &mut Tables<'_>, wal: &mut Wal) -> Result<Replayed, Stor
             message,
         })
     })?;
-    t.put_meta_unrecorded(tables::META_WAL_CYCLE, cycle)?;
-    if records > 0 {
-        tracing::info!(records, cycle, "storage replayed its write-ahead log");
+    if records == 0 {
+        wal.restart(cycle);
+        return Ok(Replayed { records, next_cycle: cycle });
     }
+    t.put_meta_unrecorded(tables::META_WAL_CYCLE, cycle)?;
+    tracing::info!(records, cycle, "storage replayed its write-ahead log");
     wal.restart(cycle + 1);
     Ok(Replayed { records, next_cycle: cycle + 1 })
 }
