@@ -9,6 +9,9 @@
 //! group commit appends what it changed ([`redo`](crate::redo)) to this
 //! file and fsyncs it once, then commits to redb with `Durability::None`
 //! (in memory: readers see it, a crash takes it back), and only then acks.
+//! This departs from DESIGN.md, whose writer commits every group with
+//! `Durability::Immediate`: an ack still waits for an fsync (the log's),
+//! and `storage.wal = false` is the design's path exactly.
 //! Every `checkpoint_ms`, after the group commit whose acks just went
 //! out, the writer commits nothing but the checkpoint durably in redb,
 //! quick-repair and all, and the log starts over; when a record does not
