@@ -43,6 +43,7 @@ use crate::error::{IoContext, StorageError};
 use crate::record::{ArchivedConversationRecord, ConvChange, LogRecord, access, encode_into};
 use crate::redo::{Op, Tables};
 use crate::reopen::{DbSlot, Reopen};
+use crate::store::begin_durable;
 use crate::tables;
 use crate::wal::{self, Wal};
 use crate::write::{CommitTimes, Committed, Completion, Shared, Submission, WriteOp};
@@ -459,9 +460,7 @@ impl GroupCommit {
     /// next record is.
     fn probe(&mut self) -> Result<(), StorageError> {
         let db = self.db.get()?;
-        let mut txn = db.begin_write().ctx("begin write")?;
-        txn.set_durability(Durability::Immediate).ctx("set durability")?;
-        txn.set_quick_repair(self.limits.quick_repair);
+        let txn = begin_durable(&db, self.limits.quick_repair)?;
         match &mut self.wal {
             None => {
                 txn.open_table(tables::META)
@@ -609,9 +608,7 @@ impl GroupCommit {
         let Some(wal) = &self.wal else { return Ok(()) };
         let cycle = wal.cycle();
         let db = self.db.get()?;
-        let mut txn = db.begin_write().ctx("begin write")?;
-        txn.set_durability(Durability::Immediate).ctx("set durability")?;
-        txn.set_quick_repair(self.limits.quick_repair);
+        let txn = begin_durable(&db, self.limits.quick_repair)?;
         txn.open_table(tables::META)
             .ctx("open table meta")?
             .insert(tables::META_WAL_CYCLE, cycle)

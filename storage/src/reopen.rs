@@ -22,7 +22,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable};
 
 use crate::backend::SyncCounter;
 use crate::config::StoreConfig;
@@ -101,9 +101,7 @@ pub(crate) fn reopen(slot: &DbSlot, how: &Reopen, wal: Option<&mut Wal>) -> Resu
     }
     let (db, _repaired) = crate::store::open_database(&how.config, None, how.syncs.clone(), None)?;
     if let Some(wal) = wal {
-        let mut txn = db.begin_write().ctx("begin write")?;
-        txn.set_durability(Durability::Immediate).ctx("set durability")?;
-        txn.set_quick_repair(how.config.quick_repair);
+        let txn = crate::store::begin_durable(&db, how.config.quick_repair)?;
         let replayed = crate::wal::replay(&mut Tables::open(&txn, None)?, wal)?;
         // Nothing to replay, nothing to commit (dropping `txn` aborts it):
         // on a full disk the readers get the database back at once.

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, StorageBackend};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, StorageBackend, WriteTransaction};
 
 use crate::backend::{BackendObserver, FileKind, ProbeBackend, SyncCounter};
 use crate::config::StoreConfig;
@@ -440,6 +440,15 @@ impl Drop for Store {
     }
 }
 
+/// A write transaction whose commit is durable in redb (both fsyncs
+/// returned), saving the allocator state if `quick_repair`.
+pub(crate) fn begin_durable(db: &Database, quick_repair: bool) -> Result<WriteTransaction, StorageError> {
+    let mut txn = db.begin_write().ctx("begin write")?;
+    txn.set_durability(Durability::Immediate).ctx("set durability")?;
+    txn.set_quick_repair(quick_repair);
+    Ok(txn)
+}
+
 fn set_open_flag(db: &Database, value: u64) -> Result<(), StorageError> {
     let mut txn = db.begin_write().ctx("begin write")?;
     txn.set_durability(Durability::Immediate).ctx("set durability")?;
@@ -511,9 +520,7 @@ fn open_wal_file(config: &StoreConfig) -> Result<Option<Box<dyn StorageBackend>>
 fn init_tables(db: &Database, config: &StoreConfig, wal: Option<&mut Wal>) -> Result<Counters, StorageError> {
     let corrupt =
         |key: &str, message: String| StorageError::Corrupt { table: "meta", key: key.into(), message };
-    let mut txn = db.begin_write().ctx("begin write")?;
-    txn.set_durability(Durability::Immediate).ctx("set durability")?;
-    txn.set_quick_repair(config.quick_repair);
+    let txn = begin_durable(db, config.quick_repair)?;
     // Before any table is opened as this version lays it out: an upgrade
     // may change a table's key type, which opening it first would refuse.
     let schema = txn

@@ -34,7 +34,8 @@
 //! # Cycles
 //!
 //! Each run of the log between two checkpoints is a cycle, numbered from
-//! 1, never reused. redb's `meta` holds `wal_cycle`: every cycle up to it
+//! 1; a number is used again only for a cycle none of whose records was
+//! ever fsynced (below). redb's `meta` holds `wal_cycle`: every cycle up to it
 //! is in redb's durable state. The writer appends records of cycle
 //! `wal_cycle + 1` and up; a checkpoint commit sets `wal_cycle` to the
 //! current cycle, durably, and the next cycle starts again at offset 0,
