@@ -670,6 +670,7 @@ pub struct CommitStats {
     batch_records: Histogram,
     batch: Histogram,
     fsync: Histogram,
+    checkpoint: Histogram,
 }
 
 impl Default for CommitStats {
@@ -678,13 +679,18 @@ impl Default for CommitStats {
             batch_records: Histogram::new(BATCH_BOUNDS),
             batch: Histogram::new(COMMIT_BOUNDS_US),
             fsync: Histogram::new(COMMIT_BOUNDS_US),
+            checkpoint: Histogram::new(COMMIT_BOUNDS_US),
         }
     }
 }
 
 impl CommitStats {
-    /// Records one group commit.
+    /// Records one group commit or checkpoint.
     pub fn record(&self, t: kefu_storage::CommitTimes) {
+        if t.checkpoint {
+            self.checkpoint.observe_duration(t.batch);
+            return;
+        }
         self.batch_records.observe(t.records as u64);
         self.batch.observe_duration(t.batch);
         self.fsync.observe_duration(t.fsync);
@@ -692,7 +698,7 @@ impl CommitStats {
 
     /// Appends the storage histograms.
     pub fn render(&self, out: &mut String) {
-        let families: [(&str, &str, &Histogram, Unit); 3] = [
+        let families: [(&str, &str, &Histogram, Unit); 4] = [
             ("kefu_storage_batch_records", "Writes per group commit.", &self.batch_records, Unit::Count),
             (
                 "kefu_storage_commit_seconds",
@@ -704,6 +710,12 @@ impl CommitStats {
                 "kefu_storage_fsync_seconds",
                 "Time in fsync per group commit (the log's one, or redb's: two with quick_repair).",
                 &self.fsync,
+                Unit::Seconds,
+            ),
+            (
+                "kefu_storage_checkpoint_seconds",
+                "Write-ahead log checkpoints: redb's durable commit of the pages changed since the last one; writes wait for it.",
+                &self.checkpoint,
                 Unit::Seconds,
             ),
         ];

@@ -1713,6 +1713,7 @@ fn metrics_follow_a_chat() {
         "kefu_storage_batch_records",
         "kefu_storage_commit_seconds",
         "kefu_storage_fsync_seconds",
+        "kefu_storage_checkpoint_seconds",
         "kefu_events_head_offset",
         "kefu_events_subscriber_lag_events",
     ] {
@@ -1766,6 +1767,17 @@ fn metrics_follow_a_chat() {
         }
         assert!(common::sample(&metrics, "kefu_storage_fsync_seconds_sum", &[]) > 0.0, "{metrics}");
         common::promtool_check(&metrics);
+        // The write-ahead log's checkpoint follows within checkpoint_ms.
+        let mut checkpoints = 0.0;
+        for _ in 0..100 {
+            let metrics = gw.admin_get("/metrics");
+            checkpoints = common::sample(&metrics, "kefu_storage_checkpoint_seconds_count", &[]);
+            if checkpoints >= 1.0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(checkpoints >= 1.0, "no checkpoint reported");
 
         // A refused identity: error unauthorized, closed by the server with 4500.
         let mut stranger = Client::open(&gw, Codec::Json).await;

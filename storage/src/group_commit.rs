@@ -19,6 +19,12 @@
 //! - `batch_window_us` after its first write was taken, or at once when the
 //!   queues are empty and the window is 0.
 //!
+//! Submits do not wake the writer while it waits out a window. After a
+//! commit it first waits one window unwoken, and what came meanwhile is
+//! the next batch at once: under load a batch then costs the writer one
+//! wake-up, where a wake per write cost a futex call and two context
+//! switches each (BENCHMARKS.md, issue 11).
+//!
 //! Under load batches grow by themselves: while one commit's fsync runs,
 //! the next batch queues up. A write that fails on its own (a seq conflict)
 //! is answered with its error and does not disturb the rest of the batch;
@@ -112,6 +118,9 @@ pub(crate) struct GroupCommit {
     /// The store closed while recovering from a failed commit, before a
     /// commit succeeded again: nothing more may be written.
     closed_failing: bool,
+    /// The last gather found writes: the next one first waits a window
+    /// for more without being woken (see `gather`).
+    linger: bool,
 }
 
 /// A write's own outcome (`Ok(Err)`: refused, nothing written), or a
@@ -162,6 +171,7 @@ impl GroupCommit {
             last_checkpoint: Instant::now(),
             unchecked: false,
             closed_failing: false,
+            linger: false,
         }
     }
 
@@ -246,6 +256,21 @@ impl GroupCommit {
     fn gather(&mut self) -> bool {
         debug_assert!(self.batch.is_empty());
         self.batch_bytes = 0;
+        let window = self.limits.window;
+        if std::mem::take(&mut self.linger) && !window.is_zero() {
+            // Under load the next writes come within a window of the last
+            // commit: wait one out without being woken by each, so that a
+            // batch costs one wake-up (this timer), not two (its first
+            // write, then the window's end). What came has waited up to a
+            // window already and is committed at once.
+            let started = Instant::now();
+            self.window_until(started + window);
+            if !self.batch.is_empty() {
+                self.batch_started = started;
+                self.linger = true;
+                return true;
+            }
+        }
         loop {
             if self.take() > 0 {
                 break;
@@ -273,25 +298,43 @@ impl GroupCommit {
             } else {
                 self.limits.idle_park
             };
+            // A submit wakes us.
             thread::park_timeout(park);
+            self.shared.stats.writer_wakeups.fetch_add(1, Ordering::Relaxed);
         }
         self.batch_started = Instant::now();
-        let deadline = self.batch_started + self.limits.window;
+        if window.is_zero() {
+            while !self.full() && self.take() > 0 {}
+        } else {
+            self.window_until(self.batch_started + window);
+        }
+        self.linger = true;
+        true
+    }
+
+    /// Takes writes into the batch until `deadline` or until it is full,
+    /// asleep in between and not woken by submits (`windowing`): a close
+    /// still wakes it.
+    fn window_until(&mut self, deadline: Instant) {
+        self.shared.windowing.store(true, Ordering::SeqCst);
         while !self.full() {
             if self.take() > 0 {
                 continue;
             }
-            if self.limits.window.is_zero() || self.shared.closed.load(Ordering::SeqCst) {
+            if self.shared.closed.load(Ordering::SeqCst) {
                 break;
             }
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            // A submit unparks us early.
             thread::park_timeout(deadline - now);
+            self.shared.stats.writer_wakeups.fetch_add(1, Ordering::Relaxed);
         }
-        true
+        self.shared.windowing.store(false, Ordering::SeqCst);
+        // Pairs with the fence in `Writer::submit`: a write pushed while we
+        // were windowing is taken before we next sleep.
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     /// Applies, commits and completes the gathered batch; the error if the
@@ -308,7 +351,12 @@ impl GroupCommit {
                 self.commits += 1;
                 if let Some(f) = self.shared.on_commit.get() {
                     let fsync = self.syncs.spent().saturating_sub(synced_before);
-                    f(CommitTimes { records: n, batch: self.batch_started.elapsed(), fsync });
+                    f(CommitTimes {
+                        checkpoint: false,
+                        records: n,
+                        batch: self.batch_started.elapsed(),
+                        fsync,
+                    });
                 }
                 if self.next_offset != start_offset {
                     self.shared.publish_log_end(self.next_offset);
@@ -607,6 +655,8 @@ impl GroupCommit {
     fn checkpoint(&mut self) -> Result<(), StorageError> {
         let Some(wal) = &self.wal else { return Ok(()) };
         let cycle = wal.cycle();
+        let started = Instant::now();
+        let synced_before = self.syncs.spent();
         let db = self.db.get()?;
         let txn = begin_durable(&db, self.limits.quick_repair)?;
         txn.open_table(tables::META)
@@ -615,6 +665,10 @@ impl GroupCommit {
             .ctx("write meta")?;
         txn.commit().ctx("commit")?;
         self.checkpointed();
+        if let Some(f) = self.shared.on_commit.get() {
+            let fsync = self.syncs.spent().saturating_sub(synced_before);
+            f(CommitTimes { checkpoint: true, records: 0, batch: started.elapsed(), fsync });
+        }
         Ok(())
     }
 

@@ -238,6 +238,12 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// The state the writer shares, for tests that watch it work.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     /// Opens or creates the store in `config.dir`, recovering it after a
     /// crash, and starts the writer thread. `notify(source)` is called
     /// from the writer thread after completions for `source` were pushed.

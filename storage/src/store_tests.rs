@@ -344,12 +344,37 @@ fn each_commit_reports_its_size_and_times() {
         w.submit(0, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), "x"))).unwrap();
     }
     wait_for(&store.completions(0), 6);
-    let seen = seen.lock().unwrap();
+    let seen: Vec<_> = seen.lock().unwrap().iter().filter(|t| !t.checkpoint).copied().collect();
     assert_eq!(seen.iter().map(|t| t.records).collect::<Vec<_>>(), [3, 3], "{seen:?}");
     for t in seen.iter() {
         // The window closes no batch here: the record limit does, at once.
         assert!(t.fsync > Duration::ZERO && t.fsync <= t.batch, "{t:?}");
     }
+}
+
+#[test]
+fn each_checkpoint_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::StoreConfig { checkpoint_ms: 20, ..config(dir.path()) };
+    let (store, _) = open(cfg);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    assert!(store.on_commit(Box::new(move |t| sink.lock().unwrap().push(t))).is_ok());
+    write(&store, 1, WriteOp::AppendMessage(message(1, "v", "a", "x")));
+    let t0 = Instant::now();
+    while !seen.lock().unwrap().iter().any(|t| t.checkpoint) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no checkpoint after the write");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Nothing was written since: no second one.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(store.stats().durable_commits, 1);
+    let seen = seen.lock().unwrap();
+    let checkpoints: Vec<_> = seen.iter().filter(|t| t.checkpoint).collect();
+    assert_eq!(checkpoints.len(), 1, "{seen:?}");
+    // redb's durable commit: its fsyncs, nothing else's.
+    assert!(checkpoints[0].records == 0 && checkpoints[0].fsync > Duration::ZERO, "{seen:?}");
+    assert!(checkpoints[0].fsync <= checkpoints[0].batch, "{seen:?}");
 }
 
 #[test]
@@ -406,6 +431,63 @@ fn the_window_holds_a_batch_open_and_zero_does_not() {
         // benchmarks): only that it did not wait for a window it has not got.
         assert!(t0.elapsed() < window, "{:?}", t0.elapsed());
     }
+}
+
+#[test]
+fn writes_during_a_window_do_not_wake_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = Duration::from_millis(300);
+    let cfg = crate::StoreConfig { batch_window_us: window.as_micros() as u64, ..config(dir.path()) };
+    let (store, _) = open(cfg);
+    let w = store.writer();
+    w.submit(0, 0, WriteOp::AppendMessage(message(1, "v", "0", "x"))).unwrap();
+    // The first write wakes the writer and opens the window.
+    let opened = Instant::now();
+    while !store.shared().windowing.load(Ordering::SeqCst) {
+        assert!(opened.elapsed() < window, "the window never opened");
+        std::thread::yield_now();
+    }
+    let before = store.shared().stats.writer_wakeups.load(Ordering::Relaxed);
+    for i in 1..6 {
+        std::thread::sleep(Duration::from_millis(10));
+        w.submit(0, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), "x"))).unwrap();
+    }
+    let done = wait_for(&store.completions(0), 6);
+    let commits: std::collections::HashSet<_> =
+        done.iter().map(|c| c.result.as_ref().unwrap().commit).collect();
+    assert_eq!(commits.len(), 1, "one batch: {commits:?}");
+    // Woken once, by the window's end; each write used to wake it too.
+    let woken = store.shared().stats.writer_wakeups.load(Ordering::Relaxed) - before;
+    assert!(woken <= 2, "woken {woken} times during the window");
+}
+
+#[test]
+fn after_a_commit_the_writer_waits_a_window_for_more_unwoken() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = Duration::from_millis(300);
+    let cfg = crate::StoreConfig { batch_window_us: window.as_micros() as u64, ..config(dir.path()) };
+    let (store, _) = open(cfg);
+    let first = write(&store, 0, WriteOp::AppendMessage(message(1, "v", "0", "x"))).result.unwrap().commit;
+    // The commit returned; the writer now waits a window for more.
+    let t0 = Instant::now();
+    while !store.shared().windowing.load(Ordering::SeqCst) {
+        assert!(t0.elapsed() < window, "the writer did not wait for more");
+        std::thread::yield_now();
+    }
+    let before = store.shared().stats.writer_wakeups.load(Ordering::Relaxed);
+    let w = store.writer();
+    for i in 1..4 {
+        w.submit(0, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), "x"))).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let done = wait_for(&store.completions(0), 3);
+    let commits: std::collections::HashSet<_> =
+        done.iter().map(|c| c.result.as_ref().unwrap().commit).collect();
+    assert_eq!(commits.len(), 1, "one batch: {commits:?}");
+    assert!(!commits.contains(&first));
+    // Only the window's end woke it: the first of them did not.
+    let woken = store.shared().stats.writer_wakeups.load(Ordering::Relaxed) - before;
+    assert!(woken <= 1, "woken {woken} times");
 }
 
 #[test]

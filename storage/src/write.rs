@@ -41,10 +41,14 @@ pub type OnLogEnd = Box<dyn Fn(u64) + Send + Sync>;
 /// its size and timings, for `/metrics`. Must be cheap and must not block.
 pub type OnCommit = Box<dyn Fn(CommitTimes) + Send + Sync>;
 
-/// One group commit as [`OnCommit`] sees it.
+/// One group commit, or one checkpoint, as [`OnCommit`] sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommitTimes {
-    /// Writes in the batch.
+    /// A checkpoint of the write-ahead log (a durable redb commit of the
+    /// pages the commits since the last one changed, and no write), not a
+    /// group commit. Writes that come meanwhile wait for it.
+    pub checkpoint: bool,
+    /// Writes in the batch (0 for a checkpoint).
     pub records: usize,
     /// From the batch's first write taken off a queue to the commit
     /// returned: the gathering window, applying, and the commit itself.
@@ -210,6 +214,9 @@ pub(crate) struct WriteStats {
     pub(crate) recoveries: AtomicU64,
     /// Writes answered `Recovering` while the store could not write.
     pub(crate) refused_recovering: AtomicU64,
+    /// Times the writer woke from a wait for writes (a submit, a close or
+    /// its timeout): what `windowing` keeps down.
+    pub(crate) writer_wakeups: AtomicU64,
     /// Dedupe slots the writer holds in memory.
     pub(crate) writer_cache_entries: Arc<AtomicUsize>,
     /// Dedupe slots the readers' caches hold in memory, all of them.
@@ -223,6 +230,11 @@ pub(crate) struct Shared {
     pub(crate) capacity: usize,
     pub(crate) closed: AtomicBool,
     pub(crate) writer_thread: OnceLock<Thread>,
+    /// The writer is waiting out a batch window (`batch_window_us`) and
+    /// wants no wake-up: it takes what came when the window ends. Without
+    /// this every submit during the window woke it to take one write and
+    /// sleep again, a futex wake and two context switches per write.
+    pub(crate) windowing: AtomicBool,
     pub(crate) notify: Notify,
     pub(crate) stats: WriteStats,
     /// The log's end as of the last commit that returned: what a reader of
@@ -250,6 +262,7 @@ impl Shared {
             capacity,
             closed: AtomicBool::new(false),
             writer_thread: OnceLock::new(),
+            windowing: AtomicBool::new(false),
             notify,
             stats: WriteStats::default(),
             log_end: AtomicU64::new(log_end),
@@ -329,7 +342,11 @@ impl Writer {
             }
         };
         q.entering.fetch_sub(1, Ordering::SeqCst);
+        // Pairs with the writer's fence after it stops windowing: either it
+        // sees this write when it next takes, or this sees it not windowing.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if result.is_ok()
+            && !shared.windowing.load(Ordering::SeqCst)
             && let Some(t) = shared.writer_thread.get()
         {
             // An atomic swap when the writer is awake; a futex wake when it
