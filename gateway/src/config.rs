@@ -115,6 +115,18 @@ pub struct ServerConfig {
     /// `coop` or `default`. A kernel that refuses the flags fails the
     /// start with the reason, never silently.
     pub uring_taskrun: UringTaskrun,
+    /// The time slice each shard thread asks the kernel's fair scheduler
+    /// for, in microseconds (`sched_setattr`'s `sched_runtime` under
+    /// `SCHED_OTHER`, which EEVDF honours from Linux 6.12 and clamps to
+    /// 100–100,000). A shard woken by a socket or a mailbox then runs
+    /// before a thread on its core with a longer slice has used up its
+    /// own: the storage writer's checkpoint, the other shard's burst. 0
+    /// leaves the kernel's default (1.4 ms on the 2-core test machine).
+    /// Default 100: at 15,000 sessions, with two shards and the writer on
+    /// one core, p99 7.9–8.3 ms in four 60 s runs against 7.9–10.5 with
+    /// the kernel's slice, at no CPU cost measured (BENCHMARKS.md, issue
+    /// 11); a small gain within the host's spread, not a large one.
+    pub shard_slice_us: u64,
     /// Listen backlog of each shard's SO_REUSEPORT socket.
     pub backlog: i32,
     /// Connections one shard holds at most; past it new ones get 503.
@@ -170,6 +182,7 @@ impl Default for ServerConfig {
             pin_cores: true,
             uring_entries: 4096,
             uring_taskrun: UringTaskrun::Defer,
+            shard_slice_us: 100,
             backlog: 4096,
             max_connections_per_shard: 50_000,
             heartbeat_s: 25,
@@ -795,6 +808,11 @@ impl Config {
         if self.server.heartbeat_s == 0 {
             return invalid("server.heartbeat_s must be at least 1".into());
         }
+        if self.server.shard_slice_us != 0 && !(100..=100_000).contains(&self.server.shard_slice_us) {
+            return invalid(
+                "server.shard_slice_us must be 0 (the kernel's default) or between 100 and 100000".into(),
+            );
+        }
         if self.server.max_connections_per_shard == 0 {
             return invalid("server.max_connections_per_shard must be at least 1".into());
         }
@@ -1200,6 +1218,8 @@ trusted_proxies = [\"proxy.local\"]
             "[server]\nheartbeat_s = 0\n",
             "[server]\nio = \"kqueue\"\n",
             "[server]\nuring_taskrun = \"sqpoll\"\n",
+            "[server]\nshard_slice_us = 99\n",
+            "[server]\nshard_slice_us = 100001\n",
             "[limits]\nmax_message_bytes = 999999999\n",
             "[limits]\nread_buffer_bytes = 5000\n",
             "[slab]\nclasses = [{bytes = 4096, count = 1}, {bytes = 1024, count = 1}]\n",
@@ -1211,6 +1231,10 @@ trusted_proxies = [\"proxy.local\"]
             "[console]\nlink_ttl_s = 0\n",
         ] {
             assert!(load(Some(file), &[], &o).is_err(), "accepted: {file}");
+        }
+        for slice in [0, 100, 100_000] {
+            let file = format!("[server]\nshard_slice_us = {slice}\n");
+            assert_eq!(load(Some(&file), &[], &o).unwrap().server.shard_slice_us, slice);
         }
     }
 

@@ -363,6 +363,7 @@ pub fn run(init: ShardInit) {
     let id = init.id;
     let ready = init.ready.clone();
     let core = pin(&config, id);
+    ask_for_slice(config.server.shard_slice_us, id);
     let entries = config.server.uring_entries;
     let taskrun = config.server.uring_taskrun;
     let failed = match config.server.io {
@@ -446,6 +447,58 @@ fn pin(config: &Config, id: usize) -> Option<usize> {
             warn!(shard = id, core, error = ?e, "cannot pin shard to core");
             None
         }
+    }
+}
+
+/// `struct sched_attr` of `sched_setattr(2)` (libc does not declare it).
+#[repr(C)]
+#[derive(Default)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+    util_min: u32,
+    util_max: u32,
+}
+
+/// Asks the fair scheduler for a `slice_us` time slice for the calling
+/// thread (`server.shard_slice_us`), keeping its policy and nice value.
+/// Not fatal: a kernel that refuses it runs the shard with its default.
+fn ask_for_slice(slice_us: u64, id: usize) {
+    if slice_us == 0 {
+        return;
+    }
+    let mut attr = SchedAttr::default();
+    let size = std::mem::size_of::<SchedAttr>() as u32;
+    // SAFETY: pid 0 is this thread; the kernel writes at most `size` bytes
+    // into `attr`, a plain-data struct laid out as `struct sched_attr`.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut attr as *mut SchedAttr, size, 0) };
+    if rc != 0 {
+        warn!(shard = id, error = %std::io::Error::last_os_error(), "cannot read the shard's scheduling; slice left to the kernel");
+        return;
+    }
+    if attr.policy != libc::SCHED_OTHER as u32 && attr.policy != libc::SCHED_BATCH as u32 {
+        info!(
+            shard = id,
+            policy = attr.policy,
+            "shard runs under a real-time or idle policy; server.shard_slice_us not applied"
+        );
+        return;
+    }
+    attr.size = size;
+    attr.flags = 0;
+    attr.runtime = slice_us * 1000;
+    // SAFETY: pid 0 is this thread; `attr` is a valid `struct sched_attr` of `size` bytes.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if rc == 0 {
+        info!(shard = id, slice_us, "shard scheduler slice asked for");
+    } else {
+        warn!(shard = id, slice_us, error = %std::io::Error::last_os_error(), "the kernel refused the shard's slice; it runs with the default");
     }
 }
 

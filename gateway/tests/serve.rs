@@ -286,6 +286,40 @@ fn start_logs_the_driver_of_every_shard_and_the_generated_secret() {
     assert_eq!(secret.len(), 64);
 }
 
+/// `se.slice` (ns) of every shard thread of `pid`, from `/proc/PID/task/*/sched`;
+/// `None` when the kernel does not show it (before Linux 6.6).
+fn shard_slices(pid: u32) -> Option<Vec<u64>> {
+    let mut slices = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("kefu-shard") {
+            continue;
+        }
+        let sched = std::fs::read_to_string(dir.join("sched")).unwrap_or_default();
+        let line = sched.lines().find(|l| l.starts_with("se.slice"))?;
+        slices.push(line.rsplit(':').next()?.trim().parse().ok()?);
+    }
+    Some(slices)
+}
+
+#[test]
+fn shards_ask_for_the_configured_scheduler_slice() {
+    let gw = Gateway::start(&["--echo", "--shards", "2"], &[]);
+    let Some(slices) = shard_slices(gw.child.id()) else {
+        eprintln!("SKIPPED: this kernel shows no se.slice in /proc/PID/task/TID/sched");
+        return;
+    };
+    let log = gw.startup_log.join("\n");
+    assert!(log.contains("shard scheduler slice asked for"), "{log}");
+    // The default, 100 µs, where the kernel's own is 0.7 ms or more.
+    assert_eq!(slices, [100_000, 100_000], "{log}");
+    drop(gw);
+    let gw = Gateway::start(&["--echo", "--shards", "2"], &[("KEFU_SERVER_SHARD_SLICE_US", "0")]);
+    let slices = shard_slices(gw.child.id()).unwrap();
+    assert!(slices.len() == 2 && slices.iter().all(|&s| s != 100_000), "{slices:?}");
+}
+
 #[test]
 fn epoll_runs_only_when_configured_and_says_so() {
     let gw = Gateway::start(&["--echo", "--shards", "1"], &[("KEFU_SERVER_IO", "epoll")]);
