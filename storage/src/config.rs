@@ -32,8 +32,11 @@ pub struct StoreConfig {
     /// writes per commit at that rate: 43 allocations per relayed message
     /// instead of 146, and 28% less server CPU per message at 15,000
     /// sessions, for about 0.5 ms more at p50 (BENCHMARKS.md, issue 11).
-    /// Writes do not wake the writer while a window is open, so a batch
-    /// that reaches a limit then closes when the window ends. Default 500.
+    /// Writes do not wake the writer while a window is open (unless one
+    /// source's queue fills a batch): a batch that reaches the byte limit
+    /// closes when the window ends. After a commit of more than one write
+    /// the writer waits one window for more before it sleeps until the
+    /// next write. Default 500.
     pub batch_window_us: u64,
     /// Writes a source may have in flight (submitted, completion not yet
     /// popped); `submit` says `Full` beyond it. This bounds both the submit

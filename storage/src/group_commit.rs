@@ -19,11 +19,13 @@
 //! - `batch_window_us` after its first write was taken, or at once when the
 //!   queues are empty and the window is 0.
 //!
-//! Submits do not wake the writer while it waits out a window. After a
-//! commit it first waits one window unwoken, and what came meanwhile is
-//! the next batch at once: under load a batch then costs the writer one
-//! wake-up, where a wake per write cost a futex call and two context
-//! switches each (BENCHMARKS.md, issue 11).
+//! Submits do not wake the writer while it waits out a window, unless a
+//! source's queue alone fills a batch (`batch_max_records`); the byte
+//! limit is seen when the window ends. After a commit of more than one
+//! write, the writer first waits one window unwoken, and what came
+//! meanwhile is the next batch at once. Under load a batch then costs the
+//! writer one wake-up, where a wake per write cost a futex call and two
+//! context switches each (BENCHMARKS.md, issue 11, "Fewer wake-ups").
 //!
 //! Under load batches grow by themselves: while one commit's fsync runs,
 //! the next batch queues up. A write that fails on its own (a seq conflict)
@@ -118,8 +120,8 @@ pub(crate) struct GroupCommit {
     /// The store closed while recovering from a failed commit, before a
     /// commit succeeded again: nothing more may be written.
     closed_failing: bool,
-    /// The last gather found writes: the next one first waits a window
-    /// for more without being woken (see `gather`).
+    /// The last batch had more than one write: the next gather first
+    /// waits a window for more without being woken (see `gather`).
     linger: bool,
 }
 
@@ -258,16 +260,15 @@ impl GroupCommit {
         self.batch_bytes = 0;
         let window = self.limits.window;
         if std::mem::take(&mut self.linger) && !window.is_zero() {
-            // Under load the next writes come within a window of the last
-            // commit: wait one out without being woken by each, so that a
-            // batch costs one wake-up (this timer), not two (its first
-            // write, then the window's end). What came has waited up to a
-            // window already and is committed at once.
-            let started = Instant::now();
-            self.window_until(started + window);
+            // Under load (the last batch had more than one write) the next
+            // writes come within a window of the last commit: wait one out
+            // without being woken by each, so that a batch costs one
+            // wake-up (this timer), not two (its first write, then the
+            // window's end). What came has waited up to a window already
+            // and is committed at once.
+            self.window_until(Instant::now() + window);
             if !self.batch.is_empty() {
-                self.batch_started = started;
-                self.linger = true;
+                self.linger = self.batch.len() > 1;
                 return true;
             }
         }
@@ -308,17 +309,22 @@ impl GroupCommit {
         } else {
             self.window_until(self.batch_started + window);
         }
-        self.linger = true;
+        self.linger = self.batch.len() > 1;
         true
     }
 
-    /// Takes writes into the batch until `deadline` or until it is full,
-    /// asleep in between and not woken by submits (`windowing`): a close
-    /// still wakes it.
+    /// Takes writes into the batch until `deadline` or until a take finds
+    /// it full, asleep in between and not woken by submits (`windowing`):
+    /// a close, or a source queue that fills a batch, still wakes it.
     fn window_until(&mut self, deadline: Instant) {
         self.shared.windowing.store(true, Ordering::SeqCst);
         while !self.full() {
+            let empty = self.batch.is_empty();
             if self.take() > 0 {
+                if empty {
+                    // What the commit's time is measured from.
+                    self.batch_started = Instant::now();
+                }
                 continue;
             }
             if self.shared.closed.load(Ordering::SeqCst) {

@@ -292,7 +292,13 @@ impl Store {
             wal = None;
         }
         let db = Arc::new(DbSlot::new(db));
-        let shared = Arc::new(Shared::new(config.sources, config.submit_queue_capacity, notify, next_offset));
+        let shared = Arc::new(Shared::new(
+            config.sources,
+            config.submit_queue_capacity,
+            config.batch_max_records,
+            notify,
+            next_offset,
+        ));
         let gauge = shared.stats.reader_cache_entries.clone();
         let slots = Arc::new(Mutex::new(SlotCache::new(
             dedupe_key,
@@ -380,7 +386,8 @@ impl Store {
     }
 
     /// Sets what the writer calls after each group commit that returned
-    /// (see [`OnCommit`]): batch sizes and commit times for `/metrics`.
+    /// and each checkpoint (see [`OnCommit`]): batch sizes and commit
+    /// times for `/metrics`.
     /// Set once; a second call hands `f` back.
     pub fn on_commit(&self, f: OnCommit) -> Result<(), OnCommit> {
         self.shared.on_commit.set(f)

@@ -11,7 +11,7 @@ use kefu_proto::ids::{ConvStatus, Role};
 
 use crate::BlockRecord;
 use crate::tables;
-use crate::testkit::{NotifyCount, config, message, open, wait_for, write};
+use crate::testkit::{NotifyCount, PATIENCE, config, message, open, wait_for, write};
 use crate::{
     AgentRef, ConvChange, ConversationFilter, ConversationRecord, LogRecord, PresenceRecord, ReadMark,
     StorageError, Store, StoreConfig, SubmitError, UserControlRecord, UserRecord, WriteOp, WriterHealth,
@@ -347,7 +347,8 @@ fn each_commit_reports_its_size_and_times() {
     let seen: Vec<_> = seen.lock().unwrap().iter().filter(|t| !t.checkpoint).copied().collect();
     assert_eq!(seen.iter().map(|t| t.records).collect::<Vec<_>>(), [3, 3], "{seen:?}");
     for t in seen.iter() {
-        // The window closes no batch here: the record limit does, at once.
+        // A full source queue wakes the writer, and the record limit closes
+        // the batch.
         assert!(t.fsync > Duration::ZERO && t.fsync <= t.batch, "{t:?}");
     }
 }
@@ -437,14 +438,19 @@ fn the_window_holds_a_batch_open_and_zero_does_not() {
 fn writes_during_a_window_do_not_wake_the_writer() {
     let dir = tempfile::tempdir().unwrap();
     let window = Duration::from_millis(300);
-    let cfg = crate::StoreConfig { batch_window_us: window.as_micros() as u64, ..config(dir.path()) };
+    // No checkpoint in the middle of it.
+    let cfg = crate::StoreConfig {
+        batch_window_us: window.as_micros() as u64,
+        checkpoint_ms: 600_000,
+        ..config(dir.path())
+    };
     let (store, _) = open(cfg);
     let w = store.writer();
     w.submit(0, 0, WriteOp::AppendMessage(message(1, "v", "0", "x"))).unwrap();
     // The first write wakes the writer and opens the window.
     let opened = Instant::now();
     while !store.shared().windowing.load(Ordering::SeqCst) {
-        assert!(opened.elapsed() < window, "the window never opened");
+        assert!(opened.elapsed() < PATIENCE, "the window never opened");
         std::thread::yield_now();
     }
     let before = store.shared().stats.writer_wakeups.load(Ordering::Relaxed);
@@ -456,7 +462,9 @@ fn writes_during_a_window_do_not_wake_the_writer() {
     let commits: std::collections::HashSet<_> =
         done.iter().map(|c| c.result.as_ref().unwrap().commit).collect();
     assert_eq!(commits.len(), 1, "one batch: {commits:?}");
-    // Woken once, by the window's end; each write used to wake it too.
+    // Woken by the window's end, and at most once more by the first
+    // write's wake-up if it came after the writer had taken that write;
+    // each write used to wake it too (6).
     let woken = store.shared().stats.writer_wakeups.load(Ordering::Relaxed) - before;
     assert!(woken <= 2, "woken {woken} times during the window");
 }
@@ -465,18 +473,27 @@ fn writes_during_a_window_do_not_wake_the_writer() {
 fn after_a_commit_the_writer_waits_a_window_for_more_unwoken() {
     let dir = tempfile::tempdir().unwrap();
     let window = Duration::from_millis(300);
-    let cfg = crate::StoreConfig { batch_window_us: window.as_micros() as u64, ..config(dir.path()) };
+    let cfg = crate::StoreConfig {
+        batch_window_us: window.as_micros() as u64,
+        checkpoint_ms: 600_000,
+        ..config(dir.path())
+    };
     let (store, _) = open(cfg);
-    let first = write(&store, 0, WriteOp::AppendMessage(message(1, "v", "0", "x"))).result.unwrap().commit;
+    // Two writes in one batch: the writer takes that for load.
+    let w = store.writer();
+    w.submit(0, 0, WriteOp::AppendMessage(message(1, "v", "a", "x"))).unwrap();
+    w.submit(0, 1, WriteOp::AppendMessage(message(1, "v", "b", "x"))).unwrap();
+    let first: std::collections::HashSet<_> =
+        wait_for(&store.completions(0), 2).iter().map(|c| c.result.as_ref().unwrap().commit).collect();
+    assert_eq!(first.len(), 1, "{first:?}");
     // The commit returned; the writer now waits a window for more.
     let t0 = Instant::now();
     while !store.shared().windowing.load(Ordering::SeqCst) {
-        assert!(t0.elapsed() < window, "the writer did not wait for more");
+        assert!(t0.elapsed() < PATIENCE, "the writer did not wait for more");
         std::thread::yield_now();
     }
     let before = store.shared().stats.writer_wakeups.load(Ordering::Relaxed);
-    let w = store.writer();
-    for i in 1..4 {
+    for i in 2..5 {
         w.submit(0, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), "x"))).unwrap();
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -484,10 +501,38 @@ fn after_a_commit_the_writer_waits_a_window_for_more_unwoken() {
     let commits: std::collections::HashSet<_> =
         done.iter().map(|c| c.result.as_ref().unwrap().commit).collect();
     assert_eq!(commits.len(), 1, "one batch: {commits:?}");
-    assert!(!commits.contains(&first));
+    assert!(commits.is_disjoint(&first));
     // Only the window's end woke it: the first of them did not.
     let woken = store.shared().stats.writer_wakeups.load(Ordering::Relaxed) - before;
     assert!(woken <= 1, "woken {woken} times");
+}
+
+#[test]
+fn a_write_after_the_writer_stopped_waiting_wakes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Were a wake-up lost, the write would wait for the idle park's minute.
+    let cfg = crate::StoreConfig {
+        batch_window_us: 1_000,
+        idle_park_ms: 60_000,
+        checkpoint_ms: 600_000,
+        ..config(dir.path())
+    };
+    let (store, _) = open(cfg);
+    let w = store.writer();
+    for round in 0..20u64 {
+        // Two writes (a batch that makes the writer linger), then a pause
+        // past the linger, then one more: it must wake the idle writer.
+        w.submit(0, 3 * round, WriteOp::AppendMessage(message(1, "v", &format!("{round}a"), "x"))).unwrap();
+        w.submit(0, 3 * round + 1, WriteOp::AppendMessage(message(1, "v", &format!("{round}b"), "x")))
+            .unwrap();
+        wait_for(&store.completions(0), 2);
+        std::thread::sleep(Duration::from_millis(5));
+        let t0 = Instant::now();
+        let c =
+            write(&store, 3 * round + 2, WriteOp::AppendMessage(message(1, "v", &format!("{round}c"), "x")));
+        assert!(c.result.is_ok());
+        assert!(t0.elapsed() < Duration::from_secs(30), "round {round}: the write waited for the idle park");
+    }
 }
 
 #[test]

@@ -37,21 +37,26 @@ pub type Notify = Arc<dyn Fn(usize) + Send + Sync>;
 /// offset below it is durable. Must be cheap and must not block.
 pub type OnLogEnd = Box<dyn Fn(u64) + Send + Sync>;
 
-/// Called by the writer thread after each group commit that returned, with
-/// its size and timings, for `/metrics`. Must be cheap and must not block.
+/// Called by the writer thread after each group commit that returned, and
+/// after each checkpoint of the write-ahead log, with its size and timings,
+/// for `/metrics`. Must be cheap and must not block.
 pub type OnCommit = Box<dyn Fn(CommitTimes) + Send + Sync>;
 
 /// One group commit, or one checkpoint, as [`OnCommit`] sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommitTimes {
-    /// A checkpoint of the write-ahead log (a durable redb commit of the
-    /// pages the commits since the last one changed, and no write), not a
-    /// group commit. Writes that come meanwhile wait for it.
+    /// A checkpoint of the write-ahead log, due after `checkpoint_ms` (a
+    /// durable redb commit of the pages the commits since the last one
+    /// changed, and no write), not a group commit. Writes that come
+    /// meanwhile wait for it. A group commit that is durable because the
+    /// log had no room is reported as a group commit.
     pub checkpoint: bool,
     /// Writes in the batch (0 for a checkpoint).
     pub records: usize,
     /// From the batch's first write taken off a queue to the commit
     /// returned: the gathering window, applying, and the commit itself.
+    /// For a checkpoint, the durable commit alone.
     pub batch: Duration,
     /// Time spent in fsync during the commit (one fsync, two with
     /// `quick_repair`).
@@ -214,8 +219,9 @@ pub(crate) struct WriteStats {
     pub(crate) recoveries: AtomicU64,
     /// Writes answered `Recovering` while the store could not write.
     pub(crate) refused_recovering: AtomicU64,
-    /// Times the writer woke from a wait for writes (a submit, a close or
-    /// its timeout): what `windowing` keeps down.
+    /// Times the writer woke while gathering a batch (from a submit, a
+    /// close or a timeout; not while refusing writes during recovery): what
+    /// `windowing` keeps down. Read by tests.
     pub(crate) writer_wakeups: AtomicU64,
     /// Dedupe slots the writer holds in memory.
     pub(crate) writer_cache_entries: Arc<AtomicUsize>,
@@ -235,6 +241,9 @@ pub(crate) struct Shared {
     /// this every submit during the window woke it to take one write and
     /// sleep again, a futex wake and two context switches per write.
     pub(crate) windowing: AtomicBool,
+    /// A source queue this long wakes a windowing writer anyway: its batch
+    /// is full (`batch_max_records`).
+    pub(crate) full_batch: usize,
     pub(crate) notify: Notify,
     pub(crate) stats: WriteStats,
     /// The log's end as of the last commit that returned: what a reader of
@@ -247,7 +256,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(sources: usize, capacity: usize, notify: Notify, log_end: u64) -> Shared {
+    pub(crate) fn new(
+        sources: usize,
+        capacity: usize,
+        full_batch: usize,
+        notify: Notify,
+        log_end: u64,
+    ) -> Shared {
         assert!(sources > 0 && capacity > 0);
         let sources = (0..sources)
             .map(|_| SourceQueues {
@@ -263,6 +278,7 @@ impl Shared {
             closed: AtomicBool::new(false),
             writer_thread: OnceLock::new(),
             windowing: AtomicBool::new(false),
+            full_batch: full_batch.max(1),
             notify,
             stats: WriteStats::default(),
             log_end: AtomicU64::new(log_end),
@@ -346,7 +362,7 @@ impl Writer {
         // sees this write when it next takes, or this sees it not windowing.
         std::sync::atomic::fence(Ordering::SeqCst);
         if result.is_ok()
-            && !shared.windowing.load(Ordering::SeqCst)
+            && (!shared.windowing.load(Ordering::SeqCst) || q.submit.len() >= shared.full_batch)
             && let Some(t) = shared.writer_thread.get()
         {
             // An atomic swap when the writer is awake; a futex wake when it
