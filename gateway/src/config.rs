@@ -122,10 +122,10 @@ pub struct ServerConfig {
     /// before a thread on its core with a longer slice has used up its
     /// own: the storage writer's checkpoint, the other shard's burst. 0
     /// leaves the kernel's default (1.4 ms on the 2-core test machine).
-    /// Default 100: at 15,000 sessions, with two shards and the writer on
-    /// one core, p99 7.9–8.3 ms in four 60 s runs against 7.9–10.5 with
-    /// the kernel's slice, at no CPU cost measured (BENCHMARKS.md, issue
-    /// 11); a small gain within the host's spread, not a large one.
+    /// Default 0: at 15,000 sessions, with two shards and the writer on
+    /// one core, 100 µs made no difference beyond the host's spread in two
+    /// series of runs (BENCHMARKS.md, issue 11, "Fewer wake-ups"). A knob
+    /// for hosts where a shard shares its core with busier threads.
     pub shard_slice_us: u64,
     /// Listen backlog of each shard's SO_REUSEPORT socket.
     pub backlog: i32,
@@ -182,7 +182,7 @@ impl Default for ServerConfig {
             pin_cores: true,
             uring_entries: 4096,
             uring_taskrun: UringTaskrun::Defer,
-            shard_slice_us: 100,
+            shard_slice_us: 0,
             backlog: 4096,
             max_connections_per_shard: 50_000,
             heartbeat_s: 25,

@@ -467,39 +467,63 @@ struct SchedAttr {
 }
 
 /// Asks the fair scheduler for a `slice_us` time slice for the calling
-/// thread (`server.shard_slice_us`), keeping its policy and nice value.
-/// Not fatal: a kernel that refuses it runs the shard with its default.
+/// thread (`server.shard_slice_us`), keeping its policy, nice value and
+/// reset-on-fork flag, and says whether the kernel took it. Not fatal: a
+/// kernel that refuses or ignores it (before Linux 6.12, which reports a
+/// fair thread's slice back) runs the shard with its default. Threads the
+/// shard starts afterwards (io_uring's workers) inherit the slice.
 fn ask_for_slice(slice_us: u64, id: usize) {
     if slice_us == 0 {
         return;
     }
+    let Some(mut attr) = sched_attr() else {
+        warn!(shard = id, error = %std::io::Error::last_os_error(), "cannot read the shard's scheduling; server.shard_slice_us not applied");
+        return;
+    };
+    if attr.policy != libc::SCHED_OTHER as u32 && attr.policy != libc::SCHED_BATCH as u32 {
+        info!(
+            shard = id,
+            policy = attr.policy,
+            "the shard's policy is not SCHED_OTHER or SCHED_BATCH; server.shard_slice_us not applied"
+        );
+        return;
+    }
+    // The kernel refuses an unprivileged clear of reset-on-fork.
+    attr.flags &= SCHED_FLAG_RESET_ON_FORK;
+    attr.runtime = slice_us * 1000;
+    // SAFETY: pid 0 is this thread; `attr` is a valid `struct sched_attr`
+    // whose `size` field is its own size.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if rc != 0 {
+        warn!(shard = id, slice_us, error = %std::io::Error::last_os_error(), "the kernel refused the shard's slice; server.shard_slice_us not applied");
+        return;
+    }
+    match sched_attr() {
+        Some(now) if now.runtime == slice_us * 1000 => {
+            info!(shard = id, slice_us, "shard scheduler slice set")
+        }
+        _ => warn!(
+            shard = id,
+            slice_us,
+            "the kernel ignored the shard's slice (Linux 6.12 or later honours it); server.shard_slice_us not applied"
+        ),
+    }
+}
+
+/// `SCHED_FLAG_RESET_ON_FORK` of `sched_setattr(2)`.
+const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+
+/// The calling thread's `struct sched_attr`, `None` if the kernel will not
+/// say (errno is set).
+fn sched_attr() -> Option<SchedAttr> {
     let mut attr = SchedAttr::default();
     let size = std::mem::size_of::<SchedAttr>() as u32;
     // SAFETY: pid 0 is this thread; the kernel writes at most `size` bytes
     // into `attr`, a plain-data struct laid out as `struct sched_attr`.
     let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut attr as *mut SchedAttr, size, 0) };
-    if rc != 0 {
-        warn!(shard = id, error = %std::io::Error::last_os_error(), "cannot read the shard's scheduling; slice left to the kernel");
-        return;
-    }
-    if attr.policy != libc::SCHED_OTHER as u32 && attr.policy != libc::SCHED_BATCH as u32 {
-        info!(
-            shard = id,
-            policy = attr.policy,
-            "shard runs under a real-time or idle policy; server.shard_slice_us not applied"
-        );
-        return;
-    }
+    // The kernel fills `size` with what it knows; we send ours back.
     attr.size = size;
-    attr.flags = 0;
-    attr.runtime = slice_us * 1000;
-    // SAFETY: pid 0 is this thread; `attr` is a valid `struct sched_attr` of `size` bytes.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
-    if rc == 0 {
-        info!(shard = id, slice_us, "shard scheduler slice asked for");
-    } else {
-        warn!(shard = id, slice_us, error = %std::io::Error::last_os_error(), "the kernel refused the shard's slice; it runs with the default");
-    }
+    (rc == 0).then_some(attr)
 }
 
 /// The CPUs this process may run on, ascending.
