@@ -122,10 +122,12 @@ pub struct ServerConfig {
     /// before a thread on its core with a longer slice has used up its
     /// own: the storage writer's checkpoint, the other shard's burst. 0
     /// leaves the kernel's default (1.4 ms on the 2-core test machine).
-    /// Default 0: at 15,000 sessions, with two shards and the writer on
-    /// one core, 100 µs made no difference beyond the host's spread in two
-    /// series of runs (BENCHMARKS.md, issue 11, "Fewer wake-ups"). A knob
-    /// for hosts where a shard shares its core with busier threads.
+    /// Default 100: at 15,000 sessions, with two shards and the writer on
+    /// one core, five-minute runs gave p99 8.2–9.1 ms against 9.9–10.0
+    /// with the kernel's slice under kefu-bench (even under
+    /// chat-tungstenite) and 3–7% less server CPU per message under both;
+    /// 60 s runs and an earlier series showed no difference beyond the
+    /// host's spread (BENCHMARKS.md, issue 11, "Fewer wake-ups").
     pub shard_slice_us: u64,
     /// Listen backlog of each shard's SO_REUSEPORT socket.
     pub backlog: i32,
@@ -182,7 +184,7 @@ impl Default for ServerConfig {
             pin_cores: true,
             uring_entries: 4096,
             uring_taskrun: UringTaskrun::Defer,
-            shard_slice_us: 0,
+            shard_slice_us: 100,
             backlog: 4096,
             max_connections_per_shard: 50_000,
             heartbeat_s: 25,

@@ -34,9 +34,8 @@ pub struct StoreConfig {
     /// sessions, for about 0.5 ms more at p50 (BENCHMARKS.md, issue 11).
     /// Writes do not wake the writer while a window is open (unless one
     /// source's queue fills a batch): a batch that reaches the byte limit
-    /// closes when the window ends. After a commit of more than one write
-    /// the writer waits one window for more before it sleeps until the
-    /// next write. Default 500.
+    /// closes when the window ends. After a commit the writer waits one
+    /// window for more before it sleeps until the next write. Default 500.
     pub batch_window_us: u64,
     /// Writes a source may have in flight (submitted, completion not yet
     /// popped); `submit` says `Full` beyond it. This bounds both the submit

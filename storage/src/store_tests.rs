@@ -479,7 +479,7 @@ fn after_a_commit_the_writer_waits_a_window_for_more_unwoken() {
         ..config(dir.path())
     };
     let (store, _) = open(cfg);
-    // Two writes in one batch: the writer takes that for load.
+    // A first batch (two writes, as under load).
     let w = store.writer();
     w.submit(0, 0, WriteOp::AppendMessage(message(1, "v", "a", "x"))).unwrap();
     w.submit(0, 1, WriteOp::AppendMessage(message(1, "v", "b", "x"))).unwrap();
@@ -520,8 +520,8 @@ fn a_write_after_the_writer_stopped_waiting_wakes_it() {
     let (store, _) = open(cfg);
     let w = store.writer();
     for round in 0..20u64 {
-        // Two writes (a batch that makes the writer linger), then a pause
-        // past the linger, then one more: it must wake the idle writer.
+        // A batch (the writer lingers after it), then a pause past the
+        // linger, then one more write: it must wake the idle writer.
         w.submit(0, 3 * round, WriteOp::AppendMessage(message(1, "v", &format!("{round}a"), "x"))).unwrap();
         w.submit(0, 3 * round + 1, WriteOp::AppendMessage(message(1, "v", &format!("{round}b"), "x")))
             .unwrap();
