@@ -123,11 +123,12 @@ pub struct ServerConfig {
     /// own: the storage writer's checkpoint, the other shard's burst. 0
     /// leaves the kernel's default (1.4 ms on the 2-core test machine).
     /// Default 100: at 15,000 sessions, with two shards and the writer on
-    /// one core, five-minute runs gave p99 8.2–9.1 ms against 9.9–10.0
-    /// with the kernel's slice under kefu-bench (even under
-    /// chat-tungstenite) and 3–7% less server CPU per message under both;
-    /// 60 s runs and an earlier series showed no difference beyond the
-    /// host's spread (BENCHMARKS.md, issue 11, "Fewer wake-ups").
+    /// one core, five-minute runs gave p99 8.2–10.0 ms (three runs)
+    /// against 9.9–10.0 (two) with the kernel's slice under kefu-bench,
+    /// even under chat-tungstenite, and 3–7% less server CPU per message
+    /// in the runs of one build; 60 s runs and an earlier series showed no
+    /// difference beyond the host's spread (BENCHMARKS.md, issue 11,
+    /// "Fewer wake-ups"). A small gain, not in every run.
     pub shard_slice_us: u64,
     /// Listen backlog of each shard's SO_REUSEPORT socket.
     pub backlog: i32,
