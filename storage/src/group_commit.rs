@@ -358,15 +358,7 @@ impl GroupCommit {
         match &outcome {
             Ok(()) => {
                 self.commits += 1;
-                if let Some(f) = self.shared.on_commit.get() {
-                    let fsync = self.syncs.spent().saturating_sub(synced_before);
-                    f(CommitTimes {
-                        checkpoint: false,
-                        records: n,
-                        batch: self.batch_started.elapsed(),
-                        fsync,
-                    });
-                }
+                self.report(false, n, self.batch_started, synced_before);
                 if self.next_offset != start_offset {
                     self.shared.publish_log_end(self.next_offset);
                 }
@@ -384,8 +376,7 @@ impl GroupCommit {
             }
             Err(e) => {
                 tracing::error!(error = %e, writes = n, "storage group commit failed; failing its writes");
-                self.shared.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
-                self.shared.stats.last_commit_failed.store(true, Ordering::Relaxed);
+                self.count_failure();
                 // Nothing of the batch is stored: forget what it assumed.
                 self.next_offset = start_offset;
                 self.next_conv_id = start_conv_id;
@@ -629,6 +620,22 @@ impl GroupCommit {
         Ok(())
     }
 
+    /// Tells [`OnCommit`](crate::OnCommit) of a commit (or checkpoint) of
+    /// `records` writes, timed from `since`, whose fsyncs began after
+    /// `synced_before`.
+    fn report(&self, checkpoint: bool, records: usize, since: Instant, synced_before: Duration) {
+        if let Some(f) = self.shared.on_commit.get() {
+            let fsync = self.syncs.spent().saturating_sub(synced_before);
+            f(CommitTimes { checkpoint, records, batch: since.elapsed(), fsync });
+        }
+    }
+
+    /// Counts a failed group commit or checkpoint for the stats.
+    fn count_failure(&self) {
+        self.shared.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.last_commit_failed.store(true, Ordering::Relaxed);
+    }
+
     /// Whether a checkpoint is due: `checkpoint_ms` passed since the last
     /// durable commit.
     fn checkpoint_due(&self) -> bool {
@@ -652,8 +659,7 @@ impl GroupCommit {
     fn checkpoint_or_recover(&mut self) {
         if let Err(e) = self.checkpoint() {
             tracing::error!(error = %e, "storage checkpoint failed");
-            self.shared.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
-            self.shared.stats.last_commit_failed.store(true, Ordering::Relaxed);
+            self.count_failure();
             self.recover(&e);
         }
     }
@@ -674,10 +680,7 @@ impl GroupCommit {
             .ctx("write meta")?;
         txn.commit().ctx("commit")?;
         self.checkpointed();
-        if let Some(f) = self.shared.on_commit.get() {
-            let fsync = self.syncs.spent().saturating_sub(synced_before);
-            f(CommitTimes { checkpoint: true, records: 0, batch: started.elapsed(), fsync });
-        }
+        self.report(true, 0, started, synced_before);
         Ok(())
     }
 

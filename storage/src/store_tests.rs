@@ -434,33 +434,45 @@ fn the_window_holds_a_batch_open_and_zero_does_not() {
     }
 }
 
-#[test]
-fn writes_during_a_window_do_not_wake_the_writer() {
-    let dir = tempfile::tempdir().unwrap();
-    let window = Duration::from_millis(300);
-    // No checkpoint in the middle of it.
+/// A store whose batch window is `window` and that makes no checkpoint
+/// inside a test.
+fn open_windowed(dir: &std::path::Path, window: Duration) -> crate::Store {
     let cfg = crate::StoreConfig {
         batch_window_us: window.as_micros() as u64,
         checkpoint_ms: 600_000,
-        ..config(dir.path())
+        ..config(dir)
     };
-    let (store, _) = open(cfg);
+    open(cfg).0
+}
+
+/// Waits until the writer is windowing; then how often it has woken.
+fn wakeups_once_windowing(store: &crate::Store) -> u64 {
+    let t0 = Instant::now();
+    while !store.shared().windowing.load(Ordering::SeqCst) {
+        assert!(t0.elapsed() < PATIENCE, "the writer never waited out a window");
+        std::thread::yield_now();
+    }
+    store.shared().stats.writer_wakeups.load(Ordering::Relaxed)
+}
+
+/// The commits that held `done`.
+fn commits_of(done: &[crate::Completion]) -> std::collections::HashSet<u64> {
+    done.iter().map(|c| c.result.as_ref().unwrap().commit).collect()
+}
+
+#[test]
+fn writes_during_a_window_do_not_wake_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_windowed(dir.path(), Duration::from_millis(300));
     let w = store.writer();
     w.submit(0, 0, WriteOp::AppendMessage(message(1, "v", "0", "x"))).unwrap();
     // The first write wakes the writer and opens the window.
-    let opened = Instant::now();
-    while !store.shared().windowing.load(Ordering::SeqCst) {
-        assert!(opened.elapsed() < PATIENCE, "the window never opened");
-        std::thread::yield_now();
-    }
-    let before = store.shared().stats.writer_wakeups.load(Ordering::Relaxed);
+    let before = wakeups_once_windowing(&store);
     for i in 1..6 {
         std::thread::sleep(Duration::from_millis(10));
         w.submit(0, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), "x"))).unwrap();
     }
-    let done = wait_for(&store.completions(0), 6);
-    let commits: std::collections::HashSet<_> =
-        done.iter().map(|c| c.result.as_ref().unwrap().commit).collect();
+    let commits = commits_of(&wait_for(&store.completions(0), 6));
     assert_eq!(commits.len(), 1, "one batch: {commits:?}");
     // Woken by the window's end, and at most once more by the first
     // write's wake-up if it came after the writer had taken that write;
@@ -472,34 +484,20 @@ fn writes_during_a_window_do_not_wake_the_writer() {
 #[test]
 fn after_a_commit_the_writer_waits_a_window_for_more_unwoken() {
     let dir = tempfile::tempdir().unwrap();
-    let window = Duration::from_millis(300);
-    let cfg = crate::StoreConfig {
-        batch_window_us: window.as_micros() as u64,
-        checkpoint_ms: 600_000,
-        ..config(dir.path())
-    };
-    let (store, _) = open(cfg);
+    let store = open_windowed(dir.path(), Duration::from_millis(300));
     // A first batch (two writes, as under load).
     let w = store.writer();
     w.submit(0, 0, WriteOp::AppendMessage(message(1, "v", "a", "x"))).unwrap();
     w.submit(0, 1, WriteOp::AppendMessage(message(1, "v", "b", "x"))).unwrap();
-    let first: std::collections::HashSet<_> =
-        wait_for(&store.completions(0), 2).iter().map(|c| c.result.as_ref().unwrap().commit).collect();
+    let first = commits_of(&wait_for(&store.completions(0), 2));
     assert_eq!(first.len(), 1, "{first:?}");
     // The commit returned; the writer now waits a window for more.
-    let t0 = Instant::now();
-    while !store.shared().windowing.load(Ordering::SeqCst) {
-        assert!(t0.elapsed() < PATIENCE, "the writer did not wait for more");
-        std::thread::yield_now();
-    }
-    let before = store.shared().stats.writer_wakeups.load(Ordering::Relaxed);
+    let before = wakeups_once_windowing(&store);
     for i in 2..5 {
         w.submit(0, i, WriteOp::AppendMessage(message(1, "v", &format!("{i}"), "x"))).unwrap();
         std::thread::sleep(Duration::from_millis(10));
     }
-    let done = wait_for(&store.completions(0), 3);
-    let commits: std::collections::HashSet<_> =
-        done.iter().map(|c| c.result.as_ref().unwrap().commit).collect();
+    let commits = commits_of(&wait_for(&store.completions(0), 3));
     assert_eq!(commits.len(), 1, "one batch: {commits:?}");
     assert!(commits.is_disjoint(&first));
     // Only the window's end woke it: the first of them did not.
