@@ -8,6 +8,7 @@
 #
 # Servers: kefu (server.uring_taskrun = "defer", the default), kefu-coop,
 # kefu-default (the other ring setups), kefu-epoll (server.io = "epoll"),
+# kefu-thp (server.transparent_huge_pages = true, the heap on huge pages),
 # fastws, tungstenite.
 #
 #   - throughput and latency: server pinned to one core, client to the other
@@ -108,6 +109,7 @@ start_server() {
             "") ;;
             -epoll) ring=(KEFU_SERVER_IO=epoll) ;;
             -coop | -default) ring=(KEFU_SERVER_URING_TASKRUN="${variant#-}") ;;
+            -thp) ring=(KEFU_SERVER_TRANSPARENT_HUGE_PAGES=true) ;;
             *) echo "unknown kefu variant: $name" >&2; exit 2 ;;
         esac
         env "${ring[@]}" taskset -c "$SERVER_CPU" "$BIN/kefu" serve --echo --shards 1 --listen "127.0.0.1:$PORT" \

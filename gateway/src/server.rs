@@ -80,10 +80,27 @@ impl Running {
     }
 }
 
+/// Lets the kernel back this process's memory with transparent huge pages,
+/// or not (`server.transparent_huge_pages`). Process-wide: it holds for
+/// every thread and every later page fault, not for pages already in.
+/// Called before the shards and the store allocate, so that what grows
+/// with sessions and the page cache follows it. A kernel that refuses is
+/// logged, not fatal: the gateway serves as before, with more memory.
+pub fn allow_huge_pages(allowed: bool) {
+    // SAFETY: PR_SET_THP_DISABLE takes one integer argument and the rest zero.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(!allowed), 0, 0, 0) };
+    if rc != 0 {
+        warn!(allowed, error = %std::io::Error::last_os_error(), "cannot set server.transparent_huge_pages");
+    } else if !allowed {
+        info!("transparent huge pages off for the process (server.transparent_huge_pages = false)");
+    }
+}
+
 /// Prepares the data directory and starts every shard; returns once all
 /// listen.
 pub fn start(config: Config) -> anyhow::Result<Running> {
     shard::probe_driver(&config).map_err(anyhow::Error::msg)?;
+    allow_huge_pages(config.server.transparent_huge_pages);
     let admin_listener = crate::bridge::bind(&config.server.admin_listen)?;
     let shards = config.shard_count();
     let classes = config.slab.classes.len();

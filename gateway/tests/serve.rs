@@ -326,6 +326,34 @@ fn shards_ask_for_the_configured_scheduler_slice() {
     assert!(slices.len() == 2 && slices.iter().all(|&s| s != 100_000), "{slices:?}");
 }
 
+/// The `THP_enabled` line of `/proc/PID/status`: whether the kernel may
+/// give the process transparent huge pages (Linux 5.0+).
+fn thp_enabled(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"))?;
+    Some(line.rsplit(':').next()?.trim() == "1")
+}
+
+#[test]
+fn huge_pages_are_off_unless_configured() {
+    let gw = Gateway::start(&["--echo", "--shards", "1"], &[]);
+    let Some(enabled) = thp_enabled(gw.child.id()) else {
+        eprintln!("SKIPPED: this kernel shows no THP_enabled in /proc/PID/status");
+        return;
+    };
+    let log = gw.startup_log.join("\n");
+    assert!(!enabled, "{log}");
+    assert!(log.contains("transparent huge pages off"), "{log}");
+    drop(gw);
+    let gw = Gateway::start(&["--echo", "--shards", "1"], &[("KEFU_SERVER_TRANSPARENT_HUGE_PAGES", "true")]);
+    let system = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if system.contains("[never]") {
+        eprintln!("SKIPPED: huge pages are off for the whole system here");
+        return;
+    }
+    assert_eq!(thp_enabled(gw.child.id()), Some(true));
+}
+
 #[test]
 fn epoll_runs_only_when_configured_and_says_so() {
     let gw = Gateway::start(&["--echo", "--shards", "1"], &[("KEFU_SERVER_IO", "epoll")]);
