@@ -118,20 +118,29 @@ struct Sess {
     codec: Codec,
     session: Session,
     stage: Stage,
-    /// The `connect`'s id and resume map, kept until `connected`.
-    connect_id: Option<i64>,
-    resume: Vec<(ConvId, u64)>,
-    /// A new anonymous visitor's key, shown once in `connected`.
-    visitor_key: Option<String>,
-    /// Commands pipelined behind `connect` while the session was being
-    /// admitted or stored, served once it is announced.
-    pipelined: Vec<ClientFrame>,
+    /// What only `connect` needs, dropped once `connected` is written.
+    connecting: Option<Box<Connecting>>,
     /// `Route`s and `Relay`s sent to the router and not yet `Routed`: while
     /// any are, commands for homes are relayed too.
     routing: u32,
     /// When the token it connected with stops being valid (a token
     /// session; anonymous visitors have no expiry).
     expires_ms: Option<u64>,
+}
+
+/// A session's state from its `connect` to its `connected`. Boxed apart
+/// from [`Sess`] because a connected session, which is what a gateway
+/// holds tens of thousands of, needs none of it (~90 bytes each).
+struct Connecting {
+    /// The `connect`'s id.
+    id: Option<i64>,
+    /// The resume map, until the session is announced.
+    resume: Vec<(ConvId, u64)>,
+    /// A new anonymous visitor's key, shown once in `connected`.
+    visitor_key: Option<String>,
+    /// Commands pipelined behind `connect` while the session was being
+    /// admitted or stored, served once it is announced.
+    pipelined: Vec<ClientFrame>,
 }
 
 /// The sessions of one shard's connections.
@@ -282,10 +291,9 @@ impl Edge {
         // durable, is known nowhere else yet, so its commands (a `ping`
         // too) wait here until it is.
         if sess.stage.unannounced() {
-            if sess.pipelined.len() < PIPELINED_WHILE_STORING_MAX {
-                sess.pipelined.push(frame);
-            } else {
-                self.out.error(reply, ErrorCode::BadCommand, "connect is still in progress");
+            match sess.connecting.as_mut() {
+                Some(c) if c.pipelined.len() < PIPELINED_WHILE_STORING_MAX => c.pipelined.push(frame),
+                _ => self.out.error(reply, ErrorCode::BadCommand, "connect is still in progress"),
             }
             return;
         }
@@ -447,10 +455,12 @@ impl Edge {
             codec,
             session,
             stage,
-            connect_id: id,
-            resume,
-            visitor_key: new_key.as_ref().map(VisitorKey::to_hex),
-            pipelined: Vec::new(),
+            connecting: Some(Box::new(Connecting {
+                id,
+                resume,
+                visitor_key: new_key.as_ref().map(VisitorKey::to_hex),
+                pipelined: Vec::new(),
+            })),
             routing: 0,
             expires_ms,
         };
@@ -560,7 +570,11 @@ impl Edge {
     ) {
         let Some(sess) = self.sessions.remove(&addr) else { return };
         self.held.remove(&addr);
-        self.out.send(addr, sess.codec, &ServerFrame::error(sess.connect_id, code, message));
+        self.out.send(
+            addr,
+            sess.codec,
+            &ServerFrame::error(sess.connecting.and_then(|c| c.id), code, message),
+        );
         self.out.close(addr, close_code, close_reason);
     }
 
@@ -601,17 +615,20 @@ impl Edge {
     ) {
         let Some(sess) = self.sessions.get_mut(&addr) else { return };
         sess.stage = Stage::Welcoming;
-        let (codec, resume) = (sess.codec, std::mem::take(&mut sess.resume));
+        let codec = sess.codec;
+        let (id, resume, pipelined) = match sess.connecting.as_mut() {
+            Some(c) => (c.id, std::mem::take(&mut c.resume), std::mem::take(&mut c.pipelined)),
+            None => (None, Vec::new(), Vec::new()),
+        };
         let Some(identity) = sess.session.identity().cloned() else { return };
         let actor = identity.actor();
         for shard in 0..self.shards {
             let mine = resume.iter().copied().filter(|(c, _)| c.home(self.shards) == shard).collect();
             self.out.post_chat(shard, ChatMsg::SessionUp { addr, codec, actor: actor.clone(), resume: mine });
         }
-        let id = sess.connect_id;
         self.out.post_chat(ROUTER_SHARD, ChatMsg::Hello { reply: (addr, codec, id), identity });
         // Commands a new visitor sent while it was being stored, in order.
-        for frame in std::mem::take(&mut sess.pipelined) {
+        for frame in pipelined {
             self.handle_frame(addr, codec, frame, now_ms, store, random);
         }
     }
@@ -626,7 +643,7 @@ impl Edge {
         let (to, codec, id) = reply;
         let Some(sess) = self.sessions.get_mut(&to) else { return };
         sess.stage = Stage::Ready;
-        let visitor_key = sess.visitor_key.take();
+        let visitor_key = sess.connecting.take().and_then(|c| c.visitor_key);
         let Some(identity) = sess.session.identity().cloned() else { return };
         let mut conversations: Vec<ConvSummary> = conversations
             .into_iter()

@@ -188,7 +188,9 @@ fn frames_wait_for_connected_which_comes_first() {
     seen(&mut e);
     let early = e.out.encode(Codec::Json, &ServerFrame::push(Event::Pong));
     assert!(e.pass(a, early).is_none(), "held until connected");
+    assert!(e.sessions[&a].connecting.is_some());
     e.handle_welcome((a, Codec::Json, Some(1)), Vec::new(), &store);
+    assert!(e.sessions[&a].connecting.is_none(), "what only connect needs is dropped at connected");
     let out = seen(&mut e);
     let events = frame_events(&out);
     assert!(matches!(events[..], [Event::Connected { .. }, Event::Pong]), "{events:?}");
