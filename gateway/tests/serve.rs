@@ -89,6 +89,24 @@ fn fragmented_messages_and_pings_between_fragments() {
     assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, "héllo 世!".as_bytes().to_vec()));
 }
 
+/// A control frame cut by a read is the one rest longer than a frame
+/// header: kept apart (on the heap) until the next read finishes it.
+#[test]
+fn a_control_frame_cut_between_reads_is_answered_whole() {
+    let gw = Gateway::start(&["--echo"], &[]);
+    let mut s = raw_ws(gw.addr, "/ws/echo");
+    let payload: Vec<u8> = (0..125u8).collect();
+    for cut in [1, 14, 23, 100, 130] {
+        let mut bytes = client_frame(0x9, true, &payload);
+        bytes.extend(client_frame(0x1, true, b"after"));
+        s.write_all(&bytes[..cut]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        s.write_all(&bytes[cut..]).unwrap();
+        assert_eq!(read_frame(&mut s).unwrap(), (true, 0xA, payload.clone()), "cut at {cut}");
+        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, b"after".to_vec()), "cut at {cut}");
+    }
+}
+
 /// Large one-frame messages are echoed out of the read buffer they
 /// arrived in (their header rewritten in place), small ones are copied:
 /// pipelined in one write, with a ping among them, all come back whole and
