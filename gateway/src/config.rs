@@ -137,7 +137,8 @@ pub struct ServerConfig {
     /// more resident memory than it uses. Default off, which asks the
     /// kernel for none (`prctl(PR_SET_THP_DISABLE)`, for the whole
     /// process, at start): at 15,000 sessions that measured ~1.7 KB less
-    /// RSS per session (BENCHMARKS.md, issue 11, "Huge pages").
+    /// RSS per session (BENCHMARKS.md, issue 11, "Huge pages"). `true`
+    /// leaves it to the system's mode and to what the parent process set.
     pub transparent_huge_pages: bool,
     /// Listen backlog of each shard's SO_REUSEPORT socket.
     pub backlog: i32,

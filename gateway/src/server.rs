@@ -80,18 +80,23 @@ impl Running {
     }
 }
 
-/// Lets the kernel back this process's memory with transparent huge pages,
-/// or not (`server.transparent_huge_pages`). Process-wide: it holds for
-/// every thread and every later page fault, not for pages already in.
-/// Called before the shards and the store allocate, so that what grows
-/// with sessions and the page cache follows it. A kernel that refuses is
-/// logged, not fatal: the gateway serves as before, with more memory.
+/// Keeps the kernel from backing this process's memory with transparent
+/// huge pages unless `server.transparent_huge_pages` allows them; allowed,
+/// it is left to the system's mode and to what the parent process set
+/// (the flag is inherited, so a service manager's choice stands).
+/// Process-wide: it holds for every thread and every later page fault, not
+/// for pages already in. Called before the shards and the store allocate,
+/// so that what grows with sessions and the page cache follows it. A
+/// kernel that refuses is logged, not fatal: the gateway serves as before,
+/// with more memory.
 pub fn allow_huge_pages(allowed: bool) {
+    if allowed {
+        return;
+    }
     // SAFETY: PR_SET_THP_DISABLE takes one integer argument and the rest zero.
-    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, libc::c_ulong::from(!allowed), 0, 0, 0) };
-    if rc != 0 {
-        warn!(allowed, error = %std::io::Error::last_os_error(), "cannot set server.transparent_huge_pages");
-    } else if !allowed {
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot keep transparent huge pages off (server.transparent_huge_pages = false)");
+    } else {
         info!("transparent huge pages off for the process (server.transparent_huge_pages = false)");
     }
 }

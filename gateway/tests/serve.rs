@@ -354,6 +354,10 @@ fn thp_enabled(pid: u32) -> Option<bool> {
 
 #[test]
 fn huge_pages_are_off_unless_configured() {
+    if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+        eprintln!("SKIPPED: this kernel has no transparent huge pages");
+        return;
+    }
     let gw = Gateway::start(&["--echo", "--shards", "1"], &[]);
     let Some(enabled) = thp_enabled(gw.child.id()) else {
         eprintln!("SKIPPED: this kernel shows no THP_enabled in /proc/PID/status");
@@ -363,12 +367,8 @@ fn huge_pages_are_off_unless_configured() {
     assert!(!enabled, "{log}");
     assert!(log.contains("transparent huge pages off"), "{log}");
     drop(gw);
+    // Allowed: left as the test process (which never disabled them) has it.
     let gw = Gateway::start(&["--echo", "--shards", "1"], &[("KEFU_SERVER_TRANSPARENT_HUGE_PAGES", "true")]);
-    let system = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
-    if system.contains("[never]") {
-        eprintln!("SKIPPED: huge pages are off for the whole system here");
-        return;
-    }
     assert_eq!(thp_enabled(gw.child.id()), Some(true));
 }
 
