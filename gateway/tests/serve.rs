@@ -314,11 +314,17 @@ fn shard_slices(pid: u32) -> Option<Vec<u64>> {
         if !comm.starts_with("kefu-shard") {
             continue;
         }
-        let sched = std::fs::read_to_string(dir.join("sched")).unwrap_or_default();
-        let line = sched.lines().find(|l| l.starts_with("se.slice"))?;
-        slices.push(line.rsplit(':').next()?.trim().parse().ok()?);
+        slices.push(proc_field(&dir.join("sched"), "se.slice")?.parse().ok()?);
     }
     Some(slices)
+}
+
+/// The value of the `key: value` line of a `/proc` file that starts with
+/// `key`; `None` when the file or the line is not there.
+fn proc_field(path: &std::path::Path, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    Some(line.rsplit(':').next()?.trim().to_string())
 }
 
 #[test]
@@ -347,9 +353,7 @@ fn shards_ask_for_the_configured_scheduler_slice() {
 /// The `THP_enabled` line of `/proc/PID/status`: whether the kernel may
 /// give the process transparent huge pages (Linux 5.0+).
 fn thp_enabled(pid: u32) -> Option<bool> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("THP_enabled:"))?;
-    Some(line.rsplit(':').next()?.trim() == "1")
+    Some(proc_field(format!("/proc/{pid}/status").as_ref(), "THP_enabled:")? == "1")
 }
 
 #[test]
