@@ -692,6 +692,9 @@ const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log")
 const CONV_INDEX: redb::TableDefinition<(u64, u64), (u64, u64)> = redb::TableDefinition::new("conv_index");
 const CONVERSATIONS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("conversations");
 const USERS: redb::TableDefinition<(&str, &str), &[u8]> = redb::TableDefinition::new("users");
+const USER_CONVERSATIONS: redb::TableDefinition<(&str, u64), ()> =
+    redb::TableDefinition::new("user_conversations");
+const CONV_CHANGES: redb::TableDefinition<u64, u8> = redb::TableDefinition::new("conv_changes");
 
 fn analyze(dir: &Path, expected: Option<u64>) {
     use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
@@ -707,6 +710,8 @@ fn analyze(dir: &Path, expected: Option<u64>) {
     // Field by field, over the messages of the log.
     let (mut n, mut value, mut text, mut cid, mut id, mut name, mut others, mut other_bytes) =
         (0u64, 0, 0, 0, 0, 0, 0u64, 0);
+    // The other records by kind: count and bytes.
+    let mut kinds: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
     for e in log.iter().unwrap() {
         let (_, v) = e.unwrap();
         let bytes = v.value();
@@ -719,9 +724,18 @@ fn analyze(dir: &Path, expected: Option<u64>) {
                 id += m.from.id.len() as u64;
                 name += m.from.name.len() as u64;
             }
-            _ => {
+            other => {
                 others += 1;
                 other_bytes += bytes.len() as u64;
+                let kind = match other {
+                    kefu_storage::LogRecord::Conversation(_) => "conversation",
+                    kefu_storage::LogRecord::User(_) => "user",
+                    kefu_storage::LogRecord::Read(_) => "read",
+                    _ => "presence",
+                };
+                let e = kinds.entry(kind).or_default();
+                e.0 += 1;
+                e.1 += bytes.len() as u64;
             }
         }
     }
@@ -744,6 +758,9 @@ fn analyze(dir: &Path, expected: Option<u64>) {
         per(value - text - cid - id - name)
     );
     println!("  other log records: {others}, {other_bytes} bytes");
+    for (kind, (count, bytes)) in &kinds {
+        println!("    {kind:>12}: {count} records, {bytes} bytes, {:.1} each", *bytes as f64 / *count as f64);
+    }
     println!(
         "  redb: {} pages of {page} B allocated ({:.1} per message), {} bytes of the file not allocated ({:.1} per message)",
         s.allocated_pages(),
@@ -791,5 +808,11 @@ fn analyze(dir: &Path, expected: Option<u64>) {
     }
     if let Ok(t) = r.open_table(USERS) {
         table("users", t.stats().unwrap(), t.len().unwrap());
+    }
+    if let Ok(t) = r.open_table(USER_CONVERSATIONS) {
+        table("user_convs", t.stats().unwrap(), t.len().unwrap());
+    }
+    if let Ok(t) = r.open_table(CONV_CHANGES) {
+        table("conv_changes", t.stats().unwrap(), t.len().unwrap());
     }
 }

@@ -50,7 +50,9 @@ use crate::backend::SyncCounter;
 use crate::compact::MessageView;
 use crate::dedupe::{self, DedupeKey, SlotMaps};
 use crate::error::{IoContext, StorageError};
-use crate::record::{ArchivedConversationRecord, ConvChange, LogRecord, access, encode_into};
+use crate::record::{
+    ArchivedConversationRecord, ArchivedUserRecord, ConvChange, LogRecord, access, encode_into,
+};
 use crate::redo::{Op, Tables};
 use crate::reopen::{DbSlot, Reopen};
 use crate::store::begin_durable;
@@ -729,6 +731,19 @@ impl GroupCommit {
             }
             WriteOp::PutUser(u) => {
                 sort_meta(&mut u.meta);
+                // A user was first seen when first stored; a later profile
+                // keeps that time, whatever it carries (as conversations do).
+                let key = (u.role.as_str(), u.id.as_str());
+                if let Some(old) = t.users()?.get(key).ctx("read users")? {
+                    match access::<ArchivedUserRecord>(
+                        old.value(),
+                        "users",
+                        &format_args!("{} {}", key.0, key.1),
+                    ) {
+                        Ok(archived) => u.created_ms = archived.created_ms.to_native(),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
                 if let Err(e) = encode_into(&*u, &mut self.buf).and_then(|()| self.encode_logged(op)) {
                     return Ok(Err(e));
                 }

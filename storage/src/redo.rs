@@ -178,7 +178,9 @@ impl<'t> Tables<'t> {
         lazily(&mut self.conversations, self.txn, tables::CONVERSATIONS, "open table conversations")
     }
 
-    fn users(&mut self) -> Result<&mut Table<'t, (&'static str, &'static str), &'static [u8]>, StorageError> {
+    pub(crate) fn users(
+        &mut self,
+    ) -> Result<&mut Table<'t, (&'static str, &'static str), &'static [u8]>, StorageError> {
         lazily(&mut self.users, self.txn, tables::USERS, "open table users")
     }
 

@@ -1050,6 +1050,28 @@ fn a_version_2_store_gets_dedupe_slots_and_users_keyed_by_role_at_open() {
 }
 
 #[test]
+fn a_user_keeps_the_time_it_was_first_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let user = UserRecord {
+        id: "v1".into(),
+        role: Role::Visitor,
+        name: "Ann".into(),
+        meta: Vec::new(),
+        visitor_key_hash: Some([1; 32]),
+        created_ms: 10,
+    };
+    write(&store, 1, WriteOp::PutUser(user.clone())).result.unwrap();
+    let later = UserRecord { name: "Anne".into(), created_ms: 5_000, ..user };
+    let done = write(&store, 2, WriteOp::PutUser(later)).result.unwrap();
+    let stored = store.reader().user(Role::Visitor, "v1").unwrap().unwrap();
+    assert_eq!((stored.name.as_str(), stored.created_ms), ("Anne", 10));
+    let logged = store.reader().scan(done.offset, 1).unwrap();
+    let LogRecord::User(u) = &logged[0].record else { panic!("not a user: {logged:?}") };
+    assert_eq!(u.created_ms, 10, "the log carries the stored time too");
+}
+
+#[test]
 fn a_conversation_keeps_the_time_it_was_first_stored() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(config(dir.path()));

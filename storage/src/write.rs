@@ -84,7 +84,8 @@ pub enum WriteOp {
     /// Store a conversation's state and log the change. Its `last_seq` is
     /// ignored (it is derived from the index).
     PutConversation(ConversationRecord),
-    /// Store a user's profile and log the change.
+    /// Store a user's profile and log the change. A user already stored
+    /// keeps its `created_ms`, whatever this one carries.
     PutUser(UserRecord),
     /// Log a read mark.
     MarkRead(ReadMark),

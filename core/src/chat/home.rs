@@ -24,7 +24,7 @@ use kefu_proto::{ConvId, ConvStatus, ErrorCode, Role};
 use super::directory::{Directory, Member};
 use super::hooks::{HookCall, Verdict};
 use super::outbox::{ConvState, Outbox, Output, Pending, Profile, Write};
-use super::stored::{ReadError, Stored};
+use super::stored::{ReadError, Stored, StoredUser};
 use super::{Change, PositionUpdate, Reply, RouteInfo, SessionAddr};
 use crate::CoreConfig;
 use crate::cid::Cid;
@@ -32,7 +32,7 @@ use crate::config::HookFailure;
 use crate::conversation::{
     Access, Conversation, ReadOutcome, RestoredConversation, SendOutcome, TypingOutcome,
 };
-use crate::identity::{Actor, UserKey};
+use crate::identity::{Actor, UserKey, Visitor};
 use crate::resume::{ReplayWindow, frame_weight};
 use crate::rules::Rules;
 use crate::session::HomeRequest;
@@ -871,8 +871,13 @@ impl Home {
                 // hash of an anonymous visitor. If the stored one cannot be
                 // read, it is not written: without its key hash, an
                 // anonymous visitor could never come back (the next
-                // conversation writes it).
-                if let Ok(stored) = store.user(Role::Visitor, &visitor.id) {
+                // conversation writes it). A profile stored as it is now is
+                // not written again: a new anonymous visitor's was stored
+                // at its `connect`, and a rewrite would log one more record
+                // (and keep one more page in redb's cache) per conversation.
+                if let Ok(stored) = store.user(Role::Visitor, &visitor.id)
+                    && !stored.as_ref().is_some_and(|u| shows(u, &visitor))
+                {
                     let user = Profile {
                         role: Role::Visitor,
                         id: visitor.id.to_string(),
@@ -1156,6 +1161,14 @@ impl Home {
             },
         ))
     }
+}
+
+/// Whether `stored` is already the profile a conversation of `visitor`
+/// would store: the same name and meta (both sorted by key, keys unique).
+fn shows(stored: &StoredUser, visitor: &Visitor) -> bool {
+    *stored.name == *visitor.name
+        && stored.meta.len() == visitor.meta.len()
+        && stored.meta.iter().zip(&visitor.meta).all(|((k, v), (k2, v2))| k == k2 && v == v2)
 }
 
 /// The visitor's and the assigned (or, once closed, the last) agent's

@@ -587,6 +587,43 @@ fn a_profile_that_cannot_be_read_is_not_overwritten_without_its_key_hash() {
 }
 
 #[test]
+fn a_profile_stored_as_it_is_is_not_written_again() {
+    let profiles = |w: &World| w.writes.iter().filter(|(_, write)| matches!(write, Write::User(_))).count();
+    let mut w = World::new(|_| {});
+    let v = w.connect(Role::Visitor, "anon-1", 1);
+    let stored = Profile {
+        role: Role::Visitor,
+        id: v.actor.id.to_string(),
+        name: v.actor.name.to_string(),
+        meta: vec![("plan".into(), "pro".into())],
+        visitor_key_hash: Some([7; 32]),
+        created_ms: 1,
+    };
+    w.store.apply(&Write::User(stored));
+    let meta: Meta = [("plan".to_string(), "pro".to_string())].into_iter().collect();
+    let visitor = Visitor { id: v.actor.id.clone(), name: v.actor.name.clone(), meta };
+    w.change(Change::Create { visitor: visitor.clone(), group: "default".into() }, None);
+    assert_eq!(profiles(&w), 0, "the stored profile is the one it would write");
+    assert_eq!(w.writes.len(), 1, "the conversation is stored");
+
+    // Another meta value, or another name: written, with the key hash kept.
+    for changed in [
+        Visitor { meta: [("plan".to_string(), "free".to_string())].into_iter().collect(), ..visitor.clone() },
+        Visitor { name: "Renamed".into(), ..visitor.clone() },
+    ] {
+        w.writes.clear();
+        w.change(Change::Create { visitor: changed, group: "default".into() }, None);
+        let written: Vec<&Profile> = w
+            .writes
+            .iter()
+            .filter_map(|(_, write)| if let Write::User(p) = write { Some(p) } else { None })
+            .collect();
+        assert_eq!(written.len(), 1, "a changed profile is written");
+        assert_eq!(written[0].visitor_key_hash, Some([7; 32]), "with the stored key hash");
+    }
+}
+
+#[test]
 fn a_history_page_of_big_attachments_holds_what_fits_and_pages_on() {
     let mut w = World::new(|_| {});
     // A 1 MiB budget; each 300 KiB picture weighs about 400 KiB as base64.
