@@ -20,6 +20,7 @@ pub mod conn;
 pub mod http;
 pub mod mailbox;
 pub mod metrics;
+pub mod page_blocks;
 pub mod proxy_protocol;
 pub mod secret;
 pub mod server;

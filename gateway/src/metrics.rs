@@ -401,6 +401,12 @@ pub fn render<T: Send>(
     for (thread, n) in crate::alloc::allocations_by_thread() {
         let _ = writeln!(out, "kefu_thread_allocations_total{{thread=\"{thread}\"}} {n}");
     }
+    let blocks = crate::page_blocks::stats();
+    let _ = writeln!(
+        out,
+        "# HELP kefu_page_block_bytes Memory of the exact-size blocks the storage's cached pages live in.\n# TYPE kefu_page_block_bytes gauge\nkefu_page_block_bytes{{state=\"in_use\"}} {}\nkefu_page_block_bytes{{state=\"mapped\"}} {}",
+        blocks.in_use_bytes, blocks.mapped_bytes
+    );
     let storage: [(&str, &str, &str, u64); 12] = [
         ("kefu_storage_commits_total", "counter", "Group commits done.", store.commits),
         (
