@@ -151,12 +151,7 @@ impl<'a> MessageView<'a> {
         let conv = r.varint("conv")?;
         let seq = r.varint("seq")?;
         let ts_ms = r.varint("ts_ms")?;
-        let role = match r.byte("role")? {
-            0 => Role::Visitor,
-            1 => Role::Agent,
-            2 => Role::Bot,
-            b => return Err(format!("role byte {b} is none of 0, 1, 2")),
-        };
+        let role = role_of_byte(r.byte("role")?)?;
         let flags = r.byte("flags")?;
         if flags & !(HAS_TEXT | HAS_ATTACHMENT) != 0 {
             return Err(format!("flags {flags:#04x} has unknown bits"));
@@ -170,18 +165,25 @@ impl<'a> MessageView<'a> {
         } else {
             None
         };
-        if !r.bytes.is_empty() {
-            return Err(format!("{} bytes after the last field", r.bytes.len()));
-        }
+        r.end()?;
         Ok(MessageView { conv, seq, ts_ms, cid, role, sender_id, sender_name, text, attachment })
     }
 }
 
-fn role_byte(role: Role) -> u8 {
+pub(crate) fn role_byte(role: Role) -> u8 {
     match role {
         Role::Visitor => 0,
         Role::Agent => 1,
         Role::Bot => 2,
+    }
+}
+
+pub(crate) fn role_of_byte(b: u8) -> Result<Role, String> {
+    match b {
+        0 => Ok(Role::Visitor),
+        1 => Ok(Role::Agent),
+        2 => Ok(Role::Bot),
+        b => Err(format!("role byte {b} is none of 0, 1, 2")),
     }
 }
 
@@ -255,6 +257,14 @@ impl<'a> Cursor<'a> {
     pub(crate) fn str(&mut self, field: &str) -> Result<&'a str, String> {
         let bytes = self.bytes(field)?;
         std::str::from_utf8(bytes).map_err(|e| format!("its {field} is not UTF-8: {e}"))
+    }
+
+    /// A value ends exactly where its last field does.
+    pub(crate) fn end(&self) -> Result<(), String> {
+        match self.bytes.len() {
+            0 => Ok(()),
+            n => Err(format!("{n} bytes after the last field")),
+        }
     }
 }
 

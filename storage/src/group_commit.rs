@@ -48,11 +48,10 @@ use redb::{Durability, ReadableTable};
 
 use crate::backend::SyncCounter;
 use crate::compact::MessageView;
+use crate::compact_state::{ConversationView, encode_user_record};
 use crate::dedupe::{self, DedupeKey, SlotMaps};
 use crate::error::{IoContext, StorageError};
-use crate::record::{
-    ArchivedConversationRecord, ArchivedUserRecord, ConvChange, LogRecord, access, encode_into,
-};
+use crate::record::{ConvChange, LogRecord, access_conversation, access_user, encode_into, encode_log_into};
 use crate::redo::{Op, Tables};
 use crate::reopen::{DbSlot, Reopen};
 use crate::store::begin_durable;
@@ -701,17 +700,18 @@ impl GroupCommit {
                 // is decided here, against the state this one replaces.
                 let mut change = ConvChange::Opened;
                 if let Some(old) = t.conversations()?.get(id).ctx("read conversations")? {
-                    match access::<ArchivedConversationRecord>(old.value(), "conversations", &id) {
-                        Ok(archived) => {
-                            c.created_ms = archived.created_ms.to_native();
-                            let was = (archived.status.get(), archived.agent.as_ref().map(|a| a.id.as_str()));
+                    match access_conversation(old.value(), id) {
+                        Ok(was) => {
+                            c.created_ms = was.created_ms;
+                            let was = (was.status, was.agent.map(|a| a.id));
                             let agent = c.agent.as_ref().map(|a| a.id.as_str());
                             change = ConvChange::between(Some(was), c.status, agent);
                         }
                         Err(e) => return Ok(Err(e)),
                     }
                 }
-                if let Err(e) = encode_into(&*c, &mut self.buf).and_then(|()| self.encode_logged(op)) {
+                ConversationView::of_record(c).encode_into(&mut self.buf);
+                if let Err(e) = self.encode_logged(op) {
                     return Ok(Err(e));
                 }
                 t.put(Op::Conversation { id, value: &self.buf })?;
@@ -735,16 +735,13 @@ impl GroupCommit {
                 // keeps that time, whatever it carries (as conversations do).
                 let key = (u.role.as_str(), u.id.as_str());
                 if let Some(old) = t.users()?.get(key).ctx("read users")? {
-                    match access::<ArchivedUserRecord>(
-                        old.value(),
-                        "users",
-                        &format_args!("{} {}", key.0, key.1),
-                    ) {
-                        Ok(archived) => u.created_ms = archived.created_ms.to_native(),
+                    match access_user(old.value(), &format_args!("{} {}", key.0, key.1)) {
+                        Ok(was) => u.created_ms = was.created_ms,
                         Err(e) => return Ok(Err(e)),
                     }
                 }
-                if let Err(e) = encode_into(&*u, &mut self.buf).and_then(|()| self.encode_logged(op)) {
+                encode_user_record(u, &mut self.buf);
+                if let Err(e) = self.encode_logged(op) {
                     return Ok(Err(e));
                 }
                 let WriteOp::PutUser(u) = op else {
@@ -788,7 +785,7 @@ impl GroupCommit {
                 return Err(StorageError::Encode("not a logged record".into()));
             }
         };
-        let encoded = encode_into(&record, &mut self.buf2);
+        let encoded = encode_log_into(&record, &mut self.buf2);
         *op = match record {
             LogRecord::Conversation(c) => WriteOp::PutConversation(c),
             LogRecord::User(u) => WriteOp::PutUser(u),

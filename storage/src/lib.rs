@@ -93,6 +93,7 @@ mod backend;
 #[doc(hidden)]
 pub mod ceiling;
 mod compact;
+mod compact_state;
 mod config;
 mod dedupe;
 mod error;
@@ -117,6 +118,7 @@ mod store_tests;
 mod testkit;
 
 pub use compact::{AttachmentView, MessageView};
+pub use compact_state::{AgentView, ConversationView, MetaView, UserView};
 pub use config::StoreConfig;
 pub use error::{StorageError, SubmitError};
 pub use reader::{ConversationFilter, ConversationPage, DedupeHit, LogEvent, Logged, Reader};

@@ -21,12 +21,12 @@ use kefu_proto::ids::{ConvStatus, Role};
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::compact::MessageView;
+use crate::compact_state::ConversationView;
 use crate::dedupe::SlotCache;
 use crate::error::{IoContext, StorageError};
 use crate::record::{
-    ArchivedConversationRecord, ArchivedLogRecord, ArchivedUserControlRecord, ArchivedUserRecord, ConvChange,
-    ConversationRecord, LogRecord, LogView, MessageRecord, UserControlRecord, UserRecord, access, access_log,
-    to_owned,
+    ArchivedUserControlRecord, ConvChange, ConversationRecord, LogRecord, LogView, MessageRecord,
+    UserControlRecord, UserRecord, access, access_conversation, access_log, access_user, to_owned,
 };
 use crate::tables;
 
@@ -79,10 +79,10 @@ pub struct ConversationFilter {
 }
 
 impl ConversationFilter {
-    fn matches(&self, c: &ArchivedConversationRecord) -> bool {
-        self.status.is_none_or(|s| c.status.get() == s)
-            && self.agent_id.as_deref().is_none_or(|want| c.agent.as_ref().is_some_and(|a| a.id == want))
-            && self.group.as_deref().is_none_or(|want| c.group.as_ref().is_some_and(|g| g == want))
+    fn matches(&self, c: &ConversationView<'_>) -> bool {
+        self.status.is_none_or(|s| c.status == s)
+            && self.agent_id.as_deref().is_none_or(|want| c.agent.is_some_and(|a| a.id == want))
+            && self.group.as_deref().is_none_or(|want| c.group == Some(want))
     }
 }
 
@@ -258,7 +258,7 @@ impl Reader {
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         let Some(guard) = table.get(conv).ctx("read conversations")? else { return Ok(None) };
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
-        Ok(Some(conversation_record(guard.value(), conv, &index)?))
+        Ok(Some(conversation_record(&access_conversation(guard.value(), conv)?, conv, &index)?))
     }
 
     /// A visitor's conversations, newest first, at most `limit`, each with
@@ -280,7 +280,7 @@ impl Reader {
             let (key, _) = entry.ctx("read user_conversations")?;
             let (_, conv) = key.value();
             let Some(guard) = table.get(conv).ctx("read conversations")? else { continue };
-            out.push(conversation_record(guard.value(), conv, &index)?);
+            out.push(conversation_record(&access_conversation(guard.value(), conv)?, conv, &index)?);
             if out.len() >= limit {
                 break;
             }
@@ -298,11 +298,11 @@ impl Reader {
         for entry in table.iter().ctx("read conversations")? {
             let (key, value) = entry.ctx("read conversations")?;
             let id = key.value();
-            let archived: &ArchivedConversationRecord = access(value.value(), "conversations", &id)?;
-            if archived.status.get() == ConvStatus::Closed {
+            let view = access_conversation(value.value(), id)?;
+            if view.status == ConvStatus::Closed {
                 continue;
             }
-            out.push(conversation_record(value.value(), id, &index)?);
+            out.push(conversation_record(&view, id, &index)?);
         }
         Ok(out)
     }
@@ -341,10 +341,10 @@ impl Reader {
         for entry in entries.by_ref() {
             let (key, value) = entry.ctx("read conversations")?;
             let id = key.value();
-            let archived: &ArchivedConversationRecord = access(value.value(), "conversations", &id)?;
+            let view = access_conversation(value.value(), id)?;
             scanned += 1;
-            if filter.matches(archived) {
-                page.conversations.push(conversation_record(value.value(), id, &index)?);
+            if filter.matches(&view) {
+                page.conversations.push(conversation_record(&view, id, &index)?);
             }
             if page.conversations.len() >= page_size || scanned >= scan_max {
                 page.next_before = Some(id);
@@ -371,9 +371,8 @@ impl Reader {
         let txn = self.txn()?;
         let table = txn.open_table(tables::USERS).ctx("open table users")?;
         let Some(guard) = table.get((role.as_str(), id)).ctx("read users")? else { return Ok(None) };
-        let archived: &ArchivedUserRecord =
-            access(guard.value(), "users", &format_args!("{} {id}", role.as_str()))?;
-        Ok(Some(to_owned(archived)?))
+        let view = access_user(guard.value(), &format_args!("{} {id}", role.as_str()))?;
+        Ok(Some(view.to_record()))
     }
 
     /// What the business system set for the user `id` acting as `role`
@@ -494,7 +493,7 @@ impl Reader {
             let offset = key.value();
             let view = access_log(value.value(), &offset)?;
             let change = match view {
-                LogView::Other(ArchivedLogRecord::Conversation(_)) => {
+                LogView::Conversation(_) => {
                     let byte = changes.get(offset).ctx("read conv_changes")?.map(|g| g.value());
                     let change = byte.and_then(ConvChange::from_byte);
                     Some(change.ok_or_else(|| StorageError::Corrupt {
@@ -538,12 +537,11 @@ impl Reader {
 
 /// A stored conversation, owned, with `last_seq` from the index.
 fn conversation_record(
-    bytes: &[u8],
+    view: &ConversationView<'_>,
     id: u64,
     index: &impl ReadableTable<(u64, u64), (u64, u64)>,
 ) -> Result<ConversationRecord, StorageError> {
-    let archived: &ArchivedConversationRecord = access(bytes, "conversations", &id)?;
-    let mut record: ConversationRecord = to_owned(archived)?;
+    let mut record = view.to_record();
     record.last_seq = last_seq_in(index, id)?;
     Ok(record)
 }

@@ -2,8 +2,10 @@
 //!
 //! Every value kefu writes to redb is one byte of format version followed
 //! by the record: a chat message in the compact format (byte 2,
-//! `compact.rs`), every other record as an rkyv archive (byte 1; messages
-//! stored before schema version 6 are archives too, and still read). rkyv
+//! `compact.rs`), a conversation's state and a user's profile in theirs
+//! (bytes 3 and 4, `compact_state.rs`), every other record as an rkyv
+//! archive (byte 1; records stored before schema versions 6 and 8 are
+//! archives too, and still read). rkyv
 //! is built with its `unaligned` feature, so archived types have alignment
 //! 1 and can be read in place from the byte slice redb hands out, whatever
 //! its address. Reads of an archive always go through
@@ -22,6 +24,9 @@ use rkyv::with::Skip;
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::compact::{AttachmentView, FORMAT_COMPACT_MESSAGE, MessageView};
+use crate::compact_state::{
+    ConversationView, FORMAT_COMPACT_CONVERSATION, FORMAT_COMPACT_USER, UserView, encode_user_record,
+};
 use crate::error::StorageError;
 
 /// The first byte of every stored value. Bump it (and keep a reader for the
@@ -436,14 +441,18 @@ where
     }
 }
 
-/// A log record read in place: a message in either of its formats, or any
-/// other record's archive.
+/// A log record read in place: a message, a conversation's state or a
+/// profile in either of its formats, or any other record's archive.
 #[derive(Clone, Copy)]
 pub enum LogView<'a> {
     /// A chat message (format 1 or 2).
     Message(MessageView<'a>),
-    /// Any other record. Never [`ArchivedLogRecord::Message`]: a message
-    /// is always handed out as [`LogView::Message`].
+    /// A conversation's new state (format 1 or 3).
+    Conversation(ConversationView<'a>),
+    /// A user's profile (format 1 or 4).
+    User(UserView<'a>),
+    /// A read mark or a presence change (format 1). Never a message, a
+    /// conversation or a user: those are always handed out as their views.
     Other(&'a ArchivedLogRecord),
 }
 
@@ -451,6 +460,8 @@ impl std::fmt::Debug for LogView<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LogView::Message(m) => f.debug_tuple("Message").field(m).finish(),
+            LogView::Conversation(c) => f.debug_tuple("Conversation").field(c).finish(),
+            LogView::User(u) => f.debug_tuple("User").field(u).finish(),
             // An archive has no `Debug` of its own; its owned copy does.
             LogView::Other(_) => match self.to_owned() {
                 Ok(record) => f.debug_tuple("Other").field(&record).finish(),
@@ -465,6 +476,8 @@ impl LogView<'_> {
     pub fn to_owned(&self) -> Result<LogRecord, StorageError> {
         match self {
             LogView::Message(m) => Ok(LogRecord::Message(m.to_record())),
+            LogView::Conversation(c) => Ok(LogRecord::Conversation(c.to_record())),
+            LogView::User(u) => Ok(LogRecord::User(u.to_record())),
             LogView::Other(archived) => to_owned(*archived),
         }
     }
@@ -476,14 +489,46 @@ pub(crate) fn access_log<'b>(
     bytes: &'b [u8],
     offset: &dyn std::fmt::Display,
 ) -> Result<LogView<'b>, StorageError> {
+    let corrupt = |message| StorageError::Corrupt { table: "log", key: offset.to_string(), message };
     match bytes.split_first() {
-        Some((&FORMAT_COMPACT_MESSAGE, rest)) => MessageView::decode(rest)
-            .map(LogView::Message)
-            .map_err(|message| StorageError::Corrupt { table: "log", key: offset.to_string(), message }),
+        Some((&FORMAT_COMPACT_MESSAGE, rest)) => {
+            MessageView::decode(rest).map(LogView::Message).map_err(corrupt)
+        }
+        Some((&FORMAT_COMPACT_CONVERSATION, rest)) => {
+            ConversationView::decode(rest).map(LogView::Conversation).map_err(corrupt)
+        }
+        Some((&FORMAT_COMPACT_USER, rest)) => UserView::decode(rest).map(LogView::User).map_err(corrupt),
         _ => match access::<ArchivedLogRecord>(bytes, "log", offset)? {
             ArchivedLogRecord::Message(m) => Ok(LogView::Message(MessageView::of_archived(m))),
+            ArchivedLogRecord::Conversation(c) => Ok(LogView::Conversation(ConversationView::of_archived(c))),
+            ArchivedLogRecord::User(u) => Ok(LogView::User(UserView::of_archived(u))),
             other => Ok(LogView::Other(other)),
         },
+    }
+}
+
+/// A validated, zero-copy view of the `conversations` value of `id`,
+/// whichever format it was stored in.
+pub(crate) fn access_conversation(bytes: &[u8], id: u64) -> Result<ConversationView<'_>, StorageError> {
+    match bytes.split_first() {
+        Some((&FORMAT_COMPACT_CONVERSATION, rest)) => ConversationView::decode(rest).map_err(|message| {
+            StorageError::Corrupt { table: "conversations", key: id.to_string(), message }
+        }),
+        _ => access::<ArchivedConversationRecord>(bytes, "conversations", &id)
+            .map(ConversationView::of_archived),
+    }
+}
+
+/// A validated, zero-copy view of a `users` value (`key` names it in the
+/// error), whichever format it was stored in.
+pub(crate) fn access_user<'b>(
+    bytes: &'b [u8],
+    key: &dyn std::fmt::Display,
+) -> Result<UserView<'b>, StorageError> {
+    match bytes.split_first() {
+        Some((&FORMAT_COMPACT_USER, rest)) => UserView::decode(rest)
+            .map_err(|message| StorageError::Corrupt { table: "users", key: key.to_string(), message }),
+        _ => access::<ArchivedUserRecord>(bytes, "users", key).map(UserView::of_archived),
     }
 }
 
@@ -508,15 +553,16 @@ impl<'a> MessageView<'a> {
 }
 
 /// Encodes a log record as the writer stores it into `out` (cleared
-/// first): a message in the compact format, anything else as its archive.
+/// first): a message, a conversation's state or a profile in its compact
+/// format, anything else as its archive.
 pub(crate) fn encode_log_into(record: &LogRecord, out: &mut Vec<u8>) -> Result<(), StorageError> {
     match record {
-        LogRecord::Message(m) => {
-            MessageView::of_record(m).encode_into(out);
-            Ok(())
-        }
-        other => encode_into(other, out),
+        LogRecord::Message(m) => MessageView::of_record(m).encode_into(out),
+        LogRecord::Conversation(c) => ConversationView::of_record(c).encode_into(out),
+        LogRecord::User(u) => encode_user_record(u, out),
+        other => return encode_into(other, out),
     }
+    Ok(())
 }
 
 /// A log value as redb holds it, read as every reader reads it: validated

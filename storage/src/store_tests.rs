@@ -928,12 +928,18 @@ fn a_version_1_store_gets_its_visitor_index_at_open() {
 /// Rewrites every message of `log` as a format 1 archive of the same
 /// record, as every store before version 6 holds them. Returns how many.
 fn messages_to_format_1(log: &mut redb::Table<u64, &[u8]>) -> usize {
+    log_to_format_1(log, 2)
+}
+
+/// Rewrites every log record stored in `format` as the format 1 archive
+/// of the same record; returns how many there were.
+fn log_to_format_1(log: &mut redb::Table<u64, &[u8]>, format: u8) -> usize {
     use redb::ReadableTable as _;
     let compact: Vec<(u64, LogRecord)> = log
         .iter()
         .unwrap()
         .map(|e| e.unwrap())
-        .filter(|(_, v)| v.value()[0] == 2)
+        .filter(|(_, v)| v.value()[0] == format)
         .map(|(k, v)| (k.value(), crate::decode_log_record(v.value()).unwrap()))
         .collect();
     for (offset, record) in &compact {
@@ -942,6 +948,42 @@ fn messages_to_format_1(log: &mut redb::Table<u64, &[u8]>) -> usize {
         log.insert(offset, v1.as_slice()).unwrap();
     }
     compact.len()
+}
+
+/// Rewrites every conversation state and profile in their tables and in
+/// the log as format 1 archives, as version 7 and before wrote them.
+fn states_to_format_1(txn: &redb::WriteTransaction) {
+    use redb::ReadableTable as _;
+    let mut log = txn.open_table(tables::LOG).unwrap();
+    log_to_format_1(&mut log, 3);
+    log_to_format_1(&mut log, 4);
+    let mut conversations = txn.open_table(tables::CONVERSATIONS).unwrap();
+    let states: Vec<(u64, Vec<u8>)> = conversations
+        .iter()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| {
+            let record = crate::record::access_conversation(v.value(), k.value()).unwrap().to_record();
+            (k.value(), crate::record::encode(&record).unwrap())
+        })
+        .collect();
+    for (id, bytes) in states {
+        conversations.insert(id, bytes.as_slice()).unwrap();
+    }
+    let mut users = txn.open_table(tables::USERS).unwrap();
+    let profiles: Vec<((String, String), Vec<u8>)> = users
+        .iter()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| {
+            let record = crate::record::access_user(v.value(), &"").unwrap().to_record();
+            let (role, id) = k.value();
+            ((role.to_string(), id.to_string()), crate::record::encode(&record).unwrap())
+        })
+        .collect();
+    for ((role, id), bytes) in profiles {
+        users.insert((role.as_str(), id.as_str()), bytes.as_slice()).unwrap();
+    }
 }
 
 /// Turns a closed store this build wrote back into what version 2 wrote:
@@ -958,6 +1000,7 @@ fn downgrade_to_v2(dir: &std::path::Path) {
             k1: meta.get(tables::META_DEDUPE_K1).unwrap().unwrap().value(),
         };
         meta.insert(tables::META_SCHEMA, 2).unwrap();
+        states_to_format_1(&txn);
         let mut log = txn.open_table(tables::LOG).unwrap();
         messages_to_format_1(&mut log);
         let mut index = txn.open_table(tables::CONV_INDEX).unwrap();
@@ -1427,6 +1470,65 @@ fn a_version_5_store_with_format_1_messages_reads_as_before() {
     let txn = db.begin_read().unwrap();
     let log = txn.open_table(tables::LOG).unwrap();
     assert_eq!(log.get(new.offset).unwrap().unwrap().value()[0], 2);
+}
+
+#[test]
+fn a_version_7_store_with_archived_states_and_profiles_reads_as_before() {
+    use redb::{ReadableDatabase as _, ReadableTable as _};
+    let dir = tempfile::tempdir().unwrap();
+    let visitor = UserRecord {
+        id: "v4".into(),
+        role: Role::Visitor,
+        name: "Bob".into(),
+        meta: vec![("plan".into(), "gold".into())],
+        visitor_key_hash: Some([0xab; 32]),
+        created_ms: 7,
+    };
+    let (conversation_before, user_before, scan_before) = {
+        let (store, _) = open(config(dir.path()));
+        write(&store, 1, WriteOp::PutUser(visitor.clone())).result.unwrap();
+        write(&store, 2, WriteOp::PutConversation(conversation(4, ConvStatus::Queued))).result.unwrap();
+        write(&store, 3, WriteOp::AppendMessage(message(4, "v4", "c1", "hi"))).result.unwrap();
+        let r = store.reader();
+        (r.conversation(4).unwrap(), r.user(Role::Visitor, "v4").unwrap(), r.scan(0, 10).unwrap())
+    };
+    // Back to version 7: states and profiles as format 1 archives.
+    {
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        states_to_format_1(&txn);
+        txn.open_table(tables::META).unwrap().insert(tables::META_SCHEMA, 7).unwrap();
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(config(dir.path()));
+    let r = store.reader();
+    assert_eq!(r.conversation(4).unwrap(), conversation_before);
+    assert_eq!(r.user(Role::Visitor, "v4").unwrap(), user_before);
+    assert_eq!(r.scan(0, 10).unwrap(), scan_before);
+    assert_eq!(r.events(0, 10, 10).unwrap()[1].change, Some(ConvChange::Opened));
+    // A change is decided against the archived state it replaces, and the
+    // times first stored are kept from the archives.
+    let assigned = ConversationRecord { created_ms: 900, ..conversation(4, ConvStatus::Assigned) };
+    let done = write(&store, 4, WriteOp::PutConversation(assigned)).result.unwrap();
+    let event = r.events(done.offset, done.offset + 1, 1).unwrap().remove(0);
+    assert_eq!(event.change, Some(ConvChange::Assigned));
+    assert_eq!(r.conversation(4).unwrap().unwrap().created_ms, 10);
+    let renamed = UserRecord { name: "Robert".into(), created_ms: 900, ..visitor };
+    write(&store, 5, WriteOp::PutUser(renamed)).result.unwrap();
+    let user = r.user(Role::Visitor, "v4").unwrap().unwrap();
+    assert_eq!((user.name.as_str(), user.created_ms, user.visitor_key_hash), ("Robert", 7, Some([0xab; 32])));
+    drop((r, store));
+    // What was rewritten is in the compact formats now; the rest is not.
+    let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+    assert_eq!(schema_version(&db), tables::SCHEMA_VERSION);
+    let txn = db.begin_read().unwrap();
+    let log = txn.open_table(tables::LOG).unwrap();
+    let formats: Vec<u8> = log.iter().unwrap().map(|e| e.unwrap().1.value()[0]).collect();
+    assert_eq!(formats, [1, 1, 2, 3, 4], "user, conversation, message, then the new state and profile");
+    let conversations = txn.open_table(tables::CONVERSATIONS).unwrap();
+    assert_eq!(conversations.get(4).unwrap().unwrap().value()[0], 3);
+    let users = txn.open_table(tables::USERS).unwrap();
+    assert_eq!(users.get(("visitor", "v4")).unwrap().unwrap().value()[0], 4);
 }
 
 /// Every table's entries, in key order (bytes shown as Debug), but for the

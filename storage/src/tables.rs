@@ -68,5 +68,7 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// `user_controls`; 6 writes messages in the compact format (format byte
 /// 2), which a build reading 5 could not read; 7 may hold its last
 /// acknowledged writes in the write-ahead log, which a build reading 6
-/// would not replay. An older store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 7;
+/// would not replay; 8 writes conversation states and profiles in their
+/// compact formats (bytes 3 and 4), which a build reading 7 could not read.
+/// An older store is upgraded at open (`upgrade.rs`).
+pub(crate) const SCHEMA_VERSION: u64 = 8;

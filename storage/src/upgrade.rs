@@ -31,6 +31,10 @@
 //!   may be in `kefu.wal` and not yet in redb's durable state, which a
 //!   build without the log would not read. Nothing is rewritten; the step
 //!   is the version (and `wal_cycle`, which starts at 0, absent).
+//! - 7 → 8: conversation states and profiles are written in their compact
+//!   formats (format bytes 3 and 4, `compact_state.rs`), in their tables
+//!   and in the log. Those already stored stay archives, which every
+//!   reader still reads: the step is the version.
 
 use std::collections::HashMap;
 
@@ -39,10 +43,7 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransacti
 
 use crate::dedupe::DedupeKey;
 use crate::error::{IoContext, StorageError};
-use crate::record::{
-    ArchivedConversationRecord, ArchivedLogRecord, ArchivedUserRecord, ConvChange, LogView, access,
-    access_log,
-};
+use crate::record::{ConvChange, LogView, access_conversation, access_log, access_user};
 use crate::tables;
 
 /// `users` up to version 2: keyed by user id alone.
@@ -50,7 +51,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 6) to
+/// Upgrades a store at version `from` (1 to 7) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {
@@ -80,8 +81,8 @@ fn v1_to_v2(txn: &WriteTransaction) -> Result<(), StorageError> {
     for entry in conversations.iter().ctx("read conversations")? {
         let (key, value) = entry.ctx("read conversations")?;
         let id = key.value();
-        let archived: &ArchivedConversationRecord = access(value.value(), "conversations", &id)?;
-        user_conversations.insert((archived.visitor_id.as_str(), id), ()).ctx("write user_conversations")?;
+        let view = access_conversation(value.value(), id)?;
+        user_conversations.insert((view.visitor_id, id), ()).ctx("write user_conversations")?;
     }
     Ok(())
 }
@@ -155,15 +156,15 @@ fn rekey_users(txn: &WriteTransaction) -> Result<(), StorageError> {
         for entry in old.iter().ctx("read users")? {
             let (k, v) = entry.ctx("read users")?;
             let id = k.value();
-            let archived: &ArchivedUserRecord = access(v.value(), "users", &id)?;
-            if archived.id.as_str() != id {
+            let user = access_user(v.value(), &id)?;
+            if user.id != id {
                 return Err(StorageError::Corrupt {
                     table: "users",
                     key: id.into(),
-                    message: format!("holds the profile of {:?}", archived.id.as_str()),
+                    message: format!("holds the profile of {:?}", user.id),
                 });
             }
-            new.insert((archived.role.get().as_str(), id), v.value()).ctx("write users")?;
+            new.insert((user.role.as_str(), id), v.value()).ctx("write users")?;
         }
     }
     txn.delete_table(USERS_V2_MOVED).ctx("delete table users_v2")?;
@@ -179,14 +180,14 @@ fn v3_to_v4(txn: &WriteTransaction) -> Result<(), StorageError> {
     for entry in log.iter().ctx("read log")? {
         let (k, v) = entry.ctx("read log")?;
         let offset = k.value();
-        let LogView::Other(ArchivedLogRecord::Conversation(c)) = access_log(v.value(), &offset)? else {
+        let LogView::Conversation(c) = access_log(v.value(), &offset)? else {
             continue;
         };
-        let (status, agent) = (c.status.get(), c.agent.as_ref().map(|a| a.id.as_str()));
-        let before = last.get(&c.id.to_native()).map(|(s, a)| (*s, a.as_deref()));
+        let (status, agent) = (c.status, c.agent.map(|a| a.id));
+        let before = last.get(&c.id).map(|(s, a)| (*s, a.as_deref()));
         let change = ConvChange::between(before, status, agent);
         changes.insert(offset, change.to_byte()).ctx("write conv_changes")?;
-        last.insert(c.id.to_native(), (status, agent.map(str::to_string)));
+        last.insert(c.id, (status, agent.map(str::to_string)));
     }
     Ok(())
 }
