@@ -8,6 +8,7 @@
 //! role; there is no lookup by id alone.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use crate::identity::{UserId, UserKey};
 use kefu_proto::client::Codec;
@@ -24,16 +25,59 @@ pub struct Member {
     pub codec: Codec,
 }
 
+/// A user's sessions. Every shard holds an entry per connected user, and
+/// most users have one session: it is kept in the entry itself, so a
+/// user costs each replica no allocation; a second tab spills to a `Vec`.
+#[derive(Debug)]
+enum Sessions {
+    One(Member),
+    Many(Vec<Member>),
+}
+
+impl Sessions {
+    fn as_slice(&self) -> &[Member] {
+        match self {
+            Sessions::One(m) => std::slice::from_ref(m),
+            Sessions::Many(list) => list,
+        }
+    }
+
+    fn push(&mut self, member: Member) {
+        match self {
+            Sessions::One(first) => *self = Sessions::Many(vec![*first, member]),
+            Sessions::Many(list) => list.push(member),
+        }
+    }
+
+    /// Drops the session at `addr`; whether any is left.
+    fn remove(&mut self, addr: SessionAddr) -> bool {
+        match self {
+            Sessions::One(m) => m.addr != addr,
+            Sessions::Many(list) => {
+                list.retain(|m| m.addr != addr);
+                match list.as_slice() {
+                    [] => false,
+                    [only] => {
+                        *self = Sessions::One(*only);
+                        true
+                    }
+                    _ => true,
+                }
+            }
+        }
+    }
+}
+
 /// User → sessions, one map per role that connects.
 #[derive(Debug, Default)]
 pub struct Directory {
-    visitors: HashMap<UserId, Vec<Member>>,
-    agents: HashMap<UserId, Vec<Member>>,
+    visitors: HashMap<UserId, Sessions>,
+    agents: HashMap<UserId, Sessions>,
 }
 
 impl Directory {
     /// The map of `role`; `None` for bots, which have no sessions.
-    fn of(&self, role: Role) -> Option<&HashMap<UserId, Vec<Member>>> {
+    fn of(&self, role: Role) -> Option<&HashMap<UserId, Sessions>> {
         match role {
             Role::Visitor => Some(&self.visitors),
             Role::Agent => Some(&self.agents),
@@ -41,7 +85,7 @@ impl Directory {
         }
     }
 
-    fn of_mut(&mut self, role: Role) -> Option<&mut HashMap<UserId, Vec<Member>>> {
+    fn of_mut(&mut self, role: Role) -> Option<&mut HashMap<UserId, Sessions>> {
         match role {
             Role::Visitor => Some(&mut self.visitors),
             Role::Agent => Some(&mut self.agents),
@@ -52,26 +96,28 @@ impl Directory {
     /// A session of `user` is connected.
     pub fn add(&mut self, user: UserKey, member: Member) {
         if let Some(map) = self.of_mut(user.role) {
-            // Most users have one session: a `Vec`'s first push would make
-            // room for four, on every shard's replica.
-            map.entry(user.id).or_insert_with(|| Vec::with_capacity(1)).push(member);
+            match map.entry(user.id) {
+                Entry::Occupied(mut e) => e.get_mut().push(member),
+                Entry::Vacant(e) => {
+                    e.insert(Sessions::One(member));
+                }
+            }
         }
     }
 
     /// The session at `addr` of `user` has gone.
     pub fn remove(&mut self, user: &UserKey, addr: SessionAddr) {
         let Some(map) = self.of_mut(user.role) else { return };
-        if let Some(list) = map.get_mut(&user.id) {
-            list.retain(|m| m.addr != addr);
-            if list.is_empty() {
-                map.remove(&user.id);
-            }
+        if let Some(sessions) = map.get_mut(&user.id)
+            && !sessions.remove(addr)
+        {
+            map.remove(&user.id);
         }
     }
 
     /// Every session of the user `id` acting as `role`.
     pub fn sessions(&self, role: Role, id: &str) -> impl Iterator<Item = Member> + '_ {
-        self.of(role).and_then(|map| map.get(id)).into_iter().flatten().copied()
+        self.of(role).and_then(|map| map.get(id)).into_iter().flat_map(Sessions::as_slice).copied()
     }
 
     /// Every session of `user`.
@@ -81,7 +127,7 @@ impl Directory {
 
     /// Every agent session (for presence pushes).
     pub fn agents(&self) -> impl Iterator<Item = Member> + '_ {
-        self.agents.values().flatten().copied()
+        self.agents.values().flat_map(Sessions::as_slice).copied()
     }
 
     /// Who takes part in a conversation, by its state: the visitor's
@@ -162,17 +208,26 @@ mod tests {
 
     /// Every shard holds an entry per connected user, so what one entry
     /// costs is paid once per session per shard: a user with one session
-    /// holds room for one `Member` (not the four of a `Vec`'s first push),
-    /// and a `Member` stays two words.
+    /// keeps it in the entry (no allocation), and an entry stays three
+    /// words, as small as the `Vec` it replaced.
     #[test]
-    fn a_user_with_one_session_holds_room_for_one() {
+    fn a_user_with_one_session_keeps_it_inline() {
         assert!(std::mem::size_of::<Member>() <= 16, "Member is {} B", std::mem::size_of::<Member>());
+        assert_eq!(std::mem::size_of::<Sessions>(), std::mem::size_of::<Vec<Member>>());
         let mut d = Directory::default();
         let v = UserKey::visitor(Arc::from("v1"));
         d.add(v.clone(), member(1));
-        assert_eq!(d.visitors[&v.id].capacity(), 1);
+        assert!(matches!(d.visitors[&v.id], Sessions::One(_)));
         d.add(v.clone(), member(2));
-        assert_eq!(slots(d.sessions_of(&v)), [1, 2], "a second tab still fits");
+        d.add(v.clone(), member(3));
+        assert_eq!(slots(d.sessions_of(&v)), [1, 2, 3], "more tabs spill over");
+        d.remove(&v, member(1).addr);
+        d.remove(&v, member(3).addr);
+        assert!(matches!(d.visitors[&v.id], Sessions::One(m) if m.addr.slot == 2), "back inline");
+        d.remove(&v, member(4).addr);
+        assert_eq!(slots(d.sessions_of(&v)), [2], "another session's goodbye changes nothing");
+        d.remove(&v, member(2).addr);
+        assert!(!d.visitors.contains_key(&v.id), "the last one takes the entry");
     }
 
     fn directory() -> Directory {
