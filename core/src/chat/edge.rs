@@ -392,7 +392,15 @@ impl Edge {
                     .is_some_and(|h| VisitorKeyHash(h).verify(&key));
                 match (ok, stored) {
                     (true, Some(u)) => {
-                        (anonymous_identity(Arc::from(u.id.as_str()), u.meta.into_iter().collect()), None)
+                        let mut identity =
+                            anonymous_identity(Arc::from(u.id.as_str()), u.meta.into_iter().collect());
+                        // The name agents knew it by: ids issued before
+                        // they began with the time took their name from
+                        // their first digits, not their last.
+                        if !u.name.is_empty() {
+                            identity.name = Arc::from(u.name);
+                        }
+                        (identity, None)
                     }
                     _ => return refuse(&mut self.out, "unknown visitor or wrong visitor_key".into()),
                 }
@@ -412,7 +420,7 @@ impl Edge {
                     );
                     return self.out.error(reply, ErrorCode::RateLimited, message);
                 }
-                let vid = anonymous_id(random());
+                let vid = anonymous_id(now_ms, random());
                 let key = VisitorKey::from_random(random());
                 (anonymous_identity(vid, Default::default()), Some(key))
             }

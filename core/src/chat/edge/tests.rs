@@ -329,9 +329,20 @@ fn a_returning_visitor_needs_its_key() {
             _ => None,
         })
         .expect("a new visitor is shown its key once");
+    assert!(profile.id.starts_with(&format!("anon-{T0:012x}")), "issued at T0: {}", profile.id);
+    // A visitor whose id was issued before ids began with the time keeps
+    // the name its profile was stored with.
+    let stored = Write::User(Profile { name: "Visitor 1f1f".into(), ..profile.clone() });
+    store.apply(&stored);
     let again = addr(0, 2);
     e.handle_frame(again, Codec::Json, connect(None, Some((&profile.id, &key))), T0, &store, &mut no_random);
     assert_eq!(seen(&mut e)[0], Seen::Chat(0, "SessionUp"), "the right key reconnects");
+    e.handle_welcome((again, Codec::Json, Some(1)), Vec::new(), &store);
+    let name = frame_events(&seen(&mut e)).into_iter().find_map(|ev| match ev {
+        Event::Connected { user, .. } => Some(user.name.clone()),
+        _ => None,
+    });
+    assert_eq!(name.as_deref(), Some("Visitor 1f1f"));
     let wrong = addr(0, 3);
     e.handle_frame(
         wrong,
