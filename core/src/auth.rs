@@ -405,10 +405,11 @@ impl<'a> Credentials<'a> {
 ///
 /// Time first, so ids sort by when they were issued: the stored profiles
 /// and each visitor's conversations are keyed by id, and new visitors then
-/// land at the end of those B-trees, in full pages, instead of in half-full
-/// pages anywhere (BENCHMARKS.md, "Time-ordered visitor ids"). An id is
-/// not a secret (the visitor's key is); 80 random bits keep two issued in
-/// the same millisecond apart.
+/// change the same few pages at the end of those B-trees instead of a page
+/// anywhere in them, so fewer page copies are alive between two
+/// checkpoints (BENCHMARKS.md, "Issue 11: memory per session under 4 KB on
+/// a fresh gateway"). An id is not a secret (the visitor's key is); 80
+/// random bits keep two issued in the same millisecond apart.
 pub fn anonymous_id(now_ms: u64, random: [u8; 16]) -> UserId {
     let mut s = String::with_capacity(ANONYMOUS_ID_PREFIX.len() + 32);
     s.push_str(ANONYMOUS_ID_PREFIX);

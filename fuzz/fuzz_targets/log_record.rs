@@ -1,5 +1,5 @@
-//! The storage record reader (a compact message or an rkyv archive, each
-//! validated before use): any bytes read back from a damaged database file
+//! The storage record reader (a compact message, state or profile, or an
+//! rkyv archive, each validated before use): any bytes read back from a damaged database file
 //! are an error, never a panic or undefined behaviour; a record it accepts
 //! stores and reads back as itself.
 #![no_main]

@@ -404,7 +404,7 @@ pub fn render<T: Send>(
     let blocks = crate::page_blocks::stats();
     let _ = writeln!(
         out,
-        "# HELP kefu_page_block_bytes Memory of the exact-size blocks the storage's cached pages live in.\n# TYPE kefu_page_block_bytes gauge\nkefu_page_block_bytes{{state=\"in_use\"}} {}\nkefu_page_block_bytes{{state=\"mapped\"}} {}",
+        "# HELP kefu_page_block_bytes Exact-size blocks of allocations just over 4, 8 or 16 KiB (mostly the storage's cached pages).\n# TYPE kefu_page_block_bytes gauge\nkefu_page_block_bytes{{state=\"in_use\"}} {}\nkefu_page_block_bytes{{state=\"mapped\"}} {}",
         blocks.in_use_bytes, blocks.mapped_bytes
     );
     let storage: [(&str, &str, &str, u64); 12] = [

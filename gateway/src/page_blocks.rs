@@ -4,7 +4,8 @@
 //! power-of-two multiple for a large value) and 16 bytes of reference
 //! counts, so 4,112 bytes for the usual page. mimalloc serves 4,112 bytes
 //! from its 5,120-byte size class, the next one up: a fifth of every byte
-//! the page cache holds was slack (BENCHMARKS.md, "Page blocks"). The cache
+//! the page cache holds was slack (BENCHMARKS.md, "Issue 11: memory per
+//! session under 4 KB on a fresh gateway"). The cache
 //! is the largest thing in the process once it fills (`storage.cache_bytes`,
 //! 256 MiB by default), and the pages of what new visitors write are a
 //! quarter of a chat session's memory on a gateway whose cache is still
@@ -16,13 +17,22 @@
 //! carved from 2 MiB chunks mapped from the kernel. A block is routed by
 //! its layout alone, which `dealloc` and `realloc` are given again, so no
 //! header or lookup is needed to tell a block from the inner allocator's.
+//! The size is all it goes by: anything else of those sizes gets a block
+//! too (an unpooled outbound frame of 4,097–4,160 bytes, say), which is
+//! harmless, and rare beside the pages.
 //!
 //! Freed blocks go on their class's free list and are reused, last freed
 //! first; chunks are never unmapped. What the classes hold is therefore
-//! their high-water mark, which for the page cache is its bound plus the
-//! pages of the transactions in flight. A class's list is behind a mutex:
-//! the storage writer and the shards' readers take pages, not one per
-//! message, so it is not contended.
+//! their high-water mark. redb keeps its pages, read cache and write
+//! buffer together, within `storage.cache_bytes` (a write past half of it
+//! flushes dirty pages to the file), so the mark stays near that bound
+//! plus the pages readers and the open transaction hold at the moment;
+//! unlike mimalloc, which would return a burst's pages to the kernel after
+//! a while, the blocks keep them for the cache to fill again. The gauge
+//! `kefu_page_block_bytes{state="mapped"}` shows the mark. A class's list is
+//! behind a mutex, held for a few instructions: pages are taken per
+//! commit or per cache miss, not per message, so the storage writer and
+//! the shards seldom meet there.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr;
@@ -58,9 +68,10 @@ struct Class {
 struct Free {
     /// The last freed block; its first word points at the one freed before.
     head: *mut u8,
-    /// The next never-used block of the newest chunk, and that chunk's end.
-    next: usize,
-    end: usize,
+    /// The next never-used block of the newest chunk, and that chunk's end
+    /// (both null before the first chunk).
+    next: *mut u8,
+    end: *mut u8,
 }
 
 // SAFETY: the pointers are to memory this module owns (blocks on the free
@@ -72,7 +83,7 @@ static CLASSES: [Class; 3] = [class(POWERS[0]), class(POWERS[1]), class(POWERS[2
 const fn class(power: usize) -> Class {
     Class {
         block: power + SLACK,
-        free: Mutex::new(Free { head: ptr::null_mut(), next: 0, end: 0 }),
+        free: Mutex::new(Free { head: ptr::null_mut(), next: ptr::null_mut(), end: ptr::null_mut() }),
         in_use: AtomicUsize::new(0),
         chunks: AtomicUsize::new(0),
     }
@@ -99,14 +110,17 @@ impl Class {
             free.head = unsafe { block.cast::<*mut u8>().read() };
             block
         } else {
-            if free.next + self.block > free.end {
+            // Room left in the newest chunk (none before the first).
+            let room = free.end.addr() - free.next.addr();
+            if room < self.block {
                 let Some(chunk) = map_chunk() else { return ptr::null_mut() };
                 self.chunks.fetch_add(1, Relaxed);
-                free.next = chunk as usize;
-                free.end = chunk as usize + CHUNK_BYTES;
+                free.next = chunk;
+                free.end = chunk.wrapping_add(CHUNK_BYTES);
             }
-            let block = free.next as *mut u8;
-            free.next += self.block;
+            let block = free.next;
+            // Stays within the chunk or one past its end (checked above).
+            free.next = free.next.wrapping_add(self.block);
             block
         };
         self.in_use.fetch_add(1, Relaxed);

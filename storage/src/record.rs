@@ -31,8 +31,9 @@ use crate::error::StorageError;
 
 /// The first byte of every stored value. Bump it (and keep a reader for the
 /// old one) when an archived layout changes. Messages are written in the
-/// compact format (`compact.rs`, byte 2) since schema version 6; format 1
-/// messages of older stores read as before.
+/// compact format (`compact.rs`, byte 2) since schema version 6,
+/// conversation states and profiles in theirs (`compact_state.rs`, bytes 3
+/// and 4) since 8; format 1 records of older stores read as before.
 pub(crate) const FORMAT_V1: u8 = 1;
 
 /// Who wrote a message.

@@ -2,17 +2,17 @@
 //!
 //! | table | key | value |
 //! | --- | --- | --- |
-//! | `log` | global offset, from 0, no gaps | a message in the compact format (`compact.rs`), any other [`LogRecord`](crate::LogRecord) as its archive |
+//! | `log` | global offset, from 0, no gaps | a message, a conversation's state or a profile in its compact format (`compact.rs`, `compact_state.rs`), any other [`LogRecord`](crate::LogRecord) as its archive |
 //! | `conv_index` | (conversation, seq) | (offset in `log`, dedupe slot of the message's sender role, sender id and cid) |
-//! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) archive |
-//! | `users` | (role, user id) | [`UserRecord`](crate::UserRecord) archive |
+//! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) in its compact format (`compact_state.rs`; archives before schema version 8) |
+//! | `users` | (role, user id) | [`UserRecord`](crate::UserRecord) in its compact format (likewise) |
 //! | `user_conversations` | (visitor id, conversation id) | nothing: the key is the index |
 //! | `consumer_offsets` | consumer name | committed offset (the next log offset it reads) |
 //! | `conv_changes` | offset in `log` of a conversation record | what it changed ([`ConvChange`](crate::ConvChange) byte) |
 //! | `user_controls` | (role, user id) | [`UserControlRecord`](crate::UserControlRecord) archive: what `SyncUser` set, a block |
 //! | `meta` | counter name | counter |
 //!
-//! Archives are prefixed with a format byte (see `record.rs`).
+//! Every value is prefixed with a format byte (see `record.rs`).
 //!
 //! A user is (role, id): an agent and a visitor may share an id and are
 //! still two people, so `users` is keyed by the role's wire name (`visitor`,

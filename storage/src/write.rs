@@ -85,7 +85,9 @@ pub enum WriteOp {
     /// ignored (it is derived from the index).
     PutConversation(ConversationRecord),
     /// Store a user's profile and log the change. A user already stored
-    /// keeps its `created_ms`, whatever this one carries.
+    /// keeps its `created_ms`, whatever this one carries; a stored profile
+    /// that cannot be read is [`StorageError::Corrupt`] and is not
+    /// overwritten (as for conversations).
     PutUser(UserRecord),
     /// Log a read mark.
     MarkRead(ReadMark),
