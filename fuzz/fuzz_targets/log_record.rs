@@ -1,6 +1,7 @@
-//! The storage record reader (a compact message, state or profile, or an
-//! rkyv archive, each validated before use): any bytes read back from a damaged database file
-//! are an error, never a panic or undefined behaviour; a record it accepts
+//! The storage record reader (a compact message, state, profile or read
+//! mark, or an rkyv archive, each validated before use): any bytes read
+//! back from a damaged database file are an error, never a panic or
+//! undefined behaviour; a record it accepts
 //! stores and reads back as itself.
 #![no_main]
 

@@ -9,8 +9,8 @@
 //! "The compact message format").
 //!
 //! It departs from DESIGN.md's "the record is an rkyv archive" for
-//! messages (and, in `compact_state.rs`, for conversation states and
-//! profiles), and keeps what that rule is for: a reader gets a
+//! messages (and, in `compact_state.rs`, for conversation states,
+//! profiles and read marks), and keeps what that rule is for: a reader gets a
 //! [`MessageView`] borrowing every string straight from redb's page (no
 //! copy), and corrupt bytes are an error, never a panic. Every other record
 //! stays an rkyv archive, and messages stored in format 1 read as before.

@@ -1,36 +1,40 @@
 //! The compact formats of a conversation's state (format byte 3) and a
-//! user's profile (format byte 4), in their tables and in the log.
+//! user's profile (format byte 4), in their tables and in the log, and of
+//! a read mark (format byte 5), in the log.
 //!
 //! Every new visitor stores one profile and two conversation states (queued,
-//! then assigned), each in its table and in the log. As rkyv archives their
-//! fixed parts cost 60–77 bytes before any string (the log's record is as
-//! large as its largest variant, the message), and those pages are what a
+//! then assigned), each in its table and in the log, and every read receipt
+//! that moves a participant's mark is logged. As rkyv archives their fixed
+//! parts cost 60–77 bytes before any string (the log's record is as large
+//! as its largest variant, the message), and those pages are what a
 //! gateway's page cache fills with as visitors arrive (BENCHMARKS.md,
-//! "Issue 11: memory per session under 4 KB on a fresh gateway"). These formats write the same fields as
-//! `compact.rs` writes a message: LEB128 numbers and lengths, one byte per
-//! enum, and nothing for what is absent.
+//! "Issue 11: memory per session under 4 KB on a fresh gateway"). These
+//! formats write the same fields as `compact.rs` writes a message: LEB128
+//! numbers and lengths, one byte per enum, and nothing for what is absent.
 //!
 //! ```text
 //! 3  id  status  flags  visitor_id  [agent_id  agent_name]  [group]  created_ms  updated_ms
 //! 4  role  flags  id  name  created_ms  pairs  (key  value)*  [hash]
+//! 5  conv  seq  ts_ms  user_id
 //! ```
 //!
 //! Numbers, lengths and strings are as in `compact.rs`. `status` is one
 //! byte (0 queued, 1 assigned, 2 closed); a conversation's `flags` has bit
 //! 0 for an agent and bit 1 for a group; a user's `flags` has bit 0 for a
-//! visitor key hash, its 32 raw bytes last; `pairs` counts the meta's key
-//! and value strings that follow. No other flag bit is set, and the value
-//! ends exactly where its last field does.
+//! visitor key hash, its 32 raw bytes last; `pairs` is the number of (key,
+//! value) pairs of strings that follow. No other flag bit is set, and the
+//! value ends exactly where its last field does.
 //!
-//! Readers get a [`ConversationView`] or a [`UserView`] borrowing every
-//! string from redb's page, whichever format the value was stored in:
-//! records stored as archives (format 1) read as before.
+//! Readers get a [`ConversationView`], a [`UserView`] or a [`ReadView`]
+//! borrowing every string from redb's page, whichever format the value was
+//! stored in: records stored as archives (format 1) read as before.
 
 use kefu_proto::ids::{ConvStatus, Role};
 
 use crate::compact::{Cursor, put_bytes, put_varint, role_byte, role_of_byte};
 use crate::record::{
-    AgentRef, ArchivedConversationRecord, ArchivedUserRecord, ConversationRecord, UserRecord,
+    AgentRef, ArchivedConversationRecord, ArchivedReadMark, ArchivedUserRecord, ConversationRecord, ReadMark,
+    UserRecord,
 };
 
 /// The format byte of a conversation's state in this format.
@@ -38,6 +42,9 @@ pub(crate) const FORMAT_COMPACT_CONVERSATION: u8 = 3;
 
 /// The format byte of a user's profile in this format.
 pub(crate) const FORMAT_COMPACT_USER: u8 = 4;
+
+/// The format byte of a read mark in this format.
+pub(crate) const FORMAT_COMPACT_READ: u8 = 5;
 
 const HAS_AGENT: u8 = 1;
 const HAS_GROUP: u8 = 2;
@@ -322,6 +329,57 @@ impl<'a> UserView<'a> {
     }
 }
 
+/// A logged read mark, its user id borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadView<'a> {
+    /// The conversation.
+    pub conv: u64,
+    /// Who read.
+    pub user_id: &'a str,
+    /// Up to which message.
+    pub seq: u64,
+    /// When, ms since the epoch.
+    pub ts_ms: u64,
+}
+
+impl<'a> ReadView<'a> {
+    /// The view of a mark stored as an rkyv archive (format 1).
+    pub(crate) fn of_archived(r: &'a ArchivedReadMark) -> Self {
+        ReadView {
+            conv: r.conv.to_native(),
+            user_id: r.user_id.as_str(),
+            seq: r.seq.to_native(),
+            ts_ms: r.ts_ms.to_native(),
+        }
+    }
+
+    /// An owned copy.
+    pub fn to_record(&self) -> ReadMark {
+        ReadMark { conv: self.conv, user_id: self.user_id.to_owned(), seq: self.seq, ts_ms: self.ts_ms }
+    }
+
+    /// Reads a mark in this format (`bytes` without its format byte).
+    pub(crate) fn decode(bytes: &'a [u8]) -> Result<Self, String> {
+        let mut r = Cursor { bytes };
+        let conv = r.varint("conv")?;
+        let seq = r.varint("seq")?;
+        let ts_ms = r.varint("ts_ms")?;
+        let user_id = r.str("user id")?;
+        r.end()?;
+        Ok(ReadView { conv, user_id, seq, ts_ms })
+    }
+}
+
+/// Writes the format byte and a read mark to `out` (cleared first).
+pub(crate) fn encode_read_record(m: &ReadMark, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(FORMAT_COMPACT_READ);
+    put_varint(out, m.conv);
+    put_varint(out, m.seq);
+    put_varint(out, m.ts_ms);
+    put_bytes(out, m.user_id.as_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,12 +426,21 @@ mod tests {
         crate::record::access_conversation(bytes, 1).map(|v| v.to_record()).map_err(|e| e.to_string())
     }
 
+    fn mark() -> ReadMark {
+        ReadMark {
+            conv: 12_345,
+            user_id: "anon-0123456789abcdef0123456789abcdef".into(),
+            seq: 1_234,
+            ts_ms: 1_796_000_000_000,
+        }
+    }
+
     fn read_user(bytes: &[u8]) -> Result<UserRecord, String> {
         crate::record::access_user(bytes, &"u").map(|v| v.to_record()).map_err(|e| e.to_string())
     }
 
     #[test]
-    fn states_and_profiles_round_trip_in_every_shape() {
+    fn states_profiles_and_read_marks_round_trip_in_every_shape() {
         let full = assigned();
         let conversations = [
             full.clone(),
@@ -403,6 +470,14 @@ mod tests {
             assert_eq!(bytes[0], FORMAT_COMPACT_USER);
             assert_eq!(decode_log_record(&bytes).unwrap(), logged);
         }
+        let full = mark();
+        for m in [full.clone(), ReadMark { conv: u64::MAX, seq: 0, ts_ms: u64::MAX, user_id: String::new() }]
+        {
+            let logged = LogRecord::Read(m);
+            let bytes = encode_log_record(&logged).unwrap();
+            assert_eq!(bytes[0], FORMAT_COMPACT_READ);
+            assert_eq!(decode_log_record(&bytes).unwrap(), logged);
+        }
     }
 
     /// Records stored before (rkyv archives) read into the same views.
@@ -423,7 +498,7 @@ mod tests {
         );
         assert_eq!(a, b, "meta compared pair by pair across the formats");
         assert_eq!(a.meta.iter().collect::<Vec<_>>(), [("plan", "pro"), ("vip_level", "3")]);
-        for logged in [LogRecord::Conversation(c), LogRecord::User(u)] {
+        for logged in [LogRecord::Conversation(c), LogRecord::User(u), LogRecord::Read(mark())] {
             let archive = encode(&logged).unwrap();
             assert_eq!(decode_log_record(&archive).unwrap(), logged);
         }
@@ -432,7 +507,7 @@ mod tests {
     /// What the formats are for, with a new anonymous visitor's shapes:
     /// the fixed part of a state and of a profile, against the archive's.
     #[test]
-    fn a_state_and_a_profile_cost_a_few_bytes_beyond_their_strings() {
+    fn a_state_a_profile_and_a_read_mark_cost_a_few_bytes_beyond_their_strings() {
         let c = assigned();
         let strings = c.visitor_id.len() + 7 + "Li Wei 李伟".len() + "default".len();
         let compact = encode_log_record(&LogRecord::Conversation(c.clone())).unwrap();
@@ -447,6 +522,12 @@ mod tests {
         assert_eq!(compact.len() - strings, 1 + 1 + 1 + 6 + 6 + 1 + 32);
         let archive = encode(&LogRecord::User(u)).unwrap();
         assert!(archive.len() > compact.len() + 30, "the archive: {} bytes", archive.len());
+        // A read mark: format, conv (2 bytes), seq (2), ts (6), the id's length.
+        let m = mark();
+        let compact = encode_log_record(&LogRecord::Read(m.clone())).unwrap();
+        assert_eq!(compact.len() - m.user_id.len(), 1 + 2 + 2 + 6 + 1);
+        let archive = encode(&LogRecord::Read(m.clone())).unwrap();
+        assert_eq!(archive.len() - m.user_id.len(), 1 + 76, "the archive's fixed part");
     }
 
     /// Hand-written from the layouts in this module's doc; also the
@@ -477,11 +558,16 @@ mod tests {
         };
         assert_eq!(decode_log_record(profile).unwrap(), LogRecord::User(u.clone()));
         assert_eq!(encode_log_record(&LogRecord::User(u)).unwrap(), profile);
+        let read = include_bytes!("../../fuzz/corpus/log_record/seed-compact-read");
+        let m = ReadMark { conv: 300, user_id: "a1".into(), seq: 7, ts_ms: 5 };
+        assert_eq!(decode_log_record(read).unwrap(), LogRecord::Read(m.clone()));
+        assert_eq!(encode_log_record(&LogRecord::Read(m)).unwrap(), read);
     }
 
     #[test]
     fn corrupt_bytes_are_an_error_not_a_panic() {
-        for bytes in [conversation_table_value(&assigned()), user_table_value(&visitor())] {
+        let read_mark = encode_log_record(&LogRecord::Read(mark())).unwrap();
+        for bytes in [conversation_table_value(&assigned()), user_table_value(&visitor()), read_mark] {
             let read = |b: &[u8]| decode_log_record(b).map_err(|e| e.to_string());
             assert!(read(&bytes[..1]).is_err());
             for len in 1..bytes.len() {

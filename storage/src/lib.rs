@@ -118,7 +118,7 @@ mod store_tests;
 mod testkit;
 
 pub use compact::{AttachmentView, MessageView};
-pub use compact_state::{AgentView, ConversationView, MetaView, UserView};
+pub use compact_state::{AgentView, ConversationView, MetaView, ReadView, UserView};
 pub use config::StoreConfig;
 pub use error::{StorageError, SubmitError};
 pub use reader::{ConversationFilter, ConversationPage, DedupeHit, LogEvent, Logged, Reader};

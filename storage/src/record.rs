@@ -2,8 +2,8 @@
 //!
 //! Every value kefu writes to redb is one byte of format version followed
 //! by the record: a chat message in the compact format (byte 2,
-//! `compact.rs`), a conversation's state and a user's profile in theirs
-//! (bytes 3 and 4, `compact_state.rs`), every other record as an rkyv
+//! `compact.rs`), a conversation's state, a user's profile and a read mark
+//! in theirs (bytes 3 to 5, `compact_state.rs`), every other record as an rkyv
 //! archive (byte 1; records stored before schema versions 6 and 8 are
 //! archives too, and still read). rkyv
 //! is built with its `unaligned` feature, so archived types have alignment
@@ -25,15 +25,17 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::compact::{AttachmentView, FORMAT_COMPACT_MESSAGE, MessageView};
 use crate::compact_state::{
-    ConversationView, FORMAT_COMPACT_CONVERSATION, FORMAT_COMPACT_USER, UserView, encode_user_record,
+    ConversationView, FORMAT_COMPACT_CONVERSATION, FORMAT_COMPACT_READ, FORMAT_COMPACT_USER, ReadView,
+    UserView, encode_read_record, encode_user_record,
 };
 use crate::error::StorageError;
 
 /// The first byte of every stored value. Bump it (and keep a reader for the
 /// old one) when an archived layout changes. Messages are written in the
 /// compact format (`compact.rs`, byte 2) since schema version 6,
-/// conversation states and profiles in theirs (`compact_state.rs`, bytes 3
-/// and 4) since 8; format 1 records of older stores read as before.
+/// conversation states, profiles and read marks in theirs
+/// (`compact_state.rs`, bytes 3 to 5) since 8; format 1 records of older
+/// stores read as before.
 pub(crate) const FORMAT_V1: u8 = 1;
 
 /// Who wrote a message.
@@ -442,8 +444,9 @@ where
     }
 }
 
-/// A log record read in place: a message, a conversation's state or a
-/// profile in either of its formats, or any other record's archive.
+/// A log record read in place: a message, a conversation's state, a
+/// profile or a read mark in either of its formats, or a presence change's
+/// archive.
 #[derive(Clone, Copy)]
 pub enum LogView<'a> {
     /// A chat message (format 1 or 2).
@@ -452,8 +455,10 @@ pub enum LogView<'a> {
     Conversation(ConversationView<'a>),
     /// A user's profile (format 1 or 4).
     User(UserView<'a>),
-    /// A read mark or a presence change (format 1). Never a message, a
-    /// conversation or a user: those are always handed out as their views.
+    /// A read mark (format 1 or 5).
+    Read(ReadView<'a>),
+    /// A presence change (format 1). Never a message, a conversation, a
+    /// user or a read mark: those are always handed out as their views.
     Other(&'a ArchivedLogRecord),
 }
 
@@ -463,6 +468,7 @@ impl std::fmt::Debug for LogView<'_> {
             LogView::Message(m) => f.debug_tuple("Message").field(m).finish(),
             LogView::Conversation(c) => f.debug_tuple("Conversation").field(c).finish(),
             LogView::User(u) => f.debug_tuple("User").field(u).finish(),
+            LogView::Read(r) => f.debug_tuple("Read").field(r).finish(),
             // An archive has no `Debug` of its own; its owned copy does.
             LogView::Other(_) => match self.to_owned() {
                 Ok(record) => f.debug_tuple("Other").field(&record).finish(),
@@ -479,6 +485,7 @@ impl LogView<'_> {
             LogView::Message(m) => Ok(LogRecord::Message(m.to_record())),
             LogView::Conversation(c) => Ok(LogRecord::Conversation(c.to_record())),
             LogView::User(u) => Ok(LogRecord::User(u.to_record())),
+            LogView::Read(r) => Ok(LogRecord::Read(r.to_record())),
             LogView::Other(archived) => to_owned(*archived),
         }
     }
@@ -499,10 +506,12 @@ pub(crate) fn access_log<'b>(
             ConversationView::decode(rest).map(LogView::Conversation).map_err(corrupt)
         }
         Some((&FORMAT_COMPACT_USER, rest)) => UserView::decode(rest).map(LogView::User).map_err(corrupt),
+        Some((&FORMAT_COMPACT_READ, rest)) => ReadView::decode(rest).map(LogView::Read).map_err(corrupt),
         _ => match access::<ArchivedLogRecord>(bytes, "log", offset)? {
             ArchivedLogRecord::Message(m) => Ok(LogView::Message(MessageView::of_archived(m))),
             ArchivedLogRecord::Conversation(c) => Ok(LogView::Conversation(ConversationView::of_archived(c))),
             ArchivedLogRecord::User(u) => Ok(LogView::User(UserView::of_archived(u))),
+            ArchivedLogRecord::Read(r) => Ok(LogView::Read(ReadView::of_archived(r))),
             other => Ok(LogView::Other(other)),
         },
     }
@@ -554,13 +563,14 @@ impl<'a> MessageView<'a> {
 }
 
 /// Encodes a log record as the writer stores it into `out` (cleared
-/// first): a message, a conversation's state or a profile in its compact
-/// format, anything else as its archive.
+/// first): a message, a conversation's state, a profile or a read mark in
+/// its compact format, a presence change as its archive.
 pub(crate) fn encode_log_into(record: &LogRecord, out: &mut Vec<u8>) -> Result<(), StorageError> {
     match record {
         LogRecord::Message(m) => MessageView::of_record(m).encode_into(out),
         LogRecord::Conversation(c) => ConversationView::of_record(c).encode_into(out),
         LogRecord::User(u) => encode_user_record(u, out),
+        LogRecord::Read(r) => encode_read_record(r, out),
         other => return encode_into(other, out),
     }
     Ok(())

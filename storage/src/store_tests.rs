@@ -950,13 +950,15 @@ fn log_to_format_1(log: &mut redb::Table<u64, &[u8]>, format: u8) -> usize {
     compact.len()
 }
 
-/// Rewrites every conversation state and profile in their tables and in
-/// the log as format 1 archives, as version 7 and before wrote them.
+/// Rewrites every conversation state, profile and read mark in their
+/// tables and in the log as format 1 archives, as version 7 and before
+/// wrote them.
 fn states_to_format_1(txn: &redb::WriteTransaction) {
     use redb::ReadableTable as _;
     let mut log = txn.open_table(tables::LOG).unwrap();
-    log_to_format_1(&mut log, 3);
-    log_to_format_1(&mut log, 4);
+    for format in [3, 4, 5] {
+        log_to_format_1(&mut log, format);
+    }
     let mut conversations = txn.open_table(tables::CONVERSATIONS).unwrap();
     let states: Vec<(u64, Vec<u8>)> = conversations
         .iter()
@@ -1473,7 +1475,7 @@ fn a_version_5_store_with_format_1_messages_reads_as_before() {
 }
 
 #[test]
-fn a_version_7_store_with_archived_states_and_profiles_reads_as_before() {
+fn a_version_7_store_with_archived_states_profiles_and_read_marks_reads_as_before() {
     use redb::{ReadableDatabase as _, ReadableTable as _};
     let dir = tempfile::tempdir().unwrap();
     let visitor = UserRecord {
@@ -1489,10 +1491,12 @@ fn a_version_7_store_with_archived_states_and_profiles_reads_as_before() {
         write(&store, 1, WriteOp::PutUser(visitor.clone())).result.unwrap();
         write(&store, 2, WriteOp::PutConversation(conversation(4, ConvStatus::Queued))).result.unwrap();
         write(&store, 3, WriteOp::AppendMessage(message(4, "v4", "c1", "hi"))).result.unwrap();
+        let mark = ReadMark { conv: 4, user_id: "a1".into(), seq: 1, ts_ms: 9 };
+        write(&store, 6, WriteOp::MarkRead(mark)).result.unwrap();
         let r = store.reader();
         (r.conversation(4).unwrap(), r.user(Role::Visitor, "v4").unwrap(), r.scan(0, 10).unwrap())
     };
-    // Back to version 7: states and profiles as format 1 archives.
+    // Back to version 7: states, profiles and read marks as format 1 archives.
     {
         let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
         let txn = db.begin_write().unwrap();
@@ -1515,6 +1519,9 @@ fn a_version_7_store_with_archived_states_and_profiles_reads_as_before() {
     assert_eq!(r.conversation(4).unwrap().unwrap().created_ms, 10);
     let renamed = UserRecord { name: "Robert".into(), created_ms: 900, ..visitor };
     write(&store, 5, WriteOp::PutUser(renamed)).result.unwrap();
+    let mark = ReadMark { conv: 4, user_id: "v4".into(), seq: 1, ts_ms: 10 };
+    let done = write(&store, 7, WriteOp::MarkRead(mark.clone())).result.unwrap();
+    assert_eq!(r.scan(done.offset, 1).unwrap()[0].record, LogRecord::Read(mark));
     let user = r.user(Role::Visitor, "v4").unwrap().unwrap();
     assert_eq!((user.name.as_str(), user.created_ms, user.visitor_key_hash), ("Robert", 7, Some([0xab; 32])));
     drop((r, store));
@@ -1524,7 +1531,11 @@ fn a_version_7_store_with_archived_states_and_profiles_reads_as_before() {
     let txn = db.begin_read().unwrap();
     let log = txn.open_table(tables::LOG).unwrap();
     let formats: Vec<u8> = log.iter().unwrap().map(|e| e.unwrap().1.value()[0]).collect();
-    assert_eq!(formats, [1, 1, 2, 3, 4], "user, conversation, message, then the new state and profile");
+    assert_eq!(
+        formats,
+        [1, 1, 2, 1, 3, 4, 5],
+        "user, conversation, message, read mark, then the new state, profile and read mark"
+    );
     let conversations = txn.open_table(tables::CONVERSATIONS).unwrap();
     assert_eq!(conversations.get(4).unwrap().unwrap().value()[0], 3);
     let users = txn.open_table(tables::USERS).unwrap();

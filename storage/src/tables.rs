@@ -2,7 +2,7 @@
 //!
 //! | table | key | value |
 //! | --- | --- | --- |
-//! | `log` | global offset, from 0, no gaps | a message, a conversation's state or a profile in its compact format (`compact.rs`, `compact_state.rs`), any other [`LogRecord`](crate::LogRecord) as its archive |
+//! | `log` | global offset, from 0, no gaps | a message, a conversation's state, a profile or a read mark in its compact format (`compact.rs`, `compact_state.rs`), a presence change as its [`LogRecord`](crate::LogRecord) archive |
 //! | `conv_index` | (conversation, seq) | (offset in `log`, dedupe slot of the message's sender role, sender id and cid) |
 //! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) in its compact format (`compact_state.rs`; archives before schema version 8) |
 //! | `users` | (role, user id) | [`UserRecord`](crate::UserRecord) in its compact format (likewise) |
@@ -68,7 +68,8 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// `user_controls`; 6 writes messages in the compact format (format byte
 /// 2), which a build reading 5 could not read; 7 may hold its last
 /// acknowledged writes in the write-ahead log, which a build reading 6
-/// would not replay; 8 writes conversation states and profiles in their
-/// compact formats (bytes 3 and 4), which a build reading 7 could not read.
+/// would not replay; 8 writes conversation states, profiles and read marks
+/// in their compact formats (bytes 3 to 5), which a build reading 7 could
+/// not read.
 /// An older store is upgraded at open (`upgrade.rs`).
 pub(crate) const SCHEMA_VERSION: u64 = 8;

@@ -31,10 +31,10 @@
 //!   may be in `kefu.wal` and not yet in redb's durable state, which a
 //!   build without the log would not read. Nothing is rewritten; the step
 //!   is the version (and `wal_cycle`, which starts at 0, absent).
-//! - 7 → 8: conversation states and profiles are written in their compact
-//!   formats (format bytes 3 and 4, `compact_state.rs`), in their tables
-//!   and in the log. Those already stored stay archives, which every
-//!   reader still reads: the step is the version.
+//! - 7 → 8: conversation states, profiles and read marks are written in
+//!   their compact formats (format bytes 3 to 5, `compact_state.rs`), in
+//!   their tables and in the log. Those already stored stay archives,
+//!   which every reader still reads: the step is the version.
 
 use std::collections::HashMap;
 
