@@ -105,7 +105,13 @@ pub struct StoreConfig {
     /// About 17 bytes each (a slot and an offset in the conversation's
     /// ring, and the conversation's own entry shared by its slots;
     /// `dedupe::tests::a_full_window_costs_at_most_20_bytes_a_slot`).
-    /// Default 1048576 (at most ~18 MiB per cache).
+    /// Default 2097152 (at most ~36 MiB per cache). The writer's one cache
+    /// holds every shard's conversations: 15,000 open conversations with
+    /// full 128-slot windows are 1.92M slots, and below that the writer
+    /// reloaded a window from the index for most messages (a ten-minute run
+    /// at 15,000 sessions: the writer's CPU +75%, p99 11–12 ms in its last
+    /// minutes against 10–10.5 with room for all; BENCHMARKS.md, issue 11,
+    /// "memory per session under 4 KB").
     pub conv_cache_entries: usize,
     /// The cid window: a `send` that repeats the cid of one of its
     /// conversation's last this-many messages (by the same sender) is
@@ -149,7 +155,7 @@ impl Default for StoreConfig {
             wal: true,
             wal_bytes: 4 << 20,
             checkpoint_ms: 100,
-            conv_cache_entries: 1 << 20,
+            conv_cache_entries: 1 << 21,
             dedupe_window: 128,
             idle_park_ms: 100,
             recovery_backoff_ms_min: 50,
