@@ -48,10 +48,10 @@ use redb::{Durability, ReadableTable};
 
 use crate::backend::SyncCounter;
 use crate::compact::MessageView;
-use crate::compact_state::{ConversationView, encode_user_record};
+use crate::compact_state::{ConversationView, encode_read_record, encode_user_record};
 use crate::dedupe::{self, DedupeKey, SlotMaps};
 use crate::error::{IoContext, StorageError};
-use crate::record::{ConvChange, LogRecord, access_conversation, access_user, encode_into, encode_log_into};
+use crate::record::{ConvChange, LogRecord, PresenceRecord, access_conversation, access_user, encode_into};
 use crate::redo::{Op, Tables};
 use crate::reopen::{DbSlot, Reopen};
 use crate::store::begin_durable;
@@ -105,9 +105,9 @@ pub(crate) struct GroupCommit {
     /// Commits done since open.
     commits: u64,
     dedupe_key: DedupeKey,
-    /// Reused encoding buffers.
+    /// The reused encoding buffer: a record's bytes for its table and the
+    /// log alike.
     buf: Vec<u8>,
-    buf2: Vec<u8>,
     /// fsync time, for [`CommitTimes`].
     syncs: Arc<SyncCounter>,
     /// When the batch being gathered got its first write.
@@ -167,7 +167,6 @@ impl GroupCommit {
             commits: 0,
             dedupe_key,
             buf: Vec::with_capacity(1024),
-            buf2: Vec::with_capacity(1024),
             limits,
             syncs,
             batch_started: Instant::now(),
@@ -710,16 +709,12 @@ impl GroupCommit {
                         Err(e) => return Ok(Err(e)),
                     }
                 }
+                // The table's value and the log's record are the same bytes:
+                // one compact format serves both (`compact_state.rs`).
                 ConversationView::of_record(c).encode_into(&mut self.buf);
-                if let Err(e) = self.encode_logged(op) {
-                    return Ok(Err(e));
-                }
                 t.put(Op::Conversation { id, value: &self.buf })?;
-                let WriteOp::PutConversation(c) = op else {
-                    unreachable!("encode_logged hands the op back as it was")
-                };
                 t.put(Op::UserConversation { visitor: &c.visitor_id, conv: id })?;
-                let offset = self.insert_logged(t)?;
+                let offset = insert_log(t, &mut self.next_offset, &self.buf)?;
                 t.put(Op::ConvChange { offset, change: change.to_byte() })?;
                 if c.status == kefu_proto::ids::ConvStatus::Closed {
                     // No message follows a close: its slots would only sit
@@ -740,21 +735,29 @@ impl GroupCommit {
                         Err(e) => return Ok(Err(e)),
                     }
                 }
+                // One encoding for the table and the log, as for conversations.
                 encode_user_record(u, &mut self.buf);
-                if let Err(e) = self.encode_logged(op) {
-                    return Ok(Err(e));
-                }
-                let WriteOp::PutUser(u) = op else {
-                    unreachable!("encode_logged hands the op back as it was")
-                };
                 t.put(Op::User { role: u.role.as_str(), id: &u.id, value: &self.buf })?;
-                done(self.insert_logged(t)?)
+                done(insert_log(t, &mut self.next_offset, &self.buf)?)
             }
-            WriteOp::MarkRead(_) | WriteOp::LogPresence(_) => {
-                if let Err(e) = self.encode_logged(op) {
+            WriteOp::MarkRead(r) => {
+                encode_read_record(r, &mut self.buf);
+                done(insert_log(t, &mut self.next_offset, &self.buf)?)
+            }
+            WriteOp::LogPresence(p) => {
+                // The archive wants the record inside its enum: moved in
+                // and back, no copy.
+                let record = LogRecord::Presence(std::mem::replace(
+                    p,
+                    PresenceRecord { agent_id: String::new(), status: String::new(), ts_ms: 0 },
+                ));
+                let encoded = encode_into(&record, &mut self.buf);
+                let LogRecord::Presence(back) = record else { unreachable!("built as a presence record") };
+                *p = back;
+                if let Err(e) = encoded {
                     return Ok(Err(e));
                 }
-                done(self.insert_logged(t)?)
+                done(insert_log(t, &mut self.next_offset, &self.buf)?)
             }
             WriteOp::PutControl { role, id, control } => {
                 sort_meta(&mut control.synced_meta);
@@ -769,39 +772,6 @@ impl GroupCommit {
                 Ok(Ok(Committed { offset: *offset, seq: 0, ts_ms: 0, duplicate: false, commit }))
             }
         }
-    }
-
-    /// Encodes a conversation, user or read mark as a [`LogRecord`] into
-    /// `buf2`. The op is moved into the record and back: no copy.
-    fn encode_logged(&mut self, op: &mut WriteOp) -> Result<(), StorageError> {
-        let placeholder = WriteOp::CommitOffset { consumer: String::new(), offset: 0 };
-        let record = match std::mem::replace(op, placeholder) {
-            WriteOp::PutConversation(c) => LogRecord::Conversation(c),
-            WriteOp::PutUser(u) => LogRecord::User(u),
-            WriteOp::MarkRead(r) => LogRecord::Read(r),
-            WriteOp::LogPresence(p) => LogRecord::Presence(p),
-            other => {
-                *op = other;
-                return Err(StorageError::Encode("not a logged record".into()));
-            }
-        };
-        let encoded = encode_log_into(&record, &mut self.buf2);
-        *op = match record {
-            LogRecord::Conversation(c) => WriteOp::PutConversation(c),
-            LogRecord::User(u) => WriteOp::PutUser(u),
-            LogRecord::Read(r) => WriteOp::MarkRead(r),
-            LogRecord::Presence(p) => WriteOp::LogPresence(p),
-            LogRecord::Message(m) => WriteOp::AppendMessage(m.into_msg()),
-        };
-        encoded
-    }
-
-    /// Inserts what [`Self::encode_logged`] encoded at the next offset.
-    fn insert_logged(&mut self, t: &mut Tables<'_>) -> Result<u64, StorageError> {
-        let offset = self.next_offset;
-        t.put(Op::Log { offset, value: &self.buf2 })?;
-        self.next_offset += 1;
-        Ok(offset)
     }
 
     /// The last seq of `conv` and the offset its dedupe `slot` points at
@@ -857,6 +827,14 @@ impl GroupCommit {
         self.convs.note(conv, seq, slot, offset);
         Ok(Ok(Committed { offset, seq, ts_ms, duplicate: false, commit }))
     }
+}
+
+/// Inserts `value` into the log at the next offset, and moves it on.
+fn insert_log(t: &mut Tables<'_>, next_offset: &mut u64, value: &[u8]) -> Result<u64, StorageError> {
+    let offset = *next_offset;
+    t.put(Op::Log { offset, value })?;
+    *next_offset += 1;
+    Ok(offset)
 }
 
 /// Sorts profile fields by key; of a repeated key the last value wins.
