@@ -820,16 +820,15 @@ impl GroupCommit {
             return Ok(Err(StorageError::SeqConflict { conv, expected: last + 1, got: seq }));
         }
         MessageView::of_msg(m, seq).encode_into(&mut self.buf);
-        let offset = self.next_offset;
-        t.put(Op::Log { offset, value: &self.buf })?;
+        let offset = insert_log(t, &mut self.next_offset, &self.buf)?;
         t.put(Op::ConvIndex { conv, seq, offset, slot })?;
-        self.next_offset += 1;
         self.convs.note(conv, seq, slot, offset);
         Ok(Ok(Committed { offset, seq, ts_ms, duplicate: false, commit }))
     }
 }
 
-/// Inserts `value` into the log at the next offset, and moves it on.
+/// Inserts `value` into the log at the next offset, and moves it on (a
+/// batch that fails puts `next_offset` back where it started).
 fn insert_log(t: &mut Tables<'_>, next_offset: &mut u64, value: &[u8]) -> Result<u64, StorageError> {
     let offset = *next_offset;
     t.put(Op::Log { offset, value })?;
