@@ -9,6 +9,8 @@
 # Servers: kefu (server.uring_taskrun = "defer", the default), kefu-coop,
 # kefu-default (the other ring setups), kefu-epoll (server.io = "epoll"),
 # kefu-thp (server.transparent_huge_pages = true, the heap on huge pages),
+# kefu-before (the kefu binary named by $KEFU_BEFORE_BIN: another build, for
+# a before/after comparison in one run),
 # fastws, tungstenite.
 #
 #   - throughput and latency: server pinned to one core, client to the other
@@ -103,16 +105,17 @@ url_of() {
 start_server() {
     local name=$1
     if [[ "$name" == kefu* ]]; then
-        local data ring=() variant=${name#kefu}
+        local data ring=() variant=${name#kefu} bin=$BIN/kefu
         data=$(mktemp -d)
         case "$variant" in
             "") ;;
+            -before) bin=${KEFU_BEFORE_BIN:?kefu-before needs KEFU_BEFORE_BIN, the kefu binary of the other build} ;;
             -epoll) ring=(KEFU_SERVER_IO=epoll) ;;
             -coop | -default) ring=(KEFU_SERVER_URING_TASKRUN="${variant#-}") ;;
             -thp) ring=(KEFU_SERVER_TRANSPARENT_HUGE_PAGES=true) ;;
             *) echo "unknown kefu variant: $name" >&2; exit 2 ;;
         esac
-        env "${ring[@]}" taskset -c "$SERVER_CPU" "$BIN/kefu" serve --echo --shards 1 --listen "127.0.0.1:$PORT" \
+        env "${ring[@]}" taskset -c "$SERVER_CPU" "$bin" serve --echo --shards 1 --listen "127.0.0.1:$PORT" \
             --admin-listen "127.0.0.1:$((PORT + 1))" --data "$data" 2>>"$OUT/server-$name.log" &
     else
         taskset -c "$SERVER_CPU" "$BIN/echo-$name" --listen "127.0.0.1:$PORT" 2>>"$OUT/server-$name.log" &

@@ -8,7 +8,8 @@
 //! Memory is the design constraint here (≤ 2 KB per idle connection), so:
 //! - no read buffer is parked on an idle socket: the task waits for
 //!   readiness (a `PollAdd`, which owns no buffer), then takes a buffer from
-//!   the shard's slab, reads, decodes what arrived and gives it back;
+//!   the shard's slab, reads, decodes what arrived and gives it back; that
+//!   wait stays armed while frames queued meanwhile go out;
 //! - bytes of an unfinished frame (at most [`LEFTOVER_BYTES`]) are kept
 //!   until the next read, since payload bytes are consumed as they come:
 //!   inline up to 22 bytes (any frame header), on the heap beyond (only a
@@ -875,16 +876,10 @@ impl Session {
                     flow = Flow::Continue;
                     continue;
                 }
-                let readable = monoio::select! {
-                    biased;
-                    r = stream.readable(true) => Some(r),
-                    _ = conn.outbound(true) => None,
-                };
-                let Some(readable) = readable else {
+                if !until_readable(shard, conn, stream).await? {
                     flow = Flow::Continue;
                     continue;
-                };
-                readable?;
+                }
                 let mut buf = match read_buffer(shard).await {
                     Ok(buf) => buf,
                     Err(_) => {
@@ -1195,6 +1190,55 @@ impl Session {
             }
         }
     }
+}
+
+/// Waits until the socket is readable, writing what is queued meanwhile (an
+/// ack, a delivery) without cancelling the wait: arming it again for every
+/// frame going out would cost two more io_uring operations (a cancel and a
+/// poll) and a poll of the socket each. `Ok(false)`: a close or a drain was
+/// asked for, which the caller handles.
+///
+/// Not an `async fn`, for [`serve`]'s reason. The wait lives only in this
+/// future, and the flush in it is boxed, so neither sizes the rest of the
+/// connection's loop: the write after a read, the busy echo case, stays
+/// unboxed there.
+#[allow(clippy::manual_async_fn)] // deliberately not `async fn`: see above
+fn until_readable<'a>(
+    shard: &'a Shard,
+    conn: &'a Conn,
+    stream: &'a mut TcpStream,
+) -> impl Future<Output = std::io::Result<bool>> + 'a {
+    async move {
+        let mut readable = std::pin::pin!(wait_readable(stream));
+        loop {
+            let ready = monoio::select! {
+                biased;
+                r = readable.as_mut() => Some(r),
+                _ = conn.outbound(true) => None,
+            };
+            if let Some(ready) = ready {
+                return ready.map(|()| true);
+            }
+            if conn.close_request_pending() || conn.reads_stopped.get() {
+                return Ok(false);
+            }
+            Box::pin(flush(shard, conn, stream)).await?;
+        }
+    }
+}
+
+/// Waits until `stream` is readable, without holding it borrowed, so that
+/// the same stream can write while the wait is armed.
+fn wait_readable(stream: &mut TcpStream) -> impl Future<Output = std::io::Result<()>> + 'static {
+    // SAFETY: monoio's `readable` reads the stream once, at its first poll
+    // (at once, in the caller's `select!`), to clone the descriptor into the
+    // poll operation it submits; from then on it holds only that operation,
+    // which keeps its own reference to the descriptor. So nothing is read
+    // through this reference while the caller writes to the stream (what
+    // monoio's `unsafe impl Split for TcpStream` allows), and the wait, in
+    // the caller's future, never outlives the stream its task owns.
+    let stream: &'static TcpStream = unsafe { &*(stream as *const TcpStream) };
+    stream.readable(true)
 }
 
 /// A buffer to read a socket into: `limits.read_buffer_bytes` if one is
