@@ -434,7 +434,7 @@ where
     T: rkyv::Portable
         + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>,
 {
-    let corrupt = |message: String| StorageError::Corrupt { table, key: key.to_string(), message };
+    let corrupt = corrupt_in(table, key);
     match bytes.split_first() {
         Some((&FORMAT_V1, archive)) => {
             rkyv::access::<T, rancor::Error>(archive).map_err(|e| corrupt(e.to_string()))
@@ -442,6 +442,15 @@ where
         Some((v, _)) => Err(corrupt(format!("unknown format version {v}"))),
         None => Err(corrupt("empty value".to_string())),
     }
+}
+
+/// What makes the error for a value of `table` at `key` that cannot be
+/// read, from what was wrong with it.
+fn corrupt_in<'k>(
+    table: &'static str,
+    key: &'k dyn std::fmt::Display,
+) -> impl Fn(String) -> StorageError + Copy + 'k {
+    move |message| StorageError::Corrupt { table, key: key.to_string(), message }
 }
 
 /// A log record read in place: a message, a conversation's state, a
@@ -497,7 +506,7 @@ pub(crate) fn access_log<'b>(
     bytes: &'b [u8],
     offset: &dyn std::fmt::Display,
 ) -> Result<LogView<'b>, StorageError> {
-    let corrupt = |message| StorageError::Corrupt { table: "log", key: offset.to_string(), message };
+    let corrupt = corrupt_in("log", offset);
     match bytes.split_first() {
         Some((&FORMAT_COMPACT_MESSAGE, rest)) => {
             MessageView::decode(rest).map(LogView::Message).map_err(corrupt)
@@ -521,9 +530,9 @@ pub(crate) fn access_log<'b>(
 /// whichever format it was stored in.
 pub(crate) fn access_conversation(bytes: &[u8], id: u64) -> Result<ConversationView<'_>, StorageError> {
     match bytes.split_first() {
-        Some((&FORMAT_COMPACT_CONVERSATION, rest)) => ConversationView::decode(rest).map_err(|message| {
-            StorageError::Corrupt { table: "conversations", key: id.to_string(), message }
-        }),
+        Some((&FORMAT_COMPACT_CONVERSATION, rest)) => {
+            ConversationView::decode(rest).map_err(corrupt_in("conversations", &id))
+        }
         _ => access::<ArchivedConversationRecord>(bytes, "conversations", &id)
             .map(ConversationView::of_archived),
     }
@@ -536,8 +545,7 @@ pub(crate) fn access_user<'b>(
     key: &dyn std::fmt::Display,
 ) -> Result<UserView<'b>, StorageError> {
     match bytes.split_first() {
-        Some((&FORMAT_COMPACT_USER, rest)) => UserView::decode(rest)
-            .map_err(|message| StorageError::Corrupt { table: "users", key: key.to_string(), message }),
+        Some((&FORMAT_COMPACT_USER, rest)) => UserView::decode(rest).map_err(corrupt_in("users", key)),
         _ => access::<ArchivedUserRecord>(bytes, "users", key).map(UserView::of_archived),
     }
 }
