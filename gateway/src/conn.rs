@@ -1209,36 +1209,55 @@ fn until_readable<'a>(
     stream: &'a mut TcpStream,
 ) -> impl Future<Output = std::io::Result<bool>> + 'a {
     async move {
-        let mut readable = std::pin::pin!(wait_readable(stream));
+        // SAFETY: the wait is polled first by the `biased` select below,
+        // before any flush writes to the stream, and it is dropped with
+        // this future, whose borrow of the stream outlives it.
+        let mut readable = std::pin::pin!(unsafe { wait_readable(stream) });
+        let stop = || conn.close_request_pending() || conn.reads_stopped.get();
         loop {
+            // Checked after every flush too: a drain or a close asked for
+            // while a write waited must not let one more read through.
+            if stop() {
+                return Ok(false);
+            }
             let ready = monoio::select! {
                 biased;
                 r = readable.as_mut() => Some(r),
                 _ = conn.outbound(true) => None,
             };
-            if let Some(ready) = ready {
-                return ready.map(|()| true);
+            match ready {
+                Some(ready) => return ready.map(|()| true),
+                None if stop() => return Ok(false),
+                None => Box::pin(flush(shard, conn, stream)).await?,
             }
-            if conn.close_request_pending() || conn.reads_stopped.get() {
-                return Ok(false);
-            }
-            Box::pin(flush(shard, conn, stream)).await?;
         }
     }
 }
 
 /// Waits until `stream` is readable, without holding it borrowed, so that
 /// the same stream can write while the wait is armed.
-fn wait_readable(stream: &mut TcpStream) -> impl Future<Output = std::io::Result<()>> + 'static {
-    // SAFETY: monoio's `readable` reads the stream once, at its first poll
-    // (at once, in the caller's `select!`), to clone the descriptor into the
-    // poll operation it submits; from then on it holds only that operation,
-    // which keeps its own reference to the descriptor. So nothing is read
-    // through this reference while the caller writes to the stream (what
-    // monoio's `unsafe impl Split for TcpStream` allows), and the wait, in
-    // the caller's future, never outlives the stream its task owns.
+///
+/// monoio's `readable` reads the stream once, at its first poll, to clone
+/// its descriptor (an `Rc`) into the poll operation; after that it uses
+/// only that clone, though its state still holds the reference, unused.
+/// Writes (`write`, `writev`) also only clone the descriptor, so they leave
+/// the stream's bytes as they are.
+///
+/// # Safety
+///
+/// The returned future must be polled once before the stream is used in
+/// any other way, and dropped before the stream is: its `'static` borrow
+/// is not checked.
+unsafe fn wait_readable(stream: &mut TcpStream) -> impl Future<Output = std::io::Result<()>> + 'static {
+    // SAFETY: the caller keeps the stream alive for as long as the future,
+    // and polls it (the one read through this reference) before writing.
     let stream: &'static TcpStream = unsafe { &*(stream as *const TcpStream) };
-    stream.readable(true)
+    // Not relaxed: on epoll a relaxed wait trusts the readiness cached since
+    // the last read, which stays set after a read that emptied the socket.
+    // The read that follows would then wait in the kernel for the peer,
+    // and frames queued meanwhile (a delivery, a heartbeat) would wait with
+    // it. io_uring's poll ignores the flag.
+    stream.readable(false)
 }
 
 /// A buffer to read a socket into: `limits.read_buffer_bytes` if one is

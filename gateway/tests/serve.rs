@@ -260,22 +260,25 @@ fn heartbeat_pings_then_closes_silent_peers() {
 /// A frame the gateway writes while it waits for a client's next bytes
 /// (here a heartbeat ping, in the middle of a message the client is still
 /// sending) leaves that wait armed: the rest of the message is read and
-/// echoed whole, and the next message too.
+/// echoed whole, and the next message too. On both I/O drivers.
 #[test]
 fn a_write_while_waiting_for_input_leaves_the_read_whole() {
-    let gw = Gateway::start(&["--echo"], &[("KEFU_SERVER_HEARTBEAT_S", "1")]);
-    let mut s = raw_ws(gw.addr, "/ws/echo");
-    let payload: Vec<u8> = (0..200u8).map(|i| b'a' + i % 26).collect();
-    let frame = client_frame(0x1, true, &payload);
-    let (head, tail) = frame.split_at(frame.len() / 2);
-    s.write_all(head).unwrap();
-    let (_, opcode, ping) = read_frame(&mut s).unwrap();
-    assert_eq!(opcode, 0x9, "the heartbeat goes out while half a message is in");
-    s.write_all(tail).unwrap();
-    assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, payload.clone()));
-    s.write_all(&client_frame(0xA, true, &ping)).unwrap();
-    s.write_all(&client_frame(0x2, true, b"after")).unwrap();
-    assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, b"after".to_vec()));
+    for (io, driver) in [("uring", "io_uring"), ("epoll", "epoll")] {
+        let gw = Gateway::start(&["--echo"], &[("KEFU_SERVER_HEARTBEAT_S", "1"), ("KEFU_SERVER_IO", io)]);
+        assert!(gw.startup_log.join("\n").contains(&format!("driver=\"{driver}\"")), "{io}");
+        let mut s = raw_ws(gw.addr, "/ws/echo");
+        let payload: Vec<u8> = (0..200u8).map(|i| b'a' + i % 26).collect();
+        let frame = client_frame(0x1, true, &payload);
+        let (head, tail) = frame.split_at(frame.len() / 2);
+        s.write_all(head).unwrap();
+        let (_, opcode, ping) = read_frame(&mut s).unwrap_or_else(|e| panic!("{io}: {e}"));
+        assert_eq!(opcode, 0x9, "{io}: the heartbeat goes out while a message is half in");
+        s.write_all(tail).unwrap();
+        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, payload.clone()), "{io}");
+        s.write_all(&client_frame(0xA, true, &ping)).unwrap();
+        s.write_all(&client_frame(0x2, true, b"after")).unwrap();
+        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, b"after".to_vec()), "{io}");
+    }
 }
 
 #[test]
