@@ -1182,7 +1182,9 @@ impl Session {
         flush(shard, conn, stream).await?;
         stream.shutdown().await?;
         loop {
-            stream.readable(true).await?;
+            // Not relaxed, as in `wait_readable`: on epoll a relaxed wait
+            // would park a read buffer until the peer's close comes.
+            stream.readable(false).await?;
             let buf = read_buffer(shard).await?;
             let (res, _buf) = stream.read(buf).await;
             if res? == 0 {
@@ -1254,9 +1256,9 @@ unsafe fn wait_readable(stream: &mut TcpStream) -> impl Future<Output = std::io:
     let stream: &'static TcpStream = unsafe { &*(stream as *const TcpStream) };
     // Not relaxed: on epoll a relaxed wait trusts the readiness cached since
     // the last read, which stays set after a read that emptied the socket.
-    // The read that follows would then wait in the kernel for the peer,
-    // and frames queued meanwhile (a delivery, a heartbeat) would wait with
-    // it. io_uring's poll ignores the flag.
+    // The read that follows would then wait for the peer holding a read
+    // buffer, and frames queued meanwhile (a delivery, a heartbeat) would
+    // wait with it. io_uring's poll ignores the flag.
     stream.readable(false)
 }
 

@@ -281,6 +281,30 @@ fn a_write_while_waiting_for_input_leaves_the_read_whole() {
     }
 }
 
+/// A WebSocket that sent a message and went quiet holds no read buffer
+/// while the gateway waits for its next bytes, on either I/O driver (on
+/// epoll a relaxed readiness wait used to park one on each).
+#[test]
+fn quiet_sockets_hold_no_read_buffer() {
+    for io in ["uring", "epoll"] {
+        let gw = Gateway::start(&["--echo", "--shards", "1"], &[("KEFU_SERVER_IO", io)]);
+        let quiet: Vec<_> = (0..8)
+            .map(|i| {
+                let mut s = raw_ws(gw.addr, "/ws/echo");
+                let text = format!("once {i}");
+                s.write_all(&client_frame(0x1, true, text.as_bytes())).unwrap();
+                assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, text.into_bytes()), "{io}");
+                s
+            })
+            .collect();
+        // The slab's gauges are published by the sweep, every 100 ms.
+        std::thread::sleep(Duration::from_millis(400));
+        let metrics = gw.admin_get("/metrics");
+        assert_eq!(sample(&metrics, "kefu_slab_in_use", &[]), 0.0, "{io}: {metrics}");
+        drop(quiet);
+    }
+}
+
 #[test]
 fn sigterm_closes_connections_and_exits_zero() {
     let mut gw = Gateway::start(&["--echo", "--shards", "2"], &[]);
