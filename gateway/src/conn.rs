@@ -1211,9 +1211,10 @@ fn until_readable<'a>(
     stream: &'a mut TcpStream,
 ) -> impl Future<Output = std::io::Result<bool>> + 'a {
     async move {
-        // SAFETY: the wait is polled first by the `biased` select below,
-        // before any flush writes to the stream, and it is dropped with
-        // this future, whose borrow of the stream outlives it.
+        // SAFETY: the wait is polled by the `biased` select below (or
+        // dropped unpolled, if a stop was already asked for) before any
+        // flush writes to the stream, and it is dropped with this future,
+        // whose borrow of the stream outlives it.
         let mut readable = std::pin::pin!(unsafe { wait_readable(stream) });
         let stop = || conn.close_request_pending() || conn.reads_stopped.get();
         loop {
@@ -1247,9 +1248,9 @@ fn until_readable<'a>(
 ///
 /// # Safety
 ///
-/// The returned future must be polled once before the stream is used in
-/// any other way, and dropped before the stream is: its `'static` borrow
-/// is not checked.
+/// Until its first poll the returned future may read the stream: it must
+/// be polled once (or dropped) before the stream is used in any other way,
+/// and dropped before the stream is. Its `'static` borrow is not checked.
 unsafe fn wait_readable(stream: &mut TcpStream) -> impl Future<Output = std::io::Result<()>> + 'static {
     // SAFETY: the caller keeps the stream alive for as long as the future,
     // and polls it (the one read through this reference) before writing.
