@@ -570,20 +570,6 @@ impl<'a> MessageView<'a> {
     }
 }
 
-/// Encodes a log record as the writer stores it into `out` (cleared
-/// first): a message, a conversation's state, a profile or a read mark in
-/// its compact format, a presence change as its archive.
-pub(crate) fn encode_log_into(record: &LogRecord, out: &mut Vec<u8>) -> Result<(), StorageError> {
-    match record {
-        LogRecord::Message(m) => MessageView::of_record(m).encode_into(out),
-        LogRecord::Conversation(c) => ConversationView::of_record(c).encode_into(out),
-        LogRecord::User(u) => encode_user_record(u, out),
-        LogRecord::Read(r) => encode_read_record(r, out),
-        other => return encode_into(other, out),
-    }
-    Ok(())
-}
-
 /// A log value as redb holds it, read as every reader reads it: validated
 /// first, then turned into an owned record. Corrupt bytes are an error,
 /// never a panic. Public for the fuzzer (`fuzz/`, target `log_record`).
@@ -591,11 +577,19 @@ pub fn decode_log_record(bytes: &[u8]) -> Result<LogRecord, StorageError> {
     access_log(bytes, &"(given bytes)")?.to_owned()
 }
 
-/// A log record as the writer stores it (format byte, then the message or
-/// the archive).
+/// A log record as the writer stores it: a message, a conversation's
+/// state, a profile or a read mark in its compact format, a presence change
+/// as its archive, each after its format byte. The writer encodes each kind
+/// with the same functions, into the buffer it reuses (`group_commit.rs`).
 pub fn encode_log_record(record: &LogRecord) -> Result<Vec<u8>, StorageError> {
     let mut out = Vec::new();
-    encode_log_into(record, &mut out)?;
+    match record {
+        LogRecord::Message(m) => MessageView::of_record(m).encode_into(&mut out),
+        LogRecord::Conversation(c) => ConversationView::of_record(c).encode_into(&mut out),
+        LogRecord::User(u) => encode_user_record(u, &mut out),
+        LogRecord::Read(r) => encode_read_record(r, &mut out),
+        LogRecord::Presence(_) => encode_into(record, &mut out)?,
+    }
     Ok(out)
 }
 
