@@ -407,13 +407,19 @@ pub fn render<T: Send>(
         "# HELP kefu_page_block_bytes Exact-size blocks of allocations just over 4, 8 or 16 KiB (mostly the storage's cached pages).\n# TYPE kefu_page_block_bytes gauge\nkefu_page_block_bytes{{state=\"in_use\"}} {}\nkefu_page_block_bytes{{state=\"mapped\"}} {}",
         blocks.in_use_bytes, blocks.mapped_bytes
     );
-    let storage: [(&str, &str, &str, u64); 12] = [
+    let storage: [(&str, &str, &str, u64); 13] = [
         ("kefu_storage_commits_total", "counter", "Group commits done.", store.commits),
         (
             "kefu_storage_durable_commits_total",
             "counter",
             "Commits durable in redb (with the write-ahead log: checkpoints).",
             store.durable_commits,
+        ),
+        (
+            "kefu_storage_checkpoint_waits_total",
+            "counter",
+            "Checkpoints that waited for the previous one's pages to reach the disk.",
+            store.checkpoint_waits,
         ),
         ("kefu_storage_failed_commits_total", "counter", "Group commits that failed.", store.failed_commits),
         ("kefu_storage_writes_total", "counter", "Writes stored.", store.writes),
@@ -720,7 +726,7 @@ impl CommitStats {
             ),
             (
                 "kefu_storage_checkpoint_seconds",
-                "Write-ahead log checkpoints: redb's durable commit of the pages changed since the last one; writes wait for it.",
+                "Write-ahead log checkpoints: the writer's part of redb's durable commit of the pages changed since the last one (with checkpoint_in_background the pages and fsyncs follow on a thread of their own); writes wait for it.",
                 &self.checkpoint,
                 Unit::Seconds,
             ),

@@ -44,9 +44,10 @@ pub(crate) trait BackendObserver: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub(crate) struct SyncCounter {
     returned: AtomicU64,
-    /// Nanoseconds spent in `sync_data`, summed: the writer takes the
-    /// difference across a commit.
-    nanos: AtomicU64,
+    /// Nanoseconds spent in `sync_data`, summed, of the database and of
+    /// the write-ahead log: the writer takes the difference across a
+    /// commit, of the files it waited for.
+    nanos: [AtomicU64; 2],
 }
 
 impl SyncCounter {
@@ -54,11 +55,42 @@ impl SyncCounter {
         self.returned.load(Ordering::Acquire)
     }
 
-    /// Time spent in fsync since open.
-    pub(crate) fn spent(&self) -> Duration {
-        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    /// Time spent in fsyncs of `file` since open.
+    pub(crate) fn spent(&self, file: FileKind) -> Duration {
+        Duration::from_nanos(self.nanos[file as usize].load(Ordering::Relaxed))
     }
 }
+
+/// The file-range lock methods of [`StorageBackend`], forwarded to
+/// `self.inner`: a wrapper around a file locks what the file locks.
+macro_rules! forward_range_locks {
+    () => {
+        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_range(start, end)
+        }
+
+        fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_shared_range(start, end)
+        }
+
+        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_range(start, end)
+        }
+
+        fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_shared_range(start, end)
+        }
+
+        fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.unlock_range(start, end)
+        }
+
+        fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.query_lock_range(start, end)
+        }
+    };
+}
+pub(crate) use forward_range_locks;
 
 pub(crate) struct ProbeBackend {
     inner: Box<dyn StorageBackend>,
@@ -108,7 +140,7 @@ impl StorageBackend for ProbeBackend {
         let started = Instant::now();
         self.inner.sync_data()?;
         let took = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-        self.syncs.nanos.fetch_add(took, Ordering::Relaxed);
+        self.syncs.nanos[self.kind as usize].fetch_add(took, Ordering::Relaxed);
         let n = self.syncs.returned.fetch_add(1, Ordering::AcqRel) + 1;
         if let Some(o) = &self.observer {
             o.sync_returned(self.kind, n);
@@ -127,27 +159,5 @@ impl StorageBackend for ProbeBackend {
         self.inner.close()
     }
 
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.try_lock_range(start, end)
-    }
-
-    fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.try_lock_shared_range(start, end)
-    }
-
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_range(start, end)
-    }
-
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_shared_range(start, end)
-    }
-
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.unlock_range(start, end)
-    }
-
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.query_lock_range(start, end)
-    }
+    forward_range_locks!();
 }

@@ -85,12 +85,21 @@ pub struct StoreConfig {
     /// replay after a crash, and how often a commit pays redb's fsyncs and
     /// quick-repair's allocator save. A checkpoint writes every page the
     /// commits since the last one changed (about one index page per
-    /// conversation that got a message) and holds the acks queued behind
-    /// it, so a long interval makes rare long stalls: at 15,000 sessions
-    /// and 5,000 msg/s the delivery p99 was 9.7 ms at 100, 14 ms at 250,
-    /// 19–22 ms at 1000 and 49 ms at 5000 (BENCHMARKS.md, issue 11).
-    /// Default 100.
+    /// conversation that got a message); written inline it held the acks
+    /// queued behind it, so a long interval made rare long stalls: at
+    /// 15,000 sessions and 5,000 msg/s the delivery p99 was 9.7 ms at 100,
+    /// 14 ms at 250, 19–22 ms at 1000 and 49 ms at 5000 (BENCHMARKS.md,
+    /// issue 11; see `checkpoint_in_background`). Default 100.
     pub checkpoint_ms: u64,
+    /// Write a checkpoint's pages and fsyncs behind the writer, on a
+    /// thread of their own (`behind.rs`): the writer goes on committing
+    /// (through the log) while they reach the disk, where it used to stop
+    /// for them (~8 ms every 100 ms at 15,000 sessions once the file has
+    /// grown). The log alternates between two files (`kefu.wal`,
+    /// `kefu.1.wal`) so that a cycle's records stay until the checkpoint
+    /// that closed it is on the disk. false: the writer waits for each
+    /// checkpoint, as before. Default true.
+    pub checkpoint_in_background: bool,
     /// Dedupe slots (one per message) each dedupe cache holds in memory:
     /// the writer's, and each reader's (the gateway has one per shard, for
     /// the conversations homed there). A cache keeps, per conversation it
@@ -155,6 +164,7 @@ impl Default for StoreConfig {
             wal: true,
             wal_bytes: 4 << 20,
             checkpoint_ms: 100,
+            checkpoint_in_background: true,
             conv_cache_entries: 1 << 21,
             dedupe_window: 128,
             idle_park_ms: 100,
@@ -170,9 +180,14 @@ impl StoreConfig {
         self.dir.join("kefu.redb")
     }
 
-    /// The write-ahead log file inside `dir`.
+    /// The write-ahead log's first file inside `dir`, of its even cycles.
     pub fn wal_path(&self) -> PathBuf {
         self.dir.join("kefu.wal")
+    }
+
+    /// The write-ahead log's second file, of its odd cycles (`wal.rs`).
+    pub fn wal_odd_path(&self) -> PathBuf {
+        self.dir.join("kefu.1.wal")
     }
 
     /// Checks the limits are usable.

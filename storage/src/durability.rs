@@ -121,22 +121,22 @@ impl BackendObserver for Recorder {
 /// the write-ahead log, `syncs_per_commit` times for the database.
 fn check_fsync_order(events: &[Event], syncs_per_commit: usize) -> usize {
     let mut first_write: HashMap<(FileKind, u64), usize> = HashMap::new();
-    // (start, return) of each file's fsyncs, in order; they never overlap,
-    // since one thread commits.
+    // (start, return) of each file's fsyncs, in order. A file's own never
+    // overlap: one thread fsyncs the log (the writer), one the database
+    // at a time (the writer, or the flush thread of a checkpoint written
+    // behind, which the writer waits for before it fsyncs the database).
     let mut syncs: HashMap<FileKind, Vec<(usize, usize)>> = HashMap::new();
-    let mut open_sync = None;
+    let mut open_sync: HashMap<FileKind, usize> = HashMap::new();
     for (i, e) in events.iter().enumerate() {
         match *e {
             Event::Wrote(f, t) => {
                 first_write.entry((f, t)).or_insert(i);
             }
             Event::SyncStart(f) => {
-                assert!(open_sync.is_none(), "overlapping fsyncs at event {i}");
-                open_sync = Some((f, i));
+                assert!(open_sync.insert(f, i).is_none(), "overlapping fsyncs of {f:?} at event {i}");
             }
             Event::SyncReturn(f) => {
-                let (started, at) = open_sync.take().expect("return without start");
-                assert_eq!(started, f, "an fsync returned on another file than it started");
+                let at = open_sync.remove(&f).expect("return without start");
                 syncs.entry(f).or_default().push((at, i));
             }
             Event::Observed(_) => {}
@@ -280,6 +280,8 @@ struct Gate {
 #[derive(Default)]
 struct GateState {
     closed: bool,
+    /// Holds only this file's fsyncs, if set.
+    only: Option<FileKind>,
     permits: usize,
     waiting: usize,
     held_total: usize,
@@ -297,9 +299,9 @@ impl Drop for OpenOnDrop {
 }
 
 impl BackendObserver for Gate {
-    fn sync_start(&self, _file: FileKind) {
+    fn sync_start(&self, file: FileKind) {
         let mut s = self.state.lock().unwrap();
-        if !s.closed {
+        if !s.closed || s.only.is_some_and(|only| only != file) {
             return;
         }
         s.waiting += 1;
@@ -384,6 +386,111 @@ fn a_held_fsync_holds_back_every_completion() {
     }
 }
 
+impl Gate {
+    /// Holds the database's fsyncs from now on.
+    fn hold_the_database(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.closed = true;
+        s.only = Some(FileKind::Database);
+    }
+
+    /// Waits until an fsync is held.
+    fn wait_held(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        let mut s = self.state.lock().unwrap();
+        while s.waiting == 0 {
+            assert!(Instant::now() < deadline, "no fsync was held");
+            s = self.changed.wait_timeout(s, Duration::from_millis(5)).unwrap().0;
+        }
+    }
+}
+
+/// Submits one write and waits for its completion.
+fn send(store: &Store, token: u64, conv: u64, cid: &str) -> crate::Completion {
+    store.writer().submit(0, token, WriteOp::AppendMessage(message(conv, "v", cid, cid))).unwrap();
+    wait_for(&store.completions(0), 1).pop().unwrap()
+}
+
+/// A checkpoint written behind the writer holds no write after it: with
+/// its fsync held at the disk, writes are still acked (through the log).
+/// The next checkpoint then waits for it before the log goes on over the
+/// cycle it closed, and so do the writes queued behind that one.
+#[test]
+fn a_checkpoint_written_behind_holds_no_write_until_the_next_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig { checkpoint_ms: 500, ..config(dir.path()) };
+    assert!(cfg.checkpoint_in_background, "the default");
+    let gate = Arc::new(Gate::default());
+    let observer: Arc<dyn BackendObserver> = gate.clone();
+    let (store, _) = Store::open_with(cfg, Arc::new(|_| {}), None, Some(observer)).unwrap();
+    let _open_on_exit = OpenOnDrop(gate.clone());
+    gate.hold_the_database();
+    send(&store, 1, 1, "m1").result.unwrap();
+    // The idle writer checkpoints within 500 ms; its first fsync is held.
+    gate.wait_held();
+    let t0 = Instant::now();
+    for i in 2..=11 {
+        let c = send(&store, i, 1, &format!("m{i}"));
+        assert_eq!(c.result.unwrap().seq, i, "acked while the checkpoint's fsync is held");
+    }
+    assert!(t0.elapsed() < Duration::from_millis(450), "the writes came before the next checkpoint was due");
+    assert_eq!(gate.state.lock().unwrap().held_total, 1, "still the first checkpoint's fsync");
+    assert_eq!(store.stats().checkpoint_waits, 0);
+    // The next checkpoint comes 500 ms after the first and waits for it;
+    // a write queued behind it waits too.
+    let deadline = Instant::now() + PATIENCE;
+    while store.stats().checkpoint_waits == 0 {
+        assert!(Instant::now() < deadline, "the next checkpoint did not wait for the held one");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    store.writer().submit(0, 12, WriteOp::AppendMessage(message(1, "v", "m12", "m12"))).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(store.completions(0).pop().is_none(), "acked while the writer waits for the flush");
+    drop(_open_on_exit);
+    assert_eq!(wait_for(&store.completions(0), 1)[0].result.as_ref().unwrap().seq, 12);
+    assert_eq!(store.reader().last_seq(1).unwrap(), 12);
+}
+
+/// A power cut while a checkpoint written behind the writer is still on
+/// its way to the disk keeps every acked write: the cycle that checkpoint
+/// closed and the one after it are both still in the log, in its two
+/// files, and open replays both.
+#[test]
+fn a_power_cut_before_a_background_checkpoint_lands_replays_two_cycles() {
+    let cfg = StoreConfig {
+        checkpoint_ms: 200,
+        wal_bytes: 1 << 16,
+        cache_bytes: 8 << 20,
+        ..StoreConfig::default()
+    };
+    let disks = Disks::default();
+    let gate = Arc::new(Gate::default());
+    let observer: Arc<dyn BackendObserver> = gate.clone();
+    let (store, _) =
+        Store::open_with(cfg.clone(), Arc::new(|_| {}), Some(disks.backends()), Some(observer)).unwrap();
+    let open_on_exit = OpenOnDrop(gate.clone());
+    gate.hold_the_database();
+    let mut acked = Vec::new();
+    let mut ack = |c: crate::Completion| {
+        let ok = c.result.unwrap_or_else(|e| panic!("{e}"));
+        let WriteOp::AppendMessage(m) = &c.op else { unreachable!() };
+        acked.push(Ack { conv: m.conv.0, seq: ok.seq, offset: ok.offset, cid: m.cid.clone() });
+    };
+    // Cycle 1, then its checkpoint, held at its first fsync.
+    ack(send(&store, 1, 1, "a"));
+    ack(send(&store, 2, 2, "b"));
+    gate.wait_held();
+    // Cycle 2, in the other file.
+    ack(send(&store, 3, 1, "c"));
+    ack(send(&store, 4, 3, "d"));
+    let mut rng = StdRng::seed_from_u64(11);
+    let images = disks.power_cut(&mut rng, Cut::WholeWrites);
+    drop(open_on_exit);
+    drop(store);
+    let replayed = check_image(images, cfg, &acked, "a power cut before a background checkpoint landed");
+    assert!(replayed >= 3, "both cycles replayed: {replayed} records");
+}
+
 // ---------------------------------------------------------------------------
 // A disk that loses power.
 
@@ -445,12 +552,39 @@ impl SimDisk {
     }
 }
 
-/// Cuts the power of two disks (the database's and the log's) at one
-/// instant: no write or fsync reaches either in between.
-fn power_cut_both(db: &SimDisk, wal: &SimDisk, rng: &mut StdRng, cut: Cut) -> (Vec<u8>, Vec<u8>) {
-    let mut a = db.state.lock().unwrap();
-    let mut b = wal.state.lock().unwrap();
-    (a.cut(rng, cut).0, b.cut(rng, cut).0)
+/// A store's disks: the database's and the log's two files'.
+#[derive(Default)]
+struct Disks {
+    db: Arc<SimDisk>,
+    wal: [Arc<SimDisk>; 2],
+}
+
+/// What is on the platters of [`Disks`] after a power cut.
+struct Images {
+    db: Vec<u8>,
+    wal: [Vec<u8>; 2],
+}
+
+impl Disks {
+    fn backends(&self) -> Backends {
+        Backends {
+            db: Box::new(Disk(self.db.clone())),
+            wal: Some(self.wal.clone().map(|d| Box::new(Disk(d)) as Box<dyn StorageBackend>)),
+        }
+    }
+
+    fn from_images(images: Images) -> Disks {
+        Disks { db: SimDisk::from_image(images.db), wal: images.wal.map(SimDisk::from_image) }
+    }
+
+    /// Cuts the power of every disk at one instant: no write or fsync
+    /// reaches any of them in between.
+    fn power_cut(&self, rng: &mut StdRng, cut: Cut) -> Images {
+        let mut db = self.db.state.lock().unwrap();
+        let mut even = self.wal[0].state.lock().unwrap();
+        let mut odd = self.wal[1].state.lock().unwrap();
+        Images { db: db.cut(rng, cut).0, wal: [even.cut(rng, cut).0, odd.cut(rng, cut).0] }
+    }
 }
 
 impl SimState {
@@ -586,15 +720,13 @@ struct Ack {
 /// Appends from two threads until the power is cut at a random moment;
 /// returns the image on the platter and the acks seen before the cut.
 fn run_until_power_cut(
-    disk: &Arc<SimDisk>,
-    wal_disk: &Arc<SimDisk>,
+    disks: &Disks,
     cfg: StoreConfig,
     rng: &mut StdRng,
     cut: Cut,
     round: u64,
-) -> (Vec<u8>, Vec<u8>, Vec<Ack>) {
-    let backends = Backends { db: Box::new(Disk(disk.clone())), wal: Some(Box::new(Disk(wal_disk.clone()))) };
-    let (store, _) = Store::open_with(cfg, Arc::new(|_| {}), Some(backends), None).unwrap();
+) -> (Images, Vec<Ack>) {
+    let (store, _) = Store::open_with(cfg, Arc::new(|_| {}), Some(disks.backends()), None).unwrap();
     let acks: Mutex<Vec<Ack>> = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
     let submitted = AtomicUsize::new(0);
@@ -640,9 +772,9 @@ fn run_until_power_cut(
         // Everything acked so far had its fsync return, so it is in the
         // durable image the cut starts from.
         let acked = acks.lock().unwrap().clone();
-        let (image, wal_image) = power_cut_both(disk, wal_disk, rng, cut);
+        let images = disks.power_cut(rng, cut);
         stop.store(true, Ordering::Relaxed);
-        (image, wal_image, acked)
+        (images, acked)
     });
     // The writer now fails every commit; closing must still finish.
     drop(store);
@@ -653,11 +785,8 @@ fn run_until_power_cut(
 /// Reopens a store on `image` and checks every ack is there, and that the
 /// log and the index are whole and gap-free.
 /// Returns the write-ahead log records the reopen replayed.
-fn check_image(image: Vec<u8>, wal_image: Vec<u8>, cfg: StoreConfig, acked: &[Ack], what: &str) -> u64 {
-    let backends = Backends {
-        db: Box::new(Disk(SimDisk::from_image(image))),
-        wal: Some(Box::new(Disk(SimDisk::from_image(wal_image)))),
-    };
+fn check_image(images: Images, cfg: StoreConfig, acked: &[Ack], what: &str) -> u64 {
+    let backends = Disks::from_images(images).backends();
     let (store, recovery) = Store::open_with(cfg, Arc::new(|_| {}), Some(backends), None)
         .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
     let r = store.reader();
@@ -716,15 +845,13 @@ fn power_cut_rounds(cut: Cut, rounds: u64, seed: u64) {
             cache_bytes: 8 << 20,
             ..StoreConfig::default()
         };
-        let disk = Arc::new(SimDisk::default());
-        let wal_disk = Arc::new(SimDisk::default());
-        let (image, wal_image, acked) =
-            run_until_power_cut(&disk, &wal_disk, cfg.clone(), &mut rng, cut, round);
+        let disks = Disks::default();
+        let (images, acked) = run_until_power_cut(&disks, cfg.clone(), &mut rng, cut, round);
         total_acked += acked.len();
         let what = format!(
             "seed {seed} round {round} ({cut:?}, quick_repair={quick_repair}, wal={wal}, checkpoint_ms={checkpoint_ms})"
         );
-        let replayed = check_image(image, wal_image, cfg, &acked, &what);
+        let replayed = check_image(images, cfg, &acked, &what);
         if wal {
             replayed_rounds += u64::from(replayed > 0);
         } else {
@@ -788,9 +915,8 @@ fn a_failed_fsync_of_the_log_fails_its_batch_and_the_writer_goes_on_from_what_is
         recovery_backoff_ms_max: 10,
         ..config(dir.path())
     };
-    let (db, wal) = (Arc::new(SimDisk::default()), Arc::new(SimDisk::default()));
-    let backends = Backends { db: Box::new(Disk(db.clone())), wal: Some(Box::new(Disk(wal.clone()))) };
-    let (store, _) = Store::open_with(cfg.clone(), Arc::new(|_| {}), Some(backends), None).unwrap();
+    let disks = Disks::default();
+    let (store, _) = Store::open_with(cfg.clone(), Arc::new(|_| {}), Some(disks.backends()), None).unwrap();
     let (w, completions) = (store.writer(), store.completions(0));
     let mut token = 0;
     let mut send = |cid: &str| {
@@ -808,7 +934,8 @@ fn a_failed_fsync_of_the_log_fails_its_batch_and_the_writer_goes_on_from_what_is
     for i in 1..=5 {
         assert_eq!(ack(send(&format!("m{i}"))).seq, i);
     }
-    wal.state.lock().unwrap().failing_syncs = 1;
+    // A new store appends cycle 1, to the log's file of odd cycles.
+    disks.wal[1].state.lock().unwrap().failing_syncs = 1;
     assert!(send("m6").result.is_err(), "a batch whose log fsync failed is not acked");
     // Until the writer has replayed the log, writes are refused.
     let seven = loop {
@@ -826,7 +953,7 @@ fn a_failed_fsync_of_the_log_fails_its_batch_and_the_writer_goes_on_from_what_is
     assert_eq!(r.message(1, 6).unwrap().unwrap().record.cid, "m6");
     assert!(store.stats().recoveries >= 1);
     let mut rng = StdRng::seed_from_u64(9);
-    let (image, wal_image) = power_cut_both(&db, &wal, &mut rng, Cut::Sectors);
+    let images = disks.power_cut(&mut rng, Cut::Sectors);
     drop(store);
-    check_image(image, wal_image, cfg, &acked, "after a failed log fsync");
+    check_image(images, cfg, &acked, "after a failed log fsync");
 }

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Durability, ReadableTable};
 
-use crate::backend::SyncCounter;
+use crate::backend::{FileKind, SyncCounter};
 use crate::compact::MessageView;
 use crate::compact_state::{ConversationView, encode_read_record, encode_user_record};
 use crate::dedupe::{self, DedupeKey, SlotMaps};
@@ -70,6 +70,8 @@ pub(crate) struct Limits {
     pub(crate) quick_repair: bool,
     /// Longest time between durable redb commits with the write-ahead log.
     pub(crate) checkpoint: Duration,
+    /// Checkpoints written behind the writer (`behind.rs`).
+    pub(crate) checkpoint_in_background: bool,
     pub(crate) conv_cache_entries: usize,
     pub(crate) dedupe_window: usize,
     pub(crate) recovery_backoff_min: Duration,
@@ -120,6 +122,10 @@ pub(crate) struct GroupCommit {
     last_checkpoint: Instant,
     /// Commits since then that only the log holds durably.
     unchecked: bool,
+    /// The ticket of the last checkpoint written behind the writer
+    /// (`behind.rs`), until it is known to be on the disk: the cycle after
+    /// next may not start in its file before.
+    behind_ticket: Option<u64>,
     /// The store closed while recovering from a failed commit, before a
     /// commit succeeded again: nothing more may be written.
     closed_failing: bool,
@@ -174,6 +180,7 @@ impl GroupCommit {
             redo: Vec::new(),
             last_checkpoint: Instant::now(),
             unchecked: false,
+            behind_ticket: None,
             closed_failing: false,
             linger: false,
         }
@@ -215,7 +222,7 @@ impl GroupCommit {
         }
         // A clean close leaves nothing for the next open to replay.
         if self.unchecked
-            && let Err(e) = self.checkpoint()
+            && let Err(e) = self.checkpoint(false)
         {
             tracing::warn!(error = %e, "storage could not checkpoint at close; the next open replays the log");
         }
@@ -353,12 +360,12 @@ impl GroupCommit {
         debug_assert!(n > 0);
         let start_offset = self.next_offset;
         let start_conv_id = self.next_conv_id;
-        let synced_before = self.syncs.spent();
+        let synced_before = self.synced();
         let outcome = self.apply_and_commit();
         match &outcome {
-            Ok(()) => {
+            Ok(durable) => {
                 self.commits += 1;
-                self.report(false, n, self.batch_started, synced_before);
+                self.report(false, n, self.batch_started, synced_before, *durable);
                 if self.next_offset != start_offset {
                     self.shared.publish_log_end(self.next_offset);
                 }
@@ -387,7 +394,7 @@ impl GroupCommit {
             }
         }
         self.publish();
-        outcome
+        outcome.map(|_| ())
     }
 
     /// After a failed commit: answers every write that comes with
@@ -530,6 +537,8 @@ impl GroupCommit {
                 self.go_on_from(crate::reopen::counters(&db)?);
                 self.last_checkpoint = Instant::now();
                 self.unchecked = false;
+                // A durable commit waits for everything queued before it.
+                self.behind_ticket = None;
                 Ok(())
             }
         }
@@ -566,8 +575,8 @@ impl GroupCommit {
     /// Applies the batch in one transaction and commits it: durably in
     /// redb without the write-ahead log, or when its record would not fit
     /// in the log; otherwise appended to the log (one fsync) and committed
-    /// to redb in memory.
-    fn apply_and_commit(&mut self) -> Result<(), StorageError> {
+    /// to redb in memory. Says whether the commit was durable in redb.
+    fn apply_and_commit(&mut self) -> Result<bool, StorageError> {
         let db = self.db.get()?;
         let mut txn = db.begin_write().ctx("begin write")?;
         let mut redo = std::mem::take(&mut self.redo);
@@ -615,17 +624,28 @@ impl GroupCommit {
             txn.set_durability(Durability::Immediate).ctx("set durability")?;
             txn.set_quick_repair(self.limits.quick_repair);
             txn.commit().ctx("commit")?;
-            self.checkpointed();
+            self.checkpointed(None)?;
         }
-        Ok(())
+        Ok(!logged)
+    }
+
+    /// fsync time so far, of the database and of the log.
+    fn synced(&self) -> [Duration; 2] {
+        [self.syncs.spent(FileKind::Database), self.syncs.spent(FileKind::Wal)]
     }
 
     /// Tells [`OnCommit`](crate::OnCommit) of a commit (or checkpoint) of
-    /// `records` writes, timed from `since`, whose fsyncs began after
-    /// `synced_before`.
-    fn report(&self, checkpoint: bool, records: usize, since: Instant, synced_before: Duration) {
+    /// `records` writes, timed from `since`, with the fsync time since
+    /// `before` that it waited for: the log's, and the database's if
+    /// `durable` (otherwise the database's fsyncs are a checkpoint's,
+    /// written behind).
+    fn report(&self, checkpoint: bool, records: usize, since: Instant, before: [Duration; 2], durable: bool) {
         if let Some(f) = self.shared.on_commit.get() {
-            let fsync = self.syncs.spent().saturating_sub(synced_before);
+            let now = self.synced();
+            let mut fsync = now[1].saturating_sub(before[1]);
+            if durable {
+                fsync += now[0].saturating_sub(before[0]);
+            }
             f(CommitTimes { checkpoint, records, batch: since.elapsed(), fsync });
         }
     }
@@ -642,9 +662,21 @@ impl GroupCommit {
         self.last_checkpoint.elapsed() >= self.limits.checkpoint
     }
 
-    /// After a durable redb commit that set `wal_cycle` to the log's cycle:
-    /// the log starts its next cycle.
-    fn checkpointed(&mut self) {
+    /// After a commit that set `wal_cycle` to the log's cycle, durable in
+    /// redb now or, with `behind` (its ticket), once its flush is done:
+    /// the log starts its next cycle. That one is written over the cycle
+    /// before the last, so the checkpoint that closed that one must be on
+    /// the disk first: it is the previous checkpoint, flushed long since
+    /// unless the disk is slow, and if it is not, this waits.
+    fn checkpointed(&mut self, behind: Option<u64>) -> Result<(), StorageError> {
+        if let Some(previous) = self.behind_ticket.take() {
+            let flush = self.db.behind();
+            if !flush.synced(previous) {
+                self.shared.stats.checkpoint_waits.fetch_add(1, Ordering::Relaxed);
+                flush.wait_synced(previous).ctx("checkpoint flush")?;
+            }
+        }
+        self.behind_ticket = behind;
         self.shared.stats.durable_commits.fetch_add(1, Ordering::Relaxed);
         self.last_checkpoint = Instant::now();
         self.unchecked = false;
@@ -652,12 +684,13 @@ impl GroupCommit {
             let next = wal.cycle() + 1;
             wal.restart(next);
         }
+        Ok(())
     }
 
     /// [`Self::checkpoint`], and if it fails, the recovery a failed group
     /// commit gets (the log is replayed before writes are taken again).
     fn checkpoint_or_recover(&mut self) {
-        if let Err(e) = self.checkpoint() {
+        if let Err(e) = self.checkpoint(self.limits.checkpoint_in_background) {
             tracing::error!(error = %e, "storage checkpoint failed");
             self.count_failure();
             self.recover(&e);
@@ -666,21 +699,33 @@ impl GroupCommit {
 
     /// A durable commit of nothing but the checkpoint: after a group
     /// commit once `checkpoint_ms` passed, or when the writer is idle with
-    /// commits only the log holds.
-    fn checkpoint(&mut self) -> Result<(), StorageError> {
+    /// commits only the log holds. In `background`, its pages and fsyncs
+    /// are written behind the writer (`behind.rs`): it acks nothing, and
+    /// the log keeps what it covers until they are on the disk.
+    fn checkpoint(&mut self, background: bool) -> Result<(), StorageError> {
         let Some(wal) = &self.wal else { return Ok(()) };
         let cycle = wal.cycle();
         let started = Instant::now();
-        let synced_before = self.syncs.spent();
+        let synced_before = self.synced();
         let db = self.db.get()?;
         let txn = begin_durable(&db, self.limits.quick_repair)?;
         txn.open_table(tables::META)
             .ctx("open table meta")?
             .insert(tables::META_WAL_CYCLE, cycle)
             .ctx("write meta")?;
-        txn.commit().ctx("commit")?;
-        self.checkpointed();
-        self.report(true, 0, started, synced_before);
+        let ticket = if background {
+            let flush = self.db.behind();
+            flush.defer(true);
+            let committed = txn.commit();
+            flush.defer(false);
+            committed.ctx("commit")?;
+            Some(flush.ticket())
+        } else {
+            txn.commit().ctx("commit")?;
+            None
+        };
+        self.checkpointed(ticket)?;
+        self.report(true, 0, started, synced_before, !background);
         Ok(())
     }
 

@@ -25,7 +25,11 @@
 //! (`durability::torn_writes_roll_back_whole_commits`; both power-cut
 //! tests cut the database's and the log's disk at one instant, with the
 //! log off, on with checkpoints every few milliseconds, and on with a
-//! whole run to replay). What the log holds past the last checkpoint is
+//! whole run to replay). A checkpoint written behind the writer acks
+//! nothing, and the log keeps the cycle it closed until its fsyncs
+//! returned: a power cut before they did loses nothing
+//! (`durability::a_power_cut_before_a_background_checkpoint_lands_replays_two_cycles`).
+//! What the log holds past the last checkpoint is
 //! replayed into redb when the store opens, in one durable commit, before
 //! anything is read (`tests/crash.rs` checks that its kills left records
 //! to replay). A resent append
@@ -70,9 +74,10 @@
 //! # Recovery: quick-repair is on
 //!
 //! (With the write-ahead log, all this applies to the checkpoints: one
-//! durable redb commit every `checkpoint_ms`, 100 ms by default. The
-//! commits between them cost one fsync of the log, and none of
-//! quick-repair's allocator saves.)
+//! durable redb commit every `checkpoint_ms`, 100 ms by default, its pages
+//! and fsyncs written behind the writer (`behind.rs`). The commits between
+//! them cost one fsync of the log, and none of quick-repair's allocator
+//! saves.)
 //!
 //! redb marks its file "needs recovery" while a writer has it open. After
 //! a crash, without quick-repair, open rebuilds redb's allocator state by
@@ -90,6 +95,7 @@
 //! commands: BENCHMARKS.md, "Storage".
 
 mod backend;
+mod behind;
 #[doc(hidden)]
 pub mod ceiling;
 mod compact;

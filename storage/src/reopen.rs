@@ -19,12 +19,13 @@
 //! its counters from the file, and the writers it answered `unavailable`
 //! find their resent `cid`s already stored.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use crate::backend::SyncCounter;
+use crate::behind::Behind;
 use crate::config::StoreConfig;
 use crate::error::{IoContext, StorageError};
 use crate::redo::Tables;
@@ -34,14 +35,22 @@ use crate::wal::Wal;
 /// How long a reopen waits for readers to drop the old database.
 const READERS_WAIT: Duration = Duration::from_millis(500);
 
-/// The database, swappable while the store is open.
+/// The database, swappable while the store is open, and the handle on
+/// its file's write-behind layer (the writer's alone).
 pub(crate) struct DbSlot {
     db: RwLock<Option<Arc<Database>>>,
+    behind: Mutex<Behind>,
 }
 
 impl DbSlot {
-    pub(crate) fn new(db: Database) -> DbSlot {
-        DbSlot { db: RwLock::new(Some(Arc::new(db))) }
+    pub(crate) fn new(db: Database, behind: Behind) -> DbSlot {
+        DbSlot { db: RwLock::new(Some(Arc::new(db))), behind: Mutex::new(behind) }
+    }
+
+    /// The write-behind handle of the database now in the slot (or of the
+    /// last one, while it is being reopened).
+    pub(crate) fn behind(&self) -> Behind {
+        self.behind.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The database now, or `Recovering` while it is being reopened.
@@ -99,7 +108,7 @@ pub(crate) fn reopen(slot: &DbSlot, how: &Reopen, wal: Option<&mut Wal>) -> Resu
             }
         }
     }
-    let (db, _repaired) = crate::store::open_database(&how.config, None, how.syncs.clone(), None)?;
+    let (db, _repaired, behind) = crate::store::open_database(&how.config, None, how.syncs.clone(), None)?;
     if let Some(wal) = wal {
         let txn = crate::store::begin_durable(&db, how.config.quick_repair)?;
         let replayed = crate::wal::replay(&mut Tables::open(&txn, None)?, wal)?;
@@ -110,6 +119,7 @@ pub(crate) fn reopen(slot: &DbSlot, how: &Reopen, wal: Option<&mut Wal>) -> Resu
         }
     }
     let reopened = counters(&db)?;
+    *slot.behind.lock().unwrap_or_else(|p| p.into_inner()) = behind;
     slot.put(Arc::new(db));
     Ok(reopened)
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, StorageBackend, WriteTransaction};
 
 use crate::backend::{BackendObserver, FileKind, ProbeBackend, SyncCounter};
+use crate::behind::{Behind, WriteBehind};
 use crate::config::StoreConfig;
 use crate::dedupe::{DedupeKey, SlotCache};
 use crate::error::{IoContext, StorageError};
@@ -66,6 +67,10 @@ pub struct StoreStats {
     /// the checkpoint, or a group commit whose record the log had no room
     /// for).
     pub durable_commits: u64,
+    /// Checkpoints that waited for the previous checkpoint's pages to
+    /// reach the disk (written behind the writer, `behind.rs`) before the
+    /// log could go on: 0 unless the disk falls behind.
+    pub checkpoint_waits: u64,
     /// Group commits that failed (their writes got errors).
     pub failed_commits: u64,
     /// Writes stored.
@@ -97,14 +102,14 @@ pub struct StoreStats {
 }
 
 /// Opens (or creates) the database file of `config`, or the given
-/// backend, with the store's redb settings. Also says whether redb had to
-/// repair it.
+/// backend, with the store's redb settings, over a [`WriteBehind`] whose
+/// handle it returns. Also says whether redb had to repair it.
 pub(crate) fn open_database(
     config: &StoreConfig,
     backend: Option<Box<dyn StorageBackend>>,
     syncs: Arc<SyncCounter>,
     observer: Option<Arc<dyn BackendObserver>>,
-) -> Result<(Database, bool), StorageError> {
+) -> Result<(Database, bool, Behind), StorageError> {
     let path = config.db_path();
     let open_err = |message: String| StorageError::Open { path: path.clone(), message };
     let inner: Box<dyn StorageBackend> = match backend {
@@ -114,6 +119,9 @@ pub(crate) fn open_database(
             Box::new(redb::backends::FileBackend::new(file).map_err(|e| open_err(e.to_string()))?)
         }
     };
+    let probed = ProbeBackend::new(inner, FileKind::Database, syncs, observer);
+    let (behind_file, behind) =
+        WriteBehind::new(Box::new(probed)).map_err(|e| open_err(format!("spawn flush thread: {e}")))?;
     let repaired = Arc::new(AtomicBool::new(false));
     let db = {
         let repaired = repaired.clone();
@@ -124,11 +132,9 @@ pub(crate) fn open_database(
             }
             tracing::debug!(progress = session.progress(), "storage repair");
         });
-        builder
-            .create_with_backend(ProbeBackend::new(inner, FileKind::Database, syncs, observer))
-            .map_err(|e| open_err(e.to_string()))?
+        builder.create_with_backend(behind_file).map_err(|e| open_err(e.to_string()))?
     };
-    Ok((db, repaired.load(Ordering::Relaxed)))
+    Ok((db, repaired.load(Ordering::Relaxed), behind))
 }
 
 /// The open store: owns the writer thread.
@@ -216,6 +222,7 @@ impl StatsSource {
             commits: s.commits.load(Ordering::Relaxed),
             failed_commits: s.failed_commits.load(Ordering::Relaxed),
             durable_commits: s.durable_commits.load(Ordering::Relaxed),
+            checkpoint_waits: s.checkpoint_waits.load(Ordering::Relaxed),
             writes: s.writes.load(Ordering::Relaxed),
             duplicates: s.duplicates.load(Ordering::Relaxed),
             rejected: s.rejected.load(Ordering::Relaxed),
@@ -271,17 +278,20 @@ impl Store {
             Some(b) => (Some(b.db), Some(b.wal)),
             None => (None, None),
         };
-        let (db, repaired) = open_database(&config, db_backend, syncs.clone(), observer.clone())?;
+        let (db, repaired, behind) = open_database(&config, db_backend, syncs.clone(), observer.clone())?;
         // Only now: the database's lock keeps a second process from
         // touching the log of a store another one has open.
-        let wal_backend = match test_wal {
+        let wal_files = match test_wal {
             Some(wal) => wal,
-            None => open_wal_file(&config)?,
+            None => open_wal_files(&config)?,
         };
-        let mut wal = match wal_backend {
-            Some(file) => {
-                let probed = ProbeBackend::new(file, FileKind::Wal, syncs.clone(), observer);
-                Some(Wal::open(Box::new(probed), config.wal_bytes, config.wal)?)
+        let mut wal = match wal_files {
+            Some(files) => {
+                let probed = files.map(|file| {
+                    Box::new(ProbeBackend::new(file, FileKind::Wal, syncs.clone(), observer.clone()))
+                        as Box<dyn StorageBackend>
+                });
+                Some(Wal::open(probed, config.wal_bytes, config.wal)?)
             }
             None => None,
         };
@@ -291,7 +301,7 @@ impl Store {
         if !config.wal {
             wal = None;
         }
-        let db = Arc::new(DbSlot::new(db));
+        let db = Arc::new(DbSlot::new(db, behind));
         let shared = Arc::new(Shared::new(
             config.sources,
             config.submit_queue_capacity,
@@ -318,6 +328,7 @@ impl Store {
             recovery_backoff_max: Duration::from_millis(config.recovery_backoff_ms_max),
             quick_repair: config.quick_repair,
             checkpoint: Duration::from_millis(config.checkpoint_ms),
+            checkpoint_in_background: config.checkpoint_in_background,
             conv_cache_entries: config.conv_cache_entries,
             dedupe_window: config.dedupe_window,
         };
@@ -508,22 +519,26 @@ fn private_file(config: &StoreConfig, path: &std::path::Path) -> Result<std::fs:
 /// What a test opens a store on instead of files.
 pub(crate) struct Backends {
     pub(crate) db: Box<dyn StorageBackend>,
-    /// `None`: no write-ahead log file (and so none written).
-    pub(crate) wal: Option<Box<dyn StorageBackend>>,
+    /// The write-ahead log's two files (even cycles, odd cycles); `None`:
+    /// no log (and so none written).
+    pub(crate) wal: Option<[Box<dyn StorageBackend>; 2]>,
 }
 
-/// The write-ahead log file, made if the log is on, opened if it exists
-/// (it may hold what an earlier run with the log on acked), `None` if off
-/// and absent. 0600, like the database: it holds the same messages.
-fn open_wal_file(config: &StoreConfig) -> Result<Option<Box<dyn StorageBackend>>, StorageError> {
-    let path = config.wal_path();
-    if !config.wal && !path.exists() {
+/// The write-ahead log's two files, made if the log is on, opened if the
+/// first exists (it may hold what an earlier run with the log on acked),
+/// `None` if off and absent. 0600, like the database: they hold the same
+/// messages.
+fn open_wal_files(config: &StoreConfig) -> Result<Option<[Box<dyn StorageBackend>; 2]>, StorageError> {
+    if !config.wal && !config.wal_path().exists() {
         return Ok(None);
     }
-    let open_err = |message: String| StorageError::Open { path: path.clone(), message };
-    let file = private_file(config, &path)?;
-    let backend = redb::backends::FileBackend::new(file).map_err(|e| open_err(e.to_string()))?;
-    Ok(Some(Box::new(backend)))
+    let open = |path: PathBuf| -> Result<Box<dyn StorageBackend>, StorageError> {
+        let file = private_file(config, &path)?;
+        let backend = redb::backends::FileBackend::new(file)
+            .map_err(|e| StorageError::Open { path: path.clone(), message: e.to_string() })?;
+        Ok(Box::new(backend))
+    };
+    Ok(Some([open(config.wal_path())?, open(config.wal_odd_path())?]))
 }
 
 /// Creates the tables of a new store, or checks an existing one: schema

@@ -72,4 +72,4 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// in their compact formats (bytes 3 to 5), which a build reading 7 could
 /// not read.
 /// An older store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 8;
+pub(crate) const SCHEMA_VERSION: u64 = 9;

@@ -35,6 +35,10 @@
 //!   their compact formats (format bytes 3 to 5, `compact_state.rs`), in
 //!   their tables and in the log. Those already stored stay archives,
 //!   which every reader still reads: the step is the version.
+//! - 8 → 9: the write-ahead log in two files, its odd cycles in
+//!   `kefu.1.wal` (`wal.rs`), where a build with one log file would not
+//!   look after a crash. Nothing is rewritten (this build reads a log the
+//!   one-file builds wrote): the step is the version.
 
 use std::collections::HashMap;
 
@@ -51,7 +55,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 7) to
+/// Upgrades a store at version `from` (1 to 8) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {

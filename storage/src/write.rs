@@ -206,6 +206,8 @@ pub(crate) struct SourceQueues {
 pub(crate) struct WriteStats {
     pub(crate) commits: AtomicU64,
     pub(crate) durable_commits: AtomicU64,
+    /// Checkpoints that had to wait for the previous one's flush.
+    pub(crate) checkpoint_waits: AtomicU64,
     pub(crate) failed_commits: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) duplicates: AtomicU64,
