@@ -26,7 +26,7 @@
 # Usage: tools/bench-chat-clients.sh [--no-build] [--out DIR] [--repeat N]
 #            [--visitors N] [--agents N] [--rate R] [--duration S]
 #            [--warmup S] [--shards N] [--client-cpu N] [--server-cpu N]
-#            [--quiet-wait S] [--slice S]
+#            [--quiet-wait S] [--slice S] [--clients "kefu-bench tungstenite"]
 #
 # Results: one JSON line per run in $OUT/clients.jsonl (with "bench_client"
 # naming the client), gateway logs in $OUT/gateway-CLIENT-N.log.
@@ -47,7 +47,8 @@ CLIENT_CPU=0
 SERVER_CPU=1
 QUIET_WAIT=600
 SLICE=60
-OPTIONS="OUT REPEAT VISITORS AGENTS RATE DURATION WARMUP SHARDS CLIENT_CPU SERVER_CPU QUIET_WAIT SLICE"
+CLIENTS="kefu-bench tungstenite"
+OPTIONS="OUT REPEAT VISITORS AGENTS RATE DURATION WARMUP SHARDS CLIENT_CPU SERVER_CPU QUIET_WAIT SLICE CLIENTS"
 PORT=9261
 ADMIN_PORT=9262
 
@@ -66,7 +67,7 @@ trap stop_server EXIT
 
 : >"$OUT/clients.jsonl"
 for run in $(seq "$REPEAT"); do
-    for client in kefu-bench tungstenite; do
+    for client in $CLIENTS; do
         wait_quiet
         data=$OUT/data-$client-$run
         start_kefu "$data" "$OUT/gateway-$client-$run.log" "${LIFTED_LIMITS[@]}"

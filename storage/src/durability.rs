@@ -220,7 +220,14 @@ fn no_completion_before_its_fsync_returns() {
     {
         let dir = tempfile::tempdir().unwrap();
         let recorder = Recorder::new(true, 7);
-        let cfg = StoreConfig { sources: 4, quick_repair, wal, checkpoint_ms: 20, ..config(dir.path()) };
+        let cfg = StoreConfig {
+            sources: 4,
+            quick_repair,
+            wal,
+            checkpoint_ms: 20,
+            checkpoint_in_background: true,
+            ..config(dir.path())
+        };
         let observer: Arc<dyn BackendObserver> = recorder.clone();
         let (store, _) = Store::open_with(cfg, Arc::new(|_| {}), None, Some(observer)).unwrap();
         drive(&store, &recorder, 4, 1500, 64);
@@ -418,8 +425,7 @@ fn send(store: &Store, token: u64, conv: u64, cid: &str) -> crate::Completion {
 #[test]
 fn a_checkpoint_written_behind_holds_no_write_until_the_next_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = StoreConfig { checkpoint_ms: 500, ..config(dir.path()) };
-    assert!(cfg.checkpoint_in_background, "the default");
+    let cfg = StoreConfig { checkpoint_ms: 500, checkpoint_in_background: true, ..config(dir.path()) };
     let gate = Arc::new(Gate::default());
     let observer: Arc<dyn BackendObserver> = gate.clone();
     let (store, _) = Store::open_with(cfg, Arc::new(|_| {}), None, Some(observer)).unwrap();
@@ -459,6 +465,7 @@ fn a_checkpoint_written_behind_holds_no_write_until_the_next_checkpoint() {
 fn a_power_cut_before_a_background_checkpoint_lands_replays_two_cycles() {
     let cfg = StoreConfig {
         checkpoint_ms: 200,
+        checkpoint_in_background: true,
         wal_bytes: 1 << 16,
         cache_bytes: 8 << 20,
         ..StoreConfig::default()
@@ -833,14 +840,18 @@ fn power_cut_rounds(cut: Cut, rounds: u64, seed: u64) {
         let quick_repair = round % 2 == 0;
         // Without the log; with it and checkpoints every few ms in a log
         // small enough to fill (so cuts fall before, in and after
-        // checkpoints, and cycles start over); with it and no checkpoint
-        // but the one at open (the whole run is replayed).
-        let (wal, checkpoint_ms) = [(false, 1_000), (true, 3), (true, 600_000)][(round / 2 % 3) as usize];
+        // checkpoints, and cycles start over), written behind the writer
+        // and inline; with it and no checkpoint but the one at open (the
+        // whole run is replayed).
+        let (wal, checkpoint_ms, checkpoint_in_background) =
+            [(false, 1_000, false), (true, 3, true), (true, 3, false), (true, 600_000, true)]
+                [(round / 2 % 4) as usize];
         let cfg = StoreConfig {
             sources: 2,
             quick_repair,
             wal,
             checkpoint_ms,
+            checkpoint_in_background,
             wal_bytes: 1 << 16,
             cache_bytes: 8 << 20,
             ..StoreConfig::default()
@@ -849,7 +860,8 @@ fn power_cut_rounds(cut: Cut, rounds: u64, seed: u64) {
         let (images, acked) = run_until_power_cut(&disks, cfg.clone(), &mut rng, cut, round);
         total_acked += acked.len();
         let what = format!(
-            "seed {seed} round {round} ({cut:?}, quick_repair={quick_repair}, wal={wal}, checkpoint_ms={checkpoint_ms})"
+            "seed {seed} round {round} ({cut:?}, quick_repair={quick_repair}, wal={wal}, checkpoint_ms={checkpoint_ms}, \
+             background={checkpoint_in_background})"
         );
         let replayed = check_image(images, cfg, &acked, &what);
         if wal {
