@@ -77,11 +77,116 @@ enum Call {
 /// otherwise stay resident between checkpoints.
 const SPARE_BYTES_MAX: usize = 1 << 20;
 
+/// The smallest mapping a batch's bytes get, and the unit they grow by.
+const MAP_MIN: usize = 64 << 10;
+
+/// A batch's bytes, in memory mapped for them alone and unmapped when the
+/// batch is done with. From the heap, a checkpoint's few megabytes (and
+/// the smaller buffers its growth left behind) stayed with the allocator
+/// after each flush: 150–400 B more resident memory per session at 15,000
+/// (BENCHMARKS.md, issue 11), where the kernel takes a mapping back at
+/// once. Not a heap allocation either, so the allocations per message
+/// stay as they were.
+struct Bytes {
+    ptr: *mut u8,
+    len: usize,
+    cap: usize,
+}
+
+// SAFETY: `Bytes` owns its mapping outright, like a `Vec<u8>`: it is
+// written only through `&mut self` (a batch being filled, under the state's
+// lock) and read through `&self` once the batch is shared, never both.
+unsafe impl Send for Bytes {}
+// SAFETY: as above; `&Bytes` gives only reads.
+unsafe impl Sync for Bytes {}
+
+impl Default for Bytes {
+    fn default() -> Bytes {
+        Bytes { ptr: std::ptr::null_mut(), len: 0, cap: 0 }
+    }
+}
+
+impl fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bytes").field("len", &self.len).field("cap", &self.cap).finish()
+    }
+}
+
+impl Bytes {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        if self.cap == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` maps `cap` bytes, of which the first `len` were
+        // written by `extend`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Appends `data`, growing the mapping (moved by the kernel if need be).
+    fn extend(&mut self, data: &[u8]) -> io::Result<()> {
+        let need = self.len + data.len();
+        if need > self.cap {
+            let cap = need.next_power_of_two().max(MAP_MIN);
+            let ptr = if self.cap == 0 {
+                // SAFETY: a fresh private anonymous mapping; no memory of
+                // ours is touched.
+                unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        cap,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                }
+            } else {
+                // SAFETY: `ptr` is our own mapping of `cap` bytes, with no
+                // reference into it alive (`&mut self`); the kernel moves it
+                // whole, contents included.
+                unsafe { libc::mremap(self.ptr.cast(), self.cap, cap, libc::MREMAP_MAYMOVE) }
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            self.ptr = ptr.cast();
+            self.cap = cap;
+        }
+        // SAFETY: `len + data.len() <= cap` bytes are mapped at `ptr`, and
+        // `data` is not in our mapping (it is redb's page).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(self.len), data.len()) };
+        self.len = need;
+        Ok(())
+    }
+}
+
+impl Drop for Bytes {
+    fn drop(&mut self) {
+        if self.cap > 0 {
+            // SAFETY: our own mapping, unmapped once, with no reference into
+            // it alive (`&mut self`).
+            unsafe { libc::munmap(self.ptr.cast(), self.cap) };
+        }
+    }
+}
+
 /// Calls queued in order, with the bytes of their writes.
 #[derive(Debug, Default)]
 struct Batch {
     calls: Vec<Call>,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 impl Batch {
@@ -111,7 +216,7 @@ impl Batch {
             let src = range.start + (from - at) as usize;
             let dst = (from - offset) as usize;
             let n = (to - from) as usize;
-            out[dst..dst + n].copy_from_slice(&self.data[src..src + n]);
+            out[dst..dst + n].copy_from_slice(&self.data.as_slice()[src..src + n]);
             covered[dst..dst + n].fill(true);
         }
     }
@@ -332,7 +437,7 @@ fn flush(inner: &dyn StorageBackend, shared: &Shared) {
         let mut result = Ok(());
         for call in &batch.calls {
             result = match call {
-                Call::Write { offset, range } => inner.write(*offset, &batch.data[range.clone()]),
+                Call::Write { offset, range } => inner.write(*offset, &batch.data.as_slice()[range.clone()]),
                 Call::Sync => inner.sync_data().map(|()| synced += 1),
             };
             if result.is_err() {
@@ -486,7 +591,7 @@ impl StorageBackend for WriteBehind {
         // flushed), the write is queued on its own at once, so that no
         // later fsync of a durable commit has to wait for it to be closed.
         let start = s.open.data.len();
-        s.open.data.extend_from_slice(data);
+        s.open.data.extend(data)?;
         let range = start..s.open.data.len();
         s.open.calls.push(Call::Write { offset, range });
         s.queued_end = s.queued_end.max(offset + data.len() as u64);
