@@ -571,7 +571,14 @@ impl StorageBackend for WriteBehind {
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
-        {
+        // redb fsyncs outside a durable commit too: after growing the file,
+        // to make its length durable before a header names it. With only a
+        // checkpoint's calls queued (none of this commit's own writes),
+        // that fsync goes ahead of them: an fsync never undoes an order,
+        // it only makes durable sooner what the kernel may write back any
+        // time, and the queue keeps its own fsyncs. Otherwise (a durable
+        // commit's pages queued behind the checkpoint) it waits for all.
+        let wait = {
             let mut s = self.shared.lock();
             if let Some(e) = s.error() {
                 return Err(e);
@@ -583,19 +590,9 @@ impl StorageBackend for WriteBehind {
                 self.shared.changed.notify_all();
                 return Ok(());
             }
-        }
-        // redb fsyncs outside a durable commit too: after growing the file,
-        // to make its length durable before a header names it. With only a
-        // checkpoint's calls queued (none of this commit's own writes),
-        // that fsync goes ahead of them: an fsync never undoes an order,
-        // it only makes durable sooner what the kernel may write back any
-        // time, and the queue keeps its own fsyncs. Otherwise (a durable
-        // commit's pages queued behind the checkpoint) it waits for all.
-        let ahead = {
-            let s = self.shared.lock();
-            !s.idle() && !s.undeferred_queued
+            s.undeferred_queued
         };
-        if !ahead {
+        if wait {
             self.shared.drain()?;
         }
         self.inner.sync_data()
@@ -731,6 +728,15 @@ mod tests {
         memory.changed.notify_all();
     }
 
+    /// A checkpoint as redb makes it while deferred: `bytes` at offset 0,
+    /// then an fsync.
+    fn queue_checkpoint(file: &WriteBehind, behind: &Behind, bytes: &[u8]) {
+        behind.defer(true);
+        file.write(0, bytes).unwrap();
+        file.sync_data().unwrap();
+        behind.defer(false);
+    }
+
     fn read(file: &WriteBehind, offset: u64, len: usize) -> Vec<u8> {
         let mut out = vec![0; len];
         file.read(offset, &mut out).unwrap();
@@ -766,10 +772,7 @@ mod tests {
     fn a_write_not_deferred_goes_behind_the_queue_and_an_fsync_waits_for_it() {
         let (memory, file, behind) = setup();
         hold(&memory, true);
-        behind.defer(true);
-        file.write(0, &[1; 4]).unwrap();
-        file.sync_data().unwrap();
-        behind.defer(false);
+        queue_checkpoint(&file, &behind, &[1; 4]);
         // Not deferring, with the queue held: queued behind it, not around.
         file.write(0, &[9; 2]).unwrap();
         assert_eq!(read(&file, 0, 4), [9, 9, 1, 1]);
@@ -796,10 +799,7 @@ mod tests {
             s.hold = true;
             s.syncs_free = true;
         }
-        behind.defer(true);
-        file.write(0, &[1; 4]).unwrap();
-        file.sync_data().unwrap();
-        behind.defer(false);
+        queue_checkpoint(&file, &behind, &[1; 4]);
         // redb growing the file in a commit that is not durable: its length
         // and its fsync do not wait for the held checkpoint.
         let started = Instant::now();
@@ -818,10 +818,7 @@ mod tests {
     fn a_failed_flush_fails_every_later_call_but_reads() {
         let (memory, file, behind) = setup();
         hold(&memory, true);
-        behind.defer(true);
-        file.write(0, &[5; 4]).unwrap();
-        file.sync_data().unwrap();
-        behind.defer(false);
+        queue_checkpoint(&file, &behind, &[5; 4]);
         let ticket = behind.ticket();
         memory.state.lock().unwrap().fail = true;
         hold(&memory, false);
