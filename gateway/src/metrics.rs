@@ -407,7 +407,7 @@ pub fn render<T: Send>(
         "# HELP kefu_page_block_bytes Exact-size blocks of allocations just over 4, 8 or 16 KiB (mostly the storage's cached pages).\n# TYPE kefu_page_block_bytes gauge\nkefu_page_block_bytes{{state=\"in_use\"}} {}\nkefu_page_block_bytes{{state=\"mapped\"}} {}",
         blocks.in_use_bytes, blocks.mapped_bytes
     );
-    let storage: [(&str, &str, &str, u64); 13] = [
+    let storage: [(&str, &str, &str, u64); 14] = [
         ("kefu_storage_commits_total", "counter", "Group commits done.", store.commits),
         (
             "kefu_storage_durable_commits_total",
@@ -455,6 +455,12 @@ pub fn render<T: Send>(
             "gauge",
             "Dedupe slots the readers hold in memory, over every shard's cache (each at most storage.conv_cache_entries).",
             store.reader_cache_entries,
+        ),
+        (
+            "kefu_storage_index_tail_entries",
+            "gauge",
+            "Conversation index entries waiting in memory to reach the index table together (about storage.index_lag at most).",
+            store.index_tail_entries,
         ),
     ];
     for (name, kind, help, value) in storage {

@@ -134,6 +134,22 @@ pub struct StoreConfig {
     /// Default 128 (the home's in-memory window, `messages.recent_cids`,
     /// is 128 too).
     pub dedupe_window: usize,
+    /// A conversation's newest `conv_index` entries wait in memory
+    /// (`tail.rs`) and go to the table together once this many have
+    /// gathered, so one index page write serves them all: the table is
+    /// keyed by conversation, and at 15,000 open conversations a message
+    /// written at once dirtied an index page no other message of its
+    /// commit shared, which every checkpoint wrote again (BENCHMARKS.md,
+    /// issue 11, "the index's tail"). 1: every entry goes in with its
+    /// message, as before. Default 32.
+    pub index_batch: usize,
+    /// The longest a waiting entry stays out of `conv_index`, in log
+    /// records: a conversation's tail whose oldest entry is this far
+    /// behind the log's end goes to the table at the next commit. Bounds
+    /// the tails' memory (24 bytes an entry, and ~100 per conversation
+    /// that has one) and what open reads of the log to rebuild them after
+    /// a crash. Default 100000 (20 s of 5,000 msg/s).
+    pub index_lag: u64,
     /// How long the idle writer sleeps before looking at the queues again,
     /// in milliseconds. A submit wakes it at once; this is only a safety
     /// net. Default 100.
@@ -167,6 +183,8 @@ impl Default for StoreConfig {
             checkpoint_in_background: true,
             conv_cache_entries: 1 << 21,
             dedupe_window: 128,
+            index_batch: 32,
+            index_lag: 100_000,
             idle_park_ms: 100,
             recovery_backoff_ms_min: 50,
             recovery_backoff_ms_max: 2_000,
@@ -199,6 +217,8 @@ impl StoreConfig {
             ("sources", self.sources),
             ("conv_cache_entries", self.conv_cache_entries),
             ("dedupe_window", self.dedupe_window),
+            ("index_batch", self.index_batch),
+            ("index_lag", self.index_lag as usize),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -226,6 +246,18 @@ impl StoreConfig {
             return Err(StorageError::Config(format!(
                 "dedupe_window = {} (at most 1048576 messages per conversation)",
                 self.dedupe_window
+            )));
+        }
+        if self.index_batch > 1 << 16 {
+            return Err(StorageError::Config(format!(
+                "index_batch = {} (at most 65536 entries per conversation)",
+                self.index_batch
+            )));
+        }
+        if self.index_lag > 100_000_000 {
+            return Err(StorageError::Config(format!(
+                "index_lag = {} (at most 100000000 records: open reads that many after a crash)",
+                self.index_lag
             )));
         }
         if self.wal_bytes < 1 << 16 || self.wal_bytes > 1 << 34 {

@@ -41,6 +41,7 @@ use kefu_proto::ids::Role;
 
 use crate::error::{IoContext, StorageError};
 use crate::record::{LogView, access_log};
+use crate::tail::{self, TailView};
 
 /// The secret SipHash key of one database (random, kept in `meta`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,14 +140,15 @@ pub(crate) fn check(
 pub(crate) fn find_by_scan(
     key: &DedupeKey,
     index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+    tail: &TailView,
     log: &impl ReadableTable<u64, &'static [u8]>,
     conv: u64,
     sender: (Role, &str),
     cid: &str,
 ) -> Result<Option<Original>, StorageError> {
     let slot = key.slot(sender.0, sender.1, cid);
-    for entry in index.range((conv, 0)..=(conv, u64::MAX)).ctx("read conv_index")? {
-        let (offset, s) = entry.ctx("read conv_index")?.1.value();
+    for entry in tail::entries(index, tail, conv, 0, u64::MAX)? {
+        let (_, offset, s) = entry?;
         if s == slot
             && let Some(original) = check(log, offset, conv, sender, cid)?
         {
@@ -162,17 +164,16 @@ pub(crate) fn find_by_scan(
 /// long history costs nothing.
 pub(crate) fn read_window(
     index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+    tail: &TailView,
     conv: u64,
     from: u64,
     window: usize,
     out: &mut Vec<(u64, u64, u64)>,
 ) -> Result<(), StorageError> {
     out.clear();
-    let range = index.range((conv, from)..=(conv, u64::MAX)).ctx("read conv_index")?;
-    for entry in range.rev().take(window) {
-        let (key, value) = entry.ctx("read conv_index")?;
-        let (offset, slot) = value.value();
-        out.push((key.value().1, slot, offset));
+    for entry in tail::entries(index, tail, conv, from, u64::MAX)?.rev().take(window) {
+        let (seq, offset, slot) = entry?;
+        out.push((seq, slot, offset));
     }
     out.reverse();
     Ok(())
@@ -462,6 +463,7 @@ impl SlotCache {
     pub(crate) fn find(
         &mut self,
         index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+        tail: &TailView,
         log: &impl ReadableTable<u64, &'static [u8]>,
         conv: u64,
         sender: (Role, &str),
@@ -471,7 +473,7 @@ impl SlotCache {
         let from = self.maps.get(conv).map_or(0, |c| c.next_seq);
         let mut new = std::mem::take(&mut self.scratch);
         // What was appended since, but no further back than the window.
-        read_window(index, conv, from, self.maps.window(), &mut new)?;
+        read_window(index, tail, conv, from, self.maps.window(), &mut new)?;
         // Where the slot is, before keeping the bound may drop `conv`.
         let mut at = new.iter().find(|&&(_, s, _)| s == slot).map(|&(_, _, offset)| offset);
         if let Some(c) = self.maps.peek(conv) {
@@ -483,7 +485,7 @@ impl SlotCache {
         match check(log, offset, conv, sender, cid)? {
             Some(o) => Ok(Some(o)),
             // Another (sender, cid) has the slot: look at every entry.
-            None => find_by_scan(&self.key, index, log, conv, sender, cid),
+            None => find_by_scan(&self.key, index, tail, log, conv, sender, cid),
         }
     }
 }

@@ -845,8 +845,14 @@ fn power_cut_rounds(cut: Cut, rounds: u64, seed: u64) {
         let (wal, checkpoint_ms, checkpoint_in_background) =
             [(false, 1_000, false), (true, 3, true), (true, 3, false), (true, 600_000, true)]
                 [(round / 2 % 4) as usize];
+        // Index entries written with their message, or waiting in tails
+        // that go to the table by batch or by lag (`tail.rs`).
+        let index_batch = [1, 3, 8][(round % 3) as usize];
+        let index_lag = [16, 100_000][(round / 3 % 2) as usize];
         let cfg = StoreConfig {
             sources: 2,
+            index_batch,
+            index_lag,
             quick_repair,
             wal,
             checkpoint_ms,
@@ -860,7 +866,7 @@ fn power_cut_rounds(cut: Cut, rounds: u64, seed: u64) {
         total_acked += acked.len();
         let what = format!(
             "seed {seed} round {round} ({cut:?}, quick_repair={quick_repair}, wal={wal}, checkpoint_ms={checkpoint_ms}, \
-             background={checkpoint_in_background})"
+             background={checkpoint_in_background}, index_batch={index_batch}, index_lag={index_lag})"
         );
         let replayed = check_image(images, cfg, &acked, &what);
         if wal {

@@ -49,13 +49,14 @@ use redb::{Durability, ReadableTable};
 use crate::backend::{FileKind, SyncCounter};
 use crate::compact::MessageView;
 use crate::compact_state::{ConversationView, encode_read_record, encode_user_record};
-use crate::dedupe::{self, DedupeKey, SlotMaps};
+use crate::dedupe::{self, DedupeKey, SlotMaps, U64Map};
 use crate::error::{IoContext, StorageError};
 use crate::record::{ConvChange, LogRecord, PresenceRecord, access_conversation, access_user, encode_into};
 use crate::redo::{Op, Tables};
 use crate::reopen::{DbSlot, Reopen};
 use crate::store::begin_durable;
 use crate::tables;
+use crate::tail::{Plan, Staged, TailView};
 use crate::wal::{self, Wal};
 use crate::write::{CommitTimes, Committed, Completion, Shared, Submission, WriteOp};
 use kefu_proto::client::Msg;
@@ -104,6 +105,17 @@ pub(crate) struct GroupCommit {
     convs: SlotMaps,
     /// Reused for the index entries of a conversation being loaded.
     scratch: Vec<(u64, u64, u64)>,
+    /// The index entries of the open batch's appends, which wait in the
+    /// tails (`tail.rs`) unless the commit writes their conversation's.
+    staged: Vec<Staged>,
+    /// The conversations `staged` holds entries of: a conversation the
+    /// writer's cache dropped in the middle of a batch is loaded with them.
+    staged_convs: U64Map<()>,
+    /// Conversations the open batch closes: their tails go to the table.
+    closing: Vec<u64>,
+    /// What the last commit wrote to `meta.index_from` (`None`: not known,
+    /// written again by the next).
+    index_from: Option<u64>,
     /// Commits done since open.
     commits: u64,
     dedupe_key: DedupeKey,
@@ -170,6 +182,10 @@ impl GroupCommit {
             next_conv_id,
             convs,
             scratch: Vec::new(),
+            staged: Vec::new(),
+            staged_convs: U64Map::default(),
+            closing: Vec::new(),
+            index_from: None,
             commits: 0,
             dedupe_key,
             buf: Vec::with_capacity(1024),
@@ -220,7 +236,11 @@ impl GroupCommit {
             tracing::warn!("storage closed while it could not write; the next open replays the log");
             return;
         }
-        // A clean close leaves nothing for the next open to replay.
+        // A clean close leaves nothing for the next open to rebuild...
+        if let Err(e) = self.flush_every_tail() {
+            tracing::warn!(error = %e, "storage could not write the index's tails at close; the next open rebuilds them");
+        }
+        // ... or to replay.
         if self.unchecked
             && let Err(e) = self.checkpoint(false)
         {
@@ -363,9 +383,14 @@ impl GroupCommit {
         let synced_before = self.synced();
         let outcome = self.apply_and_commit();
         match &outcome {
-            Ok(durable) => {
+            Ok((durable, plan)) => {
+                // Before any completion: a sender that reads its
+                // conversation next must find the entries.
+                self.db.tails.apply(&self.staged, plan);
+                self.index_from = Some(plan.index_from);
+                let durable = *durable;
                 self.commits += 1;
-                self.report(false, n, self.batch_started, synced_before, *durable);
+                self.report(false, n, self.batch_started, synced_before, durable);
                 if self.next_offset != start_offset {
                     self.shared.publish_log_end(self.next_offset);
                 }
@@ -388,11 +413,15 @@ impl GroupCommit {
                 self.next_offset = start_offset;
                 self.next_conv_id = start_conv_id;
                 self.convs.clear();
+                self.index_from = None;
                 self.results.clear();
                 self.results.resize(n, Err(e.clone()));
                 *self.shared.problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             }
         }
+        self.staged.clear();
+        self.staged_convs.clear();
+        self.closing.clear();
         self.publish();
         outcome.map(|_| ())
     }
@@ -522,7 +551,9 @@ impl GroupCommit {
                     .ctx("open table meta")?
                     .insert(tables::META_NEXT_OFFSET, self.next_offset)
                     .ctx("write meta")?;
-                txn.commit().ctx("commit")
+                txn.commit().ctx("commit")?;
+                // A commit reported failed may have reached the file.
+                self.db.tails.rebuild(&db)
             }
             Some(wal) => {
                 {
@@ -535,6 +566,8 @@ impl GroupCommit {
                 txn.commit().ctx("commit")?;
                 self.shared.stats.durable_commits.fetch_add(1, Ordering::Relaxed);
                 self.go_on_from(crate::reopen::counters(&db)?);
+                // The replay may have stored a commit reported failed.
+                self.db.tails.rebuild(&db)?;
                 self.last_checkpoint = Instant::now();
                 self.unchecked = false;
                 // A durable commit waits for everything queued before it.
@@ -575,8 +608,9 @@ impl GroupCommit {
     /// Applies the batch in one transaction and commits it: durably in
     /// redb without the write-ahead log, or when its record would not fit
     /// in the log; otherwise appended to the log (one fsync) and committed
-    /// to redb in memory. Says whether the commit was durable in redb.
-    fn apply_and_commit(&mut self) -> Result<bool, StorageError> {
+    /// to redb in memory. Says whether the commit was durable in redb, and
+    /// what it did to the index's tails (applied by the caller).
+    fn apply_and_commit(&mut self) -> Result<(bool, Plan), StorageError> {
         let db = self.db.get()?;
         let mut txn = db.begin_write().ctx("begin write")?;
         let mut redo = std::mem::take(&mut self.redo);
@@ -599,6 +633,12 @@ impl GroupCommit {
         if let Some(e) = failed {
             // Dropping `txn` uncommitted aborts it.
             return Err(e);
+        }
+        let plan = self.db.tails.plan(&self.staged, &self.closing, self.next_offset, |e| {
+            t.put(Op::ConvIndex { conv: e.conv, seq: e.seq, offset: e.offset, slot: e.slot })
+        })?;
+        if self.index_from != Some(plan.index_from) {
+            t.put(Op::Meta { key: tables::META_INDEX_FROM, value: plan.index_from })?;
         }
         t.put(Op::Meta { key: tables::META_NEXT_OFFSET, value: self.next_offset })?;
         if self.next_conv_id != conv_id_before {
@@ -626,7 +666,24 @@ impl GroupCommit {
             txn.commit().ctx("commit")?;
             self.checkpointed(None)?;
         }
-        Ok(!logged)
+        Ok((!logged, plan))
+    }
+
+    /// One commit of nothing but every conversation's tail, written to
+    /// `conv_index` (at a clean close).
+    fn flush_every_tail(&mut self) -> Result<(), StorageError> {
+        debug_assert!(self.batch.is_empty() && self.staged.is_empty());
+        self.closing = self.db.tails.convs();
+        if self.closing.is_empty() {
+            return Ok(());
+        }
+        let outcome = self.apply_and_commit();
+        let closing = std::mem::take(&mut self.closing);
+        let (_, plan) = outcome?;
+        self.db.tails.apply(&[], &plan);
+        self.index_from = Some(plan.index_from);
+        tracing::debug!(conversations = closing.len(), "index tails written at close");
+        Ok(())
     }
 
     /// fsync time so far, of the database and of the log.
@@ -762,9 +819,11 @@ impl GroupCommit {
                 let offset = insert_log(t, &mut self.next_offset, &self.buf)?;
                 t.put(Op::ConvChange { offset, change: change.to_byte() })?;
                 if c.status == kefu_proto::ids::ConvStatus::Closed {
-                    // No message follows a close: its slots would only sit
-                    // in memory. A resend still finds them in the index.
+                    // No message follows a close: its slots and its tail
+                    // would only sit in memory. A resend still finds them
+                    // in the index.
                     self.convs.forget(id);
+                    self.closing.push(id);
                 }
                 self.next_conv_id = self.next_conv_id.max(id.saturating_add(1));
                 done(offset)
@@ -823,12 +882,23 @@ impl GroupCommit {
     /// in the cid window, if any: from memory, or loaded with one read of
     /// the end of the conversation's index, its last `dedupe_window`
     /// entries (in this transaction, so the open batch's appends are seen).
+    /// `conv`'s index entries not in `conv_index` as this transaction
+    /// has them: its tail and the open batch's.
+    fn tail(&self, conv: u64) -> TailView {
+        let tail = self.db.tails.view(conv);
+        match self.staged_convs.contains_key(&conv) {
+            true => tail.with_staged(&self.staged, conv),
+            false => tail,
+        }
+    }
+
     fn lookup(&mut self, t: &Tables<'_>, conv: u64, slot: u64) -> Result<(u64, Option<u64>), StorageError> {
         if let Some(c) = self.convs.get(conv) {
             return Ok((c.next_seq.saturating_sub(1), c.offset(slot)));
         }
         let mut entries = std::mem::take(&mut self.scratch);
-        dedupe::read_window(&t.conv_index, conv, 0, self.convs.window(), &mut entries)?;
+        let tail = self.tail(conv);
+        dedupe::read_window(&t.conv_index, &tail, conv, 0, self.convs.window(), &mut entries)?;
         let last = entries.last().map_or(0, |&(seq, _, _)| seq);
         let found = entries.iter().find(|&&(_, s, _)| s == slot).map(|&(_, _, offset)| offset);
         self.convs.note_all(conv, entries.drain(..));
@@ -847,7 +917,18 @@ impl GroupCommit {
             // slot, look at every entry of the conversation (2⁻⁶⁴ rare).
             let original = match dedupe::check(&t.log, prior, conv, sender, &m.cid)? {
                 Some(o) => Some(o),
-                None => dedupe::find_by_scan(&self.dedupe_key, &t.conv_index, &t.log, conv, sender, &m.cid)?,
+                None => {
+                    let tail = self.tail(conv);
+                    dedupe::find_by_scan(
+                        &self.dedupe_key,
+                        &t.conv_index,
+                        &tail,
+                        &t.log,
+                        conv,
+                        sender,
+                        &m.cid,
+                    )?
+                }
             };
             if let Some(o) = original {
                 return Ok(Ok(Committed {
@@ -866,7 +947,10 @@ impl GroupCommit {
         }
         MessageView::of_msg(m, seq).encode_into(&mut self.buf);
         let offset = insert_log(t, &mut self.next_offset, &self.buf)?;
-        t.put(Op::ConvIndex { conv, seq, offset, slot })?;
+        // The index entry waits in the tails (`tail.rs`); the commit
+        // decides whether it goes to the table now.
+        self.staged.push(Staged { conv, seq, offset, slot });
+        self.staged_convs.insert(conv, ());
         self.convs.note(conv, seq, slot, offset);
         Ok(Ok(Committed { offset, seq, ts_ms, duplicate: false, commit }))
     }

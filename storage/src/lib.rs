@@ -32,7 +32,14 @@
 //! What the log holds past the last checkpoint is
 //! replayed into redb when the store opens, in one durable commit, before
 //! anything is read (`tests/crash.rs` checks that its kills left records
-//! to replay). A resent append
+//! to replay). A conversation's newest `conv_index` entries wait in
+//! memory and reach the table a batch at a time (`tail.rs`); readers see
+//! them as if they were there, and a crash loses none: every message
+//! record holds what its entry says, and open rebuilds the entries from
+//! the log from `meta.index_from` on
+//! (`store_tests::index_entries_wait_in_their_tail_and_a_crash_rebuilds_them`;
+//! the power-cut rounds run with entries written at once, by batch and by
+//! lag). A resent append
 //! (same sender, conversation and cid) gets the original result, across
 //! restarts and crashes, and is never stored twice
 //! (`store_tests::resent_cid_returns_the_original_ack`, `tests/crash.rs`);
@@ -110,6 +117,7 @@ mod redo;
 mod reopen;
 mod store;
 mod tables;
+mod tail;
 mod upgrade;
 mod wal;
 mod write;

@@ -29,10 +29,7 @@ use crate::record::{
     UserControlRecord, UserRecord, access, access_conversation, access_log, access_user, to_owned,
 };
 use crate::tables;
-
-/// One entry of a `conv_index` range.
-type IndexEntry<'a> =
-    Result<(redb::AccessGuard<'a, (u64, u64)>, redb::AccessGuard<'a, (u64, u64)>), redb::StorageError>;
+use crate::tail::{self, TailView};
 
 /// A record and where it sits in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +135,13 @@ impl Reader {
         self.db.get()?.begin_read().ctx("begin read")
     }
 
+    /// A read transaction and `conv`'s index tail, consistent (`tail.rs`).
+    fn txn_and_tail(&self, conv: u64) -> Result<(ReadTransaction, TailView), StorageError> {
+        let tails = self.db.tails.read();
+        let txn = self.txn()?;
+        Ok((txn, tails.view(conv)))
+    }
+
     /// Visits up to `limit` messages of `conv` with seq in `seqs`, in
     /// ascending seq order (descending if `newest_first`), zero-copy.
     /// `f` gets each message's offset and view and may stop
@@ -154,14 +158,12 @@ impl Reader {
         if limit == 0 {
             return Ok(());
         }
-        let txn = self.txn()?;
+        let (txn, tail) = self.txn_and_tail(conv)?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
-        let range = index.range(lo..=hi).ctx("read conv_index")?;
-        let mut visit = |entry: IndexEntry<'_>| {
-            let (key, value) = entry.ctx("read conv_index")?;
-            let (_, seq) = key.value();
-            let (offset, _slot) = value.value();
+        let range = tail::entries(&index, &tail, conv, lo.1, hi.1)?;
+        let mut visit = |entry: Result<(u64, u64, u64), StorageError>| {
+            let (seq, offset, _slot) = entry?;
             let guard = log.get(offset).ctx("read log")?.ok_or_else(|| StorageError::Corrupt {
                 table: "conv_index",
                 key: format!("({conv}, {seq})"),
@@ -247,18 +249,18 @@ impl Reader {
 
     /// The last seq of `conv` (0: no messages).
     pub fn last_seq(&self, conv: u64) -> Result<u64, StorageError> {
-        let txn = self.txn()?;
+        let (txn, tail) = self.txn_and_tail(conv)?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
-        last_seq_in(&index, conv)
+        tail::last_seq(&index, &tail, conv)
     }
 
     /// A conversation, with `last_seq` from the index.
     pub fn conversation(&self, conv: u64) -> Result<Option<ConversationRecord>, StorageError> {
-        let txn = self.txn()?;
+        let (txn, tail) = self.txn_and_tail(conv)?;
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         let Some(guard) = table.get(conv).ctx("read conversations")? else { return Ok(None) };
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
-        Ok(Some(conversation_record(&access_conversation(guard.value(), conv)?, conv, &index)?))
+        Ok(Some(conversation_record(&access_conversation(guard.value(), conv)?, conv, &index, &tail)?))
     }
 
     /// A visitor's conversations, newest first, at most `limit`, each with
@@ -271,6 +273,9 @@ impl Reader {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // Held for the whole read: each conversation's tail must be the
+        // one this transaction goes with (`tail.rs`); the writer waits.
+        let tails = self.db.tails.read();
         let txn = self.txn()?;
         let mine = txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
@@ -280,7 +285,8 @@ impl Reader {
             let (key, _) = entry.ctx("read user_conversations")?;
             let (_, conv) = key.value();
             let Some(guard) = table.get(conv).ctx("read conversations")? else { continue };
-            out.push(conversation_record(&access_conversation(guard.value(), conv)?, conv, &index)?);
+            let view = access_conversation(guard.value(), conv)?;
+            out.push(conversation_record(&view, conv, &index, &tails.view(conv))?);
             if out.len() >= limit {
                 break;
             }
@@ -291,6 +297,7 @@ impl Reader {
     /// Every conversation that is not closed, by id, with `last_seq`: what
     /// the gateway routes and serves after a restart.
     pub fn open_conversations(&self) -> Result<Vec<ConversationRecord>, StorageError> {
+        let tails = self.db.tails.read();
         let txn = self.txn()?;
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
@@ -302,7 +309,7 @@ impl Reader {
             if view.status == ConvStatus::Closed {
                 continue;
             }
-            out.push(conversation_record(&view, id, &index)?);
+            out.push(conversation_record(&view, id, &index, &tails.view(id))?);
         }
         Ok(out)
     }
@@ -328,6 +335,7 @@ impl Reader {
         if page_size == 0 || scan_max == 0 || upper == 0 {
             return Ok(page);
         }
+        let tails = self.db.tails.read();
         let txn = self.txn()?;
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
@@ -344,7 +352,7 @@ impl Reader {
             let view = access_conversation(value.value(), id)?;
             scanned += 1;
             if filter.matches(&view) {
-                page.conversations.push(conversation_record(&view, id, &index)?);
+                page.conversations.push(conversation_record(&view, id, &index, &tails.view(id))?);
             }
             if page.conversations.len() >= page_size || scanned >= scan_max {
                 page.next_before = Some(id);
@@ -399,10 +407,10 @@ impl Reader {
     ) -> Result<Option<DedupeHit>, StorageError> {
         // Held across the read transaction: see `SlotCache::find`.
         let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let txn = self.txn()?;
+        let (txn, tail) = self.txn_and_tail(conv)?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
-        let hit = slots.find(&index, &log, conv, (role, sender), cid)?;
+        let hit = slots.find(&index, &tail, &log, conv, (role, sender), cid)?;
         Ok(hit.map(|o| DedupeHit { seq: o.seq, offset: o.offset, ts_ms: o.ts_ms }))
     }
 
@@ -540,9 +548,10 @@ fn conversation_record(
     view: &ConversationView<'_>,
     id: u64,
     index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+    tail: &TailView,
 ) -> Result<ConversationRecord, StorageError> {
     let mut record = view.to_record();
-    record.last_seq = last_seq_in(index, id)?;
+    record.last_seq = tail::last_seq(index, tail, id)?;
     Ok(record)
 }
 

@@ -30,21 +30,24 @@ use crate::config::StoreConfig;
 use crate::error::{IoContext, StorageError};
 use crate::redo::Tables;
 use crate::tables;
+use crate::tail::Tails;
 use crate::wal::Wal;
 
 /// How long a reopen waits for readers to drop the old database.
 const READERS_WAIT: Duration = Duration::from_millis(500);
 
-/// The database, swappable while the store is open, and the handle on
-/// its file's write-behind layer (the writer's alone).
+/// The database, swappable while the store is open, the handle on its
+/// file's write-behind layer (the writer's alone), and the index entries
+/// not yet in its `conv_index` (`tail.rs`), which go with it.
 pub(crate) struct DbSlot {
     db: RwLock<Option<Arc<Database>>>,
     behind: Mutex<Behind>,
+    pub(crate) tails: Tails,
 }
 
 impl DbSlot {
-    pub(crate) fn new(db: Database, behind: Behind) -> DbSlot {
-        DbSlot { db: RwLock::new(Some(Arc::new(db))), behind: Mutex::new(behind) }
+    pub(crate) fn new(db: Database, behind: Behind, tails: Tails) -> DbSlot {
+        DbSlot { db: RwLock::new(Some(Arc::new(db))), behind: Mutex::new(behind), tails }
     }
 
     /// The write-behind handle of the database now in the slot (or of the
@@ -119,6 +122,9 @@ pub(crate) fn reopen(slot: &DbSlot, how: &Reopen, wal: Option<&mut Wal>) -> Resu
         }
     }
     let reopened = counters(&db)?;
+    // The tails as the file has them: a commit that failed may be stored,
+    // and one that looked stored may not be.
+    slot.tails.rebuild(&db)?;
     *slot.behind.lock().unwrap_or_else(|p| p.into_inner()) = behind;
     slot.put(Arc::new(db));
     Ok(reopened)

@@ -28,6 +28,7 @@ use crate::record::ConversationRecord;
 use crate::redo::Tables;
 use crate::reopen::{DbSlot, Reopen};
 use crate::tables;
+use crate::tail::{TailLimits, Tails};
 use crate::upgrade;
 use crate::wal::{self, Wal};
 use crate::write::{Completions, Notify, OnCommit, OnLogEnd, Shared, Writer};
@@ -99,6 +100,9 @@ pub struct StoreStats {
     /// caches (each at most `conv_cache_entries`: the shared one, and one
     /// per shard).
     pub reader_cache_entries: u64,
+    /// `conv_index` entries waiting in memory to go to the table together
+    /// (at most about `index_lag`; `tail.rs`).
+    pub index_tail_entries: u64,
 }
 
 /// Opens (or creates) the database file of `config`, or the given
@@ -234,6 +238,7 @@ impl StatsSource {
             refused_recovering: s.refused_recovering.load(Ordering::Relaxed),
             writer_cache_entries: s.writer_cache_entries.load(Ordering::Relaxed) as u64,
             reader_cache_entries: s.reader_cache_entries.load(Ordering::Relaxed) as u64,
+            index_tail_entries: s.index_tail_entries.load(Ordering::Relaxed) as u64,
         }
     }
 }
@@ -301,7 +306,6 @@ impl Store {
         if !config.wal {
             wal = None;
         }
-        let db = Arc::new(DbSlot::new(db, behind));
         let shared = Arc::new(Shared::new(
             config.sources,
             config.submit_queue_capacity,
@@ -309,6 +313,14 @@ impl Store {
             notify,
             next_offset,
         ));
+        let tails = Tails::new(
+            dedupe_key,
+            TailLimits { batch: config.index_batch, lag: config.index_lag },
+            shared.stats.index_tail_entries.clone(),
+        );
+        tails.rebuild(&db)?;
+        let index_tail = tails.len();
+        let db = Arc::new(DbSlot::new(db, behind, tails));
         let gauge = shared.stats.reader_cache_entries.clone();
         let slots = Arc::new(Mutex::new(SlotCache::new(
             dedupe_key,
@@ -366,6 +378,7 @@ impl Store {
             unclean_shutdown = recovery.unclean_shutdown,
             repaired = recovery.repaired,
             wal_replayed = replayed,
+            index_tail,
             wal = config.wal,
             open_ms = recovery.open_time.as_millis() as u64,
             "storage opened"

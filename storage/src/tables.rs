@@ -3,7 +3,7 @@
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | `log` | global offset, from 0, no gaps | a message, a conversation's state, a profile or a read mark in its compact format (`compact.rs`, `compact_state.rs`), a presence change as its [`LogRecord`](crate::LogRecord) archive |
-//! | `conv_index` | (conversation, seq) | (offset in `log`, dedupe slot of the message's sender role, sender id and cid) |
+//! | `conv_index` | (conversation, seq) | (offset in `log`, dedupe slot of the message's sender role, sender id and cid); a conversation's newest entries wait in memory and go in together (`tail.rs`) |
 //! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) in its compact format (`compact_state.rs`; archives before schema version 8) |
 //! | `users` | (role, user id) | [`UserRecord`](crate::UserRecord) in its compact format (likewise) |
 //! | `user_conversations` | (visitor id, conversation id) | nothing: the key is the index |
@@ -25,7 +25,9 @@
 //! every active conversation, so each commit rewrites about one index page
 //! per conversation it touched. Those rewrites are what limits throughput
 //! (see BENCHMARKS.md), which is why the cid dedupe index is not a third
-//! tree but a column of `conv_index` (see `dedupe.rs`).
+//! tree but a column of `conv_index` (see `dedupe.rs`), and why a
+//! conversation's entries wait in memory and go in `index_batch` at a time
+//! (`tail.rs`).
 
 use redb::TableDefinition;
 
@@ -59,6 +61,11 @@ pub(crate) const META_DEDUPE_K1: &str = "dedupe_k1";
 /// `meta` key: 1 while a process has the store open, 0 after a clean close.
 pub(crate) const META_OPEN: &str = "open";
 
+/// `meta` key: the offset of the oldest message whose `conv_index` entry
+/// is not in the table but in memory (`tail.rs`); open rebuilds those from
+/// the log from here. Absent: every entry is in the table.
+pub(crate) const META_INDEX_FROM: &str = "index_from";
+
 /// `meta` key: the last write-ahead log cycle that redb's durable state
 /// holds whole (`wal.rs`); absent: 0.
 pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
@@ -70,6 +77,8 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// acknowledged writes in the write-ahead log, which a build reading 6
 /// would not replay; 8 writes conversation states, profiles and read marks
 /// in their compact formats (bytes 3 to 5), which a build reading 7 could
-/// not read.
+/// not read; 9 keeps the log's odd cycles in a second file; 10 may hold
+/// `conv_index` entries only in the log's messages (`meta.index_from`),
+/// which a build reading 9 would not look for.
 /// An older store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 9;
+pub(crate) const SCHEMA_VERSION: u64 = 10;

@@ -39,6 +39,10 @@
 //!   `kefu.1.wal` (`wal.rs`), where a build with one log file would not
 //!   look after a crash. Nothing is rewritten (this build reads a log the
 //!   one-file builds wrote): the step is the version.
+//! - 9 → 10: a conversation's newest `conv_index` entries may be only in
+//!   memory and in the log's message records, from `meta.index_from` on
+//!   (`tail.rs`). A version 9 store has every entry in the table and no
+//!   `index_from`: the step is the version.
 
 use std::collections::HashMap;
 
@@ -55,7 +59,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 8) to
+/// Upgrades a store at version `from` (1 to 9) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {
