@@ -337,7 +337,7 @@ impl Tails {
     }
 
     /// Rebuilds every tail from the log: the message records from
-    /// `meta.index_from` on whose entry `conv_index` does not hold. Runs
+    /// `meta.index_from` on (the table may hold some of them too). Runs
     /// at open and after a reopen, before the writer or a reader uses the
     /// database.
     pub(crate) fn rebuild(&self, db: &Database) -> Result<(), StorageError> {
@@ -346,10 +346,7 @@ impl Tails {
         let meta = txn.open_table(tables::META).ctx("open table meta")?;
         if let Some(from) = meta.get(tables::META_INDEX_FROM).ctx("read meta")?.map(|g| g.value()) {
             let log = txn.open_table(tables::LOG).ctx("open table log")?;
-            let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
             let mut unreadable = 0u64;
-            // Per conversation: the last seq the table holds.
-            let mut in_table: U64Map<u64> = U64Map::default();
             for entry in log.range(from..).ctx("read log")? {
                 let (key, value) = entry.ctx("read log")?;
                 let offset = key.value();
@@ -365,22 +362,19 @@ impl Tails {
                         continue;
                     }
                 };
+                // Every message from `index_from` on joins its tail, those
+                // whose entries the table already holds too (a tail may go
+                // to the table after a younger one stays): a reader cuts the
+                // table below the tail's first seq, so the two agree, and
+                // writing the tail again writes the same entries. Looking
+                // each conversation up in the table instead cost a random
+                // read per conversation on a cold start.
                 let conv = m.conv;
-                let table_last = match in_table.get(&conv) {
-                    Some(&last) => last,
-                    None => {
-                        let last = crate::reader::last_seq_in(&index, conv)?;
-                        in_table.insert(conv, last);
-                        last
-                    }
-                };
-                if m.seq <= table_last {
+                let Some(last) = fresh.convs.get(&conv).and_then(TailView::last_seq) else {
+                    fresh.push(conv, m.seq, offset, self.key.slot(m.role, m.sender_id, m.cid));
                     continue;
-                }
-                let expected = match fresh.convs.get(&conv).and_then(TailView::last_seq) {
-                    Some(last) => last + 1,
-                    None => table_last + 1,
                 };
+                let expected = last + 1;
                 if m.seq < expected {
                     return Err(StorageError::Corrupt {
                         table: "log",
