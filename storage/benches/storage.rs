@@ -10,7 +10,7 @@
 //! cargo bench -p kefu-storage --bench storage -- latency [--rate MSG_PER_S] [--seconds N] [--sources S]
 //!     [--window-us W] [--quick-repair BOOL] [--wal BOOL]
 //! cargo bench -p kefu-storage --bench storage -- dedupe
-//! cargo bench -p kefu-storage --bench storage -- disk [--messages N] [--convs C] [--size B] [--batch B]
+//! cargo bench -p kefu-storage --bench storage -- disk [--messages N] [--convs C] [--size B] [--batch B] [--index-batch K]
 //! cargo bench -p kefu-storage --bench storage -- disk --analyze DIR
 //! ```
 //!
@@ -653,12 +653,15 @@ fn disk(o: &Args) {
     let convs: u64 = o.get("convs", 2_000);
     let size: usize = o.get("size", 100);
     let batch: usize = o.get("batch", 4);
+    let index_batch: usize = o.get("index-batch", StoreConfig::default().index_batch);
     let dir = bench_dir("disk");
     println!(
-        "disk: {messages} messages of {size}-byte texts over {convs} conversations, commits of at most {batch}, in {}",
+        "disk: {messages} messages of {size}-byte texts over {convs} conversations, commits of at most {batch}, \
+         index entries {index_batch} at a time, in {}",
         dir.display()
     );
-    let cfg = StoreConfig { dir: dir.clone(), submit_queue_capacity: batch, ..StoreConfig::default() };
+    let cfg =
+        StoreConfig { dir: dir.clone(), submit_queue_capacity: batch, index_batch, ..StoreConfig::default() };
     let (store, _) = Store::open(cfg, Arc::new(|_| {})).unwrap();
     let (w, c) = (store.writer(), store.completions(0));
     let t0 = Instant::now();

@@ -878,10 +878,6 @@ impl GroupCommit {
         }
     }
 
-    /// The last seq of `conv` and the offset its dedupe `slot` points at
-    /// in the cid window, if any: from memory, or loaded with one read of
-    /// the end of the conversation's index, its last `dedupe_window`
-    /// entries (in this transaction, so the open batch's appends are seen).
     /// `conv`'s index entries not in `conv_index` as this transaction
     /// has them: its tail and the open batch's.
     fn tail(&self, conv: u64) -> TailView {
@@ -892,6 +888,10 @@ impl GroupCommit {
         }
     }
 
+    /// The last seq of `conv` and the offset its dedupe `slot` points at
+    /// in the cid window, if any: from memory, or loaded with one read of
+    /// the end of the conversation's index, its last `dedupe_window`
+    /// entries (in this transaction, so the open batch's appends are seen).
     fn lookup(&mut self, t: &Tables<'_>, conv: u64, slot: u64) -> Result<(u64, Option<u64>), StorageError> {
         if let Some(c) = self.convs.get(conv) {
             return Ok((c.next_seq.saturating_sub(1), c.offset(slot)));

@@ -22,7 +22,7 @@ use redb::{ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetada
 
 use crate::compact::MessageView;
 use crate::compact_state::ConversationView;
-use crate::dedupe::SlotCache;
+use crate::dedupe::{SlotCache, U64Map};
 use crate::error::{IoContext, StorageError};
 use crate::record::{
     ArchivedUserControlRecord, ConvChange, ConversationRecord, LogRecord, LogView, MessageRecord,
@@ -133,6 +133,15 @@ impl Reader {
 
     fn txn(&self) -> Result<ReadTransaction, StorageError> {
         self.db.get()?.begin_read().ctx("begin read")
+    }
+
+    /// A read transaction and the last seq of every conversation's index
+    /// tail, consistent (`tail.rs`): for reads over many conversations,
+    /// which would hold the writer up if they held the tails throughout.
+    fn txn_and_last_seqs(&self) -> Result<(ReadTransaction, U64Map<u64>), StorageError> {
+        let tails = self.db.tails.read();
+        let txn = self.txn()?;
+        Ok((txn, tails.last_seqs()))
     }
 
     /// A read transaction and `conv`'s index tail, consistent (`tail.rs`).
@@ -260,7 +269,8 @@ impl Reader {
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         let Some(guard) = table.get(conv).ctx("read conversations")? else { return Ok(None) };
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
-        Ok(Some(conversation_record(&access_conversation(guard.value(), conv)?, conv, &index, &tail)?))
+        let view = access_conversation(guard.value(), conv)?;
+        Ok(Some(conversation_record(&view, conv, &index, tail.last_seq())?))
     }
 
     /// A visitor's conversations, newest first, at most `limit`, each with
@@ -273,20 +283,29 @@ impl Reader {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        // Held for the whole read: each conversation's tail must be the
-        // one this transaction goes with (`tail.rs`); the writer waits.
-        let tails = self.db.tails.read();
-        let txn = self.txn()?;
-        let mine = txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;
+        // The visitor's conversations and their tails' last seqs are read
+        // with the tails held (`tail.rs`): a few keys, and the writer waits
+        // no longer than that.
+        let (txn, convs) = {
+            let tails = self.db.tails.read();
+            let txn = self.txn()?;
+            let mine = txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;
+            let mut convs = Vec::new();
+            for entry in mine.range((visitor, 0)..=(visitor, u64::MAX)).ctx("read user_conversations")?.rev()
+            {
+                let (key, _) = entry.ctx("read user_conversations")?;
+                let (_, conv) = key.value();
+                convs.push((conv, tails.last_seq(conv)));
+            }
+            (txn, convs)
+        };
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
         let mut out = Vec::new();
-        for entry in mine.range((visitor, 0)..=(visitor, u64::MAX)).ctx("read user_conversations")?.rev() {
-            let (key, _) = entry.ctx("read user_conversations")?;
-            let (_, conv) = key.value();
+        for (conv, tail_last) in convs {
             let Some(guard) = table.get(conv).ctx("read conversations")? else { continue };
             let view = access_conversation(guard.value(), conv)?;
-            out.push(conversation_record(&view, conv, &index, &tails.view(conv))?);
+            out.push(conversation_record(&view, conv, &index, tail_last)?);
             if out.len() >= limit {
                 break;
             }
@@ -297,8 +316,7 @@ impl Reader {
     /// Every conversation that is not closed, by id, with `last_seq`: what
     /// the gateway routes and serves after a restart.
     pub fn open_conversations(&self) -> Result<Vec<ConversationRecord>, StorageError> {
-        let tails = self.db.tails.read();
-        let txn = self.txn()?;
+        let (txn, lasts) = self.txn_and_last_seqs()?;
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
         let mut out = Vec::new();
@@ -309,7 +327,7 @@ impl Reader {
             if view.status == ConvStatus::Closed {
                 continue;
             }
-            out.push(conversation_record(&view, id, &index, &tails.view(id))?);
+            out.push(conversation_record(&view, id, &index, lasts.get(&id).copied())?);
         }
         Ok(out)
     }
@@ -335,8 +353,7 @@ impl Reader {
         if page_size == 0 || scan_max == 0 || upper == 0 {
             return Ok(page);
         }
-        let tails = self.db.tails.read();
-        let txn = self.txn()?;
+        let (txn, lasts) = self.txn_and_last_seqs()?;
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
         // `before = None` must include id u64::MAX too.
@@ -352,7 +369,7 @@ impl Reader {
             let view = access_conversation(value.value(), id)?;
             scanned += 1;
             if filter.matches(&view) {
-                page.conversations.push(conversation_record(&view, id, &index, &tails.view(id))?);
+                page.conversations.push(conversation_record(&view, id, &index, lasts.get(&id).copied())?);
             }
             if page.conversations.len() >= page_size || scanned >= scan_max {
                 page.next_before = Some(id);
@@ -548,10 +565,13 @@ fn conversation_record(
     view: &ConversationView<'_>,
     id: u64,
     index: &impl ReadableTable<(u64, u64), (u64, u64)>,
-    tail: &TailView,
+    tail_last: Option<u64>,
 ) -> Result<ConversationRecord, StorageError> {
     let mut record = view.to_record();
-    record.last_seq = tail::last_seq(index, tail, id)?;
+    record.last_seq = match tail_last {
+        Some(last) => last,
+        None => last_seq_in(index, id)?,
+    };
     Ok(record)
 }
 

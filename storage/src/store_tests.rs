@@ -1793,6 +1793,13 @@ fn index_entries_wait_in_their_tail_and_a_crash_rebuilds_them() {
         assert_eq!(r.dedupe(Role::Visitor, "v1", 1, "a5").unwrap().unwrap().seq, 6);
         assert_eq!(r.dedupe(Role::Visitor, "v2", 2, "b0").unwrap().unwrap().seq, 1);
         assert_eq!(r.conversation(2).unwrap(), None, "messages alone make no conversation record");
+        // A conversation's last seq, read alone or among many, is its tail's.
+        write(&store, 30, WriteOp::PutConversation(conversation(1, ConvStatus::Queued))).result.unwrap();
+        assert_eq!(r.conversation(1).unwrap().unwrap().last_seq, 6);
+        assert_eq!(r.conversations_of("v1", 5).unwrap()[0].last_seq, 6);
+        let all = ConversationFilter::default();
+        assert_eq!(r.list_conversations(&all, None, 10, 100).unwrap().conversations[0].last_seq, 6);
+        assert_eq!(r.open_conversations().unwrap()[0].last_seq, 6);
         for f in ["kefu.redb", "kefu.wal", "kefu.1.wal"] {
             std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
         }
@@ -1804,6 +1811,7 @@ fn index_entries_wait_in_their_tail_and_a_crash_rebuilds_them() {
         let (store, recovery) = open(cfg.clone());
         assert!(recovery.unclean_shutdown);
         assert_eq!(store.stats().index_tail_entries, 5, "rebuilt from the log");
+        assert_eq!(recovery.open_conversations[0].last_seq, 6);
         assert_eq!(seqs_of(&store, 1), [1, 2, 3, 4, 5, 6]);
         assert_eq!(seqs_of(&store, 2), [1, 2, 3]);
         let again = write(&store, 20, WriteOp::AppendMessage(message(1, "v1", "a4", "hi"))).result.unwrap();

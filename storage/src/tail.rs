@@ -23,8 +23,8 @@
 //! Readers see the table and the tail as one index: a conversation's
 //! flushed entries are always the ones below its tail's first seq. A
 //! reader holds the tails while it begins its read transaction and copies
-//! the tails it needs (or keeps holding them, for a read over many
-//! conversations), and the writer changes the tails only after the commit
+//! the tails it needs (for a read over many conversations, the last seq
+//! of every tail), and the writer changes the tails only after the commit
 //! that stored their records returned: so the transaction holds every
 //! record a copy points at, and is at least as new as the copy. If it is
 //! newer (a commit returned and its tails are not changed yet), that
@@ -164,6 +164,16 @@ impl TailsRead<'_> {
     /// A copy of `conv`'s tail.
     pub(crate) fn view(&self, conv: u64) -> TailView {
         self.0.convs.get(&conv).cloned().unwrap_or_default()
+    }
+
+    /// The last seq in `conv`'s tail, if it has one.
+    pub(crate) fn last_seq(&self, conv: u64) -> Option<u64> {
+        self.0.convs.get(&conv).and_then(TailView::last_seq)
+    }
+
+    /// The last seq in every conversation's tail.
+    pub(crate) fn last_seqs(&self) -> U64Map<u64> {
+        self.0.convs.iter().filter_map(|(&conv, tail)| Some((conv, tail.last_seq()?))).collect()
     }
 }
 
