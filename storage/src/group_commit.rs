@@ -565,9 +565,10 @@ impl GroupCommit {
                 }
                 txn.commit().ctx("commit")?;
                 self.shared.stats.durable_commits.fetch_add(1, Ordering::Relaxed);
-                self.go_on_from(crate::reopen::counters(&db)?);
-                // The replay may have stored a commit reported failed.
+                // The replay may have stored a commit reported failed: its
+                // index entries before its log end is published.
                 self.db.tails.rebuild(&db)?;
+                self.go_on_from(crate::reopen::counters(&db)?);
                 self.last_checkpoint = Instant::now();
                 self.unchecked = false;
                 // A durable commit waits for everything queued before it.

@@ -283,9 +283,10 @@ impl Reader {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        // The visitor's conversations and their tails' last seqs are read
-        // with the tails held (`tail.rs`): a few keys, and the writer waits
-        // no longer than that.
+        // The visitor's newest conversations and their tails' last seqs are
+        // read with the tails held (`tail.rs`): `limit` keys, and the writer
+        // waits no longer than that. (A conversation is stored with its
+        // `user_conversations` key, so each key has its record.)
         let (txn, convs) = {
             let tails = self.db.tails.read();
             let txn = self.txn()?;
@@ -296,6 +297,9 @@ impl Reader {
                 let (key, _) = entry.ctx("read user_conversations")?;
                 let (_, conv) = key.value();
                 convs.push((conv, tails.last_seq(conv)));
+                if convs.len() >= limit {
+                    break;
+                }
             }
             (txn, convs)
         };
@@ -568,10 +572,7 @@ fn conversation_record(
     tail_last: Option<u64>,
 ) -> Result<ConversationRecord, StorageError> {
     let mut record = view.to_record();
-    record.last_seq = match tail_last {
-        Some(last) => last,
-        None => last_seq_in(index, id)?,
-    };
+    record.last_seq = last_seq_in(index, id)?.max(tail_last.unwrap_or(0));
     Ok(record)
 }
 

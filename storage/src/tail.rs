@@ -15,22 +15,28 @@
 //! Nothing acknowledged depends on this memory. The log records are the
 //! truth (each message record holds its conversation, seq, sender and
 //! cid, so its entry can be computed again), and `meta.index_from` — the
-//! offset of the oldest entry not in the table, written by every group
-//! commit — says where the entries the table lacks begin: open (and a
+//! offset of the oldest entry not in the table, written by each group
+//! commit that moves it, in the same transaction as the entries — says where the entries the table lacks begin: open (and a
 //! reopen after a failed commit) reads the log from there and rebuilds
 //! the tail, at most `index_lag` records plus a batch.
 //!
-//! Readers see the table and the tail as one index: a conversation's
-//! flushed entries are always the ones below its tail's first seq. A
-//! reader holds the tails while it begins its read transaction and copies
-//! the tails it needs (for a read over many conversations, the last seq
-//! of every tail), and the writer changes the tails only after the commit
-//! that stored their records returned: so the transaction holds every
-//! record a copy points at, and is at least as new as the copy. If it is
-//! newer (a commit returned and its tails are not changed yet), that
-//! commit's entries are in neither the copy nor the table's part below
-//! the copy's first seq: a conversation reads as it was before that
-//! commit, never with a gap.
+//! Readers see the table and the tail as one index: the table's entries
+//! outside the tail's seqs, and the tail's (`entries`). A reader holds the
+//! tails while it begins its read transaction and copies the tails it
+//! needs (for a read over many conversations, the last seq of every tail),
+//! and the writer changes the tails only after the commit that stored
+//! their records returned: so the transaction holds every record a copy
+//! points at, and is at least as new as the copy. If it is newer (a commit
+//! returned and its tails are not changed yet), a conversation that commit
+//! wrote to the table reads as the commit left it, and one whose new
+//! entries still wait reads as it was before the commit: either way a run
+//! of seqs from 1, never a gap.
+//!
+//! A log record past `index_from` that open cannot read is left out of
+//! the index (logged; the store still opens): if its entry was in the
+//! table it still reads as damaged, but if it was only in the tail, its
+//! message is gone from its conversation's index, and that seq may be
+//! given again.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -91,32 +97,53 @@ impl TailView {
     }
 }
 
+/// `(seq, offset, slot)` of a conversation's index entries, in seq order.
+pub(crate) type Entries<'a> = Box<dyn DoubleEndedIterator<Item = Result<(u64, u64, u64), StorageError>> + 'a>;
+
 /// A conversation's index entries with seq in `lo..=hi`, as `(seq, offset,
-/// slot)` in seq order: those of `conv_index` below the tail's first seq,
-/// then the tail's. Double-ended, for newest-first reads.
+/// slot)` in seq order: the tail's, and those of `conv_index` at every
+/// other seq. Double-ended, for newest-first reads.
 pub(crate) fn entries<'a>(
     index: &'a impl ReadableTable<(u64, u64), (u64, u64)>,
     tail: &'a TailView,
     conv: u64,
     lo: u64,
     hi: u64,
-) -> Result<impl DoubleEndedIterator<Item = Result<(u64, u64, u64), StorageError>> + 'a, StorageError> {
-    let table_hi = match tail.first_seq() {
-        Some(first) => hi.min(first.saturating_sub(1)),
-        None => hi,
+) -> Result<Entries<'a>, StorageError> {
+    let range = |from: u64, to: u64| -> Result<_, StorageError> {
+        let part = match from <= to {
+            true => Some(index.range((conv, from)..=(conv, to)).ctx("read conv_index")?),
+            false => None,
+        };
+        Ok(part.into_iter().flatten().map(|entry| {
+            let (key, value) = entry.ctx("read conv_index")?;
+            let (offset, slot) = value.value();
+            Ok((key.value().1, offset, slot))
+        }))
     };
-    let table = if lo <= table_hi && table_hi > 0 {
-        Some(index.range((conv, lo)..=(conv, table_hi)).ctx("read conv_index")?)
-    } else {
-        None
+    let in_range = move |&(seq, _, _): &(u64, u64, u64)| lo <= seq && seq <= hi;
+    let (Some(first), Some(last)) = (tail.first_seq(), tail.last_seq()) else {
+        return Ok(Box::new(range(lo, hi)?));
     };
-    let table = table.into_iter().flatten().map(|entry| {
-        let (key, value) = entry.ctx("read conv_index")?;
-        let (offset, slot) = value.value();
-        Ok((key.value().1, offset, slot))
-    });
-    let tail = tail.iter().filter(move |&(seq, _, _)| lo <= seq && seq <= hi).map(Ok);
-    Ok(table.chain(tail))
+    if last - first + 1 == tail.len() as u64 {
+        // The table below the tail and above it (a tail rebuilt past a log
+        // record open could not read may end below the table's last
+        // entry), the tail in between.
+        let below = range(lo, hi.min(first.saturating_sub(1)))?;
+        let above = range(lo.max(last.saturating_add(1)), hi)?;
+        return Ok(Box::new(below.chain(tail.iter().filter(in_range).map(Ok)).chain(above)));
+    }
+    // A tail with a hole (open left a damaged record out): the table fills
+    // it. Rare enough to merge in memory.
+    let mut merged = std::collections::BTreeMap::new();
+    for entry in range(lo, hi)? {
+        let (seq, offset, slot) = entry?;
+        merged.insert(seq, (offset, slot));
+    }
+    for (seq, offset, slot) in tail.iter().filter(in_range) {
+        merged.insert(seq, (offset, slot));
+    }
+    Ok(Box::new(merged.into_iter().map(|(seq, (offset, slot))| Ok((seq, offset, slot)))))
 }
 
 /// A conversation's last seq (0: no messages).
@@ -125,10 +152,7 @@ pub(crate) fn last_seq(
     tail: &TailView,
     conv: u64,
 ) -> Result<u64, StorageError> {
-    if let Some(last) = tail.last_seq() {
-        return Ok(last);
-    }
-    crate::reader::last_seq_in(index, conv)
+    Ok(crate::reader::last_seq_in(index, conv)?.max(tail.last_seq().unwrap_or(0)))
 }
 
 /// An entry this group commit made, in the order it made them.
@@ -386,11 +410,16 @@ impl Tails {
                 };
                 let expected = last + 1;
                 if m.seq < expected {
-                    return Err(StorageError::Corrupt {
-                        table: "log",
-                        key: offset.to_string(),
-                        message: format!("message ({conv}, {}) where seq {expected} was next", m.seq),
-                    });
+                    // A seq the log already had: a damaged store, not a
+                    // reason to refuse to open it (the first one stays).
+                    tracing::error!(
+                        offset,
+                        conv,
+                        seq = m.seq,
+                        expected,
+                        "a message past index_from repeats a seq; it is left out of the index"
+                    );
+                    continue;
                 }
                 if m.seq > expected && unreadable == 0 {
                     tracing::warn!(
@@ -496,14 +525,62 @@ mod tests {
         let mut tail = TailView::default();
         tail.push(5, 50, 5);
         tail.push(6, 60, 6);
+        let txn = db.begin_write().unwrap();
+        {
+            // Past the tail too: a tail rebuilt without a damaged record.
+            let mut index = txn.open_table(tables::CONV_INDEX).unwrap();
+            index.insert((7, 7), (70, 7)).unwrap();
+        }
+        txn.commit().unwrap();
         let txn = db.begin_read().unwrap();
         let index = txn.open_table(tables::CONV_INDEX).unwrap();
         let all: Vec<_> = entries(&index, &tail, 7, 0, u64::MAX).unwrap().map(Result::unwrap).collect();
-        assert_eq!(all, (1..=6).map(|s| (s, s * 10, s)).collect::<Vec<_>>());
+        assert_eq!(all, (1..=7).map(|s| (s, s * 10, s)).collect::<Vec<_>>());
         let newest: Vec<_> = entries(&index, &tail, 7, 3, 5).unwrap().rev().map(|e| e.unwrap().0).collect();
         assert_eq!(newest, [5, 4, 3]);
-        assert_eq!(last_seq(&index, &tail, 7).unwrap(), 6);
-        assert_eq!(last_seq(&index, &TailView::default(), 7).unwrap(), 5);
+        let newest: Vec<_> = entries(&index, &tail, 7, 6, 9).unwrap().rev().map(|e| e.unwrap().0).collect();
+        assert_eq!(newest, [7, 6]);
+        assert_eq!(last_seq(&index, &tail, 7).unwrap(), 7);
+        assert_eq!(last_seq(&index, &TailView::default(), 7).unwrap(), 7);
         assert_eq!(entries(&index, &TailView::default(), 8, 0, u64::MAX).unwrap().count(), 0);
+    }
+
+    /// Open rebuilds past a damaged log record and a repeated seq (each
+    /// left out, logged) instead of refusing the store; what the table
+    /// holds of them still reads.
+    #[test]
+    fn a_rebuild_leaves_out_what_it_cannot_read_and_still_opens() {
+        use crate::record::{LogRecord, MessageRecord, encode};
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.redb")).unwrap();
+        let key = DedupeKey { k0: 1, k1: 2 };
+        let record = |conv: u64, seq: u64| {
+            let m = crate::testkit::message(conv, "v", &format!("c{conv}-{seq}"), "hi");
+            encode(&LogRecord::Message(MessageRecord::from_msg(m, seq))).unwrap()
+        };
+        let txn = db.begin_write().unwrap();
+        {
+            let mut log = txn.open_table(tables::LOG).unwrap();
+            log.insert(0, record(1, 1).as_slice()).unwrap();
+            let garbage: Vec<u8> = std::iter::once(1u8).chain(std::iter::repeat_n(0xff, 60)).collect();
+            log.insert(1, garbage.as_slice()).unwrap(); // was (1, 2)
+            log.insert(2, record(1, 3).as_slice()).unwrap();
+            log.insert(3, record(1, 3).as_slice()).unwrap(); // a repeat
+            log.insert(4, record(2, 1).as_slice()).unwrap();
+            // (1, 2) had gone to the table before the crash.
+            txn.open_table(tables::CONV_INDEX).unwrap().insert((1, 2), (1, 9)).unwrap();
+            txn.open_table(tables::META).unwrap().insert(tables::META_INDEX_FROM, 0).unwrap();
+        }
+        txn.commit().unwrap();
+        let tails = Tails::new(key, TailLimits { batch: 32, lag: 1000 }, Arc::default());
+        tails.rebuild(&db).unwrap();
+        let one = tails.view(1);
+        assert_eq!(one.iter().map(|(seq, offset, _)| (seq, offset)).collect::<Vec<_>>(), [(1, 0), (3, 2)]);
+        assert_eq!(tails.view(2).last_seq(), Some(1));
+        let txn = db.begin_read().unwrap();
+        let index = txn.open_table(tables::CONV_INDEX).unwrap();
+        let read: Vec<_> = entries(&index, &one, 1, 0, u64::MAX).unwrap().map(|e| e.unwrap().1).collect();
+        assert_eq!(read, [0, 1, 2], "seq 2 from the table, where it still reads as damaged");
+        assert_eq!(last_seq(&index, &one, 1).unwrap(), 3);
     }
 }
