@@ -260,7 +260,7 @@ impl Reader {
     pub fn last_seq(&self, conv: u64) -> Result<u64, StorageError> {
         let (txn, tail) = self.txn_and_tail(conv)?;
         let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
-        tail::last_seq(&index, &tail, conv)
+        tail::last_seq(&index, conv, tail.last_seq())
     }
 
     /// A conversation, with `last_seq` from the index.
@@ -572,7 +572,7 @@ fn conversation_record(
     tail_last: Option<u64>,
 ) -> Result<ConversationRecord, StorageError> {
     let mut record = view.to_record();
-    record.last_seq = last_seq_in(index, id)?.max(tail_last.unwrap_or(0));
+    record.last_seq = tail::last_seq(index, id, tail_last)?;
     Ok(record)
 }
 

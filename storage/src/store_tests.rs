@@ -1606,6 +1606,13 @@ fn dump(path: &std::path::Path) -> Vec<String> {
     out
 }
 
+/// Copies a store's files as they are (a crash, with the writer idle).
+fn copy_store(from: &std::path::Path, to: &std::path::Path) {
+    for f in ["kefu.redb", "kefu.wal", "kefu.1.wal"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
 /// The write-ahead log: a store whose last commits are in the log alone (a
 /// crash before the checkpoint) opens with every table as the commits
 /// left it, whether the log is on or off in the config it is opened with.
@@ -1648,17 +1655,13 @@ fn what_only_the_log_holds_is_replayed_at_open_whether_the_log_is_on_or_off() {
             .unwrap();
         assert_eq!(store.stats().durable_commits, 0, "no checkpoint yet: the log alone holds these");
         // The crash: the files as they are now, the writer idle.
-        for f in ["kefu.redb", "kefu.wal", "kefu.1.wal"] {
-            std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
-        }
+        copy_store(dir.path(), crashed.path());
     }
     let expected = dump(&cfg.db_path());
     assert!(expected.iter().any(|l| l.starts_with("user_controls")), "{expected:#?}");
     for wal in [true, false] {
         let again = tempfile::tempdir().unwrap();
-        for f in ["kefu.redb", "kefu.wal", "kefu.1.wal"] {
-            std::fs::copy(crashed.path().join(f), again.path().join(f)).unwrap();
-        }
+        copy_store(crashed.path(), again.path());
         let cfg = StoreConfig { wal, ..config(again.path()) };
         {
             let (store, recovery) = open(cfg.clone());
@@ -1800,9 +1803,7 @@ fn index_entries_wait_in_their_tail_and_a_crash_rebuilds_them() {
         let all = ConversationFilter::default();
         assert_eq!(r.list_conversations(&all, None, 10, 100).unwrap().conversations[0].last_seq, 6);
         assert_eq!(r.open_conversations().unwrap()[0].last_seq, 6);
-        for f in ["kefu.redb", "kefu.wal", "kefu.1.wal"] {
-            std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
-        }
+        copy_store(dir.path(), crashed.path());
     }
     assert_eq!(table_seqs(&cfg.db_path(), 1), [1, 2, 3, 4, 5, 6], "a clean close writes every tail");
     assert_eq!(table_seqs(&cfg.db_path(), 2), [1, 2, 3]);

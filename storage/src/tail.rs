@@ -146,13 +146,14 @@ pub(crate) fn entries<'a>(
     Ok(Box::new(merged.into_iter().map(|(seq, (offset, slot))| Ok((seq, offset, slot)))))
 }
 
-/// A conversation's last seq (0: no messages).
+/// A conversation's last seq (0: no messages): the table's or its tail's
+/// (`tail_last`), whichever is higher.
 pub(crate) fn last_seq(
     index: &impl ReadableTable<(u64, u64), (u64, u64)>,
-    tail: &TailView,
     conv: u64,
+    tail_last: Option<u64>,
 ) -> Result<u64, StorageError> {
-    Ok(crate::reader::last_seq_in(index, conv)?.max(tail.last_seq().unwrap_or(0)))
+    Ok(crate::reader::last_seq_in(index, conv)?.max(tail_last.unwrap_or(0)))
 }
 
 /// An entry this group commit made, in the order it made them.
@@ -540,8 +541,8 @@ mod tests {
         assert_eq!(newest, [5, 4, 3]);
         let newest: Vec<_> = entries(&index, &tail, 7, 6, 9).unwrap().rev().map(|e| e.unwrap().0).collect();
         assert_eq!(newest, [7, 6]);
-        assert_eq!(last_seq(&index, &tail, 7).unwrap(), 7);
-        assert_eq!(last_seq(&index, &TailView::default(), 7).unwrap(), 7);
+        assert_eq!(last_seq(&index, 7, tail.last_seq()).unwrap(), 7);
+        assert_eq!(last_seq(&index, 7, None).unwrap(), 7);
         assert_eq!(entries(&index, &TailView::default(), 8, 0, u64::MAX).unwrap().count(), 0);
     }
 
@@ -581,6 +582,6 @@ mod tests {
         let index = txn.open_table(tables::CONV_INDEX).unwrap();
         let read: Vec<_> = entries(&index, &one, 1, 0, u64::MAX).unwrap().map(|e| e.unwrap().1).collect();
         assert_eq!(read, [0, 1, 2], "seq 2 from the table, where it still reads as damaged");
-        assert_eq!(last_seq(&index, &one, 1).unwrap(), 3);
+        assert_eq!(last_seq(&index, 1, one.last_seq()).unwrap(), 3);
     }
 }
