@@ -692,7 +692,10 @@ fn disk(o: &Args) {
 
 /// The tables `analyze` looks at, as `tables.rs` defines them.
 const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
-const CONV_INDEX: redb::TableDefinition<(u64, u64), (u64, u64)> = redb::TableDefinition::new("conv_index");
+const CONV_RUNS: redb::TableDefinition<(u64, u64), &[u8]> = redb::TableDefinition::new("conv_runs");
+/// The conversation index of a store from before schema version 11.
+const CONV_INDEX_V10: redb::TableDefinition<(u64, u64), (u64, u64)> =
+    redb::TableDefinition::new("conv_index");
 const CONVERSATIONS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("conversations");
 const USERS: redb::TableDefinition<(&str, &str), &[u8]> = redb::TableDefinition::new("users");
 const USER_CONVERSATIONS: redb::TableDefinition<(&str, u64), ()> =
@@ -804,8 +807,12 @@ fn analyze(dir: &Path, expected: Option<u64>) {
         row(name, format!("{len:>9} entries; "), stats);
     };
     table("log", log.stats().unwrap(), log.len().unwrap());
-    let index = r.open_table(CONV_INDEX).unwrap();
-    table("conv_index", index.stats().unwrap(), index.len().unwrap());
+    if let Ok(t) = r.open_table(CONV_RUNS) {
+        table("conv_runs", t.stats().unwrap(), t.len().unwrap());
+    }
+    if let Ok(t) = r.open_table(CONV_INDEX_V10) {
+        table("conv_index", t.stats().unwrap(), t.len().unwrap());
+    }
     if let Ok(t) = r.open_table(CONVERSATIONS) {
         table("conversations", t.stats().unwrap(), t.len().unwrap());
     }

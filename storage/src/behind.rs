@@ -4,7 +4,7 @@
 //!
 //! With the write-ahead log, a checkpoint is a durable redb commit of
 //! nothing new: redb writes every page the commits since the last one
-//! changed (at 15,000 conversations about one `conv_index` leaf per
+//! changed (at 15,000 conversations about one index leaf per
 //! message, ~870 pages per 100 ms), then fsyncs twice. That took the
 //! writer ~8 ms at steady state, and every write that came meanwhile
 //! waited for it: the 15,000-session p99 climbed from ~5 to ~10 ms over a

@@ -1,8 +1,9 @@
 //! The raw redb batch-write ceiling that group commit is measured against
 //! (`benches/storage.rs`); not part of the API.
 //!
-//! It writes exactly what the store writes for an append — the encoded log
-//! record, the index entry with its dedupe slot, the `meta` counter — in
+//! It writes what the store writes for an append with `index_batch = 1` —
+//! the encoded log record, its index entry with its dedupe slot as a row
+//! of one (`runs.rs`), the `meta` counter — in
 //! one write transaction per batch with the same durability and
 //! quick-repair setting, from the calling thread, with none of the store's
 //! machinery: no queues, no writer thread, no completions, no seq or cid
@@ -16,6 +17,7 @@ use redb::{Database, Durability};
 use crate::compact::MessageView;
 use crate::dedupe::DedupeKey;
 use crate::error::{IoContext, StorageError};
+use crate::runs;
 use crate::tables;
 use kefu_proto::client::Msg;
 
@@ -28,6 +30,7 @@ pub struct Raw {
     seqs: HashMap<u64, u64>,
     key: DedupeKey,
     buf: Vec<u8>,
+    row: Vec<u8>,
 }
 
 impl Raw {
@@ -45,6 +48,7 @@ impl Raw {
             seqs: HashMap::new(),
             key: DedupeKey::random(),
             buf: Vec::with_capacity(1024),
+            row: Vec::with_capacity(32),
         })
     }
 
@@ -55,7 +59,7 @@ impl Raw {
         txn.set_quick_repair(self.quick_repair);
         {
             let mut log = txn.open_table(tables::LOG).ctx("open table")?;
-            let mut index = txn.open_table(tables::CONV_INDEX).ctx("open table")?;
+            let mut index = txn.open_table(tables::CONV_RUNS).ctx("open table")?;
             let mut meta = txn.open_table(tables::META).ctx("open table")?;
             for m in batch {
                 let seq = self.seqs.entry(m.conv.0).or_default();
@@ -64,7 +68,9 @@ impl Raw {
                 let slot = self.key.slot(m.from.role, &m.from.id, &m.cid);
                 MessageView::of_msg(m, seq).encode_into(&mut self.buf);
                 log.insert(offset, self.buf.as_slice()).ctx("insert")?;
-                index.insert((conv, seq), (offset, slot)).ctx("insert")?;
+                self.row.clear();
+                runs::encode(&[(seq, offset, slot)], &mut self.row);
+                index.insert((conv, seq), self.row.as_slice()).ctx("insert")?;
                 self.next_offset += 1;
             }
             meta.insert(tables::META_NEXT_OFFSET, self.next_offset).ctx("insert")?;

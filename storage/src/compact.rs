@@ -245,6 +245,15 @@ impl<'a> Cursor<'a> {
         Ok(u64::from_le_bytes(*head))
     }
 
+    /// Four bytes, little-endian: a dedupe slot in an index run.
+    pub(crate) fn u32_le(&mut self, field: &str) -> Result<u32, String> {
+        let Some((head, rest)) = self.bytes.split_first_chunk::<4>() else {
+            return Err(format!("ends before its {field}"));
+        };
+        self.bytes = rest;
+        Ok(u32::from_le_bytes(*head))
+    }
+
     pub(crate) fn bytes(&mut self, field: &str) -> Result<&'a [u8], String> {
         let len = self.varint(field)?;
         if len > self.bytes.len() as u64 {

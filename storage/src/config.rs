@@ -134,16 +134,18 @@ pub struct StoreConfig {
     /// Default 128 (the home's in-memory window, `messages.recent_cids`,
     /// is 128 too).
     pub dedupe_window: usize,
-    /// A conversation's newest `conv_index` entries wait in memory
+    /// A conversation's newest index entries wait in memory
     /// (`tail.rs`) and go to the table together once this many have
     /// gathered, so one index page write serves them all: the table is
     /// keyed by conversation, and at 15,000 open conversations a message
     /// written at once dirtied an index page no other message of its
     /// commit shared, which every checkpoint wrote again (BENCHMARKS.md,
-    /// issue 11, "the index's tail"). 1: every entry goes in with its
-    /// message, as before. Default 32.
+    /// issue 11, "the index's tail"), and they go in as one row
+    /// (`runs.rs`: ~7 bytes an entry on disk, where an entry of its own
+    /// costs ~30). 1: every entry goes in with its message, a row of its
+    /// own. Default 32.
     pub index_batch: usize,
-    /// The longest a waiting entry stays out of `conv_index`, in log
+    /// The longest a waiting entry stays out of the index table, in log
     /// records: a conversation's tail whose oldest entry is this far
     /// behind the log's end goes to the table at the next commit. Bounds
     /// the tails' memory (24 bytes an entry, and ~100 per conversation

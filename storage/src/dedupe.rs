@@ -3,12 +3,14 @@
 //! The sender is its role and its id: agent `42` and visitor `42` are two
 //! people, and the same cid from each is two messages.
 //!
-//! Every `conv_index` entry carries, next to the message's offset, its
-//! *dedupe slot*: a keyed 64-bit hash (SipHash-2-4, with a secret random
-//! key per database) of the sender's role and id and the cid (schema
-//! version 3; version 2 hashed the id and cid only, and an upgrade
-//! recomputes every slot, see `upgrade.rs`). So the dedupe index is
-//! the conversation's index itself, and an append writes no third B-tree.
+//! Every entry of the conversation index carries, next to the message's
+//! offset, its *dedupe slot*: a keyed hash (SipHash-2-4, with a secret
+//! random key per database) of the sender's role and id and the cid
+//! (schema version 3; version 2 hashed the id and cid only, and an upgrade
+//! recomputes every slot, see `upgrade.rs`), cut to 32 bits since version
+//! 11 (`runs.rs`: 4 bytes of every message's entry on disk). So the dedupe
+//! index is the conversation's index itself, and an append writes no
+//! third B-tree.
 //! A separate `(conversation, slot) → offset` table cost a third of the
 //! throughput (600k appends over 10k conversations: 106k msg/s with it,
 //! 160k without; the raw ceiling 121k and 192k), because every commit
@@ -27,9 +29,10 @@
 //! the cid window, past which a resent cid is a new message. Either way
 //! the log record is the truth: a slot
 //! match counts only if the record it points at has the same sender and
-//! cid, so two different (sender, cid) with equal slots — a 2⁻⁶⁴ accident,
-//! and not something a client can provoke without the secret key — are
-//! told apart by looking at every entry of the conversation.
+//! cid, so two different (sender, cid) with equal slots — a 2⁻³² accident
+//! per message of the window (at the default window of 128, one lookup in
+//! 33 million), and not something a client can aim at without the secret
+//! key — are told apart by looking at every entry of the conversation.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -72,7 +75,8 @@ impl DedupeKey {
 
     /// The slot of (role, sender, cid): unambiguous (a fixed-size role tag,
     /// then the sender's length) and stable across versions (SipHash-2-4 is
-    /// a fixed function, and [`role_tag`] never changes).
+    /// a fixed function, and [`role_tag`] never changes). Its low 32 bits,
+    /// which is what the index stores (`runs.rs`).
     pub(crate) fn slot(&self, role: Role, sender: &str, cid: &str) -> u64 {
         #[cfg(test)]
         if self.k0 == 0 && self.k1 == 0 {
@@ -84,7 +88,7 @@ impl DedupeKey {
         s.write(&(sender.len() as u64).to_le_bytes());
         s.write(sender.as_bytes());
         s.write(cid.as_bytes());
-        s.finish()
+        s.finish() & u64::from(u32::MAX)
     }
 
     /// The slot schema version 2 stored: without the role. Only tests build
@@ -118,7 +122,7 @@ pub(crate) fn check(
     cid: &str,
 ) -> Result<Option<Original>, StorageError> {
     let guard = log.get(offset).ctx("read log")?.ok_or_else(|| StorageError::Corrupt {
-        table: "conv_index",
+        table: "conv_runs",
         key: format!("conversation {conv}"),
         message: format!("points at offset {offset}, which is not in the log"),
     })?;
@@ -128,7 +132,7 @@ pub(crate) fn check(
             && m.cid == cid)
             .then_some(Original { offset, seq: m.seq, ts_ms: m.ts_ms })),
         _ => Err(StorageError::Corrupt {
-            table: "conv_index",
+            table: "conv_runs",
             key: format!("conversation {conv}"),
             message: format!("points at offset {offset}, which is not a message of that conversation"),
         }),
@@ -139,7 +143,7 @@ pub(crate) fn check(
 /// entry whose slot matches is checked against its log record.
 pub(crate) fn find_by_scan(
     key: &DedupeKey,
-    index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+    index: &impl ReadableTable<(u64, u64), &'static [u8]>,
     tail: &TailView,
     log: &impl ReadableTable<u64, &'static [u8]>,
     conv: u64,
@@ -163,7 +167,7 @@ pub(crate) fn find_by_scan(
 /// in seq order: what a dedupe cache loads, read from the end so that a
 /// long history costs nothing.
 pub(crate) fn read_window(
-    index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+    index: &impl ReadableTable<(u64, u64), &'static [u8]>,
     tail: &TailView,
     conv: u64,
     from: u64,
@@ -462,7 +466,7 @@ impl SlotCache {
     /// never knows of an entry the current snapshot cannot see.
     pub(crate) fn find(
         &mut self,
-        index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+        index: &impl ReadableTable<(u64, u64), &'static [u8]>,
         tail: &TailView,
         log: &impl ReadableTable<u64, &'static [u8]>,
         conv: u64,

@@ -54,6 +54,7 @@ use crate::error::{IoContext, StorageError};
 use crate::record::{ConvChange, LogRecord, PresenceRecord, access_conversation, access_user, encode_into};
 use crate::redo::{Op, Tables};
 use crate::reopen::{DbSlot, Reopen};
+use crate::runs;
 use crate::store::begin_durable;
 use crate::tables;
 use crate::tail::{Plan, Staged, TailView};
@@ -105,6 +106,8 @@ pub(crate) struct GroupCommit {
     convs: SlotMaps,
     /// Reused for the index entries of a conversation being loaded.
     scratch: Vec<(u64, u64, u64)>,
+    /// Reused for the value of an index row (`runs.rs`).
+    row: Vec<u8>,
     /// The index entries of the open batch's appends, which wait in the
     /// tails (`tail.rs`) unless the commit writes their conversation's.
     staged: Vec<Staged>,
@@ -182,6 +185,7 @@ impl GroupCommit {
             next_conv_id,
             convs,
             scratch: Vec::new(),
+            row: Vec::new(),
             staged: Vec::new(),
             staged_convs: U64Map::default(),
             closing: Vec::new(),
@@ -635,9 +639,14 @@ impl GroupCommit {
             // Dropping `txn` uncommitted aborts it.
             return Err(e);
         }
-        let plan = self.db.tails.plan(&self.staged, &self.closing, self.next_offset, |e| {
-            t.put(Op::ConvIndex { conv: e.conv, seq: e.seq, offset: e.offset, slot: e.slot })
-        })?;
+        let mut row = std::mem::take(&mut self.row);
+        let plan = self.db.tails.plan(&self.staged, &self.closing, self.next_offset, |conv, entries| {
+            // A tail rebuilt at open may hold entries the table has too.
+            let fresh = runs::fresh(entries, runs::last_seq(&t.conv_runs, conv)?);
+            runs::rows(fresh, &mut row, |last_seq, value| t.put(Op::ConvRun { conv, last_seq, value }))
+        });
+        self.row = row;
+        let plan = plan?;
         if self.index_from != Some(plan.index_from) {
             t.put(Op::Meta { key: tables::META_INDEX_FROM, value: plan.index_from })?;
         }
@@ -671,7 +680,7 @@ impl GroupCommit {
     }
 
     /// One commit of nothing but every conversation's tail, written to
-    /// `conv_index` (at a clean close).
+    /// the table (at a clean close).
     fn flush_every_tail(&mut self) -> Result<(), StorageError> {
         debug_assert!(self.batch.is_empty() && self.staged.is_empty());
         self.closing = self.db.tails.convs();
@@ -879,7 +888,7 @@ impl GroupCommit {
         }
     }
 
-    /// `conv`'s index entries not in `conv_index` as this transaction
+    /// `conv`'s index entries not in the table as this transaction
     /// has them: its tail and the open batch's.
     fn tail(&self, conv: u64) -> TailView {
         let tail = self.db.tails.view(conv);
@@ -899,7 +908,7 @@ impl GroupCommit {
         }
         let mut entries = std::mem::take(&mut self.scratch);
         let tail = self.tail(conv);
-        dedupe::read_window(&t.conv_index, &tail, conv, 0, self.convs.window(), &mut entries)?;
+        dedupe::read_window(&t.conv_runs, &tail, conv, 0, self.convs.window(), &mut entries)?;
         let last = entries.last().map_or(0, |&(seq, _, _)| seq);
         let found = entries.iter().find(|&&(_, s, _)| s == slot).map(|&(_, _, offset)| offset);
         self.convs.note_all(conv, entries.drain(..));
@@ -915,20 +924,12 @@ impl GroupCommit {
         let (last, prior) = self.lookup(t, conv, slot)?;
         if let Some(prior) = prior {
             // The log record decides; if another (sender, cid) owns the
-            // slot, look at every entry of the conversation (2⁻⁶⁴ rare).
+            // slot, look at every entry of the conversation (2⁻³² rare).
             let original = match dedupe::check(&t.log, prior, conv, sender, &m.cid)? {
                 Some(o) => Some(o),
                 None => {
                     let tail = self.tail(conv);
-                    dedupe::find_by_scan(
-                        &self.dedupe_key,
-                        &t.conv_index,
-                        &tail,
-                        &t.log,
-                        conv,
-                        sender,
-                        &m.cid,
-                    )?
+                    dedupe::find_by_scan(&self.dedupe_key, &t.conv_runs, &tail, &t.log, conv, sender, &m.cid)?
                 }
             };
             if let Some(o) = original {

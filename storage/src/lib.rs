@@ -32,7 +32,7 @@
 //! What the log holds past the last checkpoint is
 //! replayed into redb when the store opens, in one durable commit, before
 //! anything is read (`tests/crash.rs` checks that its kills left records
-//! to replay). A conversation's newest `conv_index` entries wait in
+//! to replay). A conversation's newest index entries wait in
 //! memory and reach the table a batch at a time (`tail.rs`); readers see
 //! them as if they were there, and a crash loses none: every message
 //! record holds what its entry says, and open rebuilds the entries from
@@ -115,6 +115,7 @@ mod reader;
 mod record;
 mod redo;
 mod reopen;
+mod runs;
 mod store;
 mod tables;
 mod tail;

@@ -105,7 +105,7 @@ impl std::fmt::Debug for Reader {
     }
 }
 
-/// `seqs` of one conversation as an inclusive key range of `conv_index`,
+/// `seqs` of one conversation as an inclusive key range of the index,
 /// or `None` if empty.
 fn index_range(conv: u64, seqs: impl RangeBounds<u64>) -> Option<((u64, u64), (u64, u64))> {
     let lo = match seqs.start_bound() {
@@ -168,13 +168,13 @@ impl Reader {
             return Ok(());
         }
         let (txn, tail) = self.txn_and_tail(conv)?;
-        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let index = txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?;
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
         let range = tail::entries(&index, &tail, conv, lo.1, hi.1)?;
         let mut visit = |entry: Result<(u64, u64, u64), StorageError>| {
             let (seq, offset, _slot) = entry?;
             let guard = log.get(offset).ctx("read log")?.ok_or_else(|| StorageError::Corrupt {
-                table: "conv_index",
+                table: "conv_runs",
                 key: format!("({conv}, {seq})"),
                 message: format!("points at offset {offset}, which is not in the log"),
             })?;
@@ -183,7 +183,7 @@ impl Reader {
                 _ => Err(StorageError::Corrupt {
                     table: "log",
                     key: offset.to_string(),
-                    message: format!("is not message ({conv}, {seq}) that conv_index says it is"),
+                    message: format!("is not message ({conv}, {seq}) that the conversation index says it is"),
                 }),
             }
         };
@@ -259,7 +259,7 @@ impl Reader {
     /// The last seq of `conv` (0: no messages).
     pub fn last_seq(&self, conv: u64) -> Result<u64, StorageError> {
         let (txn, tail) = self.txn_and_tail(conv)?;
-        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let index = txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?;
         tail::last_seq(&index, conv, tail.last_seq())
     }
 
@@ -268,7 +268,7 @@ impl Reader {
         let (txn, tail) = self.txn_and_tail(conv)?;
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         let Some(guard) = table.get(conv).ctx("read conversations")? else { return Ok(None) };
-        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let index = txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?;
         let view = access_conversation(guard.value(), conv)?;
         Ok(Some(conversation_record(&view, conv, &index, tail.last_seq())?))
     }
@@ -304,7 +304,7 @@ impl Reader {
             (txn, convs)
         };
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
-        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let index = txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?;
         let mut out = Vec::new();
         for (conv, tail_last) in convs {
             let Some(guard) = table.get(conv).ctx("read conversations")? else { continue };
@@ -322,7 +322,7 @@ impl Reader {
     pub fn open_conversations(&self) -> Result<Vec<ConversationRecord>, StorageError> {
         let (txn, lasts) = self.txn_and_last_seqs()?;
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
-        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let index = txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?;
         let mut out = Vec::new();
         for entry in table.iter().ctx("read conversations")? {
             let (key, value) = entry.ctx("read conversations")?;
@@ -359,7 +359,7 @@ impl Reader {
         }
         let (txn, lasts) = self.txn_and_last_seqs()?;
         let table = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
-        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let index = txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?;
         // `before = None` must include id u64::MAX too.
         let range = match before {
             Some(b) => table.range::<u64>(..b),
@@ -429,7 +429,7 @@ impl Reader {
         // Held across the read transaction: see `SlotCache::find`.
         let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (txn, tail) = self.txn_and_tail(conv)?;
-        let index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        let index = txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?;
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
         let hit = slots.find(&index, &tail, &log, conv, (role, sender), cid)?;
         Ok(hit.map(|o| DedupeHit { seq: o.seq, offset: o.offset, ts_ms: o.ts_ms }))
@@ -568,20 +568,10 @@ impl Reader {
 fn conversation_record(
     view: &ConversationView<'_>,
     id: u64,
-    index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+    index: &impl ReadableTable<(u64, u64), &'static [u8]>,
     tail_last: Option<u64>,
 ) -> Result<ConversationRecord, StorageError> {
     let mut record = view.to_record();
     record.last_seq = tail::last_seq(index, id, tail_last)?;
     Ok(record)
-}
-
-pub(crate) fn last_seq_in(
-    index: &impl ReadableTable<(u64, u64), (u64, u64)>,
-    conv: u64,
-) -> Result<u64, StorageError> {
-    match index.range((conv, 0)..=(conv, u64::MAX)).ctx("read conv_index")?.next_back() {
-        Some(entry) => Ok(entry.ctx("read conv_index")?.0.value().1),
-        None => Ok(0),
-    }
 }

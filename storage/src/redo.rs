@@ -13,10 +13,10 @@
 //! replay may repeat.
 //!
 //! An op is a tag byte and its fields: numbers as LEB128 varints (a dedupe
-//! slot, a 64-bit hash, as 8 bytes little-endian), strings and values with
-//! a varint length. Decoding checks every length and every string, so a
-//! damaged record is an error, never a panic (the record's checksum makes
-//! one unlikely to get this far).
+//! slot of schema version 10, a 64-bit hash, as 8 bytes little-endian),
+//! strings and values with a varint length. Decoding checks every length
+//! and every string, so a damaged record is an error, never a panic (the
+//! record's checksum makes one unlikely to get this far).
 
 use redb::{Table, WriteTransaction};
 
@@ -27,15 +27,54 @@ use crate::tables;
 /// One insert into one table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Op<'a> {
-    Log { offset: u64, value: &'a [u8] },
-    ConvIndex { conv: u64, seq: u64, offset: u64, slot: u64 },
-    Meta { key: &'a str, value: u64 },
-    Conversation { id: u64, value: &'a [u8] },
-    User { role: &'a str, id: &'a str, value: &'a [u8] },
-    UserConversation { visitor: &'a str, conv: u64 },
-    ConsumerOffset { consumer: &'a str, offset: u64 },
-    ConvChange { offset: u64, change: u8 },
-    UserControl { role: &'a str, id: &'a str, value: &'a [u8] },
+    Log {
+        offset: u64,
+        value: &'a [u8],
+    },
+    /// One entry of the index as schema version 10 kept it
+    /// (`tables::CONV_INDEX_V10`): only a version 10 log holds these.
+    ConvIndex {
+        conv: u64,
+        seq: u64,
+        offset: u64,
+        slot: u64,
+    },
+    /// One row of the conversation index (`runs.rs`).
+    ConvRun {
+        conv: u64,
+        last_seq: u64,
+        value: &'a [u8],
+    },
+    Meta {
+        key: &'a str,
+        value: u64,
+    },
+    Conversation {
+        id: u64,
+        value: &'a [u8],
+    },
+    User {
+        role: &'a str,
+        id: &'a str,
+        value: &'a [u8],
+    },
+    UserConversation {
+        visitor: &'a str,
+        conv: u64,
+    },
+    ConsumerOffset {
+        consumer: &'a str,
+        offset: u64,
+    },
+    ConvChange {
+        offset: u64,
+        change: u8,
+    },
+    UserControl {
+        role: &'a str,
+        id: &'a str,
+        value: &'a [u8],
+    },
 }
 
 impl<'a> Op<'a> {
@@ -90,6 +129,12 @@ impl<'a> Op<'a> {
                 put_bytes(out, id.as_bytes());
                 put_bytes(out, value);
             }
+            Op::ConvRun { conv, last_seq, value } => {
+                out.push(10);
+                put_varint(out, conv);
+                put_varint(out, last_seq);
+                put_bytes(out, value);
+            }
         }
     }
 
@@ -113,6 +158,11 @@ impl<'a> Op<'a> {
             7 => Op::ConsumerOffset { consumer: c.str("consumer")?, offset: c.varint("offset")? },
             8 => Op::ConvChange { offset: c.varint("offset")?, change: c.byte("change")? },
             9 => Op::UserControl { role: c.str("role")?, id: c.str("id")?, value: c.bytes("value")? },
+            10 => Op::ConvRun {
+                conv: c.varint("conversation")?,
+                last_seq: c.varint("seq")?,
+                value: c.bytes("value")?,
+            },
             t => return Err(format!("unknown op tag {t}")),
         };
         Ok(Some(op))
@@ -126,7 +176,7 @@ impl<'a> Op<'a> {
 pub(crate) struct Tables<'t> {
     txn: &'t WriteTransaction,
     pub(crate) log: Table<'t, u64, &'static [u8]>,
-    pub(crate) conv_index: Table<'t, (u64, u64), (u64, u64)>,
+    pub(crate) conv_runs: Table<'t, (u64, u64), &'static [u8]>,
     meta: Table<'t, &'static str, u64>,
     conversations: Option<Table<'t, u64, &'static [u8]>>,
     users: Option<Table<'t, (&'static str, &'static str), &'static [u8]>>,
@@ -134,6 +184,7 @@ pub(crate) struct Tables<'t> {
     consumer_offsets: Option<Table<'t, &'static str, u64>>,
     conv_changes: Option<Table<'t, u64, u8>>,
     user_controls: Option<Table<'t, (&'static str, &'static str), &'static [u8]>>,
+    conv_index_v10: Option<Table<'t, (u64, u64), (u64, u64)>>,
     /// The redo record being built (`None`: a replay, which records
     /// nothing).
     redo: Option<Vec<u8>>,
@@ -146,7 +197,7 @@ impl<'t> Tables<'t> {
         Ok(Tables {
             txn,
             log: txn.open_table(tables::LOG).ctx("open table log")?,
-            conv_index: txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?,
+            conv_runs: txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?,
             meta: txn.open_table(tables::META).ctx("open table meta")?,
             conversations: None,
             users: None,
@@ -154,6 +205,7 @@ impl<'t> Tables<'t> {
             consumer_offsets: None,
             conv_changes: None,
             user_controls: None,
+            conv_index_v10: None,
             redo,
         })
     }
@@ -214,7 +266,12 @@ impl<'t> Tables<'t> {
                 self.log.insert(offset, value).ctx("insert log")?;
             }
             Op::ConvIndex { conv, seq, offset, slot } => {
-                self.conv_index.insert((conv, seq), (offset, slot)).ctx("insert conv_index")?;
+                lazily(&mut self.conv_index_v10, self.txn, tables::CONV_INDEX_V10, "open table conv_index")?
+                    .insert((conv, seq), (offset, slot))
+                    .ctx("insert conv_index")?;
+            }
+            Op::ConvRun { conv, last_seq, value } => {
+                self.conv_runs.insert((conv, last_seq), value).ctx("insert conv_runs")?;
             }
             Op::Meta { key, value } => {
                 self.meta.insert(key, value).ctx("write meta")?;
@@ -307,6 +364,7 @@ mod tests {
             Op::ConsumerOffset { consumer: "events", offset: 1 << 40 },
             Op::ConvChange { offset: 6, change: 2 },
             Op::UserControl { role: "agent", id: "a-1", value: b"" },
+            Op::ConvRun { conv: 3, last_seq: 9, value: b"\x06\x09\x07\x05\0\0\0" },
         ]
     }
 
@@ -345,7 +403,7 @@ mod tests {
                 tags.insert(one[0]);
             }
         }
-        assert_eq!(tags.into_iter().collect::<Vec<_>>(), (1..=9).collect::<Vec<u8>>());
+        assert_eq!(tags.into_iter().collect::<Vec<_>>(), (1..=10).collect::<Vec<u8>>());
     }
 
     #[test]

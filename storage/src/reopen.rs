@@ -38,7 +38,7 @@ const READERS_WAIT: Duration = Duration::from_millis(500);
 
 /// The database, swappable while the store is open, the handle on its
 /// file's write-behind layer (the writer's alone), and the index entries
-/// not yet in its `conv_index` (`tail.rs`), which go with it.
+/// not yet in its index table (`tail.rs`), which go with it.
 pub(crate) struct DbSlot {
     db: RwLock<Option<Arc<Database>>>,
     behind: Mutex<Behind>,

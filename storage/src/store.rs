@@ -100,7 +100,7 @@ pub struct StoreStats {
     /// caches (each at most `conv_cache_entries`: the shared one, and one
     /// per shard).
     pub reader_cache_entries: u64,
-    /// `conv_index` entries waiting in memory to go to the table together
+    /// Index entries waiting in memory to go to the table together
     /// (at most about `index_lag`; `tail.rs`).
     pub index_tail_entries: u64,
 }
@@ -595,10 +595,13 @@ fn init_tables(db: &Database, config: &StoreConfig, wal: Option<&mut Wal>) -> Re
         Some(wal) => wal::replay(&mut Tables::open(&txn, None)?, wal)?.records,
         None => 0,
     };
+    // After the replay: a version 10 log writes the index as version 10
+    // kept it.
+    upgrade::index_in_runs(&txn)?;
     let counters;
     {
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
-        txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+        txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?;
         let conversations = txn.open_table(tables::CONVERSATIONS).ctx("open table conversations")?;
         txn.open_table(tables::USERS).ctx("open table users")?;
         txn.open_table(tables::USER_CONVERSATIONS).ctx("open table user_conversations")?;

@@ -953,6 +953,72 @@ fn a_version_1_store_gets_its_visitor_index_at_open() {
     assert_eq!(r.conversations_of("v2", 5).unwrap().iter().map(|c| c.id).collect::<Vec<_>>(), [2]);
 }
 
+/// A version 10 store (an entry per row, 64-bit slots) opens with its
+/// index moved into runs and its slots cut: reads, dedupe and the next
+/// seqs are as before.
+#[test]
+fn a_version_10_store_moves_its_index_into_runs_at_open() {
+    use redb::ReadableDatabase as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig { index_batch: 4, ..config(dir.path()) };
+    let append = |store: &Store, token: u64, conv: u64, cid: &str| {
+        write(store, token, WriteOp::AppendMessage(message(conv, &format!("v{conv}"), cid, "hi")))
+            .result
+            .unwrap()
+    };
+    let before = {
+        let (store, _) = open(cfg.clone());
+        for i in 0..70 {
+            append(&store, i, 1, &format!("a{i}"));
+        }
+        append(&store, 100, 2, "b0");
+        (store.reader().history(1, None, 100).unwrap(), store.reader().scan(0, 100).unwrap())
+    };
+    {
+        let db = redb::Database::create(cfg.db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        index_to_v10(&txn);
+        txn.open_table(tables::META).unwrap().insert(tables::META_SCHEMA, 10).unwrap();
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(cfg.clone());
+    let r = store.reader();
+    assert_eq!(r.history(1, None, 100).unwrap(), before.0);
+    assert_eq!(r.scan(0, 100).unwrap(), before.1);
+    assert_eq!(r.dedupe(Role::Visitor, "v1", 1, "a3").unwrap().map(|h| h.seq), Some(4));
+    let again = append(&store, 200, 1, "a69");
+    assert!(again.duplicate && again.seq == 70, "{again:?}");
+    assert_eq!(append(&store, 201, 2, "b1").seq, 2);
+    drop((r, store));
+    let rows = table_rows(&cfg.db_path(), 1);
+    assert_eq!(rows.iter().map(Vec::len).collect::<Vec<_>>(), [64, 6], "runs of at most 64");
+    let db = redb::Database::create(cfg.db_path()).unwrap();
+    assert_eq!(schema_version(&db), tables::SCHEMA_VERSION);
+    let txn = db.begin_read().unwrap();
+    assert!(txn.open_table(tables::CONV_INDEX_V10).is_err(), "version 10's table is gone");
+}
+
+/// Moves `conv_runs` back into version 10's `conv_index`, an entry per
+/// row, each slot with high bits set as a version 10 slot has them (the
+/// upgrade cuts them off).
+fn index_to_v10(txn: &redb::WriteTransaction) {
+    use redb::ReadableTable as _;
+    let mut entries = Vec::new();
+    for row in txn.open_table(tables::CONV_RUNS).unwrap().iter().unwrap() {
+        let (k, v) = row.unwrap();
+        let (conv, last) = k.value();
+        let mut run = Vec::new();
+        crate::runs::decode(conv, last, v.value(), &mut run).unwrap();
+        entries
+            .extend(run.into_iter().map(|(seq, offset, slot)| ((conv, seq), (offset, slot | 0x5eed << 40))));
+    }
+    txn.delete_table(tables::CONV_RUNS).unwrap();
+    let mut old = txn.open_table(tables::CONV_INDEX_V10).unwrap();
+    for (key, value) in entries {
+        old.insert(key, value).unwrap();
+    }
+}
+
 /// Rewrites every message of `log` as a format 1 archive of the same
 /// record, as every store before version 6 holds them. Returns how many.
 fn messages_to_format_1(log: &mut redb::Table<u64, &[u8]>) -> usize {
@@ -1031,9 +1097,10 @@ fn downgrade_to_v2(dir: &std::path::Path) {
         };
         meta.insert(tables::META_SCHEMA, 2).unwrap();
         states_to_format_1(&txn);
+        index_to_v10(&txn);
         let mut log = txn.open_table(tables::LOG).unwrap();
         messages_to_format_1(&mut log);
-        let mut index = txn.open_table(tables::CONV_INDEX).unwrap();
+        let mut index = txn.open_table(tables::CONV_INDEX_V10).unwrap();
         let entries: Vec<((u64, u64), u64)> =
             index.iter().unwrap().map(|e| e.unwrap()).map(|(k, v)| (k.value(), v.value().0)).collect();
         for (at, offset) in entries {
@@ -1595,7 +1662,7 @@ fn dump(path: &std::path::Path) -> Vec<String> {
     let txn = db.begin_read().unwrap();
     let mut out = Vec::new();
     table(&txn, tables::LOG, &mut out);
-    table(&txn, tables::CONV_INDEX, &mut out);
+    table(&txn, tables::CONV_RUNS, &mut out);
     table(&txn, tables::CONVERSATIONS, &mut out);
     table(&txn, tables::USERS, &mut out);
     table(&txn, tables::USER_CONVERSATIONS, &mut out);
@@ -1751,23 +1818,36 @@ fn seqs_of(store: &Store, conv: u64) -> Vec<u64> {
     store.reader().after(conv, 0, 10_000).unwrap().iter().map(|m| m.record.seq).collect()
 }
 
-/// What `conv_index` itself holds for `conv` (not the tails): read from a
-/// closed store's file.
+/// What the conversation index itself holds for `conv` (not the tails):
+/// read from a closed store's file.
 fn table_seqs(path: &std::path::Path, conv: u64) -> Vec<u64> {
+    table_rows(path, conv).into_iter().flatten().collect()
+}
+
+/// The seqs of each of `conv`'s rows in the conversation index, read from
+/// a closed store's file.
+fn table_rows(path: &std::path::Path, conv: u64) -> Vec<Vec<u64>> {
     use redb::ReadableDatabase;
     let db = redb::Database::create(path).unwrap();
     let txn = db.begin_read().unwrap();
-    let index = txn.open_table(tables::CONV_INDEX).unwrap();
-    index.range((conv, 0)..=(conv, u64::MAX)).unwrap().map(|e| e.unwrap().0.value().1).collect()
+    let index = txn.open_table(tables::CONV_RUNS).unwrap();
+    let rows = index.range((conv, 0)..=(conv, u64::MAX)).unwrap().map(|row| {
+        let (k, v) = row.unwrap();
+        let mut run = Vec::new();
+        crate::runs::decode(conv, k.value().1, v.value(), &mut run).unwrap();
+        run.into_iter().map(|(seq, _, _)| seq).collect()
+    });
+    rows.collect()
 }
 
-/// Index entries wait in memory (`tail.rs`) and go to `conv_index` a
+/// Index entries wait in memory (`tail.rs`) and go to the table a
 /// batch at a time; every read sees them meanwhile, a crash loses none
 /// (open rebuilds them from the log), and a clean close writes them all.
 #[test]
 fn index_entries_wait_in_their_tail_and_a_crash_rebuilds_them() {
     let dir = tempfile::tempdir().unwrap();
     let crashed = tempfile::tempdir().unwrap();
+    let crashed_again = tempfile::tempdir().unwrap();
     let cfg = StoreConfig { checkpoint_ms: 600_000, index_batch: 4, index_lag: 1_000, ..config(dir.path()) };
     let append = |store: &Store, token: u64, conv: u64, cid: &str| {
         write(store, token, WriteOp::AppendMessage(message(conv, &format!("v{conv}"), cid, "hi")))
@@ -1807,6 +1887,7 @@ fn index_entries_wait_in_their_tail_and_a_crash_rebuilds_them() {
     }
     assert_eq!(table_seqs(&cfg.db_path(), 1), [1, 2, 3, 4, 5, 6], "a clean close writes every tail");
     assert_eq!(table_seqs(&cfg.db_path(), 2), [1, 2, 3]);
+    assert_eq!(table_rows(&cfg.db_path(), 1), [vec![1, 2, 3, 4], vec![5, 6]], "a row per write");
     let cfg = StoreConfig { dir: crashed.path().to_path_buf(), ..cfg };
     {
         let (store, recovery) = open(cfg.clone());
@@ -1820,6 +1901,20 @@ fn index_entries_wait_in_their_tail_and_a_crash_rebuilds_them() {
         assert_eq!(append(&store, 21, 2, "b3").seq, 4, "the next seq follows the tail");
         assert_eq!(store.stats().index_tail_entries, 2, "conversation 2 reached the batch; 1's two wait");
         assert_eq!(seqs_of(&store, 2), [1, 2, 3, 4]);
+        copy_store(crashed.path(), crashed_again.path());
+    }
+    {
+        // Conversation 2's four are in the table, and past `index_from`
+        // (conversation 1's tail): the rebuilt tail holds them again, and
+        // its next write adds only what the table lacks.
+        let cfg = StoreConfig { dir: crashed_again.path().to_path_buf(), ..cfg.clone() };
+        let (store, _) = open(cfg.clone());
+        assert_eq!(store.stats().index_tail_entries, 6);
+        assert_eq!(seqs_of(&store, 2), [1, 2, 3, 4]);
+        assert_eq!(append(&store, 22, 2, "b4").seq, 5);
+        assert_eq!(seqs_of(&store, 2), [1, 2, 3, 4, 5]);
+        drop(store);
+        assert_eq!(table_rows(&cfg.db_path(), 2), [vec![1, 2, 3, 4], vec![5]], "rows never overlap");
     }
     let (store, recovery) = open(cfg.clone());
     assert!(!recovery.unclean_shutdown);

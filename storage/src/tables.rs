@@ -3,7 +3,7 @@
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | `log` | global offset, from 0, no gaps | a message, a conversation's state, a profile or a read mark in its compact format (`compact.rs`, `compact_state.rs`), a presence change as its [`LogRecord`](crate::LogRecord) archive |
-//! | `conv_index` | (conversation, seq) | (offset in `log`, dedupe slot of the message's sender role, sender id and cid); a conversation's newest entries wait in memory and go in together (`tail.rs`) |
+//! | `conv_runs` | (conversation, last seq of the run) | a run of the conversation's index entries (`runs.rs`): each message's seq, offset in `log`, and dedupe slot of its sender role, sender id and cid; a conversation's newest entries wait in memory and go in together (`tail.rs`). Until schema version 10: `conv_index`, (conversation, seq) → (offset, slot) |
 //! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) in its compact format (`compact_state.rs`; archives before schema version 8) |
 //! | `users` | (role, user id) | [`UserRecord`](crate::UserRecord) in its compact format (likewise) |
 //! | `user_conversations` | (visitor id, conversation id) | nothing: the key is the index |
@@ -21,18 +21,25 @@
 //! alone.
 //!
 //! An append inserts into two B-trees: `log`, whose keys only grow (cheap:
-//! it fills pages in order), and `conv_index`, whose keys are spread over
-//! every active conversation, so each commit rewrites about one index page
-//! per conversation it touched. Those rewrites are what limits throughput
-//! (see BENCHMARKS.md), which is why the cid dedupe index is not a third
-//! tree but a column of `conv_index` (see `dedupe.rs`), and why a
-//! conversation's entries wait in memory and go in `index_batch` at a time
-//! (`tail.rs`).
+//! it fills pages in order), and the conversation index, whose keys are
+//! spread over every active conversation, so each write to it rewrites
+//! about one page per conversation it touched. Those rewrites are what
+//! limits throughput (see BENCHMARKS.md), which is why the cid dedupe
+//! index is not a third tree but a column of the conversation index (see
+//! `dedupe.rs`), why a conversation's entries wait in memory and go in
+//! `index_batch` at a time (`tail.rs`), and why those go in as one row
+//! (`runs.rs`).
 
 use redb::TableDefinition;
 
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-pub(crate) const CONV_INDEX: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("conv_index");
+/// The conversation index, in runs (`runs.rs`).
+pub(crate) const CONV_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("conv_runs");
+/// The conversation index until schema version 10, an entry per row:
+/// (conversation, seq) → (offset, slot). Only upgrades, and the replay of
+/// a version 10 write-ahead log, still write it; open moves what it holds
+/// into `conv_runs` (`upgrade::index_in_runs`).
+pub(crate) const CONV_INDEX_V10: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("conv_index");
 pub(crate) const CONVERSATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("conversations");
 pub(crate) const USERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("users");
 pub(crate) const USER_CONVERSATIONS: TableDefinition<(&str, u64), ()> =
@@ -61,7 +68,7 @@ pub(crate) const META_DEDUPE_K1: &str = "dedupe_k1";
 /// `meta` key: 1 while a process has the store open, 0 after a clean close.
 pub(crate) const META_OPEN: &str = "open";
 
-/// `meta` key: the offset of the oldest message whose `conv_index` entry
+/// `meta` key: the offset of the oldest message whose index entry
 /// is not in the table but in memory (`tail.rs`); open rebuilds those from
 /// the log from here. Absent: every entry is in the table.
 pub(crate) const META_INDEX_FROM: &str = "index_from";
@@ -79,6 +86,7 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// in their compact formats (bytes 3 to 5), which a build reading 7 could
 /// not read; 9 keeps the log's odd cycles in a second file; 10 may hold
 /// `conv_index` entries only in the log's messages (`meta.index_from`),
-/// which a build reading 9 would not look for.
+/// which a build reading 9 would not look for; 11 keeps the conversation
+/// index in runs, `conv_runs`, which a build reading 10 would not find.
 /// An older store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 10;
+pub(crate) const SCHEMA_VERSION: u64 = 11;

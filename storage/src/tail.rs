@@ -1,8 +1,8 @@
-//! The index's tail: a conversation's newest `conv_index` entries, held in
-//! memory until enough of them can go to the table together.
+//! The index's tail: a conversation's newest index entries, held in
+//! memory until enough of them can go to the table (`conv_runs`) together.
 //!
-//! `conv_index` is keyed by (conversation, seq), so at 15,000 open
-//! conversations each message dirties a leaf no other message of its
+//! The index is keyed by conversation, so at 15,000 open conversations
+//! each message written at once dirties a leaf no other message of its
 //! commit shares, and every checkpoint writes each of those pages again:
 //! the index was most of a checkpoint's ~870 pages, and its inserts a
 //! quarter of the writer's CPU (BENCHMARKS.md, issue 11, "the index's
@@ -10,14 +10,16 @@
 //! waits here; a conversation's entries go to the table together, in the
 //! group commit that brings its tail to `index_batch` entries, or that
 //! finds its oldest entry `index_lag` records behind the log's end, or
-//! that closes it. One leaf write then serves many messages.
+//! that closes it. One leaf write, and one row (`runs.rs`), then serves
+//! many messages.
 //!
 //! Nothing acknowledged depends on this memory. The log records are the
 //! truth (each message record holds its conversation, seq, sender and
 //! cid, so its entry can be computed again), and `meta.index_from` — the
 //! offset of the oldest entry not in the table, written by each group
-//! commit that moves it, in the same transaction as the entries — says where the entries the table lacks begin: open (and a
-//! reopen after a failed commit) reads the log from there and rebuilds
+//! commit that moves it, in the same transaction as the entries — says
+//! where the entries the table lacks begin: open (and a reopen after a
+//! failed commit) reads the log from there and rebuilds
 //! the tail, at most `index_lag` records plus a batch.
 //!
 //! Readers see the table and the tail as one index: the table's entries
@@ -47,9 +49,10 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use crate::dedupe::{DedupeKey, U64Map};
 use crate::error::{IoContext, StorageError};
 use crate::record::{LogView, access_log};
+use crate::runs::{self, Entry};
 use crate::tables;
 
-/// One conversation's entries not in `conv_index`, in seq order. Seqs
+/// One conversation's entries not in the table, in seq order. Seqs
 /// follow each other, except where open found a log record it could not
 /// read (`Tails::rebuild`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -101,26 +104,16 @@ impl TailView {
 pub(crate) type Entries<'a> = Box<dyn DoubleEndedIterator<Item = Result<(u64, u64, u64), StorageError>> + 'a>;
 
 /// A conversation's index entries with seq in `lo..=hi`, as `(seq, offset,
-/// slot)` in seq order: the tail's, and those of `conv_index` at every
+/// slot)` in seq order: the tail's, and the table's at every
 /// other seq. Double-ended, for newest-first reads.
 pub(crate) fn entries<'a>(
-    index: &'a impl ReadableTable<(u64, u64), (u64, u64)>,
+    index: &'a impl ReadableTable<(u64, u64), &'static [u8]>,
     tail: &'a TailView,
     conv: u64,
     lo: u64,
     hi: u64,
 ) -> Result<Entries<'a>, StorageError> {
-    let range = |from: u64, to: u64| -> Result<_, StorageError> {
-        let part = match from <= to {
-            true => Some(index.range((conv, from)..=(conv, to)).ctx("read conv_index")?),
-            false => None,
-        };
-        Ok(part.into_iter().flatten().map(|entry| {
-            let (key, value) = entry.ctx("read conv_index")?;
-            let (offset, slot) = value.value();
-            Ok((key.value().1, offset, slot))
-        }))
-    };
+    let range = |from: u64, to: u64| runs::entries(index, conv, from, to);
     let in_range = move |&(seq, _, _): &(u64, u64, u64)| lo <= seq && seq <= hi;
     let (Some(first), Some(last)) = (tail.first_seq(), tail.last_seq()) else {
         return Ok(Box::new(range(lo, hi)?));
@@ -149,11 +142,11 @@ pub(crate) fn entries<'a>(
 /// A conversation's last seq (0: no messages): the table's or its tail's
 /// (`tail_last`), whichever is higher.
 pub(crate) fn last_seq(
-    index: &impl ReadableTable<(u64, u64), (u64, u64)>,
+    index: &impl ReadableTable<(u64, u64), &'static [u8]>,
     conv: u64,
     tail_last: Option<u64>,
 ) -> Result<u64, StorageError> {
-    Ok(crate::reader::last_seq_in(index, conv)?.max(tail_last.unwrap_or(0)))
+    Ok(runs::last_seq(index, conv)?.max(tail_last.unwrap_or(0)))
 }
 
 /// An entry this group commit made, in the order it made them.
@@ -169,7 +162,7 @@ pub(crate) struct Staged {
 #[derive(Debug, Default)]
 pub(crate) struct Plan {
     /// Conversations whose every entry (tail and staged) the commit wrote
-    /// to `conv_index`.
+    /// to the table.
     flushed: Vec<u64>,
     /// `meta.index_from` as the commit wrote it.
     pub(crate) index_from: u64,
@@ -283,17 +276,17 @@ impl Tails {
     }
 
     /// Decides which conversations this group commit writes to
-    /// `conv_index` — those whose tail and `staged` entries reach
+    /// the table — those whose tail and `staged` entries reach
     /// `index_batch`, those in `closing`, and those whose oldest entry is
-    /// `index_lag` records behind `next_offset` — and writes their entries
-    /// with `put`. Changes no tail: [`Self::apply`] does, once the commit
-    /// returned.
+    /// `index_lag` records behind `next_offset` — and calls `put` once for
+    /// each, with its entries in seq order. Changes no tail:
+    /// [`Self::apply`] does, once the commit returned.
     pub(crate) fn plan(
         &self,
         staged: &[Staged],
         closing: &[u64],
         next_offset: u64,
-        mut put: impl FnMut(Staged) -> Result<(), StorageError>,
+        mut put: impl FnMut(u64, &[Entry]) -> Result<(), StorageError>,
     ) -> Result<Plan, StorageError> {
         // The tails' own entries are copied out under the lock and written
         // after it is let go: readers do not wait for redb's inserts.
@@ -348,8 +341,13 @@ impl Tails {
             (flushed, index_from)
         };
         writes.extend(staged.iter().filter(|s| flushed.binary_search(&s.conv).is_ok()));
-        for w in writes {
-            put(w)?;
+        // A tail's entries come before its conversation's staged ones.
+        writes.sort_by_key(|w| (w.conv, w.seq));
+        let mut run: Vec<Entry> = Vec::new();
+        for one in writes.chunk_by(|a, b| a.conv == b.conv) {
+            run.clear();
+            run.extend(one.iter().map(|w| (w.seq, w.offset, w.slot)));
+            put(one[0].conv, &run)?;
         }
         Ok(Plan { flushed, index_from })
     }
@@ -448,6 +446,13 @@ mod tests {
         Tails::new(DedupeKey { k0: 1, k1: 2 }, TailLimits { batch, lag }, Arc::default())
     }
 
+    /// Writes `run` as one row of `conv`'s.
+    fn put_run(index: &mut redb::Table<'_, (u64, u64), &'static [u8]>, conv: u64, run: &[Entry]) {
+        let mut value = Vec::new();
+        runs::encode(run, &mut value);
+        index.insert((conv, run[run.len() - 1].0), value.as_slice()).unwrap();
+    }
+
     fn staged(conv: u64, seq: u64, offset: u64) -> Staged {
         Staged { conv, seq, offset, slot: conv * 1000 + seq }
     }
@@ -456,8 +461,8 @@ mod tests {
     fn commit(t: &Tails, batch: &[Staged], closing: &[u64], next_offset: u64) -> (Vec<Staged>, u64) {
         let mut written = Vec::new();
         let plan = t
-            .plan(batch, closing, next_offset, |s| {
-                written.push(s);
+            .plan(batch, closing, next_offset, |conv, run| {
+                written.extend(run.iter().map(|&(seq, offset, slot)| Staged { conv, seq, offset, slot }));
                 Ok(())
             })
             .unwrap();
@@ -515,12 +520,10 @@ mod tests {
         let db = Database::create(dir.path().join("t.redb")).unwrap();
         let txn = db.begin_write().unwrap();
         {
-            let mut index = txn.open_table(tables::CONV_INDEX).unwrap();
-            for seq in 1..=4 {
-                index.insert((7, seq), (seq * 10, seq)).unwrap();
-            }
+            let mut index = txn.open_table(tables::CONV_RUNS).unwrap();
+            put_run(&mut index, 7, &(1..=4).map(|seq| (seq, seq * 10, seq)).collect::<Vec<_>>());
             // A flushed entry the tail copy still holds: the copy wins.
-            index.insert((7, 5), (999, 999)).unwrap();
+            put_run(&mut index, 7, &[(5, 999, 999)]);
         }
         txn.commit().unwrap();
         let mut tail = TailView::default();
@@ -529,12 +532,12 @@ mod tests {
         let txn = db.begin_write().unwrap();
         {
             // Past the tail too: a tail rebuilt without a damaged record.
-            let mut index = txn.open_table(tables::CONV_INDEX).unwrap();
-            index.insert((7, 7), (70, 7)).unwrap();
+            let mut index = txn.open_table(tables::CONV_RUNS).unwrap();
+            put_run(&mut index, 7, &[(7, 70, 7)]);
         }
         txn.commit().unwrap();
         let txn = db.begin_read().unwrap();
-        let index = txn.open_table(tables::CONV_INDEX).unwrap();
+        let index = txn.open_table(tables::CONV_RUNS).unwrap();
         let all: Vec<_> = entries(&index, &tail, 7, 0, u64::MAX).unwrap().map(Result::unwrap).collect();
         assert_eq!(all, (1..=7).map(|s| (s, s * 10, s)).collect::<Vec<_>>());
         let newest: Vec<_> = entries(&index, &tail, 7, 3, 5).unwrap().rev().map(|e| e.unwrap().0).collect();
@@ -569,7 +572,7 @@ mod tests {
             log.insert(3, record(1, 3).as_slice()).unwrap(); // a repeat
             log.insert(4, record(2, 1).as_slice()).unwrap();
             // (1, 2) had gone to the table before the crash.
-            txn.open_table(tables::CONV_INDEX).unwrap().insert((1, 2), (1, 9)).unwrap();
+            put_run(&mut txn.open_table(tables::CONV_RUNS).unwrap(), 1, &[(2, 1, 9)]);
             txn.open_table(tables::META).unwrap().insert(tables::META_INDEX_FROM, 0).unwrap();
         }
         txn.commit().unwrap();
@@ -579,7 +582,7 @@ mod tests {
         assert_eq!(one.iter().map(|(seq, offset, _)| (seq, offset)).collect::<Vec<_>>(), [(1, 0), (3, 2)]);
         assert_eq!(tails.view(2).last_seq(), Some(1));
         let txn = db.begin_read().unwrap();
-        let index = txn.open_table(tables::CONV_INDEX).unwrap();
+        let index = txn.open_table(tables::CONV_RUNS).unwrap();
         let read: Vec<_> = entries(&index, &one, 1, 0, u64::MAX).unwrap().map(|e| e.unwrap().1).collect();
         assert_eq!(read, [0, 1, 2], "seq 2 from the table, where it still reads as damaged");
         assert_eq!(last_seq(&index, 1, one.last_seq()).unwrap(), 3);

@@ -43,6 +43,12 @@
 //!   memory and in the log's message records, from `meta.index_from` on
 //!   (`tail.rs`). A version 9 store has every entry in the table and no
 //!   `index_from`: the step is the version.
+//! - 10 → 11: the conversation index is `conv_runs`, a row per run of a
+//!   conversation's entries (`runs.rs`), and a dedupe slot is 32 bits.
+//!   [`index_in_runs`] moves `conv_index` into it, cutting each slot, and
+//!   deletes it. It runs after the write-ahead log's replay (a version 10
+//!   log writes `conv_index` entries), so `Store::open` calls it on its
+//!   own, not from [`upgrade`].
 
 use std::collections::HashMap;
 
@@ -52,6 +58,7 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransacti
 use crate::dedupe::DedupeKey;
 use crate::error::{IoContext, StorageError};
 use crate::record::{ConvChange, LogView, access_conversation, access_log, access_user};
+use crate::runs;
 use crate::tables;
 
 /// `users` up to version 2: keyed by user id alone.
@@ -59,7 +66,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 9) to
+/// Upgrades a store at version `from` (1 to 10) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {
@@ -116,12 +123,57 @@ fn dedupe_key(txn: &WriteTransaction) -> Result<DedupeKey, StorageError> {
     }
 }
 
+/// Moves every entry of `conv_index` (schema version 10 and before, and
+/// what a version 10 write-ahead log replayed into it) into `conv_runs`,
+/// each conversation's entries in runs of [`runs::MAX_RUN`], and deletes
+/// it. A store without it (created at version 11, or moved already) is
+/// left as it is. Only the seqs past a conversation's last row in
+/// `conv_runs` move: rows never overlap.
+pub(crate) fn index_in_runs(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let mut moved = 0u64;
+    {
+        let old = txn.open_table(tables::CONV_INDEX_V10).ctx("open table conv_index")?;
+        if old.is_empty().ctx("read conv_index")? {
+            drop(old);
+            txn.delete_table(tables::CONV_INDEX_V10).ctx("delete table conv_index")?;
+            return Ok(());
+        }
+        let mut new = txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?;
+        let (mut conv, mut run, mut buf) = (None, Vec::new(), Vec::new());
+        let mut flush = |conv: u64, run: &mut Vec<runs::Entry>| -> Result<(), StorageError> {
+            let fresh = runs::fresh(run, runs::last_seq(&new, conv)?);
+            moved += fresh.len() as u64;
+            runs::rows(fresh, &mut buf, |last, value| {
+                new.insert((conv, last), value).ctx("write conv_runs")?;
+                Ok(())
+            })?;
+            run.clear();
+            Ok(())
+        };
+        for entry in old.iter().ctx("read conv_index")? {
+            let (k, v) = entry.ctx("read conv_index")?;
+            let ((c, seq), (offset, slot)) = (k.value(), v.value());
+            if let Some(before) = conv.filter(|&before| before != c) {
+                flush(before, &mut run)?;
+            }
+            conv = Some(c);
+            run.push((seq, offset, slot & u64::from(u32::MAX)));
+        }
+        if let Some(c) = conv {
+            flush(c, &mut run)?;
+        }
+    }
+    txn.delete_table(tables::CONV_INDEX_V10).ctx("delete table conv_index")?;
+    tracing::info!(entries = moved, "storage moved the conversation index into runs");
+    Ok(())
+}
+
 /// Sets every `conv_index` slot from the message it points at, walking the
 /// log once (in offset order, so the index pages are touched as they come).
 /// Each message must already be indexed at its offset, and nothing else.
 fn reslot_conv_index(txn: &WriteTransaction, key: &DedupeKey) -> Result<(), StorageError> {
     let log = txn.open_table(tables::LOG).ctx("open table log")?;
-    let mut index = txn.open_table(tables::CONV_INDEX).ctx("open table conv_index")?;
+    let mut index = txn.open_table(tables::CONV_INDEX_V10).ctx("open table conv_index")?;
     let mut messages = 0u64;
     for entry in log.iter().ctx("read log")? {
         let (k, v) = entry.ctx("read log")?;
@@ -198,4 +250,52 @@ fn v3_to_v4(txn: &WriteTransaction) -> Result<(), StorageError> {
         last.insert(c.id, (status, agent.map(str::to_string)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::{Database, ReadableDatabase};
+
+    use super::*;
+    use crate::redo::{Op, Tables, replay_record};
+
+    /// A version 10 write-ahead log's index entries, replayed at open into
+    /// version 10's table, move into runs after the rows already there.
+    #[test]
+    fn a_version_10_logs_index_entries_move_into_runs_after_its_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut row = Vec::new();
+            runs::encode(&[(1, 10, 1), (2, 11, 2)], &mut row);
+            txn.open_table(tables::CONV_RUNS).unwrap().insert((5, 2), row.as_slice()).unwrap();
+            let mut record = Vec::new();
+            for (seq, offset) in [(2, 11), (3, 12), (4, 13)] {
+                Op::ConvIndex { conv: 5, seq, offset, slot: 0xffff_0000_0000_0000 | seq }.encode(&mut record);
+            }
+            Op::ConvIndex { conv: 6, seq: 1, offset: 14, slot: 9 }.encode(&mut record);
+            assert_eq!(replay_record(&mut Tables::open(&txn, None).unwrap(), &record).unwrap(), 4);
+            index_in_runs(&txn).unwrap();
+        }
+        txn.commit().unwrap();
+        let txn = db.begin_read().unwrap();
+        assert!(txn.open_table(tables::CONV_INDEX_V10).is_err(), "deleted once moved");
+        let index = txn.open_table(tables::CONV_RUNS).unwrap();
+        let five: Vec<_> = runs::entries(&index, 5, 0, u64::MAX).unwrap().map(Result::unwrap).collect();
+        assert_eq!(five, [(1, 10, 1), (2, 11, 2), (3, 12, 3), (4, 13, 4)], "seq 2 once, slots cut");
+        let six: Vec<_> = runs::entries(&index, 6, 0, u64::MAX).unwrap().map(Result::unwrap).collect();
+        assert_eq!(six, [(1, 14, 9)]);
+    }
+
+    #[test]
+    fn a_store_without_version_10s_table_is_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        index_in_runs(&txn).unwrap();
+        txn.commit().unwrap();
+        let txn = db.begin_read().unwrap();
+        assert!(txn.open_table(tables::CONV_INDEX_V10).is_err());
+    }
 }

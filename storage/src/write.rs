@@ -232,7 +232,7 @@ pub(crate) struct WriteStats {
     pub(crate) writer_cache_entries: Arc<AtomicUsize>,
     /// Dedupe slots the readers' caches hold in memory, all of them.
     pub(crate) reader_cache_entries: Arc<AtomicUsize>,
-    /// `conv_index` entries waiting in memory (`tail.rs`).
+    /// Index entries waiting in memory (`tail.rs`).
     pub(crate) index_tail_entries: Arc<AtomicUsize>,
 }
 

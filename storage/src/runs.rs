@@ -1,0 +1,250 @@
+//! The conversation index in runs: one `conv_runs` row holds a run of a
+//! conversation's index entries, those one group commit wrote together
+//! (`tail.rs`).
+//!
+//! Until schema version 10 each message had a row of its own, (conversation,
+//! seq) → (offset, dedupe slot): 32 bytes of key and value, and as much
+//! again of a leaf left half empty, because the keys arrive spread over
+//! every open conversation (BENCHMARKS.md, "Bytes on disk per message").
+//! Since the tails write a conversation's entries `index_batch` at a time,
+//! a run costs one key for all of them, and an entry is a seq step, an
+//! offset step and the slot's 4 bytes: about 7 bytes.
+//!
+//! A row is keyed by (conversation, the run's last seq), so a
+//! conversation's last seq is the key of its last row, and the row that
+//! holds seq `s`, if any, is the first at or after (conversation, `s`).
+//! Its value is [`FORMAT_RUN`], then per entry in seq order: the seq's
+//! step from the entry before (the first entry's: from 0) and the
+//! offset's likewise (wrapping, so any offset encodes), as varints, and
+//! the slot, 4 bytes little-endian.
+//!
+//! Rows of one conversation never overlap: a run holds only the seqs past
+//! the conversation's last row ([`fresh`]). A run is at most [`MAX_RUN`]
+//! entries, so reading one seq decodes at most that many.
+
+use redb::ReadableTable;
+
+use crate::compact::{Cursor, put_varint};
+use crate::error::{IoContext, StorageError};
+
+/// The format byte of a run (see `record.rs` for the others).
+pub(crate) const FORMAT_RUN: u8 = 6;
+
+/// The most entries one row holds: a row of 64 is ~450 bytes, a ninth of
+/// a page, and a read of one seq decodes no more.
+pub(crate) const MAX_RUN: usize = 64;
+
+/// An index entry: (seq, offset in the log, dedupe slot).
+pub(crate) type Entry = (u64, u64, u64);
+
+/// The table's name, for errors.
+const TABLE: &str = "conv_runs";
+
+/// Appends the row value of `run` (seqs growing) to `out`.
+pub(crate) fn encode(run: &[Entry], out: &mut Vec<u8>) {
+    out.push(FORMAT_RUN);
+    let (mut seq_before, mut offset_before) = (0u64, 0u64);
+    for &(seq, offset, slot) in run {
+        put_varint(out, seq - seq_before);
+        put_varint(out, offset.wrapping_sub(offset_before));
+        // Slots are 32 bits (`DedupeKey::slot`); nothing above is lost.
+        out.extend_from_slice(&(slot as u32).to_le_bytes());
+        (seq_before, offset_before) = (seq, offset);
+    }
+}
+
+/// Appends the entries of the row keyed (`conv`, `last`) to `out`.
+pub(crate) fn decode(conv: u64, last: u64, value: &[u8], out: &mut Vec<Entry>) -> Result<(), StorageError> {
+    let corrupt =
+        |message: String| StorageError::Corrupt { table: TABLE, key: format!("({conv}, {last})"), message };
+    let mut c = match value.split_first() {
+        Some((&FORMAT_RUN, rest)) => Cursor { bytes: rest },
+        Some((b, _)) => return Err(corrupt(format!("format byte {b}, not {FORMAT_RUN}"))),
+        None => return Err(corrupt("empty".into())),
+    };
+    let start = out.len();
+    let (mut seq, mut offset) = (0u64, 0u64);
+    while !c.bytes.is_empty() {
+        let step = c.varint("seq step").map_err(corrupt)?;
+        seq = match seq.checked_add(step) {
+            Some(next) if step > 0 => next,
+            _ => return Err(corrupt(format!("a seq step of {step} after seq {seq}"))),
+        };
+        offset = offset.wrapping_add(c.varint("offset step").map_err(corrupt)?);
+        let slot = c.u32_le("slot").map_err(corrupt)?;
+        out.push((seq, offset, u64::from(slot)));
+    }
+    if out.len() == start || seq != last {
+        return Err(corrupt(format!("its entries end at seq {seq}, not at its key's")));
+    }
+    Ok(())
+}
+
+/// The entries of `entries` (seqs growing) that go in a row past the
+/// conversation's last one, `last`: those the table lacks.
+pub(crate) fn fresh(entries: &[Entry], last: u64) -> &[Entry] {
+    &entries[entries.partition_point(|&(seq, _, _)| seq <= last)..]
+}
+
+/// Calls `put` with the key's last seq and the value of each row that
+/// holds `entries` (seqs growing), [`MAX_RUN`] to a row.
+pub(crate) fn rows(
+    entries: &[Entry],
+    buf: &mut Vec<u8>,
+    mut put: impl FnMut(u64, &[u8]) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    for run in entries.chunks(MAX_RUN) {
+        buf.clear();
+        encode(run, buf);
+        put(run[run.len() - 1].0, buf)?;
+    }
+    Ok(())
+}
+
+/// A conversation's last seq in the table (0: none).
+pub(crate) fn last_seq(
+    index: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    conv: u64,
+) -> Result<u64, StorageError> {
+    match index.range((conv, 0)..=(conv, u64::MAX)).ctx("read conv_runs")?.next_back() {
+        Some(row) => Ok(row.ctx("read conv_runs")?.0.value().1),
+        None => Ok(0),
+    }
+}
+
+/// The table's entries of `conv` with seq in `lo..=hi`, in seq order;
+/// double-ended, for newest-first reads.
+pub(crate) fn entries<'a>(
+    index: &'a impl ReadableTable<(u64, u64), &'static [u8]>,
+    conv: u64,
+    lo: u64,
+    hi: u64,
+) -> Result<impl DoubleEndedIterator<Item = Result<Entry, StorageError>> + 'a, StorageError> {
+    // The rows whose last seq is in range, then the first row past it,
+    // which may begin at or below `hi`.
+    let (within, after) = match lo <= hi {
+        true => {
+            let within = index.range((conv, lo)..=(conv, hi)).ctx("read conv_runs")?;
+            let after = match hi.checked_add(1) {
+                Some(next) => index.range((conv, next)..=(conv, u64::MAX)).ctx("read conv_runs")?.next(),
+                None => None,
+            };
+            (Some(within), after)
+        }
+        false => (None, None),
+    };
+    Ok(within.into_iter().flatten().chain(after).flat_map(move |row| {
+        let mut run = Vec::new();
+        let decoded = row.ctx("read conv_runs").and_then(|(key, value)| {
+            let (_, last) = key.value();
+            decode(conv, last, value.value(), &mut run)
+        });
+        let in_range = run.into_iter().filter(move |&(seq, _, _)| lo <= seq && seq <= hi).map(Ok);
+        // A row that does not decode is one error where its entries were.
+        in_range.chain(decoded.err().map(Err))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::{Database, ReadableDatabase, TableDefinition};
+
+    use super::*;
+
+    const T: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("t");
+
+    fn value(run: &[Entry]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(run, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_run_reads_back_and_costs_about_seven_bytes_an_entry() {
+        let run: Vec<Entry> = (0..32).map(|i| (1000 + i, 5_000_000 + 2_000 * i, 0xdead_beef ^ i)).collect();
+        let bytes = value(&run);
+        let mut back = Vec::new();
+        decode(9, 1031, &bytes, &mut back).unwrap();
+        assert_eq!(back, run);
+        // The first entry's seq and offset are whole numbers, the rest
+        // steps: 1 byte of seq step, 2 of offset step, 4 of slot.
+        assert_eq!(bytes.len(), 1 + (2 + 4 + 4) + 31 * (1 + 2 + 4));
+    }
+
+    #[test]
+    fn offsets_that_go_back_and_the_largest_numbers_still_read_back() {
+        let run = [(1, u64::MAX, 1), (2, 0, 2), (u64::MAX, 7, u64::from(u32::MAX))];
+        let mut back = Vec::new();
+        decode(1, u64::MAX, &value(&run), &mut back).unwrap();
+        assert_eq!(back, run);
+    }
+
+    #[test]
+    fn a_damaged_run_is_an_error_never_a_panic() {
+        let good = value(&[(1, 10, 1), (2, 20, 2)]);
+        let cases: Vec<(&str, Vec<u8>, u64)> = vec![
+            ("empty", vec![], 2),
+            ("another format", [&[1u8][..], &good[1..]].concat(), 2),
+            ("no entries", vec![FORMAT_RUN], 0),
+            ("cut in its slot", good[..good.len() - 1].to_vec(), 2),
+            ("a key that is not its last seq", good.clone(), 3),
+            (
+                "a seq that does not grow",
+                value(&[(1, 10, 1)]).into_iter().chain([0, 1, 0, 0, 0, 0]).collect(),
+                1,
+            ),
+        ];
+        for (what, bytes, last) in cases {
+            let mut out = Vec::new();
+            let err = decode(4, last, &bytes, &mut out).expect_err(what);
+            assert!(matches!(err, StorageError::Corrupt { table: "conv_runs", .. }), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn rows_hold_only_what_the_table_lacks_and_split_at_max_run() {
+        let entries: Vec<Entry> = (1..=150).map(|s| (s, s * 10, s)).collect();
+        let fresh = fresh(&entries, 20);
+        assert_eq!(fresh.first().map(|e| e.0), Some(21));
+        let mut keys = Vec::new();
+        rows(fresh, &mut Vec::new(), |last, _| {
+            keys.push(last);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(keys, [84, 148, 150]);
+        assert!(self::fresh(&entries, 150).is_empty());
+    }
+
+    #[test]
+    fn entries_find_the_rows_that_hold_a_range_from_either_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(T).unwrap();
+            // Conversation 7: seqs 1..=4, 5..=9, 10; conversation 8 beside it.
+            for run in [1..=4u64, 5..=9, 10..=10] {
+                let run: Vec<Entry> = run.map(|s| (s, s * 10, s)).collect();
+                t.insert((7, run[run.len() - 1].0), value(&run).as_slice()).unwrap();
+            }
+            t.insert((8, 1), value(&[(1, 5, 5)]).as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(T).unwrap();
+        let seqs = |lo, hi| entries(&t, 7, lo, hi).unwrap().map(|e| e.unwrap().0).collect::<Vec<_>>();
+        let newest = |lo, hi| entries(&t, 7, lo, hi).unwrap().rev().map(|e| e.unwrap().0).collect::<Vec<_>>();
+        assert_eq!(seqs(0, u64::MAX), (1..=10).collect::<Vec<_>>());
+        assert_eq!(seqs(3, 6), [3, 4, 5, 6]);
+        assert_eq!(seqs(6, 7), [6, 7], "inside one row");
+        assert_eq!(newest(2, 9), [9, 8, 7, 6, 5, 4, 3, 2]);
+        assert_eq!(newest(0, 5), [5, 4, 3, 2, 1]);
+        assert_eq!(seqs(11, 20), Vec::<u64>::new());
+        assert_eq!(seqs(5, 4), Vec::<u64>::new());
+        assert_eq!(last_seq(&t, 7).unwrap(), 10);
+        assert_eq!(last_seq(&t, 9).unwrap(), 0);
+        let one: Vec<_> = entries(&t, 8, 0, u64::MAX).unwrap().map(Result::unwrap).collect();
+        assert_eq!(one, [(1, 5, 5)]);
+    }
+}
