@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(http_head ws_decoder json_command fb_command log_record wal_record chat_machines)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(http_head ws_decoder json_command fb_command log_record wal_record index_run chat_machines)
 if [ -z "$RUNS" ] && [ -z "$SECONDS_EACH" ]; then SECONDS_EACH=20; fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

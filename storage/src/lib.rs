@@ -146,6 +146,8 @@ pub use record::{
 };
 #[doc(hidden)]
 pub use redo::redo_round_trip;
+#[doc(hidden)]
+pub use runs::run_round_trip;
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};
 pub use write::{
     CommitTimes, Committed, Completion, Completions, Notify, OnCommit, OnLogEnd, WriteOp, Writer,
