@@ -246,18 +246,22 @@ pub(crate) struct SlotMaps {
 /// table at most 7/8 full, rounded up to a power of two, plus the queue,
 /// plus the conversation's entry), so a full window of 128 held ~8.6 KB,
 /// more than the whole budget of a chat session (issue 11: ≤ 4 KB). The
-/// ring holds 16 bytes a slot (17.3 measured with the conversation's
-/// entry); a lookup scans the window's slots (1 KB at 128, contiguous),
-/// and `Reader::dedupe` and the writer's throughput measured the same as
-/// with the map, within the host's noise (BENCHMARKS.md).
+/// ring holds 12 bytes a slot (a 32-bit slot and its offset; 16 with
+/// 64-bit slots, before schema version 11); a lookup scans the window's
+/// slots (512 bytes at 128, contiguous), and `Reader::dedupe` and the
+/// writer's throughput measured the same as with the map, within the
+/// host's noise (BENCHMARKS.md).
 #[derive(Default)]
 pub(crate) struct ConvSlots {
     /// The first seq not yet read (the last seq + 1).
     pub(crate) next_seq: u64,
-    /// The slots of the window's messages, each once (a repeated slot
-    /// keeps its first offset and takes no place); `slots[oldest]` leaves
-    /// first once the ring is full.
-    slots: Vec<u64>,
+    /// The slots of the window's messages, one per message;
+    /// `slots[oldest]` leaves first once the ring is full. 32 bits, as
+    /// [`DedupeKey::slot`] makes them, so two messages of a window may
+    /// share one (the log record tells them apart): each keeps its own
+    /// place, or a resend of the second would be missed once the first
+    /// left the window.
+    slots: Vec<u32>,
     /// `offsets[i]` is the log offset of the message with `slots[i]`.
     offsets: Vec<u64>,
     oldest: usize,
@@ -268,12 +272,13 @@ pub(crate) struct ConvSlots {
 impl ConvSlots {
     /// The log offset of the window's message with `slot`, if any.
     pub(crate) fn offset(&self, slot: u64) -> Option<u64> {
+        let slot = narrow(slot);
         self.slots.iter().position(|&s| s == slot).map(|i| self.offsets[i])
     }
 
     /// Whether a message of the window has `slot`.
     pub(crate) fn holds(&self, slot: u64) -> bool {
-        self.slots.contains(&slot)
+        self.slots.contains(&narrow(slot))
     }
 
     /// Slots held.
@@ -281,14 +286,11 @@ impl ConvSlots {
         self.slots.len()
     }
 
-    /// Notes the message at `seq` with `slot` at `offset` (the first
-    /// offset of a slot is kept), and lets the oldest slot go past
-    /// `window`. Returns the slots added and dropped.
+    /// Notes the message at `seq` with `slot` at `offset`, and lets the
+    /// oldest slot go past `window`. Returns the slots added and dropped.
     fn note(&mut self, seq: u64, slot: u64, offset: u64, window: usize) -> (usize, usize) {
         self.next_seq = self.next_seq.max(seq + 1);
-        if self.holds(slot) {
-            return (0, 0);
-        }
+        let slot = narrow(slot);
         if self.slots.len() < window {
             if self.slots.len() == self.slots.capacity() {
                 // Grown by doubling but never past the window: a full
@@ -307,6 +309,13 @@ impl ConvSlots {
         self.oldest = (self.oldest + 1) % self.slots.len();
         (1, 1)
     }
+}
+
+/// A slot as held in memory: every slot is 32 bits ([`DedupeKey::slot`],
+/// and the index stores 4 bytes of it).
+fn narrow(slot: u64) -> u32 {
+    debug_assert!(slot <= u64::from(u32::MAX), "slot {slot:#x} has more than 32 bits");
+    slot as u32
 }
 
 impl SlotMaps {
@@ -577,13 +586,8 @@ mod tests {
         assert_eq!(held(&maps), [None, None, None, Some(4), Some(5), Some(6), None], "the last three");
         assert_eq!(maps.peek(1).unwrap().next_seq, 7);
         assert_eq!((maps.entries(), gauge.load(Ordering::Relaxed)), (3, 3));
-        // A repeated slot (a duplicate) takes no place in the window, and
-        // keeps its first offset.
-        maps.note(1, 7, 105, 7);
-        assert_eq!(maps.entries(), 3);
-        assert_eq!(maps.peek(1).unwrap().offset(105), Some(5));
         // Full, the ring goes round: each new slot pushes out the oldest.
-        for seq in 8..=12 {
+        for seq in 7..=12 {
             maps.note(1, seq, 100 + seq, seq);
         }
         let offsets: Vec<Option<u64>> = (104..=112).map(|slot| maps.peek(1).unwrap().offset(slot)).collect();
@@ -592,6 +596,20 @@ mod tests {
         assert_eq!((maps.entries(), gauge.load(Ordering::Relaxed)), (3, 3));
         maps.forget(1);
         assert_eq!(gauge.load(Ordering::Relaxed), 0);
+    }
+
+    /// Two messages of a window with one slot (32 bits: a 2⁻³² accident)
+    /// each keep a place: once the first leaves the window, a resend of
+    /// the second still finds it.
+    #[test]
+    fn messages_that_share_a_slot_each_keep_their_place() {
+        let mut maps = SlotMaps::new(100, 3, Arc::new(AtomicUsize::new(0)));
+        maps.note_all(1, [(1, 50, 10), (2, 50, 20), (3, 60, 30)]);
+        assert_eq!(maps.entries(), 3);
+        maps.note(1, 4, 70, 40);
+        assert_eq!(maps.peek(1).unwrap().offset(50), Some(20), "the first left, the second stays");
+        maps.note(1, 5, 80, 50);
+        assert_eq!(maps.peek(1).unwrap().offset(50), None, "both left");
     }
 
     #[test]
@@ -622,17 +640,17 @@ mod tests {
     /// The bound is in slots, so what a slot costs is what the bound costs:
     /// 1,000 conversations with a full window of 128.
     #[test]
-    fn a_full_window_costs_at_most_20_bytes_a_slot() {
+    fn a_full_window_costs_at_most_16_bytes_a_slot() {
         let (maps, held) = crate::heap::held_by(|| {
             let mut maps = SlotMaps::new(1 << 20, 128, Arc::new(AtomicUsize::new(0)));
             for conv in 0..1_000u64 {
-                maps.note_all(conv, (1..=300).map(|seq| (seq, conv << 32 | seq, seq)));
+                maps.note_all(conv, (1..=300).map(|seq| (seq, conv << 16 | seq, seq)));
             }
             maps
         });
         assert_eq!(maps.entries(), 128_000);
         let per_slot = held as f64 / maps.entries() as f64;
-        assert!(per_slot <= 20.0, "{per_slot:.1} bytes a slot");
+        assert!(per_slot <= 16.0, "{per_slot:.1} bytes a slot");
     }
 
     #[test]

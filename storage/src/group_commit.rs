@@ -643,6 +643,18 @@ impl GroupCommit {
         let plan = self.db.tails.plan(&self.staged, &self.closing, self.next_offset, |conv, entries| {
             // A tail rebuilt at open may hold entries the table has too.
             let fresh = runs::fresh(entries, runs::last_seq(&t.conv_runs, conv)?);
+            let below = &entries[..entries.len() - fresh.len()];
+            if !below.is_empty() {
+                // Only after a crash; the table should hold all of them.
+                let lacking = runs::lacking(&t.conv_runs, conv, below)?;
+                if lacking > 0 {
+                    tracing::error!(
+                        conv,
+                        lacking,
+                        "index entries below the table's last row are not in the table; they are left out of the index"
+                    );
+                }
+            }
             runs::rows(fresh, &mut row, |last_seq, value| t.put(Op::ConvRun { conv, last_seq, value }))
         });
         self.row = row;

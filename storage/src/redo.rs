@@ -13,7 +13,8 @@
 //! replay may repeat.
 //!
 //! An op is a tag byte and its fields: numbers as LEB128 varints (a dedupe
-//! slot of schema version 10, a 64-bit hash, as 8 bytes little-endian),
+//! slot of schema versions up to 10, a 64-bit hash, as 8 bytes
+//! little-endian),
 //! strings and values with a varint length. Decoding checks every length
 //! and every string, so a damaged record is an error, never a panic (the
 //! record's checksum makes one unlikely to get this far).
@@ -31,8 +32,9 @@ pub(crate) enum Op<'a> {
         offset: u64,
         value: &'a [u8],
     },
-    /// One entry of the index as schema version 10 kept it
-    /// (`tables::CONV_INDEX_V10`): only a version 10 log holds these.
+    /// One entry of the index as schema versions up to 10 kept it
+    /// (`tables::CONV_INDEX_V10`): only logs of versions 7 to 10 hold
+    /// these.
     ConvIndex {
         conv: u64,
         seq: u64,

@@ -45,7 +45,9 @@ pub(crate) fn encode(run: &[Entry], out: &mut Vec<u8>) {
     out.push(FORMAT_RUN);
     let (mut seq_before, mut offset_before) = (0u64, 0u64);
     for &(seq, offset, slot) in run {
-        put_varint(out, seq - seq_before);
+        debug_assert!(seq > seq_before, "seqs grow, from 1");
+        // Wrapping: a run that broke the rule reads as damaged, not a panic.
+        put_varint(out, seq.wrapping_sub(seq_before));
         put_varint(out, offset.wrapping_sub(offset_before));
         // Slots are 32 bits (`DedupeKey::slot`); nothing above is lost.
         out.extend_from_slice(&(slot as u32).to_le_bytes());
@@ -84,6 +86,27 @@ pub(crate) fn decode(conv: u64, last: u64, value: &[u8], out: &mut Vec<Entry>) -
 /// conversation's last one, `last`: those the table lacks.
 pub(crate) fn fresh(entries: &[Entry], last: u64) -> &[Entry] {
     &entries[entries.partition_point(|&(seq, _, _)| seq <= last)..]
+}
+
+/// How many of `entries` (seqs growing) the table lacks, of `conv`'s:
+/// what [`fresh`] would leave out of the table for good. 0 whenever the
+/// table holds a conversation's seqs from 1 on, as the tails keep it.
+pub(crate) fn lacking(
+    index: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    conv: u64,
+    entries: &[Entry],
+) -> Result<usize, StorageError> {
+    let (Some(first), Some(last)) = (entries.first(), entries.last()) else { return Ok(0) };
+    let mut held = entries.iter().peekable();
+    let mut found = 0;
+    for entry in self::entries(index, conv, first.0, last.0)? {
+        let (seq, _, _) = entry?;
+        while held.next_if(|e| e.0 < seq).is_some() {}
+        if held.next_if(|e| e.0 == seq).is_some() {
+            found += 1;
+        }
+    }
+    Ok(entries.len() - found)
 }
 
 /// Calls `put` with the key's last seq and the value of each row that
@@ -255,6 +278,11 @@ mod tests {
         assert_eq!(seqs(11, 20), Vec::<u64>::new());
         assert_eq!(seqs(5, 4), Vec::<u64>::new());
         assert_eq!(last_seq(&t, 7).unwrap(), 10);
+        let e = |seqs: &[u64]| seqs.iter().map(|&s| (s, s * 10, s)).collect::<Vec<_>>();
+        assert_eq!(lacking(&t, 7, &e(&[3, 4, 5, 6])).unwrap(), 0);
+        assert_eq!(lacking(&t, 7, &e(&[9, 11, 12])).unwrap(), 2, "past the table's last");
+        assert_eq!(lacking(&t, 8, &e(&[1, 2])).unwrap(), 1);
+        assert_eq!(lacking(&t, 7, &[]).unwrap(), 0);
         assert_eq!(last_seq(&t, 9).unwrap(), 0);
         let one: Vec<_> = entries(&t, 8, 0, u64::MAX).unwrap().map(Result::unwrap).collect();
         assert_eq!(one, [(1, 5, 5)]);

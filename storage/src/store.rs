@@ -595,8 +595,8 @@ fn init_tables(db: &Database, config: &StoreConfig, wal: Option<&mut Wal>) -> Re
         Some(wal) => wal::replay(&mut Tables::open(&txn, None)?, wal)?.records,
         None => 0,
     };
-    // After the replay: a version 10 log writes the index as version 10
-    // kept it.
+    // After the replay: a log of versions 7 to 10 writes the index as
+    // those versions kept it.
     upgrade::index_in_runs(&txn)?;
     let counters;
     {

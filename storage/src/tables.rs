@@ -37,7 +37,7 @@ pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const CONV_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("conv_runs");
 /// The conversation index until schema version 10, an entry per row:
 /// (conversation, seq) → (offset, slot). Only upgrades, and the replay of
-/// a version 10 write-ahead log, still write it; open moves what it holds
+/// a write-ahead log of versions 7 to 10, still write it; open moves what it holds
 /// into `conv_runs` (`upgrade::index_in_runs`).
 pub(crate) const CONV_INDEX_V10: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("conv_index");
 pub(crate) const CONVERSATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("conversations");

@@ -399,7 +399,8 @@ impl Tails {
                 // whose entries the table already holds too (a tail may go
                 // to the table after a younger one stays): a reader cuts the
                 // table below the tail's first seq, so the two agree, and
-                // writing the tail again writes the same entries. Looking
+                // writing the tail adds only the entries past the table's
+                // last row (`runs::fresh`). Looking
                 // each conversation up in the table instead cost a random
                 // read per conversation on a cold start.
                 let conv = m.conv;

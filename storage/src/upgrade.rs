@@ -46,7 +46,7 @@
 //! - 10 → 11: the conversation index is `conv_runs`, a row per run of a
 //!   conversation's entries (`runs.rs`), and a dedupe slot is 32 bits.
 //!   [`index_in_runs`] moves `conv_index` into it, cutting each slot, and
-//!   deletes it. It runs after the write-ahead log's replay (a version 10
+//!   deletes it. It runs after the write-ahead log's replay (a version 7 to 10
 //!   log writes `conv_index` entries), so `Store::open` calls it on its
 //!   own, not from [`upgrade`].
 
@@ -124,7 +124,8 @@ fn dedupe_key(txn: &WriteTransaction) -> Result<DedupeKey, StorageError> {
 }
 
 /// Moves every entry of `conv_index` (schema version 10 and before, and
-/// what a version 10 write-ahead log replayed into it) into `conv_runs`,
+/// what a write-ahead log of versions 7 to 10 replayed into it) into
+/// `conv_runs`,
 /// each conversation's entries in runs of [`runs::MAX_RUN`], and deletes
 /// it. A store without it (created at version 11, or moved already) is
 /// left as it is. Only the seqs past a conversation's last row in
@@ -153,6 +154,14 @@ pub(crate) fn index_in_runs(txn: &WriteTransaction) -> Result<(), StorageError> 
         for entry in old.iter().ctx("read conv_index")? {
             let (k, v) = entry.ctx("read conv_index")?;
             let ((c, seq), (offset, slot)) = (k.value(), v.value());
+            if seq == 0 {
+                // Seqs start at 1; a run could not hold this one.
+                return Err(StorageError::Corrupt {
+                    table: "conv_index",
+                    key: format!("({c}, 0)"),
+                    message: "seq 0".into(),
+                });
+            }
             if let Some(before) = conv.filter(|&before| before != c) {
                 flush(before, &mut run)?;
             }
