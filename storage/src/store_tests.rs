@@ -998,6 +998,82 @@ fn a_version_10_store_moves_its_index_into_runs_at_open() {
     assert!(txn.open_table(tables::CONV_INDEX_V10).is_err(), "version 10's table is gone");
 }
 
+/// A version 10 store that crashed with a record in its write-ahead log
+/// (a message and its `conv_index` entry, as version 10 wrote them):
+/// open replays the record into the old table, then moves the whole
+/// index into runs, and the message reads, dedupes and is followed.
+#[test]
+fn a_version_10_store_with_its_log_to_replay_moves_the_replayed_entries_too() {
+    use redb::ReadableTable as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let append = |store: &Store, token: u64, cid: &str| {
+        write(store, token, WriteOp::AppendMessage(message(1, "v1", cid, "hi"))).result.unwrap()
+    };
+    {
+        let (store, _) = open(cfg.clone());
+        for i in 1..=3 {
+            append(&store, i, &format!("c{i}"));
+        }
+    }
+    let (cycle, store_number, key) = {
+        let db = redb::Database::create(cfg.db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        index_to_v10(&txn);
+        let mut meta = txn.open_table(tables::META).unwrap();
+        meta.insert(tables::META_SCHEMA, 10).unwrap();
+        meta.insert(tables::META_OPEN, 1).unwrap();
+        let get = |k: &str| meta.get(k).unwrap().map(|g| g.value());
+        let found = (
+            get(tables::META_WAL_CYCLE).unwrap_or(0) + 1,
+            get(tables::META_DEDUPE_K0).unwrap(),
+            crate::dedupe::DedupeKey {
+                k0: get(tables::META_DEDUPE_K0).unwrap(),
+                k1: get(tables::META_DEDUPE_K1).unwrap(),
+            },
+        );
+        drop(meta);
+        txn.commit().unwrap();
+        found
+    };
+    // The record version 10 would have written for a fourth message.
+    let mut payload = Vec::new();
+    let m = message(1, "v1", "c4", "hi");
+    let mut value = Vec::new();
+    crate::compact::MessageView::of_msg(&m, 4).encode_into(&mut value);
+    crate::redo::Op::Log { offset: 3, value: &value }.encode(&mut payload);
+    let slot = key.slot(Role::Visitor, "v1", "c4") | 0x5eed << 40;
+    crate::redo::Op::ConvIndex { conv: 1, seq: 4, offset: 3, slot }.encode(&mut payload);
+    crate::redo::Op::Meta { key: tables::META_NEXT_OFFSET, value: 4 }.encode(&mut payload);
+    // The entry went to the table with its message: no tail to rebuild.
+    crate::redo::Op::Meta { key: tables::META_INDEX_FROM, value: 4 }.encode(&mut payload);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&store_number.to_le_bytes());
+    crc.update(&cycle.to_le_bytes());
+    crc.update(&payload);
+    let mut record = Vec::new();
+    record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    record.extend_from_slice(&crc.finalize().to_le_bytes());
+    record.extend_from_slice(&cycle.to_le_bytes());
+    record.extend_from_slice(&payload);
+    let file = if cycle % 2 == 0 { cfg.wal_path() } else { cfg.wal_odd_path() };
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[..record.len()].copy_from_slice(&record);
+    // What follows is no record of this cycle.
+    bytes[record.len()..record.len() + crate::wal::HEADER].fill(0);
+    std::fs::write(&file, bytes).unwrap();
+
+    let (store, recovery) = open(cfg.clone());
+    assert_eq!(recovery.next_offset, 4, "the record was replayed");
+    assert_eq!(store.stats().index_tail_entries, 0, "seq 4 is read from the table");
+    assert_eq!(seqs_of(&store, 1), [1, 2, 3, 4]);
+    let again = append(&store, 10, "c4");
+    assert!(again.duplicate && again.seq == 4, "found by its cut slot: {again:?}");
+    assert_eq!(append(&store, 11, "c5").seq, 5);
+    drop(store);
+    assert_eq!(table_rows(&cfg.db_path(), 1).concat(), [1, 2, 3, 4, 5], "every entry in runs, once");
+}
+
 /// Moves `conv_runs` back into version 10's `conv_index`, an entry per
 /// row, each slot with high bits set as a version 10 slot has them (the
 /// upgrade cuts them off).
