@@ -125,8 +125,8 @@ fn dedupe_key(txn: &WriteTransaction) -> Result<DedupeKey, StorageError> {
 
 /// Moves every entry of `conv_index` (schema version 10 and before, and
 /// what a write-ahead log of versions 7 to 10 replayed into it) into
-/// `conv_runs`,
-/// each conversation's entries in runs of [`runs::MAX_RUN`], and deletes
+/// `conv_runs`, each conversation's entries in runs of [`runs::MAX_RUN`]
+/// (so memory holds one run, however long a conversation), and deletes
 /// it. A store without it (created at version 11, or moved already) is
 /// left as it is. Only the seqs past a conversation's last row in
 /// `conv_runs` move: rows never overlap.
@@ -162,7 +162,7 @@ pub(crate) fn index_in_runs(txn: &WriteTransaction) -> Result<(), StorageError> 
                     message: "seq 0".into(),
                 });
             }
-            if let Some(before) = conv.filter(|&before| before != c) {
+            if let Some(before) = conv.filter(|&before| before != c || run.len() == runs::MAX_RUN) {
                 flush(before, &mut run)?;
             }
             conv = Some(c);
