@@ -716,20 +716,26 @@ fn analyze(dir: &Path, expected: Option<u64>) {
     // Field by field, over the messages of the log.
     let (mut n, mut value, mut text, mut cid, mut id, mut name, mut others, mut other_bytes) =
         (0u64, 0, 0, 0, 0, 0, 0u64, 0);
+    // Messages that point back for their sender rather than name them.
+    let mut pointing = 0u64;
     // The other records by kind: count and bytes.
     let mut kinds: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
     for e in log.iter().unwrap() {
         let (_, v) = e.unwrap();
         let bytes = v.value();
-        match kefu_storage::decode_log_record(bytes).unwrap() {
-            kefu_storage::LogRecord::Message(m) => {
-                n += 1;
-                value += bytes.len() as u64;
-                text += m.text.map_or(0, |t| t.len()) as u64;
-                cid += m.cid.len() as u64;
-                id += m.from.id.len() as u64;
-                name += m.from.name.len() as u64;
-            }
+        let view = kefu_storage::view_log_record(bytes).unwrap();
+        if let kefu_storage::LogView::Message(m) = view {
+            n += 1;
+            value += bytes.len() as u64;
+            text += m.text.map_or(0, |t| t.len()) as u64;
+            cid += m.cid.len() as u64;
+            id += m.sender_id.len() as u64;
+            name += m.sender_name.len() as u64;
+            pointing += u64::from(m.sender_back.is_some());
+            continue;
+        }
+        match view.to_owned().unwrap() {
+            kefu_storage::LogRecord::Message(_) => unreachable!("a message above"),
             other => {
                 others += 1;
                 other_bytes += bytes.len() as u64;
@@ -763,6 +769,7 @@ fn analyze(dir: &Path, expected: Option<u64>) {
         per(name),
         per(value - text - cid - id - name)
     );
+    println!("  messages naming their sender in full: {}, pointing back for it: {pointing}", n - pointing);
     println!("  other log records: {others}, {other_bytes} bytes");
     for (kind, (count, bytes)) in &kinds {
         println!("    {kind:>12}: {count} records, {bytes} bytes, {:.1} each", *bytes as f64 / *count as f64);

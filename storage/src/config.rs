@@ -152,6 +152,18 @@ pub struct StoreConfig {
     /// that has one) and what open reads of the log to rebuild them after
     /// a crash. Default 100000 (20 s of 5,000 msg/s).
     pub index_lag: u64,
+    /// How many senders the writer remembers the last full record of, so
+    /// that their next messages point back at it instead of naming them
+    /// again (`senders.rs`: ~49 of a soak's ~225 bytes per message were
+    /// the sender's id and name). About 30 bytes each; when full it
+    /// forgets them all, and each is named in full once more. 0: every
+    /// message names its sender. Default 65536.
+    pub sender_refs: usize,
+    /// How far back in the log, in records, a message may point for its
+    /// sender: further, it names them in full again, so that a message
+    /// and the record holding its sender stay near each other. Default
+    /// 1000000.
+    pub sender_ref_reach: u64,
     /// How long the idle writer sleeps before looking at the queues again,
     /// in milliseconds. A submit wakes it at once; this is only a safety
     /// net. Default 100.
@@ -187,6 +199,8 @@ impl Default for StoreConfig {
             dedupe_window: 128,
             index_batch: 32,
             index_lag: 100_000,
+            sender_refs: 1 << 16,
+            sender_ref_reach: 1_000_000,
             idle_park_ms: 100,
             recovery_backoff_ms_min: 50,
             recovery_backoff_ms_max: 2_000,
@@ -221,6 +235,7 @@ impl StoreConfig {
             ("dedupe_window", self.dedupe_window),
             ("index_batch", self.index_batch),
             ("index_lag", self.index_lag as usize),
+            ("sender_ref_reach", self.sender_ref_reach.min(usize::MAX as u64) as usize),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -254,6 +269,12 @@ impl StoreConfig {
             return Err(StorageError::Config(format!(
                 "index_batch = {} (at most 65536 entries per conversation)",
                 self.index_batch
+            )));
+        }
+        if self.sender_refs > 1 << 24 {
+            return Err(StorageError::Config(format!(
+                "sender_refs = {} (at most 16777216 senders, ~500 MB)",
+                self.sender_refs
             )));
         }
         if self.index_lag > 100_000_000 {

@@ -43,7 +43,7 @@ use redb::ReadableTable;
 use kefu_proto::ids::Role;
 
 use crate::error::{IoContext, StorageError};
-use crate::record::{LogView, access_log};
+use crate::record::{LogView, access_log_in};
 use crate::tail::{self, TailView};
 
 /// The secret SipHash key of one database (random, kept in `meta`).
@@ -91,6 +91,24 @@ impl DedupeKey {
         s.finish() & u64::from(u32::MAX)
     }
 
+    /// Who wrote a message, for the writer's memory of where each sender
+    /// was last stored in full (`senders.rs`): SipHash-2-4 of (role, id,
+    /// name) under two keys derived from this one, 128 bits, so that no
+    /// two senders the memory holds share one (2⁻⁹⁷ for 65,536 of them:
+    /// a shared one would put a message under another sender's name).
+    pub(crate) fn sender(&self, role: Role, id: &str, name: &str) -> (u64, u64) {
+        let hash = |k0: u64, k1: u64| {
+            let mut s = SipHash24::new(k0, k1);
+            s.write(&[role_tag(role)]);
+            s.write(&(id.len() as u64).to_le_bytes());
+            s.write(id.as_bytes());
+            s.write(name.as_bytes());
+            s.finish()
+        };
+        // Salts keep these apart from the dedupe slots and from each other.
+        (hash(self.k0 ^ 0x7365_6e64_6572_3030, self.k1), hash(self.k0, self.k1 ^ 0x7365_6e64_6572_3131))
+    }
+
     /// The slot schema version 2 stored: without the role. Only tests build
     /// such a store, to check the upgrade.
     #[cfg(test)]
@@ -126,7 +144,7 @@ pub(crate) fn check(
         key: format!("conversation {conv}"),
         message: format!("points at offset {offset}, which is not in the log"),
     })?;
-    match access_log(guard.value(), &offset)? {
+    access_log_in(log, offset, guard.value(), |view| match view {
         LogView::Message(m) if m.conv == conv => Ok((m.role == role
             && m.sender_id == sender
             && m.cid == cid)
@@ -136,7 +154,7 @@ pub(crate) fn check(
             key: format!("conversation {conv}"),
             message: format!("points at offset {offset}, which is not a message of that conversation"),
         }),
-    }
+    })?
 }
 
 /// Looks (sender, conv, cid) up by scanning the conversation's index: every

@@ -515,6 +515,8 @@ struct SimState {
     powered_off: bool,
     /// This many next fsyncs fail (the data stays written, not durable).
     failing_syncs: usize,
+    /// So many next writes fail, writing nothing.
+    failing_writes: usize,
 }
 
 enum Pending {
@@ -547,6 +549,7 @@ impl SimDisk {
                 pending: Vec::new(),
                 powered_off: false,
                 failing_syncs: 0,
+                failing_writes: 0,
             }),
         })
     }
@@ -704,6 +707,10 @@ impl StorageBackend for Disk {
         if s.powered_off {
             return Err(power_lost());
         }
+        if s.failing_writes > 0 {
+            s.failing_writes -= 1;
+            return Err(std::io::Error::other("write failed (test)"));
+        }
         write_at(&mut s.volatile, offset as usize, data);
         s.pending.push(Pending::Write { offset: offset as usize, data: data.to_vec() });
         Ok(())
@@ -819,6 +826,8 @@ fn check_image(images: Images, cfg: StoreConfig, acked: &[Ack], what: &str) -> u
         assert_eq!(m.seq, *expect, "{what}: conversation {} gap-free", m.conv);
         *expect += 1;
         assert!(seen_cids.insert(m.cid.clone()), "{what}: {} stored twice", m.cid);
+        // Its sender in full, though most messages point back for it.
+        assert_eq!((m.from.id.as_str(), m.from.name.as_str()), ("v", "v's name"), "{what}: {}", m.cid);
     }
     for (conv, l) in last {
         assert!(r.last_seq(conv).unwrap() >= l, "{what}");
@@ -917,6 +926,21 @@ fn the_simulated_disk_forgets_what_was_not_fsynced() {
     assert!(d.write(0, b"x").is_err(), "no power, no writes");
 }
 
+/// A store on simulated disks with the write-ahead log, no checkpoint but
+/// the one at open, and a writer that retries within milliseconds after a
+/// failed commit.
+fn store_that_recovers_at_once(dir: &std::path::Path) -> (StoreConfig, Disks, Store) {
+    let cfg = StoreConfig {
+        checkpoint_ms: 600_000,
+        recovery_backoff_ms_min: 1,
+        recovery_backoff_ms_max: 10,
+        ..config(dir)
+    };
+    let disks = Disks::default();
+    let (store, _) = Store::open_with(cfg.clone(), Arc::new(|_| {}), Some(disks.backends()), None).unwrap();
+    (cfg, disks, store)
+}
+
 /// A failed fsync of the write-ahead log fails its batch; the writer then
 /// replays the log onto the live database (which holds every record of
 /// the cycle but that one), goes on from what is stored, and writes again.
@@ -926,14 +950,7 @@ fn the_simulated_disk_forgets_what_was_not_fsynced() {
 #[test]
 fn a_failed_fsync_of_the_log_fails_its_batch_and_the_writer_goes_on_from_what_is_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = StoreConfig {
-        checkpoint_ms: 600_000,
-        recovery_backoff_ms_min: 1,
-        recovery_backoff_ms_max: 10,
-        ..config(dir.path())
-    };
-    let disks = Disks::default();
-    let (store, _) = Store::open_with(cfg.clone(), Arc::new(|_| {}), Some(disks.backends()), None).unwrap();
+    let (cfg, disks, store) = store_that_recovers_at_once(dir.path());
     let (w, completions) = (store.writer(), store.completions(0));
     let mut token = 0;
     let mut send = |cid: &str| {
@@ -973,4 +990,42 @@ fn a_failed_fsync_of_the_log_fails_its_batch_and_the_writer_goes_on_from_what_is
     let images = disks.power_cut(&mut rng, Cut::Sectors);
     drop(store);
     check_image(images, cfg, &acked, "after a failed log fsync");
+}
+
+/// A failed commit takes with it the record that named a new sender in
+/// full, and the offset it had goes to the next message: the writer
+/// forgets where senders were named (`senders.rs`), so the sender's next
+/// message names them again instead of pointing at that other message.
+#[test]
+fn a_sender_named_only_in_a_failed_commit_is_named_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, disks, store) = store_that_recovers_at_once(dir.path());
+    let (w, completions) = (store.writer(), store.completions(0));
+    let mut token = 0;
+    let mut send = |sender: &str, cid: &str| {
+        token += 1;
+        w.submit(0, token, WriteOp::AppendMessage(message(1, sender, cid, cid))).unwrap();
+        wait_for(&completions, 1).pop().unwrap()
+    };
+    send("v", "v1").result.unwrap();
+    // A new store appends cycle 1, to the log's file of odd cycles; the
+    // write fails, so the record never reaches it.
+    disks.wal[1].state.lock().unwrap().failing_writes = 1;
+    let failed = send("w", "w1");
+    assert!(failed.result.is_err(), "{:?}", failed.result);
+    let x = loop {
+        let c = send("x", "x1");
+        match &c.result {
+            Err(crate::StorageError::Recovering) => std::thread::sleep(Duration::from_millis(2)),
+            _ => break c.result.unwrap(),
+        }
+    };
+    assert_eq!(x.offset, 1, "the failed commit stored nothing, so x1 has its offset");
+    send("w", "w2").result.unwrap();
+    let history = store.reader().history(1, None, 10).unwrap();
+    let authors: Vec<(&str, &str, &str)> = history
+        .iter()
+        .map(|m| (m.record.cid.as_str(), m.record.from.id.as_str(), m.record.from.name.as_str()))
+        .collect();
+    assert_eq!(authors, [("v1", "v", "v's name"), ("x1", "x", "x's name"), ("w2", "w", "w's name")]);
 }

@@ -55,6 +55,7 @@ use crate::record::{ConvChange, LogRecord, PresenceRecord, access_conversation, 
 use crate::redo::{Op, Tables};
 use crate::reopen::{DbSlot, Reopen};
 use crate::runs;
+use crate::senders::Senders;
 use crate::store::begin_durable;
 use crate::tables;
 use crate::tail::{Plan, Staged, TailView};
@@ -76,6 +77,8 @@ pub(crate) struct Limits {
     pub(crate) checkpoint_in_background: bool,
     pub(crate) conv_cache_entries: usize,
     pub(crate) dedupe_window: usize,
+    pub(crate) sender_refs: usize,
+    pub(crate) sender_ref_reach: u64,
     pub(crate) recovery_backoff_min: Duration,
     pub(crate) recovery_backoff_max: Duration,
 }
@@ -104,6 +107,9 @@ pub(crate) struct GroupCommit {
     /// seq and dedupe slots, as of the committed state plus the open batch
     /// (cleared when a commit fails), bounded by `conv_cache_entries`.
     convs: SlotMaps,
+    /// Where senders were last stored in full (`senders.rs`), as of the
+    /// committed state plus the open batch; cleared when a commit fails.
+    senders: Senders,
     /// Reused for the index entries of a conversation being loaded.
     scratch: Vec<(u64, u64, u64)>,
     /// Reused for the value of an index row (`runs.rs`).
@@ -184,6 +190,7 @@ impl GroupCommit {
             next_offset,
             next_conv_id,
             convs,
+            senders: Senders::new(limits.sender_refs, limits.sender_ref_reach),
             scratch: Vec::new(),
             row: Vec::new(),
             staged: Vec::new(),
@@ -417,6 +424,7 @@ impl GroupCommit {
                 self.next_offset = start_offset;
                 self.next_conv_id = start_conv_id;
                 self.convs.clear();
+                self.senders.clear();
                 self.index_from = None;
                 self.results.clear();
                 self.results.resize(n, Err(e.clone()));
@@ -539,6 +547,7 @@ impl GroupCommit {
         self.next_offset = stored.next_offset;
         self.next_conv_id = self.next_conv_id.max(stored.next_conv_id);
         self.convs.clear();
+        self.senders.clear();
     }
 
     /// A commit that needs the disk to take a page. With the write-ahead
@@ -959,8 +968,15 @@ impl GroupCommit {
         if seq != last + 1 {
             return Ok(Err(StorageError::SeqConflict { conv, expected: last + 1, got: seq }));
         }
-        MessageView::of_msg(m, seq).encode_into(&mut self.buf);
+        // The sender in full, or a pointer back at the last record that
+        // names them (`senders.rs`).
+        let who = self.dedupe_key.sender(m.from.role, &m.from.id, &m.from.name);
+        let sender_back = self.senders.back(who, self.next_offset);
+        MessageView { sender_back, ..MessageView::of_msg(m, seq) }.encode_into(&mut self.buf);
         let offset = insert_log(t, &mut self.next_offset, &self.buf)?;
+        if sender_back.is_none() {
+            self.senders.stored(who, offset);
+        }
         // The index entry waits in the tails (`tail.rs`); the commit
         // decides whether it goes to the table now.
         self.staged.push(Staged { conv, seq, offset, slot });

@@ -46,6 +46,11 @@
 //! the sender is its role and id, so agent `42` and visitor `42` sending the
 //! same cid are two messages
 //! (`store_tests::the_same_cid_from_an_agent_and_a_visitor_with_the_same_id_is_two_messages`).
+//! A message names its sender in full once per writer and sender, and
+//! after that points back at that record (`senders.rs`); every read
+//! follows the pointer, and a commit that fails makes the writer forget
+//! where senders were named, so no message ever points at a record that
+//! is not there (`durability::a_sender_named_only_in_a_failed_commit_is_named_again`).
 //! A store an older build wrote is upgraded when opened, in one transaction
 //! (`store_tests::a_version_2_store_gets_dedupe_slots_and_users_keyed_by_role_at_open`).
 //! Bytes damaged on disk later are caught when read, since every record is
@@ -116,6 +121,7 @@ mod record;
 mod redo;
 mod reopen;
 mod runs;
+mod senders;
 mod store;
 mod tables;
 mod tail;
@@ -142,7 +148,7 @@ pub use record::{
     ArchivedLogRecord, ArchivedMessageRecord, ArchivedReadMark, ArchivedRole, ArchivedSender,
     ArchivedUserControlRecord, ArchivedUserRecord, Attachment, BlockRecord, ConvChange, ConvStatusDef,
     ConversationRecord, LogRecord, LogView, MessageRecord, PresenceRecord, ReadMark, RoleDef, Sender,
-    UserControlRecord, UserRecord, decode_log_record, encode_log_record,
+    UserControlRecord, UserRecord, decode_log_record, encode_log_record, view_log_record,
 };
 #[doc(hidden)]
 pub use redo::redo_round_trip;

@@ -26,7 +26,7 @@ use crate::dedupe::{SlotCache, U64Map};
 use crate::error::{IoContext, StorageError};
 use crate::record::{
     ArchivedUserControlRecord, ConvChange, ConversationRecord, LogRecord, LogView, MessageRecord,
-    UserControlRecord, UserRecord, access, access_conversation, access_log, access_user, to_owned,
+    UserControlRecord, UserRecord, access, access_conversation, access_log_in, access_user, to_owned,
 };
 use crate::tables;
 use crate::tail::{self, TailView};
@@ -178,14 +178,14 @@ impl Reader {
                 key: format!("({conv}, {seq})"),
                 message: format!("points at offset {offset}, which is not in the log"),
             })?;
-            match access_log(guard.value(), &offset)? {
+            access_log_in(&log, offset, guard.value(), |view| match view {
                 LogView::Message(m) if m.conv == conv && m.seq == seq => Ok(f(offset, &m)),
                 _ => Err(StorageError::Corrupt {
                     table: "log",
                     key: offset.to_string(),
                     message: format!("is not message ({conv}, {seq}) that the conversation index says it is"),
                 }),
-            }
+            })?
         };
         let mut n = 0;
         if newest_first {
@@ -213,12 +213,9 @@ impl Reader {
         newest_first: bool,
         limit: usize,
     ) -> Result<Vec<Logged<MessageRecord>>, StorageError> {
-        let mut out = Vec::with_capacity(limit.min(256));
-        self.visit_messages(conv, seqs, newest_first, limit, |offset, m| {
-            out.push(Logged { offset, record: m.to_record() });
-            ControlFlow::Continue(())
-        })?;
-        Ok(out)
+        let mut out = Collected::with_capacity(limit.min(256));
+        self.visit_messages(conv, seqs, newest_first, limit, |offset, m| out.push(offset, m.to_record()))?;
+        out.finish()
     }
 
     /// A page of history: up to `limit` messages of `conv` with
@@ -476,7 +473,9 @@ impl Reader {
         for (n, entry) in log.range(from_offset..).ctx("read log")?.enumerate() {
             let (key, value) = entry.ctx("read log")?;
             let offset = key.value();
-            if f(offset, &access_log(value.value(), &offset)?).is_break() || n + 1 >= limit {
+            if access_log_in(&log, offset, value.value(), |view| f(offset, &view))?.is_break()
+                || n + 1 >= limit
+            {
                 break;
             }
         }
@@ -486,22 +485,9 @@ impl Reader {
     /// Up to `limit` log records from `from_offset` on, in offset order:
     /// the event stream a business system consumes.
     pub fn scan(&self, from_offset: u64, limit: usize) -> Result<Vec<Logged<LogRecord>>, StorageError> {
-        let mut out = Vec::with_capacity(limit.min(1024));
-        let mut failed = None;
-        self.visit_log(from_offset, limit, |offset, view| match view.to_owned() {
-            Ok(record) => {
-                out.push(Logged { offset, record });
-                ControlFlow::Continue(())
-            }
-            Err(e) => {
-                failed = Some(e);
-                ControlFlow::Break(())
-            }
-        })?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        let mut out = Collected::with_capacity(limit.min(1024));
+        self.visit_log(from_offset, limit, |offset, view| out.push(offset, view.to_owned()))?;
+        out.finish()
     }
 
     /// Up to `limit` log records with offsets in `from_offset..end`, in
@@ -520,9 +506,11 @@ impl Reader {
         for entry in log.range(from_offset..end).ctx("read log")? {
             let (key, value) = entry.ctx("read log")?;
             let offset = key.value();
-            let view = access_log(value.value(), &offset)?;
-            let change = match view {
-                LogView::Conversation(_) => {
+            let (record, is_conversation) = access_log_in(&log, offset, value.value(), |view| {
+                (view.to_owned(), matches!(view, LogView::Conversation(_)))
+            })?;
+            let change = match is_conversation {
+                true => {
                     let byte = changes.get(offset).ctx("read conv_changes")?.map(|g| g.value());
                     let change = byte.and_then(ConvChange::from_byte);
                     Some(change.ok_or_else(|| StorageError::Corrupt {
@@ -531,9 +519,9 @@ impl Reader {
                         message: format!("holds {byte:?}, not the change of the conversation record there"),
                     })?)
                 }
-                _ => None,
+                false => None,
             };
-            out.push(LogEvent { offset, record: view.to_owned()?, change });
+            out.push(LogEvent { offset, record: record?, change });
             if out.len() >= limit {
                 break;
             }
@@ -561,6 +549,39 @@ impl Reader {
         let txn = self.txn()?;
         let meta = txn.open_table(tables::META).ctx("open table meta")?;
         Ok(meta.get(tables::META_NEXT_CONV_ID).ctx("read meta")?.map_or(1, |g| g.value()))
+    }
+}
+
+/// Owned copies of the records a visit hands out, up to the first that
+/// cannot be copied, whose error stops the visit.
+struct Collected<T> {
+    out: Vec<Logged<T>>,
+    failed: Option<StorageError>,
+}
+
+impl<T> Collected<T> {
+    fn with_capacity(n: usize) -> Self {
+        Collected { out: Vec::with_capacity(n), failed: None }
+    }
+
+    fn push(&mut self, offset: u64, record: Result<T, StorageError>) -> ControlFlow<()> {
+        match record {
+            Ok(record) => {
+                self.out.push(Logged { offset, record });
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                self.failed = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    fn finish(self) -> Result<Vec<Logged<T>>, StorageError> {
+        match self.failed {
+            Some(e) => Err(e),
+            None => Ok(self.out),
+        }
     }
 }
 

@@ -19,6 +19,7 @@
 
 use kefu_proto::client::{self, Msg};
 use kefu_proto::ids::{ConvId, ConvStatus, Role};
+use redb::ReadableTable;
 use rkyv::rancor;
 use rkyv::with::Skip;
 use rkyv::{Archive, Deserialize, Serialize};
@@ -28,7 +29,7 @@ use crate::compact_state::{
     ConversationView, FORMAT_COMPACT_CONVERSATION, FORMAT_COMPACT_READ, FORMAT_COMPACT_USER, ReadView,
     UserView, encode_read_record, encode_user_record,
 };
-use crate::error::StorageError;
+use crate::error::{IoContext, StorageError};
 
 /// The first byte of every stored value. Bump it (and keep a reader for the
 /// old one) when an archived layout changes. Messages are written in the
@@ -491,7 +492,7 @@ impl LogView<'_> {
     /// An owned copy.
     pub fn to_owned(&self) -> Result<LogRecord, StorageError> {
         match self {
-            LogView::Message(m) => Ok(LogRecord::Message(m.to_record())),
+            LogView::Message(m) => Ok(LogRecord::Message(m.to_record()?)),
             LogView::Conversation(c) => Ok(LogRecord::Conversation(c.to_record())),
             LogView::User(u) => Ok(LogRecord::User(u.to_record())),
             LogView::Read(r) => Ok(LogRecord::Read(r.to_record())),
@@ -501,8 +502,44 @@ impl LogView<'_> {
 }
 
 /// A validated, zero-copy view of the log value at `offset`, whichever
-/// format it was stored in.
-pub(crate) fn access_log<'b>(
+/// format it was stored in, handed to `f`; a message whose sender is
+/// stored in an earlier record (`compact.rs`) with that sender read from
+/// there, in the same transaction. Every reader of the log reads through
+/// here.
+pub(crate) fn access_log_in<R>(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    offset: u64,
+    bytes: &[u8],
+    f: impl FnOnce(LogView<'_>) -> R,
+) -> Result<R, StorageError> {
+    let view = decode_log(bytes, &offset)?;
+    let LogView::Message(m) = view else { return Ok(f(view)) };
+    let Some(back) = m.sender_back else { return Ok(f(view)) };
+    let corrupt = |message: String| StorageError::Corrupt { table: "log", key: offset.to_string(), message };
+    let at = offset
+        .checked_sub(back)
+        .ok_or_else(|| corrupt(format!("its sender is {back} records before it, before the log's start")))?;
+    let guard = log
+        .get(at)
+        .ctx("read log")?
+        .ok_or_else(|| corrupt(format!("its sender is in record {at}, which is not in the log")))?;
+    let holder = match decode_log(guard.value(), &at)? {
+        LogView::Message(h) if h.sender_back.is_none() && h.role == m.role => h,
+        _ => {
+            return Err(corrupt(format!(
+                "its sender is in record {at}, which is not a message naming a sender of its role"
+            )));
+        }
+    };
+    let m =
+        MessageView { sender_id: holder.sender_id, sender_name: holder.sender_name, sender_back: None, ..m };
+    Ok(f(LogView::Message(m)))
+}
+
+/// A validated, zero-copy view of the log value at `offset`, whichever
+/// format it was stored in; a message's sender may still be elsewhere
+/// (`sender_back`): readers go through [`access_log_in`].
+pub(crate) fn decode_log<'b>(
     bytes: &'b [u8],
     offset: &dyn std::fmt::Display,
 ) -> Result<LogView<'b>, StorageError> {
@@ -561,6 +598,7 @@ impl<'a> MessageView<'a> {
             role: m.from.role.get(),
             sender_id: m.from.id.as_str(),
             sender_name: m.from.name.as_str(),
+            sender_back: None,
             text: m.text.as_ref().map(|t| t.as_str()),
             attachment: m
                 .attachment
@@ -572,9 +610,19 @@ impl<'a> MessageView<'a> {
 
 /// A log value as redb holds it, read as every reader reads it: validated
 /// first, then turned into an owned record. Corrupt bytes are an error,
-/// never a panic. Public for the fuzzer (`fuzz/`, target `log_record`).
+/// never a panic, and so is a message that points back for its sender,
+/// which only the log can complete. Public for the fuzzer (`fuzz/`,
+/// target `log_record`).
 pub fn decode_log_record(bytes: &[u8]) -> Result<LogRecord, StorageError> {
-    access_log(bytes, &"(given bytes)")?.to_owned()
+    decode_log(bytes, &"(given bytes)")?.to_owned()
+}
+
+/// A log value read in place as it is stored, for tools that look at the
+/// bytes (the disk benchmark): a message may still point back for its
+/// sender ([`MessageView::sender_back`]), which a [`Reader`](crate::Reader)
+/// follows.
+pub fn view_log_record(bytes: &[u8]) -> Result<LogView<'_>, StorageError> {
+    decode_log(bytes, &"(given bytes)")
 }
 
 /// A log record as the writer stores it: a message, a conversation's

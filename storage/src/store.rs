@@ -343,6 +343,8 @@ impl Store {
             checkpoint_in_background: config.checkpoint_in_background,
             conv_cache_entries: config.conv_cache_entries,
             dedupe_window: config.dedupe_window,
+            sender_refs: config.sender_refs,
+            sender_ref_reach: config.sender_ref_reach,
         };
         let group_commit = GroupCommit::new(
             db.clone(),

@@ -1079,6 +1079,7 @@ fn a_version_10_store_with_its_log_to_replay_moves_the_replayed_entries_too() {
 /// upgrade cuts them off).
 fn index_to_v10(txn: &redb::WriteTransaction) {
     use redb::ReadableTable as _;
+    senders_in_full(&mut txn.open_table(tables::LOG).unwrap());
     let mut entries = Vec::new();
     for row in txn.open_table(tables::CONV_RUNS).unwrap().iter().unwrap() {
         let (k, v) = row.unwrap();
@@ -1095,6 +1096,33 @@ fn index_to_v10(txn: &redb::WriteTransaction) {
     }
 }
 
+/// Rewrites every message that points back for its sender
+/// (`compact.rs`) to name them in full, as every store before version 12
+/// does. Returns how many there were.
+fn senders_in_full(log: &mut redb::Table<u64, &[u8]>) -> usize {
+    use redb::ReadableTable as _;
+    let mut pointing = Vec::new();
+    for e in log.iter().unwrap() {
+        let (k, v) = e.unwrap();
+        let offset = k.value();
+        let points = matches!(crate::record::decode_log(v.value(), &offset),
+            Ok(crate::LogView::Message(m)) if m.sender_back.is_some());
+        if points {
+            let in_full = crate::record::access_log_in(&*log, offset, v.value(), |view| {
+                let crate::LogView::Message(m) = view else { unreachable!("a message above") };
+                let mut out = Vec::new();
+                m.encode_into(&mut out);
+                out
+            });
+            pointing.push((offset, in_full.unwrap()));
+        }
+    }
+    for (offset, value) in &pointing {
+        log.insert(offset, value.as_slice()).unwrap();
+    }
+    pointing.len()
+}
+
 /// Rewrites every message of `log` as a format 1 archive of the same
 /// record, as every store before version 6 holds them. Returns how many.
 fn messages_to_format_1(log: &mut redb::Table<u64, &[u8]>) -> usize {
@@ -1105,6 +1133,7 @@ fn messages_to_format_1(log: &mut redb::Table<u64, &[u8]>) -> usize {
 /// of the same record; returns how many there were.
 fn log_to_format_1(log: &mut redb::Table<u64, &[u8]>, format: u8) -> usize {
     use redb::ReadableTable as _;
+    senders_in_full(log);
     let compact: Vec<(u64, LogRecord)> = log
         .iter()
         .unwrap()
@@ -1181,7 +1210,7 @@ fn downgrade_to_v2(dir: &std::path::Path) {
             index.iter().unwrap().map(|e| e.unwrap()).map(|(k, v)| (k.value(), v.value().0)).collect();
         for (at, offset) in entries {
             let guard = log.get(offset).unwrap().unwrap();
-            let crate::LogView::Message(m) = crate::record::access_log(guard.value(), &offset).unwrap()
+            let crate::LogView::Message(m) = crate::record::decode_log(guard.value(), &offset).unwrap()
             else {
                 panic!("not a message at {offset}")
             };
@@ -2077,5 +2106,151 @@ fn reads_never_see_a_gap_while_tails_are_written() {
     assert!(reads > 8, "the reader read while the writer wrote ({reads})");
     for conv in 0..8u64 {
         assert_eq!(seqs_of(&store, conv), (1..=500).collect::<Vec<_>>());
+    }
+}
+
+/// Which messages of the log at `dir` name their sender in full and which
+/// point back for them (`senders.rs`), by cid, in log order.
+fn senders_named(dir: &std::path::Path) -> Vec<(String, bool)> {
+    use redb::{ReadableDatabase as _, ReadableTable as _};
+    let db = redb::Database::create(config(dir).db_path()).unwrap();
+    let txn = db.begin_read().unwrap();
+    let log = txn.open_table(tables::LOG).unwrap();
+    let mut out = Vec::new();
+    for e in log.iter().unwrap() {
+        let (_, v) = e.unwrap();
+        if let crate::LogView::Message(m) = crate::view_log_record(v.value()).unwrap() {
+            out.push((m.cid.to_string(), m.sender_back.is_none()));
+        }
+    }
+    out
+}
+
+/// A sender is named in full in their first message and pointed at after:
+/// every read hands out the whole sender, a resend of a message that
+/// points is still a duplicate (after a restart too), a new name is named
+/// in full, and a new writer names each sender in full once more.
+/// `storage.sender_refs = 0` names every sender.
+#[test]
+fn a_sender_is_named_in_full_once_then_pointed_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let send = |store: &Store, token: u64, m: kefu_proto::client::Msg| {
+        write(store, token, WriteOp::AppendMessage(m)).result.unwrap()
+    };
+    let agent = |conv: u64, cid: &str| {
+        let mut m = message(conv, "ag", cid, "hi");
+        m.from.role = Role::Agent;
+        m
+    };
+    let renamed = |conv: u64, cid: &str| {
+        let mut m = message(conv, "v", cid, "hi");
+        m.from.name = "V. Two".into();
+        m
+    };
+    let authors = |records: Vec<crate::MessageRecord>| -> Vec<(String, Role, String, String)> {
+        records.into_iter().map(|m| (m.cid, m.from.role, m.from.id, m.from.name)).collect()
+    };
+    let expected = |cids: &[&str]| -> Vec<(String, Role, String, String)> {
+        cids.iter()
+            .map(|&cid| match cid {
+                "a3" => (cid.into(), Role::Agent, "ag".into(), "ag's name".into()),
+                "c1" => (cid.into(), Role::Visitor, "v".into(), "V. Two".into()),
+                _ => (cid.into(), Role::Visitor, "v".into(), "v's name".into()),
+            })
+            .collect()
+    };
+    {
+        let (store, _) = open(config(dir.path()));
+        send(&store, 1, message(1, "v", "a1", "hi"));
+        send(&store, 2, message(1, "v", "a2", "hi"));
+        send(&store, 3, agent(1, "a3"));
+        send(&store, 4, message(1, "v", "a4", "hi"));
+        send(&store, 5, message(2, "v", "b1", "hi"));
+        send(&store, 6, renamed(1, "c1"));
+        let again = send(&store, 7, message(1, "v", "a2", "hi"));
+        assert!(again.duplicate && again.seq == 2, "{again:?}");
+        let r = store.reader();
+        let history = r.history(1, None, 10).unwrap().into_iter().map(|l| l.record).collect();
+        assert_eq!(authors(history), expected(&["a1", "a2", "a3", "a4", "c1"]));
+        let scanned = r.scan(0, 100).unwrap().into_iter().filter_map(|l| match l.record {
+            LogRecord::Message(m) => Some(m),
+            _ => None,
+        });
+        assert_eq!(authors(scanned.collect()), expected(&["a1", "a2", "a3", "a4", "b1", "c1"]));
+        let events = r.events(0, store.log_end(), 100).unwrap().into_iter().filter_map(|e| match e.record {
+            LogRecord::Message(m) => Some(m),
+            _ => None,
+        });
+        assert_eq!(authors(events.collect()), expected(&["a1", "a2", "a3", "a4", "b1", "c1"]));
+        assert_eq!(r.message(2, 1).unwrap().unwrap().record.from.name, "v's name");
+    }
+    let named = [("a1", true), ("a2", false), ("a3", true), ("a4", false), ("b1", false), ("c1", true)];
+    let named: Vec<(String, bool)> = named.iter().map(|&(c, n)| (c.to_string(), n)).collect();
+    assert_eq!(senders_named(dir.path()), named);
+    {
+        let (store, _) = open(config(dir.path()));
+        let again = send(&store, 8, message(1, "v", "a4", "hi"));
+        assert!(again.duplicate && again.seq == 4, "a resend of a message that points: {again:?}");
+        send(&store, 9, message(1, "v", "a5", "hi"));
+        send(&store, 10, message(1, "v", "a6", "hi"));
+        let history = store.reader().history(1, None, 10).unwrap().into_iter().map(|l| l.record).collect();
+        assert_eq!(authors(history), expected(&["a1", "a2", "a3", "a4", "c1", "a5", "a6"]));
+    }
+    let tail: Vec<(String, bool)> = senders_named(dir.path()).split_off(named.len());
+    assert_eq!(
+        tail,
+        [("a5".to_string(), true), ("a6".to_string(), false)],
+        "a new writer names them once more"
+    );
+
+    let off = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(StoreConfig { sender_refs: 0, ..config(off.path()) });
+        for (i, cid) in ["x1", "x2", "x3"].into_iter().enumerate() {
+            send(&store, i as u64, message(1, "v", cid, "hi"));
+        }
+    }
+    assert!(senders_named(off.path()).iter().all(|(_, in_full)| *in_full));
+}
+
+/// A pointer for a sender that leads before the log's start, or to a
+/// record that is not a message naming a sender of the same role, reads
+/// as damage at that message, not as someone else's name.
+#[test]
+fn a_sender_pointer_to_the_wrong_record_reads_as_damage() {
+    use redb::ReadableTable as _;
+    for (back, what) in [(5, "before the log's start"), (1, "not a message naming a sender of its role")] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = open(config(dir.path()));
+            write(&store, 1, WriteOp::AppendMessage(message(1, "v", "a1", "hi"))).result.unwrap();
+            let mut m = message(1, "ag", "a2", "hi");
+            m.from.role = Role::Agent;
+            write(&store, 2, WriteOp::AppendMessage(m)).result.unwrap();
+            write(&store, 3, WriteOp::AppendMessage(message(1, "v", "a3", "hi"))).result.unwrap();
+        }
+        {
+            let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(tables::LOG).unwrap();
+                let mut value = log.get(2).unwrap().unwrap().value().to_vec();
+                let crate::LogView::Message(m) = crate::view_log_record(&value).unwrap() else { panic!() };
+                assert_eq!(m.sender_back, Some(2), "a3 points at a1");
+                let mut damaged = Vec::new();
+                crate::compact::MessageView { sender_back: Some(back), ..m }.encode_into(&mut damaged);
+                value = damaged;
+                log.insert(2, value.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let (store, _) = open(config(dir.path()));
+        match store.reader().history(1, None, 10) {
+            Err(StorageError::Corrupt { table: "log", key, message }) => {
+                assert_eq!(key, "2");
+                assert!(message.contains(what), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

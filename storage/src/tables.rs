@@ -87,6 +87,8 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// not read; 9 keeps the log's odd cycles in a second file; 10 may hold
 /// `conv_index` entries only in the log's messages (`meta.index_from`),
 /// which a build reading 9 would not look for; 11 keeps the conversation
-/// index in runs, `conv_runs`, which a build reading 10 would not find.
+/// index in runs, `conv_runs`, which a build reading 10 would not find;
+/// 12 may name a message's sender by pointing back at an earlier record
+/// (`compact.rs`, flag bit 2), which a build reading 11 would call damaged.
 /// An older store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 11;
+pub(crate) const SCHEMA_VERSION: u64 = 12;

@@ -48,7 +48,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use crate::dedupe::{DedupeKey, U64Map};
 use crate::error::{IoContext, StorageError};
-use crate::record::{LogView, access_log};
+use crate::record::{LogView, access_log_in};
 use crate::runs::{self, Entry};
 use crate::tables;
 
@@ -383,9 +383,13 @@ impl Tails {
             for entry in log.range(from..).ctx("read log")? {
                 let (key, value) = entry.ctx("read log")?;
                 let offset = key.value();
-                let m = match access_log(value.value(), &offset) {
-                    Ok(LogView::Message(m)) => m,
-                    Ok(_) => continue,
+                let read = access_log_in(&log, offset, value.value(), |view| match view {
+                    LogView::Message(m) => Some((m.conv, m.seq, self.key.slot(m.role, m.sender_id, m.cid))),
+                    _ => None,
+                });
+                let (conv, seq, slot) = match read {
+                    Ok(Some(message)) => message,
+                    Ok(None) => continue,
                     Err(e) => {
                         // Not the whole store's failure: the message is
                         // missing from its conversation's index, where a
@@ -403,34 +407,32 @@ impl Tails {
                 // last row (`runs::fresh`). Looking
                 // each conversation up in the table instead cost a random
                 // read per conversation on a cold start.
-                let conv = m.conv;
                 let Some(last) = fresh.convs.get(&conv).and_then(TailView::last_seq) else {
-                    fresh.push(conv, m.seq, offset, self.key.slot(m.role, m.sender_id, m.cid));
+                    fresh.push(conv, seq, offset, slot);
                     continue;
                 };
                 let expected = last + 1;
-                if m.seq < expected {
+                if seq < expected {
                     // A seq the log already had: a damaged store, not a
                     // reason to refuse to open it (the first one stays).
                     tracing::error!(
                         offset,
                         conv,
-                        seq = m.seq,
+                        seq,
                         expected,
                         "a message past index_from repeats a seq; it is left out of the index"
                     );
                     continue;
                 }
-                if m.seq > expected && unreadable == 0 {
+                if seq > expected && unreadable == 0 {
                     tracing::warn!(
                         conv,
-                        seq = m.seq,
+                        seq,
                         expected,
                         "a conversation's seqs skip in the log past index_from"
                     );
                 }
-                let slot = self.key.slot(m.role, m.sender_id, m.cid);
-                fresh.push(conv, m.seq, offset, slot);
+                fresh.push(conv, seq, offset, slot);
             }
         }
         self.gauge.store(fresh.entries, Ordering::Relaxed);

@@ -57,7 +57,7 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransacti
 
 use crate::dedupe::DedupeKey;
 use crate::error::{IoContext, StorageError};
-use crate::record::{ConvChange, LogView, access_conversation, access_log, access_user};
+use crate::record::{ConvChange, LogView, access_conversation, access_log_in, access_user, decode_log};
 use crate::runs;
 use crate::tables;
 
@@ -66,7 +66,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 10) to
+/// Upgrades a store at version `from` (1 to 11) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {
@@ -187,11 +187,13 @@ fn reslot_conv_index(txn: &WriteTransaction, key: &DedupeKey) -> Result<(), Stor
     for entry in log.iter().ctx("read log")? {
         let (k, v) = entry.ctx("read log")?;
         let offset = k.value();
-        let LogView::Message(m) = access_log(v.value(), &offset)? else {
-            continue;
-        };
-        let (conv, seq) = (m.conv, m.seq);
-        let slot = key.slot(m.role, m.sender_id, m.cid);
+        // Stores this old never name a sender by reference; reading
+        // through `access_log_in` anyway keeps that an error if one does.
+        let message = access_log_in(&log, offset, v.value(), |view| match view {
+            LogView::Message(m) => Some((m.conv, m.seq, key.slot(m.role, m.sender_id, m.cid))),
+            _ => None,
+        })?;
+        let Some((conv, seq, slot)) = message else { continue };
         let was = index.insert((conv, seq), (offset, slot)).ctx("write conv_index")?.map(|g| g.value().0);
         if was != Some(offset) {
             return Err(StorageError::Corrupt {
@@ -249,7 +251,7 @@ fn v3_to_v4(txn: &WriteTransaction) -> Result<(), StorageError> {
     for entry in log.iter().ctx("read log")? {
         let (k, v) = entry.ctx("read log")?;
         let offset = k.value();
-        let LogView::Conversation(c) = access_log(v.value(), &offset)? else {
+        let LogView::Conversation(c) = decode_log(v.value(), &offset)? else {
             continue;
         };
         let (status, agent) = (c.status, c.agent.map(|a| a.id));
