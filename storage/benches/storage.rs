@@ -12,7 +12,16 @@
 //! cargo bench -p kefu-storage --bench storage -- dedupe
 //! cargo bench -p kefu-storage --bench storage -- disk [--messages N] [--convs C] [--size B] [--batch B] [--index-batch K]
 //! cargo bench -p kefu-storage --bench storage -- disk --analyze DIR
+//! cargo bench -p kefu-storage --bench storage -- history [--messages N] [--convs C] [--pages P] [--page K]
 //! ```
+//!
+//! `history` times what a pointer back for the sender costs a read: it
+//! fills two stores with the same N messages over C conversations (each
+//! conversation's visitor and one of 20 agents taking turns), one with
+//! `sender_refs` off and one with it on, then reads P pages of the newest K
+//! messages of random conversations from each, alternating, and prints
+//! each store's median, p99 and mean time per page and the bytes its log
+//! allocated per message.
 //!
 //! `disk` says where the bytes on disk go: it appends N messages of B-byte
 //! texts over C conversations through group commit, each commit holding at
@@ -96,6 +105,7 @@ fn main() {
         "latency" => latency(&opts),
         "dedupe" => dedupe_lookup(&opts),
         "disk" => disk(&opts),
+        "history" => history(&opts),
         "child-fill" => child_fill(&opts),
         other => panic!("unknown command {other}"),
     }
@@ -644,6 +654,26 @@ fn soak_message(i: u64, convs: u64, size: usize) -> Msg {
     }
 }
 
+/// Appends `message(0..n)` from one source, at most `in_flight` at a
+/// time, and waits for every one.
+fn fill(store: &Store, n: u64, in_flight: usize, message: impl Fn(u64) -> Msg) {
+    let (w, c) = (store.writer(), store.completions(0));
+    let (mut sent, mut done) = (0u64, 0u64);
+    while done < n {
+        while sent < n && w.in_flight(0) < in_flight {
+            w.submit(0, sent, WriteOp::AppendMessage(message(sent))).unwrap();
+            sent += 1;
+        }
+        match c.pop() {
+            Some(x) => {
+                x.result.unwrap();
+                done += 1;
+            }
+            None => std::thread::yield_now(),
+        }
+    }
+}
+
 fn disk(o: &Args) {
     if let Some(dir) = o.0.get("analyze") {
         analyze(Path::new(dir), None);
@@ -663,22 +693,8 @@ fn disk(o: &Args) {
     let cfg =
         StoreConfig { dir: dir.clone(), submit_queue_capacity: batch, index_batch, ..StoreConfig::default() };
     let (store, _) = Store::open(cfg, Arc::new(|_| {})).unwrap();
-    let (w, c) = (store.writer(), store.completions(0));
     let t0 = Instant::now();
-    let (mut sent, mut done) = (0u64, 0u64);
-    while done < messages {
-        while sent < messages && w.in_flight(0) < batch {
-            w.submit(0, sent, WriteOp::AppendMessage(soak_message(sent, convs, size))).unwrap();
-            sent += 1;
-        }
-        match c.pop() {
-            Some(x) => {
-                x.result.unwrap();
-                done += 1;
-            }
-            None => std::thread::yield_now(),
-        }
-    }
+    fill(&store, messages, batch, |i| soak_message(i, convs, size));
     let commits = store.stats().commits;
     println!(
         "  written in {:.1?}, {commits} commits ({:.1} messages each)",
@@ -688,6 +704,100 @@ fn disk(o: &Args) {
     drop(store);
     analyze(&dir, Some(messages));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A message of `history`'s: conversation `i % convs`, its visitor and an
+/// agent taking turns, a 100-byte text.
+fn turn_message(i: u64, convs: u64) -> Msg {
+    let conv = 1 + i % convs;
+    let turn = i / convs;
+    let from = if turn.is_multiple_of(2) {
+        Sender { role: Role::Visitor, id: format!("v_{conv:016x}{:08x}", conv * 31), name: "Visitor".into() }
+    } else {
+        let agent = conv % 20;
+        Sender {
+            role: Role::Agent,
+            id: format!("agent-{agent:03}@example.com"),
+            name: format!("Agent {agent}"),
+        }
+    };
+    let mut text = format!("{i} ");
+    while text.len() < 100 {
+        text.push_str("how can I help you today? ");
+    }
+    text.truncate(100);
+    Msg {
+        conv: ConvId(conv),
+        seq: 0,
+        cid: format!("{}-{i}-{}", conv % 2, 1_000_000_000_000 + i * 500_000),
+        from,
+        ts: 1_700_000_000_000 + i,
+        text: Some(text),
+        attachment: None,
+    }
+}
+
+fn history(o: &Args) {
+    let messages: u64 = o.get("messages", 400_000);
+    let convs: u64 = o.get("convs", 2_000);
+    let pages: usize = o.get("pages", 20_000);
+    let page: usize = o.get("page", 50);
+    println!(
+        "history: {messages} messages over {convs} conversations (visitor and agent taking turns), \
+         {pages} pages of the newest {page} from each store, alternating"
+    );
+    let stores: Vec<(&str, PathBuf, Store)> = [("senders in full", 0usize), ("pointers back", 1 << 16)]
+        .into_iter()
+        .map(|(name, sender_refs)| {
+            let dir = bench_dir(if sender_refs == 0 { "history-full" } else { "history-refs" });
+            let cfg = StoreConfig {
+                dir: dir.clone(),
+                submit_queue_capacity: 64,
+                sender_refs,
+                ..StoreConfig::default()
+            };
+            let (store, _) = Store::open(cfg, Arc::new(|_| {})).unwrap();
+            fill(&store, messages, 64, |i| turn_message(i, convs));
+            (name, dir, store)
+        })
+        .collect();
+    let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(pages); stores.len()];
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    for _ in 0..pages {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let conv = 1 + rng % convs;
+        for (k, (_, _, store)) in stores.iter().enumerate() {
+            let r = store.reader();
+            let t = Instant::now();
+            let got = r.history(conv, None, page).unwrap();
+            times[k].push(t.elapsed().as_secs_f64() * 1e6);
+            assert_eq!(got.len(), page.min((messages / convs) as usize));
+            std::hint::black_box(got);
+        }
+    }
+    for ((name, dir, store), mut t) in stores.into_iter().zip(times) {
+        drop(store);
+        let db = redb::Database::open(dir.join("kefu.redb")).unwrap();
+        let w = db.begin_write().unwrap();
+        let allocated = w.stats().unwrap().allocated_pages() * 4096;
+        w.abort().unwrap();
+        let mean = t.iter().sum::<f64>() / t.len() as f64;
+        let p99 = {
+            t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            t[(t.len() * 99 / 100).min(t.len() - 1)]
+        };
+        println!(
+            "  {name:>15}: a page of {page} in {:.1} µs median, {p99:.1} µs p99, {mean:.1} µs mean ({:.2} µs a message); \
+             {:.1} bytes allocated per message",
+            median(&mut t),
+            mean / page as f64,
+            allocated as f64 / messages as f64
+        );
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 /// The tables `analyze` looks at, as `tables.rs` defines them.

@@ -138,6 +138,8 @@ mod store_tests;
 #[cfg(test)]
 mod testkit;
 
+#[doc(hidden)]
+pub use compact::message_round_trip;
 pub use compact::{AttachmentView, MessageView};
 pub use compact_state::{AgentView, ConversationView, MetaView, ReadView, UserView};
 pub use config::StoreConfig;

@@ -25,8 +25,8 @@ use crate::compact_state::ConversationView;
 use crate::dedupe::{SlotCache, U64Map};
 use crate::error::{IoContext, StorageError};
 use crate::record::{
-    ArchivedUserControlRecord, ConvChange, ConversationRecord, LogRecord, LogView, MessageRecord,
-    UserControlRecord, UserRecord, access, access_conversation, access_log_in, access_user, to_owned,
+    ArchivedUserControlRecord, ConvChange, ConversationRecord, LogRecord, LogView, MessageRecord, SenderMemo,
+    UserControlRecord, UserRecord, access, access_conversation, access_log_with, access_user, to_owned,
 };
 use crate::tables;
 use crate::tail::{self, TailView};
@@ -171,6 +171,7 @@ impl Reader {
         let index = txn.open_table(tables::CONV_RUNS).ctx("open table conv_runs")?;
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
         let range = tail::entries(&index, &tail, conv, lo.1, hi.1)?;
+        let mut senders = SenderMemo::default();
         let mut visit = |entry: Result<(u64, u64, u64), StorageError>| {
             let (seq, offset, _slot) = entry?;
             let guard = log.get(offset).ctx("read log")?.ok_or_else(|| StorageError::Corrupt {
@@ -178,7 +179,7 @@ impl Reader {
                 key: format!("({conv}, {seq})"),
                 message: format!("points at offset {offset}, which is not in the log"),
             })?;
-            access_log_in(&log, offset, guard.value(), |view| match view {
+            access_log_with(&log, &mut senders, offset, guard.value(), |view| match view {
                 LogView::Message(m) if m.conv == conv && m.seq == seq => Ok(f(offset, &m)),
                 _ => Err(StorageError::Corrupt {
                     table: "log",
@@ -470,10 +471,11 @@ impl Reader {
         }
         let txn = self.txn()?;
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
+        let mut senders = SenderMemo::default();
         for (n, entry) in log.range(from_offset..).ctx("read log")?.enumerate() {
             let (key, value) = entry.ctx("read log")?;
             let offset = key.value();
-            if access_log_in(&log, offset, value.value(), |view| f(offset, &view))?.is_break()
+            if access_log_with(&log, &mut senders, offset, value.value(), |view| f(offset, &view))?.is_break()
                 || n + 1 >= limit
             {
                 break;
@@ -503,12 +505,14 @@ impl Reader {
         let txn = self.txn()?;
         let log = txn.open_table(tables::LOG).ctx("open table log")?;
         let changes = txn.open_table(tables::CONV_CHANGES).ctx("open table conv_changes")?;
+        let mut senders = SenderMemo::default();
         for entry in log.range(from_offset..end).ctx("read log")? {
             let (key, value) = entry.ctx("read log")?;
             let offset = key.value();
-            let (record, is_conversation) = access_log_in(&log, offset, value.value(), |view| {
-                (view.to_owned(), matches!(view, LogView::Conversation(_)))
-            })?;
+            let (record, is_conversation) =
+                access_log_with(&log, &mut senders, offset, value.value(), |view| {
+                    (view.to_owned(), matches!(view, LogView::Conversation(_)))
+                })?;
             let change = match is_conversation {
                 true => {
                     let byte = changes.get(offset).ctx("read conv_changes")?.map(|g| g.value());

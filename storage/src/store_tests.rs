@@ -2254,3 +2254,36 @@ fn a_sender_pointer_to_the_wrong_record_reads_as_damage() {
         }
     }
 }
+
+/// A read of more senders than its memo holds (`record::SenderMemo`, 8)
+/// still gives every message its own: twelve senders, each pointed at
+/// from a message after the other eleven's.
+#[test]
+fn a_page_with_more_senders_than_the_memo_holds_reads_each_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(config(dir.path()));
+    let senders: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
+    let mut token = 0;
+    for round in 0..3 {
+        for s in &senders {
+            token += 1;
+            let cid = format!("{s}-{round}");
+            write(&store, token, WriteOp::AppendMessage(message(1, s, &cid, "hi"))).result.unwrap();
+        }
+    }
+    let history: Vec<crate::MessageRecord> =
+        store.reader().history(1, None, 100).unwrap().into_iter().map(|l| l.record).collect();
+    let scanned: Vec<crate::MessageRecord> = (store.reader().scan(0, 100).unwrap().into_iter())
+        .filter_map(|l| match l.record {
+            LogRecord::Message(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    for read in [history, scanned] {
+        assert_eq!(read.len(), 36);
+        for m in &read {
+            let (sender, _) = m.cid.split_once('-').unwrap();
+            assert_eq!((m.from.id.as_str(), m.from.name.clone()), (sender, format!("{sender}'s name")));
+        }
+    }
+}

@@ -48,7 +48,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use crate::dedupe::{DedupeKey, U64Map};
 use crate::error::{IoContext, StorageError};
-use crate::record::{LogView, access_log_in};
+use crate::record::{LogView, SenderMemo, access_log_with};
 use crate::runs::{self, Entry};
 use crate::tables;
 
@@ -380,10 +380,11 @@ impl Tails {
         if let Some(from) = meta.get(tables::META_INDEX_FROM).ctx("read meta")?.map(|g| g.value()) {
             let log = txn.open_table(tables::LOG).ctx("open table log")?;
             let mut unreadable = 0u64;
+            let mut senders = SenderMemo::default();
             for entry in log.range(from..).ctx("read log")? {
                 let (key, value) = entry.ctx("read log")?;
                 let offset = key.value();
-                let read = access_log_in(&log, offset, value.value(), |view| match view {
+                let read = access_log_with(&log, &mut senders, offset, value.value(), |view| match view {
                     LogView::Message(m) => Some((m.conv, m.seq, self.key.slot(m.role, m.sender_id, m.cid))),
                     _ => None,
                 });
