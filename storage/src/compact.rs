@@ -33,9 +33,11 @@
 //! them itself and has the same role: the writer names a sender in full
 //! once and points back at that record after (`senders.rs`), since the id
 //! and name were ~49 of a soak's ~225 bytes per message. Log records are
-//! never removed, so the record pointed at is always there;
-//! [`access_log_in`](crate::record::access_log_in) follows the pointer, and
-//! every view a reader hands out has its sender in place.
+//! never removed, and the writer forgets where senders were named
+//! whenever a commit may have been lost (`senders.rs`), so the record
+//! pointed at is there; [`access_log_in`](crate::record::access_log_in)
+//! follows the pointer, and every view a reader hands out has its sender
+//! in place.
 
 use kefu_proto::client::Msg;
 use kefu_proto::ids::Role;

@@ -565,8 +565,12 @@ impl GroupCommit {
                     .insert(tables::META_NEXT_OFFSET, self.next_offset)
                     .ctx("write meta")?;
                 txn.commit().ctx("commit")?;
-                // A commit reported failed may have reached the file.
-                self.db.tails.rebuild(&db)
+                // A commit reported failed may have reached the file: its
+                // offsets are not to be given again (a message pointing
+                // back for its sender would point at another's).
+                self.db.tails.rebuild(&db)?;
+                self.go_on_from(crate::reopen::counters(&db)?);
+                Ok(())
             }
             Some(wal) => {
                 {

@@ -46,8 +46,9 @@
 //! the sender is its role and id, so agent `42` and visitor `42` sending the
 //! same cid are two messages
 //! (`store_tests::the_same_cid_from_an_agent_and_a_visitor_with_the_same_id_is_two_messages`).
-//! A message names its sender in full once per writer and sender, and
-//! after that points back at that record (`senders.rs`); every read
+//! A message names its sender in full when the writer does not remember
+//! a recent record that does (after an open, a failure, a new name, or
+//! too far back), and otherwise points back at that record (`senders.rs`); every read
 //! follows the pointer, and a commit that fails makes the writer forget
 //! where senders were named, so no message ever points at a record that
 //! is not there (`durability::a_sender_named_only_in_a_failed_commit_is_named_again`).
@@ -145,12 +146,14 @@ pub use compact_state::{AgentView, ConversationView, MetaView, ReadView, UserVie
 pub use config::StoreConfig;
 pub use error::{StorageError, SubmitError};
 pub use reader::{ConversationFilter, ConversationPage, DedupeHit, LogEvent, Logged, Reader};
+#[doc(hidden)]
+pub use record::view_log_record;
 pub use record::{
     AgentRef, ArchivedAgentRef, ArchivedAttachment, ArchivedConvStatus, ArchivedConversationRecord,
     ArchivedLogRecord, ArchivedMessageRecord, ArchivedReadMark, ArchivedRole, ArchivedSender,
     ArchivedUserControlRecord, ArchivedUserRecord, Attachment, BlockRecord, ConvChange, ConvStatusDef,
     ConversationRecord, LogRecord, LogView, MessageRecord, PresenceRecord, ReadMark, RoleDef, Sender,
-    UserControlRecord, UserRecord, decode_log_record, encode_log_record, view_log_record,
+    UserControlRecord, UserRecord, decode_log_record, encode_log_record,
 };
 #[doc(hidden)]
 pub use redo::redo_round_trip;

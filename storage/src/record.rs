@@ -29,6 +29,7 @@ use crate::compact_state::{
     ConversationView, FORMAT_COMPACT_CONVERSATION, FORMAT_COMPACT_READ, FORMAT_COMPACT_USER, ReadView,
     UserView, encode_read_record, encode_user_record,
 };
+use crate::dedupe::U64Map;
 use crate::error::{IoContext, StorageError};
 
 /// The first byte of every stored value. Bump it (and keep a reader for the
@@ -519,34 +520,20 @@ pub(crate) fn access_log_in<R>(
 /// conversation's messages names a visitor and an agent or two, and
 /// reading each one's record once instead of once per message took a
 /// page of 50 from 21% slower than with every sender in full to 5%
-/// faster (BENCHMARKS.md, "a message's sender named once").
+/// faster (BENCHMARKS.md, "a message's sender named once"). A read of the
+/// log's records in order (the event stream, the tails' rebuild at open)
+/// meets every active sender: it holds up to [`SenderMemo::MAX`] and
+/// forgets them all when full.
 #[derive(Default)]
 pub(crate) struct SenderMemo {
-    /// (the record's offset, its sender's role, id and name), the
-    /// oldest replaced first once full.
-    held: Vec<(u64, Role, Box<str>, Box<str>)>,
-    next: usize,
+    /// The record's offset → its sender's role, id and name.
+    held: U64Map<(Role, Box<str>, Box<str>)>,
 }
 
 impl SenderMemo {
-    /// Senders held at most: more than a page's, few enough to search.
-    const MAX: usize = 8;
-
-    fn find(&self, at: u64) -> Option<usize> {
-        self.held.iter().position(|h| h.0 == at)
-    }
-
-    fn hold(&mut self, at: u64, role: Role, id: &str, name: &str) -> usize {
-        let entry = (at, role, Box::from(id), Box::from(name));
-        if self.held.len() < Self::MAX {
-            self.held.push(entry);
-            return self.held.len() - 1;
-        }
-        let i = self.next;
-        self.held[i] = entry;
-        self.next = (i + 1) % Self::MAX;
-        i
-    }
+    /// Senders held at most (~100 bytes each); a test's few senders
+    /// fill it.
+    const MAX: usize = if cfg!(test) { 8 } else { 4096 };
 }
 
 /// [`access_log_in`] for a read of many records: the senders it follows
@@ -565,26 +552,27 @@ pub(crate) fn access_log_with<R>(
     let at = offset
         .checked_sub(back)
         .ok_or_else(|| corrupt(format!("its sender is {back} records before it, before the log's start")))?;
-    let i = match memo.find(at) {
-        Some(i) => i,
-        None => {
-            let guard = log
-                .get(at)
-                .ctx("read log")?
-                .ok_or_else(|| corrupt(format!("its sender is in record {at}, which is not in the log")))?;
-            match decode_log(guard.value(), &at)? {
-                LogView::Message(h) if h.sender_back.is_none() => {
-                    memo.hold(at, h.role, h.sender_id, h.sender_name)
-                }
-                _ => {
-                    return Err(corrupt(format!(
-                        "its sender is in record {at}, which is not a message naming a sender"
-                    )));
-                }
+    if !memo.held.contains_key(&at) {
+        let guard = log
+            .get(at)
+            .ctx("read log")?
+            .ok_or_else(|| corrupt(format!("its sender is in record {at}, which is not in the log")))?;
+        let sender = match decode_log(guard.value(), &at)? {
+            LogView::Message(h) if h.sender_back.is_none() => {
+                (h.role, Box::from(h.sender_id), Box::from(h.sender_name))
             }
+            _ => {
+                return Err(corrupt(format!(
+                    "its sender is in record {at}, which is not a message naming a sender"
+                )));
+            }
+        };
+        if memo.held.len() >= SenderMemo::MAX {
+            memo.held.clear();
         }
-    };
-    let (_, role, id, name) = &memo.held[i];
+        memo.held.insert(at, sender);
+    }
+    let (role, id, name) = &memo.held[&at];
     if *role != m.role {
         return Err(corrupt(format!(
             "its sender is in record {at}, which is not a message naming a sender of its role"
@@ -679,6 +667,7 @@ pub fn decode_log_record(bytes: &[u8]) -> Result<LogRecord, StorageError> {
 /// bytes (the disk benchmark): a message may still point back for its
 /// sender ([`MessageView::sender_back`]), which a [`Reader`](crate::Reader)
 /// follows.
+#[doc(hidden)]
 pub fn view_log_record(bytes: &[u8]) -> Result<LogView<'_>, StorageError> {
     decode_log(bytes, &"(given bytes)")
 }

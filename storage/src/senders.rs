@@ -3,17 +3,21 @@
 //! A message names its sender (id and display name, ~49 bytes in the
 //! soak) in full only when the writer does not remember a recent message
 //! of theirs that does; otherwise it points back at that message
-//! (`compact.rs`, flag bit 2), one or two bytes. A sender is remembered by
+//! (`compact.rs`, flag bit 2), one to three bytes. A sender is remembered by
 //! a 128-bit keyed hash of (role, id, name), so a new name is a new sender
 //! and is written in full once.
 //!
 //! The memory holds only records that are in the log or in the batch
 //! being committed with the message that points at them: the writer
-//! forgets everything when a commit fails (`group_commit.rs`), and starts
-//! empty at open. It is bounded by `storage.sender_refs` senders (24 bytes
-//! each, about 30 with the map's own) and forgets them all when full, and
-//! a pointer reaches back at most `storage.sender_ref_reach` records, so a
-//! message and its sender's record stay near each other in the log.
+//! forgets everything when a commit fails and when it goes on from what
+//! the file holds after a failure (`group_commit.rs`: an offset given to
+//! a record that was lost may be given again, to another sender's
+//! message), and starts empty at open. It is bounded by
+//! `storage.sender_refs` senders (24 bytes each, about 50 with the map's
+//! own) and forgets them all when full, and a pointer reaches back at most
+//! `storage.sender_ref_reach` records, so a message and its sender's
+//! record stay near each other in the log and a damaged record takes out
+//! the senders of that many records at most.
 
 use crate::dedupe::U64Map;
 

@@ -2213,41 +2213,68 @@ fn a_sender_is_named_in_full_once_then_pointed_at() {
     assert!(senders_named(off.path()).iter().all(|(_, in_full)| *in_full));
 }
 
-/// A pointer for a sender that leads before the log's start, or to a
-/// record that is not a message naming a sender of the same role, reads
-/// as damage at that message, not as someone else's name.
+/// A pointer for a sender that leads before the log's start, to a record
+/// that is not there, is not a message, is a message of another role or
+/// points back itself, reads as damage at that message, not as someone
+/// else's name.
 #[test]
 fn a_sender_pointer_to_the_wrong_record_reads_as_damage() {
     use redb::ReadableTable as _;
-    for (back, what) in [(5, "before the log's start"), (1, "not a message naming a sender of its role")] {
+    // The log: a1 (v, in full) at 0, an agent's message in another
+    // conversation at 1, a3 (v, pointing at 0) at 2, a4 (v, pointing at 0)
+    // at 3. Each case points one of a3, a4 elsewhere, and may change
+    // record 1 first.
+    enum One {
+        Keep,
+        Remove,
+        Conversation,
+    }
+    let cases = [
+        (2, 5, One::Keep, "before the log's start"),
+        (2, 1, One::Keep, "not a message naming a sender of its role"),
+        (2, 1, One::Remove, "which is not in the log"),
+        (2, 1, One::Conversation, "not a message naming a sender"),
+        (3, 1, One::Keep, "not a message naming a sender"),
+    ];
+    for (at, back, one, what) in cases {
         let dir = tempfile::tempdir().unwrap();
         {
             let (store, _) = open(config(dir.path()));
             write(&store, 1, WriteOp::AppendMessage(message(1, "v", "a1", "hi"))).result.unwrap();
-            let mut m = message(1, "ag", "a2", "hi");
+            let mut m = message(2, "ag", "b1", "hi");
             m.from.role = Role::Agent;
             write(&store, 2, WriteOp::AppendMessage(m)).result.unwrap();
             write(&store, 3, WriteOp::AppendMessage(message(1, "v", "a3", "hi"))).result.unwrap();
+            write(&store, 4, WriteOp::AppendMessage(message(1, "v", "a4", "hi"))).result.unwrap();
         }
         {
             let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
             let txn = db.begin_write().unwrap();
             {
                 let mut log = txn.open_table(tables::LOG).unwrap();
-                let mut value = log.get(2).unwrap().unwrap().value().to_vec();
+                match one {
+                    One::Keep => {}
+                    One::Remove => {
+                        log.remove(1).unwrap();
+                    }
+                    One::Conversation => {
+                        let state = LogRecord::Conversation(conversation(2, ConvStatus::Queued));
+                        log.insert(1, crate::encode_log_record(&state).unwrap().as_slice()).unwrap();
+                    }
+                }
+                let value = log.get(at).unwrap().unwrap().value().to_vec();
                 let crate::LogView::Message(m) = crate::view_log_record(&value).unwrap() else { panic!() };
-                assert_eq!(m.sender_back, Some(2), "a3 points at a1");
+                assert_eq!(m.sender_back, Some(at), "a3 and a4 point at a1");
                 let mut damaged = Vec::new();
                 crate::compact::MessageView { sender_back: Some(back), ..m }.encode_into(&mut damaged);
-                value = damaged;
-                log.insert(2, value.as_slice()).unwrap();
+                log.insert(at, damaged.as_slice()).unwrap();
             }
             txn.commit().unwrap();
         }
         let (store, _) = open(config(dir.path()));
         match store.reader().history(1, None, 10) {
             Err(StorageError::Corrupt { table: "log", key, message }) => {
-                assert_eq!(key, "2");
+                assert_eq!(key, at.to_string());
                 assert!(message.contains(what), "{message}");
             }
             other => panic!("{other:?}"),
@@ -2286,4 +2313,55 @@ fn a_page_with_more_senders_than_the_memo_holds_reads_each_right() {
             assert_eq!((m.from.id.as_str(), m.from.name.clone()), (sender, format!("{sender}'s name")));
         }
     }
+}
+
+/// A version 11 store, every sender named in full, opens as version 12,
+/// reads as before, and its next messages point back; a pointer never
+/// reaches further back than `storage.sender_ref_reach`.
+#[test]
+fn a_version_11_store_opens_and_its_next_messages_point_back_within_reach() {
+    use redb::ReadableDatabase as _;
+    let dir = tempfile::tempdir().unwrap();
+    let send = |store: &Store, token: u64, cid: &str| {
+        write(store, token, WriteOp::AppendMessage(message(1, "v", cid, "hi"))).result.unwrap();
+    };
+    {
+        let (store, _) = open(StoreConfig { sender_refs: 0, ..config(dir.path()) });
+        send(&store, 1, "a1");
+        send(&store, 2, "a2");
+    }
+    let schema = |set: Option<u64>| {
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        if let Some(v) = set {
+            let txn = db.begin_write().unwrap();
+            txn.open_table(tables::META).unwrap().insert(tables::META_SCHEMA, v).unwrap();
+            txn.commit().unwrap();
+        }
+        let txn = db.begin_read().unwrap();
+        txn.open_table(tables::META).unwrap().get(tables::META_SCHEMA).unwrap().unwrap().value()
+    };
+    assert_eq!(schema(Some(11)), 11);
+    {
+        let (store, _) = open(StoreConfig { sender_ref_reach: 2, ..config(dir.path()) });
+        for (i, cid) in ["a3", "a4", "a5", "a6", "a7"].into_iter().enumerate() {
+            send(&store, 10 + i as u64, cid);
+        }
+        let history = store.reader().history(1, None, 10).unwrap();
+        let read: Vec<(&str, &str, &str)> = history
+            .iter()
+            .map(|m| (m.record.cid.as_str(), m.record.from.id.as_str(), m.record.from.name.as_str()))
+            .collect();
+        let expected: Vec<(&str, &str, &str)> =
+            ["a1", "a2", "a3", "a4", "a5", "a6", "a7"].into_iter().map(|c| (c, "v", "v's name")).collect();
+        assert_eq!(read, expected);
+    }
+    assert_eq!(schema(None), 12);
+    // a3 in full (a new writer), a4 and a5 point 1 and 2 back, a6 would
+    // point 3 back, past the reach, so it is in full again, and a7 points.
+    let named: Vec<(String, bool)> =
+        [("a1", true), ("a2", true), ("a3", true), ("a4", false), ("a5", false), ("a6", true), ("a7", false)]
+            .into_iter()
+            .map(|(c, n)| (c.to_string(), n))
+            .collect();
+    assert_eq!(senders_named(dir.path()), named);
 }
