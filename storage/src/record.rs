@@ -523,17 +523,30 @@ pub(crate) fn access_log_in<R>(
 /// faster (BENCHMARKS.md, "a message's sender named once"). A read of the
 /// log's records in order (the event stream, the tails' rebuild at open)
 /// meets every active sender: it holds up to [`SenderMemo::MAX`] and
-/// forgets them all when full.
-#[derive(Default)]
+/// forgets them all when full, but for the rebuild, whose records are
+/// bounded by `storage.index_lag` (a memo of 4,096 doubled a restart's
+/// open at 10,000 senders: BENCHMARKS.md).
 pub(crate) struct SenderMemo {
     /// The record's offset → its sender's role, id and name.
     held: U64Map<(Role, Box<str>, Box<str>)>,
+    max: usize,
+}
+
+impl Default for SenderMemo {
+    fn default() -> Self {
+        SenderMemo { held: U64Map::default(), max: Self::MAX }
+    }
 }
 
 impl SenderMemo {
     /// Senders held at most (~100 bytes each); a test's few senders
     /// fill it.
     const MAX: usize = if cfg!(test) { 8 } else { 4096 };
+
+    /// A memo that never forgets: for a read whose length bounds it.
+    pub(crate) fn unbounded() -> Self {
+        SenderMemo { held: U64Map::default(), max: usize::MAX }
+    }
 }
 
 /// [`access_log_in`] for a read of many records: the senders it follows
@@ -567,7 +580,7 @@ pub(crate) fn access_log_with<R>(
                 )));
             }
         };
-        if memo.held.len() >= SenderMemo::MAX {
+        if memo.held.len() >= memo.max {
             memo.held.clear();
         }
         memo.held.insert(at, sender);
