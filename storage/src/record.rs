@@ -523,9 +523,9 @@ pub(crate) fn access_log_in<R>(
 /// faster (BENCHMARKS.md, "a message's sender named once"). A read of the
 /// log's records in order (the event stream, the tails' rebuild at open)
 /// meets every active sender: it holds up to [`SenderMemo::MAX`] and
-/// forgets them all when full, but for the rebuild, whose records are
-/// bounded by `storage.index_lag` (a memo of 4,096 doubled a restart's
-/// open at 10,000 senders: BENCHMARKS.md).
+/// forgets them all when full; the rebuild of the tails at open holds up
+/// to [`SenderMemo::REBUILD`] (a memo of 4,096 made a restart's open at
+/// 10,000 senders 1.7× as long: BENCHMARKS.md).
 pub(crate) struct SenderMemo {
     /// The record's offset → its sender's role, id and name.
     held: U64Map<(Role, Box<str>, Box<str>)>,
@@ -534,7 +534,7 @@ pub(crate) struct SenderMemo {
 
 impl Default for SenderMemo {
     fn default() -> Self {
-        SenderMemo { held: U64Map::default(), max: Self::MAX }
+        SenderMemo::holding(Self::MAX)
     }
 }
 
@@ -543,9 +543,14 @@ impl SenderMemo {
     /// fill it.
     const MAX: usize = if cfg!(test) { 8 } else { 4096 };
 
-    /// A memo that never forgets: for a read whose length bounds it.
-    pub(crate) fn unbounded() -> Self {
-        SenderMemo { held: U64Map::default(), max: usize::MAX }
+    /// Senders the rebuild at open holds at most: more than the records
+    /// it reads at the default `storage.index_lag` (100,000), ~100 MB at
+    /// most for a longer lag with as many senders.
+    pub(crate) const REBUILD: usize = 1 << 20;
+
+    /// A memo of up to `max` senders.
+    pub(crate) fn holding(max: usize) -> Self {
+        SenderMemo { held: U64Map::default(), max }
     }
 }
 

@@ -380,9 +380,8 @@ impl Tails {
         if let Some(from) = meta.get(tables::META_INDEX_FROM).ctx("read meta")?.map(|g| g.value()) {
             let log = txn.open_table(tables::LOG).ctx("open table log")?;
             let mut unreadable = 0u64;
-            // As many senders as records at most, and those are bounded
-            // by `index_lag`.
-            let mut senders = SenderMemo::unbounded();
+            // Every sender of the records it reads, at the default lag.
+            let mut senders = SenderMemo::holding(SenderMemo::REBUILD);
             for entry in log.range(from..).ctx("read log")? {
                 let (key, value) = entry.ctx("read log")?;
                 let offset = key.value();
