@@ -558,19 +558,14 @@ impl GroupCommit {
     fn probe(&mut self) -> Result<(), StorageError> {
         let db = self.db.get()?;
         let txn = begin_durable(&db, self.limits.quick_repair)?;
-        match &mut self.wal {
+        let logged = match &mut self.wal {
             None => {
                 txn.open_table(tables::META)
                     .ctx("open table meta")?
                     .insert(tables::META_NEXT_OFFSET, self.next_offset)
                     .ctx("write meta")?;
                 txn.commit().ctx("commit")?;
-                // A commit reported failed may have reached the file: its
-                // offsets are not to be given again (a message pointing
-                // back for its sender would point at another's).
-                self.db.tails.rebuild(&db)?;
-                self.go_on_from(crate::reopen::counters(&db)?);
-                Ok(())
+                false
             }
             Some(wal) => {
                 {
@@ -582,17 +577,22 @@ impl GroupCommit {
                 }
                 txn.commit().ctx("commit")?;
                 self.shared.stats.durable_commits.fetch_add(1, Ordering::Relaxed);
-                // The replay may have stored a commit reported failed: its
-                // index entries before its log end is published.
-                self.db.tails.rebuild(&db)?;
-                self.go_on_from(crate::reopen::counters(&db)?);
-                self.last_checkpoint = Instant::now();
-                self.unchecked = false;
-                // A durable commit waits for everything queued before it.
-                self.behind_ticket = None;
-                Ok(())
+                true
             }
+        };
+        // A commit reported failed may have reached the file (or the
+        // replay stored it): its index entries before its log end is
+        // published, and its offsets are not to be given again (a message
+        // pointing back for its sender would point at another's).
+        self.db.tails.rebuild(&db)?;
+        self.go_on_from(crate::reopen::counters(&db)?);
+        if logged {
+            self.last_checkpoint = Instant::now();
+            self.unchecked = false;
+            // A durable commit waits for everything queued before it.
+            self.behind_ticket = None;
         }
+        Ok(())
     }
 
     /// Pushes the completions and wakes the sources. Runs only after the

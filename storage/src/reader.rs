@@ -509,12 +509,9 @@ impl Reader {
         for entry in log.range(from_offset..end).ctx("read log")? {
             let (key, value) = entry.ctx("read log")?;
             let offset = key.value();
-            let (record, is_conversation) =
-                access_log_with(&log, &mut senders, offset, value.value(), |view| {
-                    (view.to_owned(), matches!(view, LogView::Conversation(_)))
-                })?;
-            let change = match is_conversation {
-                true => {
+            let record = access_log_with(&log, &mut senders, offset, value.value(), |view| view.to_owned())??;
+            let change = match record {
+                LogRecord::Conversation(_) => {
                     let byte = changes.get(offset).ctx("read conv_changes")?.map(|g| g.value());
                     let change = byte.and_then(ConvChange::from_byte);
                     Some(change.ok_or_else(|| StorageError::Corrupt {
@@ -523,9 +520,9 @@ impl Reader {
                         message: format!("holds {byte:?}, not the change of the conversation record there"),
                     })?)
                 }
-                false => None,
+                _ => None,
             };
-            out.push(LogEvent { offset, record: record?, change });
+            out.push(LogEvent { offset, record, change });
             if out.len() >= limit {
                 break;
             }
