@@ -52,6 +52,11 @@ use crate::metrics::{self, Histogram, HistogramSum, Unit};
 /// How long an answer waits before trying a full inbox again.
 const POST_RETRY: Duration = Duration::from_millis(1);
 
+/// How often failed hook calls are logged at most: a business system that
+/// is down fails every call, and a line per call would flood the log. The
+/// counts are in `/metrics` either way.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// A business system that enforces the `grpc-timeout` kefu sends gives up
 /// at the same moment as kefu's own deadline (tonic answers `CANCELLED`,
 /// "Timeout expired"), and its answer may win by a timer tick: a
@@ -120,6 +125,7 @@ struct Calls {
     limits: HookLimits,
     mailboxes: Arc<[Mailbox<ShardMsg>]>,
     stats: Arc<HookStats>,
+    failures: FailureLog,
 }
 
 impl HookClient {
@@ -146,7 +152,9 @@ impl HookClient {
         let client = HooksClient::new(channel).max_decoding_message_size(limits.response_bytes_max);
         let places = Arc::new(Semaphore::new(limits.concurrent_calls_max + limits.queued_calls_max));
         let turns = Semaphore::new(limits.concurrent_calls_max);
-        Ok(HookClient { runtime, places, calls: Arc::new(Calls { client, turns, limits, mailboxes, stats }) })
+        let failures = FailureLog::new(FAILURE_LOG_EVERY);
+        let calls = Calls { client, turns, limits, mailboxes, stats, failures };
+        Ok(HookClient { runtime, places, calls: Arc::new(calls) })
     }
 }
 
@@ -156,10 +164,12 @@ impl HookSink for HookClient {
         let Ok(place) = self.places.clone().try_acquire_owned() else {
             self.calls.stats.count(call.hook(), Outcome::Busy);
             let l = &self.calls.limits;
-            return Err(format!(
+            let why = format!(
                 "{} hook calls are in progress or waiting (hooks.concurrent_calls_max + hooks.queued_calls_max)",
                 l.concurrent_calls_max + l.queued_calls_max
-            ));
+            );
+            self.calls.failures.failed(call.hook(), &why);
+            return Err(why);
         };
         let calls = self.calls.clone();
         self.runtime.spawn(async move {
@@ -212,6 +222,11 @@ impl Calls {
         };
         self.stats.count(hook, outcome);
         self.stats.observe(hook, started.elapsed());
+        if let ChatMsg::Hooked { verdict: Verdict::Failed { why }, .. }
+        | ChatMsg::Admitted { admission: Admission::Failed { why }, .. } = &msg
+        {
+            self.failures.failed(hook, why);
+        }
         msg
     }
 
@@ -253,6 +268,49 @@ impl Calls {
                 }
             }
         }
+    }
+}
+
+/// Logs failed hook calls, one line per `every` at most, with how many
+/// failed unlogged since the last line.
+#[derive(Debug)]
+struct FailureLog {
+    every: Duration,
+    origin: std::time::Instant,
+    /// When the next line may be written, in ms since `origin`.
+    next_ms: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+impl FailureLog {
+    fn new(every: Duration) -> FailureLog {
+        FailureLog {
+            every,
+            origin: std::time::Instant::now(),
+            next_ms: AtomicU64::new(0),
+            unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a failed call of `hook`; returns whether it was logged.
+    fn failed(&self, hook: Hook, why: &str) -> bool {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_ms.load(Relaxed);
+        let every = u64::try_from(self.every.as_millis()).unwrap_or(u64::MAX);
+        if now < next
+            || self.next_ms.compare_exchange(next, now.saturating_add(every), Relaxed, Relaxed).is_err()
+        {
+            self.unlogged.fetch_add(1, Relaxed);
+            return false;
+        }
+        let unlogged = self.unlogged.swap(0, Relaxed);
+        tracing::warn!(
+            hook = hook.name(),
+            why,
+            unlogged_since_last = unlogged,
+            "a hook call failed; hooks.failure decides (kefu_hook_calls_total counts every one)"
+        );
+        true
     }
 }
 
@@ -534,6 +592,18 @@ mod tests {
             text: text.into(),
             replies: replies.iter().map(|r| r.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn failures_are_logged_once_per_interval() {
+        let log = FailureLog::new(Duration::from_millis(300));
+        assert!(log.failed(Hook::OnConnect, "first"), "the first failure is logged");
+        assert!(!log.failed(Hook::OnConnect, "second"));
+        assert!(!log.failed(Hook::OnMessage, "third"));
+        assert_eq!(log.unlogged.load(Relaxed), 2);
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(log.failed(Hook::OnMessage, "after the interval"));
+        assert_eq!(log.unlogged.load(Relaxed), 0, "the line said how many went unlogged");
     }
 
     #[test]
