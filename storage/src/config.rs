@@ -156,7 +156,8 @@ pub struct StoreConfig {
     /// that their next messages point back at it instead of naming them
     /// again (`senders.rs`: ~49 of a soak's ~225 bytes per message were
     /// the sender's id and name). About 50 bytes each; when full it
-    /// forgets them all, and each is named in full once more. 0: every
+    /// forgets those named beyond `sender_ref_reach`, or all if that frees
+    /// less than a quarter (each is then named in full once more). 0: every
     /// message names its sender. Default 65536.
     pub sender_refs: usize,
     /// How far back in the log, in records, a message may point for its

@@ -973,12 +973,12 @@ impl GroupCommit {
             return Ok(Err(StorageError::SeqConflict { conv, expected: last + 1, got: seq }));
         }
         // The sender in full, or a pointer back at the last record that
-        // names them (`senders.rs`).
-        let who = self.dedupe_key.sender(m.from.role, &m.from.id, &m.from.name);
-        let sender_back = self.senders.back(who, self.next_offset);
+        // names them (`senders.rs`); no hash when the memory is off.
+        let who = self.senders.on().then(|| self.dedupe_key.sender(m.from.role, &m.from.id, &m.from.name));
+        let sender_back = who.and_then(|who| self.senders.back(who, self.next_offset));
         MessageView { sender_back, ..MessageView::of_msg(m, seq) }.encode_into(&mut self.buf);
         let offset = insert_log(t, &mut self.next_offset, &self.buf)?;
-        if sender_back.is_none() {
+        if let (Some(who), None) = (who, sender_back) {
             self.senders.stored(who, offset);
         }
         // The index entry waits in the tails (`tail.rs`); the commit

@@ -14,7 +14,8 @@
 //! a record that was lost may be given again, to another sender's
 //! message), and starts empty at open. It is bounded by
 //! `storage.sender_refs` senders (24 bytes each, about 50 with the map's
-//! own) and forgets them all when full, and a pointer reaches back at most
+//! own); when full it forgets those named beyond the reach, or all if
+//! that frees less than a quarter, and a pointer reaches back at most
 //! `storage.sender_ref_reach` records, so a message and its sender's
 //! record stay near each other in the log and a damaged record takes out
 //! the senders of that many records at most.
@@ -36,6 +37,11 @@ impl Senders {
         Senders { at: U64Map::default(), max, reach }
     }
 
+    /// Whether senders are remembered at all (`storage.sender_refs` > 0).
+    pub(crate) fn on(&self) -> bool {
+        self.max > 0
+    }
+
     /// How far back from `offset` the last record naming `sender` in full
     /// is, if the memory holds one within reach.
     pub(crate) fn back(&self, sender: (u64, u64), offset: u64) -> Option<u64> {
@@ -50,9 +56,16 @@ impl Senders {
             return;
         }
         if self.at.len() >= self.max && !self.at.contains_key(&sender.0) {
-            // Forgetting all at once costs each sender one record in full;
-            // an order to evict by would cost memory on every entry.
-            self.at.clear();
+            // Senders named more than `reach` records back can no longer
+            // be pointed at: they go first, at no cost. If that frees less
+            // than a quarter, all go (each sender then costs one record in
+            // full): an order to evict by would cost memory on every
+            // entry, and a sweep that frees little would run again soon.
+            let oldest = offset.saturating_sub(self.reach);
+            self.at.retain(|_, &mut (_, at)| at >= oldest);
+            if self.at.len() >= self.max - self.max / 4 {
+                self.at.clear();
+            }
         }
         self.at.insert(sender.0, (sender.1, offset));
     }
@@ -94,11 +107,35 @@ mod tests {
         s.stored((1, 1), 3);
         assert_eq!(s.len(), 2, "a sender it holds moves, it is not added");
         s.stored((3, 3), 4);
-        assert_eq!(s.len(), 1);
+        assert_eq!(s.len(), 1, "all within reach: all forgotten");
         assert_eq!(s.back((1, 1), 5), None);
         assert_eq!(s.back((3, 3), 5), Some(1));
         let mut off = Senders::new(0, 100);
+        assert!(!off.on());
         off.stored((1, 1), 1);
         assert_eq!(off.back((1, 1), 2), None);
+    }
+
+    #[test]
+    fn a_full_memory_forgets_the_senders_past_reach_first() {
+        let mut s = Senders::new(8, 10);
+        for n in 1..=8 {
+            s.stored((n, n), n);
+        }
+        // At 14, the senders named at 1..=3 are past the reach: they go,
+        // the five within it stay (fewer than 6, three quarters of 8).
+        s.stored((9, 9), 14);
+        assert_eq!(s.len(), 6);
+        assert_eq!(s.back((3, 3), 14), None);
+        for n in 4..=8 {
+            assert_eq!(s.back((n, n), 14), Some(14 - n), "sender {n} is still pointed at");
+        }
+        // Full again at 16: only the senders named at 4 and 5 are past
+        // the reach, less than a quarter, so all go.
+        s.stored((10, 10), 15);
+        s.stored((11, 11), 15);
+        s.stored((12, 12), 16);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.back((12, 12), 17), Some(1));
     }
 }
