@@ -131,13 +131,18 @@ fn hook_server() -> (SocketAddr, Arc<Asked>) {
     (rx.recv().unwrap(), asked)
 }
 
-/// A gateway calling the script for both hooks, with `[hooks]` settings added.
+/// A gateway calling the script for both hooks, with `[hooks]` settings added
+/// (later settings win). The timeout is 10 s unless a test sets its own: the
+/// 1 s default is a latency budget, and a busy CI machine once took longer
+/// over a first call (tools/example_test.py), which would read as a hook
+/// that did not answer.
 fn gateway(hooks: SocketAddr, env: &[(&str, &str)]) -> Gateway {
     let endpoint = format!("http://{hooks}");
     let mut all = vec![
         ("KEFU_HOOKS_ENDPOINT", endpoint.as_str()),
         ("KEFU_HOOKS_ON_MESSAGE", "true"),
         ("KEFU_HOOKS_ON_CONNECT", "true"),
+        ("KEFU_HOOKS_TIMEOUT_MS", "10000"),
     ];
     all.extend_from_slice(env);
     Gateway::start(&["--shards", "2"], &all)
