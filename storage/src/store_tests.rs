@@ -2126,6 +2126,41 @@ fn senders_named(dir: &std::path::Path) -> Vec<(String, bool)> {
     out
 }
 
+/// A writer whose sender memory keeps filling keeps pointing right: with
+/// room for 4 senders, a reach of 20 records, two senders writing every
+/// other message and 20 more taking turns between them, every message
+/// reads back under its own sender, and some still point.
+#[test]
+fn a_full_sender_memory_still_points_each_message_at_its_own_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let who = |n: u64| if n.is_multiple_of(2) { n / 2 % 2 } else { 2 + n / 2 % 20 };
+    {
+        let (store, _) = open(StoreConfig { sender_refs: 4, sender_ref_reach: 20, ..config(dir.path()) });
+        for n in 0..90 {
+            let s = who(n);
+            let m = message(s + 1, &format!("s{s}"), &format!("m{n}"), "hi");
+            write(&store, n, WriteOp::AppendMessage(m)).result.unwrap();
+        }
+        let read: Vec<(String, String, String)> = store
+            .reader()
+            .scan(0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter_map(|l| match l.record {
+                LogRecord::Message(m) => Some((m.cid, m.from.id, m.from.name)),
+                _ => None,
+            })
+            .collect();
+        let expected: Vec<(String, String, String)> = (0..90)
+            .map(|n| (format!("m{n}"), format!("s{}", who(n)), format!("s{}'s name", who(n))))
+            .collect();
+        assert_eq!(read, expected);
+    }
+    let named = senders_named(dir.path());
+    let pointing = named.iter().filter(|(_, in_full)| !in_full).count();
+    assert!(pointing > 0 && pointing < named.len(), "{pointing} of {} point back", named.len());
+}
+
 /// A sender is named in full in their first message and pointed at after:
 /// every read hands out the whole sender, a resend of a message that
 /// points is still a duplicate (after a restart too), a new name is named
