@@ -120,14 +120,20 @@ fn bench_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// `start`, then `filler` over and over, cut at `len` bytes (ASCII fillers
+/// only: the cut must fall on a character boundary).
+fn filled(mut text: String, filler: &str, len: usize) -> String {
+    while text.len() < len {
+        text.push_str(filler);
+    }
+    text.truncate(len);
+    text
+}
+
 /// A ~200-byte chat message (text 160 bytes, ids, cid).
 fn message(i: u64, convs: u64) -> Msg {
     let conv = 1 + (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % convs;
-    let mut text = format!("message {i}: ");
-    while text.len() < 160 {
-        text.push_str("the quick brown fox jumps over the lazy dog ");
-    }
-    text.truncate(160);
+    let text = filled(format!("message {i}: "), "the quick brown fox jumps over the lazy dog ", 160);
     Msg {
         conv: ConvId(conv),
         seq: 0,
@@ -634,11 +640,7 @@ fn dedupe_lookup(_o: &Args) {
 /// visitor's id and name as the gateway issues them.
 fn soak_message(i: u64, convs: u64, size: usize) -> Msg {
     let conv = 1 + i % convs;
-    let mut text = format!("{i} ");
-    while text.len() < size {
-        text.push('x');
-    }
-    text.truncate(size);
+    let text = filled(format!("{i} "), "x", size);
     Msg {
         conv: ConvId(conv),
         seq: 0,
@@ -721,11 +723,7 @@ fn turn_message(i: u64, convs: u64) -> Msg {
             name: format!("Agent {agent}"),
         }
     };
-    let mut text = format!("{i} ");
-    while text.len() < 100 {
-        text.push_str("how can I help you today? ");
-    }
-    text.truncate(100);
+    let text = filled(format!("{i} "), "how can I help you today? ", 100);
     Msg {
         conv: ConvId(conv),
         seq: 0,
@@ -784,14 +782,12 @@ fn history(o: &Args) {
         let allocated = w.stats().unwrap().allocated_pages() * 4096;
         w.abort().unwrap();
         let mean = t.iter().sum::<f64>() / t.len() as f64;
-        let p99 = {
-            t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            t[(t.len() * 99 / 100).min(t.len() - 1)]
-        };
+        // `median` sorts `t`, which the p99 reads after it.
+        let median = median(&mut t);
+        let p99 = t[(t.len() * 99 / 100).min(t.len() - 1)];
         println!(
-            "  {name:>15}: a page of {page} in {:.1} µs median, {p99:.1} µs p99, {mean:.1} µs mean ({:.2} µs a message); \
+            "  {name:>15}: a page of {page} in {median:.1} µs median, {p99:.1} µs p99, {mean:.1} µs mean ({:.2} µs a message); \
              {:.1} bytes allocated per message",
-            median(&mut t),
             mean / page as f64,
             allocated as f64 / messages as f64
         );

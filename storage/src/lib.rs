@@ -48,10 +48,10 @@
 //! (`store_tests::the_same_cid_from_an_agent_and_a_visitor_with_the_same_id_is_two_messages`).
 //! A message names its sender in full when the writer does not remember
 //! a recent record that does (after an open, a failure, a new name, or
-//! too far back), and otherwise points back at that record (`senders.rs`); every read
-//! follows the pointer, and a commit that fails makes the writer forget
-//! where senders were named, so no message ever points at a record that
-//! is not there (`durability::a_sender_named_only_in_a_failed_commit_is_named_again`).
+//! too far back), and otherwise points back at that record
+//! (`senders.rs`); every read follows the pointer, and a commit that
+//! fails makes the writer forget where senders were named, so no message
+//! ever points at a record that is not there (`durability::a_sender_named_only_in_a_failed_commit_is_named_again`).
 //! A store an older build wrote is upgraded when opened, in one transaction
 //! (`store_tests::a_version_2_store_gets_dedupe_slots_and_users_keyed_by_role_at_open`).
 //! Bytes damaged on disk later are caught when read, since every record is

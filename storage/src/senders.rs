@@ -52,7 +52,7 @@ impl Senders {
 
     /// `sender` is named in full at `offset`.
     pub(crate) fn stored(&mut self, sender: (u64, u64), offset: u64) {
-        if self.max == 0 {
+        if !self.on() {
             return;
         }
         if self.at.len() >= self.max && !self.at.contains_key(&sender.0) {
