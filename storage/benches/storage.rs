@@ -834,7 +834,7 @@ fn analyze(dir: &Path, expected: Option<u64>) {
             n += 1;
             value += bytes.len() as u64;
             text += m.text.map_or(0, |t| t.len()) as u64;
-            cid += m.cid.len() as u64;
+            cid += kefu_storage::stored_cid_bytes(m.cid.as_str()) as u64;
             id += m.sender_id.len() as u64;
             name += m.sender_name.len() as u64;
             pointing += u64::from(m.sender_back.is_some());
@@ -866,8 +866,8 @@ fn analyze(dir: &Path, expected: Option<u64>) {
         per(file)
     );
     println!(
-        "  a message's log value: {:.1} bytes = text {:.1} + cid {:.1} + sender id {:.1} + name {:.1} + the rest {:.1} \
-         (format byte, fixed fields, lengths or string headers, tags)",
+        "  a message's log value: {:.1} bytes = text {:.1} + cid {:.1} (as stored: packed if it can be) + sender id {:.1} \
+         + name {:.1} + the rest {:.1} (format byte, fixed fields, lengths or string headers, tags)",
         per(value),
         per(text),
         per(cid),

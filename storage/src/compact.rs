@@ -1,4 +1,5 @@
-//! The compact format of a logged message (format byte 2).
+//! The compact format of a logged message: the packed format (a first
+//! byte with bit 7 set, schema version 13 on), and format 2 before it.
 //!
 //! Messages are nearly all of the log, and their rkyv archive (format 1)
 //! spends 77 bytes on fixed fields before any text: three 8-byte numbers,
@@ -12,21 +13,36 @@
 //! messages (and, in `compact_state.rs`, for conversation states,
 //! profiles and read marks), and keeps what that rule is for: a reader gets a
 //! [`MessageView`] borrowing every string straight from redb's page (no
-//! copy), and corrupt bytes are an error, never a panic. Every other record
+//! copy; a packed cid is unpacked on the stack), and corrupt bytes are an
+//! error, never a panic. Every other record
 //! stays an rkyv archive, and messages stored in format 1 read as before.
+//!
+//! ```text
+//! head  conv  seq  ts_ms  cid  sender_id  sender_name  [text]  [mime  bytes]
+//! head  conv  seq  ts_ms  cid  back                    [text]  [mime  bytes]
+//! ```
+//!
+//! Numbers are unsigned LEB128 (at most 10 bytes, no bits beyond 64, no
+//! padding: a last byte of 0 only for the number 0 itself); every string
+//! and the attachment's bytes are a LEB128 length then the bytes, strings
+//! UTF-8. `head` is one byte: bit 7 set (no other format's first byte has
+//! it), the flags in bits 4 to 6, and in bits 0 to 3 the role (0 visitor,
+//! 1 agent, 2 bot) × 5 + the cid's form (0 text, 1 decimal, 2 hex, 3
+//! base64url, 4 UUID: `cid.rs`, which says how `cid` is stored in each).
+//! The flags: bit 0 a text, bit 1 an attachment, bit 2 a sender stored
+//! elsewhere. The value ends exactly where the last field does.
+//!
+//! Schema versions 6 to 12 wrote format 2, which every reader still reads:
 //!
 //! ```text
 //! 2  conv  seq  ts_ms  role  flags  cid  sender_id  sender_name  [text]  [mime  bytes]
 //! 2  conv  seq  ts_ms  role  flags  cid  back                    [text]  [mime  bytes]
 //! ```
 //!
-//! Numbers are unsigned LEB128 (at most 10 bytes, no bits beyond 64, no
-//! padding: a last byte of 0 only for the number 0 itself);
-//! `role` is one byte (0 visitor, 1 agent, 2 bot); `flags` has bit 0 for a
-//! text, bit 1 for an attachment and bit 2 for a sender stored elsewhere,
-//! and no other bit; every string and the attachment's bytes are a LEB128
-//! length then the bytes, strings UTF-8. The value ends exactly where the
-//! last field does.
+//! with `role` and `flags` a byte each (flags as above, in bits 0 to 2,
+//! and no other bit) and the cid a string. The head byte and the packed
+//! cid (schema version 13) took a message from 17 bytes beyond its
+//! strings to 15, and kefu-bench's 23-byte cid to 13 bytes.
 //!
 //! With bit 2 (schema version 12 on), the sender's id and name are those
 //! of the message `back` (≥ 1) log records before this one, which holds
@@ -42,11 +58,16 @@
 use kefu_proto::client::Msg;
 use kefu_proto::ids::Role;
 
+use crate::cid::{self, Cid, Form};
 use crate::error::StorageError;
 use crate::record::{Attachment, MessageRecord, Sender};
 
 /// The format byte of a message in this format.
 pub(crate) const FORMAT_COMPACT_MESSAGE: u8 = 2;
+
+/// The first byte of a message in the packed format (schema version 13
+/// on) has this bit set; no other format's byte does.
+const PACKED: u8 = 0x80;
 
 const HAS_TEXT: u8 = 1;
 const HAS_ATTACHMENT: u8 = 2;
@@ -64,7 +85,7 @@ pub struct MessageView<'a> {
     /// Milliseconds since the epoch, set by the gateway.
     pub ts_ms: u64,
     /// The client's message id.
-    pub cid: &'a str,
+    pub cid: Cid<'a>,
     /// The author's role.
     pub role: Role,
     /// The author's user id.
@@ -98,7 +119,7 @@ impl<'a> MessageView<'a> {
             conv: msg.conv.0,
             seq,
             ts_ms: msg.ts,
-            cid: &msg.cid,
+            cid: Cid::from(msg.cid.as_str()),
             role: msg.from.role,
             sender_id: &msg.from.id,
             sender_name: &msg.from.name,
@@ -114,7 +135,7 @@ impl<'a> MessageView<'a> {
             conv: m.conv,
             seq: m.seq,
             ts_ms: m.ts_ms,
-            cid: &m.cid,
+            cid: Cid::from(m.cid.as_str()),
             role: m.from.role,
             sender_id: &m.from.id,
             sender_name: &m.from.name,
@@ -137,7 +158,7 @@ impl<'a> MessageView<'a> {
         Ok(MessageRecord {
             conv: self.conv,
             seq: self.seq,
-            cid: self.cid.to_owned(),
+            cid: self.cid.as_str().to_owned(),
             from: Sender {
                 role: self.role,
                 id: self.sender_id.to_owned(),
@@ -151,20 +172,43 @@ impl<'a> MessageView<'a> {
         })
     }
 
-    /// Writes the format byte and the message to `out` (cleared first),
+    /// Writes the message to `out` (cleared first) in the packed format,
     /// reusing its capacity.
     pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        let form = Form::of(self.cid.as_str());
+        out.push(PACKED | self.flags() << 4 | (role_byte(self.role) * cid::FORMS + form as u8));
+        put_varint(out, self.conv);
+        put_varint(out, self.seq);
+        put_varint(out, self.ts_ms);
+        cid::put(out, form, self.cid.as_str());
+        self.put_strings(out);
+    }
+
+    /// Writes the message to `out` (cleared first) in format 2, as builds
+    /// before schema version 13 stored it: for the round trip of a message
+    /// read in that format.
+    fn encode_v2_into(&self, out: &mut Vec<u8>) {
         out.clear();
         out.push(FORMAT_COMPACT_MESSAGE);
         put_varint(out, self.conv);
         put_varint(out, self.seq);
         put_varint(out, self.ts_ms);
         out.push(role_byte(self.role));
-        let flags = if self.text.is_some() { HAS_TEXT } else { 0 }
-            | if self.attachment.is_some() { HAS_ATTACHMENT } else { 0 }
-            | if self.sender_back.is_some() { SENDER_BEFORE } else { 0 };
-        out.push(flags);
-        put_bytes(out, self.cid.as_bytes());
+        out.push(self.flags());
+        put_bytes(out, self.cid.as_str().as_bytes());
+        self.put_strings(out);
+    }
+
+    fn flags(&self) -> u8 {
+        let bit = |set: bool, bit: u8| if set { bit } else { 0 };
+        bit(self.text.is_some(), HAS_TEXT)
+            | bit(self.attachment.is_some(), HAS_ATTACHMENT)
+            | bit(self.sender_back.is_some(), SENDER_BEFORE)
+    }
+
+    /// What follows the cid in both formats.
+    fn put_strings(&self, out: &mut Vec<u8>) {
         match self.sender_back {
             Some(back) => put_varint(out, back),
             None => {
@@ -181,7 +225,23 @@ impl<'a> MessageView<'a> {
         }
     }
 
-    /// Reads a message in this format (`bytes` without its format byte).
+    /// Reads a message in the packed format whose first byte is `head`
+    /// (`bytes`: the rest). The error is the reason, for
+    /// [`StorageError::Corrupt`](crate::StorageError::Corrupt).
+    pub(crate) fn decode_packed(head: u8, bytes: &'a [u8]) -> Result<Self, String> {
+        debug_assert!(is_packed(head));
+        let (flags, low) = ((head & !PACKED) >> 4, head & 0x0f);
+        let (role, form) = (role_of_byte(low / cid::FORMS)?, low % cid::FORMS);
+        let form = Form::of_number(form).ok_or_else(|| format!("cid form {form} is unknown"))?;
+        let mut r = Cursor { bytes };
+        let conv = r.varint("conv")?;
+        let seq = r.varint("seq")?;
+        let ts_ms = r.varint("ts_ms")?;
+        let cid = cid::read(&mut r, form)?;
+        Self::decode_strings(r, (conv, seq, ts_ms, cid, role), flags)
+    }
+
+    /// Reads a message in format 2 (`bytes` without its format byte).
     /// The error is the reason, for [`StorageError::Corrupt`](crate::StorageError::Corrupt).
     pub(crate) fn decode(bytes: &'a [u8]) -> Result<Self, String> {
         let mut r = Cursor { bytes };
@@ -190,10 +250,19 @@ impl<'a> MessageView<'a> {
         let ts_ms = r.varint("ts_ms")?;
         let role = role_of_byte(r.byte("role")?)?;
         let flags = r.byte("flags")?;
+        let cid = Cid::from(r.str("cid")?);
+        Self::decode_strings(r, (conv, seq, ts_ms, cid, role), flags)
+    }
+
+    /// What follows the cid in both formats, and the view.
+    fn decode_strings(
+        mut r: Cursor<'a>,
+        (conv, seq, ts_ms, cid, role): (u64, u64, u64, Cid<'a>, Role),
+        flags: u8,
+    ) -> Result<Self, String> {
         if flags & !(HAS_TEXT | HAS_ATTACHMENT | SENDER_BEFORE) != 0 {
             return Err(format!("flags {flags:#04x} has unknown bits"));
         }
-        let cid = r.str("cid")?;
         let (sender_id, sender_name, sender_back) = if flags & SENDER_BEFORE != 0 {
             match r.varint("sender's record")? {
                 0 => return Err("its sender's record is itself".to_string()),
@@ -213,20 +282,27 @@ impl<'a> MessageView<'a> {
     }
 }
 
+/// Whether a value whose first byte is `b` is a message in the packed
+/// format.
+pub(crate) fn is_packed(b: u8) -> bool {
+    b & PACKED != 0
+}
+
 /// Reads `value` as a compact message (format byte included) and writes
 /// it again, a pointer back for its sender included: the fuzz target's
 /// view of what a read takes apart before the log completes it (an
 /// encoding is unique, so an accepted value comes back byte for byte).
 #[doc(hidden)]
 pub fn message_round_trip(value: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(value.len());
     match value.split_first() {
-        Some((&FORMAT_COMPACT_MESSAGE, rest)) => {
-            let mut out = Vec::with_capacity(value.len());
-            MessageView::decode(rest)?.encode_into(&mut out);
-            Ok(out)
+        Some((&FORMAT_COMPACT_MESSAGE, rest)) => MessageView::decode(rest)?.encode_v2_into(&mut out),
+        Some((&head, rest)) if is_packed(head) => {
+            MessageView::decode_packed(head, rest)?.encode_into(&mut out)
         }
-        _ => Err("not a compact message".to_string()),
+        _ => return Err("not a compact message".to_string()),
     }
+    Ok(out)
 }
 
 pub(crate) fn role_byte(role: Role) -> u8 {
@@ -314,6 +390,11 @@ impl<'a> Cursor<'a> {
 
     pub(crate) fn bytes(&mut self, field: &str) -> Result<&'a [u8], String> {
         let len = self.varint(field)?;
+        self.take(len, field)
+    }
+
+    /// The next `len` bytes.
+    pub(crate) fn take(&mut self, len: u64, field: &str) -> Result<&'a [u8], String> {
         if len > self.bytes.len() as u64 {
             return Err(format!("its {field} is {len} bytes, {} are left", self.bytes.len()));
         }
@@ -377,23 +458,28 @@ mod tests {
     }
 
     /// What the format is for: a 100-byte text with kefu-bench's shapes
-    /// (a 23-byte cid, a 37-byte sender id, a 12-byte name) costs 17 bytes
-    /// beyond its strings here, against 77 in the rkyv archive.
+    /// (its 23-byte cid, a 37-byte sender id, a 12-byte name) costs 15
+    /// bytes beyond its strings, the cid packed into 12; format 2 took 17
+    /// and the cid whole, the rkyv archive 77.
     #[test]
-    fn a_text_message_costs_17_bytes_beyond_its_strings() {
+    fn a_text_message_costs_15_bytes_beyond_its_strings() {
         let m = MessageRecord {
             conv: 12_345,
             seq: 1_234,
-            cid: "c".repeat(23),
+            cid: "1-123456-98765432101234".into(),
             from: Sender { role: Role::Visitor, id: "v".repeat(37), name: "n".repeat(12) },
             ts_ms: 1_796_000_000_000,
             text: Some("t".repeat(100)),
             attachment: None,
         };
-        let strings = 23 + 37 + 12 + 100;
-        assert_eq!(encode_message(&m).len() - strings, 17);
+        let strings = 37 + 12 + 100;
+        assert_eq!(encode_message(&m).len() - strings, 15 + 12);
+        let mut v2 = Vec::new();
+        MessageView::of_record(&m).encode_v2_into(&mut v2);
+        assert_eq!(v2.len() - strings, 17 + 23);
+        assert_eq!(decode(&v2).unwrap(), m, "format 2 still reads");
         let archived = crate::record::encode(&crate::LogRecord::Message(m)).unwrap();
-        assert_eq!(archived.len() - strings, 1 + 76, "format byte + the archive's fixed part");
+        assert_eq!(archived.len() - strings - 23, 1 + 76, "format byte + the archive's fixed part");
     }
 
     /// A message that points back for its sender: the pointer in place of
@@ -410,7 +496,7 @@ mod tests {
         let mut pointing = Vec::new();
         MessageView { sender_back: Some(300), ..view }.encode_into(&mut pointing);
         assert_eq!(in_full.len() - pointing.len(), 37 + 12 + 2 - 2, "two lengths out, a two-byte pointer in");
-        let read = MessageView::decode(&pointing[1..]).unwrap();
+        let read = MessageView::decode_packed(pointing[0], &pointing[1..]).unwrap();
         assert_eq!(
             read,
             MessageView { sender_id: "", sender_name: "", sender_back: Some(300), ..view },
@@ -421,29 +507,52 @@ mod tests {
         // A pointer of 0 would be the record itself.
         let mut zero = Vec::new();
         MessageView { sender_back: Some(0), ..view }.encode_into(&mut zero);
-        assert!(MessageView::decode(&zero[1..]).unwrap_err().contains("itself"));
-        // The pointer is the seed the fuzzer starts from.
-        let seed = include_bytes!("../../fuzz/corpus/log_record/seed-sender-pointed-at");
+        assert!(MessageView::decode_packed(zero[0], &zero[1..]).unwrap_err().contains("itself"));
+        // The pointer is a seed the fuzzer starts from, in both formats.
+        let seed = include_bytes!("../../fuzz/corpus/log_record/seed-packed-sender-pointed-at");
         assert_eq!(&pointing[..], seed);
+        assert_eq!(message_round_trip(seed).unwrap(), seed);
+        let seed = include_bytes!("../../fuzz/corpus/log_record/seed-sender-pointed-at");
+        assert_eq!(decode(seed).unwrap_err(), decode(&pointing).unwrap_err(), "the same message in format 2");
         assert_eq!(message_round_trip(seed).unwrap(), seed);
     }
 
     /// The fuzzer's seeds for this format (`fuzz/corpus/log_record`) were
     /// written by hand, from the layout in this module's doc: they must
     /// read as the messages they were meant to be, and encode back to the
-    /// same bytes.
+    /// same bytes; the format 2 seeds read as the same messages.
     #[test]
     fn the_layout_in_the_doc_is_the_layout_read() {
-        let seed = include_bytes!("../../fuzz/corpus/log_record/seed-compact-message");
+        let seed = include_bytes!("../../fuzz/corpus/log_record/seed-packed-message");
         assert_eq!(decode(seed).unwrap(), message());
         assert_eq!(encode_message(&message()), seed);
+        let v2 = include_bytes!("../../fuzz/corpus/log_record/seed-compact-message");
+        assert_eq!(decode(v2).unwrap(), message());
+        assert_eq!(message_round_trip(v2).unwrap(), v2);
         let text = include_bytes!("../../fuzz/corpus/log_record/seed-compact-text");
         let m = decode(text).unwrap();
         assert_eq!(
             (m.conv, m.seq, m.from.role, m.text.as_ref().map(String::len)),
             (12_345, 1, Role::Visitor, Some(100))
         );
-        assert_eq!(encode_message(&m), text);
+        assert_eq!(message_round_trip(text).unwrap(), text);
+        for (seed, cid) in [
+            (
+                &include_bytes!("../../fuzz/corpus/log_record/seed-packed-uuid-text")[..],
+                "3b241101-e2bb-4255-8caf-4136c566a962",
+            ),
+            (
+                &include_bytes!("../../fuzz/corpus/log_record/seed-packed-decimal-text")[..],
+                "1-123456-98765432101234",
+            ),
+        ] {
+            let m = decode(seed).unwrap();
+            assert_eq!(
+                (m.conv, m.seq, m.cid.as_str(), m.from.id.as_str(), m.text.as_ref().map(String::len)),
+                (12_345, 1, cid, "v-1", Some(100))
+            );
+            assert_eq!(encode_message(&m), seed);
+        }
     }
 
     #[test]
@@ -465,29 +574,42 @@ mod tests {
 
     #[test]
     fn corrupt_bytes_are_an_error_not_a_panic() {
-        let bytes = encode_message(&message());
+        let packed = encode_message(&message());
+        let mut v2 = Vec::new();
+        MessageView::of_record(&message()).encode_v2_into(&mut v2);
         assert!(decode(&[]).is_err());
         assert!(decode(&[FORMAT_COMPACT_MESSAGE]).is_err());
-        // Every truncation fails: the last field ends the value.
-        for len in 0..bytes.len() {
-            assert!(decode(&bytes[..len]).is_err(), "a value cut at {len} read");
+        assert!(decode(&[PACKED]).is_err());
+        for bytes in [&packed, &v2] {
+            // Every truncation fails: the last field ends the value.
+            for len in 0..bytes.len() {
+                assert!(decode(&bytes[..len]).is_err(), "a value cut at {len} read");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(decode(&longer).is_err());
+            // Single-bit flips anywhere: an error or a well-formed record.
+            for b in crate::testkit::bit_flips(bytes, 5000) {
+                let _ = decode(&b);
+            }
         }
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(decode(&longer).is_err());
-        // Single-bit flips anywhere: an error or a well-formed record.
-        for b in crate::testkit::bit_flips(&bytes, 5000) {
-            let _ = decode(&b);
-        }
-        // A bad role, unknown flags, a string that is not UTF-8.
+        // Packed: a head whose role is 3; a sender id that is not UTF-8
+        // (after head, conv, seq, ts and the cid's 5 bytes).
+        let mut b = packed.clone();
+        b[0] = PACKED | 0x0f;
+        assert!(decode(&b).unwrap_err().contains("role byte 3"));
+        let mut b = packed.clone();
+        b[1 + 1 + 1 + 6 + 5 + 1] = 0xff;
+        assert!(decode(&b).unwrap_err().contains("not UTF-8"));
+        // Format 2: a bad role, unknown flags, a string that is not UTF-8.
         let at_role = 1 + 1 + 1 + 6;
-        let mut b = bytes.clone();
+        let mut b = v2.clone();
         b[at_role] = 3;
         assert!(decode(&b).unwrap_err().contains("role byte 3"));
-        let mut b = bytes.clone();
+        let mut b = v2.clone();
         b[at_role + 1] = 8;
         assert!(decode(&b).unwrap_err().contains("unknown bits"));
-        let mut b = bytes.clone();
+        let mut b = v2.clone();
         b[at_role + 3] = 0xff;
         assert!(decode(&b).unwrap_err().contains("not UTF-8"));
     }

@@ -147,7 +147,7 @@ pub(crate) fn check(
     access_log_in(log, offset, guard.value(), |view| match view {
         LogView::Message(m) if m.conv == conv => Ok((m.role == role
             && m.sender_id == sender
-            && m.cid == cid)
+            && m.cid.as_str() == cid)
             .then_some(Original { offset, seq: m.seq, ts_ms: m.ts_ms })),
         _ => Err(StorageError::Corrupt {
             table: "conv_runs",

@@ -111,6 +111,7 @@ mod backend;
 mod behind;
 #[doc(hidden)]
 pub mod ceiling;
+mod cid;
 mod compact;
 mod compact_state;
 mod config;
@@ -139,6 +140,7 @@ mod store_tests;
 #[cfg(test)]
 mod testkit;
 
+pub use cid::{Cid, stored_bytes as stored_cid_bytes};
 #[doc(hidden)]
 pub use compact::message_round_trip;
 pub use compact::{AttachmentView, MessageView};

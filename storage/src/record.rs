@@ -24,7 +24,8 @@ use rkyv::rancor;
 use rkyv::with::Skip;
 use rkyv::{Archive, Deserialize, Serialize};
 
-use crate::compact::{AttachmentView, FORMAT_COMPACT_MESSAGE, MessageView};
+use crate::cid::Cid;
+use crate::compact::{self, AttachmentView, FORMAT_COMPACT_MESSAGE, MessageView};
 use crate::compact_state::{
     ConversationView, FORMAT_COMPACT_CONVERSATION, FORMAT_COMPACT_READ, FORMAT_COMPACT_USER, ReadView,
     UserView, encode_read_record, encode_user_record,
@@ -612,6 +613,9 @@ pub(crate) fn decode_log<'b>(
         Some((&FORMAT_COMPACT_MESSAGE, rest)) => {
             MessageView::decode(rest).map(LogView::Message).map_err(corrupt)
         }
+        Some((&head, rest)) if compact::is_packed(head) => {
+            MessageView::decode_packed(head, rest).map(LogView::Message).map_err(corrupt)
+        }
         Some((&FORMAT_COMPACT_CONVERSATION, rest)) => {
             ConversationView::decode(rest).map(LogView::Conversation).map_err(corrupt)
         }
@@ -658,7 +662,7 @@ impl<'a> MessageView<'a> {
             conv: m.conv.to_native(),
             seq: m.seq.to_native(),
             ts_ms: m.ts_ms.to_native(),
-            cid: m.cid.as_str(),
+            cid: Cid::from(m.cid.as_str()),
             role: m.from.role.get(),
             sender_id: m.from.id.as_str(),
             sender_name: m.from.name.as_str(),

@@ -89,6 +89,8 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// which a build reading 9 would not look for; 11 keeps the conversation
 /// index in runs, `conv_runs`, which a build reading 10 would not find;
 /// 12 may name a message's sender by pointing back at an earlier record
-/// (`compact.rs`, flag bit 2), which a build reading 11 would call damaged.
+/// (`compact.rs`, flag bit 2), which a build reading 11 would call damaged;
+/// 13 writes messages in the packed format (a first byte with bit 7 set,
+/// the cid packed, `cid.rs`), which a build reading 12 could not read.
 /// An older store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 12;
+pub(crate) const SCHEMA_VERSION: u64 = 13;

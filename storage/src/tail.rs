@@ -386,7 +386,9 @@ impl Tails {
                 let (key, value) = entry.ctx("read log")?;
                 let offset = key.value();
                 let read = access_log_with(&log, &mut senders, offset, value.value(), |view| match view {
-                    LogView::Message(m) => Some((m.conv, m.seq, self.key.slot(m.role, m.sender_id, m.cid))),
+                    LogView::Message(m) => {
+                        Some((m.conv, m.seq, self.key.slot(m.role, m.sender_id, m.cid.as_str())))
+                    }
                     _ => None,
                 });
                 let (conv, seq, slot) = match read {

@@ -49,6 +49,11 @@
 //!   deletes it. It runs after the write-ahead log's replay (a version 7 to 10
 //!   log writes `conv_index` entries), so `Store::open` calls it on its
 //!   own, not from [`upgrade`].
+//! - 11 → 12: a message may name its sender by pointing back at an earlier
+//!   record (`compact.rs`). Nothing is rewritten: the step is the version.
+//! - 12 → 13: messages are written in the packed format, their cid packed
+//!   (`cid.rs`). Those already stored stay in format 2 (or 1), which every
+//!   reader still reads: the step is the version.
 
 use std::collections::HashMap;
 
@@ -66,7 +71,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 11) to
+/// Upgrades a store at version `from` (1 to 12) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {
@@ -190,7 +195,7 @@ fn reslot_conv_index(txn: &WriteTransaction, key: &DedupeKey) -> Result<(), Stor
         // Stores this old never name a sender by reference; reading
         // through `access_log_in` anyway keeps that an error if one does.
         let message = access_log_in(&log, offset, v.value(), |view| match view {
-            LogView::Message(m) => Some((m.conv, m.seq, key.slot(m.role, m.sender_id, m.cid))),
+            LogView::Message(m) => Some((m.conv, m.seq, key.slot(m.role, m.sender_id, m.cid.as_str()))),
             _ => None,
         })?;
         let Some((conv, seq, slot)) = message else { continue };
