@@ -12,7 +12,9 @@
 #   - the client pinned to --client-cpu (0): --agents agents online, then
 #     --visitors visitors with tokens, each assigned, --rate msg/s open
 #     loop over the window (after --warmup);
-#   - the medians per client at the end.
+#   - the medians per client at the end;
+#   - where each run's bytes on disk went, in $OUT/disk-CLIENT-RUN.txt,
+#     if the storage bench is built (see bench-soak.sh).
 #
 # The two clients time differently at the edges: kefu-bench from each
 # message's scheduled send (its timer is precise to tens of µs),
@@ -64,6 +66,8 @@ if [ "$BUILD" = 1 ]; then
 fi
 
 trap stop_server EXIT
+DISK_TOOL=$(ls -t "$TARGET_DIR"/release/deps/storage-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+[ -n "$DISK_TOOL" ] || echo "NOTE: the storage bench is not built: no disk-CLIENT-RUN.txt" >&2
 
 : >"$OUT/clients.jsonl"
 for run in $(seq "$REPEAT"); do
@@ -83,6 +87,12 @@ for run in $(seq "$REPEAT"); do
             line=$(taskset -c "$CLIENT_CPU" "$BIN/chat-tungstenite" "${common[@]}") || status=$?
         fi
         stop_server
+        # Where the run's bytes on disk went, if the storage bench is built
+        # (`cargo bench -p kefu-storage --bench storage --no-run`).
+        if [ -n "$DISK_TOOL" ]; then
+            "$DISK_TOOL" disk --analyze "$data" >"$OUT/disk-$client-$run.txt" 2>&1 ||
+                echo "WARNING: the disk analysis of $client run $run failed" >&2
+        fi
         rm -rf "$data"
         [ "$status" = 0 ] || echo "WARNING: $client run $run exited with $status" >&2
         [ -n "$line" ] || continue

@@ -13,7 +13,18 @@
 //! cargo bench -p kefu-storage --bench storage -- disk [--messages N] [--convs C] [--size B] [--batch B] [--index-batch K]
 //! cargo bench -p kefu-storage --bench storage -- disk --analyze DIR
 //! cargo bench -p kefu-storage --bench storage -- history [--messages N] [--convs C] [--pages P] [--page K]
+//! cargo bench -p kefu-storage --bench storage -- blocks --store DIR [--commit N] [--whole BOOL]
 //! ```
+//!
+//! `blocks` measures what several messages per log value would save,
+//! before anyone builds it: it copies the log of the store in DIR (the
+//! gateway stopped; a soak's) into fresh redb files, each run of up to K
+//! consecutive messages in one value (each record after its length, as a
+//! value holding several would need), grown in place as a writer appending
+//! to its last value would (or, with `--whole true`, written once when
+//! full), N records (2) per transaction, and prints the
+//! log's bytes per message (stored, B-tree metadata, pages not filled) for
+//! K = 1 (the log as kefu writes it, for comparison) to 32.
 //!
 //! `history` times what a pointer back for the sender costs a read: it
 //! fills two stores with the same N messages over C conversations (each
@@ -106,6 +117,7 @@ fn main() {
         "dedupe" => dedupe_lookup(&opts),
         "disk" => disk(&opts),
         "history" => history(&opts),
+        "blocks" => blocks(&opts),
         "child-fill" => child_fill(&opts),
         other => panic!("unknown command {other}"),
     }
@@ -938,4 +950,107 @@ fn analyze(dir: &Path, expected: Option<u64>) {
     if let Ok(t) = r.open_table(CONV_CHANGES) {
         table("conv_changes", t.stats().unwrap(), t.len().unwrap());
     }
+}
+
+fn blocks(o: &Args) {
+    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+    let store: String = o.get("store", String::new());
+    assert!(!store.is_empty(), "blocks needs --store DIR");
+    let per_txn: usize = o.get("commit", 2);
+    // Each value written once, when it holds its K messages (a writer
+    // that keeps the newest messages in memory until then), rather than
+    // grown in place.
+    let whole: bool = o.get("whole", false);
+    let db = redb::Database::open(Path::new(&store).join("kefu.redb")).unwrap();
+    let r = db.begin_read().unwrap();
+    let log = r.open_table(LOG).unwrap();
+    let records: Vec<(u64, Vec<u8>, bool)> = log
+        .iter()
+        .unwrap()
+        .map(|e| {
+            let (k, v) = e.unwrap();
+            let message =
+                matches!(kefu_storage::view_log_record(v.value()), Ok(kefu_storage::LogView::Message(_)));
+            (k.value(), v.value().to_vec(), message)
+        })
+        .collect();
+    let messages = records.iter().filter(|r| r.2).count() as f64;
+    println!(
+        "  {} log records, {messages} messages; {per_txn} records per transaction; values {}; bytes per message:",
+        records.len(),
+        if whole { "written whole" } else { "grown in place" }
+    );
+    let out = bench_dir("blocks");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut base = None;
+    for k in [1usize, 2, 4, 8, 16, 32] {
+        let path = out.join(format!("blocks-{k}.redb"));
+        let db = redb::Database::create(&path).unwrap();
+        // (key, value) of the value being grown.
+        let mut open: Option<(u64, Vec<u8>, usize)> = None;
+        for chunk in records.chunks(per_txn) {
+            let mut txn = db.begin_write().unwrap();
+            txn.set_durability(redb::Durability::None).unwrap();
+            {
+                let mut t = txn.open_table(LOG).unwrap();
+                for (offset, bytes, message) in chunk {
+                    if k == 1 || !message {
+                        if let Some((key, value, _)) = open.take().filter(|(_, _, n)| whole && *n < k) {
+                            t.insert(key, value.as_slice()).unwrap();
+                        }
+                        t.insert(offset, bytes.as_slice()).unwrap();
+                        continue;
+                    }
+                    match &mut open {
+                        Some((key, value, n)) if *n < k => {
+                            put_len(value, bytes.len());
+                            value.extend_from_slice(bytes);
+                            *n += 1;
+                            if !whole || *n == k {
+                                t.insert(*key, value.as_slice()).unwrap();
+                            }
+                        }
+                        _ => {
+                            // A format byte for the value, then its records.
+                            let mut value = vec![0xff];
+                            put_len(&mut value, bytes.len());
+                            value.extend_from_slice(bytes);
+                            if !whole {
+                                t.insert(offset, value.as_slice()).unwrap();
+                            }
+                            open = Some((*offset, value, 1));
+                        }
+                    }
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let mut txn = db.begin_write().unwrap();
+        txn.set_durability(redb::Durability::Immediate).unwrap();
+        txn.commit().unwrap();
+        let r = db.begin_read().unwrap();
+        let t = r.open_table(LOG).unwrap();
+        let st = t.stats().unwrap();
+        let [stored, metadata, unfilled] =
+            [st.stored_bytes(), st.metadata_bytes(), st.fragmented_bytes()].map(|b| b as f64 / messages);
+        let total = stored + metadata + unfilled;
+        let vs = base.map_or(String::new(), |b: f64| format!(", {:+.1} against K = 1", total - b));
+        base.get_or_insert(total);
+        println!(
+            "  K = {k:>2}: {} values; stored {stored:.1} + metadata {metadata:.1} + unfilled {unfilled:.1} = {total:.1}{vs}",
+            t.len().unwrap()
+        );
+        drop((t, r, db));
+        std::fs::remove_file(&path).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A record's length before it, as a LEB128 varint.
+fn put_len(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        out.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
 }
