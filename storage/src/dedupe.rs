@@ -32,7 +32,9 @@
 //! cid, so two different (sender, cid) with equal slots — a 2⁻³² accident
 //! per message of the window (at the default window of 128, one lookup in
 //! 33 million), and not something a client can aim at without the secret
-//! key — are told apart by looking at every entry of the conversation.
+//! key — are told apart by looking at every entry of the window (never
+//! further back: a match older than the window would break the window's
+//! rule only when slots collide).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -157,19 +159,23 @@ pub(crate) fn check(
     })?
 }
 
-/// Looks (sender, conv, cid) up by scanning the conversation's index: every
-/// entry whose slot matches is checked against its log record.
+/// Looks (sender, conv, cid) up by scanning the conversation's last
+/// `window` index entries (the cid window: an older cid is a new message,
+/// whatever the slots say): every entry whose slot matches is checked
+/// against its log record.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn find_by_scan(
     key: &DedupeKey,
     index: &impl ReadableTable<(u64, u64), &'static [u8]>,
     tail: &TailView,
     log: &impl ReadableTable<u64, &'static [u8]>,
     conv: u64,
+    window: usize,
     sender: (Role, &str),
     cid: &str,
 ) -> Result<Option<Original>, StorageError> {
     let slot = key.slot(sender.0, sender.1, cid);
-    for entry in tail::entries(index, tail, conv, 0, u64::MAX)? {
+    for entry in tail::entries(index, tail, conv, 0, u64::MAX)?.rev().take(window) {
         let (_, offset, s) = entry?;
         if s == slot
             && let Some(original) = check(log, offset, conv, sender, cid)?
@@ -515,8 +521,9 @@ impl SlotCache {
         let Some(offset) = at else { return Ok(None) };
         match check(log, offset, conv, sender, cid)? {
             Some(o) => Ok(Some(o)),
-            // Another (sender, cid) has the slot: look at every entry.
-            None => find_by_scan(&self.key, index, tail, log, conv, sender, cid),
+            // Another (sender, cid) has the slot: look at every entry of
+            // the window.
+            None => find_by_scan(&self.key, index, tail, log, conv, self.maps.window(), sender, cid),
         }
     }
 }

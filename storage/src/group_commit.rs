@@ -949,12 +949,14 @@ impl GroupCommit {
         let (last, prior) = self.lookup(t, conv, slot)?;
         if let Some(prior) = prior {
             // The log record decides; if another (sender, cid) owns the
-            // slot, look at every entry of the conversation (2⁻³² rare).
+            // slot, look at every entry of the window (2⁻³² rare).
             let original = match dedupe::check(&t.log, prior, conv, sender, &m.cid)? {
                 Some(o) => Some(o),
                 None => {
                     let tail = self.tail(conv);
-                    dedupe::find_by_scan(&self.dedupe_key, &t.conv_runs, &tail, &t.log, conv, sender, &m.cid)?
+                    let window = self.convs.window();
+                    let (index, log) = (&t.conv_runs, &t.log);
+                    dedupe::find_by_scan(&self.dedupe_key, index, &tail, log, conv, window, sender, &m.cid)?
                 }
             };
             if let Some(o) = original {

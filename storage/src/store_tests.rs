@@ -720,21 +720,24 @@ fn corrupt_record_is_reported_not_trusted() {
     assert_eq!(r.scan(0, 1).unwrap().len(), 1);
 }
 
+/// Makes the store in `dir` with the test-only dedupe key that puts every
+/// (sender, cid) in the same slot.
+fn make_with_one_slot(dir: &std::path::Path) {
+    drop(open(config(dir)));
+    let db = redb::Database::create(config(dir).db_path()).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut meta = txn.open_table(crate::tables::META).unwrap();
+        meta.insert(crate::tables::META_DEDUPE_K0, 0).unwrap();
+        meta.insert(crate::tables::META_DEDUPE_K1, 0).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
 #[test]
 fn dedupe_slot_collisions_are_told_apart() {
     let dir = tempfile::tempdir().unwrap();
-    drop(open(config(dir.path())));
-    {
-        // A test-only key that puts every (sender, cid) in the same slot.
-        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut meta = txn.open_table(crate::tables::META).unwrap();
-            meta.insert(crate::tables::META_DEDUPE_K0, 0).unwrap();
-            meta.insert(crate::tables::META_DEDUPE_K1, 0).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    make_with_one_slot(dir.path());
     let (store, _) = open(config(dir.path()));
     let test_key = crate::dedupe::DedupeKey { k0: 0, k1: 0 };
     assert_eq!(test_key.slot(Role::Visitor, "v1", "a"), test_key.slot(Role::Agent, "v2", "b"));
@@ -800,6 +803,29 @@ fn a_cid_older_than_the_window_is_a_new_message() {
     let fresh = append(&store, 14, "m7");
     assert!(!fresh.duplicate && fresh.seq == 12, "{fresh:?}");
     assert_eq!(r.last_seq(1).unwrap(), 12);
+}
+
+/// When another message of the window holds a cid's slot, the look at
+/// every entry that follows stays within the window too: a cid older than
+/// the window is a new message whatever the slots, in the writer and to a
+/// reader.
+#[test]
+fn a_slot_collision_does_not_reach_past_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    make_with_one_slot(dir.path());
+    let window = 4;
+    let (store, _) = open(crate::StoreConfig { dedupe_window: window, ..config(dir.path()) });
+    let append = |n: u64, cid: &str| {
+        write(&store, n, WriteOp::AppendMessage(message(1, "v", cid, "x"))).result.unwrap()
+    };
+    for i in 1..=10u64 {
+        assert!(!append(i, &format!("m{i}")).duplicate);
+    }
+    let dup = append(11, "m8");
+    assert!(dup.duplicate && dup.seq == 8, "{dup:?}");
+    assert_eq!(store.reader().dedupe(Role::Visitor, "v", 1, "m5").unwrap(), None, "out of the window");
+    let again = append(12, "m5");
+    assert!(!again.duplicate && again.seq == 11, "out of the window, so a new message: {again:?}");
 }
 
 #[test]
