@@ -379,7 +379,17 @@ impl<'a> Cursor<'a> {
         Ok(u64::from_le_bytes(*head))
     }
 
-    /// Four bytes, little-endian: a dedupe slot in an index run.
+    /// Two bytes, little-endian: a dedupe slot in an index run.
+    pub(crate) fn u16_le(&mut self, field: &str) -> Result<u16, String> {
+        let Some((head, rest)) = self.bytes.split_first_chunk::<2>() else {
+            return Err(format!("ends before its {field}"));
+        };
+        self.bytes = rest;
+        Ok(u16::from_le_bytes(*head))
+    }
+
+    /// Four bytes, little-endian: a dedupe slot in an index run of schema
+    /// versions 11 to 13.
     pub(crate) fn u32_le(&mut self, field: &str) -> Result<u32, String> {
         let Some((head, rest)) = self.bytes.split_first_chunk::<4>() else {
             return Err(format!("ends before its {field}"));

@@ -111,10 +111,10 @@ pub struct StoreConfig {
     /// closed. A cache holds at most the last `dedupe_window` slots of a
     /// conversation, and loads no more than those, so a conversation that
     /// comes back costs one short read however long its history.
-    /// About 13 bytes each (a 32-bit slot and an offset in the
+    /// About 11 bytes each (a 16-bit slot and an offset in the
     /// conversation's ring, and the conversation's own entry shared by its
-    /// slots; `dedupe::tests::a_full_window_costs_at_most_16_bytes_a_slot`).
-    /// Default 2097152 (at most ~27 MiB per cache). The writer's one cache
+    /// slots; `dedupe::tests::a_full_window_costs_at_most_12_bytes_a_slot`).
+    /// Default 2097152 (at most ~24 MiB per cache). The writer's one cache
     /// holds every shard's conversations: 15,000 open conversations with
     /// full 128-slot windows are 1.92M slots, and below that the writer
     /// reloaded a window from the index for most messages (a ten-minute run

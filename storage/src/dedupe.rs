@@ -7,8 +7,11 @@
 //! offset, its *dedupe slot*: a keyed hash (SipHash-2-4, with a secret
 //! random key per database) of the sender's role and id and the cid
 //! (schema version 3; version 2 hashed the id and cid only, and an upgrade
-//! recomputes every slot, see `upgrade.rs`), cut to 32 bits since version
-//! 11 (`runs.rs`: 4 bytes of every message's entry on disk). So the dedupe
+//! recomputes every slot, see `upgrade.rs`), cut to 32 bits in versions
+//! 11 to 13 and to 16 since version 14 (`runs.rs`: 2 bytes of every
+//! message's entry on disk; a cut slot is a filter, never an identity, and
+//! the 2 bytes saved are ~3.5 of a message's bytes on disk with their
+//! share of the index's half-empty leaves). So the dedupe
 //! index is the conversation's index itself, and an append writes no
 //! third B-tree.
 //! A separate `(conversation, slot) → offset` table cost a third of the
@@ -29,12 +32,12 @@
 //! the cid window, past which a resent cid is a new message. Either way
 //! the log record is the truth: a slot
 //! match counts only if the record it points at has the same sender and
-//! cid, so two different (sender, cid) with equal slots — a 2⁻³² accident
+//! cid, so two different (sender, cid) with equal slots — a 2⁻¹⁶ chance
 //! per message of the window (at the default window of 128, one lookup in
-//! 33 million), and not something a client can aim at without the secret
-//! key — are told apart by looking at every entry of the window (never
-//! further back: a match older than the window would break the window's
-//! rule only when slots collide).
+//! 512 reads another message's record for nothing), and not something a
+//! client can aim at without the secret key — are told apart by looking
+//! at every entry of the window (never further back: a match older than
+//! the window would break the window's rule only when slots collide).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -77,7 +80,7 @@ impl DedupeKey {
 
     /// The slot of (role, sender, cid): unambiguous (a fixed-size role tag,
     /// then the sender's length) and stable across versions (SipHash-2-4 is
-    /// a fixed function, and [`role_tag`] never changes). Its low 32 bits,
+    /// a fixed function, and [`role_tag`] never changes). Its low 16 bits,
     /// which is what the index stores (`runs.rs`).
     pub(crate) fn slot(&self, role: Role, sender: &str, cid: &str) -> u64 {
         #[cfg(test)]
@@ -90,7 +93,7 @@ impl DedupeKey {
         s.write(&(sender.len() as u64).to_le_bytes());
         s.write(sender.as_bytes());
         s.write(cid.as_bytes());
-        s.finish() & u64::from(u32::MAX)
+        s.finish() & u64::from(u16::MAX)
     }
 
     /// Who wrote a message, for the writer's memory of where each sender
@@ -270,9 +273,10 @@ pub(crate) struct SlotMaps {
 /// table at most 7/8 full, rounded up to a power of two, plus the queue,
 /// plus the conversation's entry), so a full window of 128 held ~8.6 KB,
 /// more than the whole budget of a chat session (issue 11: ≤ 4 KB). The
-/// ring holds 12 bytes a slot (a 32-bit slot and its offset; 16 with
-/// 64-bit slots, before schema version 11); a lookup scans the window's
-/// slots (512 bytes at 128, contiguous), and `Reader::dedupe` and the
+/// ring holds 10 bytes a slot (a 16-bit slot and its offset; 12 with
+/// 32-bit slots, 16 with 64-bit ones, before schema versions 14 and 11);
+/// a lookup scans the window's slots (256 bytes at 128, contiguous), and
+/// `Reader::dedupe` and the
 /// writer's throughput measured the same as with the map, within the
 /// host's noise (BENCHMARKS.md).
 #[derive(Default)]
@@ -280,12 +284,12 @@ pub(crate) struct ConvSlots {
     /// The first seq not yet read (the last seq + 1).
     pub(crate) next_seq: u64,
     /// The slots of the window's messages, one per message;
-    /// `slots[oldest]` leaves first once the ring is full. 32 bits, as
+    /// `slots[oldest]` leaves first once the ring is full. 16 bits, as
     /// [`DedupeKey::slot`] makes them, so two messages of a window may
     /// share one (the log record tells them apart): each keeps its own
     /// place, or a resend of the second would be missed once the first
     /// left the window.
-    slots: Vec<u32>,
+    slots: Vec<u16>,
     /// `offsets[i]` is the log offset of the message with `slots[i]`.
     offsets: Vec<u64>,
     oldest: usize,
@@ -335,11 +339,11 @@ impl ConvSlots {
     }
 }
 
-/// A slot as held in memory: every slot is 32 bits ([`DedupeKey::slot`],
-/// and the index stores 4 bytes of it).
-fn narrow(slot: u64) -> u32 {
-    debug_assert!(slot <= u64::from(u32::MAX), "slot {slot:#x} has more than 32 bits");
-    slot as u32
+/// A slot as held in memory: every slot is 16 bits ([`DedupeKey::slot`],
+/// and the index stores 2 bytes of it).
+fn narrow(slot: u64) -> u16 {
+    debug_assert!(slot <= u64::from(u16::MAX), "slot {slot:#x} has more than 16 bits");
+    slot as u16
 }
 
 impl SlotMaps {
@@ -623,7 +627,7 @@ mod tests {
         assert_eq!(gauge.load(Ordering::Relaxed), 0);
     }
 
-    /// Two messages of a window with one slot (32 bits: a 2⁻³² accident)
+    /// Two messages of a window with one slot (16 bits: a 2⁻¹⁶ chance)
     /// each keep a place: once the first leaves the window, a resend of
     /// the second still finds it.
     #[test]
@@ -665,17 +669,18 @@ mod tests {
     /// The bound is in slots, so what a slot costs is what the bound costs:
     /// 1,000 conversations with a full window of 128.
     #[test]
-    fn a_full_window_costs_at_most_16_bytes_a_slot() {
+    fn a_full_window_costs_at_most_12_bytes_a_slot() {
         let (maps, held) = crate::heap::held_by(|| {
             let mut maps = SlotMaps::new(1 << 20, 128, Arc::new(AtomicUsize::new(0)));
             for conv in 0..1_000u64 {
-                maps.note_all(conv, (1..=300).map(|seq| (seq, conv << 16 | seq, seq)));
+                maps.note_all(conv, (1..=300).map(|seq| (seq, (conv * 7 + seq) & 0xffff, seq)));
             }
             maps
         });
         assert_eq!(maps.entries(), 128_000);
         let per_slot = held as f64 / maps.entries() as f64;
-        assert!(per_slot <= 16.0, "{per_slot:.1} bytes a slot");
+        // 11.3 measured (13.3 with 32-bit slots, before schema version 14).
+        assert!(per_slot <= 12.0, "{per_slot:.1} bytes a slot");
     }
 
     #[test]

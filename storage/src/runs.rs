@@ -8,7 +8,7 @@
 //! every open conversation (BENCHMARKS.md, "Bytes on disk per message").
 //! Since the tails write a conversation's entries `index_batch` at a time,
 //! a run costs one key for all of them, and an entry is a seq step, an
-//! offset step and the slot's 4 bytes: about 7 bytes.
+//! offset step and the slot's 2 bytes: about 5 bytes.
 //!
 //! A row is keyed by (conversation, the run's last seq), so a
 //! conversation's last seq is the key of its last row, and the row that
@@ -16,7 +16,10 @@
 //! Its value is [`FORMAT_RUN`], then per entry in seq order: the seq's
 //! step from the entry before (the first entry's: from 0) and the
 //! offset's likewise (wrapping, so any offset encodes), as varints, and
-//! the slot, 4 bytes little-endian.
+//! the slot, 2 bytes little-endian. Rows of schema versions 11 to 13
+//! ([`FORMAT_RUN_32`]) hold 4-byte slots, and read with them cut to 16
+//! bits (`dedupe.rs`: a slot is the low bits of one hash, so the cut
+//! slot is the slot this build computes).
 //!
 //! Rows of one conversation never overlap: a run holds only the seqs past
 //! the conversation's last row ([`fresh`]). A run is at most [`MAX_RUN`]
@@ -27,8 +30,12 @@ use redb::ReadableTable;
 use crate::compact::{Cursor, put_varint};
 use crate::error::{IoContext, StorageError};
 
-/// The format byte of a run (see `record.rs` for the others).
-pub(crate) const FORMAT_RUN: u8 = 6;
+/// The format byte of a run (see `record.rs` for the others): slots of
+/// 16 bits, since schema version 14.
+pub(crate) const FORMAT_RUN: u8 = 7;
+
+/// The format byte of a run of schema versions 11 to 13: slots of 32 bits.
+pub(crate) const FORMAT_RUN_32: u8 = 6;
 
 /// The most entries one row holds: a row of 64 is ~450 bytes, a ninth of
 /// a page, and a read of one seq decodes no more.
@@ -42,26 +49,51 @@ const TABLE: &str = "conv_runs";
 
 /// Appends the row value of `run` (seqs growing) to `out`.
 pub(crate) fn encode(run: &[Entry], out: &mut Vec<u8>) {
-    out.push(FORMAT_RUN);
+    encode_as(FORMAT_RUN, run, out);
+}
+
+/// Appends the row value of `run` in `format`, [`FORMAT_RUN`] or (for the
+/// round trip of an older row) [`FORMAT_RUN_32`].
+pub(crate) fn encode_as(format: u8, run: &[Entry], out: &mut Vec<u8>) {
+    out.push(format);
     let (mut seq_before, mut offset_before) = (0u64, 0u64);
     for &(seq, offset, slot) in run {
         debug_assert!(seq > seq_before, "seqs grow, from 1");
         // Wrapping: a run that broke the rule reads as damaged, not a panic.
         put_varint(out, seq.wrapping_sub(seq_before));
         put_varint(out, offset.wrapping_sub(offset_before));
-        // Slots are 32 bits (`DedupeKey::slot`); nothing above is lost.
-        out.extend_from_slice(&(slot as u32).to_le_bytes());
+        if format == FORMAT_RUN {
+            // Slots are 16 bits (`DedupeKey::slot`); nothing above is lost.
+            debug_assert!(slot <= u64::from(u16::MAX), "slot {slot:#x} has more than 16 bits");
+            out.extend_from_slice(&(slot as u16).to_le_bytes());
+        } else {
+            out.extend_from_slice(&(slot as u32).to_le_bytes());
+        }
         (seq_before, offset_before) = (seq, offset);
     }
 }
 
-/// Appends the entries of the row keyed (`conv`, `last`) to `out`.
+/// Appends the entries of the row keyed (`conv`, `last`) to `out`, their
+/// slots as this build computes them (16 bits).
 pub(crate) fn decode(conv: u64, last: u64, value: &[u8], out: &mut Vec<Entry>) -> Result<(), StorageError> {
+    decode_slots(conv, last, value, out, false)?;
+    Ok(())
+}
+
+/// [`decode`]; with `whole`, a 32-bit slot of an older row is kept whole
+/// (for its round trip). Returns the row's format.
+fn decode_slots(
+    conv: u64,
+    last: u64,
+    value: &[u8],
+    out: &mut Vec<Entry>,
+    whole: bool,
+) -> Result<u8, StorageError> {
     let corrupt =
         |message: String| StorageError::Corrupt { table: TABLE, key: format!("({conv}, {last})"), message };
-    let mut c = match value.split_first() {
-        Some((&FORMAT_RUN, rest)) => Cursor { bytes: rest },
-        Some((b, _)) => return Err(corrupt(format!("format byte {b}, not {FORMAT_RUN}"))),
+    let (format, mut c) = match value.split_first() {
+        Some((&f, rest)) if f == FORMAT_RUN || f == FORMAT_RUN_32 => (f, Cursor { bytes: rest }),
+        Some((b, _)) => return Err(corrupt(format!("format byte {b}, not {FORMAT_RUN} or {FORMAT_RUN_32}"))),
         None => return Err(corrupt("empty".into())),
     };
     let start = out.len();
@@ -73,13 +105,18 @@ pub(crate) fn decode(conv: u64, last: u64, value: &[u8], out: &mut Vec<Entry>) -
             _ => return Err(corrupt(format!("a seq step of {step} after seq {seq}"))),
         };
         offset = offset.wrapping_add(c.varint("offset step").map_err(corrupt)?);
-        let slot = c.u32_le("slot").map_err(corrupt)?;
-        out.push((seq, offset, u64::from(slot)));
+        let slot = match format {
+            FORMAT_RUN => u64::from(c.u16_le("slot").map_err(corrupt)?),
+            _ if whole => u64::from(c.u32_le("slot").map_err(corrupt)?),
+            // The low 16 bits: the slot this build computes.
+            _ => u64::from(c.u32_le("slot").map_err(corrupt)? as u16),
+        };
+        out.push((seq, offset, slot));
     }
     if out.len() == start || seq != last {
         return Err(corrupt(format!("its entries end at seq {seq}, not at its key's")));
     }
-    Ok(())
+    Ok(format)
 }
 
 /// The entries of `entries` (seqs growing) that go in a row past the
@@ -174,9 +211,9 @@ pub(crate) fn entries<'a>(
 #[doc(hidden)]
 pub fn run_round_trip(last: u64, value: &[u8]) -> Result<Vec<u8>, String> {
     let mut run = Vec::new();
-    decode(1, last, value, &mut run).map_err(|e| e.to_string())?;
+    let format = decode_slots(1, last, value, &mut run, true).map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(value.len());
-    encode(&run, &mut out);
+    encode_as(format, &run, &mut out);
     Ok(out)
 }
 
@@ -195,20 +232,45 @@ mod tests {
     }
 
     #[test]
-    fn a_run_reads_back_and_costs_about_seven_bytes_an_entry() {
-        let run: Vec<Entry> = (0..32).map(|i| (1000 + i, 5_000_000 + 2_000 * i, 0xdead_beef ^ i)).collect();
+    fn a_run_reads_back_and_costs_about_five_bytes_an_entry() {
+        let run: Vec<Entry> = (0..32).map(|i| (1000 + i, 5_000_000 + 2_000 * i, 0xbeef ^ i)).collect();
         let bytes = value(&run);
         let mut back = Vec::new();
         decode(9, 1031, &bytes, &mut back).unwrap();
         assert_eq!(back, run);
         // The first entry's seq and offset are whole numbers, the rest
-        // steps: 1 byte of seq step, 2 of offset step, 4 of slot.
-        assert_eq!(bytes.len(), 1 + (2 + 4 + 4) + 31 * (1 + 2 + 4));
+        // steps: 1 byte of seq step, 2 of offset step, 2 of slot.
+        assert_eq!(bytes.len(), 1 + (2 + 4 + 2) + 31 * (1 + 2 + 2));
+    }
+
+    /// A row of schema versions 11 to 13 reads with its slots cut to the
+    /// 16 bits this build computes, and its round trip (the fuzzer's)
+    /// gives back its bytes, 32-bit slots and all.
+    #[test]
+    fn a_row_with_32_bit_slots_reads_its_slots_cut_to_16() {
+        let run = [(1, 10, 0xdead_beef), (2, 20, 0x0001_0002)];
+        let mut old = Vec::new();
+        encode_as(FORMAT_RUN_32, &run, &mut old);
+        assert_eq!(old[0], FORMAT_RUN_32);
+        let mut back = Vec::new();
+        decode(4, 2, &old, &mut back).unwrap();
+        assert_eq!(back, [(1, 10, 0xbeef), (2, 20, 0x0002)]);
+        assert_eq!(run_round_trip(2, &old).unwrap(), old);
+        let seed = include_bytes!("../../fuzz/corpus/index_run/seed-two-entries");
+        let (last, value) = seed.split_at(8);
+        assert_eq!(value[0], FORMAT_RUN_32, "the first seed is a row of version 11");
+        assert_eq!(run_round_trip(u64::from_le_bytes(last.try_into().unwrap()), value).unwrap(), value);
+        let seed = include_bytes!("../../fuzz/corpus/index_run/seed-two-entries-16");
+        let (last, value) = seed.split_at(8);
+        let mut back = Vec::new();
+        decode(1, u64::from_le_bytes(last.try_into().unwrap()), value, &mut back).unwrap();
+        assert_eq!(back, [(1, 10, 5), (3, 12, 7)], "written by hand from the layout in this module's doc");
+        assert_eq!(self::value(&back), value);
     }
 
     #[test]
     fn offsets_that_go_back_and_the_largest_numbers_still_read_back() {
-        let run = [(1, u64::MAX, 1), (2, 0, 2), (u64::MAX, 7, u64::from(u32::MAX))];
+        let run = [(1, u64::MAX, 1), (2, 0, 2), (u64::MAX, 7, u64::from(u16::MAX))];
         let mut back = Vec::new();
         decode(1, u64::MAX, &value(&run), &mut back).unwrap();
         assert_eq!(back, run);

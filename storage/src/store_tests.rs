@@ -2422,6 +2422,72 @@ fn a_page_with_more_senders_than_the_memo_holds_reads_each_right() {
     }
 }
 
+/// A version 13 store, its index rows with 32-bit slots, opens as version
+/// 14: its rows read with their slots cut to 16 bits, so a resend of a
+/// message stored before is still its duplicate, in the writer (from the
+/// index, after the restart) and to a reader; new rows are written with
+/// 16-bit slots.
+#[test]
+fn a_version_13_store_with_32_bit_slots_still_dedupes() {
+    use redb::{ReadableDatabase as _, ReadableTable as _};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || StoreConfig { index_batch: 2, ..config(dir.path()) };
+    {
+        let (store, _) = open(cfg());
+        for i in 1..=6u64 {
+            write(&store, i, WriteOp::AppendMessage(message(1, "v", &format!("m{i}"), "hi"))).result.unwrap();
+        }
+    }
+    {
+        // Back to version 13: every row in format 6, each slot given 16
+        // high bits as a 32-bit slot had.
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut runs = txn.open_table(tables::CONV_RUNS).unwrap();
+            let rows: Vec<((u64, u64), Vec<u8>)> = runs
+                .iter()
+                .unwrap()
+                .map(|e| {
+                    let (k, v) = e.unwrap();
+                    let (conv, last) = k.value();
+                    let mut run = Vec::new();
+                    crate::runs::decode(conv, last, v.value(), &mut run).unwrap();
+                    let run: Vec<_> = run
+                        .into_iter()
+                        .map(|(seq, offset, slot)| (seq, offset, slot | 0x5eed << 16))
+                        .collect();
+                    let mut old = Vec::new();
+                    crate::runs::encode_as(crate::runs::FORMAT_RUN_32, &run, &mut old);
+                    ((conv, last), old)
+                })
+                .collect();
+            assert!(!rows.is_empty(), "the closed store wrote its tails");
+            for (key, value) in rows {
+                runs.insert(key, value.as_slice()).unwrap();
+            }
+            txn.open_table(tables::META).unwrap().insert(tables::META_SCHEMA, 13).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let (store, _) = open(cfg());
+    let r = store.reader();
+    assert_eq!(r.dedupe(Role::Visitor, "v", 1, "m5").unwrap().map(|h| h.seq), Some(5));
+    let dup = write(&store, 10, WriteOp::AppendMessage(message(1, "v", "m6", "again"))).result.unwrap();
+    assert!(dup.duplicate && dup.seq == 6, "{dup:?}");
+    let new = write(&store, 11, WriteOp::AppendMessage(message(1, "v", "m7", "hi"))).result.unwrap();
+    assert!(!new.duplicate && new.seq == 7, "{new:?}");
+    assert_eq!(r.history(1, None, 10).unwrap().len(), 7);
+    drop((r, store));
+    let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+    assert_eq!(schema_version(&db), tables::SCHEMA_VERSION);
+    let txn = db.begin_read().unwrap();
+    let formats: Vec<u8> =
+        txn.open_table(tables::CONV_RUNS).unwrap().iter().unwrap().map(|e| e.unwrap().1.value()[0]).collect();
+    assert_eq!(formats.first(), Some(&crate::runs::FORMAT_RUN_32), "old rows stay as they are");
+    assert_eq!(formats.last(), Some(&crate::runs::FORMAT_RUN), "the new row has 16-bit slots: {formats:?}");
+}
+
 /// A version 11 store, every sender named in full, opens as version 12,
 /// reads as before, and its next messages point back; a pointer never
 /// reaches further back than `storage.sender_ref_reach`.

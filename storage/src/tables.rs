@@ -91,6 +91,8 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// 12 may name a message's sender by pointing back at an earlier record
 /// (`compact.rs`, flag bit 2), which a build reading 11 would call damaged;
 /// 13 writes messages in the packed format (a first byte with bit 7 set,
-/// the cid packed, `cid.rs`), which a build reading 12 could not read.
+/// the cid packed, `cid.rs`), which a build reading 12 could not read;
+/// 14 writes index rows with 16-bit dedupe slots (`runs.rs`, format byte
+/// 7), which a build reading 13 could not read.
 /// An older store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 13;
+pub(crate) const SCHEMA_VERSION: u64 = 14;

@@ -44,7 +44,8 @@
 //!   (`tail.rs`). A version 9 store has every entry in the table and no
 //!   `index_from`: the step is the version.
 //! - 10 → 11: the conversation index is `conv_runs`, a row per run of a
-//!   conversation's entries (`runs.rs`), and a dedupe slot is 32 bits.
+//!   conversation's entries (`runs.rs`), and a dedupe slot is 32 bits (16
+//!   since version 14).
 //!   [`index_in_runs`] moves `conv_index` into it, cutting each slot, and
 //!   deletes it. It runs after the write-ahead log's replay (a version 7 to 10
 //!   log writes `conv_index` entries), so `Store::open` calls it on its
@@ -54,6 +55,10 @@
 //! - 12 → 13: messages are written in the packed format, their cid packed
 //!   (`cid.rs`). Those already stored stay in format 2 (or 1), which every
 //!   reader still reads: the step is the version.
+//! - 13 → 14: a dedupe slot is 16 bits, an index row's entry 2 bytes
+//!   shorter (`runs.rs`, format byte 7). Rows already stored keep their
+//!   32-bit slots, which read cut to 16 bits (the low bits of the same
+//!   hash: the slot this build computes): the step is the version.
 
 use std::collections::HashMap;
 
@@ -71,7 +76,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 12) to
+/// Upgrades a store at version `from` (1 to 13) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {
@@ -171,7 +176,7 @@ pub(crate) fn index_in_runs(txn: &WriteTransaction) -> Result<(), StorageError> 
                 flush(before, &mut run)?;
             }
             conv = Some(c);
-            run.push((seq, offset, slot & u64::from(u32::MAX)));
+            run.push((seq, offset, slot & u64::from(u16::MAX)));
         }
         if let Some(c) = conv {
             flush(c, &mut run)?;
