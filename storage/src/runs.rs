@@ -7,19 +7,24 @@
 //! again of a leaf left half empty, because the keys arrive spread over
 //! every open conversation (BENCHMARKS.md, "Bytes on disk per message").
 //! Since the tails write a conversation's entries `index_batch` at a time,
-//! a run costs one key for all of them, and an entry is a seq step, an
-//! offset step and the slot's 2 bytes: about 5 bytes.
+//! a run costs one key for all of them, and an entry is an offset step
+//! and the slot's 2 bytes: about 4 bytes.
 //!
 //! A row is keyed by (conversation, the run's last seq), so a
 //! conversation's last seq is the key of its last row, and the row that
 //! holds seq `s`, if any, is the first at or after (conversation, `s`).
-//! Its value is [`FORMAT_RUN`], then per entry in seq order: the seq's
-//! step from the entry before (the first entry's: from 0) and the
-//! offset's likewise (wrapping, so any offset encodes), as varints, and
-//! the slot, 2 bytes little-endian. Rows of schema versions 11 to 13
-//! ([`FORMAT_RUN_32`]) hold 4-byte slots, and read with them cut to 16
-//! bits (`dedupe.rs`: a slot is the low bits of one hash, so the cut
-//! slot is the slot this build computes).
+//! Its value is [`FORMAT_RUN`], then per entry in seq order: the offset's
+//! step from the entry before (the first entry's: from 0; wrapping, so
+//! any offset encodes) as a varint, and the slot, 2 bytes little-endian.
+//! The seqs follow each other and end at the key's: a row of n entries
+//! holds `last - n + 1 ..= last`. A run whose seqs do not follow each other
+//! (a rebuild that left out a damaged record) is written as
+//! [`FORMAT_RUN_STEPS`], each entry's seq step (from the entry before; the
+//! first's from 0) as a varint before its offset step, as every row of
+//! schema version 14 was. Rows of schema versions 11 to 13
+//! ([`FORMAT_RUN_32`]) are those, with 4-byte slots, and read with them
+//! cut to 16 bits (`dedupe.rs`: a slot is the low bits of one hash, so the
+//! cut slot is the slot this build computes).
 //!
 //! Rows of one conversation never overlap: a run holds only the seqs past
 //! the conversation's last row ([`fresh`]). A run is at most [`MAX_RUN`]
@@ -30,9 +35,15 @@ use redb::ReadableTable;
 use crate::compact::{Cursor, put_varint};
 use crate::error::{IoContext, StorageError};
 
-/// The format byte of a run (see `record.rs` for the others): slots of
-/// 16 bits, since schema version 14.
-pub(crate) const FORMAT_RUN: u8 = 7;
+/// The format byte of a run whose seqs follow each other, no seq steps
+/// stored (see `record.rs` for the other format bytes): schema version 15
+/// on.
+pub(crate) const FORMAT_RUN: u8 = 8;
+
+/// The format byte of a run with a seq step per entry and slots of 16
+/// bits: one whose seqs do not follow each other, and every row of schema
+/// version 14.
+pub(crate) const FORMAT_RUN_STEPS: u8 = 7;
 
 /// The format byte of a run of schema versions 11 to 13: slots of 32 bits.
 pub(crate) const FORMAT_RUN_32: u8 = 6;
@@ -49,20 +60,24 @@ const TABLE: &str = "conv_runs";
 
 /// Appends the row value of `run` (seqs growing) to `out`.
 pub(crate) fn encode(run: &[Entry], out: &mut Vec<u8>) {
-    encode_as(FORMAT_RUN, run, out);
+    let consecutive = run.windows(2).all(|w| w[0].0.checked_add(1) == Some(w[1].0));
+    encode_as(if consecutive { FORMAT_RUN } else { FORMAT_RUN_STEPS }, run, out);
 }
 
-/// Appends the row value of `run` in `format`, [`FORMAT_RUN`] or (for the
-/// round trip of an older row) [`FORMAT_RUN_32`].
+/// Appends the row value of `run` in `format`: [`FORMAT_RUN`] (seqs that
+/// follow each other), [`FORMAT_RUN_STEPS`], or (for the round trip of an
+/// older row) [`FORMAT_RUN_32`].
 pub(crate) fn encode_as(format: u8, run: &[Entry], out: &mut Vec<u8>) {
     out.push(format);
     let (mut seq_before, mut offset_before) = (0u64, 0u64);
     for &(seq, offset, slot) in run {
         debug_assert!(seq > seq_before, "seqs grow, from 1");
         // Wrapping: a run that broke the rule reads as damaged, not a panic.
-        put_varint(out, seq.wrapping_sub(seq_before));
+        if format != FORMAT_RUN {
+            put_varint(out, seq.wrapping_sub(seq_before));
+        }
         put_varint(out, offset.wrapping_sub(offset_before));
-        if format == FORMAT_RUN {
+        if format != FORMAT_RUN_32 {
             // Slots are 16 bits (`DedupeKey::slot`); nothing above is lost.
             debug_assert!(slot <= u64::from(u16::MAX), "slot {slot:#x} has more than 16 bits");
             out.extend_from_slice(&(slot as u16).to_le_bytes());
@@ -92,26 +107,44 @@ fn decode_slots(
     let corrupt =
         |message: String| StorageError::Corrupt { table: TABLE, key: format!("({conv}, {last})"), message };
     let (format, mut c) = match value.split_first() {
-        Some((&f, rest)) if f == FORMAT_RUN || f == FORMAT_RUN_32 => (f, Cursor { bytes: rest }),
-        Some((b, _)) => return Err(corrupt(format!("format byte {b}, not {FORMAT_RUN} or {FORMAT_RUN_32}"))),
+        Some((&f, rest)) if [FORMAT_RUN, FORMAT_RUN_STEPS, FORMAT_RUN_32].contains(&f) => {
+            (f, Cursor { bytes: rest })
+        }
+        Some((b, _)) => {
+            let known = format!("{FORMAT_RUN}, {FORMAT_RUN_STEPS} or {FORMAT_RUN_32}");
+            return Err(corrupt(format!("format byte {b}, not {known}")));
+        }
         None => return Err(corrupt("empty".into())),
     };
     let start = out.len();
     let (mut seq, mut offset) = (0u64, 0u64);
     while !c.bytes.is_empty() {
-        let step = c.varint("seq step").map_err(corrupt)?;
-        seq = match seq.checked_add(step) {
-            Some(next) if step > 0 => next,
-            _ => return Err(corrupt(format!("a seq step of {step} after seq {seq}"))),
-        };
+        if format != FORMAT_RUN {
+            let step = c.varint("seq step").map_err(corrupt)?;
+            seq = match seq.checked_add(step) {
+                Some(next) if step > 0 => next,
+                _ => return Err(corrupt(format!("a seq step of {step} after seq {seq}"))),
+            };
+        }
         offset = offset.wrapping_add(c.varint("offset step").map_err(corrupt)?);
         let slot = match format {
-            FORMAT_RUN => u64::from(c.u16_le("slot").map_err(corrupt)?),
-            _ if whole => u64::from(c.u32_le("slot").map_err(corrupt)?),
+            FORMAT_RUN_32 if whole => u64::from(c.u32_le("slot").map_err(corrupt)?),
             // The low 16 bits: the slot this build computes.
-            _ => u64::from(c.u32_le("slot").map_err(corrupt)? as u16),
+            FORMAT_RUN_32 => u64::from(c.u32_le("slot").map_err(corrupt)? as u16),
+            _ => u64::from(c.u16_le("slot").map_err(corrupt)?),
         };
         out.push((seq, offset, slot));
+    }
+    if format == FORMAT_RUN {
+        // The seqs end at the key's and follow each other.
+        let n = (out.len() - start) as u64;
+        if n > last {
+            return Err(corrupt(format!("{n} entries of seqs from 1 cannot end at seq {last}")));
+        }
+        for (i, entry) in out[start..].iter_mut().enumerate() {
+            entry.0 = last - n + 1 + i as u64;
+        }
+        seq = if n == 0 { 0 } else { last };
     }
     if out.len() == start || seq != last {
         return Err(corrupt(format!("its entries end at seq {seq}, not at its key's")));
@@ -232,15 +265,34 @@ mod tests {
     }
 
     #[test]
-    fn a_run_reads_back_and_costs_about_five_bytes_an_entry() {
+    fn a_run_reads_back_and_costs_about_four_bytes_an_entry() {
         let run: Vec<Entry> = (0..32).map(|i| (1000 + i, 5_000_000 + 2_000 * i, 0xbeef ^ i)).collect();
         let bytes = value(&run);
+        assert_eq!(bytes[0], FORMAT_RUN);
         let mut back = Vec::new();
         decode(9, 1031, &bytes, &mut back).unwrap();
         assert_eq!(back, run);
-        // The first entry's seq and offset are whole numbers, the rest
-        // steps: 1 byte of seq step, 2 of offset step, 2 of slot.
-        assert_eq!(bytes.len(), 1 + (2 + 4 + 2) + 31 * (1 + 2 + 2));
+        // The first entry's offset is a whole number, the rest steps: 2
+        // bytes of offset step, 2 of slot; the seqs are the key's.
+        assert_eq!(bytes.len(), 1 + (4 + 2) + 31 * (2 + 2));
+        // A run with a gap in its seqs keeps a seq step per entry.
+        let gap = [(1, 10, 1), (2, 20, 2), (5, 30, 3)];
+        let bytes = value(&gap);
+        assert_eq!((bytes[0], bytes.len()), (FORMAT_RUN_STEPS, 1 + 3 * (1 + 1 + 2)));
+        let mut back = Vec::new();
+        decode(9, 5, &bytes, &mut back).unwrap();
+        assert_eq!(back, gap);
+        assert_eq!(run_round_trip(5, &bytes).unwrap(), bytes);
+        let seed = include_bytes!("../../fuzz/corpus/index_run/seed-three-following");
+        let (last, seed) = seed.split_at(8);
+        let mut back = Vec::new();
+        decode(1, u64::from_le_bytes(last.try_into().unwrap()), seed, &mut back).unwrap();
+        assert_eq!(
+            back,
+            [(3, 100, 1), (4, 101, 2), (5, 105, 3)],
+            "written by hand from the layout in this module's doc"
+        );
+        assert_eq!(value(&back), seed);
     }
 
     /// A row of schema versions 11 to 13 reads with its slots cut to the
@@ -279,17 +331,18 @@ mod tests {
     #[test]
     fn a_damaged_run_is_an_error_never_a_panic() {
         let good = value(&[(1, 10, 1), (2, 20, 2)]);
+        let mut steps = Vec::new();
+        encode_as(FORMAT_RUN_STEPS, &[(1, 10, 1), (2, 20, 2)], &mut steps);
         let cases: Vec<(&str, Vec<u8>, u64)> = vec![
             ("empty", vec![], 2),
             ("another format", [&[1u8][..], &good[1..]].concat(), 2),
             ("no entries", vec![FORMAT_RUN], 0),
+            ("no entries, a key", vec![FORMAT_RUN], 5),
             ("cut in its slot", good[..good.len() - 1].to_vec(), 2),
-            ("a key that is not its last seq", good.clone(), 3),
-            (
-                "a seq that does not grow",
-                value(&[(1, 10, 1)]).into_iter().chain([0, 1, 0, 0, 0, 0]).collect(),
-                1,
-            ),
+            ("more entries than seqs from 1 to its key", good.clone(), 1),
+            ("with steps: cut in its slot", steps[..steps.len() - 1].to_vec(), 2),
+            ("with steps: a key that is not its last seq", steps.clone(), 3),
+            ("with steps: a seq that does not grow", steps.iter().copied().chain([0, 1, 0, 0]).collect(), 2),
         ];
         for (what, bytes, last) in cases {
             let mut out = Vec::new();

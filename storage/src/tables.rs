@@ -93,6 +93,8 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// 13 writes messages in the packed format (a first byte with bit 7 set,
 /// the cid packed, `cid.rs`), which a build reading 12 could not read;
 /// 14 writes index rows with 16-bit dedupe slots (`runs.rs`, format byte
-/// 7), which a build reading 13 could not read.
+/// 7), which a build reading 13 could not read; 15 writes index rows
+/// whose seqs follow each other without their seq steps (format byte 8),
+/// which a build reading 14 could not read.
 /// An older store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 14;
+pub(crate) const SCHEMA_VERSION: u64 = 15;

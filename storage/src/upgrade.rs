@@ -59,6 +59,9 @@
 //!   shorter (`runs.rs`, format byte 7). Rows already stored keep their
 //!   32-bit slots, which read cut to 16 bits (the low bits of the same
 //!   hash: the slot this build computes): the step is the version.
+//! - 14 → 15: an index row whose seqs follow each other is written
+//!   without its seq steps (`runs.rs`, format byte 8). Rows already stored
+//!   read as before: the step is the version.
 
 use std::collections::HashMap;
 
@@ -76,7 +79,7 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 13) to
+/// Upgrades a store at version `from` (1 to 14) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
     if from <= 1 {
