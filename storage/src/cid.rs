@@ -1,9 +1,10 @@
 //! A client message id as a stored message holds it: packed when it is
 //! made of few symbols.
 //!
-//! The cid is the one string of a message the client chooses and nobody
-//! reads: after the text, the largest part of a stored message (23.7 of
-//! the soak's 175.1 bytes per message, BENCHMARKS.md). Clients make cids
+//! The cid is the one string of a message that only its client makes
+//! sense of (it matches its sends to their acks and echoes by it), and
+//! after the text the largest part of a stored message (23.7 of the
+//! soak's 175.1 bytes per message, BENCHMARKS.md). Clients make cids
 //! from few symbols: a counter or a timestamp (digits and a separator:
 //! kefu-bench's `thread-number-due`, chat-tungstenite's sixteen digits), a
 //! random hex or base64url string, or a UUID (`crypto.randomUUID()`). Such

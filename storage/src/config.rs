@@ -141,7 +141,7 @@ pub struct StoreConfig {
     /// written at once dirtied an index page no other message of its
     /// commit shared, which every checkpoint wrote again (BENCHMARKS.md,
     /// issue 11, "the index's tail"), and they go in as one row
-    /// (`runs.rs`: ~7 bytes an entry on disk, where an entry of its own
+    /// (`runs.rs`: ~4 bytes an entry on disk, where an entry of its own
     /// costs ~30). 1: every entry goes in with its message, a row of its
     /// own. Default 32.
     pub index_batch: usize,

@@ -48,8 +48,8 @@ pub(crate) const FORMAT_RUN_STEPS: u8 = 7;
 /// The format byte of a run of schema versions 11 to 13: slots of 32 bits.
 pub(crate) const FORMAT_RUN_32: u8 = 6;
 
-/// The most entries one row holds: a row of 64 is ~450 bytes, a ninth of
-/// a page, and a read of one seq decodes no more.
+/// The most entries one row holds: a row of 64 is ~260 bytes, a
+/// sixteenth of a page, and a read of one seq decodes no more.
 pub(crate) const MAX_RUN: usize = 64;
 
 /// An index entry: (seq, offset in the log, dedupe slot).
