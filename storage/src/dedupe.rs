@@ -10,8 +10,9 @@
 //! recomputes every slot, see `upgrade.rs`), cut to 32 bits in versions
 //! 11 to 13 and to 16 since version 14 (`runs.rs`: 2 bytes of every
 //! message's entry on disk; a cut slot is a filter, never an identity, and
-//! the 2 bytes saved are ~3.5 of a message's bytes on disk with their
-//! share of the index's half-empty leaves). So the dedupe
+//! the 2 bytes saved took 5.1 bytes a message off the 5-minute soak's
+//! store with their share of the index's half-empty leaves, BENCHMARKS.md).
+//! So the dedupe
 //! index is the conversation's index itself, and an append writes no
 //! third B-tree.
 //! A separate `(conversation, slot) → offset` table cost a third of the
