@@ -455,6 +455,25 @@ fn drop_page_cache() -> bool {
 }
 
 fn reopen(o: &Args) {
+    // `--store DIR`: open that store once (an older schema's is upgraded
+    // first) and say how long it took.
+    let store: String = o.get("store", String::new());
+    if !store.is_empty() {
+        let cfg = StoreConfig { dir: store.into(), sources: 2, ..StoreConfig::default() };
+        let t0 = Instant::now();
+        let (opened, rec) = Store::open(cfg, Arc::new(|_| {})).unwrap();
+        let open = t0.elapsed();
+        println!(
+            "  open {:.1} ms (records {}, open conversations {}, unclean {}, write-ahead log records replayed {})",
+            open.as_secs_f64() * 1e3,
+            rec.next_offset,
+            rec.open_conversations.len(),
+            rec.unclean_shutdown,
+            rec.wal_replayed
+        );
+        opened.close();
+        return;
+    }
     let records: u64 = o.get("records", 1_000_000);
     let repeats: usize = o.get("repeats", 3);
     let quick_repair: bool = o.get("quick-repair", true);
@@ -809,7 +828,29 @@ fn history(o: &Args) {
 }
 
 /// The tables `analyze` looks at, as `tables.rs` defines them.
-const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+const LOG: redb::TableDefinition<kefu_storage::LogOffset, &[u8]> = redb::TableDefinition::new("log40");
+/// The log of a store from before schema version 16, keyed by `u64`.
+const LOG_V15: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+
+/// Calls `visit` with each of the log's (offset, value), in offset order,
+/// and gives back its table's stats and length: from `log40`, or from
+/// `log` in a store from before schema version 16.
+fn scan_log(r: &redb::ReadTransaction, mut visit: impl FnMut(u64, &[u8])) -> (redb::TableStats, u64) {
+    use redb::{ReadableTable, ReadableTableMetadata};
+    if let Ok(log) = r.open_table(LOG) {
+        for e in log.iter().unwrap() {
+            let (k, v) = e.unwrap();
+            visit(k.value(), v.value());
+        }
+        return (log.stats().unwrap(), log.len().unwrap());
+    }
+    let log = r.open_table(LOG_V15).unwrap();
+    for e in log.iter().unwrap() {
+        let (k, v) = e.unwrap();
+        visit(k.value(), v.value());
+    }
+    (log.stats().unwrap(), log.len().unwrap())
+}
 const CONV_RUNS: redb::TableDefinition<(u64, u64), &[u8]> = redb::TableDefinition::new("conv_runs");
 /// The conversation index of a store from before schema version 11.
 const CONV_INDEX_V10: redb::TableDefinition<(u64, u64), (u64, u64)> =
@@ -821,7 +862,7 @@ const USER_CONVERSATIONS: redb::TableDefinition<(&str, u64), ()> =
 const CONV_CHANGES: redb::TableDefinition<u64, u8> = redb::TableDefinition::new("conv_changes");
 
 fn analyze(dir: &Path, expected: Option<u64>) {
-    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+    use redb::{ReadableDatabase, ReadableTableMetadata};
     let path = dir.join("kefu.redb");
     let file = std::fs::metadata(&path).unwrap().len();
     let db = redb::Database::open(&path).unwrap();
@@ -830,7 +871,6 @@ fn analyze(dir: &Path, expected: Option<u64>) {
     w.abort().unwrap();
     let page = s.page_size() as u64;
     let r = db.begin_read().unwrap();
-    let log = r.open_table(LOG).unwrap();
     // Field by field, over the messages of the log.
     let (mut n, mut value, mut text, mut cid, mut id, mut name, mut others, mut other_bytes) =
         (0u64, 0, 0, 0, 0, 0, 0u64, 0);
@@ -838,9 +878,7 @@ fn analyze(dir: &Path, expected: Option<u64>) {
     let mut pointing = 0u64;
     // The other records by kind: count and bytes.
     let mut kinds: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
-    for e in log.iter().unwrap() {
-        let (_, v) = e.unwrap();
-        let bytes = v.value();
+    let (log_stats, log_len) = scan_log(&r, |_, bytes| {
         let view = kefu_storage::view_log_record(bytes).unwrap();
         if let kefu_storage::LogView::Message(m) = view {
             n += 1;
@@ -850,7 +888,7 @@ fn analyze(dir: &Path, expected: Option<u64>) {
             id += m.sender_id.len() as u64;
             name += m.sender_name.len() as u64;
             pointing += u64::from(m.sender_back.is_some());
-            continue;
+            return;
         }
         match view.to_owned().unwrap() {
             kefu_storage::LogRecord::Message(_) => unreachable!("a message above"),
@@ -868,7 +906,7 @@ fn analyze(dir: &Path, expected: Option<u64>) {
                 e.1 += bytes.len() as u64;
             }
         }
-    }
+    });
     if let Some(e) = expected {
         assert_eq!(n, e, "messages in the log");
     }
@@ -931,7 +969,7 @@ fn analyze(dir: &Path, expected: Option<u64>) {
         ];
         row(name, format!("{len:>9} entries; "), stats);
     };
-    table("log", log.stats().unwrap(), log.len().unwrap());
+    table("log", log_stats, log_len);
     if let Ok(t) = r.open_table(CONV_RUNS) {
         table("conv_runs", t.stats().unwrap(), t.len().unwrap());
     }
@@ -953,7 +991,7 @@ fn analyze(dir: &Path, expected: Option<u64>) {
 }
 
 fn blocks(o: &Args) {
-    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+    use redb::{ReadableDatabase, ReadableTableMetadata};
     let store: String = o.get("store", String::new());
     assert!(!store.is_empty(), "blocks needs --store DIR");
     let per_txn: usize = o.get("commit", 2);
@@ -963,17 +1001,11 @@ fn blocks(o: &Args) {
     let whole: bool = o.get("whole", false);
     let db = redb::Database::open(Path::new(&store).join("kefu.redb")).unwrap();
     let r = db.begin_read().unwrap();
-    let log = r.open_table(LOG).unwrap();
-    let records: Vec<(u64, Vec<u8>, bool)> = log
-        .iter()
-        .unwrap()
-        .map(|e| {
-            let (k, v) = e.unwrap();
-            let message =
-                matches!(kefu_storage::view_log_record(v.value()), Ok(kefu_storage::LogView::Message(_)));
-            (k.value(), v.value().to_vec(), message)
-        })
-        .collect();
+    let mut records: Vec<(u64, Vec<u8>, bool)> = Vec::new();
+    scan_log(&r, |offset, bytes| {
+        let message = matches!(kefu_storage::view_log_record(bytes), Ok(kefu_storage::LogView::Message(_)));
+        records.push((offset, bytes.to_vec(), message));
+    });
     let messages = records.iter().filter(|r| r.2).count() as f64;
     println!(
         "  {} log records, {messages} messages; {per_txn} records per transaction; values {}; bytes per message:",

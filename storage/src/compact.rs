@@ -1,5 +1,6 @@
 //! The compact format of a logged message: the packed format (a first
-//! byte with bit 7 set, schema version 13 on), and format 2 before it.
+//! byte with bit 7 set, schema version 13 on; its last string bare since
+//! 16), and format 2 before it.
 //!
 //! Messages are nearly all of the log, and their rkyv archive (format 1)
 //! spends 77 bytes on fixed fields before any text: three 8-byte numbers,
@@ -25,12 +26,18 @@
 //! Numbers are unsigned LEB128 (at most 10 bytes, no bits beyond 64, no
 //! padding: a last byte of 0 only for the number 0 itself); every string
 //! and the attachment's bytes are a LEB128 length then the bytes, strings
-//! UTF-8. `head` is one byte: bit 7 set (no other format's first byte has
+//! UTF-8, but the last: the attachment's bytes if there are any, else the
+//! text, which runs to the value's end without a length (schema version
+//! 16 on: a byte a message, redb keeps the value's length anyway; versions
+//! 13 to 15 wrote that length too, and the upgrade to 16 rewrote every
+//! such message, `repack_v15`, so a reader never has to tell them apart). `head` is one byte: bit 7 set (no other format's first byte has
 //! it), the flags in bits 4 to 6, and in bits 0 to 3 the role (0 visitor,
 //! 1 agent, 2 bot) × 5 + the cid's form (0 text, 1 decimal, 2 hex, 3
 //! base64url, 4 UUID: `cid.rs`, which says how `cid` is stored in each).
 //! The flags: bit 0 a text, bit 1 an attachment, bit 2 a sender stored
-//! elsewhere. The value ends exactly where the last field does.
+//! elsewhere. A value cut short reads as an error up to its last string,
+//! and within it as a shorter string: the record trusts redb's own length
+//! of the value there, as it trusts redb's key.
 //!
 //! Schema versions 6 to 12 wrote format 2, which every reader still reads:
 //!
@@ -42,7 +49,8 @@
 //! with `role` and `flags` a byte each (flags as above, in bits 0 to 2,
 //! and no other bit) and the cid a string. The head byte and the packed
 //! cid (schema version 13) took a message from 17 bytes beyond its
-//! strings to 15, and kefu-bench's 23-byte cid to 13 bytes.
+//! strings to 15, and kefu-bench's 23-byte cid to 13 bytes; the bare last
+//! string (16) to 14.
 //!
 //! With bit 2 (schema version 12 on), the sender's id and name are those
 //! of the message `back` (≥ 1) log records before this one, which holds
@@ -182,13 +190,13 @@ impl<'a> MessageView<'a> {
         put_varint(out, self.seq);
         put_varint(out, self.ts_ms);
         cid::put(out, form, self.cid.as_str());
-        self.put_strings(out);
+        self.put_strings(out, true);
     }
 
     /// Writes the message to `out` (cleared first) in format 2, as builds
     /// before schema version 13 stored it: for the round trip of a message
     /// read in that format.
-    fn encode_v2_into(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode_v2_into(&self, out: &mut Vec<u8>) {
         out.clear();
         out.push(FORMAT_COMPACT_MESSAGE);
         put_varint(out, self.conv);
@@ -197,7 +205,27 @@ impl<'a> MessageView<'a> {
         out.push(role_byte(self.role));
         out.push(self.flags());
         put_bytes(out, self.cid.as_str().as_bytes());
-        self.put_strings(out);
+        self.put_strings(out, false);
+    }
+
+    /// Writes the message to `out` (cleared first) in the packed format
+    /// of schema versions 13 to 15, whose last string kept its length: for
+    /// tests that make an older store.
+    #[cfg(test)]
+    pub(crate) fn encode_v15_into(&self, out: &mut Vec<u8>) {
+        self.encode_into(out);
+        out.truncate(out.len() - self.last_len());
+        self.put_last(out, false);
+    }
+
+    /// The bytes of the message's last string (see [`Self::put_last`]).
+    #[cfg(test)]
+    fn last_len(&self) -> usize {
+        match (self.text, self.attachment) {
+            (_, Some(a)) => a.bytes.len(),
+            (Some(t), None) => t.len(),
+            (None, None) => 0,
+        }
     }
 
     fn flags(&self) -> u8 {
@@ -207,8 +235,9 @@ impl<'a> MessageView<'a> {
             | bit(self.sender_back.is_some(), SENDER_BEFORE)
     }
 
-    /// What follows the cid in both formats.
-    fn put_strings(&self, out: &mut Vec<u8>) {
+    /// What follows the cid in every format; with `last_to_end`, the
+    /// message's last string has no length (see the module's doc).
+    fn put_strings(&self, out: &mut Vec<u8>, last_to_end: bool) {
         match self.sender_back {
             Some(back) => put_varint(out, back),
             None => {
@@ -216,12 +245,27 @@ impl<'a> MessageView<'a> {
                 put_bytes(out, self.sender_name.as_bytes());
             }
         }
-        if let Some(text) = self.text {
+        if let (Some(text), Some(_)) = (self.text, self.attachment) {
             put_bytes(out, text.as_bytes());
         }
         if let Some(a) = self.attachment {
             put_bytes(out, a.mime.as_bytes());
-            put_bytes(out, a.bytes);
+        }
+        self.put_last(out, last_to_end);
+    }
+
+    /// The message's last string: the attachment's bytes if it has one,
+    /// else its text (if any), bare with `to_end`, else after its length.
+    fn put_last(&self, out: &mut Vec<u8>, to_end: bool) {
+        let last = match (self.text, self.attachment) {
+            (_, Some(a)) => a.bytes,
+            (Some(t), None) => t.as_bytes(),
+            (None, None) => return,
+        };
+        if to_end {
+            out.extend_from_slice(last);
+        } else {
+            put_bytes(out, last);
         }
     }
 
@@ -229,6 +273,13 @@ impl<'a> MessageView<'a> {
     /// (`bytes`: the rest). The error is the reason, for
     /// [`StorageError::Corrupt`](crate::StorageError::Corrupt).
     pub(crate) fn decode_packed(head: u8, bytes: &'a [u8]) -> Result<Self, String> {
+        Self::decode_packed_as(head, bytes, true)
+    }
+
+    /// [`Self::decode_packed`], with `last_to_end` false: the packed
+    /// format of schema versions 13 to 15, whose last string kept its
+    /// length.
+    fn decode_packed_as(head: u8, bytes: &'a [u8], last_to_end: bool) -> Result<Self, String> {
         debug_assert!(is_packed(head));
         let (flags, low) = ((head & !PACKED) >> 4, head & 0x0f);
         let (role, form) = (role_of_byte(low / cid::FORMS)?, low % cid::FORMS);
@@ -238,7 +289,7 @@ impl<'a> MessageView<'a> {
         let seq = r.varint("seq")?;
         let ts_ms = r.varint("ts_ms")?;
         let cid = cid::read(&mut r, form)?;
-        Self::decode_strings(r, (conv, seq, ts_ms, cid, role), flags)
+        Self::decode_strings(r, (conv, seq, ts_ms, cid, role), flags, last_to_end)
     }
 
     /// Reads a message in format 2 (`bytes` without its format byte).
@@ -251,14 +302,16 @@ impl<'a> MessageView<'a> {
         let role = role_of_byte(r.byte("role")?)?;
         let flags = r.byte("flags")?;
         let cid = Cid::from(r.str("cid")?);
-        Self::decode_strings(r, (conv, seq, ts_ms, cid, role), flags)
+        Self::decode_strings(r, (conv, seq, ts_ms, cid, role), flags, false)
     }
 
-    /// What follows the cid in both formats, and the view.
+    /// What follows the cid in every format, and the view; with
+    /// `last_to_end`, the last string is the rest of the value.
     fn decode_strings(
         mut r: Cursor<'a>,
         (conv, seq, ts_ms, cid, role): (u64, u64, u64, Cid<'a>, Role),
         flags: u8,
+        last_to_end: bool,
     ) -> Result<Self, String> {
         if flags & !(HAS_TEXT | HAS_ATTACHMENT | SENDER_BEFORE) != 0 {
             return Err(format!("flags {flags:#04x} has unknown bits"));
@@ -271,15 +324,59 @@ impl<'a> MessageView<'a> {
         } else {
             (r.str("sender id")?, r.str("sender name")?, None)
         };
-        let text = if flags & HAS_TEXT != 0 { Some(r.str("text")?) } else { None };
-        let attachment = if flags & HAS_ATTACHMENT != 0 {
-            Some(AttachmentView { mime: r.str("attachment mime")?, bytes: r.bytes("attachment bytes")? })
-        } else {
-            None
+        let attached = flags & HAS_ATTACHMENT != 0;
+        let text = match flags & HAS_TEXT != 0 {
+            false => None,
+            true if last_to_end && !attached => Some(utf8(r.rest(), "text")?),
+            true => Some(r.str("text")?),
+        };
+        let attachment = match attached {
+            false => None,
+            true => {
+                let mime = r.str("attachment mime")?;
+                let bytes = if last_to_end { r.rest() } else { r.bytes("attachment bytes")? };
+                Some(AttachmentView { mime, bytes })
+            }
         };
         r.end()?;
         Ok(MessageView { conv, seq, ts_ms, cid, role, sender_id, sender_name, sender_back, text, attachment })
     }
+}
+
+/// `value` (a log record, format byte included) as schema version 16
+/// stores it: a message in the packed format of versions 13 to 15 is
+/// written again with its last string bare (`Some`); any other record is
+/// stored as it is (`None`). For the upgrade to version 16 and the replay
+/// of a version 15 write-ahead log. The error is the reason, for
+/// [`StorageError::Corrupt`](crate::StorageError::Corrupt).
+#[doc(hidden)]
+pub fn repack_v15(value: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    match value.split_first() {
+        Some((&head, rest)) if is_packed(head) => {
+            let mut out = Vec::with_capacity(value.len());
+            MessageView::decode_packed_as(head, rest, false)?.encode_into(&mut out);
+            Ok(Some(out))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `value` as schema versions 13 to 15 stored it: the inverse of
+/// [`repack_v15`], for tests that make an older store.
+#[cfg(test)]
+pub(crate) fn as_v15(value: &[u8]) -> Vec<u8> {
+    match value.split_first() {
+        Some((&head, rest)) if is_packed(head) => {
+            let mut out = Vec::new();
+            MessageView::decode_packed(head, rest).unwrap().encode_v15_into(&mut out);
+            out
+        }
+        _ => value.to_vec(),
+    }
+}
+
+fn utf8<'a>(bytes: &'a [u8], field: &str) -> Result<&'a str, String> {
+    std::str::from_utf8(bytes).map_err(|e| format!("its {field} is not UTF-8: {e}"))
 }
 
 /// Whether a value whose first byte is `b` is a message in the packed
@@ -415,7 +512,12 @@ impl<'a> Cursor<'a> {
 
     pub(crate) fn str(&mut self, field: &str) -> Result<&'a str, String> {
         let bytes = self.bytes(field)?;
-        std::str::from_utf8(bytes).map_err(|e| format!("its {field} is not UTF-8: {e}"))
+        utf8(bytes, field)
+    }
+
+    /// Everything left.
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
     }
 
     /// A value ends exactly where its last field does.
@@ -468,11 +570,12 @@ mod tests {
     }
 
     /// What the format is for: a 100-byte text with kefu-bench's shapes
-    /// (its 23-byte cid, a 37-byte sender id, a 12-byte name) costs 15
-    /// bytes beyond its strings, the cid packed into 12; format 2 took 17
-    /// and the cid whole, the rkyv archive 77.
+    /// (its 23-byte cid, a 37-byte sender id, a 12-byte name) costs 14
+    /// bytes beyond its strings, the cid packed into 12 (15 in versions 13
+    /// to 15, the text's length among them); format 2 took 17 and the cid
+    /// whole, the rkyv archive 77.
     #[test]
-    fn a_text_message_costs_15_bytes_beyond_its_strings() {
+    fn a_text_message_costs_14_bytes_beyond_its_strings() {
         let m = MessageRecord {
             conv: 12_345,
             seq: 1_234,
@@ -483,7 +586,10 @@ mod tests {
             attachment: None,
         };
         let strings = 37 + 12 + 100;
-        assert_eq!(encode_message(&m).len() - strings, 15 + 12);
+        assert_eq!(encode_message(&m).len() - strings, 14 + 12);
+        let mut v15 = Vec::new();
+        MessageView::of_record(&m).encode_v15_into(&mut v15);
+        assert_eq!(v15.len() - strings, 15 + 12);
         let mut v2 = Vec::new();
         MessageView::of_record(&m).encode_v2_into(&mut v2);
         assert_eq!(v2.len() - strings, 17 + 23);
@@ -527,15 +633,35 @@ mod tests {
         assert_eq!(message_round_trip(seed).unwrap(), seed);
     }
 
-    /// The fuzzer's seeds for this format (`fuzz/corpus/log_record`) were
-    /// written by hand, from the layout in this module's doc: they must
-    /// read as the messages they were meant to be, and encode back to the
-    /// same bytes; the format 2 seeds read as the same messages.
+    /// The fuzzer's seeds for this format (`fuzz/corpus/log_record`): the
+    /// `seed-packed-v15-*` were written by hand, from the layout in this
+    /// module's doc as versions 13 to 15 had it, and the `seed-packed-*`
+    /// are those repacked ([`repack_v15`]). They must read as the messages
+    /// they were meant to be, and encode back to the same bytes; the
+    /// format 2 seeds read as the same messages.
     #[test]
     fn the_layout_in_the_doc_is_the_layout_read() {
         let seed = include_bytes!("../../fuzz/corpus/log_record/seed-packed-message");
         assert_eq!(decode(seed).unwrap(), message());
         assert_eq!(encode_message(&message()), seed);
+        for (old, new) in [
+            (&include_bytes!("../../fuzz/corpus/log_record/seed-packed-v15-message")[..], &seed[..]),
+            (
+                include_bytes!("../../fuzz/corpus/log_record/seed-packed-v15-uuid-text"),
+                include_bytes!("../../fuzz/corpus/log_record/seed-packed-uuid-text"),
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/log_record/seed-packed-v15-decimal-text"),
+                include_bytes!("../../fuzz/corpus/log_record/seed-packed-decimal-text"),
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/log_record/seed-packed-v15-sender-pointed-at"),
+                include_bytes!("../../fuzz/corpus/log_record/seed-packed-sender-pointed-at"),
+            ),
+        ] {
+            assert_eq!(repack_v15(old).unwrap().as_deref(), Some(new));
+            assert_eq!(new.len(), old.len() - 1, "the last string's length, one byte, is gone");
+        }
         let v2 = include_bytes!("../../fuzz/corpus/log_record/seed-compact-message");
         assert_eq!(decode(v2).unwrap(), message());
         assert_eq!(message_round_trip(v2).unwrap(), v2);
@@ -565,6 +691,41 @@ mod tests {
         }
     }
 
+    /// Every shape of a version 15 message repacks to what this version
+    /// writes, one byte shorter (two for a last string of 128 bytes or
+    /// more); a record in another format is left as it is.
+    #[test]
+    fn a_version_15_message_repacks_to_this_versions_bytes() {
+        let full = message();
+        let view = MessageView::of_record(&full);
+        let long = "长".repeat(50);
+        let shapes = [
+            view,
+            MessageView { attachment: None, ..view },
+            MessageView { text: None, ..view },
+            MessageView { text: None, attachment: None, ..view },
+            MessageView { sender_id: "", sender_name: "", sender_back: Some(7), attachment: None, ..view },
+            MessageView { text: Some(long.as_str()), attachment: None, ..view },
+        ];
+        for (i, m) in shapes.into_iter().enumerate() {
+            let (mut old, mut new) = (Vec::new(), Vec::new());
+            m.encode_v15_into(&mut old);
+            m.encode_into(&mut new);
+            assert_eq!(repack_v15(&old).unwrap(), Some(new.clone()), "shape {i}");
+            let saved = match (m.text, m.attachment) {
+                (None, None) => 0,
+                (Some(t), None) if t.len() >= 128 => 2,
+                _ => 1,
+            };
+            assert_eq!(old.len() - new.len(), saved, "shape {i}");
+            assert_eq!(MessageView::decode_packed(new[0], &new[1..]).unwrap(), m, "shape {i}");
+        }
+        let mut v2 = Vec::new();
+        view.encode_v2_into(&mut v2);
+        assert_eq!(repack_v15(&v2).unwrap(), None);
+        assert!(repack_v15(&[PACKED]).is_err(), "a damaged message is an error");
+    }
+
     #[test]
     fn varints_take_every_width_and_refuse_more_than_64_bits() {
         for n in [0, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, 1 << 63, u64::MAX] {
@@ -590,14 +751,29 @@ mod tests {
         assert!(decode(&[]).is_err());
         assert!(decode(&[FORMAT_COMPACT_MESSAGE]).is_err());
         assert!(decode(&[PACKED]).is_err());
+        // Format 2 and a message of versions 13 to 15: every truncation
+        // fails, the last field ends the value.
+        let mut v15 = Vec::new();
+        MessageView::of_record(&message()).encode_v15_into(&mut v15);
+        let old = |b: &[u8]| MessageView::decode_packed_as(b[0], &b[1..], false).map(|_| ());
+        for len in 1..v15.len() {
+            assert!(old(&v15[..len]).is_err(), "a version 15 value cut at {len} read");
+        }
+        for len in 0..v2.len() {
+            assert!(decode(&v2[..len]).is_err(), "a format 2 value cut at {len} read");
+        }
+        // Packed: the last string is the rest of the value (redb keeps
+        // the value's length), so a cut before it fails and one within it
+        // reads shorter.
+        let last = message().attachment.unwrap().bytes.len();
+        for len in 0..packed.len() - last {
+            assert!(decode(&packed[..len]).is_err(), "a value cut at {len} read");
+        }
+        assert_eq!(decode(&packed[..packed.len() - 1]).unwrap().attachment.unwrap().bytes.len(), last - 1);
         for bytes in [&packed, &v2] {
-            // Every truncation fails: the last field ends the value.
-            for len in 0..bytes.len() {
-                assert!(decode(&bytes[..len]).is_err(), "a value cut at {len} read");
-            }
             let mut longer = bytes.clone();
             longer.push(0);
-            assert!(decode(&longer).is_err());
+            assert_eq!(decode(&longer).is_err(), bytes == &v2, "a byte more is an error in format 2 only");
             // Single-bit flips anywhere: an error or a well-formed record.
             for b in crate::testkit::bit_flips(bytes, 5000) {
                 let _ = decode(&b);

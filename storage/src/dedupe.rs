@@ -139,7 +139,7 @@ fn role_tag(role: Role) -> u8 {
 
 /// Whether the log record at `offset` is the message (conv, role, sender, cid).
 pub(crate) fn check(
-    log: &impl ReadableTable<u64, &'static [u8]>,
+    log: &impl ReadableTable<crate::tables::LogOffset, &'static [u8]>,
     offset: u64,
     conv: u64,
     (role, sender): (Role, &str),
@@ -172,7 +172,7 @@ pub(crate) fn find_by_scan(
     key: &DedupeKey,
     index: &impl ReadableTable<(u64, u64), &'static [u8]>,
     tail: &TailView,
-    log: &impl ReadableTable<u64, &'static [u8]>,
+    log: &impl ReadableTable<crate::tables::LogOffset, &'static [u8]>,
     conv: u64,
     window: usize,
     sender: (Role, &str),
@@ -506,7 +506,7 @@ impl SlotCache {
         &mut self,
         index: &impl ReadableTable<(u64, u64), &'static [u8]>,
         tail: &TailView,
-        log: &impl ReadableTable<u64, &'static [u8]>,
+        log: &impl ReadableTable<crate::tables::LogOffset, &'static [u8]>,
         conv: u64,
         sender: (Role, &str),
         cid: &str,

@@ -143,6 +143,8 @@ mod testkit;
 pub use cid::{Cid, stored_bytes as stored_cid_bytes};
 #[doc(hidden)]
 pub use compact::message_round_trip;
+#[doc(hidden)]
+pub use compact::repack_v15;
 pub use compact::{AttachmentView, MessageView};
 pub use compact_state::{AgentView, ConversationView, MetaView, ReadView, UserView};
 pub use config::StoreConfig;
@@ -162,6 +164,8 @@ pub use redo::redo_round_trip;
 #[doc(hidden)]
 pub use runs::run_round_trip;
 pub use store::{Recovery, StatsSource, Store, StoreStats, WriterHealth};
+/// The log table's key type, for tools that read a store's file with redb.
+pub use tables::LogOffset;
 pub use write::{
     CommitTimes, Committed, Completion, Completions, Notify, OnCommit, OnLogEnd, WriteOp, Writer,
 };

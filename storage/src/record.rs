@@ -509,7 +509,7 @@ impl LogView<'_> {
 /// there, in the same transaction. Every reader of the log reads through
 /// here, or through [`access_log_with`] when it reads many records.
 pub(crate) fn access_log_in<R>(
-    log: &impl ReadableTable<u64, &'static [u8]>,
+    log: &impl ReadableTable<crate::tables::LogOffset, &'static [u8]>,
     offset: u64,
     bytes: &[u8],
     f: impl FnOnce(LogView<'_>) -> R,
@@ -558,7 +558,7 @@ impl SenderMemo {
 /// [`access_log_in`] for a read of many records: the senders it follows
 /// pointers to are kept in `memo`.
 pub(crate) fn access_log_with<R>(
-    log: &impl ReadableTable<u64, &'static [u8]>,
+    log: &impl ReadableTable<crate::tables::LogOffset, &'static [u8]>,
     memo: &mut SenderMemo,
     offset: u64,
     bytes: &[u8],

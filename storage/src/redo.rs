@@ -177,7 +177,7 @@ impl<'a> Op<'a> {
 /// and most batches hold only messages.
 pub(crate) struct Tables<'t> {
     txn: &'t WriteTransaction,
-    pub(crate) log: Table<'t, u64, &'static [u8]>,
+    pub(crate) log: Table<'t, tables::LogOffset, &'static [u8]>,
     pub(crate) conv_runs: Table<'t, (u64, u64), &'static [u8]>,
     meta: Table<'t, &'static str, u64>,
     conversations: Option<Table<'t, u64, &'static [u8]>>,
@@ -190,6 +190,10 @@ pub(crate) struct Tables<'t> {
     /// The redo record being built (`None`: a replay, which records
     /// nothing).
     redo: Option<Vec<u8>>,
+    /// Replaying a write-ahead log of schema version 15 or older, whose
+    /// packed messages are written again as version 16 stores them
+    /// ([`compact::repack_v15`](crate::compact::repack_v15)).
+    pub(crate) log_v15: bool,
 }
 
 impl<'t> Tables<'t> {
@@ -209,6 +213,7 @@ impl<'t> Tables<'t> {
             user_controls: None,
             conv_index_v10: None,
             redo,
+            log_v15: false,
         })
     }
 
@@ -265,7 +270,20 @@ impl<'t> Tables<'t> {
     pub(crate) fn put(&mut self, op: Op<'_>) -> Result<(), StorageError> {
         match op {
             Op::Log { offset, value } => {
-                self.log.insert(offset, value).ctx("insert log")?;
+                if offset >= tables::LOG_OFFSET_END {
+                    return Err(StorageError::Encode(format!(
+                        "log offset {offset}: the log holds at most 2^40 records"
+                    )));
+                }
+                let repacked = match self.log_v15 {
+                    false => None,
+                    true => crate::compact::repack_v15(value).map_err(|message| StorageError::Corrupt {
+                        table: "wal",
+                        key: format!("log offset {offset}"),
+                        message,
+                    })?,
+                };
+                self.log.insert(offset, repacked.as_deref().unwrap_or(value)).ctx("insert log")?;
             }
             Op::ConvIndex { conv, seq, offset, slot } => {
                 lazily(&mut self.conv_index_v10, self.txn, tables::CONV_INDEX_V10, "open table conv_index")?
@@ -368,6 +386,55 @@ mod tests {
             Op::UserControl { role: "agent", id: "a-1", value: b"" },
             Op::ConvRun { conv: 3, last_seq: 9, value: b"\x06\x09\x07\x05\0\0\0" },
         ]
+    }
+
+    /// An offset the log's 5-byte key cannot hold is refused, not cut to
+    /// 40 bits (which would overwrite offset 0).
+    #[test]
+    fn the_log_refuses_an_offset_past_40_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = Tables::open(&txn, None).unwrap();
+            t.put(Op::Log { offset: tables::LOG_OFFSET_END - 1, value: b"last" }).unwrap();
+            let past = t.put(Op::Log { offset: tables::LOG_OFFSET_END, value: b"past" });
+            assert!(matches!(past, Err(StorageError::Encode(_))), "{past:?}");
+        }
+        use redb::ReadableTableMetadata as _;
+        assert_eq!(txn.open_table(tables::LOG).unwrap().len().unwrap(), 1);
+    }
+
+    /// A version 15 write-ahead log's messages go into the table as
+    /// version 16 stores them; with `log_v15` unset, values go in as they
+    /// are.
+    #[test]
+    fn a_version_15_logs_messages_are_repacked_as_they_are_replayed() {
+        use redb::ReadableTable as _;
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
+        let record = crate::testkit::message_record();
+        let mut now = Vec::new();
+        crate::compact::MessageView::of_record(&record).encode_into(&mut now);
+        let v15 = crate::compact::as_v15(&now);
+        assert_ne!(v15, now);
+        let txn = db.begin_write().unwrap();
+        {
+            let mut record = Vec::new();
+            Op::Log { offset: 0, value: &v15 }.encode(&mut record);
+            Op::Log { offset: 1, value: b"\x03not a message" }.encode(&mut record);
+            let mut t = Tables::open(&txn, None).unwrap();
+            t.log_v15 = true;
+            assert_eq!(replay_record(&mut t, &record).unwrap(), 2);
+            drop(t);
+            let mut as_is = Vec::new();
+            Op::Log { offset: 2, value: &v15 }.encode(&mut as_is);
+            assert_eq!(replay_record(&mut Tables::open(&txn, None).unwrap(), &as_is).unwrap(), 1);
+        }
+        let log = txn.open_table(tables::LOG).unwrap();
+        assert_eq!(log.get(0).unwrap().unwrap().value(), now.as_slice(), "repacked");
+        assert_eq!(log.get(1).unwrap().unwrap().value(), b"\x03not a message", "not a message: as it was");
+        assert_eq!(log.get(2).unwrap().unwrap().value(), v15.as_slice(), "no repacking past version 15");
     }
 
     #[test]

@@ -594,7 +594,13 @@ fn init_tables(db: &Database, config: &StoreConfig, wal: Option<&mut Wal>) -> Re
     }
     // Before the counters are read: the log may hold the last acked writes.
     let replayed = match wal {
-        Some(wal) => wal::replay(&mut Tables::open(&txn, None)?, wal)?.records,
+        Some(wal) => {
+            let mut t = Tables::open(&txn, None)?;
+            // A version 15 log holds messages in the packed format the
+            // upgrade above rewrote in the table.
+            t.log_v15 = schema.is_some_and(|v| v <= 15);
+            wal::replay(&mut t, wal)?.records
+        }
         None => 0,
     };
     // After the replay: a log of versions 7 to 10 writes the index as

@@ -1072,64 +1072,25 @@ fn a_version_10_store_moves_its_index_into_runs_at_open() {
 /// index into runs, and the message reads, dedupes and is followed.
 #[test]
 fn a_version_10_store_with_its_log_to_replay_moves_the_replayed_entries_too() {
-    use redb::ReadableTable as _;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let append = |store: &Store, token: u64, cid: &str| {
         write(store, token, WriteOp::AppendMessage(message(1, "v1", cid, "hi"))).result.unwrap()
     };
-    {
-        let (store, _) = open(cfg.clone());
-        for i in 1..=3 {
-            append(&store, i, &format!("c{i}"));
-        }
-    }
-    let (cycle, store_number, key) = {
-        let db = redb::Database::create(cfg.db_path()).unwrap();
-        let txn = db.begin_write().unwrap();
-        index_to_v10(&txn);
-        let mut meta = txn.open_table(tables::META).unwrap();
-        meta.insert(tables::META_SCHEMA, 10).unwrap();
-        meta.insert(tables::META_OPEN, 1).unwrap();
-        let get = |k: &str| meta.get(k).unwrap().map(|g| g.value());
-        let found = (
-            get(tables::META_WAL_CYCLE).unwrap_or(0) + 1,
-            get(tables::META_DEDUPE_K0).unwrap(),
-            crate::dedupe::DedupeKey {
-                k0: get(tables::META_DEDUPE_K0).unwrap(),
-                k1: get(tables::META_DEDUPE_K1).unwrap(),
-            },
-        );
-        drop(meta);
-        txn.commit().unwrap();
-        found
-    };
-    // The record version 10 would have written for a fourth message.
+    let (cycle, store_number, key) = stored_three_then_crashed(&cfg, 10, index_to_v10);
+    // The record version 10 would have written for a fourth message
+    // (format 2, which version 16 replays as it is).
     let mut payload = Vec::new();
     let m = message(1, "v1", "c4", "hi");
     let mut value = Vec::new();
-    crate::compact::MessageView::of_msg(&m, 4).encode_into(&mut value);
+    crate::compact::MessageView::of_msg(&m, 4).encode_v2_into(&mut value);
     crate::redo::Op::Log { offset: 3, value: &value }.encode(&mut payload);
     let slot = key.slot(Role::Visitor, "v1", "c4") | 0x5eed << 40;
     crate::redo::Op::ConvIndex { conv: 1, seq: 4, offset: 3, slot }.encode(&mut payload);
     crate::redo::Op::Meta { key: tables::META_NEXT_OFFSET, value: 4 }.encode(&mut payload);
     // The entry went to the table with its message: no tail to rebuild.
     crate::redo::Op::Meta { key: tables::META_INDEX_FROM, value: 4 }.encode(&mut payload);
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&store_number.to_le_bytes());
-    crc.update(&cycle.to_le_bytes());
-    crc.update(&payload);
-    let mut record = Vec::new();
-    record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    record.extend_from_slice(&crc.finalize().to_le_bytes());
-    record.extend_from_slice(&cycle.to_le_bytes());
-    record.extend_from_slice(&payload);
-    let file = if cycle % 2 == 0 { cfg.wal_path() } else { cfg.wal_odd_path() };
-    let mut bytes = std::fs::read(&file).unwrap();
-    bytes[..record.len()].copy_from_slice(&record);
-    // What follows is no record of this cycle.
-    bytes[record.len()..record.len() + crate::wal::HEADER].fill(0);
-    std::fs::write(&file, bytes).unwrap();
+    plant_wal_record(&cfg, store_number, cycle, &payload);
 
     let (store, recovery) = open(cfg.clone());
     assert_eq!(recovery.next_offset, 4, "the record was replayed");
@@ -1140,6 +1101,124 @@ fn a_version_10_store_with_its_log_to_replay_moves_the_replayed_entries_too() {
     assert_eq!(append(&store, 11, "c5").seq, 5);
     drop(store);
     assert_eq!(table_rows(&cfg.db_path(), 1).concat(), [1, 2, 3, 4, 5], "every entry in runs, once");
+}
+
+/// A store that holds messages `c1` to `c3` of visitor `v1` in
+/// conversation 1, made to look like one of schema `version` by `edit`
+/// and left marked open, as a crash leaves it. Gives back the next
+/// write-ahead log cycle, the store's number and its dedupe key, for
+/// [`plant_wal_record`].
+fn stored_three_then_crashed(
+    cfg: &StoreConfig,
+    version: u64,
+    edit: impl FnOnce(&redb::WriteTransaction),
+) -> (u64, u64, crate::dedupe::DedupeKey) {
+    use redb::ReadableTable as _;
+    {
+        let (store, _) = open(cfg.clone());
+        for i in 1..=3 {
+            write(&store, i, WriteOp::AppendMessage(message(1, "v1", &format!("c{i}"), "hi")))
+                .result
+                .unwrap();
+        }
+    }
+    let db = redb::Database::create(cfg.db_path()).unwrap();
+    let txn = db.begin_write().unwrap();
+    edit(&txn);
+    let mut meta = txn.open_table(tables::META).unwrap();
+    meta.insert(tables::META_SCHEMA, version).unwrap();
+    meta.insert(tables::META_OPEN, 1).unwrap();
+    let get = |k: &str| meta.get(k).unwrap().map(|g| g.value());
+    let found = (
+        get(tables::META_WAL_CYCLE).unwrap_or(0) + 1,
+        get(tables::META_DEDUPE_K0).unwrap(),
+        crate::dedupe::DedupeKey {
+            k0: get(tables::META_DEDUPE_K0).unwrap(),
+            k1: get(tables::META_DEDUPE_K1).unwrap(),
+        },
+    );
+    drop(meta);
+    txn.commit().unwrap();
+    found
+}
+
+/// Writes `payload` as the first record of write-ahead log `cycle` of the
+/// store numbered `store_number` (its dedupe key's `k0`), as the log would
+/// have if the process had died right after its fsync.
+fn plant_wal_record(cfg: &StoreConfig, store_number: u64, cycle: u64, payload: &[u8]) {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&store_number.to_le_bytes());
+    crc.update(&cycle.to_le_bytes());
+    crc.update(payload);
+    let mut record = Vec::new();
+    record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    record.extend_from_slice(&crc.finalize().to_le_bytes());
+    record.extend_from_slice(&cycle.to_le_bytes());
+    record.extend_from_slice(payload);
+    let file = if cycle.is_multiple_of(2) { cfg.wal_path() } else { cfg.wal_odd_path() };
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[..record.len()].copy_from_slice(&record);
+    // What follows is no record of this cycle.
+    bytes[record.len()..record.len() + crate::wal::HEADER].fill(0);
+    std::fs::write(&file, bytes).unwrap();
+}
+
+/// A version 15 store that died with a message only in its write-ahead
+/// log: the upgrade moves and repacks the table's messages, the replay
+/// repacks the logged one, and all four read, dedupe and go on.
+#[test]
+fn a_version_15_store_with_its_log_to_replay_repacks_the_replayed_message() {
+    use redb::{ReadableDatabase as _, ReadableTable as _};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let append = |store: &Store, token: u64, cid: &str| {
+        write(store, token, WriteOp::AppendMessage(message(1, "v1", cid, "hi"))).result.unwrap()
+    };
+    let (cycle, store_number, key) = stored_three_then_crashed(&cfg, 15, |txn| {
+        let all: Vec<(u64, Vec<u8>)> = txn
+            .open_table(tables::LOG)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|e| e.map(|(k, v)| (k.value(), crate::compact::as_v15(v.value()))).unwrap())
+            .collect();
+        txn.delete_table(tables::LOG).unwrap();
+        let mut old = txn.open_table(tables::LOG_V15).unwrap();
+        for (k, v) in &all {
+            old.insert(*k, v.as_slice()).unwrap();
+        }
+    });
+    // The record version 15 would have written for a fourth message.
+    let m = message(1, "v1", "c4", "hi");
+    let mut now = Vec::new();
+    crate::compact::MessageView::of_msg(&m, 4).encode_into(&mut now);
+    let v15 = crate::compact::as_v15(&now);
+    let mut row = Vec::new();
+    crate::runs::encode(&[(4, 3, key.slot(Role::Visitor, "v1", "c4"))], &mut row);
+    let mut payload = Vec::new();
+    crate::redo::Op::Log { offset: 3, value: &v15 }.encode(&mut payload);
+    crate::redo::Op::ConvRun { conv: 1, last_seq: 4, value: &row }.encode(&mut payload);
+    crate::redo::Op::Meta { key: tables::META_NEXT_OFFSET, value: 4 }.encode(&mut payload);
+    crate::redo::Op::Meta { key: tables::META_INDEX_FROM, value: 4 }.encode(&mut payload);
+    plant_wal_record(&cfg, store_number, cycle, &payload);
+
+    let (store, recovery) = open(cfg.clone());
+    assert_eq!(recovery.next_offset, 4, "the record was replayed");
+    let texts: Vec<_> = store
+        .reader()
+        .history(1, None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.record.seq, m.record.text.unwrap()))
+        .collect();
+    assert_eq!(texts, (1..=4).map(|s| (s, "hi".to_string())).collect::<Vec<_>>());
+    let again = append(&store, 10, "c4");
+    assert!(again.duplicate && again.seq == 4, "{again:?}");
+    assert_eq!(append(&store, 11, "c5").seq, 5);
+    drop(store);
+    let db = redb::Database::create(cfg.db_path()).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert_eq!(txn.open_table(tables::LOG).unwrap().get(3).unwrap().unwrap().value(), now.as_slice());
 }
 
 /// Moves `conv_runs` back into version 10's `conv_index`, an entry per
@@ -1167,7 +1246,7 @@ fn index_to_v10(txn: &redb::WriteTransaction) {
 /// Rewrites every message that points back for its sender
 /// (`compact.rs`) to name them in full, as every store before version 12
 /// does. Returns how many there were.
-fn senders_in_full(log: &mut redb::Table<u64, &[u8]>) -> usize {
+fn senders_in_full(log: &mut redb::Table<tables::LogOffset, &[u8]>) -> usize {
     use redb::ReadableTable as _;
     let mut pointing = Vec::new();
     for e in log.iter().unwrap() {
@@ -1193,13 +1272,13 @@ fn senders_in_full(log: &mut redb::Table<u64, &[u8]>) -> usize {
 
 /// Rewrites every message of `log` as a format 1 archive of the same
 /// record, as every store before version 6 holds them. Returns how many.
-fn messages_to_format_1(log: &mut redb::Table<u64, &[u8]>) -> usize {
+fn messages_to_format_1(log: &mut redb::Table<tables::LogOffset, &[u8]>) -> usize {
     log_to_format_1(log, |b| b == 2 || crate::compact::is_packed(b))
 }
 
 /// Rewrites every log record whose format byte is one of `format` as the
 /// format 1 archive of the same record; returns how many there were.
-fn log_to_format_1(log: &mut redb::Table<u64, &[u8]>, format: impl Fn(u8) -> bool) -> usize {
+fn log_to_format_1(log: &mut redb::Table<tables::LogOffset, &[u8]>, format: impl Fn(u8) -> bool) -> usize {
     use redb::ReadableTable as _;
     senders_in_full(log);
     let compact: Vec<(u64, LogRecord)> = log
@@ -2486,6 +2565,77 @@ fn a_version_13_store_with_32_bit_slots_still_dedupes() {
         txn.open_table(tables::CONV_RUNS).unwrap().iter().unwrap().map(|e| e.unwrap().1.value()[0]).collect();
     assert_eq!(formats.first(), Some(&crate::runs::FORMAT_RUN_32), "old rows stay as they are");
     assert_eq!(formats.last(), Some(&crate::runs::FORMAT_RUN), "the new row has 16-bit slots: {formats:?}");
+}
+
+/// A version 15 store, its log keyed by `u64` in `log` and its messages
+/// packed with their last string's length, opens as version 16 with every
+/// record moved to `log40` at its offset and its messages repacked:
+/// history (whose senders point back at earlier records) and dedupe read
+/// as before, and appends go on at the next offset.
+#[test]
+fn a_version_15_store_moves_its_log_to_five_byte_keys() {
+    use redb::{ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _};
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let (store, _) = open(config(dir.path()));
+        for i in 1..=5u64 {
+            write(&store, i, WriteOp::AppendMessage(message(1 + i % 2, "v", &format!("m{i}"), "hi")))
+                .result
+                .unwrap();
+        }
+        let r = store.reader();
+        (r.history(1, None, 10).unwrap(), r.history(2, None, 10).unwrap())
+    };
+    let records = {
+        // Back to version 15: the same records under `u64` keys in `log`.
+        let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        let records = {
+            let new = txn.open_table(tables::LOG).unwrap();
+            let all: Vec<(u64, Vec<u8>)> = new
+                .iter()
+                .unwrap()
+                .map(|e| e.map(|(k, v)| (k.value(), v.value().to_vec())).unwrap())
+                .collect();
+            let mut old = txn.open_table(tables::LOG_V15).unwrap();
+            let mut repacked = 0;
+            for (k, v) in &all {
+                let v15 = crate::compact::as_v15(v);
+                repacked += usize::from(v15 != *v);
+                old.insert(*k, v15.as_slice()).unwrap();
+            }
+            assert_eq!(repacked, 5, "every message has its text's length back");
+            all
+        };
+        txn.delete_table(tables::LOG).unwrap();
+        txn.open_table(tables::META).unwrap().insert(tables::META_SCHEMA, 15).unwrap();
+        txn.commit().unwrap();
+        records
+    };
+    assert!(records.len() >= 5, "{} records", records.len());
+    let (store, _) = open(config(dir.path()));
+    let r = store.reader();
+    assert_eq!((r.history(1, None, 10).unwrap(), r.history(2, None, 10).unwrap()), before);
+    assert_eq!(r.dedupe(Role::Visitor, "v", 2, "m3").unwrap().map(|h| h.seq), Some(2));
+    let dup = write(&store, 10, WriteOp::AppendMessage(message(2, "v", "m5", "again"))).result.unwrap();
+    assert!(dup.duplicate && dup.seq == 3, "{dup:?}");
+    let new = write(&store, 11, WriteOp::AppendMessage(message(1, "v", "m6", "hi"))).result.unwrap();
+    assert!(!new.duplicate && new.seq == 3, "{new:?}");
+    assert_eq!(new.offset, records.len() as u64, "the next offset after the moved records");
+    drop((r, store));
+    let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
+    assert_eq!(schema_version(&db), tables::SCHEMA_VERSION);
+    let txn = db.begin_read().unwrap();
+    assert!(txn.open_table(tables::LOG_V15).is_err(), "the old log is deleted");
+    let log = txn.open_table(tables::LOG).unwrap();
+    assert_eq!(log.len().unwrap(), records.len() as u64 + 1);
+    for (k, v) in &records {
+        assert_eq!(
+            log.get(*k).unwrap().unwrap().value(),
+            v.as_slice(),
+            "record {k} moved, as this version writes it"
+        );
+    }
 }
 
 /// A version 11 store, every sender named in full, opens as version 12,

@@ -2,7 +2,7 @@
 //!
 //! | table | key | value |
 //! | --- | --- | --- |
-//! | `log` | global offset, from 0, no gaps | a message, a conversation's state, a profile or a read mark in its compact format (`compact.rs`, `compact_state.rs`), a presence change as its [`LogRecord`](crate::LogRecord) archive |
+//! | `log40` (`log` until schema version 15) | global offset, from 0, no gaps, in 5 bytes ([`LogOffset`]) | a message, a conversation's state, a profile or a read mark in its compact format (`compact.rs`, `compact_state.rs`), a presence change as its [`LogRecord`](crate::LogRecord) archive |
 //! | `conv_runs` | (conversation, last seq of the run) | a run of the conversation's index entries (`runs.rs`): each message's seq, offset in `log`, and dedupe slot of its sender role, sender id and cid; a conversation's newest entries wait in memory and go in together (`tail.rs`). Until schema version 10: `conv_index`, (conversation, seq) → (offset, slot) |
 //! | `conversations` | conversation id | [`ConversationRecord`](crate::ConversationRecord) in its compact format (`compact_state.rs`; archives before schema version 8) |
 //! | `users` | (role, user id) | [`UserRecord`](crate::UserRecord) in its compact format (likewise) |
@@ -30,9 +30,70 @@
 //! `index_batch` at a time (`tail.rs`), and why those go in as one row
 //! (`runs.rs`).
 
-use redb::TableDefinition;
+use std::cmp::Ordering;
 
-pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+use redb::{Key, TableDefinition, TypeName, Value};
+
+/// The log, keyed by offset in 5 bytes (schema version 16 on).
+pub(crate) const LOG: TableDefinition<LogOffset, &[u8]> = TableDefinition::new("log40");
+/// The log until schema version 15, keyed by `u64`: 8 bytes a record.
+/// Only the upgrade to 16 (and tests that make an old store) open it.
+pub(crate) const LOG_V15: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+
+/// One past the last offset the log can hold: 2⁴⁰, about 1.1 × 10¹²
+/// records. A record is at least a few dozen bytes and records are never
+/// removed, so a store reaches tens of terabytes long before it runs out
+/// of offsets; past it, an append fails as an encoding error.
+pub(crate) const LOG_OFFSET_END: u64 = 1 << 40;
+
+/// A log offset as a redb key: 5 bytes big-endian, so byte order is
+/// number order. A `u64` key spends 8 bytes on every record, 3 of them
+/// always zero; at ~150 bytes a message that was 2% of the store
+/// (BENCHMARKS.md, "5-byte log keys"). Reads and writes take and give a
+/// `u64`; [`LOG_OFFSET_END`] bounds it, which `redo::Tables::put`, the
+/// one path that inserts into the log, checks before encoding.
+#[derive(Debug)]
+pub struct LogOffset;
+
+const LOG_OFFSET_WIDTH: usize = 5;
+
+impl Value for LogOffset {
+    type SelfType<'a> = u64;
+    type AsBytes<'a> = [u8; LOG_OFFSET_WIDTH];
+
+    fn fixed_width() -> Option<usize> {
+        Some(LOG_OFFSET_WIDTH)
+    }
+
+    fn from_bytes<'a>(data: &'a [u8]) -> u64
+    where
+        Self: 'a,
+    {
+        // redb hands back exactly what `as_bytes` made; the fold reads any
+        // length without panicking all the same.
+        data.iter().fold(0, |n, &b| (n << 8) | u64::from(b))
+    }
+
+    fn as_bytes<'a, 'b: 'a>(value: &'a u64) -> [u8; LOG_OFFSET_WIDTH]
+    where
+        Self: 'b,
+    {
+        debug_assert!(*value < LOG_OFFSET_END, "log offset {value} has more than 40 bits");
+        let be = value.to_be_bytes();
+        [be[3], be[4], be[5], be[6], be[7]]
+    }
+
+    fn type_name() -> TypeName {
+        TypeName::new("kefu::LogOffset40")
+    }
+}
+
+impl Key for LogOffset {
+    fn compare(data1: &[u8], data2: &[u8]) -> Ordering {
+        // Same width, big-endian: byte order is number order.
+        data1.cmp(data2)
+    }
+}
 /// The conversation index, in runs (`runs.rs`).
 pub(crate) const CONV_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("conv_runs");
 /// The conversation index until schema version 10, an entry per row:
@@ -95,6 +156,55 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// 14 writes index rows with 16-bit dedupe slots (`runs.rs`, format byte
 /// 7), which a build reading 13 could not read; 15 writes index rows
 /// whose seqs follow each other without their seq steps (format byte 8),
-/// which a build reading 14 could not read.
+/// which a build reading 14 could not read; 16 keys the log by 5-byte
+/// offsets in `log40`, which a build reading 15 would not find.
 /// An older store is upgraded at open (`upgrade.rs`).
-pub(crate) const SCHEMA_VERSION: u64 = 15;
+pub(crate) const SCHEMA_VERSION: u64 = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_offset_is_five_bytes_whose_order_is_the_numbers() {
+        let offsets =
+            [0, 1, 255, 256, 65_535, 1 << 32, (1 << 32) + 1, LOG_OFFSET_END - 2, LOG_OFFSET_END - 1];
+        for &n in &offsets {
+            let bytes = LogOffset::as_bytes(&n);
+            assert_eq!(bytes.len(), 5);
+            assert_eq!(LogOffset::from_bytes(&bytes), n, "{n} round trips");
+        }
+        for pair in offsets.windows(2) {
+            let (a, b) = (LogOffset::as_bytes(&pair[0]), LogOffset::as_bytes(&pair[1]));
+            assert_eq!(LogOffset::compare(&a, &b), Ordering::Less, "{} < {}", pair[0], pair[1]);
+            assert_eq!(LogOffset::compare(&b, &a), Ordering::Greater);
+            assert_eq!(LogOffset::compare(&a, &a), Ordering::Equal);
+        }
+    }
+
+    /// Ranges and `last` are what the readers and open use: a table keyed
+    /// this way must answer them in number order across byte boundaries.
+    #[test]
+    fn a_log_table_ranges_in_offset_order() {
+        use redb::{ReadableDatabase as _, ReadableTable as _};
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
+        let offsets = [0u64, 5, 255, 256, 257, 70_000, 1 << 33, LOG_OFFSET_END - 1];
+        let txn = db.begin_write().unwrap();
+        {
+            let mut log = txn.open_table(LOG).unwrap();
+            for &n in offsets.iter().rev() {
+                log.insert(n, n.to_le_bytes().as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let txn = db.begin_read().unwrap();
+        let log = txn.open_table(LOG).unwrap();
+        let all: Vec<u64> = log.iter().unwrap().map(|e| e.unwrap().0.value()).collect();
+        assert_eq!(all, offsets);
+        let mid: Vec<u64> = log.range(255..70_000).unwrap().map(|e| e.unwrap().0.value()).collect();
+        assert_eq!(mid, [255, 256, 257]);
+        assert_eq!(log.last().unwrap().unwrap().0.value(), LOG_OFFSET_END - 1);
+        assert_eq!(log.get(256).unwrap().unwrap().value(), 256u64.to_le_bytes());
+    }
+}

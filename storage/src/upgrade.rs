@@ -62,6 +62,16 @@
 //! - 14 → 15: an index row whose seqs follow each other is written
 //!   without its seq steps (`runs.rs`, format byte 8). Rows already stored
 //!   read as before: the step is the version.
+//! - 15 → 16: the log is keyed by 5-byte offsets, in `log40`
+//!   ([`tables::LogOffset`]; redb cannot change a table's key type in
+//!   place), and a packed message's last string has no length
+//!   (`compact.rs`). [`log_in_five_byte_keys`] copies `log` into `log40`
+//!   in offset order, each packed message written again, and deletes
+//!   `log`; it runs first, so the steps above read the log where this
+//!   version keeps it. A version 15 write-ahead log's messages are
+//!   rewritten as they are replayed (`redo::Tables::log_v15`). The one
+//!   upgrade that rewrites every record: a one-time cost at open
+//!   (BENCHMARKS.md, "5-byte log keys").
 
 use std::collections::HashMap;
 
@@ -79,9 +89,12 @@ pub(crate) const USERS_V2: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// Where version 2's `users` waits while it is copied into the new `users`.
 const USERS_V2_MOVED: TableDefinition<&str, &[u8]> = TableDefinition::new("users_v2");
 
-/// Upgrades a store at version `from` (1 to 14) to
+/// Upgrades a store at version `from` (1 to 15) to
 /// [`tables::SCHEMA_VERSION`] within `txn`, which the caller commits.
 pub(crate) fn upgrade(txn: &WriteTransaction, from: u64) -> Result<(), StorageError> {
+    if from <= 15 {
+        log_in_five_byte_keys(txn)?;
+    }
     if from <= 1 {
         v1_to_v2(txn)?;
     }
@@ -187,6 +200,38 @@ pub(crate) fn index_in_runs(txn: &WriteTransaction) -> Result<(), StorageError> 
     }
     txn.delete_table(tables::CONV_INDEX_V10).ctx("delete table conv_index")?;
     tracing::info!(entries = moved, "storage moved the conversation index into runs");
+    Ok(())
+}
+
+/// Copies the log of versions 1 to 15 (`u64` keys) into `log40`, each
+/// packed message written again with its last string bare, and deletes
+/// it. Appending in key order fills each page once.
+fn log_in_five_byte_keys(txn: &WriteTransaction) -> Result<(), StorageError> {
+    let mut moved = 0u64;
+    {
+        let old = txn.open_table(tables::LOG_V15).ctx("open table log")?;
+        let mut new = txn.open_table(tables::LOG).ctx("open table log40")?;
+        for entry in old.iter().ctx("read log")? {
+            let (k, v) = entry.ctx("read log")?;
+            let offset = k.value();
+            if offset >= tables::LOG_OFFSET_END {
+                return Err(StorageError::Corrupt {
+                    table: "log",
+                    key: offset.to_string(),
+                    message: "an offset past 2^40, which no writer makes".into(),
+                });
+            }
+            let repacked = crate::compact::repack_v15(v.value()).map_err(|message| {
+                StorageError::Corrupt { table: "log", key: offset.to_string(), message }
+            })?;
+            new.insert(offset, repacked.as_deref().unwrap_or(v.value())).ctx("write log40")?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(tables::LOG_V15).ctx("delete table log")?;
+    if moved > 0 {
+        tracing::info!(records = moved, "storage moved the log to 5-byte keys");
+    }
     Ok(())
 }
 
