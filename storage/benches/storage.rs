@@ -834,7 +834,8 @@ const LOG_V15: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("l
 
 /// Calls `visit` with each of the log's (offset, value), in offset order,
 /// and gives back its table's stats and length: from `log40`, or from
-/// `log` in a store from before schema version 16.
+/// `log` in a store from before schema version 16 (whose value bytes it
+/// then counts as repacked: the stats are the old table's own).
 fn scan_log(r: &redb::ReadTransaction, mut visit: impl FnMut(u64, &[u8])) -> (redb::TableStats, u64) {
     use redb::{ReadableTable, ReadableTableMetadata};
     if let Ok(log) = r.open_table(LOG) {
@@ -844,10 +845,15 @@ fn scan_log(r: &redb::ReadTransaction, mut visit: impl FnMut(u64, &[u8])) -> (re
         }
         return (log.stats().unwrap(), log.len().unwrap());
     }
+    // Its packed messages as this build reads them (the upgrade repacks
+    // them the same way), the stats those of the table as it is.
     let log = r.open_table(LOG_V15).unwrap();
     for e in log.iter().unwrap() {
         let (k, v) = e.unwrap();
-        visit(k.value(), v.value());
+        match kefu_storage::repack_v15(v.value()).unwrap() {
+            Some(repacked) => visit(k.value(), &repacked),
+            None => visit(k.value(), v.value()),
+        }
     }
     (log.stats().unwrap(), log.len().unwrap())
 }

@@ -272,7 +272,7 @@ impl<'t> Tables<'t> {
             Op::Log { offset, value } => {
                 if offset >= tables::LOG_OFFSET_END {
                     return Err(StorageError::Encode(format!(
-                        "log offset {offset}: the log holds at most 2^40 records"
+                        "log offset {offset}: the log holds at most 2^40 - 1 records"
                     )));
                 }
                 let repacked = match self.log_v15 {

@@ -583,7 +583,13 @@ fn init_tables(db: &Database, config: &StoreConfig, wal: Option<&mut Wal>) -> Re
         }
     }
     if schema.is_none() {
-        if !txn.open_table(tables::LOG).ctx("open table log")?.is_empty().ctx("read log")? {
+        // The log of a version 15 store or older is `log`: its name alone
+        // says the store is not new.
+        let old_log = {
+            use redb::TableHandle as _;
+            txn.list_tables().ctx("list tables")?.any(|t| t.name() == tables::LOG_V15.name())
+        };
+        if old_log || !txn.open_table(tables::LOG).ctx("open table log")?.is_empty().ctx("read log")? {
             return Err(corrupt(tables::META_SCHEMA, "missing, but the log is not empty".into()));
         }
         let mut meta = txn.open_table(tables::META).ctx("open table meta")?;

@@ -40,18 +40,23 @@ pub(crate) const LOG: TableDefinition<LogOffset, &[u8]> = TableDefinition::new("
 /// Only the upgrade to 16 (and tests that make an old store) open it.
 pub(crate) const LOG_V15: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 
-/// One past the last offset the log can hold: 2⁴⁰, about 1.1 × 10¹²
+/// One past the last offset the log can hold: 2⁴⁰ − 1, about 1.1 × 10¹²
 /// records. A record is at least a few dozen bytes and records are never
 /// removed, so a store reaches tens of terabytes long before it runs out
-/// of offsets; past it, an append fails as an encoding error.
-pub(crate) const LOG_OFFSET_END: u64 = 1 << 40;
+/// of offsets; past it, an append fails as an encoding error. The key of
+/// this offset itself, all five bytes 0xff, is never stored: every
+/// larger offset encodes as it (see [`LogOffset`]).
+pub(crate) const LOG_OFFSET_END: u64 = (1 << 40) - 1;
 
 /// A log offset as a redb key: 5 bytes big-endian, so byte order is
 /// number order. A `u64` key spends 8 bytes on every record, 3 of them
 /// always zero; at ~150 bytes a message that was 2% of the store
 /// (BENCHMARKS.md, "5-byte log keys"). Reads and writes take and give a
-/// `u64`; [`LOG_OFFSET_END`] bounds it, which `redo::Tables::put`, the
-/// one path that inserts into the log, checks before encoding.
+/// `u64`. `redo::Tables::put`, the path every store write takes, refuses
+/// an offset from [`LOG_OFFSET_END`] on; a larger offset asked of a read
+/// (a caller's `from`, an offset in a damaged index) encodes as
+/// `LOG_OFFSET_END`, a key never stored, so it finds nothing rather than
+/// the record its low 40 bits would name.
 #[derive(Debug)]
 pub struct LogOffset;
 
@@ -78,8 +83,7 @@ impl Value for LogOffset {
     where
         Self: 'b,
     {
-        debug_assert!(*value < LOG_OFFSET_END, "log offset {value} has more than 40 bits");
-        let be = value.to_be_bytes();
+        let be = (*value).min(LOG_OFFSET_END).to_be_bytes();
         [be[3], be[4], be[5], be[6], be[7]]
     }
 
@@ -167,12 +171,15 @@ mod tests {
 
     #[test]
     fn a_log_offset_is_five_bytes_whose_order_is_the_numbers() {
-        let offsets =
-            [0, 1, 255, 256, 65_535, 1 << 32, (1 << 32) + 1, LOG_OFFSET_END - 2, LOG_OFFSET_END - 1];
+        let offsets = [0, 1, 255, 256, 65_535, 1 << 32, (1 << 32) + 1, LOG_OFFSET_END - 1, LOG_OFFSET_END];
         for &n in &offsets {
             let bytes = LogOffset::as_bytes(&n);
             assert_eq!(bytes.len(), 5);
             assert_eq!(LogOffset::from_bytes(&bytes), n, "{n} round trips");
+        }
+        // Past the end: the one key never stored, not the low 40 bits.
+        for n in [LOG_OFFSET_END + 1, 1 << 40, (1 << 40) + 3, u64::MAX] {
+            assert_eq!(LogOffset::as_bytes(&n), [0xff; 5], "{n}");
         }
         for pair in offsets.windows(2) {
             let (a, b) = (LogOffset::as_bytes(&pair[0]), LogOffset::as_bytes(&pair[1]));
@@ -189,7 +196,7 @@ mod tests {
         use redb::{ReadableDatabase as _, ReadableTable as _};
         let dir = tempfile::tempdir().unwrap();
         let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
-        let offsets = [0u64, 5, 255, 256, 257, 70_000, 1 << 33, LOG_OFFSET_END - 1];
+        let offsets = [0u64, 3, 5, 255, 256, 257, 70_000, 1 << 33, LOG_OFFSET_END - 1];
         let txn = db.begin_write().unwrap();
         {
             let mut log = txn.open_table(LOG).unwrap();
@@ -206,5 +213,10 @@ mod tests {
         assert_eq!(mid, [255, 256, 257]);
         assert_eq!(log.last().unwrap().unwrap().0.value(), LOG_OFFSET_END - 1);
         assert_eq!(log.get(256).unwrap().unwrap().value(), 256u64.to_le_bytes());
+        // Offsets past the end find nothing, not offset 3 (2⁴⁰ + 3's low
+        // 40 bits).
+        assert!(log.get((1 << 40) + 3).unwrap().is_none());
+        assert_eq!(log.range((1 << 40) + 3..).unwrap().count(), 0);
+        assert_eq!(log.range(LOG_OFFSET_END..).unwrap().count(), 0);
     }
 }

@@ -218,7 +218,7 @@ fn log_in_five_byte_keys(txn: &WriteTransaction) -> Result<(), StorageError> {
                 return Err(StorageError::Corrupt {
                     table: "log",
                     key: offset.to_string(),
-                    message: "an offset past 2^40, which no writer makes".into(),
+                    message: "an offset of 2^40 - 1 or more, which no writer makes".into(),
                 });
             }
             let repacked = crate::compact::repack_v15(v.value()).map_err(|message| {
