@@ -98,6 +98,7 @@ impl Key for LogOffset {
         data1.cmp(data2)
     }
 }
+
 /// The conversation index, in runs (`runs.rs`).
 pub(crate) const CONV_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("conv_runs");
 /// The conversation index until schema version 10, an entry per row:
@@ -161,7 +162,9 @@ pub(crate) const META_WAL_CYCLE: &str = "wal_cycle";
 /// 7), which a build reading 13 could not read; 15 writes index rows
 /// whose seqs follow each other without their seq steps (format byte 8),
 /// which a build reading 14 could not read; 16 keys the log by 5-byte
-/// offsets in `log40`, which a build reading 15 would not find.
+/// offsets in `log40`, which a build reading 15 would not find, and
+/// writes a packed message's last string without its length
+/// (`compact.rs`), which it would misread.
 /// An older store is upgraded at open (`upgrade.rs`).
 pub(crate) const SCHEMA_VERSION: u64 = 16;
 
