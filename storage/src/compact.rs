@@ -30,7 +30,8 @@
 //! text, which runs to the value's end without a length (schema version
 //! 16 on: a byte a message, redb keeps the value's length anyway; versions
 //! 13 to 15 wrote that length too, and the upgrade to 16 rewrote every
-//! such message, `repack_v15`, so a reader never has to tell them apart). `head` is one byte: bit 7 set (no other format's first byte has
+//! such message, `repack_v15`, so a reader never has to tell them
+//! apart). `head` is one byte: bit 7 set (no other format's first byte has
 //! it), the flags in bits 4 to 6, and in bits 0 to 3 the role (0 visitor,
 //! 1 agent, 2 bot) × 5 + the cid's form (0 text, 1 decimal, 2 hex, 3
 //! base64url, 4 UUID: `cid.rs`, which says how `cid` is stored in each).

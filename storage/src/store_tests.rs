@@ -1163,11 +1163,31 @@ fn plant_wal_record(cfg: &StoreConfig, store_number: u64, cycle: u64, payload: &
     std::fs::write(&file, bytes).unwrap();
 }
 
+/// Moves the log back to where version 15 kept it: `log`, keyed by `u64`,
+/// each value as `as_stored` makes it; `log40` deleted. Gives back the
+/// records as they were.
+fn log_to_v15(txn: &redb::WriteTransaction, as_stored: impl Fn(&[u8]) -> Vec<u8>) -> Vec<(u64, Vec<u8>)> {
+    use redb::ReadableTable as _;
+    let all: Vec<(u64, Vec<u8>)> = txn
+        .open_table(tables::LOG)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|e| e.map(|(k, v)| (k.value(), v.value().to_vec())).unwrap())
+        .collect();
+    txn.delete_table(tables::LOG).unwrap();
+    let mut old = txn.open_table(tables::LOG_V15).unwrap();
+    for (k, v) in &all {
+        old.insert(*k, as_stored(v).as_slice()).unwrap();
+    }
+    all
+}
+
 /// A store whose schema version is gone is not taken for a new one while
 /// it holds a log, in this version's table or in version 15's.
 #[test]
 fn a_store_without_its_schema_version_but_with_a_log_does_not_open() {
-    use redb::{ReadableDatabase as _, ReadableTable as _};
+    use redb::ReadableDatabase as _;
     for old_table in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -1177,18 +1197,7 @@ fn a_store_without_its_schema_version_but_with_a_log_does_not_open() {
         let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
         let txn = db.begin_write().unwrap();
         if old_table {
-            let all: Vec<(u64, Vec<u8>)> = txn
-                .open_table(tables::LOG)
-                .unwrap()
-                .iter()
-                .unwrap()
-                .map(|e| e.map(|(k, v)| (k.value(), v.value().to_vec())).unwrap())
-                .collect();
-            txn.delete_table(tables::LOG).unwrap();
-            let mut old = txn.open_table(tables::LOG_V15).unwrap();
-            for (k, v) in &all {
-                old.insert(*k, v.as_slice()).unwrap();
-            }
+            log_to_v15(&txn, <[u8]>::to_vec);
         }
         txn.open_table(tables::META).unwrap().remove(tables::META_SCHEMA).unwrap();
         txn.commit().unwrap();
@@ -1218,25 +1227,14 @@ fn a_store_without_its_schema_version_but_with_a_log_does_not_open() {
 /// repacks the logged one, and all four read, dedupe and go on.
 #[test]
 fn a_version_15_store_with_its_log_to_replay_repacks_the_replayed_message() {
-    use redb::{ReadableDatabase as _, ReadableTable as _};
+    use redb::ReadableDatabase as _;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let append = |store: &Store, token: u64, cid: &str| {
         write(store, token, WriteOp::AppendMessage(message(1, "v1", cid, "hi"))).result.unwrap()
     };
     let (cycle, store_number, key) = stored_three_then_crashed(&cfg, 15, |txn| {
-        let all: Vec<(u64, Vec<u8>)> = txn
-            .open_table(tables::LOG)
-            .unwrap()
-            .iter()
-            .unwrap()
-            .map(|e| e.map(|(k, v)| (k.value(), crate::compact::as_v15(v.value()))).unwrap())
-            .collect();
-        txn.delete_table(tables::LOG).unwrap();
-        let mut old = txn.open_table(tables::LOG_V15).unwrap();
-        for (k, v) in &all {
-            old.insert(*k, v.as_slice()).unwrap();
-        }
+        log_to_v15(txn, crate::compact::as_v15);
     });
     // The record version 15 would have written for a fourth message.
     let m = message(1, "v1", "c4", "hi");
@@ -2624,7 +2622,7 @@ fn a_version_13_store_with_32_bit_slots_still_dedupes() {
 /// as before, and appends go on at the next offset.
 #[test]
 fn a_version_15_store_moves_its_log_to_five_byte_keys() {
-    use redb::{ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _};
+    use redb::{ReadableDatabase as _, ReadableTableMetadata as _};
     let dir = tempfile::tempdir().unwrap();
     let before = {
         let (store, _) = open(config(dir.path()));
@@ -2640,24 +2638,9 @@ fn a_version_15_store_moves_its_log_to_five_byte_keys() {
         // Back to version 15: the same records under `u64` keys in `log`.
         let db = redb::Database::create(config(dir.path()).db_path()).unwrap();
         let txn = db.begin_write().unwrap();
-        let records = {
-            let new = txn.open_table(tables::LOG).unwrap();
-            let all: Vec<(u64, Vec<u8>)> = new
-                .iter()
-                .unwrap()
-                .map(|e| e.map(|(k, v)| (k.value(), v.value().to_vec())).unwrap())
-                .collect();
-            let mut old = txn.open_table(tables::LOG_V15).unwrap();
-            let mut repacked = 0;
-            for (k, v) in &all {
-                let v15 = crate::compact::as_v15(v);
-                repacked += usize::from(v15 != *v);
-                old.insert(*k, v15.as_slice()).unwrap();
-            }
-            assert_eq!(repacked, 5, "every message has its text's length back");
-            all
-        };
-        txn.delete_table(tables::LOG).unwrap();
+        let records = log_to_v15(&txn, crate::compact::as_v15);
+        let repacked = records.iter().filter(|(_, v)| crate::compact::as_v15(v) != *v).count();
+        assert_eq!(repacked, 5, "every message has its text's length back");
         txn.open_table(tables::META).unwrap().insert(tables::META_SCHEMA, 15).unwrap();
         txn.commit().unwrap();
         records
