@@ -275,14 +275,13 @@ impl<'t> Tables<'t> {
                         "log offset {offset}: the log holds at most 2^40 - 1 records"
                     )));
                 }
-                let repacked = match self.log_v15 {
-                    false => None,
-                    true => crate::compact::repack_v15(value).map_err(|message| StorageError::Corrupt {
-                        table: "wal",
-                        key: format!("log offset {offset}"),
-                        message,
-                    })?,
-                };
+                let repacked =
+                    match self.log_v15 {
+                        false => None,
+                        true => crate::compact::repack_v15(value).map_err(|message| {
+                            StorageError::Corrupt { table: "log", key: offset.to_string(), message }
+                        })?,
+                    };
                 self.log.insert(offset, repacked.as_deref().unwrap_or(value)).ctx("insert log")?;
             }
             Op::ConvIndex { conv, seq, offset, slot } => {

@@ -81,6 +81,7 @@ use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransacti
 use crate::dedupe::DedupeKey;
 use crate::error::{IoContext, StorageError};
 use crate::record::{ConvChange, LogView, access_conversation, access_log_in, access_user, decode_log};
+use crate::redo::{Op, Tables};
 use crate::runs;
 use crate::tables;
 
@@ -210,7 +211,9 @@ fn log_in_five_byte_keys(txn: &WriteTransaction) -> Result<(), StorageError> {
     let mut moved = 0u64;
     {
         let old = txn.open_table(tables::LOG_V15).ctx("open table log")?;
-        let mut new = txn.open_table(tables::LOG).ctx("open table log40")?;
+        // The replay's path: it repacks each packed message as it writes.
+        let mut new = Tables::open(txn, None)?;
+        new.log_v15 = true;
         for entry in old.iter().ctx("read log")? {
             let (k, v) = entry.ctx("read log")?;
             let offset = k.value();
@@ -221,10 +224,7 @@ fn log_in_five_byte_keys(txn: &WriteTransaction) -> Result<(), StorageError> {
                     message: "an offset of 2^40 - 1 or more, which no writer makes".into(),
                 });
             }
-            let repacked = crate::compact::repack_v15(v.value()).map_err(|message| {
-                StorageError::Corrupt { table: "log", key: offset.to_string(), message }
-            })?;
-            new.insert(offset, repacked.as_deref().unwrap_or(v.value())).ctx("write log40")?;
+            new.put(Op::Log { offset, value: v.value() })?;
             moved += 1;
         }
     }
@@ -326,7 +326,7 @@ mod tests {
     use redb::{Database, ReadableDatabase};
 
     use super::*;
-    use crate::redo::{Op, Tables, replay_record};
+    use crate::redo::replay_record;
 
     /// A version 10 write-ahead log's index entries, replayed at open into
     /// version 10's table, move into runs after the rows already there.
