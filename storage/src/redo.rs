@@ -190,7 +190,8 @@ pub(crate) struct Tables<'t> {
     /// The redo record being built (`None`: a replay, which records
     /// nothing).
     redo: Option<Vec<u8>>,
-    /// Replaying a write-ahead log of schema version 15 or older, whose
+    /// Writing log records of schema version 15 or older (the upgrade's
+    /// copy of the log, the replay of a version 15 write-ahead log): their
     /// packed messages are written again as version 16 stores them
     /// ([`compact::repack_v15`](crate::compact::repack_v15)).
     pub(crate) log_v15: bool,
