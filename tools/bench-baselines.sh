@@ -11,7 +11,9 @@
 # kefu-thp (server.transparent_huge_pages = true, the heap on huge pages),
 # kefu-before (the kefu binary named by $KEFU_BEFORE_BIN: another build, for
 # a before/after comparison in one run),
-# fastws, tungstenite.
+# fastws, tungstenite, and the io_uring probes uring-poll and uring-multishot
+# (benches/src/bin/echo-uring.rs: no runtime; kefu's operations per echo, and
+# a multishot receive into a provided-buffer ring).
 #
 #   - throughput and latency: server pinned to one core, client to the other
 #     (taskset), 100 connections x 512 B and 500 connections x 16 KiB, closed
@@ -117,6 +119,9 @@ start_server() {
         esac
         env "${ring[@]}" taskset -c "$SERVER_CPU" "$bin" serve --echo --shards 1 --listen "127.0.0.1:$PORT" \
             --admin-listen "127.0.0.1:$((PORT + 1))" --data "$data" 2>>"$OUT/server-$name.log" &
+    elif [[ "$name" == uring-* ]]; then
+        taskset -c "$SERVER_CPU" "$BIN/echo-uring" --mode "${name#uring-}" --listen "127.0.0.1:$PORT" \
+            2>>"$OUT/server-$name.log" &
     else
         taskset -c "$SERVER_CPU" "$BIN/echo-$name" --listen "127.0.0.1:$PORT" 2>>"$OUT/server-$name.log" &
     fi

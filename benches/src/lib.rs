@@ -14,6 +14,12 @@
 //! always sits next to the same number for them, measured on the same machine
 //! the same day.
 //!
+//! A third server, `echo-uring`, is a probe rather than a baseline: an echo
+//! written straight on io_uring with no runtime, in two modes (the
+//! operations kefu issues per echo today, and a multishot receive into a
+//! provided-buffer ring), to measure what kefu's runtime and a driver change
+//! would be worth. It does not use this library's command line.
+//!
 //! This library holds only what the two binaries share: their command line
 //! and the tokio runtime they build from it. The criterion benches of kefu's
 //! own hot path live beside it in `benches/`.
