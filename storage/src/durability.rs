@@ -942,6 +942,25 @@ fn the_simulated_disk_forgets_what_was_not_fsynced() {
     assert!(d.write(0, b"x").is_err(), "no power, no writes");
 }
 
+/// Sends with `send` until the store answers other than `Recovering`, for
+/// [`PATIENCE`] at most: a store that never writes again fails the test
+/// rather than hanging it.
+fn once_recovered(mut send: impl FnMut() -> crate::Completion) -> crate::Completion {
+    let deadline = Instant::now() + crate::testkit::PATIENCE;
+    loop {
+        let c = send();
+        match &c.result {
+            Err(crate::StorageError::Recovering) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(crate::StorageError::Recovering) => {
+                panic!("still recovering after {:?}", crate::testkit::PATIENCE)
+            }
+            _ => return c,
+        }
+    }
+}
+
 /// A store on simulated disks with the write-ahead log, no checkpoint but
 /// the one at open, and a writer that retries within milliseconds after a
 /// failed commit.
@@ -988,13 +1007,7 @@ fn a_failed_fsync_of_the_log_fails_its_batch_and_the_writer_goes_on_from_what_is
     disks.wal[1].state.lock().unwrap().failing_syncs = 1;
     assert!(send("m6").result.is_err(), "a batch whose log fsync failed is not acked");
     // Until the writer has replayed the log, writes are refused.
-    let seven = loop {
-        let c = send("m7");
-        match &c.result {
-            Err(crate::StorageError::Recovering) => std::thread::sleep(Duration::from_millis(2)),
-            _ => break ack(c),
-        }
-    };
+    let seven = ack(once_recovered(|| send("m7")));
     assert_eq!(seven.seq, 7, "m6 reached the log, so the replay stored it as seq 6");
     let again = ack(send("m6"));
     assert!(again.duplicate && again.seq == 6, "{again:?}");
@@ -1029,13 +1042,7 @@ fn a_sender_named_only_in_a_failed_commit_is_named_again() {
     disks.wal[1].state.lock().unwrap().failing_writes = 1;
     let failed = send("w", "w1");
     assert!(failed.result.is_err(), "{:?}", failed.result);
-    let x = loop {
-        let c = send("x", "x1");
-        match &c.result {
-            Err(crate::StorageError::Recovering) => std::thread::sleep(Duration::from_millis(2)),
-            _ => break c.result.unwrap(),
-        }
-    };
+    let x = once_recovered(|| send("x", "x1")).result.unwrap();
     assert_eq!(x.offset, 1, "the failed commit stored nothing, so x1 has its offset");
     send("w", "w2").result.unwrap();
     let history = store.reader().history(1, None, 10).unwrap();
