@@ -198,7 +198,7 @@ impl Server {
                 if res < 0 {
                     eprintln!("accept: {}", io::Error::from_raw_os_error(-res));
                 } else {
-                    self.accepted(res)?;
+                    self.accepted(res);
                 }
                 if !cqueue::more(flags) {
                     // Ended by an error (EMFILE, say): armed again, so the
@@ -212,7 +212,7 @@ impl Server {
                     self.close(slot);
                 }
                 if self.conn(slot).closing {
-                    self.finish(slot)?;
+                    self.finish(slot);
                     return Ok(());
                 }
                 let mut buf = self.pool.pop().unwrap_or_else(|| vec![0; self.buffer_bytes as usize]);
@@ -238,7 +238,7 @@ impl Server {
                     // The next wait for input follows the reply's send, as
                     // in kefu; with nothing to send it is armed now.
                     self.dirty.push_back(slot);
-                    self.finish(slot)?;
+                    self.finish(slot);
                 }
                 Mode::Multishot => {
                     if !cqueue::more(flags) {
@@ -260,7 +260,7 @@ impl Server {
                         self.close(slot);
                     }
                     self.dirty.push_back(slot);
-                    self.finish(slot)?;
+                    self.finish(slot);
                 }
             },
             SEND => {
@@ -279,7 +279,7 @@ impl Server {
                     }
                 }
                 self.dirty.push_back(slot);
-                self.finish(slot)?;
+                self.finish(slot);
             }
             _ => unreachable!("two bits hold four kinds"),
         }
@@ -290,7 +290,7 @@ impl Server {
         self.conns[slot].as_mut().expect("a completion names a live slot")
     }
 
-    fn accepted(&mut self, fd: RawFd) -> io::Result<()> {
+    fn accepted(&mut self, fd: RawFd) {
         let one: libc::c_int = 1;
         // SAFETY: `fd` is the socket the accept just made; the option is a
         // plain int. Echo replies are small writes answering small reads,
@@ -316,7 +316,6 @@ impl Server {
             }
         };
         self.dirty.push_back(slot);
-        Ok(())
     }
 
     /// Sends what is queued, or arms the next receive: the one place a
@@ -341,7 +340,8 @@ impl Server {
         }
         if !send_pending && conn.close_after_send && !conn.closing {
             self.close(slot);
-            return self.finish(slot);
+            self.finish(slot);
+            return Ok(());
         }
         if !conn.closing {
             match mode {
@@ -400,7 +400,7 @@ impl Server {
     }
 
     /// Frees a closing connection's slot once nothing of it is in flight.
-    fn finish(&mut self, slot: usize) -> io::Result<()> {
+    fn finish(&mut self, slot: usize) {
         let conn = self.conn(slot);
         if conn.closing && conn.in_flight == 0 {
             // SAFETY: nothing in flight names the descriptor any more.
@@ -408,7 +408,6 @@ impl Server {
             self.conns[slot] = None;
             self.free.push(slot);
         }
-        Ok(())
     }
 }
 
@@ -445,7 +444,7 @@ impl Conn {
             });
             let Some(key) = key else {
                 self.out.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
-                self.closing_after_send();
+                self.close_after_send = true;
                 return bytes.len();
             };
             let accept = base64::engine::general_purpose::STANDARD
@@ -473,7 +472,7 @@ impl Conn {
                     }
                     self.out.extend_from_slice(&[0x88, code.len() as u8]);
                     self.out.extend_from_slice(&unmasked[..code.len()]);
-                    self.closing_after_send();
+                    self.close_after_send = true;
                     return bytes.len();
                 }
                 0x9 => self.reply(0x8A, mask, body),
@@ -482,10 +481,6 @@ impl Conn {
             }
             used += len;
         }
-    }
-
-    fn closing_after_send(&mut self) {
-        self.close_after_send = true;
     }
 
     /// Queues an unmasked frame with header byte `first` and `body`.
