@@ -94,6 +94,22 @@ pub enum UringTaskrun {
     Default,
 }
 
+/// How a shard moves a socket's bytes once the ring has reported it ready.
+/// BENCHMARKS.md (issue 11, "Fewer completions per echo") has the
+/// measurements behind the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketIo {
+    /// Non-blocking `recv` / `send` system calls, falling back to the
+    /// ring's operations only when the socket has nothing to read (a false
+    /// alarm) or no room to write. Each completion the ring reports costs
+    /// the shard a task wake and poll; this leaves one a message, the
+    /// readiness, instead of three.
+    Syscall,
+    /// The ring's `Recv` and `Send` (`SendMsg` for a batch) operations.
+    Ring,
+}
+
 /// `[server]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -115,6 +131,9 @@ pub struct ServerConfig {
     /// `coop` or `default`. A kernel that refuses the flags fails the
     /// start with the reason, never silently.
     pub uring_taskrun: UringTaskrun,
+    /// How bytes move once a socket is ready: `syscall` (default) or
+    /// `ring`. With `io = "epoll"` both read and write by system calls.
+    pub socket_io: SocketIo,
     /// The time slice each shard thread asks the kernel's fair scheduler
     /// for, in microseconds (`sched_setattr`'s `sched_runtime` under
     /// `SCHED_OTHER`, which EEVDF honours from Linux 6.12 and clamps to
@@ -195,6 +214,7 @@ impl Default for ServerConfig {
             pin_cores: true,
             uring_entries: 4096,
             uring_taskrun: UringTaskrun::Defer,
+            socket_io: SocketIo::Syscall,
             shard_slice_us: 100,
             transparent_huge_pages: false,
             backlog: 4096,
@@ -1225,6 +1245,18 @@ trusted_proxies = [\"proxy.local\"]
     }
 
     #[test]
+    fn how_bytes_move_is_named_config() {
+        let o = Overrides::default();
+        assert_eq!(load(None, &[], &o).unwrap().server.socket_io, SocketIo::Syscall);
+        for (name, want) in [("syscall", SocketIo::Syscall), ("ring", SocketIo::Ring)] {
+            let file = format!("[server]\nsocket_io = \"{name}\"\n");
+            assert_eq!(load(Some(&file), &[], &o).unwrap().server.socket_io, want);
+            let env = [("KEFU_SERVER_SOCKET_IO", name)];
+            assert_eq!(load(None, &env, &o).unwrap().server.socket_io, want);
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         let o = Overrides::default();
         for file in [
@@ -1232,6 +1264,7 @@ trusted_proxies = [\"proxy.local\"]
             "[server]\nheartbeat_s = 0\n",
             "[server]\nio = \"kqueue\"\n",
             "[server]\nuring_taskrun = \"sqpoll\"\n",
+            "[server]\nsocket_io = \"mmap\"\n",
             "[server]\nshard_slice_us = 99\n",
             "[server]\nshard_slice_us = 100001\n",
             "[limits]\nmax_message_bytes = 999999999\n",

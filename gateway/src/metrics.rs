@@ -267,6 +267,12 @@ pub struct ShardStats {
     /// Batches of several queued frames written by `writev` (a batch
     /// that meets a full socket takes more than one call).
     pub writev_calls: AtomicU64,
+    /// Writes by system call (`server.socket_io = "syscall"`) that met a
+    /// full socket and left the rest to a ring write, which waits for room.
+    pub full_socket_writes: AtomicU64,
+    /// Reads by system call that found nothing after the ring reported the
+    /// socket readable, and left the read to the ring.
+    pub empty_reads: AtomicU64,
     /// Connections closed for breaking RFC 6455 (1002, 1007, 1009).
     pub protocol_closes: AtomicU64,
     /// Connections closed as slow consumers (4001).
@@ -467,7 +473,7 @@ pub fn render<T: Send>(
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
     type Field = fn(&ShardStats) -> &AtomicU64;
-    let series: [(&str, &str, &str, Field); 24] = [
+    let series: [(&str, &str, &str, Field); 26] = [
         ("kefu_connections", "gauge", "Open client connections.", |s| &s.connections),
         ("kefu_accepted_total", "counter", "Connections accepted.", |s| &s.accepted),
         ("kefu_refused_full_total", "counter", "Connections refused: shard full.", |s| &s.refused_full),
@@ -482,6 +488,18 @@ pub fn render<T: Send>(
         ("kefu_writev_total", "counter", "Batches of several queued frames written by writev.", |s| {
             &s.writev_calls
         }),
+        (
+            "kefu_full_socket_writes_total",
+            "counter",
+            "Writes by system call that met a full socket and waited in the ring.",
+            |s| &s.full_socket_writes,
+        ),
+        (
+            "kefu_empty_reads_total",
+            "counter",
+            "Reads by system call that found nothing after readiness and waited in the ring.",
+            |s| &s.empty_reads,
+        ),
         ("kefu_protocol_closes_total", "counter", "Closes for RFC 6455 violations.", |s| &s.protocol_closes),
         ("kefu_slow_consumer_closes_total", "counter", "Closes 4001.", |s| &s.slow_consumer_closes),
         ("kefu_heartbeat_closes_total", "counter", "Closes for silence.", |s| &s.heartbeat_closes),

@@ -31,7 +31,7 @@ use crate::chat::frames::{FrameEncoder, SharedFrame};
 use crate::chat::service::{ChatInit, ChatService, Local};
 use crate::chat::{SessionAddr, ShardMsg};
 use crate::client_ip::TrustedProxies;
-use crate::config::{Config, IoDriver, UringTaskrun};
+use crate::config::{Config, IoDriver, SocketIo, UringTaskrun};
 use crate::conn::{self, Conn};
 use crate::mailbox::{Mailbox, Waiter};
 use crate::metrics::ShardStats;
@@ -112,6 +112,9 @@ pub struct ConnLimits {
     /// `server.proxy_protocol`: a trusted proxy's connections start with a
     /// PROXY protocol header.
     pub proxy_protocol: bool,
+    /// `server.socket_io = "syscall"`: once the ring reports a socket
+    /// ready, its bytes move by non-blocking system calls.
+    pub socket_syscalls: bool,
 }
 
 impl ConnLimits {
@@ -138,6 +141,7 @@ impl ConnLimits {
             // Validated with the config; a bad entry cannot reach here.
             trusted_proxies: TrustedProxies::parse(&c.server.trusted_proxies).unwrap_or_default(),
             proxy_protocol: c.server.proxy_protocol,
+            socket_syscalls: c.server.socket_io == SocketIo::Syscall,
         }
     }
 }
@@ -375,7 +379,8 @@ pub fn run(init: ShardInit) {
                 .build()
             {
                 Ok(mut rt) => {
-                    info!(shard = id, driver = "io_uring", entries, ?taskrun, core = ?core, "shard starting");
+                    let socket_io = config.server.socket_io;
+                    info!(shard = id, driver = "io_uring", entries, ?taskrun, ?socket_io, core = ?core, "shard starting");
                     rt.block_on(serve(init));
                     None
                 }

@@ -1887,14 +1887,23 @@ fn a_waiting_visitor_who_stays_gone_is_closed_as_abandoned() {
 /// An agent that stops reading is cut as a slow consumer (4001) once its
 /// outbound queue overflows, and the cut is counted, promptly: the
 /// connection's task is then waiting on a write to the full socket, and
-/// used to stay there until the sweep's close timeout, uncounted.
+/// used to stay there until the sweep's close timeout, uncounted. Whether
+/// bytes move by system calls (which hand a full socket to the ring) or by
+/// the ring alone.
 #[test]
 fn a_reader_that_stops_is_cut_and_counted_as_a_slow_consumer() {
+    for socket_io in ["syscall", "ring"] {
+        a_reader_that_stops_is_cut(socket_io);
+    }
+}
+
+fn a_reader_that_stops_is_cut(socket_io: &str) {
     let env = [
         ("KEFU_LIMITS_MESSAGES_PER_S", "1000000"),
         ("KEFU_LIMITS_BURST", "1000000"),
         ("KEFU_LIMITS_OUTBOUND_QUEUE_FRAMES", "32"),
         ("KEFU_SERVER_CLOSE_TIMEOUT_MS", "60000"),
+        ("KEFU_SERVER_SOCKET_IO", socket_io),
     ];
     let gw = Gateway::start(&["--shards", "1"], &env);
     let started = std::time::Instant::now();
@@ -1919,5 +1928,14 @@ fn a_reader_that_stops_is_cut_and_counted_as_a_slow_consumer() {
         common::sample(m, "kefu_slow_consumer_closes_total", &[]) >= 1.0
     });
     assert_eq!(common::sample(&m, "kefu_closes_total", &["by=\"server\"", "code=\"4001\""]), 1.0, "{m}");
-    assert!(started.elapsed() < Duration::from_secs(50), "cut at the overflow, not at the close timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "{socket_io}: cut at the overflow, not at the close timeout"
+    );
+    // The system call met the full socket and left the write to the ring.
+    let full = common::sample(&m, "kefu_full_socket_writes_total", &[]);
+    match socket_io {
+        "syscall" => assert!(full >= 1.0, "{m}"),
+        _ => assert_eq!(full, 0.0, "{m}"),
+    }
 }

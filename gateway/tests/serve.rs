@@ -15,11 +15,23 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
+/// Both ways of moving bytes: system calls (the default), the ring's own
+/// reads and writes.
 #[test]
 fn echo_round_trips_text_and_binary_of_many_sizes() {
+    for socket_io in ["syscall", "ring"] {
+        echo_round_trips(socket_io);
+    }
+}
+
+fn echo_round_trips(socket_io: &str) {
     // 3 MiB is more than the largest chat command, which the default
     // message size fits: the transport takes what it is configured for.
-    let limits = [("KEFU_LIMITS_MAX_FRAME_BYTES", "16777216"), ("KEFU_LIMITS_MAX_MESSAGE_BYTES", "16777216")];
+    let limits = [
+        ("KEFU_LIMITS_MAX_FRAME_BYTES", "16777216"),
+        ("KEFU_LIMITS_MAX_MESSAGE_BYTES", "16777216"),
+        ("KEFU_SERVER_SOCKET_IO", socket_io),
+    ];
     let gw = Gateway::start(&["--echo", "--shards", "2"], &limits);
     rt().block_on(async {
         let url = format!("ws://{}/ws/echo", gw.addr);
@@ -113,7 +125,13 @@ fn a_control_frame_cut_between_reads_is_answered_whole() {
 /// in order, whichever way each went.
 #[test]
 fn pipelined_messages_large_and_small_echo_in_order() {
-    let gw = Gateway::start(&["--echo"], &[]);
+    for socket_io in ["syscall", "ring"] {
+        pipelined_echo_in_order(socket_io);
+    }
+}
+
+fn pipelined_echo_in_order(socket_io: &str) {
+    let gw = Gateway::start(&["--echo"], &[("KEFU_SERVER_SOCKET_IO", socket_io)]);
     let mut s = raw_ws(gw.addr, "/ws/echo");
     let sizes = [5_000usize, 10, 20_000, 4_096, 126, 65_536, 7, 40_000];
     let body = |n: usize, k: usize| -> Vec<u8> { (0..n).map(|i| (i * 31 + k * 7) as u8).collect() };
@@ -260,12 +278,24 @@ fn heartbeat_pings_then_closes_silent_peers() {
 /// A frame the gateway writes while it waits for a client's next bytes
 /// (here a heartbeat ping, in the middle of a message the client is still
 /// sending) leaves that wait armed: the rest of the message is read and
-/// echoed whole, and the next message too. On both I/O drivers.
+/// echoed whole, and the next message too. On both I/O drivers, and with
+/// the ring's reads and writes as well as system calls'.
 #[test]
 fn a_write_while_waiting_for_input_leaves_the_read_whole() {
-    for (io, driver) in [("uring", "io_uring"), ("epoll", "epoll")] {
-        let gw = Gateway::start(&["--echo"], &[("KEFU_SERVER_HEARTBEAT_S", "1"), ("KEFU_SERVER_IO", io)]);
-        assert!(gw.startup_log.join("\n").contains(&format!("driver=\"{driver}\"")), "{io}");
+    for (io, driver, socket_io) in
+        [("uring", "io_uring", "syscall"), ("uring", "io_uring", "ring"), ("epoll", "epoll", "syscall")]
+    {
+        let env =
+            [("KEFU_SERVER_HEARTBEAT_S", "1"), ("KEFU_SERVER_IO", io), ("KEFU_SERVER_SOCKET_IO", socket_io)];
+        let io = format!("{io}/{socket_io}");
+        let gw = Gateway::start(&["--echo"], &env);
+        let log = gw.startup_log.join("\n");
+        assert!(log.contains(&format!("driver=\"{driver}\"")), "{io}");
+        if driver == "io_uring" {
+            // Which way bytes move is logged beside the driver.
+            let named = if socket_io == "ring" { "socket_io=Ring" } else { "socket_io=Syscall" };
+            assert!(log.contains(named), "{io}: {log}");
+        }
         let mut s = raw_ws(gw.addr, "/ws/echo");
         let payload: Vec<u8> = (0..200u8).map(|i| b'a' + i % 26).collect();
         let frame = client_frame(0x1, true, &payload);
@@ -283,11 +313,16 @@ fn a_write_while_waiting_for_input_leaves_the_read_whole() {
 
 /// A WebSocket that sent a message and went quiet holds no read buffer
 /// while the gateway waits for its next bytes, on either I/O driver (on
-/// epoll a relaxed readiness wait used to park one on each).
+/// epoll a relaxed readiness wait used to park one on each) and either way
+/// of reading.
 #[test]
 fn quiet_sockets_hold_no_read_buffer() {
-    for io in ["uring", "epoll"] {
-        let gw = Gateway::start(&["--echo", "--shards", "1"], &[("KEFU_SERVER_IO", io)]);
+    for (io, socket_io) in [("uring", "syscall"), ("uring", "ring"), ("epoll", "syscall")] {
+        let gw = Gateway::start(
+            &["--echo", "--shards", "1"],
+            &[("KEFU_SERVER_IO", io), ("KEFU_SERVER_SOCKET_IO", socket_io)],
+        );
+        let io = format!("{io}/{socket_io}");
         let quiet: Vec<_> = (0..8)
             .map(|i| {
                 let mut s = raw_ws(gw.addr, "/ws/echo");
