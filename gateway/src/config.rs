@@ -106,7 +106,7 @@ pub enum SocketIo {
     /// the shard a task wake and poll; this leaves one a message, the
     /// readiness, instead of three.
     Syscall,
-    /// The ring's `Recv` and `Send` (`SendMsg` for a batch) operations.
+    /// The ring's `Recv` and `Send` (`Writev` for a batch) operations.
     Ring,
 }
 
@@ -132,7 +132,9 @@ pub struct ServerConfig {
     /// start with the reason, never silently.
     pub uring_taskrun: UringTaskrun,
     /// How bytes move once a socket is ready: `syscall` (default) or
-    /// `ring`. With `io = "epoll"` both read and write by system calls.
+    /// `ring`. With `io = "epoll"` there is no ring: monoio reads and
+    /// writes by system calls either way, and `syscall` only makes the
+    /// first attempt kefu's own.
     pub socket_io: SocketIo,
     /// The time slice each shard thread asks the kernel's fair scheduler
     /// for, in microseconds (`sched_setattr`'s `sched_runtime` under

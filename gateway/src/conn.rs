@@ -1293,7 +1293,7 @@ fn recv_now(fd: RawFd, buf: &mut SlabBuf) -> std::io::Result<usize> {
     let from = buf.len();
     let spare = &mut buf.as_full_mut()[from..];
     // SAFETY: `spare` is writable memory of that length, borrowed for the call.
-    let n = unsafe {
+    let n = moved(|| unsafe {
         libc::syscall(
             libc::SYS_recvfrom,
             fd,
@@ -1303,21 +1303,26 @@ fn recv_now(fd: RawFd, buf: &mut SlabBuf) -> std::io::Result<usize> {
             std::ptr::null_mut::<libc::sockaddr>(),
             std::ptr::null_mut::<libc::socklen_t>(),
         )
-    };
-    let n = syscall_result(n)?;
+    })?;
     buf.set_len(from + n);
     Ok(n)
 }
 
-/// A send or receive's return as bytes moved, or the error it set.
+/// Runs a send or receive until a signal does not interrupt it, and gives
+/// its return as bytes moved, or the error it set.
 ///
 /// They are called through `syscall(2)` rather than libc's `send` and
 /// `recv`: those are thread cancellation points, and their wrappers cost
 /// ~1% of an echo's CPU (perf) for a cancellation kefu never uses.
-fn syscall_result(n: libc::c_long) -> std::io::Result<usize> {
-    match usize::try_from(n) {
-        Ok(n) => Ok(n),
-        Err(_) => Err(std::io::Error::last_os_error()),
+fn moved(mut call: impl FnMut() -> libc::c_long) -> std::io::Result<usize> {
+    loop {
+        match usize::try_from(call()) {
+            Ok(n) => return Ok(n),
+            Err(_) => match std::io::Error::last_os_error() {
+                e if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                e => return Err(e),
+            },
+        }
     }
 }
 
@@ -1429,7 +1434,7 @@ impl Outgoing for Out {
         use monoio::buf::IoBuf;
         // SAFETY: read_ptr points at bytes_init readable bytes (IoBuf's
         // contract) that stay put for the call.
-        let n = unsafe {
+        moved(|| unsafe {
             libc::syscall(
                 libc::SYS_sendto,
                 fd,
@@ -1439,8 +1444,7 @@ impl Outgoing for Out {
                 std::ptr::null::<libc::sockaddr>(),
                 0,
             )
-        };
-        syscall_result(n)
+        })
     }
 }
 
@@ -1456,16 +1460,16 @@ impl Outgoing for WriteBatch {
     }
     fn send_now(&self, fd: RawFd) -> std::io::Result<usize> {
         use monoio::buf::IoVecBuf;
+        // SAFETY: a zeroed msghdr is a valid one (no address, no control).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = self.read_iovec_ptr().cast_mut();
+        msg.msg_iovlen = self.read_iovec_len() as _;
         // SAFETY: the vector points at the batch's unwritten bytes
         // (`prepare` after every advance), which stay put for the call;
         // sendmsg only reads through it.
-        let n = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = self.read_iovec_ptr().cast_mut();
-            msg.msg_iovlen = self.read_iovec_len() as _;
+        moved(|| unsafe {
             libc::syscall(libc::SYS_sendmsg, fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-        };
-        syscall_result(n)
+        })
     }
 }
 
@@ -1570,15 +1574,19 @@ mod tests {
     /// The system calls behind `server.socket_io = "syscall"`: a read lands
     /// after the bytes a buffer already holds, an empty socket and a full
     /// one say `WouldBlock` (the ring takes over then), a batch goes out as
-    /// one vector, and a peer gone is an error, not a SIGPIPE.
+    /// one vector, and a peer gone is an error (`EPIPE`). The socket is a
+    /// blocking one, as monoio's io_uring accept makes them: a call that
+    /// forgot `MSG_DONTWAIT` would hang here.
     #[test]
     fn system_calls_read_after_what_is_kept_and_yield_to_the_ring_when_empty_or_full() {
         use std::io::{Read, Write};
         use std::os::unix::net::UnixStream;
         let shard = lone_shard();
         let (ours, mut peer) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
         let fd = ours.as_raw_fd();
+        // SAFETY: F_GETFL on a descriptor this test owns.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0, "the socket must block, as accepted ones do");
 
         let mut buf = shard.slab.try_acquire(4096).unwrap();
         buf.as_full_mut()[..3].copy_from_slice(b"old");

@@ -264,14 +264,15 @@ pub struct ShardStats {
     pub bytes_in: AtomicU64,
     /// Bytes written to sockets.
     pub bytes_out: AtomicU64,
-    /// Batches of several queued frames written by `writev` (a batch
+    /// Batches of several queued frames written by one vectored call (a batch
     /// that meets a full socket takes more than one call).
     pub writev_calls: AtomicU64,
     /// Writes by system call (`server.socket_io = "syscall"`) that met a
-    /// full socket and left the rest to a ring write, which waits for room.
+    /// full socket and left the rest to the driver's write (the ring's, or
+    /// epoll's), which waits for room.
     pub full_socket_writes: AtomicU64,
-    /// Reads by system call that found nothing after the ring reported the
-    /// socket readable, and left the read to the ring.
+    /// Reads by system call that found nothing after the driver reported
+    /// the socket readable, and left the read to the driver.
     pub empty_reads: AtomicU64,
     /// Connections closed for breaking RFC 6455 (1002, 1007, 1009).
     pub protocol_closes: AtomicU64,
@@ -485,19 +486,22 @@ pub fn render<T: Send>(
         }),
         ("kefu_bytes_in_total", "counter", "Bytes read from sockets.", |s| &s.bytes_in),
         ("kefu_bytes_out_total", "counter", "Bytes written to sockets.", |s| &s.bytes_out),
-        ("kefu_writev_total", "counter", "Batches of several queued frames written by writev.", |s| {
-            &s.writev_calls
-        }),
+        (
+            "kefu_writev_total",
+            "counter",
+            "Batches of several queued frames written by one vectored call.",
+            |s| &s.writev_calls,
+        ),
         (
             "kefu_full_socket_writes_total",
             "counter",
-            "Writes by system call that met a full socket and waited in the ring.",
+            "Writes by system call that met a full socket and left the rest to the driver.",
             |s| &s.full_socket_writes,
         ),
         (
             "kefu_empty_reads_total",
             "counter",
-            "Reads by system call that found nothing after readiness and waited in the ring.",
+            "Reads by system call that found nothing after readiness and left it to the driver.",
             |s| &s.empty_reads,
         ),
         ("kefu_protocol_closes_total", "counter", "Closes for RFC 6455 violations.", |s| &s.protocol_closes),

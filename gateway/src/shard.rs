@@ -390,7 +390,8 @@ pub fn run(init: ShardInit) {
         IoDriver::Epoll => match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build()
         {
             Ok(mut rt) => {
-                warn!(shard = id, driver = "epoll", core = ?core, "shard starting on epoll (server.io = \"epoll\")");
+                let socket_io = config.server.socket_io;
+                warn!(shard = id, driver = "epoll", ?socket_io, core = ?core, "shard starting on epoll (server.io = \"epoll\")");
                 rt.block_on(serve(init));
                 None
             }

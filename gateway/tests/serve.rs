@@ -155,6 +155,52 @@ fn pipelined_echo_in_order(socket_io: &str) {
     assert!(sample(&metrics, "kefu_writev_total", &[]) >= 1.0, "{metrics}");
 }
 
+/// Replies that meet a full socket, a client reading nothing for a while:
+/// with system calls the rest of a reply goes out through the ring's
+/// write (counted), a lone 8 MiB message and a stream of small ones whose
+/// replies go out in batches alike, every byte in order. With the ring's
+/// own writes nothing is counted.
+#[test]
+fn replies_that_meet_a_full_socket_arrive_whole_and_in_order() {
+    for socket_io in ["syscall", "ring"] {
+        full_socket_replies(socket_io);
+    }
+}
+
+fn full_socket_replies(socket_io: &str) {
+    let env = [
+        ("KEFU_LIMITS_MAX_FRAME_BYTES", "16777216"),
+        ("KEFU_LIMITS_MAX_MESSAGE_BYTES", "16777216"),
+        ("KEFU_SERVER_SOCKET_IO", socket_io),
+    ];
+    let gw = Gateway::start(&["--echo", "--shards", "1"], &env);
+    let body = |n: usize, k: usize| -> Vec<u8> { (0..n).map(|i| (i * 13 + k * 7) as u8).collect() };
+    // More than the server's send buffer (4 MiB at most) and the client's
+    // receive buffer (which does not grow while nothing is read) hold.
+    let big = body(8 << 20, 1);
+    let small: Vec<Vec<u8>> = (0..2_000).map(|k| body(4_096, k)).collect();
+    let mut s = raw_ws(gw.addr, "/ws/echo");
+    let mut writer = s.try_clone().unwrap();
+    let frames: Vec<u8> =
+        std::iter::once(&big).chain(&small).flat_map(|b| client_frame(0x2, true, b)).collect();
+    // The client writes from another thread, so that its own full socket
+    // cannot stall the test while this one does not read.
+    let sending = std::thread::spawn(move || writer.write_all(&frames));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, big), "{socket_io}: 8 MiB");
+    for (k, b) in small.into_iter().enumerate() {
+        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, b), "{socket_io}: small message {k}");
+    }
+    sending.join().unwrap().unwrap();
+    let metrics = gw.admin_get("/metrics");
+    let full = sample(&metrics, "kefu_full_socket_writes_total", &[]);
+    match socket_io {
+        "syscall" => assert!(full >= 1.0, "the socket was never full: {metrics}"),
+        _ => assert_eq!(full, 0.0, "{metrics}"),
+    }
+    assert!(sample(&metrics, "kefu_writev_total", &[]) >= 1.0, "{socket_io}: no batch: {metrics}");
+}
+
 #[test]
 fn protocol_violations_close_with_the_rfc_codes() {
     let gw = Gateway::start(&["--echo"], &[("KEFU_LIMITS_MAX_MESSAGE_BYTES", "1000")]);
