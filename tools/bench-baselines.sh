@@ -81,7 +81,7 @@ while [ $# -gt 0 ]; do
         --skip-echo) SKIP_ECHO=1 ;;
         --skip-idle) SKIP_IDLE=1 ;;
         --repeat) REPEAT=$2; shift ;;
-        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift

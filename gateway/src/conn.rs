@@ -899,22 +899,24 @@ impl Session {
                 let kept = self.leftover.take_into(buf.as_full_mut());
                 buf.set_len(kept);
                 let now = match shard.limits.socket_syscalls {
-                    true => recv_now(stream.as_raw_fd(), &mut buf),
-                    false => Err(std::io::ErrorKind::WouldBlock.into()),
+                    true => match recv_now(stream.as_raw_fd(), &mut buf) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            ShardStats::inc(&shard.stats().empty_reads);
+                            None
+                        }
+                        read => Some(read?),
+                    },
+                    false => None,
                 };
                 let n = match now {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if shard.limits.socket_syscalls {
-                            ShardStats::inc(&shard.stats().empty_reads);
-                        }
-                        // Ready was a false alarm (or syscalls are off): a
-                        // read that waits, holding the buffer meanwhile.
+                    Some(n) => n,
+                    // Ready was a false alarm (or syscalls are off): a read
+                    // that waits, holding the buffer meanwhile.
+                    None => {
                         let (res, slice) = stream.read(buf.slice_mut(kept..)).await;
                         buf = slice.into_inner();
                         res?
                     }
-                    Err(e) => return Err(e),
                 };
                 if n == 0 {
                     return Ok(());
@@ -1481,36 +1483,33 @@ async fn write_whole<T: Outgoing>(
     stream: &mut TcpStream,
     mut out: T,
 ) -> std::io::Result<T> {
-    if shard.limits.socket_syscalls {
-        while !out.is_done() {
+    // System calls until the socket is full; the driver's write after that,
+    // which waits for room.
+    let mut now = shard.limits.socket_syscalls;
+    while !out.is_done() {
+        let n = if now {
             match out.send_now(stream.as_raw_fd()) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    add(&shard.stats().bytes_out, n);
-                    out.consume(n);
-                }
-                // The socket is full: the ring's write waits for room.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     ShardStats::inc(&shard.stats().full_socket_writes);
-                    break;
+                    now = false;
+                    continue;
                 }
-                Err(e) => return Err(e),
+                sent => sent?,
             }
-        }
-    }
-    while !out.is_done() {
-        let written = monoio::select! {
-            biased;
-            w = out.write_to(stream) => Some(w),
-            _ = conn.cut_as_slow() => None,
+        } else {
+            let written = monoio::select! {
+                biased;
+                w = out.write_to(stream) => Some(w),
+                _ = conn.cut_as_slow() => None,
+            };
+            let Some((res, rest)) = written else { return Err(cut_as_slow(shard, conn)) };
+            out = rest;
+            res?
         };
-        let Some((res, rest)) = written else { return Err(cut_as_slow(shard, conn)) };
-        let n = res?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         add(&shard.stats().bytes_out, n);
-        out = rest;
         out.consume(n);
     }
     Ok(out)

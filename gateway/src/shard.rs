@@ -370,6 +370,7 @@ pub fn run(init: ShardInit) {
     ask_for_slice(config.server.shard_slice_us, id);
     let entries = config.server.uring_entries;
     let taskrun = config.server.uring_taskrun;
+    let socket_io = config.server.socket_io;
     let failed = match config.server.io {
         IoDriver::Uring => {
             match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
@@ -379,7 +380,6 @@ pub fn run(init: ShardInit) {
                 .build()
             {
                 Ok(mut rt) => {
-                    let socket_io = config.server.socket_io;
                     info!(shard = id, driver = "io_uring", entries, ?taskrun, ?socket_io, core = ?core, "shard starting");
                     rt.block_on(serve(init));
                     None
@@ -390,7 +390,6 @@ pub fn run(init: ShardInit) {
         IoDriver::Epoll => match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build()
         {
             Ok(mut rt) => {
-                let socket_io = config.server.socket_io;
                 warn!(shard = id, driver = "epoll", ?socket_io, core = ?core, "shard starting on epoll (server.io = \"epoll\")");
                 rt.block_on(serve(init));
                 None
