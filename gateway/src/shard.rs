@@ -732,7 +732,7 @@ fn give_back(shard: &Shard, spare: [Option<String>; 2]) {
 
 fn deliver(shard: &Shard, to: SessionAddr, bytes: SharedFrame) {
     if let Some(conn) = shard.lookup(to) {
-        ShardStats::inc(&shard.stats().frames_out);
+        shard.stats().frames_out.inc();
         let _ = conn.push(conn::Out::Shared(bytes, 0));
     }
 }
