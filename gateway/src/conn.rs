@@ -1229,6 +1229,16 @@ impl Session {
             Err(()) if code == close::TRY_AGAIN_LATER => queue_forced(conn, Out::Static(&NO_BUFFER_CLOSE)),
             Err(()) => {}
         }
+        // A slow consumer's socket may be full already (its queue
+        // overflowed before its task ran again). A write that waited for
+        // room would not see the verdict, taken above, and would hold the
+        // socket until the sweep's `close_timeout_ms`: so its close frame
+        // goes only if the socket takes it now, and the socket is cut
+        // either way if not.
+        if code == close::SLOW_CONSUMER && !flush_now(shard, conn, stream.as_raw_fd())? {
+            conn.force_shutdown();
+            return Ok(());
+        }
         flush(shard, conn, stream).await?;
         stream.shutdown().await?;
         loop {
@@ -1437,6 +1447,24 @@ async fn flush(shard: &Shard, conn: &Conn, stream: &mut TcpStream) -> std::io::R
             }
         }
     }
+}
+
+/// Writes what is queued as far as the socket takes it now, by system
+/// calls whatever `server.socket_io` says (this is no per-message path):
+/// `false` if some of it did not fit, and that rest is dropped.
+fn flush_now(shard: &Shard, conn: &Conn, fd: RawFd) -> std::io::Result<bool> {
+    while let Some(mut out) = conn.pop() {
+        let n = match out.send_now(fd) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            sent => sent?,
+        };
+        shard.stats().bytes_out.add(n as u64);
+        out.consume(n);
+        if !out.is_done() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// What a flush writes: a lone frame, or a batch of them.
@@ -1663,6 +1691,38 @@ mod tests {
         // It still queues afterwards.
         conn.push(Out::Static(&PING)).unwrap();
         assert_eq!(conn.pop().map(|o| o.len()), Some(PING.len()));
+    }
+
+    /// A slow consumer's close frame is written only if its socket takes
+    /// it now: into a full socket nothing goes, and `false` says the
+    /// socket is to be cut rather than waited on.
+    #[test]
+    fn a_full_socket_takes_no_close_frame_and_says_so() {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+        let shard = lone_shard();
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let fd = ours.as_raw_fd();
+        let conn = Conn::new(fd, 0, &shard, IpAddr::from([127, 0, 0, 1]));
+        let close_frame = || {
+            let buf = shard.slab.try_acquire(2 + MAX_CONTROL_PAYLOAD_BYTES).unwrap();
+            control_out(buf, &ControlFrame::close(close::SLOW_CONSUMER, "slow consumer"))
+        };
+
+        queue_forced(&conn, close_frame());
+        assert!(flush_now(&shard, &conn, fd).unwrap(), "room: the close frame goes");
+        assert_eq!(conn.queued_frames(), 0);
+        let mut got = [0u8; 64];
+        let n = peer.read(&mut got).unwrap();
+        assert_eq!(&got[..2], &[0x88, 15], "a close frame, code and reason");
+        assert_eq!(&got[4..n], b"slow consumer");
+
+        let chunk = Out::Static(&[7u8; 4096]);
+        while chunk.send_now(fd).is_ok() {}
+        queue_forced(&conn, close_frame());
+        assert!(!flush_now(&shard, &conn, fd).unwrap(), "a full socket: to be cut");
+        assert_eq!(conn.queued_frames(), 0, "what did not fit is dropped");
+        assert_eq!(conn.out_bytes.get(), 0);
     }
 
     /// Every idle connection holds its task's future, so its size is the
