@@ -36,10 +36,13 @@
 #                                 [--scenarios "100x512 1000x64 500x16384"]
 #                                 [--duration S] [--warmup S] [--idle-connections N]
 #                                 [--client-cpu N] [--server-cpu N] [--quiet-wait S]
-#                                 [--skip-echo] [--skip-idle] [--repeat N]
+#                                 [--skip-echo] [--skip-idle] [--repeat N] [--interleave]
 #
 # Each echo scenario runs --repeat times (default 3); the table shows the
-# run with the median rate among those that were not contended.
+# run with the median rate among those that were not contended. By default
+# a server runs all its cells before the next starts; --interleave runs
+# --repeat rounds instead, each server in turn in every round, for a
+# before/after comparison that host drift during the run cannot tilt.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,6 +62,7 @@ PORT=9101
 SKIP_ECHO=0
 SKIP_IDLE=0
 REPEAT=3
+INTERLEAVE=0
 # connections size pipeline
 SCENARIOS=("100 512 1" "1000 64 1" "500 16384 1")
 
@@ -81,6 +85,7 @@ while [ $# -gt 0 ]; do
         --skip-echo) SKIP_ECHO=1 ;;
         --skip-idle) SKIP_IDLE=1 ;;
         --repeat) REPEAT=$2; shift ;;
+        --interleave) INTERLEAVE=1 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -179,26 +184,46 @@ PY
 # utime + stime of a process, in clock ticks.
 proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+# One echo run: server $1 (running) under client $2, $3 connections of $4
+# bytes, pipeline $5, run $6.
+echo_run() {
+    local name=$1 client=$2 conns=$3 size=$4 pipeline=$5 run=$6
+    wait_quiet
+    echo "== echo-$name <- $client: $conns x $size B, pipeline $pipeline (run $run/$REPEAT)" >&2
+    if [ "$client" = kefu-bench ]; then
+        taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" echo --url "$(url_of "$name")" \
+            --connections "$conns" --size "$size" --pipeline "$pipeline" \
+            --duration "$DURATION" --warmup "$WARMUP" --cpu "$CLIENT_CPU" \
+            --server-pid "$SERVER_PID" |
+            python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["server"]=sys.argv[1]; r["client"]="kefu-bench"; print(json.dumps(r))' "$name" \
+                >>"$OUT/echo.jsonl"
+    else
+        independent_run "$name" "$client" "$conns" "$size"
+    fi
+}
+
+if [ "$SKIP_ECHO" = 0 ] && [ "$INTERLEAVE" = 1 ]; then
+    # Rounds: every server takes its turn (a fresh process) in each, so a
+    # host that drifts during the run weighs on every server alike.
+    for run in $(seq "$REPEAT"); do
+        for name in $SERVERS; do
+            start_server "$name"
+            for scenario in "${SCENARIOS[@]}"; do
+                read -r conns size pipeline <<<"$scenario"
+                for client in $CLIENTS; do echo_run "$name" "$client" "$conns" "$size" "$pipeline" "$run"; done
+            done
+            stop_server
+        done
+    done
+fi
+
 for name in $SERVERS; do
-    if [ "$SKIP_ECHO" = 0 ]; then
+    if [ "$SKIP_ECHO" = 0 ] && [ "$INTERLEAVE" = 0 ]; then
         start_server "$name"
         for scenario in "${SCENARIOS[@]}"; do
             read -r conns size pipeline <<<"$scenario"
             for run in $(seq "$REPEAT"); do
-              for client in $CLIENTS; do
-                wait_quiet
-                echo "== echo-$name <- $client: $conns x $size B, pipeline $pipeline (run $run/$REPEAT)" >&2
-                if [ "$client" = kefu-bench ]; then
-                    taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" echo --url "$(url_of "$name")" \
-                        --connections "$conns" --size "$size" --pipeline "$pipeline" \
-                        --duration "$DURATION" --warmup "$WARMUP" --cpu "$CLIENT_CPU" \
-                        --server-pid "$SERVER_PID" |
-                        python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["server"]=sys.argv[1]; r["client"]="kefu-bench"; print(json.dumps(r))' "$name" \
-                            >>"$OUT/echo.jsonl"
-                else
-                    independent_run "$name" "$client" "$conns" "$size"
-                fi
-              done
+                for client in $CLIENTS; do echo_run "$name" "$client" "$conns" "$size" "$pipeline" "$run"; done
             done
         done
         stop_server
