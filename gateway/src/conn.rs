@@ -393,7 +393,8 @@ impl Conn {
     /// readable, a write completed): the task runs, and looks at the queue
     /// before it waits again, so a frame queued meanwhile (the echo of what
     /// it just read) needs no wake. A wake then would make the running task
-    /// poll a second time for nothing (~2% of an echo's server CPU).
+    /// poll a second time for nothing (with the waker clone and drop around
+    /// it, ~1.3% of an echo's server CPU in a profile).
     fn done_waiting(&self) {
         self.waiting.set(false);
     }

@@ -243,9 +243,9 @@ pub struct ClassGauge {
 }
 
 /// A counter that only its shard's thread adds to (the metrics page reads
-/// it from another thread). A plain load and store, not a locked add: the
-/// four counted for every message cost ~1% of an echo's server CPU as
-/// locked adds. A second writer would lose counts (never tear one), so a
+/// it from another thread). A plain load and store, not a locked add (which
+/// on x86 also fences memory): four of these are counted for every
+/// message. A second writer would lose counts (never tear one), so a
 /// counter another thread also adds to stays an `AtomicU64`.
 #[derive(Debug, Default)]
 pub struct OwnCounter(AtomicU64);
