@@ -12,7 +12,9 @@
 #     middle of the window, then, per thread: scheduling delay of each
 #     wake-up (p50 / p99 / max), the longest continuous run, and the runs
 #     longer than 2 ms per CPU: a thread that never runs 2 ms seen
-#     "running" 20 ms is a CPU the host took away;
+#     "running" 20 ms is a CPU the host took away; and each wait for the
+#     CPU over 2 ms sorted by what held it: another task, or nothing (the
+#     guest's CPU idle with the thread runnable: the host's);
 #   - kefu-bench's own report: the delivery cut at the home's ts, and the
 #     share of each CPU the hypervisor stole (steal_by_cpu).
 #
@@ -104,15 +106,18 @@ if [ "$PERF_SCHED" != 0 ]; then
 import collections, sys
 runs = collections.defaultdict(list)
 long_runs = collections.Counter()
+by_cpu = collections.defaultdict(list)  # (switched out at s, thread, delay ms, run ms)
 for line in open(sys.argv[1]):
     f = line.split()
     if len(f) < 6 or not f[0][0].isdigit():
         continue
     try:
-        delay, run = float(f[-2]), float(f[-1])
+        at, delay, run = float(f[0]), float(f[-2]), float(f[-1])
     except ValueError:
         continue
-    runs[f[2].split("[")[0]].append((delay, run))
+    name = f[2].split("[")[0]
+    runs[name].append((delay, run))
+    by_cpu[f[1]].append((at, name, delay, run))
     if run > 2:
         long_runs[f[1]] += 1
 print("thread: wake-ups, scheduling delay p50 / p99 / max ms, longest run ms, CPU ms")
@@ -121,6 +126,30 @@ for name, v in sorted(runs.items(), key=lambda kv: -sum(r for _, r in kv[1]))[:1
     q = lambda p: d[min(len(d) - 1, int(p * len(d)))]
     print(f"{name:20s} {len(v):7d}  {q(.5):.3f} / {q(.99):.3f} / {d[-1]:.3f}  {max(r for _, r in v):7.3f}  {sum(r for _, r in v):7.0f}")
 print("runs over 2 ms by CPU:", dict(sorted(long_runs.items())))
+# A wait over 2 ms for the CPU: did another task hold it, or did it sit
+# idle with the thread runnable? In a guest the latter is the virtual CPU
+# itself not running (the host's scheduling, or its wake-up of a halted
+# vCPU), which nothing in the guest can shorten.
+waits = collections.defaultdict(lambda: [0, 0.0])
+for cpu, events in by_cpu.items():
+    for i, (at, name, delay, run) in enumerate(events):
+        if name == "<idle>" or delay <= 2:
+            continue
+        start, end = at - (run + delay) / 1e3, at - run / 1e3
+        held = {"idle": 0.0, "task": 0.0}
+        j = i - 1
+        while j >= 0 and events[j][0] > start:
+            out_at, other, _, other_run = events[j]
+            overlap = min(out_at, end) - max(out_at - other_run / 1e3, start)
+            if overlap > 0:
+                held["idle" if other == "<idle>" else "task"] += overlap
+            j -= 1
+        key = (cpu, name, "the CPU idle (the host's)" if held["idle"] > held["task"] else "another task ran")
+        waits[key][0] += 1
+        waits[key][1] = max(waits[key][1], delay)
+print("waits over 2 ms: CPU, thread, what held the CPU, count, longest ms")
+for (cpu, name, held), (n, longest) in sorted(waits.items()):
+    print(f"{cpu} {name:20s} {held:26s} {n:4d} {longest:7.3f}")
 EOF
     cat "$OUT/sched-summary.txt" >&2
 fi
