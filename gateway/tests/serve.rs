@@ -515,6 +515,17 @@ fn epoll_runs_only_when_configured_and_says_so() {
     assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, b"over epoll".to_vec()));
 }
 
+/// A shard on epoll sleeps on its mailbox until another shard wakes it.
+/// Its wait used to be a `pread` of the mailbox's eventfd, which fails on
+/// epoll (monoio reads files at once there): the shard logged it and slept
+/// 10 ms, a hundred times a second.
+#[test]
+fn shards_on_epoll_wait_for_their_mailboxes() {
+    let gw = Gateway::start(&["--shards", "2"], &[("KEFU_SERVER_IO", "epoll")]);
+    let failed = common::wait_for(&gw.log, "mailbox wait failed", Duration::from_millis(500));
+    assert_eq!(failed, None, "the mailbox wait fails on epoll");
+}
+
 #[test]
 fn bad_configuration_is_refused_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
