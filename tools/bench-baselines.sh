@@ -11,6 +11,8 @@
 # kefu-thp (server.transparent_huge_pages = true, the heap on huge pages),
 # kefu-ring (server.socket_io = "ring": the ring's Recv and Send where the
 # default reads and writes a ready socket by system calls),
+# kefu-oneshot and kefu-multishot (server.uring_poll: a poll for input per
+# wait, or one per connection),
 # kefu-before (the kefu binary named by $KEFU_BEFORE_BIN: another build, for
 # a before/after comparison in one run),
 # fastws, tungstenite, and the io_uring probes uring-poll and uring-multishot
@@ -123,6 +125,7 @@ start_server() {
             -coop | -default) ring=(KEFU_SERVER_URING_TASKRUN="${variant#-}") ;;
             -thp) ring=(KEFU_SERVER_TRANSPARENT_HUGE_PAGES=true) ;;
             -ring) ring=(KEFU_SERVER_SOCKET_IO=ring) ;;
+            -oneshot | -multishot) ring=(KEFU_SERVER_URING_POLL="${variant#-}") ;;
             *) echo "unknown kefu variant: $name" >&2; exit 2 ;;
         esac
         env "${ring[@]}" taskset -c "$SERVER_CPU" "$bin" serve --echo --shards 1 --listen "127.0.0.1:$PORT" \

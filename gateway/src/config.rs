@@ -110,6 +110,23 @@ pub enum SocketIo {
     Ring,
 }
 
+/// How a shard's ring reports that a socket has input, with
+/// `socket_io = "syscall"`. BENCHMARKS.md (issue 11, "One poll per
+/// socket") has the measurements behind the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UringPoll {
+    /// One `PollAdd` per wait: submitted, armed by the kernel (a poll of
+    /// the socket and a wait-queue entry), completed and disarmed once
+    /// for every message a busy socket receives.
+    Oneshot,
+    /// One multishot `PollAdd` per connection, armed once, posting a
+    /// completion each time input comes; the connection reads until the
+    /// socket is empty before it waits again. Needs kefu's patch of
+    /// monoio (`vendor/monoio`).
+    Multishot,
+}
+
 /// `[server]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -136,6 +153,10 @@ pub struct ServerConfig {
     /// writes by system calls either way, and `syscall` only makes the
     /// first attempt kefu's own.
     pub socket_io: SocketIo,
+    /// How the ring reports input: `multishot` (default) or `oneshot`. Only with
+    /// `io = "uring"` and `socket_io = "syscall"`; ignored otherwise (the
+    /// start line says which applies).
+    pub uring_poll: UringPoll,
     /// The time slice each shard thread asks the kernel's fair scheduler
     /// for, in microseconds (`sched_setattr`'s `sched_runtime` under
     /// `SCHED_OTHER`, which EEVDF honours from Linux 6.12 and clamps to
@@ -217,6 +238,7 @@ impl Default for ServerConfig {
             uring_entries: 4096,
             uring_taskrun: UringTaskrun::Defer,
             socket_io: SocketIo::Syscall,
+            uring_poll: UringPoll::Multishot,
             shard_slice_us: 100,
             transparent_huge_pages: false,
             backlog: 4096,
@@ -1259,6 +1281,18 @@ trusted_proxies = [\"proxy.local\"]
     }
 
     #[test]
+    fn how_the_ring_polls_is_named_config() {
+        let o = Overrides::default();
+        assert_eq!(load(None, &[], &o).unwrap().server.uring_poll, UringPoll::Multishot);
+        for (name, want) in [("oneshot", UringPoll::Oneshot), ("multishot", UringPoll::Multishot)] {
+            let file = format!("[server]\nuring_poll = \"{name}\"\n");
+            assert_eq!(load(Some(&file), &[], &o).unwrap().server.uring_poll, want);
+            let env = [("KEFU_SERVER_URING_POLL", name)];
+            assert_eq!(load(None, &env, &o).unwrap().server.uring_poll, want);
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         let o = Overrides::default();
         for file in [
@@ -1267,6 +1301,7 @@ trusted_proxies = [\"proxy.local\"]
             "[server]\nio = \"kqueue\"\n",
             "[server]\nuring_taskrun = \"sqpoll\"\n",
             "[server]\nsocket_io = \"mmap\"\n",
+            "[server]\nuring_poll = \"twice\"\n",
             "[server]\nshard_slice_us = 99\n",
             "[server]\nshard_slice_us = 100001\n",
             "[limits]\nmax_message_bytes = 999999999\n",

@@ -19,6 +19,13 @@
 //!   ready socket costs less than that: 2–12% less server CPU per small
 //!   echo, 5–23% at 16 KiB, under every client (BENCHMARKS.md, issue 11).
 //!   `"ring"` keeps every read and write in the ring;
+//! - with `server.uring_poll = "multishot"` that readiness comes from one
+//!   multishot `PollAdd` per connection, armed once (kefu's patch of
+//!   monoio, `vendor/monoio`), instead of a `PollAdd` submitted, armed
+//!   and torn down for every message. It reports input only when input
+//!   comes, so a read that fills its buffer is followed by another read,
+//!   not by a wait, and a read that finds nothing goes back to waiting
+//!   without a buffer;
 //! - bytes of an unfinished frame (at most [`LEFTOVER_BYTES`]) are kept
 //!   until the next read, since payload bytes are consumed as they come:
 //!   inline up to 22 bytes (any frame header), on the heap beyond (only a
@@ -50,7 +57,7 @@ use std::task::{Context, Poll, Waker};
 
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
+use monoio::net::{ReadReadiness, TcpStream};
 use std::future::Future;
 use tracing::debug;
 
@@ -875,6 +882,22 @@ impl Session {
         mut flow: Flow,
     ) -> impl Future<Output = std::io::Result<()>> + 'a {
         async move {
+            // `server.uring_poll = "multishot"`: the poll for input, armed
+            // once for the connection's life (and dropped with this loop,
+            // before the caller's stream, as it must be). Unsupported only
+            // on a runtime without the ring, where the one-shot wait serves.
+            let readiness = match shard.limits.multishot_poll {
+                true => match stream.read_readiness() {
+                    Ok(readiness) => Some(readiness),
+                    Err(e) if e.kind() == std::io::ErrorKind::Unsupported => None,
+                    Err(e) => return Err(e),
+                },
+                false => None,
+            };
+            // The last read filled the buffer, so the socket may hold more,
+            // which a multishot poll does not report again: the next read
+            // comes without a wait (after the shard's other tasks had a turn).
+            let mut full_read = false;
             loop {
                 match flow {
                     Flow::Continue => {}
@@ -910,7 +933,10 @@ impl Session {
                     flow = Flow::Continue;
                     continue;
                 }
-                if !until_readable(shard, conn, stream).await? {
+                if full_read {
+                    full_read = false;
+                    yield_once().await;
+                } else if !until_readable(shard, conn, stream, readiness.as_ref()).await? {
                     flow = Flow::Continue;
                     continue;
                 }
@@ -927,12 +953,21 @@ impl Session {
                     true => match recv_now(stream.as_raw_fd(), &mut buf) {
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             ShardStats::inc(&shard.stats().empty_reads);
+                            if readiness.is_some() {
+                                // Input that a read already took: the poll
+                                // stays armed and reports the next, so the
+                                // wait goes on without a buffer.
+                                self.leftover.keep(buf.filled());
+                                flow = Flow::Continue;
+                                continue;
+                            }
                             None
                         }
                         read => Some(read?),
                     },
                     false => None,
                 };
+                full_read = readiness.is_some() && now.is_some_and(|n| n > 0) && buf.len() == buf.capacity();
                 let n = match now {
                     Some(n) => n,
                     // Ready was a false alarm (or syscalls are off): a read
@@ -1270,13 +1305,23 @@ fn until_readable<'a>(
     shard: &'a Shard,
     conn: &'a Conn,
     stream: &'a mut TcpStream,
+    readiness: Option<&'a ReadReadiness>,
 ) -> impl Future<Output = std::io::Result<bool>> + 'a {
     async move {
-        // SAFETY: the wait is polled by the `biased` select below (or
-        // dropped unpolled, if a stop was already asked for) before any
-        // flush writes to the stream, and it is dropped with this future,
-        // whose borrow of the stream outlives it.
-        let mut readable = std::pin::pin!(unsafe { wait_readable(stream) });
+        let mut once = std::pin::pin!(match readiness {
+            Some(_) => None,
+            // SAFETY: the wait is polled by the `biased` select below (or
+            // dropped unpolled, if a stop was already asked for) before any
+            // flush writes to the stream, and it is dropped with this
+            // future, whose borrow of the stream outlives it.
+            None => Some(unsafe { wait_readable(stream) }),
+        });
+        let mut readable =
+            std::pin::pin!(std::future::poll_fn(|cx| match (readiness, once.as_mut().as_pin_mut()) {
+                (Some(readiness), _) => readiness.poll_ready(cx),
+                (None, Some(once)) => once.poll(cx),
+                (None, None) => unreachable!("a wait is either multishot or one-shot"),
+            }));
         let stop = || conn.close_request_pending() || conn.reads_stopped.get();
         loop {
             // Checked after every flush too: a drain or a close asked for
@@ -1299,6 +1344,19 @@ fn until_readable<'a>(
             }
         }
     }
+}
+
+/// Lets the shard's other tasks run once, as a wait for input would.
+async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if std::mem::replace(&mut yielded, true) {
+            return Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
 }
 
 /// Waits until `stream` is readable, without holding it borrowed, so that

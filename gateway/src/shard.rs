@@ -31,7 +31,7 @@ use crate::chat::frames::{FrameEncoder, SharedFrame};
 use crate::chat::service::{ChatInit, ChatService, Local};
 use crate::chat::{SessionAddr, ShardMsg};
 use crate::client_ip::TrustedProxies;
-use crate::config::{Config, IoDriver, SocketIo, UringTaskrun};
+use crate::config::{Config, IoDriver, SocketIo, UringPoll, UringTaskrun};
 use crate::conn::{self, Conn};
 use crate::mailbox::{Mailbox, Waiter};
 use crate::metrics::ShardStats;
@@ -115,6 +115,9 @@ pub struct ConnLimits {
     /// `server.socket_io = "syscall"`: once the ring reports a socket
     /// ready, its bytes move by non-blocking system calls.
     pub socket_syscalls: bool,
+    /// `server.uring_poll = "multishot"`, where it applies (the io_uring
+    /// driver, `socket_io = "syscall"`): one poll per connection for input.
+    pub multishot_poll: bool,
 }
 
 impl ConnLimits {
@@ -142,8 +145,17 @@ impl ConnLimits {
             trusted_proxies: TrustedProxies::parse(&c.server.trusted_proxies).unwrap_or_default(),
             proxy_protocol: c.server.proxy_protocol,
             socket_syscalls: c.server.socket_io == SocketIo::Syscall,
+            multishot_poll: multishot_poll(c),
         }
     }
+}
+
+/// Whether `server.uring_poll = "multishot"` applies: it needs the ring,
+/// and reads by system call until the socket is empty.
+fn multishot_poll(c: &Config) -> bool {
+    c.server.io == IoDriver::Uring
+        && c.server.socket_io == SocketIo::Syscall
+        && c.server.uring_poll == UringPoll::Multishot
 }
 
 /// The state one shard's tasks share (all on the shard's own thread).
@@ -380,7 +392,8 @@ pub fn run(init: ShardInit) {
                 .build()
             {
                 Ok(mut rt) => {
-                    info!(shard = id, driver = "io_uring", entries, ?taskrun, ?socket_io, core = ?core, "shard starting");
+                    let poll = if multishot_poll(&config) { "multishot" } else { "oneshot" };
+                    info!(shard = id, driver = "io_uring", entries, ?taskrun, ?socket_io, poll, core = ?core, "shard starting");
                     rt.block_on(serve(init));
                     None
                 }

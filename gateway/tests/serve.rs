@@ -5,7 +5,9 @@ mod common;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::{Gateway, client_frame, raw_ws, read_frame, sample, upgrade_request};
+use common::{
+    Gateway, SOCKET_MODES, client_frame, raw_ws, read_frame, sample, socket_mode_env, upgrade_request,
+};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -19,18 +21,20 @@ fn rt() -> tokio::runtime::Runtime {
 /// reads and writes.
 #[test]
 fn echo_round_trips_text_and_binary_of_many_sizes() {
-    for socket_io in ["syscall", "ring"] {
-        echo_round_trips(socket_io);
+    for mode in SOCKET_MODES {
+        echo_round_trips(mode);
     }
 }
 
-fn echo_round_trips(socket_io: &str) {
+fn echo_round_trips(mode: &str) {
     // 3 MiB is more than the largest chat command, which the default
     // message size fits: the transport takes what it is configured for.
+    let [socket_io, poll] = socket_mode_env(mode);
     let limits = [
         ("KEFU_LIMITS_MAX_FRAME_BYTES", "16777216"),
         ("KEFU_LIMITS_MAX_MESSAGE_BYTES", "16777216"),
-        ("KEFU_SERVER_SOCKET_IO", socket_io),
+        socket_io,
+        poll,
     ];
     let gw = Gateway::start(&["--echo", "--shards", "2"], &limits);
     rt().block_on(async {
@@ -125,13 +129,13 @@ fn a_control_frame_cut_between_reads_is_answered_whole() {
 /// in order, whichever way each went.
 #[test]
 fn pipelined_messages_large_and_small_echo_in_order() {
-    for socket_io in ["syscall", "ring"] {
-        pipelined_echo_in_order(socket_io);
+    for mode in SOCKET_MODES {
+        pipelined_echo_in_order(mode);
     }
 }
 
-fn pipelined_echo_in_order(socket_io: &str) {
-    let gw = Gateway::start(&["--echo"], &[("KEFU_SERVER_SOCKET_IO", socket_io)]);
+fn pipelined_echo_in_order(mode: &str) {
+    let gw = Gateway::start(&["--echo"], &socket_mode_env(mode));
     let mut s = raw_ws(gw.addr, "/ws/echo");
     let sizes = [5_000usize, 10, 20_000, 4_096, 126, 65_536, 7, 40_000];
     let body = |n: usize, k: usize| -> Vec<u8> { (0..n).map(|i| (i * 31 + k * 7) as u8).collect() };
@@ -144,7 +148,7 @@ fn pipelined_echo_in_order(socket_io: &str) {
     }
     s.write_all(&bytes).unwrap();
     for (k, &n) in sizes.iter().enumerate() {
-        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, body(n, k)), "message {k} of {n} bytes");
+        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, body(n, k)), "{mode}: message {k} of {n} bytes");
         if k == 2 {
             assert_eq!(read_frame(&mut s).unwrap(), (true, 0xA, b"still there?".to_vec()));
         }
@@ -162,16 +166,18 @@ fn pipelined_echo_in_order(socket_io: &str) {
 /// own writes nothing is counted.
 #[test]
 fn replies_that_meet_a_full_socket_arrive_whole_and_in_order() {
-    for socket_io in ["syscall", "ring"] {
-        full_socket_replies(socket_io);
+    for mode in SOCKET_MODES {
+        full_socket_replies(mode);
     }
 }
 
 fn full_socket_replies(socket_io: &str) {
+    let [mode, poll] = socket_mode_env(socket_io);
     let env = [
         ("KEFU_LIMITS_MAX_FRAME_BYTES", "16777216"),
         ("KEFU_LIMITS_MAX_MESSAGE_BYTES", "16777216"),
-        ("KEFU_SERVER_SOCKET_IO", socket_io),
+        mode,
+        poll,
     ];
     let gw = Gateway::start(&["--echo", "--shards", "1"], &env);
     let body = |n: usize, k: usize| -> Vec<u8> { (0..n).map(|i| (i * 13 + k * 7) as u8).collect() };
@@ -195,8 +201,8 @@ fn full_socket_replies(socket_io: &str) {
     let metrics = gw.admin_get("/metrics");
     let full = sample(&metrics, "kefu_full_socket_writes_total", &[]);
     match socket_io {
-        "syscall" => assert!(full >= 1.0, "the socket was never full: {metrics}"),
-        _ => assert_eq!(full, 0.0, "{metrics}"),
+        "ring" => assert_eq!(full, 0.0, "{metrics}"),
+        _ => assert!(full >= 1.0, "{socket_io}: the socket was never full: {metrics}"),
     }
     assert!(sample(&metrics, "kefu_writev_total", &[]) >= 1.0, "{socket_io}: no batch: {metrics}");
 }
@@ -328,19 +334,24 @@ fn heartbeat_pings_then_closes_silent_peers() {
 /// the ring's reads and writes as well as system calls'.
 #[test]
 fn a_write_while_waiting_for_input_leaves_the_read_whole() {
-    for (io, driver, socket_io) in
-        [("uring", "io_uring", "syscall"), ("uring", "io_uring", "ring"), ("epoll", "epoll", "syscall")]
-    {
-        let env =
-            [("KEFU_SERVER_HEARTBEAT_S", "1"), ("KEFU_SERVER_IO", io), ("KEFU_SERVER_SOCKET_IO", socket_io)];
-        let io = format!("{io}/{socket_io}");
+    for (io, driver, mode) in [
+        ("uring", "io_uring", "syscall"),
+        ("uring", "io_uring", "multishot"),
+        ("uring", "io_uring", "ring"),
+        ("epoll", "epoll", "syscall"),
+    ] {
+        let [socket_io, poll] = socket_mode_env(mode);
+        let env = [("KEFU_SERVER_HEARTBEAT_S", "1"), ("KEFU_SERVER_IO", io), socket_io, poll];
+        let io = format!("{io}/{mode}");
         let gw = Gateway::start(&["--echo"], &env);
         let log = gw.startup_log.join("\n");
         assert!(log.contains(&format!("driver=\"{driver}\"")), "{io}");
         if driver == "io_uring" {
-            // Which way bytes move is logged beside the driver.
-            let named = if socket_io == "ring" { "socket_io=Ring" } else { "socket_io=Syscall" };
+            // Which way bytes move, and the poll, are logged beside the driver.
+            let named = if mode == "ring" { "socket_io=Ring" } else { "socket_io=Syscall" };
             assert!(log.contains(named), "{io}: {log}");
+            let poll = if mode == "multishot" { "poll=\"multishot\"" } else { "poll=\"oneshot\"" };
+            assert!(log.contains(poll), "{io}: {log}");
         }
         let mut s = raw_ws(gw.addr, "/ws/echo");
         let payload: Vec<u8> = (0..200u8).map(|i| b'a' + i % 26).collect();
@@ -363,12 +374,11 @@ fn a_write_while_waiting_for_input_leaves_the_read_whole() {
 /// of reading.
 #[test]
 fn quiet_sockets_hold_no_read_buffer() {
-    for (io, socket_io) in [("uring", "syscall"), ("uring", "ring"), ("epoll", "syscall")] {
-        let gw = Gateway::start(
-            &["--echo", "--shards", "1"],
-            &[("KEFU_SERVER_IO", io), ("KEFU_SERVER_SOCKET_IO", socket_io)],
-        );
-        let io = format!("{io}/{socket_io}");
+    for (io, mode) in [("uring", "syscall"), ("uring", "multishot"), ("uring", "ring"), ("epoll", "syscall")]
+    {
+        let [socket_io, poll] = socket_mode_env(mode);
+        let gw = Gateway::start(&["--echo", "--shards", "1"], &[("KEFU_SERVER_IO", io), socket_io, poll]);
+        let io = format!("{io}/{mode}");
         let quiet: Vec<_> = (0..8)
             .map(|i| {
                 let mut s = raw_ws(gw.addr, "/ws/echo");

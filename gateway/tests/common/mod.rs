@@ -352,3 +352,19 @@ pub fn promtool_check(response: &str) {
     let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.trim().is_empty(), "promtool: {said}\n{body}");
 }
+
+/// The ways a shard can move a socket's bytes on io_uring, by name: system
+/// calls after a one-shot poll, system calls after a multishot poll, or
+/// the ring's own reads and writes.
+pub const SOCKET_MODES: [&str; 3] = ["syscall", "multishot", "ring"];
+
+/// The environment that selects one of [`SOCKET_MODES`].
+pub fn socket_mode_env(mode: &str) -> [(&'static str, &'static str); 2] {
+    let (socket_io, poll) = match mode {
+        "syscall" => ("syscall", "oneshot"),
+        "multishot" => ("syscall", "multishot"),
+        "ring" => ("ring", "oneshot"),
+        _ => panic!("no socket mode {mode}"),
+    };
+    [("KEFU_SERVER_SOCKET_IO", socket_io), ("KEFU_SERVER_URING_POLL", poll)]
+}
