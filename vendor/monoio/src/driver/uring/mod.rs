@@ -597,15 +597,19 @@ impl UringInner {
                 multi.waker = Some(cx.waker().clone());
             }
             multi.waiting = true;
-            let rearm = !multi.armed;
-            multi.armed = true;
-            rearm
+            !multi.armed
         };
         // The kernel ended the poll: armed again, under the same slot (its
         // last completion is in, so no completion of the old one can follow).
+        // Marked armed only once the entry is queued: a slot marked armed
+        // with no poll behind it would never be freed.
         if rearm {
             if let Err(e) = inner.push_sqe(&Self::multi_poll_sqe(fd, index)) {
                 return Poll::Ready(Err(e));
+            }
+            let mut entry = unsafe { inner.ops.slab.get(index).unwrap_unchecked() };
+            if let Lifecycle::Multi(multi) = &mut *entry {
+                multi.armed = true;
             }
         }
         Poll::Pending
