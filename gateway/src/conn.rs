@@ -1667,6 +1667,42 @@ mod tests {
         }
     }
 
+    /// `Conn::wait` and the multishot poll keep the task's waker from one
+    /// wait to the next and clone it only when `will_wake` says it is
+    /// another task's. That holds only if every waker of a task carries the
+    /// same vtable address: monoio's (before kefu's patch) came from a
+    /// constant that each codegen unit could emit again, so a kept waker
+    /// was never recognised and every wait cloned it anew.
+    #[test]
+    fn a_task_knows_its_own_waker_across_polls() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().build().unwrap();
+        let recognised = rt.block_on(async {
+            monoio::spawn(async {
+                let kept: RefCell<Option<Waker>> = RefCell::new(None);
+                let mut recognised = Vec::new();
+                for _ in 0..3 {
+                    let mut yielded = false;
+                    std::future::poll_fn(|cx| {
+                        if let Some(w) = kept.borrow().as_ref() {
+                            recognised.push(w.will_wake(cx.waker()));
+                        }
+                        if std::mem::replace(&mut yielded, true) {
+                            return Poll::Ready(());
+                        }
+                        *kept.borrow_mut() = Some(cx.waker().clone());
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    })
+                    .await;
+                }
+                recognised
+            })
+            .await
+        });
+        assert_eq!(recognised.len(), 5);
+        assert!(recognised.iter().all(|&r| r), "{recognised:?}");
+    }
+
     /// A shard with the default config, alone (no other shard, no runtime
     /// of its own), for tests of one connection.
     fn lone_shard() -> Rc<Shard> {

@@ -33,18 +33,33 @@ pub(crate) struct Vtable {
     /// Set future output
     #[cfg(feature = "sync")]
     pub(crate) finish: unsafe fn(NonNull<Header>, *mut ()),
+
+    /// kefu's patch: the task's waker functions, reached through the
+    /// task's header so that every waker of one task carries the same
+    /// vtable address (see `super::waker::raw_waker`).
+    pub(crate) waker: std::task::RawWakerVTable,
 }
 
 /// Get the vtable for the requested `T` and `S` generics.
 pub(super) fn vtable<T: Future, S: Schedule>() -> &'static Vtable {
-    &Vtable {
+    &VtableOf::<T, S>::VTABLE
+}
+
+/// kefu's patch: the vtable as an associated constant, so that it can hold
+/// the waker's functions (a `const fn` call is not promoted to `'static`
+/// in a function body).
+struct VtableOf<T, S>(std::marker::PhantomData<(T, S)>);
+
+impl<T: Future, S: Schedule> VtableOf<T, S> {
+    const VTABLE: Vtable = Vtable {
         poll: poll::<T, S>,
         dealloc: dealloc::<T, S>,
         try_read_output: try_read_output::<T, S>,
         drop_join_handle_slow: drop_join_handle_slow::<T, S>,
         #[cfg(feature = "sync")]
         finish: finish::<T, S>,
-    }
+        waker: super::waker::waker_vtable::<T, S>(),
+    };
 }
 
 impl RawTask {

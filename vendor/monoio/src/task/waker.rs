@@ -87,17 +87,34 @@ where
     harness.wake_by_ref();
 }
 
+/// kefu's patch: the waker functions of a task of `T` on `S`, kept in the
+/// task's vtable (`super::raw::vtable`).
+pub(super) const fn waker_vtable<T, S>() -> RawWakerVTable
+where
+    T: Future,
+    S: Schedule,
+{
+    RawWakerVTable::new(
+        clone_waker::<T, S>,
+        wake_by_val::<T, S>,
+        wake_by_ref::<T, S>,
+        drop_waker::<T, S>,
+    )
+}
+
+/// kefu's patch: the vtable is the one the task's header points at, not a
+/// constant promoted here. A promoted constant of a generic function may be
+/// emitted once per codegen unit, so the waker `waker_ref` made for a poll
+/// and one `clone_waker` made had different vtable addresses, and
+/// `Waker::will_wake` (which compares them) said no: every wait that kept
+/// a waker cloned it again (perf: ~0.5 clones per echoed message).
 pub(super) fn raw_waker<T, S>(header: *const Header) -> RawWaker
 where
     T: Future,
     S: Schedule,
 {
     let ptr = header as *const ();
-    let vtable = &RawWakerVTable::new(
-        clone_waker::<T, S>,
-        wake_by_val::<T, S>,
-        wake_by_ref::<T, S>,
-        drop_waker::<T, S>,
-    );
+    // SAFETY: `header` points at a live task (every caller holds it).
+    let vtable = unsafe { &(*header).vtable.waker };
     RawWaker::new(ptr, vtable)
 }
