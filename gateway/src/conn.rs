@@ -936,6 +936,12 @@ impl Session {
                 if full_read {
                     full_read = false;
                     yield_once().await;
+                    // As in `until_readable`: a drain or a close asked for
+                    // while others ran lets no more reads through.
+                    if conn.close_request_pending() || conn.reads_stopped.get() {
+                        flow = Flow::Continue;
+                        continue;
+                    }
                 } else if !until_readable(shard, conn, stream, readiness.as_ref()).await? {
                     flow = Flow::Continue;
                     continue;
