@@ -1256,40 +1256,57 @@ trusted_proxies = [\"proxy.local\"]
         assert!(err.to_string().contains("KEFU_SERVER_SHARDS"), "{err}");
     }
 
+    /// A `[server]` key's default, and each of its values set by the file
+    /// and by the environment (`KEFU_SERVER_<KEY>`).
+    fn server_key_values<T: PartialEq + std::fmt::Debug + Copy>(
+        key: &str,
+        default: T,
+        values: &[(&str, T)],
+        get: impl Fn(&ServerConfig) -> T,
+    ) {
+        let o = Overrides::default();
+        assert_eq!(get(&load(None, &[], &o).unwrap().server), default, "{key}: default");
+        let env_key = format!("KEFU_SERVER_{}", key.to_uppercase());
+        for &(name, want) in values {
+            let file = format!("[server]\n{key} = \"{name}\"\n");
+            assert_eq!(get(&load(Some(&file), &[], &o).unwrap().server), want, "{key} = {name} in the file");
+            let env = [(env_key.as_str(), name)];
+            assert_eq!(get(&load(None, &env, &o).unwrap().server), want, "{env_key}={name}");
+        }
+    }
+
     #[test]
     fn the_ring_setup_is_named_config() {
-        let o = Overrides::default();
-        assert_eq!(load(None, &[], &o).unwrap().server.uring_taskrun, UringTaskrun::Defer);
-        for (name, want) in
-            [("defer", UringTaskrun::Defer), ("coop", UringTaskrun::Coop), ("default", UringTaskrun::Default)]
-        {
-            let file = format!("[server]\nuring_taskrun = \"{name}\"\n");
-            assert_eq!(load(Some(&file), &[], &o).unwrap().server.uring_taskrun, want);
-        }
+        server_key_values(
+            "uring_taskrun",
+            UringTaskrun::Defer,
+            &[
+                ("defer", UringTaskrun::Defer),
+                ("coop", UringTaskrun::Coop),
+                ("default", UringTaskrun::Default),
+            ],
+            |s| s.uring_taskrun,
+        );
     }
 
     #[test]
     fn how_bytes_move_is_named_config() {
-        let o = Overrides::default();
-        assert_eq!(load(None, &[], &o).unwrap().server.socket_io, SocketIo::Syscall);
-        for (name, want) in [("syscall", SocketIo::Syscall), ("ring", SocketIo::Ring)] {
-            let file = format!("[server]\nsocket_io = \"{name}\"\n");
-            assert_eq!(load(Some(&file), &[], &o).unwrap().server.socket_io, want);
-            let env = [("KEFU_SERVER_SOCKET_IO", name)];
-            assert_eq!(load(None, &env, &o).unwrap().server.socket_io, want);
-        }
+        server_key_values(
+            "socket_io",
+            SocketIo::Syscall,
+            &[("syscall", SocketIo::Syscall), ("ring", SocketIo::Ring)],
+            |s| s.socket_io,
+        );
     }
 
     #[test]
     fn how_the_ring_polls_is_named_config() {
-        let o = Overrides::default();
-        assert_eq!(load(None, &[], &o).unwrap().server.uring_poll, UringPoll::Multishot);
-        for (name, want) in [("oneshot", UringPoll::Oneshot), ("multishot", UringPoll::Multishot)] {
-            let file = format!("[server]\nuring_poll = \"{name}\"\n");
-            assert_eq!(load(Some(&file), &[], &o).unwrap().server.uring_poll, want);
-            let env = [("KEFU_SERVER_URING_POLL", name)];
-            assert_eq!(load(None, &env, &o).unwrap().server.uring_poll, want);
-        }
+        server_key_values(
+            "uring_poll",
+            UringPoll::Multishot,
+            &[("oneshot", UringPoll::Oneshot), ("multishot", UringPoll::Multishot)],
+            |s| s.uring_poll,
+        );
     }
 
     #[test]

@@ -451,6 +451,11 @@ impl Conn {
         .await
     }
 
+    /// A close or a drain was asked for: the connection reads no more.
+    fn stops_reading(&self) -> bool {
+        self.close_request_pending() || self.reads_stopped.get()
+    }
+
     fn close_request_pending(&self) -> bool {
         let r = self.close_request.get();
         r.is_some()
@@ -938,7 +943,7 @@ impl Session {
                     yield_once().await;
                     // As in `until_readable`: a drain or a close asked for
                     // while others ran lets no more reads through.
-                    if conn.close_request_pending() || conn.reads_stopped.get() {
+                    if conn.stops_reading() {
                         flow = Flow::Continue;
                         continue;
                     }
@@ -1328,11 +1333,10 @@ fn until_readable<'a>(
                 (None, Some(once)) => once.poll(cx),
                 (None, None) => unreachable!("a wait is either multishot or one-shot"),
             }));
-        let stop = || conn.close_request_pending() || conn.reads_stopped.get();
         loop {
             // Checked after every flush too: a drain or a close asked for
             // while a write waited must not let one more read through.
-            if stop() {
+            if conn.stops_reading() {
                 return Ok(false);
             }
             let ready = monoio::select! {
@@ -1345,7 +1349,7 @@ fn until_readable<'a>(
                     conn.done_waiting();
                     return ready.map(|()| true);
                 }
-                None if stop() => return Ok(false),
+                None if conn.stops_reading() => return Ok(false),
                 None => Box::pin(flush(shard, conn, stream)).await?,
             }
         }

@@ -17,7 +17,7 @@
 //! the flag and wakes it: a message is never left waiting on a sleeping
 //! shard.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crossbeam_queue::ArrayQueue;
@@ -164,8 +164,9 @@ impl Waiter {
             // Non-blocking for the read after readiness. The flag is the
             // file's, so the senders' writes get it too: an eventfd write
             // only blocks when its counter would overflow 2^64 - 2.
-            set_nonblocking(fd.as_raw_fd())?;
-            let ready = monoio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
+            let handle = std::os::unix::net::UnixStream::from(fd);
+            handle.set_nonblocking(true)?;
+            let ready = monoio::net::UnixStream::from_std(handle)?;
             WaitOn::Epoll { ready }
         } else {
             let file = monoio::fs::File::from_std(std::fs::File::from(fd))?;
@@ -202,16 +203,6 @@ impl Waiter {
             },
         }
     }
-}
-
-fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl(2) on a descriptor this process owns; no pointers.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1897,14 +1897,15 @@ fn a_reader_that_stops_is_cut_and_counted_as_a_slow_consumer() {
     }
 }
 
-fn a_reader_that_stops_is_cut(socket_io: &str) {
+fn a_reader_that_stops_is_cut(mode: &str) {
+    let [socket_io, poll] = common::socket_mode_env(mode);
     let env = [
         ("KEFU_LIMITS_MESSAGES_PER_S", "1000000"),
         ("KEFU_LIMITS_BURST", "1000000"),
         ("KEFU_LIMITS_OUTBOUND_QUEUE_FRAMES", "32"),
         ("KEFU_SERVER_CLOSE_TIMEOUT_MS", "60000"),
-        common::socket_mode_env(socket_io)[0],
-        common::socket_mode_env(socket_io)[1],
+        socket_io,
+        poll,
     ];
     let gw = Gateway::start(&["--shards", "1"], &env);
     let started = std::time::Instant::now();
@@ -1931,12 +1932,12 @@ fn a_reader_that_stops_is_cut(socket_io: &str) {
     assert_eq!(common::sample(&m, "kefu_closes_total", &["by=\"server\"", "code=\"4001\""]), 1.0, "{m}");
     assert!(
         started.elapsed() < Duration::from_secs(50),
-        "{socket_io}: cut at the overflow, not at the close timeout"
+        "{mode}: cut at the overflow, not at the close timeout"
     );
     // The system call met the full socket and left the write to the ring.
     let full = common::sample(&m, "kefu_full_socket_writes_total", &[]);
-    match socket_io {
+    match mode {
         "ring" => assert_eq!(full, 0.0, "{m}"),
-        _ => assert!(full >= 1.0, "{socket_io}: {m}"),
+        _ => assert!(full >= 1.0, "{mode}: {m}"),
     }
 }

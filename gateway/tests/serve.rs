@@ -171,12 +171,12 @@ fn replies_that_meet_a_full_socket_arrive_whole_and_in_order() {
     }
 }
 
-fn full_socket_replies(socket_io: &str) {
-    let [mode, poll] = socket_mode_env(socket_io);
+fn full_socket_replies(mode: &str) {
+    let [socket_io, poll] = socket_mode_env(mode);
     let env = [
         ("KEFU_LIMITS_MAX_FRAME_BYTES", "16777216"),
         ("KEFU_LIMITS_MAX_MESSAGE_BYTES", "16777216"),
-        mode,
+        socket_io,
         poll,
     ];
     let gw = Gateway::start(&["--echo", "--shards", "1"], &env);
@@ -193,18 +193,18 @@ fn full_socket_replies(socket_io: &str) {
     // cannot stall the test while this one does not read.
     let sending = std::thread::spawn(move || writer.write_all(&frames));
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, big), "{socket_io}: 8 MiB");
+    assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, big), "{mode}: 8 MiB");
     for (k, b) in small.into_iter().enumerate() {
-        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, b), "{socket_io}: small message {k}");
+        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x2, b), "{mode}: small message {k}");
     }
     sending.join().unwrap().unwrap();
     let metrics = gw.admin_get("/metrics");
     let full = sample(&metrics, "kefu_full_socket_writes_total", &[]);
-    match socket_io {
+    match mode {
         "ring" => assert_eq!(full, 0.0, "{metrics}"),
-        _ => assert!(full >= 1.0, "{socket_io}: the socket was never full: {metrics}"),
+        _ => assert!(full >= 1.0, "{mode}: the socket was never full: {metrics}"),
     }
-    assert!(sample(&metrics, "kefu_writev_total", &[]) >= 1.0, "{socket_io}: no batch: {metrics}");
+    assert!(sample(&metrics, "kefu_writev_total", &[]) >= 1.0, "{mode}: no batch: {metrics}");
 }
 
 #[test]
