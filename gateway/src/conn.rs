@@ -1713,6 +1713,66 @@ mod tests {
         assert!(recognised.iter().all(|&r| r), "{recognised:?}");
     }
 
+    /// The kernel may end a multishot poll on its own (older kernels do on a
+    /// full completion queue; 6.18 here queues the overflow instead, so the
+    /// burst test in `tests/serve.rs` cannot reach this). Its last
+    /// completion (`ECANCELED`, no `IORING_CQE_F_MORE`) must make the owner
+    /// look at the socket once, and the next wait must arm the poll again
+    /// under the same slot, or the connection never hears of input again.
+    /// The poll is ended here by a `PollRemove` from the test.
+    #[test]
+    fn a_poll_the_kernel_ends_is_armed_again_at_the_next_wait() {
+        use std::io::Write;
+        use std::time::Duration;
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build().unwrap();
+        rt.block_on(async {
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            let readiness = stream.read_readiness().unwrap();
+            let fd = stream.as_raw_fd();
+            // A non-blocking read of everything there is: the byte count.
+            let drain = || {
+                let mut buf = [0u8; 64];
+                let mut got = 0;
+                loop {
+                    // SAFETY: a read into a local buffer of its own length.
+                    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                    if n <= 0 {
+                        return got;
+                    }
+                    got += n as usize;
+                }
+            };
+            let within = |what: &'static str| {
+                let readiness = &readiness;
+                async move {
+                    monoio::time::timeout(Duration::from_secs(5), readiness.ready())
+                        .await
+                        .unwrap_or_else(|_| panic!("no readiness within 5 s: {what}"))
+                        .unwrap();
+                }
+            };
+
+            peer.write_all(b"a").unwrap();
+            within("the first input").await;
+            assert_eq!(drain(), 1);
+
+            readiness.end_in_kernel_for_test().unwrap();
+            within("the poll's last completion").await;
+            assert_eq!(drain(), 0, "the end came with no input");
+
+            peer.write_all(b"bc").unwrap();
+            within("input after the poll was ended").await;
+            assert_eq!(drain(), 2);
+            // And it stays armed: a multishot poll again, not a one-off.
+            peer.write_all(b"d").unwrap();
+            within("the next input").await;
+            assert_eq!(drain(), 1);
+            drop(readiness);
+        });
+    }
+
     /// A shard with the default config, alone (no other shard, no runtime
     /// of its own), for tests of one connection.
     fn lone_shard() -> Rc<Shard> {

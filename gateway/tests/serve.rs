@@ -375,7 +375,9 @@ fn a_write_while_waiting_for_input_leaves_the_read_whole() {
 /// comes back. A kernel may end a multishot poll it has no room to post
 /// for, and the connection then arms it again; this kernel (6.18) queued
 /// the completions past the ring instead: the test passes with the
-/// re-arming disabled, so that path is not exercised here.
+/// re-arming disabled, so that path is not exercised here (the unit test
+/// `conn::tests::a_poll_the_kernel_ends_is_armed_again_at_the_next_wait`
+/// ends a poll on purpose and is).
 #[test]
 fn a_burst_of_input_beyond_the_completion_queue_loses_nothing() {
     let env = [("KEFU_SERVER_URING_ENTRIES", "8"), ("KEFU_SERVER_URING_POLL", "multishot")];

@@ -70,6 +70,14 @@ impl ReadReadiness {
         UringInner::multi_poll_ready(&self.driver, self.index as usize, self.fd, cx)
     }
 
+    /// For tests only: asks the kernel to end the poll, as it may end one
+    /// on its own (a full completion queue, on some kernels), so that a
+    /// test can see the next wait arm it again. Not part of the API.
+    #[doc(hidden)]
+    pub fn end_in_kernel_for_test(&self) -> io::Result<()> {
+        UringInner::multi_poll_end(&self.driver, self.index as usize)
+    }
+
     /// Waits for [`Self::poll_ready`].
     pub async fn ready(&self) -> io::Result<()> {
         poll_fn(|cx| self.poll_ready(cx)).await

@@ -642,6 +642,18 @@ impl UringInner {
         let _ = inner.push_sqe(&remove);
     }
 
+    /// kefu's patch, for tests: asks the kernel to end an armed poll, as it
+    /// may on its own, and leaves the slot to the owner. The poll's last
+    /// completion (`ECANCELED`, without `IORING_CQE_F_MORE`) marks it
+    /// unarmed; the owner's next wait arms it again.
+    pub(crate) fn multi_poll_end(this: &Rc<UnsafeCell<UringInner>>, index: usize) -> io::Result<()> {
+        let inner = unsafe { &mut *this.get() };
+        let remove = opcode::PollRemove::new(index as u64)
+            .build()
+            .user_data(CANCEL_USERDATA);
+        inner.push_sqe(&remove)
+    }
+
     pub(crate) unsafe fn cancel_op(this: &Rc<UnsafeCell<UringInner>>, index: usize) {
         let inner = &mut *this.get();
         let cancel = opcode::AsyncCancel::new(index as u64)
