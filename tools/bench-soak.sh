@@ -4,7 +4,10 @@
 # and its database's size sampled every --sample seconds, then the same
 # while it holds no connection at all (--idle seconds), then where the
 # RSS sits (/proc/PID/smaps: the slab's mappings, the allocator's heap,
-# the binary) and where the bytes on disk go (`cargo bench -p kefu-storage
+# the binary), every thread's second (tools/thread-sampler.py: running,
+# waiting for a CPU, waiting on the disk, for the gateway and the client,
+# so that a stall in the run can be told apart: the host's, the disk's,
+# or the program's) and where the bytes on disk go (`cargo bench -p kefu-storage
 # --bench storage -- disk --analyze DIR`, if built).
 #
 # Usage: tools/bench-soak.sh [--no-build] [--out DIR] [--visitors N] [--agents N]
@@ -16,7 +19,10 @@
 # KEFU_STORAGE_CACHE_BYTES=67108864). Results in $OUT: rss.tsv (elapsed s,
 # RSS KiB, database bytes, writes stored, dedupe slots held by the writer
 # and by the readers), chat.json (kefu-bench's
-# report), smaps.txt, disk.txt, gateway.log.
+# report), smaps.txt, disk.txt, gateway.log, threads.tsv and system.tsv
+# (per second), stalls.jsonl (the seconds with the longest waits) and
+# load-start.txt (the Unix time kefu-bench started: its window begins
+# setup_s + warmup_s later).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -98,9 +104,12 @@ sample() {
 }
 sample &
 SAMPLER_PID=$!
+python3 "$REPO/tools/thread-sampler.py" --pid "$SERVER_PID" --name kefu-bench --out "$OUT" >"$OUT/stalls.jsonl" &
+THREADS_PID=$!
 
 echo "== soak: $VISITORS visitors, $AGENTS agents, $RATE msg/s × $SIZE B for ${DURATION}s (+${WARMUP}s warm-up)" >&2
 status=0
+date +%s.%N >"$OUT/load-start.txt"
 taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" chat --url "ws://127.0.0.1:$PORT/ws" --data "$DATA" \
     --visitors "$VISITORS" --agents "$AGENTS" --rate "$RATE" --size "$SIZE" \
     --duration "$DURATION" --warmup "$WARMUP" --subprotocol json \
@@ -130,6 +139,10 @@ curl -s --max-time 2 "http://127.0.0.1:$ADMIN_PORT/metrics" >"$OUT/metrics.txt" 
 stop_server
 kill "$SAMPLER_PID" 2>/dev/null || true
 SAMPLER_PID=
+# It ends by itself once the gateway is gone, and then prints the worst seconds.
+wait "$THREADS_PID" || echo "WARNING: the thread sampler failed" >&2
+echo "== the seconds with the longest waits (for a CPU, or on the disk), by thread:" >&2
+cat "$OUT/stalls.jsonl" >&2
 
 DISK_TOOL=$(ls -t "$TARGET_DIR"/release/deps/storage-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
 if [ -n "$DISK_TOOL" ]; then
