@@ -14,7 +14,15 @@
 #     loop over the window (after --warmup);
 #   - the medians per client at the end;
 #   - where each run's bytes on disk went, in $OUT/disk-CLIENT-RUN.txt,
-#     if the storage bench is built (see bench-soak.sh).
+#     if the storage bench is built (see bench-soak.sh);
+#   - the gateway's own view of each run: its /metrics at the end in
+#     $OUT/metrics-CLIENT-RUN.txt, from which the summary takes the share
+#     of deliveries the gateway queued more than 10 and 25 ms after their
+#     ts (kefu_delivery_latency_seconds: the tail inside the server, apart
+#     from the client's and the sockets'), and every thread's second in
+#     $OUT/threads-CLIENT-RUN/ (tools/thread-sampler.py: running, waiting
+#     for a CPU, blocked on the disk), with the worst seconds in
+#     $OUT/stalls-CLIENT-RUN.jsonl.
 #
 # The two clients time differently at the edges: kefu-bench from each
 # message's scheduled send (its timer is precise to tens of µs),
@@ -79,6 +87,9 @@ for run in $(seq "$REPEAT"); do
         common=(--url "ws://127.0.0.1:$PORT/ws" --data "$data" --visitors "$VISITORS" --agents "$AGENTS"
             --rate "$RATE" --duration "$DURATION" --warmup "$WARMUP" --slice "$SLICE" --sources 127.0.0.1,127.0.0.2
             --server-pid "$SERVER_PID")
+        python3 "$REPO/tools/thread-sampler.py" --pid "$SERVER_PID" --name kefu-bench --name chat-tungstenite \
+            --out "$OUT/threads-$client-$run" >"$OUT/stalls-$client-$run.jsonl" &
+        sampler=$!
         status=0
         if [ "$client" = kefu-bench ]; then
             line=$(taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" chat "${common[@]}" --visitor-tokens \
@@ -86,7 +97,11 @@ for run in $(seq "$REPEAT"); do
         else
             line=$(taskset -c "$CLIENT_CPU" "$BIN/chat-tungstenite" "${common[@]}") || status=$?
         fi
+        curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" >"$OUT/metrics-$client-$run.txt" ||
+            echo "WARNING: no /metrics from the gateway after $client run $run" >&2
         stop_server
+        # It ends by itself with the gateway.
+        wait "$sampler" || echo "WARNING: the thread sampler of $client run $run failed" >&2
         # Where the run's bytes on disk went, if the storage bench is built
         # (`cargo bench -p kefu-storage --bench storage --no-run`).
         if [ -n "$DISK_TOOL" ]; then
@@ -96,8 +111,27 @@ for run in $(seq "$REPEAT"); do
         rm -rf "$data"
         [ "$status" = 0 ] || echo "WARNING: $client run $run exited with $status" >&2
         [ -n "$line" ] || continue
-        python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["bench_client"]=sys.argv[2]; r["run"]=int(sys.argv[3]); print(json.dumps(r))' \
-            "$line" "$client" "$run" >>"$OUT/clients.jsonl"
+        python3 - "$line" "$client" "$run" "$OUT/metrics-$client-$run.txt" >>"$OUT/clients.jsonl" <<'EOF'
+import json, re, sys
+r = json.loads(sys.argv[1])
+r["bench_client"], r["run"] = sys.argv[2], int(sys.argv[3])
+# The gateway's histogram of ts -> msg queued on the agent's connection
+# (cumulative buckets): the share of deliveries past 10 and 25 ms.
+buckets = {}
+try:
+    for line in open(sys.argv[4]):
+        m = re.match(r'kefu_delivery_latency_seconds_bucket\{le="([^"]+)"\} (\d+)', line)
+        if m:
+            buckets[m[1]] = int(m[2])
+except OSError:
+    pass
+total = buckets.get("+Inf")
+if total:
+    for ms, le in ((10, "0.01"), (25, "0.025")):
+        if le in buckets:
+            r[f"server_queued_over_{ms}ms_share"] = (total - buckets[le]) / total
+print(json.dumps(r))
+EOF
     done
 done
 
@@ -123,6 +157,11 @@ rows = [
     ("delivery p99 ms, send → ts", lambda r: r["delivery_split_at_home_us"]["to_home"]["p99"] / 1e3, ".2f"),
     ("delivery p99 ms, ts → agent", lambda r: r["delivery_split_at_home_us"]["from_home"]["p99"] / 1e3, ".2f"),
     ("ack p99 ms", lambda r: r["ack_latency_us"]["p99"] / 1e3, ".2f"),
+    # The gateway's own clock, ts -> queued on the agent's connection: the
+    # share of deliveries past 10 and 25 ms, per thousand (≤ 1 at 25 ms is
+    # a p99.9 within 25 ms inside the server).
+    ("gateway: queued > 10 ms after ts, ‰", lambda r: 1e3 * r["server_queued_over_10ms_share"], ".2f"),
+    ("gateway: queued > 25 ms after ts, ‰", lambda r: 1e3 * r["server_queued_over_25ms_share"], ".2f"),
     ("sent per s", lambda r: r["send_rate"], ".0f"),
     ("undelivered + unacked", lambda r: r["undelivered"] + r["unacked"], ".0f"),
     ("server CPU cores", lambda r: r.get("server_cpu_cores"), ".2f"),

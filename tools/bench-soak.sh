@@ -20,7 +20,8 @@
 # RSS KiB, database bytes, writes stored, dedupe slots held by the writer
 # and by the readers), chat.json (kefu-bench's
 # report), smaps.txt, disk.txt, gateway.log, threads.tsv and system.tsv
-# (per second), stalls.jsonl (the seconds with the longest waits) and
+# (per second), stalls.jsonl (the seconds with the longest waits for a
+# CPU) and
 # load-start.txt (the Unix time kefu-bench started: its window begins
 # setup_s + warmup_s later).
 set -euo pipefail
@@ -141,7 +142,7 @@ kill "$SAMPLER_PID" 2>/dev/null || true
 SAMPLER_PID=
 # It ends by itself once the gateway is gone, and then prints the worst seconds.
 wait "$THREADS_PID" || echo "WARNING: the thread sampler failed" >&2
-echo "== the seconds with the longest waits (for a CPU, or on the disk), by thread:" >&2
+echo "== the seconds with the longest waits for a CPU, by thread:" >&2
 cat "$OUT/stalls.jsonl" >&2
 
 DISK_TOOL=$(ls -t "$TARGET_DIR"/release/deps/storage-* 2>/dev/null | grep -v '\.d$' | head -1 || true)

@@ -12,7 +12,12 @@ later is picked up):
   thread held the CPU, or the host held the vCPU;
 - ``blkio_ms``: time blocked on block I/O, an fsync's wait included
   (``delayacct_blkio_ticks``; 0 unless ``kernel.task_delayacct`` is 1,
-  which this tool sets when it can and says when it cannot);
+  which this tool sets when it can and says when it cannot). A disk
+  figure only for threads that block in a system call (the storage
+  writer): the kernel counts a thread's wait in ``io_uring_enter`` with
+  operations in flight as I/O wait too, and for a shard on io_uring the
+  figure came out larger than the wall time (42 s a second in one run),
+  so it is not read for them;
 
 and for the machine, per CPU state in ms (user, system, idle, iowait,
 steal). A second in which a thread was neither running nor waiting for
@@ -21,7 +26,7 @@ timer, or the network.
 
 Writes ``threads.tsv`` and ``system.tsv`` into --out until every process
 given by --pid is gone (or --seconds pass), then prints the seconds with
-the longest waits, one JSON line each, for the report.
+the longest waits for a CPU, one JSON line each, for the report.
 
     tools/thread-sampler.py --pid 1234 --name kefu-bench --out DIR
 """
@@ -83,7 +88,7 @@ def main():
     ap.add_argument("--name", action="append", default=[], help="also follow processes of this name")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seconds", type=float, default=float("inf"))
-    ap.add_argument("--top", type=int, default=10, help="seconds to print, by the longest wait")
+    ap.add_argument("--top", type=int, default=10, help="seconds to print, by the longest wait for a CPU")
     args = ap.parse_args()
 
     delayacct = read("/proc/sys/kernel/task_delayacct")
@@ -121,7 +126,7 @@ def main():
             blk = (blkio - blkio0) * TICK_MS
             if run or wait or blk:
                 threads.write(f"{unix}\t{elapsed}\t{key[0]}\t{key[1]}\t{name}\t{run:.1f}\t{wait:.1f}\t{blk:.0f}\n")
-            worst.append((max(wait, blk), unix, elapsed, name, round(run, 1), round(wait, 1), round(blk)))
+            worst.append((wait, unix, elapsed, name, round(run, 1), round(wait, 1), round(blk)))
         cpu = cpu_ticks()
         system.write(
             f"{unix}\t{elapsed}\t" + "\t".join(f"{(cpu[k] - prev_cpu[k]) * TICK_MS:.0f}" for k in ("user", "system", "idle", "iowait", "steal")) + "\n"
