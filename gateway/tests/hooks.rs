@@ -456,10 +456,29 @@ fn an_unreachable_hook_is_an_error_counted_and_failed_open() {
     // A port nothing listens on (bound, then released).
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let gw = gateway(port, &[]);
+    // Said at start, before any call.
+    assert!(
+        logged(&gw, "hooks.endpoint does not answer at start"),
+        "no warning at start about the hook endpoint; log: {:#?}",
+        gw.startup_log
+    );
     rt().block_on(async {
         let (mut v, conv) = visitor(&gw).await;
         assert_eq!(v.say(&conv, "u1", "anyone there?").await["seq"], 1);
     });
     assert_eq!(hook_calls(&gw, "on_message", "error"), 1);
     assert_eq!(hook_calls(&gw, "on_connect", "error"), 1);
+}
+
+#[test]
+fn a_hook_endpoint_that_answers_is_said_so_at_start() {
+    let (addr, _) = hook_server();
+    let gw = gateway(addr, &[]);
+    assert!(logged(&gw, "hooks.endpoint answers"), "log: {:#?}", gw.startup_log);
+}
+
+/// Whether the gateway logged `needle` at start or within 10 s after.
+fn logged(gw: &Gateway, needle: &str) -> bool {
+    gw.startup_log.iter().any(|l| l.contains(needle))
+        || common::wait_for(&gw.log, needle, Duration::from_secs(10)).is_some()
 }

@@ -132,7 +132,9 @@ impl HookClient {
     /// A client of `endpoint` whose calls run on `runtime` (the bridge's)
     /// and whose answers go into `mailboxes`. It connects on its first call
     /// (and again after the connection is lost), so a business system that
-    /// starts after kefu is fine.
+    /// starts after kefu is fine. One connection is tried at once, only to
+    /// say in the log whether the endpoint answers: a wrong address should
+    /// show at start, not as the first visitor's failed call.
     pub fn new(
         endpoint: &str,
         limits: HookLimits,
@@ -149,6 +151,18 @@ impl HookClient {
             let _in_runtime = runtime.enter();
             endpoint.connect_lazy()
         };
+        let probe = endpoint.clone();
+        runtime.spawn(async move {
+            let uri = probe.uri().clone();
+            match probe.connect().await {
+                Ok(_) => tracing::info!(endpoint = %uri, "hooks.endpoint answers"),
+                Err(e) => tracing::warn!(
+                    endpoint = %uri,
+                    error = %e,
+                    "hooks.endpoint does not answer at start: hook calls fail (counted, and let through or refused as hooks.failure says) until it does; each call tries again"
+                ),
+            }
+        });
         let client = HooksClient::new(channel).max_decoding_message_size(limits.response_bytes_max);
         let places = Arc::new(Semaphore::new(limits.concurrent_calls_max + limits.queued_calls_max));
         let turns = Semaphore::new(limits.concurrent_calls_max);
