@@ -181,6 +181,14 @@ pub struct StoreConfig {
     /// serves again this long at most after the disk has room. Default
     /// 2000.
     pub recovery_backoff_ms_max: u64,
+    /// A group commit (or a checkpoint's part in the writer) that takes
+    /// this long or longer is logged as a warning, with how much of it
+    /// was fsync: every message in it, and every one queued behind it,
+    /// waited that long for its ack and its delivery, and a slow disk is
+    /// the usual cause (one fsync of 250–500 ms was the longest delivery
+    /// of a 30-minute soak, BENCHMARKS.md). One line per 10 s at most,
+    /// with a count of the ones not logged. 0: never. Default 100.
+    pub slow_commit_log_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -207,6 +215,7 @@ impl Default for StoreConfig {
             idle_park_ms: 100,
             recovery_backoff_ms_min: 50,
             recovery_backoff_ms_max: 2_000,
+            slow_commit_log_ms: 100,
         }
     }
 }
@@ -258,6 +267,12 @@ impl StoreConfig {
             return Err(StorageError::Config(
                 "recovery_backoff_ms_min must be between 1 and recovery_backoff_ms_max".into(),
             ));
+        }
+        if self.slow_commit_log_ms > 600_000 {
+            return Err(StorageError::Config(format!(
+                "slow_commit_log_ms = {} (0 for never, or at most 600000)",
+                self.slow_commit_log_ms
+            )));
         }
         if self.recovery_backoff_ms_max > 60_000 {
             return Err(StorageError::Config("recovery_backoff_ms_max must be at most 60000".into()));
@@ -335,6 +350,7 @@ mod tests {
             StoreConfig { recovery_backoff_ms_min: 0, ..Default::default() },
             StoreConfig { wal_bytes: 4096, ..Default::default() },
             StoreConfig { checkpoint_ms: 0, ..Default::default() },
+            StoreConfig { slow_commit_log_ms: 600_001, ..Default::default() },
             StoreConfig {
                 recovery_backoff_ms_min: 5_000,
                 recovery_backoff_ms_max: 100,

@@ -39,6 +39,7 @@
 //! (see `reopen.rs`), with a back-off from `recovery_backoff_ms_min` to
 //! `recovery_backoff_ms_max`.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -81,6 +82,39 @@ pub(crate) struct Limits {
     pub(crate) sender_ref_reach: u64,
     pub(crate) recovery_backoff_min: Duration,
     pub(crate) recovery_backoff_max: Duration,
+    /// A commit this long or longer is logged (`slow_commit_log_ms`); zero:
+    /// never.
+    pub(crate) slow_commit: Duration,
+}
+
+/// How often a slow commit is logged at most: a disk that stalls often
+/// would otherwise write a line per commit.
+const SLOW_COMMIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Which slow commits get a log line: the first, then one per
+/// [`SLOW_COMMIT_LOG_EVERY`] at most, each saying how many were not logged
+/// since the last. The writer thread alone uses it.
+#[derive(Debug, Default)]
+struct SlowCommits {
+    next_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl SlowCommits {
+    /// A commit of `took` ended at `now`: `Some(unlogged)` if it is slow
+    /// (at least `limit`, which is not zero) and gets a line, with the
+    /// slow commits since the last line that did not.
+    fn observe(&mut self, took: Duration, limit: Duration, now: Instant) -> Option<u64> {
+        if limit.is_zero() || took < limit {
+            return None;
+        }
+        if self.next_line.is_some_and(|next| now < next) {
+            self.unlogged += 1;
+            return None;
+        }
+        self.next_line = Some(now + SLOW_COMMIT_LOG_EVERY);
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 /// The writer thread's state.
@@ -153,6 +187,8 @@ pub(crate) struct GroupCommit {
     /// A batch was just gathered: the next gather first waits a window for
     /// more without being woken (see `gather`).
     linger: bool,
+    /// Which slow commits are logged (`report`).
+    slow: RefCell<SlowCommits>,
 }
 
 /// A write's own outcome (`Ok(Err)`: refused, nothing written), or a
@@ -210,6 +246,7 @@ impl GroupCommit {
             behind_ticket: None,
             closed_failing: false,
             linger: false,
+            slow: RefCell::new(SlowCommits::default()),
         }
     }
 
@@ -731,14 +768,33 @@ impl GroupCommit {
     /// `before` that it waited for: the log's, and the database's if
     /// `durable` (otherwise the database's fsyncs are a checkpoint's,
     /// written behind).
+    ///
+    /// A commit of `slow_commit_log_ms` or longer is also logged.
     fn report(&self, checkpoint: bool, records: usize, since: Instant, before: [Duration; 2], durable: bool) {
-        if let Some(f) = self.shared.on_commit.get() {
-            let now = self.synced();
-            let mut fsync = now[1].saturating_sub(before[1]);
-            if durable {
-                fsync += now[0].saturating_sub(before[0]);
-            }
-            f(CommitTimes { checkpoint, records, batch: since.elapsed(), fsync });
+        let took = since.elapsed();
+        let on_commit = self.shared.on_commit.get();
+        let slow = !self.limits.slow_commit.is_zero() && took >= self.limits.slow_commit;
+        if on_commit.is_none() && !slow {
+            return;
+        }
+        let now = self.synced();
+        let mut fsync = now[1].saturating_sub(before[1]);
+        if durable {
+            fsync += now[0].saturating_sub(before[0]);
+        }
+        if let Some(unlogged) = self.slow.borrow_mut().observe(took, self.limits.slow_commit, Instant::now())
+        {
+            tracing::warn!(
+                what = if checkpoint { "checkpoint" } else { "group commit" },
+                records,
+                took_ms = took.as_millis() as u64,
+                fsync_ms = fsync.as_millis() as u64,
+                unlogged,
+                "storage: a slow commit; every write in it and queued behind it waited as long for its ack and delivery (most of it in fsync: the disk)"
+            );
+        }
+        if let Some(f) = on_commit {
+            f(CommitTimes { checkpoint, records, batch: took, fsync });
         }
     }
 
@@ -1012,7 +1068,8 @@ pub(crate) fn sort_meta(meta: &mut Vec<(String, String)>) {
 
 #[cfg(test)]
 mod tests {
-    use super::sort_meta;
+    use super::{SLOW_COMMIT_LOG_EVERY, SlowCommits, sort_meta};
+    use std::time::{Duration, Instant};
 
     #[test]
     fn meta_is_sorted_and_the_last_value_of_a_key_wins() {
@@ -1023,5 +1080,24 @@ mod tests {
         ];
         sort_meta(&mut meta);
         assert_eq!(meta, vec![("plan".into(), "free".into()), ("vip_level".into(), "3".into())]);
+    }
+
+    /// The first slow commit is logged, the next ones within 10 s are
+    /// counted, and the next line says how many were not logged; a quick
+    /// commit is never logged, and a limit of zero logs none.
+    #[test]
+    fn slow_commits_are_logged_once_per_interval_with_a_count_of_the_rest() {
+        let limit = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let mut slow = SlowCommits::default();
+        assert_eq!(slow.observe(Duration::from_millis(99), limit, t0), None);
+        assert_eq!(slow.observe(Duration::from_millis(100), limit, t0), Some(0));
+        assert_eq!(slow.observe(Duration::from_millis(300), limit, t0 + Duration::from_secs(1)), None);
+        assert_eq!(slow.observe(Duration::from_millis(5), limit, t0 + Duration::from_secs(2)), None);
+        assert_eq!(slow.observe(Duration::from_millis(150), limit, t0 + Duration::from_secs(9)), None);
+        assert_eq!(slow.observe(Duration::from_millis(120), limit, t0 + SLOW_COMMIT_LOG_EVERY), Some(2));
+        assert_eq!(slow.observe(Duration::from_millis(120), limit, t0 + 3 * SLOW_COMMIT_LOG_EVERY), Some(0));
+        let mut off = SlowCommits::default();
+        assert_eq!(off.observe(Duration::from_secs(5), Duration::ZERO, t0), None);
     }
 }

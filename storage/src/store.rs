@@ -345,6 +345,7 @@ impl Store {
             dedupe_window: config.dedupe_window,
             sender_refs: config.sender_refs,
             sender_ref_reach: config.sender_ref_reach,
+            slow_commit: Duration::from_millis(config.slow_commit_log_ms),
         };
         let group_commit = GroupCommit::new(
             db.clone(),
