@@ -782,7 +782,9 @@ impl GroupCommit {
         if durable {
             fsync += now[0].saturating_sub(before[0]);
         }
-        if let Some(unlogged) = self.slow.borrow_mut().observe(took, self.limits.slow_commit, Instant::now())
+        if slow
+            && let Some(unlogged) =
+                self.slow.borrow_mut().observe(took, self.limits.slow_commit, Instant::now())
         {
             tracing::warn!(
                 what = if checkpoint { "checkpoint" } else { "group commit" },
@@ -790,7 +792,7 @@ impl GroupCommit {
                 took_ms = took.as_millis() as u64,
                 fsync_ms = fsync.as_millis() as u64,
                 unlogged,
-                "storage: a slow commit; every write in it and queued behind it waited as long for its ack and delivery (most of it in fsync: the disk)"
+                "storage: a slow commit; every write in it and queued behind it waited as long for its ack and delivery (with fsync_ms near took_ms, the disk was slow)"
             );
         }
         if let Some(f) = on_commit {
