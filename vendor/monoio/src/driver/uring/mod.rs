@@ -554,6 +554,14 @@ impl UringInner {
             .user_data(index as _)
     }
 
+    /// The removal of the multishot poll in slot `index`; its own completion
+    /// goes to the driver's sink for cancels.
+    fn multi_poll_remove_sqe(index: usize) -> io_uring::squeue::Entry {
+        opcode::PollRemove::new(index as u64)
+            .build()
+            .user_data(CANCEL_USERDATA)
+    }
+
     /// kefu's patch: arms a multishot poll for `POLLIN` on `fd`, which the
     /// caller keeps open until [`Self::multi_poll_drop`]. Returns its slot.
     pub(crate) fn multi_poll_new(this: &Rc<UnsafeCell<UringInner>>, fd: RawFd) -> io::Result<usize> {
@@ -633,13 +641,10 @@ impl UringInner {
             multi.dropped = true;
             multi.waker = None;
         }
-        let remove = opcode::PollRemove::new(index as u64)
-            .build()
-            .user_data(CANCEL_USERDATA);
         // If even a submit finds no room, the poll stays armed until the
         // ring is dropped, and its slot with it: a leak, not a fault (its
         // completions go to a slot marked dropped).
-        let _ = inner.push_sqe(&remove);
+        let _ = inner.push_sqe(&Self::multi_poll_remove_sqe(index));
     }
 
     /// kefu's patch, for tests: asks the kernel to end an armed poll, as it
@@ -648,10 +653,7 @@ impl UringInner {
     /// unarmed; the owner's next wait arms it again.
     pub(crate) fn multi_poll_end(this: &Rc<UnsafeCell<UringInner>>, index: usize) -> io::Result<()> {
         let inner = unsafe { &mut *this.get() };
-        let remove = opcode::PollRemove::new(index as u64)
-            .build()
-            .user_data(CANCEL_USERDATA);
-        inner.push_sqe(&remove)
+        inner.push_sqe(&Self::multi_poll_remove_sqe(index))
     }
 
     pub(crate) unsafe fn cancel_op(this: &Rc<UnsafeCell<UringInner>>, index: usize) {
