@@ -101,11 +101,17 @@ struct SlowCommits {
 }
 
 impl SlowCommits {
+    /// Whether a commit of `took` is slow: at least `limit`, which is not
+    /// zero (zero: none is).
+    fn is_slow(took: Duration, limit: Duration) -> bool {
+        !limit.is_zero() && took >= limit
+    }
+
     /// A commit of `took` ended at `now`: `Some(unlogged)` if it is slow
-    /// (at least `limit`, which is not zero) and gets a line, with the
-    /// slow commits since the last line that did not.
+    /// and gets a line, with the slow commits since the last line that did
+    /// not.
     fn observe(&mut self, took: Duration, limit: Duration, now: Instant) -> Option<u64> {
-        if limit.is_zero() || took < limit {
+        if !Self::is_slow(took, limit) {
             return None;
         }
         if self.next_line.is_some_and(|next| now < next) {
@@ -773,7 +779,7 @@ impl GroupCommit {
     fn report(&self, checkpoint: bool, records: usize, since: Instant, before: [Duration; 2], durable: bool) {
         let took = since.elapsed();
         let on_commit = self.shared.on_commit.get();
-        let slow = !self.limits.slow_commit.is_zero() && took >= self.limits.slow_commit;
+        let slow = SlowCommits::is_slow(took, self.limits.slow_commit);
         if on_commit.is_none() && !slow {
             return;
         }
