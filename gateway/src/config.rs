@@ -127,6 +127,23 @@ pub enum UringPoll {
     Multishot,
 }
 
+/// How a shard's ring accepts connections (`io = "uring"` only). The
+/// default is `oneshot`: over 15 interleaved rounds of 15,000 connections
+/// the multishot accept's server CPU per connection was within the spread
+/// of the one-shot's (BENCHMARKS.md, issue 11, "One accept per listener"),
+/// and it adds a `getpeername` per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UringAccept {
+    /// One `Accept` per connection, submitted when the last one is taken.
+    Oneshot,
+    /// One multishot `Accept` per listener, armed once, posting a
+    /// completion for each connection; the peer's address is then asked
+    /// for (`getpeername`). Needs kefu's patch of monoio
+    /// (`vendor/monoio`) and Linux 5.19.
+    Multishot,
+}
+
 /// `[server]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -157,6 +174,10 @@ pub struct ServerConfig {
     /// `io = "uring"` and `socket_io = "syscall"`; ignored otherwise (the
     /// start line says which applies).
     pub uring_poll: UringPoll,
+    /// How the ring accepts connections: `oneshot` (default) or
+    /// `multishot`. Only with `io = "uring"`; the start line says which
+    /// applies.
+    pub uring_accept: UringAccept,
     /// The time slice each shard thread asks the kernel's fair scheduler
     /// for, in microseconds (`sched_setattr`'s `sched_runtime` under
     /// `SCHED_OTHER`, which EEVDF honours from Linux 6.12 and clamps to
@@ -239,6 +260,7 @@ impl Default for ServerConfig {
             uring_taskrun: UringTaskrun::Defer,
             socket_io: SocketIo::Syscall,
             uring_poll: UringPoll::Multishot,
+            uring_accept: UringAccept::Oneshot,
             shard_slice_us: 100,
             transparent_huge_pages: false,
             backlog: 4096,
@@ -1310,6 +1332,16 @@ trusted_proxies = [\"proxy.local\"]
     }
 
     #[test]
+    fn how_the_ring_accepts_is_named_config() {
+        server_key_values(
+            "uring_accept",
+            UringAccept::Oneshot,
+            &[("oneshot", UringAccept::Oneshot), ("multishot", UringAccept::Multishot)],
+            |s| s.uring_accept,
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         let o = Overrides::default();
         for file in [
@@ -1319,6 +1351,7 @@ trusted_proxies = [\"proxy.local\"]
             "[server]\nuring_taskrun = \"sqpoll\"\n",
             "[server]\nsocket_io = \"mmap\"\n",
             "[server]\nuring_poll = \"twice\"\n",
+            "[server]\nuring_accept = \"many\"\n",
             "[server]\nshard_slice_us = 99\n",
             "[server]\nshard_slice_us = 100001\n",
             "[limits]\nmax_message_bytes = 999999999\n",

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use monoio::net::{ListenerOpts, TcpListener};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use kefu_core::per_ip::PerIpLimiter;
 use kefu_proto::client::{Codec, ServerFrame, SpareStrings};
@@ -31,7 +31,7 @@ use crate::chat::frames::{FrameEncoder, SharedFrame};
 use crate::chat::service::{ChatInit, ChatService, Local};
 use crate::chat::{SessionAddr, ShardMsg};
 use crate::client_ip::TrustedProxies;
-use crate::config::{Config, IoDriver, SocketIo, UringPoll, UringTaskrun};
+use crate::config::{Config, IoDriver, SocketIo, UringAccept, UringPoll, UringTaskrun};
 use crate::conn::{self, Conn};
 use crate::mailbox::{Mailbox, Waiter};
 use crate::metrics::ShardStats;
@@ -156,6 +156,11 @@ fn multishot_poll(c: &Config) -> bool {
     c.server.io == IoDriver::Uring
         && c.server.socket_io == SocketIo::Syscall
         && c.server.uring_poll == UringPoll::Multishot
+}
+
+/// Whether `server.uring_accept = "multishot"` applies: it needs the ring.
+fn multishot_accept(c: &Config) -> bool {
+    c.server.io == IoDriver::Uring && c.server.uring_accept == UringAccept::Multishot
 }
 
 /// The state one shard's tasks share (all on the shard's own thread).
@@ -393,7 +398,8 @@ pub fn run(init: ShardInit) {
             {
                 Ok(mut rt) => {
                     let poll = if multishot_poll(&config) { "multishot" } else { "oneshot" };
-                    info!(shard = id, driver = "io_uring", entries, ?taskrun, ?socket_io, poll, core = ?core, "shard starting");
+                    let accept = if multishot_accept(&config) { "multishot" } else { "oneshot" };
+                    info!(shard = id, driver = "io_uring", entries, ?taskrun, ?socket_io, poll, accept, core = ?core, "shard starting");
                     rt.block_on(serve(init));
                     None
                 }
@@ -603,7 +609,8 @@ async fn serve(init: ShardInit) {
     *shard.chat.borrow_mut() = Some(service);
     monoio::spawn(inbox_loop(shard.clone(), waiter));
     let accept_stop = Rc::new(StopSignal::default());
-    let acceptor = monoio::spawn(accept_loop(shard.clone(), listener, accept_stop.clone()));
+    let acceptor =
+        monoio::spawn(accept_loop(shard.clone(), listener, multishot_accept(&config), accept_stop.clone()));
 
     // The sweep doubles as the shard's clock and its watcher of the stop flag.
     let started = Instant::now();
@@ -769,18 +776,43 @@ fn thread_cpu_ns() -> u64 {
 }
 
 /// Accepts until the shard drains. Each connection gets its own task.
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Rc<StopSignal>) {
+/// With `multishot`, one multishot accept serves the listener's life.
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, multishot: bool, stop: Rc<StopSignal>) {
+    // Declared after `listener`, so dropped before it, as it must be.
+    let mut accepts = None;
+    if multishot {
+        match listener.accept_multishot() {
+            Ok(m) => accepts = Some(m),
+            Err(e) => {
+                error!(shard = shard.id, error = %e, "no multishot accept; this shard accepts one connection per submission (server.uring_accept = \"oneshot\")")
+            }
+        }
+    }
     loop {
-        let accepted = monoio::select! {
-            biased;
-            _ = stop.wait() => return,
-            r = listener.accept() => r,
+        let accepted = match &accepts {
+            Some(accepts) => monoio::select! {
+                biased;
+                _ = stop.wait() => return,
+                r = accepts.accept() => r,
+            },
+            None => monoio::select! {
+                biased;
+                _ = stop.wait() => return,
+                r = listener.accept() => r,
+            },
         };
         match accepted {
             Ok((stream, peer)) => {
                 ShardStats::inc(&shard.stats().accepted);
                 let _ = stream.set_nodelay(true);
                 monoio::spawn(conn::serve(shard.clone(), stream, peer.ip()));
+            }
+            // A kernel without `IORING_ACCEPT_MULTISHOT` (before 5.19)
+            // refuses it at its first completion: said once, loudly, and
+            // accepted the other way from then on.
+            Err(e) if accepts.is_some() && e.raw_os_error() == Some(libc::EINVAL) => {
+                error!(shard = shard.id, error = %e, "the kernel refused a multishot accept; this shard accepts one connection per submission (server.uring_accept = \"oneshot\")");
+                accepts = None;
             }
             Err(e) => {
                 // EMFILE and friends: say so and back off rather than spin.
@@ -818,5 +850,83 @@ impl StopSignal {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+    use std::os::fd::AsRawFd as _;
+    use std::time::Duration;
+
+    /// `server.uring_accept = "multishot"`: one multishot accept hands out
+    /// every connection with its peer's address, each a blocking socket
+    /// closed on exec (as the one-shot accept makes them); armed again
+    /// after the kernel ends it (here a cancel from the test: the kernel
+    /// may end one on its own); and, dropped, closes the connections it
+    /// took and nobody was given, leaving the listener to a later accept.
+    #[test]
+    fn a_multishot_accept_takes_every_connection_and_is_armed_again_when_ended() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build().unwrap();
+        rt.block_on(async {
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let at = listener.local_addr().unwrap();
+            let accepts = listener.accept_multishot().unwrap();
+            let next = || async {
+                monoio::time::timeout(Duration::from_secs(5), accepts.accept())
+                    .await
+                    .expect("no connection within 5 s")
+                    .unwrap()
+            };
+
+            let clients: Vec<_> = (0..64).map(|_| std::net::TcpStream::connect(at).unwrap()).collect();
+            let mut want: Vec<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+            let mut got = Vec::new();
+            for _ in 0..clients.len() {
+                let (stream, peer) = next().await;
+                let fd = stream.as_raw_fd();
+                // SAFETY: fcntl queries on a descriptor `stream` owns.
+                let (fl, fd_flags) =
+                    unsafe { (libc::fcntl(fd, libc::F_GETFL), libc::fcntl(fd, libc::F_GETFD)) };
+                assert_eq!(fl & libc::O_NONBLOCK, 0, "a blocking socket");
+                assert_ne!(fd_flags & libc::FD_CLOEXEC, 0, "closed on exec");
+                assert_eq!(stream.peer_addr().unwrap(), peer);
+                got.push(peer);
+            }
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "every connection, each with its own address");
+
+            accepts.end_in_kernel_for_test().unwrap();
+            // Let the cancel complete before the next connection comes.
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            for round in 0..2 {
+                let c = std::net::TcpStream::connect(at).unwrap();
+                let (_, peer) = next().await;
+                assert_eq!(peer, c.local_addr().unwrap(), "round {round} after the end");
+            }
+
+            // Taken by the kernel, never handed out: closed with the accept.
+            let mut waiting: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(at).unwrap()).collect();
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            drop(accepts);
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            for (i, c) in waiting.iter_mut().enumerate() {
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut byte = [0u8; 1];
+                match c.read(&mut byte) {
+                    Ok(0) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                    other => panic!("connection {i} left open: {other:?}"),
+                }
+            }
+            // The accept is gone from the ring: the next connection is the
+            // listener's own one-shot accept's, not closed by a leftover.
+            let c = std::net::TcpStream::connect(at).unwrap();
+            let (_, peer) =
+                monoio::time::timeout(Duration::from_secs(5), listener.accept()).await.unwrap().unwrap();
+            assert_eq!(peer, c.local_addr().unwrap());
+            drop(clients);
+        });
     }
 }

@@ -1898,7 +1898,7 @@ fn a_reader_that_stops_is_cut_and_counted_as_a_slow_consumer() {
 }
 
 fn a_reader_that_stops_is_cut(mode: &str) {
-    let [socket_io, poll] = common::socket_mode_env(mode);
+    let [socket_io, poll, accept] = common::socket_mode_env(mode);
     let env = [
         ("KEFU_LIMITS_MESSAGES_PER_S", "1000000"),
         ("KEFU_LIMITS_BURST", "1000000"),
@@ -1906,6 +1906,7 @@ fn a_reader_that_stops_is_cut(mode: &str) {
         ("KEFU_SERVER_CLOSE_TIMEOUT_MS", "60000"),
         socket_io,
         poll,
+        accept,
     ];
     let gw = Gateway::start(&["--shards", "1"], &env);
     let started = std::time::Instant::now();

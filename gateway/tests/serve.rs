@@ -29,12 +29,13 @@ fn echo_round_trips_text_and_binary_of_many_sizes() {
 fn echo_round_trips(mode: &str) {
     // 3 MiB is more than the largest chat command, which the default
     // message size fits: the transport takes what it is configured for.
-    let [socket_io, poll] = socket_mode_env(mode);
+    let [socket_io, poll, accept] = socket_mode_env(mode);
     let limits = [
         ("KEFU_LIMITS_MAX_FRAME_BYTES", "16777216"),
         ("KEFU_LIMITS_MAX_MESSAGE_BYTES", "16777216"),
         socket_io,
         poll,
+        accept,
     ];
     let gw = Gateway::start(&["--echo", "--shards", "2"], &limits);
     rt().block_on(async {
@@ -172,12 +173,13 @@ fn replies_that_meet_a_full_socket_arrive_whole_and_in_order() {
 }
 
 fn full_socket_replies(mode: &str) {
-    let [socket_io, poll] = socket_mode_env(mode);
+    let [socket_io, poll, accept] = socket_mode_env(mode);
     let env = [
         ("KEFU_LIMITS_MAX_FRAME_BYTES", "16777216"),
         ("KEFU_LIMITS_MAX_MESSAGE_BYTES", "16777216"),
         socket_io,
         poll,
+        accept,
     ];
     let gw = Gateway::start(&["--echo", "--shards", "1"], &env);
     let body = |n: usize, k: usize| -> Vec<u8> { (0..n).map(|i| (i * 13 + k * 7) as u8).collect() };
@@ -340,8 +342,8 @@ fn a_write_while_waiting_for_input_leaves_the_read_whole() {
         ("uring", "io_uring", "ring"),
         ("epoll", "epoll", "syscall"),
     ] {
-        let [socket_io, poll] = socket_mode_env(mode);
-        let env = [("KEFU_SERVER_HEARTBEAT_S", "1"), ("KEFU_SERVER_IO", io), socket_io, poll];
+        let [socket_io, poll, accept] = socket_mode_env(mode);
+        let env = [("KEFU_SERVER_HEARTBEAT_S", "1"), ("KEFU_SERVER_IO", io), socket_io, poll, accept];
         let io = format!("{io}/{mode}");
         let gw = Gateway::start(&["--echo"], &env);
         let log = gw.startup_log.join("\n");
@@ -352,6 +354,8 @@ fn a_write_while_waiting_for_input_leaves_the_read_whole() {
             assert!(log.contains(named), "{io}: {log}");
             let poll = if mode == "multishot" { "poll=\"multishot\"" } else { "poll=\"oneshot\"" };
             assert!(log.contains(poll), "{io}: {log}");
+            let accept = if mode == "multishot" { "accept=\"multishot\"" } else { "accept=\"oneshot\"" };
+            assert!(log.contains(accept), "{io}: {log}");
         }
         let mut s = raw_ws(gw.addr, "/ws/echo");
         let payload: Vec<u8> = (0..200u8).map(|i| b'a' + i % 26).collect();
@@ -409,8 +413,9 @@ fn a_burst_of_input_beyond_the_completion_queue_loses_nothing() {
 fn quiet_sockets_hold_no_read_buffer() {
     for (io, mode) in [("uring", "syscall"), ("uring", "multishot"), ("uring", "ring"), ("epoll", "syscall")]
     {
-        let [socket_io, poll] = socket_mode_env(mode);
-        let gw = Gateway::start(&["--echo", "--shards", "1"], &[("KEFU_SERVER_IO", io), socket_io, poll]);
+        let [socket_io, poll, accept] = socket_mode_env(mode);
+        let gw =
+            Gateway::start(&["--echo", "--shards", "1"], &[("KEFU_SERVER_IO", io), socket_io, poll, accept]);
         let io = format!("{io}/{mode}");
         let quiet: Vec<_> = (0..8)
             .map(|i| {
@@ -605,4 +610,37 @@ fn close_frames_reach_tungstenite_with_codes() {
             other => panic!("expected a close, got {other:?}"),
         }
     });
+}
+
+/// A shard out of descriptors (`EMFILE`) says so, backs off, and accepts
+/// again once descriptors are free, with either way of accepting: a
+/// multishot accept the kernel ends on the error is armed again. The
+/// gateway starts with a limit a few descriptors past what a first gateway
+/// of the same config held once it listened. (The limit is set at start:
+/// an armed multishot accept keeps the limit of its arming, so lowering it
+/// later with `prlimit` reaches only the one-shot accept.)
+#[test]
+fn a_shard_out_of_descriptors_accepts_again_once_some_are_free() {
+    for mode in ["syscall", "multishot"] {
+        let args = ["--echo", "--shards", "1"];
+        let open = {
+            let gw = Gateway::start(&args, &socket_mode_env(mode));
+            std::fs::read_dir(format!("/proc/{}/fd", gw.child.id())).unwrap().count() as u64
+        };
+        let gw = Gateway::start_with_nofile(&args, &socket_mode_env(mode), open + 4);
+        let crowd: Vec<_> = (0..16).map(|_| std::net::TcpStream::connect(gw.addr).unwrap()).collect();
+        assert!(
+            common::wait_for(&gw.log, "accept failed", Duration::from_secs(5)).is_some(),
+            "{mode}: no warning at the descriptor limit"
+        );
+        drop(crowd);
+        // Room again (the limit itself stays): the crowd's sockets close as
+        // their peers go, and a new client is served (`raw_ws` waits 10 s
+        // for its handshake).
+        let mut s = raw_ws(gw.addr, "/ws/echo");
+        s.write_all(&client_frame(0x1, true, b"back")).unwrap();
+        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, b"back".to_vec()), "{mode}");
+        s.write_all(&client_frame(0x1, true, b"still")).unwrap();
+        assert_eq!(read_frame(&mut s).unwrap(), (true, 0x1, b"still".to_vec()), "{mode}");
+    }
 }

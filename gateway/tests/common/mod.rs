@@ -49,7 +49,37 @@ impl Gateway {
     /// Starts `kefu serve` as [`Self::start`] does, on the data directory
     /// given (a small tmpfs, say).
     pub fn start_in(data: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        Self::start_cmd(data, args, env, None)
+    }
+
+    /// Starts `kefu serve` as [`Self::start`] does, with its descriptor
+    /// limit (`RLIMIT_NOFILE`, soft and hard) set to `nofile` from the start.
+    pub fn start_with_nofile(args: &[&str], env: &[(&str, &str)], nofile: u64) -> Gateway {
+        Self::start_cmd(tempfile::tempdir().expect("tempdir"), args, env, Some(nofile))
+    }
+
+    fn start_cmd(
+        data: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kefu"));
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt as _;
+            let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+            // SAFETY: setrlimit is async-signal-safe and touches only the
+            // child, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         cmd.arg("serve");
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
@@ -354,17 +384,22 @@ pub fn promtool_check(response: &str) {
 }
 
 /// The ways a shard can move a socket's bytes on io_uring, by name: system
-/// calls after a one-shot poll, system calls after a multishot poll, or
-/// the ring's own reads and writes.
+/// calls after a one-shot poll, system calls after a multishot poll (with
+/// connections taken from a multishot accept), or the ring's own reads and
+/// writes.
 pub const SOCKET_MODES: [&str; 3] = ["syscall", "multishot", "ring"];
 
 /// The environment that selects one of [`SOCKET_MODES`].
-pub fn socket_mode_env(mode: &str) -> [(&'static str, &'static str); 2] {
-    let (socket_io, poll) = match mode {
-        "syscall" => ("syscall", "oneshot"),
-        "multishot" => ("syscall", "multishot"),
-        "ring" => ("ring", "oneshot"),
+pub fn socket_mode_env(mode: &str) -> [(&'static str, &'static str); 3] {
+    let (socket_io, poll, accept) = match mode {
+        "syscall" => ("syscall", "oneshot", "oneshot"),
+        "multishot" => ("syscall", "multishot", "multishot"),
+        "ring" => ("ring", "oneshot", "oneshot"),
         _ => panic!("no socket mode {mode}"),
     };
-    [("KEFU_SERVER_SOCKET_IO", socket_io), ("KEFU_SERVER_URING_POLL", poll)]
+    [
+        ("KEFU_SERVER_SOCKET_IO", socket_io),
+        ("KEFU_SERVER_URING_POLL", poll),
+        ("KEFU_SERVER_URING_ACCEPT", accept),
+    ]
 }

@@ -17,6 +17,8 @@ mod legacy;
 #[cfg(all(target_os = "linux", feature = "iouring"))]
 mod uring;
 #[cfg(all(target_os = "linux", feature = "iouring"))]
+pub(crate) mod accepts;
+#[cfg(all(target_os = "linux", feature = "iouring"))]
 pub(crate) mod readiness;
 
 mod util;

@@ -12,7 +12,7 @@ pub use listener_config::ListenerOpts;
 pub use listener_config::ListenerOpts as ListenerConfig;
 pub use tcp::{TcpConnectOpts, TcpListener, TcpStream};
 #[cfg(all(target_os = "linux", feature = "iouring"))]
-pub use crate::driver::readiness::ReadReadiness;
+pub use crate::driver::{accepts::MultishotAccept, readiness::ReadReadiness};
 #[cfg(unix)]
 pub use unix::{Pipe, UnixDatagram, UnixListener, UnixStream};
 #[cfg(windows)]

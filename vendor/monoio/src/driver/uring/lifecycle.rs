@@ -2,7 +2,9 @@
 //! Partly borrow from tokio-uring.
 
 use std::{
+    collections::VecDeque,
     io,
+    os::fd::{FromRawFd as _, OwnedFd, RawFd},
     task::{Context, Poll, Waker},
 };
 
@@ -27,6 +29,11 @@ pub(crate) enum Lifecycle {
     /// (`crate::net::ReadReadiness`). It never goes through `poll_op` or
     /// `drop_op`.
     Multi(Multi),
+
+    /// kefu's patch: a multishot accept, armed once and completed once per
+    /// connection (`crate::net::MultishotAccept`). Boxed: there is one per
+    /// listener, and the slab's every entry is as large as its largest.
+    Accepts(Box<Accepts>),
 }
 
 /// kefu's patch: the state of one multishot poll for readability.
@@ -44,6 +51,55 @@ pub(crate) struct Multi {
     pub(crate) error: Option<i32>,
     /// Kept from one wait to the next, so that a wait does not clone it.
     pub(crate) waker: Option<Waker>,
+}
+
+/// kefu's patch: the state of one multishot accept.
+#[derive(Default)]
+pub(crate) struct Accepts {
+    /// What the kernel accepted and the owner has not taken yet, in order:
+    /// a connection, or the error one accept failed with. Owned, so that
+    /// whatever is left when the owner or the ring goes is closed.
+    pub(crate) results: VecDeque<Result<OwnedFd, i32>>,
+    /// The kernel holds the accept: its last completion had
+    /// `IORING_CQE_F_MORE`.
+    pub(crate) armed: bool,
+    /// The owner's task waits for a connection: only then is it woken.
+    pub(crate) waiting: bool,
+    /// The owner is gone; the slot waits for the accept's last completion,
+    /// and a connection accepted meanwhile is closed.
+    pub(crate) dropped: bool,
+    /// Kept from one wait to the next, so that a wait does not clone it.
+    pub(crate) waker: Option<Waker>,
+}
+
+impl Accepts {
+    /// One completion of the multishot accept.
+    fn complete(&mut self, result: io::Result<u32>, more: bool) {
+        self.armed &= more;
+        match result {
+            Ok(fd) => {
+                // SAFETY: a successful accept's result is a descriptor the
+                // kernel just installed for us, owned by nothing else.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+                if !self.dropped {
+                    self.results.push_back(Ok(fd));
+                }
+            }
+            // The kernel ended the accept (cancelled, or its completion
+            // queue was full): armed again at the owner's next wait.
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) && !more => {}
+            Err(e) if !self.dropped => {
+                self.results.push_back(Err(e.raw_os_error().unwrap_or(libc::EIO)))
+            }
+            Err(_) => {}
+        }
+        if self.waiting && (!self.results.is_empty() || !self.armed) {
+            self.waiting = false;
+            if let Some(waker) = &self.waker {
+                waker.wake_by_ref();
+            }
+        }
+    }
 }
 
 impl<'a> Ref<'a, Lifecycle> {
@@ -90,6 +146,13 @@ impl<'a> Ref<'a, Lifecycle> {
                     }
                 }
             }
+            Lifecycle::Accepts(accepts) => {
+                let more = io_uring::cqueue::more(flags);
+                accepts.complete(result, more);
+                if accepts.dropped && !more {
+                    self.remove();
+                }
+            }
         }
     }
 
@@ -132,7 +195,7 @@ impl<'a> Ref<'a, Lifecycle> {
             Lifecycle::Completed(..) => {
                 self.remove();
             }
-            Lifecycle::Ignored(..) | Lifecycle::Multi(..) => unsafe {
+            Lifecycle::Ignored(..) | Lifecycle::Multi(..) | Lifecycle::Accepts(..) => unsafe {
                 std::hint::unreachable_unchecked()
             },
         }

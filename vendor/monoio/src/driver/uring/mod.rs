@@ -4,14 +4,17 @@ use std::{
     cell::UnsafeCell,
     io,
     mem::ManuallyDrop,
-    os::unix::prelude::{AsRawFd, RawFd},
+    os::{
+        fd::OwnedFd,
+        unix::prelude::{AsRawFd, RawFd},
+    },
     rc::Rc,
     task::{Context, Poll},
     time::Duration,
 };
 
 use io_uring::{cqueue, opcode, types::Timespec, IoUring};
-use lifecycle::{Lifecycle, Multi};
+use lifecycle::{Accepts, Lifecycle, Multi};
 
 use super::{
     op::{CompletionMeta, Op, OpAble},
@@ -536,8 +539,9 @@ impl UringInner {
 
     /// kefu's patch: pushes `sqe`, submitting first if the queue is full.
     fn push_sqe(&mut self, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
-        // SAFETY: the entries pushed here (a multishot `PollAdd`, a
-        // `PollRemove`) point at no memory of ours.
+        // SAFETY: the entries pushed here (a multishot `PollAdd` or
+        // `Accept`, a `PollRemove`, an `AsyncCancel`) point at no memory of
+        // ours.
         if unsafe { self.uring.submission().push(sqe) }.is_ok() {
             return Ok(());
         }
@@ -654,6 +658,113 @@ impl UringInner {
     pub(crate) fn multi_poll_end(this: &Rc<UnsafeCell<UringInner>>, index: usize) -> io::Result<()> {
         let inner = unsafe { &mut *this.get() };
         inner.push_sqe(&Self::multi_poll_remove_sqe(index))
+    }
+
+    fn multi_accept_sqe(fd: RawFd, index: usize) -> io_uring::squeue::Entry {
+        // Accepted sockets block, as monoio's one-shot `Accept` makes them:
+        // the ring drives them either way.
+        opcode::AcceptMulti::new(io_uring::types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(index as _)
+    }
+
+    /// The cancel of the multishot accept in slot `index`; its own
+    /// completion goes to the driver's sink for cancels.
+    fn multi_accept_cancel_sqe(index: usize) -> io_uring::squeue::Entry {
+        opcode::AsyncCancel::new(index as u64)
+            .build()
+            .user_data(CANCEL_USERDATA)
+    }
+
+    /// kefu's patch: arms a multishot accept on the listener `fd`, which the
+    /// caller keeps open until [`Self::multi_accept_drop`]. Returns its slot.
+    pub(crate) fn multi_accept_new(
+        this: &Rc<UnsafeCell<UringInner>>,
+        fd: RawFd,
+    ) -> io::Result<usize> {
+        let inner = unsafe { &mut *this.get() };
+        let index = inner.ops.slab.insert(Lifecycle::Accepts(Box::new(Accepts {
+            armed: true,
+            ..Accepts::default()
+        })));
+        if let Err(e) = inner.push_sqe(&Self::multi_accept_sqe(fd, index)) {
+            inner.ops.slab.remove(index);
+            return Err(e);
+        }
+        Ok(index)
+    }
+
+    /// kefu's patch: the next connection the accept in slot `index` took
+    /// (or the error one accept failed with), in the kernel's order; arms
+    /// the accept again when the kernel had ended it.
+    pub(crate) fn multi_accept_poll(
+        this: &Rc<UnsafeCell<UringInner>>,
+        index: usize,
+        fd: RawFd,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<OwnedFd>> {
+        let inner = unsafe { &mut *this.get() };
+        let rearm = {
+            let mut entry = unsafe { inner.ops.slab.get(index).unwrap_unchecked() };
+            let Lifecycle::Accepts(accepts) = &mut *entry else {
+                unreachable!("a multishot accept's slot holds another operation")
+            };
+            if let Some(result) = accepts.results.pop_front() {
+                accepts.waiting = false;
+                return Poll::Ready(result.map_err(io::Error::from_raw_os_error));
+            }
+            if !accepts.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                accepts.waker = Some(cx.waker().clone());
+            }
+            accepts.waiting = true;
+            !accepts.armed
+        };
+        // As with the multishot poll: armed again under the same slot, and
+        // marked armed only once the entry is queued.
+        if rearm {
+            if let Err(e) = inner.push_sqe(&Self::multi_accept_sqe(fd, index)) {
+                return Poll::Ready(Err(e));
+            }
+            let mut entry = unsafe { inner.ops.slab.get(index).unwrap_unchecked() };
+            if let Lifecycle::Accepts(accepts) = &mut *entry {
+                accepts.armed = true;
+            }
+        }
+        Poll::Pending
+    }
+
+    /// kefu's patch: the owner is gone. The connections accepted and not
+    /// taken are closed; an armed accept is cancelled, and its slot freed
+    /// by its last completion (closing what it accepts meanwhile).
+    pub(crate) fn multi_accept_drop(this: &Rc<UnsafeCell<UringInner>>, index: usize) {
+        let inner = unsafe { &mut *this.get() };
+        {
+            let Some(mut entry) = inner.ops.slab.get(index) else {
+                return;
+            };
+            let Lifecycle::Accepts(accepts) = &mut *entry else {
+                return;
+            };
+            if !accepts.armed {
+                entry.remove();
+                return;
+            }
+            accepts.results.clear();
+            accepts.dropped = true;
+            accepts.waker = None;
+        }
+        // As with the poll: with no room even after a submit, the accept
+        // stays armed until the ring goes, closing what it accepts.
+        let _ = inner.push_sqe(&Self::multi_accept_cancel_sqe(index));
+    }
+
+    /// kefu's patch, for tests: asks the kernel to end an armed accept, as
+    /// it may on its own, and leaves the slot to the owner, whose next wait
+    /// arms it again.
+    pub(crate) fn multi_accept_end(this: &Rc<UnsafeCell<UringInner>>, index: usize) -> io::Result<()> {
+        let inner = unsafe { &mut *this.get() };
+        inner.push_sqe(&Self::multi_accept_cancel_sqe(index))
     }
 
     pub(crate) unsafe fn cancel_op(this: &Rc<UnsafeCell<UringInner>>, index: usize) {

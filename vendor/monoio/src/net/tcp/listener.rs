@@ -106,6 +106,15 @@ impl TcpListener {
         Self::bind_with_config(addr, &DEFAULT_CFG)
     }
 
+    /// kefu's patch: a multishot accept on this listener (io_uring only):
+    /// one submission for all the connections it accepts, where
+    /// [`Self::accept`] submits one per connection. Drop it before the
+    /// listener.
+    #[cfg(all(target_os = "linux", feature = "iouring"))]
+    pub fn accept_multishot(&self) -> io::Result<crate::net::MultishotAccept> {
+        crate::net::MultishotAccept::new(&self.fd)
+    }
+
     /// Accept
     pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
         let op = Op::accept(&self.fd)?;
