@@ -1,10 +1,23 @@
-# Shared by the benchmark scripts: wait for an idle host before a run,
-# start a fresh kefu gateway, and stop the server under test (SERVER_PID)
-# between runs and at exit.
+# Shared by the benchmark scripts: build the release binaries, wait for an
+# idle host before a run, start a fresh kefu gateway, and stop the server
+# under test (SERVER_PID) between runs and at exit.
 #
 # wait_quiet waits until the whole host has been idle (under 8% of one core
 # busy, from /proc/stat) for 3 s in a row, bounded by $QUIET_WAIT seconds;
 # anything busy between runs is someone else's build or benchmark.
+
+# release_build PACKAGE...: the release build of the packages into
+# $TARGET_DIR, unless the script was told --no-build (BUILD=0); sets BIN.
+release_build() {
+    BIN=$TARGET_DIR/release
+    if [ "${BUILD:-1}" = 1 ]; then
+        local package args=()
+        for package in "$@"; do
+            args+=(-p "$package")
+        done
+        (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -j2 "${args[@]}")
+    fi
+}
 
 host_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 

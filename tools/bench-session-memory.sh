@@ -70,14 +70,10 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-BIN=$TARGET_DIR/release
-mkdir -p "$OUT"
-if [ "$BUILD" = 1 ]; then
-    (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -j2 -p kefu-gateway -p kefu-bench)
-fi
-
 # shellcheck source=tools/bench-lib.sh
 source "$REPO/tools/bench-lib.sh"
+mkdir -p "$OUT"
+release_build kefu-gateway kefu-bench
 trap stop_server EXIT
 
 rss_bytes() { awk '/^VmRSS:/{print $2 * 1024}' "/proc/$1/status"; }

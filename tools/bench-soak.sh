@@ -68,14 +68,10 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-BIN=$TARGET_DIR/release
-mkdir -p "$OUT"
-if [ "$BUILD" = 1 ]; then
-    (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p kefu-gateway -p kefu-bench)
-fi
-
 # shellcheck source=tools/bench-lib.sh
 source "$REPO/tools/bench-lib.sh"
+mkdir -p "$OUT"
+release_build kefu-gateway kefu-bench
 SAMPLER_PID=
 trap 'stop_server; [ -z "$SAMPLER_PID" ] || kill "$SAMPLER_PID" 2>/dev/null || true' EXIT
 
