@@ -11,10 +11,7 @@ use std::{
     future::poll_fn,
     io,
     net::SocketAddr,
-    os::{
-        fd::{AsRawFd as _, IntoRawFd as _},
-        unix::io::RawFd,
-    },
+    os::fd::{AsRawFd as _, IntoRawFd as _},
     rc::Rc,
     task::{Context, Poll},
 };
@@ -23,19 +20,21 @@ use super::{shared_fd::SharedFd, uring::UringInner, Inner, CURRENT};
 use crate::net::TcpStream;
 
 /// The connections one listener accepts, from a multishot accept on the
-/// io_uring driver (see the module's doc). Drop it before the listener: it
-/// holds the descriptor's number, not the descriptor, and arms the accept
-/// again by that number when the kernel ended it. Connections accepted and
-/// not taken when it drops are closed.
+/// io_uring driver (see the module's doc). It holds the listener's
+/// descriptor too, so that the accept it arms again is always on that
+/// listener, whichever of the two is dropped first (one per listener: the
+/// memory a connection's poll saves by holding a bare number does not
+/// matter here). Connections accepted and not taken when it drops are
+/// closed.
 pub struct MultishotAccept {
     driver: Rc<UnsafeCell<UringInner>>,
-    fd: RawFd,
+    fd: SharedFd,
     index: u32,
 }
 
 impl std::fmt::Debug for MultishotAccept {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MultishotAccept").field("fd", &self.fd).finish()
+        f.debug_struct("MultishotAccept").field("fd", &self.fd.raw_fd()).finish()
     }
 }
 
@@ -60,7 +59,7 @@ impl MultishotAccept {
         };
         Ok(Self {
             driver,
-            fd: fd.raw_fd(),
+            fd: fd.clone(),
             index,
         })
     }
@@ -71,7 +70,7 @@ impl MultishotAccept {
     /// Only the last task to poll is woken, and only while it waits here.
     pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
         loop {
-            let fd = match UringInner::multi_accept_poll(&self.driver, self.index as usize, self.fd, cx) {
+            let fd = match UringInner::multi_accept_poll(&self.driver, self.index as usize, self.fd.raw_fd(), cx) {
                 Poll::Ready(Ok(fd)) => fd,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,

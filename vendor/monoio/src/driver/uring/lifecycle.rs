@@ -58,7 +58,10 @@ pub(crate) struct Multi {
 pub(crate) struct Accepts {
     /// What the kernel accepted and the owner has not taken yet, in order:
     /// a connection, or the error one accept failed with. Owned, so that
-    /// whatever is left when the owner or the ring goes is closed.
+    /// what is left here when the owner or the ring goes is closed. (A
+    /// completion still in the completion queue when the ring is dropped
+    /// is never read: its connection stays open until the process ends.
+    /// The gateway drops its accepts, and reads their cancels, first.)
     pub(crate) results: VecDeque<Result<OwnedFd, i32>>,
     /// The kernel holds the accept: its last completion had
     /// `IORING_CQE_F_MORE`.

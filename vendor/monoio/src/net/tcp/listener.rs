@@ -108,8 +108,8 @@ impl TcpListener {
 
     /// kefu's patch: a multishot accept on this listener (io_uring only):
     /// one submission for all the connections it accepts, where
-    /// [`Self::accept`] submits one per connection. Drop it before the
-    /// listener.
+    /// [`Self::accept`] submits one per connection. It keeps the listening
+    /// socket open as long as it lives.
     #[cfg(all(target_os = "linux", feature = "iouring"))]
     pub fn accept_multishot(&self) -> io::Result<crate::net::MultishotAccept> {
         crate::net::MultishotAccept::new(&self.fd)
