@@ -339,8 +339,20 @@
     });
   }
 
+  // A send's cid: the time in ms and 40 random bits, in lowercase hex only,
+  // which the store packs at 4 bits a symbol (storage/src/cid.rs) where
+  // other letters take 6.
+  function newCid() {
+    var cid = Date.now().toString(16);
+    var bytes = new Uint8Array(5);
+    if (window.crypto && window.crypto.getRandomValues) window.crypto.getRandomValues(bytes);
+    else for (var i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+    for (var j = 0; j < bytes.length; j++) cid += (bytes[j] < 16 ? '0' : '') + bytes[j].toString(16);
+    return cid;
+  }
+
   function submit(text, attachment) {
-    var cid = 'w' + Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
+    var cid = newCid();
     var item = { cid: cid, text: text || undefined, attachment: attachment || undefined };
     state.outbox.push(item);
     save();

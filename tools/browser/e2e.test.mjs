@@ -45,6 +45,28 @@ const PNG = Buffer.from(
   'base64',
 );
 
+// The JSON commands of `type` a page sends on its WebSockets, as they go.
+function sentCommands(page, type) {
+  const seen = [];
+  page.on('websocket', (ws) => ws.on('framesent', (frame) => {
+    if (typeof frame.payload !== 'string') return;
+    try {
+      const cmd = JSON.parse(frame.payload);
+      if (cmd.type === type) seen.push(cmd);
+    } catch {
+      // not JSON: not a command of this protocol
+    }
+  }));
+  return seen;
+}
+
+// Every send's cid is lowercase hex, which the store packs at 4 bits a
+// symbol (storage/src/cid.rs), where other letters take 6.
+function hexCids(sends) {
+  assert.ok(sends.length > 0, 'no send seen');
+  for (const s of sends) assert.match(s.cid, /^[0-9a-f]{16,}$/, JSON.stringify(s));
+}
+
 function noProblems(...pages) {
   for (const p of pages) assert.deepEqual(p.problems, [], 'the page logged errors (CSP violations included)');
 }
@@ -98,6 +120,7 @@ describe('console and widget in Chromium', () => {
 
   test('a visitor on /demo opens the widget and writes', async () => {
     visitor = await newPage(browser);
+    const sends = sentCommands(visitor, 'send');
     await visitor.goto(`${gw.origin}/demo`);
     const vip = gw.token('visitor', 'v-wang', '--name', 'Wang Fang', '--meta', 'vip_level=3', '--meta', 'orders=12');
     await visitor.evaluate((token) => window.kefu('identify', token), vip);
@@ -108,6 +131,7 @@ describe('console and widget in Chromium', () => {
     wroteAt = Date.now();
     const mine = visitor.getByTestId('kefu-message').filter({ hasText: 'my tea has not arrived' });
     await eventually(async () => (await mine.getAttribute('data-state')) === 'sent', 'the ack');
+    hexCids(sends);
     // The default agent's page has gone: nobody is online to answer.
     const status = visitor.getByTestId('kefu-status');
     await eventually(async () => (await status.getAttribute('data-kind')) === 'offline', 'the offline notice');
@@ -120,6 +144,7 @@ describe('console and widget in Chromium', () => {
     // The visitor has waited a while before this agent arrives.
     await new Promise((r) => setTimeout(r, Math.max(0, wroteAt + 3000 - Date.now())));
     agent = await newPage(browser);
+    const sends = sentCommands(agent, 'send');
     // Desktop notifications allowed, and counted.
     await agent.context().grantPermissions(['notifications'], { origin: gw.origin });
     await agent.addInitScript(() => {
@@ -167,6 +192,7 @@ describe('console and widget in Chromium', () => {
     const reply = agent.getByTestId('message').filter({ hasText: 'let me check' });
     await reply.waitFor({ timeout: TIMEOUT_MS });
     assert.equal(await reply.locator('.text').textContent(), 'Hi Wang,\nlet me check your order.');
+    hexCids(sends);
     noProblems(agent);
   });
 
