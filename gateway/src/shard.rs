@@ -778,7 +778,7 @@ fn thread_cpu_ns() -> u64 {
 /// Accepts until the shard drains. Each connection gets its own task.
 /// With `multishot`, one multishot accept serves the listener's life.
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, multishot: bool, stop: Rc<StopSignal>) {
-    // Declared after `listener`, so dropped before it, as it must be.
+    // Holds the listener's descriptor too: the drop order does not matter.
     let mut accepts = None;
     if multishot {
         match listener.accept_multishot() {
