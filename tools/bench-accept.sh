@@ -78,18 +78,32 @@ server_cpu_ns() {
     cat /proc/"$SERVER_PID"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%d\n", s}'
 }
 
-# run MODE ROUND: one storm against a fresh gateway; appends to accept.jsonl.
-run() {
-    local mode=$1 round=$2 data="$OUT/data" log="$OUT/gateway-$1-$2.log" c0 c1 report
+# start_gateway MODE LOG: a fresh gateway accepting by MODE, once the host
+# is quiet, its start line checked.
+start_gateway() {
+    local mode=$1 log=$2
     wait_quiet
-    start_kefu "$data" "$log" "${LIFTED_LIMITS[@]}" KEFU_DIAGNOSTICS_ECHO=true \
+    start_kefu "$OUT/data" "$log" "${LIFTED_LIMITS[@]}" KEFU_DIAGNOSTICS_ECHO=true \
         KEFU_SERVER_URING_ACCEPT="$mode" KEFU_SERVER_HEARTBEAT_S=600
     grep -q "accept=\"$mode\"" "$log" || { echo "the gateway's start line does not name accept=\"$mode\"" >&2; exit 1; }
     sleep 1
+}
+
+# storm_cmd HOLD SETTLE: sets STORM to kefu-bench idle's storm against the
+# gateway (its report on stdout), for run and for perf in trace.
+storm_cmd() {
+    STORM=(taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" idle --url "ws://127.0.0.1:$PORT/ws/echo"
+        --connections "$CONNECTIONS" --sources "$SOURCES" --server-pid "$SERVER_PID"
+        --hold "$1" --settle "$2" --ramp-concurrency "$RAMP_CONCURRENCY" --json)
+}
+
+# run MODE ROUND: one storm against a fresh gateway; appends to accept.jsonl.
+run() {
+    local mode=$1 round=$2 c0 c1 report
+    start_gateway "$mode" "$OUT/gateway-$mode-$round.log"
     c0=$(server_cpu_ns)
-    report=$(taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" idle --url "ws://127.0.0.1:$PORT/ws/echo" \
-        --connections "$CONNECTIONS" --sources "$SOURCES" --server-pid "$SERVER_PID" \
-        --hold 1 --settle 0.2 --ramp-concurrency "$RAMP_CONCURRENCY" --json 2>"$OUT/idle-$mode-$round.log")
+    storm_cmd 1 0.2
+    report=$("${STORM[@]}" 2>"$OUT/idle-$mode-$round.log")
     c1=$(server_cpu_ns)
     stop_server
     echo "$report" | python3 -c '
@@ -101,16 +115,12 @@ print(json.dumps(r))' "$mode" "$round" "$((c1 - c0))" >>"$OUT/accept.jsonl"
 
 # trace MODE: the ring's operations and accept calls over one ramp.
 trace() {
-    local mode=$1 data="$OUT/data" log="$OUT/gateway-$1-trace.log"
-    wait_quiet
-    start_kefu "$data" "$log" "${LIFTED_LIMITS[@]}" KEFU_DIAGNOSTICS_ECHO=true \
-        KEFU_SERVER_URING_ACCEPT="$mode" KEFU_SERVER_HEARTBEAT_S=600
-    sleep 1
+    local mode=$1
+    start_gateway "$mode" "$OUT/gateway-$mode-trace.log"
+    storm_cmd 0 0
     perf stat -x, -e io_uring:io_uring_submit_req,io_uring:io_uring_complete,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_accept4,syscalls:sys_enter_getpeername \
         -p "$SERVER_PID" -o "$OUT/trace-$mode.stat" -- \
-        taskset -c "$CLIENT_CPU" "$BIN/kefu-bench" idle --url "ws://127.0.0.1:$PORT/ws/echo" \
-        --connections "$CONNECTIONS" --sources "$SOURCES" --server-pid "$SERVER_PID" \
-        --hold 0 --settle 0 --ramp-concurrency "$RAMP_CONCURRENCY" --json >"$OUT/trace-$mode.json" 2>/dev/null
+        "${STORM[@]}" >"$OUT/trace-$mode.json" 2>/dev/null
     stop_server
 }
 

@@ -789,17 +789,16 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, multishot: bool, s
         }
     }
     loop {
-        let accepted = match &accepts {
-            Some(accepts) => monoio::select! {
-                biased;
-                _ = stop.wait() => return,
-                r = accepts.accept() => r,
-            },
-            None => monoio::select! {
-                biased;
-                _ = stop.wait() => return,
-                r = listener.accept() => r,
-            },
+        let next = async {
+            match &accepts {
+                Some(accepts) => accepts.accept().await,
+                None => listener.accept().await,
+            }
+        };
+        let accepted = monoio::select! {
+            biased;
+            _ = stop.wait() => return,
+            r = next => r,
         };
         match accepted {
             Ok((stream, peer)) => {
